@@ -1,0 +1,2 @@
+//! Shared helpers of Genie's benchmark binaries.
+#![forbid(unsafe_code)]

@@ -1,0 +1,4 @@
+//! The `genie` command line.
+#![forbid(unsafe_code)]
+
+fn main() {}

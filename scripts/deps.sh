@@ -1,0 +1,28 @@
+# Sourced by Genie's scripts: installs Debian/Ubuntu packages when they are missing.
+# Uses sudo when not root. Idempotent: a machine that has everything runs no apt at all.
+
+_genie_sudo() {
+  if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# ensure_pkgs PKG...: installs the packages not yet installed.
+ensure_pkgs() {
+  local missing=()
+  local p
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing: ${missing[*]}"
+    _genie_sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive _genie_sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  fi
+}
+
+# What building with --all-features needs: sideway's build (cmake, libclang for bindgen).
+ensure_build_deps() {
+  ensure_pkgs build-essential pkg-config cmake libclang-dev clang
+  if ! cargo clippy --version >/dev/null 2>&1 || ! cargo fmt --version >/dev/null 2>&1; then
+    rustup component add clippy rustfmt
+  fi
+}

@@ -1,0 +1,6 @@
+//! `genie-sys`: the only crate of Genie that contains `unsafe` code.
+//!
+//! Every `unsafe` block carries a `// SAFETY:` comment saying why it holds;
+//! everything exported is a small safe type with RAII clean-up.
+#![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
+#![warn(missing_docs)]
