@@ -4,3 +4,5 @@
 //! everything exported is a small safe type with RAII clean-up.
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs)]
+
+pub mod mem;
