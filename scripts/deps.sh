@@ -26,3 +26,11 @@ ensure_build_deps() {
     rustup component add clippy rustfmt
   fi
 }
+
+# What the soft-RoCE harness (scripts/softroce.sh) and the RDMA tests/benchmarks need:
+# qemu + busybox + cpio + kmod to build and boot the VM, rdma-core/ibverbs-utils (libibverbs, rxe provider,
+# `rdma` tool) and perftest for the baseline, plus sideway's build dependencies.
+ensure_rdma_deps() {
+  ensure_build_deps
+  ensure_pkgs qemu-system-x86 busybox-static cpio kmod rdma-core ibverbs-utils ibverbs-providers perftest iproute2
+}
