@@ -12,7 +12,7 @@ use std::ptr::NonNull;
 pub const PAGE_SIZE: usize = 4096;
 
 /// Why an [`AlignedBuf`] could not be allocated.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum AllocError {
     /// The requested length, rounded up to whole pages, does not fit the address space.
@@ -46,8 +46,12 @@ impl AlignedBuf {
     /// Allocates `len` zeroed bytes starting on a page boundary. `len == 0` is allowed (one page is
     /// reserved so that the address is still valid and unique).
     pub fn zeroed(len: usize) -> Result<Self, AllocError> {
-        let size = len.max(1).checked_next_multiple_of(PAGE_SIZE).ok_or(AllocError::TooLarge { len })?;
-        let layout = Layout::from_size_align(size, PAGE_SIZE).map_err(|_| AllocError::TooLarge { len })?;
+        let size = len
+            .max(1)
+            .checked_next_multiple_of(PAGE_SIZE)
+            .ok_or(AllocError::TooLarge { len })?;
+        let layout =
+            Layout::from_size_align(size, PAGE_SIZE).map_err(|_| AllocError::TooLarge { len })?;
         // SAFETY: `layout` has a non-zero size (at least one page), as `alloc_zeroed` requires.
         let raw = unsafe { alloc_zeroed(layout) };
         let ptr = NonNull::new(raw).ok_or(AllocError::OutOfMemory { len })?;
@@ -96,7 +100,10 @@ impl Drop for AlignedBuf {
 
 impl std::fmt::Debug for AlignedBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AlignedBuf").field("addr", &format_args!("{:#x}", self.addr())).field("len", &self.len).finish()
+        f.debug_struct("AlignedBuf")
+            .field("addr", &format_args!("{:#x}", self.addr()))
+            .field("len", &self.len)
+            .finish()
     }
 }
 
@@ -120,6 +127,9 @@ mod tests {
 
     #[test]
     fn too_large_is_an_error() {
-        assert!(matches!(AlignedBuf::zeroed(usize::MAX), Err(AllocError::TooLarge { .. })));
+        assert!(matches!(
+            AlignedBuf::zeroed(usize::MAX),
+            Err(AllocError::TooLarge { .. })
+        ));
     }
 }

@@ -1,3 +1,282 @@
-//! `genie-transport`: moves bytes between machines.
+//! `genie-transport`: moves bytes between machines through one interface, whatever the backend.
+//!
+//! # Model
+//!
+//! - An **endpoint** ([`Transport`], made by [`open`]) owns registered memory regions, listens for
+//!   peers and runs its backend's progress engine (for TCP: one thread on a mio event loop).
+//! - A **region** ([`Region`]) is memory the endpoint registered: page-aligned memory it allocated
+//!   ([`Transport::alloc_region`]) or a caller's `Vec<u8>` ([`Transport::register`]). Its
+//!   [`RemoteRegion`] descriptor (endpoint, region id, length, access key, address) is serializable;
+//!   send it to a peer so that it can access the region one-sidedly.
+//! - A **connection** ([`Connection`], from [`Transport::connect`] / [`Transport::accept`]) carries
+//!   one-sided [`write`](Connection::write)s and [`read`](Connection::read)s between a local region
+//!   and a remote descriptor, writes with a 32-bit notification
+//!   ([`write_notify`](Connection::write_notify), delivered to the target's per-connection queue
+//!   after the data has landed, in order), small two-sided messages ([`send`](Connection::send) /
+//!   [`recv`](Connection::recv)), and batches ([`post_batch`](Connection::post_batch)).
+//! - Every operation returns a completion handle ([`Op`], or [`Batch`] for a batch) that can be
+//!   polled, spun on (lowest latency) or waited on with a timeout; see [`completion`].
+//!
+//! Every remote access is checked by the target against region id, key and bounds before memory
+//! is touched; a violation fails the requester's operation with a typed error
+//! ([`TransportError::BadKey`], [`TransportError::RegionOutOfBounds`],
+//! [`TransportError::UnknownRegion`]) and the connection stays usable. A peer that dies fails all
+//! pending operations on its connection within [`TransportConfig::peer_timeout`]; other connections
+//! carry on; connecting again to a restarted peer works.
+//!
+//! # Backends
+//!
+//! [`open`] is the one place that chooses: [`BackendChoice::Auto`] takes RDMA when the `rdma`
+//! feature is built in and a usable device exists, else TCP (logging why, and returning the reason
+//! from [`select_backend`]). The TCP backend is described in [`tcp`].
+//!
+//! # Example
+//!
+//! Two endpoints on loopback: write with a notification, read it back, exchange a message.
+//!
+//! ```no_run
+//! use genie_transport::{open, TransportConfig};
+//! use std::time::Duration;
+//!
+//! # fn main() -> Result<(), genie_transport::TransportError> {
+//! let t = Duration::from_secs(5);
+//! let server = open(TransportConfig::tcp())?;
+//! let client = open(TransportConfig::tcp())?;
+//!
+//! // The server exposes a region and tells the client about it.
+//! let target = server.alloc_region(1 << 20)?;
+//! let conn = client.connect(server.local_addr())?;
+//! let peer = server.accept(t)?;
+//! peer.send(&serde_json::to_vec(&target.descriptor()).unwrap())?.wait(t)?;
+//! let remote: genie_transport::RemoteRegion = serde_json::from_slice(&conn.recv(t)?).unwrap();
+//!
+//! // One-sided write with a notification, then a read back into another local region.
+//! let src = client.register(b"hello, genie".to_vec())?;
+//! conn.write_notify(&src, 0, &remote, 4096, src.len(), 42)?.wait(t)?;
+//! assert_eq!(peer.recv_notification(t)?, 42); // the data has landed
+//! let mut landed = [0u8; 12];
+//! target.read(4096, &mut landed)?;
+//! assert_eq!(&landed, b"hello, genie");
+//!
+//! let back = client.alloc_region(12)?;
+//! conn.read(&back, 0, &remote, 4096, 12)?.wait(t)?;
+//! back.with(|b| assert_eq!(b, b"hello, genie"));
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Drop order
+//!
+//! Dropping the [`Transport`] handle shuts the endpoint down: its connections close and their
+//! pending operations fail with [`TransportError::EndpointClosed`]. A [`Region`] stays registered
+//! while any handle or in-flight operation holds it.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+
+pub mod completion;
+pub mod config;
+pub mod error;
+pub mod region;
+
+pub use completion::{Batch, BatchStatus, Op};
+pub use config::{Backend, BackendChoice, PollMode, TransportConfig};
+pub use error::{Result, TransportError};
+pub use region::{EndpointId, Region, RemoteRegion};
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// An endpoint: registered regions, a listening address, and the backend's progress engine.
+pub trait Transport: Send + Sync + std::fmt::Debug {
+    /// The backend this endpoint uses.
+    fn backend(&self) -> Backend;
+    /// This endpoint's identity (random per endpoint).
+    fn endpoint_id(&self) -> EndpointId;
+    /// The address peers connect to.
+    fn local_addr(&self) -> SocketAddr;
+    /// The configuration it was opened with.
+    fn config(&self) -> &TransportConfig;
+    /// Allocates and registers a zeroed, page-aligned region of `len` bytes (large ones are fine).
+    fn alloc_region(&self, len: usize) -> Result<Region>;
+    /// Registers the caller's buffer; ownership moves into the region
+    /// (get it back with [`Region::try_into_vec`]).
+    fn register(&self, buf: Vec<u8>) -> Result<Region>;
+    /// Connects to the endpoint listening at `addr` (handshake included; bounded by the peer timeout).
+    fn connect(&self, addr: SocketAddr) -> Result<Arc<dyn Connection>>;
+    /// Waits up to `timeout` for the next incoming connection. An `Err` other than
+    /// [`TransportError::Timeout`] reports one failed incoming attempt (bad handshake, wrong secret,
+    /// malformed frame); the endpoint keeps listening.
+    fn accept(&self, timeout: Duration) -> Result<Arc<dyn Connection>>;
+}
+
+/// What one transfer of a batch does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransferKind {
+    /// One-sided write local → remote.
+    Write,
+    /// One-sided write with a notification carrying this value.
+    WriteNotify(u32),
+    /// One-sided read remote → local.
+    Read,
+}
+
+/// One transfer of a batch ([`Connection::post_batch`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Transfer<'a> {
+    /// What to do.
+    pub kind: TransferKind,
+    /// Local region (source of a write, destination of a read).
+    pub local: &'a Region,
+    /// Offset in the local region.
+    pub local_offset: usize,
+    /// The peer's region.
+    pub remote: &'a RemoteRegion,
+    /// Offset in the remote region.
+    pub remote_offset: u64,
+    /// Bytes to move.
+    pub len: usize,
+}
+
+/// A connection to one peer endpoint.
+///
+/// Operations are submitted without blocking and complete asynchronously; operations on one
+/// connection are executed by the target in submission order. Notifications and messages are
+/// queued per connection until received; receiving from a closed connection first drains what
+/// arrived, then returns the close reason.
+pub trait Connection: Send + Sync + std::fmt::Debug {
+    /// The backend carrying this connection.
+    fn backend(&self) -> Backend;
+    /// The peer's address.
+    fn peer_addr(&self) -> SocketAddr;
+    /// The peer endpoint's identity (from the handshake).
+    fn peer_endpoint(&self) -> EndpointId;
+    /// Writes `len` bytes from `local[local_offset..]` to `remote[remote_offset..]`.
+    fn write(
+        &self,
+        local: &Region,
+        local_offset: usize,
+        remote: &RemoteRegion,
+        remote_offset: u64,
+        len: usize,
+    ) -> Result<Op>;
+    /// Like [`write`](Self::write), then delivers `imm` to the target's notification queue once
+    /// the data has landed.
+    fn write_notify(
+        &self,
+        local: &Region,
+        local_offset: usize,
+        remote: &RemoteRegion,
+        remote_offset: u64,
+        len: usize,
+        imm: u32,
+    ) -> Result<Op>;
+    /// Reads `len` bytes from `remote[remote_offset..]` into `local[local_offset..]`.
+    fn read(
+        &self,
+        local: &Region,
+        local_offset: usize,
+        remote: &RemoteRegion,
+        remote_offset: u64,
+        len: usize,
+    ) -> Result<Op>;
+    /// Sends a message of at most [`TransportConfig::max_message_size`] bytes.
+    fn send(&self, msg: &[u8]) -> Result<Op>;
+    /// Waits up to `timeout` for the next message.
+    fn recv(&self, timeout: Duration) -> Result<Vec<u8>>;
+    /// The next message if one is queued.
+    fn try_recv(&self) -> Result<Option<Vec<u8>>>;
+    /// Waits up to `timeout` for the next notification.
+    fn recv_notification(&self, timeout: Duration) -> Result<u32>;
+    /// The next notification if one is queued.
+    fn try_recv_notification(&self) -> Result<Option<u32>>;
+    /// Submits many transfers at once. A transfer rejected at submission (e.g. local out of bounds)
+    /// fails on its own; the others proceed.
+    fn post_batch(&self, transfers: &[Transfer<'_>]) -> Result<Batch>;
+    /// Whether the connection is still open.
+    fn is_alive(&self) -> bool;
+    /// Closes the connection; pending operations fail with [`TransportError::ConnectionClosed`].
+    fn close(&self);
+}
+
+/// Which backend [`open`] picked, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendSelection {
+    /// The backend.
+    pub backend: Backend,
+    /// Why it was picked (e.g. "configured", or why RDMA could not be used).
+    pub reason: String,
+}
+
+/// Decides which backend `config` gets, without opening anything.
+pub fn select_backend(config: &TransportConfig) -> Result<BackendSelection> {
+    match config.backend {
+        BackendChoice::Tcp => Ok(BackendSelection {
+            backend: Backend::Tcp,
+            reason: "configured".into(),
+        }),
+        BackendChoice::Rdma => match probe_rdma(config) {
+            Ok(device) => Ok(BackendSelection {
+                backend: Backend::Rdma,
+                reason: format!("configured; device {device}"),
+            }),
+            Err(reason) => Err(TransportError::BackendUnavailable {
+                backend: Backend::Rdma,
+                reason,
+            }),
+        },
+        BackendChoice::Auto => match probe_rdma(config) {
+            Ok(device) => Ok(BackendSelection {
+                backend: Backend::Rdma,
+                reason: format!("auto: RDMA device {device}"),
+            }),
+            Err(why) => Ok(BackendSelection {
+                backend: Backend::Tcp,
+                reason: format!("auto: RDMA not usable ({why})"),
+            }),
+        },
+    }
+}
+
+/// Returns the RDMA device that would be used, or why none can be.
+#[cfg(not(feature = "rdma"))]
+fn probe_rdma(_config: &TransportConfig) -> std::result::Result<String, String> {
+    Err("built without the `rdma` feature".into())
+}
+
+/// Returns the RDMA device that would be used, or why none can be.
+#[cfg(feature = "rdma")]
+fn probe_rdma(_config: &TransportConfig) -> std::result::Result<String, String> {
+    // The RDMA backend (transport/src/rdma/) replaces this with its device probe.
+    Err("the RDMA backend is not built into this version".into())
+}
+
+/// Opens an endpoint with the backend chosen by [`select_backend`].
+pub fn open(config: TransportConfig) -> Result<Arc<dyn Transport>> {
+    Ok(open_with_selection(config)?.0)
+}
+
+/// Like [`open`], also returning which backend was picked and why.
+pub fn open_with_selection(
+    config: TransportConfig,
+) -> Result<(Arc<dyn Transport>, BackendSelection)> {
+    let sel = select_backend(&config)?;
+    if config.backend == BackendChoice::Auto {
+        tracing::info!(backend = %sel.backend, reason = %sel.reason, "transport backend selected");
+    }
+    let t: Arc<dyn Transport> = match sel.backend {
+        Backend::Tcp => {
+            return Err(TransportError::BackendUnavailable {
+                backend: Backend::Tcp,
+                reason: "TCP backend lands in the next commit".into(),
+            })
+        }
+        Backend::Rdma => {
+            return Err(TransportError::BackendUnavailable {
+                backend: Backend::Rdma,
+                reason: "the RDMA backend is not built into this version".into(),
+            })
+        }
+    };
+    Ok((t, sel))
+}

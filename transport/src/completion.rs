@@ -1,0 +1,423 @@
+//! Completions shared by all backends: [`Op`] (one operation) and [`Batch`] (many).
+//!
+//! An operation is *pending* until its backend completes it exactly once with `Ok(())` or an
+//! error. Callers either poll ([`Op::poll`], never blocks), spin ([`Op::wait_spin`], lowest
+//! latency), or sleep ([`Op::wait_blocking`]); [`Op::wait`] picks spin or sleep from the endpoint's
+//! [`PollMode`]. A timed-out wait does not cancel the operation.
+//!
+//! Model: the state is one atomic byte, written once by the completer while it holds a mutex that
+//! sleeping waiters also hold when they check it, so a wake-up cannot be lost; pollers and spinners
+//! read the atomic with `Acquire`, pairing with the completer's `Release`, so they also see the
+//! error it stored before.
+//!
+//! An in-flight operation keeps the [`Region`]s it uses alive (their memory cannot be freed or
+//! deregistered) until it completes.
+
+use crate::config::PollMode;
+use crate::error::{Result, TransportError};
+use crate::region::Region;
+use parking_lot::{Condvar, Mutex};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+const PENDING: u8 = 0;
+const OK: u8 = 1;
+const FAILED: u8 = 2;
+
+struct OpState {
+    state: AtomicU8,
+    error: OnceLock<TransportError>,
+    lock: Mutex<()>,
+    cv: Condvar,
+    keep: Mutex<Vec<Region>>,
+    batch: Option<Arc<BatchState>>,
+    mode: PollMode,
+}
+
+/// Handle to one in-flight operation. Clone it to wait from several places.
+#[derive(Clone)]
+#[must_use = "an operation's errors are only seen by polling or waiting on it"]
+pub struct Op {
+    state: Arc<OpState>,
+}
+
+impl std::fmt::Debug for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Op").field("result", &self.poll()).finish()
+    }
+}
+
+/// The backend's side of an [`Op`]: completes it exactly once. Dropping it without completing
+/// fails the operation with [`TransportError::EndpointClosed`], so no waiter can hang.
+pub struct Completer {
+    state: Arc<OpState>,
+    done: bool,
+}
+
+impl std::fmt::Debug for Completer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Completer").finish_non_exhaustive()
+    }
+}
+
+impl Op {
+    /// A new pending operation and its completer. `keep` are the regions it uses, held until it
+    /// completes.
+    pub fn new(mode: PollMode, keep: Vec<Region>) -> (Op, Completer) {
+        Self::with_batch(mode, keep, None)
+    }
+
+    fn with_batch(
+        mode: PollMode,
+        keep: Vec<Region>,
+        batch: Option<Arc<BatchState>>,
+    ) -> (Op, Completer) {
+        let state = Arc::new(OpState {
+            state: AtomicU8::new(PENDING),
+            error: OnceLock::new(),
+            lock: Mutex::new(()),
+            cv: Condvar::new(),
+            keep: Mutex::new(keep),
+            batch,
+            mode,
+        });
+        (
+            Op {
+                state: state.clone(),
+            },
+            Completer { state, done: false },
+        )
+    }
+
+    /// An operation that already failed (e.g. rejected at submission).
+    pub fn failed(mode: PollMode, err: TransportError) -> Op {
+        let (op, c) = Self::new(mode, Vec::new());
+        c.complete(Err(err));
+        op
+    }
+
+    /// `None` while pending; the result once complete. Never blocks.
+    pub fn poll(&self) -> Option<Result<()>> {
+        match self.state.state.load(Ordering::Acquire) {
+            PENDING => None,
+            OK => Some(Ok(())),
+            _ => Some(Err(self.state.error.get().cloned().unwrap_or(
+                TransportError::InvalidArgument("operation failed without an error".into()),
+            ))),
+        }
+    }
+
+    /// Whether the operation has completed (successfully or not).
+    pub fn is_done(&self) -> bool {
+        self.state.state.load(Ordering::Acquire) != PENDING
+    }
+
+    /// Waits up to `timeout`, spinning or sleeping per the endpoint's [`PollMode`].
+    /// Returns [`TransportError::Timeout`] if still pending.
+    pub fn wait(&self, timeout: Duration) -> Result<()> {
+        match self.state.mode {
+            PollMode::BusyPoll => self.wait_spin(timeout),
+            PollMode::Blocking => self.wait_blocking(timeout),
+        }
+    }
+
+    /// Waits up to `timeout` by spinning on the state (no sleep, lowest latency).
+    pub fn wait_spin(&self, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            for _ in 0..64 {
+                if let Some(r) = self.poll() {
+                    return r;
+                }
+                std::hint::spin_loop();
+            }
+            if start.elapsed() >= timeout {
+                return self
+                    .poll()
+                    .unwrap_or(Err(TransportError::Timeout { after: timeout }));
+            }
+        }
+    }
+
+    /// Waits up to `timeout` sleeping on a condition variable.
+    pub fn wait_blocking(&self, timeout: Duration) -> Result<()> {
+        if let Some(r) = self.poll() {
+            return r;
+        }
+        let deadline = Instant::now() + timeout;
+        let mut g = self.state.lock.lock();
+        while self.state.state.load(Ordering::Acquire) == PENDING {
+            if self.state.cv.wait_until(&mut g, deadline).timed_out() {
+                break;
+            }
+        }
+        drop(g);
+        self.poll()
+            .unwrap_or(Err(TransportError::Timeout { after: timeout }))
+    }
+}
+
+impl Completer {
+    /// Completes the operation. Releases the regions it kept, then wakes waiters.
+    pub fn complete(mut self, result: Result<()>) {
+        self.done = true;
+        self.finish(result);
+    }
+
+    fn finish(&self, result: Result<()>) {
+        let s = &self.state;
+        let failed = result.is_err();
+        if let Err(e) = result {
+            let _ = s.error.set(e);
+        }
+        let kept = std::mem::take(&mut *s.keep.lock());
+        drop(kept);
+        {
+            let _g = s.lock.lock();
+            s.state
+                .store(if failed { FAILED } else { OK }, Ordering::Release);
+            s.cv.notify_all();
+        }
+        if let Some(b) = &s.batch {
+            b.one_done(failed);
+        }
+    }
+}
+
+impl Drop for Completer {
+    fn drop(&mut self) {
+        if !self.done {
+            self.finish(Err(TransportError::EndpointClosed));
+        }
+    }
+}
+
+struct BatchState {
+    total: usize,
+    done: AtomicUsize,
+    failed: AtomicUsize,
+    lock: Mutex<()>,
+    cv: Condvar,
+}
+
+impl BatchState {
+    fn one_done(&self, failed: bool) {
+        if failed {
+            self.failed.fetch_add(1, Ordering::AcqRel);
+        }
+        let _g = self.lock.lock();
+        self.done.fetch_add(1, Ordering::AcqRel);
+        self.cv.notify_all();
+    }
+}
+
+/// Counts of a batch's transfers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BatchStatus {
+    /// Not yet complete.
+    pub pending: usize,
+    /// Completed successfully.
+    pub ok: usize,
+    /// Completed with an error.
+    pub failed: usize,
+}
+
+impl BatchStatus {
+    /// Whether every transfer has completed.
+    pub fn is_done(&self) -> bool {
+        self.pending == 0
+    }
+}
+
+/// Handle to many transfers submitted together; per-transfer results stay visible.
+#[must_use = "a batch's errors are only seen by polling or waiting on it"]
+pub struct Batch {
+    state: Arc<BatchState>,
+    ops: Vec<Op>,
+    mode: PollMode,
+}
+
+impl std::fmt::Debug for Batch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batch")
+            .field("status", &self.status())
+            .finish()
+    }
+}
+
+/// Builds a [`Batch`]: a backend makes one op per transfer with [`BatchBuilder::op`].
+pub struct BatchBuilder {
+    state: Arc<BatchState>,
+    ops: Vec<Op>,
+    mode: PollMode,
+}
+
+impl std::fmt::Debug for BatchBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatchBuilder")
+            .field("ops", &self.ops.len())
+            .finish()
+    }
+}
+
+impl BatchBuilder {
+    /// A builder for a batch of exactly `total` transfers.
+    pub fn new(mode: PollMode, total: usize) -> Self {
+        let state = Arc::new(BatchState {
+            total,
+            done: AtomicUsize::new(0),
+            failed: AtomicUsize::new(0),
+            lock: Mutex::new(()),
+            cv: Condvar::new(),
+        });
+        Self {
+            state,
+            ops: Vec::with_capacity(total),
+            mode,
+        }
+    }
+
+    /// A new pending operation belonging to the batch (the next transfer, in order).
+    pub fn op(&mut self, keep: Vec<Region>) -> Completer {
+        let (op, c) = Op::with_batch(self.mode, keep, Some(self.state.clone()));
+        self.ops.push(op);
+        c
+    }
+
+    /// Adds a transfer that already failed at submission.
+    pub fn failed(&mut self, err: TransportError) {
+        self.op(Vec::new()).complete(Err(err));
+    }
+
+    /// Finishes the batch. Every transfer must have had its op created.
+    pub fn build(self) -> Batch {
+        debug_assert_eq!(self.ops.len(), self.state.total);
+        Batch {
+            state: self.state,
+            ops: self.ops,
+            mode: self.mode,
+        }
+    }
+}
+
+impl Batch {
+    /// Number of transfers.
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// Whether the batch is empty.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// Current counts. Never blocks.
+    pub fn status(&self) -> BatchStatus {
+        let done = self.state.done.load(Ordering::Acquire);
+        let failed = self.state.failed.load(Ordering::Acquire).min(done);
+        BatchStatus {
+            pending: self.state.total - done,
+            ok: done - failed,
+            failed,
+        }
+    }
+
+    /// Waits until every transfer completed or `timeout` passed; returns the counts either way
+    /// ([`TransportError::Timeout`] if some are still pending). Spins in [`PollMode::BusyPoll`].
+    pub fn wait(&self, timeout: Duration) -> Result<BatchStatus> {
+        let deadline = Instant::now() + timeout;
+        if self.mode == PollMode::BusyPoll {
+            while Instant::now() < deadline {
+                if self.state.done.load(Ordering::Acquire) == self.state.total {
+                    return Ok(self.status());
+                }
+                std::hint::spin_loop();
+            }
+        } else {
+            let mut g = self.state.lock.lock();
+            while self.state.done.load(Ordering::Acquire) < self.state.total {
+                if self.state.cv.wait_until(&mut g, deadline).timed_out() {
+                    break;
+                }
+            }
+        }
+        let s = self.status();
+        if s.is_done() {
+            Ok(s)
+        } else {
+            Err(TransportError::Timeout { after: timeout })
+        }
+    }
+
+    /// Per-transfer results, in submission order (`None` = still pending).
+    pub fn results(&self) -> Vec<Option<Result<()>>> {
+        self.ops.iter().map(Op::poll).collect()
+    }
+
+    /// The per-transfer operations, in submission order.
+    pub fn ops(&self) -> &[Op] {
+        &self.ops
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn op_completes_once_and_wakes_waiters() {
+        let (op, c) = Op::new(PollMode::Blocking, Vec::new());
+        assert!(op.poll().is_none());
+        assert!(matches!(
+            op.wait(Duration::from_millis(1)),
+            Err(TransportError::Timeout { .. })
+        ));
+        let op2 = op.clone();
+        let t = std::thread::spawn(move || op2.wait(Duration::from_secs(10)));
+        c.complete(Ok(()));
+        assert!(t.join().unwrap().is_ok());
+        assert!(op.wait_spin(Duration::ZERO).is_ok());
+    }
+
+    #[test]
+    fn batch_counts_mixed_results() {
+        let mut b = BatchBuilder::new(PollMode::Blocking, 3);
+        let c1 = b.op(Vec::new());
+        b.failed(TransportError::BadKey { region: 1 });
+        let c3 = b.op(Vec::new());
+        let batch = b.build();
+        assert_eq!(
+            batch.status(),
+            BatchStatus {
+                pending: 2,
+                ok: 0,
+                failed: 1
+            }
+        );
+        c1.complete(Ok(()));
+        let t = std::thread::spawn(move || {
+            c3.complete(Err(TransportError::UnknownRegion { region: 2 }))
+        });
+        let s = batch.wait(Duration::from_secs(10)).unwrap();
+        t.join().unwrap();
+        assert_eq!(
+            s,
+            BatchStatus {
+                pending: 0,
+                ok: 1,
+                failed: 2
+            }
+        );
+        let r = batch.results();
+        assert!(matches!(r[0], Some(Ok(()))));
+        assert!(matches!(
+            r[1],
+            Some(Err(TransportError::BadKey { region: 1 }))
+        ));
+        assert!(matches!(
+            r[2],
+            Some(Err(TransportError::UnknownRegion { region: 2 }))
+        ));
+    }
+}

@@ -1,0 +1,449 @@
+//! Registered memory regions: the local handle [`Region`], the remote descriptor
+//! [`RemoteRegion`], and the per-endpoint [`RegionTable`] that checks remote accesses.
+//!
+//! A region's bytes live behind a `parking_lot::RwLock`, so every local access is safe Rust: the
+//! TCP progress thread holds the write lock while it reads an incoming payload from the socket
+//! straight into the region, and callers use [`Region::read`]/[`Region::write`]/[`Region::with`]/
+//! [`Region::with_mut`]. The buffer never moves or grows, so its address ([`Region::addr`]) stays
+//! valid for a device registration (an RDMA memory region) for the region's whole life.
+
+use crate::config::Backend;
+use crate::error::{Result, TransportError};
+use genie_sys::mem::AlignedBuf;
+use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use serde::{Deserialize, Serialize};
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+
+/// Identity of an endpoint: random per endpoint, so descriptors of a restarted peer are not
+/// mistaken for the old one's.
+pub type EndpointId = u64;
+
+/// What a peer needs to access one of our regions remotely. Serializable: send it over a
+/// [`crate::Connection::send`] message or any side channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RemoteRegion {
+    /// The endpoint that owns the region.
+    pub endpoint: EndpointId,
+    /// Region id, unique within its endpoint.
+    pub region: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Access key: a random number for TCP, the rkey for RDMA.
+    pub key: u64,
+    /// Virtual address of the first byte for RDMA; 0 for TCP.
+    pub addr: u64,
+}
+
+/// The bytes behind a region.
+#[derive(Debug)]
+pub enum RegionMemory {
+    /// A page-aligned buffer the transport allocated.
+    Aligned(AlignedBuf),
+    /// Memory the caller registered; handed back by [`Region::try_into_vec`].
+    Vec(Vec<u8>),
+}
+
+impl RegionMemory {
+    /// Address of the first byte (stable: the buffer never grows).
+    pub fn addr(&self) -> usize {
+        match self {
+            RegionMemory::Aligned(b) => b.addr(),
+            RegionMemory::Vec(v) => v.as_ptr() as usize,
+        }
+    }
+}
+
+impl std::ops::Deref for RegionMemory {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            RegionMemory::Aligned(b) => b,
+            RegionMemory::Vec(v) => v,
+        }
+    }
+}
+
+impl std::ops::DerefMut for RegionMemory {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        match self {
+            RegionMemory::Aligned(b) => b,
+            RegionMemory::Vec(v) => v,
+        }
+    }
+}
+
+/// A backend's registration of a region (e.g. an RDMA memory region). Dropped before the memory.
+pub type Registration = Arc<dyn Any + Send + Sync>;
+
+struct RegionInner {
+    id: u64,
+    len: usize,
+    key: u64,
+    endpoint: EndpointId,
+    backend: Backend,
+    remote_addr: u64,
+    table: Weak<RegionTable>,
+    // Field order matters: the registration (which may reference the memory) drops first.
+    registration: Option<Registration>,
+    mem: RwLock<RegionMemory>,
+}
+
+impl Drop for RegionInner {
+    fn drop(&mut self) {
+        if let Some(t) = self.table.upgrade() {
+            t.remove(self.id);
+        }
+    }
+}
+
+/// A local handle to a registered region. Cheap to clone (an `Arc`); the region stays registered
+/// while any clone or any in-flight operation that uses it is alive, and is deregistered when the
+/// last one drops (later remote accesses get [`TransportError::UnknownRegion`]).
+#[derive(Clone)]
+pub struct Region {
+    inner: Arc<RegionInner>,
+}
+
+impl std::fmt::Debug for Region {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Region")
+            .field("id", &self.inner.id)
+            .field("len", &self.inner.len)
+            .field("backend", &self.inner.backend)
+            .finish()
+    }
+}
+
+impl Region {
+    /// Region id, unique within its endpoint.
+    pub fn id(&self) -> u64 {
+        self.inner.id
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.inner.len
+    }
+
+    /// Whether the region is empty.
+    pub fn is_empty(&self) -> bool {
+        self.inner.len == 0
+    }
+
+    /// The backend that registered it.
+    pub fn backend(&self) -> Backend {
+        self.inner.backend
+    }
+
+    /// The endpoint that owns it.
+    pub fn endpoint(&self) -> EndpointId {
+        self.inner.endpoint
+    }
+
+    /// The access key a peer must present.
+    pub fn key(&self) -> u64 {
+        self.inner.key
+    }
+
+    /// The descriptor to hand to a peer.
+    pub fn descriptor(&self) -> RemoteRegion {
+        RemoteRegion {
+            endpoint: self.inner.endpoint,
+            region: self.inner.id,
+            len: self.inner.len as u64,
+            key: self.inner.key,
+            addr: self.inner.remote_addr,
+        }
+    }
+
+    /// Address of the first byte; stable for the region's life (for device registration).
+    pub fn addr(&self) -> usize {
+        self.inner.mem.read().addr()
+    }
+
+    /// The backend's registration attached at creation (e.g. an RDMA MR), if any.
+    pub fn registration(&self) -> Option<&Registration> {
+        self.inner.registration.as_ref()
+    }
+
+    /// Checks that `[offset, offset+len)` lies inside the region.
+    pub fn check_local(&self, offset: usize, len: usize) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.inner.len => Ok(()),
+            _ => Err(TransportError::LocalOutOfBounds {
+                region: self.inner.id,
+                offset,
+                len,
+                size: self.inner.len,
+            }),
+        }
+    }
+
+    /// Copies `out.len()` bytes starting at `offset` into `out`.
+    pub fn read(&self, offset: usize, out: &mut [u8]) -> Result<()> {
+        self.check_local(offset, out.len())?;
+        let g = self.inner.mem.read();
+        if let Some(src) = g.get(offset..offset + out.len()) {
+            out.copy_from_slice(src);
+        }
+        Ok(())
+    }
+
+    /// Copies `data` into the region starting at `offset`.
+    pub fn write(&self, offset: usize, data: &[u8]) -> Result<()> {
+        self.check_local(offset, data.len())?;
+        let mut g = self.inner.mem.write();
+        if let Some(dst) = g.get_mut(offset..offset + data.len()) {
+            dst.copy_from_slice(data);
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on the region's bytes under the read lock.
+    pub fn with<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
+        f(&self.inner.mem.read())
+    }
+
+    /// Runs `f` on the region's bytes under the write lock.
+    pub fn with_mut<R>(&self, f: impl FnOnce(&mut [u8]) -> R) -> R {
+        f(&mut self.inner.mem.write())
+    }
+
+    /// The read lock (for backends that stream from the region).
+    pub fn lock(&self) -> RwLockReadGuard<'_, RegionMemory> {
+        self.inner.mem.read()
+    }
+
+    /// The write lock (for backends that stream into the region).
+    pub fn lock_mut(&self) -> RwLockWriteGuard<'_, RegionMemory> {
+        self.inner.mem.write()
+    }
+
+    /// Gives back the caller's buffer of a region made by [`crate::Transport::register`], when this
+    /// is the last handle (no clone, no in-flight operation). Otherwise returns the region unchanged.
+    /// The region is deregistered. Regions from `alloc_region` are returned unchanged too.
+    pub fn try_into_vec(self) -> std::result::Result<Vec<u8>, Region> {
+        if !matches!(&*self.inner.mem.read(), RegionMemory::Vec(_)) {
+            return Err(self);
+        }
+        match Arc::try_unwrap(self.inner) {
+            Ok(mut inner) => {
+                // Drop the registration before handing the memory out.
+                inner.registration = None;
+                match &mut *inner.mem.get_mut() {
+                    RegionMemory::Vec(v) => Ok(std::mem::take(v)),
+                    RegionMemory::Aligned(_) => Ok(Vec::new()),
+                }
+            }
+            Err(inner) => Err(Region { inner }),
+        }
+    }
+
+    /// Whether two handles name the same region.
+    pub fn same(&self, other: &Region) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+}
+
+/// An endpoint's table of live regions: creates regions and checks remote accesses.
+///
+/// The table holds weak references, so dropping the last [`Region`] handle deregisters it.
+pub struct RegionTable {
+    endpoint: EndpointId,
+    backend: Backend,
+    next_id: AtomicU64,
+    map: RwLock<HashMap<u64, Weak<RegionInner>>>,
+}
+
+impl std::fmt::Debug for RegionTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegionTable")
+            .field("endpoint", &self.endpoint)
+            .field("regions", &self.map.read().len())
+            .finish()
+    }
+}
+
+/// Options for [`RegionTable::insert`] that a backend fills in.
+pub struct NewRegion {
+    /// The memory.
+    pub mem: RegionMemory,
+    /// Access key; `None` draws a random one.
+    pub key: Option<u64>,
+    /// Remote address to put in descriptors (RDMA); 0 for TCP.
+    pub remote_addr: u64,
+    /// The backend's registration, dropped before the memory.
+    pub registration: Option<Registration>,
+}
+
+impl RegionTable {
+    /// A table for the endpoint `endpoint` of backend `backend`.
+    pub fn new(endpoint: EndpointId, backend: Backend) -> Arc<Self> {
+        Arc::new(Self {
+            endpoint,
+            backend,
+            next_id: AtomicU64::new(1),
+            map: RwLock::new(HashMap::new()),
+        })
+    }
+
+    /// The endpoint's identity.
+    pub fn endpoint(&self) -> EndpointId {
+        self.endpoint
+    }
+
+    /// Registers memory as a new region.
+    pub fn insert(self: &Arc<Self>, new: NewRegion) -> Region {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let len = new.mem.len();
+        let inner = Arc::new(RegionInner {
+            id,
+            len,
+            key: new.key.unwrap_or_else(rand::random),
+            endpoint: self.endpoint,
+            backend: self.backend,
+            remote_addr: new.remote_addr,
+            table: Arc::downgrade(self),
+            registration: new.registration,
+            mem: RwLock::new(new.mem),
+        });
+        self.map.write().insert(id, Arc::downgrade(&inner));
+        Region { inner }
+    }
+
+    /// Allocates a zeroed, page-aligned region of `len` bytes.
+    pub fn alloc(self: &Arc<Self>, len: usize) -> Result<Region> {
+        let mem = RegionMemory::Aligned(AlignedBuf::zeroed(len)?);
+        Ok(self.insert(NewRegion {
+            mem,
+            key: None,
+            remote_addr: 0,
+            registration: None,
+        }))
+    }
+
+    /// Registers the caller's buffer.
+    pub fn register(self: &Arc<Self>, buf: Vec<u8>) -> Region {
+        self.insert(NewRegion {
+            mem: RegionMemory::Vec(buf),
+            key: None,
+            remote_addr: 0,
+            registration: None,
+        })
+    }
+
+    fn remove(&self, id: u64) {
+        let mut m = self.map.write();
+        // A region with this id is only ever inserted once, but check it is really dead.
+        if m.get(&id).is_some_and(|w| w.strong_count() == 0) {
+            m.remove(&id);
+        }
+    }
+
+    /// Checks a remote access before any memory is touched: the region exists, the key matches and
+    /// `[offset, offset+len)` is inside it. Returns the region on success.
+    pub fn check_remote(&self, region: u64, key: u64, offset: u64, len: u64) -> Result<Region> {
+        let inner = self
+            .map
+            .read()
+            .get(&region)
+            .and_then(Weak::upgrade)
+            .ok_or(TransportError::UnknownRegion { region })?;
+        let r = Region { inner };
+        if r.key() != key {
+            return Err(TransportError::BadKey { region });
+        }
+        let size = r.len() as u64;
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(r),
+            _ => Err(TransportError::RegionOutOfBounds {
+                region,
+                offset,
+                len,
+                size,
+            }),
+        }
+    }
+
+    /// Number of live regions.
+    pub fn len(&self) -> usize {
+        self.map.read().len()
+    }
+
+    /// Whether no region is registered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remote_checks_and_deregistration() {
+        let t = RegionTable::new(7, Backend::Tcp);
+        let r = t.alloc(100).unwrap();
+        let d = r.descriptor();
+        assert_eq!(d.endpoint, 7);
+        assert!(t.check_remote(d.region, d.key, 0, 100).is_ok());
+        assert!(matches!(
+            t.check_remote(d.region, d.key ^ 1, 0, 1),
+            Err(TransportError::BadKey { .. })
+        ));
+        assert!(matches!(
+            t.check_remote(d.region, d.key, 99, 2),
+            Err(TransportError::RegionOutOfBounds {
+                offset: 99,
+                len: 2,
+                size: 100,
+                ..
+            })
+        ));
+        assert!(matches!(
+            t.check_remote(d.region, d.key, u64::MAX, 2),
+            Err(TransportError::RegionOutOfBounds { .. })
+        ));
+        assert!(matches!(
+            t.check_remote(999, d.key, 0, 1),
+            Err(TransportError::UnknownRegion { region: 999 })
+        ));
+        drop(r);
+        assert!(matches!(
+            t.check_remote(d.region, d.key, 0, 1),
+            Err(TransportError::UnknownRegion { .. })
+        ));
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn register_and_get_back() {
+        let t = RegionTable::new(1, Backend::Tcp);
+        let r = t.register(vec![1, 2, 3]);
+        r.write(1, &[9]).unwrap();
+        let c = r.clone();
+        let r = r.try_into_vec().unwrap_err();
+        drop(c);
+        assert_eq!(r.try_into_vec().unwrap(), vec![1, 9, 3]);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn local_bounds() {
+        let t = RegionTable::new(1, Backend::Tcp);
+        let r = t.alloc(10).unwrap();
+        let mut b = [0u8; 4];
+        assert!(r.read(6, &mut b).is_ok());
+        assert!(matches!(
+            r.read(7, &mut b),
+            Err(TransportError::LocalOutOfBounds { .. })
+        ));
+        assert!(matches!(
+            r.write(usize::MAX, &b),
+            Err(TransportError::LocalOutOfBounds { .. })
+        ));
+    }
+}
