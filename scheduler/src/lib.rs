@@ -1,3 +1,18 @@
 //! `genie-scheduler`: turns an annotated model graph into an execution schedule.
+//!
+//! ```
+//! use genie_scheduler::builders::{gpt2_decode, Gpt2Config};
+//!
+//! let graph = gpt2_decode(&Gpt2Config::default(), 1023)?;
+//! graph.validate()?;
+//! assert_eq!(graph.parameter_count(), 124_439_808);
+//! # Ok::<(), genie_scheduler::Error>(())
+//! ```
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+
+pub mod builders;
+mod error;
+pub mod graph;
+
+pub use error::Error;

@@ -1,0 +1,852 @@
+//! Graphs of real models at their real sizes: GPT-2 (prefill and decode step), BERT-base and
+//! ResNet-50.
+//!
+//! Every weight is an [`OpKind::Parameter`] node named by its checkpoint key:
+//! GPT-2 as in `openai-community/gpt2`'s `model.safetensors` (`wte.weight`,
+//! `h.{i}.attn.c_attn.weight` in Conv1D `[in, out]` layout, ...; a loader should also accept the
+//! `transformer.` prefix of `GPT2LMHeadModel` checkpoints), BERT as `BertModel`
+//! (`embeddings.word_embeddings.weight`, `encoder.layer.{i}.attention.self.query.weight` in
+//! `nn.Linear` `[out, in]` layout, ...), ResNet-50 as torchvision (`conv1.weight`,
+//! `layer1.0.bn1.running_mean`, ..., `fc.weight`). GPT-2's LM head is tied: the logits are
+//! `MatMul{transpose_b}` with the `wte.weight` node, so it is counted once.
+//!
+//! Model inputs are [`OpKind::Input`] nodes: `input_ids` and `position_ids` (I64 `[B, S]`; the
+//! runtime fills position ids, `0..S` for prefill and `L` for a decode step), BERT's
+//! `token_type_ids`, ResNet's `images` (F32 `[B, 3, H, W]`).
+//!
+//! KV caches: the prefill graph emits per layer `h.{i}.attn.present` = `KvCacheAppend(k, v)`
+//! (`[2, B, S, 768]`, residency [`Residency::StatefulKvCache`], also a graph output) — exactly
+//! the shape the decode graph's `h.{i}.attn.past` [`OpKind::KvCache`] node takes with `L = S`.
+//! The decode-step graph appends the new token's k/v (`h.{i}.attn.present`, `[2, B, L+1, 768]`,
+//! a graph output: the cache for the next step), reads keys and values back with
+//! [`OpKind::KvCacheRead`] and attends over all `L+1` positions.
+//!
+//! Graph outputs, in order: GPT-2 `logits` then the `present` of each layer; BERT
+//! `last_hidden_state` then `pooler_output`; ResNet `logits`.
+
+use crate::graph::{
+    DType, GeluApprox, Graph, GraphError, KvPart, OpKind, Phase, Residency, Scalar, Semantics,
+    TensorMeta, TensorRef, WeightLayout,
+};
+use crate::Error;
+use serde::{Deserialize, Serialize};
+
+/// GPT-2 hyper-parameters; [`Default`] is the 124M model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Gpt2Config {
+    /// Decoder layers (default 12).
+    pub layers: usize,
+    /// Hidden size (default 768).
+    pub hidden: usize,
+    /// Attention heads (default 12).
+    pub heads: usize,
+    /// Vocabulary (default 50257).
+    pub vocab: usize,
+    /// Maximum positions (default 1024).
+    pub context: usize,
+    /// Batch size (default 1).
+    pub batch: usize,
+    /// LayerNorm epsilon (default 1e-5).
+    pub layer_norm_eps: f32,
+}
+
+impl Default for Gpt2Config {
+    fn default() -> Self {
+        Self {
+            layers: 12,
+            hidden: 768,
+            heads: 12,
+            vocab: 50257,
+            context: 1024,
+            batch: 1,
+            layer_norm_eps: 1e-5,
+        }
+    }
+}
+
+/// BERT hyper-parameters; [`Default`] is BERT-base (uncased) at batch 8, sequence 128.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct BertConfig {
+    /// Encoder layers (default 12).
+    pub layers: usize,
+    /// Hidden size (default 768).
+    pub hidden: usize,
+    /// Attention heads (default 12).
+    pub heads: usize,
+    /// Feed-forward size (default 3072).
+    pub intermediate: usize,
+    /// Vocabulary (default 30522).
+    pub vocab: usize,
+    /// Maximum positions (default 512).
+    pub max_positions: usize,
+    /// Token types (default 2).
+    pub type_vocab: usize,
+    /// Batch size (default 8).
+    pub batch: usize,
+    /// Sequence length (default 128).
+    pub seq_len: usize,
+    /// LayerNorm epsilon (default 1e-12).
+    pub layer_norm_eps: f32,
+}
+
+impl Default for BertConfig {
+    fn default() -> Self {
+        Self {
+            layers: 12,
+            hidden: 768,
+            heads: 12,
+            intermediate: 3072,
+            vocab: 30522,
+            max_positions: 512,
+            type_vocab: 2,
+            batch: 8,
+            seq_len: 128,
+            layer_norm_eps: 1e-12,
+        }
+    }
+}
+
+/// ResNet (bottleneck) hyper-parameters; [`Default`] is ResNet-50 at batch 8, 224×224.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ResNetConfig {
+    /// Bottleneck blocks per stage (default `[3, 4, 6, 3]`).
+    pub blocks: [usize; 4],
+    /// Channels of the stem / first stage's bottleneck (default 64).
+    pub width: usize,
+    /// Output classes (default 1000).
+    pub classes: usize,
+    /// Batch size (default 8).
+    pub batch: usize,
+    /// Image height and width (default 224).
+    pub image: usize,
+    /// BatchNorm epsilon (default 1e-5).
+    pub batch_norm_eps: f32,
+}
+
+impl Default for ResNetConfig {
+    fn default() -> Self {
+        Self {
+            blocks: [3, 4, 6, 3],
+            width: 64,
+            classes: 1000,
+            batch: 8,
+            image: 224,
+            batch_norm_eps: 1e-5,
+        }
+    }
+}
+
+/// Size overrides for [`by_name`]; `None` keeps the builder's default.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ModelSize {
+    /// Batch size.
+    pub batch: Option<usize>,
+    /// Prompt / sequence length (GPT-2 prefill default 128, BERT 128).
+    pub seq_len: Option<usize>,
+    /// KV-cache length L of a GPT-2 decode step (default 1023).
+    pub kv_len: Option<usize>,
+    /// Number of layers (GPT-2, BERT).
+    pub layers: Option<usize>,
+    /// Image size (ResNet).
+    pub image: Option<usize>,
+}
+
+/// Names [`by_name`] accepts.
+pub const MODEL_NAMES: [&str; 4] = ["gpt2-decode", "gpt2-prefill", "bert", "resnet50"];
+
+/// Builds a model graph by name: `gpt2-decode`, `gpt2-prefill`, `bert` or `resnet50`, with the
+/// defaults of its config type unless `size` overrides them.
+pub fn by_name(name: &str, size: &ModelSize) -> Result<Graph, Error> {
+    match name {
+        "gpt2-decode" | "gpt2-prefill" => {
+            let mut c = Gpt2Config::default();
+            if let Some(b) = size.batch {
+                c.batch = b;
+            }
+            if let Some(l) = size.layers {
+                c.layers = l;
+            }
+            if name == "gpt2-decode" {
+                gpt2_decode(&c, size.kv_len.unwrap_or(1023))
+            } else {
+                gpt2_prefill(&c, size.seq_len.unwrap_or(128))
+            }
+        }
+        "bert" => {
+            let mut c = BertConfig::default();
+            if let Some(b) = size.batch {
+                c.batch = b;
+            }
+            if let Some(s) = size.seq_len {
+                c.seq_len = s;
+            }
+            if let Some(l) = size.layers {
+                c.layers = l;
+            }
+            bert(&c)
+        }
+        "resnet50" => {
+            let mut c = ResNetConfig::default();
+            if let Some(b) = size.batch {
+                c.batch = b;
+            }
+            if let Some(i) = size.image {
+                c.image = i;
+            }
+            resnet(&c)
+        }
+        other => Err(Error::UnknownModel {
+            name: other.to_owned(),
+            known: MODEL_NAMES.join(", "),
+        }),
+    }
+}
+
+/// Appends nodes with the current phase and module path.
+struct Builder {
+    g: Graph,
+    phase: Phase,
+    module: String,
+}
+
+impl Builder {
+    fn new(name: &str, phase: Phase) -> Self {
+        Self {
+            g: Graph::new(name),
+            phase,
+            module: String::new(),
+        }
+    }
+
+    fn sem(&self, residency: Residency) -> Semantics {
+        Semantics {
+            phase: self.phase,
+            residency: Some(residency),
+            module_path: self.module.clone(),
+            ..Semantics::default()
+        }
+    }
+
+    fn source(
+        &mut self,
+        name: String,
+        op: OpKind,
+        shape: &[usize],
+        dtype: DType,
+        residency: Residency,
+    ) -> Result<TensorRef, GraphError> {
+        let sem = self.sem(residency);
+        let id =
+            self.g
+                .add_with_outputs(name, op, vec![], vec![TensorMeta::new(shape, dtype)], sem)?;
+        Ok(id.into())
+    }
+
+    fn input(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+    ) -> Result<TensorRef, GraphError> {
+        self.source(
+            name.to_owned(),
+            OpKind::Input,
+            shape,
+            dtype,
+            Residency::EphemeralActivation,
+        )
+    }
+
+    /// A trainable weight named `<module>.<leaf>`.
+    fn param(&mut self, leaf: &str, shape: &[usize]) -> Result<TensorRef, GraphError> {
+        self.weight(leaf, shape, true)
+    }
+
+    fn weight(
+        &mut self,
+        leaf: &str,
+        shape: &[usize],
+        trainable: bool,
+    ) -> Result<TensorRef, GraphError> {
+        let name = if self.module.is_empty() {
+            leaf.to_owned()
+        } else {
+            format!("{}.{leaf}", self.module)
+        };
+        self.source(
+            name,
+            OpKind::Parameter { trainable },
+            shape,
+            DType::F32,
+            Residency::PersistentWeight,
+        )
+    }
+
+    fn op(
+        &mut self,
+        leaf: &str,
+        op: OpKind,
+        inputs: Vec<TensorRef>,
+    ) -> Result<TensorRef, GraphError> {
+        Ok(self
+            .op_r(leaf, op, inputs, Residency::EphemeralActivation)?
+            .into())
+    }
+
+    fn op_r(
+        &mut self,
+        leaf: &str,
+        op: OpKind,
+        inputs: Vec<TensorRef>,
+        residency: Residency,
+    ) -> Result<crate::graph::NodeId, GraphError> {
+        let name = if self.module.is_empty() {
+            leaf.to_owned()
+        } else {
+            format!("{}.{leaf}", self.module)
+        };
+        let sem = self.sem(residency);
+        self.g.add(name, op, inputs, sem)
+    }
+
+    fn at(&mut self, module: impl Into<String>) {
+        self.module = module.into();
+    }
+
+    /// `module.{weight,bias}` then LayerNorm.
+    fn layer_norm(
+        &mut self,
+        module: &str,
+        x: TensorRef,
+        d: usize,
+        eps: f32,
+    ) -> Result<TensorRef, GraphError> {
+        let saved = std::mem::replace(&mut self.module, module.to_owned());
+        let w = self.param("weight", &[d])?;
+        let b = self.param("bias", &[d])?;
+        let y = self.op("out", OpKind::LayerNorm { eps: Scalar(eps) }, vec![x, w, b]);
+        self.module = saved;
+        y
+    }
+
+    /// `module.{weight,bias}` then Linear.
+    fn linear(
+        &mut self,
+        module: &str,
+        x: TensorRef,
+        din: usize,
+        dout: usize,
+        layout: WeightLayout,
+    ) -> Result<TensorRef, GraphError> {
+        let saved = std::mem::replace(&mut self.module, module.to_owned());
+        let wshape = match layout {
+            WeightLayout::InOut => [din, dout],
+            WeightLayout::OutIn => [dout, din],
+        };
+        let w = self.param("weight", &wshape)?;
+        let b = self.param("bias", &[dout])?;
+        let y = self.op("out", OpKind::Linear { bias: true, layout }, vec![x, w, b]);
+        self.module = saved;
+        y
+    }
+}
+
+fn check(cond: bool, what: &str) -> Result<(), Error> {
+    if cond {
+        Ok(())
+    } else {
+        Err(Error::InvalidConfig {
+            reason: what.to_owned(),
+        })
+    }
+}
+
+fn check_gpt2(c: &Gpt2Config, tokens: usize) -> Result<(), Error> {
+    check(
+        c.layers > 0 && c.batch > 0 && c.vocab > 0 && c.context > 0,
+        "gpt2: layers, batch, vocab and context must be positive",
+    )?;
+    check(tokens > 0, "gpt2: sequence length must be positive")?;
+    check(
+        c.heads > 0 && c.hidden % c.heads == 0 && c.hidden > 0,
+        "gpt2: hidden must be a positive multiple of heads",
+    )
+}
+
+/// GPT-2 prefill over a prompt of `seq_len` tokens: logits `[B, S, V]` and each layer's KV cache.
+pub fn gpt2_prefill(c: &Gpt2Config, seq_len: usize) -> Result<Graph, Error> {
+    check_gpt2(c, seq_len)?;
+    gpt2(c, seq_len, None)
+}
+
+/// One GPT-2 decode step against KV caches of length `kv_len`: logits `[B, 1, V]` and the
+/// updated caches.
+pub fn gpt2_decode(c: &Gpt2Config, kv_len: usize) -> Result<Graph, Error> {
+    check_gpt2(c, 1)?;
+    gpt2(c, 1, Some(kv_len))
+}
+
+fn gpt2(c: &Gpt2Config, s: usize, kv_len: Option<usize>) -> Result<Graph, Error> {
+    let decode = kv_len.is_some();
+    let phase = if decode {
+        Phase::Decode
+    } else {
+        Phase::Prefill
+    };
+    let name = if decode {
+        "gpt2-decode"
+    } else {
+        "gpt2-prefill"
+    };
+    let (bsz, d, hd) = (c.batch, c.hidden, c.hidden / c.heads);
+    let mut b = Builder::new(name, Phase::Embedding);
+    let ids = b.input("input_ids", &[bsz, s], DType::I64)?;
+    let pos = b.input("position_ids", &[bsz, s], DType::I64)?;
+    b.at("wte");
+    let wte = b.weight("weight", &[c.vocab, d], true)?;
+    let tok = b.op("embed", OpKind::Embedding, vec![ids, wte])?;
+    b.at("wpe");
+    let wpe = b.param("weight", &[c.context, d])?;
+    let pe = b.op("embed", OpKind::Embedding, vec![pos, wpe])?;
+    b.at("");
+    let mut h = b.op("embed_sum", OpKind::Add, vec![tok, pe])?;
+    b.phase = phase;
+    let mut presents: Vec<TensorRef> = Vec::with_capacity(c.layers);
+    for i in 0..c.layers {
+        let p = format!("h.{i}");
+        let x = b.layer_norm(&format!("{p}.ln_1"), h, d, c.layer_norm_eps)?;
+        b.at(format!("{p}.attn"));
+        let qkv = b.linear(
+            &format!("{p}.attn.c_attn"),
+            x,
+            d,
+            3 * d,
+            WeightLayout::InOut,
+        )?;
+        let split = b.op_r(
+            "split_qkv",
+            OpKind::Split {
+                axis: 2,
+                sizes: vec![d, d, d],
+            },
+            vec![qkv],
+            Residency::EphemeralActivation,
+        )?;
+        let (q, k, v) = (
+            TensorRef::new(split, 0),
+            TensorRef::new(split, 1),
+            TensorRef::new(split, 2),
+        );
+        let attn_op = OpKind::Attention {
+            heads: c.heads,
+            head_dim: hd,
+            causal: true,
+            scale: Scalar(1.0 / (hd as f32).sqrt()),
+        };
+        let a = match kv_len {
+            None => {
+                let present = b.op_r(
+                    "present",
+                    OpKind::KvCacheAppend,
+                    vec![k, v],
+                    Residency::StatefulKvCache,
+                )?;
+                presents.push(present.into());
+                b.op("attention", attn_op, vec![q, k, v])?
+            }
+            Some(l) => {
+                let past = b.source(
+                    format!("{p}.attn.past"),
+                    OpKind::KvCache { layer: i as u32 },
+                    &[2, bsz, l, d],
+                    DType::F32,
+                    Residency::StatefulKvCache,
+                )?;
+                let present = b.op_r(
+                    "present",
+                    OpKind::KvCacheAppend,
+                    vec![past, k, v],
+                    Residency::StatefulKvCache,
+                )?;
+                presents.push(present.into());
+                let kr = b.op(
+                    "read_k",
+                    OpKind::KvCacheRead { part: KvPart::Key },
+                    vec![present.into()],
+                )?;
+                let vr = b.op(
+                    "read_v",
+                    OpKind::KvCacheRead {
+                        part: KvPart::Value,
+                    },
+                    vec![present.into()],
+                )?;
+                b.op("attention", attn_op, vec![q, kr, vr])?
+            }
+        };
+        let proj = b.linear(&format!("{p}.attn.c_proj"), a, d, d, WeightLayout::InOut)?;
+        b.at(p.clone());
+        let h1 = b.op("attn_residual", OpKind::Add, vec![h, proj])?;
+        let x2 = b.layer_norm(&format!("{p}.ln_2"), h1, d, c.layer_norm_eps)?;
+        let fc = b.linear(&format!("{p}.mlp.c_fc"), x2, d, 4 * d, WeightLayout::InOut)?;
+        b.at(format!("{p}.mlp"));
+        let g = b.op(
+            "gelu",
+            OpKind::Gelu {
+                approximate: GeluApprox::Tanh,
+            },
+            vec![fc],
+        )?;
+        let out = b.linear(&format!("{p}.mlp.c_proj"), g, 4 * d, d, WeightLayout::InOut)?;
+        b.at(p);
+        h = b.op("mlp_residual", OpKind::Add, vec![h1, out])?;
+    }
+    let hf = b.layer_norm("ln_f", h, d, c.layer_norm_eps)?;
+    b.at("lm_head");
+    let logits = b.op(
+        "logits",
+        OpKind::MatMul { transpose_b: true },
+        vec![hf, wte],
+    )?;
+    let mut g = b.g;
+    g.outputs.push(logits);
+    g.outputs.extend(presents);
+    Ok(g)
+}
+
+/// BERT encoder with pooler (`BertModel`): last hidden state `[B, S, D]` and pooled `[B, D]`.
+pub fn bert(c: &BertConfig) -> Result<Graph, Error> {
+    check(
+        c.layers > 0 && c.batch > 0 && c.seq_len > 0 && c.vocab > 0,
+        "bert: layers, batch, seq_len, vocab must be positive",
+    )?;
+    check(
+        c.heads > 0 && c.hidden > 0 && c.hidden % c.heads == 0,
+        "bert: hidden must be a positive multiple of heads",
+    )?;
+    check(
+        c.seq_len <= c.max_positions && c.type_vocab > 0 && c.intermediate > 0,
+        "bert: seq_len must not exceed max_positions",
+    )?;
+    let (bsz, s, d, ff) = (c.batch, c.seq_len, c.hidden, c.intermediate);
+    let hd = d / c.heads;
+    let eps = c.layer_norm_eps;
+    let mut b = Builder::new("bert", Phase::Embedding);
+    let ids = b.input("input_ids", &[bsz, s], DType::I64)?;
+    let types = b.input("token_type_ids", &[bsz, s], DType::I64)?;
+    let pos = b.input("position_ids", &[bsz, s], DType::I64)?;
+    b.at("embeddings.word_embeddings");
+    let we = b.param("weight", &[c.vocab, d])?;
+    let x1 = b.op("embed", OpKind::Embedding, vec![ids, we])?;
+    b.at("embeddings.position_embeddings");
+    let pe = b.param("weight", &[c.max_positions, d])?;
+    let x2 = b.op("embed", OpKind::Embedding, vec![pos, pe])?;
+    b.at("embeddings.token_type_embeddings");
+    let te = b.param("weight", &[c.type_vocab, d])?;
+    let x3 = b.op("embed", OpKind::Embedding, vec![types, te])?;
+    b.at("embeddings");
+    let sum = b.op("sum_word_position", OpKind::Add, vec![x1, x2])?;
+    let sum = b.op("sum_token_type", OpKind::Add, vec![sum, x3])?;
+    let mut h = b.layer_norm("embeddings.LayerNorm", sum, d, eps)?;
+    b.phase = Phase::Prefill;
+    for i in 0..c.layers {
+        let p = format!("encoder.layer.{i}");
+        let sa = format!("{p}.attention.self");
+        let q = b.linear(&format!("{sa}.query"), h, d, d, WeightLayout::OutIn)?;
+        let k = b.linear(&format!("{sa}.key"), h, d, d, WeightLayout::OutIn)?;
+        let v = b.linear(&format!("{sa}.value"), h, d, d, WeightLayout::OutIn)?;
+        b.at(sa);
+        let a = b.op(
+            "attention",
+            OpKind::Attention {
+                heads: c.heads,
+                head_dim: hd,
+                causal: false,
+                scale: Scalar(1.0 / (hd as f32).sqrt()),
+            },
+            vec![q, k, v],
+        )?;
+        let o = b.linear(
+            &format!("{p}.attention.output.dense"),
+            a,
+            d,
+            d,
+            WeightLayout::OutIn,
+        )?;
+        b.at(format!("{p}.attention.output"));
+        let r = b.op("residual", OpKind::Add, vec![o, h])?;
+        let h1 = b.layer_norm(&format!("{p}.attention.output.LayerNorm"), r, d, eps)?;
+        let f = b.linear(
+            &format!("{p}.intermediate.dense"),
+            h1,
+            d,
+            ff,
+            WeightLayout::OutIn,
+        )?;
+        b.at(format!("{p}.intermediate"));
+        let g = b.op(
+            "gelu",
+            OpKind::Gelu {
+                approximate: GeluApprox::Erf,
+            },
+            vec![f],
+        )?;
+        let o2 = b.linear(&format!("{p}.output.dense"), g, ff, d, WeightLayout::OutIn)?;
+        b.at(format!("{p}.output"));
+        let r2 = b.op("residual", OpKind::Add, vec![o2, h1])?;
+        h = b.layer_norm(&format!("{p}.output.LayerNorm"), r2, d, eps)?;
+    }
+    b.at("pooler");
+    let cls = b.op(
+        "cls",
+        OpKind::Slice {
+            axis: 1,
+            start: 0,
+            end: 1,
+        },
+        vec![h],
+    )?;
+    let cls = b.op(
+        "cls_flat",
+        OpKind::Reshape {
+            shape: vec![bsz, d],
+        },
+        vec![cls],
+    )?;
+    let pd = b.linear("pooler.dense", cls, d, d, WeightLayout::OutIn)?;
+    b.at("pooler");
+    let pooled = b.op("activation", OpKind::Tanh, vec![pd])?;
+    let mut g = b.g;
+    g.outputs.push(h);
+    g.outputs.push(pooled);
+    Ok(g)
+}
+
+/// ResNet with bottleneck blocks (torchvision v1.5: stride on the 3×3 conv): logits `[B, classes]`.
+pub fn resnet(c: &ResNetConfig) -> Result<Graph, Error> {
+    check(
+        c.batch > 0 && c.width > 0 && c.classes > 0,
+        "resnet: batch, width, classes must be positive",
+    )?;
+    check(c.image >= 32, "resnet: image must be at least 32 pixels")?;
+    let eps = c.batch_norm_eps;
+    let mut b = Builder::new("resnet50", Phase::Vision);
+    let x = b.input("images", &[c.batch, 3, c.image, c.image], DType::F32)?;
+    let x = conv_bn(&mut b, "", "conv1", "bn1", x, 3, c.width, 7, 2, eps)?;
+    b.at("");
+    let x = b.op("relu", OpKind::Relu, vec![x])?;
+    let mut x = b.op(
+        "maxpool",
+        OpKind::MaxPool2d {
+            kernel: [3, 3],
+            stride: [2, 2],
+            padding: [1, 1],
+        },
+        vec![x],
+    )?;
+    let mut inplanes = c.width;
+    for (stage, &blocks) in c.blocks.iter().enumerate() {
+        let planes = c.width << stage;
+        for blk in 0..blocks {
+            let stride = if stage > 0 && blk == 0 { 2 } else { 1 };
+            let p = format!("layer{}.{blk}", stage + 1);
+            let y = conv_bn(&mut b, &p, "conv1", "bn1", x, inplanes, planes, 1, 1, eps)?;
+            b.at(p.clone());
+            let y = b.op("relu1", OpKind::Relu, vec![y])?;
+            let y = conv_bn(
+                &mut b, &p, "conv2", "bn2", y, planes, planes, 3, stride, eps,
+            )?;
+            b.at(p.clone());
+            let y = b.op("relu2", OpKind::Relu, vec![y])?;
+            let y = conv_bn(&mut b, &p, "conv3", "bn3", y, planes, planes * 4, 1, 1, eps)?;
+            let shortcut = if blk == 0 {
+                conv_bn(
+                    &mut b,
+                    &p,
+                    "downsample.0",
+                    "downsample.1",
+                    x,
+                    inplanes,
+                    planes * 4,
+                    1,
+                    stride,
+                    eps,
+                )?
+            } else {
+                x
+            };
+            b.at(p.clone());
+            let s = b.op("residual", OpKind::Add, vec![y, shortcut])?;
+            x = b.op("relu3", OpKind::Relu, vec![s])?;
+            inplanes = planes * 4;
+        }
+    }
+    b.at("");
+    let pooled = b.op("avgpool", OpKind::GlobalAvgPool2d, vec![x])?;
+    let flat = b.op(
+        "flatten",
+        OpKind::Reshape {
+            shape: vec![c.batch, inplanes],
+        },
+        vec![pooled],
+    )?;
+    let logits = b.linear("fc", flat, inplanes, c.classes, WeightLayout::OutIn)?;
+    let mut g = b.g;
+    g.outputs.push(logits);
+    Ok(g)
+}
+
+/// `prefix.conv` (no bias, padding k/2) then `prefix.bn` (inference BatchNorm).
+#[allow(clippy::too_many_arguments)]
+fn conv_bn(
+    b: &mut Builder,
+    prefix: &str,
+    conv: &str,
+    bn: &str,
+    x: TensorRef,
+    cin: usize,
+    cout: usize,
+    k: usize,
+    stride: usize,
+    eps: f32,
+) -> Result<TensorRef, GraphError> {
+    let join = |leaf: &str| {
+        if prefix.is_empty() {
+            leaf.to_owned()
+        } else {
+            format!("{prefix}.{leaf}")
+        }
+    };
+    b.at(join(conv));
+    let w = b.param("weight", &[cout, cin, k, k])?;
+    let y = b.op(
+        "out",
+        OpKind::Conv2d {
+            stride: [stride, stride],
+            padding: [k / 2, k / 2],
+            dilation: [1, 1],
+            groups: 1,
+            bias: false,
+        },
+        vec![x, w],
+    )?;
+    b.at(join(bn));
+    let gamma = b.param("weight", &[cout])?;
+    let beta = b.param("bias", &[cout])?;
+    let mean = b.weight("running_mean", &[cout], false)?;
+    let var = b.weight("running_var", &[cout], false)?;
+    b.op(
+        "out",
+        OpKind::BatchNorm { eps: Scalar(eps) },
+        vec![y, gamma, beta, mean, var],
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::NodeId;
+
+    #[test]
+    fn gpt2_small_has_124m_parameters_in_both_variants() {
+        let c = Gpt2Config::default();
+        let p = gpt2_prefill(&c, 16).unwrap();
+        let d = gpt2_decode(&c, 1023).unwrap();
+        p.validate().unwrap();
+        d.validate().unwrap();
+        assert_eq!(p.parameter_count(), 124_439_808);
+        assert_eq!(d.parameter_count(), 124_439_808);
+        let logits = d.tensor(d.outputs[0]).unwrap();
+        assert_eq!(logits.shape, vec![1, 1, 50257]);
+        assert_eq!(d.outputs.len(), 13);
+        let present = d.tensor(d.outputs[1]).unwrap();
+        assert_eq!(present.shape, vec![2, 1, 1024, 768]);
+        let prefill_present = p.tensor(p.outputs[1]).unwrap();
+        assert_eq!(prefill_present.shape, vec![2, 1, 16, 768]);
+        // The prefill's present is what a decode graph with L = S takes as its past.
+        let d16 = gpt2_decode(&c, 16).unwrap();
+        let past = d16
+            .nodes()
+            .iter()
+            .find(|n| n.name == "h.0.attn.past")
+            .unwrap();
+        assert_eq!(&past.outputs[0], prefill_present);
+        assert_eq!(past.residency(), Residency::StatefulKvCache);
+        let names: Vec<&str> = d.nodes().iter().map(|n| n.name.as_str()).collect();
+        for key in [
+            "wte.weight",
+            "wpe.weight",
+            "h.0.attn.c_attn.weight",
+            "h.11.mlp.c_proj.bias",
+            "ln_f.weight",
+        ] {
+            assert!(names.contains(&key), "missing {key}");
+        }
+        let c_attn = d
+            .nodes()
+            .iter()
+            .find(|n| n.name == "h.0.attn.c_attn.weight")
+            .unwrap();
+        assert_eq!(c_attn.outputs[0].shape, vec![768, 2304]);
+        // Tied head: the logits read the wte parameter.
+        let head = d.node(d.outputs[0].node).unwrap();
+        assert_eq!(d.node(head.inputs[1].node).unwrap().name, "wte.weight");
+    }
+
+    #[test]
+    fn bert_base_and_resnet50_parameter_counts() {
+        let g = bert(&BertConfig::default()).unwrap();
+        g.validate().unwrap();
+        assert_eq!(g.parameter_count(), 109_482_240);
+        assert_eq!(g.tensor(g.outputs[1]).unwrap().shape, vec![8, 768]);
+        let r = resnet(&ResNetConfig::default()).unwrap();
+        r.validate().unwrap();
+        assert_eq!(r.parameter_count(), 25_557_032);
+        assert_eq!(r.tensor(r.outputs[0]).unwrap().shape, vec![8, 1000]);
+        let convs = r
+            .nodes()
+            .iter()
+            .filter(|n| matches!(n.op, OpKind::Conv2d { .. }))
+            .count();
+        assert_eq!(convs, 53);
+        let names: Vec<&str> = r.nodes().iter().map(|n| n.name.as_str()).collect();
+        assert!(names.contains(&"layer4.2.bn3.running_var"));
+        assert!(names.contains(&"layer2.0.downsample.0.weight"));
+    }
+
+    #[test]
+    fn by_name_and_sizes() {
+        for name in MODEL_NAMES {
+            let small = ModelSize {
+                batch: Some(2),
+                seq_len: Some(8),
+                kv_len: Some(8),
+                layers: Some(2),
+                image: Some(64),
+            };
+            let g = by_name(name, &small).unwrap();
+            g.validate().unwrap();
+            assert!(g.is_id_ordered());
+            let json = g.to_json().unwrap();
+            assert_eq!(Graph::from_json(&json).unwrap(), g);
+        }
+        assert!(matches!(
+            by_name("gpt5", &ModelSize::default()),
+            Err(Error::UnknownModel { .. })
+        ));
+        let bad = Gpt2Config {
+            heads: 5,
+            ..Gpt2Config::default()
+        };
+        assert!(matches!(
+            gpt2_decode(&bad, 4),
+            Err(Error::InvalidConfig { .. })
+        ));
+        let g = by_name("gpt2-decode", &ModelSize::default()).unwrap();
+        assert_eq!(g.node(NodeId(0)).unwrap().outputs[0].dtype, DType::I64);
+    }
+}

@@ -1,0 +1,1762 @@
+//! The semantic relationship graph (SRG): operations, the tensors between them and what they mean.
+//!
+//! A [`Graph`] is a vector of [`Node`]s. A node's [`NodeId`] is its index in that vector, so every
+//! per-node table elsewhere in the crate is a plain `Vec` indexed by `NodeId`. Edges are the node
+//! inputs: each input is a [`TensorRef`] naming the producing node and which of its outputs is
+//! consumed. Nodes carry metadata only (shape, dtype, byte size), never tensor data, so a graph of
+//! GPT-2 124M is a few hundred kilobytes and builds in well under a millisecond.
+//!
+//! Weights are nodes of their own ([`OpKind::Parameter`], residency
+//! [`Residency::PersistentWeight`], named like the Hugging Face / torchvision checkpoint key) and
+//! model inputs are [`OpKind::Input`] nodes; both have no inputs and exactly one output.
+//!
+//! # JSON format
+//!
+//! [`Graph`] (de)serializes with serde; this is the format another frontend (for instance a
+//! PyTorch FX exporter) emits. Unknown fields are rejected; fields marked optional may be left out.
+//!
+//! ```json
+//! {
+//!   "name": "tiny",
+//!   "nodes": [
+//!     { "id": 0, "name": "x", "op": { "kind": "input" },
+//!       "outputs": [ { "shape": [2, 4], "dtype": "f32" } ] },
+//!     { "id": 1, "name": "fc.weight", "op": { "kind": "parameter", "attrs": { "trainable": true } },
+//!       "outputs": [ { "shape": [4, 3], "dtype": "f32" } ],
+//!       "semantics": { "residency": "persistent_weight" } },
+//!     { "id": 2, "name": "fc", "op": { "kind": "linear", "attrs": { "bias": false, "layout": "in_out" } },
+//!       "inputs": [ { "node": 0, "output": 0 }, { "node": 1, "output": 0 } ],
+//!       "outputs": [ { "shape": [2, 3], "dtype": "f32" } ],
+//!       "semantics": { "phase": "prefill", "module_path": "fc", "colocation_group": "g0",
+//!                      "fusion_group": null, "priority": 0, "custom": { "origin": "fx" } } }
+//!   ],
+//!   "outputs": [ { "node": 2, "output": 0 } ]
+//! }
+//! ```
+//!
+//! - `id`: must equal the node's position in `nodes` (dense, unique, starting at 0).
+//! - `op`: `{"kind": <snake_case variant>, "attrs": {...}}`; variants without attributes omit
+//!   `attrs`; `custom` takes a string: `{"kind": "custom", "attrs": "my_op"}`. The attributes and the
+//!   input order of each kind are documented on [`OpKind`].
+//! - `inputs` (optional, default `[]`): `(node, output)` pairs, in the order the op documents.
+//! - `outputs`: metadata of each output (`shape`: dims, `dtype`: one of [`DType`] in snake_case).
+//!   Byte sizes are derived (`elements × dtype size`), never stored.
+//! - `semantics` (optional): see [`Semantics`]; every field of it is optional.
+//! - `outputs` of the graph (optional): tensors the caller wants back (logits, updated KV caches).
+//!
+//! [`Graph::validate`] checks a deserialized graph: ids, dangling edges, cycles, arity,
+//! attributes, and that each node's declared outputs equal what its op computes from the
+//! producers' metadata (so a shape or dtype disagreement between producer and consumer is found
+//! and reported with the node's id and name).
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::sync::OnceLock;
+
+/// Index of a node in [`Graph::nodes`].
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
+#[serde(transparent)]
+pub struct NodeId(pub u32);
+
+impl NodeId {
+    /// The id as a `usize` index.
+    #[inline]
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "n{}", self.0)
+    }
+}
+
+/// One output of one node: the unit that travels along an edge.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TensorRef {
+    /// The producing node.
+    pub node: NodeId,
+    /// Which output of the producer (0-based).
+    #[serde(default)]
+    pub output: u32,
+}
+
+impl TensorRef {
+    /// Output `output` of `node`.
+    pub fn new(node: NodeId, output: u32) -> Self {
+        Self { node, output }
+    }
+}
+
+impl From<NodeId> for TensorRef {
+    fn from(node: NodeId) -> Self {
+        Self { node, output: 0 }
+    }
+}
+
+/// Element type of a tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DType {
+    /// 32-bit IEEE float.
+    F32,
+    /// 16-bit IEEE float.
+    F16,
+    /// bfloat16.
+    Bf16,
+    /// 64-bit signed integer (token ids, as PyTorch emits them).
+    I64,
+    /// 32-bit signed integer.
+    I32,
+    /// Unsigned byte.
+    U8,
+    /// Boolean, one byte per element.
+    Bool,
+}
+
+impl DType {
+    /// Size of one element in bytes.
+    pub fn size(self) -> u64 {
+        match self {
+            DType::F32 | DType::I32 => 4,
+            DType::F16 | DType::Bf16 => 2,
+            DType::I64 => 8,
+            DType::U8 | DType::Bool => 1,
+        }
+    }
+
+    /// Whether this is a floating-point type.
+    pub fn is_float(self) -> bool {
+        matches!(self, DType::F32 | DType::F16 | DType::Bf16)
+    }
+
+    /// Whether this is an integer type usable as an index.
+    pub fn is_index(self) -> bool {
+        matches!(self, DType::I64 | DType::I32)
+    }
+}
+
+/// Shape and element type of one tensor. Its size is derived: [`TensorMeta::bytes`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TensorMeta {
+    /// Dimensions, outermost first (row-major).
+    pub shape: Vec<usize>,
+    /// Element type.
+    pub dtype: DType,
+}
+
+impl TensorMeta {
+    /// A tensor of `shape` and `dtype`.
+    pub fn new(shape: impl Into<Vec<usize>>, dtype: DType) -> Self {
+        Self {
+            shape: shape.into(),
+            dtype,
+        }
+    }
+
+    /// Number of elements (1 for a scalar).
+    pub fn elements(&self) -> u64 {
+        self.shape.iter().map(|&d| d as u64).product()
+    }
+
+    /// Size in bytes.
+    pub fn bytes(&self) -> u64 {
+        self.elements() * self.dtype.size()
+    }
+
+    /// Number of dimensions.
+    pub fn rank(&self) -> usize {
+        self.shape.len()
+    }
+}
+
+impl fmt::Display for TensorMeta {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}{:?}", self.dtype, self.shape)
+    }
+}
+
+/// An `f32` attribute that hashes and compares by its bits, so ops stay `Eq + Hash`.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Scalar(pub f32);
+
+impl PartialEq for Scalar {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.to_bits() == other.0.to_bits()
+    }
+}
+impl Eq for Scalar {}
+impl Hash for Scalar {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.to_bits().hash(state);
+    }
+}
+
+/// Memory layout of a [`OpKind::Linear`] weight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WeightLayout {
+    /// `[in, out]`: GPT-2's `Conv1D`; `y = x · W`.
+    InOut,
+    /// `[out, in]`: PyTorch's `nn.Linear` (BERT, ResNet's `fc`); `y = x · Wᵀ`.
+    OutIn,
+}
+
+/// Which GELU formula an [`OpKind::Gelu`] uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GeluApprox {
+    /// `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`: GPT-2's `gelu_new`.
+    Tanh,
+    /// `0.5·x·(1 + erf(x/√2))`: BERT's `gelu`.
+    Erf,
+}
+
+/// Which half of a KV cache an [`OpKind::KvCacheRead`] returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KvPart {
+    /// Index 0 of the cache's leading axis: the keys.
+    Key,
+    /// Index 1 of the cache's leading axis: the values.
+    Value,
+}
+
+/// What a node computes, with every attribute a kernel needs.
+///
+/// Input order is part of each variant's contract. "Broadcast" means NumPy rules: shapes are
+/// aligned at their trailing dimension and each pair of dims must be equal or one of them 1.
+/// Layouts: images are NCHW; sequences are `[batch, seq, hidden]`; a KV cache is
+/// `[2, batch, len, heads·head_dim]` (keys at index 0, values at index 1).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "attrs", rename_all = "snake_case")]
+pub enum OpKind {
+    /// A model input supplied at run time (token ids as I64/I32, images as F32). No inputs, one
+    /// output whose metadata is declared.
+    Input,
+    /// A weight: no inputs, one output whose metadata is declared, residency
+    /// [`Residency::PersistentWeight`]. `trainable == false` marks buffers such as BatchNorm
+    /// running statistics, which [`Graph::parameter_count`] does not count.
+    Parameter {
+        /// Counted as a model parameter.
+        trainable: bool,
+    },
+    /// The KV cache of one decoder layer held from earlier steps: no inputs, one output
+    /// `[2, B, L, H·D]`, residency [`Residency::StatefulKvCache`].
+    KvCache {
+        /// Decoder layer index.
+        layer: u32,
+    },
+    /// Appends new keys/values. Inputs `[cache [2,B,L,E], k [B,T,E], v [B,T,E]]` →
+    /// `[2, B, L+T, E]`; or `[k, v]` → a fresh cache `[2, B, T, E]` (prefill).
+    KvCacheAppend,
+    /// Reads one half of a cache: input `[cache [2,B,L,E]]` → `[B, L, E]`.
+    KvCacheRead {
+        /// Keys or values.
+        part: KvPart,
+    },
+    /// Table lookup. Inputs `[ids (I64/I32, any shape S), table [V, D]]` → `S ++ [D]`, dtype of
+    /// the table.
+    Embedding,
+    /// Affine map over the last axis. Inputs `[x [..., in], w, b [out] if bias]` → `[..., out]`;
+    /// `w` is `[in, out]` or `[out, in]` as `layout` says.
+    Linear {
+        /// Whether a bias input follows the weight.
+        bias: bool,
+        /// Weight layout.
+        layout: WeightLayout,
+    },
+    /// Batched matrix product. Inputs `[a [..., M, K], b [..., K, N]]` (or `b [..., N, K]` when
+    /// `transpose_b`) → `[..., M, N]`; batch dims broadcast (a 2-D `b` is shared by all batches).
+    MatMul {
+        /// Use `bᵀ` (e.g. a tied LM head multiplying by the `[V, D]` embedding table).
+        transpose_b: bool,
+    },
+    /// 2-D convolution, cross-correlation as PyTorch. Inputs `[x [N,C,H,W], w [O, C/groups, kh,
+    /// kw], b [O] if bias]` → `[N, O, (H+2p-d(kh-1)-1)/s+1, ...]`.
+    Conv2d {
+        /// Stride (h, w).
+        stride: [usize; 2],
+        /// Zero padding on each side (h, w).
+        padding: [usize; 2],
+        /// Dilation (h, w).
+        dilation: [usize; 2],
+        /// Channel groups.
+        groups: usize,
+        /// Whether a bias input follows the weight.
+        bias: bool,
+    },
+    /// Inference-mode batch normalisation over axis 1. Inputs `[x [N,C,...], weight [C], bias [C],
+    /// running_mean [C], running_var [C]]` → shape of `x`;
+    /// `y = (x - mean) / sqrt(var + eps) · weight + bias`.
+    BatchNorm {
+        /// Added to the variance.
+        eps: Scalar,
+    },
+    /// Layer normalisation over the last axis. Inputs `[x [..., D], weight [D], bias [D]]` → shape
+    /// of `x`.
+    LayerNorm {
+        /// Added to the variance.
+        eps: Scalar,
+    },
+    /// Softmax along `axis`. Input `[x]` → shape of `x`. With `causal`, over the last two axes
+    /// `[.., Q, K]` element `(i, j)` is masked (−∞) when `j > i + (K − Q)`.
+    Softmax {
+        /// Axis (0-based).
+        axis: usize,
+        /// Apply the causal mask described above.
+        causal: bool,
+    },
+    /// Fused multi-head scaled dot-product attention. Inputs `[q [B,Q,H·D], k [B,K,H·D],
+    /// v [B,K,H·D]]` → `[B, Q, H·D]`; heads are contiguous slices of the last axis;
+    /// `softmax(scale · q·kᵀ [+ causal mask as in Softmax]) · v` per head.
+    Attention {
+        /// Number of heads H.
+        heads: usize,
+        /// Size of one head D.
+        head_dim: usize,
+        /// Causal mask with offset `K − Q` (so a decode step sees the whole cache).
+        causal: bool,
+        /// Score scale, normally `1/√D`.
+        scale: Scalar,
+    },
+    /// Elementwise `a + b`, broadcast. Inputs `[a, b]`, same dtype.
+    Add,
+    /// Elementwise `a · b`, broadcast. Inputs `[a, b]`, same dtype.
+    Mul,
+    /// GELU. Input `[x]` → shape of `x`.
+    Gelu {
+        /// Formula.
+        approximate: GeluApprox,
+    },
+    /// `max(x, 0)`. Input `[x]`.
+    Relu,
+    /// `tanh(x)`. Input `[x]`.
+    Tanh,
+    /// Max pooling, NCHW, floor mode, padding counts as −∞. Input `[x [N,C,H,W]]`.
+    MaxPool2d {
+        /// Window (h, w).
+        kernel: [usize; 2],
+        /// Stride (h, w).
+        stride: [usize; 2],
+        /// Padding (h, w).
+        padding: [usize; 2],
+    },
+    /// Average pooling, NCHW, floor mode, padding included in the divisor. Input `[x [N,C,H,W]]`.
+    AvgPool2d {
+        /// Window (h, w).
+        kernel: [usize; 2],
+        /// Stride (h, w).
+        stride: [usize; 2],
+        /// Padding (h, w).
+        padding: [usize; 2],
+    },
+    /// Mean over H and W. Input `[x [N,C,H,W]]` → `[N, C, 1, 1]`.
+    GlobalAvgPool2d,
+    /// Reinterprets the (row-major) data with a new shape of the same element count. Input `[x]`.
+    Reshape {
+        /// The new shape.
+        shape: Vec<usize>,
+    },
+    /// Permutes axes: output axis `i` is input axis `perm[i]`. Input `[x]`.
+    Transpose {
+        /// A permutation of `0..rank`.
+        perm: Vec<usize>,
+    },
+    /// Joins its inputs (one or more, same rank and dtype, equal except along `axis`).
+    Concat {
+        /// Axis joined along.
+        axis: usize,
+    },
+    /// Cuts the input `[x]` along `axis` into consecutive pieces of `sizes`; one output per piece.
+    Split {
+        /// Axis cut along.
+        axis: usize,
+        /// Piece lengths; they sum to the axis length.
+        sizes: Vec<usize>,
+    },
+    /// `x[.., start..end, ..]` along `axis`. Input `[x]`.
+    Slice {
+        /// Axis sliced.
+        axis: usize,
+        /// First index kept.
+        start: usize,
+        /// One past the last index kept.
+        end: usize,
+    },
+    /// An operation this crate does not know: any inputs, outputs as declared, costed as generic.
+    Custom(String),
+}
+
+impl OpKind {
+    /// Short snake_case name of the kind (the JSON `kind`; `custom:<name>` for custom ops).
+    pub fn name(&self) -> &str {
+        match self {
+            OpKind::Input => "input",
+            OpKind::Parameter { .. } => "parameter",
+            OpKind::KvCache { .. } => "kv_cache",
+            OpKind::KvCacheAppend => "kv_cache_append",
+            OpKind::KvCacheRead { .. } => "kv_cache_read",
+            OpKind::Embedding => "embedding",
+            OpKind::Linear { .. } => "linear",
+            OpKind::MatMul { .. } => "mat_mul",
+            OpKind::Conv2d { .. } => "conv2d",
+            OpKind::BatchNorm { .. } => "batch_norm",
+            OpKind::LayerNorm { .. } => "layer_norm",
+            OpKind::Softmax { .. } => "softmax",
+            OpKind::Attention { .. } => "attention",
+            OpKind::Add => "add",
+            OpKind::Mul => "mul",
+            OpKind::Gelu { .. } => "gelu",
+            OpKind::Relu => "relu",
+            OpKind::Tanh => "tanh",
+            OpKind::MaxPool2d { .. } => "max_pool2d",
+            OpKind::AvgPool2d { .. } => "avg_pool2d",
+            OpKind::GlobalAvgPool2d => "global_avg_pool2d",
+            OpKind::Reshape { .. } => "reshape",
+            OpKind::Transpose { .. } => "transpose",
+            OpKind::Concat { .. } => "concat",
+            OpKind::Split { .. } => "split",
+            OpKind::Slice { .. } => "slice",
+            OpKind::Custom(name) => name,
+        }
+    }
+
+    /// Whether the node is a source whose output metadata is declared rather than computed
+    /// (inputs, parameters, KV-cache state).
+    pub fn is_source(&self) -> bool {
+        matches!(
+            self,
+            OpKind::Input | OpKind::Parameter { .. } | OpKind::KvCache { .. }
+        )
+    }
+
+    /// Whether the op only moves or views data (reshape, transpose, split, slice, concat, cache read).
+    pub fn is_data_movement(&self) -> bool {
+        matches!(
+            self,
+            OpKind::Reshape { .. }
+                | OpKind::Transpose { .. }
+                | OpKind::Split { .. }
+                | OpKind::Slice { .. }
+                | OpKind::Concat { .. }
+                | OpKind::KvCacheRead { .. }
+        )
+    }
+
+    /// Whether the op is elementwise (cheap, fusable into its producer).
+    pub fn is_elementwise(&self) -> bool {
+        matches!(
+            self,
+            OpKind::Add | OpKind::Mul | OpKind::Gelu { .. } | OpKind::Relu | OpKind::Tanh
+        )
+    }
+}
+
+/// Execution phase a node belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Processing a whole prompt (or an encoder pass): compute bound.
+    Prefill,
+    /// One token against a KV cache: memory bound.
+    Decode,
+    /// Convolutional / vision encoder work.
+    Vision,
+    /// Embedding lookups.
+    Embedding,
+    /// Not annotated; analysis may fill it in.
+    #[default]
+    Unknown,
+}
+
+/// Where a node's output lives and for how long.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Residency {
+    /// A weight: resident for the model's life, never shipped per step.
+    PersistentWeight,
+    /// A KV cache: resident across steps on the device that decodes the sequence.
+    StatefulKvCache,
+    /// A temporary: freed after its last consumer.
+    EphemeralActivation,
+}
+
+/// Semantic annotations of a node. Every field has a default, so frontends may omit any.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Semantics {
+    /// Execution phase (default `unknown`).
+    pub phase: Phase,
+    /// Residency; `None` when not annotated ([`Node::residency`] then derives it from the op).
+    pub residency: Option<Residency>,
+    /// Dotted module path, e.g. `h.3.attn`.
+    pub module_path: String,
+    /// Nodes sharing a co-location group always run on one device.
+    pub colocation_group: Option<String>,
+    /// Nodes sharing a fusion group are meant to run as one kernel (and so also share a device).
+    pub fusion_group: Option<String>,
+    /// Higher runs earlier among ready nodes.
+    pub priority: i32,
+    /// Frontend-specific annotations.
+    pub custom: BTreeMap<String, String>,
+}
+
+/// One operation of the graph.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Node {
+    /// Its index in [`Graph::nodes`].
+    pub id: NodeId,
+    /// Human-readable name; for parameters the checkpoint key.
+    pub name: String,
+    /// What it computes.
+    pub op: OpKind,
+    /// Consumed tensors, in the order the op documents.
+    #[serde(default)]
+    pub inputs: Vec<TensorRef>,
+    /// Metadata of each produced tensor.
+    pub outputs: Vec<TensorMeta>,
+    /// Semantic annotations.
+    #[serde(default)]
+    pub semantics: Semantics,
+}
+
+impl Node {
+    /// The residency: the annotation, or derived from the op when not annotated.
+    pub fn residency(&self) -> Residency {
+        if let Some(r) = self.semantics.residency {
+            return r;
+        }
+        match self.op {
+            OpKind::Parameter { .. } => Residency::PersistentWeight,
+            OpKind::KvCache { .. } | OpKind::KvCacheAppend => Residency::StatefulKvCache,
+            _ => Residency::EphemeralActivation,
+        }
+    }
+
+    /// Total bytes of all outputs.
+    pub fn output_bytes(&self) -> u64 {
+        self.outputs.iter().map(TensorMeta::bytes).sum()
+    }
+}
+
+/// Why a graph is malformed. Each variant names the offending node by id and name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum GraphError {
+    /// Two nodes carry the same id.
+    #[error("duplicate node id {id} (at positions {first} and {second})")]
+    DuplicateId {
+        /// The repeated id.
+        id: u32,
+        /// Position of the first node with it.
+        first: usize,
+        /// Position of the second.
+        second: usize,
+    },
+    /// A node's id is not its position (ids must be dense, 0-based, in order).
+    #[error("node `{name}` at position {position} has id {id}; ids must equal positions")]
+    IdNotPosition {
+        /// Position in the node list.
+        position: usize,
+        /// Its id.
+        id: u32,
+        /// Its name.
+        name: String,
+    },
+    /// An input refers to a node that does not exist.
+    #[error("node {node} `{name}` input {input} refers to missing node {producer}")]
+    DanglingEdge {
+        /// Consumer.
+        node: NodeId,
+        /// Consumer name.
+        name: String,
+        /// Input position.
+        input: usize,
+        /// The missing producer id.
+        producer: u32,
+    },
+    /// An input refers to an output index the producer does not have.
+    #[error("node {node} `{name}` input {input} reads output {output} of {producer}, which has {available}")]
+    MissingOutput {
+        /// Consumer.
+        node: NodeId,
+        /// Consumer name.
+        name: String,
+        /// Input position.
+        input: usize,
+        /// Producer.
+        producer: NodeId,
+        /// Requested output index.
+        output: u32,
+        /// Number of outputs the producer has.
+        available: usize,
+    },
+    /// A graph output refers to a missing node or output.
+    #[error("graph output {index} refers to missing tensor {tensor:?}")]
+    DanglingGraphOutput {
+        /// Position in [`Graph::outputs`].
+        index: usize,
+        /// The reference.
+        tensor: TensorRef,
+    },
+    /// The graph has a cycle through this node.
+    #[error("cycle through node {node} `{name}`")]
+    Cycle {
+        /// A node on the cycle.
+        node: NodeId,
+        /// Its name.
+        name: String,
+    },
+    /// Wrong number of inputs for the op.
+    #[error("node {node} `{name}` ({op}) takes {expected} inputs, has {found}")]
+    Arity {
+        /// The node.
+        node: NodeId,
+        /// Its name.
+        name: String,
+        /// Its op kind.
+        op: String,
+        /// What the op takes.
+        expected: &'static str,
+        /// How many it has.
+        found: usize,
+    },
+    /// An input's shape does not fit the op.
+    #[error("node {node} `{name}` input {input} has shape {found:?}: {reason}")]
+    ShapeMismatch {
+        /// The node.
+        node: NodeId,
+        /// Its name.
+        name: String,
+        /// Input position.
+        input: usize,
+        /// The producer's shape.
+        found: Vec<usize>,
+        /// What the op needed.
+        reason: String,
+    },
+    /// An input's dtype does not fit the op.
+    #[error("node {node} `{name}` input {input} has dtype {found:?}, expected {expected}")]
+    DTypeMismatch {
+        /// The node.
+        node: NodeId,
+        /// Its name.
+        name: String,
+        /// Input position.
+        input: usize,
+        /// The producer's dtype.
+        found: DType,
+        /// What the op needed.
+        expected: String,
+    },
+    /// The declared outputs differ from what the op computes from its inputs.
+    #[error("node {node} `{name}` declares outputs {declared:?} but its inputs give {computed:?}")]
+    OutputMismatch {
+        /// The node.
+        node: NodeId,
+        /// Its name.
+        name: String,
+        /// As declared.
+        declared: Vec<TensorMeta>,
+        /// As computed.
+        computed: Vec<TensorMeta>,
+    },
+    /// An attribute is invalid (zero stride, bad permutation, ...).
+    #[error("node {node} `{name}`: invalid attribute: {reason}")]
+    InvalidAttribute {
+        /// The node.
+        node: NodeId,
+        /// Its name.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// A model graph. See the [module docs](self) for the JSON format.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Graph {
+    /// Name of the model / graph.
+    pub name: String,
+    nodes: Vec<Node>,
+    /// Tensors returned to the caller.
+    #[serde(default)]
+    pub outputs: Vec<TensorRef>,
+    #[serde(skip)]
+    hash: OnceLock<u64>,
+}
+
+impl PartialEq for Graph {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name && self.nodes == other.nodes && self.outputs == other.outputs
+    }
+}
+
+/// Consumers of each node, as a compressed adjacency list (built once, indexed by [`NodeId`]).
+#[derive(Clone, Debug, Default)]
+pub struct Consumers {
+    offsets: Vec<u32>,
+    targets: Vec<NodeId>,
+}
+
+impl Consumers {
+    /// Distinct consumer nodes of `id`, in ascending id order.
+    pub fn of(&self, id: NodeId) -> &[NodeId] {
+        let i = id.index();
+        match (self.offsets.get(i), self.offsets.get(i + 1)) {
+            (Some(&a), Some(&b)) => &self.targets[a as usize..b as usize],
+            _ => &[],
+        }
+    }
+}
+
+impl Graph {
+    /// An empty graph called `name`.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Parses a graph from JSON and validates it.
+    pub fn from_json(json: &str) -> Result<Self, crate::Error> {
+        let g: Graph = serde_json::from_str(json)?;
+        g.validate()?;
+        Ok(g)
+    }
+
+    /// Serializes to pretty JSON.
+    pub fn to_json(&self) -> Result<String, crate::Error> {
+        Ok(serde_json::to_string_pretty(self)?)
+    }
+
+    /// All nodes, indexed by [`NodeId`].
+    #[inline]
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    /// Number of nodes.
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether there are no nodes.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// The node with `id`, if any.
+    #[inline]
+    pub fn node(&self, id: NodeId) -> Option<&Node> {
+        self.nodes.get(id.index())
+    }
+
+    /// Mutable access to a node (annotation passes); invalidates the cached structural hash.
+    pub fn node_mut(&mut self, id: NodeId) -> Option<&mut Node> {
+        self.hash.take();
+        self.nodes.get_mut(id.index())
+    }
+
+    /// Mutable access to all nodes; invalidates the cached structural hash.
+    pub fn nodes_mut(&mut self) -> &mut [Node] {
+        self.hash.take();
+        &mut self.nodes
+    }
+
+    /// Metadata of a tensor, if it exists.
+    pub fn tensor(&self, t: TensorRef) -> Option<&TensorMeta> {
+        self.nodes
+            .get(t.node.index())
+            .and_then(|n| n.outputs.get(t.output as usize))
+    }
+
+    /// Appends a node whose outputs are computed from its op and inputs, after checking them.
+    /// Source ops ([`OpKind::is_source`]) and [`OpKind::Custom`] need declared outputs: use
+    /// [`Graph::add_with_outputs`].
+    pub fn add(
+        &mut self,
+        name: impl Into<String>,
+        op: OpKind,
+        inputs: Vec<TensorRef>,
+        semantics: Semantics,
+    ) -> Result<NodeId, GraphError> {
+        let id = NodeId(self.nodes.len() as u32);
+        let name = name.into();
+        let outputs = infer_outputs(self, id, &name, &op, &inputs)?.ok_or_else(|| {
+            GraphError::InvalidAttribute {
+                node: id,
+                name: name.clone(),
+                reason: format!("{} needs declared outputs", op.name()),
+            }
+        })?;
+        self.hash.take();
+        self.nodes.push(Node {
+            id,
+            name,
+            op,
+            inputs,
+            outputs,
+            semantics,
+        });
+        Ok(id)
+    }
+
+    /// Appends a node with declared outputs; checks them against the computed ones where the op
+    /// defines them.
+    pub fn add_with_outputs(
+        &mut self,
+        name: impl Into<String>,
+        op: OpKind,
+        inputs: Vec<TensorRef>,
+        outputs: Vec<TensorMeta>,
+        semantics: Semantics,
+    ) -> Result<NodeId, GraphError> {
+        let id = NodeId(self.nodes.len() as u32);
+        let name = name.into();
+        check_node_outputs(self, id, &name, &op, &inputs, &outputs)?;
+        self.hash.take();
+        self.nodes.push(Node {
+            id,
+            name,
+            op,
+            inputs,
+            outputs,
+            semantics,
+        });
+        Ok(id)
+    }
+
+    /// Sum of the elements of all trainable [`OpKind::Parameter`] nodes.
+    pub fn parameter_count(&self) -> u64 {
+        self.nodes
+            .iter()
+            .filter(|n| matches!(n.op, OpKind::Parameter { trainable: true }))
+            .map(|n| n.outputs.iter().map(TensorMeta::elements).sum::<u64>())
+            .sum()
+    }
+
+    /// Builds the consumer lists of every node.
+    pub fn consumers(&self) -> Consumers {
+        let n = self.nodes.len();
+        let mut counts = vec![0u32; n + 1];
+        for node in &self.nodes {
+            // Inputs are few; count each distinct producer once.
+            for (k, t) in node.inputs.iter().enumerate() {
+                if node.inputs[..k].iter().any(|u| u.node == t.node) {
+                    continue;
+                }
+                if let Some(c) = counts.get_mut(t.node.index() + 1) {
+                    *c += 1;
+                }
+            }
+        }
+        for i in 1..=n {
+            counts[i] += counts[i - 1];
+        }
+        let mut fill = counts.clone();
+        let mut targets = vec![NodeId(0); counts[n] as usize];
+        for node in &self.nodes {
+            for (k, t) in node.inputs.iter().enumerate() {
+                if node.inputs[..k].iter().any(|u| u.node == t.node) {
+                    continue;
+                }
+                if let Some(slot) = fill.get_mut(t.node.index()) {
+                    targets[*slot as usize] = node.id;
+                    *slot += 1;
+                }
+            }
+        }
+        Consumers {
+            offsets: counts,
+            targets,
+        }
+    }
+
+    /// A topological order (Kahn's algorithm, smallest id first among ready nodes in FIFO
+    /// order), or the cycle error. Assumes edges are in range (see [`Graph::validate`]).
+    pub fn topo_order(&self) -> Result<Vec<NodeId>, GraphError> {
+        let n = self.nodes.len();
+        let cons = self.consumers();
+        let mut indeg = vec![0u32; n];
+        for node in &self.nodes {
+            for (k, t) in node.inputs.iter().enumerate() {
+                if node.inputs[..k].iter().any(|u| u.node == t.node) {
+                    continue;
+                }
+                if t.node.index() < n {
+                    indeg[node.id.index()] += 1;
+                }
+            }
+        }
+        let mut order: Vec<NodeId> = Vec::with_capacity(n);
+        order.extend((0..n as u32).map(NodeId).filter(|i| indeg[i.index()] == 0));
+        let mut head = 0;
+        while head < order.len() {
+            let u = order[head];
+            head += 1;
+            for &v in cons.of(u) {
+                let d = &mut indeg[v.index()];
+                *d -= 1;
+                if *d == 0 {
+                    order.push(v);
+                }
+            }
+        }
+        if order.len() < n {
+            let bad = indeg
+                .iter()
+                .position(|&d| d > 0)
+                .map(|i| &self.nodes[i])
+                .ok_or_else(|| GraphError::Cycle {
+                    node: NodeId(0),
+                    name: String::new(),
+                })?;
+            return Err(GraphError::Cycle {
+                node: bad.id,
+                name: bad.name.clone(),
+            });
+        }
+        Ok(order)
+    }
+
+    /// Whether every node's producers have smaller ids (the order builders emit).
+    pub fn is_id_ordered(&self) -> bool {
+        self.nodes
+            .iter()
+            .all(|n| n.inputs.iter().all(|t| t.node < n.id))
+    }
+
+    /// Checks the whole graph: ids dense and unique, edges and graph outputs in range, no cycle,
+    /// and every node's inputs and declared outputs consistent with its op.
+    pub fn validate(&self) -> Result<(), GraphError> {
+        let n = self.nodes.len();
+        let mut seen = vec![usize::MAX; n];
+        for (pos, node) in self.nodes.iter().enumerate() {
+            let id = node.id.index();
+            if id < n {
+                if seen[id] != usize::MAX {
+                    return Err(GraphError::DuplicateId {
+                        id: node.id.0,
+                        first: seen[id],
+                        second: pos,
+                    });
+                }
+                seen[id] = pos;
+            }
+        }
+        for (pos, node) in self.nodes.iter().enumerate() {
+            if node.id.index() != pos {
+                return Err(GraphError::IdNotPosition {
+                    position: pos,
+                    id: node.id.0,
+                    name: node.name.clone(),
+                });
+            }
+        }
+        for node in &self.nodes {
+            for (i, t) in node.inputs.iter().enumerate() {
+                let Some(p) = self.nodes.get(t.node.index()) else {
+                    return Err(GraphError::DanglingEdge {
+                        node: node.id,
+                        name: node.name.clone(),
+                        input: i,
+                        producer: t.node.0,
+                    });
+                };
+                if t.output as usize >= p.outputs.len() {
+                    return Err(GraphError::MissingOutput {
+                        node: node.id,
+                        name: node.name.clone(),
+                        input: i,
+                        producer: p.id,
+                        output: t.output,
+                        available: p.outputs.len(),
+                    });
+                }
+            }
+        }
+        for (index, t) in self.outputs.iter().enumerate() {
+            if self.tensor(*t).is_none() {
+                return Err(GraphError::DanglingGraphOutput { index, tensor: *t });
+            }
+        }
+        if !self.is_id_ordered() {
+            self.topo_order()?;
+        }
+        for node in &self.nodes {
+            check_node_outputs(
+                self,
+                node.id,
+                &node.name,
+                &node.op,
+                &node.inputs,
+                &node.outputs,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// A 64-bit hash of the graph's structure (ops, edges, metadata, semantics; not node names),
+    /// computed on first use and cached until the graph is mutated.
+    pub fn structural_hash(&self) -> u64 {
+        *self.hash.get_or_init(|| {
+            let mut h = Fnv64::default();
+            self.nodes.len().hash(&mut h);
+            for node in &self.nodes {
+                node.op.hash(&mut h);
+                node.inputs.hash(&mut h);
+                node.outputs.hash(&mut h);
+                node.semantics.hash(&mut h);
+            }
+            self.outputs.hash(&mut h);
+            h.finish()
+        })
+    }
+}
+
+/// FNV-1a: stable across runs and platforms, so a hash can be recorded and compared later.
+struct Fnv64(u64);
+
+impl Default for Fnv64 {
+    fn default() -> Self {
+        Fnv64(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for Fnv64 {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 ^= u64::from(b);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+}
+
+fn check_node_outputs(
+    g: &Graph,
+    id: NodeId,
+    name: &str,
+    op: &OpKind,
+    inputs: &[TensorRef],
+    outputs: &[TensorMeta],
+) -> Result<(), GraphError> {
+    if op.is_source() {
+        if !inputs.is_empty() {
+            return Err(GraphError::Arity {
+                node: id,
+                name: name.to_owned(),
+                op: op.name().to_owned(),
+                expected: "0",
+                found: inputs.len(),
+            });
+        }
+        if outputs.len() != 1 {
+            return Err(GraphError::InvalidAttribute {
+                node: id,
+                name: name.to_owned(),
+                reason: format!(
+                    "a {} has exactly one output, not {}",
+                    op.name(),
+                    outputs.len()
+                ),
+            });
+        }
+        if let OpKind::KvCache { .. } = op {
+            if outputs[0].rank() != 3 + 1 || outputs[0].shape[0] != 2 {
+                return Err(GraphError::InvalidAttribute {
+                    node: id,
+                    name: name.to_owned(),
+                    reason: format!("a KV cache is [2, B, L, E], not {:?}", outputs[0].shape),
+                });
+            }
+        }
+        return Ok(());
+    }
+    if let Some(computed) = infer_outputs(g, id, name, op, inputs)? {
+        if computed != outputs {
+            return Err(GraphError::OutputMismatch {
+                node: id,
+                name: name.to_owned(),
+                declared: outputs.to_vec(),
+                computed,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Context for the shape rules of one node.
+struct Infer<'a> {
+    id: NodeId,
+    name: &'a str,
+    op: &'a OpKind,
+    ins: Vec<&'a TensorMeta>,
+}
+
+impl Infer<'_> {
+    fn arity(&self, ok: bool, expected: &'static str) -> Result<(), GraphError> {
+        if ok {
+            Ok(())
+        } else {
+            Err(GraphError::Arity {
+                node: self.id,
+                name: self.name.to_owned(),
+                op: self.op.name().to_owned(),
+                expected,
+                found: self.ins.len(),
+            })
+        }
+    }
+    fn shape_err(&self, input: usize, reason: impl Into<String>) -> GraphError {
+        GraphError::ShapeMismatch {
+            node: self.id,
+            name: self.name.to_owned(),
+            input,
+            found: self
+                .ins
+                .get(input)
+                .map(|m| m.shape.clone())
+                .unwrap_or_default(),
+            reason: reason.into(),
+        }
+    }
+    fn attr_err(&self, reason: impl Into<String>) -> GraphError {
+        GraphError::InvalidAttribute {
+            node: self.id,
+            name: self.name.to_owned(),
+            reason: reason.into(),
+        }
+    }
+    fn float(&self, input: usize) -> Result<DType, GraphError> {
+        let d = self.ins[input].dtype;
+        if d.is_float() {
+            Ok(d)
+        } else {
+            Err(GraphError::DTypeMismatch {
+                node: self.id,
+                name: self.name.to_owned(),
+                input,
+                found: d,
+                expected: "a float type".to_owned(),
+            })
+        }
+    }
+    fn same_dtype(&self, input: usize, dtype: DType) -> Result<(), GraphError> {
+        let d = self.ins[input].dtype;
+        if d == dtype {
+            Ok(())
+        } else {
+            Err(GraphError::DTypeMismatch {
+                node: self.id,
+                name: self.name.to_owned(),
+                input,
+                found: d,
+                expected: format!("{dtype:?}"),
+            })
+        }
+    }
+    fn rank(&self, input: usize, rank: usize) -> Result<&[usize], GraphError> {
+        let s = &self.ins[input].shape;
+        if s.len() == rank {
+            Ok(s)
+        } else {
+            Err(self.shape_err(input, format!("expected rank {rank}")))
+        }
+    }
+    fn vector(&self, input: usize, len: usize) -> Result<(), GraphError> {
+        if self.ins[input].shape == [len] {
+            Ok(())
+        } else {
+            Err(self.shape_err(input, format!("expected [{len}]")))
+        }
+    }
+}
+
+fn broadcast(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
+    let r = a.len().max(b.len());
+    let mut out = vec![0; r];
+    for i in 0..r {
+        let da = if i < r - a.len() {
+            1
+        } else {
+            a[i - (r - a.len())]
+        };
+        let db = if i < r - b.len() {
+            1
+        } else {
+            b[i - (r - b.len())]
+        };
+        out[i] = if da == db || db == 1 {
+            da
+        } else if da == 1 {
+            db
+        } else {
+            return None;
+        };
+    }
+    Some(out)
+}
+
+fn pool_dim(len: usize, k: usize, s: usize, p: usize, d: usize) -> Option<usize> {
+    let span = d.checked_mul(k.checked_sub(1)?)?.checked_add(1)?;
+    let padded = len.checked_add(2 * p)?;
+    if s == 0 || padded < span {
+        return None;
+    }
+    Some((padded - span) / s + 1)
+}
+
+/// Output metadata an op computes from its inputs; `Ok(None)` for ops whose outputs are declared
+/// (sources, custom).
+fn infer_outputs(
+    g: &Graph,
+    id: NodeId,
+    name: &str,
+    op: &OpKind,
+    inputs: &[TensorRef],
+) -> Result<Option<Vec<TensorMeta>>, GraphError> {
+    let mut ins = Vec::with_capacity(inputs.len());
+    for (i, t) in inputs.iter().enumerate() {
+        let Some(p) = g.nodes.get(t.node.index()) else {
+            return Err(GraphError::DanglingEdge {
+                node: id,
+                name: name.to_owned(),
+                input: i,
+                producer: t.node.0,
+            });
+        };
+        let Some(m) = p.outputs.get(t.output as usize) else {
+            return Err(GraphError::MissingOutput {
+                node: id,
+                name: name.to_owned(),
+                input: i,
+                producer: p.id,
+                output: t.output,
+                available: p.outputs.len(),
+            });
+        };
+        ins.push(m);
+    }
+    let cx = Infer { id, name, op, ins };
+    let n = cx.ins.len();
+    let one = |shape: Vec<usize>, dtype: DType| Ok(Some(vec![TensorMeta { shape, dtype }]));
+    match op {
+        OpKind::Input | OpKind::Parameter { .. } | OpKind::KvCache { .. } | OpKind::Custom(_) => {
+            Ok(None)
+        }
+        OpKind::KvCacheAppend => {
+            cx.arity(n == 2 || n == 3, "2 or 3")?;
+            let (kpos, base) = if n == 3 { (1, Some(0)) } else { (0, None) };
+            let dt = cx.float(kpos)?;
+            let k = cx.rank(kpos, 3)?;
+            if cx.ins[kpos + 1].shape != k {
+                return Err(cx.shape_err(kpos + 1, format!("values must match keys {k:?}")));
+            }
+            cx.same_dtype(kpos + 1, dt)?;
+            match base {
+                None => one(vec![2, k[0], k[1], k[2]], dt),
+                Some(c) => {
+                    let cache = cx.rank(c, 4)?;
+                    if cache[0] != 2 || cache[1] != k[0] || cache[3] != k[2] {
+                        return Err(
+                            cx.shape_err(c, format!("cache must be [2, {}, L, {}]", k[0], k[2]))
+                        );
+                    }
+                    cx.same_dtype(c, dt)?;
+                    one(vec![2, k[0], cache[2] + k[1], k[2]], dt)
+                }
+            }
+        }
+        OpKind::KvCacheRead { .. } => {
+            cx.arity(n == 1, "1")?;
+            let c = cx.rank(0, 4)?;
+            if c[0] != 2 {
+                return Err(cx.shape_err(0, "cache must be [2, B, L, E]"));
+            }
+            one(c[1..].to_vec(), cx.ins[0].dtype)
+        }
+        OpKind::Embedding => {
+            cx.arity(n == 2, "2")?;
+            if !cx.ins[0].dtype.is_index() {
+                return Err(GraphError::DTypeMismatch {
+                    node: id,
+                    name: name.to_owned(),
+                    input: 0,
+                    found: cx.ins[0].dtype,
+                    expected: "i64 or i32 ids".to_owned(),
+                });
+            }
+            let dt = cx.float(1)?;
+            let t = cx.rank(1, 2)?;
+            let mut s = cx.ins[0].shape.clone();
+            s.push(t[1]);
+            one(s, dt)
+        }
+        OpKind::Linear { bias, layout } => {
+            cx.arity(
+                n == if *bias { 3 } else { 2 },
+                if *bias { "3" } else { "2" },
+            )?;
+            let dt = cx.float(0)?;
+            let x = &cx.ins[0].shape;
+            let w = cx.rank(1, 2)?;
+            cx.same_dtype(1, dt)?;
+            let (i, o) = match layout {
+                WeightLayout::InOut => (w[0], w[1]),
+                WeightLayout::OutIn => (w[1], w[0]),
+            };
+            if x.last() != Some(&i) {
+                return Err(cx.shape_err(0, format!("last axis must be {i} (weight {w:?})")));
+            }
+            if *bias {
+                cx.vector(2, o)?;
+                cx.same_dtype(2, dt)?;
+            }
+            let mut s = x.clone();
+            if let Some(last) = s.last_mut() {
+                *last = o;
+            }
+            one(s, dt)
+        }
+        OpKind::MatMul { transpose_b } => {
+            cx.arity(n == 2, "2")?;
+            let dt = cx.float(0)?;
+            cx.same_dtype(1, dt)?;
+            let a = &cx.ins[0].shape;
+            let b = &cx.ins[1].shape;
+            if a.len() < 2 {
+                return Err(cx.shape_err(0, "rank must be at least 2"));
+            }
+            if b.len() < 2 {
+                return Err(cx.shape_err(1, "rank must be at least 2"));
+            }
+            let (m, k) = (a[a.len() - 2], a[a.len() - 1]);
+            let (bk, bn) = if *transpose_b {
+                (b[b.len() - 1], b[b.len() - 2])
+            } else {
+                (b[b.len() - 2], b[b.len() - 1])
+            };
+            if bk != k {
+                return Err(cx.shape_err(1, format!("inner dimension must be {k}")));
+            }
+            let Some(mut s) = broadcast(&a[..a.len() - 2], &b[..b.len() - 2]) else {
+                return Err(cx.shape_err(1, "batch dims do not broadcast"));
+            };
+            s.push(m);
+            s.push(bn);
+            one(s, dt)
+        }
+        OpKind::Conv2d {
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+        } => {
+            cx.arity(
+                n == if *bias { 3 } else { 2 },
+                if *bias { "3" } else { "2" },
+            )?;
+            let dt = cx.float(0)?;
+            let x = cx.rank(0, 4)?;
+            let w = cx.rank(1, 4)?;
+            cx.same_dtype(1, dt)?;
+            if *groups == 0 || x[1] % groups != 0 || w[0] % groups != 0 {
+                return Err(cx.attr_err(format!("groups {groups} must divide channels")));
+            }
+            if w[1] * groups != x[1] {
+                return Err(
+                    cx.shape_err(1, format!("weight must be [O, {}, kh, kw]", x[1] / groups))
+                );
+            }
+            if *bias {
+                cx.vector(2, w[0])?;
+            }
+            let h = pool_dim(x[2], w[2], stride[0], padding[0], dilation[0]);
+            let wd = pool_dim(x[3], w[3], stride[1], padding[1], dilation[1]);
+            match (h, wd) {
+                (Some(h), Some(wd)) if dilation[0] > 0 && dilation[1] > 0 => {
+                    one(vec![x[0], w[0], h, wd], dt)
+                }
+                _ => Err(cx.attr_err("stride/dilation zero or kernel larger than input")),
+            }
+        }
+        OpKind::BatchNorm { .. } => {
+            cx.arity(n == 5, "5")?;
+            let dt = cx.float(0)?;
+            let x = &cx.ins[0].shape;
+            if x.len() < 2 {
+                return Err(cx.shape_err(0, "rank must be at least 2"));
+            }
+            for i in 1..5 {
+                cx.vector(i, x[1])?;
+                cx.same_dtype(i, dt)?;
+            }
+            one(x.clone(), dt)
+        }
+        OpKind::LayerNorm { .. } => {
+            cx.arity(n == 3, "3")?;
+            let dt = cx.float(0)?;
+            let Some(&d) = cx.ins[0].shape.last() else {
+                return Err(cx.shape_err(0, "rank must be at least 1"));
+            };
+            for i in 1..3 {
+                cx.vector(i, d)?;
+                cx.same_dtype(i, dt)?;
+            }
+            one(cx.ins[0].shape.clone(), dt)
+        }
+        OpKind::Softmax { axis, causal } => {
+            cx.arity(n == 1, "1")?;
+            let dt = cx.float(0)?;
+            let r = cx.ins[0].rank();
+            if *axis >= r || (*causal && r < 2) {
+                return Err(cx.attr_err(format!("axis {axis} / causal invalid for rank {r}")));
+            }
+            one(cx.ins[0].shape.clone(), dt)
+        }
+        OpKind::Attention {
+            heads, head_dim, ..
+        } => {
+            cx.arity(n == 3, "3")?;
+            let dt = cx.float(0)?;
+            let e = heads * head_dim;
+            if e == 0 {
+                return Err(cx.attr_err("heads and head_dim must be positive"));
+            }
+            let q = cx.rank(0, 3)?;
+            let k = cx.rank(1, 3)?;
+            if q[2] != e {
+                return Err(cx.shape_err(0, format!("expected [B, Q, {e}]")));
+            }
+            if k[0] != q[0] || k[2] != e {
+                return Err(cx.shape_err(1, format!("expected [{}, K, {e}]", q[0])));
+            }
+            if cx.ins[2].shape != k {
+                return Err(cx.shape_err(2, format!("values must match keys {k:?}")));
+            }
+            cx.same_dtype(1, dt)?;
+            cx.same_dtype(2, dt)?;
+            one(q.to_vec(), dt)
+        }
+        OpKind::Add | OpKind::Mul => {
+            cx.arity(n == 2, "2")?;
+            let dt = cx.ins[0].dtype;
+            cx.same_dtype(1, dt)?;
+            let Some(s) = broadcast(&cx.ins[0].shape, &cx.ins[1].shape) else {
+                return Err(
+                    cx.shape_err(1, format!("does not broadcast with {:?}", cx.ins[0].shape))
+                );
+            };
+            one(s, dt)
+        }
+        OpKind::Gelu { .. } | OpKind::Relu | OpKind::Tanh => {
+            cx.arity(n == 1, "1")?;
+            let dt = cx.float(0)?;
+            one(cx.ins[0].shape.clone(), dt)
+        }
+        OpKind::MaxPool2d {
+            kernel,
+            stride,
+            padding,
+        }
+        | OpKind::AvgPool2d {
+            kernel,
+            stride,
+            padding,
+        } => {
+            cx.arity(n == 1, "1")?;
+            let dt = cx.float(0)?;
+            let x = cx.rank(0, 4)?;
+            if kernel[0] == 0 || kernel[1] == 0 {
+                return Err(cx.attr_err("kernel must be positive"));
+            }
+            let h = pool_dim(x[2], kernel[0], stride[0], padding[0], 1);
+            let w = pool_dim(x[3], kernel[1], stride[1], padding[1], 1);
+            match (h, w) {
+                (Some(h), Some(w)) => one(vec![x[0], x[1], h, w], dt),
+                _ => Err(cx.attr_err("stride zero or window larger than input")),
+            }
+        }
+        OpKind::GlobalAvgPool2d => {
+            cx.arity(n == 1, "1")?;
+            let dt = cx.float(0)?;
+            let x = cx.rank(0, 4)?;
+            one(vec![x[0], x[1], 1, 1], dt)
+        }
+        OpKind::Reshape { shape } => {
+            cx.arity(n == 1, "1")?;
+            let want: u64 = shape.iter().map(|&d| d as u64).product();
+            if want != cx.ins[0].elements() {
+                return Err(cx.shape_err(0, format!("cannot reshape to {shape:?}")));
+            }
+            one(shape.clone(), cx.ins[0].dtype)
+        }
+        OpKind::Transpose { perm } => {
+            cx.arity(n == 1, "1")?;
+            let x = &cx.ins[0].shape;
+            let mut seen = vec![false; x.len()];
+            if perm.len() != x.len()
+                || !perm
+                    .iter()
+                    .all(|&p| p < x.len() && !std::mem::replace(&mut seen[p], true))
+            {
+                return Err(
+                    cx.attr_err(format!("{perm:?} is not a permutation of rank {}", x.len()))
+                );
+            }
+            one(perm.iter().map(|&p| x[p]).collect(), cx.ins[0].dtype)
+        }
+        OpKind::Concat { axis } => {
+            cx.arity(n >= 1, "at least 1")?;
+            let first = &cx.ins[0].shape;
+            if *axis >= first.len() {
+                return Err(
+                    cx.attr_err(format!("axis {axis} out of range for rank {}", first.len()))
+                );
+            }
+            let mut s = first.clone();
+            for i in 1..n {
+                let o = &cx.ins[i].shape;
+                cx.same_dtype(i, cx.ins[0].dtype)?;
+                if o.len() != first.len()
+                    || o.iter()
+                        .zip(first)
+                        .enumerate()
+                        .any(|(d, (a, b))| d != *axis && a != b)
+                {
+                    return Err(
+                        cx.shape_err(i, format!("must match {first:?} except on axis {axis}"))
+                    );
+                }
+                s[*axis] += o[*axis];
+            }
+            one(s, cx.ins[0].dtype)
+        }
+        OpKind::Split { axis, sizes } => {
+            cx.arity(n == 1, "1")?;
+            let x = &cx.ins[0].shape;
+            if *axis >= x.len() || sizes.iter().sum::<usize>() != x[*axis] || sizes.is_empty() {
+                return Err(
+                    cx.attr_err(format!("sizes {sizes:?} do not split axis {axis} of {x:?}"))
+                );
+            }
+            Ok(Some(
+                sizes
+                    .iter()
+                    .map(|&len| {
+                        let mut s = x.clone();
+                        s[*axis] = len;
+                        TensorMeta::new(s, cx.ins[0].dtype)
+                    })
+                    .collect(),
+            ))
+        }
+        OpKind::Slice { axis, start, end } => {
+            cx.arity(n == 1, "1")?;
+            let x = &cx.ins[0].shape;
+            if *axis >= x.len() || start >= end || *end > x[*axis] {
+                return Err(cx.attr_err(format!("slice {start}..{end} of axis {axis} of {x:?}")));
+            }
+            let mut s = x.clone();
+            s[*axis] = end - start;
+            one(s, cx.ins[0].dtype)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> Graph {
+        let mut g = Graph::new("tiny");
+        let x = g
+            .add_with_outputs(
+                "x",
+                OpKind::Input,
+                vec![],
+                vec![TensorMeta::new([2, 4], DType::F32)],
+                Semantics::default(),
+            )
+            .unwrap();
+        let w = g
+            .add_with_outputs(
+                "w",
+                OpKind::Parameter { trainable: true },
+                vec![],
+                vec![TensorMeta::new([4, 3], DType::F32)],
+                Semantics::default(),
+            )
+            .unwrap();
+        let y = g
+            .add(
+                "fc",
+                OpKind::Linear {
+                    bias: false,
+                    layout: WeightLayout::InOut,
+                },
+                vec![x.into(), w.into()],
+                Semantics::default(),
+            )
+            .unwrap();
+        g.add("act", OpKind::Relu, vec![y.into()], Semantics::default())
+            .unwrap();
+        g.outputs.push(NodeId(3).into());
+        g
+    }
+
+    #[test]
+    fn json_round_trip_and_doc_example() {
+        let g = tiny();
+        g.validate().unwrap();
+        let back = Graph::from_json(&g.to_json().unwrap()).unwrap();
+        assert_eq!(back, g);
+        assert_eq!(back.structural_hash(), g.structural_hash());
+        let doc = r#"{"name":"tiny","nodes":[
+          {"id":0,"name":"x","op":{"kind":"input"},"outputs":[{"shape":[2,4],"dtype":"f32"}]},
+          {"id":1,"name":"fc.weight","op":{"kind":"parameter","attrs":{"trainable":true}},
+           "outputs":[{"shape":[4,3],"dtype":"f32"}],"semantics":{"residency":"persistent_weight"}},
+          {"id":2,"name":"fc","op":{"kind":"linear","attrs":{"bias":false,"layout":"in_out"}},
+           "inputs":[{"node":0,"output":0},{"node":1,"output":0}],
+           "outputs":[{"shape":[2,3],"dtype":"f32"}],
+           "semantics":{"phase":"prefill","module_path":"fc","colocation_group":"g0",
+                        "fusion_group":null,"priority":0,"custom":{"origin":"fx"}}}],
+          "outputs":[{"node":2,"output":0}]}"#;
+        let g2 = Graph::from_json(doc).unwrap();
+        assert_eq!(g2.parameter_count(), 12);
+        let custom = r#"{"kind":"custom","attrs":"rope"}"#;
+        assert_eq!(
+            serde_json::from_str::<OpKind>(custom).unwrap(),
+            OpKind::Custom("rope".into())
+        );
+    }
+
+    fn with_node(mut g: Graph, f: impl FnOnce(&mut Node)) -> Graph {
+        f(g.node_mut(NodeId(2)).unwrap());
+        g
+    }
+
+    #[test]
+    fn malformed_graphs_give_typed_errors() {
+        let g = with_node(tiny(), |n| n.inputs[0] = TensorRef::new(NodeId(9), 0));
+        assert!(matches!(
+            g.validate(),
+            Err(GraphError::DanglingEdge {
+                producer: 9,
+                input: 0,
+                ..
+            })
+        ));
+        let g = with_node(tiny(), |n| n.inputs[0] = TensorRef::new(NodeId(0), 1));
+        assert!(matches!(
+            g.validate(),
+            Err(GraphError::MissingOutput { output: 1, .. })
+        ));
+        let g = with_node(tiny(), |n| n.id = NodeId(1));
+        assert!(matches!(
+            g.validate(),
+            Err(GraphError::DuplicateId {
+                id: 1,
+                first: 1,
+                second: 2
+            })
+        ));
+        let g = with_node(tiny(), |n| n.id = NodeId(7));
+        assert!(matches!(
+            g.validate(),
+            Err(GraphError::IdNotPosition {
+                position: 2,
+                id: 7,
+                ..
+            })
+        ));
+        let g = with_node(tiny(), |n| n.inputs[0] = TensorRef::new(NodeId(3), 0));
+        match g.validate() {
+            Err(GraphError::Cycle { node, .. }) => assert!(node == NodeId(2) || node == NodeId(3)),
+            other => panic!("expected a cycle, got {other:?}"),
+        }
+        let g = with_node(tiny(), |n| n.outputs[0].shape = vec![2, 5]);
+        assert!(matches!(
+            g.validate(),
+            Err(GraphError::OutputMismatch {
+                node: NodeId(2),
+                ..
+            })
+        ));
+        let mut g = tiny();
+        g.node_mut(NodeId(1)).unwrap().outputs[0].shape = vec![5, 3];
+        match g.validate() {
+            Err(GraphError::ShapeMismatch {
+                node,
+                name,
+                input,
+                found,
+                ..
+            }) => {
+                assert_eq!(
+                    (node, name.as_str(), input, found),
+                    (NodeId(2), "fc", 0, vec![2, 4])
+                );
+            }
+            other => panic!("expected a shape mismatch, got {other:?}"),
+        }
+        let mut g = tiny();
+        g.node_mut(NodeId(0)).unwrap().outputs[0].dtype = DType::I64;
+        assert!(matches!(
+            g.validate(),
+            Err(GraphError::DTypeMismatch {
+                found: DType::I64,
+                ..
+            })
+        ));
+        let g = with_node(tiny(), |n| {
+            n.inputs.pop();
+        });
+        assert!(matches!(
+            g.validate(),
+            Err(GraphError::Arity { found: 1, .. })
+        ));
+        let mut g = tiny();
+        g.outputs.push(TensorRef::new(NodeId(40), 0));
+        assert!(matches!(
+            g.validate(),
+            Err(GraphError::DanglingGraphOutput { index: 1, .. })
+        ));
+    }
+
+    #[test]
+    fn hash_changes_on_mutation() {
+        let mut g = tiny();
+        let h = g.structural_hash();
+        g.node_mut(NodeId(3)).unwrap().semantics.priority = 5;
+        assert_ne!(h, g.structural_hash());
+    }
+
+    #[test]
+    fn topo_order_handles_unordered_ids() {
+        let g = tiny();
+        let order = g.topo_order().unwrap();
+        assert_eq!(order.len(), 4);
+        let cons = g.consumers();
+        assert_eq!(cons.of(NodeId(0)), &[NodeId(2)]);
+        assert_eq!(cons.of(NodeId(2)), &[NodeId(3)]);
+    }
+}
