@@ -6,3 +6,5 @@
 #![warn(missing_docs)]
 
 pub mod mem;
+#[cfg(feature = "rdma")]
+pub mod verbs;
