@@ -12,7 +12,9 @@
 #![warn(missing_docs)]
 
 pub mod builders;
+pub mod cost;
 mod error;
 pub mod graph;
+pub mod topology;
 
 pub use error::Error;
