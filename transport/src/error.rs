@@ -134,6 +134,15 @@ pub enum TransportError {
         /// Size of the region.
         size: usize,
     },
+    /// A remote descriptor of another endpoint than this connection's peer (e.g. of a peer that
+    /// has since restarted): nothing was sent.
+    #[error("descriptor belongs to endpoint {descriptor_endpoint:#x}, but the connection's peer is {peer_endpoint:#x}")]
+    ForeignDescriptor {
+        /// The endpoint named by the descriptor.
+        descriptor_endpoint: u64,
+        /// The connection's peer endpoint.
+        peer_endpoint: u64,
+    },
     /// An argument is not acceptable (caller bug), e.g. a region of another endpoint.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

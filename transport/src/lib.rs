@@ -34,7 +34,7 @@
 //!
 //! Two endpoints on loopback: write with a notification, read it back, exchange a message.
 //!
-//! ```no_run
+//! ```
 //! use genie_transport::{open, TransportConfig};
 //! use std::time::Duration;
 //!
@@ -76,7 +76,10 @@
 pub mod completion;
 pub mod config;
 pub mod error;
+pub mod fuzzing;
+
 pub mod region;
+pub mod tcp;
 
 pub use completion::{Batch, BatchStatus, Op};
 pub use config::{Backend, BackendChoice, PollMode, TransportConfig};
@@ -265,12 +268,7 @@ pub fn open_with_selection(
         tracing::info!(backend = %sel.backend, reason = %sel.reason, "transport backend selected");
     }
     let t: Arc<dyn Transport> = match sel.backend {
-        Backend::Tcp => {
-            return Err(TransportError::BackendUnavailable {
-                backend: Backend::Tcp,
-                reason: "TCP backend lands in the next commit".into(),
-            })
-        }
+        Backend::Tcp => Arc::new(tcp::TcpTransport::open(config)?),
         Backend::Rdma => {
             return Err(TransportError::BackendUnavailable {
                 backend: Backend::Rdma,
