@@ -1224,3 +1224,367 @@ impl Conn {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Two state machines against each other in memory, with simulated time: no sockets, no sleeps.
+    use super::*;
+    use crate::completion::Op;
+    use crate::config::{Backend, PollMode};
+    use crate::tcp::codec::{encode_frame, plain_client_handshake};
+
+    /// Bytes in flight one way; reads past the end say `WouldBlock`, like a non-blocking socket.
+    #[derive(Default)]
+    struct Wire {
+        buf: Vec<u8>,
+        pos: usize,
+    }
+
+    impl Read for Wire {
+        fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+            let rest = &self.buf[self.pos..];
+            if rest.is_empty() {
+                return Err(ErrorKind::WouldBlock.into());
+            }
+            let n = rest.len().min(out.len());
+            out[..n].copy_from_slice(&rest[..n]);
+            self.pos += n;
+            Ok(n)
+        }
+    }
+
+    struct Side {
+        conn: Conn,
+        regions: Arc<RegionTable>,
+        events: Vec<Event>,
+    }
+    use std::sync::Arc;
+
+    fn cfg(endpoint: u64, secret: Option<&str>) -> ConnConfig {
+        ConnConfig {
+            endpoint,
+            secret: secret.map(|s| s.as_bytes().to_vec()),
+            peer_timeout: Duration::from_secs(2),
+            max_message_size: 1024,
+        }
+    }
+
+    fn addr() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 1))
+    }
+
+    fn pair(cs: Option<&str>, ss: Option<&str>, now: Instant) -> (Side, Side) {
+        let c = Side {
+            conn: Conn::client(cfg(1, cs), addr(), now, [1; NONCE_LEN]),
+            regions: RegionTable::new(1, Backend::Tcp),
+            events: Vec::new(),
+        };
+        let s = Side {
+            conn: Conn::server(cfg(2, ss), addr(), now, [2; NONCE_LEN]),
+            regions: RegionTable::new(2, Backend::Tcp),
+            events: Vec::new(),
+        };
+        (c, s)
+    }
+
+    /// Moves bytes both ways until neither side has anything to send.
+    fn pump(a: &mut Side, b: &mut Side, now: Instant) {
+        for _ in 0..1000 {
+            let moved = step(a, b, now) | step(b, a, now);
+            if !moved {
+                return;
+            }
+        }
+        panic!("pump did not settle");
+    }
+
+    fn step(x: &mut Side, y: &mut Side, now: Instant) -> bool {
+        let mut w = Wire::default();
+        let _ = x.conn.write_to(&mut w.buf, now);
+        let moved = !w.buf.is_empty();
+        if moved {
+            y.conn.read_from(&mut w, &y.regions, now);
+        }
+        x.events.extend(std::iter::from_fn(|| x.conn.poll_event()));
+        y.events.extend(std::iter::from_fn(|| y.conn.poll_event()));
+        moved
+    }
+
+    fn established(now: Instant) -> (Side, Side) {
+        let (mut c, mut s) = pair(None, None, now);
+        pump(&mut c, &mut s, now);
+        assert!(c.conn.is_established() && s.conn.is_established());
+        (c, s)
+    }
+
+    fn op() -> (Op, Completer) {
+        Op::new(PollMode::Blocking, Vec::new())
+    }
+
+    #[test]
+    fn handshake_plain_and_with_secret() {
+        let now = Instant::now();
+        let (c, s) = established(now);
+        assert_eq!(c.conn.peer_endpoint(), 2);
+        assert_eq!(s.conn.peer_endpoint(), 1);
+        let (mut c, mut s) = pair(Some("k"), Some("k"), now);
+        pump(&mut c, &mut s, now);
+        assert!(c.conn.is_established() && s.conn.is_established());
+        assert!(matches!(
+            c.events[..],
+            [Event::Established { peer_endpoint: 2 }]
+        ));
+    }
+
+    #[test]
+    fn handshake_refusals_are_clear_on_both_sides() {
+        let now = Instant::now();
+        for (cs, ss) in [(Some("a"), Some("b")), (None, Some("b")), (Some("a"), None)] {
+            let (mut c, mut s) = pair(cs, ss, now);
+            pump(&mut c, &mut s, now);
+            assert!(c.conn.is_closed() && s.conn.is_closed(), "{cs:?} {ss:?}");
+            for side in [&c, &s] {
+                assert!(
+                    matches!(side.conn.error(), Some(TransportError::AuthFailed { .. })),
+                    "{cs:?} {ss:?}: {:?}",
+                    side.conn.error()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn version_mismatch_is_refused() {
+        let now = Instant::now();
+        let (mut c, mut s) = pair(None, None, now);
+        let mut hello = Wire::default();
+        let _ = c.conn.write_to(&mut hello.buf, now);
+        hello.buf[2] = PROTOCOL_VERSION + 1;
+        s.conn.read_from(&mut hello, &s.regions, now);
+        assert!(
+            matches!(s.conn.error(), Some(TransportError::VersionMismatch { theirs, .. }) if *theirs == PROTOCOL_VERSION + 1)
+        );
+        let mut refusal = Wire::default();
+        assert_eq!(s.conn.write_to(&mut refusal.buf, now), WriteOutcome::Closed);
+        c.conn.read_from(&mut refusal, &c.regions, now);
+        assert!(matches!(
+            c.conn.error(),
+            Some(TransportError::VersionMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn write_notify_read_and_access_errors() {
+        let now = Instant::now();
+        let (mut c, mut s) = established(now);
+        let target = s.regions.alloc(3 * CHUNK + 5).unwrap();
+        let src = c.regions.alloc(3 * CHUNK + 5).unwrap();
+        src.with_mut(|b| {
+            b.iter_mut()
+                .enumerate()
+                .for_each(|(i, x)| *x = (i % 251) as u8)
+        });
+        let d = target.descriptor();
+        let (w, done) = op();
+        let req = Request::Write {
+            local: src.clone(),
+            local_offset: 3,
+            remote: d,
+            remote_offset: 1,
+            len: 3 * CHUNK,
+            notify: Some(77),
+        };
+        c.conn.submit(req, done);
+        pump(&mut c, &mut s, now);
+        assert!(matches!(w.poll(), Some(Ok(()))));
+        assert!(matches!(
+            s.events[..],
+            [Event::Established { .. }, Event::Notification(77)]
+        ));
+        assert!(target.with(|t| src.with(|s| t[1..1 + 3 * CHUNK] == s[3..3 + 3 * CHUNK])));
+
+        let back = c.regions.alloc(100).unwrap();
+        let (r, done) = op();
+        c.conn.submit(
+            Request::Read {
+                local: back.clone(),
+                local_offset: 10,
+                remote: d,
+                remote_offset: 1000,
+                len: 90,
+            },
+            done,
+        );
+        pump(&mut c, &mut s, now);
+        assert!(matches!(r.poll(), Some(Ok(()))));
+        assert!(back.with(|b| target.with(|t| b[10..100] == t[1000..1090])));
+
+        let cases = [
+            (
+                RemoteRegion {
+                    key: d.key ^ 1,
+                    ..d
+                },
+                0,
+                TransportError::BadKey { region: d.region },
+            ),
+            (
+                RemoteRegion { region: 999, ..d },
+                0,
+                TransportError::UnknownRegion { region: 999 },
+            ),
+            (
+                d,
+                d.len - 1,
+                TransportError::RegionOutOfBounds {
+                    region: d.region,
+                    offset: d.len - 1,
+                    len: 2,
+                    size: d.len,
+                },
+            ),
+        ];
+        for (remote, off, want) in cases {
+            let (w, done) = op();
+            let req = Request::Write {
+                local: src.clone(),
+                local_offset: 0,
+                remote,
+                remote_offset: off,
+                len: 2,
+                notify: None,
+            };
+            c.conn.submit(req, done);
+            let (r, done) = op();
+            c.conn.submit(
+                Request::Read {
+                    local: back.clone(),
+                    local_offset: 0,
+                    remote,
+                    remote_offset: off,
+                    len: 2,
+                },
+                done,
+            );
+            pump(&mut c, &mut s, now);
+            for o in [w, r] {
+                let got = o.poll().unwrap().unwrap_err();
+                assert_eq!(got.to_string(), want.to_string());
+            }
+        }
+        assert!(c.conn.is_established() && s.conn.is_established());
+    }
+
+    #[test]
+    fn messages_and_oversized_message() {
+        let now = Instant::now();
+        let (mut c, mut s) = established(now);
+        let (m, done) = op();
+        c.conn.submit(Request::Send(b"hi".to_vec()), done);
+        let (big, done) = op();
+        c.conn.submit(Request::Send(vec![0; 1025]), done);
+        pump(&mut c, &mut s, now);
+        assert!(matches!(m.poll(), Some(Ok(()))));
+        assert!(matches!(
+            big.poll(),
+            Some(Err(TransportError::MessageTooLarge {
+                len: 1025,
+                max: 1024
+            }))
+        ));
+        assert!(matches!(&s.events[1], Event::Message(b) if b == b"hi"));
+        // A peer that sends one anyway loses its connection.
+        let mut h = Header::new(FrameKind::Msg);
+        h.op_id = 9;
+        let mut w = Wire {
+            buf: encode_frame(h, &[0; 1025]),
+            pos: 0,
+        };
+        assert_eq!(
+            s.conn.read_from(&mut w, &s.regions, now),
+            ReadOutcome::Closed
+        );
+        assert!(matches!(
+            s.conn.error(),
+            Some(TransportError::PeerMisbehaved { .. })
+        ));
+    }
+
+    #[test]
+    fn malformed_frame_closes_with_invalid_frame() {
+        let now = Instant::now();
+        let (_c, mut s) = established(now);
+        let mut w = Wire {
+            buf: vec![0xff; 100],
+            pos: 0,
+        };
+        assert_eq!(
+            s.conn.read_from(&mut w, &s.regions, now),
+            ReadOutcome::Closed
+        );
+        assert!(matches!(
+            s.conn.error(),
+            Some(TransportError::InvalidFrame {
+                expected: "magic \"GN\"",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn silent_peer_is_dead_within_the_timeout_and_pending_ops_fail() {
+        let t0 = Instant::now();
+        let (mut c, mut s) = established(t0);
+        let target = s.regions.alloc(10).unwrap();
+        let src = c.regions.alloc(10).unwrap();
+        let (w, done) = op();
+        let req = Request::Write {
+            local: src,
+            local_offset: 0,
+            remote: target.descriptor(),
+            remote_offset: 0,
+            len: 10,
+            notify: None,
+        };
+        c.conn.submit(req, done);
+        let _ = c.conn.write_to(&mut Vec::new(), t0); // sent, never answered
+                                                      // Heartbeats keep an idle but live pair alive.
+        let mut now = t0;
+        for _ in 0..8 {
+            now += Duration::from_millis(500);
+            s.conn.handle_timeout(now);
+            c.conn.handle_timeout(now);
+            assert!(step(&mut s, &mut c, now), "heartbeat expected");
+            assert!(step(&mut c, &mut s, now), "heartbeat expected");
+            assert!(c.conn.is_established() && s.conn.is_established());
+        }
+        // Then the server goes silent: the client declares it dead at the timeout, not before.
+        let silent_from = now;
+        c.conn
+            .handle_timeout(silent_from + Duration::from_millis(1999));
+        assert!(w.poll().is_none());
+        let deadline = c.conn.poll_timeout().unwrap();
+        assert!(deadline <= silent_from + Duration::from_secs(2));
+        c.conn.handle_timeout(silent_from + Duration::from_secs(2));
+        assert!(matches!(
+            w.poll(),
+            Some(Err(TransportError::PeerDead { .. }))
+        ));
+    }
+
+    #[test]
+    fn raw_client_handshake_bytes_establish() {
+        let now = Instant::now();
+        let (_, mut s) = pair(None, None, now);
+        let mut w = Wire {
+            buf: plain_client_handshake(5, [3; NONCE_LEN]),
+            pos: 0,
+        };
+        assert_eq!(
+            s.conn.read_from(&mut w, &s.regions, now),
+            ReadOutcome::Drained
+        );
+        assert!(s.conn.is_established());
+        assert_eq!(s.conn.peer_endpoint(), 5);
+    }
+}

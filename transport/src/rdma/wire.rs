@@ -1,0 +1,330 @@
+//! Frames of the RDMA backend's TCP side channel: connection set-up (QP number, PSN, GID, MTU,
+//! receive credits), credit returns, remote-region checks and heartbeats.
+//!
+//! A frame is `[u32 LE body length][u8 tag][body]`. Decoding never panics on peer bytes: every
+//! read goes through [`Reader`], which returns `None` when the input is short, and trailing bytes
+//! are rejected.
+
+use std::io::{self, Read, Write};
+
+/// Protocol version of the side channel; both sides must agree.
+pub const VERSION: u8 = 1;
+
+/// Largest frame body accepted from a peer (control frames are tiny).
+pub const MAX_FRAME: u32 = 4096;
+
+/// Outcome of a remote region check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegionStatus {
+    /// The region exists and the key matches.
+    Ok {
+        /// Its length.
+        len: u64,
+        /// Its virtual address (for RDMA work requests).
+        addr: u64,
+    },
+    /// No such region (never registered or dropped).
+    Unknown,
+    /// The key does not match.
+    BadKey,
+}
+
+/// One side-channel frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// First frame of each side.
+    Hello(Hello),
+    /// Second frame of each side, after its QP reached RTS: proves the secret (when one is set)
+    /// and says "you may send now".
+    Ready {
+        /// HMAC-SHA256(secret, peer's nonce || sender's endpoint id), zeros without a secret.
+        mac: [u8; 32],
+    },
+    /// The sender re-posted `n` receive buffers: the peer may send `n` more messages/notifications.
+    Credits {
+        /// Number of credits returned.
+        n: u32,
+    },
+    /// Asks whether `region` exists with key `key`.
+    QueryRegion {
+        /// Request id, echoed in the answer.
+        req: u64,
+        /// Region id.
+        region: u64,
+        /// Access key.
+        key: u64,
+    },
+    /// Answer to [`Frame::QueryRegion`].
+    RegionInfo {
+        /// The request id.
+        req: u64,
+        /// The answer.
+        status: RegionStatus,
+    },
+    /// Keeps an idle connection alive.
+    Heartbeat,
+}
+
+/// What each side announces in its [`Frame::Hello`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hello {
+    /// Side-channel protocol version.
+    pub version: u8,
+    /// Whether the sender requires the shared secret.
+    pub has_secret: bool,
+    /// The sender's endpoint id.
+    pub endpoint: u64,
+    /// QP number.
+    pub qpn: u32,
+    /// Initial PSN of the sender's send queue.
+    pub psn: u32,
+    /// The sender's GID (IPv4-mapped address in use).
+    pub gid: [u8; 16],
+    /// The sender's active MTU in bytes.
+    pub mtu: u32,
+    /// Receive buffers the sender pre-posted (initial credits of the peer).
+    pub credits: u32,
+    /// Size of each receive buffer (largest message the sender accepts).
+    pub recv_size: u32,
+    /// Random challenge for the secret.
+    pub nonce: [u8; 16],
+}
+
+const T_HELLO: u8 = 1;
+const T_READY: u8 = 2;
+const T_CREDITS: u8 = 3;
+const T_QUERY: u8 = 4;
+const T_INFO: u8 = 5;
+const T_HEARTBEAT: u8 = 6;
+
+/// Why bytes could not be decoded into a frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The frame is shorter than its fields.
+    #[error("truncated {0} frame")]
+    Truncated(&'static str),
+    /// Bytes remain after the last field.
+    #[error("{0} trailing bytes")]
+    Trailing(usize),
+    /// Unknown frame tag.
+    #[error("unknown frame tag {0}")]
+    UnknownTag(u8),
+    /// The length prefix is over [`MAX_FRAME`] or zero.
+    #[error("frame length {0} out of range")]
+    BadLength(u32),
+    /// A field has an impossible value.
+    #[error("bad value in {0}")]
+    BadValue(&'static str),
+}
+
+/// A cursor over peer bytes whose reads fail instead of panicking.
+struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.buf.len() < n {
+            return None;
+        }
+        let (a, b) = self.buf.split_at(n);
+        self.buf = b;
+        Some(a)
+    }
+    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
+        self.take(N)?.try_into().ok()
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.array::<1>().map(|a| a[0])
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.array().map(u32::from_le_bytes)
+    }
+    fn u64(&mut self) -> Option<u64> {
+        self.array().map(u64::from_le_bytes)
+    }
+}
+
+impl Frame {
+    /// Encodes the frame with its length prefix.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; 4];
+        match self {
+            Frame::Hello(h) => {
+                b.push(T_HELLO);
+                b.push(h.version);
+                b.push(u8::from(h.has_secret));
+                b.extend_from_slice(&h.endpoint.to_le_bytes());
+                b.extend_from_slice(&h.qpn.to_le_bytes());
+                b.extend_from_slice(&h.psn.to_le_bytes());
+                b.extend_from_slice(&h.gid);
+                b.extend_from_slice(&h.mtu.to_le_bytes());
+                b.extend_from_slice(&h.credits.to_le_bytes());
+                b.extend_from_slice(&h.recv_size.to_le_bytes());
+                b.extend_from_slice(&h.nonce);
+            }
+            Frame::Ready { mac } => {
+                b.push(T_READY);
+                b.extend_from_slice(mac);
+            }
+            Frame::Credits { n } => {
+                b.push(T_CREDITS);
+                b.extend_from_slice(&n.to_le_bytes());
+            }
+            Frame::QueryRegion { req, region, key } => {
+                b.push(T_QUERY);
+                for v in [req, region, key] {
+                    b.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+            Frame::RegionInfo { req, status } => {
+                b.push(T_INFO);
+                b.extend_from_slice(&req.to_le_bytes());
+                let (tag, len, addr) = match *status {
+                    RegionStatus::Ok { len, addr } => (0u8, len, addr),
+                    RegionStatus::Unknown => (1, 0, 0),
+                    RegionStatus::BadKey => (2, 0, 0),
+                };
+                b.push(tag);
+                b.extend_from_slice(&len.to_le_bytes());
+                b.extend_from_slice(&addr.to_le_bytes());
+            }
+            Frame::Heartbeat => b.push(T_HEARTBEAT),
+        }
+        let body = u32::try_from(b.len() - 4).unwrap_or(u32::MAX);
+        b[..4].copy_from_slice(&body.to_le_bytes());
+        b
+    }
+
+    /// Decodes one frame body (tag and fields, without the length prefix).
+    pub fn decode(body: &[u8]) -> Result<Frame, DecodeError> {
+        let mut r = Reader { buf: body };
+        let tag = r.u8().ok_or(DecodeError::BadLength(0))?;
+        let f = match tag {
+            T_HELLO => {
+                let t = DecodeError::Truncated("hello");
+                let version = r.u8().ok_or(t.clone())?;
+                let has_secret = match r.u8().ok_or(t.clone())? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(DecodeError::BadValue("hello.has_secret")),
+                };
+                Frame::Hello(Hello {
+                    version,
+                    has_secret,
+                    endpoint: r.u64().ok_or(t.clone())?,
+                    qpn: r.u32().ok_or(t.clone())?,
+                    psn: r.u32().ok_or(t.clone())?,
+                    gid: r.array().ok_or(t.clone())?,
+                    mtu: r.u32().ok_or(t.clone())?,
+                    credits: r.u32().ok_or(t.clone())?,
+                    recv_size: r.u32().ok_or(t.clone())?,
+                    nonce: r.array().ok_or(t)?,
+                })
+            }
+            T_READY => Frame::Ready { mac: r.array().ok_or(DecodeError::Truncated("ready"))? },
+            T_CREDITS => Frame::Credits { n: r.u32().ok_or(DecodeError::Truncated("credits"))? },
+            T_QUERY => {
+                let t = DecodeError::Truncated("query");
+                Frame::QueryRegion {
+                    req: r.u64().ok_or(t.clone())?,
+                    region: r.u64().ok_or(t.clone())?,
+                    key: r.u64().ok_or(t)?,
+                }
+            }
+            T_INFO => {
+                let t = DecodeError::Truncated("region info");
+                let req = r.u64().ok_or(t.clone())?;
+                let tag = r.u8().ok_or(t.clone())?;
+                let len = r.u64().ok_or(t.clone())?;
+                let addr = r.u64().ok_or(t)?;
+                let status = match tag {
+                    0 => RegionStatus::Ok { len, addr },
+                    1 => RegionStatus::Unknown,
+                    2 => RegionStatus::BadKey,
+                    _ => return Err(DecodeError::BadValue("region info status")),
+                };
+                Frame::RegionInfo { req, status }
+            }
+            T_HEARTBEAT => Frame::Heartbeat,
+            other => return Err(DecodeError::UnknownTag(other)),
+        };
+        if !r.buf.is_empty() {
+            return Err(DecodeError::Trailing(r.buf.len()));
+        }
+        Ok(f)
+    }
+}
+
+/// Writes one frame.
+pub fn write_frame(w: &mut impl Write, f: &Frame) -> io::Result<()> {
+    w.write_all(&f.encode())
+}
+
+/// Reads one frame (blocking, per the stream's timeout). Peer garbage is `InvalidData`.
+pub fn read_frame(r: &mut impl Read) -> io::Result<Frame> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len)?;
+    let len = u32::from_le_bytes(len);
+    if len == 0 || len > MAX_FRAME {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, DecodeError::BadLength(len)));
+    }
+    let mut body = vec![0u8; len as usize];
+    r.read_exact(&mut body)?;
+    Frame::decode(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all_frames() -> Vec<Frame> {
+        vec![
+            Frame::Hello(Hello {
+                version: VERSION,
+                has_secret: true,
+                endpoint: 0x1122_3344_5566_7788,
+                qpn: 0x11,
+                psn: 0xab_cdef,
+                gid: [7; 16],
+                mtu: 4096,
+                credits: 32,
+                recv_size: 65536,
+                nonce: [9; 16],
+            }),
+            Frame::Ready { mac: [3; 32] },
+            Frame::Credits { n: 17 },
+            Frame::QueryRegion { req: 1, region: 2, key: 3 },
+            Frame::RegionInfo { req: 4, status: RegionStatus::Ok { len: 5, addr: 6 } },
+            Frame::RegionInfo { req: 4, status: RegionStatus::Unknown },
+            Frame::RegionInfo { req: 4, status: RegionStatus::BadKey },
+            Frame::Heartbeat,
+        ]
+    }
+
+    #[test]
+    fn frames_round_trip() {
+        for f in all_frames() {
+            let bytes = f.encode();
+            assert_eq!(read_frame(&mut &bytes[..]).unwrap(), f);
+        }
+    }
+
+    #[test]
+    fn truncated_and_trailing_bytes_are_rejected() {
+        for f in all_frames() {
+            let bytes = f.encode();
+            let body = &bytes[4..];
+            for cut in 0..body.len() {
+                assert!(Frame::decode(&body[..cut]).is_err(), "{f:?} cut at {cut}");
+            }
+            let mut long = body.to_vec();
+            long.push(0);
+            assert_eq!(Frame::decode(&long), Err(DecodeError::Trailing(1)));
+        }
+        assert_eq!(Frame::decode(&[99]), Err(DecodeError::UnknownTag(99)));
+        let huge = (MAX_FRAME + 1).to_le_bytes();
+        assert_eq!(read_frame(&mut &huge[..]).unwrap_err().kind(), io::ErrorKind::InvalidData);
+    }
+}
