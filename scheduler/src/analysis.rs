@@ -117,7 +117,10 @@ pub fn analyze_with(graph: &Graph, consumers: &Consumers) -> Analysis {
             .iter()
             .map(|x| x.semantics.colocation_group.clone())
             .collect(),
-        fusion: nodes.iter().map(|x| x.semantics.fusion_group.clone()).collect(),
+        fusion: nodes
+            .iter()
+            .map(|x| x.semantics.fusion_group.clone())
+            .collect(),
     };
     for node in nodes {
         match &node.op {
@@ -139,9 +142,11 @@ pub fn analyze_with(graph: &Graph, consumers: &Consumers) -> Analysis {
             OpKind::Attention { .. } => attn = true,
             OpKind::Softmax { .. } => {
                 // An unfused attention: softmax over the output of a matmul.
-                let from_matmul = node.inputs.first().and_then(|t| graph.node(t.node)).is_some_and(
-                    |p| matches!(p.op, OpKind::MatMul { .. }),
-                );
+                let from_matmul = node
+                    .inputs
+                    .first()
+                    .and_then(|t| graph.node(t.node))
+                    .is_some_and(|p| matches!(p.op, OpKind::MatMul { .. }));
                 if from_matmul {
                     attn = true;
                     a.attention_blocks.push(AttentionBlock {
@@ -222,8 +227,7 @@ pub fn analyze_with(graph: &Graph, consumers: &Consumers) -> Analysis {
                 break;
             }
             let nx = &nodes[next[0].index()];
-            let fusable =
-                nx.op.is_elementwise() || matches!(nx.op, OpKind::BatchNorm { .. });
+            let fusable = nx.op.is_elementwise() || matches!(nx.op, OpKind::BatchNorm { .. });
             if !fusable || in_chain[nx.id.index()] {
                 break;
             }
@@ -269,9 +273,7 @@ pub fn analyze_with(graph: &Graph, consumers: &Consumers) -> Analysis {
             for t in &node.inputs {
                 match phase.get(t.node.index()).copied().unwrap_or(Phase::Unknown) {
                     Phase::Unknown => {}
-                    Phase::Embedding if inherited == Phase::Unknown => {
-                        inherited = Phase::Embedding
-                    }
+                    Phase::Embedding if inherited == Phase::Unknown => inherited = Phase::Embedding,
                     Phase::Embedding => {}
                     p => {
                         inherited = p;
@@ -346,15 +348,26 @@ mod tests {
         assert!(a.attention_blocks.iter().all(|b| b.kv_cache.is_some()));
         for b in &a.attention_blocks {
             let cache = b.kv_cache.unwrap();
-            assert_eq!(a.colocation[b.attention.index()], a.colocation[cache.index()]);
+            assert_eq!(
+                a.colocation[b.attention.index()],
+                a.colocation[cache.index()]
+            );
             assert!(a.colocation[cache.index()].is_some());
             assert_eq!(a.phase[b.attention.index()], Phase::Decode);
         }
         // c_fc → gelu is a fusable chain.
-        let fc = g.nodes().iter().find(|n| n.name == "h.0.mlp.c_fc.out").unwrap().id;
+        let fc = g
+            .nodes()
+            .iter()
+            .find(|n| n.name == "h.0.mlp.c_fc.out")
+            .unwrap()
+            .id;
         assert!(a.fusable_chains.iter().any(|c| c[0] == fc && c.len() == 2));
         let cache = a.kv_caches[0];
-        assert_eq!(g.node(cache).unwrap().semantics.residency, Some(Residency::StatefulKvCache));
+        assert_eq!(
+            g.node(cache).unwrap().semantics.residency,
+            Some(Residency::StatefulKvCache)
+        );
         let wte = g.nodes().iter().find(|n| n.name == "wte.weight").unwrap();
         assert_eq!(wte.semantics.residency, Some(Residency::PersistentWeight));
         let c_fc = g.node(fc).unwrap();
@@ -363,7 +376,13 @@ mod tests {
 
     #[test]
     fn bert_and_resnet_classes() {
-        let b = analyze(&bert(&BertConfig { layers: 2, ..BertConfig::default() }).unwrap());
+        let b = analyze(
+            &bert(&BertConfig {
+                layers: 2,
+                ..BertConfig::default()
+            })
+            .unwrap(),
+        );
         assert_eq!(b.workload, WorkloadClass::Llm);
         assert_eq!(b.attention_blocks.len(), 2);
         assert!(b.kv_caches.is_empty());
@@ -374,7 +393,10 @@ mod tests {
         let sizes: Vec<usize> = r.conv_stages.iter().map(|s| s.spatial[0]).collect();
         assert_eq!(sizes[0], 112);
         assert!(sizes.contains(&7) && sizes.contains(&56));
-        assert_eq!(r.conv_stages.iter().map(|s| s.convs.len()).sum::<usize>(), 53);
+        assert_eq!(
+            r.conv_stages.iter().map(|s| s.convs.len()).sum::<usize>(),
+            53
+        );
         // conv → bn (→ relu) chains.
         assert!(r.fusable_chains.len() >= 50);
     }

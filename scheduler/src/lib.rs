@@ -13,9 +13,19 @@
 
 pub mod analysis;
 pub mod builders;
+pub mod constraints;
 pub mod cost;
 mod error;
 pub mod graph;
+pub mod placement;
+pub mod recompute;
+pub mod schedule;
+pub mod scheduler;
 pub mod topology;
 
 pub use error::Error;
+
+pub use graph::{Graph, NodeId};
+pub use schedule::{ExecutionSchedule, Strategy};
+pub use scheduler::{OptimizationPlan, Scheduler};
+pub use topology::Topology;
