@@ -15,6 +15,7 @@ pub mod analysis;
 pub mod builders;
 pub mod constraints;
 pub mod cost;
+pub mod dispatch;
 mod error;
 pub mod graph;
 pub mod placement;
