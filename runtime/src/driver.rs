@@ -1,0 +1,453 @@
+//! The driver: connects to every worker of a cluster, hands them runs, gathers outputs and
+//! measurements. [`EmbeddedCluster`] starts the workers as threads of this process, each with
+//! its own transport endpoint on loopback (real TCP between them).
+
+use crate::cluster::{Cluster, DeviceKind, WorkerSpec};
+use crate::error::{Result, RuntimeError};
+use crate::kernels::{tensor_from_bytes, tensor_to_bytes, Kernels};
+use crate::plan::{ExecPlan, Placement};
+use crate::proto::{self, Msg, PayloadTensor, RunStats, WeightSpec};
+use crate::trace::{CounterSnapshot, Span, SpanKind};
+use crate::worker::{self, connect_retry, recv_msg, send_msg, transport_config};
+use candle_core::Tensor;
+use genie_scheduler::graph::{Graph, TensorMeta, TensorRef};
+use genie_transport::{BackendSelection, Connection, Transport};
+use std::net::SocketAddr;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How long a run may take before the driver gives up on it.
+pub const RUN_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// One measured transfer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TransferSample {
+    /// Sending worker index.
+    pub src: usize,
+    /// Receiving worker index.
+    pub dst: usize,
+    /// Bytes.
+    pub bytes: u64,
+    /// Post to arrival, seconds.
+    pub seconds: f64,
+}
+
+/// What a run produced and how long it took.
+#[derive(Debug, Clone)]
+pub struct RunOutput {
+    /// The wanted tensors, in the order asked for.
+    pub outputs: Vec<Tensor>,
+    /// Compute and transfer spans, µs since the run was handed out.
+    pub spans: Vec<Span>,
+    /// Counters.
+    pub counters: CounterSnapshot,
+    /// Measured transfers.
+    pub transfers: Vec<TransferSample>,
+    /// Driver wall time from hand-out to the last worker's reply.
+    pub wall: Duration,
+    /// Peak tensor-store bytes per worker.
+    pub peak_store_bytes: Vec<u64>,
+}
+
+/// Connections to every worker of a cluster.
+pub struct Driver {
+    _endpoint: Arc<dyn Transport>,
+    names: Vec<String>,
+    conns: Vec<Arc<dyn Connection>>,
+    next_run: u64,
+    poisoned: Option<String>,
+}
+
+impl std::fmt::Debug for Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Driver")
+            .field("workers", &self.names)
+            .finish()
+    }
+}
+
+impl Driver {
+    /// Connects to every worker and has them connect to each other and set up `weights`.
+    pub fn connect(cluster: &Cluster, weights: WeightSpec) -> Result<Self> {
+        let cfg = transport_config(cluster, SocketAddr::from(([127, 0, 0, 1], 0)));
+        let endpoint = genie_transport::open(cfg).map_err(|e| RuntimeError::Transport {
+            worker: "driver".into(),
+            reason: e.to_string(),
+        })?;
+        let deadline = Instant::now() + worker::SETUP_TIMEOUT;
+        let mut conns = Vec::new();
+        for w in &cluster.workers {
+            let c = connect_retry(&*endpoint, w.address, &w.name, deadline)?;
+            send_msg(&*c, &w.name, &Msg::HelloDriver, &[])?;
+            conns.push(c);
+        }
+        for (c, w) in conns.iter().zip(&cluster.workers) {
+            send_msg(
+                &**c,
+                &w.name,
+                &Msg::Setup {
+                    weights: weights.clone(),
+                },
+                &[],
+            )?;
+        }
+        for (c, w) in conns.iter().zip(&cluster.workers) {
+            match recv_msg(&**c, &w.name, worker::SETUP_TIMEOUT)? {
+                (Msg::SetupDone, _) => {}
+                (Msg::Failed { error, culprit, .. }, _) => {
+                    return Err(RuntimeError::WorkerFailed {
+                        worker: culprit.unwrap_or_else(|| w.name.clone()),
+                        reason: error,
+                    })
+                }
+                (other, _) => {
+                    return Err(RuntimeError::BadMessage {
+                        worker: w.name.clone(),
+                        reason: format!("expected SetupDone, got {other:?}"),
+                    })
+                }
+            }
+        }
+        Ok(Self {
+            _endpoint: endpoint,
+            names: cluster.workers.iter().map(|w| w.name.clone()).collect(),
+            conns,
+            next_run: 1,
+            poisoned: None,
+        })
+    }
+
+    /// Worker names, by index.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// Runs `graph` placed by `placement` for KV sequence `seq`; returns the `wanted` tensors.
+    pub fn run(
+        &mut self,
+        graph: &Graph,
+        placement: &Placement,
+        inputs: &[(&str, Tensor)],
+        wanted: &[TensorRef],
+        seq: u64,
+    ) -> Result<RunOutput> {
+        if let Some(p) = &self.poisoned {
+            return Err(RuntimeError::WorkerFailed {
+                worker: p.clone(),
+                reason: "an earlier run failed on this worker; reconnect".into(),
+            });
+        }
+        let used = placement.workers();
+        if used > self.conns.len() {
+            return Err(RuntimeError::Plan(format!(
+                "placement uses {used} workers, the cluster has {}",
+                self.conns.len()
+            )));
+        }
+        let plan = ExecPlan::new(graph, placement, wanted)?;
+        let run = self.next_run;
+        self.next_run += 1;
+        let mut payload = Vec::new();
+        let mut ins = Vec::new();
+        for (name, t) in inputs {
+            let bytes = tensor_to_bytes(t)?;
+            let node = graph
+                .nodes()
+                .iter()
+                .find(|n| n.name == *name)
+                .ok_or_else(|| RuntimeError::Plan(format!("graph has no input `{name}`")))?;
+            let meta: TensorMeta = node
+                .outputs
+                .first()
+                .cloned()
+                .ok_or_else(|| RuntimeError::Plan(format!("input `{name}` has no output")))?;
+            ins.push(PayloadTensor {
+                name: name.to_string(),
+                tensor: None,
+                meta,
+                offset: payload.len() as u64,
+                len: bytes.len() as u64,
+            });
+            payload.extend_from_slice(&bytes);
+        }
+        let msg = Msg::Run {
+            run,
+            graph: graph.clone(),
+            placement: placement.clone(),
+            seq,
+            inputs: ins,
+            wanted: wanted.to_vec(),
+        };
+        let bytes = proto::encode(&msg, &payload)?;
+        let start = Instant::now();
+        let (tx, rx) = mpsc::channel();
+        for i in 0..used {
+            let (c, name) = (self.conns[i].clone(), self.names[i].clone());
+            // The reply says whether it arrived; no need to wait for the send itself.
+            let _sent = c.send(&bytes).map_err(|e| RuntimeError::WorkerFailed {
+                worker: name.clone(),
+                reason: e.to_string(),
+            })?;
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let deadline = Instant::now() + RUN_TIMEOUT;
+                let res = loop {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break Err(RuntimeError::WorkerFailed {
+                            worker: name.clone(),
+                            reason: format!("no reply within {RUN_TIMEOUT:?}"),
+                        });
+                    }
+                    match recv_msg(&*c, &name, left.min(Duration::from_millis(200))) {
+                        Err(RuntimeError::Transport { .. }) if c.is_alive() => continue,
+                        Err(e) => {
+                            break Err(RuntimeError::WorkerFailed {
+                                worker: name.clone(),
+                                reason: e.to_string(),
+                            })
+                        }
+                        Ok(m) => break Ok(m),
+                    }
+                };
+                let _ = tx.send((i, res, Instant::now()));
+            });
+        }
+        drop(tx);
+        let mut stats: Vec<Option<RunStats>> = vec![None; used];
+        let mut outputs: Vec<Option<Tensor>> = vec![None; wanted.len()];
+        let mut last = start;
+        for _ in 0..used {
+            let (i, res, at) = rx.recv().map_err(|_| RuntimeError::WorkerFailed {
+                worker: "driver".into(),
+                reason: "reply threads ended early".into(),
+            })?;
+            last = last.max(at);
+            let fail = |this: &mut Self, worker: String, reason: String| {
+                this.poisoned = Some(worker.clone());
+                RuntimeError::WorkerFailed { worker, reason }
+            };
+            match res {
+                Err(RuntimeError::WorkerFailed { worker, reason }) => {
+                    return Err(fail(self, worker, reason))
+                }
+                Err(e) => return Err(fail(self, self.names[i].clone(), e.to_string())),
+                Ok((Msg::Failed { error, culprit, .. }, _)) => {
+                    let who = culprit.unwrap_or_else(|| self.names[i].clone());
+                    return Err(fail(self, who, error));
+                }
+                Ok((
+                    Msg::Done {
+                        run: r,
+                        outputs: outs,
+                        stats: s,
+                    },
+                    pl,
+                )) if r == run => {
+                    for o in outs {
+                        let Some(t) = o.tensor else { continue };
+                        let slice = proto::payload_slice(&pl, &o, &self.names[i])?;
+                        let tensor = tensor_from_bytes(&o.meta, slice)?;
+                        for (k, w) in wanted.iter().enumerate() {
+                            if *w == t {
+                                outputs[k] = Some(tensor.clone());
+                            }
+                        }
+                    }
+                    stats[i] = Some(s);
+                }
+                Ok((other, _)) => {
+                    let e = format!("unexpected reply {other:?}");
+                    return Err(fail(self, self.names[i].clone(), e));
+                }
+            }
+        }
+        let wall = last - start;
+        let outputs = outputs
+            .into_iter()
+            .zip(wanted)
+            .map(|(o, w)| o.ok_or_else(|| RuntimeError::Plan(format!("no worker returned {w:?}"))))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(self.assemble(graph, &plan, stats, outputs, wall))
+    }
+
+    fn assemble(
+        &self,
+        graph: &Graph,
+        plan: &ExecPlan,
+        stats: Vec<Option<RunStats>>,
+        outputs: Vec<Tensor>,
+        wall: Duration,
+    ) -> RunOutput {
+        let mut spans = Vec::new();
+        let mut counters = CounterSnapshot::default();
+        let mut posted = std::collections::HashMap::new();
+        let mut arrived = std::collections::HashMap::new();
+        let mut peak = Vec::new();
+        for (i, s) in stats.iter().enumerate() {
+            let Some(s) = s else {
+                peak.push(0);
+                continue;
+            };
+            peak.push(s.peak_store_bytes);
+            for c in &s.compute {
+                spans.push(Span {
+                    name: c.name.clone(),
+                    kind: SpanKind::Compute {
+                        worker: self.names[i].clone(),
+                    },
+                    start_us: c.start_us,
+                    dur_us: c.dur_us,
+                });
+            }
+            posted.extend(s.posted.iter().copied());
+            arrived.extend(s.arrived.iter().copied());
+            counters.recomputes += s.recomputes;
+            counters.cache_hits += s.cache_hits;
+            counters.nodes += s.nodes;
+        }
+        let mut transfers = Vec::new();
+        for t in &plan.transfers {
+            counters.transfers += 1;
+            counters.bytes_moved += t.bytes;
+            if let (Some(&p), Some(&a)) = (posted.get(&t.id), arrived.get(&t.id)) {
+                let name = graph
+                    .node(t.tensor.node)
+                    .map_or_else(String::new, |n| n.name.clone());
+                let dur = (a - p).max(0.0);
+                spans.push(Span {
+                    name,
+                    kind: SpanKind::Transfer {
+                        src: self.names[t.src].clone(),
+                        dst: self.names[t.dst].clone(),
+                        bytes: t.bytes,
+                    },
+                    start_us: p,
+                    dur_us: dur,
+                });
+                transfers.push(TransferSample {
+                    src: t.src,
+                    dst: t.dst,
+                    bytes: t.bytes,
+                    seconds: dur / 1e6,
+                });
+            }
+        }
+        spans.sort_by(|a, b| a.start_us.total_cmp(&b.start_us));
+        RunOutput {
+            outputs,
+            spans,
+            counters,
+            transfers,
+            wall,
+            peak_store_bytes: peak,
+        }
+    }
+
+    /// Drops a sequence's KV cache on every worker.
+    pub fn free_sequence(&self, seq: u64) -> Result<()> {
+        for (c, n) in self.conns.iter().zip(&self.names) {
+            send_msg(&**c, n, &Msg::FreeSequence { seq }, &[])?;
+        }
+        Ok(())
+    }
+
+    /// Tells every worker to stop serving.
+    pub fn shutdown(self) -> Result<()> {
+        for (c, n) in self.conns.iter().zip(&self.names) {
+            // A worker that is already gone needs no shutdown.
+            let _ = send_msg(&**c, n, &Msg::Shutdown, &[]);
+        }
+        Ok(())
+    }
+}
+
+/// Workers running as threads of this process, each with its own endpoint on loopback.
+pub struct EmbeddedCluster {
+    /// The cluster they form.
+    pub cluster: Cluster,
+    /// Which transport backend they use and why.
+    pub selection: BackendSelection,
+    handles: Vec<JoinHandle<Result<()>>>,
+}
+
+impl std::fmt::Debug for EmbeddedCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedCluster")
+            .field("cluster", &self.cluster)
+            .finish()
+    }
+}
+
+impl EmbeddedCluster {
+    /// Starts `n` workers `w0..` on ephemeral loopback ports.
+    pub fn start(n: usize, kernels: Arc<dyn Kernels>) -> Result<Self> {
+        let mut endpoints = Vec::new();
+        let proto_cluster = Cluster {
+            workers: vec![],
+            secret: None,
+        };
+        let mut selection = None;
+        for _ in 0..n {
+            let cfg = transport_config(&proto_cluster, SocketAddr::from(([127, 0, 0, 1], 0)));
+            let (ep, sel) =
+                genie_transport::open_with_selection(cfg).map_err(|e| RuntimeError::Transport {
+                    worker: "embedded".into(),
+                    reason: e.to_string(),
+                })?;
+            selection = Some(sel);
+            endpoints.push(ep);
+        }
+        let cluster = Cluster {
+            workers: endpoints
+                .iter()
+                .enumerate()
+                .map(|(i, e)| WorkerSpec {
+                    name: format!("w{i}"),
+                    address: e.local_addr(),
+                    devices: vec![DeviceKind::Cpu],
+                })
+                .collect(),
+            secret: None,
+        };
+        let mut handles = Vec::new();
+        for (i, ep) in endpoints.into_iter().enumerate() {
+            let (c, k) = (cluster.clone(), kernels.clone());
+            let name = format!("w{i}");
+            handles.push(
+                std::thread::Builder::new()
+                    .name(format!("genie-{name}"))
+                    .spawn(move || worker::serve(ep, c, &name, k))
+                    .map_err(|e| RuntimeError::WorkerFailed {
+                        worker: format!("w{i}"),
+                        reason: e.to_string(),
+                    })?,
+            );
+        }
+        let selection = selection.ok_or_else(|| RuntimeError::Plan("no workers".into()))?;
+        Ok(Self {
+            cluster,
+            selection,
+            handles,
+        })
+    }
+
+    /// Shuts the workers down (through `driver`) and joins their threads.
+    pub fn stop(self, driver: Driver) -> Result<()> {
+        driver.shutdown()?;
+        for h in self.handles {
+            match h.join() {
+                Ok(r) => r?,
+                Err(_) => {
+                    return Err(RuntimeError::WorkerFailed {
+                        worker: "embedded".into(),
+                        reason: "worker thread panicked".into(),
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,137 @@
+//! The runtime's error type, split by cause.
+
+use std::path::PathBuf;
+
+/// Everything the runtime can fail with.
+///
+/// Variants are grouped by whose fault it is: a bad configuration file (fix the file), a
+/// missing or malformed tensor (a bug in the graph or the caller), a kernel failure, a
+/// transport failure or a dead worker (retry or restart that worker).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RuntimeError {
+    /// A cluster file could not be read.
+    #[error("cannot read cluster file {path}: {source}")]
+    ClusterRead {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A cluster file is not valid TOML or misses/mistypes a field.
+    #[error("cluster file {path}: {message}")]
+    ClusterParse {
+        /// The file (or `<inline>`).
+        path: PathBuf,
+        /// The parser's message, naming the field.
+        message: String,
+    },
+    /// A cluster file field has a value that parses but is not acceptable.
+    #[error("cluster file {path}: field `{field}`: {reason}")]
+    ClusterField {
+        /// The file (or `<inline>`).
+        path: PathBuf,
+        /// Dotted path of the offending field, e.g. `workers[1].address`.
+        field: String,
+        /// Why the value is rejected.
+        reason: String,
+    },
+    /// A worker name was asked for that the cluster does not define.
+    #[error("no worker named `{name}` in the cluster")]
+    UnknownWorker {
+        /// The name asked for.
+        name: String,
+    },
+    /// A tensor was asked for that the store does not hold.
+    #[error("worker {worker}: tensor `{tensor}` is not in the store")]
+    MissingTensor {
+        /// The worker whose store was asked.
+        worker: String,
+        /// The tensor's name.
+        tensor: String,
+    },
+    /// A kernel was given inputs it cannot use (wrong count, shape or dtype).
+    #[error("node `{node}` ({op}): {reason}")]
+    BadInputs {
+        /// The node being executed.
+        node: String,
+        /// Its operation.
+        op: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The tensor library failed.
+    #[error("node `{node}`: kernel failed: {source}")]
+    Kernel {
+        /// The node being executed.
+        node: String,
+        /// candle's error.
+        #[source]
+        source: candle_core::Error,
+    },
+    /// A weight could not be produced (missing in a checkpoint, wrong shape).
+    #[error("weight `{name}`: {reason}")]
+    Weight {
+        /// The parameter's name (Hugging Face layout).
+        name: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A checkpoint file could not be read.
+    #[error("cannot load checkpoint {path}: {reason}")]
+    Checkpoint {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The KV-cache manager ran out of blocks or was asked about an unknown sequence.
+    #[error("kv cache: {reason}")]
+    KvCache {
+        /// What went wrong.
+        reason: String,
+    },
+    /// The transport failed on a link to a worker.
+    #[error("transport error talking to worker {worker}: {reason}")]
+    Transport {
+        /// The worker at the other end.
+        worker: String,
+        /// The transport's error, rendered.
+        reason: String,
+    },
+    /// A worker stopped answering or died mid-run.
+    #[error("worker {worker} failed: {reason}")]
+    WorkerFailed {
+        /// The worker.
+        worker: String,
+        /// What was observed.
+        reason: String,
+    },
+    /// A peer sent a control message that does not decode or does not fit the run.
+    #[error("worker {worker} sent a bad message: {reason}")]
+    BadMessage {
+        /// The sender.
+        worker: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The scheduler rejected the graph or could not build a schedule.
+    #[error("scheduler: {0}")]
+    Scheduler(String),
+    /// The graph and the schedule do not fit together or the graph uses something unsupported.
+    #[error("plan: {0}")]
+    Plan(String),
+    /// Writing a trace or report file failed.
+    #[error("cannot write {path}: {source}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;

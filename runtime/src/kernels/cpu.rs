@@ -1,0 +1,441 @@
+//! The reference CPU backend on `candle-core`.
+
+use super::Kernels;
+use crate::error::{Result, RuntimeError};
+use candle_core::{DType as CDType, Tensor, D};
+use genie_scheduler::graph::{GeluApprox, KvPart, Node, OpKind, WeightLayout};
+
+/// Reference kernels on the host CPU (candle's CPU backend, f32).
+///
+/// Every op of [`OpKind`] except `Custom` is implemented; each output is made contiguous so
+/// that results do not depend on which worker produced an input.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CpuKernels;
+
+impl CpuKernels {
+    /// The backend.
+    pub fn new() -> Self {
+        Self
+    }
+}
+
+fn bad(node: &Node, reason: impl Into<String>) -> RuntimeError {
+    RuntimeError::BadInputs {
+        node: node.name.clone(),
+        op: node.op.name().to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// Softmax along `axis`, numerically stable (subtract the max first).
+fn softmax(x: &Tensor, axis: usize) -> candle_core::Result<Tensor> {
+    let m = x.max_keepdim(axis)?;
+    let e = x.broadcast_sub(&m)?.exp()?;
+    let s = e.sum_keepdim(axis)?;
+    e.broadcast_div(&s)
+}
+
+/// Sets element `(i, j)` of the last two axes `[.., q, k]` to −∞ where `j > i + (k − q)`.
+fn causal_mask(x: &Tensor) -> candle_core::Result<Tensor> {
+    let dims = x.dims();
+    let (q, k) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+    let off = k.saturating_sub(q);
+    let mask: Vec<u8> = (0..q)
+        .flat_map(|i| (0..k).map(move |j| u8::from(j > i + off)))
+        .collect();
+    let mask = Tensor::from_vec(mask, (q, k), x.device())?.broadcast_as(dims)?;
+    let neg = Tensor::full(f32::NEG_INFINITY, dims, x.device())?.to_dtype(x.dtype())?;
+    mask.where_cond(&neg, x)
+}
+
+/// Pads H and W (axes 2, 3) with `value`.
+fn pad_hw(x: &Tensor, ph: usize, pw: usize, value: f32) -> candle_core::Result<Tensor> {
+    if ph == 0 && pw == 0 {
+        return Ok(x.clone());
+    }
+    let (n, c, h, w) = x.dims4()?;
+    let dev = x.device();
+    let dt = x.dtype();
+    let side = |rows: usize, cols: usize| -> candle_core::Result<Tensor> {
+        Tensor::full(value, (n, c, rows, cols), dev)?.to_dtype(dt)
+    };
+    let mut t = x.clone();
+    if pw > 0 {
+        t = Tensor::cat(&[&side(h, pw)?, &t, &side(h, pw)?], 3)?;
+    }
+    if ph > 0 {
+        let w2 = w + 2 * pw;
+        t = Tensor::cat(&[&side(ph, w2)?, &t, &side(ph, w2)?], 2)?;
+    }
+    Ok(t)
+}
+
+fn compute(node: &Node, ins: &[Tensor]) -> candle_core::Result<Vec<Tensor>> {
+    let one = |t: Tensor| -> candle_core::Result<Vec<Tensor>> { Ok(vec![t.contiguous()?]) };
+    match &node.op {
+        OpKind::KvCacheAppend => {
+            if ins.len() == 2 {
+                one(Tensor::stack(&[&ins[0], &ins[1]], 0)?)
+            } else {
+                let new = Tensor::stack(&[&ins[1], &ins[2]], 0)?;
+                one(Tensor::cat(&[&ins[0], &new], 2)?)
+            }
+        }
+        OpKind::KvCacheRead { part } => {
+            let i = match part {
+                KvPart::Key => 0,
+                KvPart::Value => 1,
+            };
+            one(ins[0].get(i)?)
+        }
+        OpKind::Embedding => {
+            let ids = &ins[0];
+            let mut shape = ids.dims().to_vec();
+            let flat = ids.flatten_all()?;
+            let flat = if flat.dtype() == CDType::I32 {
+                flat.to_dtype(CDType::I64)?
+            } else {
+                flat
+            };
+            let rows = ins[1].index_select(&flat, 0)?;
+            shape.push(ins[1].dim(1)?);
+            one(rows.reshape(shape)?)
+        }
+        OpKind::Linear { bias, layout } => {
+            let x = &ins[0];
+            let mut shape = x.dims().to_vec();
+            let k = shape.last().copied().unwrap_or(1);
+            let x2 = x.reshape(((), k))?;
+            let w = match layout {
+                WeightLayout::InOut => ins[1].clone(),
+                WeightLayout::OutIn => ins[1].t()?.contiguous()?,
+            };
+            let mut y = x2.matmul(&w)?;
+            if *bias {
+                y = y.broadcast_add(&ins[2])?;
+            }
+            if let Some(last) = shape.last_mut() {
+                *last = w.dim(1)?;
+            }
+            one(y.reshape(shape)?)
+        }
+        OpKind::MatMul { transpose_b } => {
+            let b = if *transpose_b {
+                ins[1].t()?.contiguous()?
+            } else {
+                ins[1].clone()
+            };
+            let a = ins[0].contiguous()?;
+            if b.rank() == 2 && a.rank() > 2 {
+                let mut shape = a.dims().to_vec();
+                let k = shape.last().copied().unwrap_or(1);
+                let y = a.reshape(((), k))?.matmul(&b)?;
+                if let Some(last) = shape.last_mut() {
+                    *last = b.dim(1)?;
+                }
+                one(y.reshape(shape)?)
+            } else {
+                one(a.broadcast_matmul(&b)?)
+            }
+        }
+        OpKind::Conv2d {
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+        } => {
+            // candle's conv2d takes one value per attribute; the builders use square ones.
+            if stride[0] != stride[1] || padding[0] != padding[1] || dilation[0] != dilation[1] {
+                return Err(candle_core::Error::Msg(
+                    "non-square stride/padding/dilation are not supported".into(),
+                ));
+            }
+            let mut y = ins[0].conv2d(&ins[1], padding[0], stride[0], dilation[0], *groups)?;
+            if *bias {
+                let o = ins[2].dim(0)?;
+                y = y.broadcast_add(&ins[2].reshape((1, o, 1, 1))?)?;
+            }
+            one(y)
+        }
+        OpKind::BatchNorm { eps } => {
+            let x = &ins[0];
+            let c = x.dim(1)?;
+            let mut bshape = vec![1usize; x.rank()];
+            bshape[1] = c;
+            let r = |t: &Tensor| t.reshape(bshape.clone());
+            let inv = (r(&ins[4])? + f64::from(eps.0))?.sqrt()?;
+            let y = x
+                .broadcast_sub(&r(&ins[3])?)?
+                .broadcast_div(&inv)?
+                .broadcast_mul(&r(&ins[1])?)?
+                .broadcast_add(&r(&ins[2])?)?;
+            one(y)
+        }
+        OpKind::LayerNorm { eps } => {
+            let x = &ins[0];
+            let mean = x.mean_keepdim(D::Minus1)?;
+            let xc = x.broadcast_sub(&mean)?;
+            let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+            let y = xc
+                .broadcast_div(&(var + f64::from(eps.0))?.sqrt()?)?
+                .broadcast_mul(&ins[1])?
+                .broadcast_add(&ins[2])?;
+            one(y)
+        }
+        OpKind::Softmax { axis, causal } => {
+            let x = if *causal {
+                causal_mask(&ins[0])?
+            } else {
+                ins[0].clone()
+            };
+            one(softmax(&x, *axis)?)
+        }
+        OpKind::Attention {
+            heads,
+            head_dim,
+            causal,
+            scale,
+        } => {
+            let split = |t: &Tensor| -> candle_core::Result<Tensor> {
+                let (b, s, _) = t.dims3()?;
+                t.reshape((b, s, *heads, *head_dim))?
+                    .transpose(1, 2)?
+                    .contiguous()
+            };
+            let (q, k, v) = (split(&ins[0])?, split(&ins[1])?, split(&ins[2])?);
+            let kt = k.transpose(2, 3)?.contiguous()?;
+            let mut s = (q.matmul(&kt)? * f64::from(scale.0))?;
+            if *causal {
+                s = causal_mask(&s)?;
+            }
+            let p = softmax(&s, 3)?;
+            let o = p.matmul(&v)?.transpose(1, 2)?;
+            let (b, qn, _, _) = o.dims4()?;
+            one(o.contiguous()?.reshape((b, qn, heads * head_dim))?)
+        }
+        OpKind::Add => one(ins[0].broadcast_add(&ins[1])?),
+        OpKind::Mul => one(ins[0].broadcast_mul(&ins[1])?),
+        OpKind::Gelu { approximate } => one(match approximate {
+            GeluApprox::Tanh => ins[0].gelu()?,
+            GeluApprox::Erf => ins[0].gelu_erf()?,
+        }),
+        OpKind::Relu => one(ins[0].relu()?),
+        OpKind::Tanh => one(ins[0].tanh()?),
+        OpKind::MaxPool2d {
+            kernel,
+            stride,
+            padding,
+        } => {
+            let x = pad_hw(&ins[0], padding[0], padding[1], f32::NEG_INFINITY)?;
+            one(x.max_pool2d_with_stride((kernel[0], kernel[1]), (stride[0], stride[1]))?)
+        }
+        OpKind::AvgPool2d {
+            kernel,
+            stride,
+            padding,
+        } => {
+            let x = pad_hw(&ins[0], padding[0], padding[1], 0.0)?;
+            one(x.avg_pool2d_with_stride((kernel[0], kernel[1]), (stride[0], stride[1]))?)
+        }
+        OpKind::GlobalAvgPool2d => one(ins[0].mean_keepdim(3)?.mean_keepdim(2)?),
+        OpKind::Reshape { shape } => one(ins[0].contiguous()?.reshape(shape.clone())?),
+        OpKind::Transpose { perm } => one(ins[0].permute(perm.clone())?),
+        OpKind::Concat { axis } => {
+            let refs: Vec<&Tensor> = ins.iter().collect();
+            one(Tensor::cat(&refs, *axis)?)
+        }
+        OpKind::Split { axis, sizes } => {
+            let mut out = Vec::with_capacity(sizes.len());
+            let mut start = 0;
+            for &len in sizes {
+                out.push(ins[0].narrow(*axis, start, len)?.contiguous()?);
+                start += len;
+            }
+            Ok(out)
+        }
+        OpKind::Slice { axis, start, end } => {
+            one(ins[0].narrow(*axis, *start, end.saturating_sub(*start))?)
+        }
+        OpKind::Input | OpKind::Parameter { .. } | OpKind::KvCache { .. } | OpKind::Custom(_) => {
+            Err(candle_core::Error::Msg(format!(
+                "op `{}` has no CPU kernel",
+                node.op.name()
+            )))
+        }
+    }
+}
+
+/// Inputs each op needs at least (so a malformed call is an error, not an index panic).
+fn min_inputs(op: &OpKind) -> usize {
+    match op {
+        OpKind::Input | OpKind::Parameter { .. } | OpKind::KvCache { .. } | OpKind::Custom(_) => 0,
+        OpKind::KvCacheAppend | OpKind::Embedding | OpKind::MatMul { .. } => 2,
+        OpKind::Add | OpKind::Mul => 2,
+        OpKind::Linear { bias, .. } | OpKind::Conv2d { bias, .. } => 2 + usize::from(*bias),
+        OpKind::LayerNorm { .. } | OpKind::Attention { .. } => 3,
+        OpKind::BatchNorm { .. } => 5,
+        _ => 1,
+    }
+}
+
+impl Kernels for CpuKernels {
+    fn name(&self) -> &str {
+        "cpu (candle)"
+    }
+
+    fn run(&self, node: &Node, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+        let need = min_inputs(&node.op);
+        if inputs.len() < need {
+            return Err(bad(
+                node,
+                format!("needs {need} inputs, got {}", inputs.len()),
+            ));
+        }
+        let out = compute(node, inputs).map_err(|source| RuntimeError::Kernel {
+            node: node.name.clone(),
+            source,
+        })?;
+        if out.len() != node.outputs.len() {
+            return Err(bad(
+                node,
+                format!(
+                    "kernel produced {} outputs, graph declares {}",
+                    out.len(),
+                    node.outputs.len()
+                ),
+            ));
+        }
+        for (i, (t, meta)) in out.iter().zip(&node.outputs).enumerate() {
+            if t.dims() != meta.shape.as_slice() {
+                return Err(bad(
+                    node,
+                    format!(
+                        "output {i} has shape {:?}, graph declares {:?}",
+                        t.dims(),
+                        meta.shape
+                    ),
+                ));
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use genie_scheduler::graph::{DType, NodeId, Scalar, Semantics, TensorMeta};
+
+    fn node(op: OpKind, out: &[usize]) -> Node {
+        Node {
+            id: NodeId(0),
+            name: "t".into(),
+            op,
+            inputs: vec![],
+            outputs: vec![TensorMeta::new(out.to_vec(), DType::F32)],
+            semantics: Semantics::default(),
+        }
+    }
+
+    fn t(v: &[f32], s: &[usize]) -> Tensor {
+        Tensor::from_vec(v.to_vec(), s.to_vec(), &Device::Cpu).unwrap()
+    }
+
+    fn vals(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    #[test]
+    fn linear_layouts_agree() {
+        let k = CpuKernels::new();
+        let x = t(&[1.0, 2.0], &[1, 2]);
+        let w_io = t(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[2, 3]);
+        let b = t(&[0.5, 0.5, 0.5], &[3]);
+        let n = node(
+            OpKind::Linear {
+                bias: true,
+                layout: WeightLayout::InOut,
+            },
+            &[1, 3],
+        );
+        let y = k.run(&n, &[x.clone(), w_io.clone(), b.clone()]).unwrap();
+        assert_eq!(vals(&y[0]), vec![9.5, 12.5, 15.5]);
+        let n2 = node(
+            OpKind::Linear {
+                bias: true,
+                layout: WeightLayout::OutIn,
+            },
+            &[1, 3],
+        );
+        let w_oi = w_io.t().unwrap().contiguous().unwrap();
+        let y2 = k.run(&n2, &[x, w_oi, b]).unwrap();
+        assert_eq!(vals(&y2[0]), vals(&y[0]));
+        assert!(k.run(&n2, &[t(&[1.0], &[1])]).is_err());
+    }
+
+    #[test]
+    fn causal_attention_first_row_sees_only_itself() {
+        let k = CpuKernels::new();
+        let n = node(
+            OpKind::Attention {
+                heads: 1,
+                head_dim: 2,
+                causal: true,
+                scale: Scalar(1.0),
+            },
+            &[1, 2, 2],
+        );
+        let q = t(&[1.0, 0.0, 0.0, 1.0], &[1, 2, 2]);
+        let v = t(&[1.0, 2.0, 3.0, 4.0], &[1, 2, 2]);
+        let y = k.run(&n, &[q.clone(), q, v]).unwrap();
+        let y = vals(&y[0]);
+        assert_eq!(&y[..2], &[1.0, 2.0]);
+        assert!(y[2] > 1.0 && y[2] < 3.0);
+    }
+
+    #[test]
+    fn pooling_softmax_and_norms() {
+        let k = CpuKernels::new();
+        let x = t(
+            &(0..16).map(|i| i as f32).collect::<Vec<_>>(),
+            &[1, 1, 4, 4],
+        );
+        let n = node(
+            OpKind::MaxPool2d {
+                kernel: [3, 3],
+                stride: [2, 2],
+                padding: [1, 1],
+            },
+            &[1, 1, 2, 2],
+        );
+        assert_eq!(
+            vals(&k.run(&n, &[x.clone()]).unwrap()[0]),
+            vec![5.0, 7.0, 13.0, 15.0]
+        );
+        let n = node(OpKind::GlobalAvgPool2d, &[1, 1, 1, 1]);
+        assert_eq!(vals(&k.run(&n, &[x]).unwrap()[0]), vec![7.5]);
+        let n = node(
+            OpKind::Softmax {
+                axis: 1,
+                causal: false,
+            },
+            &[1, 2],
+        );
+        let y = vals(&k.run(&n, &[t(&[0.0, 0.0], &[1, 2])]).unwrap()[0]);
+        assert_eq!(y, vec![0.5, 0.5]);
+        let n = node(OpKind::LayerNorm { eps: Scalar(0.0) }, &[1, 2]);
+        let y = k
+            .run(
+                &n,
+                &[
+                    t(&[1.0, 3.0], &[1, 2]),
+                    t(&[1.0, 1.0], &[2]),
+                    t(&[0.0, 0.0], &[2]),
+                ],
+            )
+            .unwrap();
+        assert_eq!(vals(&y[0]), vec![-1.0, 1.0]);
+    }
+}

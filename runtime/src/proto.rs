@@ -1,0 +1,198 @@
+//! Control messages between the driver and workers, and between workers.
+//!
+//! A message is `[u32 LE header length][JSON header][binary payload]`; tensors travel in the
+//! payload (never as JSON numbers), addressed by `(offset, len)` in the header. Decoding never
+//! panics: every length is checked against what arrived.
+
+use crate::error::{Result, RuntimeError};
+use crate::plan::Placement;
+use genie_scheduler::graph::{Graph, TensorMeta, TensorRef};
+use genie_transport::RemoteRegion;
+use serde::{Deserialize, Serialize};
+
+/// Where parameter values come from (sent to workers at setup).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WeightSpec {
+    /// Seeded random weights.
+    Seeded(u64),
+    /// A safetensors checkpoint path readable by every worker.
+    Checkpoint(String),
+}
+
+/// A tensor carried in a message's payload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PayloadTensor {
+    /// Input node name or produced tensor.
+    pub name: String,
+    /// Tensor reference (for outputs).
+    pub tensor: Option<TensorRef>,
+    /// Shape and dtype.
+    pub meta: TensorMeta,
+    /// Offset of its bytes in the payload.
+    pub offset: u64,
+    /// Byte length.
+    pub len: u64,
+}
+
+/// A compute span measured by a worker, µs since it received the run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ComputeRecord {
+    /// Node name.
+    pub name: String,
+    /// Start.
+    pub start_us: f64,
+    /// Duration.
+    pub dur_us: f64,
+}
+
+/// Everything a worker tells the driver about one run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct RunStats {
+    /// Compute spans.
+    pub compute: Vec<ComputeRecord>,
+    /// Transfer id → µs when the sender posted it.
+    pub posted: Vec<(u32, f64)>,
+    /// Transfer id → µs when the receiver saw its notification.
+    pub arrived: Vec<(u32, f64)>,
+    /// Nodes recomputed here that belong to another worker.
+    pub recomputes: u64,
+    /// Weights found in the worker's cache.
+    pub cache_hits: u64,
+    /// Nodes executed.
+    pub nodes: u64,
+    /// Peak bytes of the tensor store during the run.
+    pub peak_store_bytes: u64,
+}
+
+/// The control protocol.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Msg {
+    /// First message of a driver's connection.
+    HelloDriver,
+    /// First message of a worker-to-worker connection.
+    HelloPeer {
+        /// Sender's name.
+        name: String,
+    },
+    /// Driver → worker: connect to the other workers and prepare weights.
+    Setup {
+        /// Weight source.
+        weights: WeightSpec,
+    },
+    /// Worker → driver: mesh connected.
+    SetupDone,
+    /// Driver → worker: run a graph. Inputs in the payload.
+    Run {
+        /// Run number.
+        run: u64,
+        /// The graph.
+        graph: Graph,
+        /// Where nodes run.
+        placement: Placement,
+        /// Sequence id for KV-cache state.
+        seq: u64,
+        /// Model inputs (in the payload).
+        inputs: Vec<PayloadTensor>,
+        /// Tensors to send back to the driver.
+        wanted: Vec<TensorRef>,
+    },
+    /// Worker → worker: the landing region for this run's transfers from the receiver.
+    Regions {
+        /// Run number.
+        run: u64,
+        /// The region.
+        region: RemoteRegion,
+    },
+    /// Worker → driver: its part of a run finished. Outputs in the payload.
+    Done {
+        /// Run number.
+        run: u64,
+        /// Wanted tensors produced here.
+        outputs: Vec<PayloadTensor>,
+        /// Measurements.
+        stats: RunStats,
+    },
+    /// Worker → driver: the run failed here.
+    Failed {
+        /// Run number.
+        run: u64,
+        /// The error.
+        error: String,
+        /// The worker the failure is attributed to (a dead peer), if any.
+        culprit: Option<String>,
+    },
+    /// Driver → worker: drop a sequence's KV cache.
+    FreeSequence {
+        /// Sequence id.
+        seq: u64,
+    },
+    /// Driver → worker: stop serving.
+    Shutdown,
+}
+
+/// Encodes a message with its payload.
+pub fn encode(msg: &Msg, payload: &[u8]) -> Result<Vec<u8>> {
+    let header = serde_json::to_vec(msg).map_err(|e| RuntimeError::Plan(e.to_string()))?;
+    let mut out = Vec::with_capacity(4 + header.len() + payload.len());
+    out.extend_from_slice(&(header.len() as u32).to_le_bytes());
+    out.extend_from_slice(&header);
+    out.extend_from_slice(payload);
+    Ok(out)
+}
+
+/// Decodes a message; `from` names the sender for errors.
+pub fn decode(bytes: &[u8], from: &str) -> Result<(Msg, Vec<u8>)> {
+    let bad = |reason: String| RuntimeError::BadMessage {
+        worker: from.into(),
+        reason,
+    };
+    let len_bytes: [u8; 4] = bytes
+        .get(..4)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| bad("shorter than its length prefix".into()))?;
+    let hlen = u32::from_le_bytes(len_bytes) as usize;
+    let header = bytes
+        .get(4..4 + hlen)
+        .ok_or_else(|| bad(format!("header of {hlen} bytes does not fit")))?;
+    let msg: Msg = serde_json::from_slice(header).map_err(|e| bad(e.to_string()))?;
+    Ok((msg, bytes.get(4 + hlen..).unwrap_or(&[]).to_vec()))
+}
+
+/// Bytes of one payload tensor, checked against the payload.
+pub fn payload_slice<'a>(payload: &'a [u8], t: &PayloadTensor, from: &str) -> Result<&'a [u8]> {
+    let start = usize::try_from(t.offset).ok();
+    let end = start.and_then(|s| s.checked_add(usize::try_from(t.len).ok()?));
+    match (start, end) {
+        (Some(s), Some(e)) if e <= payload.len() => Ok(&payload[s..e]),
+        _ => Err(RuntimeError::BadMessage {
+            worker: from.into(),
+            reason: format!("tensor `{}` lies outside the payload", t.name),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_rejects_garbage() {
+        let m = Msg::FreeSequence { seq: 3 };
+        let b = encode(&m, b"xyz").unwrap();
+        let (back, payload) = decode(&b, "w1").unwrap();
+        assert!(matches!(back, Msg::FreeSequence { seq: 3 }));
+        assert_eq!(payload, b"xyz");
+        assert!(decode(&[1, 2], "w1").is_err());
+        assert!(decode(&[255, 0, 0, 0, b'{'], "w1").is_err());
+        assert!(decode(&[1, 0, 0, 0, b'{'], "w1").is_err());
+        let t = PayloadTensor {
+            name: "x".into(),
+            tensor: None,
+            meta: TensorMeta::new([1], genie_scheduler::graph::DType::F32),
+            offset: 2,
+            len: 4,
+        };
+        assert!(payload_slice(b"abc", &t, "w").is_err());
+        assert_eq!(payload_slice(b"abcdef", &t, "w").unwrap(), b"cdef");
+    }
+}

@@ -1,0 +1,876 @@
+//! A worker: a transport endpoint, a tensor store, a KV-cache manager and kernels, serving runs
+//! for a driver.
+//!
+//! The same [`serve`] loop runs in a thread of the embedded cluster and in a `genie worker`
+//! process. Per run, a worker
+//! 1. derives the [`ExecPlan`] from the graph and placement,
+//! 2. allocates one landing region per peer that sends to it and tells that peer its
+//!    descriptor (and learns the descriptors of the peers it sends to),
+//! 3. starts one receiver thread per sending peer, which waits on that connection's
+//!    notifications and turns each landed tensor into a store entry as soon as it arrives,
+//! 4. runs its nodes in dataflow order; right after a node finishes, each of its outputs that
+//!    another worker consumes is copied into the staging region and posted with
+//!    `write_notify` — it travels while the next node computes,
+//! 5. reports outputs and timings to the driver.
+//!
+//! A dead peer surfaces as a transport error on that connection within the transport's peer
+//! timeout, and the run fails naming that peer.
+
+use crate::cluster::Cluster;
+use crate::error::{Result, RuntimeError};
+use crate::kernels::{tensor_from_bytes, tensor_to_bytes, Kernels};
+use crate::kv::{KvCacheManager, KvConfig};
+use crate::plan::{layer_of, ExecPlan, Placement};
+use crate::proto::{self, ComputeRecord, Msg, PayloadTensor, RunStats, WeightSpec};
+use crate::store::{Residency as StoreResidency, TensorStore};
+use crate::weights::WeightSource;
+use candle_core::{Device, Tensor};
+use genie_scheduler::graph::{Graph, Node, NodeId, OpKind, TensorRef};
+use genie_transport::{
+    BackendChoice, Connection, Op, Region, RemoteRegion, Transport, TransportConfig, TransportError,
+};
+use parking_lot::{Condvar, Mutex};
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long set-up steps (connecting to peers, exchanging descriptors) may take.
+pub const SETUP_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a worker waits for one remote input before giving up on the run.
+pub const INPUT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Largest control message (inputs, outputs).
+pub const MAX_MESSAGE: usize = 64 << 20;
+
+/// The transport configuration of a worker or driver endpoint listening on `listen`.
+pub fn transport_config(cluster: &Cluster, listen: SocketAddr) -> TransportConfig {
+    TransportConfig {
+        backend: BackendChoice::Auto,
+        listen,
+        secret: cluster.secret.clone(),
+        max_message_size: MAX_MESSAGE,
+        ..TransportConfig::default()
+    }
+}
+
+fn terr(worker: &str, e: TransportError) -> RuntimeError {
+    match e {
+        TransportError::PeerDead { .. } | TransportError::ConnectionClosed { .. } => {
+            RuntimeError::WorkerFailed {
+                worker: worker.into(),
+                reason: e.to_string(),
+            }
+        }
+        other => RuntimeError::Transport {
+            worker: worker.into(),
+            reason: other.to_string(),
+        },
+    }
+}
+
+/// Sends a control message and waits until the transport has taken it.
+pub fn send_msg(conn: &dyn Connection, peer: &str, msg: &Msg, payload: &[u8]) -> Result<()> {
+    let bytes = proto::encode(msg, payload)?;
+    conn.send(&bytes)
+        .and_then(|op| op.wait(SETUP_TIMEOUT))
+        .map_err(|e| terr(peer, e))
+}
+
+/// Receives the next control message, waiting up to `timeout`.
+pub fn recv_msg(conn: &dyn Connection, peer: &str, timeout: Duration) -> Result<(Msg, Vec<u8>)> {
+    let bytes = conn.recv(timeout).map_err(|e| terr(peer, e))?;
+    proto::decode(&bytes, peer)
+}
+
+/// Connects to `addr`, retrying until `deadline` (the peer may still be starting).
+pub fn connect_retry(
+    endpoint: &dyn Transport,
+    addr: SocketAddr,
+    peer: &str,
+    deadline: Instant,
+) -> Result<Arc<dyn Connection>> {
+    loop {
+        match endpoint.connect(addr) {
+            Ok(c) => return Ok(c),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(RuntimeError::WorkerFailed {
+                    worker: peer.into(),
+                    reason: format!("cannot connect to {addr}: {e}"),
+                })
+            }
+            Err(TransportError::AuthFailed { .. }) => {
+                return Err(RuntimeError::Transport {
+                    worker: peer.into(),
+                    reason: "authentication failed (cluster secrets differ)".into(),
+                })
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+#[derive(Default)]
+struct PeerMap {
+    conns: Mutex<HashMap<usize, Arc<dyn Connection>>>,
+    cv: Condvar,
+}
+
+struct Worker {
+    me: usize,
+    name: String,
+    cluster: Cluster,
+    endpoint: Arc<dyn Transport>,
+    kernels: Arc<dyn Kernels>,
+    peers: Arc<PeerMap>,
+    weights: Option<WeightSource>,
+    weight_cache: HashMap<String, Tensor>,
+    kv: Option<KvCacheManager>,
+}
+
+/// Serves drivers on `endpoint` as worker `name` of `cluster` until a driver sends `Shutdown`.
+pub fn serve(
+    endpoint: Arc<dyn Transport>,
+    cluster: Cluster,
+    name: &str,
+    kernels: Arc<dyn Kernels>,
+) -> Result<()> {
+    let me = cluster.index_of(name)?;
+    let peers = Arc::new(PeerMap::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ctrl_tx, ctrl_rx) = mpsc::channel::<Arc<dyn Connection>>();
+    let acceptor = {
+        let (endpoint, peers, stop, cluster) = (
+            endpoint.clone(),
+            peers.clone(),
+            stop.clone(),
+            cluster.clone(),
+        );
+        let name = name.to_string();
+        let thread_name = format!("genie-accept-{name}");
+        std::thread::Builder::new()
+            .name(thread_name.clone())
+            .spawn(move || accept_loop(&*endpoint, &cluster, &name, &peers, &stop, &ctrl_tx))
+            .map_err(|e| RuntimeError::WorkerFailed {
+                worker: thread_name,
+                reason: format!("cannot spawn a thread: {e}"),
+            })?
+    };
+    let mut w = Worker {
+        me,
+        name: name.to_string(),
+        cluster,
+        endpoint,
+        kernels,
+        peers,
+        weights: None,
+        weight_cache: HashMap::new(),
+        kv: None,
+    };
+    let result = loop {
+        let Ok(ctrl) = ctrl_rx.recv() else {
+            break Ok(());
+        };
+        match w.handle_driver(&*ctrl) {
+            Ok(true) => break Ok(()),
+            Ok(false) => continue,
+            Err(e) => {
+                tracing::warn!(worker = %w.name, error = %e, "driver connection ended");
+            }
+        }
+    };
+    stop.store(true, Ordering::Relaxed);
+    let _ = acceptor.join();
+    result
+}
+
+fn accept_loop(
+    endpoint: &dyn Transport,
+    cluster: &Cluster,
+    name: &str,
+    peers: &PeerMap,
+    stop: &AtomicBool,
+    ctrl_tx: &mpsc::Sender<Arc<dyn Connection>>,
+) {
+    while !stop.load(Ordering::Relaxed) {
+        let conn = match endpoint.accept(Duration::from_millis(100)) {
+            Ok(c) => c,
+            Err(TransportError::Timeout { .. }) => continue,
+            Err(TransportError::EndpointClosed { .. }) => return,
+            Err(e) => {
+                tracing::warn!(worker = name, error = %e, "refused an incoming connection");
+                continue;
+            }
+        };
+        match recv_msg(&*conn, "<incoming>", SETUP_TIMEOUT) {
+            Ok((Msg::HelloDriver, _)) => {
+                if ctrl_tx.send(conn).is_err() {
+                    return;
+                }
+            }
+            Ok((Msg::HelloPeer { name: peer }, _)) => match cluster.index_of(&peer) {
+                Ok(i) => {
+                    peers.conns.lock().insert(i, conn);
+                    peers.cv.notify_all();
+                }
+                Err(e) => {
+                    tracing::warn!(worker = name, error = %e, "unknown peer");
+                    conn.close();
+                }
+            },
+            Ok((other, _)) => {
+                tracing::warn!(worker = name, msg = ?other, "expected a hello");
+                conn.close();
+            }
+            Err(e) => tracing::warn!(worker = name, error = %e, "bad hello"),
+        }
+    }
+}
+
+/// A tensor that landed from a peer.
+struct Arrival {
+    id: u32,
+    tensor: Tensor,
+    at_us: f64,
+}
+
+impl Worker {
+    fn peer_name(&self, i: usize) -> String {
+        self.cluster
+            .workers
+            .get(i)
+            .map_or_else(|| format!("#{i}"), |w| w.name.clone())
+    }
+
+    /// Handles one driver connection; `Ok(true)` on shutdown.
+    fn handle_driver(&mut self, ctrl: &dyn Connection) -> Result<bool> {
+        loop {
+            let (msg, payload) = match recv_msg(ctrl, "driver", Duration::from_millis(500)) {
+                Ok(m) => m,
+                Err(RuntimeError::Transport { .. }) if ctrl.is_alive() => continue,
+                Err(e) => return Err(e),
+            };
+            match msg {
+                Msg::Setup { weights } => {
+                    let reply = match self.setup(weights) {
+                        Ok(()) => Msg::SetupDone,
+                        Err(e) => Msg::Failed {
+                            run: 0,
+                            error: e.to_string(),
+                            culprit: culprit(&e),
+                        },
+                    };
+                    send_msg(ctrl, "driver", &reply, &[])?;
+                }
+                Msg::Run {
+                    run,
+                    graph,
+                    placement,
+                    seq,
+                    inputs,
+                    wanted,
+                } => {
+                    let _span = tracing::info_span!("run", worker = %self.name, run).entered();
+                    let res =
+                        self.execute(run, &graph, &placement, seq, &inputs, &payload, &wanted);
+                    match res {
+                        Ok((outputs, out_payload, stats)) => send_msg(
+                            ctrl,
+                            "driver",
+                            &Msg::Done {
+                                run,
+                                outputs,
+                                stats,
+                            },
+                            &out_payload,
+                        )?,
+                        Err(e) => send_msg(
+                            ctrl,
+                            "driver",
+                            &Msg::Failed {
+                                run,
+                                error: e.to_string(),
+                                culprit: culprit(&e),
+                            },
+                            &[],
+                        )?,
+                    };
+                }
+                Msg::FreeSequence { seq } => {
+                    if let Some(kv) = &mut self.kv {
+                        kv.free_sequence(seq);
+                    }
+                }
+                Msg::Shutdown => return Ok(true),
+                other => {
+                    return Err(RuntimeError::BadMessage {
+                        worker: "driver".into(),
+                        reason: format!("unexpected {other:?}"),
+                    })
+                }
+            }
+        }
+    }
+
+    fn setup(&mut self, weights: WeightSpec) -> Result<()> {
+        self.weights = Some(match weights {
+            WeightSpec::Seeded(s) => WeightSource::Seeded(s),
+            WeightSpec::Checkpoint(p) => WeightSource::load(std::path::Path::new(&p))?,
+        });
+        self.weight_cache.clear();
+        let deadline = Instant::now() + SETUP_TIMEOUT;
+        for j in self.me + 1..self.cluster.workers.len() {
+            if self.peers.conns.lock().contains_key(&j) {
+                continue;
+            }
+            let peer = self.peer_name(j);
+            let addr = self.cluster.workers[j].address;
+            let conn = connect_retry(&*self.endpoint, addr, &peer, deadline)?;
+            send_msg(
+                &*conn,
+                &peer,
+                &Msg::HelloPeer {
+                    name: self.name.clone(),
+                },
+                &[],
+            )?;
+            self.peers.conns.lock().insert(j, conn);
+        }
+        let mut g = self.peers.conns.lock();
+        for j in 0..self.me {
+            while !g.contains_key(&j) {
+                if self.peers.cv.wait_until(&mut g, deadline).timed_out() {
+                    return Err(RuntimeError::WorkerFailed {
+                        worker: self.peer_name(j),
+                        reason: "did not connect in time".into(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn peer(&self, i: usize) -> Result<Arc<dyn Connection>> {
+        self.peers
+            .conns
+            .lock()
+            .get(&i)
+            .cloned()
+            .ok_or_else(|| RuntimeError::WorkerFailed {
+                worker: self.peer_name(i),
+                reason: "not connected (was Setup sent?)".into(),
+            })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn execute(
+        &mut self,
+        run: u64,
+        graph: &Graph,
+        placement: &Placement,
+        seq: u64,
+        inputs: &[PayloadTensor],
+        payload: &[u8],
+        wanted: &[TensorRef],
+    ) -> Result<(Vec<PayloadTensor>, Vec<u8>, RunStats)> {
+        let t0 = Instant::now();
+        let plan = ExecPlan::new(graph, placement, wanted)?;
+        let me = self.me;
+        let mut input_tensors: HashMap<String, Tensor> = HashMap::new();
+        for t in inputs {
+            let bytes = proto::payload_slice(payload, t, "driver")?;
+            input_tensors.insert(t.name.clone(), tensor_from_bytes(&t.meta, bytes)?);
+        }
+        // Landing regions for peers that send to us; tell them where.
+        let senders: BTreeSet<usize> = plan
+            .transfers
+            .iter()
+            .filter(|t| t.dst == me)
+            .map(|t| t.src)
+            .collect();
+        let receivers: BTreeSet<usize> = plan
+            .transfers
+            .iter()
+            .filter(|t| t.src == me)
+            .map(|t| t.dst)
+            .collect();
+        let mut landing: HashMap<usize, Region> = HashMap::new();
+        for &src in &senders {
+            let peer = self.peer_name(src);
+            let size = plan
+                .link_bytes
+                .get(&(src, me))
+                .copied()
+                .unwrap_or(0)
+                .max(64);
+            let region = self
+                .endpoint
+                .alloc_region(size as usize)
+                .map_err(|e| terr(&self.name, e))?;
+            let conn = self.peer(src)?;
+            send_msg(
+                &*conn,
+                &peer,
+                &Msg::Regions {
+                    run,
+                    region: region.descriptor(),
+                },
+                &[],
+            )?;
+            landing.insert(src, region);
+        }
+        let mut staging: HashMap<usize, (Region, RemoteRegion, Arc<dyn Connection>)> =
+            HashMap::new();
+        for &dst in &receivers {
+            let peer = self.peer_name(dst);
+            let conn = self.peer(dst)?;
+            let size = plan
+                .link_bytes
+                .get(&(me, dst))
+                .copied()
+                .unwrap_or(0)
+                .max(64);
+            let local = self
+                .endpoint
+                .alloc_region(size as usize)
+                .map_err(|e| terr(&self.name, e))?;
+            let remote = match recv_msg(&*conn, &peer, SETUP_TIMEOUT)? {
+                (Msg::Regions { run: r, region }, _) if r == run => region,
+                (other, _) => {
+                    return Err(RuntimeError::BadMessage {
+                        worker: peer,
+                        reason: format!("expected regions of run {run}, got {other:?}"),
+                    })
+                }
+            };
+            staging.insert(dst, (local, remote, conn));
+        }
+        // One receiver thread per sending peer.
+        let (tx, rx) = mpsc::channel::<Result<Arrival>>();
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for &src in &senders {
+            let specs: HashMap<u32, (genie_scheduler::graph::TensorMeta, u64)> = plan
+                .transfers
+                .iter()
+                .filter(|t| t.src == src && t.dst == me)
+                .filter_map(|t| {
+                    let meta = graph
+                        .nodes()
+                        .get(t.tensor.node.index())?
+                        .outputs
+                        .get(t.tensor.output as usize)?
+                        .clone();
+                    Some((t.id, (meta, t.dst_offset)))
+                })
+                .collect();
+            let conn = self.peer(src)?;
+            let region = landing.get(&src).cloned().ok_or_else(|| {
+                RuntimeError::Plan(format!("no landing region for {}", self.peer_name(src)))
+            })?;
+            let (tx, stop, peer) = (tx.clone(), stop.clone(), self.peer_name(src));
+            threads.push(std::thread::spawn(move || {
+                receive_loop(&*conn, &region, &specs, &peer, t0, &stop, &tx)
+            }));
+        }
+        drop(tx);
+        let store = TensorStore::new(self.name.clone());
+        let mut ctx = RunCtx {
+            w: self,
+            graph,
+            plan: &plan,
+            seq,
+            inputs: input_tensors,
+            store,
+            rx,
+            arrived: HashMap::new(),
+            stats: RunStats::default(),
+            t0,
+        };
+        let result = ctx.run_nodes(&staging, placement.overlap);
+        stop.store(true, Ordering::Relaxed);
+        for t in threads {
+            let _ = t.join();
+        }
+        let pending = result?;
+        for (dst, op) in pending {
+            op.wait(INPUT_TIMEOUT)
+                .map_err(|e| terr(&ctx.w.peer_name(dst), e))?;
+        }
+        // Wanted outputs produced here.
+        let mut outputs = Vec::new();
+        let mut out_payload = Vec::new();
+        for t in wanted {
+            if plan.worker_of.get(t.node.index()) != Some(&me) {
+                continue;
+            }
+            let tensor = ctx.store.consume(&key(t))?;
+            let bytes = tensor_to_bytes(&tensor)?;
+            let meta = graph
+                .nodes()
+                .get(t.node.index())
+                .and_then(|n| n.outputs.get(t.output as usize))
+                .cloned()
+                .ok_or_else(|| RuntimeError::Plan(format!("no metadata for {t:?}")))?;
+            outputs.push(PayloadTensor {
+                name: String::new(),
+                tensor: Some(*t),
+                meta,
+                offset: out_payload.len() as u64,
+                len: bytes.len() as u64,
+            });
+            out_payload.extend_from_slice(&bytes);
+        }
+        ctx.stats.peak_store_bytes = ctx.store.peak_bytes() as u64;
+        ctx.stats.arrived = ctx.arrived.into_iter().collect();
+        Ok((outputs, out_payload, ctx.stats))
+    }
+}
+
+/// Which worker an error blames, if it is a peer failure.
+fn culprit(e: &RuntimeError) -> Option<String> {
+    match e {
+        RuntimeError::WorkerFailed { worker, .. } => Some(worker.clone()),
+        _ => None,
+    }
+}
+
+fn key(t: &TensorRef) -> String {
+    format!("{}:{}", t.node.0, t.output)
+}
+
+fn receive_loop(
+    conn: &dyn Connection,
+    region: &Region,
+    specs: &HashMap<u32, (genie_scheduler::graph::TensorMeta, u64)>,
+    peer: &str,
+    t0: Instant,
+    stop: &AtomicBool,
+    tx: &mpsc::Sender<Result<Arrival>>,
+) {
+    let mut left = specs.len();
+    while left > 0 && !stop.load(Ordering::Relaxed) {
+        let imm = match conn.recv_notification(Duration::from_millis(100)) {
+            Ok(i) => i,
+            Err(TransportError::Timeout { .. }) => continue,
+            Err(e) => {
+                let _ = tx.send(Err(terr(peer, e)));
+                return;
+            }
+        };
+        let at_us = t0.elapsed().as_secs_f64() * 1e6;
+        let res = match specs.get(&imm) {
+            None => Err(RuntimeError::BadMessage {
+                worker: peer.into(),
+                reason: format!("notification {imm} names no transfer of this run"),
+            }),
+            Some((meta, offset)) => {
+                let mut buf = vec![0u8; meta.bytes() as usize];
+                region
+                    .read(*offset as usize, &mut buf)
+                    .map_err(|e| terr(peer, e))
+                    .and_then(|()| tensor_from_bytes(meta, &buf))
+                    .map(|tensor| Arrival {
+                        id: imm,
+                        tensor,
+                        at_us,
+                    })
+            }
+        };
+        let failed = res.is_err();
+        if tx.send(res).is_err() || failed {
+            return;
+        }
+        left -= 1;
+    }
+}
+
+struct RunCtx<'a> {
+    w: &'a mut Worker,
+    graph: &'a Graph,
+    plan: &'a ExecPlan,
+    seq: u64,
+    inputs: HashMap<String, Tensor>,
+    store: TensorStore,
+    rx: mpsc::Receiver<Result<Arrival>>,
+    arrived: HashMap<u32, f64>,
+    stats: RunStats,
+    t0: Instant,
+}
+
+type Staging = HashMap<usize, (Region, RemoteRegion, Arc<dyn Connection>)>;
+
+impl RunCtx<'_> {
+    fn node(&self, id: NodeId) -> Result<&Node> {
+        self.graph
+            .node(id)
+            .ok_or_else(|| RuntimeError::Plan(format!("missing node {id}")))
+    }
+
+    fn us(&self) -> f64 {
+        self.t0.elapsed().as_secs_f64() * 1e6
+    }
+
+    /// Runs this worker's nodes; returns the transfers still in flight.
+    fn run_nodes(&mut self, staging: &Staging, overlap: bool) -> Result<Vec<(usize, Op)>> {
+        let me = self.w.me;
+        let mut pending = Vec::new();
+        for &id in &self.plan.order {
+            let i = id.index();
+            if self.plan.replicated[i] || self.plan.worker_of[i] != me {
+                continue;
+            }
+            let node = self.node(id)?.clone();
+            let outs = self.compute(&node, false)?;
+            for (o, t) in outs.into_iter().enumerate() {
+                let tref = TensorRef::new(id, o as u32);
+                if let Some(ids) = self.plan.outgoing.get(&tref) {
+                    let bytes = tensor_to_bytes(&t)?;
+                    for &tid in ids {
+                        let spec = &self.plan.transfers[tid as usize];
+                        let peer = self.w.peer_name(spec.dst);
+                        let (local, remote, conn) = staging.get(&spec.dst).ok_or_else(|| {
+                            RuntimeError::Plan(format!("no staging region for {peer}"))
+                        })?;
+                        local
+                            .write(spec.src_offset as usize, &bytes)
+                            .map_err(|e| terr(&peer, e))?;
+                        self.stats.posted.push((tid, self.us()));
+                        let op = conn
+                            .write_notify(
+                                local,
+                                spec.src_offset as usize,
+                                remote,
+                                spec.dst_offset,
+                                bytes.len(),
+                                tid,
+                            )
+                            .map_err(|e| terr(&peer, e))?;
+                        if overlap {
+                            pending.push((spec.dst, op));
+                        } else {
+                            op.wait(INPUT_TIMEOUT).map_err(|e| terr(&peer, e))?;
+                        }
+                    }
+                }
+                let uses = self.plan.uses.get(&(tref, me)).copied().unwrap_or(0);
+                self.store
+                    .insert(key(&tref), t, StoreResidency::Ephemeral { remaining: uses });
+            }
+        }
+        Ok(pending)
+    }
+
+    /// Computes a node here (a replicated one on demand when `recompute`).
+    fn compute(&mut self, node: &Node, recompute: bool) -> Result<Vec<Tensor>> {
+        let mut ins = Vec::with_capacity(node.inputs.len());
+        for t in &node.inputs {
+            ins.push(self.fetch(t)?);
+        }
+        let _span = tracing::debug_span!("node", name = %node.name).entered();
+        let start = self.us();
+        let outs = match &node.op {
+            OpKind::KvCache { layer } => vec![self.kv_read(node, *layer as usize)?],
+            _ => self.w.kernels.run(node, &ins)?,
+        };
+        if matches!(node.op, OpKind::KvCacheAppend) {
+            if let Some(t) = outs.first() {
+                self.kv_write(node, t)?;
+            }
+        }
+        let end = self.us();
+        self.stats.nodes += 1;
+        if recompute {
+            self.stats.recomputes += 1;
+        }
+        self.stats.compute.push(ComputeRecord {
+            name: node.name.clone(),
+            start_us: start,
+            dur_us: end - start,
+        });
+        Ok(outs)
+    }
+
+    /// One read of `t` by a node on this worker.
+    fn fetch(&mut self, t: &TensorRef) -> Result<Tensor> {
+        let i = t.node.index();
+        let node = self.node(t.node)?.clone();
+        match &node.op {
+            OpKind::Parameter { .. } => {
+                if let Some(w) = self.w.weight_cache.get(&node.name) {
+                    self.stats.cache_hits += 1;
+                    return Ok(w.clone());
+                }
+                let src = self.w.weights.as_ref().ok_or_else(|| {
+                    RuntimeError::Plan("no weight source (Setup not received)".into())
+                })?;
+                let v = src.value(&node)?;
+                self.w.weight_cache.insert(node.name.clone(), v.clone());
+                return Ok(v);
+            }
+            OpKind::Input => {
+                return self.inputs.get(&node.name).cloned().ok_or_else(|| {
+                    RuntimeError::MissingTensor {
+                        worker: self.w.name.clone(),
+                        tensor: node.name.clone(),
+                    }
+                })
+            }
+            _ => {}
+        }
+        if self.plan.replicated[i] {
+            let outs = self.compute(&node, self.plan.worker_of[i] != self.w.me)?;
+            return outs.into_iter().nth(t.output as usize).ok_or_else(|| {
+                RuntimeError::Plan(format!("{} has no output {}", node.name, t.output))
+            });
+        }
+        let k = key(t);
+        if self.plan.worker_of[i] != self.w.me && !self.store.contains(&k) {
+            let want = self
+                .plan
+                .incoming
+                .get(&(*t, self.w.me))
+                .copied()
+                .ok_or_else(|| RuntimeError::Plan(format!("no transfer brings {k}")))?;
+            let deadline = Instant::now() + INPUT_TIMEOUT;
+            while !self.arrived.contains_key(&want) {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let arrival = match self.rx.recv_timeout(left) {
+                    Ok(a) => a?,
+                    Err(_) => {
+                        let src = self.plan.transfers[want as usize].src;
+                        return Err(RuntimeError::WorkerFailed {
+                            worker: self.w.peer_name(src),
+                            reason: format!("tensor `{}` never arrived", node.name),
+                        });
+                    }
+                };
+                let spec = &self.plan.transfers[arrival.id as usize];
+                let uses = self
+                    .plan
+                    .uses
+                    .get(&(spec.tensor, self.w.me))
+                    .copied()
+                    .unwrap_or(0);
+                self.store.insert(
+                    key(&spec.tensor),
+                    arrival.tensor,
+                    StoreResidency::Ephemeral { remaining: uses },
+                );
+                self.arrived.insert(arrival.id, arrival.at_us);
+            }
+        }
+        self.store.consume(&k)
+    }
+
+    fn kv_manager(&mut self, width: usize) -> Result<&mut KvCacheManager> {
+        let layers = self
+            .graph
+            .nodes()
+            .iter()
+            .filter(|n| matches!(n.op, OpKind::KvCache { .. } | OpKind::KvCacheAppend))
+            .filter_map(|n| layer_of(self.graph, n.id))
+            .max()
+            .map_or(1, |m| m + 1);
+        let kv = self.w.kv.get_or_insert_with(|| {
+            KvCacheManager::new(KvConfig {
+                layers,
+                width,
+                block_tokens: 16,
+                max_blocks: 1 << 20,
+            })
+        });
+        let cfg = kv.config();
+        if cfg.width != width || cfg.layers < layers {
+            return Err(RuntimeError::KvCache {
+                reason: format!(
+                    "cache holds {} layers × {} wide, graph needs {layers} × {width}",
+                    cfg.layers, cfg.width
+                ),
+            });
+        }
+        Ok(kv)
+    }
+
+    fn kv_read(&mut self, node: &Node, layer: usize) -> Result<Tensor> {
+        let meta = node
+            .outputs
+            .first()
+            .ok_or_else(|| RuntimeError::Plan(format!("{} has no output", node.name)))?;
+        let (b, l, e) = match meta.shape.as_slice() {
+            [2, b, l, e] => (*b, *l, *e),
+            s => {
+                return Err(RuntimeError::KvCache {
+                    reason: format!("{}: cache shape {s:?} is not [2, B, L, E]", node.name),
+                })
+            }
+        };
+        if b != 1 {
+            return Err(RuntimeError::KvCache {
+                reason: format!("{}: only batch 1 per sequence is supported", node.name),
+            });
+        }
+        let seq = self.seq;
+        let kv = self.kv_manager(e)?;
+        let have = kv.len(seq, layer);
+        if have != l {
+            return Err(RuntimeError::KvCache {
+                reason: format!(
+                    "sequence {seq} layer {layer} holds {have} positions, graph expects {l}"
+                ),
+            });
+        }
+        let (mut k, v) = kv.gather(seq, layer)?;
+        k.extend_from_slice(&v);
+        Tensor::from_vec(k, (2, 1, l, e), &Device::Cpu).map_err(|source| RuntimeError::Kernel {
+            node: node.name.clone(),
+            source,
+        })
+    }
+
+    fn kv_write(&mut self, node: &Node, t: &Tensor) -> Result<()> {
+        let layer = layer_of(self.graph, node.id)
+            .or_else(|| {
+                node.inputs
+                    .first()
+                    .and_then(|i| match self.graph.node(i.node)?.op {
+                        OpKind::KvCache { layer } => Some(layer as usize),
+                        _ => None,
+                    })
+            })
+            .ok_or_else(|| RuntimeError::KvCache {
+                reason: format!("cannot tell which layer `{}` belongs to", node.name),
+            })?;
+        let kerr = |source| RuntimeError::Kernel {
+            node: node.name.clone(),
+            source,
+        };
+        let (two, b, l, e) = t.dims4().map_err(kerr)?;
+        if two != 2 || b != 1 {
+            return Err(RuntimeError::KvCache {
+                reason: format!(
+                    "{}: cache of shape {:?} (need [2, 1, L, E])",
+                    node.name,
+                    t.dims()
+                ),
+            });
+        }
+        let seq = self.seq;
+        let have = self.kv_manager(e)?.len(seq, layer);
+        if have > l {
+            return Err(RuntimeError::KvCache {
+                reason: format!("{}: cache shrank from {have} to {l}", node.name),
+            });
+        }
+        let rows = |i: usize| -> candle_core::Result<Vec<f32>> {
+            t.get(i)?
+                .get(0)?
+                .narrow(0, have, l - have)?
+                .flatten_all()?
+                .to_vec1::<f32>()
+        };
+        let (k, v) = (rows(0).map_err(kerr)?, rows(1).map_err(kerr)?);
+        self.kv_manager(e)?.append(seq, layer, &k, &v)
+    }
+}
