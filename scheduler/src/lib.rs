@@ -22,6 +22,7 @@ pub mod placement;
 pub mod recompute;
 pub mod schedule;
 pub mod scheduler;
+pub mod synthetic;
 pub mod topology;
 
 pub use error::Error;
