@@ -39,7 +39,7 @@ pub struct TransferSample {
 pub struct RunOutput {
     /// The wanted tensors, in the order asked for.
     pub outputs: Vec<Tensor>,
-    /// Compute and transfer spans, µs since the run was handed out.
+    /// Compute and transfer spans, µs since the first of them started.
     pub spans: Vec<Span>,
     /// Counters.
     pub counters: CounterSnapshot,
@@ -333,6 +333,16 @@ impl Driver {
                     bytes: t.bytes,
                     seconds: dur / 1e6,
                 });
+            }
+        }
+        // Workers stamp µs since the epoch; make the run start at 0.
+        let origin = spans
+            .iter()
+            .map(|s| s.start_us)
+            .fold(f64::INFINITY, f64::min);
+        if origin.is_finite() {
+            for s in &mut spans {
+                s.start_us -= origin;
             }
         }
         spans.sort_by(|a, b| a.start_us.total_cmp(&b.start_us));

@@ -10,8 +10,10 @@
 #![warn(missing_docs)]
 
 pub mod cluster;
+pub mod demo;
 pub mod driver;
 pub mod error;
+pub mod feedback;
 pub mod kernels;
 pub mod kv;
 pub mod models;

@@ -374,7 +374,7 @@ impl Worker {
         payload: &[u8],
         wanted: &[TensorRef],
     ) -> Result<(Vec<PayloadTensor>, Vec<u8>, RunStats)> {
-        let t0 = Instant::now();
+        let t0 = WallClock::now();
         let plan = ExecPlan::new(graph, placement, wanted)?;
         let me = self.me;
         let mut input_tensors: HashMap<String, Tensor> = HashMap::new();
@@ -540,12 +540,38 @@ fn key(t: &TensorRef) -> String {
     format!("{}:{}", t.node.0, t.output)
 }
 
+/// A monotonic clock anchored to wall-clock time, so that timestamps taken by different
+/// workers (threads or processes on one host) are comparable.
+#[derive(Debug, Clone, Copy)]
+pub struct WallClock {
+    at: Instant,
+    epoch_us: f64,
+}
+
+impl WallClock {
+    /// Anchors now.
+    pub fn now() -> Self {
+        let epoch_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64() * 1e6);
+        Self {
+            at: Instant::now(),
+            epoch_us,
+        }
+    }
+}
+
+/// µs since the UNIX epoch, advancing monotonically from the anchor.
+fn wall_us(c: WallClock) -> f64 {
+    c.epoch_us + c.at.elapsed().as_secs_f64() * 1e6
+}
+
 fn receive_loop(
     conn: &dyn Connection,
     region: &Region,
     specs: &HashMap<u32, (genie_scheduler::graph::TensorMeta, u64)>,
     peer: &str,
-    t0: Instant,
+    t0: WallClock,
     stop: &AtomicBool,
     tx: &mpsc::Sender<Result<Arrival>>,
 ) {
@@ -559,7 +585,7 @@ fn receive_loop(
                 return;
             }
         };
-        let at_us = t0.elapsed().as_secs_f64() * 1e6;
+        let at_us = wall_us(t0);
         let res = match specs.get(&imm) {
             None => Err(RuntimeError::BadMessage {
                 worker: peer.into(),
@@ -596,7 +622,7 @@ struct RunCtx<'a> {
     rx: mpsc::Receiver<Result<Arrival>>,
     arrived: HashMap<u32, f64>,
     stats: RunStats,
-    t0: Instant,
+    t0: WallClock,
 }
 
 type Staging = HashMap<usize, (Region, RemoteRegion, Arc<dyn Connection>)>;
@@ -609,7 +635,7 @@ impl RunCtx<'_> {
     }
 
     fn us(&self) -> f64 {
-        self.t0.elapsed().as_secs_f64() * 1e6
+        wall_us(self.t0)
     }
 
     /// Runs this worker's nodes; returns the transfers still in flight.

@@ -1,0 +1,487 @@
+//! `genie demo`: GPT-2 disaggregated on an embedded cluster, against the naive placement.
+//!
+//! Two workers on TCP loopback: `w0` runs the prefill and the model's front end (embeddings,
+//! final norm, LM head); `w1` holds the KV caches and runs the decoder layers of every decode
+//! step. During the prefill, each layer's K/V travels to `w1` as soon as `w0` has computed it,
+//! while `w0` goes on with the next layer. The naive placement keeps the KV caches on the prefill
+//! worker and runs decode attention on the other, so the caches cross the network every step,
+//! and it waits for every transfer before computing on (no overlap).
+
+use crate::driver::{Driver, EmbeddedCluster, RunOutput, TransferSample};
+use crate::error::{Result, RuntimeError};
+use crate::feedback::{calibrate_links, predict_makespan, ComputeCalibration};
+use crate::kernels::CpuKernels;
+use crate::models::{argmax_last, prompt, row_i64};
+use crate::plan::{layer_of, Placement};
+use crate::proto::WeightSpec;
+use crate::trace::{summarize, write_chrome_trace, CounterSnapshot, Span};
+use genie_scheduler::builders::{gpt2_decode, gpt2_prefill, Gpt2Config};
+use genie_scheduler::cost::DeviceSpec;
+use genie_scheduler::graph::{Graph, NodeId, OpKind, Semantics, TensorRef};
+use genie_scheduler::topology::LinkSpec;
+use genie_scheduler::{OptimizationPlan, Scheduler, Topology};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Demo settings.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// `gpt2-small` (4 layers × 256 hidden, 8192 vocab) or `gpt2-124m` (the real GPT-2).
+    pub model: String,
+    /// Prompt length (the KV length decode steps attend over).
+    pub seq_len: usize,
+    /// Decode steps per placement.
+    pub steps: usize,
+    /// Where to write the Chrome/Perfetto trace.
+    pub trace: PathBuf,
+    /// Weight seed.
+    pub seed: u64,
+    /// Optional safetensors checkpoint (HF GPT-2 layout) instead of seeded weights.
+    pub weights: Option<PathBuf>,
+}
+
+impl Default for DemoOptions {
+    fn default() -> Self {
+        Self {
+            model: "gpt2-small".into(),
+            seq_len: 512,
+            steps: 8,
+            trace: std::env::temp_dir().join("genie-demo-trace.json"),
+            seed: 42,
+            weights: None,
+        }
+    }
+}
+
+/// The figures of the demo's last line.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DemoFigures {
+    /// Bytes per decode step, naive / co-located.
+    pub decode_bytes_ratio: f64,
+    /// Decode step latency (median), naive / co-located.
+    pub step_latency_ratio: f64,
+    /// Pipelined prefill hand-off makespan / max(busiest worker compute, busiest link).
+    pub pipelined_vs_bound: f64,
+    /// |predicted − measured| / measured makespan after calibration.
+    pub prediction_error: f64,
+}
+
+impl DemoFigures {
+    /// The demo's last line.
+    pub fn last_line(&self) -> String {
+        format!(
+            "demo decode_bytes_ratio_vs_naive={:.2} step_latency_ratio_vs_naive={:.2} \
+             pipelined_vs_bound={:.3} prediction_error={:.3}",
+            self.decode_bytes_ratio,
+            self.step_latency_ratio,
+            self.pipelined_vs_bound,
+            self.prediction_error
+        )
+    }
+}
+
+/// The model configuration a demo model name stands for.
+pub fn model_config(name: &str) -> Result<Gpt2Config> {
+    match name {
+        "gpt2-small" => Ok(Gpt2Config {
+            layers: 4,
+            hidden: 256,
+            heads: 4,
+            vocab: 8192,
+            context: 1024,
+            ..Gpt2Config::default()
+        }),
+        "gpt2-124m" | "gpt2" => Ok(Gpt2Config::default()),
+        other => Err(RuntimeError::Plan(format!(
+            "unknown demo model `{other}` (expected gpt2-small or gpt2-124m)"
+        ))),
+    }
+}
+
+/// Nodes of the front end (embeddings, final norm, LM head): those outside every layer.
+fn is_frontend(g: &Graph, id: NodeId) -> bool {
+    layer_of(g, id).is_none()
+}
+
+fn is_kv(op: &OpKind) -> bool {
+    matches!(
+        op,
+        OpKind::KvCache { .. } | OpKind::KvCacheAppend | OpKind::KvCacheRead { .. }
+    )
+}
+
+/// Co-located prefill: everything on w0 except the KV caches, which are built on w1.
+pub fn colocated_prefill(g: &Graph) -> Placement {
+    Placement::by_rule(g, |n| usize::from(matches!(n.op, OpKind::KvCacheAppend)))
+}
+
+/// Co-located decode: front end on w0; layers, with their pinned KV caches, on w1.
+pub fn colocated_decode(g: &Graph) -> Placement {
+    Placement::by_rule(g, |n| usize::from(!is_frontend(g, n.id)))
+}
+
+/// Naive prefill: everything (KV caches included) on w0.
+pub fn naive_prefill(g: &Graph) -> Placement {
+    let mut p = Placement::single(g);
+    p.overlap = false;
+    p
+}
+
+/// Naive decode: KV caches stay on w0 (the prefill worker); decoder layers run on w1, so each
+/// step ships every layer's whole K and V to w1; no overlap.
+pub fn naive_decode(g: &Graph) -> Placement {
+    let mut p = Placement::by_rule(g, |n| usize::from(!is_frontend(g, n.id) && !is_kv(&n.op)));
+    p.overlap = false;
+    p
+}
+
+/// Appends a node taking the last position of the prefill logits (what generation needs),
+/// returning the graph and that tensor.
+fn with_last_logits(mut g: Graph, seq_len: usize) -> Result<(Graph, TensorRef)> {
+    let logits = *g
+        .outputs
+        .first()
+        .ok_or_else(|| RuntimeError::Plan("graph has no outputs".into()))?;
+    let id = g
+        .add(
+            "last_logits",
+            OpKind::Slice {
+                axis: 1,
+                start: seq_len - 1,
+                end: seq_len,
+            },
+            vec![logits],
+            Semantics::default(),
+        )
+        .map_err(|e| RuntimeError::Scheduler(e.to_string()))?;
+    Ok((g, id.into()))
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+struct Phase {
+    prefill: RunOutput,
+    prefill_graph: Graph,
+    prefill_place: Placement,
+    steps: Vec<RunOutput>,
+    tokens: Vec<i64>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_phase(
+    driver: &mut Driver,
+    cfg: &Gpt2Config,
+    tokens_in: &[i64],
+    steps: usize,
+    seq: u64,
+    prefill_place: fn(&Graph) -> Placement,
+    decode_place: fn(&Graph) -> Placement,
+    label: &str,
+    out: &mut dyn FnMut(String),
+) -> Result<Phase> {
+    let sched = |e: genie_scheduler::Error| RuntimeError::Scheduler(e.to_string());
+    let s = tokens_in.len();
+    let (g, last) = with_last_logits(gpt2_prefill(cfg, s).map_err(sched)?, s)?;
+    let p = prefill_place(&g);
+    let prefill = driver.run(
+        &g,
+        &p,
+        &[
+            ("input_ids", row_i64(tokens_in.to_vec())?),
+            ("position_ids", row_i64((0..s as i64).collect())?),
+        ],
+        &[last],
+        seq,
+    )?;
+    let first = prefill
+        .outputs
+        .first()
+        .ok_or_else(|| RuntimeError::Plan("prefill returned nothing".into()))?;
+    let mut tokens = vec![argmax_last(first)?];
+    let sum = summarize(&prefill.spans);
+    out(format!(
+        "[{label}] prefill {s} tokens: {:.1} ms, {} bytes moved in {} transfers",
+        sum.makespan_us / 1e3,
+        prefill.counters.bytes_moved,
+        prefill.counters.transfers
+    ));
+    let mut runs = Vec::new();
+    for step in 0..steps {
+        let l = s + step;
+        let dg = gpt2_decode(cfg, l).map_err(sched)?;
+        let dp = decode_place(&dg);
+        let tok = tokens.last().copied().unwrap_or(0);
+        let logits = *dg
+            .outputs
+            .first()
+            .ok_or_else(|| RuntimeError::Plan("decode graph has no outputs".into()))?;
+        let r = driver.run(
+            &dg,
+            &dp,
+            &[
+                ("input_ids", row_i64(vec![tok])?),
+                ("position_ids", row_i64(vec![l as i64])?),
+            ],
+            &[logits],
+            seq,
+        )?;
+        let o = r
+            .outputs
+            .first()
+            .ok_or_else(|| RuntimeError::Plan("decode returned nothing".into()))?;
+        tokens.push(argmax_last(o)?);
+        let sum = summarize(&r.spans);
+        out(format!(
+            "[{label}] decode step {}/{steps} (kv {l}): {:.2} ms (compute+transfer span {:.2} ms, busiest worker {:.2} ms), {} bytes moved",
+            step + 1,
+            r.wall.as_secs_f64() * 1e3,
+            sum.makespan_us / 1e3,
+            sum.busiest_worker_us() / 1e3,
+            r.counters.bytes_moved
+        ));
+        runs.push(r);
+    }
+    Ok(Phase {
+        prefill,
+        prefill_graph: g,
+        prefill_place: p,
+        steps: runs,
+        tokens,
+    })
+}
+
+/// Runs the demo, sending each progress line to `out`; returns the figures (the caller prints
+/// [`DemoFigures::last_line`] last).
+pub fn run_demo(opts: &DemoOptions, out: &mut dyn FnMut(String)) -> Result<DemoFigures> {
+    let started = Instant::now();
+    let cfg = model_config(&opts.model)?;
+    if opts.seq_len + opts.steps > cfg.context || opts.seq_len < 2 {
+        return Err(RuntimeError::Plan(format!(
+            "sequence {} + {} steps must fit the context of {}",
+            opts.seq_len, opts.steps, cfg.context
+        )));
+    }
+    let cluster = EmbeddedCluster::start(2, Arc::new(CpuKernels::new()))?;
+    out(format!(
+        "transport: {} backend ({})",
+        cluster.selection.backend, cluster.selection.reason
+    ));
+    for w in &cluster.cluster.workers {
+        out(format!("worker {} listening on {}", w.name, w.address));
+    }
+    let weights = match &opts.weights {
+        Some(p) => WeightSpec::Checkpoint(p.display().to_string()),
+        None => WeightSpec::Seeded(opts.seed),
+    };
+    let mut driver = Driver::connect(&cluster.cluster, weights)?;
+    out(format!(
+        "model {}: {} layers × {} hidden, {} heads, vocab {}; prompt {} tokens, {} decode steps",
+        opts.model, cfg.layers, cfg.hidden, cfg.heads, cfg.vocab, opts.seq_len, opts.steps
+    ));
+
+    // The scheduler's view of the same cluster: two CPU devices joined by a loopback link
+    // (an initial guess; calibrated below from measured transfers).
+    let mut topo = Topology::uniform(2, DeviceSpec::cpu(), LinkSpec::gbps(20.0, 30.0))
+        .map_err(|e| RuntimeError::Scheduler(e.to_string()))?;
+    let sched = |e: genie_scheduler::Error| RuntimeError::Scheduler(e.to_string());
+    {
+        let dg = gpt2_decode(&cfg, opts.seq_len).map_err(sched)?;
+        let mut scheduler = Scheduler::new(topo.clone());
+        let s = scheduler
+            .create_schedule(&dg, &OptimizationPlan::default())
+            .map_err(sched)?;
+        out(format!("scheduler's schedule of one decode step:\n{s}"));
+        let ours = colocated_decode(&dg);
+        let kv_on_w1 = dg
+            .nodes()
+            .iter()
+            .filter(|n| is_kv(&n.op))
+            .all(|n| ours.worker_of[n.id.index()] == 1);
+        out(format!(
+            "runtime placement of a decode step: front end on w0, {} layer nodes + KV caches on w1 (KV pinned on w1: {kv_on_w1})",
+            ours.worker_of.iter().filter(|w| **w == 1).count()
+        ));
+    }
+
+    let p = prompt(opts.seq_len, cfg.vocab);
+    let mut say = |s: String| out(s);
+    let colo = run_phase(
+        &mut driver,
+        &cfg,
+        &p,
+        opts.steps,
+        1,
+        colocated_prefill,
+        colocated_decode,
+        "co-located",
+        &mut say,
+    )?;
+    let naive = run_phase(
+        &mut driver,
+        &cfg,
+        &p,
+        opts.steps,
+        2,
+        naive_prefill,
+        naive_decode,
+        "naive",
+        &mut say,
+    )?;
+    if colo.tokens != naive.tokens {
+        return Err(RuntimeError::Plan(format!(
+            "placements disagree on the generated tokens: {:?} vs {:?}",
+            colo.tokens, naive.tokens
+        )));
+    }
+    say(format!(
+        "generated tokens (both placements agree): {:?}",
+        colo.tokens
+    ));
+
+    // Feedback: calibrate links from every measured transfer, compute per op kind.
+    let mut samples: Vec<TransferSample> = Vec::new();
+    let mut cal = ComputeCalibration::default();
+    for ph in [&colo, &naive] {
+        samples.extend(ph.prefill.transfers.iter().cloned());
+        cal.add_run(&ph.prefill_graph, &topo, &ph.prefill);
+        for (i, r) in ph.steps.iter().enumerate() {
+            samples.extend(r.transfers.iter().cloned());
+            let dg = gpt2_decode(&cfg, opts.seq_len + i).map_err(sched)?;
+            cal.add_run(&dg, &topo, r);
+        }
+    }
+    let before = topo.link(
+        genie_scheduler::topology::DeviceId(0),
+        genie_scheduler::topology::DeviceId(1),
+    );
+    match calibrate_links(&mut topo, &samples) {
+        Ok(cals) => {
+            for c in cals {
+                say(format!(
+                    "calibrated link w0<->w1 from {} transfers: {:.2} GB/s, {:.1} µs latency (was {:.2} GB/s, {:.1} µs); rms error {:.1} µs; topology v{}",
+                    samples.len(),
+                    c.spec.bandwidth / 1e9,
+                    c.spec.latency * 1e6,
+                    before.bandwidth / 1e9,
+                    before.latency * 1e6,
+                    c.rms_error * 1e6,
+                    c.version
+                ));
+            }
+        }
+        Err(e) => say(format!(
+            "link calibration failed, keeping the prior link: {e}"
+        )),
+    }
+
+    // A fresh pipelined prefill, predicted before it runs.
+    let predicted = predict_makespan(&colo.prefill_graph, &colo.prefill_place, &topo, &cal)?;
+    let measured_run = run_phase(
+        &mut driver,
+        &cfg,
+        &p,
+        0,
+        3,
+        colocated_prefill,
+        colocated_decode,
+        "co-located, after calibration",
+        &mut say,
+    )?;
+    let sum = summarize(&measured_run.prefill.spans);
+    let measured = sum.makespan_us / 1e6;
+    let bound = sum.busiest_worker_us().max(sum.busiest_link_us()) / 1e6;
+    say(format!(
+        "pipelined prefill→decode hand-off: makespan {:.1} ms; busiest worker compute {:.1} ms; busiest link {:.1} ms; KV streamed {} bytes",
+        measured * 1e3,
+        sum.busiest_worker_us() / 1e3,
+        sum.busiest_link_us() / 1e3,
+        sum.total_bytes()
+    ));
+    say(format!(
+        "predicted makespan {:.1} ms vs measured {:.1} ms",
+        predicted * 1e3,
+        measured * 1e3
+    ));
+
+    let per_step = |ph: &Phase| -> (f64, f64) {
+        let n = ph.steps.len().max(1) as f64;
+        let bytes = ph
+            .steps
+            .iter()
+            .map(|r| r.counters.bytes_moved as f64)
+            .sum::<f64>()
+            / n;
+        let mut lat: Vec<f64> = ph.steps.iter().map(|r| r.wall.as_secs_f64()).collect();
+        (bytes, median(&mut lat))
+    };
+    let (cb, cl) = per_step(&colo);
+    let (nb, nl) = per_step(&naive);
+    say(format!(
+        "decode per step: co-located {cb:.0} bytes, {:.2} ms median; naive {nb:.0} bytes, {:.2} ms median",
+        cl * 1e3,
+        nl * 1e3
+    ));
+
+    // Trace: the measured prefill, then the co-located decode steps, back to back.
+    let mut spans: Vec<Span> = measured_run.prefill.spans.clone();
+    let mut offset = sum.makespan_us;
+    let mut counters = measured_run.prefill.counters;
+    for r in &colo.steps {
+        let s = summarize(&r.spans);
+        let first = r
+            .spans
+            .iter()
+            .map(|s| s.start_us)
+            .fold(f64::INFINITY, f64::min);
+        let first = if first.is_finite() { first } else { 0.0 };
+        for sp in &r.spans {
+            let mut sp = sp.clone();
+            sp.start_us += offset - first;
+            spans.push(sp);
+        }
+        offset += s.makespan_us + 10.0;
+        counters = add_counters(counters, r.counters);
+    }
+    write_chrome_trace(&opts.trace, &spans, &counters)?;
+    say(format!(
+        "trace written to {} (open in https://ui.perfetto.dev); counters: {} bytes moved, {} transfers, {} weight cache hits, {} recomputes",
+        opts.trace.display(),
+        counters.bytes_moved,
+        counters.transfers,
+        counters.cache_hits,
+        counters.recomputes
+    ));
+    cluster.stop(driver)?;
+    say(format!(
+        "demo took {:.1} s",
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(DemoFigures {
+        decode_bytes_ratio: if cb > 0.0 { nb / cb } else { f64::INFINITY },
+        step_latency_ratio: if cl > 0.0 { nl / cl } else { f64::INFINITY },
+        pipelined_vs_bound: if bound > 0.0 {
+            measured / bound
+        } else {
+            f64::INFINITY
+        },
+        prediction_error: if measured > 0.0 {
+            (predicted - measured).abs() / measured
+        } else {
+            f64::INFINITY
+        },
+    })
+}
+
+fn add_counters(a: CounterSnapshot, b: CounterSnapshot) -> CounterSnapshot {
+    CounterSnapshot {
+        bytes_moved: a.bytes_moved + b.bytes_moved,
+        transfers: a.transfers + b.transfers,
+        cache_hits: a.cache_hits + b.cache_hits,
+        recomputes: a.recomputes + b.recomputes,
+        nodes: a.nodes + b.nodes,
+    }
+}
