@@ -77,7 +77,10 @@ pub mod completion;
 pub mod config;
 pub mod error;
 pub mod fuzzing;
+pub mod perf;
 
+#[cfg(feature = "rdma")]
+mod rdma;
 pub mod region;
 pub mod tcp;
 
@@ -249,9 +252,8 @@ fn probe_rdma(_config: &TransportConfig) -> std::result::Result<String, String> 
 
 /// Returns the RDMA device that would be used, or why none can be.
 #[cfg(feature = "rdma")]
-fn probe_rdma(_config: &TransportConfig) -> std::result::Result<String, String> {
-    // The RDMA backend (transport/src/rdma/) replaces this with its device probe.
-    Err("the RDMA backend is not built into this version".into())
+fn probe_rdma(config: &TransportConfig) -> std::result::Result<String, String> {
+    rdma::probe(config)
 }
 
 /// Opens an endpoint with the backend chosen by [`select_backend`].
@@ -269,10 +271,13 @@ pub fn open_with_selection(
     }
     let t: Arc<dyn Transport> = match sel.backend {
         Backend::Tcp => Arc::new(tcp::TcpTransport::open(config)?),
+        #[cfg(feature = "rdma")]
+        Backend::Rdma => rdma::open(config)?,
+        #[cfg(not(feature = "rdma"))]
         Backend::Rdma => {
             return Err(TransportError::BackendUnavailable {
                 backend: Backend::Rdma,
-                reason: "the RDMA backend is not built into this version".into(),
+                reason: "built without the `rdma` feature".into(),
             })
         }
     };

@@ -223,8 +223,12 @@ impl Frame {
                     nonce: r.array().ok_or(t)?,
                 })
             }
-            T_READY => Frame::Ready { mac: r.array().ok_or(DecodeError::Truncated("ready"))? },
-            T_CREDITS => Frame::Credits { n: r.u32().ok_or(DecodeError::Truncated("credits"))? },
+            T_READY => Frame::Ready {
+                mac: r.array().ok_or(DecodeError::Truncated("ready"))?,
+            },
+            T_CREDITS => Frame::Credits {
+                n: r.u32().ok_or(DecodeError::Truncated("credits"))?,
+            },
             T_QUERY => {
                 let t = DecodeError::Truncated("query");
                 Frame::QueryRegion {
@@ -268,11 +272,73 @@ pub fn read_frame(r: &mut impl Read) -> io::Result<Frame> {
     r.read_exact(&mut len)?;
     let len = u32::from_le_bytes(len);
     if len == 0 || len > MAX_FRAME {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, DecodeError::BadLength(len)));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            DecodeError::BadLength(len),
+        ));
     }
     let mut body = vec![0u8; len as usize];
     r.read_exact(&mut body)?;
     Frame::decode(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// Accumulates side-channel bytes, so that a read timeout in the middle of a frame loses nothing.
+#[derive(Debug, Default)]
+pub struct FrameReader {
+    buf: Vec<u8>,
+}
+
+impl FrameReader {
+    /// The next complete frame, reading once from `r` when none is buffered. `Ok(None)`: nothing
+    /// complete yet (the read timed out). End of stream is `UnexpectedEof`, garbage `InvalidData`.
+    pub fn next(&mut self, r: &mut impl Read) -> io::Result<Option<Frame>> {
+        if let Some(f) = self.parse()? {
+            return Ok(Some(f));
+        }
+        let mut tmp = [0u8; 4096];
+        match r.read(&mut tmp) {
+            Ok(0) => Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => {
+                self.buf.extend_from_slice(tmp.get(..n).unwrap_or(&[]));
+                self.parse()
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn parse(&mut self) -> io::Result<Option<Frame>> {
+        let Some(len) = self
+            .buf
+            .get(..4)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_le_bytes)
+        else {
+            return Ok(None);
+        };
+        if len == 0 || len > MAX_FRAME {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                DecodeError::BadLength(len),
+            ));
+        }
+        let end = 4 + len as usize;
+        let Some(body) = self.buf.get(4..end) else {
+            return Ok(None);
+        };
+        let f = Frame::decode(body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e));
+        self.buf.drain(..end);
+        f.map(Some)
+    }
 }
 
 #[cfg(test)]
@@ -295,12 +361,60 @@ mod tests {
             }),
             Frame::Ready { mac: [3; 32] },
             Frame::Credits { n: 17 },
-            Frame::QueryRegion { req: 1, region: 2, key: 3 },
-            Frame::RegionInfo { req: 4, status: RegionStatus::Ok { len: 5, addr: 6 } },
-            Frame::RegionInfo { req: 4, status: RegionStatus::Unknown },
-            Frame::RegionInfo { req: 4, status: RegionStatus::BadKey },
+            Frame::QueryRegion {
+                req: 1,
+                region: 2,
+                key: 3,
+            },
+            Frame::RegionInfo {
+                req: 4,
+                status: RegionStatus::Ok { len: 5, addr: 6 },
+            },
+            Frame::RegionInfo {
+                req: 4,
+                status: RegionStatus::Unknown,
+            },
+            Frame::RegionInfo {
+                req: 4,
+                status: RegionStatus::BadKey,
+            },
             Frame::Heartbeat,
         ]
+    }
+
+    /// A reader that hands out one byte per call and times out in between.
+    struct Trickle(Vec<u8>, bool);
+    impl Read for Trickle {
+        fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+            self.1 = !self.1;
+            if self.1 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            if self.0.is_empty() {
+                return Ok(0);
+            }
+            out[0] = self.0.remove(0);
+            Ok(1)
+        }
+    }
+
+    #[test]
+    fn frame_reader_survives_timeouts_mid_frame() {
+        let bytes: Vec<u8> = all_frames().iter().flat_map(Frame::encode).collect();
+        let mut r = Trickle(bytes, false);
+        let mut fr = FrameReader::default();
+        let mut got = Vec::new();
+        loop {
+            match fr.next(&mut r) {
+                Ok(Some(f)) => got.push(f),
+                Ok(None) => {}
+                Err(e) => {
+                    assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+                    break;
+                }
+            }
+        }
+        assert_eq!(got, all_frames());
     }
 
     #[test]
@@ -325,6 +439,9 @@ mod tests {
         }
         assert_eq!(Frame::decode(&[99]), Err(DecodeError::UnknownTag(99)));
         let huge = (MAX_FRAME + 1).to_le_bytes();
-        assert_eq!(read_frame(&mut &huge[..]).unwrap_err().kind(), io::ErrorKind::InvalidData);
+        assert_eq!(
+            read_frame(&mut &huge[..]).unwrap_err().kind(),
+            io::ErrorKind::InvalidData
+        );
     }
 }

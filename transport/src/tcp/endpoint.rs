@@ -315,6 +315,12 @@ impl TcpConnection {
 
     fn request(&self, t: &Transfer<'_>) -> Result<Request> {
         self.check_local(t.local, t.local_offset, t.len)?;
+        if t.remote.endpoint != self.peer_endpoint {
+            return Err(TransportError::ForeignDescriptor {
+                descriptor_endpoint: t.remote.endpoint,
+                peer_endpoint: self.peer_endpoint,
+            });
+        }
         Ok(match t.kind {
             TransferKind::Write | TransferKind::WriteNotify(_) => Request::Write {
                 local: t.local.clone(),

@@ -1,0 +1,427 @@
+//! perftest-style latency and bandwidth measurement of a transport (the logic of `genie perf`).
+//!
+//! For each test (write, read, send) and message size it measures
+//! - latency: `iterations` operations one after the other, each waited for before the next; the
+//!   `t_*` columns are the time from posting an operation to seeing its completion, i.e. one round
+//!   trip (a write or read completes when the target answered; a send's time is a ping-pong);
+//! - bandwidth: `iterations` operations with up to `window` in flight; `BW_average` in MB/s
+//!   (MB = 10^6 bytes) and `MsgRate` in millions of operations per second.
+//!
+//! Server and client run in one process on loopback ([`PerfRole::Loopback`]), or as two processes
+//! ([`PerfRole::Server`] / [`PerfRole::Client`]).
+
+use crate::config::{PollMode, TransportConfig};
+use crate::error::{Result, TransportError};
+use crate::region::{Region, RemoteRegion};
+use crate::{open, Connection, Transport};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Which operation to measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PerfTest {
+    /// One-sided write.
+    Write,
+    /// One-sided read.
+    Read,
+    /// Two-sided message (latency is a ping-pong).
+    Send,
+}
+
+impl std::fmt::Display for PerfTest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PerfTest::Write => "write",
+            PerfTest::Read => "read",
+            PerfTest::Send => "send",
+        })
+    }
+}
+
+/// Where this process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PerfRole {
+    /// Server and client in this process, on loopback.
+    Loopback,
+    /// Serve clients on the configured listen address until killed.
+    Server,
+    /// Connect to a server at this address and measure.
+    Client(SocketAddr),
+}
+
+/// Arguments of a run (a plain struct: the `genie perf` command line and the `genie-perf` binary
+/// both fill it from their own flags).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PerfArgs {
+    /// Endpoint configuration (backend, poll mode, listen address for servers).
+    pub config: TransportConfig,
+    /// Tests to run, in order.
+    pub tests: Vec<PerfTest>,
+    /// Message sizes in bytes.
+    pub sizes: Vec<usize>,
+    /// Operations per size and measurement.
+    pub iterations: usize,
+    /// Operations in flight for bandwidth.
+    pub window: usize,
+    /// Role of this process.
+    pub role: PerfRole,
+}
+
+impl Default for PerfArgs {
+    fn default() -> Self {
+        Self {
+            config: TransportConfig::default(),
+            tests: vec![PerfTest::Write, PerfTest::Read, PerfTest::Send],
+            sizes: (1..=23).step_by(2).map(|s| 1usize << s).collect(),
+            iterations: 1000,
+            window: 16,
+            role: PerfRole::Loopback,
+        }
+    }
+}
+
+/// One output row.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PerfRow {
+    /// The test.
+    pub test: PerfTest,
+    /// Message size.
+    pub bytes: usize,
+    /// Operations per measurement.
+    pub iterations: usize,
+    /// Fastest round trip, µs.
+    pub t_min_us: f64,
+    /// Median round trip, µs.
+    pub t_typical_us: f64,
+    /// Mean round trip, µs.
+    pub t_avg_us: f64,
+    /// 99th percentile round trip, µs.
+    pub t_p99_us: f64,
+    /// Bandwidth, MB/s (10^6 B/s).
+    pub bw_mb_s: f64,
+    /// Operation rate, millions per second.
+    pub msg_rate_mpps: f64,
+}
+
+/// The perftest column header.
+pub const HEADER: &str =
+    "#bytes #iterations t_min[usec] t_typical[usec] t_avg[usec] 99%[usec] BW_average[MB/s] MsgRate[Mpps]";
+
+const TAG_ECHO: u8 = b'E';
+const TAG_SINK: u8 = b'D';
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Runs the measurement described by `args`, printing perftest-style tables to `out`; returns the
+/// rows (empty for a server, which runs until killed).
+pub fn run(args: &PerfArgs, out: &mut dyn Write) -> Result<Vec<PerfRow>> {
+    if args.iterations == 0 || args.window == 0 {
+        return Err(TransportError::InvalidArgument(
+            "iterations and window must be at least 1".into(),
+        ));
+    }
+    let max = args.sizes.iter().copied().max().unwrap_or(0);
+    let region_len = max.saturating_mul(args.window).max(4096);
+    match args.role {
+        PerfRole::Server => {
+            let t = open(args.config.clone())?;
+            writeln!(
+                out,
+                "# genie perf server: backend {} listening on {}",
+                t.backend(),
+                t.local_addr()
+            )
+            .map_err(|e| TransportError::io("write", e))?;
+            serve(t, region_len, None)
+        }
+        PerfRole::Loopback => {
+            let server = open(args.config.clone())?;
+            let addr = server.local_addr();
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let s2 = stop.clone();
+            let h = std::thread::spawn(move || serve(server, region_len, Some(s2)));
+            let rows = client(args, addr, out);
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            match h.join() {
+                Ok(r) => r.map(|_| ())?,
+                Err(_) => {
+                    return Err(TransportError::InvalidArgument(
+                        "perf server thread panicked".into(),
+                    ))
+                }
+            }
+            rows
+        }
+        PerfRole::Client(addr) => client(args, addr, out),
+    }
+}
+
+/// Accepts connections; on each, sends a region descriptor and echoes `E`-tagged messages.
+fn serve(
+    t: Arc<dyn Transport>,
+    region_len: usize,
+    stop: Option<Arc<std::sync::atomic::AtomicBool>>,
+) -> Result<Vec<PerfRow>> {
+    let region = t.alloc_region(region_len)?;
+    let desc = serde_json_like(&region.descriptor());
+    let stopped = || {
+        stop.as_ref()
+            .is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst))
+    };
+    let mut workers = Vec::new();
+    while !stopped() {
+        let conn = match t.accept(Duration::from_millis(100)) {
+            Ok(c) => c,
+            Err(TransportError::Timeout { .. }) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "perf server: accept failed");
+                continue;
+            }
+        };
+        conn.send(&desc)?.wait(WAIT)?;
+        let busy = t.config().poll_mode == PollMode::BusyPoll;
+        workers.push(std::thread::spawn(move || echo(conn, busy)));
+    }
+    for w in workers {
+        let _ = w.join();
+    }
+    drop(region);
+    Ok(Vec::new())
+}
+
+fn echo(conn: Arc<dyn Connection>, busy: bool) {
+    loop {
+        let msg = if busy {
+            match conn.try_recv() {
+                Ok(Some(m)) => m,
+                Ok(None) => {
+                    std::hint::spin_loop();
+                    continue;
+                }
+                Err(_) => return,
+            }
+        } else {
+            match conn.recv(Duration::from_secs(3600)) {
+                Ok(m) => m,
+                Err(_) => return,
+            }
+        };
+        if msg.first() == Some(&TAG_ECHO) {
+            match conn.send(&msg) {
+                Ok(op) => {
+                    if op.wait(WAIT).is_err() {
+                        return;
+                    }
+                }
+                Err(_) => return,
+            }
+        }
+    }
+}
+
+/// Descriptor encoding for the perf exchange: the fields as little-endian u64s.
+fn serde_json_like(d: &RemoteRegion) -> Vec<u8> {
+    [d.endpoint, d.region, d.len, d.key, d.addr]
+        .iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect()
+}
+
+fn parse_desc(b: &[u8]) -> Result<RemoteRegion> {
+    let mut r = crate::tcp::codec::Reader::new(b);
+    let bad = |e: crate::tcp::codec::DecodeError| e.into_error(None);
+    let d = RemoteRegion {
+        endpoint: r.u64().map_err(bad)?,
+        region: r.u64().map_err(bad)?,
+        len: r.u64().map_err(bad)?,
+        key: r.u64().map_err(bad)?,
+        addr: r.u64().map_err(bad)?,
+    };
+    r.finish().map_err(bad)?;
+    Ok(d)
+}
+
+fn client(args: &PerfArgs, addr: SocketAddr, out: &mut dyn Write) -> Result<Vec<PerfRow>> {
+    let io = |e| TransportError::io("write", e);
+    let t = open(args.config.clone())?;
+    let conn = t.connect(addr)?;
+    let remote = parse_desc(&conn.recv(WAIT)?)?;
+    let max = args.sizes.iter().copied().max().unwrap_or(0);
+    let local = t.alloc_region(max.saturating_mul(args.window).max(4096))?;
+    local.with_mut(|b| b.iter_mut().enumerate().for_each(|(i, x)| *x = i as u8));
+    let mut rows = Vec::new();
+    for &test in &args.tests {
+        writeln!(
+            out,
+            "# genie perf: test {test}, backend {}, poll_mode {:?}, window {}; t = post-to-completion round trip",
+            t.backend(),
+            args.config.poll_mode,
+            args.window
+        )
+        .map_err(io)?;
+        writeln!(out, "{HEADER}").map_err(io)?;
+        for &size in &args.sizes {
+            if test == PerfTest::Send && size + 1 > args.config.max_message_size {
+                continue;
+            }
+            if (size as u64).saturating_mul(args.window as u64) > remote.len {
+                continue;
+            }
+            let row = measure(test, size, args, &*conn, &local, &remote)?;
+            writeln!(
+                out,
+                "{:<6} {:<11} {:<11.2} {:<15.2} {:<11.2} {:<9.2} {:<16.2} {:.6}",
+                row.bytes,
+                row.iterations,
+                row.t_min_us,
+                row.t_typical_us,
+                row.t_avg_us,
+                row.t_p99_us,
+                row.bw_mb_s,
+                row.msg_rate_mpps
+            )
+            .map_err(io)?;
+            rows.push(row);
+        }
+    }
+    conn.close();
+    Ok(rows)
+}
+
+fn post(
+    test: PerfTest,
+    conn: &dyn Connection,
+    local: &Region,
+    slot: usize,
+    size: usize,
+    remote: &RemoteRegion,
+    msg: &[u8],
+) -> Result<crate::Op> {
+    let off = slot * size;
+    match test {
+        PerfTest::Write => conn.write(local, off, remote, off as u64, size),
+        PerfTest::Read => conn.read(local, off, remote, off as u64, size),
+        PerfTest::Send => conn.send(msg),
+    }
+}
+
+fn measure(
+    test: PerfTest,
+    size: usize,
+    args: &PerfArgs,
+    conn: &dyn Connection,
+    local: &Region,
+    remote: &RemoteRegion,
+) -> Result<PerfRow> {
+    let n = args.iterations;
+    // Latency.
+    let mut echo = vec![0u8; size.max(1)];
+    if let Some(b) = echo.first_mut() {
+        *b = TAG_ECHO;
+    }
+    let warm = (n / 10).clamp(1, 100);
+    let mut times = Vec::with_capacity(n);
+    for i in 0..n + warm {
+        let start = Instant::now();
+        post(test, conn, local, 0, size, remote, &echo)?.wait(WAIT)?;
+        if test == PerfTest::Send {
+            recv_reply(conn, args.config.poll_mode)?;
+        }
+        if i >= warm {
+            times.push(start.elapsed());
+        }
+    }
+    times.sort_unstable();
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    let pick = |q: f64| {
+        times
+            .get(((times.len() - 1) as f64 * q).round() as usize)
+            .copied()
+            .unwrap_or_default()
+    };
+    let avg = times.iter().sum::<Duration>() / times.len().max(1) as u32;
+    // Bandwidth: keep `window` operations in flight.
+    let mut sink = vec![0u8; size.max(1)];
+    if let Some(b) = sink.first_mut() {
+        *b = TAG_SINK;
+    }
+    let mut inflight = std::collections::VecDeque::with_capacity(args.window);
+    let start = Instant::now();
+    for i in 0..n {
+        if inflight.len() == args.window {
+            if let Some(op) = inflight.pop_front() {
+                crate::Op::wait(&op, WAIT)?;
+            }
+        }
+        inflight.push_back(post(
+            test,
+            conn,
+            local,
+            i % args.window,
+            size,
+            remote,
+            &sink,
+        )?);
+    }
+    for op in inflight {
+        op.wait(WAIT)?;
+    }
+    let secs = start.elapsed().as_secs_f64().max(1e-9);
+    Ok(PerfRow {
+        test,
+        bytes: size,
+        iterations: n,
+        t_min_us: us(pick(0.0)),
+        t_typical_us: us(pick(0.5)),
+        t_avg_us: us(avg),
+        t_p99_us: us(pick(0.99)),
+        bw_mb_s: (size * n) as f64 / secs / 1e6,
+        msg_rate_mpps: n as f64 / secs / 1e6,
+    })
+}
+
+fn recv_reply(conn: &dyn Connection, mode: PollMode) -> Result<Vec<u8>> {
+    if mode == PollMode::Blocking {
+        return conn.recv(WAIT);
+    }
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(m) = conn.try_recv()? {
+            return Ok(m);
+        }
+        if Instant::now() > deadline {
+            return Err(TransportError::Timeout { after: WAIT });
+        }
+        std::hint::spin_loop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_run_prints_perftest_columns() {
+        let args = PerfArgs {
+            config: TransportConfig::tcp(),
+            sizes: vec![1, 4096],
+            iterations: 20,
+            window: 4,
+            ..PerfArgs::default()
+        };
+        let mut out = Vec::new();
+        let rows = run(&args, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(rows.len(), 6, "{text}");
+        assert!(text.contains(HEADER));
+        for r in rows {
+            assert!(
+                r.t_min_us <= r.t_typical_us && r.t_typical_us <= r.t_p99_us && r.bw_mb_s > 0.0,
+                "{r:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,1152 @@
+//! One RDMA connection: set-up, posting with selective signalling and back-pressure, the completion
+//! thread and the side-channel thread.
+
+use super::handshake::{Handshake, Local, Progress};
+use super::wire::{read_frame, write_frame, Frame, FrameReader, RegionStatus};
+use super::{describe, Endpoint};
+use crate::completion::{Batch, BatchBuilder, Completer, Op};
+use crate::config::{Backend, PollMode};
+use crate::error::{Result, TransportError};
+use crate::region::{EndpointId, Region, RemoteRegion};
+use crate::{Connection, Transfer, TransferKind};
+use genie_sys::mem::AlignedBuf;
+use genie_sys::verbs::{
+    gid_of_ip, Completion, CompletionQueue, Local as Sge, Mr, PathParams, QpCaps, QpEndpoint,
+    QueuePair, Rts, SendOp, VerbsError, WcError, WcOpcode,
+};
+use parking_lot::{Condvar, Mutex};
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Receive buffers pre-posted per connection (the peer's send credits).
+const RECV_DEPTH: u32 = 32;
+/// Send queue depth (outstanding work requests).
+const SQ_DEPTH: u32 = 128;
+/// Requested inline limit.
+const MAX_INLINE: u32 = 64;
+/// Send staging slots (payloads of sends too large to go inline).
+const SEND_SLOTS: usize = 16;
+/// Bit of a work request id that marks a receive.
+const RECV_BIT: u64 = 1 << 63;
+
+fn io_err(call: &'static str) -> impl Fn(io::Error) -> TransportError {
+    move |e| TransportError::io(call, e)
+}
+
+fn verbs_io(call: &'static str, e: VerbsError) -> TransportError {
+    TransportError::io(call, io::Error::other(describe(&e)))
+}
+
+/// A posted work request not yet known to be complete.
+struct Pending {
+    seq: u64,
+    completer: Option<Completer>,
+    remote_region: u64,
+}
+
+struct State {
+    qp: Option<QueuePair<Rts>>,
+    next_seq: u64,
+    pending: VecDeque<Pending>,
+    since_signal: u32,
+    credits: u32,
+    /// Highest sequence number known complete.
+    retired: u64,
+    /// Sequence number of the last send that used each staging slot.
+    slot_seq: [u64; SEND_SLOTS],
+    next_slot: usize,
+}
+
+/// The connection shared by the user's handle and the two threads.
+pub(crate) struct ConnShared {
+    // Field order is drop order: the QP (in `state`) goes before the CQ and before the receive and
+    // send buffers' registrations, which go before the buffers.
+    state: Mutex<State>,
+    cq: CompletionQueue,
+    recv_mr: Mr,
+    send_mr: Mr,
+    recv_buf: AlignedBuf,
+    /// Staging for sends too large to go inline; a slot is written only by the sender that
+    /// reserved it (see `State::slot_seq`), the NIC reads it after the post.
+    send_buf: Mutex<AlignedBuf>,
+    sq_depth: u32,
+    space: Condvar,
+    ep: Arc<Endpoint>,
+    side: Mutex<TcpStream>,
+    peer: SocketAddr,
+    peer_endpoint: EndpointId,
+    mode: PollMode,
+    recv_size: usize,
+    peer_recv_size: usize,
+    max_inline: usize,
+    chunk: usize,
+    notes: Mutex<VecDeque<u32>>,
+    notes_cv: Condvar,
+    msgs: Mutex<VecDeque<Vec<u8>>>,
+    msgs_cv: Condvar,
+    alive: AtomicBool,
+    dead: Mutex<Option<TransportError>>,
+    queries: Mutex<HashMap<u64, RegionStatus>>,
+    queries_cv: Condvar,
+    next_req: AtomicU64,
+    cache: Mutex<HashMap<(u64, u64), (u64, u64)>>,
+}
+
+fn handshake_err(peer: SocketAddr, e: super::handshake::HandshakeError) -> TransportError {
+    use super::handshake::HandshakeError as H;
+    match e {
+        H::VersionMismatch { ours, theirs } => TransportError::VersionMismatch {
+            peer: Some(peer),
+            ours,
+            theirs,
+        },
+        e @ (H::SecretMismatch { .. } | H::BadProof) => TransportError::AuthFailed {
+            peer: Some(peer),
+            reason: e.to_string(),
+        },
+        e => TransportError::PeerMisbehaved {
+            peer: Some(peer),
+            what: e.to_string(),
+        },
+    }
+}
+
+fn read_hs(s: &mut TcpStream, peer: SocketAddr) -> Result<Frame> {
+    read_frame(s).map_err(|e| match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => TransportError::PeerDead {
+            peer,
+            reason: "no answer during RDMA connection set-up".into(),
+        },
+        io::ErrorKind::InvalidData => TransportError::InvalidFrame {
+            peer: Some(peer),
+            expected: "handshake frame",
+            got: e.to_string(),
+        },
+        _ => TransportError::ConnectionClosed { peer },
+    })
+}
+
+/// Sets up a connection over the side channel `s` (same steps on both sides).
+pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream) -> Result<Arc<ConnShared>> {
+    let peer = s.peer_addr().map_err(io_err("getpeername"))?;
+    let local_ip = s.local_addr().map_err(io_err("getsockname"))?.ip();
+    s.set_nodelay(true)
+        .map_err(io_err("setsockopt(TCP_NODELAY)"))?;
+    s.set_read_timeout(Some(ep.config.peer_timeout))
+        .map_err(io_err("setsockopt(SO_RCVTIMEO)"))?;
+    let unavailable = |reason: String| TransportError::BackendUnavailable {
+        backend: Backend::Rdma,
+        reason,
+    };
+
+    let gid = gid_of_ip(local_ip);
+    let sgid_index = ep.ctx.gid_index(gid).ok_or_else(|| {
+        unavailable(format!(
+            "{} has no RoCE GID for the local address {local_ip}",
+            ep.ctx.name()
+        ))
+    })?;
+    let limits = ep.ctx.limits();
+    let sq_depth = SQ_DEPTH.min(limits.max_qp_wr.max(2));
+    let rq_depth = RECV_DEPTH.min(limits.max_qp_wr.max(2));
+    let cq = ep
+        .ctx
+        .create_cq(
+            sq_depth + rq_depth + 8,
+            ep.poll_mode() == PollMode::Blocking,
+        )
+        .map_err(|e| verbs_io("ibv_create_cq", e))?;
+    let caps = QpCaps {
+        max_send_wr: sq_depth,
+        max_recv_wr: rq_depth,
+        max_inline_data: MAX_INLINE,
+    };
+    let (qp, max_inline) = match ep.pd.create_rc_qp(&cq, &cq, caps) {
+        Ok(qp) => (qp, MAX_INLINE),
+        Err(_) => {
+            let qp = ep
+                .pd
+                .create_rc_qp(
+                    &cq,
+                    &cq,
+                    QpCaps {
+                        max_inline_data: 0,
+                        ..caps
+                    },
+                )
+                .map_err(|e| verbs_io("ibv_create_qp", e))?;
+            (qp, 0)
+        }
+    };
+    let mut qp = qp;
+    let recv_size = ep.config.max_message_size.max(1);
+    let mut recv_buf = AlignedBuf::zeroed(recv_size * rq_depth as usize)?;
+    let mut send_buf = AlignedBuf::zeroed(recv_size * SEND_SLOTS)?;
+    let recv_mr = ep
+        .pd
+        .register(&mut recv_buf)
+        .map_err(|e| verbs_io("ibv_reg_mr", e))?;
+    let send_mr = ep
+        .pd
+        .register(&mut send_buf)
+        .map_err(|e| verbs_io("ibv_reg_mr", e))?;
+    for slot in 0..rq_depth as usize {
+        qp.post_recv(
+            RECV_BIT | slot as u64,
+            &recv_mr,
+            slot * recv_size,
+            recv_size,
+        )
+        .map_err(|e| verbs_io("ibv_post_recv", e))?;
+    }
+
+    let psn = rand::random::<u32>() & 0xff_ffff;
+    let local = Local {
+        endpoint: ep.id,
+        qpn: qp.qpn(),
+        psn,
+        gid: ep
+            .ctx
+            .gid(sgid_index)
+            .map_err(|e| verbs_io("ibv_query_gid", e))?,
+        mtu: limits.active_mtu,
+        credits: rq_depth,
+        recv_size: u32::try_from(recv_size).unwrap_or(u32::MAX),
+        secret: ep.config.secret.as_ref().map(|s| s.as_bytes().to_vec()),
+    };
+    let mut hs = Handshake::new(local, rand::random());
+    write_frame(&mut s, &hs.hello()).map_err(io_err("send"))?;
+    let agreed = match hs
+        .on_frame(&read_hs(&mut s, peer)?)
+        .map_err(|e| handshake_err(peer, e))?
+    {
+        Progress::PeerHello(a) => a,
+        Progress::Established => {
+            return Err(TransportError::PeerMisbehaved {
+                peer: Some(peer),
+                what: "ready before hello".into(),
+            })
+        }
+    };
+    let path = PathParams {
+        sgid_index,
+        mtu: agreed.path_mtu,
+        max_rd_atomic: limits.max_rd_atomic.clamp(1, 16),
+        timeout: 14,
+        retry_cnt: 7,
+    };
+    let remote = QpEndpoint {
+        qpn: agreed.peer_qpn,
+        psn: agreed.peer_psn,
+        gid: agreed.peer_gid,
+    };
+    let qp = qp
+        .to_rtr(psn, &remote, &path)
+        .and_then(|q| q.to_rts(psn, &path))
+        .map_err(|e| verbs_io("ibv_modify_qp", e))?;
+    write_frame(&mut s, &hs.ready()).map_err(io_err("send"))?;
+    match hs
+        .on_frame(&read_hs(&mut s, peer)?)
+        .map_err(|e| handshake_err(peer, e))?
+    {
+        Progress::Established => {}
+        Progress::PeerHello(_) => {
+            return Err(TransportError::PeerMisbehaved {
+                peer: Some(peer),
+                what: "second hello".into(),
+            })
+        }
+    }
+    tracing::debug!(%peer, qpn = qp.qpn(), peer_qpn = agreed.peer_qpn, mtu = agreed.path_mtu, sgid_index, "rdma connection up");
+
+    let beat = heartbeat_interval(ep.config.peer_timeout);
+    s.set_read_timeout(Some(beat))
+        .map_err(io_err("setsockopt(SO_RCVTIMEO)"))?;
+    let writer = s.try_clone().map_err(io_err("dup"))?;
+    let chunk = usize::try_from(limits.max_msg_size)
+        .unwrap_or(usize::MAX)
+        .clamp(4096, 1 << 30);
+    let shared = Arc::new(ConnShared {
+        state: Mutex::new(State {
+            qp: Some(qp),
+            next_seq: 1,
+            pending: VecDeque::new(),
+            since_signal: 0,
+            credits: agreed.send_credits,
+            retired: 0,
+            slot_seq: [0; SEND_SLOTS],
+            next_slot: 0,
+        }),
+        cq,
+        recv_mr,
+        send_mr,
+        recv_buf,
+        send_buf: Mutex::new(send_buf),
+        sq_depth,
+        space: Condvar::new(),
+        ep: Arc::clone(ep),
+        side: Mutex::new(writer),
+        peer,
+        peer_endpoint: agreed.peer_endpoint,
+        mode: ep.poll_mode(),
+        recv_size,
+        peer_recv_size: agreed.peer_recv_size as usize,
+        max_inline: max_inline as usize,
+        chunk,
+        notes: Mutex::new(VecDeque::new()),
+        notes_cv: Condvar::new(),
+        msgs: Mutex::new(VecDeque::new()),
+        msgs_cv: Condvar::new(),
+        alive: AtomicBool::new(true),
+        dead: Mutex::new(None),
+        queries: Mutex::new(HashMap::new()),
+        queries_cv: Condvar::new(),
+        next_req: AtomicU64::new(1),
+        cache: Mutex::new(HashMap::new()),
+    });
+    let c1 = Arc::clone(&shared);
+    std::thread::Builder::new()
+        .name("genie-rdma-cq".into())
+        .spawn(move || c1.completion_loop(rq_depth))
+        .map_err(io_err("spawn"))?;
+    let c2 = Arc::clone(&shared);
+    if let Err(e) = std::thread::Builder::new()
+        .name("genie-rdma-side".into())
+        .spawn(move || c2.side_loop(s))
+    {
+        shared.die(TransportError::io("spawn", e));
+    }
+    Ok(shared)
+}
+
+fn heartbeat_interval(peer_timeout: Duration) -> Duration {
+    (peer_timeout / 4).max(Duration::from_millis(10))
+}
+
+/// The local side of one work request.
+enum LocalData<'a> {
+    Region {
+        mr: &'a Mr,
+        offset: usize,
+        len: usize,
+    },
+    Slot {
+        slot: usize,
+        len: usize,
+    },
+    Inline(Vec<u8>),
+    /// A zero-length write or read: no work request at all.
+    Nothing,
+}
+
+/// One user-visible operation, before it is split into work requests.
+struct Job<'a> {
+    kind: JobKind,
+    local: LocalData<'a>,
+    completer: Completer,
+    remote_region: u64,
+}
+
+#[derive(Clone, Copy)]
+enum JobKind {
+    Write { rkey: u32, addr: u64 },
+    WriteImm { rkey: u32, addr: u64, imm: u32 },
+    Read { rkey: u32, addr: u64 },
+    Send,
+}
+
+impl ConnShared {
+    fn dead_error(&self) -> TransportError {
+        self.dead
+            .lock()
+            .clone()
+            .unwrap_or(TransportError::ConnectionClosed { peer: self.peer })
+    }
+
+    fn check_alive(&self) -> Result<()> {
+        if self.alive.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err(self.dead_error())
+        }
+    }
+
+    /// Fails the connection: every pending operation gets `err` (the first one) and the QP is moved
+    /// to the error state. Idempotent.
+    pub(crate) fn die(&self, err: TransportError) {
+        {
+            let mut d = self.dead.lock();
+            if d.is_none() {
+                *d = Some(err.clone());
+            }
+        }
+        let was_alive = self.alive.swap(false, Ordering::AcqRel);
+        let pending: Vec<Pending> = {
+            let mut st = self.state.lock();
+            if let Some(qp) = st.qp.as_mut() {
+                if was_alive {
+                    let _ = qp.set_error();
+                }
+            }
+            st.pending.drain(..).collect()
+        };
+        let err = self.dead_error();
+        for p in pending {
+            if let Some(c) = p.completer {
+                c.complete(Err(err.clone()));
+            }
+        }
+        if was_alive {
+            tracing::debug!(peer = %self.peer, error = %err, "rdma connection failed");
+            let _ = self.side.lock().shutdown(Shutdown::Both);
+        }
+        self.space.notify_all();
+        self.notes_cv.notify_all();
+        self.msgs_cv.notify_all();
+        self.queries_cv.notify_all();
+    }
+
+    fn send_frame(&self, f: &Frame) -> Result<()> {
+        let bytes = f.encode();
+        let mut s = self.side.lock();
+        s.write_all(&bytes).map_err(|e| {
+            drop(s);
+            let err = TransportError::PeerDead {
+                peer: self.peer,
+                reason: format!("side channel: {e}"),
+            };
+            self.die(err.clone());
+            err
+        })
+    }
+
+    /// The peer's length and address of `remote`, asking the peer on first use.
+    fn resolve(&self, remote: &RemoteRegion, offset: u64, len: u64) -> Result<(u32, u64)> {
+        if remote.endpoint != self.peer_endpoint {
+            return Err(TransportError::ForeignDescriptor {
+                descriptor_endpoint: remote.endpoint,
+                peer_endpoint: self.peer_endpoint,
+            });
+        }
+        let cached = self.cache.lock().get(&(remote.region, remote.key)).copied();
+        let (size, addr) = match cached {
+            Some(v) => v,
+            None => {
+                let v = self.query(remote)?;
+                self.cache.lock().insert((remote.region, remote.key), v);
+                v
+            }
+        };
+        match offset.checked_add(len) {
+            Some(end) if end <= size => {}
+            _ => {
+                return Err(TransportError::RegionOutOfBounds {
+                    region: remote.region,
+                    offset,
+                    len,
+                    size,
+                })
+            }
+        }
+        let rkey = u32::try_from(remote.key).map_err(|_| TransportError::BadKey {
+            region: remote.region,
+        })?;
+        Ok((rkey, addr + offset))
+    }
+
+    fn query(&self, remote: &RemoteRegion) -> Result<(u64, u64)> {
+        self.check_alive()?;
+        let req = self.next_req.fetch_add(1, Ordering::Relaxed);
+        self.send_frame(&Frame::QueryRegion {
+            req,
+            region: remote.region,
+            key: remote.key,
+        })?;
+        let timeout = self.ep.config.peer_timeout;
+        let deadline = Instant::now() + timeout;
+        let mut q = self.queries.lock();
+        loop {
+            if let Some(st) = q.remove(&req) {
+                return match st {
+                    RegionStatus::Ok { len, addr } => Ok((len, addr)),
+                    RegionStatus::Unknown => Err(TransportError::UnknownRegion {
+                        region: remote.region,
+                    }),
+                    RegionStatus::BadKey => Err(TransportError::BadKey {
+                        region: remote.region,
+                    }),
+                };
+            }
+            if !self.alive.load(Ordering::Acquire) {
+                return Err(self.dead_error());
+            }
+            if self.queries_cv.wait_until(&mut q, deadline).timed_out() {
+                return Err(TransportError::PeerDead {
+                    peer: self.peer,
+                    reason: "no answer to a region check".into(),
+                });
+            }
+        }
+    }
+
+    fn local_mr<'r>(&self, local: &'r Region, offset: usize, len: usize) -> Result<Option<&'r Mr>> {
+        if local.endpoint() != self.ep.id {
+            return Err(TransportError::InvalidArgument(format!(
+                "region {} belongs to another endpoint",
+                local.id()
+            )));
+        }
+        local.check_local(offset, len)?;
+        if len == 0 {
+            return Ok(None);
+        }
+        local
+            .registration()
+            .and_then(|r| r.downcast_ref::<Mr>())
+            .map(Some)
+            .ok_or_else(|| {
+                TransportError::InvalidArgument(format!(
+                    "region {} is not RDMA-registered",
+                    local.id()
+                ))
+            })
+    }
+
+    /// Builds the job of one transfer, validated; the completer comes from `make`.
+    fn job<'r>(
+        &self,
+        t: &Transfer<'r>,
+        make: impl FnOnce(Vec<Region>) -> Completer,
+    ) -> Result<Job<'r>> {
+        let mr = self.local_mr(t.local, t.local_offset, t.len)?;
+        let (rkey, addr) = self.resolve(t.remote, t.remote_offset, t.len as u64)?;
+        let kind = match t.kind {
+            TransferKind::Write => JobKind::Write { rkey, addr },
+            TransferKind::WriteNotify(imm) => JobKind::WriteImm { rkey, addr, imm },
+            TransferKind::Read => JobKind::Read { rkey, addr },
+        };
+        let is_read = matches!(kind, JobKind::Read { .. });
+        let local = match mr {
+            Some(_) if !is_read && t.len <= self.max_inline => {
+                let mut v = vec![0u8; t.len];
+                t.local.read(t.local_offset, &mut v)?;
+                LocalData::Inline(v)
+            }
+            Some(mr) => LocalData::Region {
+                mr,
+                offset: t.local_offset,
+                len: t.len,
+            },
+            // Zero length: a notification still needs its (empty) write-with-immediate.
+            None if matches!(kind, JobKind::WriteImm { .. }) => LocalData::Inline(Vec::new()),
+            None => LocalData::Nothing,
+        };
+        Ok(Job {
+            kind,
+            local,
+            completer: make(vec![t.local.clone()]),
+            remote_region: t.remote.region,
+        })
+    }
+
+    /// Posts jobs in order. Only the last work request is signalled (plus one per half queue).
+    /// Waits for send-queue room and credits. A job that cannot be posted fails its completer.
+    fn post_jobs(&self, jobs: Vec<Job<'_>>) {
+        let mut st = self.state.lock();
+        let n_jobs = jobs.len();
+        let sq_half = (self.sq_depth / 2).max(1);
+        for (ji, job) in jobs.into_iter().enumerate() {
+            let last_job = ji + 1 == n_jobs;
+            let chunks: Vec<(usize, usize)> = match &job.local {
+                LocalData::Region { len, .. } if *len > self.chunk => (0..*len)
+                    .step_by(self.chunk)
+                    .map(|o| (o, self.chunk.min(len - o)))
+                    .collect(),
+                LocalData::Region { len, .. } | LocalData::Slot { len, .. } => vec![(0, *len)],
+                LocalData::Inline(v) => vec![(0, v.len())],
+                LocalData::Nothing => Vec::new(),
+            };
+            if matches!(job.local, LocalData::Nothing) {
+                // A zero-length write or read moves nothing: it is complete once validated.
+                job.completer.complete(Ok(()));
+                continue;
+            }
+            let needs_credit = matches!(job.kind, JobKind::WriteImm { .. } | JobKind::Send);
+            let n = chunks.len();
+            let mut failed = None;
+            let mut completer = Some(job.completer);
+            for (ci, (off, len)) in chunks.into_iter().enumerate() {
+                let last_chunk = ci + 1 == n;
+                // Back-pressure: room in the send queue (and a credit for the final, consuming request).
+                let deadline =
+                    Instant::now() + self.ep.config.peer_timeout.max(Duration::from_secs(1)) * 4;
+                loop {
+                    if !self.alive.load(Ordering::Acquire) {
+                        failed = Some(self.dead_error());
+                        break;
+                    }
+                    let room = (st.pending.len() as u32) < self.sq_depth;
+                    let credit = !(needs_credit && last_chunk) || st.credits > 0;
+                    if room && credit {
+                        break;
+                    }
+                    if self.space.wait_until(&mut st, deadline).timed_out() {
+                        failed = Some(TransportError::PeerDead {
+                            peer: self.peer,
+                            reason: "no progress on the send queue (credits or completions)".into(),
+                        });
+                        break;
+                    }
+                }
+                if failed.is_some() {
+                    break;
+                }
+                let seq = st.next_seq;
+                let signaled = (last_chunk && last_job) || st.since_signal + 1 >= sq_half;
+                let op = match job.kind {
+                    JobKind::Write { rkey, addr } => SendOp::Write {
+                        rkey,
+                        remote_addr: addr + off as u64,
+                    },
+                    JobKind::WriteImm { rkey, addr, imm } if last_chunk => SendOp::WriteImm {
+                        rkey,
+                        remote_addr: addr + off as u64,
+                        imm,
+                    },
+                    JobKind::WriteImm { rkey, addr, .. } => SendOp::Write {
+                        rkey,
+                        remote_addr: addr + off as u64,
+                    },
+                    JobKind::Read { rkey, addr } => SendOp::Read {
+                        rkey,
+                        remote_addr: addr + off as u64,
+                    },
+                    JobKind::Send => SendOp::Send,
+                };
+                let sge = match &job.local {
+                    LocalData::Region { mr, offset, .. } => Sge::Mr {
+                        mr,
+                        offset: offset + off,
+                        len,
+                    },
+                    LocalData::Slot { slot, len } => Sge::Mr {
+                        mr: &self.send_mr,
+                        offset: slot * self.recv_size,
+                        len: *len,
+                    },
+                    LocalData::Inline(v) => Sge::Inline(v),
+                    LocalData::Nothing => Sge::Inline(&[]),
+                };
+                let Some(qp) = st.qp.as_mut() else {
+                    failed = Some(self.dead_error());
+                    break;
+                };
+                if let Err(e) = qp.post_send(seq, op, sge, signaled) {
+                    failed = Some(verbs_io("ibv_post_send", e));
+                    break;
+                }
+                st.next_seq += 1;
+                st.since_signal = if signaled { 0 } else { st.since_signal + 1 };
+                if needs_credit && last_chunk {
+                    st.credits -= 1;
+                }
+                if let LocalData::Slot { slot, .. } = job.local {
+                    st.slot_seq[slot] = seq;
+                }
+                st.pending.push_back(Pending {
+                    seq,
+                    completer: if last_chunk { completer.take() } else { None },
+                    remote_region: job.remote_region,
+                });
+            }
+            if let Some(e) = failed {
+                // Chunks already posted stay in the queue without a completer; the op fails now.
+                if let Some(c) = completer.take() {
+                    c.complete(Err(e.clone()));
+                }
+                // A post failure that is not a dead connection means a broken QP: fail it all.
+                if self.alive.load(Ordering::Acquire) {
+                    drop(st);
+                    self.die(e);
+                    st = self.state.lock();
+                }
+            }
+        }
+        // If the last job failed after earlier ones were posted unsignalled, their completion
+        // would never come: `die` above failed them. Otherwise the last posted request is signalled.
+    }
+
+    fn submit_one(&self, t: Transfer<'_>) -> Result<Op> {
+        self.check_alive()?;
+        let mut op = None;
+        let job = self.job(&t, |keep| {
+            let (o, c) = Op::new(self.mode, keep);
+            op = Some(o);
+            c
+        })?;
+        self.post_jobs(vec![job]);
+        op.ok_or_else(|| TransportError::InvalidArgument("no operation created".into()))
+    }
+
+    /// The completion thread: retires work requests, delivers receives, re-posts receive buffers.
+    fn completion_loop(self: Arc<Self>, rq_depth: u32) {
+        let mut wcs = Vec::with_capacity(32);
+        let mut consumed = 0u32;
+        let return_at = (rq_depth / 4).max(1);
+        loop {
+            // Return credits for re-posted receive buffers in batches (side channel).
+            if consumed >= return_at && self.alive.load(Ordering::Acquire) {
+                let _ = self.send_frame(&Frame::Credits { n: consumed });
+                consumed = 0;
+            }
+            wcs.clear();
+            match self.cq.poll(&mut wcs, 32) {
+                Ok(0) => {}
+                Ok(_) => {
+                    for wc in wcs.drain(..) {
+                        self.on_completion(wc, &mut consumed);
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    self.die(verbs_io("ibv_poll_cq", e));
+                    return;
+                }
+            }
+            if !self.alive.load(Ordering::Acquire) {
+                return;
+            }
+            match self.mode {
+                PollMode::BusyPoll => std::hint::spin_loop(),
+                PollMode::Blocking => {
+                    if let Err(e) = self.cq.req_notify() {
+                        self.die(verbs_io("ibv_req_notify_cq", e));
+                        return;
+                    }
+                    // A completion may have arrived before arming: poll once more before sleeping.
+                    wcs.clear();
+                    match self.cq.poll(&mut wcs, 32) {
+                        Ok(0) => {}
+                        Ok(_) => {
+                            for wc in wcs.drain(..) {
+                                self.on_completion(wc, &mut consumed);
+                            }
+                            continue;
+                        }
+                        Err(e) => {
+                            self.die(verbs_io("ibv_poll_cq", e));
+                            return;
+                        }
+                    }
+                    if let Err(e) = self.cq.wait_event(Duration::from_millis(50)) {
+                        self.die(verbs_io("ibv_get_cq_event", e));
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_completion(&self, wc: Completion, consumed: &mut u32) {
+        if wc.wr_id & RECV_BIT != 0 {
+            let slot = (wc.wr_id & !RECV_BIT) as usize;
+            if let Err(e) = wc.status {
+                if e != WcError::Flushed {
+                    self.die(TransportError::PeerMisbehaved {
+                        peer: Some(self.peer),
+                        what: format!("receive failed: {e}"),
+                    });
+                }
+                return;
+            }
+            match wc.opcode {
+                WcOpcode::RecvWriteImm => {
+                    if let Some(imm) = wc.imm {
+                        self.notes.lock().push_back(imm);
+                        self.notes_cv.notify_all();
+                    }
+                }
+                WcOpcode::Recv => {
+                    let start = slot * self.recv_size;
+                    let len = (wc.byte_len as usize).min(self.recv_size);
+                    if let Some(b) = self.recv_buf.get(start..start + len) {
+                        self.msgs.lock().push_back(b.to_vec());
+                        self.msgs_cv.notify_all();
+                    }
+                }
+                _ => {}
+            }
+            let mut st = self.state.lock();
+            if let Some(qp) = st.qp.as_mut() {
+                if qp
+                    .post_recv(
+                        wc.wr_id,
+                        &self.recv_mr,
+                        slot * self.recv_size,
+                        self.recv_size,
+                    )
+                    .is_ok()
+                {
+                    *consumed += 1;
+                }
+            }
+            return;
+        }
+        let seq = wc.wr_id;
+        let mut done = Vec::new();
+        let mut failed = None;
+        {
+            let mut st = self.state.lock();
+            while st
+                .pending
+                .front()
+                .is_some_and(|p| p.seq < seq || (p.seq == seq && wc.status.is_ok()))
+            {
+                if let Some(p) = st.pending.pop_front() {
+                    done.extend(p.completer);
+                }
+            }
+            if wc.status.is_ok() {
+                st.retired = st.retired.max(seq);
+            }
+            if let Err(e) = wc.status {
+                if e != WcError::Flushed {
+                    // The failed request's operation: the first pending op at or after it.
+                    let region = st.pending.front().map(|p| p.remote_region).unwrap_or(0);
+                    let err = self.map_wc_error(e, region);
+                    let first = st.pending.iter_mut().find(|p| p.completer.is_some());
+                    failed = Some((first.and_then(|p| p.completer.take()), err));
+                }
+            }
+        }
+        self.space.notify_all();
+        for c in done {
+            c.complete(Ok(()));
+        }
+        if let Some((c, err)) = failed {
+            if let Some(c) = c {
+                c.complete(Err(err.clone()));
+            }
+            let reason = match &err {
+                TransportError::UnknownRegion { .. } => {
+                    TransportError::ConnectionClosed { peer: self.peer }
+                }
+                e => e.clone(),
+            };
+            self.die(reason);
+        }
+    }
+
+    fn map_wc_error(&self, e: WcError, region: u64) -> TransportError {
+        match e {
+            WcError::RemoteAccess => TransportError::UnknownRegion { region },
+            WcError::RetryExceeded => TransportError::PeerDead {
+                peer: self.peer,
+                reason: "no acknowledgement (transport retries exceeded)".into(),
+            },
+            WcError::RnrRetryExceeded => TransportError::PeerDead {
+                peer: self.peer,
+                reason: "peer posted no receive (RNR retries exceeded)".into(),
+            },
+            WcError::RemoteInvalidRequest => TransportError::PeerMisbehaved {
+                peer: Some(self.peer),
+                what: "remote invalid request (message larger than its receive buffer?)".into(),
+            },
+            e => TransportError::io("ibv_poll_cq", io::Error::other(e.to_string())),
+        }
+    }
+
+    /// The side-channel thread: credits, region checks, heartbeats, and peer death.
+    fn side_loop(self: Arc<Self>, mut s: TcpStream) {
+        let timeout = self.ep.config.peer_timeout;
+        let beat = heartbeat_interval(timeout);
+        let mut last_heard = Instant::now();
+        let mut last_sent = Instant::now();
+        let mut reader = FrameReader::default();
+        while self.alive.load(Ordering::Acquire) {
+            match reader.next(&mut s) {
+                Ok(Some(f)) => {
+                    last_heard = Instant::now();
+                    match f {
+                        Frame::Credits { n } => {
+                            let mut st = self.state.lock();
+                            st.credits = st.credits.saturating_add(n);
+                            drop(st);
+                            self.space.notify_all();
+                        }
+                        Frame::QueryRegion { req, region, key } => {
+                            let status = match self.ep.table.check_remote(region, key, 0, 0) {
+                                Ok(r) => RegionStatus::Ok {
+                                    len: r.len() as u64,
+                                    addr: r.descriptor().addr,
+                                },
+                                Err(TransportError::BadKey { .. }) => RegionStatus::BadKey,
+                                Err(_) => RegionStatus::Unknown,
+                            };
+                            if self.send_frame(&Frame::RegionInfo { req, status }).is_err() {
+                                return;
+                            }
+                        }
+                        Frame::RegionInfo { req, status } => {
+                            self.queries.lock().insert(req, status);
+                            self.queries_cv.notify_all();
+                        }
+                        Frame::Heartbeat => {}
+                        other => {
+                            self.die(TransportError::PeerMisbehaved {
+                                peer: Some(self.peer),
+                                what: format!("unexpected side-channel frame {other:?}"),
+                            });
+                            return;
+                        }
+                    }
+                }
+                Ok(None) => {
+                    if last_heard.elapsed() > timeout {
+                        self.die(TransportError::PeerDead {
+                            peer: self.peer,
+                            reason: format!("nothing heard for {timeout:?}"),
+                        });
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let err = if e.kind() == io::ErrorKind::InvalidData {
+                        TransportError::InvalidFrame {
+                            peer: Some(self.peer),
+                            expected: "side-channel frame",
+                            got: e.to_string(),
+                        }
+                    } else if e.kind() == io::ErrorKind::UnexpectedEof {
+                        TransportError::PeerDead {
+                            peer: self.peer,
+                            reason: "the peer closed the connection".into(),
+                        }
+                    } else {
+                        TransportError::PeerDead {
+                            peer: self.peer,
+                            reason: format!("side channel: {e}"),
+                        }
+                    };
+                    self.die(err);
+                    return;
+                }
+            }
+            if last_sent.elapsed() >= beat {
+                if self.send_frame(&Frame::Heartbeat).is_err() {
+                    return;
+                }
+                last_sent = Instant::now();
+            }
+        }
+    }
+}
+
+/// The user's handle; dropping it closes the connection.
+pub(crate) struct RdmaConnection {
+    c: Arc<ConnShared>,
+}
+
+impl RdmaConnection {
+    pub(crate) fn new(c: Arc<ConnShared>) -> Self {
+        Self { c }
+    }
+}
+
+impl Drop for RdmaConnection {
+    fn drop(&mut self) {
+        self.c
+            .die(TransportError::ConnectionClosed { peer: self.c.peer });
+    }
+}
+
+impl std::fmt::Debug for RdmaConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RdmaConnection")
+            .field("peer", &self.c.peer)
+            .field("alive", &self.c.alive.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+fn wait_queue<T>(
+    c: &ConnShared,
+    q: &Mutex<VecDeque<T>>,
+    cv: &Condvar,
+    timeout: Duration,
+) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    let mut g = q.lock();
+    loop {
+        if let Some(v) = g.pop_front() {
+            return Ok(v);
+        }
+        if !c.alive.load(Ordering::Acquire) {
+            return Err(c.dead_error());
+        }
+        if cv.wait_until(&mut g, deadline).timed_out() {
+            return g
+                .pop_front()
+                .ok_or(TransportError::Timeout { after: timeout });
+        }
+    }
+}
+
+fn try_queue<T>(c: &ConnShared, q: &Mutex<VecDeque<T>>) -> Result<Option<T>> {
+    match q.lock().pop_front() {
+        Some(v) => Ok(Some(v)),
+        None if c.alive.load(Ordering::Acquire) => Ok(None),
+        None => Err(c.dead_error()),
+    }
+}
+
+impl Connection for RdmaConnection {
+    fn backend(&self) -> Backend {
+        Backend::Rdma
+    }
+    fn peer_addr(&self) -> SocketAddr {
+        self.c.peer
+    }
+    fn peer_endpoint(&self) -> EndpointId {
+        self.c.peer_endpoint
+    }
+    fn write(
+        &self,
+        local: &Region,
+        local_offset: usize,
+        remote: &RemoteRegion,
+        remote_offset: u64,
+        len: usize,
+    ) -> Result<Op> {
+        self.c.submit_one(Transfer {
+            kind: TransferKind::Write,
+            local,
+            local_offset,
+            remote,
+            remote_offset,
+            len,
+        })
+    }
+    fn write_notify(
+        &self,
+        local: &Region,
+        local_offset: usize,
+        remote: &RemoteRegion,
+        remote_offset: u64,
+        len: usize,
+        imm: u32,
+    ) -> Result<Op> {
+        self.c.submit_one(Transfer {
+            kind: TransferKind::WriteNotify(imm),
+            local,
+            local_offset,
+            remote,
+            remote_offset,
+            len,
+        })
+    }
+    fn read(
+        &self,
+        local: &Region,
+        local_offset: usize,
+        remote: &RemoteRegion,
+        remote_offset: u64,
+        len: usize,
+    ) -> Result<Op> {
+        self.c.submit_one(Transfer {
+            kind: TransferKind::Read,
+            local,
+            local_offset,
+            remote,
+            remote_offset,
+            len,
+        })
+    }
+    fn send(&self, msg: &[u8]) -> Result<Op> {
+        let c = &self.c;
+        let max = c.ep.config.max_message_size.min(c.peer_recv_size);
+        if msg.len() > max {
+            return Err(TransportError::MessageTooLarge {
+                len: msg.len(),
+                max,
+            });
+        }
+        c.check_alive()?;
+        let (op, completer) = Op::new(c.mode, Vec::new());
+        let local = if msg.len() <= c.max_inline {
+            LocalData::Inline(msg.to_vec())
+        } else {
+            // Copy into the next staging slot once its previous send has completed.
+            let slot = {
+                let mut st = c.state.lock();
+                let s = st.next_slot;
+                st.next_slot = (s + 1) % SEND_SLOTS;
+                let deadline = Instant::now() + c.ep.config.peer_timeout * 4;
+                while st.slot_seq[s] > st.retired && c.alive.load(Ordering::Acquire) {
+                    if c.space.wait_until(&mut st, deadline).timed_out() {
+                        return Err(TransportError::PeerDead {
+                            peer: c.peer,
+                            reason: "send staging never freed".into(),
+                        });
+                    }
+                }
+                c.check_alive()?;
+                // Reserve the slot: a concurrent sender waits until this send is posted and done.
+                st.slot_seq[s] = u64::MAX;
+                s
+            };
+            let start = slot * c.recv_size;
+            if let Some(dst) = c.send_buf.lock().get_mut(start..start + msg.len()) {
+                dst.copy_from_slice(msg);
+            }
+            LocalData::Slot {
+                slot,
+                len: msg.len(),
+            }
+        };
+        let job = Job {
+            kind: JobKind::Send,
+            local,
+            completer,
+            remote_region: 0,
+        };
+        c.post_jobs(vec![job]);
+        Ok(op)
+    }
+    fn recv(&self, timeout: Duration) -> Result<Vec<u8>> {
+        wait_queue(&self.c, &self.c.msgs, &self.c.msgs_cv, timeout)
+    }
+    fn try_recv(&self) -> Result<Option<Vec<u8>>> {
+        try_queue(&self.c, &self.c.msgs)
+    }
+    fn recv_notification(&self, timeout: Duration) -> Result<u32> {
+        wait_queue(&self.c, &self.c.notes, &self.c.notes_cv, timeout)
+    }
+    fn try_recv_notification(&self) -> Result<Option<u32>> {
+        try_queue(&self.c, &self.c.notes)
+    }
+    fn post_batch(&self, transfers: &[Transfer<'_>]) -> Result<Batch> {
+        self.c.check_alive()?;
+        let mut b = BatchBuilder::new(self.c.mode, transfers.len());
+        let mut jobs = Vec::with_capacity(transfers.len());
+        for t in transfers {
+            match self.c.job(t, |keep| b.op(keep)) {
+                Ok(j) => jobs.push(j),
+                Err(e) => b.failed(e),
+            }
+        }
+        self.c.post_jobs(jobs);
+        Ok(b.build())
+    }
+    fn is_alive(&self) -> bool {
+        self.c.alive.load(Ordering::Acquire)
+    }
+    fn close(&self) {
+        self.c
+            .die(TransportError::ConnectionClosed { peer: self.c.peer });
+    }
+}

@@ -1,0 +1,292 @@
+//! The RDMA backend: reliable-connected queue pairs over ibverbs (`genie_sys::verbs`, feature `rdma`).
+//!
+//! # Connections
+//!
+//! Each connection has a TCP side channel (the listening address of the endpoint) and one RC QP
+//! with its own completion queue. Set-up runs [`handshake`] over the side channel: both sides swap
+//! QP number, PSN, GID, MTU and receive credits, move their QP INIT→RTR→RTS with the path MTU set
+//! to the smaller side, then swap `Ready` (with an HMAC proof when a shared secret is set). The GID
+//! index is picked automatically: the RoCE v2 entry holding the IPv4-mapped address that the side
+//! channel uses locally (on soft-RoCE over `lo`: `::ffff:127.0.0.1`).
+//!
+//! The side channel stays open for the connection's life: credit returns, remote-region checks and
+//! heartbeats travel on it, and its loss (the peer process died) fails the connection at once.
+//!
+//! # Operations
+//!
+//! - `write` / `read` are RDMA WRITE / READ; `write_notify` ends with an RDMA WRITE WITH IMM, whose
+//!   immediate is the notification (delivered by the target's receive completion, after the data);
+//!   `send` is a SEND into one of the peer's pre-posted receive buffers. Sends and notifications
+//!   consume a credit; the receiver re-posts its buffer and returns credits over the side channel.
+//! - Selective signalling: only the last work request of each submission (and one in every half
+//!   send queue) asks for a completion; RC completes in order, so one completion retires every
+//!   earlier request. The send queue depth is bounded: submitters wait for room (back-pressure).
+//! - Payloads up to the QP's inline limit are copied into the work request (inline); transfers over
+//!   the device's maximum message size are split into chunks.
+//! - Completions are polled by one thread per connection, spinning in [`PollMode::BusyPoll`] or
+//!   sleeping on the completion channel in [`PollMode::Blocking`].
+//!
+//! # Remote access checks and errors
+//!
+//! Before the first access to a peer's region, the requester asks the peer (side channel) whether
+//! the region exists with that key and how long it is, and caches the answer; so a bad key, an
+//! unknown region or an out-of-bounds access fails with its typed error *before* anything is posted,
+//! and the connection stays usable. An access the NIC itself refuses (e.g. the region was dropped
+//! after the check) returns a remote access error: that operation fails with
+//! [`TransportError::UnknownRegion`]. Any error completion moves the QP to the error state: every
+//! pending operation of the connection fails, the connection is marked dead, and connecting again
+//! gives a fresh one.
+
+mod conn;
+pub mod handshake;
+pub mod wire;
+
+use crate::config::{Backend, PollMode, TransportConfig};
+use crate::error::{Result, TransportError};
+use crate::region::{EndpointId, NewRegion, Region, RegionMemory, RegionTable};
+use crate::{Connection, Transport};
+use conn::ConnShared;
+use genie_sys::mem::AlignedBuf;
+use genie_sys::verbs::{self, Context, ProtectionDomain};
+use parking_lot::{Condvar, Mutex};
+use std::collections::VecDeque;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Returns the device an endpoint with `config` would use, or why RDMA is not usable.
+pub(crate) fn probe(config: &TransportConfig) -> std::result::Result<String, String> {
+    let devices = verbs::rdma_available().map_err(|e| e.to_string())?;
+    let want = config
+        .rdma_device
+        .clone()
+        .or_else(|| std::env::var("GENIE_RDMA_DEVICE").ok());
+    match want {
+        Some(name) => match devices.iter().find(|d| d.name == name) {
+            Some(d) if d.port_active => Ok(d.name.clone()),
+            Some(_) => Err(format!("RDMA device {name} has no active port")),
+            None => Err(format!(
+                "no RDMA device named {name} (found: {})",
+                devices
+                    .iter()
+                    .map(|d| d.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        },
+        None => devices
+            .iter()
+            .find(|d| d.port_active)
+            .map(|d| d.name.clone())
+            .ok_or_else(|| "no RDMA device with an active port".into()),
+    }
+}
+
+fn verbs_err(e: verbs::VerbsError) -> TransportError {
+    TransportError::BackendUnavailable {
+        backend: Backend::Rdma,
+        reason: describe(&e),
+    }
+}
+
+pub(crate) fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Opens an RDMA endpoint.
+pub(crate) fn open(config: TransportConfig) -> Result<Arc<dyn Transport>> {
+    let device = probe(&config).map_err(|reason| TransportError::BackendUnavailable {
+        backend: Backend::Rdma,
+        reason,
+    })?;
+    let ctx = Context::open(Some(&device)).map_err(verbs_err)?;
+    let pd = ctx.alloc_pd().map_err(verbs_err)?;
+    let listener = TcpListener::bind(config.listen).map_err(|e| TransportError::io("bind", e))?;
+    let local_addr = listener
+        .local_addr()
+        .map_err(|e| TransportError::io("getsockname", e))?;
+    let id: EndpointId = rand::random();
+    let ep = Arc::new(Endpoint {
+        table: RegionTable::new(id, Backend::Rdma),
+        config,
+        id,
+        local_addr,
+        ctx,
+        pd,
+        incoming: Mutex::new(VecDeque::new()),
+        incoming_cv: Condvar::new(),
+        conns: Mutex::new(Vec::new()),
+        shutdown: AtomicBool::new(false),
+    });
+    let ep2 = Arc::clone(&ep);
+    let accept_thread = std::thread::Builder::new()
+        .name("genie-rdma-accept".into())
+        .spawn(move || accept_loop(&ep2, listener))
+        .map_err(|e| TransportError::io("spawn", e))?;
+    tracing::debug!(device = %ep.ctx.name(), addr = %local_addr, "rdma endpoint open");
+    Ok(Arc::new(RdmaTransport {
+        ep,
+        accept_thread: Some(accept_thread),
+    }))
+}
+
+/// What an endpoint's connections share.
+pub(crate) struct Endpoint {
+    pub(crate) config: TransportConfig,
+    pub(crate) id: EndpointId,
+    local_addr: SocketAddr,
+    pub(crate) ctx: Context,
+    pub(crate) pd: ProtectionDomain,
+    pub(crate) table: Arc<RegionTable>,
+    incoming: Mutex<VecDeque<Result<Arc<dyn Connection>>>>,
+    incoming_cv: Condvar,
+    conns: Mutex<Vec<Weak<ConnShared>>>,
+    shutdown: AtomicBool,
+}
+
+impl Endpoint {
+    fn track(&self, c: &Arc<ConnShared>) {
+        let mut v = self.conns.lock();
+        v.retain(|w| w.strong_count() > 0);
+        v.push(Arc::downgrade(c));
+    }
+
+    pub(crate) fn poll_mode(&self) -> PollMode {
+        self.config.poll_mode
+    }
+}
+
+fn accept_loop(ep: &Arc<Endpoint>, listener: TcpListener) {
+    for stream in listener.incoming() {
+        if ep.shutdown.load(Ordering::Acquire) {
+            break;
+        }
+        let r = match stream {
+            Ok(s) => conn::establish(ep, s).map(|c| {
+                ep.track(&c);
+                Arc::new(conn::RdmaConnection::new(c)) as Arc<dyn Connection>
+            }),
+            Err(e) => Err(TransportError::io("accept", e)),
+        };
+        if let Err(e) = &r {
+            tracing::info!(error = %e, "incoming rdma connection failed");
+        }
+        ep.incoming.lock().push_back(r);
+        ep.incoming_cv.notify_all();
+    }
+}
+
+/// An RDMA endpoint (see the module docs).
+pub struct RdmaTransport {
+    ep: Arc<Endpoint>,
+    accept_thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for RdmaTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RdmaTransport")
+            .field("device", &self.ep.ctx.name())
+            .field("addr", &self.ep.local_addr)
+            .field("endpoint", &self.ep.id)
+            .finish()
+    }
+}
+
+impl Drop for RdmaTransport {
+    fn drop(&mut self) {
+        self.ep.shutdown.store(true, Ordering::Release);
+        for c in self.ep.conns.lock().drain(..) {
+            if let Some(c) = c.upgrade() {
+                c.die(TransportError::EndpointClosed);
+            }
+        }
+        // Wake the blocking accept() with a connection to ourselves.
+        let _ = TcpStream::connect_timeout(&self.ep.local_addr, Duration::from_secs(1));
+        if let Some(t) = self.accept_thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl RdmaTransport {
+    fn register_mem(&self, mut mem: RegionMemory) -> Result<Region> {
+        if mem.is_empty() {
+            // Nothing to register: zero-length transfers never touch memory.
+            return Ok(self.ep.table.insert(NewRegion {
+                mem,
+                key: None,
+                remote_addr: 0,
+                registration: None,
+            }));
+        }
+        let mr = self.ep.pd.register(&mut mem).map_err(verbs_err)?;
+        let (key, remote_addr) = (u64::from(mr.rkey()), mr.addr());
+        // The region drops this registration before its memory (see `RegionInner`), as the verbs
+        // layer's memory-lifetime contract requires.
+        Ok(self.ep.table.insert(NewRegion {
+            mem,
+            key: Some(key),
+            remote_addr,
+            registration: Some(Arc::new(mr)),
+        }))
+    }
+}
+
+impl Transport for RdmaTransport {
+    fn backend(&self) -> Backend {
+        Backend::Rdma
+    }
+    fn endpoint_id(&self) -> EndpointId {
+        self.ep.id
+    }
+    fn local_addr(&self) -> SocketAddr {
+        self.ep.local_addr
+    }
+    fn config(&self) -> &TransportConfig {
+        &self.ep.config
+    }
+    fn alloc_region(&self, len: usize) -> Result<Region> {
+        self.register_mem(RegionMemory::Aligned(AlignedBuf::zeroed(len)?))
+    }
+    fn register(&self, buf: Vec<u8>) -> Result<Region> {
+        self.register_mem(RegionMemory::Vec(buf))
+    }
+    fn connect(&self, addr: SocketAddr) -> Result<Arc<dyn Connection>> {
+        let s = TcpStream::connect_timeout(&addr, self.ep.config.peer_timeout).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::TimedOut {
+                TransportError::PeerDead {
+                    peer: addr,
+                    reason: "connect timed out".into(),
+                }
+            } else {
+                TransportError::io("connect", e)
+            }
+        })?;
+        let c = conn::establish(&self.ep, s)?;
+        self.ep.track(&c);
+        Ok(Arc::new(conn::RdmaConnection::new(c)))
+    }
+    fn accept(&self, timeout: Duration) -> Result<Arc<dyn Connection>> {
+        let deadline = Instant::now() + timeout;
+        let mut q = self.ep.incoming.lock();
+        loop {
+            if let Some(r) = q.pop_front() {
+                return r;
+            }
+            if self.ep.incoming_cv.wait_until(&mut q, deadline).timed_out() {
+                return q
+                    .pop_front()
+                    .unwrap_or(Err(TransportError::Timeout { after: timeout }));
+            }
+        }
+    }
+}
