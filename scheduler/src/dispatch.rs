@@ -7,15 +7,21 @@
 //! 1. Every task `v` has a counter `pending[v]` initialised to its number of distinct
 //!    predecessors. Tasks with no predecessor go into a shared [`Injector`].
 //! 2. Each worker thread owns a LIFO [`Worker`] deque (Chase & Lev, *Dynamic circular
-//!    work-stealing deque*, SPAA 2005, as implemented by `crossbeam-deque`). It pops its own deque
-//!    first (LIFO keeps a consumer on the core whose caches hold its inputs), then takes a batch
-//!    from the injector, then steals from the other workers' deques.
+//!    work-stealing deque*, SPAA 2005, as implemented by `crossbeam-deque`). It runs its
+//!    *continuation* first (see 3), then pops its own deque (LIFO keeps a consumer on the core
+//!    whose caches hold its inputs), then takes a batch from the injector, then steals from the
+//!    other workers' deques.
 //! 3. When a task finishes, its worker decrements `pending[c]` of every successor `c`. The
 //!    decrement that brings a counter to zero — exactly one, because `fetch_sub` is a single
-//!    atomic read-modify-write — hands `c` to that worker, which pushes it on its own deque. No
-//!    task is ever queued twice or lost, and no lock is taken.
-//! 4. A global `remaining` counter, decremented once per finished task, tells idle workers when
-//!    the whole DAG is done; idle workers back off (spin, then yield) meanwhile.
+//!    atomic read-modify-write — hands `c` to that worker. The first successor handed over
+//!    becomes the worker's continuation and runs next without touching any queue; the others
+//!    are pushed on the worker's deque, where idle workers can steal them. A successor with a
+//!    single predecessor needs no atomic at all: only this worker can make it ready. No task is
+//!    ever queued twice or lost, and no lock is taken.
+//! 4. A global `remaining` counter tells idle workers when the whole DAG is done. Workers count
+//!    finished tasks locally and subtract them from `remaining` in one step whenever they run
+//!    out of local work (before looking elsewhere), so the shared counter is touched once per
+//!    dry spell, not once per task. Idle workers back off (spin, then yield).
 //!
 //! # Memory orderings
 //!
@@ -24,11 +30,14 @@
 //!   worker that brings the counter to zero see the writes of **every** predecessor, because all
 //!   earlier decrements are read-modify-writes in the same release sequence. So a task starts
 //!   only after it can see all of its inputs. (Relaxed would let a consumer run before a
-//!   producer's output is visible on its core.)
-//! - `remaining.fetch_sub(1, AcqRel)` and the idle check `remaining.load(Acquire)`: a worker that
-//!   sees zero has synchronised with every task's completion, so when [`Dispatcher::run`] returns
-//!   all task effects are visible to the caller (thread joins add that too).
-//! - Counter initialisation uses `Relaxed` stores: they happen before the worker threads are
+//!   producer's output is visible on its core.) A single-predecessor successor is made ready by
+//!   the thread that ran its predecessor, so program order already orders the two.
+//! - `remaining.fetch_sub(k, AcqRel)` and the idle check `remaining.load(Acquire)`: each
+//!   subtraction releases the retiring worker's finished tasks, and the worker that sees zero
+//!   has acquired all of them, so when [`Dispatcher::run`] returns every task's effects are
+//!   visible to the caller (thread joins add that too). A worker retires its count before it
+//!   searches for work, so the count reaches zero exactly when every task has finished.
+//! - Counter initialisation uses plain construction: it happens before the worker threads are
 //!   spawned, and spawning synchronises.
 //! - Hand-off of a task index through a deque/injector is ordered by `crossbeam-deque` itself
 //!   (a push happens-before the pop or steal that returns the item).
@@ -39,7 +48,8 @@
 //! pending decrement to `Relaxed` makes the diamond test fail under loom.)
 //!
 //! For comparison, [`run_with_mutex_queue`] runs the same DAG with the same counters but a single
-//! `Mutex<VecDeque>` ready queue (the baseline of the `sched-bench` `dispatch_vs_mutex` figure).
+//! `Mutex<VecDeque>` ready queue that every ready task goes through (the baseline of the
+//! `sched-bench` `dispatch_vs_mutex` figure).
 
 use crate::graph::Graph;
 
@@ -49,7 +59,7 @@ pub(crate) use loom::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 pub(crate) use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 #[cfg(not(loom))]
-use crossbeam_deque::{Injector, Steal, Stealer, Worker};
+use crossbeam_deque::{Steal, Stealer, Worker};
 
 /// A DAG of tasks `0..len` as successor lists and in-degrees.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -57,6 +67,8 @@ pub struct TaskGraph {
     offsets: Vec<u32>,
     succ: Vec<u32>,
     indegree: Vec<u32>,
+    /// Bit `e` set: the successor at edge position `e` has that edge as its only input.
+    solo: Vec<u64>,
 }
 
 impl TaskGraph {
@@ -79,11 +91,7 @@ impl TaskGraph {
         for i in 1..=n {
             offsets[i] += offsets[i - 1];
         }
-        Self {
-            offsets,
-            succ: e.into_iter().map(|(_, b)| b).collect(),
-            indegree,
-        }
+        Self::finish(offsets, e.into_iter().map(|(_, b)| b).collect(), indegree)
     }
 
     /// The node DAG of a graph (task `i` = node `i`).
@@ -101,10 +109,21 @@ impl TaskGraph {
             }
             offsets.push(succ.len() as u32);
         }
+        Self::finish(offsets, succ, indegree)
+    }
+
+    fn finish(offsets: Vec<u32>, succ: Vec<u32>, indegree: Vec<u32>) -> Self {
+        let mut solo = vec![0u64; succ.len().div_ceil(64)];
+        for (e, &c) in succ.iter().enumerate() {
+            if indegree[c as usize] == 1 {
+                solo[e / 64] |= 1 << (e % 64);
+            }
+        }
         Self {
             offsets,
             succ,
             indegree,
+            solo,
         }
     }
 
@@ -138,7 +157,7 @@ impl TaskGraph {
 }
 
 /// The per-run atomic state: one pending-predecessor counter per task and the count of tasks
-/// not yet finished. See the [module docs](self) for the orderings.
+/// not yet retired. See the [module docs](self) for the orderings.
 #[derive(Debug)]
 pub struct DependencyCounters {
     pending: Vec<AtomicU32>,
@@ -155,9 +174,20 @@ impl DependencyCounters {
     }
 
     /// Records that `task` finished: calls `ready(c)` for every successor whose last pending
-    /// predecessor this was, and returns `true` if this was the last task of the run.
-    pub fn complete(&self, graph: &TaskGraph, task: u32, mut ready: impl FnMut(u32)) -> bool {
-        for &c in graph.successors(task) {
+    /// predecessor this was.
+    #[inline]
+    pub fn complete(&self, graph: &TaskGraph, task: u32, mut ready: impl FnMut(u32)) {
+        let i = task as usize;
+        let (Some(&a), Some(&b)) = (graph.offsets.get(i), graph.offsets.get(i + 1)) else {
+            return;
+        };
+        for e in a as usize..b as usize {
+            let c = graph.succ[e];
+            if graph.solo[e / 64] & (1 << (e % 64)) != 0 {
+                // Only this thread can make `c` ready; program order covers visibility.
+                ready(c);
+                continue;
+            }
             if let Some(p) = self.pending.get(c as usize) {
                 // AcqRel: publish this task's outputs; the zeroing thread acquires all of them.
                 if p.fetch_sub(1, Ordering::AcqRel) == 1 {
@@ -165,11 +195,21 @@ impl DependencyCounters {
                 }
             }
         }
-        // AcqRel: the thread that sees the count reach zero has seen every task's effects.
-        self.remaining.fetch_sub(1, Ordering::AcqRel) == 1
     }
 
-    /// Whether every task has finished.
+    /// Retires `finished` tasks (counted locally by a worker); returns `true` if that finished
+    /// the run.
+    #[inline]
+    pub fn retire(&self, finished: usize) -> bool {
+        if finished == 0 {
+            return self.done();
+        }
+        // AcqRel: release this worker's tasks; the thread reaching zero has acquired them all.
+        self.remaining.fetch_sub(finished, Ordering::AcqRel) == finished
+    }
+
+    /// Whether every task has been retired.
+    #[inline]
     pub fn done(&self) -> bool {
         self.remaining.load(Ordering::Acquire) == 0
     }
@@ -210,37 +250,82 @@ impl Dispatcher {
             return DispatchStats::default();
         }
         let counters = DependencyCounters::new(graph);
-        let injector = Injector::new();
-        for r in graph.roots() {
-            injector.push(r);
+        // Roots are dealt round-robin to the workers' private stacks.
+        let mut seeds: Vec<Vec<u32>> = vec![Vec::new(); self.threads];
+        for (k, r) in graph.roots().enumerate() {
+            seeds[k % self.threads].push(r);
         }
         let workers: Vec<Worker<u32>> = (0..self.threads).map(|_| Worker::new_lifo()).collect();
         let stealers: Vec<Stealer<u32>> = workers.iter().map(Worker::stealer).collect();
-        let (injector, stealers, counters, task) = (&injector, &stealers, &counters, &task);
+        let hungry = AtomicUsize::new(0);
+        let (stealers, counters, task, hungry) = (&stealers, &counters, &task, &hungry);
         std::thread::scope(|s| {
             let handles: Vec<_> = workers
                 .into_iter()
+                .zip(seeds)
                 .enumerate()
-                .map(|(me, local)| {
+                .map(|(me, (public, mut private))| {
                     s.spawn(move || {
                         let mut st = DispatchStats::default();
                         let backoff = crossbeam_utils::Backoff::new();
+                        let mut unretired = 0usize;
+                        let mut next: Option<u32> = None;
+                        let mut am_hungry = false;
                         loop {
-                            let next = local
-                                .pop()
-                                .or_else(|| find_task(&local, injector, stealers, me, &mut st));
-                            match next {
-                                Some(t) => {
-                                    backoff.reset();
-                                    task(t, me);
-                                    st.executed += 1;
-                                    if counters.complete(graph, t, |c| local.push(c)) {
+                            let found = next
+                                .take()
+                                .or_else(|| private.pop())
+                                .or_else(|| public.pop());
+                            let t = match found {
+                                Some(t) => t,
+                                None => {
+                                    // Out of local work: retire before looking elsewhere.
+                                    if counters.retire(std::mem::take(&mut unretired)) {
                                         break;
                                     }
+                                    match steal(&public, stealers, me) {
+                                        Some(t) => {
+                                            st.stolen += 1;
+                                            if am_hungry {
+                                                hungry.fetch_sub(1, Ordering::Relaxed);
+                                                am_hungry = false;
+                                            }
+                                            backoff.reset();
+                                            t
+                                        }
+                                        None if counters.done() => break,
+                                        None => {
+                                            if !am_hungry {
+                                                hungry.fetch_add(1, Ordering::Relaxed);
+                                                am_hungry = true;
+                                            }
+                                            backoff.snooze();
+                                            continue;
+                                        }
+                                    }
                                 }
-                                None if counters.done() => break,
-                                None => backoff.snooze(),
+                            };
+                            // Relaxed: a hint only; no data is published through it.
+                            if private.len() > 1
+                                && hungry.load(Ordering::Relaxed) > 0
+                                && public.is_empty()
+                            {
+                                // Publish the older half (the bottom of the stack) for thieves.
+                                let half = private.len() / 2;
+                                for x in private.drain(..half) {
+                                    public.push(x);
+                                }
                             }
+                            task(t, me);
+                            st.executed += 1;
+                            unretired += 1;
+                            counters.complete(graph, t, |c| {
+                                if next.is_none() {
+                                    next = Some(c);
+                                } else {
+                                    private.push(c);
+                                }
+                            });
                         }
                         st
                     })
@@ -257,32 +342,18 @@ impl Dispatcher {
     }
 }
 
-/// Takes work when the local deque is empty: a batch from the injector, else one task stolen
-/// from another worker; retries while any source reports a lost race.
+/// Steals a batch from another worker's public deque into `local` and returns one task;
+/// retries while a steal reports a lost race.
 #[cfg(not(loom))]
-fn find_task(
-    local: &Worker<u32>,
-    injector: &Injector<u32>,
-    stealers: &[Stealer<u32>],
-    me: usize,
-    st: &mut DispatchStats,
-) -> Option<u32> {
+fn steal(local: &Worker<u32>, stealers: &[Stealer<u32>], me: usize) -> Option<u32> {
     loop {
-        match injector.steal_batch_and_pop(local) {
-            Steal::Success(t) => return Some(t),
-            Steal::Retry => continue,
-            Steal::Empty => {}
-        }
         let mut retry = false;
         for (i, s) in stealers.iter().enumerate() {
             if i == me {
                 continue;
             }
-            match s.steal() {
-                Steal::Success(t) => {
-                    st.stolen += 1;
-                    return Some(t);
-                }
+            match s.steal_batch_and_pop(local) {
+                Steal::Success(t) => return Some(t),
                 Steal::Retry => retry = true,
                 Steal::Empty => {}
             }
@@ -313,6 +384,7 @@ where
             .map(|me| {
                 s.spawn(move || {
                     let mut executed = 0u64;
+                    let mut unretired = 0usize;
                     let backoff = crossbeam_utils::Backoff::new();
                     loop {
                         let next = queue.lock().ok().and_then(|mut q| q.pop_front());
@@ -321,17 +393,22 @@ where
                                 backoff.reset();
                                 task(t, me);
                                 executed += 1;
-                                let last = counters.complete(graph, t, |c| {
+                                unretired += 1;
+                                counters.complete(graph, t, |c| {
                                     if let Ok(mut q) = queue.lock() {
                                         q.push_back(c);
                                     }
                                 });
-                                if last {
+                            }
+                            None => {
+                                if counters.retire(std::mem::take(&mut unretired)) {
                                     break;
                                 }
+                                if counters.done() {
+                                    break;
+                                }
+                                backoff.snooze();
                             }
-                            None if counters.done() => break,
-                            None => backoff.snooze(),
                         }
                     }
                     executed
@@ -438,6 +515,7 @@ mod loom_tests {
                         out[t as usize].store(10 + t as usize, Ordering::Relaxed);
                         let mut got = None;
                         c.complete(&g, t, |r| got = Some(r));
+                        c.retire(1);
                         if got == Some(2) {
                             // Running task 2 here: both inputs must be visible.
                             assert_eq!(out[0].load(Ordering::Relaxed), 10);
@@ -453,7 +531,8 @@ mod loom_tests {
                 .sum();
             assert_eq!(handed, 1);
             assert!(!c.done());
-            assert!(c.complete(&g, 2, |_| panic!("task 2 has no successors")));
+            c.complete(&g, 2, |_| panic!("task 2 has no successors"));
+            assert!(c.retire(1));
             assert!(c.done());
         });
     }
@@ -471,7 +550,8 @@ mod loom_tests {
                     let (g, c, out) = (g.clone(), c.clone(), out.clone());
                     loom::thread::spawn(move || {
                         out[t as usize].store(1, Ordering::Relaxed);
-                        let last = c.complete(&g, t, |_| {});
+                        c.complete(&g, t, |_| {});
+                        let last = c.retire(1);
                         if last {
                             assert!(c.done());
                             assert_eq!(out[0].load(Ordering::Relaxed), 1);
