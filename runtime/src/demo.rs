@@ -27,7 +27,7 @@ use std::time::Instant;
 /// Demo settings.
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
-    /// `gpt2-small` (4 layers × 256 hidden, 8192 vocab) or `gpt2-124m` (the real GPT-2).
+    /// `gpt2-small` (4 layers × 128 hidden, 4096 vocab) or `gpt2-124m` (the real GPT-2).
     pub model: String,
     /// Prompt length (the KV length decode steps attend over).
     pub seq_len: usize,
@@ -45,8 +45,8 @@ impl Default for DemoOptions {
     fn default() -> Self {
         Self {
             model: "gpt2-small".into(),
-            seq_len: 512,
-            steps: 8,
+            seq_len: 1000,
+            steps: 16,
             trace: std::env::temp_dir().join("genie-demo-trace.json"),
             seed: 42,
             weights: None,
@@ -86,9 +86,9 @@ pub fn model_config(name: &str) -> Result<Gpt2Config> {
     match name {
         "gpt2-small" => Ok(Gpt2Config {
             layers: 4,
-            hidden: 256,
+            hidden: 128,
             heads: 4,
-            vocab: 8192,
+            vocab: 4096,
             context: 1024,
             ..Gpt2Config::default()
         }),

@@ -37,10 +37,10 @@ enum Cmd {
         #[arg(long, default_value = "gpt2-small")]
         model: String,
         /// Prompt length (KV length of the decode steps).
-        #[arg(long, default_value_t = 512)]
+        #[arg(long, default_value_t = 1000)]
         seq_len: usize,
         /// Decode steps per placement.
-        #[arg(long, default_value_t = 8)]
+        #[arg(long, default_value_t = 16)]
         steps: usize,
         /// Trace file (Chrome/Perfetto JSON).
         #[arg(long)]

@@ -38,8 +38,17 @@ fn softmax(x: &Tensor, axis: usize) -> candle_core::Result<Tensor> {
 /// Sets element `(i, j)` of the last two axes `[.., q, k]` to −∞ where `j > i + (k − q)`.
 fn causal_mask(x: &Tensor) -> candle_core::Result<Tensor> {
     let dims = x.dims();
+    if dims.len() < 2 {
+        return Err(candle_core::Error::Msg(
+            "causal mask needs rank >= 2".into(),
+        ));
+    }
     let (q, k) = (dims[dims.len() - 2], dims[dims.len() - 1]);
     let off = k.saturating_sub(q);
+    if q == 0 || k == 0 || q - 1 + off >= k - 1 {
+        // Nothing is masked (e.g. one decode query over the whole cache).
+        return Ok(x.clone());
+    }
     let mask: Vec<u8> = (0..q)
         .flat_map(|i| (0..k).map(move |j| u8::from(j > i + off)))
         .collect();
@@ -108,7 +117,8 @@ fn compute(node: &Node, ins: &[Tensor]) -> candle_core::Result<Vec<Tensor>> {
             let x2 = x.reshape(((), k))?;
             let w = match layout {
                 WeightLayout::InOut => ins[1].clone(),
-                WeightLayout::OutIn => ins[1].t()?.contiguous()?,
+                // A transposed view: gemm reads it strided, no copy of the weight.
+                WeightLayout::OutIn => ins[1].t()?,
             };
             let mut y = x2.matmul(&w)?;
             if *bias {
@@ -121,7 +131,7 @@ fn compute(node: &Node, ins: &[Tensor]) -> candle_core::Result<Vec<Tensor>> {
         }
         OpKind::MatMul { transpose_b } => {
             let b = if *transpose_b {
-                ins[1].t()?.contiguous()?
+                ins[1].t()?
             } else {
                 ins[1].clone()
             };
