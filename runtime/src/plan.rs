@@ -336,8 +336,10 @@ mod tests {
     fn recompute_needs_replicated_inputs() {
         let g = gpt2_decode(&small(), 8).unwrap();
         let mut p = Placement::contiguous(&g, 2).unwrap();
-        let embed = g.nodes().iter().find(|n| n.name == "wte.embed").unwrap().id;
-        p.recompute.insert(embed.0);
+        for name in ["wte.embed", "wpe.embed"] {
+            let id = g.nodes().iter().find(|n| n.name == name).unwrap().id;
+            p.recompute.insert(id.0);
+        }
         ExecPlan::new(&g, &p, &[]).unwrap();
         let sum = g.nodes().iter().find(|n| n.name == "embed_sum").unwrap().id;
         p.recompute.insert(sum.0);

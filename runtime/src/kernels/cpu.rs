@@ -45,7 +45,7 @@ fn causal_mask(x: &Tensor) -> candle_core::Result<Tensor> {
     }
     let (q, k) = (dims[dims.len() - 2], dims[dims.len() - 1]);
     let off = k.saturating_sub(q);
-    if q == 0 || k == 0 || q - 1 + off >= k - 1 {
+    if q == 0 || k == 0 || k - 1 <= off {
         // Nothing is masked (e.g. one decode query over the whole cache).
         return Ok(x.clone());
     }
