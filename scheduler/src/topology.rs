@@ -198,6 +198,9 @@ pub struct Topology {
     inter_host: LinkSpec,
     /// `pair[a * n + b]`: index into `links` + 1, or 0 for the default link.
     pair: Vec<u32>,
+    /// `dense[a * n + b]`: (latency, 1 / bandwidth, queueing delay) of the effective link, kept
+    /// in step with every change so [`Topology::transfer_time`] is one lookup.
+    dense: Vec<[f64; 3]>,
     version: u64,
 }
 
@@ -236,14 +239,31 @@ impl Topology {
             });
         }
         let n = out.len();
-        Ok(Self {
+        let mut t = Self {
             devices: out,
             links: Vec::new(),
             intra_host,
             inter_host,
             pair: vec![0; n * n],
+            dense: Vec::new(),
             version: 1,
-        })
+        };
+        t.rebuild_dense();
+        Ok(t)
+    }
+
+    fn rebuild_dense(&mut self) {
+        let n = self.devices.len();
+        let mut dense = Vec::with_capacity(n * n);
+        for a in 0..n as u32 {
+            for b in 0..n as u32 {
+                let (a, b) = (DeviceId(a), DeviceId(b));
+                let l = self.link(a, b);
+                let q = self.outstanding(a, b) as f64 / l.bandwidth.max(1.0);
+                dense.push([l.latency, 1.0 / l.bandwidth.max(1.0), q]);
+            }
+        }
+        self.dense = dense;
     }
 
     /// `n` identical devices, each on its own host, joined by `link`.
@@ -285,6 +305,7 @@ impl Topology {
             self.pair[a.index() * n + b.index()] = idx;
             self.pair[b.index() * n + a.index()] = idx;
         }
+        self.rebuild_dense();
         self.version += 1;
         Ok(())
     }
@@ -359,11 +380,16 @@ impl Topology {
 
     /// Predicted seconds to move `bytes` from `a` to `b`: 0 on one device, else latency +
     /// size / bandwidth + queueing.
+    #[inline]
     pub fn transfer_time(&self, a: DeviceId, b: DeviceId, bytes: u64) -> f64 {
         if a == b {
             return 0.0;
         }
-        self.link(a, b).time(bytes) + self.queueing_delay(a, b)
+        let n = self.devices.len();
+        match self.dense.get(a.index() * n + b.index()) {
+            Some(&[lat, inv_bw, queue]) => lat + bytes as f64 * inv_bw + queue,
+            None => self.link(a, b).time(bytes) + self.queueing_delay(a, b),
+        }
     }
 
     /// Sets the bytes currently queued between `a` and `b` (making the link explicit if it was a
@@ -381,6 +407,7 @@ impl Topology {
         if let Some(i) = self.link_index(a, b) {
             self.links[i].outstanding_bytes = bytes;
         }
+        self.rebuild_dense();
         self.version += 1;
         Ok(())
     }
