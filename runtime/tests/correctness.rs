@@ -63,3 +63,51 @@ fn gpt2_prefill_and_decode_match_single_worker_on_1_2_3_workers() {
     }
     cluster.stop(driver).unwrap();
 }
+
+/// The KV-cache path computes what a full recomputation computes: a decode step's logits equal
+/// the last position of a prefill over the prompt plus that token (up to float summation order).
+#[test]
+fn decode_with_kv_cache_matches_full_prefill() {
+    let cfg = small();
+    let cluster = EmbeddedCluster::start(2, Arc::new(CpuKernels::new())).unwrap();
+    let mut driver = Driver::connect(&cluster.cluster, WeightSpec::Seeded(5)).unwrap();
+    let p = prompt(9, cfg.vocab);
+    let place = |g: &genie_scheduler::graph::Graph| Placement::by_layer(g, 2, cfg.layers);
+    let gen = generate(&mut driver, &cfg, &p, 1, 0, place, place).unwrap();
+    let step: Vec<f32> = gen.steps[0].outputs[0]
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let mut longer = p.clone();
+    longer.push(gen.tokens[0]);
+    let full = generate(&mut driver, &cfg, &longer, 0, 1, place, place).unwrap();
+    let all: Vec<f32> = full.prefill.outputs[0]
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let last = &all[all.len() - cfg.vocab..];
+    let worst = step
+        .iter()
+        .zip(last)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(worst < 1e-4, "decode and prefill differ by {worst}");
+    // And a causal prefill's earlier positions do not see later tokens.
+    let short: Vec<f32> = gen.prefill.outputs[0]
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let worst = short
+        .iter()
+        .zip(&all[..short.len()])
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        worst < 1e-4,
+        "a later token changed earlier logits by {worst}"
+    );
+    cluster.stop(driver).unwrap();
+}
