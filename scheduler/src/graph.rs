@@ -1734,6 +1734,21 @@ mod tests {
             g.validate(),
             Err(GraphError::Arity { found: 1, .. })
         ));
+        let g = with_node(tiny(), |n| {
+            n.op = OpKind::Transpose { perm: vec![0, 0] };
+            n.inputs.pop();
+        });
+        assert!(matches!(
+            g.validate(),
+            Err(GraphError::InvalidAttribute {
+                node: NodeId(2),
+                ..
+            })
+        ));
+        assert!(matches!(
+            Graph::from_json("{\"name\": 3}"),
+            Err(crate::Error::Json(_))
+        ));
         let mut g = tiny();
         g.outputs.push(TensorRef::new(NodeId(40), 0));
         assert!(matches!(
