@@ -197,7 +197,7 @@ fn accept_loop(
         let conn = match endpoint.accept(Duration::from_millis(100)) {
             Ok(c) => c,
             Err(TransportError::Timeout { .. }) => continue,
-            Err(TransportError::EndpointClosed { .. }) => return,
+            Err(TransportError::EndpointClosed) => return,
             Err(e) => {
                 tracing::warn!(worker = name, error = %e, "refused an incoming connection");
                 continue;

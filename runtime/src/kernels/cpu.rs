@@ -421,7 +421,7 @@ mod tests {
             &[1, 1, 2, 2],
         );
         assert_eq!(
-            vals(&k.run(&n, &[x.clone()]).unwrap()[0]),
+            vals(&k.run(&n, std::slice::from_ref(&x)).unwrap()[0]),
             vec![5.0, 7.0, 13.0, 15.0]
         );
         let n = node(OpKind::GlobalAvgPool2d, &[1, 1, 1, 1]);
