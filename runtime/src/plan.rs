@@ -60,6 +60,17 @@ impl Placement {
         })
     }
 
+    /// The scheduler's placement: device `i` of the schedule's topology is worker `i`; its
+    /// recompute decisions become recompute directives (a producer recomputed on any consumer
+    /// device is recomputed wherever it is consumed).
+    pub fn from_schedule(schedule: &genie_scheduler::ExecutionSchedule) -> Self {
+        Self {
+            worker_of: schedule.node_device.iter().map(|d| d.index()).collect(),
+            recompute: schedule.recompute.iter().map(|r| r.node.0).collect(),
+            overlap: true,
+        }
+    }
+
     /// Places nodes by a rule on the node.
     pub fn by_rule(
         graph: &Graph,

@@ -111,3 +111,45 @@ fn decode_with_kv_cache_matches_full_prefill() {
     );
     cluster.stop(driver).unwrap();
 }
+
+/// The scheduler's own schedules (HEFT on 2 and 3 CPU devices) run on the cluster and give the
+/// single-worker answer; the runtime moves exactly the bytes the schedule lists.
+#[test]
+fn scheduler_schedules_run_and_match() {
+    use genie_scheduler::builders::gpt2_prefill;
+    use genie_scheduler::cost::DeviceSpec;
+    use genie_scheduler::topology::LinkSpec;
+    use genie_scheduler::{OptimizationPlan, Scheduler, Strategy, Topology};
+    let cfg = small();
+    let cluster = EmbeddedCluster::start(3, Arc::new(CpuKernels::new())).unwrap();
+    let mut driver = Driver::connect(&cluster.cluster, WeightSpec::Seeded(9)).unwrap();
+    let g = gpt2_prefill(&cfg, 16).unwrap();
+    let ids = genie_runtime::models::row_i64(prompt(16, cfg.vocab)).unwrap();
+    let pos = genie_runtime::models::row_i64((0..16).collect()).unwrap();
+    let inputs = [("input_ids", ids), ("position_ids", pos)];
+    let single = driver
+        .run(&g, &Placement::single(&g), &inputs, &g.outputs[..1], 0)
+        .unwrap();
+    for n in [2usize, 3] {
+        let topo = Topology::uniform(n, DeviceSpec::cpu(), LinkSpec::gbps(1.0, 50.0)).unwrap();
+        let mut s = Scheduler::new(topo);
+        let plan = OptimizationPlan {
+            strategy: Some(Strategy::Pipeline),
+            no_recompute: true,
+            ..OptimizationPlan::default()
+        };
+        let sched = s.create_schedule(&g, &plan).unwrap();
+        let p = Placement::from_schedule(&sched);
+        let out = driver
+            .run(&g, &p, &inputs, &g.outputs[..1], 10 + n as u64)
+            .unwrap();
+        assert!(
+            bits(&out.outputs[0]) == bits(&single.outputs[0]),
+            "{n} devices"
+        );
+        let listed: u64 = sched.transfers.iter().map(|t| t.bytes).sum();
+        assert_eq!(out.counters.bytes_moved, listed, "{n} devices");
+        assert!(listed > 0);
+    }
+    cluster.stop(driver).unwrap();
+}
