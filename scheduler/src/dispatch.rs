@@ -5,20 +5,26 @@
 //! Dataflow execution with *atomic dependency counters* and *work-stealing deques*:
 //!
 //! 1. Every task `v` has a counter `pending[v]` initialised to its number of distinct
-//!    predecessors. Tasks with no predecessor go into a shared [`Injector`].
-//! 2. Each worker thread owns a LIFO [`Worker`] deque (Chase & Lev, *Dynamic circular
-//!    work-stealing deque*, SPAA 2005, as implemented by `crossbeam-deque`). It runs its
-//!    *continuation* first (see 3), then pops its own deque (LIFO keeps a consumer on the core
-//!    whose caches hold its inputs), then takes a batch from the injector, then steals from the
-//!    other workers' deques.
+//!    predecessors. Tasks with no predecessor are dealt round-robin to the workers.
+//! 2. Each worker thread owns a private stack (a plain `Vec`, invisible to others) and a public
+//!    LIFO deque (Chase & Lev, *Dynamic circular work-stealing deque*, SPAA 2005, as implemented
+//!    by `crossbeam-deque`'s `Worker`/`Stealer`). It runs its *continuation* first (see 3), then
+//!    its private stack, then its public deque (LIFO keeps a consumer on the core whose caches
+//!    hold its inputs), and only then steals a batch from another worker's public deque.
 //! 3. When a task finishes, its worker decrements `pending[c]` of every successor `c`. The
 //!    decrement that brings a counter to zero — exactly one, because `fetch_sub` is a single
 //!    atomic read-modify-write — hands `c` to that worker. The first successor handed over
-//!    becomes the worker's continuation and runs next without touching any queue; the others
-//!    are pushed on the worker's deque, where idle workers can steal them. A successor with a
-//!    single predecessor needs no atomic at all: only this worker can make it ready. No task is
-//!    ever queued twice or lost, and no lock is taken.
-//! 4. A global `remaining` counter tells idle workers when the whole DAG is done. Workers count
+//!    becomes the worker's continuation and runs next without touching any queue; the others go
+//!    on its private stack. A successor with a single predecessor needs no atomic at all: only
+//!    this worker can make it ready (a bit per edge, computed once, marks those). No task is ever
+//!    queued twice or lost, and no lock is taken.
+//! 4. Sharing on demand (in the spirit of Acar, Charguéraud & Rainey, *Scheduling parallel
+//!    programs by work stealing with private deques*, PPoPP 2013): a worker that finds nothing to
+//!    steal raises a shared `hungry` count; a busy worker that sees it non-zero, holds more than
+//!    one private task and has an empty public deque moves the older half of its private stack
+//!    to its public deque, where the hungry worker steals it. So the common path — run, count
+//!    down, continue — touches no shared queue and executes no fence.
+//! 5. A global `remaining` counter tells idle workers when the whole DAG is done. Workers count
 //!    finished tasks locally and subtract them from `remaining` in one step whenever they run
 //!    out of local work (before looking elsewhere), so the shared counter is touched once per
 //!    dry spell, not once per task. Idle workers back off (spin, then yield).
@@ -39,8 +45,13 @@
 //!   searches for work, so the count reaches zero exactly when every task has finished.
 //! - Counter initialisation uses plain construction: it happens before the worker threads are
 //!   spawned, and spawning synchronises.
-//! - Hand-off of a task index through a deque/injector is ordered by `crossbeam-deque` itself
-//!   (a push happens-before the pop or steal that returns the item).
+//! - Hand-off of a task index through a public deque is ordered by `crossbeam-deque` itself
+//!   (a push happens-before the pop or steal that returns the item). Private stacks and the
+//!   continuation never leave their thread.
+//! - `hungry` uses `Relaxed` loads and read-modify-writes: it is only a hint that decides
+//!   *when* tasks are published, never *whether* a task runs or what it sees (publication goes
+//!   through the deque). A stale value only delays sharing; the owner keeps running its private
+//!   tasks, so the run always finishes.
 //!
 //! The counter logic is ours and is checked with `loom` (`RUSTFLAGS="--cfg loom" cargo test -p
 //! genie-scheduler --release --lib dispatch`): every interleaving of concurrent completions gives
