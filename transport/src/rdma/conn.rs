@@ -18,7 +18,7 @@ use parking_lot::{Condvar, Mutex};
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,6 +30,11 @@ const SQ_DEPTH: u32 = 128;
 const MAX_INLINE: u32 = 64;
 /// Send staging slots (payloads of sends too large to go inline).
 const SEND_SLOTS: usize = 16;
+/// How long a busy-polling completion thread keeps spinning after its last completion before it
+/// sleeps on the completion channel while nothing is in flight (idle connections cost no CPU).
+const SPIN_IDLE: Duration = Duration::from_millis(2);
+/// Largest single work request of a transfer (larger ones are split).
+const MAX_CHUNK: usize = 16 << 20;
 /// Bit of a work request id that marks a receive.
 const RECV_BIT: u64 = 1 << 63;
 
@@ -89,6 +94,8 @@ pub(crate) struct ConnShared {
     msgs: Mutex<VecDeque<Vec<u8>>>,
     msgs_cv: Condvar,
     alive: AtomicBool,
+    /// Work requests posted and not yet retired (lets a busy-polling thread go to sleep when idle).
+    inflight: AtomicUsize,
     dead: Mutex<Option<TransportError>>,
     queries: Mutex<HashMap<u64, RegionStatus>>,
     queries_cv: Condvar,
@@ -157,7 +164,7 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream) -> Result<Arc<Conn
         .ctx
         .create_cq(
             sq_depth + rq_depth + 8,
-            ep.poll_mode() == PollMode::Blocking,
+            true,
         )
         .map_err(|e| verbs_io("ibv_create_cq", e))?;
     let caps = QpCaps {
@@ -267,9 +274,11 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream) -> Result<Arc<Conn
     s.set_read_timeout(Some(beat))
         .map_err(io_err("setsockopt(SO_RCVTIMEO)"))?;
     let writer = s.try_clone().map_err(io_err("dup"))?;
+    // Chunks: at most the port's maximum message size, and at most MAX_CHUNK so that one huge
+    // transfer does not hold the wire for long in front of other work on the connection.
     let chunk = usize::try_from(limits.max_msg_size)
         .unwrap_or(usize::MAX)
-        .clamp(4096, 1 << 30);
+        .clamp(4096, MAX_CHUNK);
     let shared = Arc::new(ConnShared {
         state: Mutex::new(State {
             qp: Some(qp),
@@ -302,6 +311,7 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream) -> Result<Arc<Conn
         msgs: Mutex::new(VecDeque::new()),
         msgs_cv: Condvar::new(),
         alive: AtomicBool::new(true),
+        inflight: AtomicUsize::new(0),
         dead: Mutex::new(None),
         queries: Mutex::new(HashMap::new()),
         queries_cv: Condvar::new(),
@@ -650,6 +660,7 @@ impl ConnShared {
                     break;
                 }
                 st.next_seq += 1;
+                self.inflight.fetch_add(1, Ordering::Release);
                 st.since_signal = if signaled { 0 } else { st.since_signal + 1 };
                 if needs_credit && last_chunk {
                     st.credits -= 1;
@@ -697,6 +708,7 @@ impl ConnShared {
         let mut wcs = Vec::with_capacity(32);
         let mut consumed = 0u32;
         let return_at = (rq_depth / 4).max(1);
+        let mut last_active = Instant::now();
         loop {
             // Return credits for re-posted receive buffers in batches (side channel).
             if consumed >= return_at && self.alive.load(Ordering::Acquire) {
@@ -710,6 +722,7 @@ impl ConnShared {
                     for wc in wcs.drain(..) {
                         self.on_completion(wc, &mut consumed);
                     }
+                    last_active = Instant::now();
                     continue;
                 }
                 Err(e) => {
@@ -720,9 +733,11 @@ impl ConnShared {
             if !self.alive.load(Ordering::Acquire) {
                 return;
             }
-            match self.mode {
-                PollMode::BusyPoll => std::hint::spin_loop(),
-                PollMode::Blocking => {
+            let spin = self.mode == PollMode::BusyPoll
+                && (self.inflight.load(Ordering::Acquire) > 0 || last_active.elapsed() < SPIN_IDLE);
+            match spin {
+                true => std::hint::spin_loop(),
+                false => {
                     if let Err(e) = self.cq.req_notify() {
                         self.die(verbs_io("ibv_req_notify_cq", e));
                         return;
@@ -807,6 +822,7 @@ impl ConnShared {
                 .is_some_and(|p| p.seq < seq || (p.seq == seq && wc.status.is_ok()))
             {
                 if let Some(p) = st.pending.pop_front() {
+                    self.inflight.fetch_sub(1, Ordering::Release);
                     done.extend(p.completer);
                 }
             }

@@ -22,9 +22,10 @@
 //!   send queue) asks for a completion; RC completes in order, so one completion retires every
 //!   earlier request. The send queue depth is bounded: submitters wait for room (back-pressure).
 //! - Payloads up to the QP's inline limit are copied into the work request (inline); transfers over
-//!   the device's maximum message size are split into chunks.
-//! - Completions are polled by one thread per connection, spinning in [`PollMode::BusyPoll`] or
-//!   sleeping on the completion channel in [`PollMode::Blocking`].
+//!   the device's maximum message size (or 16 MiB) are split into chunks.
+//! - Completions are polled by one thread per connection: in [`PollMode::BusyPoll`] it spins
+//!   while work is in flight (and for 2 ms after the last completion), otherwise, and always in
+//!   [`PollMode::Blocking`], it sleeps on the CQ's completion channel.
 //!
 //! # Remote access checks and errors
 //!

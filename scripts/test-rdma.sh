@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The RDMA tests on real soft-RoCE: the shared transport conformance suite (tests/tests/rdma_conformance.rs,
+# the same cases as TCP, instantiated for the rdma backend), the rdma backend's unit tests and the verbs
+# layer's device tests.
+#
+#   scripts/test-rdma.sh [TEST-FILTER]
+#
+# Builds the test binaries on the host with `--features rdma` (release), then runs them all in ONE
+# scripts/softroce.sh session (rxe on the host when it can load rdma_rxe, otherwise a throwaway qemu VM),
+# where GENIE_RDMA_DEVICE=rxe0 is set, so device tests cannot skip: without a device they fail.
+# Exits non-zero when a build or a test fails.
+#
+# Environment: CARGO_TARGET_DIR as usual; GENIE_SOFTROCE_* (see scripts/softroce.sh);
+# GENIE_RDMA_TEST_THREADS (default 2) test threads per binary.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# shellcheck source=scripts/deps.sh
+source scripts/deps.sh
+ensure_rdma_deps
+
+log() { printf '\n==> %s\n' "$*"; }
+
+log "building the RDMA test binaries (host, --features rdma, release)"
+json="$(mktemp)"
+trap 'rm -f "$json"' EXIT
+cargo test --release --no-run --message-format=json \
+  -p genie-sys -p genie-transport -p genie-tests --features genie-sys/rdma,genie-transport/rdma,genie-tests/rdma \
+  --lib --test rdma_conformance >"$json"
+# The executables of the three test targets, from cargo's JSON messages (no jq needed).
+mapfile -t bins < <(grep -o '"executable":"[^"]*"' "$json" | sed 's/"executable":"\(.*\)"/\1/' |
+  grep -E '/deps/(genie_sys|genie_transport|rdma_conformance)-[0-9a-f]+$' | sort -u)
+if [ "${#bins[@]}" -ne 3 ]; then
+  echo "error: expected 3 test binaries (genie-sys, genie-transport, rdma_conformance), found: ${bins[*]:-none}" >&2
+  exit 1
+fi
+
+filter="${1:-}"
+threads="${GENIE_RDMA_TEST_THREADS:-2}"
+# One soft-RoCE session for everything: the VM boots once. Each binary runs with its whole output;
+# the guest script stops at the first failing binary and exits with its status.
+runner='set -u
+status=0
+for t in "$@"; do
+  echo "==> $t"
+  if ! "$t" --test-threads='"$threads"' '"${filter:+$(printf %q "$filter")}"'; then status=1; break; fi
+done
+exit $status'
+
+log "running on soft-RoCE: ${bins[*]##*/}"
+start=$(date +%s)
+GENIE_SOFTROCE_MEM="${GENIE_SOFTROCE_MEM:-3072}" RUST_BACKTRACE=1 \
+  scripts/softroce.sh -- bash -c "$runner" runner "${bins[@]}"
+log "RDMA tests passed on soft-RoCE in $(($(date +%s) - start)) s"
