@@ -162,10 +162,7 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream) -> Result<Arc<Conn
     let rq_depth = RECV_DEPTH.min(limits.max_qp_wr.max(2));
     let cq = ep
         .ctx
-        .create_cq(
-            sq_depth + rq_depth + 8,
-            true,
-        )
+        .create_cq(sq_depth + rq_depth + 8, true)
         .map_err(|e| verbs_io("ibv_create_cq", e))?;
     let caps = QpCaps {
         max_send_wr: sq_depth,
