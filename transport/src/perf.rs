@@ -198,7 +198,7 @@ fn echo(conn: Arc<dyn Connection>, busy: bool) {
             match conn.try_recv() {
                 Ok(Some(m)) => m,
                 Ok(None) => {
-                    std::hint::spin_loop();
+                    std::thread::yield_now();
                     continue;
                 }
                 Err(_) => return,
@@ -395,7 +395,7 @@ fn recv_reply(conn: &dyn Connection, mode: PollMode) -> Result<Vec<u8>> {
         if Instant::now() > deadline {
             return Err(TransportError::Timeout { after: WAIT });
         }
-        std::hint::spin_loop();
+        std::thread::yield_now();
     }
 }
 

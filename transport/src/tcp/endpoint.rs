@@ -585,6 +585,10 @@ impl Progress {
                     break;
                 }
             }
+            if busy && events.is_empty() {
+                // Spinning: give other threads (maybe the waiting caller) the core when idle.
+                std::thread::yield_now();
+            }
             let now = Instant::now();
             touched.clear();
             for ev in events.iter() {

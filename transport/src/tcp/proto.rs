@@ -888,15 +888,13 @@ impl Conn {
             BodyDest::Discard => return, // refused write chunk: already answered
             BodyDest::Region { .. } => {
                 match h.kind {
-                    FrameKind::Write => {
-                        if h.last() {
-                            if h.notify() {
-                                self.events.push_back(Event::Notification(h.arg));
-                            }
-                            let mut a = Header::new(FrameKind::Ack);
-                            a.op_id = h.op_id;
-                            self.queue(a, Payload::None);
+                    FrameKind::Write if h.last() => {
+                        if h.notify() {
+                            self.events.push_back(Event::Notification(h.arg));
                         }
+                        let mut a = Header::new(FrameKind::Ack);
+                        a.op_id = h.op_id;
+                        self.queue(a, Payload::None);
                     }
                     FrameKind::ReadResp => self.on_read_data(&h),
                     _ => {}

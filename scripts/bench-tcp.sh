@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# TCP transport benchmark against baselines measured in the same run, on loopback.
+#
+#   write bandwidth at 1 MiB messages: genie perf (16 in flight) vs iperf3, one stream, 1 MiB writes
+#   write latency at 64 B: genie perf write round trip (post -> completion) vs qperf tcp_lat x 2
+#                          (qperf reports one-way latency = half its ping-pong round trip)
+#
+# Both poll modes of genie are measured and printed; the last line uses the default (blocking)
+# mode:   tcp write_bw_ratio_vs_iperf3=<x> write_lat_ratio_vs_qperf=<y>
+# Installs iperf3 and qperf (Debian packages) when missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/deps.sh
+source scripts/deps.sh
+ensure_pkgs iperf3 qperf
+
+ITER=${GENIE_BENCH_ITERATIONS:-3000}
+TARGET_DIR=${CARGO_TARGET_DIR:-target}
+cargo build --release -q -p genie-benches --bin genie-perf
+PERF="$TARGET_DIR/release/genie-perf"
+
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT
+
+port() { # a free TCP port on loopback
+  local p
+  for p in $(seq 20000 20100); do
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return; fi
+  done
+  echo "no free port" >&2; exit 1
+}
+
+echo "== iperf3: one stream, 1 MiB writes, 5 s"
+IPORT=$(port)
+iperf3 -s -1 -p "$IPORT" >/dev/null 2>&1 & pids+=($!)
+for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$IPORT") 2>/dev/null && break; sleep 0.1; done
+iperf_out=$(iperf3 -c 127.0.0.1 -p "$IPORT" -l 1M -t 5 -f m)
+echo "$iperf_out" | tail -4
+iperf_mbits=$(echo "$iperf_out" | awk '/receiver/ { for (i = 1; i < NF; i++) if ($(i+1) == "Mbits/sec") v = $i } END { print v }')
+iperf_mb_s=$(awk -v m="$iperf_mbits" 'BEGIN { printf "%.1f", m / 8 }')
+echo "iperf3 single stream: ${iperf_mb_s} MB/s"
+
+echo "== qperf tcp_lat, 64 B"
+qperf >/dev/null 2>&1 & pids+=($!)
+for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/19765) 2>/dev/null && break; sleep 0.1; done
+qperf_out=$(qperf 127.0.0.1 -m 64 -t 5 tcp_lat)
+echo "$qperf_out"
+qperf_us=$(echo "$qperf_out" | awk '/latency/ { v = $3; u = $4 } END {
+  if (u == "ns") v /= 1000; else if (u == "ms") v *= 1000; else if (u == "sec") v *= 1e6; print v }')
+echo "qperf tcp_lat one-way: ${qperf_us} us (round trip ${qperf_us} x 2)"
+
+genie() { # genie() MODE_FLAG -> prints the table, sets lat_us and bw_mb_s
+  local out
+  out=$("$PERF" --test write --sizes 64,1048576 -n "$ITER" "$@")
+  echo "$out"
+  lat_us=$(echo "$out" | awk '$1 == 64 { print $4 }')
+  bw_mb_s=$(echo "$out" | awk '$1 == 1048576 { print $7 }')
+}
+
+ratios() {
+  awk -v bw="$bw_mb_s" -v ib="$iperf_mb_s" -v lat="$lat_us" -v q="$qperf_us" \
+    'BEGIN { printf "write_bw_ratio_vs_iperf3=%.2f write_lat_ratio_vs_qperf=%.2f", bw / ib, lat / (2 * q) }'
+}
+
+echo "== genie perf, busy-poll mode"
+genie --busy-poll
+busy=$(ratios)
+echo "== genie perf, blocking mode (default)"
+genie
+blocking=$(ratios)
+
+echo "tcp(busy_poll) $busy"
+echo "tcp $blocking"
