@@ -33,9 +33,13 @@ port() { # a free TCP port on loopback
 
 echo "== iperf3: one stream, 1 MiB writes, 5 s"
 IPORT=$(port)
-iperf3 -s -1 -p "$IPORT" >/dev/null 2>&1 & pids+=($!)
-for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$IPORT") 2>/dev/null && break; sleep 0.1; done
-iperf_out=$(iperf3 -c 127.0.0.1 -p "$IPORT" -l 1M -t 5 -f m)
+iperf3 -s -p "$IPORT" >/dev/null 2>&1 & pids+=($!)
+# Retry until the server listens (probing with a connection would disturb iperf3).
+iperf_out=""
+for _ in $(seq 50); do
+  iperf_out=$(iperf3 -c 127.0.0.1 -p "$IPORT" -l 1M -t 5 -f m 2>/dev/null) && break
+  sleep 0.1
+done
 echo "$iperf_out" | tail -4
 iperf_mbits=$(echo "$iperf_out" | awk '/receiver/ { for (i = 1; i < NF; i++) if ($(i+1) == "Mbits/sec") v = $i } END { print v }')
 iperf_mb_s=$(awk -v m="$iperf_mbits" 'BEGIN { printf "%.1f", m / 8 }')
@@ -43,8 +47,11 @@ echo "iperf3 single stream: ${iperf_mb_s} MB/s"
 
 echo "== qperf tcp_lat, 64 B"
 qperf >/dev/null 2>&1 & pids+=($!)
-for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/19765) 2>/dev/null && break; sleep 0.1; done
-qperf_out=$(qperf 127.0.0.1 -m 64 -t 5 tcp_lat)
+qperf_out=""
+for _ in $(seq 50); do
+  qperf_out=$(qperf 127.0.0.1 -m 64 -t 5 tcp_lat 2>/dev/null) && [ -n "$qperf_out" ] && break
+  sleep 0.1
+done
 echo "$qperf_out"
 qperf_us=$(echo "$qperf_out" | awk '/latency/ { v = $3; u = $4 } END {
   if (u == "ns") v /= 1000; else if (u == "ms") v *= 1000; else if (u == "sec") v *= 1e6; print v }')
