@@ -71,8 +71,8 @@ pub struct TransportConfig {
     pub poll_mode: PollMode,
     /// RDMA device name (e.g. `rxe0`, `mlx5_0`); `None` picks the first usable one. Default none.
     pub rdma_device: Option<String>,
-    /// TCP streams per peer connection. Default 1 (measured: more streams did not raise loopback
-    /// bandwidth; see the crate docs). Only 1 is supported by the TCP backend today.
+    /// TCP streams per peer connection. Default 1, the only value the TCP backend accepts today
+    /// (no bandwidth gain from more streams could be shown; see [`crate::tcp`]).
     pub tcp_streams: usize,
 }
 

@@ -11,9 +11,11 @@
 //! region; a READ_REQ is checked, then answered with READ_RESP frames sent from the region. Large
 //! transfers travel in chunks of [`proto::CHUNK`] bytes. Sockets have `TCP_NODELAY` set.
 //!
-//! One TCP stream per peer connection: on loopback a single stream already runs at memory-copy
-//! speed, and `iperf3 -P 2` measured no more than one stream on the 2-core CI machine kind (see
-//! `scripts/bench-tcp.sh`), so striping over several streams is not implemented.
+//! One TCP stream per peer connection. Striping large transfers over several streams is not
+//! implemented: on the (shared, heavily loaded) 2-core development machine, one genie stream
+//! already matched a single iperf3 stream at 1 MiB messages (ratio 1.09, `scripts/bench-tcp.sh`),
+//! and `iperf3 -P 2` vs `-P 1` varied more between runs (11.5 vs 8.2–15 Gbit/s) than between
+//! settings, so no gain from more streams could be shown.
 
 pub mod codec;
 pub mod endpoint;
