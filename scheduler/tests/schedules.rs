@@ -251,3 +251,41 @@ fn plan_restrictions_and_memory_caps() {
         Err(genie_scheduler::Error::UnknownDevice { .. })
     ));
 }
+
+#[test]
+fn heterogeneous_matching_sends_prefill_to_flops_and_decode_to_bandwidth_per_cost() {
+    // H100: most FLOPS; A100: most memory bandwidth per unit of price.
+    let topo = Topology::new(
+        vec![
+            ("h100".into(), "a".into(), DeviceSpec::h100()),
+            ("a100".into(), "b".into(), DeviceSpec::a100()),
+        ],
+        LinkSpec::gbps(400.0, 2.0),
+        LinkSpec::gbps(100.0, 5.0),
+    )
+    .unwrap();
+    let mut s = Scheduler::new(topo);
+    let plan = OptimizationPlan {
+        policy: Some(PolicyKind::Heterogeneous),
+        ..OptimizationPlan::default()
+    };
+    let c = Gpt2Config {
+        layers: 2,
+        ..Gpt2Config::default()
+    };
+    let prefill = builders::gpt2_prefill(&c, 256).unwrap();
+    let decode = builders::gpt2_decode(&c, 256).unwrap();
+    let on =
+        |g: &genie_scheduler::Graph, sched: &genie_scheduler::ExecutionSchedule, name: &str| {
+            let n = g.nodes().iter().find(|n| n.name == name).unwrap();
+            sched.device_names[sched.node_device[n.id.index()].index()].clone()
+        };
+    let sp = s.create_schedule(&prefill, &plan).unwrap();
+    sp.validate(&prefill).unwrap();
+    assert_eq!(on(&prefill, &sp, "h.1.mlp.c_fc.out"), "h100");
+    assert_eq!(on(&prefill, &sp, "h.0.attn.attention"), "h100");
+    let sd = s.create_schedule(&decode, &plan).unwrap();
+    sd.validate(&decode).unwrap();
+    assert_eq!(on(&decode, &sd, "h.1.mlp.c_fc.out"), "a100");
+    assert_eq!(on(&decode, &sd, "h.0.attn.attention"), "a100");
+}
