@@ -1,5 +1,5 @@
 //! Feedback into the cost model: measured transfers calibrate the scheduler's topology, measured
-//! compute spans calibrate a per-op-kind scale on the roofline cost model, and a replay of a
+//! compute spans calibrate a per-(op kind, phase) scale on the roofline cost model, and a replay of a
 //! placement over the calibrated model predicts its makespan.
 
 use crate::driver::{RunOutput, TransferSample};
@@ -13,7 +13,7 @@ use genie_scheduler::topology::{Calibration, DeviceId};
 use genie_scheduler::Topology;
 use std::collections::HashMap;
 
-/// Compute calibration: measured / predicted seconds per op kind.
+/// Compute calibration: measured / predicted seconds per (op kind, phase).
 #[derive(Debug, Clone, Default)]
 pub struct ComputeCalibration {
     sums: HashMap<String, (f64, f64)>,
@@ -30,7 +30,7 @@ impl ComputeCalibration {
             if let SpanKind::Compute { .. } = s.kind {
                 if let Some(n) = by_name.get(s.name.as_str()) {
                     let pred = table.time(n.id, DeviceId(0));
-                    let e = self.sums.entry(n.op.name().to_string()).or_default();
+                    let e = self.sums.entry(cal_key(n)).or_default();
                     e.0 += s.dur_us / 1e6;
                     e.1 += pred;
                 }
@@ -38,13 +38,19 @@ impl ComputeCalibration {
         }
     }
 
-    /// Calibrated seconds of a node whose uncalibrated prediction is `pred`.
-    pub fn scale(&self, op: &str, pred: f64) -> f64 {
-        match self.sums.get(op) {
+    /// Calibrated seconds of `node`, whose uncalibrated prediction is `pred`.
+    pub fn scale(&self, node: &genie_scheduler::graph::Node, pred: f64) -> f64 {
+        match self.sums.get(&cal_key(node)) {
             Some((m, p)) if *p > 0.0 => pred * m / p,
             _ => pred,
         }
     }
+}
+
+/// Calibration bucket of a node: its op kind and phase (a decode step's tiny matmuls run at a
+/// very different efficiency from a prefill's large ones).
+fn cal_key(n: &genie_scheduler::graph::Node) -> String {
+    format!("{}:{:?}", n.op.name(), n.semantics.phase)
 }
 
 /// Fits every link between the workers of `samples` and installs it in `topo`.
@@ -110,7 +116,7 @@ pub fn predict_makespan(
             };
             ready = ready.max(at);
         }
-        let dur = cal.scale(node.op.name(), table.time(id, DeviceId(w as u32)));
+        let dur = cal.scale(node, table.time(id, DeviceId(w as u32)));
         end[i] = ready + dur;
         worker_free[w] = end[i];
         makespan = makespan.max(end[i]);

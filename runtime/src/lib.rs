@@ -6,6 +6,42 @@
 //! - [`kernels`]: the [`Kernels`](kernels::Kernels) trait and the reference CPU backend.
 //! - [`weights`]: seeded or safetensors weights.
 //! - [`trace`]: timeline, counters, Chrome/Perfetto trace export.
+//! - [`plan`]: placements (hand-made, or [`Placement::from_schedule`](plan::Placement::from_schedule)
+//!   for the scheduler's) and the per-run execution plan (transfers, region offsets, lifetimes).
+//! - [`worker`] / [`driver`]: the executor. Workers are threads ([`driver::EmbeddedCluster`])
+//!   or `genie worker` processes; the [`driver::Driver`] hands them runs over the transport.
+//! - [`models`], [`demo`], [`feedback`]: GPT-2 generation, the `genie demo`, and calibration of
+//!   the scheduler's cost model from measured spans.
+//!
+//! # Example
+//!
+//! GPT-2 (a small configuration) prefilled and decoded across two workers that talk TCP on
+//! loopback, giving the same tokens as one worker:
+//!
+//! ```
+//! use genie_runtime::driver::{Driver, EmbeddedCluster};
+//! use genie_runtime::kernels::CpuKernels;
+//! use genie_runtime::models::{generate, prompt};
+//! use genie_runtime::plan::Placement;
+//! use genie_runtime::proto::WeightSpec;
+//! use genie_scheduler::builders::Gpt2Config;
+//! use std::sync::Arc;
+//!
+//! # fn main() -> genie_runtime::Result<()> {
+//! let cfg = Gpt2Config { layers: 2, hidden: 64, heads: 2, vocab: 256, context: 64, ..Gpt2Config::default() };
+//! let cluster = EmbeddedCluster::start(2, Arc::new(CpuKernels::new()))?;
+//! let mut driver = Driver::connect(&cluster.cluster, WeightSpec::Seeded(1))?;
+//! let p = prompt(8, cfg.vocab);
+//! let one = |g: &_| Ok(Placement::single(g));
+//! let two = |g: &_| Placement::by_layer(g, 2, cfg.layers);
+//! let a = generate(&mut driver, &cfg, &p, 4, 0, one, one)?;
+//! let b = generate(&mut driver, &cfg, &p, 4, 1, two, two)?;
+//! assert_eq!(a.tokens, b.tokens);
+//! assert!(b.prefill.counters.bytes_moved > 0);
+//! cluster.stop(driver)?;
+//! # Ok(())
+//! # }
+//! ```
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

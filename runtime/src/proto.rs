@@ -34,7 +34,8 @@ pub struct PayloadTensor {
     pub len: u64,
 }
 
-/// A compute span measured by a worker, µs since it received the run.
+/// A compute span measured by a worker, µs since the UNIX epoch (comparable across the
+/// processes of one host).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ComputeRecord {
     /// Node name.
@@ -50,9 +51,9 @@ pub struct ComputeRecord {
 pub struct RunStats {
     /// Compute spans.
     pub compute: Vec<ComputeRecord>,
-    /// Transfer id → µs when the sender posted it.
+    /// Transfer id → when the sender posted it (µs since the epoch).
     pub posted: Vec<(u32, f64)>,
-    /// Transfer id → µs when the receiver saw its notification.
+    /// Transfer id → when the receiver saw its notification (µs since the epoch).
     pub arrived: Vec<(u32, f64)>,
     /// Nodes recomputed here that belong to another worker.
     pub recomputes: u64,

@@ -214,7 +214,8 @@ fn compute(node: &Node, ins: &[Tensor]) -> candle_core::Result<Vec<Tensor>> {
                     .contiguous()
             };
             let (q, k, v) = (split(&ins[0])?, split(&ins[1])?, split(&ins[2])?);
-            let kt = k.transpose(2, 3)?.contiguous()?;
+            // A transposed view; gemm reads it strided.
+            let kt = k.transpose(2, 3)?;
             let mut s = (q.matmul(&kt)? * f64::from(scale.0))?;
             if *causal {
                 s = causal_mask(&s)?;
