@@ -153,3 +153,33 @@ fn scheduler_schedules_run_and_match() {
     }
     cluster.stop(driver).unwrap();
 }
+
+/// Recompute directives: the embeddings recomputed on the worker that consumes them instead of
+/// being shipped; same answer, fewer bytes, recomputes counted.
+#[test]
+fn recompute_directives_save_bytes_and_keep_the_answer() {
+    let cfg = small();
+    let cluster = EmbeddedCluster::start(2, Arc::new(CpuKernels::new())).unwrap();
+    let mut driver = Driver::connect(&cluster.cluster, WeightSpec::Seeded(11)).unwrap();
+    let g = genie_scheduler::builders::gpt2_prefill(&cfg, 8).unwrap();
+    let ids = genie_runtime::models::row_i64(prompt(8, cfg.vocab)).unwrap();
+    let pos = genie_runtime::models::row_i64((0..8).collect()).unwrap();
+    let inputs = [("input_ids", ids), ("position_ids", pos)];
+    // Embeddings on w0, everything else on w1.
+    let base = Placement::by_rule(&g, |n| {
+        usize::from(!n.name.ends_with(".embed") && n.name != "embed_sum")
+    });
+    let plain = driver.run(&g, &base, &inputs, &g.outputs[..1], 0).unwrap();
+    let mut rec = base.clone();
+    for n in g.nodes() {
+        if n.name.ends_with(".embed") || n.name == "embed_sum" {
+            rec.recompute.insert(n.id.0);
+        }
+    }
+    let recomputed = driver.run(&g, &rec, &inputs, &g.outputs[..1], 1).unwrap();
+    assert!(bits(&plain.outputs[0]) == bits(&recomputed.outputs[0]));
+    assert!(plain.counters.bytes_moved > 0);
+    assert_eq!(recomputed.counters.bytes_moved, 0);
+    assert!(recomputed.counters.recomputes >= 3);
+    cluster.stop(driver).unwrap();
+}
