@@ -1,0 +1,96 @@
+//! The `genie` binary: demo prints its last line, schedule prints a schedule, bad cluster files
+//! are rejected naming the field.
+
+use std::process::Command;
+
+fn genie(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_genie"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn demo_prints_the_specified_last_line() {
+    let trace = std::env::temp_dir().join(format!("genie-cli-trace-{}.json", std::process::id()));
+    let (ok, out, err) = genie(&[
+        "demo",
+        "--seq-len",
+        "64",
+        "--steps",
+        "3",
+        "--trace",
+        trace.to_str().unwrap(),
+    ]);
+    assert!(ok, "demo failed: {err}\n{out}");
+    let last = out.lines().last().unwrap();
+    let fields: Vec<&str> = last.split(' ').collect();
+    assert_eq!(fields[0], "demo", "{last}");
+    let names = [
+        "decode_bytes_ratio_vs_naive",
+        "step_latency_ratio_vs_naive",
+        "pipelined_vs_bound",
+        "prediction_error",
+    ];
+    assert_eq!(fields.len(), 5, "{last}");
+    for (f, name) in fields[1..].iter().zip(names) {
+        let (k, v) = f.split_once('=').unwrap();
+        assert_eq!(k, name);
+        let v: f64 = v.parse().unwrap();
+        assert!(v.is_finite() && v >= 0.0, "{last}");
+    }
+    assert!(out.contains("transport: tcp backend"), "{out}");
+    let t: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
+    assert!(t["traceEvents"].as_array().unwrap().len() > 10);
+    let _ = std::fs::remove_file(trace);
+}
+
+#[test]
+fn schedule_command_and_cluster_errors() {
+    let dir = std::env::temp_dir().join(format!("genie-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good.toml");
+    std::fs::write(
+        &good,
+        "[[workers]]\nname = \"a\"\naddress = \"127.0.0.1:7301\"\n\
+         [[workers]]\nname = \"b\"\naddress = \"127.0.0.1:7302\"\n",
+    )
+    .unwrap();
+    let out_file = dir.join("s.json");
+    let (ok, out, err) = genie(&[
+        "schedule",
+        "--model",
+        "bert",
+        "--cluster",
+        good.to_str().unwrap(),
+        "--out",
+        out_file.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("schedule of"), "{out}");
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out_file).unwrap()).unwrap();
+    assert!(s["node_device"].as_array().unwrap().len() > 100);
+
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "[[workers]]\nname = \"a\"\naddress = \"localhost\"\n").unwrap();
+    let (ok, _, err) = genie(&[
+        "schedule",
+        "--model",
+        "bert",
+        "--cluster",
+        bad.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(err.contains("workers[0].address"), "{err}");
+    let (ok, _, err) = genie(&["worker", "--cluster", bad.to_str().unwrap(), "--name", "a"]);
+    assert!(!ok);
+    assert!(err.contains("workers[0].address"), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+}
