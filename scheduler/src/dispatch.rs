@@ -5,7 +5,7 @@
 //! Dataflow execution with *atomic dependency counters* and *work-stealing deques*:
 //!
 //! 1. Every task `v` has a counter `pending[v]` initialised to its number of distinct
-//!    predecessors. Tasks with no predecessor are dealt round-robin to the workers.
+//!    predecessors. Tasks with no predecessor are dealt to the workers in contiguous blocks.
 //! 2. Each worker thread owns a private stack (a plain `Vec`, invisible to others) and a public
 //!    LIFO deque (Chase & Lev, *Dynamic circular work-stealing deque*, SPAA 2005, as implemented
 //!    by `crossbeam-deque`'s `Worker`/`Stealer`). It runs its *continuation* first (see 3), then
@@ -261,11 +261,18 @@ impl Dispatcher {
             return DispatchStats::default();
         }
         let counters = DependencyCounters::new(graph);
-        // Roots are dealt round-robin to the workers' private stacks.
-        let mut seeds: Vec<Vec<u32>> = vec![Vec::new(); self.threads];
-        for (k, r) in graph.roots().enumerate() {
-            seeds[k % self.threads].push(r);
-        }
+        // Roots are dealt in contiguous blocks: neighbouring ids tend to feed the same
+        // consumers, so their counters stay in one worker's cache. Each stack is reversed so
+        // that the lowest ids run first.
+        let roots: Vec<u32> = graph.roots().collect();
+        let per = roots.len().div_ceil(self.threads).max(1);
+        let seeds: Vec<Vec<u32>> = (0..self.threads)
+            .map(|i| {
+                let lo = (i * per).min(roots.len());
+                let hi = ((i + 1) * per).min(roots.len());
+                roots[lo..hi].iter().rev().copied().collect()
+            })
+            .collect();
         let workers: Vec<Worker<u32>> = (0..self.threads).map(|_| Worker::new_lifo()).collect();
         let stealers: Vec<Stealer<u32>> = workers.iter().map(Worker::stealer).collect();
         let hungry = AtomicUsize::new(0);

@@ -143,7 +143,7 @@ fn main() -> Result<()> {
 
     // Dispatch: lock-free vs mutex queue, 2 threads, same DAG, interleaved rounds, best of each.
     let gpt2_batch = gpt2_batch_dag(256)?;
-    let rounds = if quick { 3 } else { 15 };
+    let rounds = if quick { 5 } else { 41 };
     let (f, mutex_rate) = dispatch_rates(&gpt2_batch, rounds)?;
     let g = f / mutex_rate;
     rows.push(Row {
