@@ -169,23 +169,29 @@ struct Phase {
     prefill_place: Placement,
     steps: Vec<RunOutput>,
     tokens: Vec<i64>,
+    seq: u64,
+    prompt_len: usize,
+    decode_place: fn(&Graph) -> Placement,
+    label: &'static str,
+}
+
+fn sched_err(e: genie_scheduler::Error) -> RuntimeError {
+    RuntimeError::Scheduler(e.to_string())
 }
 
 #[allow(clippy::too_many_arguments)]
-fn run_phase(
+fn prefill_phase(
     driver: &mut Driver,
     cfg: &Gpt2Config,
     tokens_in: &[i64],
-    steps: usize,
     seq: u64,
     prefill_place: fn(&Graph) -> Placement,
     decode_place: fn(&Graph) -> Placement,
-    label: &str,
+    label: &'static str,
     out: &mut dyn FnMut(String),
 ) -> Result<Phase> {
-    let sched = |e: genie_scheduler::Error| RuntimeError::Scheduler(e.to_string());
     let s = tokens_in.len();
-    let (g, last) = with_last_logits(gpt2_prefill(cfg, s).map_err(sched)?, s)?;
+    let (g, last) = with_last_logits(gpt2_prefill(cfg, s).map_err(sched_err)?, s)?;
     let p = prefill_place(&g);
     let prefill = driver.run(
         &g,
@@ -201,7 +207,7 @@ fn run_phase(
         .outputs
         .first()
         .ok_or_else(|| RuntimeError::Plan("prefill returned nothing".into()))?;
-    let mut tokens = vec![argmax_last(first)?];
+    let tokens = vec![argmax_last(first)?];
     let sum = summarize(&prefill.spans);
     out(format!(
         "[{label}] prefill {s} tokens: {:.1} ms, {} bytes moved in {} transfers",
@@ -209,49 +215,63 @@ fn run_phase(
         prefill.counters.bytes_moved,
         prefill.counters.transfers
     ));
-    let mut runs = Vec::new();
-    for step in 0..steps {
-        let l = s + step;
-        let dg = gpt2_decode(cfg, l).map_err(sched)?;
-        let dp = decode_place(&dg);
-        let tok = tokens.last().copied().unwrap_or(0);
-        let logits = *dg
-            .outputs
-            .first()
-            .ok_or_else(|| RuntimeError::Plan("decode graph has no outputs".into()))?;
-        let r = driver.run(
-            &dg,
-            &dp,
-            &[
-                ("input_ids", row_i64(vec![tok])?),
-                ("position_ids", row_i64(vec![l as i64])?),
-            ],
-            &[logits],
-            seq,
-        )?;
-        let o = r
-            .outputs
-            .first()
-            .ok_or_else(|| RuntimeError::Plan("decode returned nothing".into()))?;
-        tokens.push(argmax_last(o)?);
-        let sum = summarize(&r.spans);
-        out(format!(
-            "[{label}] decode step {}/{steps} (kv {l}): {:.2} ms (compute+transfer span {:.2} ms, busiest worker {:.2} ms), {} bytes moved",
-            step + 1,
-            r.wall.as_secs_f64() * 1e3,
-            sum.makespan_us / 1e3,
-            sum.busiest_worker_us() / 1e3,
-            r.counters.bytes_moved
-        ));
-        runs.push(r);
-    }
     Ok(Phase {
         prefill,
         prefill_graph: g,
         prefill_place: p,
-        steps: runs,
+        steps: Vec::new(),
         tokens,
+        seq,
+        prompt_len: s,
+        decode_place,
+        label,
     })
+}
+
+/// One greedy decode step of `ph`'s sequence.
+fn decode_step(
+    driver: &mut Driver,
+    cfg: &Gpt2Config,
+    ph: &mut Phase,
+    steps: usize,
+    out: &mut dyn FnMut(String),
+) -> Result<()> {
+    let step = ph.steps.len();
+    let l = ph.prompt_len + step;
+    let dg = gpt2_decode(cfg, l).map_err(sched_err)?;
+    let dp = (ph.decode_place)(&dg);
+    let tok = ph.tokens.last().copied().unwrap_or(0);
+    let logits = *dg
+        .outputs
+        .first()
+        .ok_or_else(|| RuntimeError::Plan("decode graph has no outputs".into()))?;
+    let r = driver.run(
+        &dg,
+        &dp,
+        &[
+            ("input_ids", row_i64(vec![tok])?),
+            ("position_ids", row_i64(vec![l as i64])?),
+        ],
+        &[logits],
+        ph.seq,
+    )?;
+    let o = r
+        .outputs
+        .first()
+        .ok_or_else(|| RuntimeError::Plan("decode returned nothing".into()))?;
+    ph.tokens.push(argmax_last(o)?);
+    let sum = summarize(&r.spans);
+    out(format!(
+        "[{}] decode step {}/{steps} (kv {l}): {:.2} ms (compute+transfer span {:.2} ms, busiest worker {:.2} ms), {} bytes moved",
+        ph.label,
+        step + 1,
+        r.wall.as_secs_f64() * 1e3,
+        sum.makespan_us / 1e3,
+        sum.busiest_worker_us() / 1e3,
+        r.counters.bytes_moved
+    ));
+    ph.steps.push(r);
+    Ok(())
 }
 
 /// Runs the demo, sending each progress line to `out`; returns the figures (the caller prints
@@ -287,7 +307,7 @@ pub fn run_demo(opts: &DemoOptions, out: &mut dyn FnMut(String)) -> Result<DemoF
     // (an initial guess; calibrated below from measured transfers).
     let mut topo = Topology::uniform(2, DeviceSpec::cpu(), LinkSpec::gbps(20.0, 30.0))
         .map_err(|e| RuntimeError::Scheduler(e.to_string()))?;
-    let sched = |e: genie_scheduler::Error| RuntimeError::Scheduler(e.to_string());
+    let sched = sched_err;
     {
         let dg = gpt2_decode(&cfg, opts.seq_len).map_err(sched)?;
         let mut scheduler = Scheduler::new(topo.clone());
@@ -309,28 +329,31 @@ pub fn run_demo(opts: &DemoOptions, out: &mut dyn FnMut(String)) -> Result<DemoF
 
     let p = prompt(opts.seq_len, cfg.vocab);
     let mut say = |s: String| out(s);
-    let colo = run_phase(
+    let mut colo = prefill_phase(
         &mut driver,
         &cfg,
         &p,
-        opts.steps,
         1,
         colocated_prefill,
         colocated_decode,
         "co-located",
         &mut say,
     )?;
-    let naive = run_phase(
+    let mut naive = prefill_phase(
         &mut driver,
         &cfg,
         &p,
-        opts.steps,
         2,
         naive_prefill,
         naive_decode,
         "naive",
         &mut say,
     )?;
+    // Alternate the two placements step by step, so both see the same machine load.
+    for _ in 0..opts.steps {
+        decode_step(&mut driver, &cfg, &mut colo, opts.steps, &mut say)?;
+        decode_step(&mut driver, &cfg, &mut naive, opts.steps, &mut say)?;
+    }
     if colo.tokens != naive.tokens {
         return Err(RuntimeError::Plan(format!(
             "placements disagree on the generated tokens: {:?} vs {:?}",
@@ -380,11 +403,10 @@ pub fn run_demo(opts: &DemoOptions, out: &mut dyn FnMut(String)) -> Result<DemoF
 
     // A fresh pipelined prefill, predicted before it runs.
     let predicted = predict_makespan(&colo.prefill_graph, &colo.prefill_place, &topo, &cal)?;
-    let measured_run = run_phase(
+    let measured_run = prefill_phase(
         &mut driver,
         &cfg,
         &p,
-        0,
         3,
         colocated_prefill,
         colocated_decode,

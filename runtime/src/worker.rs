@@ -381,6 +381,21 @@ impl Worker {
         wanted: &[TensorRef],
     ) -> Result<(Vec<PayloadTensor>, Vec<u8>, RunStats)> {
         let t0 = WallClock::now();
+        // The graph came over the network: check it before indexing anything by it.
+        graph.validate().map_err(|e| RuntimeError::BadMessage {
+            worker: "driver".into(),
+            reason: format!("invalid graph: {e}"),
+        })?;
+        if placement.workers() > self.cluster.workers.len() {
+            return Err(RuntimeError::BadMessage {
+                worker: "driver".into(),
+                reason: format!(
+                    "placement uses {} workers, the cluster has {}",
+                    placement.workers(),
+                    self.cluster.workers.len()
+                ),
+            });
+        }
         let plan = ExecPlan::new(graph, placement, wanted)?;
         let me = self.me;
         let mut input_tensors: HashMap<String, Tensor> = HashMap::new();
