@@ -46,6 +46,39 @@ fn verbs_io(call: &'static str, e: VerbsError) -> TransportError {
     TransportError::io(call, io::Error::other(describe(&e)))
 }
 
+/// Peer regions already checked with the peer: `(region, key) -> (length, address)`, with the
+/// last one used in front (the common case: many transfers to one region) to skip the hash.
+#[derive(Default)]
+struct RegionCache {
+    last: Option<(u64, u64, (u64, u64))>,
+    map: HashMap<(u64, u64), (u64, u64)>,
+}
+
+impl RegionCache {
+    fn get(&mut self, region: u64, key: u64) -> Option<(u64, u64)> {
+        match self.last {
+            Some((r, k, v)) if r == region && k == key => Some(v),
+            _ => {
+                let v = *self.map.get(&(region, key))?;
+                self.last = Some((region, key, v));
+                Some(v)
+            }
+        }
+    }
+
+    fn insert(&mut self, region: u64, key: u64, v: (u64, u64)) {
+        self.map.insert((region, key), v);
+        self.last = Some((region, key, v));
+    }
+}
+
+/// State of CQ polling (see `ConnShared::progress`).
+struct Poller {
+    wcs: Vec<Completion>,
+    /// Receive buffers re-posted whose credits are not yet returned.
+    consumed: u32,
+}
+
 /// A posted work request not yet known to be complete.
 struct Pending {
     seq: u64,
@@ -100,7 +133,11 @@ pub(crate) struct ConnShared {
     queries: Mutex<HashMap<u64, RegionStatus>>,
     queries_cv: Condvar,
     next_req: AtomicU64,
-    cache: Mutex<HashMap<(u64, u64), (u64, u64)>>,
+    cache: Mutex<RegionCache>,
+    /// Whoever polls the CQ holds this, so completions are handled in order by one thread at a time.
+    poller: Mutex<Poller>,
+    /// Return credits after this many receive buffers were re-posted.
+    return_at: u32,
 }
 
 fn handshake_err(peer: SocketAddr, e: super::handshake::HandshakeError) -> TransportError {
@@ -313,12 +350,17 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream) -> Result<Arc<Conn
         queries: Mutex::new(HashMap::new()),
         queries_cv: Condvar::new(),
         next_req: AtomicU64::new(1),
-        cache: Mutex::new(HashMap::new()),
+        cache: Mutex::new(RegionCache::default()),
+        poller: Mutex::new(Poller {
+            wcs: Vec::with_capacity(32),
+            consumed: 0,
+        }),
+        return_at: (rq_depth / 4).max(1),
     });
     let c1 = Arc::clone(&shared);
     std::thread::Builder::new()
         .name("genie-rdma-cq".into())
-        .spawn(move || c1.completion_loop(rq_depth))
+        .spawn(move || c1.completion_loop())
         .map_err(io_err("spawn"))?;
     let c2 = Arc::clone(&shared);
     if let Err(e) = std::thread::Builder::new()
@@ -439,12 +481,12 @@ impl ConnShared {
                 peer_endpoint: self.peer_endpoint,
             });
         }
-        let cached = self.cache.lock().get(&(remote.region, remote.key)).copied();
+        let cached = self.cache.lock().get(remote.region, remote.key);
         let (size, addr) = match cached {
             Some(v) => v,
             None => {
                 let v = self.query(remote)?;
-                self.cache.lock().insert((remote.region, remote.key), v);
+                self.cache.lock().insert(remote.region, remote.key, v);
                 v
             }
         };
@@ -563,6 +605,9 @@ impl ConnShared {
     /// Posts jobs in order. Only the last work request is signalled (plus one per half queue).
     /// Waits for send-queue room and credits. A job that cannot be posted fails its completer.
     fn post_jobs(&self, jobs: Vec<Job<'_>>) {
+        // Reap finished work first (cheap when there is none): frees send-queue room without
+        // waiting for the completion thread to be scheduled.
+        let _ = self.progress(false);
         let mut st = self.state.lock();
         let n_jobs = jobs.len();
         let sq_half = (self.sq_depth / 2).max(1);
@@ -600,6 +645,12 @@ impl ConnShared {
                     let credit = !(needs_credit && last_chunk) || st.credits > 0;
                     if room && credit {
                         break;
+                    }
+                    let reaped = parking_lot::MutexGuard::unlocked(&mut st, || {
+                        matches!(self.progress(false), Ok(true))
+                    });
+                    if reaped {
+                        continue;
                     }
                     if self.space.wait_until(&mut st, deadline).timed_out() {
                         failed = Some(TransportError::PeerDead {
@@ -701,27 +752,44 @@ impl ConnShared {
     }
 
     /// The completion thread: retires work requests, delivers receives, re-posts receive buffers.
-    fn completion_loop(self: Arc<Self>, rq_depth: u32) {
-        let mut wcs = Vec::with_capacity(32);
-        let mut consumed = 0u32;
-        let return_at = (rq_depth / 4).max(1);
-        let mut last_active = Instant::now();
-        loop {
-            // Return credits for re-posted receive buffers in batches (side channel).
-            if consumed >= return_at && self.alive.load(Ordering::Acquire) {
-                let _ = self.send_frame(&Frame::Credits { n: consumed });
-                consumed = 0;
+    /// Polls the CQ once and handles what it got. `wait_lock`: take the poll lock even if another
+    /// thread holds it (the completion thread); otherwise give up at once (posting threads, which
+    /// reap completions on the way so that no thread handoff sits on the critical path).
+    /// Returns whether anything completed.
+    fn progress(&self, wait_lock: bool) -> std::result::Result<bool, VerbsError> {
+        let mut guard = if wait_lock {
+            self.poller.lock()
+        } else {
+            match self.poller.try_lock() {
+                Some(g) => g,
+                None => return Ok(false),
             }
-            wcs.clear();
-            match self.cq.poll(&mut wcs, 32) {
-                Ok(0) => {}
-                Ok(_) => {
-                    for wc in wcs.drain(..) {
-                        self.on_completion(wc, &mut consumed);
-                    }
+        };
+        let p = &mut *guard;
+        p.wcs.clear();
+        let n = self.cq.poll(&mut p.wcs, 32)?;
+        for wc in p.wcs.drain(..) {
+            self.on_completion(wc, &mut p.consumed);
+        }
+        // Return credits for re-posted receive buffers in batches (side channel).
+        if p.consumed >= self.return_at && self.alive.load(Ordering::Acquire) {
+            let _ = self.send_frame(&Frame::Credits { n: p.consumed });
+            p.consumed = 0;
+        }
+        Ok(n > 0)
+    }
+
+    /// The completion thread: retires work requests, delivers receives, re-posts receive buffers.
+    fn completion_loop(self: Arc<Self>) {
+        let mut last_active = Instant::now();
+        let mut idle_spins = 0u32;
+        loop {
+            match self.progress(true) {
+                Ok(true) => {
                     last_active = Instant::now();
                     continue;
                 }
+                Ok(false) => {}
                 Err(e) => {
                     self.die(verbs_io("ibv_poll_cq", e));
                     return;
@@ -732,33 +800,33 @@ impl ConnShared {
             }
             let spin = self.mode == PollMode::BusyPoll
                 && (self.inflight.load(Ordering::Acquire) > 0 || last_active.elapsed() < SPIN_IDLE);
-            match spin {
-                true => std::hint::spin_loop(),
-                false => {
-                    if let Err(e) = self.cq.req_notify() {
-                        self.die(verbs_io("ibv_req_notify_cq", e));
-                        return;
-                    }
-                    // A completion may have arrived before arming: poll once more before sleeping.
-                    wcs.clear();
-                    match self.cq.poll(&mut wcs, 32) {
-                        Ok(0) => {}
-                        Ok(_) => {
-                            for wc in wcs.drain(..) {
-                                self.on_completion(wc, &mut consumed);
-                            }
-                            continue;
-                        }
-                        Err(e) => {
-                            self.die(verbs_io("ibv_poll_cq", e));
-                            return;
-                        }
-                    }
-                    if let Err(e) = self.cq.wait_event(Duration::from_millis(50)) {
-                        self.die(verbs_io("ibv_get_cq_event", e));
-                        return;
-                    }
+            if spin {
+                // Yield now and then: with few cores, the thread that will post the next work
+                // (or the kernel's soft-RoCE processing) needs the CPU more than this poller.
+                idle_spins = idle_spins.wrapping_add(1);
+                if idle_spins % 16 == 0 {
+                    std::thread::yield_now();
+                } else {
+                    std::hint::spin_loop();
                 }
+                continue;
+            }
+            if let Err(e) = self.cq.req_notify() {
+                self.die(verbs_io("ibv_req_notify_cq", e));
+                return;
+            }
+            // A completion may have arrived before arming: poll once more before sleeping.
+            match self.progress(true) {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => {
+                    self.die(verbs_io("ibv_poll_cq", e));
+                    return;
+                }
+            }
+            if let Err(e) = self.cq.wait_event(Duration::from_millis(50)) {
+                self.die(verbs_io("ibv_get_cq_event", e));
+                return;
             }
         }
     }

@@ -1,0 +1,235 @@
+//! perftest-style measurements of Genie's transport, matching what `scripts/bench-rdma.sh` compares
+//! against perftest in the same soft-RoCE session:
+//!
+//! - `write_lat`: the `ib_write_lat` method through Genie's transport: two endpoints in this
+//!   process ping-pong `size`-byte RDMA writes, each side spinning on its region's memory until the
+//!   peer's write has landed; the reported latency is half the round trip (like perftest);
+//! - `read_lat`, `write_bw`: [`genie_transport::perf`] (post-to-completion time of one read, like
+//!   `ib_read_lat`; bandwidth with `--window` writes in flight, like `ib_write_bw`'s tx depth).
+//!
+//! Run inside soft-RoCE: `scripts/softroce.sh -- target/release/rdma-perf write_lat --size 8`.
+//! The last line is machine-readable: `RESULT <test> <mode> typical_us=<x>` or `bw_mb_s=<x>`.
+
+use anyhow::{bail, Context, Result};
+use genie_transport::perf::{self, PerfArgs, PerfRole, PerfTest};
+use genie_transport::{open, BackendChoice, PollMode, TransportConfig};
+use std::time::{Duration, Instant};
+
+struct Args {
+    test: String,
+    size: usize,
+    iters: usize,
+    window: usize,
+    mode: PollMode,
+    backend: BackendChoice,
+}
+
+fn parse() -> Result<Args> {
+    let mut it = std::env::args().skip(1);
+    let test = it.next().context("usage: rdma-perf write_lat|read_lat|write_bw [--size N] [--iters N] [--window N] [--mode blocking|busy] [--backend rdma|tcp]")?;
+    let mut a = Args {
+        test,
+        size: 8,
+        iters: 1000,
+        window: 128,
+        mode: PollMode::Blocking,
+        backend: BackendChoice::Rdma,
+    };
+    while let Some(flag) = it.next() {
+        let v = it.next().with_context(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--size" => a.size = v.parse()?,
+            "--iters" => a.iters = v.parse()?,
+            "--window" => a.window = v.parse()?,
+            "--mode" => {
+                a.mode = match v.as_str() {
+                    "blocking" => PollMode::Blocking,
+                    "busy" => PollMode::BusyPoll,
+                    _ => bail!("--mode blocking|busy"),
+                }
+            }
+            "--backend" => {
+                a.backend = match v.as_str() {
+                    "rdma" => BackendChoice::Rdma,
+                    "tcp" => BackendChoice::Tcp,
+                    _ => bail!("--backend rdma|tcp"),
+                }
+            }
+            _ => bail!("unknown flag {flag}"),
+        }
+    }
+    if a.iters == 0 || a.size == 0 || a.window == 0 {
+        bail!("--size, --iters and --window must be at least 1");
+    }
+    Ok(a)
+}
+
+fn config(a: &Args) -> TransportConfig {
+    TransportConfig {
+        backend: a.backend,
+        poll_mode: a.mode,
+        rdma_device: std::env::var("GENIE_RDMA_DEVICE").ok(),
+        ..TransportConfig::default()
+    }
+}
+
+fn mode_name(m: PollMode) -> &'static str {
+    match m {
+        PollMode::Blocking => "blocking",
+        PollMode::BusyPoll => "busy",
+    }
+}
+
+/// The `ib_write_lat` method: ping-pong writes, each side spinning on the last byte of its buffer.
+fn write_lat(a: &Args) -> Result<()> {
+    let wait = Duration::from_secs(30);
+    let ta = open(config(a))?;
+    let tb = open(config(a))?;
+    // Each side sends from [0, size) and receives into [size, 2 size), like perftest's two buffers.
+    let ra = ta.alloc_region(2 * a.size)?;
+    let rb = tb.alloc_region(2 * a.size)?;
+    let ab = ta.connect(tb.local_addr())?;
+    let ba = tb.accept(wait)?;
+    let (da, db) = (ra.descriptor(), rb.descriptor());
+    let (size, last) = (a.size, 2 * a.size - 1);
+    let warm = (a.iters / 10).clamp(1, 100);
+    let total = a.iters + warm;
+    // The peer: wait for ping i (last received byte == tag of i), answer with the same tag.
+    // Like perftest, nobody waits for its own write's completion on the critical path: an
+    // operation is checked just before the next one is posted (it is long complete by then).
+    let peer = std::thread::spawn(move || -> Result<()> {
+        let mut prev: Option<genie_transport::Op> = None;
+        let mut older = Vec::new();
+        let mut spins = 0u32;
+        for i in 0..total {
+            let tag = (i % 255) as u8 + 1;
+            let deadline = Instant::now() + wait;
+            while rb.with(|b| b[last]) != tag {
+                if Instant::now() > deadline {
+                    bail!("ping {i} never landed");
+                }
+                spin(&mut spins);
+            }
+            if let Some(op) = prev.take() {
+                if let Some(r) = op.poll() {
+                    r?;
+                } else {
+                    older.push(op);
+                }
+            }
+            rb.with_mut(|b| b[size - 1] = tag);
+            prev = Some(ba.write(&rb, 0, &da, size as u64, size)?);
+        }
+        for op in older.into_iter().chain(prev) {
+            op.wait(wait)?;
+        }
+        Ok(())
+    });
+    let mut rtts = Vec::with_capacity(a.iters);
+    let mut prev: Option<genie_transport::Op> = None;
+    let mut older = Vec::new();
+    let mut spins = 0u32;
+    for i in 0..total {
+        let tag = (i % 255) as u8 + 1;
+        if let Some(op) = prev.take() {
+            if let Some(r) = op.poll() {
+                r?;
+            } else {
+                older.push(op);
+            }
+        }
+        ra.with_mut(|b| b[size - 1] = tag);
+        let start = Instant::now();
+        let op = ab.write(&ra, 0, &db, size as u64, size)?;
+        let deadline = start + wait;
+        while ra.with(|b| b[last]) != tag {
+            if Instant::now() > deadline {
+                bail!("pong {i} never came");
+            }
+            spin(&mut spins);
+        }
+        prev = Some(op);
+        if i >= warm {
+            rtts.push(start.elapsed());
+        }
+    }
+    for op in older.into_iter().chain(prev) {
+        op.wait(wait)?;
+    }
+    peer.join()
+        .map_err(|_| anyhow::anyhow!("peer thread panicked"))??;
+    rtts.sort_unstable();
+    let us = |d: Duration| d.as_secs_f64() * 1e6 / 2.0;
+    let typical = us(rtts[rtts.len() / 2]);
+    let avg = rtts.iter().map(|d| us(*d)).sum::<f64>() / rtts.len() as f64;
+    println!(
+        "# genie write_lat (ping-pong, one-way = RTT/2), backend {}, mode {}",
+        ta.backend(),
+        mode_name(a.mode)
+    );
+    println!(" #bytes #iterations    t_min[usec]    t_max[usec]  t_typical[usec]    t_avg[usec]");
+    println!(
+        " {:<6} {:<11} {:<14.2} {:<14.2} {:<16.2} {:.2}",
+        a.size,
+        a.iters,
+        us(rtts[0]),
+        us(rtts[rtts.len() - 1]),
+        typical,
+        avg
+    );
+    println!(
+        "RESULT write_lat {} typical_us={typical:.3}",
+        mode_name(a.mode)
+    );
+    Ok(())
+}
+
+/// One step of a polling loop; yields every few steps so that the transport's completion threads
+/// get a core on small machines (the soft-RoCE VM has two).
+fn spin(count: &mut u32) {
+    *count = count.wrapping_add(1);
+    if *count % 8 == 0 {
+        std::thread::yield_now();
+    } else {
+        std::hint::spin_loop();
+    }
+}
+
+fn via_perf(a: &Args, test: PerfTest) -> Result<perf::PerfRow> {
+    let args = PerfArgs {
+        config: config(a),
+        tests: vec![test],
+        sizes: vec![a.size],
+        iterations: a.iters,
+        window: a.window,
+        role: PerfRole::Loopback,
+    };
+    let mut out = std::io::stdout();
+    let rows = perf::run(&args, &mut out)?;
+    rows.into_iter().next().context("perf returned no row")
+}
+
+fn main() -> Result<()> {
+    let a = parse()?;
+    match a.test.as_str() {
+        "write_lat" => write_lat(&a)?,
+        "read_lat" => {
+            let r = via_perf(&a, PerfTest::Read)?;
+            println!(
+                "RESULT read_lat {} typical_us={:.3}",
+                mode_name(a.mode),
+                r.t_typical_us
+            );
+        }
+        "write_bw" => {
+            let r = via_perf(&a, PerfTest::Write)?;
+            println!(
+                "RESULT write_bw {} bw_mb_s={:.3}",
+                mode_name(a.mode),
+                r.bw_mb_s
+            );
+        }
+        other => bail!("unknown test {other} (write_lat, read_lat, write_bw)"),
+    }
+    Ok(())
+}
