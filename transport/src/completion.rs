@@ -21,6 +21,9 @@ use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+/// How long a blocking wait polls before it parks the thread.
+const SPIN_BEFORE_PARK: Duration = Duration::from_micros(20);
+
 const PENDING: u8 = 0;
 const OK: u8 = 1;
 const FAILED: u8 = 2;
@@ -140,12 +143,21 @@ impl Op {
         }
     }
 
-    /// Waits up to `timeout` sleeping on a condition variable.
+    /// Waits up to `timeout` sleeping on a condition variable (after a few microseconds of
+    /// polling with `yield_now`, which saves the wake-up when the answer is already on its way).
     pub fn wait_blocking(&self, timeout: Duration) -> Result<()> {
-        if let Some(r) = self.poll() {
-            return r;
+        let start = Instant::now();
+        let spin = SPIN_BEFORE_PARK.min(timeout);
+        loop {
+            if let Some(r) = self.poll() {
+                return r;
+            }
+            if start.elapsed() >= spin {
+                break;
+            }
+            std::thread::yield_now();
         }
-        let deadline = Instant::now() + timeout;
+        let deadline = start + timeout;
         let mut g = self.state.lock.lock();
         while self.state.state.load(Ordering::Acquire) == PENDING {
             if self.state.cv.wait_until(&mut g, deadline).timed_out() {
