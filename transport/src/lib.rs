@@ -150,6 +150,11 @@ pub struct Transfer<'a> {
 /// connection are executed by the target in submission order. Notifications and messages are
 /// queued per connection until received; receiving from a closed connection first drains what
 /// arrived, then returns the close reason.
+///
+/// Waits (`recv`, `recv_notification`, [`Op::wait`]) have no spurious returns: they return a value,
+/// the connection's error, or [`TransportError::Timeout`] once the whole timeout has passed.
+/// The backend's progress engine takes a region's lock while it moves data in or out of it, so a
+/// caller holding [`Region::with_mut`] for long stalls transfers to or from that region.
 pub trait Connection: Send + Sync + std::fmt::Debug {
     /// The backend carrying this connection.
     fn backend(&self) -> Backend;
