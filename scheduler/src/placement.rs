@@ -90,12 +90,73 @@ impl CostTable {
     }
 }
 
+/// Every node's inputs as compact `(producer, bytes)` arrays, so hot loops do not walk the
+/// (large) [`crate::graph::Node`] structs in scheduling order.
+#[derive(Clone, Debug, Default)]
+pub struct EdgeTable {
+    offsets: Vec<u32>,
+    producer: Vec<u32>,
+    bytes: Vec<u64>,
+    source: Vec<bool>,
+    id_ordered: bool,
+}
+
+impl EdgeTable {
+    /// The table of `graph`.
+    pub fn new(graph: &Graph) -> Self {
+        let mut t = EdgeTable {
+            offsets: Vec::with_capacity(graph.len() + 1),
+            producer: Vec::new(),
+            bytes: Vec::new(),
+            source: Vec::with_capacity(graph.len()),
+            id_ordered: true,
+        };
+        t.offsets.push(0);
+        for node in graph.nodes() {
+            for i in &node.inputs {
+                t.id_ordered &= i.node < node.id;
+                t.producer.push(i.node.0);
+                t.bytes.push(graph.tensor(*i).map_or(0, |m| m.bytes()));
+            }
+            t.offsets.push(t.producer.len() as u32);
+            t.source.push(node.op.is_source());
+        }
+        t
+    }
+
+    /// Producers and byte sizes of `v`'s inputs, in input order.
+    #[inline]
+    pub fn inputs(&self, v: NodeId) -> (&[u32], &[u64]) {
+        let i = v.index();
+        match (self.offsets.get(i), self.offsets.get(i + 1)) {
+            (Some(&a), Some(&b)) => (
+                &self.producer[a as usize..b as usize],
+                &self.bytes[a as usize..b as usize],
+            ),
+            _ => (&[], &[]),
+        }
+    }
+
+    /// Whether every producer has a smaller id than its consumer ([`Graph::is_id_ordered`]).
+    pub fn is_id_ordered(&self) -> bool {
+        self.id_ordered
+    }
+
+    /// Whether `v` is a source node.
+    #[inline]
+    pub fn is_source(&self, v: NodeId) -> bool {
+        self.source.get(v.index()).copied().unwrap_or(false)
+    }
+}
+
 /// Everything a policy may look at.
 pub struct PlacementContext<'a> {
     /// The graph.
     pub graph: &'a Graph,
     /// Its consumer lists.
     pub consumers: &'a Consumers,
+    /// Its inputs, compactly.
+    pub edges: &'a EdgeTable,
     /// Its analysis (effective phases etc.).
     pub analysis: &'a Analysis,
     /// The cluster.
@@ -300,8 +361,8 @@ impl PlacementPolicy for Heft {
         while let Some(Ready { node, .. }) = heap.pop() {
             let v = NodeId(node);
             order.push(v);
-            let nd = &nodes[v.index()];
-            if !nd.op.is_source() {
+            if !cx.edges.is_source(v) {
+                let (prods, sizes) = cx.edges.inputs(v);
                 let grp = cx.groups.group_of(v) as usize;
                 let one = [pinned[grp]];
                 let cands: &[DeviceId] = if pinned[grp] != unset {
@@ -312,14 +373,13 @@ impl PlacementPolicy for Heft {
                 let mut best = (f64::INFINITY, cands[0]);
                 for &d in cands {
                     let mut ready = 0.0f64;
-                    for t in &nd.inputs {
-                        let u = t.node.index();
+                    for (&u, &bytes) in prods.iter().zip(sizes) {
+                        let u = u as usize;
                         if device[u] == unset {
                             continue; // a source: co-located with v by construction
                         }
                         let mut at = finish[u];
                         if device[u] != d {
-                            let bytes = g.tensor(*t).map_or(0, |m| m.bytes());
                             at += cx.topology.transfer_time(device[u], d, bytes);
                         }
                         ready = ready.max(at);

@@ -9,7 +9,7 @@ use crate::analysis::{analyze_with, Analysis, WorkloadClass};
 use crate::constraints::{fit_memory, CoLocation};
 use crate::cost::{CostModel, RooflineCostModel};
 use crate::graph::{Graph, NodeId, Residency};
-use crate::placement::{CostTable, PlacementContext, PolicyKind};
+use crate::placement::{CostTable, EdgeTable, PlacementContext, PolicyKind};
 use crate::recompute::choose_recompute;
 use crate::schedule::{
     CacheAction, CacheDirective, ExecGroup, ExecutionSchedule, Stage, Strategy, Transfer,
@@ -202,7 +202,8 @@ pub fn build_schedule(
 ) -> Result<ExecutionSchedule, Error> {
     let n = graph.len();
     let consumers = graph.consumers();
-    let topo_order = if graph.is_id_ordered() {
+    let edges = EdgeTable::new(graph);
+    let topo_order = if edges.is_id_ordered() {
         (0..n as u32).map(NodeId).collect()
     } else {
         graph.topo_order()?
@@ -260,6 +261,7 @@ pub fn build_schedule(
     let cx = PlacementContext {
         graph,
         consumers: &consumers,
+        edges: &edges,
         analysis: &analysis,
         topology,
         costs: &costs,
@@ -304,24 +306,28 @@ pub fn build_schedule(
     };
     let mut rc: Vec<(NodeId, DeviceId)> = recompute.iter().map(|r| (r.node, r.device)).collect();
     rc.sort_unstable();
-    let is_recomputed = |u: NodeId, d: DeviceId| rc.binary_search(&(u, d)).is_ok();
+    let mut rc_any = vec![false; n];
+    for r in &recompute {
+        rc_any[r.node.index()] = true;
+    }
+    let is_recomputed =
+        |u: NodeId, d: DeviceId| rc_any[u.index()] && rc.binary_search(&(u, d)).is_ok();
 
     // Simulate the final placement in `order` for finish times and makespan.
     let max_dev = topology.len();
     let mut avail = vec![0.0f64; max_dev];
     let mut finish = vec![0.0f64; n];
     for &v in &order {
-        let node = &graph.nodes()[v.index()];
         let d = device[v.index()];
         let mut ready = 0.0f64;
-        for t in &node.inputs {
-            let u = t.node.index();
+        let (prods, sizes) = edges.inputs(v);
+        for (&u, &bytes) in prods.iter().zip(sizes) {
+            let u = u as usize;
             let mut at = finish[u];
             if device[u] != d {
-                if is_recomputed(t.node, d) {
-                    at += costs.time(t.node, d);
+                if is_recomputed(NodeId(u as u32), d) {
+                    at += costs.time(NodeId(u as u32), d);
                 } else {
-                    let bytes = graph.tensor(*t).map_or(0, |m| m.bytes());
                     at += topology.transfer_time(device[u], d, bytes);
                 }
             }
