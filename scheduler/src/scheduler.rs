@@ -124,7 +124,8 @@ impl Scheduler {
     }
 
     /// A schedule for `graph` under `plan`, from the cache when the graph structure, topology
-    /// version and plan match an earlier request. The graph must be valid ([`Graph::validate`]).
+    /// version and plan match an earlier request. A miss validates the graph first
+    /// ([`Graph::validate`]) and returns [`Error::Graph`] for a malformed one.
     pub fn create_schedule(
         &mut self,
         graph: &Graph,
@@ -193,13 +194,16 @@ fn choose_policy(plan: &OptimizationPlan, strategy: Strategy, heterogeneous: boo
     }
 }
 
-/// Computes a schedule without caching (what [`Scheduler::create_schedule`] does on a miss).
+/// Computes a schedule without caching (what [`Scheduler::create_schedule`] does on a miss),
+/// after validating the graph.
 pub fn build_schedule(
     graph: &Graph,
     topology: &Topology,
     cost_model: &dyn CostModel,
     plan: &OptimizationPlan,
 ) -> Result<ExecutionSchedule, Error> {
+    // Graphs may come from files or other frontends: check before indexing by their ids.
+    graph.validate()?;
     let n = graph.len();
     let consumers = graph.consumers();
     let edges = EdgeTable::new(graph);

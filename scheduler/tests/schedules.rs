@@ -289,3 +289,30 @@ fn heterogeneous_matching_sends_prefill_to_flops_and_decode_to_bandwidth_per_cos
     assert_eq!(on(&decode, &sd, "h.1.mlp.c_fc.out"), "a100");
     assert_eq!(on(&decode, &sd, "h.0.attn.attention"), "a100");
 }
+
+#[test]
+fn malformed_graphs_are_rejected_before_scheduling() {
+    let g = builders::gpt2_decode(
+        &Gpt2Config {
+            layers: 1,
+            ..Gpt2Config::default()
+        },
+        8,
+    )
+    .unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&g.to_json().unwrap()).unwrap();
+    // Point an input at a node that does not exist, bypassing Graph::from_json's check.
+    json["nodes"][5]["inputs"][0]["node"] = serde_json::json!(10_000);
+    let bad: genie_scheduler::Graph = serde_json::from_value(json).unwrap();
+    let mut s = Scheduler::new(cluster(2, DeviceSpec::a100()));
+    match s.create_schedule(&bad, &OptimizationPlan::default()) {
+        Err(genie_scheduler::Error::Graph(genie_scheduler::graph::GraphError::DanglingEdge {
+            producer: 10_000,
+            ..
+        })) => {}
+        other => panic!(
+            "expected a dangling-edge error, got {:?}",
+            other.map(|_| ())
+        ),
+    }
+}
