@@ -25,12 +25,14 @@ use crate::proto::{self, ComputeRecord, Msg, PayloadTensor, RunStats, WeightSpec
 use crate::store::{Residency as StoreResidency, TensorStore};
 use crate::weights::WeightSource;
 use candle_core::{Device, Tensor};
+use genie_scheduler::dispatch::{DependencyCounters, TaskGraph};
 use genie_scheduler::graph::{Graph, Node, NodeId, OpKind, TensorRef};
 use genie_transport::{
     BackendChoice, Connection, Op, Region, RemoteRegion, Transport, TransportConfig, TransportError,
 };
 use parking_lot::{Condvar, Mutex};
-use std::collections::{BTreeSet, HashMap};
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -660,14 +662,83 @@ impl RunCtx<'_> {
     }
 
     /// Runs this worker's nodes; returns the transfers still in flight.
+    ///
+    /// Dataflow order with the scheduler's dispatcher counters ([`DependencyCounters`]): a node
+    /// becomes ready when its last local producer finishes or its last remote input lands;
+    /// among ready nodes the earliest in topological order runs first. When nothing is ready
+    /// the worker blocks on the next arrival.
     fn run_nodes(&mut self, staging: &Staging, overlap: bool) -> Result<Vec<(usize, Op)>> {
         let me = self.w.me;
         let mut pending = Vec::new();
-        for &id in &self.plan.order {
-            let i = id.index();
-            if self.plan.replicated[i] || self.plan.worker_of[i] != me {
-                continue;
+        let tasks = TaskGraph::from_graph(self.graph);
+        let counters = DependencyCounters::new(&tasks);
+        let n = self.graph.len();
+        let mut pos = vec![0usize; n];
+        for (p, id) in self.plan.order.iter().enumerate() {
+            if let Some(slot) = pos.get_mut(id.index()) {
+                *slot = p;
             }
+        }
+        let local = |i: usize| !self.plan.replicated[i] && self.plan.worker_of[i] == me;
+        let mut ready: BinaryHeap<Reverse<(usize, u32)>> = BinaryHeap::new();
+        let mut left = (0..n).filter(|&i| local(i)).count();
+        for r in tasks.roots() {
+            if local(r as usize) {
+                ready.push(Reverse((pos[r as usize], r)));
+            }
+        }
+        // Parameters, inputs and recomputed nodes are available from the start.
+        for i in 0..n {
+            if self.plan.replicated[i] {
+                counters.complete(&tasks, i as u32, |c| {
+                    if local(c as usize) {
+                        ready.push(Reverse((pos[c as usize], c)));
+                    }
+                });
+            }
+        }
+        // Remote producers complete (for this worker) when all their transfers to it landed.
+        let mut awaiting: HashMap<u32, usize> = HashMap::new();
+        for t in self.plan.transfers.iter().filter(|t| t.dst == me) {
+            *awaiting.entry(t.tensor.node.0).or_default() += 1;
+        }
+        while left > 0 {
+            // Absorb whatever has landed, without blocking while there is work.
+            loop {
+                let arrival = if ready.is_empty() {
+                    match self.rx.recv_timeout(INPUT_TIMEOUT) {
+                        Ok(a) => a?,
+                        Err(_) => {
+                            return Err(RuntimeError::WorkerFailed {
+                                worker: self.waited_on(&awaiting),
+                                reason: format!("no input arrived within {INPUT_TIMEOUT:?}"),
+                            })
+                        }
+                    }
+                } else {
+                    match self.rx.try_recv() {
+                        Ok(a) => a?,
+                        Err(_) => break,
+                    }
+                };
+                let producer = self.absorb(arrival)?;
+                let done = awaiting.get_mut(&producer).is_some_and(|c| {
+                    *c -= 1;
+                    *c == 0
+                });
+                if done {
+                    counters.complete(&tasks, producer, |c| {
+                        if local(c as usize) {
+                            ready.push(Reverse((pos[c as usize], c)));
+                        }
+                    });
+                }
+            }
+            let Some(Reverse((_, task))) = ready.pop() else {
+                continue;
+            };
+            left -= 1;
+            let id = NodeId(task);
             let node = self.node(id)?.clone();
             let outs = self.compute(&node, false)?;
             for (o, t) in outs.into_iter().enumerate() {
@@ -705,8 +776,45 @@ impl RunCtx<'_> {
                 self.store
                     .insert(key(&tref), t, StoreResidency::Ephemeral { remaining: uses });
             }
+            counters.complete(&tasks, task, |c| {
+                if local(c as usize) {
+                    ready.push(Reverse((pos[c as usize], c)));
+                }
+            });
         }
         Ok(pending)
+    }
+
+    /// The worker a blocked run is waiting on (the first with transfers still due).
+    fn waited_on(&self, awaiting: &HashMap<u32, usize>) -> String {
+        self.plan
+            .transfers
+            .iter()
+            .find(|t| t.dst == self.w.me && awaiting.get(&t.tensor.node.0).is_some_and(|c| *c > 0))
+            .map_or_else(|| "unknown".into(), |t| self.w.peer_name(t.src))
+    }
+
+    /// Stores a landed tensor; returns its producer node.
+    fn absorb(&mut self, arrival: Arrival) -> Result<u32> {
+        let spec = self
+            .plan
+            .transfers
+            .get(arrival.id as usize)
+            .ok_or_else(|| RuntimeError::Plan(format!("unknown transfer {}", arrival.id)))?;
+        let uses = self
+            .plan
+            .uses
+            .get(&(spec.tensor, self.w.me))
+            .copied()
+            .unwrap_or(0);
+        let (k, producer) = (key(&spec.tensor), spec.tensor.node.0);
+        self.store.insert(
+            k,
+            arrival.tensor,
+            StoreResidency::Ephemeral { remaining: uses },
+        );
+        self.arrived.insert(arrival.id, arrival.at_us);
+        Ok(producer)
     }
 
     /// Computes a node here (a replicated one on demand when `recompute`).
@@ -774,39 +882,11 @@ impl RunCtx<'_> {
         }
         let k = key(t);
         if self.plan.worker_of[i] != self.w.me && !self.store.contains(&k) {
-            let want = self
-                .plan
-                .incoming
-                .get(&(*t, self.w.me))
-                .copied()
-                .ok_or_else(|| RuntimeError::Plan(format!("no transfer brings {k}")))?;
-            let deadline = Instant::now() + INPUT_TIMEOUT;
-            while !self.arrived.contains_key(&want) {
-                let left = deadline.saturating_duration_since(Instant::now());
-                let arrival = match self.rx.recv_timeout(left) {
-                    Ok(a) => a?,
-                    Err(_) => {
-                        let src = self.plan.transfers[want as usize].src;
-                        return Err(RuntimeError::WorkerFailed {
-                            worker: self.w.peer_name(src),
-                            reason: format!("tensor `{}` never arrived", node.name),
-                        });
-                    }
-                };
-                let spec = &self.plan.transfers[arrival.id as usize];
-                let uses = self
-                    .plan
-                    .uses
-                    .get(&(spec.tensor, self.w.me))
-                    .copied()
-                    .unwrap_or(0);
-                self.store.insert(
-                    key(&spec.tensor),
-                    arrival.tensor,
-                    StoreResidency::Ephemeral { remaining: uses },
-                );
-                self.arrived.insert(arrival.id, arrival.at_us);
-            }
+            // The dispatcher only readies a node once all its remote inputs landed.
+            return Err(RuntimeError::Plan(format!(
+                "remote input `{}` used before it arrived",
+                node.name
+            )));
         }
         self.store.consume(&k)
     }
