@@ -403,16 +403,28 @@ pub fn run_demo(opts: &DemoOptions, out: &mut dyn FnMut(String)) -> Result<DemoF
 
     // A fresh pipelined prefill, predicted before it runs.
     let predicted = predict_makespan(&colo.prefill_graph, &colo.prefill_place, &topo, &cal)?;
-    let measured_run = prefill_phase(
-        &mut driver,
-        &cfg,
-        &p,
-        3,
-        colocated_prefill,
-        colocated_decode,
-        "co-located, after calibration",
-        &mut say,
-    )?;
+    // Three fresh runs; the median one is the measurement (the machine may be shared).
+    let mut fresh = Vec::new();
+    for k in 0..3u64 {
+        let ph = prefill_phase(
+            &mut driver,
+            &cfg,
+            &p,
+            3 + k,
+            colocated_prefill,
+            colocated_decode,
+            "co-located, after calibration",
+            &mut say,
+        )?;
+        driver.free_sequence(3 + k)?;
+        fresh.push(ph);
+    }
+    fresh.sort_by(|a, b| {
+        summarize(&a.prefill.spans)
+            .makespan_us
+            .total_cmp(&summarize(&b.prefill.spans).makespan_us)
+    });
+    let measured_run = fresh.swap_remove(1);
     let sum = summarize(&measured_run.prefill.spans);
     let measured = sum.makespan_us / 1e6;
     let bound = sum.busiest_worker_us().max(sum.busiest_link_us()) / 1e6;
@@ -424,7 +436,7 @@ pub fn run_demo(opts: &DemoOptions, out: &mut dyn FnMut(String)) -> Result<DemoF
         sum.total_bytes()
     ));
     say(format!(
-        "predicted makespan {:.1} ms vs measured {:.1} ms",
+        "predicted makespan {:.1} ms vs measured {:.1} ms (median of 3 runs)",
         predicted * 1e3,
         measured * 1e3
     ));
