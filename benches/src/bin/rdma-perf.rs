@@ -188,7 +188,7 @@ fn write_lat(a: &Args) -> Result<()> {
 /// get a core on small machines (the soft-RoCE VM has two).
 fn spin(count: &mut u32) {
     *count = count.wrapping_add(1);
-    if *count % 8 == 0 {
+    if *count % 2 == 0 {
         std::thread::yield_now();
     } else {
         std::hint::spin_loop();
