@@ -586,4 +586,39 @@ mod loom_tests {
             assert_eq!(lasts, 1);
         });
     }
+
+    /// Batched retirement: one worker retires two tasks at once, another one; exactly one of
+    /// the two retirements finishes the run, and it sees all three tasks' writes.
+    #[test]
+    fn batched_retire_finishes_exactly_once() {
+        loom::model(|| {
+            let g = Arc::new(TaskGraph::from_edges(3, &[]));
+            let c = Arc::new(DependencyCounters::new(&g));
+            let out = Arc::new([Data::new(0), Data::new(0), Data::new(0)]);
+            let batches: [&'static [u32]; 2] = [&[0, 1], &[2]];
+            let handles: Vec<_> = batches
+                .into_iter()
+                .map(|tasks| {
+                    let (g, c, out) = (g.clone(), c.clone(), out.clone());
+                    loom::thread::spawn(move || {
+                        for &t in tasks {
+                            out[t as usize].store(1, Ordering::Relaxed);
+                            c.complete(&g, t, |_| {});
+                        }
+                        let last = c.retire(tasks.len());
+                        if last {
+                            assert!(out.iter().all(|x| x.load(Ordering::Relaxed) == 1));
+                        }
+                        last
+                    })
+                })
+                .collect();
+            let lasts: usize = handles
+                .into_iter()
+                .map(|h| usize::from(h.join().unwrap_or(false)))
+                .sum();
+            assert_eq!(lasts, 1);
+            assert!(c.done());
+        });
+    }
 }
