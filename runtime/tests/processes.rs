@@ -125,6 +125,9 @@ fn killed_worker_fails_the_run_naming_it() {
     let (cluster, mut workers, dir) = start(3, "kill");
     let mut driver = Driver::connect(&cluster, WeightSpec::Seeded(1)).unwrap();
     let p = prompt(400, cfg.vocab);
+    // The cluster works before the kill.
+    let place = |g: &Graph| Placement::by_layer(g, 3, 3);
+    generate(&mut driver, &cfg, &prompt(8, cfg.vocab), 2, 7, place, place).unwrap();
     let start = Instant::now();
     let run = std::thread::spawn(move || {
         let place = |g: &Graph| Placement::by_layer(g, 3, 3);
@@ -138,6 +141,7 @@ fn killed_worker_fails_the_run_naming_it() {
     let (res, driver) = run.join().unwrap();
     let err = res.expect_err("the run survived a dead worker");
     let msg = err.to_string();
+    eprintln!("run failed after {:?}: {msg}", start.elapsed());
     assert!(
         msg.contains("w1"),
         "error does not name the dead worker: {msg}"
