@@ -6,9 +6,10 @@
 #   1. cargo fmt --check
 #   2. cargo clippy --workspace --all-targets --all-features -- -D warnings
 #   3. cargo test --workspace (TCP transport on loopback sockets, scheduler, runtime)
-#   4. the RDMA conformance suite on soft-RoCE (scripts/softroce.sh: rxe on the host or in a qemu VM)
+#   4. the dispatcher's loom model-checking tests (cfg loom, own target dir)
+#   5. the RDMA conformance suite on soft-RoCE (scripts/softroce.sh: rxe on the host or in a qemu VM)
 #
-# Environment: GENIE_SKIP_RDMA=1 skips step 4 (for a quick local loop; CI never sets it).
+# Environment: GENIE_SKIP_RDMA=1 skips step 5 (for a quick local loop; CI never sets it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,6 +32,10 @@ cargo clippy --workspace --all-targets --all-features -- -D warnings
 
 log "cargo test (workspace)"
 cargo test --workspace --release
+
+log "loom: the dispatcher's lock-free hand-off under every interleaving"
+RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}/loom" \
+  cargo test -p genie-scheduler --release --lib dispatch
 
 if [ "${GENIE_SKIP_RDMA:-0}" != "1" ] && [ -x scripts/test-rdma.sh ]; then
   log "RDMA conformance suite on soft-RoCE"
