@@ -203,6 +203,7 @@ impl Driver {
                     }
                     match recv_msg(&*c, &name, left.min(Duration::from_millis(200))) {
                         Err(RuntimeError::Transport { .. }) if c.is_alive() => continue,
+                        Err(e @ RuntimeError::WorkerFailed { .. }) => break Err(e),
                         Err(e) => {
                             break Err(RuntimeError::WorkerFailed {
                                 worker: name.clone(),
