@@ -14,7 +14,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let conn = client.connect(server.local_addr())?;
     let peer = server.accept(wait)?;
     let inbox = server.alloc_region(4096)?;
-    peer.send(&serde_json::to_vec(&inbox.descriptor())?)?.wait(wait)?;
+    peer.send(&serde_json::to_vec(&inbox.descriptor())?)?
+        .wait(wait)?;
     let remote: RemoteRegion = serde_json::from_slice(&conn.recv(wait)?)?;
 
     // Write with a notification: when it arrives, the bytes are in place.
@@ -30,6 +31,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for _ in 0..1000 {
         conn.write(&msg, 0, &remote, 0, 4)?.wait(wait)?;
     }
-    println!("1000 write round trips: {:.1} us each", start.elapsed().as_secs_f64() * 1e3);
+    println!(
+        "1000 write round trips: {:.1} us each",
+        start.elapsed().as_secs_f64() * 1e3
+    );
     Ok(())
 }
