@@ -10,12 +10,13 @@ use genie_runtime::worker::{serve, transport_config};
 use genie_scheduler::builders::{by_name, ModelSize};
 use genie_scheduler::cost::DeviceSpec;
 use genie_scheduler::graph::Graph;
-use genie_scheduler::topology::{DeviceId, LinkSpec};
+use genie_scheduler::topology::LinkSpec;
 use genie_scheduler::{OptimizationPlan, Scheduler, Topology};
-use genie_transport::TransportConfig;
+use genie_transport::perf::{run, PerfArgs, PerfRole, PerfTest};
+use genie_transport::{BackendChoice, PollMode, TransportConfig};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 #[derive(Parser)]
 #[command(
@@ -73,19 +74,44 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Transport benchmark on loopback: write-with-notification latency and bandwidth.
-    Perf {
-        /// Message sizes in bytes.
-        #[arg(
-            long,
-            value_delimiter = ',',
-            default_value = "8,4096,65536,1048576,16777216"
-        )]
-        sizes: Vec<usize>,
-        /// Iterations per size.
-        #[arg(long, default_value_t = 200)]
-        iters: usize,
-    },
+    /// perftest-style transport benchmark (`genie_transport::perf`): latency and bandwidth of
+    /// write, read and send. Loopback by default; `--server` / `--client HOST:PORT` for two hosts.
+    Perf(PerfCli),
+}
+
+/// Arguments of `genie perf`: the same as the `genie-perf` benchmark binary's.
+#[derive(clap::Args)]
+struct PerfCli {
+    /// Backend: auto, tcp or rdma.
+    #[arg(long, default_value = "tcp")]
+    backend: String,
+    /// Tests to run (comma-separated): write, read, send.
+    #[arg(long, default_value = "write,read,send", value_delimiter = ',')]
+    test: Vec<String>,
+    /// Message sizes in bytes (comma-separated); default 2, 8, 32, ... 8 MiB.
+    #[arg(long, value_delimiter = ',')]
+    sizes: Vec<usize>,
+    /// Operations per size.
+    #[arg(long, short = 'n', default_value_t = 1000)]
+    iterations: usize,
+    /// Operations in flight for bandwidth.
+    #[arg(long, default_value_t = 16)]
+    window: usize,
+    /// Spin instead of sleeping while waiting (lower latency, burns cores).
+    #[arg(long)]
+    busy_poll: bool,
+    /// Run as a server on --listen.
+    #[arg(long, conflicts_with = "client")]
+    server: bool,
+    /// Run as a client of the server at this address.
+    #[arg(long)]
+    client: Option<SocketAddr>,
+    /// Listen address (server, or the loopback pair).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// RDMA device (e.g. rxe0).
+    #[arg(long)]
+    rdma_device: Option<String>,
 }
 
 fn main() -> Result<()> {
@@ -174,63 +200,58 @@ fn main() -> Result<()> {
             }
             println!("{sched}");
         }
-        Cmd::Perf { sizes, iters } => perf(&sizes, iters)?,
+        Cmd::Perf(p) => perf(p)?,
     }
     Ok(())
 }
 
-/// One-sided write-with-notification between two endpoints on loopback: per size, the median
-/// round trip (write, peer notified, peer writes back) and one-way streaming bandwidth.
-fn perf(sizes: &[usize], iters: usize) -> Result<()> {
-    let t = Duration::from_secs(10);
-    let cfg = TransportConfig {
-        max_message_size: 1 << 20,
+/// `genie perf`: maps the command line onto [`genie_transport::perf::run`].
+fn perf(cli: PerfCli) -> Result<()> {
+    let backend = match cli.backend.as_str() {
+        "auto" => BackendChoice::Auto,
+        "tcp" => BackendChoice::Tcp,
+        "rdma" => BackendChoice::Rdma,
+        other => bail!("unknown backend {other:?} (auto, tcp, rdma)"),
+    };
+    let tests = cli
+        .test
+        .iter()
+        .map(|t| match t.as_str() {
+            "write" => Ok(PerfTest::Write),
+            "read" => Ok(PerfTest::Read),
+            "send" => Ok(PerfTest::Send),
+            other => Err(anyhow::anyhow!(
+                "unknown test {other:?} (write, read, send)"
+            )),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let config = TransportConfig {
+        backend,
+        listen: cli.listen,
+        poll_mode: if cli.busy_poll {
+            PollMode::BusyPoll
+        } else {
+            PollMode::Blocking
+        },
+        rdma_device: cli.rdma_device,
         ..TransportConfig::default()
     };
-    let (a, sel) = genie_transport::open_with_selection(cfg.clone())?;
-    let b = genie_transport::open(cfg)?;
-    println!("transport: {} backend ({})", sel.backend, sel.reason);
-    let max = sizes.iter().copied().max().unwrap_or(8).max(8);
-    let ra = a.alloc_region(max)?;
-    let rb = b.alloc_region(max)?;
-    let ca = a.connect(b.local_addr())?;
-    let cb = b.accept(t)?;
-    let da = ra.descriptor();
-    let db = rb.descriptor();
-    println!(
-        "{:>10} {:>8} {:>14} {:>14}",
-        "#bytes", "#iters", "t_rtt_med[us]", "BW[MB/s]"
-    );
-    let _ = DeviceId(0);
-    for &size in sizes {
-        let size = size.max(1);
-        let mut rtts = Vec::with_capacity(iters);
-        for i in 0..iters {
-            let s = Instant::now();
-            ca.write_notify(&ra, 0, &db, 0, size, i as u32)?.wait(t)?;
-            cb.recv_notification(t)?;
-            cb.write_notify(&rb, 0, &da, 0, size, i as u32)?.wait(t)?;
-            ca.recv_notification(t)?;
-            rtts.push(s.elapsed().as_secs_f64() * 1e6);
-        }
-        rtts.sort_by(f64::total_cmp);
-        let med = rtts.get(rtts.len() / 2).copied().unwrap_or(0.0);
-        let s = Instant::now();
-        let mut ops = Vec::with_capacity(iters);
-        for i in 0..iters {
-            ops.push(ca.write_notify(&ra, 0, &db, 0, size, i as u32)?);
-        }
-        for _ in 0..iters {
-            cb.recv_notification(t)?;
-        }
-        for op in ops {
-            op.wait(t)?;
-        }
-        let secs = s.elapsed().as_secs_f64();
-        println!(
-            "{size:>10} {iters:>8} {med:>14.2} {:>14.1}",
-            (size * iters) as f64 / secs / 1e6
-        );
+    let role = match (cli.server, cli.client) {
+        (true, _) => PerfRole::Server,
+        (false, Some(addr)) => PerfRole::Client(addr),
+        (false, None) => PerfRole::Loopback,
+    };
+    let mut args = PerfArgs {
+        config,
+        tests,
+        iterations: cli.iterations,
+        window: cli.window,
+        role,
+        ..PerfArgs::default()
+    };
+    if !cli.sizes.is_empty() {
+        args.sizes = cli.sizes;
     }
+    run(&args, &mut std::io::stdout().lock()).context("genie perf")?;
     Ok(())
 }
