@@ -1,12 +1,15 @@
-//! The KV-cache manager: paged blocks per sequence, pinned on the worker that runs the
-//! sequence's decode.
+//! The KV-cache manager: per-sequence caches pinned on the worker that runs the sequence's
+//! decode, reserved in fixed-size blocks from a bounded pool.
 //!
-//! Memory is a pool of fixed-size blocks, each holding `block_tokens` rows of K and of V for
-//! one layer. A sequence owns one block table per layer; layers fill independently, so a
-//! prefill on another worker can stream layer `l`'s rows in while layer `l+1` is still being
-//! computed there.
+//! A sequence owns one reservation per layer; layers fill independently, so a prefill on another
+//! worker can stream layer `l`'s rows in while layer `l+1` is still being computed there. Each
+//! reservation is one `[2, 1, capacity, width]` tensor (K rows then V rows) whose capacity is a
+//! whole number of blocks: a decode step appends its new row in place and hands attention a view
+//! of the filled rows, so no step copies the cache. Growth doubles the reservation (one copy,
+//! amortised over the rows it makes room for) and is charged to the pool block by block.
 
 use crate::error::{Result, RuntimeError};
+use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 
 /// Shape of the cache.
@@ -22,28 +25,39 @@ pub struct KvConfig {
     pub max_blocks: usize,
 }
 
-#[derive(Debug, Default)]
-struct Sequence {
-    /// Per layer: block ids, and rows filled.
-    tables: Vec<(Vec<usize>, usize)>,
+#[derive(Debug, Default, Clone)]
+struct Layer {
+    /// `[2, 1, blocks * block_tokens, width]`, allocated on first append.
+    store: Option<Tensor>,
+    blocks: usize,
+    filled: usize,
 }
 
-/// Paged KV storage for many sequences.
+#[derive(Debug, Default)]
+struct Sequence {
+    layers: Vec<Layer>,
+}
+
+/// KV storage for many sequences, drawn from a pool of blocks.
 #[derive(Debug)]
 pub struct KvCacheManager {
     cfg: KvConfig,
-    blocks: Vec<Vec<f32>>,
-    free: Vec<usize>,
+    in_use: usize,
     seqs: HashMap<u64, Sequence>,
 }
 
+fn kv_err(e: candle_core::Error) -> RuntimeError {
+    RuntimeError::KvCache {
+        reason: e.to_string(),
+    }
+}
+
 impl KvCacheManager {
-    /// A pool of `cfg.max_blocks` blocks (allocated lazily).
+    /// A pool of `cfg.max_blocks` blocks (reserved lazily).
     pub fn new(cfg: KvConfig) -> Self {
         Self {
             cfg,
-            blocks: Vec::new(),
-            free: Vec::new(),
+            in_use: 0,
             seqs: HashMap::new(),
         }
     }
@@ -53,38 +67,9 @@ impl KvCacheManager {
         self.cfg
     }
 
-    fn block_len(&self) -> usize {
-        2 * self.cfg.block_tokens * self.cfg.width
-    }
-
-    fn alloc(&mut self) -> Result<usize> {
-        if let Some(b) = self.free.pop() {
-            return Ok(b);
-        }
-        if self.blocks.len() >= self.cfg.max_blocks {
-            return Err(RuntimeError::KvCache {
-                reason: format!("out of blocks ({} in use)", self.cfg.max_blocks),
-            });
-        }
-        self.blocks.push(vec![0.0; self.block_len()]);
-        Ok(self.blocks.len() - 1)
-    }
-
-    fn seq_mut(&mut self, seq: u64) -> &mut Sequence {
-        let layers = self.cfg.layers;
-        self.seqs.entry(seq).or_insert_with(|| Sequence {
-            tables: vec![(Vec::new(), 0); layers],
-        })
-    }
-
     /// Appends rows of K and V (row-major, `width` floats a row) to `seq`'s cache at `layer`.
     pub fn append(&mut self, seq: u64, layer: usize, k: &[f32], v: &[f32]) -> Result<()> {
-        let (w, bt) = (self.cfg.width, self.cfg.block_tokens);
-        if layer >= self.cfg.layers {
-            return Err(RuntimeError::KvCache {
-                reason: format!("layer {layer} out of range ({} layers)", self.cfg.layers),
-            });
-        }
+        let w = self.cfg.width;
         if k.len() != v.len() || k.len() % w != 0 {
             return Err(RuntimeError::KvCache {
                 reason: format!(
@@ -95,65 +80,126 @@ impl KvCacheManager {
             });
         }
         let rows = k.len() / w;
-        for r in 0..rows {
-            let filled = self.seq_mut(seq).tables[layer].1;
-            let (bi, off) = (filled / bt, filled % bt);
-            if bi == self.seq_mut(seq).tables[layer].0.len() {
-                let b = self.alloc()?;
-                self.seq_mut(seq).tables[layer].0.push(b);
-            }
-            let block_id = self.seq_mut(seq).tables[layer].0[bi];
-            let block = &mut self.blocks[block_id];
-            block[off * w..(off + 1) * w].copy_from_slice(&k[r * w..(r + 1) * w]);
-            let vbase = bt * w;
-            block[vbase + off * w..vbase + (off + 1) * w].copy_from_slice(&v[r * w..(r + 1) * w]);
-            self.seq_mut(seq).tables[layer].1 += 1;
+        let mut kv = Vec::with_capacity(2 * k.len());
+        kv.extend_from_slice(k);
+        kv.extend_from_slice(v);
+        let t = Tensor::from_vec(kv, (2, 1, rows, w), &Device::Cpu).map_err(kv_err)?;
+        self.append_rows(seq, layer, &t).map(|_| ())
+    }
+
+    /// Appends `new` (`[2, 1, n, width]`: K rows, then V rows) to `seq`'s cache at `layer`, in
+    /// place, and returns a view `[2, 1, len, width]` of everything cached there (no copy).
+    pub fn append_rows(&mut self, seq: u64, layer: usize, new: &Tensor) -> Result<Tensor> {
+        let KvConfig {
+            layers,
+            width: w,
+            block_tokens: bt,
+            max_blocks,
+        } = self.cfg;
+        if layer >= layers {
+            return Err(RuntimeError::KvCache {
+                reason: format!("layer {layer} out of range ({layers} layers)"),
+            });
         }
-        Ok(())
+        let n = match new.dims() {
+            [2, 1, n, e] if *e == w => *n,
+            d => {
+                return Err(RuntimeError::KvCache {
+                    reason: format!("new rows of shape {d:?}, need [2, 1, n, {w}]"),
+                })
+            }
+        };
+        let in_use = self.in_use;
+        let s = self.seqs.entry(seq).or_insert_with(|| Sequence {
+            layers: vec![Layer::default(); layers],
+        });
+        let l = s
+            .layers
+            .get_mut(layer)
+            .ok_or_else(|| RuntimeError::KvCache {
+                reason: format!("layer {layer} out of range"),
+            })?;
+        let need = (l.filled + n).div_ceil(bt.max(1));
+        let mut grown = 0;
+        if need > l.blocks || l.store.is_none() {
+            let free = max_blocks.saturating_sub(in_use);
+            let want = need.max(2 * l.blocks);
+            let blocks = if want - l.blocks <= free { want } else { need };
+            if blocks.saturating_sub(l.blocks) > free {
+                return Err(RuntimeError::KvCache {
+                    reason: format!("out of blocks ({max_blocks} in use)"),
+                });
+            }
+            let cap = blocks * bt;
+            let store = match &l.store {
+                Some(old) if l.filled > 0 => {
+                    let kept = old.narrow(2, 0, l.filled).map_err(kv_err)?;
+                    let rest = Tensor::zeros((2, 1, cap - l.filled, w), DType::F32, &Device::Cpu)
+                        .map_err(kv_err)?;
+                    Tensor::cat(&[&kept, &rest], 2).map_err(kv_err)?
+                }
+                _ => Tensor::zeros((2, 1, cap, w), DType::F32, &Device::Cpu).map_err(kv_err)?,
+            };
+            grown = blocks - l.blocks;
+            l.blocks = blocks;
+            l.store = Some(store);
+        }
+        let store = l.store.as_ref().ok_or_else(|| RuntimeError::KvCache {
+            reason: "reservation missing".into(),
+        })?;
+        if n > 0 {
+            let new = new.contiguous().map_err(kv_err)?;
+            store.slice_set(&new, 2, l.filled).map_err(kv_err)?;
+        }
+        l.filled += n;
+        let view = store.narrow(2, 0, l.filled).map_err(kv_err)?;
+        self.in_use += grown;
+        Ok(view)
     }
 
     /// Rows cached for `seq` at `layer` (0 for an unknown sequence).
     pub fn len(&self, seq: u64, layer: usize) -> usize {
         self.seqs
             .get(&seq)
-            .and_then(|s| s.tables.get(layer))
-            .map_or(0, |t| t.1)
+            .and_then(|s| s.layers.get(layer))
+            .map_or(0, |l| l.filled)
     }
 
-    /// K and V of `seq` at `layer`, gathered into contiguous row-major buffers.
-    pub fn gather(&self, seq: u64, layer: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+    /// A view `[2, 1, len, width]` of `seq`'s cache at `layer` (no copy).
+    pub fn view(&self, seq: u64, layer: usize) -> Result<Tensor> {
         let s = self.seqs.get(&seq).ok_or_else(|| RuntimeError::KvCache {
             reason: format!("unknown sequence {seq}"),
         })?;
-        let (table, filled) = s.tables.get(layer).ok_or_else(|| RuntimeError::KvCache {
+        let l = s.layers.get(layer).ok_or_else(|| RuntimeError::KvCache {
             reason: format!("layer {layer} out of range"),
         })?;
-        let (w, bt) = (self.cfg.width, self.cfg.block_tokens);
-        let mut k = Vec::with_capacity(filled * w);
-        let mut v = Vec::with_capacity(filled * w);
-        let mut left = *filled;
-        for &b in table {
-            let n = left.min(bt);
-            let block = &self.blocks[b];
-            k.extend_from_slice(&block[..n * w]);
-            v.extend_from_slice(&block[bt * w..bt * w + n * w]);
-            left -= n;
+        match &l.store {
+            Some(t) => t.narrow(2, 0, l.filled).map_err(kv_err),
+            None => {
+                Tensor::zeros((2, 1, 0, self.cfg.width), DType::F32, &Device::Cpu).map_err(kv_err)
+            }
         }
-        Ok((k, v))
+    }
+
+    /// K and V of `seq` at `layer`, copied into contiguous row-major buffers.
+    pub fn gather(&self, seq: u64, layer: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        let t = self.view(seq, layer)?;
+        let part = |i: usize| -> candle_core::Result<Vec<f32>> {
+            t.get(i)?.flatten_all()?.to_vec1::<f32>()
+        };
+        Ok((part(0).map_err(kv_err)?, part(1).map_err(kv_err)?))
     }
 
     /// Frees every block of `seq`.
     pub fn free_sequence(&mut self, seq: u64) {
         if let Some(s) = self.seqs.remove(&seq) {
-            for (t, _) in s.tables {
-                self.free.extend(t);
-            }
+            self.in_use -= s.layers.iter().map(|l| l.blocks).sum::<usize>();
         }
     }
 
-    /// Blocks currently owned by sequences.
+    /// Blocks currently reserved by sequences.
     pub fn blocks_in_use(&self) -> usize {
-        self.blocks.len() - self.free.len()
+        self.in_use
     }
 }
 

@@ -24,7 +24,7 @@ use crate::plan::{layer_of, ExecPlan, Placement};
 use crate::proto::{self, ComputeRecord, Msg, PayloadTensor, RunStats, WeightSpec};
 use crate::store::{Residency as StoreResidency, TensorStore};
 use crate::weights::WeightSource;
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use genie_scheduler::dispatch::{DependencyCounters, TaskGraph};
 use genie_scheduler::graph::{Graph, Node, NodeId, OpKind, TensorRef};
 use genie_transport::{
@@ -129,10 +129,6 @@ struct Worker {
     weights: Option<WeightSource>,
     weight_cache: HashMap<String, Tensor>,
     kv: Option<KvCacheManager>,
-    /// The latest assembled `[2, 1, L, E]` cache per (sequence, layer): the previous step's
-    /// `present`, which is exactly this step's `past`, so a decode step reads its cache without
-    /// gathering the paged blocks again. The blocks stay the source of truth.
-    kv_views: HashMap<(u64, usize), Tensor>,
 }
 
 /// Serves drivers on `endpoint` as worker `name` of `cluster` until a driver sends `Shutdown`.
@@ -173,7 +169,6 @@ pub fn serve(
         weights: None,
         weight_cache: HashMap::new(),
         kv: None,
-        kv_views: HashMap::new(),
     };
     let result = loop {
         let Ok(ctrl) = ctrl_rx.recv() else {
@@ -308,7 +303,6 @@ impl Worker {
                     if let Some(kv) = &mut self.kv {
                         kv.free_sequence(seq);
                     }
-                    self.kv_views.retain(|(s, _), _| *s != seq);
                 }
                 Msg::Shutdown => return Ok(true),
                 other => {
@@ -827,13 +821,19 @@ impl RunCtx<'_> {
         let start = self.us();
         let outs = match &node.op {
             OpKind::KvCache { layer } => vec![self.kv_read(node, *layer as usize)?],
-            _ => self.w.kernels.run(node, &ins)?,
-        };
-        if matches!(node.op, OpKind::KvCacheAppend) {
-            if let Some(t) = outs.first() {
-                self.kv_write(node, t)?;
+            OpKind::KvCacheAppend if self.appends_in_place(node) => {
+                vec![self.kv_append_in_place(node, &ins)?]
             }
-        }
+            _ => {
+                let outs = self.w.kernels.run(node, &ins)?;
+                if matches!(node.op, OpKind::KvCacheAppend) {
+                    if let Some(t) = outs.first() {
+                        self.kv_write(node, t)?;
+                    }
+                }
+                outs
+            }
+        };
         let end = self.us();
         self.stats.nodes += 1;
         if recompute {
@@ -939,15 +939,8 @@ impl RunCtx<'_> {
             });
         }
         let seq = self.seq;
-        let have = self.kv_manager(e)?.len(seq, layer);
-        if have == l {
-            if let Some(v) = self.w.kv_views.get(&(seq, layer)) {
-                if v.dims() == [2, 1, l, e] {
-                    self.stats.cache_hits += 1;
-                    return Ok(v.clone());
-                }
-            }
-        }
+        let kv = self.kv_manager(e)?;
+        let have = kv.len(seq, layer);
         if have != l {
             return Err(RuntimeError::KvCache {
                 reason: format!(
@@ -955,16 +948,57 @@ impl RunCtx<'_> {
                 ),
             });
         }
-        let (mut k, v) = self.kv_manager(e)?.gather(seq, layer)?;
-        k.extend_from_slice(&v);
-        Tensor::from_vec(k, (2, 1, l, e), &Device::Cpu).map_err(|source| RuntimeError::Kernel {
-            node: node.name.clone(),
-            source,
-        })
+        let view = kv.view(seq, layer)?;
+        self.stats.cache_hits += 1;
+        Ok(view)
     }
 
-    fn kv_write(&mut self, node: &Node, t: &Tensor) -> Result<()> {
-        let layer = layer_of(self.graph, node.id)
+    /// A decode step's append (`past`, new K, new V) whose `past` is this worker's own pinned
+    /// cache: the new rows go straight into the cache, no copy of `past` is made.
+    fn appends_in_place(&self, node: &Node) -> bool {
+        node.inputs.len() == 3
+            && node.inputs.first().is_some_and(|p| {
+                self.graph
+                    .node(p.node)
+                    .is_some_and(|n| matches!(n.op, OpKind::KvCache { .. }))
+                    && self.plan.worker_of.get(p.node.index()) == Some(&self.w.me)
+            })
+    }
+
+    fn kv_append_in_place(&mut self, node: &Node, ins: &[Tensor]) -> Result<Tensor> {
+        let layer = self.layer_of_append(node)?;
+        let kerr = |source| RuntimeError::Kernel {
+            node: node.name.clone(),
+            source,
+        };
+        let (past, k, v) = match ins {
+            [p, k, v] => (p, k, v),
+            _ => return Err(RuntimeError::Plan(format!("{} needs 3 inputs", node.name))),
+        };
+        let (two, b, l, e) = past.dims4().map_err(kerr)?;
+        if two != 2 || b != 1 {
+            return Err(RuntimeError::KvCache {
+                reason: format!(
+                    "{}: cache of shape {:?} (need [2, 1, L, E])",
+                    node.name,
+                    past.dims()
+                ),
+            });
+        }
+        let seq = self.seq;
+        let kv = self.kv_manager(e)?;
+        let have = kv.len(seq, layer);
+        if have != l {
+            return Err(RuntimeError::KvCache {
+                reason: format!("{}: cache holds {have} positions, past has {l}", node.name),
+            });
+        }
+        let new = Tensor::stack(&[k, v], 0).map_err(kerr)?;
+        kv.append_rows(seq, layer, &new)
+    }
+
+    fn layer_of_append(&self, node: &Node) -> Result<usize> {
+        layer_of(self.graph, node.id)
             .or_else(|| {
                 node.inputs
                     .first()
@@ -975,7 +1009,11 @@ impl RunCtx<'_> {
             })
             .ok_or_else(|| RuntimeError::KvCache {
                 reason: format!("cannot tell which layer `{}` belongs to", node.name),
-            })?;
+            })
+    }
+
+    fn kv_write(&mut self, node: &Node, t: &Tensor) -> Result<()> {
+        let layer = self.layer_of_append(node)?;
         let kerr = |source| RuntimeError::Kernel {
             node: node.name.clone(),
             source,
@@ -997,16 +1035,8 @@ impl RunCtx<'_> {
                 reason: format!("{}: cache shrank from {have} to {l}", node.name),
             });
         }
-        let rows = |i: usize| -> candle_core::Result<Vec<f32>> {
-            t.get(i)?
-                .get(0)?
-                .narrow(0, have, l - have)?
-                .flatten_all()?
-                .to_vec1::<f32>()
-        };
-        let (k, v) = (rows(0).map_err(kerr)?, rows(1).map_err(kerr)?);
-        self.kv_manager(e)?.append(seq, layer, &k, &v)?;
-        self.w.kv_views.insert((seq, layer), t.clone());
+        let new = t.narrow(2, have, l - have).map_err(kerr)?;
+        self.kv_manager(e)?.append_rows(seq, layer, &new)?;
         Ok(())
     }
 }
