@@ -107,6 +107,149 @@ impl std::fmt::Debug for AlignedBuf {
     }
 }
 
+/// Shareable bytes with a stable address: an [`AlignedBuf`] or a caller's `Vec<u8>` behind a
+/// read/write lock.
+///
+/// Unlike a bare `Vec` or `&mut [u8]`, nothing can move, grow, shrink or replace the storage while
+/// a `SharedBuf` exists: the lock only hands out `[u8]` slices. So its [`addr`](Self::addr) is
+/// valid for its whole life, and a device registration that keeps an `Arc<SharedBuf>` (see
+/// `verbs::ProtectionDomain::register`) can never outlive the memory it names.
+#[derive(Debug)]
+pub struct SharedBuf {
+    storage: std::sync::RwLock<Storage>,
+    addr: usize,
+    len: usize,
+}
+
+#[derive(Debug)]
+enum Storage {
+    Aligned(AlignedBuf),
+    Vec(Vec<u8>),
+}
+
+impl Deref for Storage {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Storage::Aligned(b) => b,
+            Storage::Vec(v) => v,
+        }
+    }
+}
+
+impl DerefMut for Storage {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        match self {
+            Storage::Aligned(b) => b,
+            Storage::Vec(v) => v,
+        }
+    }
+}
+
+/// Shared access to a [`SharedBuf`]'s bytes (its read lock).
+pub struct SharedRead<'a>(std::sync::RwLockReadGuard<'a, Storage>);
+
+impl Deref for SharedRead<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// Exclusive access to a [`SharedBuf`]'s bytes (its write lock).
+pub struct SharedWrite<'a>(std::sync::RwLockWriteGuard<'a, Storage>);
+
+impl Deref for SharedWrite<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl DerefMut for SharedWrite<'_> {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.0
+    }
+}
+
+impl SharedBuf {
+    /// `len` zeroed, page-aligned bytes.
+    pub fn zeroed(len: usize) -> Result<Self, AllocError> {
+        Ok(Self::new(Storage::Aligned(AlignedBuf::zeroed(len)?)))
+    }
+
+    /// Takes over the caller's buffer (no copy); [`into_vec`](Self::into_vec) gives it back.
+    pub fn from_vec(v: Vec<u8>) -> Self {
+        Self::new(Storage::Vec(v))
+    }
+
+    fn new(storage: Storage) -> Self {
+        let (addr, len) = (storage.as_ptr() as usize, storage.len());
+        Self {
+            storage: std::sync::RwLock::new(storage),
+            addr,
+            len,
+        }
+    }
+
+    /// Address of the first byte; fixed for the buffer's life. (For an empty `Vec` it is a
+    /// dangling, never-dereferenced address.)
+    pub fn addr(&self) -> usize {
+        self.addr
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the buffer is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether the bytes came from [`from_vec`](Self::from_vec).
+    pub fn is_vec(&self) -> bool {
+        matches!(*self.read().0, Storage::Vec(_))
+    }
+
+    /// Shared access (a panic of another holder does not poison it: the bytes are plain data).
+    pub fn read(&self) -> SharedRead<'_> {
+        SharedRead(
+            self.storage
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// Exclusive access.
+    pub fn write(&self) -> SharedWrite<'_> {
+        SharedWrite(
+            self.storage
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// The caller's `Vec` back (for a buffer made by [`from_vec`](Self::from_vec)); otherwise the
+    /// buffer unchanged.
+    pub fn into_vec(self) -> Result<Vec<u8>, Self> {
+        let (addr, len) = (self.addr, self.len);
+        match self
+            .storage
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        {
+            Storage::Vec(v) => Ok(v),
+            s @ Storage::Aligned(_) => Err(Self {
+                storage: std::sync::RwLock::new(s),
+                addr,
+                len,
+            }),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,6 +266,22 @@ mod tests {
                 assert_eq!(b[len - 1], 7);
             }
         }
+    }
+
+    #[test]
+    fn shared_buf_keeps_its_address() {
+        let b = SharedBuf::from_vec(vec![1, 2, 3]);
+        let a = b.addr();
+        b.write()[1] = 9;
+        assert_eq!(&*b.read(), &[1, 9, 3]);
+        assert_eq!(b.addr(), a);
+        assert!(b.is_vec());
+        assert_eq!(b.into_vec().unwrap(), vec![1, 9, 3]);
+        let z = SharedBuf::zeroed(5000).unwrap();
+        assert_eq!(z.addr() % PAGE_SIZE, 0);
+        assert_eq!(z.len(), 5000);
+        assert!(!z.is_vec());
+        assert!(z.into_vec().is_err());
     }
 
     #[test]

@@ -13,14 +13,13 @@
 //! is sound. The posting methods only take memory as `(&Mr, offset, len)`, checked against the
 //! registration, so a work request can never name memory outside a registered buffer.
 //!
-//! ## Memory-lifetime contract
+//! ## Memory lifetime
 //!
 //! A registration pins the pages of its buffer; a remote peer may write into them until the
-//! [`Mr`] is dropped, and a posted work request may touch them until its completion is polled.
-//! The owner of the buffer (in Genie: the transport's region, which drops its registration before
-//! its memory, and which each in-flight operation keeps alive until its completion) must uphold
-//! this: drop the [`Mr`] before freeing or moving the buffer, and keep both alive until every
-//! completion of a work request that uses them has been polled.
+//! [`Mr`] is dropped, and a posted work request may touch them until its completion is polled or
+//! the registration is gone. [`ProtectionDomain::register`] takes an `Arc<SharedBuf>` (memory that
+//! cannot move or be freed while shared) and the [`Mr`] keeps it, dropping the registration first,
+//! so no safe use of this module can leave the device naming freed memory.
 
 use std::fmt;
 use std::io;
@@ -28,6 +27,8 @@ use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
+
+use crate::mem::SharedBuf;
 
 use rdma_mummy_sys::{ibv_cq, ibv_qp_state, ibv_wc_opcode, ibv_wc_status};
 use sideway::ibverbs::address::{AddressHandleAttribute, Gid};
@@ -93,6 +94,9 @@ pub enum VerbsError {
         /// The limit.
         max: usize,
     },
+    /// Allocating memory to register failed.
+    #[error("allocating memory to register failed")]
+    Alloc(#[source] crate::mem::AllocError),
     /// The send queue has no free slot (`ENOMEM` from `ibv_post_send`): poll completions first.
     #[error("send queue full")]
     SendQueueFull,
@@ -426,23 +430,34 @@ impl fmt::Debug for ProtectionDomain {
 }
 
 impl ProtectionDomain {
-    /// Registers `buf` with local write, remote read and remote write access.
+    /// Registers `mem` with local write, remote read and remote write access.
     ///
-    /// The returned [`Mr`] does not borrow `buf`: see the module's *memory-lifetime contract*
-    /// (drop the `Mr` before the buffer is freed or moved).
-    pub fn register(&self, buf: &mut [u8]) -> Result<Mr, VerbsError> {
+    /// The returned [`Mr`] keeps `mem` alive (it holds the `Arc`) and deregisters before releasing
+    /// it, so the registration can never name freed memory; [`Mr::mem`] gives the bytes back.
+    pub fn register(&self, mem: Arc<SharedBuf>) -> Result<Mr, VerbsError> {
         let access = AccessFlags::LocalWrite | AccessFlags::RemoteWrite | AccessFlags::RemoteRead;
-        // ibv_reg_mr rejects length 0 on some providers: register one byte of a zero-length buffer's
-        // (valid, page-backed) address instead, so empty regions still get keys.
-        let len = buf.len().max(1);
-        // SAFETY: `buf` is a live, writable allocation of `buf.len()` bytes (a zero-length slice from
-        // Genie's AlignedBuf still owns a full page, and a Vec's dangling pointer is never written
-        // because every work request is bounds-checked against `Mr::len`, which stays 0 there).
-        // ibv_reg_mr only pins and maps those pages; keeping them alive while the Mr exists is the
-        // documented contract of this function's caller.
-        let mr = unsafe { self.pd.reg_mr(buf.as_mut_ptr() as usize, len, access) }
+        // ibv_reg_mr rejects length 0 on some providers, and an empty `Vec`'s address is dangling:
+        // register one byte of a page of our own instead, so empty regions still get keys.
+        let (mem_for_reg, len) = if mem.is_empty() {
+            (
+                Arc::new(SharedBuf::zeroed(1).map_err(VerbsError::Alloc)?),
+                1,
+            )
+        } else {
+            (Arc::clone(&mem), mem.len())
+        };
+        // SAFETY: `[addr, addr+len)` is the live allocation of `mem_for_reg` (a `SharedBuf`, whose
+        // storage can never move, shrink or be freed while it exists). The returned `Mr` keeps that
+        // `Arc` and drops its registration first (field order), so the pages stay allocated for
+        // as long as the device may access them: after ibv_dereg_mr the device no longer does.
+        let mr = unsafe { self.pd.reg_mr(mem_for_reg.addr(), len, access) }
             .map_err(|e| verb("ibv_reg_mr", &self.name, e))?;
-        Ok(Mr { mr, len: buf.len() })
+        Ok(Mr {
+            mr,
+            len: mem.len(),
+            _pinned: mem_for_reg,
+            mem,
+        })
     }
 
     /// Creates a reliable-connected QP in state INIT (port 1, remote read/write allowed).
@@ -483,8 +498,12 @@ impl ProtectionDomain {
 
 /// A memory registration (`ibv_mr`): keys for local and remote access to one buffer.
 pub struct Mr {
+    // Field order is drop order: the registration goes before the memory it names.
     mr: Arc<MemoryRegion>,
     len: usize,
+    /// The memory registered (`mem` itself, or a one-byte page for an empty `mem`).
+    _pinned: Arc<SharedBuf>,
+    mem: Arc<SharedBuf>,
 }
 
 impl fmt::Debug for Mr {
@@ -498,6 +517,10 @@ impl fmt::Debug for Mr {
 }
 
 impl Mr {
+    /// The registered bytes.
+    pub fn mem(&self) -> &Arc<SharedBuf> {
+        &self.mem
+    }
     /// Local key (for work requests of this process).
     pub fn lkey(&self) -> u32 {
         self.mr.lkey()
@@ -892,7 +915,8 @@ impl<S> QueuePair<S> {
         let mut g = self.qp.start_post_recv();
         let wr = g.construct_wr(wr_id);
         // SAFETY: `[addr, addr+l)` lies inside `mr`'s registration (checked by `sge`) and `mr.lkey()`
-        // is its key; keeping the buffer alive until the receive completes is the module contract.
+        // is its key; the `Mr` owns that memory and deregisters before freeing it, and once
+        // deregistered the device fails the request rather than touching the memory.
         unsafe { wr.setup_sge(mr.lkey(), addr, l) };
         g.post().map_err(|e| verb("ibv_post_recv", &self.name, e))
     }
@@ -1019,7 +1043,8 @@ impl QueuePair<Rts> {
         match (local, sge) {
             (Local::Inline(b), _) => h.setup_inline_data(b),
             // SAFETY: the range lies inside the registration whose lkey this is (checked by
-            // `Mr::sge`); the buffer outliving the work request is the module contract.
+            // `Mr::sge`); the `Mr` owns that memory and deregisters before freeing it (see
+            // `ProtectionDomain::register`).
             (Local::Mr { .. }, Some((lkey, (addr, l)))) => unsafe { h.setup_sge(lkey, addr, l) },
             (Local::Mr { .. }, None) => {}
         }
@@ -1129,10 +1154,11 @@ mod tests {
         let qa = pd.create_rc_qp(&cq_a, &cq_a, caps).unwrap();
         let mut qb = pd.create_rc_qp(&cq_b, &cq_b, caps).unwrap();
         let mut buf_a = vec![0u8; 8192];
-        let mut buf_b = vec![0u8; 8192];
         buf_a[..5].copy_from_slice(b"hello");
-        let mr_a = pd.register(&mut buf_a).unwrap();
-        let mr_b = pd.register(&mut buf_b).unwrap();
+        let mr_a = pd.register(Arc::new(SharedBuf::from_vec(buf_a))).unwrap();
+        let mr_b = pd
+            .register(Arc::new(SharedBuf::zeroed(8192).unwrap()))
+            .unwrap();
         qb.post_recv(7, &mr_b, 4096, 4096).unwrap();
         let path = PathParams {
             sgid_index,
@@ -1246,9 +1272,10 @@ mod tests {
             ),
             Err(VerbsError::OutOfRegistration { .. })
         ));
+        let (buf_a, buf_b) = (Arc::clone(mr_a.mem()), Arc::clone(mr_b.mem()));
         drop((mr_a, mr_b));
-        assert_eq!(&buf_b[..5], b"hello");
-        assert_eq!(&buf_a[100..104], b"ello");
-        assert_eq!(&buf_b[10..13], b"xyz");
+        assert_eq!(&buf_b.read()[..5], b"hello");
+        assert_eq!(&buf_a.read()[100..104], b"ello");
+        assert_eq!(&buf_b.read()[10..13], b"xyz");
     }
 }

@@ -16,3 +16,14 @@ fn rdma() -> TransportConfig {
 }
 
 genie_tests::conformance_tests!(rdma);
+
+/// The busy-poll mode (the waiting thread drives the CQ) passes the core cases too.
+#[test]
+fn busy_poll_integrity_and_notifications() {
+    let make = || TransportConfig {
+        poll_mode: genie_transport::PollMode::BusyPoll,
+        ..rdma()
+    };
+    genie_tests::conformance::notifications_in_order(&make);
+    genie_tests::conformance::batches_with_mixed_results(&make);
+}

@@ -1,7 +1,7 @@
 //! Registered memory regions: the local handle [`Region`], the remote descriptor
 //! [`RemoteRegion`], and the per-endpoint [`RegionTable`] that checks remote accesses.
 //!
-//! A region's bytes live behind a `parking_lot::RwLock`, so every local access is safe Rust: the
+//! A region's bytes are a [`SharedBuf`] (behind a read/write lock), so every local access is safe Rust: the
 //! TCP progress thread holds the write lock while it reads an incoming payload from the socket
 //! straight into the region, and callers use [`Region::read`]/[`Region::write`]/[`Region::with`]/
 //! [`Region::with_mut`]. The buffer never moves or grows, so its address ([`Region::addr`]) stays
@@ -9,8 +9,8 @@
 
 use crate::config::Backend;
 use crate::error::{Result, TransportError};
-use genie_sys::mem::AlignedBuf;
-use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use genie_sys::mem::{SharedBuf, SharedRead, SharedWrite};
+use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 use std::any::Any;
 use std::collections::HashMap;
@@ -37,44 +37,6 @@ pub struct RemoteRegion {
     pub addr: u64,
 }
 
-/// The bytes behind a region.
-#[derive(Debug)]
-pub enum RegionMemory {
-    /// A page-aligned buffer the transport allocated.
-    Aligned(AlignedBuf),
-    /// Memory the caller registered; handed back by [`Region::try_into_vec`].
-    Vec(Vec<u8>),
-}
-
-impl RegionMemory {
-    /// Address of the first byte (stable: the buffer never grows).
-    pub fn addr(&self) -> usize {
-        match self {
-            RegionMemory::Aligned(b) => b.addr(),
-            RegionMemory::Vec(v) => v.as_ptr() as usize,
-        }
-    }
-}
-
-impl std::ops::Deref for RegionMemory {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        match self {
-            RegionMemory::Aligned(b) => b,
-            RegionMemory::Vec(v) => v,
-        }
-    }
-}
-
-impl std::ops::DerefMut for RegionMemory {
-    fn deref_mut(&mut self) -> &mut [u8] {
-        match self {
-            RegionMemory::Aligned(b) => b,
-            RegionMemory::Vec(v) => v,
-        }
-    }
-}
-
 /// A backend's registration of a region (e.g. an RDMA memory region). Dropped before the memory.
 pub type Registration = Arc<dyn Any + Send + Sync>;
 
@@ -86,9 +48,9 @@ struct RegionInner {
     backend: Backend,
     remote_addr: u64,
     table: Weak<RegionTable>,
-    // Field order matters: the registration (which may reference the memory) drops first.
+    // The registration (e.g. an RDMA MR) keeps its own `Arc` of the memory, so order is free.
     registration: Option<Registration>,
-    mem: RwLock<RegionMemory>,
+    mem: Arc<SharedBuf>,
 }
 
 impl Drop for RegionInner {
@@ -161,7 +123,7 @@ impl Region {
 
     /// Address of the first byte; stable for the region's life (for device registration).
     pub fn addr(&self) -> usize {
-        self.inner.mem.read().addr()
+        self.inner.mem.addr()
     }
 
     /// The backend's registration attached at creation (e.g. an RDMA MR), if any.
@@ -213,12 +175,12 @@ impl Region {
     }
 
     /// The read lock (for backends that stream from the region).
-    pub fn lock(&self) -> RwLockReadGuard<'_, RegionMemory> {
+    pub fn lock(&self) -> SharedRead<'_> {
         self.inner.mem.read()
     }
 
     /// The write lock (for backends that stream into the region).
-    pub fn lock_mut(&self) -> RwLockWriteGuard<'_, RegionMemory> {
+    pub fn lock_mut(&self) -> SharedWrite<'_> {
         self.inner.mem.write()
     }
 
@@ -226,16 +188,19 @@ impl Region {
     /// is the last handle (no clone, no in-flight operation). Otherwise returns the region unchanged.
     /// The region is deregistered. Regions from `alloc_region` are returned unchanged too.
     pub fn try_into_vec(self) -> std::result::Result<Vec<u8>, Region> {
-        if !matches!(&*self.inner.mem.read(), RegionMemory::Vec(_)) {
+        if !self.inner.mem.is_vec() {
             return Err(self);
         }
         match Arc::try_unwrap(self.inner) {
             Ok(mut inner) => {
-                // Drop the registration before handing the memory out.
+                // Drop the registration (and its hold on the memory) before handing the memory out.
                 inner.registration = None;
-                match &mut *inner.mem.get_mut() {
-                    RegionMemory::Vec(v) => Ok(std::mem::take(v)),
-                    RegionMemory::Aligned(_) => Ok(Vec::new()),
+                let mem =
+                    std::mem::replace(&mut inner.mem, Arc::new(SharedBuf::from_vec(Vec::new())));
+                // Only a registration could share the memory; if one is still kept elsewhere, copy.
+                match Arc::try_unwrap(mem) {
+                    Ok(m) => Ok(m.into_vec().unwrap_or_else(|m| m.read().to_vec())),
+                    Err(m) => Ok(m.read().to_vec()),
                 }
             }
             Err(inner) => Err(Region { inner }),
@@ -269,8 +234,8 @@ impl std::fmt::Debug for RegionTable {
 
 /// Options for [`RegionTable::insert`] that a backend fills in.
 pub struct NewRegion {
-    /// The memory.
-    pub mem: RegionMemory,
+    /// The memory (a backend's registration may hold a clone).
+    pub mem: Arc<SharedBuf>,
     /// Access key; `None` draws a random one.
     pub key: Option<u64>,
     /// Remote address to put in descriptors (RDMA); 0 for TCP.
@@ -308,7 +273,7 @@ impl RegionTable {
             remote_addr: new.remote_addr,
             table: Arc::downgrade(self),
             registration: new.registration,
-            mem: RwLock::new(new.mem),
+            mem: new.mem,
         });
         self.map.write().insert(id, Arc::downgrade(&inner));
         Region { inner }
@@ -316,7 +281,7 @@ impl RegionTable {
 
     /// Allocates a zeroed, page-aligned region of `len` bytes.
     pub fn alloc(self: &Arc<Self>, len: usize) -> Result<Region> {
-        let mem = RegionMemory::Aligned(AlignedBuf::zeroed(len)?);
+        let mem = Arc::new(SharedBuf::zeroed(len)?);
         Ok(self.insert(NewRegion {
             mem,
             key: None,
@@ -328,7 +293,7 @@ impl RegionTable {
     /// Registers the caller's buffer.
     pub fn register(self: &Arc<Self>, buf: Vec<u8>) -> Region {
         self.insert(NewRegion {
-            mem: RegionMemory::Vec(buf),
+            mem: Arc::new(SharedBuf::from_vec(buf)),
             key: None,
             remote_addr: 0,
             registration: None,

@@ -9,7 +9,7 @@ use crate::config::{Backend, PollMode};
 use crate::error::{Result, TransportError};
 use crate::region::{EndpointId, Region, RemoteRegion};
 use crate::{Connection, Transfer, TransferKind};
-use genie_sys::mem::AlignedBuf;
+use genie_sys::mem::SharedBuf;
 use genie_sys::verbs::{
     gid_of_ip, Completion, CompletionQueue, Local as Sge, Mr, PathParams, QpCaps, QpEndpoint,
     QueuePair, Rts, SendOp, VerbsError, WcError, WcOpcode,
@@ -102,15 +102,14 @@ struct State {
 /// The connection shared by the user's handle and the two threads.
 pub(crate) struct ConnShared {
     // Field order is drop order: the QP (in `state`) goes before the CQ and before the receive and
-    // send buffers' registrations, which go before the buffers.
+    // send buffers' registrations (each of which owns its buffer).
     state: Mutex<State>,
     cq: CompletionQueue,
+    /// The receive slots.
     recv_mr: Mr,
-    send_mr: Mr,
-    recv_buf: AlignedBuf,
     /// Staging for sends too large to go inline; a slot is written only by the sender that
     /// reserved it (see `State::slot_seq`), the NIC reads it after the post.
-    send_buf: Mutex<AlignedBuf>,
+    send_mr: Mr,
     sq_depth: u32,
     space: Condvar,
     ep: Arc<Endpoint>,
@@ -225,15 +224,15 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream) -> Result<Arc<Conn
     };
     let mut qp = qp;
     let recv_size = ep.config.max_message_size.max(1);
-    let mut recv_buf = AlignedBuf::zeroed(recv_size * rq_depth as usize)?;
-    let mut send_buf = AlignedBuf::zeroed(recv_size * SEND_SLOTS)?;
+    let recv_buf = Arc::new(SharedBuf::zeroed(recv_size * rq_depth as usize)?);
+    let send_buf = Arc::new(SharedBuf::zeroed(recv_size * SEND_SLOTS)?);
     let recv_mr = ep
         .pd
-        .register(&mut recv_buf)
+        .register(recv_buf)
         .map_err(|e| verbs_io("ibv_reg_mr", e))?;
     let send_mr = ep
         .pd
-        .register(&mut send_buf)
+        .register(send_buf)
         .map_err(|e| verbs_io("ibv_reg_mr", e))?;
     for slot in 0..rq_depth as usize {
         qp.post_recv(
@@ -327,8 +326,6 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream) -> Result<Arc<Conn
         cq,
         recv_mr,
         send_mr,
-        recv_buf,
-        send_buf: Mutex::new(send_buf),
         sq_depth,
         space: Condvar::new(),
         ep: Arc::clone(ep),
@@ -853,7 +850,7 @@ impl ConnShared {
                 WcOpcode::Recv => {
                     let start = slot * self.recv_size;
                     let len = (wc.byte_len as usize).min(self.recv_size);
-                    if let Some(b) = self.recv_buf.get(start..start + len) {
+                    if let Some(b) = self.recv_mr.mem().read().get(start..start + len) {
                         self.msgs.lock().push_back(b.to_vec());
                         self.msgs_cv.notify_all();
                     }
@@ -1181,7 +1178,7 @@ impl Connection for RdmaConnection {
                 s
             };
             let start = slot * c.recv_size;
-            if let Some(dst) = c.send_buf.lock().get_mut(start..start + msg.len()) {
+            if let Some(dst) = c.send_mr.mem().write().get_mut(start..start + msg.len()) {
                 dst.copy_from_slice(msg);
             }
             LocalData::Slot {

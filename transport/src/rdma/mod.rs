@@ -44,10 +44,10 @@ pub mod wire;
 
 use crate::config::{Backend, PollMode, TransportConfig};
 use crate::error::{Result, TransportError};
-use crate::region::{EndpointId, NewRegion, Region, RegionMemory, RegionTable};
+use crate::region::{EndpointId, NewRegion, Region, RegionTable};
 use crate::{Connection, Transport};
 use conn::ConnShared;
-use genie_sys::mem::AlignedBuf;
+use genie_sys::mem::SharedBuf;
 use genie_sys::verbs::{self, Context, ProtectionDomain};
 use parking_lot::{Condvar, Mutex};
 use std::collections::VecDeque;
@@ -219,7 +219,8 @@ impl Drop for RdmaTransport {
 }
 
 impl RdmaTransport {
-    fn register_mem(&self, mut mem: RegionMemory) -> Result<Region> {
+    fn register_mem(&self, mem: SharedBuf) -> Result<Region> {
+        let mem = Arc::new(mem);
         if mem.is_empty() {
             // Nothing to register: zero-length transfers never touch memory.
             return Ok(self.ep.table.insert(NewRegion {
@@ -229,10 +230,9 @@ impl RdmaTransport {
                 registration: None,
             }));
         }
-        let mr = self.ep.pd.register(&mut mem).map_err(verbs_err)?;
+        // The MR keeps its own `Arc` of the memory, so it can never outlive it.
+        let mr = self.ep.pd.register(Arc::clone(&mem)).map_err(verbs_err)?;
         let (key, remote_addr) = (u64::from(mr.rkey()), mr.addr());
-        // The region drops this registration before its memory (see `RegionInner`), as the verbs
-        // layer's memory-lifetime contract requires.
         Ok(self.ep.table.insert(NewRegion {
             mem,
             key: Some(key),
@@ -256,10 +256,10 @@ impl Transport for RdmaTransport {
         &self.ep.config
     }
     fn alloc_region(&self, len: usize) -> Result<Region> {
-        self.register_mem(RegionMemory::Aligned(AlignedBuf::zeroed(len)?))
+        self.register_mem(SharedBuf::zeroed(len)?)
     }
     fn register(&self, buf: Vec<u8>) -> Result<Region> {
-        self.register_mem(RegionMemory::Vec(buf))
+        self.register_mem(SharedBuf::from_vec(buf))
     }
     fn connect(&self, addr: SocketAddr) -> Result<Arc<dyn Connection>> {
         let s = TcpStream::connect_timeout(&addr, self.ep.config.peer_timeout).map_err(|e| {
