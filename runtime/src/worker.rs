@@ -129,6 +129,19 @@ struct Worker {
     weights: Option<WeightSource>,
     weight_cache: HashMap<String, Tensor>,
     kv: Option<KvCacheManager>,
+    /// Per sending peer: the region its transfers land in, and its size; kept across runs
+    /// while big enough, so a run needs no region exchange (see [`region_size`]).
+    landing: HashMap<usize, (Region, u64)>,
+    /// Per receiving peer: our staging region, the peer's landing region, and their size.
+    staging: HashMap<usize, (Region, RemoteRegion, u64)>,
+}
+
+/// Size of a run's landing (and staging) region for a link carrying `bytes`: rounded up to a
+/// power of two so that growing transfers (a naive decode's K/V) reuse it for many runs. Both
+/// ends compute it from the same plan, so both know without asking whether the receiver
+/// allocates a new region (and sends its descriptor) or both reuse the last one.
+fn region_size(bytes: u64) -> u64 {
+    bytes.max(64).next_power_of_two()
 }
 
 /// Serves drivers on `endpoint` as worker `name` of `cluster` until a driver sends `Shutdown`.
@@ -169,6 +182,8 @@ pub fn serve(
         weights: None,
         weight_cache: HashMap::new(),
         kv: None,
+        landing: HashMap::new(),
+        staging: HashMap::new(),
     };
     let result = loop {
         let Ok(ctrl) = ctrl_rx.recv() else {
@@ -276,6 +291,11 @@ impl Worker {
                     let _span = tracing::info_span!("run", worker = %self.name, run).entered();
                     let res =
                         self.execute(run, &graph, &placement, seq, &inputs, &payload, &wanted);
+                    if res.is_err() {
+                        // A peer may not have seen this run's region exchange: start afresh.
+                        self.landing.clear();
+                        self.staging.clear();
+                    }
                     match res {
                         Ok((outputs, out_payload, stats)) => send_msg(
                             ctrl,
@@ -321,6 +341,8 @@ impl Worker {
             WeightSpec::Checkpoint(p) => WeightSource::load(std::path::Path::new(&p))?,
         });
         self.weight_cache.clear();
+        self.landing.clear();
+        self.staging.clear();
         let deadline = Instant::now() + SETUP_TIMEOUT;
         for j in self.me + 1..self.cluster.workers.len() {
             if self.peers.conns.lock().contains_key(&j) {
@@ -414,13 +436,14 @@ impl Worker {
             .collect();
         let mut landing: HashMap<usize, Region> = HashMap::new();
         for &src in &senders {
+            let size = region_size(plan.link_bytes.get(&(src, me)).copied().unwrap_or(0));
+            if let Some((region, have)) = self.landing.get(&src) {
+                if *have >= size {
+                    landing.insert(src, region.clone());
+                    continue;
+                }
+            }
             let peer = self.peer_name(src);
-            let size = plan
-                .link_bytes
-                .get(&(src, me))
-                .copied()
-                .unwrap_or(0)
-                .max(64);
             let region = self
                 .endpoint
                 .alloc_region(size as usize)
@@ -435,19 +458,20 @@ impl Worker {
                 },
                 &[],
             )?;
+            self.landing.insert(src, (region.clone(), size));
             landing.insert(src, region);
         }
-        let mut staging: HashMap<usize, (Region, RemoteRegion, Arc<dyn Connection>)> =
-            HashMap::new();
+        let mut staging: Staging = HashMap::new();
         for &dst in &receivers {
-            let peer = self.peer_name(dst);
             let conn = self.peer(dst)?;
-            let size = plan
-                .link_bytes
-                .get(&(me, dst))
-                .copied()
-                .unwrap_or(0)
-                .max(64);
+            let size = region_size(plan.link_bytes.get(&(me, dst)).copied().unwrap_or(0));
+            if let Some((local, remote, have)) = self.staging.get(&dst) {
+                if *have >= size {
+                    staging.insert(dst, (local.clone(), *remote, conn));
+                    continue;
+                }
+            }
+            let peer = self.peer_name(dst);
             let local = self
                 .endpoint
                 .alloc_region(size as usize)
@@ -461,6 +485,7 @@ impl Worker {
                     })
                 }
             };
+            self.staging.insert(dst, (local.clone(), remote, size));
             staging.insert(dst, (local, remote, conn));
         }
         // One receiver thread per sending peer.
