@@ -207,14 +207,20 @@ fn compute(node: &Node, ins: &[Tensor]) -> candle_core::Result<Vec<Tensor>> {
             causal,
             scale,
         } => {
-            let split = |t: &Tensor| -> candle_core::Result<Tensor> {
+            // `[B, S, H·D]` as `[B, H, S, D]`. With one sequence K and V stay strided views
+            // that gemm reads in place (a decode step's K/V are the whole cache: no copy);
+            // gemm cannot step over a batch of strided heads, so batches are copied.
+            let by_head = |t: &Tensor, copy: bool| -> candle_core::Result<Tensor> {
                 let (b, s, _) = t.dims3()?;
-                t.reshape((b, s, *heads, *head_dim))?
-                    .transpose(1, 2)?
-                    .contiguous()
+                let t = t.reshape((b, s, *heads, *head_dim))?.transpose(1, 2)?;
+                if copy || b > 1 {
+                    t.contiguous()
+                } else {
+                    Ok(t)
+                }
             };
-            let (q, k, v) = (split(&ins[0])?, split(&ins[1])?, split(&ins[2])?);
-            // A transposed view; gemm reads it strided.
+            let q = by_head(&ins[0], true)?;
+            let (k, v) = (by_head(&ins[1], false)?, by_head(&ins[2], false)?);
             let kt = k.transpose(2, 3)?;
             let mut s = (q.matmul(&kt)? * f64::from(scale.0))?;
             if *causal {
@@ -338,6 +344,35 @@ mod tests {
     use super::*;
     use candle_core::Device;
     use genie_scheduler::graph::{DType, NodeId, Scalar, Semantics, TensorMeta};
+
+    /// Attention over strided K/V views gives bitwise the result of contiguous copies of them
+    /// (decode: one query over a long cache; prefill: as many queries as keys).
+    #[test]
+    fn attention_strided_kv_equals_contiguous() {
+        let d = Device::Cpu;
+        for (qn, kn) in [(1, 1000), (37, 37)] {
+            let q = Tensor::randn(0f32, 1., (1, qn, 128), &d).unwrap();
+            let k = Tensor::randn(0f32, 1., (1, kn, 128), &d).unwrap();
+            let v = Tensor::randn(0f32, 1., (1, kn, 128), &d).unwrap();
+            let split = |t: &Tensor| {
+                let s = t.dim(1).unwrap();
+                t.reshape((1, s, 4, 32)).unwrap().transpose(1, 2).unwrap()
+            };
+            let q = split(&q).contiguous().unwrap();
+            let flat = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let run = |k: &Tensor, v: &Tensor| {
+                let s = q.matmul(&k.transpose(2, 3).unwrap()).unwrap();
+                let p = softmax(&causal_mask(&s).unwrap(), 3).unwrap();
+                (flat(s), flat(p.matmul(v).unwrap()))
+            };
+            let strided = run(&split(&k), &split(&v));
+            let copied = run(
+                &split(&k).contiguous().unwrap(),
+                &split(&v).contiguous().unwrap(),
+            );
+            assert_eq!(strided, copied, "q {qn} × k {kn}");
+        }
+    }
 
     fn node(op: OpKind, out: &[usize]) -> Node {
         Node {
