@@ -14,9 +14,13 @@ use genie_scheduler::Topology;
 use std::collections::HashMap;
 
 /// Compute calibration: measured / predicted seconds per (op kind, phase).
+///
+/// Each run contributes one ratio per bucket (its measured over its predicted seconds there);
+/// a bucket's scale is the median of its runs' ratios, so one run slowed down by a neighbour on
+/// a shared machine does not move the prediction.
 #[derive(Debug, Clone, Default)]
 pub struct ComputeCalibration {
-    sums: HashMap<String, (f64, f64)>,
+    ratios: HashMap<String, Vec<f64>>,
 }
 
 impl ComputeCalibration {
@@ -26,22 +30,38 @@ impl ComputeCalibration {
         let table = CostTable::new(graph, topo, &RooflineCostModel);
         let by_name: HashMap<&str, &genie_scheduler::graph::Node> =
             graph.nodes().iter().map(|n| (n.name.as_str(), n)).collect();
+        let mut sums: HashMap<String, (f64, f64)> = HashMap::new();
         for s in &run.spans {
             if let SpanKind::Compute { .. } = s.kind {
                 if let Some(n) = by_name.get(s.name.as_str()) {
                     let pred = table.time(n.id, DeviceId(0));
-                    let e = self.sums.entry(cal_key(n)).or_default();
+                    let e = sums.entry(cal_key(n)).or_default();
                     e.0 += s.dur_us / 1e6;
                     e.1 += pred;
                 }
+            }
+        }
+        for (k, (m, p)) in sums {
+            if p > 0.0 && m.is_finite() {
+                self.ratios.entry(k).or_default().push(m / p);
             }
         }
     }
 
     /// Calibrated seconds of `node`, whose uncalibrated prediction is `pred`.
     pub fn scale(&self, node: &genie_scheduler::graph::Node, pred: f64) -> f64 {
-        match self.sums.get(&cal_key(node)) {
-            Some((m, p)) if *p > 0.0 => pred * m / p,
+        match self.ratios.get(&cal_key(node)) {
+            Some(r) if !r.is_empty() => {
+                let mut r = r.clone();
+                r.sort_by(f64::total_cmp);
+                let mid = r.len() / 2;
+                let m = if r.len() % 2 == 0 {
+                    (r[mid - 1] + r[mid]) / 2.0
+                } else {
+                    r[mid]
+                };
+                pred * m
+            }
             _ => pred,
         }
     }
