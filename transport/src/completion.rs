@@ -10,6 +10,11 @@
 //! read the atomic with `Acquire`, pairing with the completer's `Release`, so they also see the
 //! error it stored before.
 //!
+//! Busy polling without a hand-off: a backend may attach a [`Progress`] hook (e.g. "poll my
+//! completion queue") to its operations; [`Op::poll`], [`Op::wait_spin`] and a busy-polling
+//! [`Batch::wait`] run it while the operation is pending, so the waiting thread completes the
+//! operation itself instead of waiting for another thread to be scheduled.
+//!
 //! An in-flight operation keeps the [`Region`]s it uses alive (their memory cannot be freed or
 //! deregistered) until it completes.
 
@@ -24,6 +29,10 @@ use std::time::{Duration, Instant};
 /// How long a blocking wait polls before it parks the thread.
 const SPIN_BEFORE_PARK: Duration = Duration::from_micros(20);
 
+/// A backend's progress hook: drives completions (never blocks; may do nothing when another
+/// thread is already driving). See [`Op::with_progress`].
+pub type Progress = Arc<dyn Fn() + Send + Sync>;
+
 const PENDING: u8 = 0;
 const OK: u8 = 1;
 const FAILED: u8 = 2;
@@ -36,6 +45,7 @@ struct OpState {
     keep: Mutex<Vec<Region>>,
     batch: Option<Arc<BatchState>>,
     mode: PollMode,
+    progress: Option<Progress>,
 }
 
 /// Handle to one in-flight operation. Clone it to wait from several places.
@@ -47,7 +57,7 @@ pub struct Op {
 
 impl std::fmt::Debug for Op {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Op").field("result", &self.poll()).finish()
+        f.debug_struct("Op").field("result", &self.peek()).finish()
     }
 }
 
@@ -68,13 +78,24 @@ impl Op {
     /// A new pending operation and its completer. `keep` are the regions it uses, held until it
     /// completes.
     pub fn new(mode: PollMode, keep: Vec<Region>) -> (Op, Completer) {
-        Self::with_batch(mode, keep, None)
+        Self::with_batch(mode, keep, None, None)
+    }
+
+    /// Like [`Op::new`], with a hook that [`Op::poll`] and [`Op::wait_spin`] run while the
+    /// operation is pending (the backend's busy-poll progress: the waiter drives completions).
+    pub fn with_progress(
+        mode: PollMode,
+        keep: Vec<Region>,
+        progress: Option<Progress>,
+    ) -> (Op, Completer) {
+        Self::with_batch(mode, keep, None, progress)
     }
 
     fn with_batch(
         mode: PollMode,
         keep: Vec<Region>,
         batch: Option<Arc<BatchState>>,
+        progress: Option<Progress>,
     ) -> (Op, Completer) {
         let state = Arc::new(OpState {
             state: AtomicU8::new(PENDING),
@@ -84,6 +105,7 @@ impl Op {
             keep: Mutex::new(keep),
             batch,
             mode,
+            progress,
         });
         (
             Op {
@@ -100,8 +122,19 @@ impl Op {
         op
     }
 
-    /// `None` while pending; the result once complete. Never blocks.
+    /// `None` while pending; the result once complete. Never blocks (runs the backend's progress
+    /// hook, if any, while pending).
     pub fn poll(&self) -> Option<Result<()>> {
+        if let Some(p) = &self.state.progress {
+            if self.state.state.load(Ordering::Acquire) == PENDING {
+                p();
+            }
+        }
+        self.peek()
+    }
+
+    /// The result without running the progress hook.
+    fn peek(&self) -> Option<Result<()>> {
         match self.state.state.load(Ordering::Acquire) {
             PENDING => None,
             OK => Some(Ok(())),
@@ -125,7 +158,8 @@ impl Op {
         }
     }
 
-    /// Waits up to `timeout` by spinning on the state (no sleep, lowest latency).
+    /// Waits up to `timeout` by spinning on the state (no sleep, lowest latency), running the
+    /// backend's progress hook on each round if it has one.
     pub fn wait_spin(&self, timeout: Duration) -> Result<()> {
         let start = Instant::now();
         loop {
@@ -248,6 +282,7 @@ pub struct Batch {
     state: Arc<BatchState>,
     ops: Vec<Op>,
     mode: PollMode,
+    progress: Option<Progress>,
 }
 
 impl std::fmt::Debug for Batch {
@@ -263,6 +298,7 @@ pub struct BatchBuilder {
     state: Arc<BatchState>,
     ops: Vec<Op>,
     mode: PollMode,
+    progress: Option<Progress>,
 }
 
 impl std::fmt::Debug for BatchBuilder {
@@ -287,12 +323,25 @@ impl BatchBuilder {
             state,
             ops: Vec::with_capacity(total),
             mode,
+            progress: None,
         }
+    }
+
+    /// Attaches the backend's progress hook to every op and to [`Batch::wait`] (see
+    /// [`Op::with_progress`]).
+    pub fn with_progress(mut self, progress: Option<Progress>) -> Self {
+        self.progress = progress;
+        self
     }
 
     /// A new pending operation belonging to the batch (the next transfer, in order).
     pub fn op(&mut self, keep: Vec<Region>) -> Completer {
-        let (op, c) = Op::with_batch(self.mode, keep, Some(self.state.clone()));
+        let (op, c) = Op::with_batch(
+            self.mode,
+            keep,
+            Some(self.state.clone()),
+            self.progress.clone(),
+        );
         self.ops.push(op);
         c
     }
@@ -309,6 +358,7 @@ impl BatchBuilder {
             state: self.state,
             ops: self.ops,
             mode: self.mode,
+            progress: self.progress,
         }
     }
 }
@@ -344,7 +394,10 @@ impl Batch {
                 if self.state.done.load(Ordering::Acquire) == self.state.total {
                     return Ok(self.status());
                 }
-                std::hint::spin_loop();
+                match &self.progress {
+                    Some(p) => p(),
+                    None => std::hint::spin_loop(),
+                }
             }
         } else {
             let mut g = self.state.lock.lock();
@@ -390,6 +443,29 @@ mod tests {
         c.complete(Ok(()));
         assert!(t.join().unwrap().is_ok());
         assert!(op.wait_spin(Duration::ZERO).is_ok());
+    }
+
+    #[test]
+    fn spinning_waiter_runs_the_progress_hook() {
+        // The hook completes the op on its third run, as a backend polling its CQ would.
+        let completer = Arc::new(Mutex::new(None::<Completer>));
+        let runs = Arc::new(AtomicUsize::new(0));
+        let (c2, r2) = (Arc::clone(&completer), Arc::clone(&runs));
+        let hook: Progress = Arc::new(move || {
+            if r2.fetch_add(1, Ordering::AcqRel) + 1 == 3 {
+                if let Some(c) = c2.lock().take() {
+                    c.complete(Ok(()));
+                }
+            }
+        });
+        let (op, c) = Op::with_progress(PollMode::BusyPoll, Vec::new(), Some(hook));
+        *completer.lock() = Some(c);
+        assert!(op.poll().is_none());
+        assert!(op.wait(Duration::from_secs(10)).is_ok());
+        assert_eq!(runs.load(Ordering::Acquire), 3);
+        // Complete: polling no longer runs the hook.
+        assert!(matches!(op.poll(), Some(Ok(()))));
+        assert_eq!(runs.load(Ordering::Acquire), 3);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use super::handshake::{Handshake, Local, Progress};
 use super::wire::{read_frame, write_frame, Frame, FrameReader, RegionStatus};
 use super::{describe, Endpoint};
-use crate::completion::{Batch, BatchBuilder, Completer, Op};
+use crate::completion::{Batch, BatchBuilder, Completer, Op, Progress as DriveHook};
 use crate::config::{Backend, PollMode};
 use crate::error::{Result, TransportError};
 use crate::region::{EndpointId, Region, RemoteRegion};
@@ -18,7 +18,7 @@ use parking_lot::{Condvar, Mutex};
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,9 +30,10 @@ const SQ_DEPTH: u32 = 128;
 const MAX_INLINE: u32 = 64;
 /// Send staging slots (payloads of sends too large to go inline).
 const SEND_SLOTS: usize = 16;
-/// How long a busy-polling completion thread keeps spinning after its last completion before it
-/// sleeps on the completion channel while nothing is in flight (idle connections cost no CPU).
-const SPIN_IDLE: Duration = Duration::from_millis(2);
+/// Busy-poll mode: while waiting threads drive the CQ themselves (their `drive` calls within this
+/// interval), the completion thread stays parked instead of competing with them for the CPU; once
+/// they stop, it takes over on the completion channel.
+const DRIVER_GRACE: Duration = Duration::from_millis(1);
 /// Largest single work request of a transfer (larger ones are split).
 const MAX_CHUNK: usize = 16 << 20;
 /// Bit of a work request id that marks a receive.
@@ -126,8 +127,6 @@ pub(crate) struct ConnShared {
     msgs: Mutex<VecDeque<Vec<u8>>>,
     msgs_cv: Condvar,
     alive: AtomicBool,
-    /// Work requests posted and not yet retired (lets a busy-polling thread go to sleep when idle).
-    inflight: AtomicUsize,
     dead: Mutex<Option<TransportError>>,
     queries: Mutex<HashMap<u64, RegionStatus>>,
     queries_cv: Condvar,
@@ -135,6 +134,11 @@ pub(crate) struct ConnShared {
     cache: Mutex<RegionCache>,
     /// Whoever polls the CQ holds this, so completions are handled in order by one thread at a time.
     poller: Mutex<Poller>,
+    /// Busy-poll mode only: the hook given to this connection's operations, so that the thread
+    /// waiting on one polls the CQ itself (no thread hand-off on the hot path).
+    driver: Option<DriveHook>,
+    /// Number of `drive` calls so far (tells the completion thread that waiters are driving).
+    drives: AtomicU64,
     /// Return credits after this many receive buffers were re-posted.
     return_at: u32,
 }
@@ -312,7 +316,8 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream) -> Result<Arc<Conn
     let chunk = usize::try_from(limits.max_msg_size)
         .unwrap_or(usize::MAX)
         .clamp(4096, MAX_CHUNK);
-    let shared = Arc::new(ConnShared {
+    let mode = ep.poll_mode();
+    let shared = Arc::new_cyclic(|me: &std::sync::Weak<ConnShared>| ConnShared {
         state: Mutex::new(State {
             qp: Some(qp),
             next_seq: 1,
@@ -332,7 +337,7 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream) -> Result<Arc<Conn
         side: Mutex::new(writer),
         peer,
         peer_endpoint: agreed.peer_endpoint,
-        mode: ep.poll_mode(),
+        mode,
         recv_size,
         peer_recv_size: agreed.peer_recv_size as usize,
         max_inline: max_inline as usize,
@@ -342,7 +347,6 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream) -> Result<Arc<Conn
         msgs: Mutex::new(VecDeque::new()),
         msgs_cv: Condvar::new(),
         alive: AtomicBool::new(true),
-        inflight: AtomicUsize::new(0),
         dead: Mutex::new(None),
         queries: Mutex::new(HashMap::new()),
         queries_cv: Condvar::new(),
@@ -353,6 +357,15 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream) -> Result<Arc<Conn
             consumed: 0,
         }),
         return_at: (rq_depth / 4).max(1),
+        driver: (mode == PollMode::BusyPoll).then(|| {
+            let me = me.clone();
+            Arc::new(move || {
+                if let Some(c) = me.upgrade() {
+                    c.drive();
+                }
+            }) as DriveHook
+        }),
+        drives: AtomicU64::new(0),
     });
     let c1 = Arc::clone(&shared);
     std::thread::Builder::new()
@@ -649,10 +662,16 @@ impl ConnShared {
                     if reaped {
                         continue;
                     }
-                    if self.space.wait_until(&mut st, deadline).timed_out() {
+                    let timed_out = self.space.wait_until(&mut st, deadline).timed_out();
+                    if timed_out {
                         failed = Some(TransportError::PeerDead {
                             peer: self.peer,
-                            reason: "no progress on the send queue (credits or completions)".into(),
+                            reason: format!(
+                                "no progress on the send queue ({} of {} requests in flight, {} credits)",
+                                st.pending.len(),
+                                self.sq_depth,
+                                st.credits
+                            ),
                         });
                         break;
                     }
@@ -705,7 +724,6 @@ impl ConnShared {
                     break;
                 }
                 st.next_seq += 1;
-                self.inflight.fetch_add(1, Ordering::Release);
                 st.since_signal = if signaled { 0 } else { st.since_signal + 1 };
                 if needs_credit && last_chunk {
                     st.credits -= 1;
@@ -740,7 +758,7 @@ impl ConnShared {
         self.check_alive()?;
         let mut op = None;
         let job = self.job(&t, |keep| {
-            let (o, c) = Op::new(self.mode, keep);
+            let (o, c) = Op::with_progress(self.mode, keep, self.driver.clone());
             op = Some(o);
             c
         })?;
@@ -776,16 +794,24 @@ impl ConnShared {
         Ok(n > 0)
     }
 
+    /// Busy-poll progress, run by a thread waiting on one of this connection's operations (or
+    /// messages): polls the CQ unless another thread is already doing so.
+    fn drive(&self) {
+        self.drives.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = self.progress(false) {
+            self.die(verbs_io("ibv_poll_cq", e));
+        }
+    }
+
     /// The completion thread: retires work requests, delivers receives, re-posts receive buffers.
+    /// In event mode it sleeps on the completion channel. In busy-poll mode the waiting threads
+    /// poll the CQ themselves; this thread stays parked while they do and falls back to the
+    /// channel when nobody drives (completions nobody waits for, idle connections).
     fn completion_loop(self: Arc<Self>) {
-        let mut last_active = Instant::now();
-        let mut idle_spins = 0u32;
+        let mut seen_drives = self.drives.load(Ordering::Relaxed);
         loop {
             match self.progress(true) {
-                Ok(true) => {
-                    last_active = Instant::now();
-                    continue;
-                }
+                Ok(true) => continue,
                 Ok(false) => {}
                 Err(e) => {
                     self.die(verbs_io("ibv_poll_cq", e));
@@ -795,18 +821,13 @@ impl ConnShared {
             if !self.alive.load(Ordering::Acquire) {
                 return;
             }
-            let spin = self.mode == PollMode::BusyPoll
-                && (self.inflight.load(Ordering::Acquire) > 0 || last_active.elapsed() < SPIN_IDLE);
-            if spin {
-                // Yield now and then: with few cores, the thread that will post the next work
-                // (or the kernel's soft-RoCE processing) needs the CPU more than this poller.
-                idle_spins = idle_spins.wrapping_add(1);
-                if idle_spins % 16 == 0 {
-                    std::thread::yield_now();
-                } else {
-                    std::hint::spin_loop();
+            if self.driver.is_some() {
+                let d = self.drives.load(Ordering::Relaxed);
+                if d != seen_drives {
+                    seen_drives = d;
+                    std::thread::park_timeout(DRIVER_GRACE);
+                    continue;
                 }
-                continue;
             }
             if let Err(e) = self.cq.req_notify() {
                 self.die(verbs_io("ibv_req_notify_cq", e));
@@ -884,7 +905,6 @@ impl ConnShared {
                 .is_some_and(|p| p.seq < seq || (p.seq == seq && wc.status.is_ok()))
             {
                 if let Some(p) = st.pending.pop_front() {
-                    self.inflight.fetch_sub(1, Ordering::Release);
                     done.extend(p.completer);
                 }
             }
@@ -1058,6 +1078,23 @@ fn wait_queue<T>(
     timeout: Duration,
 ) -> Result<T> {
     let deadline = Instant::now() + timeout;
+    if let Some(drive) = &c.driver {
+        // Busy poll: drive the CQ ourselves (never while holding the queue's lock, which
+        // delivering a receive takes).
+        loop {
+            if let Some(v) = q.lock().pop_front() {
+                return Ok(v);
+            }
+            if !c.alive.load(Ordering::Acquire) {
+                return Err(c.dead_error());
+            }
+            if Instant::now() >= deadline {
+                return Err(TransportError::Timeout { after: timeout });
+            }
+            drive();
+            std::hint::spin_loop();
+        }
+    }
     let mut g = q.lock();
     loop {
         if let Some(v) = g.pop_front() {
@@ -1154,7 +1191,7 @@ impl Connection for RdmaConnection {
             });
         }
         c.check_alive()?;
-        let (op, completer) = Op::new(c.mode, Vec::new());
+        let (op, completer) = Op::with_progress(c.mode, Vec::new(), c.driver.clone());
         let local = if msg.len() <= c.max_inline {
             LocalData::Inline(msg.to_vec())
         } else {
@@ -1209,7 +1246,8 @@ impl Connection for RdmaConnection {
     }
     fn post_batch(&self, transfers: &[Transfer<'_>]) -> Result<Batch> {
         self.c.check_alive()?;
-        let mut b = BatchBuilder::new(self.c.mode, transfers.len());
+        let mut b =
+            BatchBuilder::new(self.c.mode, transfers.len()).with_progress(self.c.driver.clone());
         let mut jobs = Vec::with_capacity(transfers.len());
         for t in transfers {
             match self.c.job(t, |keep| b.op(keep)) {

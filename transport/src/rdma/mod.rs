@@ -23,9 +23,11 @@
 //!   earlier request. The send queue depth is bounded: submitters wait for room (back-pressure).
 //! - Payloads up to the QP's inline limit are copied into the work request (inline); transfers over
 //!   the device's maximum message size (or 16 MiB) are split into chunks.
-//! - Completions are polled by one thread per connection: in [`PollMode::BusyPoll`] it spins
-//!   while work is in flight (and for 2 ms after the last completion), otherwise, and always in
-//!   [`PollMode::Blocking`], it sleeps on the CQ's completion channel.
+//! - Completions: in [`PollMode::BusyPoll`] the thread waiting on an operation (or a message or
+//!   notification) polls the CQ itself, like perftest, through the operation's progress hook (no
+//!   thread hand-off on the hot path); the connection's completion thread stays parked while
+//!   waiters drive and takes over on the CQ's completion channel when nobody does. In
+//!   [`PollMode::Blocking`] the completion thread sleeps on the channel and wakes the waiters.
 //!
 //! # Remote access checks and errors
 //!
