@@ -1,0 +1,77 @@
+//! The runtime over the rdma backend: run by `scripts/test-rdma.sh` inside soft-RoCE, where
+//! `GENIE_RDMA_DEVICE` is set. The embedded cluster's automatic backend choice must pick RDMA there,
+//! and GPT-2 prefill + decode on 2 and 3 workers must equal the single-worker run bitwise.
+//!
+//! Not yet part of `scripts/test-rdma.sh`: it fails today with "cannot allocate region memory"
+//! (then the VM's OOM killer), because the runtime allows 64 MiB control messages and the rdma
+//! backend pre-posts 32 receive buffers of the maximum message size per connection (2 GiB each).
+//! It joins the soft-RoCE run once rdma messages above a receive buffer are segmented.
+#![cfg(feature = "rdma")]
+
+use genie_runtime::driver::{Driver, EmbeddedCluster};
+use genie_runtime::kernels::CpuKernels;
+use genie_runtime::models::{generate, prompt};
+use genie_runtime::plan::Placement;
+use genie_runtime::proto::WeightSpec;
+use genie_scheduler::builders::Gpt2Config;
+use genie_transport::Backend;
+use std::sync::Arc;
+
+#[test]
+fn gpt2_over_rdma_matches_single_worker() {
+    let device = std::env::var("GENIE_RDMA_DEVICE").unwrap_or_default();
+    assert!(
+        !device.is_empty(),
+        "GENIE_RDMA_DEVICE is not set: run this through scripts/test-rdma.sh (soft-RoCE)"
+    );
+    let cfg = Gpt2Config {
+        layers: 2,
+        hidden: 64,
+        heads: 2,
+        vocab: 256,
+        context: 64,
+        ..Gpt2Config::default()
+    };
+    let cluster = EmbeddedCluster::start(3, Arc::new(CpuKernels::new())).unwrap();
+    assert_eq!(
+        cluster.selection.backend,
+        Backend::Rdma,
+        "automatic choice did not pick RDMA on {device}: {}",
+        cluster.selection.reason
+    );
+    let mut driver = Driver::connect(&cluster.cluster, WeightSpec::Seeded(7)).unwrap();
+    let p = prompt(10, cfg.vocab);
+    let mut reference: Option<(Vec<Vec<u32>>, Vec<i64>)> = None;
+    for (seq, n) in [1usize, 2, 3].into_iter().enumerate() {
+        let place = |g: &genie_scheduler::graph::Graph| Placement::by_layer(g, n, cfg.layers);
+        let gen = generate(&mut driver, &cfg, &p, 2, seq as u64, place, place).unwrap();
+        let logits: Vec<Vec<u32>> = std::iter::once(&gen.prefill)
+            .chain(&gen.steps)
+            .map(|r| {
+                r.outputs[0]
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect()
+            })
+            .collect();
+        if n > 1 {
+            assert!(
+                gen.prefill.counters.transfers > 0,
+                "{n} workers moved nothing"
+            );
+        }
+        match &reference {
+            None => reference = Some((logits, gen.tokens)),
+            Some((l, t)) => {
+                assert_eq!(&gen.tokens, t, "tokens differ on {n} workers over rdma");
+                assert!(l == &logits, "logits differ on {n} workers over rdma");
+            }
+        }
+        driver.free_sequence(seq as u64).unwrap();
+    }
+    cluster.stop(driver).unwrap();
+}
