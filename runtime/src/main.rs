@@ -67,9 +67,17 @@ enum Cmd {
         /// Model builder name (gpt2-decode, gpt2-prefill, bert, resnet50).
         #[arg(long)]
         model: Option<String>,
-        /// Cluster file (TOML): one CPU device per worker.
+        /// Cluster file (TOML, as for `genie worker`): one CPU device per worker.
+        #[arg(
+            long,
+            conflicts_with = "topology",
+            required_unless_present = "topology"
+        )]
+        cluster: Option<PathBuf>,
+        /// Topology file (TOML or JSON by extension: hosts, devices with specs or presets, links),
+        /// e.g. `scheduler/examples/cluster.toml`.
         #[arg(long)]
-        cluster: PathBuf,
+        topology: Option<PathBuf>,
         /// Write the schedule JSON here instead of stdout.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -161,9 +169,9 @@ fn main() -> Result<()> {
             graph,
             model,
             cluster,
+            topology,
             out,
         } => {
-            let c = Cluster::load(&cluster)?;
             let g: Graph = match (graph, model) {
                 (Some(p), None) => {
                     let text = std::fs::read_to_string(&p)
@@ -173,20 +181,13 @@ fn main() -> Result<()> {
                 (None, Some(m)) => by_name(&m, &ModelSize::default())?,
                 _ => bail!("give exactly one of --graph FILE or --model NAME"),
             };
-            let topo = Topology::new(
-                c.workers
-                    .iter()
-                    .map(|w| {
-                        (
-                            w.name.clone(),
-                            w.address.ip().to_string(),
-                            DeviceSpec::cpu(),
-                        )
-                    })
-                    .collect(),
-                LinkSpec::gbps(20.0, 30.0),
-                LinkSpec::gbps(10.0, 50.0),
-            )?;
+            let topo = match (cluster, topology) {
+                (None, Some(t)) => {
+                    Topology::load(&t).with_context(|| format!("topology file {}", t.display()))?
+                }
+                (Some(c), None) => topology_of_cluster(&Cluster::load(&c)?)?,
+                _ => bail!("give exactly one of --cluster FILE or --topology FILE"),
+            };
             let mut s = Scheduler::new(topo);
             let sched = s.create_schedule(&g, &OptimizationPlan::default())?;
             let json = sched.to_json()?;
@@ -203,6 +204,25 @@ fn main() -> Result<()> {
         Cmd::Perf(p) => perf(p)?,
     }
     Ok(())
+}
+
+/// The topology `genie schedule` assumes for a cluster file: one CPU per worker, 20 Gb/s links
+/// between workers on one host and 10 Gb/s across hosts.
+fn topology_of_cluster(c: &Cluster) -> Result<Topology> {
+    Ok(Topology::new(
+        c.workers
+            .iter()
+            .map(|w| {
+                (
+                    w.name.clone(),
+                    w.address.ip().to_string(),
+                    DeviceSpec::cpu(),
+                )
+            })
+            .collect(),
+        LinkSpec::gbps(20.0, 30.0),
+        LinkSpec::gbps(10.0, 50.0),
+    )?)
 }
 
 /// `genie perf`: maps the command line onto [`genie_transport::perf::run`].

@@ -94,3 +94,17 @@ fn schedule_command_and_cluster_errors() {
     assert!(err.contains("workers[0].address"), "{err}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn schedule_command_takes_a_topology_file() {
+    let topo = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../scheduler/examples/cluster.toml"
+    );
+    let (ok, out, err) = genie(&["schedule", "--model", "gpt2-decode", "--topology", topo]);
+    assert!(ok, "schedule failed: {err}");
+    assert!(out.contains("schedule of `gpt2-decode`"), "{out}");
+    let (ok, _, err) = genie(&["schedule", "--model", "bert"]);
+    assert!(!ok, "schedule without --cluster or --topology succeeded");
+    assert!(err.contains("--cluster"), "{err}");
+}
