@@ -40,12 +40,23 @@ guest='set -u
 out=$1 bin=$2 iters=$3 bw_iters=$4
 dev=$GENIE_RDMA_DEVICE
 pt() { # name tool args...: server in the background, client against 127.0.0.1
+  # On a loaded machine the server may not listen yet after 1 s: then the client cannot connect
+  # and the server would wait forever, so stop it and try again (a few times).
   name=$1; shift
-  "$@" -d "$dev" -x 1 >/dev/null 2>&1 &
-  srv=$!
-  sleep 1
-  "$@" -d "$dev" -x 1 127.0.0.1 >"$out/$name" 2>&1 || echo "FAILED" >>"$out/$name"
-  wait $srv || true
+  for try in 1 2 3 4 5; do
+    "$@" -d "$dev" -x 1 >/dev/null 2>&1 &
+    srv=$!
+    sleep 1
+    if "$@" -d "$dev" -x 1 127.0.0.1 >"$out/$name" 2>&1; then
+      wait $srv || true
+      return
+    fi
+    kill $srv 2>/dev/null || true
+    wait $srv 2>/dev/null || true
+    grep -q "connect to 127.0.0.1" "$out/$name" || break
+    echo "(client could not connect, try $try)" >&2
+  done
+  echo "FAILED" >>"$out/$name"
 }
 pt perftest_write_lat ib_write_lat -s 8 -n "$iters"
 pt perftest_read_lat ib_read_lat -s 8 -n "$iters"
