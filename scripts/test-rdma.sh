@@ -49,6 +49,6 @@ exit $status'
 
 log "running on soft-RoCE: ${bins[*]##*/}"
 start=$(date +%s)
-GENIE_SOFTROCE_MEM="${GENIE_SOFTROCE_MEM:-3072}" RUST_BACKTRACE=1 \
+GENIE_SOFTROCE_MEM="${GENIE_SOFTROCE_MEM:-3072}" GENIE_SOFTROCE_TIMEOUT="${GENIE_SOFTROCE_TIMEOUT:-1200}" RUST_BACKTRACE=1 \
   scripts/softroce.sh -- bash -c "$runner" runner "${bins[@]}"
 log "RDMA tests passed on soft-RoCE in $(($(date +%s) - start)) s"
