@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The RDMA tests on real soft-RoCE: the shared transport conformance suite (tests/tests/rdma_conformance.rs,
-# the same cases as TCP, instantiated for the rdma backend), the rdma backend's unit tests and the verbs
-# layer's device tests.
+# the same cases as TCP, instantiated for the rdma backend), the rdma backend's unit tests, the verbs
+# layer's device tests and the runtime over rdma (runtime/tests/rdma_backend.rs: GPT-2 on 1/2/3
+# workers must equal the single-worker run bitwise).
 #
 #   scripts/test-rdma.sh [TEST-FILTER]
 #
@@ -25,13 +26,15 @@ log "building the RDMA test binaries (host, --features rdma, release)"
 json="$(mktemp)"
 trap 'rm -f "$json"' EXIT
 cargo test --release --no-run --message-format=json \
-  -p genie-sys -p genie-transport -p genie-tests --features genie-sys/rdma,genie-transport/rdma,genie-tests/rdma \
-  --lib --test rdma_conformance >"$json"
-# The executables of the three test targets, from cargo's JSON messages (no jq needed).
+  -p genie-sys -p genie-transport -p genie-tests -p genie-runtime \
+  --features genie-sys/rdma,genie-transport/rdma,genie-tests/rdma,genie-runtime/rdma \
+  --lib --test rdma_conformance --test rdma_backend >"$json"
+# The executables of the four test targets, from cargo's JSON messages (no jq needed); the runtime's
+# own unit tests (built by --lib) need no device and run in the ordinary test suite.
 mapfile -t bins < <(grep -o '"executable":"[^"]*"' "$json" | sed 's/"executable":"\(.*\)"/\1/' |
-  grep -E '/deps/(genie_sys|genie_transport|rdma_conformance)-[0-9a-f]+$' | sort -u)
-if [ "${#bins[@]}" -ne 3 ]; then
-  echo "error: expected 3 test binaries (genie-sys, genie-transport, rdma_conformance), found: ${bins[*]:-none}" >&2
+  grep -E '/deps/(genie_sys|genie_transport|rdma_conformance|rdma_backend)-[0-9a-f]+$' | sort -u)
+if [ "${#bins[@]}" -ne 4 ]; then
+  echo "error: expected 4 test binaries (genie-sys, genie-transport, rdma_conformance, rdma_backend), found: ${bins[*]:-none}" >&2
   exit 1
 fi
 

@@ -1,11 +1,6 @@
 //! The runtime over the rdma backend: run by `scripts/test-rdma.sh` inside soft-RoCE, where
 //! `GENIE_RDMA_DEVICE` is set. The embedded cluster's automatic backend choice must pick RDMA there,
 //! and GPT-2 prefill + decode on 2 and 3 workers must equal the single-worker run bitwise.
-//!
-//! Not yet part of `scripts/test-rdma.sh`: it fails today with "cannot allocate region memory"
-//! (then the VM's OOM killer), because the runtime allows 64 MiB control messages and the rdma
-//! backend pre-posts 32 receive buffers of the maximum message size per connection (2 GiB each).
-//! It joins the soft-RoCE run once rdma messages above a receive buffer are segmented.
 #![cfg(feature = "rdma")]
 
 use genie_runtime::driver::{Driver, EmbeddedCluster};

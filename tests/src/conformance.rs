@@ -26,6 +26,7 @@ macro_rules! conformance_tests {
     ($make:expr) => {
         $crate::conformance_tests!(@cases $make;
             integrity_sizes_and_unaligned_offsets, notifications_in_order, messages_and_size_limit,
+            large_messages_are_delivered_whole,
             batches_with_mixed_results, access_violations_have_precise_errors,
             many_concurrent_transfers_over_many_connections, shared_secret, registered_caller_memory);
         #[test]
@@ -194,6 +195,60 @@ pub fn messages_and_size_limit(make: MakeConfig<'_>) {
         p.ba.recv(Duration::from_millis(10)),
         Err(TransportError::Timeout { .. })
     ));
+    assert!(p.ab.is_alive() && p.ba.is_alive());
+}
+
+/// Messages far above one receive buffer (1 B, 64 KiB + 1, 3 MiB, the 4 MiB maximum) with
+/// `max_message_size` = 4 MiB arrive whole, intact and in order, both ways; one byte over the
+/// maximum is refused with `MessageTooLarge` and the connection stays usable.
+pub fn large_messages_are_delivered_whole(make: MakeConfig<'_>) {
+    const MAX: usize = 4 << 20;
+    let cfg = || TransportConfig {
+        max_message_size: MAX,
+        ..make()
+    };
+    let p = pair(&cfg);
+    let pattern = |len: usize, seed: u64| {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect::<Vec<u8>>()
+    };
+    let sizes = [1, (64 << 10) + 1, 3 << 20, 1, MAX];
+    for (from, to) in [(&p.ab, &p.ba), (&p.ba, &p.ab)] {
+        // Post them all before receiving any: the receiver must keep them apart.
+        let msgs: Vec<Vec<u8>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| pattern(n, i as u64 + 1))
+            .collect();
+        let ops: Vec<_> = msgs.iter().map(|m| from.send(m).unwrap()).collect();
+        for (i, m) in msgs.iter().enumerate() {
+            let got = to.recv(WAIT).unwrap();
+            assert_eq!(got.len(), m.len(), "message {i}: length");
+            assert_eq!(
+                crc32fast::hash(&got),
+                crc32fast::hash(m),
+                "message {i} ({} B): checksum",
+                m.len()
+            );
+        }
+        for op in ops {
+            wait_ok(op, "large send");
+        }
+    }
+    match p.ab.send(&vec![0; MAX + 1]) {
+        Err(TransportError::MessageTooLarge { len, max }) => assert_eq!((len, max), (MAX + 1, MAX)),
+        other => panic!("expected MessageTooLarge, got {other:?}"),
+    }
+    wait_ok(p.ab.send(b"after").unwrap(), "send after the refused one");
+    assert_eq!(p.ba.recv(WAIT).unwrap(), b"after");
+    assert!(matches!(p.ba.try_recv(), Ok(None)));
     assert!(p.ab.is_alive() && p.ba.is_alive());
 }
 

@@ -38,6 +38,19 @@ const DRIVER_GRACE: Duration = Duration::from_millis(1);
 const MAX_CHUNK: usize = 16 << 20;
 /// Bit of a work request id that marks a receive.
 const RECV_BIT: u64 = 1 << 63;
+/// Payload of one receive buffer (a segment; less when `max_message_size` is smaller):
+/// `max_message_size` bounds messages, not receive buffers. A message larger than the peer's
+/// segment goes as several SENDs, each one segment with a [`SEG_HEADER`]-byte header (more follows
+/// / last), each consuming one credit; RC delivers them in order and the receiver reassembles the
+/// message (up to its `max_message_size`). Receive memory per connection: `RECV_DEPTH` × (64 KiB
+/// + 1) ≈ 2 MiB (it was `RECV_DEPTH` × `max_message_size`: 2 GiB with the runtime's 64 MiB).
+const SEGMENT: usize = 64 << 10;
+/// Bytes of the segment header in front of each SEND's payload.
+const SEG_HEADER: usize = 1;
+/// Segment header: the message continues in the next segment.
+const SEG_MORE: u8 = 1;
+/// Segment header: the last (or only) segment of the message.
+const SEG_LAST: u8 = 0;
 
 fn io_err(call: &'static str) -> impl Fn(io::Error) -> TransportError {
     move |e| TransportError::io(call, e)
@@ -78,6 +91,8 @@ struct Poller {
     wcs: Vec<Completion>,
     /// Receive buffers re-posted whose credits are not yet returned.
     consumed: u32,
+    /// The message being reassembled from its segments (empty between messages).
+    partial: Vec<u8>,
 }
 
 /// A posted work request not yet known to be complete.
@@ -118,8 +133,13 @@ pub(crate) struct ConnShared {
     peer: SocketAddr,
     peer_endpoint: EndpointId,
     mode: PollMode,
+    /// Bytes of one receive buffer (and send staging slot): segment header + payload.
     recv_size: usize,
-    peer_recv_size: usize,
+    /// Bytes of one outgoing segment, header included: the peer's receive buffer size (from the
+    /// handshake), at most our own staging slot.
+    send_seg: usize,
+    /// Held for the whole of a send, so that the segments of two messages never interleave.
+    send_order: Mutex<()>,
     max_inline: usize,
     chunk: usize,
     notes: Mutex<VecDeque<u32>>,
@@ -227,7 +247,7 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream) -> Result<Arc<Conn
         }
     };
     let mut qp = qp;
-    let recv_size = ep.config.max_message_size.max(1);
+    let recv_size = ep.config.max_message_size.min(SEGMENT) + SEG_HEADER;
     let recv_buf = Arc::new(SharedBuf::zeroed(recv_size * rq_depth as usize)?);
     let send_buf = Arc::new(SharedBuf::zeroed(recv_size * SEND_SLOTS)?);
     let recv_mr = ep
@@ -339,7 +359,8 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream) -> Result<Arc<Conn
         peer_endpoint: agreed.peer_endpoint,
         mode,
         recv_size,
-        peer_recv_size: agreed.peer_recv_size as usize,
+        send_seg: (agreed.peer_recv_size as usize).min(recv_size),
+        send_order: Mutex::new(()),
         max_inline: max_inline as usize,
         chunk,
         notes: Mutex::new(VecDeque::new()),
@@ -355,6 +376,7 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream) -> Result<Arc<Conn
         poller: Mutex::new(Poller {
             wcs: Vec::with_capacity(32),
             consumed: 0,
+            partial: Vec::new(),
         }),
         return_at: (rq_depth / 4).max(1),
         driver: (mode == PollMode::BusyPoll).then(|| {
@@ -406,7 +428,8 @@ enum LocalData<'a> {
 struct Job<'a> {
     kind: JobKind,
     local: LocalData<'a>,
-    completer: Completer,
+    /// `None` for the leading segments of a message (the op completes with its last one).
+    completer: Option<Completer>,
     remote_region: u64,
 }
 
@@ -607,7 +630,7 @@ impl ConnShared {
         Ok(Job {
             kind,
             local,
-            completer: make(vec![t.local.clone()]),
+            completer: Some(make(vec![t.local.clone()])),
             remote_region: t.remote.region,
         })
     }
@@ -634,13 +657,15 @@ impl ConnShared {
             };
             if matches!(job.local, LocalData::Nothing) {
                 // A zero-length write or read moves nothing: it is complete once validated.
-                job.completer.complete(Ok(()));
+                if let Some(c) = job.completer {
+                    c.complete(Ok(()));
+                }
                 continue;
             }
             let needs_credit = matches!(job.kind, JobKind::WriteImm { .. } | JobKind::Send);
             let n = chunks.len();
             let mut failed = None;
-            let mut completer = Some(job.completer);
+            let mut completer = job.completer;
             for (ci, (off, len)) in chunks.into_iter().enumerate() {
                 let last_chunk = ci + 1 == n;
                 // Back-pressure: room in the send queue (and a credit for the final, consuming request).
@@ -784,7 +809,7 @@ impl ConnShared {
         p.wcs.clear();
         let n = self.cq.poll(&mut p.wcs, 32)?;
         for wc in p.wcs.drain(..) {
-            self.on_completion(wc, &mut p.consumed);
+            self.on_completion(wc, &mut p.consumed, &mut p.partial);
         }
         // Return credits for re-posted receive buffers in batches (side channel).
         if p.consumed >= self.return_at && self.alive.load(Ordering::Acquire) {
@@ -849,7 +874,7 @@ impl ConnShared {
         }
     }
 
-    fn on_completion(&self, wc: Completion, consumed: &mut u32) {
+    fn on_completion(&self, wc: Completion, consumed: &mut u32, partial: &mut Vec<u8>) {
         if wc.wr_id & RECV_BIT != 0 {
             let slot = (wc.wr_id & !RECV_BIT) as usize;
             if let Err(e) = wc.status {
@@ -871,9 +896,13 @@ impl ConnShared {
                 WcOpcode::Recv => {
                     let start = slot * self.recv_size;
                     let len = (wc.byte_len as usize).min(self.recv_size);
-                    if let Some(b) = self.recv_mr.mem().read().get(start..start + len) {
-                        self.msgs.lock().push_back(b.to_vec());
-                        self.msgs_cv.notify_all();
+                    if let Err(what) = self.on_segment(slot, start, len, partial) {
+                        partial.clear();
+                        self.die(TransportError::PeerMisbehaved {
+                            peer: Some(self.peer),
+                            what,
+                        });
+                        return;
                     }
                 }
                 _ => {}
@@ -936,6 +965,41 @@ impl ConnShared {
                 e => e.clone(),
             };
             self.die(reason);
+        }
+    }
+
+    /// Adds one received segment (`len` bytes at `start` of the receive slots) to the message
+    /// being reassembled, delivering it after its last segment. Err: what the peer did wrong.
+    fn on_segment(
+        &self,
+        slot: usize,
+        start: usize,
+        len: usize,
+        partial: &mut Vec<u8>,
+    ) -> std::result::Result<(), String> {
+        let mem = self.recv_mr.mem().read();
+        let seg = mem
+            .get(start..start + len)
+            .ok_or_else(|| format!("receive of {len} bytes does not fit slot {slot}"))?;
+        let (&flag, payload) = seg
+            .split_first()
+            .ok_or_else(|| "message segment without its header".to_string())?;
+        let max = self.ep.config.max_message_size;
+        if partial.len() + payload.len() > max {
+            return Err(format!(
+                "message of more than {max} bytes (the max_message_size) sent anyway"
+            ));
+        }
+        partial.extend_from_slice(payload);
+        match flag {
+            SEG_MORE => Ok(()),
+            SEG_LAST => {
+                drop(mem);
+                self.msgs.lock().push_back(std::mem::take(partial));
+                self.msgs_cv.notify_all();
+                Ok(())
+            }
+            other => Err(format!("bad message segment header {other:#x}")),
         }
     }
 
@@ -1183,53 +1247,88 @@ impl Connection for RdmaConnection {
     }
     fn send(&self, msg: &[u8]) -> Result<Op> {
         let c = &self.c;
-        let max = c.ep.config.max_message_size.min(c.peer_recv_size);
+        let max = c.ep.config.max_message_size;
         if msg.len() > max {
             return Err(TransportError::MessageTooLarge {
                 len: msg.len(),
                 max,
             });
         }
+        // Payload bytes per segment (the handshake guarantees a peer receive size of at least 1).
+        let per_seg = c.send_seg.saturating_sub(SEG_HEADER);
+        if per_seg == 0 && !msg.is_empty() {
+            return Err(TransportError::MessageTooLarge {
+                len: msg.len(),
+                max: 0,
+            });
+        }
         c.check_alive()?;
-        let (op, completer) = Op::with_progress(c.mode, Vec::new(), c.driver.clone());
-        let local = if msg.len() <= c.max_inline {
-            LocalData::Inline(msg.to_vec())
+        let segments: Vec<&[u8]> = if msg.is_empty() {
+            vec![msg]
         } else {
-            // Copy into the next staging slot once its previous send has completed.
-            let slot = {
-                let mut st = c.state.lock();
-                let s = st.next_slot;
-                st.next_slot = (s + 1) % SEND_SLOTS;
-                let deadline = Instant::now() + c.ep.config.peer_timeout * 4;
-                while st.slot_seq[s] > st.retired && c.alive.load(Ordering::Acquire) {
-                    if c.space.wait_until(&mut st, deadline).timed_out() {
-                        return Err(TransportError::PeerDead {
-                            peer: c.peer,
-                            reason: "send staging never freed".into(),
-                        });
+            msg.chunks(per_seg).collect()
+        };
+        let (op, completer) = Op::with_progress(c.mode, Vec::new(), c.driver.clone());
+        let mut completer = Some(completer);
+        // One message at a time on the wire: its segments must arrive back to back.
+        let _order = c.send_order.lock();
+        let n = segments.len();
+        for (i, part) in segments.into_iter().enumerate() {
+            let last = i + 1 == n;
+            let flag = if last { SEG_LAST } else { SEG_MORE };
+            let len = SEG_HEADER + part.len();
+            let local = if len <= c.max_inline {
+                let mut v = Vec::with_capacity(len);
+                v.push(flag);
+                v.extend_from_slice(part);
+                LocalData::Inline(v)
+            } else {
+                // Copy into the next staging slot once its previous send has completed.
+                let slot = {
+                    let mut st = c.state.lock();
+                    let s = st.next_slot;
+                    st.next_slot = (s + 1) % SEND_SLOTS;
+                    let deadline = Instant::now() + c.ep.config.peer_timeout * 4;
+                    while st.slot_seq[s] > st.retired && c.alive.load(Ordering::Acquire) {
+                        if c.space.wait_until(&mut st, deadline).timed_out() {
+                            let err = TransportError::PeerDead {
+                                peer: c.peer,
+                                reason: "send staging never freed".into(),
+                            };
+                            drop(st);
+                            if i > 0 {
+                                // Part of the message is on the wire: the stream is broken.
+                                c.die(err.clone());
+                            }
+                            return Err(err);
+                        }
+                    }
+                    c.check_alive()?;
+                    // Reserve the slot: a concurrent sender waits until this send is posted and done.
+                    st.slot_seq[s] = u64::MAX;
+                    s
+                };
+                let start = slot * c.recv_size;
+                if let Some(dst) = c.send_mr.mem().write().get_mut(start..start + len) {
+                    if let Some((h, rest)) = dst.split_first_mut() {
+                        *h = flag;
+                        rest.copy_from_slice(part);
                     }
                 }
-                c.check_alive()?;
-                // Reserve the slot: a concurrent sender waits until this send is posted and done.
-                st.slot_seq[s] = u64::MAX;
-                s
+                LocalData::Slot { slot, len }
             };
-            let start = slot * c.recv_size;
-            if let Some(dst) = c.send_mr.mem().write().get_mut(start..start + msg.len()) {
-                dst.copy_from_slice(msg);
+            let job = Job {
+                kind: JobKind::Send,
+                local,
+                completer: if last { completer.take() } else { None },
+                remote_region: 0,
+            };
+            c.post_jobs(vec![job]);
+            if !last {
+                // A leading segment that could not be posted killed the connection.
+                c.check_alive()?;
             }
-            LocalData::Slot {
-                slot,
-                len: msg.len(),
-            }
-        };
-        let job = Job {
-            kind: JobKind::Send,
-            local,
-            completer,
-            remote_region: 0,
-        };
-        c.post_jobs(vec![job]);
+        }
         Ok(op)
     }
     fn recv(&self, timeout: Duration) -> Result<Vec<u8>> {

@@ -16,8 +16,12 @@
 //!
 //! - `write` / `read` are RDMA WRITE / READ; `write_notify` ends with an RDMA WRITE WITH IMM, whose
 //!   immediate is the notification (delivered by the target's receive completion, after the data);
-//!   `send` is a SEND into one of the peer's pre-posted receive buffers. Sends and notifications
-//!   consume a credit; the receiver re-posts its buffer and returns credits over the side channel.
+//!   `send` is a SEND into one of the peer's pre-posted receive buffers. Receive buffers hold one
+//!   segment (at most 64 KiB of payload plus a 1-byte header), not a whole `max_message_size`
+//!   message: a larger message goes as several SENDs marked "more follows" / "last", which RC
+//!   delivers in order and the receiver reassembles (a peer exceeding the receiver's
+//!   `max_message_size` loses its connection). Sends (each segment) and notifications consume a
+//!   credit; the receiver re-posts its buffer and returns credits over the side channel.
 //! - Selective signalling: only the last work request of each submission (and one in every half
 //!   send queue) asks for a completion; RC completes in order, so one completion retires every
 //!   earlier request. The send queue depth is bounded: submitters wait for room (back-pressure).

@@ -84,7 +84,8 @@ pub struct Hello {
     pub mtu: u32,
     /// Receive buffers the sender pre-posted (initial credits of the peer).
     pub credits: u32,
-    /// Size of each receive buffer (largest message the sender accepts).
+    /// Size of each receive buffer: the largest SEND (one message segment, header included) the
+    /// sender accepts.
     pub recv_size: u32,
     /// Random challenge for the secret.
     pub nonce: [u8; 16],
