@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 /// Which operation to measure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum PerfTest {
     /// One-sided write.
@@ -423,5 +424,82 @@ mod tests {
                 "{r:?}"
             );
         }
+    }
+}
+
+/// The command-line arguments of a perf run, shared by `genie perf` and the `genie-perf` benchmark
+/// binary (feature `cli`). Flatten it into a clap parser and call [`PerfCli::to_args`].
+#[cfg(feature = "cli")]
+#[derive(Debug, Clone, clap::Args)]
+pub struct PerfCli {
+    /// Backend.
+    #[arg(long, value_enum, default_value = "tcp")]
+    pub backend: crate::BackendChoice,
+    /// Tests to run (comma-separated).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "write,read,send"
+    )]
+    pub test: Vec<PerfTest>,
+    /// Message sizes in bytes (comma-separated); default 2, 8, 32, ... 8 MiB.
+    #[arg(long, value_delimiter = ',')]
+    pub sizes: Vec<usize>,
+    /// Operations per size.
+    #[arg(long, short = 'n', default_value_t = 1000)]
+    pub iterations: usize,
+    /// Operations in flight for bandwidth.
+    #[arg(long, default_value_t = 16)]
+    pub window: usize,
+    /// Spin instead of sleeping while waiting (lower latency, burns cores).
+    #[arg(long)]
+    pub busy_poll: bool,
+    /// Run as a server on --listen.
+    #[arg(long, conflicts_with = "client")]
+    pub server: bool,
+    /// Run as a client of the server at this address.
+    #[arg(long)]
+    pub client: Option<std::net::SocketAddr>,
+    /// Listen address (server, or the loopback pair).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: std::net::SocketAddr,
+    /// RDMA device (e.g. rxe0).
+    #[arg(long)]
+    pub rdma_device: Option<String>,
+}
+
+#[cfg(feature = "cli")]
+impl PerfCli {
+    /// The run these arguments describe.
+    pub fn to_args(&self) -> PerfArgs {
+        let config = crate::TransportConfig {
+            backend: self.backend,
+            listen: self.listen,
+            poll_mode: if self.busy_poll {
+                crate::PollMode::BusyPoll
+            } else {
+                crate::PollMode::Blocking
+            },
+            rdma_device: self.rdma_device.clone(),
+            ..crate::TransportConfig::default()
+        };
+        let role = match (self.server, self.client) {
+            (true, _) => PerfRole::Server,
+            (false, Some(addr)) => PerfRole::Client(addr),
+            (false, None) => PerfRole::Loopback,
+        };
+        let mut args = PerfArgs {
+            config,
+            tests: self.test.clone(),
+            iterations: self.iterations,
+            window: self.window,
+            role,
+            ..PerfArgs::default()
+        };
+        if !self.sizes.is_empty() {
+            args.sizes = self.sizes.clone();
+        }
+        args
     }
 }
