@@ -162,6 +162,9 @@ pub trait Connection: Send + Sync + std::fmt::Debug {
     fn peer_addr(&self) -> SocketAddr;
     /// The peer endpoint's identity (from the handshake).
     fn peer_endpoint(&self) -> EndpointId;
+    /// Submits one transfer; [`write`](Self::write), [`write_notify`](Self::write_notify) and
+    /// [`read`](Self::read) are this with the transfer spelled out.
+    fn submit(&self, transfer: Transfer<'_>) -> Result<Op>;
     /// Writes `len` bytes from `local[local_offset..]` to `remote[remote_offset..]`.
     fn write(
         &self,
@@ -170,7 +173,16 @@ pub trait Connection: Send + Sync + std::fmt::Debug {
         remote: &RemoteRegion,
         remote_offset: u64,
         len: usize,
-    ) -> Result<Op>;
+    ) -> Result<Op> {
+        self.submit(Transfer {
+            kind: TransferKind::Write,
+            local,
+            local_offset,
+            remote,
+            remote_offset,
+            len,
+        })
+    }
     /// Like [`write`](Self::write), then delivers `imm` to the target's notification queue once
     /// the data has landed.
     fn write_notify(
@@ -181,7 +193,16 @@ pub trait Connection: Send + Sync + std::fmt::Debug {
         remote_offset: u64,
         len: usize,
         imm: u32,
-    ) -> Result<Op>;
+    ) -> Result<Op> {
+        self.submit(Transfer {
+            kind: TransferKind::WriteNotify(imm),
+            local,
+            local_offset,
+            remote,
+            remote_offset,
+            len,
+        })
+    }
     /// Reads `len` bytes from `remote[remote_offset..]` into `local[local_offset..]`.
     fn read(
         &self,
@@ -190,7 +211,16 @@ pub trait Connection: Send + Sync + std::fmt::Debug {
         remote: &RemoteRegion,
         remote_offset: u64,
         len: usize,
-    ) -> Result<Op>;
+    ) -> Result<Op> {
+        self.submit(Transfer {
+            kind: TransferKind::Read,
+            local,
+            local_offset,
+            remote,
+            remote_offset,
+            len,
+        })
+    }
     /// Sends a message of at most [`TransportConfig::max_message_size`] bytes.
     fn send(&self, msg: &[u8]) -> Result<Op>;
     /// Waits up to `timeout` for the next message.

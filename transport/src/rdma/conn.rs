@@ -1193,57 +1193,8 @@ impl Connection for RdmaConnection {
     fn peer_endpoint(&self) -> EndpointId {
         self.c.peer_endpoint
     }
-    fn write(
-        &self,
-        local: &Region,
-        local_offset: usize,
-        remote: &RemoteRegion,
-        remote_offset: u64,
-        len: usize,
-    ) -> Result<Op> {
-        self.c.submit_one(Transfer {
-            kind: TransferKind::Write,
-            local,
-            local_offset,
-            remote,
-            remote_offset,
-            len,
-        })
-    }
-    fn write_notify(
-        &self,
-        local: &Region,
-        local_offset: usize,
-        remote: &RemoteRegion,
-        remote_offset: u64,
-        len: usize,
-        imm: u32,
-    ) -> Result<Op> {
-        self.c.submit_one(Transfer {
-            kind: TransferKind::WriteNotify(imm),
-            local,
-            local_offset,
-            remote,
-            remote_offset,
-            len,
-        })
-    }
-    fn read(
-        &self,
-        local: &Region,
-        local_offset: usize,
-        remote: &RemoteRegion,
-        remote_offset: u64,
-        len: usize,
-    ) -> Result<Op> {
-        self.c.submit_one(Transfer {
-            kind: TransferKind::Read,
-            local,
-            local_offset,
-            remote,
-            remote_offset,
-            len,
-        })
+    fn submit(&self, transfer: Transfer<'_>) -> Result<Op> {
+        self.c.submit_one(transfer)
     }
     fn send(&self, msg: &[u8]) -> Result<Op> {
         let c = &self.c;

@@ -15,7 +15,7 @@ use super::proto::{Conn, ConnConfig, Event, ReadOutcome, Request, WriteOutcome};
 use crate::completion::{Batch, BatchBuilder, Op};
 use crate::config::{Backend, PollMode, TransportConfig};
 use crate::error::{Result, TransportError};
-use crate::region::{EndpointId, Region, RegionTable, RemoteRegion};
+use crate::region::{EndpointId, Region, RegionTable};
 use crate::{Connection, Transfer, TransferKind, Transport};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -357,26 +357,6 @@ impl TcpConnection {
         Ok(op)
     }
 
-    fn one(
-        &self,
-        kind: TransferKind,
-        local: &Region,
-        lo: usize,
-        remote: &RemoteRegion,
-        ro: u64,
-        len: usize,
-    ) -> Result<Op> {
-        let req = self.request(&Transfer {
-            kind,
-            local,
-            local_offset: lo,
-            remote,
-            remote_offset: ro,
-            len,
-        })?;
-        self.submit_one(req)
-    }
-
     fn wait_queue<T>(
         &self,
         timeout: Duration,
@@ -422,38 +402,9 @@ impl Connection for TcpConnection {
         self.peer_endpoint
     }
 
-    fn write(
-        &self,
-        local: &Region,
-        lo: usize,
-        remote: &RemoteRegion,
-        ro: u64,
-        len: usize,
-    ) -> Result<Op> {
-        self.one(TransferKind::Write, local, lo, remote, ro, len)
-    }
-
-    fn write_notify(
-        &self,
-        local: &Region,
-        lo: usize,
-        remote: &RemoteRegion,
-        ro: u64,
-        len: usize,
-        imm: u32,
-    ) -> Result<Op> {
-        self.one(TransferKind::WriteNotify(imm), local, lo, remote, ro, len)
-    }
-
-    fn read(
-        &self,
-        local: &Region,
-        lo: usize,
-        remote: &RemoteRegion,
-        ro: u64,
-        len: usize,
-    ) -> Result<Op> {
-        self.one(TransferKind::Read, local, lo, remote, ro, len)
+    fn submit(&self, transfer: Transfer<'_>) -> Result<Op> {
+        let req = self.request(&transfer)?;
+        self.submit_one(req)
     }
 
     fn send(&self, msg: &[u8]) -> Result<Op> {
