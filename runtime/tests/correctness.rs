@@ -1,6 +1,8 @@
 //! Disaggregated runs give the same answer as one worker: GPT-2 (prefill + decode steps with
 //! KV caches pinned on workers) on 1, 2 and 3 in-process workers over real TCP on loopback.
 
+mod common;
+use common::bits;
 use genie_runtime::driver::{Driver, EmbeddedCluster};
 use genie_runtime::kernels::CpuKernels;
 use genie_runtime::models::{generate, prompt};
@@ -18,16 +20,6 @@ fn small() -> Gpt2Config {
         context: 128,
         ..Gpt2Config::default()
     }
-}
-
-fn bits(t: &candle_core::Tensor) -> Vec<u32> {
-    t.flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .iter()
-        .map(|x| x.to_bits())
-        .collect()
 }
 
 #[test]

@@ -1,7 +1,9 @@
 //! BERT and ResNet-50 (small configurations of the real architectures) give the same outputs on
 //! 1, 2 and 3 in-process workers (pipeline stages, real TCP between them) as on one.
 
+mod common;
 use candle_core::{Device, Tensor};
+use common::bits;
 use genie_runtime::driver::{Driver, EmbeddedCluster};
 use genie_runtime::kernels::CpuKernels;
 use genie_runtime::plan::Placement;
@@ -9,16 +11,6 @@ use genie_runtime::proto::WeightSpec;
 use genie_scheduler::builders::{bert, resnet, BertConfig, ResNetConfig};
 use genie_scheduler::graph::Graph;
 use std::sync::Arc;
-
-fn bits(t: &Tensor) -> Vec<u32> {
-    t.flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .iter()
-        .map(|x| x.to_bits())
-        .collect()
-}
 
 fn across_workers(driver: &mut Driver, g: &Graph, inputs: &[(&str, Tensor)]) {
     let mut reference: Option<Vec<Vec<u32>>> = None;

@@ -1,6 +1,8 @@
 //! `genie worker` processes joined by a cluster file: the same answers as in-process workers,
 //! and a worker killed mid-run fails the run with an error naming it, within a bounded time.
 
+mod common;
+use common::bits;
 use genie_runtime::cluster::Cluster;
 use genie_runtime::driver::{Driver, EmbeddedCluster};
 use genie_runtime::kernels::CpuKernels;
@@ -68,16 +70,6 @@ fn start(n: usize, tag: &str) -> (Cluster, Workers, PathBuf) {
         })
         .collect();
     (cluster, Workers(children), dir)
-}
-
-fn bits(t: &candle_core::Tensor) -> Vec<u32> {
-    t.flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .iter()
-        .map(|x| x.to_bits())
-        .collect()
 }
 
 #[test]

@@ -3,6 +3,8 @@
 //! and GPT-2 prefill + decode on 2 and 3 workers must equal the single-worker run bitwise.
 #![cfg(feature = "rdma")]
 
+mod common;
+use common::bits;
 use genie_runtime::driver::{Driver, EmbeddedCluster};
 use genie_runtime::kernels::CpuKernels;
 use genie_runtime::models::{generate, prompt};
@@ -42,16 +44,7 @@ fn gpt2_over_rdma_matches_single_worker() {
         let gen = generate(&mut driver, &cfg, &p, 2, seq as u64, place, place).unwrap();
         let logits: Vec<Vec<u32>> = std::iter::once(&gen.prefill)
             .chain(&gen.steps)
-            .map(|r| {
-                r.outputs[0]
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.to_bits())
-                    .collect()
-            })
+            .map(|r| bits(&r.outputs[0]))
             .collect();
         if n > 1 {
             assert!(
