@@ -2,6 +2,7 @@
 //! measurements. [`EmbeddedCluster`] starts the workers as threads of this process, each with
 //! its own transport endpoint on loopback (real TCP between them).
 
+use crate::cache::SentGraphs;
 use crate::cluster::{Cluster, DeviceKind, WorkerSpec};
 use crate::error::{Result, RuntimeError};
 use crate::kernels::{tensor_from_bytes, tensor_to_bytes, Kernels};
@@ -10,16 +11,20 @@ use crate::proto::{self, Msg, PayloadTensor, RunStats, WeightSpec};
 use crate::trace::{CounterSnapshot, Span, SpanKind};
 use crate::worker::{self, connect_retry, recv_msg, send_msg, transport_config};
 use candle_core::Tensor;
-use genie_scheduler::graph::{Graph, TensorMeta, TensorRef};
-use genie_transport::{BackendSelection, Connection, Transport};
+use genie_scheduler::graph::{Graph, NodeId, TensorMeta, TensorRef};
+use genie_transport::{BackendSelection, Connection, Transport, TransportError};
 use std::net::SocketAddr;
-use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// How long a run may take before the driver gives up on it.
 pub const RUN_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// How long the driver, waiting for several workers' replies, waits on one before looking at
+/// the others (a reply that is already there is taken at once either way; this bounds how late
+/// a failure report from one worker is seen while another is still busy).
+const REPLY_SLICE: Duration = Duration::from_millis(20);
 
 /// One measured transfer.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,6 +63,7 @@ pub struct Driver {
     conns: Vec<Arc<dyn Connection>>,
     next_run: u64,
     poisoned: Option<String>,
+    sent: SentGraphs,
 }
 
 impl std::fmt::Debug for Driver {
@@ -113,6 +119,7 @@ impl Driver {
         Ok(Self {
             _endpoint: endpoint,
             names: cluster.workers.iter().map(|w| w.name.clone()).collect(),
+            sent: SentGraphs::new(conns.len()),
             conns,
             next_run: 1,
             poisoned: None,
@@ -146,7 +153,8 @@ impl Driver {
                 self.conns.len()
             )));
         }
-        let plan = ExecPlan::new(graph, placement, wanted)?;
+        let look = self.sent.lookup(graph, placement);
+        self.sent.plan(&look, wanted)?;
         let run = self.next_run;
         self.next_run += 1;
         let mut payload = Vec::new();
@@ -172,81 +180,49 @@ impl Driver {
             });
             payload.extend_from_slice(&bytes);
         }
-        let msg = Msg::Run {
-            run,
-            graph: graph.clone(),
-            placement: placement.clone(),
-            seq,
-            inputs: ins,
-            wanted: wanted.to_vec(),
-        };
-        let bytes = proto::encode(&msg, &payload)?;
-        let start = Instant::now();
-        let (tx, rx) = mpsc::channel();
+        // Each worker gets the graph once, then its id (and the tensors that changed shape).
+        let mut msgs = Vec::with_capacity(used);
         for i in 0..used {
-            let (c, name) = (self.conns[i].clone(), self.names[i].clone());
-            // The reply says whether it arrived; no need to wait for the send itself.
-            let _sent = c.send(&bytes).map_err(|e| RuntimeError::WorkerFailed {
-                worker: name.clone(),
-                reason: e.to_string(),
-            })?;
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                let deadline = Instant::now() + RUN_TIMEOUT;
-                let res = loop {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        break Err(RuntimeError::WorkerFailed {
-                            worker: name.clone(),
-                            reason: format!("no reply within {RUN_TIMEOUT:?}"),
-                        });
-                    }
-                    match recv_msg(&*c, &name, left.min(Duration::from_millis(200))) {
-                        Err(RuntimeError::Transport { .. }) if c.is_alive() => continue,
-                        Err(e @ RuntimeError::WorkerFailed { .. }) => break Err(e),
-                        Err(e) => {
-                            break Err(RuntimeError::WorkerFailed {
-                                worker: name.clone(),
-                                reason: e.to_string(),
-                            })
-                        }
-                        Ok(m) => break Ok(m),
-                    }
-                };
-                let _ = tx.send((i, res, Instant::now()));
-            });
+            let (g, forget) = self.sent.message(&look, i)?;
+            let msg = Msg::Run {
+                run,
+                forget,
+                graph: g,
+                seq,
+                inputs: ins.clone(),
+                wanted: wanted.to_vec(),
+            };
+            msgs.push(proto::encode(&msg, &payload)?);
         }
-        drop(tx);
+        let start = Instant::now();
+        for (i, bytes) in msgs.iter().enumerate() {
+            // The reply says whether it arrived; no need to wait for the send itself.
+            if let Err(e) = self.conns[i].send(bytes) {
+                let name = self.names[i].clone();
+                self.poisoned = Some(name.clone());
+                return Err(RuntimeError::WorkerFailed {
+                    worker: name,
+                    reason: e.to_string(),
+                });
+            }
+        }
+        let replies = match self.gather(used, start + RUN_TIMEOUT) {
+            Ok(r) => r,
+            Err((worker, reason)) => {
+                self.poisoned = Some(worker.clone());
+                return Err(RuntimeError::WorkerFailed { worker, reason });
+            }
+        };
+        let last = Instant::now();
         let mut stats: Vec<Option<RunStats>> = vec![None; used];
         let mut outputs: Vec<Option<Tensor>> = vec![None; wanted.len()];
-        let mut last = start;
-        for _ in 0..used {
-            let (i, res, at) = rx.recv().map_err(|_| RuntimeError::WorkerFailed {
-                worker: "driver".into(),
-                reason: "reply threads ended early".into(),
-            })?;
-            last = last.max(at);
-            let fail = |this: &mut Self, worker: String, reason: String| {
-                this.poisoned = Some(worker.clone());
-                RuntimeError::WorkerFailed { worker, reason }
-            };
-            match res {
-                Err(RuntimeError::WorkerFailed { worker, reason }) => {
-                    return Err(fail(self, worker, reason))
-                }
-                Err(e) => return Err(fail(self, self.names[i].clone(), e.to_string())),
-                Ok((Msg::Failed { error, culprit, .. }, _)) => {
-                    let who = culprit.unwrap_or_else(|| self.names[i].clone());
-                    return Err(fail(self, who, error));
-                }
-                Ok((
-                    Msg::Done {
-                        run: r,
-                        outputs: outs,
-                        stats: s,
-                    },
-                    pl,
-                )) if r == run => {
+        for (i, msg, pl) in replies {
+            match msg {
+                Msg::Done {
+                    run: r,
+                    outputs: outs,
+                    stats: s,
+                } if r == run => {
                     for o in outs {
                         let Some(t) = o.tensor else { continue };
                         let slice = proto::payload_slice(&pl, &o, &self.names[i])?;
@@ -259,9 +235,13 @@ impl Driver {
                     }
                     stats[i] = Some(s);
                 }
-                Ok((other, _)) => {
-                    let e = format!("unexpected reply {other:?}");
-                    return Err(fail(self, self.names[i].clone(), e));
+                other => {
+                    let name = self.names[i].clone();
+                    self.poisoned = Some(name.clone());
+                    return Err(RuntimeError::WorkerFailed {
+                        worker: name,
+                        reason: format!("unexpected reply {other:?}"),
+                    });
                 }
             }
         }
@@ -271,90 +251,71 @@ impl Driver {
             .zip(wanted)
             .map(|(o, w)| o.ok_or_else(|| RuntimeError::Plan(format!("no worker returned {w:?}"))))
             .collect::<Result<Vec<_>>>()?;
-        Ok(self.assemble(graph, &plan, stats, outputs, wall))
+        let plan = self.sent.plan(&look, wanted)?;
+        Ok(assemble(&self.names, graph, plan, stats, outputs, wall))
     }
 
-    fn assemble(
+    /// The replies of workers `0..used` to the run just handed out, as they arrive (on this
+    /// thread: each connection is polled, and the wait sleeps on one of them). A failure
+    /// reported by any worker, a dead connection or no reply by `deadline` ends the wait with
+    /// the worker to blame and why.
+    #[allow(clippy::type_complexity)]
+    fn gather(
         &self,
-        graph: &Graph,
-        plan: &ExecPlan,
-        stats: Vec<Option<RunStats>>,
-        outputs: Vec<Tensor>,
-        wall: Duration,
-    ) -> RunOutput {
-        let mut spans = Vec::new();
-        let mut counters = CounterSnapshot::default();
-        let mut posted = std::collections::HashMap::new();
-        let mut arrived = std::collections::HashMap::new();
-        let mut peak = Vec::new();
-        for (i, s) in stats.iter().enumerate() {
-            let Some(s) = s else {
-                peak.push(0);
-                continue;
+        used: usize,
+        deadline: Instant,
+    ) -> std::result::Result<Vec<(usize, Msg, Vec<u8>)>, (String, String)> {
+        let mut waiting: Vec<usize> = (0..used).collect();
+        let mut replies = Vec::with_capacity(used);
+        let mut turn = 0usize;
+        while !waiting.is_empty() {
+            let mut got = None;
+            for (pos, &i) in waiting.iter().enumerate() {
+                match self.conns[i].try_recv() {
+                    Ok(None) => {}
+                    other => {
+                        got = Some((pos, other.map(|b| b.unwrap_or_default())));
+                        break;
+                    }
+                }
+            }
+            let (pos, res) = match got {
+                Some(g) => g,
+                None => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let i = waiting[0];
+                    if left.is_zero() {
+                        return Err((
+                            self.names[i].clone(),
+                            format!("no reply within {RUN_TIMEOUT:?}"),
+                        ));
+                    }
+                    let pos = turn % waiting.len();
+                    turn = turn.wrapping_add(1);
+                    let i = waiting[pos];
+                    let slice = if waiting.len() == 1 {
+                        left.min(Duration::from_millis(200))
+                    } else {
+                        left.min(REPLY_SLICE)
+                    };
+                    match self.conns[i].recv(slice) {
+                        Err(TransportError::Timeout { .. }) if self.conns[i].is_alive() => continue,
+                        res => (pos, res),
+                    }
+                }
             };
-            peak.push(s.peak_store_bytes);
-            for c in &s.compute {
-                spans.push(Span {
-                    name: c.name.clone(),
-                    kind: SpanKind::Compute {
-                        worker: self.names[i].clone(),
-                    },
-                    start_us: c.start_us,
-                    dur_us: c.dur_us,
-                });
-            }
-            posted.extend(s.posted.iter().copied());
-            arrived.extend(s.arrived.iter().copied());
-            counters.recomputes += s.recomputes;
-            counters.cache_hits += s.cache_hits;
-            counters.nodes += s.nodes;
-        }
-        let mut transfers = Vec::new();
-        for t in &plan.transfers {
-            counters.transfers += 1;
-            counters.bytes_moved += t.bytes;
-            if let (Some(&p), Some(&a)) = (posted.get(&t.id), arrived.get(&t.id)) {
-                let name = graph
-                    .node(t.tensor.node)
-                    .map_or_else(String::new, |n| n.name.clone());
-                let dur = (a - p).max(0.0);
-                spans.push(Span {
-                    name,
-                    kind: SpanKind::Transfer {
-                        src: self.names[t.src].clone(),
-                        dst: self.names[t.dst].clone(),
-                        bytes: t.bytes,
-                    },
-                    start_us: p,
-                    dur_us: dur,
-                });
-                transfers.push(TransferSample {
-                    src: t.src,
-                    dst: t.dst,
-                    bytes: t.bytes,
-                    seconds: dur / 1e6,
-                });
+            let i = waiting.swap_remove(pos);
+            let name = &self.names[i];
+            let bytes = res.map_err(|e| (name.clone(), e.to_string()))?;
+            match proto::decode(&bytes, name) {
+                Ok((Msg::Failed { error, culprit, .. }, _)) => {
+                    return Err((culprit.unwrap_or_else(|| name.clone()), error))
+                }
+                Ok((msg, pl)) => replies.push((i, msg, pl)),
+                Err(e) => return Err((name.clone(), e.to_string())),
             }
         }
-        // Workers stamp µs since the epoch; make the run start at 0.
-        let origin = spans
-            .iter()
-            .map(|s| s.start_us)
-            .fold(f64::INFINITY, f64::min);
-        if origin.is_finite() {
-            for s in &mut spans {
-                s.start_us -= origin;
-            }
-        }
-        spans.sort_by(|a, b| a.start_us.total_cmp(&b.start_us));
-        RunOutput {
-            outputs,
-            spans,
-            counters,
-            transfers,
-            wall,
-            peak_store_bytes: peak,
-        }
+        Ok(replies)
     }
 
     /// Drops a sequence's KV cache on every worker.
@@ -372,6 +333,93 @@ impl Driver {
             let _ = send_msg(&**c, n, &Msg::Shutdown, &[]);
         }
         Ok(())
+    }
+}
+
+/// Spans, counters and transfer samples of a run from its workers' statistics.
+fn assemble(
+    names: &[String],
+    graph: &Graph,
+    plan: &ExecPlan,
+    stats: Vec<Option<RunStats>>,
+    outputs: Vec<Tensor>,
+    wall: Duration,
+) -> RunOutput {
+    let mut spans = Vec::new();
+    let mut counters = CounterSnapshot::default();
+    let mut posted = std::collections::HashMap::new();
+    let mut arrived = std::collections::HashMap::new();
+    let mut peak = Vec::new();
+    for (i, s) in stats.iter().enumerate() {
+        let Some(s) = s else {
+            peak.push(0);
+            continue;
+        };
+        peak.push(s.peak_store_bytes);
+        for c in &s.compute {
+            let name = graph
+                .node(NodeId(c.node))
+                .map_or_else(|| format!("#{}", c.node), |n| n.name.clone());
+            spans.push(Span {
+                name,
+                kind: SpanKind::Compute {
+                    worker: names[i].clone(),
+                },
+                start_us: c.start_us,
+                dur_us: c.dur_us,
+            });
+        }
+        posted.extend(s.posted.iter().copied());
+        arrived.extend(s.arrived.iter().copied());
+        counters.recomputes += s.recomputes;
+        counters.cache_hits += s.cache_hits;
+        counters.nodes += s.nodes;
+    }
+    let mut transfers = Vec::new();
+    for t in &plan.transfers {
+        counters.transfers += 1;
+        counters.bytes_moved += t.bytes;
+        if let (Some(&p), Some(&a)) = (posted.get(&t.id), arrived.get(&t.id)) {
+            let name = graph
+                .node(t.tensor.node)
+                .map_or_else(String::new, |n| n.name.clone());
+            let dur = (a - p).max(0.0);
+            spans.push(Span {
+                name,
+                kind: SpanKind::Transfer {
+                    src: names[t.src].clone(),
+                    dst: names[t.dst].clone(),
+                    bytes: t.bytes,
+                },
+                start_us: p,
+                dur_us: dur,
+            });
+            transfers.push(TransferSample {
+                src: t.src,
+                dst: t.dst,
+                bytes: t.bytes,
+                seconds: dur / 1e6,
+            });
+        }
+    }
+    // Workers stamp µs since the epoch; make the run start at 0.
+    let origin = spans
+        .iter()
+        .map(|s| s.start_us)
+        .fold(f64::INFINITY, f64::min);
+    if origin.is_finite() {
+        for s in &mut spans {
+            s.start_us -= origin;
+        }
+    }
+    spans.sort_by(|a, b| a.start_us.total_cmp(&b.start_us));
+    RunOutput {
+        outputs,
+        spans,
+        counters,
+        transfers,
+        wall,
+        peak_store_bytes: peak,
     }
 }
 

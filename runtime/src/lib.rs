@@ -8,6 +8,8 @@
 //! - [`trace`]: timeline, counters, Chrome/Perfetto trace export.
 //! - [`plan`]: placements (hand-made, or [`Placement::from_schedule`](plan::Placement::from_schedule)
 //!   for the scheduler's) and the per-run execution plan (transfers, region offsets, lifetimes).
+//! - [`cache`]: graphs, placements and plans kept across runs (a graph crosses the network once;
+//!   later runs name it and the tensors that changed shape).
 //! - [`worker`] / [`driver`]: the executor. Workers are threads ([`driver::EmbeddedCluster`])
 //!   or `genie worker` processes; the [`driver::Driver`] hands them runs over the transport.
 //! - [`models`], [`demo`], [`feedback`]: GPT-2 generation, the `genie demo`, and calibration of
@@ -45,6 +47,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod cache;
 pub mod cluster;
 pub mod demo;
 pub mod driver;

@@ -38,8 +38,8 @@ pub struct PayloadTensor {
 /// processes of one host).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ComputeRecord {
-    /// Node name.
-    pub name: String,
+    /// Node id (index in the run's graph).
+    pub node: u32,
     /// Start.
     pub start_us: f64,
     /// Duration.
@@ -65,6 +65,53 @@ pub struct RunStats {
     pub peak_store_bytes: u64,
 }
 
+/// A change of one tensor's metadata in a graph a worker remembers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reshape {
+    /// Node id.
+    pub node: u32,
+    /// Output index.
+    pub output: u32,
+    /// The tensor's new shape and dtype.
+    pub meta: TensorMeta,
+}
+
+/// The graph (and placement) a run executes.
+///
+/// A driver sends a graph and placement once, under an id it picks, and refers to them by that
+/// id afterwards. A later run of the same structure whose tensors changed shape (a decode step
+/// attends over one more position than the last) names the id and the changed tensors only.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[allow(clippy::large_enum_variant)]
+pub enum GraphRef {
+    /// A graph the worker keeps as `id` (replacing any graph of that id) and runs.
+    Define {
+        /// The id later runs use.
+        id: u64,
+        /// The graph.
+        graph: Graph,
+        /// Where nodes run.
+        placement: Placement,
+    },
+    /// The graph kept as `id`, with the tensor metadata in `reshape` changed first (the change
+    /// is kept for later runs).
+    Cached {
+        /// The id the graph was defined under.
+        id: u64,
+        /// Changed tensor metadata.
+        reshape: Vec<Reshape>,
+    },
+}
+
+impl GraphRef {
+    /// The id.
+    pub fn id(&self) -> u64 {
+        match self {
+            GraphRef::Define { id, .. } | GraphRef::Cached { id, .. } => *id,
+        }
+    }
+}
+
 /// The control protocol.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Msg {
@@ -86,10 +133,10 @@ pub enum Msg {
     Run {
         /// Run number.
         run: u64,
-        /// The graph.
-        graph: Graph,
-        /// Where nodes run.
-        placement: Placement,
+        /// Ids of kept graphs the worker drops first (the driver no longer refers to them).
+        forget: Vec<u64>,
+        /// The graph and placement, or the id of kept ones.
+        graph: GraphRef,
         /// Sequence id for KV-cache state.
         seq: u64,
         /// Model inputs (in the payload).

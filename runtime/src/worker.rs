@@ -3,30 +3,33 @@
 //!
 //! The same [`serve`] loop runs in a thread of the embedded cluster and in a `genie worker`
 //! process. Per run, a worker
-//! 1. derives the [`ExecPlan`] from the graph and placement,
+//! 1. takes the graph and placement from the run message, or the ones it keeps under the id the
+//!    message names (see [`cache`](crate::cache)), with the [`ExecPlan`] derived from them,
 //! 2. allocates one landing region per peer that sends to it and tells that peer its
-//!    descriptor (and learns the descriptors of the peers it sends to),
-//! 3. starts one receiver thread per sending peer, which waits on that connection's
-//!    notifications and turns each landed tensor into a store entry as soon as it arrives,
-//! 4. runs its nodes in dataflow order; right after a node finishes, each of its outputs that
-//!    another worker consumes is copied into the staging region and posted with
-//!    `write_notify` — it travels while the next node computes,
-//! 5. reports outputs and timings to the driver.
+//!    descriptor (and learns the descriptors of the peers it sends to) — only when a link needs
+//!    more room than the regions kept from earlier runs,
+//! 3. runs its nodes in dataflow order on its own thread; when no node is ready it waits on the
+//!    sending peers' connections for the next notification and turns the landed tensor into a
+//!    store entry; right after a node finishes, each of its outputs that another worker
+//!    consumes is copied into the staging region and posted with `write_notify` — it travels
+//!    while the next node computes,
+//! 4. reports outputs and timings to the driver.
 //!
 //! A dead peer surfaces as a transport error on that connection within the transport's peer
 //! timeout, and the run fails naming that peer.
 
+use crate::cache::{apply_reshapes, KeptPlan, WORKER_GRAPHS};
 use crate::cluster::Cluster;
 use crate::error::{Result, RuntimeError};
 use crate::kernels::{tensor_from_bytes, tensor_to_bytes, Kernels};
 use crate::kv::{KvCacheManager, KvConfig};
 use crate::plan::{layer_of, ExecPlan, Placement};
-use crate::proto::{self, ComputeRecord, Msg, PayloadTensor, RunStats, WeightSpec};
+use crate::proto::{self, ComputeRecord, GraphRef, Msg, PayloadTensor, RunStats, WeightSpec};
 use crate::store::{Residency as StoreResidency, TensorStore};
 use crate::weights::WeightSource;
 use candle_core::Tensor;
 use genie_scheduler::dispatch::{DependencyCounters, TaskGraph};
-use genie_scheduler::graph::{Graph, Node, NodeId, OpKind, TensorRef};
+use genie_scheduler::graph::{Graph, Node, NodeId, OpKind, TensorMeta, TensorRef};
 use genie_transport::{
     BackendChoice, Connection, Op, Region, RemoteRegion, Transport, TransportConfig, TransportError,
 };
@@ -78,6 +81,12 @@ pub fn send_msg(conn: &dyn Connection, peer: &str, msg: &Msg, payload: &[u8]) ->
     conn.send(&bytes)
         .and_then(|op| op.wait(SETUP_TIMEOUT))
         .map_err(|e| terr(peer, e))
+}
+
+/// Hands a control message to the transport without waiting until it has been taken.
+pub fn post_msg(conn: &dyn Connection, peer: &str, msg: &Msg, payload: &[u8]) -> Result<()> {
+    let bytes = proto::encode(msg, payload)?;
+    conn.send(&bytes).map(drop).map_err(|e| terr(peer, e))
 }
 
 /// Receives the next control message, waiting up to `timeout`.
@@ -134,7 +143,22 @@ struct Worker {
     landing: HashMap<usize, (Region, u64)>,
     /// Per receiving peer: our staging region, the peer's landing region, and their size.
     staging: HashMap<usize, (Region, RemoteRegion, u64)>,
+    /// Graphs the current driver defined, by id.
+    graphs: HashMap<u64, Kept>,
 }
+
+/// A graph kept across runs, with what is derived from it.
+struct Kept {
+    graph: Graph,
+    placement: Placement,
+    plan: KeptPlan,
+    /// The dependency structure (independent of tensor shapes).
+    tasks: TaskGraph,
+}
+
+/// How long a worker waiting on several sending peers waits on one before looking at the
+/// others.
+const PEER_SLICE: Duration = Duration::from_micros(200);
 
 /// Size of a run's landing (and staging) region for a link carrying `bytes`: rounded up to a
 /// power of two so that growing transfers (a naive decode's K/V) reuse it for many runs. Both
@@ -184,6 +208,7 @@ pub fn serve(
         kv: None,
         landing: HashMap::new(),
         staging: HashMap::new(),
+        graphs: HashMap::new(),
     };
     let result = loop {
         let Ok(ctrl) = ctrl_rx.recv() else {
@@ -262,6 +287,8 @@ impl Worker {
 
     /// Handles one driver connection; `Ok(true)` on shutdown.
     fn handle_driver(&mut self, ctrl: &dyn Connection) -> Result<bool> {
+        // Graph ids belong to one driver connection.
+        self.graphs.clear();
         loop {
             let (msg, payload) = match recv_msg(ctrl, "driver", Duration::from_millis(500)) {
                 Ok(m) => m,
@@ -282,22 +309,31 @@ impl Worker {
                 }
                 Msg::Run {
                     run,
+                    forget,
                     graph,
-                    placement,
                     seq,
                     inputs,
                     wanted,
                 } => {
                     let _span = tracing::info_span!("run", worker = %self.name, run).entered();
-                    let res =
-                        self.execute(run, &graph, &placement, seq, &inputs, &payload, &wanted);
+                    for id in &forget {
+                        self.graphs.remove(id);
+                    }
+                    let id = graph.id();
+                    let res = self.take_graph(graph).and_then(|mut kept| {
+                        let r = self.execute(run, &mut kept, seq, &inputs, &payload, &wanted);
+                        self.graphs.insert(id, kept);
+                        r
+                    });
                     if res.is_err() {
                         // A peer may not have seen this run's region exchange: start afresh.
                         self.landing.clear();
                         self.staging.clear();
                     }
+                    // The driver learns from the reply (or its absence) whether it arrived: no
+                    // need to wait here until the transport has taken it.
                     match res {
-                        Ok((outputs, out_payload, stats)) => send_msg(
+                        Ok((outputs, out_payload, stats)) => post_msg(
                             ctrl,
                             "driver",
                             &Msg::Done {
@@ -307,7 +343,7 @@ impl Worker {
                             },
                             &out_payload,
                         )?,
-                        Err(e) => send_msg(
+                        Err(e) => post_msg(
                             ctrl,
                             "driver",
                             &Msg::Failed {
@@ -333,6 +369,71 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// The graph a run names, taken out of the kept ones (the caller puts it back): a new
+    /// definition is checked whole; a kept graph gets the run's reshapes and is checked again
+    /// if any. A graph that fails its check is dropped.
+    fn take_graph(&mut self, g: GraphRef) -> Result<Kept> {
+        let bad = |reason: String| RuntimeError::BadMessage {
+            worker: "driver".into(),
+            reason,
+        };
+        let kept = match g {
+            GraphRef::Define {
+                id,
+                graph,
+                placement,
+            } => {
+                if self.graphs.len() >= WORKER_GRAPHS && !self.graphs.contains_key(&id) {
+                    return Err(bad(format!(
+                        "graph {id} defined while {WORKER_GRAPHS} graphs are kept (forget some first)"
+                    )));
+                }
+                self.graphs.remove(&id);
+                self.check_graph(&graph, &placement)?;
+                let tasks = TaskGraph::from_graph(&graph);
+                Kept {
+                    graph,
+                    placement,
+                    plan: KeptPlan::default(),
+                    tasks,
+                }
+            }
+            GraphRef::Cached { id, reshape } => {
+                let mut kept = self
+                    .graphs
+                    .remove(&id)
+                    .ok_or_else(|| bad(format!("run names graph {id}, which was never defined")))?;
+                if !reshape.is_empty() {
+                    let changed = apply_reshapes(&mut kept.graph, &reshape, "driver")?;
+                    self.check_graph(&kept.graph, &kept.placement)?;
+                    kept.plan.invalidate(&changed);
+                }
+                kept
+            }
+        };
+        Ok(kept)
+    }
+
+    /// A graph and placement that came over the network, checked before anything is indexed
+    /// by them.
+    fn check_graph(&self, graph: &Graph, placement: &Placement) -> Result<()> {
+        graph.validate().map_err(|e| RuntimeError::BadMessage {
+            worker: "driver".into(),
+            reason: format!("invalid graph: {e}"),
+        })?;
+        if placement.workers() > self.cluster.workers.len() {
+            return Err(RuntimeError::BadMessage {
+                worker: "driver".into(),
+                reason: format!(
+                    "placement uses {} workers, the cluster has {}",
+                    placement.workers(),
+                    self.cluster.workers.len()
+                ),
+            });
+        }
+        Ok(())
     }
 
     fn setup(&mut self, weights: WeightSpec) -> Result<()> {
@@ -387,34 +488,23 @@ impl Worker {
             })
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn execute(
         &mut self,
         run: u64,
-        graph: &Graph,
-        placement: &Placement,
+        kept: &mut Kept,
         seq: u64,
         inputs: &[PayloadTensor],
         payload: &[u8],
         wanted: &[TensorRef],
     ) -> Result<(Vec<PayloadTensor>, Vec<u8>, RunStats)> {
         let t0 = WallClock::now();
-        // The graph came over the network: check it before indexing anything by it.
-        graph.validate().map_err(|e| RuntimeError::BadMessage {
-            worker: "driver".into(),
-            reason: format!("invalid graph: {e}"),
-        })?;
-        if placement.workers() > self.cluster.workers.len() {
-            return Err(RuntimeError::BadMessage {
-                worker: "driver".into(),
-                reason: format!(
-                    "placement uses {} workers, the cluster has {}",
-                    placement.workers(),
-                    self.cluster.workers.len()
-                ),
-            });
-        }
-        let plan = ExecPlan::new(graph, placement, wanted)?;
+        let Kept {
+            graph,
+            placement,
+            plan,
+            tasks,
+        } = kept;
+        let plan = plan.get(graph, placement, wanted)?;
         let me = self.me;
         let mut input_tensors: HashMap<String, Tensor> = HashMap::new();
         for t in inputs {
@@ -488,54 +578,39 @@ impl Worker {
             self.staging.insert(dst, (local.clone(), remote, size));
             staging.insert(dst, (local, remote, conn));
         }
-        // One receiver thread per sending peer.
-        let (tx, rx) = mpsc::channel::<Result<Arrival>>();
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut threads = Vec::new();
+        // What each sending peer will deliver, and where it lands.
+        let mut from = Vec::new();
         for &src in &senders {
-            let specs: HashMap<u32, (genie_scheduler::graph::TensorMeta, u64)> = plan
+            let specs: HashMap<u32, (TensorMeta, u64)> = plan
                 .transfers
                 .iter()
                 .filter(|t| t.src == src && t.dst == me)
-                .filter_map(|t| {
-                    let meta = graph
-                        .nodes()
-                        .get(t.tensor.node.index())?
-                        .outputs
-                        .get(t.tensor.output as usize)?
-                        .clone();
-                    Some((t.id, (meta, t.dst_offset)))
-                })
+                .filter_map(|t| Some((t.id, (graph.tensor(t.tensor)?.clone(), t.dst_offset))))
                 .collect();
-            let conn = self.peer(src)?;
             let region = landing.get(&src).cloned().ok_or_else(|| {
                 RuntimeError::Plan(format!("no landing region for {}", self.peer_name(src)))
             })?;
-            let (tx, stop, peer) = (tx.clone(), stop.clone(), self.peer_name(src));
-            threads.push(std::thread::spawn(move || {
-                receive_loop(&*conn, &region, &specs, &peer, t0, &stop, &tx)
-            }));
+            from.push(Inbound {
+                peer: self.peer_name(src),
+                conn: self.peer(src)?,
+                region,
+                specs,
+            });
         }
-        drop(tx);
         let store = TensorStore::new(self.name.clone());
         let mut ctx = RunCtx {
             w: self,
             graph,
-            plan: &plan,
+            plan,
             seq,
             inputs: input_tensors,
             store,
-            rx,
+            inbox: Inbox { from, turn: 0, t0 },
             arrived: HashMap::new(),
             stats: RunStats::default(),
             t0,
         };
-        let result = ctx.run_nodes(&staging, placement.overlap);
-        stop.store(true, Ordering::Relaxed);
-        for t in threads {
-            let _ = t.join();
-        }
-        let pending = result?;
+        let pending = ctx.run_nodes(tasks, &staging, placement.overlap)?;
         for (dst, op) in pending {
             op.wait(INPUT_TIMEOUT)
                 .map_err(|e| terr(&ctx.w.peer_name(dst), e))?;
@@ -550,9 +625,7 @@ impl Worker {
             let tensor = ctx.store.consume(&key(t))?;
             let bytes = tensor_to_bytes(&tensor)?;
             let meta = graph
-                .nodes()
-                .get(t.node.index())
-                .and_then(|n| n.outputs.get(t.output as usize))
+                .tensor(*t)
                 .cloned()
                 .ok_or_else(|| RuntimeError::Plan(format!("no metadata for {t:?}")))?;
             outputs.push(PayloadTensor {
@@ -608,49 +681,99 @@ fn wall_us(c: WallClock) -> f64 {
     c.epoch_us + c.at.elapsed().as_secs_f64() * 1e6
 }
 
-fn receive_loop(
-    conn: &dyn Connection,
-    region: &Region,
-    specs: &HashMap<u32, (genie_scheduler::graph::TensorMeta, u64)>,
-    peer: &str,
+/// The transfers one sending peer still owes this run.
+struct Inbound {
+    peer: String,
+    conn: Arc<dyn Connection>,
+    region: Region,
+    /// Transfer id → the tensor's metadata and its offset in the landing region; an entry
+    /// goes when its notification arrives.
+    specs: HashMap<u32, (TensorMeta, u64)>,
+}
+
+/// The sending peers of a run, polled by the worker's own thread (no receiver threads: a
+/// notification wakes the thread that computes on it).
+struct Inbox {
+    from: Vec<Inbound>,
+    /// Which peer to wait on next when several owe transfers.
+    turn: usize,
     t0: WallClock,
-    stop: &AtomicBool,
-    tx: &mpsc::Sender<Result<Arrival>>,
-) {
-    let mut left = specs.len();
-    while left > 0 && !stop.load(Ordering::Relaxed) {
-        let imm = match conn.recv_notification(Duration::from_millis(100)) {
-            Ok(i) => i,
-            Err(TransportError::Timeout { .. }) => continue,
-            Err(e) => {
-                let _ = tx.send(Err(terr(peer, e)));
-                return;
+}
+
+impl Inbox {
+    /// The tensor of transfer `imm` from peer `k`, read out of the landing region.
+    fn take(&mut self, k: usize, imm: u32) -> Result<Arrival> {
+        let at_us = wall_us(self.t0);
+        let f = &mut self.from[k];
+        let (meta, offset) = f
+            .specs
+            .remove(&imm)
+            .ok_or_else(|| RuntimeError::BadMessage {
+                worker: f.peer.clone(),
+                reason: format!("notification {imm} names no transfer due in this run"),
+            })?;
+        let mut buf = vec![0u8; meta.bytes() as usize];
+        f.region
+            .read(offset as usize, &mut buf)
+            .map_err(|e| terr(&f.peer, e))?;
+        Ok(Arrival {
+            id: imm,
+            tensor: tensor_from_bytes(&meta, &buf)?,
+            at_us,
+        })
+    }
+
+    /// A transfer that has landed, if any, without waiting.
+    fn try_next(&mut self) -> Result<Option<Arrival>> {
+        for k in 0..self.from.len() {
+            let f = &self.from[k];
+            if f.specs.is_empty() {
+                continue;
             }
-        };
-        let at_us = wall_us(t0);
-        let res = match specs.get(&imm) {
-            None => Err(RuntimeError::BadMessage {
-                worker: peer.into(),
-                reason: format!("notification {imm} names no transfer of this run"),
-            }),
-            Some((meta, offset)) => {
-                let mut buf = vec![0u8; meta.bytes() as usize];
-                region
-                    .read(*offset as usize, &mut buf)
-                    .map_err(|e| terr(peer, e))
-                    .and_then(|()| tensor_from_bytes(meta, &buf))
-                    .map(|tensor| Arrival {
-                        id: imm,
-                        tensor,
-                        at_us,
-                    })
+            match f.conn.try_recv_notification() {
+                Ok(Some(imm)) => return self.take(k, imm).map(Some),
+                Ok(None) => {}
+                Err(e) => return Err(terr(&f.peer, e)),
             }
-        };
-        let failed = res.is_err();
-        if tx.send(res).is_err() || failed {
-            return;
         }
-        left -= 1;
+        Ok(None)
+    }
+
+    /// The next transfer to land, waiting up to `timeout`; `Ok(None)` when none landed in time.
+    fn next(&mut self, timeout: Duration) -> Result<Option<Arrival>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(a) = self.try_next()? {
+                return Ok(Some(a));
+            }
+            let due: Vec<usize> = (0..self.from.len())
+                .filter(|&k| !self.from[k].specs.is_empty())
+                .collect();
+            if due.is_empty() {
+                return Err(RuntimeError::Plan(
+                    "no node is ready and no transfer is due".into(),
+                ));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            // One peer: sleep on its connection until the notification. Several: take turns,
+            // a short slice each, so that none waits long behind another.
+            let k = due[self.turn % due.len()];
+            self.turn = self.turn.wrapping_add(1);
+            let slice = if due.len() == 1 {
+                left
+            } else {
+                left.min(PEER_SLICE)
+            };
+            let f = &self.from[k];
+            match f.conn.recv_notification(slice) {
+                Ok(imm) => return self.take(k, imm).map(Some),
+                Err(TransportError::Timeout { .. }) => continue,
+                Err(e) => return Err(terr(&f.peer, e)),
+            }
+        }
     }
 }
 
@@ -661,7 +784,7 @@ struct RunCtx<'a> {
     seq: u64,
     inputs: HashMap<String, Tensor>,
     store: TensorStore,
-    rx: mpsc::Receiver<Result<Arrival>>,
+    inbox: Inbox,
     arrived: HashMap<u32, f64>,
     stats: RunStats,
     t0: WallClock,
@@ -686,11 +809,15 @@ impl RunCtx<'_> {
     /// becomes ready when its last local producer finishes or its last remote input lands;
     /// among ready nodes the earliest in topological order runs first. When nothing is ready
     /// the worker blocks on the next arrival.
-    fn run_nodes(&mut self, staging: &Staging, overlap: bool) -> Result<Vec<(usize, Op)>> {
+    fn run_nodes(
+        &mut self,
+        tasks: &TaskGraph,
+        staging: &Staging,
+        overlap: bool,
+    ) -> Result<Vec<(usize, Op)>> {
         let me = self.w.me;
         let mut pending = Vec::new();
-        let tasks = TaskGraph::from_graph(self.graph);
-        let counters = DependencyCounters::new(&tasks);
+        let counters = DependencyCounters::new(tasks);
         let n = self.graph.len();
         let mut pos = vec![0usize; n];
         for (p, id) in self.plan.order.iter().enumerate() {
@@ -709,7 +836,7 @@ impl RunCtx<'_> {
         // Parameters, inputs and recomputed nodes are available from the start.
         for i in 0..n {
             if self.plan.replicated[i] {
-                counters.complete(&tasks, i as u32, |c| {
+                counters.complete(tasks, i as u32, |c| {
                     if local(c as usize) {
                         ready.push(Reverse((pos[c as usize], c)));
                     }
@@ -725,9 +852,9 @@ impl RunCtx<'_> {
             // Absorb whatever has landed, without blocking while there is work.
             loop {
                 let arrival = if ready.is_empty() {
-                    match self.rx.recv_timeout(INPUT_TIMEOUT) {
-                        Ok(a) => a?,
-                        Err(_) => {
+                    match self.inbox.next(INPUT_TIMEOUT)? {
+                        Some(a) => a,
+                        None => {
                             return Err(RuntimeError::WorkerFailed {
                                 worker: self.waited_on(&awaiting),
                                 reason: format!("no input arrived within {INPUT_TIMEOUT:?}"),
@@ -735,9 +862,9 @@ impl RunCtx<'_> {
                         }
                     }
                 } else {
-                    match self.rx.try_recv() {
-                        Ok(a) => a?,
-                        Err(_) => break,
+                    match self.inbox.try_next()? {
+                        Some(a) => a,
+                        None => break,
                     }
                 };
                 let producer = self.absorb(arrival)?;
@@ -746,7 +873,7 @@ impl RunCtx<'_> {
                     *c == 0
                 });
                 if done {
-                    counters.complete(&tasks, producer, |c| {
+                    counters.complete(tasks, producer, |c| {
                         if local(c as usize) {
                             ready.push(Reverse((pos[c as usize], c)));
                         }
@@ -795,7 +922,7 @@ impl RunCtx<'_> {
                 self.store
                     .insert(key(&tref), t, StoreResidency::Ephemeral { remaining: uses });
             }
-            counters.complete(&tasks, task, |c| {
+            counters.complete(tasks, task, |c| {
                 if local(c as usize) {
                     ready.push(Reverse((pos[c as usize], c)));
                 }
@@ -865,7 +992,7 @@ impl RunCtx<'_> {
             self.stats.recomputes += 1;
         }
         self.stats.compute.push(ComputeRecord {
-            name: node.name.clone(),
+            node: node.id.0,
             start_us: start,
             dur_us: end - start,
         });
@@ -1063,5 +1190,149 @@ impl RunCtx<'_> {
         let new = t.narrow(2, have, l - have).map_err(kerr)?;
         self.kv_manager(e)?.append_rows(seq, layer, &new)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::driver::EmbeddedCluster;
+    use crate::kernels::CpuKernels;
+    use crate::proto::Reshape;
+    use genie_scheduler::builders::{gpt2_decode, Gpt2Config};
+    use genie_scheduler::graph::DType;
+
+    /// Runs naming graphs the worker does not keep, or reshaping them into something invalid,
+    /// are refused with a typed failure; the worker goes on serving.
+    #[test]
+    fn malformed_graph_refs_are_refused() {
+        let cluster = EmbeddedCluster::start(1, Arc::new(CpuKernels::new())).unwrap();
+        let endpoint = genie_transport::open(transport_config(
+            &cluster.cluster,
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+        ))
+        .unwrap();
+        let deadline = Instant::now() + SETUP_TIMEOUT;
+        let addr = cluster.cluster.workers[0].address;
+        let c = connect_retry(&*endpoint, addr, "w0", deadline).unwrap();
+        send_msg(&*c, "w0", &Msg::HelloDriver, &[]).unwrap();
+        send_msg(
+            &*c,
+            "w0",
+            &Msg::Setup {
+                weights: WeightSpec::Seeded(1),
+            },
+            &[],
+        )
+        .unwrap();
+        assert!(matches!(
+            recv_msg(&*c, "w0", SETUP_TIMEOUT).unwrap().0,
+            Msg::SetupDone
+        ));
+        let cfg = Gpt2Config {
+            layers: 1,
+            hidden: 32,
+            heads: 2,
+            vocab: 64,
+            context: 64,
+            ..Gpt2Config::default()
+        };
+        let g = gpt2_decode(&cfg, 4).unwrap();
+        let placement = Placement::single(&g);
+        let mut run = 0;
+        let mut ask = |graph: GraphRef, forget: Vec<u64>| -> String {
+            run += 1;
+            let msg = Msg::Run {
+                run,
+                forget,
+                graph,
+                seq: 0,
+                inputs: vec![],
+                wanted: vec![],
+            };
+            send_msg(&*c, "w0", &msg, &[]).unwrap();
+            match recv_msg(&*c, "w0", SETUP_TIMEOUT).unwrap().0 {
+                Msg::Failed { error, .. } => error,
+                other => panic!("expected a failure, got {other:?}"),
+            }
+        };
+        let never = ask(
+            GraphRef::Cached {
+                id: 7,
+                reshape: vec![],
+            },
+            vec![],
+        );
+        assert!(never.contains("never defined"), "{never}");
+        // A good definition (the run itself fails: no KV cache, no inputs).
+        let define = GraphRef::Define {
+            id: 1,
+            graph: g.clone(),
+            placement: placement.clone(),
+        };
+        let e = ask(define.clone(), vec![]);
+        assert!(e.contains("kv cache"), "{e}");
+        let out_of_range = ask(
+            GraphRef::Cached {
+                id: 1,
+                reshape: vec![Reshape {
+                    node: g.len() as u32,
+                    output: 0,
+                    meta: TensorMeta::new([1], DType::F32),
+                }],
+            },
+            vec![],
+        );
+        assert!(
+            out_of_range.contains("reshape names no tensor"),
+            "{out_of_range}"
+        );
+        // The failed reshape dropped graph 1; define it again and break a shape.
+        ask(define.clone(), vec![]);
+        let inconsistent = ask(
+            GraphRef::Cached {
+                id: 1,
+                reshape: vec![Reshape {
+                    node: g.outputs[0].node.0,
+                    output: 0,
+                    meta: TensorMeta::new([3, 5, 7], DType::F32),
+                }],
+            },
+            vec![],
+        );
+        assert!(inconsistent.contains("invalid graph"), "{inconsistent}");
+        // A forgotten graph is gone.
+        ask(define, vec![]);
+        let forgotten = ask(
+            GraphRef::Cached {
+                id: 1,
+                reshape: vec![],
+            },
+            vec![1],
+        );
+        assert!(forgotten.contains("never defined"), "{forgotten}");
+        // Too many definitions without forgetting.
+        let mut last = String::new();
+        for id in 0..=WORKER_GRAPHS as u64 {
+            last = ask(
+                GraphRef::Define {
+                    id: 100 + id,
+                    graph: g.clone(),
+                    placement: placement.clone(),
+                },
+                vec![],
+            );
+        }
+        assert!(last.contains("forget some first"), "{last}");
+        // Malformed JSON of a run is a bad message, not a panic.
+        let bad = br#"{"Run":{"run":1,"forget":[],"graph":{"Cached":{"id":"x"}}}}"#;
+        let mut framed = (bad.len() as u32).to_le_bytes().to_vec();
+        framed.extend_from_slice(bad);
+        assert!(matches!(
+            proto::decode(&framed, "d"),
+            Err(RuntimeError::BadMessage { .. })
+        ));
+        // The worker thread ends on shutdown.
+        send_msg(&*c, "w0", &Msg::Shutdown, &[]).unwrap();
     }
 }
