@@ -6,7 +6,10 @@
 
 use crate::error::{Result, RuntimeError};
 use candle_core::Tensor;
+use std::borrow::Borrow;
 use std::collections::HashMap;
+use std::fmt::Display;
+use std::hash::Hash;
 
 /// How long a stored tensor lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,11 +31,11 @@ struct Entry {
     residency: Residency,
 }
 
-/// Tensors held by one worker, by name.
+/// Tensors held by one worker, by name (or any other key that can name them in errors).
 #[derive(Debug)]
-pub struct TensorStore {
+pub struct TensorStore<K = String> {
     worker: String,
-    entries: HashMap<String, Entry>,
+    entries: HashMap<K, Entry>,
     bytes: usize,
     peak_bytes: usize,
     freed: usize,
@@ -42,7 +45,7 @@ fn tensor_bytes(t: &Tensor) -> usize {
     t.elem_count() * t.dtype().size_in_bytes()
 }
 
-impl TensorStore {
+impl<K: Eq + Hash + Display> TensorStore<K> {
     /// An empty store for `worker` (the name is used in errors).
     pub fn new(worker: impl Into<String>) -> Self {
         Self {
@@ -56,7 +59,7 @@ impl TensorStore {
 
     /// Stores `tensor` under `name`, replacing any previous tensor of that name. An ephemeral
     /// tensor with no consumers is dropped at once.
-    pub fn insert(&mut self, name: impl Into<String>, tensor: Tensor, residency: Residency) {
+    pub fn insert(&mut self, name: impl Into<K>, tensor: Tensor, residency: Residency) {
         if let Residency::Ephemeral { remaining: 0 } = residency {
             self.freed += 1;
             return;
@@ -71,13 +74,17 @@ impl TensorStore {
 
     /// Reads `name` as one of its consumers: an ephemeral tensor's count drops by one and the
     /// tensor is freed when it reaches zero.
-    pub fn consume(&mut self, name: &str) -> Result<Tensor> {
+    pub fn consume<Q>(&mut self, name: &Q) -> Result<Tensor>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + Display + ?Sized,
+    {
         let entry = self
             .entries
             .get_mut(name)
             .ok_or_else(|| RuntimeError::MissingTensor {
                 worker: self.worker.clone(),
-                tensor: name.into(),
+                tensor: name.to_string(),
             })?;
         let t = entry.tensor.clone();
         if let Residency::Ephemeral { remaining } = &mut entry.residency {
@@ -92,17 +99,29 @@ impl TensorStore {
     }
 
     /// Looks at `name` without counting a read.
-    pub fn peek(&self, name: &str) -> Option<&Tensor> {
+    pub fn peek<Q>(&self, name: &Q) -> Option<&Tensor>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         self.entries.get(name).map(|e| &e.tensor)
     }
 
     /// Whether `name` is held.
-    pub fn contains(&self, name: &str) -> bool {
+    pub fn contains<Q>(&self, name: &Q) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         self.entries.contains_key(name)
     }
 
     /// Removes `name` whatever its residency.
-    pub fn remove(&mut self, name: &str) -> Option<Tensor> {
+    pub fn remove<Q>(&mut self, name: &Q) -> Option<Tensor>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         let e = self.entries.remove(name)?;
         self.bytes -= tensor_bytes(&e.tensor);
         Some(e.tensor)
@@ -142,7 +161,7 @@ mod tests {
     #[test]
     fn ephemeral_freed_after_last_consumer_others_stay() {
         let t = Tensor::zeros((4, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
-        let mut s = TensorStore::new("w0");
+        let mut s: TensorStore = TensorStore::new("w0");
         s.insert("w", t.clone(), Residency::Persistent);
         s.insert("kv", t.clone(), Residency::Pinned);
         s.insert("a", t.clone(), Residency::Ephemeral { remaining: 2 });

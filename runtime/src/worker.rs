@@ -651,8 +651,18 @@ fn culprit(e: &RuntimeError) -> Option<String> {
     }
 }
 
-fn key(t: &TensorRef) -> String {
-    format!("{}:{}", t.node.0, t.output)
+/// A tensor's key in a run's store (no string formatting per node).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Key(TensorRef);
+
+impl std::fmt::Display for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.0.node.0, self.0.output)
+    }
+}
+
+fn key(t: &TensorRef) -> Key {
+    Key(*t)
 }
 
 /// A monotonic clock anchored to wall-clock time, so that timestamps taken by different
@@ -783,7 +793,7 @@ struct RunCtx<'a> {
     plan: &'a ExecPlan,
     seq: u64,
     inputs: HashMap<String, Tensor>,
-    store: TensorStore,
+    store: TensorStore<Key>,
     inbox: Inbox,
     arrived: HashMap<u32, f64>,
     stats: RunStats,
@@ -792,8 +802,8 @@ struct RunCtx<'a> {
 
 type Staging = HashMap<usize, (Region, RemoteRegion, Arc<dyn Connection>)>;
 
-impl RunCtx<'_> {
-    fn node(&self, id: NodeId) -> Result<&Node> {
+impl<'a> RunCtx<'a> {
+    fn node(&self, id: NodeId) -> Result<&'a Node> {
         self.graph
             .node(id)
             .ok_or_else(|| RuntimeError::Plan(format!("missing node {id}")))
@@ -885,8 +895,8 @@ impl RunCtx<'_> {
             };
             left -= 1;
             let id = NodeId(task);
-            let node = self.node(id)?.clone();
-            let outs = self.compute(&node, false)?;
+            let node = self.node(id)?;
+            let outs = self.compute(node, false)?;
             for (o, t) in outs.into_iter().enumerate() {
                 let tref = TensorRef::new(id, o as u32);
                 if let Some(ids) = self.plan.outgoing.get(&tref) {
@@ -1002,7 +1012,7 @@ impl RunCtx<'_> {
     /// One read of `t` by a node on this worker.
     fn fetch(&mut self, t: &TensorRef) -> Result<Tensor> {
         let i = t.node.index();
-        let node = self.node(t.node)?.clone();
+        let node = self.node(t.node)?;
         match &node.op {
             OpKind::Parameter { .. } => {
                 if let Some(w) = self.w.weight_cache.get(&node.name) {
@@ -1012,7 +1022,7 @@ impl RunCtx<'_> {
                 let src = self.w.weights.as_ref().ok_or_else(|| {
                     RuntimeError::Plan("no weight source (Setup not received)".into())
                 })?;
-                let v = src.value(&node)?;
+                let v = src.value(node)?;
                 self.w.weight_cache.insert(node.name.clone(), v.clone());
                 return Ok(v);
             }
@@ -1027,7 +1037,7 @@ impl RunCtx<'_> {
             _ => {}
         }
         if self.plan.replicated[i] {
-            let outs = self.compute(&node, self.plan.worker_of[i] != self.w.me)?;
+            let outs = self.compute(node, self.plan.worker_of[i] != self.w.me)?;
             return outs.into_iter().nth(t.output as usize).ok_or_else(|| {
                 RuntimeError::Plan(format!("{} has no output {}", node.name, t.output))
             });

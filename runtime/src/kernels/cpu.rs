@@ -57,6 +57,62 @@ fn causal_mask(x: &Tensor) -> candle_core::Result<Tensor> {
     mask.where_cond(&neg, x)
 }
 
+/// `softmax(causal_mask(s · scale))` along the last axis of attention scores `s` (`[.., q, k]`,
+/// f32), in one pass per row instead of six intermediate tensors. Bitwise what the composition
+/// of candle ops gives (`affine`, `where_cond`, `max_keepdim`, `broadcast_sub`, `exp`,
+/// `sum_keepdim`, `broadcast_div`): each element goes through the same f32 operations in the same
+/// order, and the row sums are candle's own (its reduction order depends on the target's SIMD
+/// features).
+fn scaled_softmax(s: &Tensor, scale: f32, causal: bool) -> candle_core::Result<Tensor> {
+    let dims = s.dims().to_vec();
+    let rank = dims.len();
+    if rank < 2 || s.dtype() != CDType::F32 {
+        let mut x = (s * f64::from(scale))?;
+        if causal {
+            x = causal_mask(&x)?;
+        }
+        return softmax(&x, rank.saturating_sub(1));
+    }
+    let (q, k) = (dims[rank - 2], dims[rank - 1]);
+    if q == 0 || k == 0 {
+        return Ok(s.clone());
+    }
+    let off = k.saturating_sub(q);
+    // As in `causal_mask`: nothing is masked when every query sees every key.
+    let masked = causal && k - 1 > off;
+    let mut x: Vec<f32> = s.flatten_all()?.to_vec1()?;
+    for (r, row) in x.chunks_mut(k).enumerate() {
+        let i = r % q;
+        for (j, v) in row.iter_mut().enumerate() {
+            // `affine(scale, 0)` computes `v * mul + add`.
+            *v = *v * scale + 0.0;
+            if masked && j > i + off {
+                *v = f32::NEG_INFINITY;
+            }
+        }
+        // `max_keepdim`: the first element, replaced by each larger one.
+        let mut m = row[0];
+        for &v in row.iter() {
+            if m < v {
+                m = v;
+            }
+        }
+        for v in row.iter_mut() {
+            *v = (*v - m).exp();
+        }
+    }
+    let sums: Vec<f32> = Tensor::from_vec(x.clone(), dims.as_slice(), s.device())?
+        .sum_keepdim(rank - 1)?
+        .flatten_all()?
+        .to_vec1()?;
+    for (row, z) in x.chunks_mut(k).zip(&sums) {
+        for v in row.iter_mut() {
+            *v /= *z;
+        }
+    }
+    Tensor::from_vec(x, dims, s.device())
+}
+
 /// Pads H and W (axes 2, 3) with `value`.
 fn pad_hw(x: &Tensor, ph: usize, pw: usize, value: f32) -> candle_core::Result<Tensor> {
     if ph == 0 && pw == 0 {
@@ -222,11 +278,7 @@ fn compute(node: &Node, ins: &[Tensor]) -> candle_core::Result<Vec<Tensor>> {
             let q = by_head(&ins[0], true)?;
             let (k, v) = (by_head(&ins[1], false)?, by_head(&ins[2], false)?);
             let kt = k.transpose(2, 3)?;
-            let mut s = (q.matmul(&kt)? * f64::from(scale.0))?;
-            if *causal {
-                s = causal_mask(&s)?;
-            }
-            let p = softmax(&s, 3)?;
+            let p = scaled_softmax(&q.matmul(&kt)?, scale.0, *causal)?;
             let o = p.matmul(&v)?.transpose(1, 2)?;
             let (b, qn, _, _) = o.dims4()?;
             one(o.contiguous()?.reshape((b, qn, heads * head_dim))?)
@@ -371,6 +423,30 @@ mod tests {
                 &split(&v).contiguous().unwrap(),
             );
             assert_eq!(strided, copied, "q {qn} × k {kn}");
+        }
+    }
+
+    /// The fused scaled softmax is bitwise the composition of candle ops it replaces.
+    #[test]
+    fn scaled_softmax_equals_the_op_composition() {
+        let d = Device::Cpu;
+        for (qn, kn, causal) in [(1, 1000, true), (37, 37, true), (5, 9, true), (3, 3, false)] {
+            let s = (Tensor::randn(0f32, 4., (1, 4, qn, kn), &d).unwrap() * 3.0).unwrap();
+            let scale = 0.176_776_7_f32;
+            let mut reference = (&s * f64::from(scale)).unwrap();
+            if causal {
+                reference = causal_mask(&reference).unwrap();
+            }
+            let reference = softmax(&reference, 3).unwrap();
+            let fused = scaled_softmax(&s, scale, causal).unwrap();
+            assert_eq!(
+                vals(&fused).iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                vals(&reference)
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect::<Vec<_>>(),
+                "q {qn} × k {kn}, causal {causal}"
+            );
         }
     }
 
