@@ -2,7 +2,7 @@
 
 use super::Kernels;
 use crate::error::{Result, RuntimeError};
-use candle_core::{DType as CDType, Tensor, D};
+use candle_core::{CpuStorage, DType as CDType, Storage, Tensor, D};
 use genie_scheduler::graph::{GeluApprox, KvPart, Node, OpKind, WeightLayout};
 
 /// Reference kernels on the host CPU (candle's CPU backend, f32).
@@ -77,10 +77,23 @@ fn scaled_softmax(s: &Tensor, scale: f32, causal: bool) -> candle_core::Result<T
     if q == 0 || k == 0 {
         return Ok(s.clone());
     }
+    let mut x: Vec<f32> = s.flatten_all()?.to_vec1()?;
+    softmax_rows(&mut x, q, k, scale, causal, s.device())?;
+    Tensor::from_vec(x, dims, s.device())
+}
+
+/// [`scaled_softmax`] on rows of `k` scores held in `x`, `q` query rows per head.
+fn softmax_rows(
+    x: &mut [f32],
+    q: usize,
+    k: usize,
+    scale: f32,
+    causal: bool,
+    device: &candle_core::Device,
+) -> candle_core::Result<()> {
     let off = k.saturating_sub(q);
     // As in `causal_mask`: nothing is masked when every query sees every key.
     let masked = causal && k - 1 > off;
-    let mut x: Vec<f32> = s.flatten_all()?.to_vec1()?;
     for (r, row) in x.chunks_mut(k).enumerate() {
         let i = r % q;
         for (j, v) in row.iter_mut().enumerate() {
@@ -101,8 +114,9 @@ fn scaled_softmax(s: &Tensor, scale: f32, causal: bool) -> candle_core::Result<T
             *v = (*v - m).exp();
         }
     }
-    let sums: Vec<f32> = Tensor::from_vec(x.clone(), dims.as_slice(), s.device())?
-        .sum_keepdim(rank - 1)?
+    let rows = x.len() / k;
+    let sums: Vec<f32> = Tensor::from_vec(x.to_vec(), (rows, k), device)?
+        .sum_keepdim(1)?
         .flatten_all()?
         .to_vec1()?;
     for (row, z) in x.chunks_mut(k).zip(&sums) {
@@ -110,7 +124,284 @@ fn scaled_softmax(s: &Tensor, scale: f32, causal: bool) -> candle_core::Result<T
             *v /= *z;
         }
     }
-    Tensor::from_vec(x, dims, s.device())
+    Ok(())
+}
+
+/// Attention of `q` (`[B, Sq, H·D]`) over `k`, `v` (`[B, Sk, H·D]`) with candle ops.
+fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    head_dim: usize,
+    scale: f32,
+    causal: bool,
+) -> candle_core::Result<Tensor> {
+    // `[B, S, H·D]` as `[B, H, S, D]`. With one sequence K and V stay strided views that gemm
+    // reads in place (a decode step's K/V are the whole cache: no copy); gemm cannot step over
+    // a batch of strided heads, so batches are copied.
+    let by_head = |t: &Tensor, copy: bool| -> candle_core::Result<Tensor> {
+        let (b, s, _) = t.dims3()?;
+        let t = t.reshape((b, s, heads, head_dim))?.transpose(1, 2)?;
+        if copy || b > 1 {
+            t.contiguous()
+        } else {
+            Ok(t)
+        }
+    };
+    let q = by_head(q, true)?;
+    let (k, v) = (by_head(k, false)?, by_head(v, false)?);
+    let kt = k.transpose(2, 3)?;
+    let p = scaled_softmax(&q.matmul(&kt)?, scale, causal)?;
+    let o = p.matmul(&v)?.transpose(1, 2)?;
+    let (b, qn, _, _) = o.dims4()?;
+    o.contiguous()?.reshape((b, qn, heads * head_dim))
+}
+
+/// Rows of a `[1, L, E]` f32 tensor: its storage, the offset of row 0 and the row stride, when
+/// each row's `E` values are contiguous.
+fn f32_rows(t: &Tensor) -> Option<(std::sync::RwLockReadGuard<'_, Storage>, usize, usize)> {
+    let (storage, layout) = t.storage_and_layout();
+    match (layout.dims(), layout.stride()) {
+        ([1, _, _], [_, rs, 1]) if matches!(&*storage, Storage::Cpu(CpuStorage::F32(_))) => {
+            let (off, rs) = (layout.start_offset(), *rs);
+            Some((storage, off, rs))
+        }
+        _ => None,
+    }
+}
+
+/// One query's attention over a long cache (a decode step), `None` where it does not apply.
+///
+/// candle computes `q·Kᵀ` and `p·V` of a single query with gemm's matrix-vector kernels, which
+/// read the cache head by head through strided views. This computes the same products row by
+/// row of the cache (all heads at once, one pass over K and one over V), with the arithmetic of
+/// those kernels on CPUs with AVX2 and FMA: per score, 8-lane fused multiply-adds over the head
+/// dimension, the lanes then summed in order; per output, fused multiply-adds over the
+/// positions in order. IEEE operations are exact, so the result is bitwise gemm's (tested);
+/// elsewhere, and for shapes where gemm takes other kernels (up to 256 positions), `None`.
+fn decode_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    head_dim: usize,
+    scale: f32,
+    causal: bool,
+) -> candle_core::Result<Option<Tensor>> {
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    {
+        let Some(simd) = pulp::x86::V3::try_new() else {
+            return Ok(None);
+        };
+        let e = heads * head_dim;
+        let l = k.dim(1)?;
+        if q.dims() != [1, 1, e]
+            || k.dims() != [1, l, e]
+            || v.dims() != [1, l, e]
+            || l <= 256
+            || head_dim <= 2
+            || q.dtype() != CDType::F32
+        {
+            return Ok(None);
+        }
+        let qv: Vec<f32> = q.flatten_all()?.to_vec1()?;
+        let (Some((ks, koff, krs)), Some((vs, voff, vrs))) = (f32_rows(k), f32_rows(v)) else {
+            return Ok(None);
+        };
+        let (Storage::Cpu(CpuStorage::F32(kd)), Storage::Cpu(CpuStorage::F32(vd))) = (&*ks, &*vs)
+        else {
+            return Ok(None);
+        };
+        let last = |off: usize, rs: usize| off + (l - 1) * rs + e;
+        if last(koff, krs) > kd.len() || last(voff, vrs) > vd.len() {
+            return Ok(None);
+        }
+        let mut scores = vec![0f32; heads * l];
+        simd.vectorize(ScoresOp {
+            simd,
+            q: &qv,
+            k: &kd[koff..],
+            rs: krs,
+            l,
+            heads,
+            d: head_dim,
+            out: &mut scores,
+        });
+        softmax_rows(&mut scores, 1, l, scale, causal, q.device())?;
+        let mut out = vec![0f32; e];
+        simd.vectorize(WeightedSumOp {
+            simd,
+            p: &scores,
+            v: &vd[voff..],
+            rs: vrs,
+            l,
+            heads,
+            d: head_dim,
+            out: &mut out,
+        });
+        Ok(Some(Tensor::from_vec(out, (1, 1, e), q.device())?))
+    }
+    #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
+    {
+        let _ = (q, k, v, heads, head_dim, scale, causal);
+        Ok(None)
+    }
+}
+
+/// Whether this CPU runs [`decode_attention`]'s row kernels (AVX2 and FMA).
+#[allow(dead_code)]
+fn row_kernels() -> bool {
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    {
+        pulp::x86::V3::try_new().is_some()
+    }
+    #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
+    {
+        false
+    }
+}
+
+/// `scores[h·L + j] = q_h · K[j]_h` in the arithmetic of gemm's row-major matrix-vector kernel.
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+struct ScoresOp<'a> {
+    simd: pulp::x86::V3,
+    q: &'a [f32],
+    k: &'a [f32],
+    rs: usize,
+    l: usize,
+    heads: usize,
+    d: usize,
+    out: &'a mut [f32],
+}
+
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+impl pulp::NullaryFnOnce for ScoresOp<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn call(self) {
+        use pulp::f32x8;
+        const LANE: usize = 8;
+        let simd = self.simd;
+        let d = self.d;
+        let (d_lane8, d_lane) = (d / (8 * LANE) * (8 * LANE), d / LANE * LANE);
+        let load = |x: &[f32], i: usize| -> f32x8 {
+            let mut a = [0f32; LANE];
+            a.copy_from_slice(&x[i..i + LANE]);
+            pulp::bytemuck::cast(a)
+        };
+        let zero = simd.splat_f32x8(0.0);
+        for j in 0..self.l {
+            let row = &self.k[j * self.rs..j * self.rs + self.heads * d];
+            for h in 0..self.heads {
+                let (kr, qr) = (&row[h * d..(h + 1) * d], &self.q[h * d..(h + 1) * d]);
+                // Eight accumulators over blocks of 64, combined pairwise.
+                let mut acc = [zero; 8];
+                let mut depth = 0;
+                while depth < d_lane8 {
+                    for (a, x) in acc.iter_mut().enumerate() {
+                        let i = depth + a * LANE;
+                        *x = simd.mul_add_f32x8(load(kr, i), load(qr, i), *x);
+                    }
+                    depth += 8 * LANE;
+                }
+                let (a0, a2) = (
+                    simd.add_f32x8(acc[0], acc[1]),
+                    simd.add_f32x8(acc[2], acc[3]),
+                );
+                let (a4, a6) = (
+                    simd.add_f32x8(acc[4], acc[5]),
+                    simd.add_f32x8(acc[6], acc[7]),
+                );
+                let (a0, a4) = (simd.add_f32x8(a0, a2), simd.add_f32x8(a4, a6));
+                let mut lanes = simd.add_f32x8(a0, a4);
+                while depth < d_lane {
+                    lanes = simd.mul_add_f32x8(load(kr, depth), load(qr, depth), lanes);
+                    depth += LANE;
+                }
+                let lanes: [f32; LANE] = pulp::bytemuck::cast(lanes);
+                let mut sum = lanes[0];
+                for lane in &lanes[1..] {
+                    sum += *lane;
+                }
+                for i in depth..d {
+                    sum = kr[i].mul_add(qr[i], sum);
+                }
+                // gemm scales by beta = 1.
+                self.out[h * self.l + j] = sum * 1.0;
+            }
+        }
+    }
+}
+
+/// `out[h·D + c] = Σ_j p[h·L + j] · V[j]_{h,c}` in the arithmetic of gemm's column-major
+/// matrix-vector kernel: the first position multiplies, each later one is fused-multiply-added.
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+struct WeightedSumOp<'a> {
+    simd: pulp::x86::V3,
+    p: &'a [f32],
+    v: &'a [f32],
+    rs: usize,
+    l: usize,
+    heads: usize,
+    d: usize,
+    out: &'a mut [f32],
+}
+
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+impl pulp::NullaryFnOnce for WeightedSumOp<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn call(self) {
+        let simd = self.simd;
+        let (d, e) = (self.d, self.heads * self.d);
+        if d % 8 != 0 {
+            // Lane-wise scalar: the same operations per output.
+            for (c, o) in self.out.iter_mut().enumerate() {
+                *o = self.v[c] * (1.0 * self.p[(c / d) * self.l]);
+            }
+            for j in 1..self.l {
+                let row = &self.v[j * self.rs..j * self.rs + e];
+                for (c, o) in self.out.iter_mut().enumerate() {
+                    *o = row[c].mul_add(1.0 * self.p[(c / d) * self.l + j], *o);
+                }
+            }
+            return;
+        }
+        let vec = |x: &[f32]| -> pulp::f32x8 {
+            let mut a = [0f32; 8];
+            a.copy_from_slice(x);
+            pulp::bytemuck::cast(a)
+        };
+        let per_head = d / 8;
+        // gemm scales each weight by beta = 1 first.
+        let mut acc: Vec<pulp::f32x8> = self.v[..e]
+            .chunks_exact(8)
+            .enumerate()
+            .map(|(i, x)| {
+                let w = 1.0 * self.p[(i / per_head) * self.l];
+                simd.mul_f32x8(vec(x), simd.splat_f32x8(w))
+            })
+            .collect();
+        for j in 1..self.l {
+            let row = &self.v[j * self.rs..j * self.rs + e];
+            for (h, (acc, row)) in acc
+                .chunks_exact_mut(per_head)
+                .zip(row.chunks_exact(d))
+                .enumerate()
+            {
+                let w = simd.splat_f32x8(1.0 * self.p[h * self.l + j]);
+                for (a, x) in acc.iter_mut().zip(row.chunks_exact(8)) {
+                    *a = simd.mul_add_f32x8(vec(x), w, *a);
+                }
+            }
+        }
+        for (o, a) in self.out.chunks_exact_mut(8).zip(&acc) {
+            o.copy_from_slice(&pulp::bytemuck::cast::<pulp::f32x8, [f32; 8]>(*a));
+        }
+    }
 }
 
 /// Pads H and W (axes 2, 3) with `value`.
@@ -263,25 +554,15 @@ fn compute(node: &Node, ins: &[Tensor]) -> candle_core::Result<Vec<Tensor>> {
             causal,
             scale,
         } => {
-            // `[B, S, H·D]` as `[B, H, S, D]`. With one sequence K and V stay strided views
-            // that gemm reads in place (a decode step's K/V are the whole cache: no copy);
-            // gemm cannot step over a batch of strided heads, so batches are copied.
-            let by_head = |t: &Tensor, copy: bool| -> candle_core::Result<Tensor> {
-                let (b, s, _) = t.dims3()?;
-                let t = t.reshape((b, s, *heads, *head_dim))?.transpose(1, 2)?;
-                if copy || b > 1 {
-                    t.contiguous()
-                } else {
-                    Ok(t)
-                }
-            };
-            let q = by_head(&ins[0], true)?;
-            let (k, v) = (by_head(&ins[1], false)?, by_head(&ins[2], false)?);
-            let kt = k.transpose(2, 3)?;
-            let p = scaled_softmax(&q.matmul(&kt)?, scale.0, *causal)?;
-            let o = p.matmul(&v)?.transpose(1, 2)?;
-            let (b, qn, _, _) = o.dims4()?;
-            one(o.contiguous()?.reshape((b, qn, heads * head_dim))?)
+            let fast = decode_attention(
+                &ins[0], &ins[1], &ins[2], *heads, *head_dim, scale.0, *causal,
+            )?;
+            match fast {
+                Some(o) => one(o),
+                None => one(attention(
+                    &ins[0], &ins[1], &ins[2], *heads, *head_dim, scale.0, *causal,
+                )?),
+            }
         }
         OpKind::Add => one(ins[0].broadcast_add(&ins[1])?),
         OpKind::Mul => one(ins[0].broadcast_mul(&ins[1])?),
@@ -448,6 +729,45 @@ mod tests {
                 "q {qn} × k {kn}, causal {causal}"
             );
         }
+    }
+
+    /// The row-wise decode attention is bitwise candle's (gemm's) on cache views, wherever it
+    /// applies; it declines where gemm would take other kernels.
+    #[test]
+    fn decode_attention_equals_candle() {
+        let d = Device::Cpu;
+        let bits = |t: &Tensor| vals(t).iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        for (heads, hd, l, cap) in [
+            (4, 32, 1000, 1024),
+            (4, 32, 257, 300),
+            (2, 64, 700, 700),
+            (3, 36, 513, 600),
+            (12, 64, 300, 320),
+        ] {
+            let e = heads * hd;
+            let store = (Tensor::randn(0f32, 1., (2, 1, cap, e), &d).unwrap() * 2.0).unwrap();
+            let view = store.narrow(2, 0, l).unwrap();
+            let (k, v) = (view.get(0).unwrap(), view.get(1).unwrap());
+            let q = Tensor::randn(0f32, 1., (1, 1, e), &d).unwrap();
+            let scale = 1.0 / (hd as f32).sqrt();
+            let fast = decode_attention(&q, &k, &v, heads, hd, scale, true).unwrap();
+            let reference = attention(&q, &k, &v, heads, hd, scale, true).unwrap();
+            match fast {
+                Some(f) => assert_eq!(bits(&f), bits(&reference), "{heads}×{hd}, {l} of {cap}"),
+                None => assert!(!row_kernels(), "declined {heads}×{hd}, {l} of {cap}"),
+            }
+        }
+        // Short caches and several queries go to candle.
+        let k = Tensor::randn(0f32, 1., (1, 100, 128), &d).unwrap();
+        let q = Tensor::randn(0f32, 1., (1, 1, 128), &d).unwrap();
+        assert!(decode_attention(&q, &k, &k, 4, 32, 0.1, true)
+            .unwrap()
+            .is_none());
+        let k = Tensor::randn(0f32, 1., (1, 400, 128), &d).unwrap();
+        let q = Tensor::randn(0f32, 1., (1, 2, 128), &d).unwrap();
+        assert!(decode_attention(&q, &k, &k, 4, 32, 0.1, true)
+            .unwrap()
+            .is_none());
     }
 
     fn node(op: OpKind, out: &[usize]) -> Node {
