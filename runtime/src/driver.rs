@@ -154,7 +154,18 @@ impl Driver {
             )));
         }
         let look = self.sent.lookup(graph, placement);
-        self.sent.plan(&look, wanted)?;
+        // Wait first on the workers that return nothing (they usually finish first), so that
+        // their replies are read while the others still compute.
+        let order: Vec<usize> = {
+            let plan = self.sent.plan(&look, wanted)?;
+            let returns = |i: usize| {
+                wanted
+                    .iter()
+                    .any(|t| plan.worker_of.get(t.node.index()) == Some(&i))
+            };
+            let (last, first): (Vec<usize>, Vec<usize>) = (0..used).partition(|&i| returns(i));
+            first.into_iter().chain(last).collect()
+        };
         let run = self.next_run;
         self.next_run += 1;
         let mut payload = Vec::new();
@@ -206,7 +217,7 @@ impl Driver {
                 });
             }
         }
-        let replies = match self.gather(used, start + RUN_TIMEOUT) {
+        let replies = match self.gather(order, start + RUN_TIMEOUT) {
             Ok(r) => r,
             Err((worker, reason)) => {
                 self.poisoned = Some(worker.clone());
@@ -255,18 +266,18 @@ impl Driver {
         Ok(assemble(&self.names, graph, plan, stats, outputs, wall))
     }
 
-    /// The replies of workers `0..used` to the run just handed out, as they arrive (on this
-    /// thread: each connection is polled, and the wait sleeps on one of them). A failure
+    /// The replies of workers `order` to the run just handed out, as they arrive (on this
+    /// thread: each connection is polled, and the wait sleeps on one of them, in that order). A failure
     /// reported by any worker, a dead connection or no reply by `deadline` ends the wait with
     /// the worker to blame and why.
     #[allow(clippy::type_complexity)]
     fn gather(
         &self,
-        used: usize,
+        order: Vec<usize>,
         deadline: Instant,
     ) -> std::result::Result<Vec<(usize, Msg, Vec<u8>)>, (String, String)> {
-        let mut waiting: Vec<usize> = (0..used).collect();
-        let mut replies = Vec::with_capacity(used);
+        let mut replies = Vec::with_capacity(order.len());
+        let mut waiting = order;
         let mut turn = 0usize;
         while !waiting.is_empty() {
             let mut got = None;
@@ -304,7 +315,7 @@ impl Driver {
                     }
                 }
             };
-            let i = waiting.swap_remove(pos);
+            let i = waiting.remove(pos);
             let name = &self.names[i];
             let bytes = res.map_err(|e| (name.clone(), e.to_string()))?;
             match proto::decode(&bytes, name) {
