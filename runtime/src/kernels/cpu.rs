@@ -404,6 +404,53 @@ impl pulp::NullaryFnOnce for WeightedSumOp<'_> {
     }
 }
 
+/// Layer norm over the last axis with candle ops.
+fn layer_norm_ops(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    xc.broadcast_div(&(var + f64::from(eps))?.sqrt()?)?
+        .broadcast_mul(w)?
+        .broadcast_add(b)
+}
+
+/// Layer norm over the last axis in one pass per row instead of nine intermediate tensors,
+/// bitwise what [`layer_norm_ops`] gives: the same f32 operations in the same order per element
+/// (`mean_keepdim` is a sum times `1/n`, `+ eps` is `v * 1 + eps`), and the row sums are
+/// candle's own. A contiguous f32 input with `[n]` weight and bias; otherwise the ops.
+fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
+    let n = x.dims().last().copied().unwrap_or(0);
+    let f32s = [x, w, b].iter().all(|t| t.dtype() == CDType::F32);
+    if !f32s || n == 0 || !x.is_contiguous() || w.dims() != [n] || b.dims() != [n] {
+        return layer_norm_ops(x, w, b, eps);
+    }
+    let last = x.rank() - 1;
+    let scale = (1f64 / n as f64) as f32;
+    let sums: Vec<f32> = x.sum_keepdim(last)?.flatten_all()?.to_vec1()?;
+    let mut xc: Vec<f32> = x.flatten_all()?.to_vec1()?;
+    for (row, s) in xc.chunks_mut(n).zip(&sums) {
+        let mean = *s * scale + 0.0;
+        for v in row.iter_mut() {
+            *v -= mean;
+        }
+    }
+    let rows = xc.len() / n;
+    let squares: Vec<f32> = xc.iter().map(|v| v * v).collect();
+    let var_sums: Vec<f32> = Tensor::from_vec(squares, (rows, n), x.device())?
+        .sum_keepdim(1)?
+        .flatten_all()?
+        .to_vec1()?;
+    let (w, b): (Vec<f32>, Vec<f32>) = (w.to_vec1()?, b.to_vec1()?);
+    for (row, s) in xc.chunks_mut(n).zip(&var_sums) {
+        let var = *s * scale + 0.0;
+        let d = (var * 1.0 + eps).sqrt();
+        for ((v, w), b) in row.iter_mut().zip(&w).zip(&b) {
+            *v = *v / d * *w + *b;
+        }
+    }
+    Tensor::from_vec(xc, x.dims(), x.device())
+}
+
 /// Pads H and W (axes 2, 3) with `value`.
 fn pad_hw(x: &Tensor, ph: usize, pw: usize, value: f32) -> candle_core::Result<Tensor> {
     if ph == 0 && pw == 0 {
@@ -529,17 +576,7 @@ fn compute(node: &Node, ins: &[Tensor]) -> candle_core::Result<Vec<Tensor>> {
                 .broadcast_add(&r(&ins[2])?)?;
             one(y)
         }
-        OpKind::LayerNorm { eps } => {
-            let x = &ins[0];
-            let mean = x.mean_keepdim(D::Minus1)?;
-            let xc = x.broadcast_sub(&mean)?;
-            let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-            let y = xc
-                .broadcast_div(&(var + f64::from(eps.0))?.sqrt()?)?
-                .broadcast_mul(&ins[1])?
-                .broadcast_add(&ins[2])?;
-            one(y)
-        }
+        OpKind::LayerNorm { eps } => one(layer_norm(&ins[0], &ins[1], &ins[2], eps.0)?),
         OpKind::Softmax { axis, causal } => {
             let x = if *causal {
                 causal_mask(&ins[0])?
@@ -728,6 +765,23 @@ mod tests {
                     .collect::<Vec<_>>(),
                 "q {qn} × k {kn}, causal {causal}"
             );
+        }
+    }
+
+    /// The fused layer norm is bitwise the composition of candle ops it replaces.
+    #[test]
+    fn layer_norm_equals_the_op_composition() {
+        let d = Device::Cpu;
+        let bits = |t: &Tensor| vals(t).iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        for shape in [vec![1, 1, 128], vec![2, 7, 37], vec![5, 768]] {
+            let n = *shape.last().unwrap();
+            let x = (Tensor::randn(0f32, 3., shape.as_slice(), &d).unwrap() + 0.7).unwrap();
+            let w = Tensor::randn(1f32, 0.5, n, &d).unwrap();
+            let b = Tensor::randn(0f32, 0.5, n, &d).unwrap();
+            let fused = layer_norm(&x, &w, &b, 1e-5).unwrap();
+            let reference = layer_norm_ops(&x, &w, &b, 1e-5).unwrap();
+            assert_eq!(bits(&fused), bits(&reference), "{shape:?}");
+            assert_eq!(fused.dims(), reference.dims());
         }
     }
 
