@@ -158,14 +158,18 @@ fn attention(
     o.contiguous()?.reshape((b, qn, heads * head_dim))
 }
 
-/// Rows of a `[1, L, E]` f32 tensor: its storage, the offset of row 0 and the row stride, when
-/// each row's `E` values are contiguous.
-fn f32_rows(t: &Tensor) -> Option<(std::sync::RwLockReadGuard<'_, Storage>, usize, usize)> {
+/// Calls `f` with the data of a `[1, l, e]` f32 tensor from its first row on and its row
+/// stride, when each row's `e` values are contiguous and all rows lie in the storage.
+fn with_rows<R>(t: &Tensor, l: usize, e: usize, f: impl FnOnce(&[f32], usize) -> R) -> Option<R> {
     let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
+        return None;
+    };
     match (layout.dims(), layout.stride()) {
-        ([1, _, _], [_, rs, 1]) if matches!(&*storage, Storage::Cpu(CpuStorage::F32(_))) => {
+        ([1, rows, cols], [_, rs, 1]) if *rows == l && *cols == e && l > 0 => {
             let (off, rs) = (layout.start_offset(), *rs);
-            Some((storage, off, rs))
+            let end = off.checked_add((l - 1).checked_mul(rs)?)?.checked_add(e)?;
+            (end <= data.len()).then(|| f(&data[off..], rs))
         }
         _ => None,
     }
@@ -206,40 +210,40 @@ fn decode_attention(
             return Ok(None);
         }
         let qv: Vec<f32> = q.flatten_all()?.to_vec1()?;
-        let (Some((ks, koff, krs)), Some((vs, voff, vrs))) = (f32_rows(k), f32_rows(v)) else {
-            return Ok(None);
-        };
-        let (Storage::Cpu(CpuStorage::F32(kd)), Storage::Cpu(CpuStorage::F32(vd))) = (&*ks, &*vs)
-        else {
-            return Ok(None);
-        };
-        let last = |off: usize, rs: usize| off + (l - 1) * rs + e;
-        if last(koff, krs) > kd.len() || last(voff, vrs) > vd.len() {
+        // K and V are often views of one cache tensor: hold one storage lock at a time.
+        let mut scores = vec![0f32; heads * l];
+        let done = with_rows(k, l, e, |k, rs| {
+            simd.vectorize(ScoresOp {
+                simd,
+                q: &qv,
+                k,
+                rs,
+                l,
+                heads,
+                d: head_dim,
+                out: &mut scores,
+            })
+        });
+        if done.is_none() {
             return Ok(None);
         }
-        let mut scores = vec![0f32; heads * l];
-        simd.vectorize(ScoresOp {
-            simd,
-            q: &qv,
-            k: &kd[koff..],
-            rs: krs,
-            l,
-            heads,
-            d: head_dim,
-            out: &mut scores,
-        });
         softmax_rows(&mut scores, 1, l, scale, causal, q.device())?;
         let mut out = vec![0f32; e];
-        simd.vectorize(WeightedSumOp {
-            simd,
-            p: &scores,
-            v: &vd[voff..],
-            rs: vrs,
-            l,
-            heads,
-            d: head_dim,
-            out: &mut out,
+        let done = with_rows(v, l, e, |v, rs| {
+            simd.vectorize(WeightedSumOp {
+                simd,
+                p: &scores,
+                v,
+                rs,
+                l,
+                heads,
+                d: head_dim,
+                out: &mut out,
+            })
         });
+        if done.is_none() {
+            return Ok(None);
+        }
         Ok(Some(Tensor::from_vec(out, (1, 1, e), q.device())?))
     }
     #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
