@@ -24,6 +24,8 @@
 #   GENIE_SOFTROCE_KERNEL=VER  kernel package version, e.g. 6.1.0-56-amd64 (default: what
 #                              linux-image-amd64 depends on, else the newest linux-image-6.1.0-N-amd64)
 #   GENIE_SOFTROCE_CACHE=DIR   cache directory (default <repo>/target/softroce)
+#   GENIE_SOFTROCE_KERNEL_ARGS=ARGS  extra guest kernel arguments (default "clocksource=tsc tsc=reliable",
+#                              so that clock reads stay in the vDSO as on real machines)
 set -euo pipefail
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
@@ -204,6 +206,11 @@ trap 'rm -rf "$RUN"' EXIT
   printf '\n'
 } >"$RUN/cmd.sh"
 
+# The guest's clock: qemu's emulated TSC is steady but the guest kernel, finding the vCPUs' TSCs
+# unsynchronised at boot, falls back to the HPET, whose every read traps into the emulator (several
+# microseconds under TCG). Every clock_gettime (Rust's Instant::now) would then be a slow syscall,
+# unlike on any real machine, where the vDSO reads the TSC; perftest reads the TSC itself.
+KERNEL_ARGS="${GENIE_SOFTROCE_KERNEL_ARGS-clocksource=tsc tsc=reliable}"
 SMP="${GENIE_SOFTROCE_SMP:-$(nproc)}"
 [ "$SMP" -gt 4 ] && SMP=4
 set +e
@@ -215,7 +222,7 @@ timeout --kill-after=10 "${GENIE_SOFTROCE_TIMEOUT:-3600}" \
   -accel tcg,thread=multi -cpu max -smp "$SMP" -m "${GENIE_SOFTROCE_MEM:-2048}" \
   -nographic -no-reboot -nic none \
   -kernel "$KDIR/root/boot/vmlinuz-$KVER" -initrd "$INITRD" \
-  -append "console=ttyS0 quiet loglevel=1 panic=-1 genie.run=$RUN" \
+  -append "console=ttyS0 quiet loglevel=1 panic=-1 $KERNEL_ARGS genie.run=$RUN" \
   -virtfs local,path=/,mount_tag=host,security_model=passthrough,multidevs=remap \
   </dev/null |
   tee "$RUN/console.log" |
