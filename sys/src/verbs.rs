@@ -30,10 +30,10 @@ use std::time::Duration;
 
 use crate::mem::SharedBuf;
 
-use rdma_mummy_sys::{ibv_cq, ibv_qp_state, ibv_wc_opcode, ibv_wc_status};
+use rdma_mummy_sys::{ibv_cq, ibv_qp_state, ibv_wc, ibv_wc_opcode, ibv_wc_status};
 use sideway::ibverbs::address::{AddressHandleAttribute, Gid};
+use sideway::ibverbs::completion::GenericCompletionQueue;
 use sideway::ibverbs::completion::{BasicCompletionQueue, CompletionChannel, CompletionQueue as _};
-use sideway::ibverbs::completion::{GenericCompletionQueue, PollCompletionQueueError};
 use sideway::ibverbs::device::{DeviceInfo as _, DeviceList};
 use sideway::ibverbs::device_context::{DeviceContext, Mtu};
 use sideway::ibverbs::memory_region::MemoryRegion;
@@ -400,12 +400,9 @@ impl Context {
         if let Some(ch) = &channel {
             b.setup_comp_channel(ch, 0);
         }
-        let mut cq = b
+        let cq = b
             .build()
             .map_err(|e| verb("ibv_create_cq", &self.name, e))?;
-        if let Some(cq) = Arc::get_mut(&mut cq) {
-            cq.setup_poll_batch(std::num::NonZeroU32::MIN.saturating_add(31));
-        }
         Ok(CompletionQueue {
             cq,
             channel,
@@ -680,36 +677,54 @@ fn wc_opcode(o: u32) -> WcOpcode {
 }
 
 impl CompletionQueue {
-    /// Polls up to `max` completions into `out` (appended). Returns how many. Never blocks.
+    /// Polls up to `max` completions into `out` (appended). Returns how many. Never blocks and
+    /// never allocates (beyond growing `out`): completions land in a buffer on the stack. (sideway's
+    /// `start_poll` allocates a `Vec` per call, empty CQ included: a malloc/free pair on every
+    /// poll of a busy-polling thread.)
     pub fn poll(&self, out: &mut Vec<Completion>, max: usize) -> Result<usize, VerbsError> {
-        let poller = match self.cq.start_poll() {
-            Ok(p) => p,
-            Err(PollCompletionQueueError::CompletionQueueEmpty) => return Ok(0),
-            Err(e) => return Err(verb("ibv_poll_cq", &self.name, e)),
+        const BATCH: usize = 32;
+        let want = max.min(BATCH);
+        if want == 0 {
+            return Ok(0);
+        }
+        let mut wcs = [std::mem::MaybeUninit::<ibv_wc>::uninit(); BATCH];
+        // SAFETY: the CQ handle is valid while `self` lives (see `raw_cq`); `wcs` has room for
+        // `want` (<= BATCH) entries, the most ibv_poll_cq writes; providers lock the CQ inside
+        // poll_cq, so concurrent polls from several threads are allowed (verbs' threading rules).
+        let rc = unsafe {
+            rdma_mummy_sys::ibv_poll_cq(self.raw_cq(), want as i32, wcs.as_mut_ptr().cast())
         };
-        let mut n = 0;
-        for wc in poller {
-            let status = wc_status(wc.status());
+        if rc < 0 {
+            return Err(verb(
+                "ibv_poll_cq",
+                &self.name,
+                std::io::Error::from_raw_os_error(-rc),
+            ));
+        }
+        let n = (rc as usize).min(want);
+        for slot in &wcs[..n] {
+            // SAFETY: ibv_poll_cq returned `rc`: it filled the first `rc` entries.
+            let wc = unsafe { slot.assume_init_ref() };
+            let status = wc_status(wc.status);
             let opcode = if status.is_ok() {
-                wc_opcode(wc.opcode())
+                wc_opcode(wc.opcode)
             } else {
-                WcOpcode::Other(wc.opcode())
+                WcOpcode::Other(wc.opcode)
             };
             let imm = match opcode {
-                WcOpcode::RecvWriteImm => Some(u32::from_be(wc.imm_data())),
+                // SAFETY: for a receive with immediate the union holds the immediate (verbs.h).
+                WcOpcode::RecvWriteImm => Some(u32::from_be(unsafe {
+                    wc.imm_data_invalidated_rkey_union.imm_data
+                })),
                 _ => None,
             };
             out.push(Completion {
-                wr_id: wc.wr_id(),
+                wr_id: wc.wr_id,
                 status,
                 opcode,
-                byte_len: wc.byte_len(),
+                byte_len: wc.byte_len,
                 imm,
             });
-            n += 1;
-            if n >= max {
-                break;
-            }
         }
         Ok(n)
     }
