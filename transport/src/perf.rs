@@ -193,13 +193,32 @@ fn serve(
     Ok(Vec::new())
 }
 
+/// Busy-poll echo: after this long without a message the echo thread naps between polls, so that
+/// an idle server (during the write and read tests, which send no messages) leaves the CPU to the
+/// client, like perftest's servers, which wait in a blocking socket read.
+const ECHO_SPIN: Duration = Duration::from_millis(2);
+const ECHO_NAP: Duration = Duration::from_micros(500);
+
 fn echo(conn: Arc<dyn Connection>, busy: bool) {
+    let mut last_msg = Instant::now();
+    let mut polls = 0u32;
+    let mut idle = false;
     loop {
         let msg = if busy {
             match conn.try_recv() {
-                Ok(Some(m)) => m,
+                Ok(Some(m)) => {
+                    last_msg = Instant::now();
+                    idle = false;
+                    m
+                }
                 Ok(None) => {
-                    std::thread::yield_now();
+                    polls = polls.wrapping_add(1);
+                    if idle || (polls % 256 == 0 && last_msg.elapsed() > ECHO_SPIN) {
+                        idle = true;
+                        std::thread::sleep(ECHO_NAP);
+                    } else {
+                        std::hint::spin_loop();
+                    }
                     continue;
                 }
                 Err(_) => return,

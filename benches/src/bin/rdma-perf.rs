@@ -95,66 +95,40 @@ fn write_lat(a: &Args) -> Result<()> {
     let warm = (a.iters / 10).clamp(1, 100);
     let total = a.iters + warm;
     // The peer: wait for ping i (last received byte == tag of i), answer with the same tag.
-    // Like perftest, nobody waits for its own write's completion on the critical path: an
-    // operation is checked just before the next one is posted (it is long complete by then).
+    // Like perftest's run_iter_lat_write, each side posts its write and then waits for that
+    // write's own completion before spinning on its buffer again (off the critical path: the
+    // completion comes with the peer's acknowledgement, before the peer can answer).
     let peer = std::thread::spawn(move || -> Result<()> {
-        let mut prev: Option<genie_transport::Op> = None;
-        let mut older = Vec::new();
         let mut spins = 0u32;
         for i in 0..total {
             let tag = (i % 255) as u8 + 1;
             let deadline = Instant::now() + wait;
             while rb.with(|b| b[last]) != tag {
-                if Instant::now() > deadline {
+                if spin(&mut spins) && Instant::now() > deadline {
                     bail!("ping {i} never landed");
-                }
-                spin(&mut spins);
-            }
-            if let Some(op) = prev.take() {
-                if let Some(r) = op.poll() {
-                    r?;
-                } else {
-                    older.push(op);
                 }
             }
             rb.with_mut(|b| b[size - 1] = tag);
-            prev = Some(ba.write(&rb, 0, &da, size as u64, size)?);
-        }
-        for op in older.into_iter().chain(prev) {
-            op.wait(wait)?;
+            ba.write(&rb, 0, &da, size as u64, size)?.wait(wait)?;
         }
         Ok(())
     });
     let mut rtts = Vec::with_capacity(a.iters);
-    let mut prev: Option<genie_transport::Op> = None;
-    let mut older = Vec::new();
     let mut spins = 0u32;
     for i in 0..total {
         let tag = (i % 255) as u8 + 1;
-        if let Some(op) = prev.take() {
-            if let Some(r) = op.poll() {
-                r?;
-            } else {
-                older.push(op);
-            }
-        }
         ra.with_mut(|b| b[size - 1] = tag);
         let start = Instant::now();
-        let op = ab.write(&ra, 0, &db, size as u64, size)?;
+        ab.write(&ra, 0, &db, size as u64, size)?.wait(wait)?;
         let deadline = start + wait;
         while ra.with(|b| b[last]) != tag {
-            if Instant::now() > deadline {
+            if spin(&mut spins) && Instant::now() > deadline {
                 bail!("pong {i} never came");
             }
-            spin(&mut spins);
         }
-        prev = Some(op);
         if i >= warm {
             rtts.push(start.elapsed());
         }
-    }
-    for op in older.into_iter().chain(prev) {
-        op.wait(wait)?;
     }
     peer.join()
         .map_err(|_| anyhow::anyhow!("peer thread panicked"))??;
@@ -184,15 +158,13 @@ fn write_lat(a: &Args) -> Result<()> {
     Ok(())
 }
 
-/// One step of a polling loop; yields every few steps so that the transport's completion threads
-/// get a core on small machines (the soft-RoCE VM has two).
-fn spin(count: &mut u32) {
+/// One step of a polling loop, like perftest's (a pure spin: in busy-poll mode the transport's
+/// completion threads stay parked while the user drives). Returns true every 1024 steps: time to
+/// check the deadline (reading the clock on every step would slow the loop down).
+fn spin(count: &mut u32) -> bool {
     *count = count.wrapping_add(1);
-    if *count % 2 == 0 {
-        std::thread::yield_now();
-    } else {
-        std::hint::spin_loop();
-    }
+    std::hint::spin_loop();
+    *count % 1024 == 0
 }
 
 fn via_perf(a: &Args, test: PerfTest) -> Result<perf::PerfRow> {
