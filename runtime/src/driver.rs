@@ -132,6 +132,10 @@ impl Driver {
     }
 
     /// Runs `graph` placed by `placement` for KV sequence `seq`; returns the `wanted` tensors.
+    ///
+    /// Each worker gets a graph and placement once; later runs of the same structure (a decode
+    /// step is the previous step's graph with longer KV tensors) send its id and the tensors
+    /// whose shape changed (see [`cache`](crate::cache)).
     pub fn run(
         &mut self,
         graph: &Graph,
@@ -267,9 +271,9 @@ impl Driver {
     }
 
     /// The replies of workers `order` to the run just handed out, as they arrive (on this
-    /// thread: each connection is polled, and the wait sleeps on one of them, in that order). A failure
-    /// reported by any worker, a dead connection or no reply by `deadline` ends the wait with
-    /// the worker to blame and why.
+    /// thread: each connection is polled, and the wait sleeps on one of them, in that order).
+    /// A failure reported by any worker, a dead connection or no reply by `deadline` ends the
+    /// wait with the worker to blame and why.
     #[allow(clippy::type_complexity)]
     fn gather(
         &self,
