@@ -2,7 +2,10 @@
 //! thread and the side-channel thread.
 
 use super::handshake::{Handshake, Local, Progress};
-use super::wire::{read_frame, write_frame, Frame, FrameReader, RegionStatus};
+use super::wire::{
+    push_segment, read_frame, write_frame, Frame, FrameReader, RegionStatus, SEG_HEADER, SEG_LAST,
+    SEG_MORE,
+};
 use super::{describe, Endpoint};
 use crate::completion::{Batch, BatchBuilder, Completer, Op, Progress as DriveHook};
 use crate::config::{Backend, PollMode};
@@ -45,12 +48,6 @@ const RECV_BIT: u64 = 1 << 63;
 /// message (up to its `max_message_size`). Receive memory per connection: `RECV_DEPTH` × (64 KiB
 /// + 1) ≈ 2 MiB (it was `RECV_DEPTH` × `max_message_size`: 2 GiB with the runtime's 64 MiB).
 const SEGMENT: usize = 64 << 10;
-/// Bytes of the segment header in front of each SEND's payload.
-const SEG_HEADER: usize = 1;
-/// Segment header: the message continues in the next segment.
-const SEG_MORE: u8 = 1;
-/// Segment header: the last (or only) segment of the message.
-const SEG_LAST: u8 = 0;
 
 fn io_err(call: &'static str) -> impl Fn(io::Error) -> TransportError {
     move |e| TransportError::io(call, e)
@@ -1029,26 +1026,12 @@ impl ConnShared {
         let seg = mem
             .get(start..start + len)
             .ok_or_else(|| format!("receive of {len} bytes does not fit slot {slot}"))?;
-        let (&flag, payload) = seg
-            .split_first()
-            .ok_or_else(|| "message segment without its header".to_string())?;
-        let max = self.ep.config.max_message_size;
-        if partial.len() + payload.len() > max {
-            return Err(format!(
-                "message of more than {max} bytes (the max_message_size) sent anyway"
-            ));
+        if let Some(msg) = push_segment(partial, seg, self.ep.config.max_message_size)? {
+            drop(mem);
+            self.msgs.lock().push_back(msg);
+            self.msgs_cv.notify_all();
         }
-        partial.extend_from_slice(payload);
-        match flag {
-            SEG_MORE => Ok(()),
-            SEG_LAST => {
-                drop(mem);
-                self.msgs.lock().push_back(std::mem::take(partial));
-                self.msgs_cv.notify_all();
-                Ok(())
-            }
-            other => Err(format!("bad message segment header {other:#x}")),
-        }
+        Ok(())
     }
 
     fn map_wc_error(&self, e: WcError, region: u64) -> TransportError {
