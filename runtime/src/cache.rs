@@ -215,6 +215,19 @@ impl SentGraphs {
         s.plan.get(&s.graph, &s.placement, wanted)
     }
 
+    /// `worker` takes no part in this run of a looked-up graph (no node placed there), so it is
+    /// sent nothing: its copy, if any, misses this run's reshapes, and the next run it takes
+    /// part in defines the graph there again, whole.
+    pub fn skip(&mut self, l: &Lookup, worker: usize) {
+        if let Some(on) = self
+            .sent
+            .get_mut(l.slot)
+            .and_then(|s| s.defined_on.get_mut(worker))
+        {
+            *on = false;
+        }
+    }
+
     /// What to send `worker` for a looked-up graph, and the ids it should forget first; marks
     /// the graph as kept there.
     pub fn message(&mut self, l: &Lookup, worker: usize) -> Result<(GraphRef, Vec<u64>)> {

@@ -54,6 +54,10 @@ pub struct RunOutput {
     pub wall: Duration,
     /// Peak tensor-store bytes per worker.
     pub peak_store_bytes: Vec<u64>,
+    /// Tensor bytes between the driver and the workers: inputs sent (to every worker taking
+    /// part) plus outputs received. With `counters.bytes_moved` (worker to worker), what the
+    /// run moved over the network.
+    pub driver_bytes: u64,
 }
 
 /// Connections to every worker of a cluster.
@@ -158,6 +162,14 @@ impl Driver {
             )));
         }
         let look = self.sent.lookup(graph, placement);
+        // Workers with no node of this run (a decode step placed whole on the decode worker)
+        // are not involved at all: no message, no reply to wait for.
+        let mut active = vec![false; used];
+        for &w in &placement.worker_of {
+            if let Some(a) = active.get_mut(w) {
+                *a = true;
+            }
+        }
         // Wait first on the workers that return nothing (they usually finish first), so that
         // their replies are read while the others still compute.
         let order: Vec<usize> = {
@@ -167,7 +179,8 @@ impl Driver {
                     .iter()
                     .any(|t| plan.worker_of.get(t.node.index()) == Some(&i))
             };
-            let (last, first): (Vec<usize>, Vec<usize>) = (0..used).partition(|&i| returns(i));
+            let (last, first): (Vec<usize>, Vec<usize>) =
+                (0..used).filter(|&i| active[i]).partition(|&i| returns(i));
             first.into_iter().chain(last).collect()
         };
         let run = self.next_run;
@@ -197,7 +210,12 @@ impl Driver {
         }
         // Each worker gets the graph once, then its id (and the tensors that changed shape).
         let mut msgs = Vec::with_capacity(used);
-        for i in 0..used {
+        for (i, &takes_part) in active.iter().enumerate() {
+            if !takes_part {
+                self.sent.skip(&look, i);
+                msgs.push(None);
+                continue;
+            }
             let (g, forget) = self.sent.message(&look, i)?;
             let msg = Msg::Run {
                 run,
@@ -207,10 +225,11 @@ impl Driver {
                 inputs: ins.clone(),
                 wanted: wanted.to_vec(),
             };
-            msgs.push(proto::encode(&msg, &payload)?);
+            msgs.push(Some(proto::encode(&msg, &payload)?));
         }
         let start = Instant::now();
         for (i, bytes) in msgs.iter().enumerate() {
+            let Some(bytes) = bytes else { continue };
             // The reply says whether it arrived; no need to wait for the send itself.
             if let Err(e) = self.conns[i].send(bytes) {
                 let name = self.names[i].clone();
@@ -221,6 +240,7 @@ impl Driver {
                 });
             }
         }
+        let order_len = order.len();
         let replies = match self.gather(order, start + RUN_TIMEOUT) {
             Ok(r) => r,
             Err((worker, reason)) => {
@@ -229,6 +249,7 @@ impl Driver {
             }
         };
         let last = Instant::now();
+        let mut driver_bytes = payload.len() as u64 * order_len as u64;
         let mut stats: Vec<Option<RunStats>> = vec![None; used];
         let mut outputs: Vec<Option<Tensor>> = vec![None; wanted.len()];
         for (i, msg, pl) in replies {
@@ -242,6 +263,7 @@ impl Driver {
                         let Some(t) = o.tensor else { continue };
                         let slice = proto::payload_slice(&pl, &o, &self.names[i])?;
                         let tensor = tensor_from_bytes(&o.meta, slice)?;
+                        driver_bytes += slice.len() as u64;
                         for (k, w) in wanted.iter().enumerate() {
                             if *w == t {
                                 outputs[k] = Some(tensor.clone());
@@ -267,7 +289,9 @@ impl Driver {
             .map(|(o, w)| o.ok_or_else(|| RuntimeError::Plan(format!("no worker returned {w:?}"))))
             .collect::<Result<Vec<_>>>()?;
         let plan = self.sent.plan(&look, wanted)?;
-        Ok(assemble(&self.names, graph, plan, stats, outputs, wall))
+        let mut out = assemble(&self.names, graph, plan, stats, outputs, wall);
+        out.driver_bytes = driver_bytes;
+        Ok(out)
     }
 
     /// The replies of workers `order` to the run just handed out, as they arrive (on this
@@ -435,6 +459,7 @@ fn assemble(
         transfers,
         wall,
         peak_store_bytes: peak,
+        driver_bytes: 0,
     }
 }
 
