@@ -677,24 +677,18 @@ impl ConnShared {
         // completion, complete the operation before the user polls it, so that the user's poll no
         // longer drives, and stay in that mode: a wake-up per operation, measured at 3-6x the
         // ping-pong latency on soft-RoCE (perf sched: one completion-thread run per iteration).
-        if self.driver.is_some() {
-            self.drives.fetch_add(1, Ordering::Relaxed);
-        }
-        let _ = self.progress(false);
+        self.drive();
         let mut st = self.state.lock();
         let n_jobs = jobs.len();
         let sq_half = (self.sq_depth / 2).max(1);
         for (ji, job) in jobs.into_iter().enumerate() {
             let last_job = ji + 1 == n_jobs;
             // Work requests of this job: `chunk`-sized pieces of a large region, else one.
-            let total = match &job.local {
-                LocalData::Region { len, .. } | LocalData::Slot { len, .. } => *len,
-                LocalData::Inline(b) => b.len,
-                LocalData::Nothing => 0,
-            };
-            let piece = match &job.local {
-                LocalData::Region { .. } => self.chunk.max(1),
-                _ => total.max(1),
+            let (total, piece) = match &job.local {
+                LocalData::Region { len, .. } => (*len, self.chunk.max(1)),
+                LocalData::Slot { len, .. } => (*len, (*len).max(1)),
+                LocalData::Inline(b) => (b.len, b.len.max(1)),
+                LocalData::Nothing => (0, 1),
             };
             let n = total.div_ceil(piece).max(1);
             let chunks = (0..n).map(|i| (i * piece, piece.min(total - i * piece)));
@@ -864,8 +858,10 @@ impl ConnShared {
         Ok(n > 0)
     }
 
-    /// Busy-poll progress, run by a thread waiting on one of this connection's operations (or
-    /// messages): polls the CQ unless another thread is already doing so.
+    /// Progress run by a user's thread: one waiting on one of this connection's operations (or
+    /// messages) in busy-poll mode, or one posting work (in either mode). Polls the CQ unless
+    /// another thread is already doing so, and counts as driving (which only busy-poll mode's
+    /// completion thread looks at). A failed poll kills the connection.
     fn drive(&self) {
         self.drives.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.progress(false) {
@@ -1207,15 +1203,14 @@ fn wait_queue<T>(
 }
 
 fn try_queue<T>(c: &ConnShared, q: &Mutex<VecDeque<T>>) -> Result<Option<T>> {
-    if let Some(v) = q.lock().pop_front() {
-        return Ok(Some(v));
-    }
+    let mut v = q.lock().pop_front();
     // Busy poll: an empty queue means "poll the CQ now" (the completion thread steps back while
     // users drive), then look again.
-    if let Some(drive) = &c.driver {
+    if let (None, Some(drive)) = (&v, &c.driver) {
         drive();
+        v = q.lock().pop_front();
     }
-    match q.lock().pop_front() {
+    match v {
         Some(v) => Ok(Some(v)),
         None if c.alive.load(Ordering::Acquire) => Ok(None),
         None => Err(c.dead_error()),
