@@ -264,18 +264,8 @@ impl SentGraphs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plan::tests::small;
     use genie_scheduler::builders::{gpt2_decode, gpt2_prefill, Gpt2Config};
-
-    fn small() -> Gpt2Config {
-        Gpt2Config {
-            layers: 2,
-            hidden: 32,
-            heads: 2,
-            vocab: 64,
-            context: 64,
-            ..Gpt2Config::default()
-        }
-    }
 
     #[test]
     fn decode_steps_differ_in_shapes_only() {

@@ -232,21 +232,13 @@ impl Driver {
             let Some(bytes) = bytes else { continue };
             // The reply says whether it arrived; no need to wait for the send itself.
             if let Err(e) = self.conns[i].send(bytes) {
-                let name = self.names[i].clone();
-                self.poisoned = Some(name.clone());
-                return Err(RuntimeError::WorkerFailed {
-                    worker: name,
-                    reason: e.to_string(),
-                });
+                return Err(self.fail(self.names[i].clone(), e.to_string()));
             }
         }
         let order_len = order.len();
         let replies = match self.gather(order, start + RUN_TIMEOUT) {
             Ok(r) => r,
-            Err((worker, reason)) => {
-                self.poisoned = Some(worker.clone());
-                return Err(RuntimeError::WorkerFailed { worker, reason });
-            }
+            Err((worker, reason)) => return Err(self.fail(worker, reason)),
         };
         let last = Instant::now();
         let mut driver_bytes = payload.len() as u64 * order_len as u64;
@@ -273,12 +265,8 @@ impl Driver {
                     stats[i] = Some(s);
                 }
                 other => {
-                    let name = self.names[i].clone();
-                    self.poisoned = Some(name.clone());
-                    return Err(RuntimeError::WorkerFailed {
-                        worker: name,
-                        reason: format!("unexpected reply {other:?}"),
-                    });
+                    let reason = format!("unexpected reply {other:?}");
+                    return Err(self.fail(self.names[i].clone(), reason));
                 }
             }
         }
@@ -292,6 +280,13 @@ impl Driver {
         let mut out = assemble(&self.names, graph, plan, stats, outputs, wall);
         out.driver_bytes = driver_bytes;
         Ok(out)
+    }
+
+    /// Marks the driver unusable after a failure on `worker` (later runs refuse to start until
+    /// it reconnects) and returns the run's error.
+    fn fail(&mut self, worker: String, reason: String) -> RuntimeError {
+        self.poisoned = Some(worker.clone());
+        RuntimeError::WorkerFailed { worker, reason }
     }
 
     /// The replies of workers `order` to the run just handed out, as they arrive (on this

@@ -308,11 +308,12 @@ pub fn layer_of(graph: &Graph, id: NodeId) -> Option<usize> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use genie_scheduler::builders::{gpt2_decode, Gpt2Config};
 
-    fn small() -> Gpt2Config {
+    /// A GPT-2 small enough for unit tests (also used by the graph cache's tests).
+    pub(crate) fn small() -> Gpt2Config {
         Gpt2Config {
             layers: 2,
             hidden: 32,

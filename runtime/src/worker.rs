@@ -361,12 +361,7 @@ impl Worker {
                     }
                 }
                 Msg::Shutdown => return Ok(true),
-                other => {
-                    return Err(RuntimeError::BadMessage {
-                        worker: "driver".into(),
-                        reason: format!("unexpected {other:?}"),
-                    })
-                }
+                other => return Err(bad_from_driver(format!("unexpected {other:?}"))),
             }
         }
     }
@@ -375,10 +370,6 @@ impl Worker {
     /// definition is checked whole; a kept graph gets the run's reshapes and is checked again
     /// if any. A graph that fails its check is dropped.
     fn take_graph(&mut self, g: GraphRef) -> Result<Kept> {
-        let bad = |reason: String| RuntimeError::BadMessage {
-            worker: "driver".into(),
-            reason,
-        };
         let kept = match g {
             GraphRef::Define {
                 id,
@@ -386,7 +377,7 @@ impl Worker {
                 placement,
             } => {
                 if self.graphs.len() >= WORKER_GRAPHS && !self.graphs.contains_key(&id) {
-                    return Err(bad(format!(
+                    return Err(bad_from_driver(format!(
                         "graph {id} defined while {WORKER_GRAPHS} graphs are kept (forget some first)"
                     )));
                 }
@@ -401,10 +392,9 @@ impl Worker {
                 }
             }
             GraphRef::Cached { id, reshape } => {
-                let mut kept = self
-                    .graphs
-                    .remove(&id)
-                    .ok_or_else(|| bad(format!("run names graph {id}, which was never defined")))?;
+                let mut kept = self.graphs.remove(&id).ok_or_else(|| {
+                    bad_from_driver(format!("run names graph {id}, which was never defined"))
+                })?;
                 if !reshape.is_empty() {
                     let changed = apply_reshapes(&mut kept.graph, &reshape, "driver")?;
                     self.check_graph(&kept.graph, &kept.placement)?;
@@ -419,19 +409,15 @@ impl Worker {
     /// A graph and placement that came over the network, checked before anything is indexed
     /// by them.
     fn check_graph(&self, graph: &Graph, placement: &Placement) -> Result<()> {
-        graph.validate().map_err(|e| RuntimeError::BadMessage {
-            worker: "driver".into(),
-            reason: format!("invalid graph: {e}"),
-        })?;
+        graph
+            .validate()
+            .map_err(|e| bad_from_driver(format!("invalid graph: {e}")))?;
         if placement.workers() > self.cluster.workers.len() {
-            return Err(RuntimeError::BadMessage {
-                worker: "driver".into(),
-                reason: format!(
-                    "placement uses {} workers, the cluster has {}",
-                    placement.workers(),
-                    self.cluster.workers.len()
-                ),
-            });
+            return Err(bad_from_driver(format!(
+                "placement uses {} workers, the cluster has {}",
+                placement.workers(),
+                self.cluster.workers.len()
+            )));
         }
         Ok(())
     }
@@ -658,6 +644,14 @@ struct Key(TensorRef);
 impl std::fmt::Display for Key {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}:{}", self.0.node.0, self.0.output)
+    }
+}
+
+/// A malformed or unexpected message from the driver.
+fn bad_from_driver(reason: String) -> RuntimeError {
+    RuntimeError::BadMessage {
+        worker: "driver".into(),
+        reason,
     }
 }
 
