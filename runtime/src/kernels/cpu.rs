@@ -1,5 +1,6 @@
 //! The reference CPU backend on `candle-core`.
 
+use super::decode::{Rows, Simd};
 use super::Kernels;
 use crate::error::{Result, RuntimeError};
 use candle_core::{CpuStorage, DType as CDType, Storage, Tensor, D};
@@ -8,14 +9,33 @@ use genie_scheduler::graph::{GeluApprox, KvPart, Node, OpKind, WeightLayout};
 /// Reference kernels on the host CPU (candle's CPU backend, f32).
 ///
 /// Every op of [`OpKind`] except `Custom` is implemented; each output is made contiguous so
-/// that results do not depend on which worker produced an input.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct CpuKernels;
+/// that results do not depend on which worker produced an input. One-row products (a decode
+/// step's `[in, out]` linear layers and its attention over the KV cache) go to the matrix-vector
+/// kernels of [`decode`](super::decode) on CPUs with AVX2 + FMA; [`CpuKernels::candle_only`]
+/// turns them off.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuKernels {
+    simd: Option<Simd>,
+}
+
+impl Default for CpuKernels {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl CpuKernels {
-    /// The backend.
+    /// The backend, with the one-row kernels where the CPU has AVX2 + FMA.
     pub fn new() -> Self {
-        Self
+        Self {
+            simd: Simd::detect(),
+        }
+    }
+
+    /// The backend computing every op with candle's kernels (the results of
+    /// [`CpuKernels::new`] differ from these by float rounding on one-row products).
+    pub fn candle_only() -> Self {
+        Self { simd: None }
     }
 }
 
@@ -158,254 +178,96 @@ fn attention(
     o.contiguous()?.reshape((b, qn, heads * head_dim))
 }
 
-/// Calls `f` with the data of a `[1, l, e]` f32 tensor from its first row on and its row
-/// stride, when each row's `e` values are contiguous and all rows lie in the storage.
-fn with_rows<R>(t: &Tensor, l: usize, e: usize, f: impl FnOnce(&[f32], usize) -> R) -> Option<R> {
+/// Calls `f` with the rows of an f32 tensor `[1, .., 1, r, c]` stored on the CPU whose rows
+/// are each contiguous, at any row stride (a view of the KV cache); `None` for other layouts
+/// (a transposed view).
+fn with_rows<R>(t: &Tensor, f: impl FnOnce(Rows<'_>) -> R) -> Option<R> {
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
         return None;
     };
-    match (layout.dims(), layout.stride()) {
-        ([1, rows, cols], [_, rs, 1]) if *rows == l && *cols == e && l > 0 => {
-            let (off, rs) = (layout.start_offset(), *rs);
-            let end = off.checked_add((l - 1).checked_mul(rs)?)?.checked_add(e)?;
-            (end <= data.len()).then(|| f(&data[off..], rs))
-        }
-        _ => None,
+    let (dims, stride) = (layout.dims(), layout.stride());
+    let n = dims.len();
+    if n < 2 || dims[..n - 2].iter().any(|&d| d != 1) || (dims[n - 1] > 1 && stride[n - 1] != 1) {
+        return None;
     }
+    let (r, c) = (dims[n - 2], dims[n - 1]);
+    let rs = if r == 1 { c } else { stride[n - 2] };
+    let rows = Rows::new(data.get(layout.start_offset()..)?, r, c, rs)?;
+    Some(f(rows))
 }
 
-/// One query's attention over a long cache (a decode step), `None` where it does not apply.
-///
-/// candle computes `q·Kᵀ` and `p·V` of a single query with gemm's matrix-vector kernels, which
-/// read the cache head by head through strided views. This computes the same products row by
-/// row of the cache (all heads at once, one pass over K and one over V), with the arithmetic of
-/// those kernels on CPUs with AVX2 and FMA: per score, 8-lane fused multiply-adds over the head
-/// dimension, the lanes then summed in order; per output, fused multiply-adds over the
-/// positions in order. IEEE operations are exact, so the result is bitwise gemm's (tested);
-/// elsewhere, and for shapes where gemm takes other kernels (up to 256 positions), `None`.
-fn decode_attention(
+/// `x · w` (plus `bias`) for one row `x` (`[.., k]`, `k` values in all) and `w` `[k, n]` with
+/// the one-row kernels. `None` where they do not apply (several rows, other dtypes or layouts,
+/// mismatched shapes: candle then decides). A weight stored `[n, k]` (`x · wᵀ`: BERT's linear
+/// layers, GPT-2's tied LM head) stays with candle, whose gemm reads those rows faster than
+/// our dot products do (`cargo run --release -p genie-runtime --example decode_kernels`).
+fn one_row_product(
+    simd: Simd,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+) -> candle_core::Result<Option<Tensor>> {
+    let k = x.dims().last().copied().unwrap_or(0);
+    if x.dtype() != CDType::F32 || w.dtype() != CDType::F32 || x.rank() < 2 || w.rank() != 2 {
+        return Ok(None);
+    }
+    let (wk, n) = (w.dim(0)?, w.dim(1)?);
+    if k == 0 || x.elem_count() != k || wk != k {
+        return Ok(None);
+    }
+    let bias = match bias {
+        None => None,
+        Some(b) if b.dims() == [n] && b.dtype() == CDType::F32 => Some(b.to_vec1::<f32>()?),
+        Some(_) => return Ok(None),
+    };
+    let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
+    let mut y = vec![0f32; n];
+    let done = with_rows(w, |m| simd.row_times(&xv, m, &mut y));
+    if done.is_none() {
+        return Ok(None);
+    }
+    if let Some(b) = bias {
+        for (y, b) in y.iter_mut().zip(&b) {
+            *y += *b;
+        }
+    }
+    let mut shape = x.dims().to_vec();
+    if let Some(last) = shape.last_mut() {
+        *last = n;
+    }
+    Ok(Some(Tensor::from_vec(y, shape, x.device())?))
+}
+
+/// One query's attention (`q` `[1, 1, H·D]`) over `k`, `v` (`[1, L, H·D]`, views of the cache
+/// included) with the one-row kernels; `None` where they do not apply. A single query is the
+/// last position, so the causal mask hides nothing.
+fn one_query_attention(
+    simd: Simd,
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     heads: usize,
     head_dim: usize,
     scale: f32,
-    causal: bool,
 ) -> candle_core::Result<Option<Tensor>> {
-    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-    {
-        let Some(simd) = pulp::x86::V3::try_new() else {
-            return Ok(None);
-        };
-        let e = heads * head_dim;
-        let l = k.dim(1)?;
-        if q.dims() != [1, 1, e]
-            || k.dims() != [1, l, e]
-            || v.dims() != [1, l, e]
-            || l <= 256
-            || head_dim <= 2
-            || q.dtype() != CDType::F32
-        {
-            return Ok(None);
-        }
-        let qv: Vec<f32> = q.flatten_all()?.to_vec1()?;
-        // K and V are often views of one cache tensor: hold one storage lock at a time.
-        let mut scores = vec![0f32; heads * l];
-        let done = with_rows(k, l, e, |k, rs| {
-            simd.vectorize(ScoresOp {
-                simd,
-                q: &qv,
-                k,
-                rs,
-                l,
-                heads,
-                d: head_dim,
-                out: &mut scores,
-            })
-        });
-        if done.is_none() {
-            return Ok(None);
-        }
-        softmax_rows(&mut scores, 1, l, scale, causal, q.device())?;
-        let mut out = vec![0f32; e];
-        let done = with_rows(v, l, e, |v, rs| {
-            simd.vectorize(WeightedSumOp {
-                simd,
-                p: &scores,
-                v,
-                rs,
-                l,
-                heads,
-                d: head_dim,
-                out: &mut out,
-            })
-        });
-        if done.is_none() {
-            return Ok(None);
-        }
-        Ok(Some(Tensor::from_vec(out, (1, 1, e), q.device())?))
+    let e = heads * head_dim;
+    let l = match k.dims() {
+        [1, l, c] if *c == e && *l > 0 => *l,
+        _ => return Ok(None),
+    };
+    if q.dims() != [1, 1, e] || v.dims() != [1, l, e] || q.dtype() != CDType::F32 {
+        return Ok(None);
     }
-    #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
-    {
-        let _ = (q, k, v, heads, head_dim, scale, causal);
-        Ok(None)
-    }
-}
-
-/// Whether this CPU runs [`decode_attention`]'s row kernels (AVX2 and FMA).
-#[allow(dead_code)]
-fn row_kernels() -> bool {
-    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-    {
-        pulp::x86::V3::try_new().is_some()
-    }
-    #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
-    {
-        false
-    }
-}
-
-/// `scores[h·L + j] = q_h · K[j]_h` in the arithmetic of gemm's row-major matrix-vector kernel.
-#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-struct ScoresOp<'a> {
-    simd: pulp::x86::V3,
-    q: &'a [f32],
-    k: &'a [f32],
-    rs: usize,
-    l: usize,
-    heads: usize,
-    d: usize,
-    out: &'a mut [f32],
-}
-
-#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-impl pulp::NullaryFnOnce for ScoresOp<'_> {
-    type Output = ();
-
-    #[inline(always)]
-    fn call(self) {
-        use pulp::f32x8;
-        const LANE: usize = 8;
-        let simd = self.simd;
-        let d = self.d;
-        let (d_lane8, d_lane) = (d / (8 * LANE) * (8 * LANE), d / LANE * LANE);
-        let load = |x: &[f32], i: usize| -> f32x8 {
-            let mut a = [0f32; LANE];
-            a.copy_from_slice(&x[i..i + LANE]);
-            pulp::bytemuck::cast(a)
-        };
-        let zero = simd.splat_f32x8(0.0);
-        for j in 0..self.l {
-            let row = &self.k[j * self.rs..j * self.rs + self.heads * d];
-            for h in 0..self.heads {
-                let (kr, qr) = (&row[h * d..(h + 1) * d], &self.q[h * d..(h + 1) * d]);
-                // Eight accumulators over blocks of 64, combined pairwise.
-                let mut acc = [zero; 8];
-                let mut depth = 0;
-                while depth < d_lane8 {
-                    for (a, x) in acc.iter_mut().enumerate() {
-                        let i = depth + a * LANE;
-                        *x = simd.mul_add_f32x8(load(kr, i), load(qr, i), *x);
-                    }
-                    depth += 8 * LANE;
-                }
-                let (a0, a2) = (
-                    simd.add_f32x8(acc[0], acc[1]),
-                    simd.add_f32x8(acc[2], acc[3]),
-                );
-                let (a4, a6) = (
-                    simd.add_f32x8(acc[4], acc[5]),
-                    simd.add_f32x8(acc[6], acc[7]),
-                );
-                let (a0, a4) = (simd.add_f32x8(a0, a2), simd.add_f32x8(a4, a6));
-                let mut lanes = simd.add_f32x8(a0, a4);
-                while depth < d_lane {
-                    lanes = simd.mul_add_f32x8(load(kr, depth), load(qr, depth), lanes);
-                    depth += LANE;
-                }
-                let lanes: [f32; LANE] = pulp::bytemuck::cast(lanes);
-                let mut sum = lanes[0];
-                for lane in &lanes[1..] {
-                    sum += *lane;
-                }
-                for i in depth..d {
-                    sum = kr[i].mul_add(qr[i], sum);
-                }
-                // gemm scales by beta = 1.
-                self.out[h * self.l + j] = sum * 1.0;
-            }
-        }
-    }
-}
-
-/// `out[h·D + c] = Σ_j p[h·L + j] · V[j]_{h,c}` in the arithmetic of gemm's column-major
-/// matrix-vector kernel: the first position multiplies, each later one is fused-multiply-added.
-#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-struct WeightedSumOp<'a> {
-    simd: pulp::x86::V3,
-    p: &'a [f32],
-    v: &'a [f32],
-    rs: usize,
-    l: usize,
-    heads: usize,
-    d: usize,
-    out: &'a mut [f32],
-}
-
-#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-impl pulp::NullaryFnOnce for WeightedSumOp<'_> {
-    type Output = ();
-
-    #[inline(always)]
-    fn call(self) {
-        let simd = self.simd;
-        let (d, e) = (self.d, self.heads * self.d);
-        if d % 8 != 0 {
-            // Lane-wise scalar: the same operations per output.
-            for (c, o) in self.out.iter_mut().enumerate() {
-                *o = self.v[c] * (1.0 * self.p[(c / d) * self.l]);
-            }
-            for j in 1..self.l {
-                let row = &self.v[j * self.rs..j * self.rs + e];
-                for (c, o) in self.out.iter_mut().enumerate() {
-                    *o = row[c].mul_add(1.0 * self.p[(c / d) * self.l + j], *o);
-                }
-            }
-            return;
-        }
-        let vec = |x: &[f32]| -> pulp::f32x8 {
-            let mut a = [0f32; 8];
-            a.copy_from_slice(x);
-            pulp::bytemuck::cast(a)
-        };
-        let per_head = d / 8;
-        // gemm scales each weight by beta = 1 first.
-        let mut acc: Vec<pulp::f32x8> = self.v[..e]
-            .chunks_exact(8)
-            .enumerate()
-            .map(|(i, x)| {
-                let w = 1.0 * self.p[(i / per_head) * self.l];
-                simd.mul_f32x8(vec(x), simd.splat_f32x8(w))
-            })
-            .collect();
-        for j in 1..self.l {
-            let row = &self.v[j * self.rs..j * self.rs + e];
-            for (h, (acc, row)) in acc
-                .chunks_exact_mut(per_head)
-                .zip(row.chunks_exact(d))
-                .enumerate()
-            {
-                let w = simd.splat_f32x8(1.0 * self.p[h * self.l + j]);
-                for (a, x) in acc.iter_mut().zip(row.chunks_exact(8)) {
-                    *a = simd.mul_add_f32x8(vec(x), w, *a);
-                }
-            }
-        }
-        for (o, a) in self.out.chunks_exact_mut(8).zip(&acc) {
-            o.copy_from_slice(&pulp::bytemuck::cast::<pulp::f32x8, [f32; 8]>(*a));
-        }
-    }
+    let qv: Vec<f32> = q.flatten_all()?.to_vec1()?;
+    // K and V are often views of one cache tensor: hold one storage lock at a time.
+    let Some(Some(p)) = with_rows(k, |k| simd.attention_weights(&qv, k, heads, scale)) else {
+        return Ok(None);
+    };
+    let Some(Some(o)) = with_rows(v, |v| simd.attention_output(&p, v, heads)) else {
+        return Ok(None);
+    };
+    Ok(Some(Tensor::from_vec(o, (1, 1, e), q.device())?))
 }
 
 /// Layer norm over the last axis with candle ops.
@@ -477,7 +339,7 @@ fn pad_hw(x: &Tensor, ph: usize, pw: usize, value: f32) -> candle_core::Result<T
     Ok(t)
 }
 
-fn compute(node: &Node, ins: &[Tensor]) -> candle_core::Result<Vec<Tensor>> {
+fn compute(node: &Node, ins: &[Tensor], simd: Option<Simd>) -> candle_core::Result<Vec<Tensor>> {
     let one = |t: Tensor| -> candle_core::Result<Vec<Tensor>> { Ok(vec![t.contiguous()?]) };
     match &node.op {
         OpKind::KvCacheAppend => {
@@ -509,6 +371,12 @@ fn compute(node: &Node, ins: &[Tensor]) -> candle_core::Result<Vec<Tensor>> {
             one(rows.reshape(shape)?)
         }
         OpKind::Linear { bias, layout } => {
+            if let (Some(simd), WeightLayout::InOut) = (simd, layout) {
+                let b = bias.then(|| &ins[2]);
+                if let Some(y) = one_row_product(simd, &ins[0], &ins[1], b)? {
+                    return one(y);
+                }
+            }
             let x = &ins[0];
             let mut shape = x.dims().to_vec();
             let k = shape.last().copied().unwrap_or(1);
@@ -528,6 +396,11 @@ fn compute(node: &Node, ins: &[Tensor]) -> candle_core::Result<Vec<Tensor>> {
             one(y.reshape(shape)?)
         }
         OpKind::MatMul { transpose_b } => {
+            if let (Some(simd), false) = (simd, transpose_b) {
+                if let Some(y) = one_row_product(simd, &ins[0], &ins[1], None)? {
+                    return one(y);
+                }
+            }
             let b = if *transpose_b {
                 ins[1].t()?
             } else {
@@ -595,15 +468,15 @@ fn compute(node: &Node, ins: &[Tensor]) -> candle_core::Result<Vec<Tensor>> {
             causal,
             scale,
         } => {
-            let fast = decode_attention(
-                &ins[0], &ins[1], &ins[2], *heads, *head_dim, scale.0, *causal,
-            )?;
-            match fast {
-                Some(o) => one(o),
-                None => one(attention(
-                    &ins[0], &ins[1], &ins[2], *heads, *head_dim, scale.0, *causal,
-                )?),
+            if let Some(simd) = simd {
+                let (q, k, v) = (&ins[0], &ins[1], &ins[2]);
+                if let Some(o) = one_query_attention(simd, q, k, v, *heads, *head_dim, scale.0)? {
+                    return one(o);
+                }
             }
+            one(attention(
+                &ins[0], &ins[1], &ins[2], *heads, *head_dim, scale.0, *causal,
+            )?)
         }
         OpKind::Add => one(ins[0].broadcast_add(&ins[1])?),
         OpKind::Mul => one(ins[0].broadcast_mul(&ins[1])?),
@@ -683,7 +556,7 @@ impl Kernels for CpuKernels {
                 format!("needs {need} inputs, got {}", inputs.len()),
             ));
         }
-        let out = compute(node, inputs).map_err(|source| RuntimeError::Kernel {
+        let out = compute(node, inputs, self.simd).map_err(|source| RuntimeError::Kernel {
             node: node.name.clone(),
             source,
         })?;
@@ -789,43 +662,92 @@ mod tests {
         }
     }
 
-    /// The row-wise decode attention is bitwise candle's (gemm's) on cache views, wherever it
-    /// applies; it declines where gemm would take other kernels.
+    /// The one-row kernels agree with candle's to float rounding on a decode step's products
+    /// (linear layers in both weight layouts, with and without bias, the tied LM head, attention
+    /// over views of a cache), give the same bits on a view and on a contiguous copy of it, and
+    /// leave several-row products to candle (bitwise candle's).
     #[test]
-    fn decode_attention_equals_candle() {
+    fn one_row_kernels_agree_with_candle() {
         let d = Device::Cpu;
-        let bits = |t: &Tensor| vals(t).iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-        for (heads, hd, l, cap) in [
-            (4, 32, 1000, 1024),
-            (4, 32, 257, 300),
-            (2, 64, 700, 700),
-            (3, 36, 513, 600),
-            (12, 64, 300, 320),
+        let (fast, reference) = (CpuKernels::new(), CpuKernels::candle_only());
+        if fast.simd.is_none() {
+            return;
+        }
+        let close = |a: &Tensor, b: &Tensor, what: &str| {
+            assert_eq!(a.dims(), b.dims(), "{what}");
+            for (x, y) in vals(a).iter().zip(vals(b)) {
+                assert!(
+                    (x - y).abs() <= 1e-5 * (1.0 + y.abs()),
+                    "{what}: {x} vs {y}"
+                );
+            }
+        };
+        let r = |s: &[usize]| Tensor::randn(0f32, 1., s, &d).unwrap();
+        for (layout, bias) in [
+            (WeightLayout::InOut, true),
+            (WeightLayout::OutIn, true),
+            (WeightLayout::InOut, false),
         ] {
+            let n = node(OpKind::Linear { bias, layout }, &[1, 1, 200]);
+            let w = match layout {
+                WeightLayout::InOut => r(&[131, 200]),
+                WeightLayout::OutIn => r(&[200, 131]),
+            };
+            let mut ins = vec![r(&[1, 1, 131]), w];
+            if bias {
+                ins.push(r(&[200]));
+            }
+            let (a, b) = (
+                fast.run(&n, &ins).unwrap(),
+                reference.run(&n, &ins).unwrap(),
+            );
+            close(&a[0], &b[0], &format!("linear {layout:?} bias {bias}"));
+            // Several rows: candle's kernels, bitwise.
+            let n = node(OpKind::Linear { bias, layout }, &[1, 3, 200]);
+            ins[0] = r(&[1, 3, 131]);
+            let (a, b) = (
+                fast.run(&n, &ins).unwrap(),
+                reference.run(&n, &ins).unwrap(),
+            );
+            assert_eq!(vals(&a[0]), vals(&b[0]));
+        }
+        let n = node(OpKind::MatMul { transpose_b: false }, &[1, 1, 300]);
+        let ins = [r(&[1, 1, 128]), r(&[128, 300])];
+        let (a, b) = (
+            fast.run(&n, &ins).unwrap(),
+            reference.run(&n, &ins).unwrap(),
+        );
+        close(&a[0], &b[0], "matmul");
+        for (heads, hd, l, cap) in [(4, 32, 1000, 1024), (3, 36, 5, 16), (2, 64, 1, 1)] {
             let e = heads * hd;
             let store = (Tensor::randn(0f32, 1., (2, 1, cap, e), &d).unwrap() * 2.0).unwrap();
             let view = store.narrow(2, 0, l).unwrap();
             let (k, v) = (view.get(0).unwrap(), view.get(1).unwrap());
-            let q = Tensor::randn(0f32, 1., (1, 1, e), &d).unwrap();
-            let scale = 1.0 / (hd as f32).sqrt();
-            let fast = decode_attention(&q, &k, &v, heads, hd, scale, true).unwrap();
-            let reference = attention(&q, &k, &v, heads, hd, scale, true).unwrap();
-            match fast {
-                Some(f) => assert_eq!(bits(&f), bits(&reference), "{heads}×{hd}, {l} of {cap}"),
-                None => assert!(!row_kernels(), "declined {heads}×{hd}, {l} of {cap}"),
-            }
+            let q = r(&[1, 1, e]);
+            let n = node(
+                OpKind::Attention {
+                    heads,
+                    head_dim: hd,
+                    causal: true,
+                    scale: Scalar(1.0 / (hd as f32).sqrt()),
+                },
+                &[1, 1, e],
+            );
+            let on_view = fast.run(&n, &[q.clone(), k.clone(), v.clone()]).unwrap();
+            let copies = [q.clone(), k.contiguous().unwrap(), v.contiguous().unwrap()];
+            let on_copy = fast.run(&n, &copies).unwrap();
+            assert_eq!(
+                vals(&on_view[0]),
+                vals(&on_copy[0]),
+                "{heads}×{hd}, {l} of {cap}"
+            );
+            let b = reference.run(&n, &[q, k, v]).unwrap();
+            close(
+                &on_view[0],
+                &b[0],
+                &format!("attention {heads}×{hd}, {l} of {cap}"),
+            );
         }
-        // Short caches and several queries go to candle.
-        let k = Tensor::randn(0f32, 1., (1, 100, 128), &d).unwrap();
-        let q = Tensor::randn(0f32, 1., (1, 1, 128), &d).unwrap();
-        assert!(decode_attention(&q, &k, &k, 4, 32, 0.1, true)
-            .unwrap()
-            .is_none());
-        let k = Tensor::randn(0f32, 1., (1, 400, 128), &d).unwrap();
-        let q = Tensor::randn(0f32, 1., (1, 2, 128), &d).unwrap();
-        assert!(decode_attention(&q, &k, &k, 4, 32, 0.1, true)
-            .unwrap()
-            .is_none());
     }
 
     fn node(op: OpKind, out: &[usize]) -> Node {

@@ -7,6 +7,7 @@
 //! [`kv`](crate::kv) manager.
 
 mod cpu;
+mod decode;
 
 pub use cpu::CpuKernels;
 

@@ -1,0 +1,106 @@
+//! Times a decode step's one-row products with Genie's one-row kernels and with candle's
+//! (`CpuKernels::new()` vs `CpuKernels::candle_only()`), interleaved in one process, and prints
+//! the median time of each and their ratio.
+//!
+//! `cargo run --release -p genie-runtime --example decode_kernels [-- <iterations>]`
+
+use candle_core::{Device, Tensor};
+use genie_runtime::kernels::{CpuKernels, Kernels};
+use genie_scheduler::graph::{
+    DType, Node, NodeId, OpKind, Scalar, Semantics, TensorMeta, WeightLayout,
+};
+use std::time::Instant;
+
+fn node(op: OpKind, out: &[usize]) -> Node {
+    Node {
+        id: NodeId(0),
+        name: "bench".into(),
+        op,
+        inputs: vec![],
+        outputs: vec![TensorMeta::new(out.to_vec(), DType::F32)],
+        semantics: Semantics::default(),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let iters: usize = std::env::args().nth(1).map_or(Ok(2000), |s| s.parse())?;
+    // `cold`: evict the caches before each call (a decode step's working set does not stay
+    // cached between steps of a real model).
+    let cold = std::env::args().nth(2).is_some_and(|s| s == "cold");
+    let mut evict = vec![0u8; if cold { 64 << 20 } else { 0 }];
+    let mut flush = |round: u8| {
+        for b in evict.iter_mut().step_by(64) {
+            *b = b.wrapping_add(round);
+        }
+    };
+    let d = Device::Cpu;
+    let r = |s: &[usize]| Tensor::randn(0f32, 1., s, &d);
+    let (e, l, vocab) = (128, 1000, 4096);
+    let store = Tensor::randn(0f32, 1., (2, 1, 1024, e), &d)?;
+    let view = store.narrow(2, 0, l)?;
+    let cases: Vec<(&str, Node, Vec<Tensor>)> = vec![
+        (
+            "linear 128x384",
+            node(
+                OpKind::Linear {
+                    bias: true,
+                    layout: WeightLayout::InOut,
+                },
+                &[1, 1, 384],
+            ),
+            vec![r(&[1, 1, e])?, r(&[e, 384])?, r(&[384])?],
+        ),
+        (
+            "linear 512x128",
+            node(
+                OpKind::Linear {
+                    bias: true,
+                    layout: WeightLayout::InOut,
+                },
+                &[1, 1, 128],
+            ),
+            vec![r(&[1, 1, 512])?, r(&[512, e])?, r(&[e])?],
+        ),
+        (
+            "lm head 128x4096",
+            node(OpKind::MatMul { transpose_b: true }, &[1, 1, vocab]),
+            vec![r(&[1, 1, e])?, r(&[vocab, e])?],
+        ),
+        (
+            "attention 4x32 over 1000",
+            node(
+                OpKind::Attention {
+                    heads: 4,
+                    head_dim: 32,
+                    causal: true,
+                    scale: Scalar(0.17),
+                },
+                &[1, 1, e],
+            ),
+            vec![r(&[1, 1, e])?, view.get(0)?, view.get(1)?],
+        ),
+    ];
+    let (fast, reference) = (CpuKernels::new(), CpuKernels::candle_only());
+    println!(
+        "{:<28} {:>12} {:>12} {:>8}",
+        "op", "candle[us]", "genie[us]", "ratio"
+    );
+    for (name, n, ins) in &cases {
+        let (mut a, mut b) = (Vec::with_capacity(iters), Vec::with_capacity(iters));
+        for i in 0..iters {
+            flush(i as u8);
+            let t = Instant::now();
+            reference.run(n, ins)?;
+            a.push(t.elapsed().as_secs_f64() * 1e6);
+            flush(i as u8);
+            let t = Instant::now();
+            fast.run(n, ins)?;
+            b.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        a.sort_by(f64::total_cmp);
+        b.sort_by(f64::total_cmp);
+        let (ma, mb) = (a[iters / 2], b[iters / 2]);
+        println!("{name:<28} {ma:>12.2} {mb:>12.2} {:>8.2}", ma / mb);
+    }
+    Ok(())
+}
