@@ -382,28 +382,41 @@ pub fn run_demo(opts: &DemoOptions, out: &mut dyn FnMut(String)) -> Result<DemoF
         colo.tokens
     ));
 
-    // One more co-located prefill, for calibration only: the prefill buckets then have three
-    // runs (co-located, naive, this one), and their median ratio shrugs off one slowed run.
-    let extra = prefill_phase(
-        &mut driver,
-        &cfg,
-        &p,
-        6,
-        colocated_prefill,
-        colocated_decode,
-        "co-located, for calibration",
-        &mut say,
-    )?;
-    driver.free_sequence(6)?;
+    // Three more co-located prefills, back to back, for calibration only. Compute is calibrated
+    // from these (the median ratio per bucket shrugs off one slowed run), not from the first
+    // prefills of the process, which pay its warm-up (first touch of the weights' and the
+    // allocator's memory, cold code): a runtime calibrates from its recent, steady runs. Links are
+    // calibrated from every transfer measured so far.
+    let mut extra = Vec::new();
+    for k in 0..3u64 {
+        let seq = 6 + k;
+        extra.push(prefill_phase(
+            &mut driver,
+            &cfg,
+            &p,
+            seq,
+            colocated_prefill,
+            colocated_decode,
+            "co-located, for calibration",
+            &mut say,
+        )?);
+        driver.free_sequence(seq)?;
+    }
 
     // Feedback: calibrate links from every measured transfer, compute per op kind.
     let mut samples: Vec<TransferSample> = Vec::new();
     let mut cal = ComputeCalibration::default();
-    for ph in [&colo, &naive, &extra] {
+    for ph in [&colo, &naive].into_iter().chain(&extra) {
         samples.extend(ph.prefill.transfers.iter().cloned());
-        cal.add_run(&ph.prefill_graph, &topo, &ph.prefill);
-        for (i, r) in ph.steps.iter().enumerate() {
+        for r in &ph.steps {
             samples.extend(r.transfers.iter().cloned());
+        }
+    }
+    for ph in &extra {
+        cal.add_run(&ph.prefill_graph, &topo, &ph.prefill);
+    }
+    for ph in [&colo, &naive] {
+        for (i, r) in ph.steps.iter().enumerate() {
             let dg = gpt2_decode(&cfg, opts.seq_len + i).map_err(sched)?;
             cal.add_run(&dg, &topo, r);
         }
