@@ -480,6 +480,15 @@ fn compute(node: &Node, ins: &[Tensor], simd: Option<Simd>) -> candle_core::Resu
         }
         OpKind::Add => one(ins[0].broadcast_add(&ins[1])?),
         OpKind::Mul => one(ins[0].broadcast_mul(&ins[1])?),
+        OpKind::Gelu {
+            approximate: GeluApprox::Tanh,
+        } if simd.is_some() && ins[0].dtype() == CDType::F32 => {
+            let mut x: Vec<f32> = ins[0].flatten_all()?.to_vec1()?;
+            if let Some(simd) = simd {
+                simd.gelu_tanh(&mut x);
+            }
+            one(Tensor::from_vec(x, ins[0].dims(), ins[0].device())?)
+        }
         OpKind::Gelu { approximate } => one(match approximate {
             GeluApprox::Tanh => ins[0].gelu()?,
             GeluApprox::Erf => ins[0].gelu_erf()?,
