@@ -125,7 +125,9 @@ impl Driver {
             names: cluster.workers.iter().map(|w| w.name.clone()).collect(),
             sent: SentGraphs::new(conns.len()),
             conns,
-            next_run: 1,
+            // Workers tell runs apart by their numbers (a notification carries the low 16
+            // bits), also runs of an earlier driver that failed: start somewhere random.
+            next_run: u64::from(rand::random::<u32>()) + 1,
             poisoned: None,
         })
     }

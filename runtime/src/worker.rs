@@ -17,6 +17,11 @@
 //!
 //! A dead peer surfaces as a transport error on that connection within the transport's peer
 //! timeout, and the run fails naming that peer.
+//!
+//! A failed run leaves nothing for later ones: notifications carry their run's epoch (the low
+//! 16 bits of its number; drivers start numbering at random), and ones of another run are
+//! dropped; region descriptors are applied whenever they are read, the last one winning, so both
+//! sides of a link agree on its regions whatever an earlier run did.
 
 use crate::cache::{apply_reshapes, KeptPlan, WORKER_GRAPHS};
 use crate::cluster::Cluster;
@@ -139,10 +144,15 @@ struct Worker {
     weight_cache: HashMap<String, Tensor>,
     kv: Option<KvCacheManager>,
     /// Per sending peer: the region its transfers land in, and its size; kept across runs
-    /// while big enough, so a run needs no region exchange (see [`region_size`]).
+    /// (and drivers) while big enough, so a run needs no region exchange (see [`region_size`]).
+    /// A new one is announced to the peer with a `Regions` message.
     landing: HashMap<usize, (Region, u64)>,
-    /// Per receiving peer: our staging region, the peer's landing region, and their size.
-    staging: HashMap<usize, (Region, RemoteRegion, u64)>,
+    /// Per receiving peer: our staging region and its size, kept like `landing`.
+    staging: HashMap<usize, (Region, u64)>,
+    /// Per receiving peer: its landing region for us, from the last `Regions` message it sent
+    /// (messages are applied in order whenever they are read, so this always converges to the
+    /// peer's current region, also after a run that failed before reading one).
+    remote_landing: HashMap<usize, RemoteRegion>,
     /// Graphs the current driver defined, by id.
     graphs: HashMap<u64, Kept>,
 }
@@ -208,6 +218,7 @@ pub fn serve(
         kv: None,
         landing: HashMap::new(),
         staging: HashMap::new(),
+        remote_landing: HashMap::new(),
         graphs: HashMap::new(),
     };
     let result = loop {
@@ -325,11 +336,6 @@ impl Worker {
                         self.graphs.insert(id, kept);
                         r
                     });
-                    if res.is_err() {
-                        // A peer may not have seen this run's region exchange: start afresh.
-                        self.landing.clear();
-                        self.staging.clear();
-                    }
                     // The driver learns from the reply (or its absence) whether it arrived: no
                     // need to wait here until the transport has taken it.
                     match res {
@@ -428,8 +434,7 @@ impl Worker {
             WeightSpec::Checkpoint(p) => WeightSource::load(std::path::Path::new(&p))?,
         });
         self.weight_cache.clear();
-        self.landing.clear();
-        self.staging.clear();
+        // Landing and staging regions stay: peers keep the descriptors they were sent.
         let deadline = Instant::now() + SETUP_TIMEOUT;
         for j in self.me + 1..self.cluster.workers.len() {
             if self.peers.conns.lock().contains_key(&j) {
@@ -460,6 +465,21 @@ impl Worker {
             }
         }
         Ok(())
+    }
+
+    /// Applies a message from receiving peer `j`: only `Regions` (its landing region for us)
+    /// travels on peer connections.
+    fn apply_regions(&mut self, j: usize, peer: &str, bytes: &[u8]) -> Result<()> {
+        match proto::decode(bytes, peer)? {
+            (Msg::Regions { region, .. }, _) => {
+                self.remote_landing.insert(j, region);
+                Ok(())
+            }
+            (other, _) => Err(RuntimeError::BadMessage {
+                worker: peer.to_string(),
+                reason: format!("expected a landing region, got {other:?}"),
+            }),
+        }
     }
 
     fn peer(&self, i: usize) -> Result<Arc<dyn Connection>> {
@@ -540,28 +560,34 @@ impl Worker {
         let mut staging: Staging = HashMap::new();
         for &dst in &receivers {
             let conn = self.peer(dst)?;
-            let size = region_size(plan.link_bytes.get(&(me, dst)).copied().unwrap_or(0));
-            if let Some((local, remote, have)) = self.staging.get(&dst) {
-                if *have >= size {
-                    staging.insert(dst, (local.clone(), *remote, conn));
-                    continue;
-                }
-            }
             let peer = self.peer_name(dst);
-            let local = self
-                .endpoint
-                .alloc_region(size as usize)
-                .map_err(|e| terr(&self.name, e))?;
-            let remote = match recv_msg(&*conn, &peer, SETUP_TIMEOUT)? {
-                (Msg::Regions { run: r, region }, _) if r == run => region,
-                (other, _) => {
-                    return Err(RuntimeError::BadMessage {
-                        worker: peer,
-                        reason: format!("expected regions of run {run}, got {other:?}"),
-                    })
+            let size = region_size(plan.link_bytes.get(&(me, dst)).copied().unwrap_or(0));
+            // The peer's landing region: apply the descriptors it sent (this run's, or ones a
+            // failed run left unread), then wait for one while what we know is too small (the
+            // peer sends one in this run exactly then: it sizes the region from the same plan).
+            while let Some(bytes) = conn.try_recv().map_err(|e| terr(&peer, e))? {
+                self.apply_regions(dst, &peer, &bytes)?;
+            }
+            let deadline = Instant::now() + SETUP_TIMEOUT;
+            let remote = loop {
+                if let Some(r) = self.remote_landing.get(&dst).filter(|r| r.len >= size) {
+                    break *r;
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                let bytes = conn.recv(left).map_err(|e| terr(&peer, e))?;
+                self.apply_regions(dst, &peer, &bytes)?;
+            };
+            let local = match self.staging.get(&dst) {
+                Some((local, have)) if *have >= size => local.clone(),
+                _ => {
+                    let local = self
+                        .endpoint
+                        .alloc_region(size as usize)
+                        .map_err(|e| terr(&self.name, e))?;
+                    self.staging.insert(dst, (local.clone(), size));
+                    local
                 }
             };
-            self.staging.insert(dst, (local.clone(), remote, size));
             staging.insert(dst, (local, remote, conn));
         }
         // What each sending peer will deliver, and where it lands.
@@ -583,6 +609,13 @@ impl Worker {
                 specs,
             });
         }
+        // Notifications carry the run's epoch in their top 16 bits and the transfer id below.
+        if plan.transfers.len() > 1 << 16 {
+            return Err(RuntimeError::Plan(format!(
+                "a run moves at most 65536 tensors between workers, this one {}",
+                plan.transfers.len()
+            )));
+        }
         let store = TensorStore::new(self.name.clone());
         let mut ctx = RunCtx {
             w: self,
@@ -591,7 +624,12 @@ impl Worker {
             seq,
             inputs: input_tensors,
             store,
-            inbox: Inbox { from, turn: 0, t0 },
+            inbox: Inbox {
+                from,
+                turn: 0,
+                t0,
+                epoch: epoch_of(run),
+            },
             arrived: HashMap::new(),
             stats: RunStats::default(),
             t0,
@@ -695,18 +733,36 @@ struct Inbound {
     specs: HashMap<u32, (TensorMeta, u64)>,
 }
 
+/// The epoch of run `run` in its notifications.
+fn epoch_of(run: u64) -> u32 {
+    (run & 0xFFFF) as u32
+}
+
 /// The sending peers of a run, polled by the worker's own thread (no receiver threads: a
 /// notification wakes the thread that computes on it).
 struct Inbox {
     from: Vec<Inbound>,
+    /// This run's epoch: notifications of other runs (left unread by a run that failed) are
+    /// dropped, never taken for this run's transfers.
+    epoch: u32,
     /// Which peer to wait on next when several owe transfers.
     turn: usize,
     t0: WallClock,
 }
 
 impl Inbox {
-    /// The tensor of transfer `imm` from peer `k`, read out of the landing region.
-    fn take(&mut self, k: usize, imm: u32) -> Result<Arrival> {
+    /// The tensor of transfer `imm` from peer `k`, read out of the landing region; `None` for a
+    /// notification of another run.
+    fn take(&mut self, k: usize, imm: u32) -> Result<Option<Arrival>> {
+        if imm >> 16 != self.epoch {
+            tracing::debug!(
+                peer = %self.from[k].peer,
+                imm,
+                "dropped a notification of an earlier run"
+            );
+            return Ok(None);
+        }
+        let imm = imm & 0xFFFF;
         let at_us = wall_us(self.t0);
         let f = &mut self.from[k];
         let (meta, offset) = f
@@ -720,11 +776,11 @@ impl Inbox {
         f.region
             .read(offset as usize, &mut buf)
             .map_err(|e| terr(&f.peer, e))?;
-        Ok(Arrival {
+        Ok(Some(Arrival {
             id: imm,
             tensor: tensor_from_bytes(&meta, &buf)?,
             at_us,
-        })
+        }))
     }
 
     /// A transfer that has landed, if any, without waiting.
@@ -734,10 +790,15 @@ impl Inbox {
             if f.specs.is_empty() {
                 continue;
             }
-            match f.conn.try_recv_notification() {
-                Ok(Some(imm)) => return self.take(k, imm).map(Some),
-                Ok(None) => {}
-                Err(e) => return Err(terr(&f.peer, e)),
+            loop {
+                match self.from[k].conn.try_recv_notification() {
+                    Ok(Some(imm)) => match self.take(k, imm)? {
+                        Some(a) => return Ok(Some(a)),
+                        None => continue,
+                    },
+                    Ok(None) => break,
+                    Err(e) => return Err(terr(&self.from[k].peer, e)),
+                }
             }
         }
         Ok(None)
@@ -773,7 +834,10 @@ impl Inbox {
             };
             let f = &self.from[k];
             match f.conn.recv_notification(slice) {
-                Ok(imm) => return self.take(k, imm).map(Some),
+                Ok(imm) => match self.take(k, imm)? {
+                    Some(a) => return Ok(Some(a)),
+                    None => continue,
+                },
                 Err(TransportError::Timeout { .. }) => continue,
                 Err(e) => return Err(terr(&f.peer, e)),
             }
@@ -912,7 +976,7 @@ impl<'a> RunCtx<'a> {
                                 remote,
                                 spec.dst_offset,
                                 bytes.len(),
-                                tid,
+                                self.inbox.epoch << 16 | tid,
                             )
                             .map_err(|e| terr(&peer, e))?;
                         if overlap {
