@@ -1,18 +1,54 @@
-//! The TCP endpoint: a progress thread on a mio event loop driving [`Conn`] state machines.
+//! The TCP endpoint: a progress thread on a mio event loop driving [`Conn`] state machines, with
+//! a direct path on which callers write their small requests themselves.
 //!
-//! Callers never touch sockets. They push commands (adopt a connected socket, submit a request,
-//! close) onto a queue and wake the thread with a [`mio::Waker`] (in [`PollMode::BusyPoll`] the
-//! thread spins on `poll` with a zero timeout and needs no wake-up). The thread moves bytes between
-//! the sockets and the state machines and routes their events to the user-facing handles: the
-//! accept queue, each connection's message and notification queues, and the operations'
-//! completions.
+//! Each connection's socket and state machine sit in a `Link` under one lock (`wire`), shared by
+//! the progress thread and the connection's handles. The progress thread reads every socket, runs
+//! the timers (heartbeats, dead peers, handshakes), routes events to the user-facing side (the
+//! accept queue, each connection's message and notification queues, the operations' completions)
+//! and writes whatever is left queued.
 //!
-//! Sockets are edge-triggered (mio): after each readiness event the thread reads until
-//! `WouldBlock` (or a per-connection budget, after which it polls again without sleeping) and
-//! writes until the queue is empty or `WouldBlock`.
+//! Submitting. A request whose frames carry only owned bytes (a message, a read request), at most
+//! [`DIRECT_MAX`] of them, takes the *direct path*: the caller tries `wire` (it never waits for
+//! it), checks that the connection's inbox is empty, queues the request in the state machine and,
+//! if nothing was queued before it, writes it to the socket itself. The caller's own progress
+//! thread is not woken: a message used to cost an eventfd wake-up of that thread before its write;
+//! now only the peer's progress thread wakes (on the socket) and hands the message over. Otherwise
+//! the request goes to the connection's *inbox* and a `Cmd::Service` wakes the progress thread
+//! (with a [`mio::Waker`] in [`PollMode::Blocking`]; in [`PollMode::BusyPoll`] the thread spins on
+//! `poll` with a zero timeout and needs no wake-up), which moves the inbox into the state machine
+//! and writes. That is the path of one-sided writes (their payload is a region, whose lock a
+//! caller must not take under `wire`, see below), of large messages (the progress thread copies
+//! bulk data, so `submit` stays quick), of submissions that find `wire` busy, and of any request
+//! behind one in the inbox.
+//!
+//! Order. Frames leave in the order requests enter the state machine's queue (`Conn::write_to`
+//! sends it front to back). A request enters it directly only while the inbox is empty, and only
+//! the progress thread moves the inbox into it, in order, under `wire`. So a request never
+//! overtakes one submitted before it on the same connection.
+//!
+//! Who writes queued bytes. Sockets are edge-triggered (mio): a WRITABLE event comes only after a
+//! send returned `WouldBlock`, once space frees, whichever thread got the `WouldBlock`. Every
+//! holder of `wire` that queues bytes therefore either calls `Conn::write_to` before releasing it
+//! (which returns only when the queue is empty, on `WouldBlock`, or closed), or is the progress
+//! thread with that connection on its list to write in the same loop iteration. Hence a caller
+//! that finds bytes already queued only appends its frames: a WRITABLE event or the progress
+//! thread's pass is due and carries them too. A direct write that finds the connection failed
+//! (`WriteOutcome::Closed`) sends a `Cmd::Service` so the progress thread routes the error and
+//! drops the socket.
+//!
+//! Lock order: `Link::wire`, then `Link::inbox`. Under them a holder may take region locks (the
+//! progress thread only) and complete operations; those never take either. `Shared::cmds`, the
+//! accept queue and a connection's user-facing queues are never taken with `wire` held: events are
+//! drained from the state machine under `wire` and routed after releasing it (which also lets a
+//! woken caller find `wire` free). Callers only *try* `wire`: a caller holding a region guard while
+//! it submits cannot deadlock with the progress thread, which may hold `wire` while it waits for
+//! that region.
+//!
+//! Sockets are read until `WouldBlock` (or a per-connection budget, after which the thread polls
+//! again without sleeping) and written until the queue is empty or `WouldBlock`.
 
 use super::proto::{Conn, ConnConfig, Event, ReadOutcome, Request, WriteOutcome};
-use crate::completion::{Batch, BatchBuilder, Op};
+use crate::completion::{Batch, BatchBuilder, Completer, Op};
 use crate::config::{Backend, PollMode, TransportConfig};
 use crate::error::{Result, TransportError};
 use crate::region::{EndpointId, Region, RegionTable};
@@ -30,6 +66,10 @@ use std::time::{Duration, Instant};
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
 
+/// Largest request (bytes of owned payload) a caller writes to the socket itself; larger ones are
+/// left to the progress thread so that `submit` does not copy bulk data.
+pub const DIRECT_MAX: usize = 64 * 1024;
+
 type ConnReply = mpsc::SyncSender<Result<Arc<TcpConnection>>>;
 
 enum Cmd {
@@ -39,11 +79,10 @@ enum Cmd {
         token: Token,
         reply: ConnReply,
     },
-    Submit {
+    /// The connection needs the progress thread: requests wait in its inbox, or a caller's write
+    /// found it failed and its error must be routed.
+    Service {
         token: Token,
-        peer: SocketAddr,
-        req: Request,
-        done: crate::completion::Completer,
     },
     Close {
         token: Token,
@@ -258,10 +297,111 @@ impl ConnShared {
     }
 }
 
+/// What the progress thread and a connection's handles share. See the module docs for who takes
+/// which lock when.
+struct Link {
+    token: Token,
+    wire: Mutex<Wire>,
+    inbox: Mutex<Inbox>,
+}
+
+/// The socket and the protocol state of one connection.
+struct Wire {
+    /// `None` once the progress thread has dropped the connection (the socket is closed).
+    stream: Option<TcpStream>,
+    conn: Conn,
+}
+
+/// Requests waiting for the progress thread to move them into the state machine.
+#[derive(Default)]
+struct Inbox {
+    reqs: Vec<(Request, Completer)>,
+    /// Set once the connection is gone: later requests fail with it at once.
+    closed: Option<TransportError>,
+}
+
+/// Bytes a request puts on the wire if a caller may write it itself (owned bytes, at most
+/// [`DIRECT_MAX`]); `None` for a one-sided write, whose payload is a region.
+fn direct_len(req: &Request) -> Option<usize> {
+    match req {
+        Request::Send(m) => Some(m.len()),
+        Request::Read { .. } => Some(8),
+        Request::Write { .. } => None,
+    }
+}
+
+impl Link {
+    fn new(token: Token, stream: TcpStream, conn: Conn) -> Arc<Self> {
+        Arc::new(Self {
+            token,
+            wire: Mutex::new(Wire {
+                stream: Some(stream),
+                conn,
+            }),
+            inbox: Mutex::new(Inbox::default()),
+        })
+    }
+
+    /// Submits requests in order: on the direct path when `direct` and `wire` is free and the inbox
+    /// empty, else through the inbox (see the module docs).
+    fn submit(
+        &self,
+        endpoint: &Shared,
+        direct: bool,
+        reqs: impl IntoIterator<Item = (Request, Completer)>,
+    ) -> Result<()> {
+        if direct {
+            if let Some(mut w) = self.wire.try_lock() {
+                // Only the progress thread empties the inbox, and it holds `wire` to do so: empty
+                // now means nothing submitted before us is waiting there.
+                if self.inbox.lock().reqs.is_empty() {
+                    let Wire { stream, conn } = &mut *w;
+                    // Bytes already queued mean a WRITABLE event or the progress thread's write
+                    // pass is due (module docs): append only, it will carry our frames.
+                    let idle = conn.queued() == 0;
+                    // On a closed connection this fails the requests at once.
+                    reqs.into_iter()
+                        .for_each(|(req, done)| conn.submit(req, done));
+                    let failed = match stream {
+                        Some(s) if idle => conn.write_to(s, Instant::now()) == WriteOutcome::Closed,
+                        _ => false,
+                    };
+                    drop(w);
+                    if failed {
+                        // Our operations have failed already; the progress thread routes the error
+                        // to the connection's queues and drops the socket. If the endpoint is
+                        // stopping, that closes the connection anyway.
+                        let _ = endpoint.push([Cmd::Service { token: self.token }]);
+                    }
+                    return Ok(());
+                }
+            }
+        }
+        let first = {
+            let mut inbox = self.inbox.lock();
+            if let Some(e) = inbox.closed.clone() {
+                drop(inbox);
+                reqs.into_iter()
+                    .for_each(|(_, done)| done.complete(Err(e.clone())));
+                return Ok(());
+            }
+            let first = inbox.reqs.is_empty();
+            inbox.reqs.extend(reqs);
+            first
+        };
+        // The progress thread takes the whole inbox on each `Service`: one per empty → non-empty
+        // transition suffices, as every later request lands before the take that empties it.
+        if first {
+            endpoint.push([Cmd::Service { token: self.token }])?;
+        }
+        Ok(())
+    }
+}
+
 /// A connection of a [`TcpTransport`]. Dropping the last handle closes it.
 pub struct TcpConnection {
     endpoint: Arc<Shared>,
-    token: Token,
+    link: Arc<Link>,
     peer_addr: SocketAddr,
     peer_endpoint: EndpointId,
     state: Arc<ConnShared>,
@@ -281,7 +421,9 @@ impl Drop for TcpConnection {
     fn drop(&mut self) {
         if self.state.alive.swap(false, Ordering::SeqCst) {
             // The endpoint may already be gone; then the socket is closed anyway.
-            let _ = self.endpoint.push([Cmd::Close { token: self.token }]);
+            let _ = self.endpoint.push([Cmd::Close {
+                token: self.link.token,
+            }]);
         }
     }
 }
@@ -348,12 +490,8 @@ impl TcpConnection {
             return Err(self.closed_error());
         }
         let (op, done) = Op::new(self.mode(), Vec::new());
-        self.endpoint.push([Cmd::Submit {
-            token: self.token,
-            peer: self.peer_addr,
-            req,
-            done,
-        }])?;
+        let direct = direct_len(&req).is_some_and(|n| n <= DIRECT_MAX);
+        self.link.submit(&self.endpoint, direct, [(req, done)])?;
         Ok(op)
     }
 
@@ -439,19 +577,23 @@ impl Connection for TcpConnection {
             return Err(self.closed_error());
         }
         let mut b = BatchBuilder::new(self.mode(), transfers.len());
-        let mut cmds = Vec::with_capacity(transfers.len());
+        let mut reqs = Vec::with_capacity(transfers.len());
+        let mut direct = Some(0usize);
         for t in transfers {
             match self.request(t) {
-                Ok(req) => cmds.push(Cmd::Submit {
-                    token: self.token,
-                    peer: self.peer_addr,
-                    req,
-                    done: b.op(Vec::new()),
-                }),
+                Ok(req) => {
+                    direct = direct
+                        .zip(direct_len(&req))
+                        .map(|(a, n)| a.saturating_add(n));
+                    reqs.push((req, b.op(Vec::new())));
+                }
                 Err(e) => b.failed(e),
             }
         }
-        self.endpoint.push(cmds)?;
+        if !reqs.is_empty() {
+            let direct = direct.is_some_and(|n| n <= DIRECT_MAX);
+            self.link.submit(&self.endpoint, direct, reqs)?;
+        }
         Ok(b.build())
     }
 
@@ -466,15 +608,16 @@ impl Connection for TcpConnection {
                     peer: self.peer_addr,
                 });
             });
-            let _ = self.endpoint.push([Cmd::Close { token: self.token }]);
+            let _ = self.endpoint.push([Cmd::Close {
+                token: self.link.token,
+            }]);
         }
     }
 }
 
-/// One socket and its protocol state, owned by the progress thread.
+/// One connection as the progress thread sees it.
 struct ConnIo {
-    stream: TcpStream,
-    conn: Conn,
+    link: Arc<Link>,
     peer: SocketAddr,
     /// The user-facing queues, once established.
     shared: Option<Arc<ConnShared>>,
@@ -482,6 +625,10 @@ struct ConnIo {
     reply: Option<ConnReply>,
     /// Bytes may still be waiting (the read budget ran out).
     more: bool,
+    /// `Conn::poll_timeout` when the progress thread last held `wire`. Callers between two such
+    /// times only submit and write, which never moves it earlier (a write moves the heartbeat
+    /// later; a failed write sends a `Service`), so the thread may sleep until it.
+    deadline: Option<Instant>,
 }
 
 struct Progress {
@@ -489,6 +636,8 @@ struct Progress {
     poll: Poll,
     listener: TcpListener,
     conns: HashMap<Token, ConnIo>,
+    /// Events drained from a state machine under `wire`, routed after releasing it.
+    events: Vec<Event>,
 }
 
 fn nonce() -> [u8; super::codec::NONCE_LEN] {
@@ -502,6 +651,7 @@ impl Progress {
             poll,
             listener,
             conns: HashMap::new(),
+            events: Vec::new(),
         }
     }
 
@@ -526,7 +676,7 @@ impl Progress {
             } else {
                 self.conns
                     .values()
-                    .filter_map(|c| c.conn.poll_timeout())
+                    .filter_map(|c| c.deadline)
                     .min()
                     .map(|t| t.saturating_duration_since(now))
             };
@@ -578,12 +728,12 @@ impl Progress {
             let due: Vec<Token> = self
                 .conns
                 .iter()
-                .filter(|(_, c)| c.conn.poll_timeout().is_some_and(|d| d <= now))
+                .filter(|(_, c)| c.deadline.is_some_and(|d| d <= now))
                 .map(|(t, _)| *t)
                 .collect();
             for t in due {
-                if let Some(c) = self.conns.get_mut(&t) {
-                    c.conn.handle_timeout(now);
+                if let Some(c) = self.conns.get(&t) {
+                    c.link.wire.lock().conn.handle_timeout(now);
                 }
                 self.service(t, false, now);
             }
@@ -595,18 +745,38 @@ impl Progress {
         // Refuse new commands, then fail what was queued and every open connection.
         let cmds = self.shared.cmds.lock().take().unwrap_or_default();
         drop(cmds); // dropped completers fail their operations with EndpointClosed
+        let now = Instant::now();
         let tokens: Vec<Token> = self.conns.keys().copied().collect();
         for t in tokens {
-            if let Some(c) = self.conns.get_mut(&t) {
-                c.conn.close(TransportError::EndpointClosed);
+            if let Some(c) = self.conns.get(&t) {
+                c.link
+                    .wire
+                    .lock()
+                    .conn
+                    .close(TransportError::EndpointClosed);
             }
-            self.dispatch(t);
-            self.remove(t);
+            // Routes the Closed event, then removes the connection (its write outcome is Closed).
+            self.service(t, false, now);
         }
         // Break the cycle accepted connection → endpoint.
         let accepted = std::mem::take(&mut *self.shared.accepted.lock());
         drop(accepted);
         self.shared.accepted_cv.notify_all();
+    }
+
+    fn insert(&mut self, token: Token, stream: TcpStream, conn: Conn, peer: SocketAddr) {
+        let deadline = conn.poll_timeout();
+        self.conns.insert(
+            token,
+            ConnIo {
+                link: Link::new(token, stream, conn),
+                peer,
+                shared: None,
+                reply: None,
+                more: false,
+                deadline,
+            },
+        );
     }
 
     fn accept_all(&mut self, now: Instant, touched: &mut Vec<Token>) {
@@ -626,17 +796,7 @@ impl Progress {
                         continue;
                     }
                     let conn = Conn::server(self.conn_config(), peer, now, nonce());
-                    self.conns.insert(
-                        token,
-                        ConnIo {
-                            stream,
-                            conn,
-                            peer,
-                            shared: None,
-                            reply: None,
-                            more: false,
-                        },
-                    );
+                    self.insert(token, stream, conn, peer);
                     touched.push(token);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
@@ -668,40 +828,27 @@ impl Progress {
                     return None;
                 }
                 let conn = Conn::client(self.conn_config(), peer, now, nonce());
-                self.conns.insert(
-                    token,
-                    ConnIo {
-                        stream,
-                        conn,
-                        peer,
-                        shared: None,
-                        reply: Some(reply),
-                        more: false,
-                    },
-                );
+                self.insert(token, stream, conn, peer);
+                if let Some(c) = self.conns.get_mut(&token) {
+                    c.reply = Some(reply);
+                }
                 Some(token)
             }
-            Cmd::Submit {
-                token,
-                peer,
-                req,
-                done,
-            } => match self.conns.get_mut(&token) {
-                Some(c) => {
-                    c.conn.submit(req, done);
-                    Some(token)
+            Cmd::Service { token } => {
+                // A connection already removed has closed its inbox and failed what was in it.
+                let c = self.conns.get(&token)?;
+                let mut w = c.link.wire.lock();
+                let reqs = std::mem::take(&mut c.link.inbox.lock().reqs);
+                for (req, done) in reqs {
+                    w.conn.submit(req, done);
                 }
-                None => {
-                    // Already closed and removed: its error was recorded in the user's queues.
-                    drop(req);
-                    done.complete(Err(TransportError::ConnectionClosed { peer }));
-                    None
-                }
-            },
+                Some(token)
+            }
             Cmd::Close { token } => {
-                if let Some(c) = self.conns.get_mut(&token) {
+                if let Some(c) = self.conns.get(&token) {
                     let peer = c.peer;
-                    c.conn.close(TransportError::ConnectionClosed { peer });
+                    let mut w = c.link.wire.lock();
+                    w.conn.close(TransportError::ConnectionClosed { peer });
                 }
                 Some(token)
             }
@@ -709,27 +856,40 @@ impl Progress {
     }
 
     fn service(&mut self, t: Token, read: bool, now: Instant) {
-        let regions = self.shared.regions.clone();
+        let regions = &self.shared.regions;
         let Some(c) = self.conns.get_mut(&t) else {
             return;
         };
-        if read || c.more {
-            c.more = c.conn.read_from(&mut c.stream, &regions, now) == ReadOutcome::MoreReady;
-        }
-        let out = c.conn.write_to(&mut c.stream, now);
+        let out = {
+            let mut w = c.link.wire.lock();
+            let Wire { stream, conn } = &mut *w;
+            let out = match stream {
+                Some(s) => {
+                    if read || c.more {
+                        c.more = conn.read_from(s, regions, now) == ReadOutcome::MoreReady;
+                    }
+                    conn.write_to(s, now)
+                }
+                None => WriteOutcome::Closed,
+            };
+            c.deadline = conn.poll_timeout();
+            self.events.extend(std::iter::from_fn(|| conn.poll_event()));
+            out
+        };
         self.dispatch(t);
         if out == WriteOutcome::Closed {
             self.remove(t);
         }
     }
 
-    /// Routes a connection's events to the user-facing side.
+    /// Routes the events drained into `self.events` to the user-facing side (no `wire` held).
     fn dispatch(&mut self, t: Token) {
         let endpoint = self.shared.clone();
         let Some(c) = self.conns.get_mut(&t) else {
+            self.events.clear();
             return;
         };
-        while let Some(ev) = c.conn.poll_event() {
+        for ev in self.events.drain(..) {
             match ev {
                 Event::Established { peer_endpoint } => {
                     let state = Arc::new(ConnShared {
@@ -740,7 +900,7 @@ impl Progress {
                     c.shared = Some(state.clone());
                     let handle = Arc::new(TcpConnection {
                         endpoint: endpoint.clone(),
-                        token: t,
+                        link: c.link.clone(),
                         peer_addr: c.peer,
                         peer_endpoint,
                         state,
@@ -784,11 +944,30 @@ impl Progress {
         }
     }
 
+    /// Drops a finished connection: closes the socket, and closes the inbox (failing what waits
+    /// there) so that handles still held fail later requests at once.
     fn remove(&mut self, t: Token) {
-        if let Some(mut c) = self.conns.remove(&t) {
-            if let Err(e) = self.poll.registry().deregister(&mut c.stream) {
-                tracing::debug!(error = %e, "epoll_ctl(DEL) failed");
+        let Some(c) = self.conns.remove(&t) else {
+            return;
+        };
+        let (err, reqs) = {
+            let mut w = c.link.wire.lock();
+            if let Some(mut s) = w.stream.take() {
+                if let Err(e) = self.poll.registry().deregister(&mut s) {
+                    tracing::debug!(error = %e, "epoll_ctl(DEL) failed");
+                }
             }
+            let err = w
+                .conn
+                .error()
+                .cloned()
+                .unwrap_or(TransportError::ConnectionClosed { peer: c.peer });
+            let mut inbox = c.link.inbox.lock();
+            inbox.closed = Some(err.clone());
+            (err, std::mem::take(&mut inbox.reqs))
+        };
+        for (_, done) in reqs {
+            done.complete(Err(err.clone()));
         }
     }
 }
