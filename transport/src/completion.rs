@@ -42,10 +42,29 @@ struct OpState {
     error: OnceLock<TransportError>,
     lock: Mutex<()>,
     cv: Condvar,
-    keep: Mutex<Vec<Region>>,
+    keep: Mutex<Kept>,
     batch: Option<Arc<BatchState>>,
     mode: PollMode,
     progress: Option<Progress>,
+}
+
+/// The regions an operation keeps alive: one region needs no allocation (the common case: a
+/// transfer's local region). Held only to be dropped when the operation completes.
+#[allow(dead_code)]
+enum Kept {
+    None,
+    One(Region),
+    Many(Vec<Region>),
+}
+
+impl From<Vec<Region>> for Kept {
+    fn from(mut v: Vec<Region>) -> Self {
+        match v.len() {
+            0 => Kept::None,
+            1 => v.pop().map_or(Kept::None, Kept::One),
+            _ => Kept::Many(v),
+        }
+    }
 }
 
 /// Handle to one in-flight operation. Clone it to wait from several places.
@@ -78,7 +97,7 @@ impl Op {
     /// A new pending operation and its completer. `keep` are the regions it uses, held until it
     /// completes.
     pub fn new(mode: PollMode, keep: Vec<Region>) -> (Op, Completer) {
-        Self::with_batch(mode, keep, None, None)
+        Self::with_batch(mode, keep.into(), None, None)
     }
 
     /// Like [`Op::new`], with a hook that [`Op::poll`] and [`Op::wait_spin`] run while the
@@ -88,12 +107,22 @@ impl Op {
         keep: Vec<Region>,
         progress: Option<Progress>,
     ) -> (Op, Completer) {
-        Self::with_batch(mode, keep, None, progress)
+        Self::with_batch(mode, keep.into(), None, progress)
+    }
+
+    /// [`Op::with_progress`] keeping one region (no allocation for the list).
+    #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+    pub(crate) fn with_progress_keeping(
+        mode: PollMode,
+        keep: Region,
+        progress: Option<Progress>,
+    ) -> (Op, Completer) {
+        Self::with_batch(mode, Kept::One(keep), None, progress)
     }
 
     fn with_batch(
         mode: PollMode,
-        keep: Vec<Region>,
+        keep: Kept,
         batch: Option<Arc<BatchState>>,
         progress: Option<Progress>,
     ) -> (Op, Completer) {
@@ -217,7 +246,7 @@ impl Completer {
         if let Err(e) = result {
             let _ = s.error.set(e);
         }
-        let kept = std::mem::take(&mut *s.keep.lock());
+        let kept = std::mem::replace(&mut *s.keep.lock(), Kept::None);
         drop(kept);
         {
             let _g = s.lock.lock();
@@ -336,6 +365,16 @@ impl BatchBuilder {
 
     /// A new pending operation belonging to the batch (the next transfer, in order).
     pub fn op(&mut self, keep: Vec<Region>) -> Completer {
+        self.op_kept(keep.into())
+    }
+
+    /// [`BatchBuilder::op`] keeping one region (no allocation for the list).
+    #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+    pub(crate) fn op_keeping(&mut self, keep: Region) -> Completer {
+        self.op_kept(Kept::One(keep))
+    }
+
+    fn op_kept(&mut self, keep: Kept) -> Completer {
         let (op, c) = Op::with_batch(
             self.mode,
             keep,

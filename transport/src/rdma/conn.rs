@@ -90,6 +90,9 @@ struct Poller {
     consumed: u32,
     /// The message being reassembled from its segments (empty between messages).
     partial: Vec<u8>,
+    /// Operations a completion finished, completed once the state lock is released (kept to
+    /// reuse its allocation).
+    done: Vec<Completer>,
 }
 
 /// A posted work request not yet known to be complete.
@@ -374,6 +377,7 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream) -> Result<Arc<Conn
             wcs: Vec::with_capacity(32),
             consumed: 0,
             partial: Vec::new(),
+            done: Vec::new(),
         }),
         return_at: (rq_depth / 4).max(1),
         driver: (mode == PollMode::BusyPoll).then(|| {
@@ -628,11 +632,7 @@ impl ConnShared {
     }
 
     /// Builds the job of one transfer, validated; the completer comes from `make`.
-    fn job<'r>(
-        &self,
-        t: &Transfer<'r>,
-        make: impl FnOnce(Vec<Region>) -> Completer,
-    ) -> Result<Job<'r>> {
+    fn job<'r>(&self, t: &Transfer<'r>, make: impl FnOnce(Region) -> Completer) -> Result<Job<'r>> {
         let mr = self.local_mr(t.local, t.local_offset, t.len)?;
         let (rkey, addr) = self.resolve(t.remote, t.remote_offset, t.len as u64)?;
         let kind = match t.kind {
@@ -662,7 +662,7 @@ impl ConnShared {
         Ok(Job {
             kind,
             local,
-            completer: Some(make(vec![t.local.clone()])),
+            completer: Some(make(t.local.clone())),
             remote_region: t.remote.region,
         })
     }
@@ -822,7 +822,7 @@ impl ConnShared {
         self.check_alive()?;
         let mut op = None;
         let job = self.job(&t, |keep| {
-            let (o, c) = Op::with_progress(self.mode, keep, self.driver.clone());
+            let (o, c) = Op::with_progress_keeping(self.mode, keep, self.driver.clone());
             op = Some(o);
             c
         })?;
@@ -848,7 +848,7 @@ impl ConnShared {
         p.wcs.clear();
         let n = self.cq.poll(&mut p.wcs, 32)?;
         for wc in p.wcs.drain(..) {
-            self.on_completion(wc, &mut p.consumed, &mut p.partial);
+            self.on_completion(wc, &mut p.consumed, &mut p.partial, &mut p.done);
         }
         // Return credits for re-posted receive buffers in batches (side channel).
         if p.consumed >= self.return_at && self.alive.load(Ordering::Acquire) {
@@ -915,7 +915,13 @@ impl ConnShared {
         }
     }
 
-    fn on_completion(&self, wc: Completion, consumed: &mut u32, partial: &mut Vec<u8>) {
+    fn on_completion(
+        &self,
+        wc: Completion,
+        consumed: &mut u32,
+        partial: &mut Vec<u8>,
+        done: &mut Vec<Completer>,
+    ) {
         if wc.wr_id & RECV_BIT != 0 {
             let slot = (wc.wr_id & !RECV_BIT) as usize;
             if let Err(e) = wc.status {
@@ -965,7 +971,7 @@ impl ConnShared {
             return;
         }
         let seq = wc.wr_id;
-        let mut done = Vec::new();
+        done.clear();
         let mut failed = None;
         {
             let mut st = self.state.lock();
@@ -992,7 +998,7 @@ impl ConnShared {
             }
         }
         self.space.notify_all();
-        for c in done {
+        for c in done.drain(..) {
             c.complete(Ok(()));
         }
         if let Some((c, err)) = failed {
@@ -1336,7 +1342,7 @@ impl Connection for RdmaConnection {
             BatchBuilder::new(self.c.mode, transfers.len()).with_progress(self.c.driver.clone());
         let mut jobs = Vec::with_capacity(transfers.len());
         for t in transfers {
-            match self.c.job(t, |keep| b.op(keep)) {
+            match self.c.job(t, |keep| b.op_keeping(keep)) {
                 Ok(j) => jobs.push(j),
                 Err(e) => b.failed(e),
             }
