@@ -4,7 +4,10 @@
 //! - [`proto`]: one connection's protocol as a socket-free state machine (handshake with optional
 //!   HMAC-SHA256 challenge-response, request bookkeeping, target-side access checks, heartbeats).
 //! - [`endpoint`]: the mio loop that moves bytes between sockets and the state machines, and the
-//!   [`TcpTransport`] / [`TcpConnection`] handles.
+//!   [`TcpTransport`] / [`TcpConnection`] handles. A caller writes its own small messages and read
+//!   requests (up to [`endpoint::DIRECT_MAX`]) to the socket under the connection's lock, so a send
+//!   wakes no thread on its own side; one-sided writes and larger requests go through the progress
+//!   thread (see the endpoint's docs for ordering and the lock order).
 //!
 //! One-sided operations are carried out by the *target's* progress thread: a WRITE frame's header
 //! is checked (region id, key, bounds) before its payload is read from the socket straight into the
