@@ -1,8 +1,9 @@
 //! Times a decode step's one-row products with Genie's one-row kernels and with candle's
 //! (`CpuKernels::new()` vs `CpuKernels::candle_only()`), interleaved in one process, and prints
-//! the median time of each and their ratio.
+//! the median time of each and their ratio, then one line with every ratio.
 //!
-//! `cargo run --release -p genie-runtime --example decode_kernels [-- <iterations>]`
+//! `cargo run --release -p genie-runtime --example decode_kernels [-- <iterations> [cold]]`
+//! (`cold`: the caches are evicted before every call, as between the steps of a large model).
 
 use candle_core::{Device, Tensor};
 use genie_runtime::kernels::{CpuKernels, Kernels};
@@ -23,7 +24,10 @@ fn node(op: OpKind, out: &[usize]) -> Node {
 }
 
 fn main() -> anyhow::Result<()> {
-    let iters: usize = std::env::args().nth(1).map_or(Ok(2000), |s| s.parse())?;
+    let iters: usize = std::env::args()
+        .nth(1)
+        .map_or(Ok(2000), |s| s.parse())?
+        .max(1);
     // `cold`: evict the caches before each call (a decode step's working set does not stay
     // cached between steps of a real model).
     let cold = std::env::args().nth(2).is_some_and(|s| s == "cold");
@@ -35,9 +39,10 @@ fn main() -> anyhow::Result<()> {
     };
     let d = Device::Cpu;
     let r = |s: &[usize]| Tensor::randn(0f32, 1., s, &d);
-    let (e, l, vocab) = (128, 1000, 4096);
+    let (e, l) = (128, 1000);
     let store = Tensor::randn(0f32, 1., (2, 1, 1024, e), &d)?;
     let view = store.narrow(2, 0, l)?;
+    let big = Tensor::randn(0f32, 1., (2, 1, 512, 768), &d)?;
     let cases: Vec<(&str, Node, Vec<Tensor>)> = vec![
         (
             "linear 128x384",
@@ -62,9 +67,32 @@ fn main() -> anyhow::Result<()> {
             vec![r(&[1, 1, 512])?, r(&[512, e])?, r(&[e])?],
         ),
         (
-            "lm head 128x4096",
-            node(OpKind::MatMul { transpose_b: true }, &[1, 1, vocab]),
-            vec![r(&[1, 1, e])?, r(&[vocab, e])?],
+            "linear 768x768",
+            node(OpKind::Linear { bias: true, layout: WeightLayout::InOut }, &[1, 1, 768]),
+            vec![r(&[1, 1, 768])?, r(&[768, 768])?, r(&[768])?],
+        ),
+        (
+            "linear 3072x768",
+            node(OpKind::Linear { bias: true, layout: WeightLayout::InOut }, &[1, 1, 768]),
+            vec![r(&[1, 1, 3072])?, r(&[3072, 768])?, r(&[768])?],
+        ),
+        (
+            "linear 768x3072",
+            node(OpKind::Linear { bias: true, layout: WeightLayout::InOut }, &[1, 1, 3072]),
+            vec![r(&[1, 1, 768])?, r(&[768, 3072])?, r(&[3072])?],
+        ),
+        (
+            "attention 12x64 over 512",
+            node(
+                OpKind::Attention {
+                    heads: 12,
+                    head_dim: 64,
+                    causal: true,
+                    scale: Scalar(0.125),
+                },
+                &[1, 1, 768],
+            ),
+            vec![r(&[1, 1, 768])?, big.get(0)?, big.get(1)?],
         ),
         (
             "attention 4x32 over 1000",
@@ -85,6 +113,7 @@ fn main() -> anyhow::Result<()> {
         "{:<28} {:>12} {:>12} {:>8}",
         "op", "candle[us]", "genie[us]", "ratio"
     );
+    let mut last = String::from("decode_kernels");
     for (name, n, ins) in &cases {
         let (mut a, mut b) = (Vec::with_capacity(iters), Vec::with_capacity(iters));
         for i in 0..iters {
@@ -101,6 +130,12 @@ fn main() -> anyhow::Result<()> {
         b.sort_by(f64::total_cmp);
         let (ma, mb) = (a[iters / 2], b[iters / 2]);
         println!("{name:<28} {ma:>12.2} {mb:>12.2} {:>8.2}", ma / mb);
+        let key: String = name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        last.push_str(&format!(" {key}_speedup_vs_candle={:.2}", ma / mb));
     }
+    println!("{last}");
     Ok(())
 }

@@ -6,7 +6,9 @@
 //! strided head-by-head reads cost several times the arithmetic at these sizes (a 128-wide model:
 //! 10-30 µs per linear layer, 130 µs per attention over 1000 positions). These kernels read each
 //! matrix once, in rows, with AVX2 + FMA through `pulp`'s safe runtime dispatch, and keep partial
-//! sums in registers. GELU, elementwise, calls libm's `tanh` per element in candle (28 ns each);
+//! sums in registers. Large weights stay with gemm, which wins there (packed panels; see
+//! `ONE_ROW_MAX_ELEMENTS` in the CPU backend); attention wins at GPT-2 124M's size too (12 heads
+//! of 64 over 512 positions: 2x, `cargo run --release -p genie-runtime --example decode_kernels`). GELU, elementwise, calls libm's `tanh` per element in candle (28 ns each);
 //! here it is a vectorised polynomial.
 //!
 //! Arithmetic: f32 with fused multiply-adds, summed in a fixed order that depends only on the
