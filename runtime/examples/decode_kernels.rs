@@ -68,17 +68,35 @@ fn main() -> anyhow::Result<()> {
         ),
         (
             "linear 768x768",
-            node(OpKind::Linear { bias: true, layout: WeightLayout::InOut }, &[1, 1, 768]),
+            node(
+                OpKind::Linear {
+                    bias: true,
+                    layout: WeightLayout::InOut,
+                },
+                &[1, 1, 768],
+            ),
             vec![r(&[1, 1, 768])?, r(&[768, 768])?, r(&[768])?],
         ),
         (
             "linear 3072x768",
-            node(OpKind::Linear { bias: true, layout: WeightLayout::InOut }, &[1, 1, 768]),
+            node(
+                OpKind::Linear {
+                    bias: true,
+                    layout: WeightLayout::InOut,
+                },
+                &[1, 1, 768],
+            ),
             vec![r(&[1, 1, 3072])?, r(&[3072, 768])?, r(&[768])?],
         ),
         (
             "linear 768x3072",
-            node(OpKind::Linear { bias: true, layout: WeightLayout::InOut }, &[1, 1, 3072]),
+            node(
+                OpKind::Linear {
+                    bias: true,
+                    layout: WeightLayout::InOut,
+                },
+                &[1, 1, 3072],
+            ),
             vec![r(&[1, 1, 768])?, r(&[768, 3072])?, r(&[3072])?],
         ),
         (
