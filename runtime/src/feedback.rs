@@ -48,6 +48,17 @@ impl ComputeCalibration {
         }
     }
 
+    /// Keeps only the last `n` runs' ratios of every bucket (at least one): the calibration then
+    /// follows a machine whose speed drifts.
+    pub fn keep_last(&mut self, n: usize) {
+        let n = n.max(1);
+        for r in self.ratios.values_mut() {
+            if r.len() > n {
+                r.drain(..r.len() - n);
+            }
+        }
+    }
+
     /// Calibrated seconds of `node`, whose uncalibrated prediction is `pred`.
     pub fn scale(&self, node: &genie_scheduler::graph::Node, pred: f64) -> f64 {
         match self.ratios.get(&cal_key(node)) {
@@ -158,4 +169,23 @@ pub fn predict_makespan(
         }
     }
     Ok(makespan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The window keeps each bucket's latest ratios, so the scale follows a drifting machine.
+    #[test]
+    fn keep_last_follows_the_latest_runs() {
+        let mut cal = ComputeCalibration::default();
+        cal.ratios
+            .insert("matmul:Prefill".into(), vec![1.0, 1.0, 1.0, 2.0, 2.0, 2.0]);
+        cal.ratios.insert("add:Prefill".into(), vec![3.0]);
+        cal.keep_last(3);
+        assert_eq!(cal.ratios["matmul:Prefill"], vec![2.0, 2.0, 2.0]);
+        assert_eq!(cal.ratios["add:Prefill"], vec![3.0]);
+        cal.keep_last(0);
+        assert_eq!(cal.ratios["matmul:Prefill"], vec![2.0]);
+    }
 }
