@@ -8,7 +8,8 @@
 //! matrix once, in rows, with AVX2 + FMA through `pulp`'s safe runtime dispatch, and keep partial
 //! sums in registers. Large weights stay with gemm, which wins there (packed panels; see
 //! `ONE_ROW_MAX_ELEMENTS` in the CPU backend); attention wins at GPT-2 124M's size too (12 heads
-//! of 64 over 512 positions: 2x, `cargo run --release -p genie-runtime --example decode_kernels`). GELU, elementwise, calls libm's `tanh` per element in candle (28 ns each);
+//! of 64 over 512 positions: 2x, `cargo run --release -p genie-runtime --example
+//! decode_kernels`). GELU, elementwise, calls libm's `tanh` per element in candle (28 ns each);
 //! here it is a vectorised polynomial.
 //!
 //! Arithmetic: f32 with fused multiply-adds, summed in a fixed order that depends only on the
@@ -46,7 +47,7 @@ impl<'a> Rows<'a> {
     }
 }
 
-/// The SIMD level these kernels need: AVX2 + FMA, detected once per call (cheap).
+/// The SIMD level these kernels need: AVX2 + FMA, detected once (by [`Simd::detect`]).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Simd(#[cfg(any(target_arch = "x86", target_arch = "x86_64"))] pulp::x86::V3);
 
@@ -143,28 +144,7 @@ impl Simd {
         self.rows_times(p, v, heads, &mut out);
         Some(out)
     }
-}
 
-/// `x ← softmax(x · scale)` with `exp` from the standard library: the path for rows holding
-/// a NaN or an infinity.
-fn softmax_scalar(x: &mut [f32], scale: f32) {
-    let mut m = f32::NEG_INFINITY;
-    for v in x.iter_mut() {
-        *v *= scale;
-        m = m.max(*v);
-    }
-    let mut sum = 0f32;
-    for v in x.iter_mut() {
-        *v = (*v - m).exp();
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
-    for v in x.iter_mut() {
-        *v *= inv;
-    }
-}
-
-impl Simd {
     /// `x ← gelu(x)` with the tanh approximation, `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`
     /// (candle's `gelu`), `tanh(u)` as `sign(u)·(1 − e^(−2|u|))/(1 + e^(−2|u|))` with the
     /// vectorised `exp` of [`Simd::softmax`]: within a few units of f32 rounding of candle's
@@ -193,6 +173,25 @@ impl Simd {
         }
         #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
         softmax_scalar(x, scale);
+    }
+}
+
+/// `x ← softmax(x · scale)` with `exp` from the standard library: the path for rows holding
+/// a NaN or an infinity.
+fn softmax_scalar(x: &mut [f32], scale: f32) {
+    let mut m = f32::NEG_INFINITY;
+    for v in x.iter_mut() {
+        *v *= scale;
+        m = m.max(*v);
+    }
+    let mut sum = 0f32;
+    for v in x.iter_mut() {
+        *v = (*v - m).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    for v in x.iter_mut() {
+        *v *= inv;
     }
 }
 
@@ -315,25 +314,9 @@ mod x86 {
     }
 
     impl TimesCol<'_, '_> {
-        /// Lane-wise products of `row` and `x` over columns `from..to` (whole lane vectors)
-        /// summed in two chains (even and odd vectors), then added.
-        #[inline(always)]
-        fn partial(&self, row: &[f32], from: usize, to: usize) -> f32x8 {
-            let simd = self.simd;
-            let (mut even, mut odd) = (simd.splat_f32x8(0.0), simd.splat_f32x8(0.0));
-            let mut c = from;
-            while c + 2 * LANES <= to {
-                even = simd.mul_add_f32x8(load(row, c), load(self.x, c), even);
-                odd = simd.mul_add_f32x8(load(row, c + LANES), load(self.x, c + LANES), odd);
-                c += 2 * LANES;
-            }
-            if c < to {
-                even = simd.mul_add_f32x8(load(row, c), load(self.x, c), even);
-            }
-            simd.add_f32x8(even, odd)
-        }
-
-        /// [`TimesCol::partial`] of two rows at once (the same operations for each).
+        /// Lane-wise products of rows `a` and `b` with `x` over columns `from..to` (whole lane
+        /// vectors), each summed in two chains (even and odd vectors), then added. A row alone
+        /// goes in as both, so that every row's sum has the same operations.
         #[inline(always)]
         fn partial2(&self, a: &[f32], b: &[f32], from: usize, to: usize) -> (f32x8, f32x8) {
             let simd = self.simd;
@@ -424,7 +407,7 @@ mod x86 {
             for j in j..rows {
                 let row = self.m.row(j);
                 for p in 0..parts {
-                    let acc = self.partial(row, p * part, p * part + full);
+                    let (acc, _) = self.partial2(row, row, p * part, p * part + full);
                     self.y[p * rows + j] = self.tail(j, p, pairwise(acc));
                 }
             }
