@@ -517,6 +517,14 @@ impl Worker {
             let bytes = proto::payload_slice(payload, t, "driver")?;
             input_tensors.insert(t.name.clone(), tensor_from_bytes(&t.meta, bytes)?);
         }
+        // Notifications carry the run's epoch above the transfer id.
+        if plan.transfers.len() > 1 << TRANSFER_BITS {
+            return Err(RuntimeError::Plan(format!(
+                "a run moves at most {} tensors between workers, this one {}",
+                1u32 << TRANSFER_BITS,
+                plan.transfers.len()
+            )));
+        }
         // Landing regions for peers that send to us; tell them where.
         let senders: BTreeSet<usize> = plan
             .transfers
@@ -608,13 +616,6 @@ impl Worker {
                 region,
                 specs,
             });
-        }
-        // Notifications carry the run's epoch in their top 16 bits and the transfer id below.
-        if plan.transfers.len() > 1 << 16 {
-            return Err(RuntimeError::Plan(format!(
-                "a run moves at most 65536 tensors between workers, this one {}",
-                plan.transfers.len()
-            )));
         }
         let store = TensorStore::new(self.name.clone());
         let mut ctx = RunCtx {
@@ -733,9 +734,22 @@ struct Inbound {
     specs: HashMap<u32, (TensorMeta, u64)>,
 }
 
+/// Bits of a notification that carry the transfer id; the bits above carry the run's epoch.
+const TRANSFER_BITS: u32 = 16;
+
 /// The epoch of run `run` in its notifications.
 fn epoch_of(run: u64) -> u32 {
-    (run & 0xFFFF) as u32
+    (run & ((1 << (32 - TRANSFER_BITS)) - 1)) as u32
+}
+
+/// The notification of transfer `tid` in a run of epoch `epoch`.
+fn notification(epoch: u32, tid: u32) -> u32 {
+    epoch << TRANSFER_BITS | tid
+}
+
+/// A notification's epoch and transfer id.
+fn split_notification(imm: u32) -> (u32, u32) {
+    (imm >> TRANSFER_BITS, imm & ((1 << TRANSFER_BITS) - 1))
 }
 
 /// The sending peers of a run, polled by the worker's own thread (no receiver threads: a
@@ -754,15 +768,16 @@ impl Inbox {
     /// The tensor of transfer `imm` from peer `k`, read out of the landing region; `None` for a
     /// notification of another run.
     fn take(&mut self, k: usize, imm: u32) -> Result<Option<Arrival>> {
-        if imm >> 16 != self.epoch {
+        let (epoch, imm) = split_notification(imm);
+        if epoch != self.epoch {
             tracing::debug!(
                 peer = %self.from[k].peer,
+                epoch,
                 imm,
                 "dropped a notification of an earlier run"
             );
             return Ok(None);
         }
-        let imm = imm & 0xFFFF;
         let at_us = wall_us(self.t0);
         let f = &mut self.from[k];
         let (meta, offset) = f
@@ -976,7 +991,7 @@ impl<'a> RunCtx<'a> {
                                 remote,
                                 spec.dst_offset,
                                 bytes.len(),
-                                self.inbox.epoch << 16 | tid,
+                                notification(self.inbox.epoch, tid),
                             )
                             .map_err(|e| terr(&peer, e))?;
                         if overlap {
