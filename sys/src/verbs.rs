@@ -34,9 +34,6 @@ use rdma_mummy_sys::{
     ibv_cq, ibv_qp_state, ibv_recv_wr, ibv_send_flags, ibv_send_wr, ibv_sge, ibv_wc, ibv_wc_opcode,
     ibv_wc_status, ibv_wr_opcode, imm_data_invalidated_rkey_union_t, rdma_t, wr_t,
 };
-
-/// `ENOMEM` (Linux): ibv_post_send's "send queue full".
-const ENOMEM: i32 = 12;
 use sideway::ibverbs::address::{AddressHandleAttribute, Gid};
 use sideway::ibverbs::completion::GenericCompletionQueue;
 use sideway::ibverbs::completion::{BasicCompletionQueue, CompletionChannel, CompletionQueue as _};
@@ -1125,7 +1122,8 @@ impl QueuePair<Rts> {
         let rc = unsafe { rdma_mummy_sys::ibv_post_send(self.qp.qp().as_ptr(), &mut wr, &mut bad) };
         match rc {
             0 => Ok(()),
-            libc_enomem if libc_enomem == ENOMEM => Err(VerbsError::SendQueueFull),
+            // ibv_post_send's "send queue full".
+            libc::ENOMEM => Err(VerbsError::SendQueueFull),
             e => Err(verb(
                 "ibv_post_send",
                 &self.name,
