@@ -2,11 +2,6 @@
 #![forbid(unsafe_code)]
 
 use anyhow::{bail, Context, Result};
-
-/// mimalloc keeps freed memory for reuse: with glibc's malloc every tensor over its mmap
-/// threshold is a fresh mapping, page-faulted in on first write and unmapped on free.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::{Parser, Subcommand};
 use genie_runtime::cluster::Cluster;
 use genie_runtime::demo::{run_demo, DemoOptions};
@@ -19,6 +14,11 @@ use genie_scheduler::topology::LinkSpec;
 use genie_scheduler::{OptimizationPlan, Scheduler, Topology};
 use std::path::PathBuf;
 use std::sync::Arc;
+
+/// mimalloc keeps freed memory for reuse: with glibc's malloc every tensor over its mmap
+/// threshold is a fresh mapping, page-faulted in on first write and unmapped on free.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(

@@ -330,11 +330,20 @@ fn post(
     }
 }
 
+/// The transfer kind of a one-sided test; `None` for messages.
+fn one_sided(test: PerfTest) -> Option<crate::TransferKind> {
+    match test {
+        PerfTest::Write => Some(crate::TransferKind::Write),
+        PerfTest::Read => Some(crate::TransferKind::Read),
+        PerfTest::Send => None,
+    }
+}
+
 /// One-sided bandwidth: `n` transfers of `size` bytes, at most `window` in flight, submitted in
 /// batches of `window / 4` (at most 32): a batch asks for one completion, as perftest's
 /// completion moderation (`--cq-mod`) does, where one operation at a time would ask for one each.
 fn bandwidth_batched(
-    test: PerfTest,
+    kind: crate::TransferKind,
     n: usize,
     size: usize,
     window: usize,
@@ -342,10 +351,6 @@ fn bandwidth_batched(
     local: &Region,
     remote: &RemoteRegion,
 ) -> Result<()> {
-    let kind = match test {
-        PerfTest::Read => crate::TransferKind::Read,
-        _ => crate::TransferKind::Write,
-    };
     let per = (window / 4).clamp(1, 32);
     let wait = |b: &crate::Batch| -> Result<()> {
         let st = b.wait(WAIT)?;
@@ -356,16 +361,15 @@ fn bandwidth_batched(
         }
         Ok(())
     };
-    let mut flying: std::collections::VecDeque<(crate::Batch, usize)> =
-        std::collections::VecDeque::new();
+    let mut flying: std::collections::VecDeque<crate::Batch> = std::collections::VecDeque::new();
     let (mut inflight, mut i) = (0, 0);
     while i < n {
         let b = per.min(n - i);
         while inflight + b > window {
             match flying.pop_front() {
-                Some((batch, k)) => {
+                Some(batch) => {
                     wait(&batch)?;
-                    inflight -= k;
+                    inflight -= batch.len();
                 }
                 None => break,
             }
@@ -384,11 +388,11 @@ fn bandwidth_batched(
                 }
             })
             .collect();
-        flying.push_back((conn.post_batch(&transfers)?, b));
+        flying.push_back(conn.post_batch(&transfers)?);
         inflight += b;
         i += b;
     }
-    for (batch, _) in flying {
+    for batch in flying {
         wait(&batch)?;
     }
     Ok(())
@@ -435,11 +439,9 @@ fn measure(
         *b = TAG_SINK;
     }
     let start = Instant::now();
-    match test {
-        PerfTest::Write | PerfTest::Read => {
-            bandwidth_batched(test, n, size, args.window, conn, local, remote)?
-        }
-        PerfTest::Send => {
+    match one_sided(test) {
+        Some(kind) => bandwidth_batched(kind, n, size, args.window, conn, local, remote)?,
+        None => {
             let mut inflight = std::collections::VecDeque::with_capacity(args.window);
             for i in 0..n {
                 if inflight.len() == args.window {
