@@ -7,7 +7,7 @@ use super::wire::{
     SEG_MORE,
 };
 use super::{describe, Endpoint};
-use crate::completion::{Batch, BatchBuilder, Completer, Op, Progress as DriveHook};
+use crate::completion::{Batch, BatchBuilder, Completer, Op, OpPool, Progress as DriveHook};
 use crate::config::{Backend, PollMode};
 use crate::error::{Result, TransportError};
 use crate::region::{EndpointId, Region, RemoteRegion};
@@ -33,10 +33,17 @@ const SQ_DEPTH: u32 = 128;
 const MAX_INLINE: u32 = 64;
 /// Send staging slots (payloads of sends too large to go inline).
 const SEND_SLOTS: usize = 16;
-/// Busy-poll mode: while waiting threads drive the CQ themselves (their `drive` calls within this
-/// interval), the completion thread stays parked instead of competing with them for the CPU; once
-/// they stop, it takes over on the completion channel.
+/// Busy-poll mode: while user threads drive the CQ themselves, the completion thread stays parked
+/// instead of competing with them for the CPU. It looks again after this interval, doubled each
+/// time it finds them still driving (up to [`DRIVER_GRACE_MAX`]), and takes over on the completion
+/// channel once a look finds no drive since the last one. Every user wait and post drives, so a
+/// longer park delays nothing a user waits for; it only bounds how late completions nobody polls
+/// (and the credits their receive buffers return) are handled after the user stops.
 const DRIVER_GRACE: Duration = Duration::from_millis(1);
+/// The longest park of the busy-poll completion thread while users drive (see [`DRIVER_GRACE`]):
+/// on soft-RoCE a wake-up per millisecond cost about 2 us of an 8-byte write's 23 us ping-pong
+/// latency, because the woken thread preempts a spinning one.
+const DRIVER_GRACE_MAX: Duration = Duration::from_millis(16);
 /// Largest single work request of a transfer (larger ones are split).
 const MAX_CHUNK: usize = 16 << 20;
 /// Bit of a work request id that marks a receive.
@@ -157,6 +164,8 @@ pub(crate) struct ConnShared {
     /// Busy-poll mode only: the hook given to this connection's operations, so that the thread
     /// waiting on one polls the CQ itself (no thread hand-off on the hot path).
     driver: Option<DriveHook>,
+    /// Recycled states of this connection's single operations (no allocation per transfer).
+    ops: OpPool,
     /// Number of `drive` calls so far (tells the completion thread that waiters are driving).
     drives: AtomicU64,
     /// Return credits after this many receive buffers were re-posted.
@@ -337,58 +346,62 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream) -> Result<Arc<Conn
         .unwrap_or(usize::MAX)
         .clamp(4096, MAX_CHUNK);
     let mode = ep.poll_mode();
-    let shared = Arc::new_cyclic(|me: &std::sync::Weak<ConnShared>| ConnShared {
-        state: Mutex::new(State {
-            qp: Some(qp),
-            next_seq: 1,
-            pending: VecDeque::new(),
-            since_signal: 0,
-            credits: agreed.send_credits,
-            retired: 0,
-            slot_seq: [0; SEND_SLOTS],
-            next_slot: 0,
-        }),
-        cq,
-        recv_mr,
-        send_mr,
-        sq_depth,
-        space: Condvar::new(),
-        ep: Arc::clone(ep),
-        side: Mutex::new(writer),
-        peer,
-        peer_endpoint: agreed.peer_endpoint,
-        mode,
-        recv_size,
-        send_seg: (agreed.peer_recv_size as usize).min(recv_size),
-        send_order: Mutex::new(()),
-        max_inline: max_inline as usize,
-        chunk,
-        notes: Mutex::new(VecDeque::new()),
-        notes_cv: Condvar::new(),
-        msgs: Mutex::new(VecDeque::new()),
-        msgs_cv: Condvar::new(),
-        alive: AtomicBool::new(true),
-        dead: Mutex::new(None),
-        queries: Mutex::new(HashMap::new()),
-        queries_cv: Condvar::new(),
-        next_req: AtomicU64::new(1),
-        cache: Mutex::new(RegionCache::default()),
-        poller: Mutex::new(Poller {
-            wcs: Vec::with_capacity(32),
-            consumed: 0,
-            partial: Vec::new(),
-            done: Vec::new(),
-        }),
-        return_at: (rq_depth / 4).max(1),
-        driver: (mode == PollMode::BusyPoll).then(|| {
+    let shared = Arc::new_cyclic(|me: &std::sync::Weak<ConnShared>| {
+        let driver = (mode == PollMode::BusyPoll).then(|| {
             let me = me.clone();
             Arc::new(move || {
                 if let Some(c) = me.upgrade() {
                     c.drive();
                 }
             }) as DriveHook
-        }),
-        drives: AtomicU64::new(0),
+        });
+        ConnShared {
+            state: Mutex::new(State {
+                qp: Some(qp),
+                next_seq: 1,
+                pending: VecDeque::new(),
+                since_signal: 0,
+                credits: agreed.send_credits,
+                retired: 0,
+                slot_seq: [0; SEND_SLOTS],
+                next_slot: 0,
+            }),
+            cq,
+            recv_mr,
+            send_mr,
+            sq_depth,
+            space: Condvar::new(),
+            ep: Arc::clone(ep),
+            side: Mutex::new(writer),
+            peer,
+            peer_endpoint: agreed.peer_endpoint,
+            mode,
+            recv_size,
+            send_seg: (agreed.peer_recv_size as usize).min(recv_size),
+            send_order: Mutex::new(()),
+            max_inline: max_inline as usize,
+            chunk,
+            notes: Mutex::new(VecDeque::new()),
+            notes_cv: Condvar::new(),
+            msgs: Mutex::new(VecDeque::new()),
+            msgs_cv: Condvar::new(),
+            alive: AtomicBool::new(true),
+            dead: Mutex::new(None),
+            queries: Mutex::new(HashMap::new()),
+            queries_cv: Condvar::new(),
+            next_req: AtomicU64::new(1),
+            cache: Mutex::new(RegionCache::default()),
+            poller: Mutex::new(Poller {
+                wcs: Vec::with_capacity(32),
+                consumed: 0,
+                partial: Vec::new(),
+                done: Vec::new(),
+            }),
+            return_at: (rq_depth / 4).max(1),
+            ops: OpPool::new(mode, driver.clone()),
+            driver,
+            drives: AtomicU64::new(0),
+        }
     });
     let c1 = Arc::clone(&shared);
     std::thread::Builder::new()
@@ -608,14 +621,19 @@ impl ConnShared {
         }
     }
 
-    fn local_mr<'r>(&self, local: &'r Region, offset: usize, len: usize) -> Result<Option<&'r Mr>> {
+    /// Checks that `[offset, offset + len)` of `local` may be used on this connection.
+    fn check_local(&self, local: &Region, offset: usize, len: usize) -> Result<()> {
         if local.endpoint() != self.ep.id {
             return Err(TransportError::InvalidArgument(format!(
                 "region {} belongs to another endpoint",
                 local.id()
             )));
         }
-        local.check_local(offset, len)?;
+        local.check_local(offset, len)
+    }
+
+    fn local_mr<'r>(&self, local: &'r Region, offset: usize, len: usize) -> Result<Option<&'r Mr>> {
+        self.check_local(local, offset, len)?;
         if len == 0 {
             return Ok(None);
         }
@@ -670,14 +688,6 @@ impl ConnShared {
     /// Posts jobs in order. Only the last work request is signalled (plus one per half queue).
     /// Waits for send-queue room and credits. A job that cannot be posted fails its completer.
     fn post_jobs<'r>(&self, jobs: impl ExactSizeIterator<Item = Job<'r>>) {
-        // Reap finished work first (cheap when there is none): frees send-queue room without
-        // waiting for the completion thread to be scheduled. In busy-poll mode a posting thread
-        // counts as a driver: while the user keeps posting (and so reaping), the completion thread
-        // stays parked. Otherwise it would arm the completion channel, be woken by every signalled
-        // completion, complete the operation before the user polls it, so that the user's poll no
-        // longer drives, and stay in that mode: a wake-up per operation, measured at 3-6x the
-        // ping-pong latency on soft-RoCE (perf sched: one completion-thread run per iteration).
-        self.drive();
         let mut st = self.state.lock();
         let n_jobs = jobs.len();
         let sq_half = (self.sq_depth / 2).max(1);
@@ -816,18 +826,127 @@ impl ConnShared {
         }
         // If the last job failed after earlier ones were posted unsignalled, their completion
         // would never come: `die` above failed them. Otherwise the last posted request is signalled.
+        drop(st);
+        // Reap finished work after posting (cheap when there is none), not before: the post is
+        // what the peer waits for, and a full send queue reaps in the loop above anyway. In
+        // busy-poll mode a posting thread counts as a driver: while the user keeps posting (and so
+        // reaping), the completion thread stays parked. Otherwise it would arm the completion
+        // channel, be woken by every signalled completion, complete the operation before the user
+        // polls it, so that the user's poll no longer drives, and stay in that mode: a wake-up per
+        // operation, measured at 3-6x the ping-pong latency on soft-RoCE (perf sched: one
+        // completion-thread run per iteration).
+        self.drive();
     }
 
     fn submit_one(&self, t: Transfer<'_>) -> Result<Op> {
+        if let Some(op) = self.submit_fast(&t)? {
+            return Ok(op);
+        }
         self.check_alive()?;
         let mut op = None;
         let job = self.job(&t, |keep| {
-            let (o, c) = Op::with_progress_keeping(self.mode, keep, self.driver.clone());
+            let (o, c) = self.ops.op(Some(keep));
             op = Some(o);
             c
         })?;
         self.post_jobs(std::iter::once(job));
         op.ok_or_else(|| TransportError::InvalidArgument("no operation created".into()))
+    }
+
+    /// The common case of [`ConnShared::submit_one`] on one straight path: one work request (no
+    /// chunks), room in the send queue and, for a notification, a credit. It validates what
+    /// [`ConnShared::job`] validates, takes inline bytes straight from the region (under its read
+    /// lock) and posts under the state lock; the operation is made after the post, still under
+    /// the lock, so that its completion cannot be handled before it is queued. Only what the work
+    /// request needs comes before the doorbell, which is what the peer waits for (on soft-RoCE's
+    /// emulated CPU every instruction there shows in the ping-pong latency). `Ok(None)`: not the
+    /// common case, nothing was posted; the general path takes it.
+    fn submit_fast(&self, t: &Transfer<'_>) -> Result<Option<Op>> {
+        if t.len == 0 || t.len > self.chunk {
+            return Ok(None);
+        }
+        self.check_alive()?;
+        let (rkey, addr) = self.resolve(t.remote, t.remote_offset, t.len as u64)?;
+        let (op, needs_credit) = match t.kind {
+            TransferKind::Write => (
+                SendOp::Write {
+                    rkey,
+                    remote_addr: addr,
+                },
+                false,
+            ),
+            TransferKind::WriteNotify(imm) => (
+                SendOp::WriteImm {
+                    rkey,
+                    remote_addr: addr,
+                    imm,
+                },
+                true,
+            ),
+            TransferKind::Read => (
+                SendOp::Read {
+                    rkey,
+                    remote_addr: addr,
+                },
+                false,
+            ),
+        };
+        let inline = !matches!(t.kind, TransferKind::Read) && t.len <= self.max_inline;
+        let (bytes, mr) = if inline {
+            self.check_local(t.local, t.local_offset, t.len)?;
+            if t.local.registration().is_none() {
+                return Ok(None); // the general path names the error
+            }
+            (Some(t.local.lock()), None)
+        } else {
+            (None, self.local_mr(t.local, t.local_offset, t.len)?)
+        };
+        let sge = match (&bytes, mr) {
+            (Some(b), _) => match b.get(t.local_offset..t.local_offset + t.len) {
+                Some(b) => Sge::Inline(b),
+                None => return Ok(None),
+            },
+            (None, Some(mr)) => Sge::Mr {
+                mr,
+                offset: t.local_offset,
+                len: t.len,
+            },
+            (None, None) => return Ok(None),
+        };
+        let mut st = self.state.lock();
+        if st.pending.len() as u32 >= self.sq_depth || (needs_credit && st.credits == 0) {
+            return Ok(None);
+        }
+        let seq = st.next_seq;
+        let Some(qp) = st.qp.as_mut() else {
+            return Err(self.dead_error());
+        };
+        if let Err(e) = qp.post_send(seq, op, sge, true) {
+            drop(st);
+            drop(bytes);
+            // As on the general path: the operation fails, and so does the QP.
+            let err = verbs_io("ibv_post_send", e);
+            if self.alive.load(Ordering::Acquire) {
+                self.die(err.clone());
+            }
+            return Ok(Some(Op::failed(self.mode, err)));
+        }
+        let (op, completer) = self.ops.op(Some(t.local.clone()));
+        st.next_seq += 1;
+        st.since_signal = 0;
+        if needs_credit {
+            st.credits -= 1;
+        }
+        st.pending.push_back(Pending {
+            seq,
+            completer: Some(completer),
+            remote_region: t.remote.region,
+        });
+        drop(st);
+        drop(bytes);
+        // Reap after posting, as `post_jobs` does (and count as driving).
+        self.drive();
+        Ok(Some(op))
     }
 
     /// The completion thread: retires work requests, delivers receives, re-posts receive buffers.
@@ -875,7 +994,23 @@ impl ConnShared {
     /// channel when nobody drives (completions nobody waits for, idle connections).
     fn completion_loop(self: Arc<Self>) {
         let mut seen_drives = self.drives.load(Ordering::Relaxed);
+        let mut grace = DRIVER_GRACE;
         loop {
+            if self.driver.is_some() {
+                let d = self.drives.load(Ordering::Relaxed);
+                if d != seen_drives {
+                    // Users drove since the last look: they poll, stay out of their way (without
+                    // polling, which would contend for the poll lock with them).
+                    seen_drives = d;
+                    if !self.alive.load(Ordering::Acquire) {
+                        return;
+                    }
+                    std::thread::park_timeout(grace);
+                    grace = (grace * 2).min(DRIVER_GRACE_MAX);
+                    continue;
+                }
+                grace = DRIVER_GRACE;
+            }
             match self.progress(true) {
                 Ok(true) => continue,
                 Ok(false) => {}
@@ -887,13 +1022,8 @@ impl ConnShared {
             if !self.alive.load(Ordering::Acquire) {
                 return;
             }
-            if self.driver.is_some() {
-                let d = self.drives.load(Ordering::Relaxed);
-                if d != seen_drives {
-                    seen_drives = d;
-                    std::thread::park_timeout(DRIVER_GRACE);
-                    continue;
-                }
+            if self.driver.is_some() && self.drives.load(Ordering::Relaxed) != seen_drives {
+                continue;
             }
             if let Err(e) = self.cq.req_notify() {
                 self.die(verbs_io("ibv_req_notify_cq", e));
@@ -999,7 +1129,7 @@ impl ConnShared {
         }
         self.space.notify_all();
         for c in done.drain(..) {
-            c.complete(Ok(()));
+            c.complete_into(Ok(()), &self.ops);
         }
         if let Some((c, err)) = failed {
             if let Some(c) = c {
@@ -1259,7 +1389,7 @@ impl Connection for RdmaConnection {
         } else {
             msg.chunks(per_seg).collect()
         };
-        let (op, completer) = Op::with_progress(c.mode, Vec::new(), c.driver.clone());
+        let (op, completer) = c.ops.op(None);
         let mut completer = Some(completer);
         // One message at a time on the wire: its segments must arrive back to back.
         let _order = c.send_order.lock();
