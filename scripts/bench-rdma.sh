@@ -13,14 +13,20 @@
 #   rdma write_lat_ratio_vs_perftest=<x> read_lat_ratio_vs_perftest=<y> write_bw_ratio_vs_perftest=<z>
 # with Genie's better mode per figure (ratios: Genie / perftest; targets: latency <= 1.10, bandwidth >= 0.95).
 #
-# The soft-RoCE VM's CPUs are emulated and share the host with whatever else runs there, so single
-# runs swing by 2-5x. The script therefore runs ROUNDS interleaved rounds (each: perftest, then Genie in
-# both modes, for every figure), takes each round's ratio (Genie's better mode / perftest of the same
-# round) and reports the MEDIAN over rounds; the per-round table is printed above the last line.
-# On a busy machine, run it under real-time priority (chrt -r 10 scripts/bench-rdma.sh) or on a
-# quiet one.
+# The soft-RoCE VM's CPUs are emulated and share the host with whatever else runs there. Each
+# process, perftest's as much as Genie's, lands in one of two modes that it keeps for its whole run:
+# a fast one whose latency repeats to within a few percent (ib_write_lat 18.2-18.7 us in one VM)
+# and a slow one that wanders over 2-3x (30-57 us), whichever binary runs. Which mode a run gets is
+# chance (pinning processes or qemu's vCPU threads does not change it), so a ratio of two runs mixes
+# the two tools' cost with two coin flips. The script therefore runs ROUNDS interleaved rounds
+# (each: perftest, then Genie in both modes, for every figure) and compares each tool's BEST round:
+# latency ratio = (Genie's lowest t_typical over rounds) / (perftest's lowest), bandwidth ratio =
+# highest / highest. With 7 rounds, both tools reach the fast mode in almost every session. The
+# per-round table and the median of per-round ratios (the coin flips included) are printed above
+# the last line. On a busy machine, run it under real-time priority (chrt -r 10
+# scripts/bench-rdma.sh) or on a quiet one.
 #
-# Environment: GENIE_BENCH_ROUNDS (default 5), GENIE_BENCH_ITERS (latency iterations per run,
+# Environment: GENIE_BENCH_ROUNDS (default 7), GENIE_BENCH_ITERS (latency iterations per run,
 # default 1000), GENIE_BENCH_BW_ITERS (default 2000), CARGO_TARGET_DIR, GENIE_SOFTROCE_*.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +35,7 @@ cd "$(dirname "$0")/.."
 source scripts/deps.sh
 ensure_rdma_deps
 
-ROUNDS="${GENIE_BENCH_ROUNDS:-5}"
+ROUNDS="${GENIE_BENCH_ROUNDS:-7}"
 ITERS="${GENIE_BENCH_ITERS:-1000}"
 BW_ITERS="${GENIE_BENCH_BW_ITERS:-2000}"
 TARGET="${CARGO_TARGET_DIR:-$PWD/target}"
@@ -129,12 +135,21 @@ for r in $(seq 1 "$ROUNDS"); do
       w = (wb < wu ? wb : wu) / pw; rr = (rb < ru ? rb : ru) / pr; b = (bb > bu ? bb : bu) / pb;
       printf "%-5s | %9.2f %9.2f %9.2f %7.3f | %9.2f %9.2f %9.2f %7.3f | %9.2f %9.2f %9.2f %7.3f\n",
         r, pw, wb, wu, w, pr, rb, ru, rr, pb, bb, bu, b
-      printf "%.4f %.4f %.4f\n", w, rr, b >> ratios }'
+      printf "%.4f %.4f %.4f\n", w, rr, b >> ratios
+      printf "%s %s %s %s %s %s\n", pw, (wb < wu ? wb : wu), pr, (rb < ru ? rb : ru), pb, (bb > bu ? bb : bu) >> (ratios ".best") }'
 done
 echo "send_lat (perftest only, round 1): $p_slat us"
-echo "Genie's better mode per figure; ratio = Genie / perftest of the same round; below: median over rounds"
-w=$(awk '{ print $1 }' "$OUT/ratios" | median)
-r=$(awk '{ print $2 }' "$OUT/ratios" | median)
-b=$(awk '{ print $3 }' "$OUT/ratios" | median)
+echo "Genie's better mode per figure; ratio = Genie / perftest of the same round."
+mw=$(awk '{ print $1 }' "$OUT/ratios" | median)
+mr=$(awk '{ print $2 }' "$OUT/ratios" | median)
+mb=$(awk '{ print $3 }' "$OUT/ratios" | median)
+printf 'median of per-round ratios (each a pair of coin flips): write_lat %.3f read_lat %.3f write_bw %.3f\n' "$mw" "$mr" "$mb"
+# Best round of each tool: the lowest latencies, the highest bandwidths.
+read -r bpw bgw bpr bgr bpb bgb < <(awk 'NR == 1 { for (i = 1; i <= 6; i++) v[i] = $i; next }
+  { for (i = 1; i <= 4; i++) if ($i < v[i]) v[i] = $i; for (i = 5; i <= 6; i++) if ($i > v[i]) v[i] = $i }
+  END { print v[1], v[2], v[3], v[4], v[5], v[6] }' "$OUT/ratios.best")
+printf 'best round of each tool: write_lat perftest %.2f us genie %.2f us; read_lat perftest %.2f us genie %.2f us; write_bw perftest %.2f MB/s genie %.2f MB/s\n' \
+  "$bpw" "$bgw" "$bpr" "$bgr" "$bpb" "$bgb"
 echo
-printf 'rdma write_lat_ratio_vs_perftest=%.3f read_lat_ratio_vs_perftest=%.3f write_bw_ratio_vs_perftest=%.3f\n' "$w" "$r" "$b"
+awk -v a="$bpw" -v b="$bgw" -v c="$bpr" -v d="$bgr" -v e="$bpb" -v f="$bgb" 'BEGIN {
+  printf "rdma write_lat_ratio_vs_perftest=%.3f read_lat_ratio_vs_perftest=%.3f write_bw_ratio_vs_perftest=%.3f\n", b / a, d / c, f / e }'
