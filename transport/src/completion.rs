@@ -94,8 +94,9 @@ const POOL_MAX: usize = 64;
 
 /// Recycles the states of one connection's completed operations: taking one back costs a lock and
 /// a uniqueness check where allocating and freeing a state cost about 400 instructions per
-/// operation (callgrind, an 8-byte RDMA read: `malloc`, `free` and the fields' drops), which on
-/// soft-RoCE's emulated CPU is several microseconds of a 60 us round trip.
+/// operation (callgrind, an 8-byte RDMA read: `malloc`, `free` and the fields' drops). On
+/// soft-RoCE's emulated CPU the pool took 1 us off an 8-byte write's 23 us one-way latency and
+/// 2.4 us off a 73 us read.
 ///
 /// A state is reused only when nothing else holds it: the user's [`Op`] handles (and clones) of
 /// the operation that last used it are all dropped. Only successful operations outside batches are
