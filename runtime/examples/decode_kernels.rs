@@ -43,64 +43,23 @@ fn main() -> anyhow::Result<()> {
     let store = Tensor::randn(0f32, 1., (2, 1, 1024, e), &d)?;
     let view = store.narrow(2, 0, l)?;
     let big = Tensor::randn(0f32, 1., (2, 1, 512, 768), &d)?;
-    let cases: Vec<(&str, Node, Vec<Tensor>)> = vec![
+    // A `[k, n]` linear layer with bias on one row, named as in the output.
+    let linear = |k: usize, n: usize| -> anyhow::Result<(String, Node, Vec<Tensor>)> {
+        let op = OpKind::Linear {
+            bias: true,
+            layout: WeightLayout::InOut,
+        };
+        let ins = vec![r(&[1, 1, k])?, r(&[k, n])?, r(&[n])?];
+        Ok((format!("linear {k}x{n}"), node(op, &[1, 1, n]), ins))
+    };
+    let cases: Vec<(String, Node, Vec<Tensor>)> = vec![
+        linear(e, 384)?,
+        linear(512, e)?,
+        linear(768, 768)?,
+        linear(3072, 768)?,
+        linear(768, 3072)?,
         (
-            "linear 128x384",
-            node(
-                OpKind::Linear {
-                    bias: true,
-                    layout: WeightLayout::InOut,
-                },
-                &[1, 1, 384],
-            ),
-            vec![r(&[1, 1, e])?, r(&[e, 384])?, r(&[384])?],
-        ),
-        (
-            "linear 512x128",
-            node(
-                OpKind::Linear {
-                    bias: true,
-                    layout: WeightLayout::InOut,
-                },
-                &[1, 1, 128],
-            ),
-            vec![r(&[1, 1, 512])?, r(&[512, e])?, r(&[e])?],
-        ),
-        (
-            "linear 768x768",
-            node(
-                OpKind::Linear {
-                    bias: true,
-                    layout: WeightLayout::InOut,
-                },
-                &[1, 1, 768],
-            ),
-            vec![r(&[1, 1, 768])?, r(&[768, 768])?, r(&[768])?],
-        ),
-        (
-            "linear 3072x768",
-            node(
-                OpKind::Linear {
-                    bias: true,
-                    layout: WeightLayout::InOut,
-                },
-                &[1, 1, 768],
-            ),
-            vec![r(&[1, 1, 3072])?, r(&[3072, 768])?, r(&[768])?],
-        ),
-        (
-            "linear 768x3072",
-            node(
-                OpKind::Linear {
-                    bias: true,
-                    layout: WeightLayout::InOut,
-                },
-                &[1, 1, 3072],
-            ),
-            vec![r(&[1, 1, 768])?, r(&[768, 3072])?, r(&[3072])?],
-        ),
-        (
-            "attention 12x64 over 512",
+            "attention 12x64 over 512".into(),
             node(
                 OpKind::Attention {
                     heads: 12,
@@ -113,7 +72,7 @@ fn main() -> anyhow::Result<()> {
             vec![r(&[1, 1, 768])?, big.get(0)?, big.get(1)?],
         ),
         (
-            "attention 4x32 over 1000",
+            "attention 4x32 over 1000".into(),
             node(
                 OpKind::Attention {
                     heads: 4,
