@@ -487,6 +487,72 @@ enum JobKind {
     Send,
 }
 
+impl JobKind {
+    /// The job of a one-sided transfer to `addr` under `rkey`.
+    fn of(kind: TransferKind, rkey: u32, addr: u64) -> Self {
+        match kind {
+            TransferKind::Write => JobKind::Write { rkey, addr },
+            TransferKind::WriteNotify(imm) => JobKind::WriteImm { rkey, addr, imm },
+            TransferKind::Read => JobKind::Read { rkey, addr },
+        }
+    }
+
+    /// Whether the job's final work request consumes a receive at the peer (a credit).
+    fn needs_credit(&self) -> bool {
+        matches!(self, JobKind::WriteImm { .. } | JobKind::Send)
+    }
+
+    /// The work request of the chunk at `off`; only the last chunk of a notification carries
+    /// the immediate.
+    fn send_op(&self, off: usize, last_chunk: bool) -> SendOp {
+        match *self {
+            JobKind::Write { rkey, addr } => SendOp::Write {
+                rkey,
+                remote_addr: addr + off as u64,
+            },
+            JobKind::WriteImm { rkey, addr, imm } if last_chunk => SendOp::WriteImm {
+                rkey,
+                remote_addr: addr + off as u64,
+                imm,
+            },
+            JobKind::WriteImm { rkey, addr, .. } => SendOp::Write {
+                rkey,
+                remote_addr: addr + off as u64,
+            },
+            JobKind::Read { rkey, addr } => SendOp::Read {
+                rkey,
+                remote_addr: addr + off as u64,
+            },
+            JobKind::Send => SendOp::Send,
+        }
+    }
+}
+
+impl State {
+    /// Books work request `seq`, just posted: the sequence, the signalling count, the credit a
+    /// final request consumes, and its pending entry (with the operation's completer on the
+    /// final request).
+    fn posted(
+        &mut self,
+        seq: u64,
+        signaled: bool,
+        takes_credit: bool,
+        completer: Option<Completer>,
+        remote_region: u64,
+    ) {
+        self.next_seq += 1;
+        self.since_signal = if signaled { 0 } else { self.since_signal + 1 };
+        if takes_credit {
+            self.credits -= 1;
+        }
+        self.pending.push_back(Pending {
+            seq,
+            completer,
+            remote_region,
+        });
+    }
+}
+
 impl ConnShared {
     fn dead_error(&self) -> TransportError {
         self.dead
@@ -653,11 +719,7 @@ impl ConnShared {
     fn job<'r>(&self, t: &Transfer<'r>, make: impl FnOnce(Region) -> Completer) -> Result<Job<'r>> {
         let mr = self.local_mr(t.local, t.local_offset, t.len)?;
         let (rkey, addr) = self.resolve(t.remote, t.remote_offset, t.len as u64)?;
-        let kind = match t.kind {
-            TransferKind::Write => JobKind::Write { rkey, addr },
-            TransferKind::WriteNotify(imm) => JobKind::WriteImm { rkey, addr, imm },
-            TransferKind::Read => JobKind::Read { rkey, addr },
-        };
+        let kind = JobKind::of(t.kind, rkey, addr);
         let is_read = matches!(kind, JobKind::Read { .. });
         let local = match mr {
             Some(_) if !is_read && t.len <= self.max_inline => {
@@ -709,7 +771,7 @@ impl ConnShared {
                 }
                 continue;
             }
-            let needs_credit = matches!(job.kind, JobKind::WriteImm { .. } | JobKind::Send);
+            let needs_credit = job.kind.needs_credit();
             let mut failed = None;
             let mut completer = job.completer;
             for (ci, (off, len)) in chunks.enumerate() {
@@ -755,26 +817,7 @@ impl ConnShared {
                 }
                 let seq = st.next_seq;
                 let signaled = (last_chunk && last_job) || st.since_signal + 1 >= sq_half;
-                let op = match job.kind {
-                    JobKind::Write { rkey, addr } => SendOp::Write {
-                        rkey,
-                        remote_addr: addr + off as u64,
-                    },
-                    JobKind::WriteImm { rkey, addr, imm } if last_chunk => SendOp::WriteImm {
-                        rkey,
-                        remote_addr: addr + off as u64,
-                        imm,
-                    },
-                    JobKind::WriteImm { rkey, addr, .. } => SendOp::Write {
-                        rkey,
-                        remote_addr: addr + off as u64,
-                    },
-                    JobKind::Read { rkey, addr } => SendOp::Read {
-                        rkey,
-                        remote_addr: addr + off as u64,
-                    },
-                    JobKind::Send => SendOp::Send,
-                };
+                let op = job.kind.send_op(off, last_chunk);
                 let sge = match &job.local {
                     LocalData::Region { mr, offset, .. } => Sge::Mr {
                         mr,
@@ -797,19 +840,16 @@ impl ConnShared {
                     failed = Some(verbs_io("ibv_post_send", e));
                     break;
                 }
-                st.next_seq += 1;
-                st.since_signal = if signaled { 0 } else { st.since_signal + 1 };
-                if needs_credit && last_chunk {
-                    st.credits -= 1;
-                }
                 if let LocalData::Slot { slot, .. } = job.local {
                     st.slot_seq[slot] = seq;
                 }
-                st.pending.push_back(Pending {
+                st.posted(
                     seq,
-                    completer: if last_chunk { completer.take() } else { None },
-                    remote_region: job.remote_region,
-                });
+                    signaled,
+                    needs_credit && last_chunk,
+                    if last_chunk { completer.take() } else { None },
+                    job.remote_region,
+                );
             }
             if let Some(e) = failed {
                 // Chunks already posted stay in the queue without a completer; the op fails now.
@@ -867,30 +907,8 @@ impl ConnShared {
         }
         self.check_alive()?;
         let (rkey, addr) = self.resolve(t.remote, t.remote_offset, t.len as u64)?;
-        let (op, needs_credit) = match t.kind {
-            TransferKind::Write => (
-                SendOp::Write {
-                    rkey,
-                    remote_addr: addr,
-                },
-                false,
-            ),
-            TransferKind::WriteNotify(imm) => (
-                SendOp::WriteImm {
-                    rkey,
-                    remote_addr: addr,
-                    imm,
-                },
-                true,
-            ),
-            TransferKind::Read => (
-                SendOp::Read {
-                    rkey,
-                    remote_addr: addr,
-                },
-                false,
-            ),
-        };
+        let kind = JobKind::of(t.kind, rkey, addr);
+        let needs_credit = kind.needs_credit();
         let inline = !matches!(t.kind, TransferKind::Read) && t.len <= self.max_inline;
         let (bytes, mr) = if inline {
             self.check_local(t.local, t.local_offset, t.len)?;
@@ -921,7 +939,7 @@ impl ConnShared {
         let Some(qp) = st.qp.as_mut() else {
             return Err(self.dead_error());
         };
-        if let Err(e) = qp.post_send(seq, op, sge, true) {
+        if let Err(e) = qp.post_send(seq, kind.send_op(0, true), sge, true) {
             drop(st);
             drop(bytes);
             // As on the general path: the operation fails, and so does the QP.
@@ -932,16 +950,7 @@ impl ConnShared {
             return Ok(Some(Op::failed(self.mode, err)));
         }
         let (op, completer) = self.ops.op(Some(t.local.clone()));
-        st.next_seq += 1;
-        st.since_signal = 0;
-        if needs_credit {
-            st.credits -= 1;
-        }
-        st.pending.push_back(Pending {
-            seq,
-            completer: Some(completer),
-            remote_region: t.remote.region,
-        });
+        st.posted(seq, true, needs_credit, Some(completer), t.remote.region);
         drop(st);
         drop(bytes);
         // Reap after posting, as `post_jobs` does (and count as driving).
