@@ -132,11 +132,12 @@ for r in $(seq 1 "$ROUNDS"); do
   awk -v r="$r" -v pw="$pw" -v pr="$pr" -v pb="$pb" \
     -v wb="${gv[wlat_blocking]}" -v wu="${gv[wlat_busy]}" -v rb="${gv[rlat_blocking]}" -v ru="${gv[rlat_busy]}" \
     -v bb="${gv[bw_blocking]}" -v bu="${gv[bw_busy]}" -v ratios="$OUT/ratios" 'BEGIN {
-      w = (wb < wu ? wb : wu) / pw; rr = (rb < ru ? rb : ru) / pr; b = (bb > bu ? bb : bu) / pb;
+      gw = (wb < wu ? wb : wu); gr = (rb < ru ? rb : ru); gb = (bb > bu ? bb : bu);
+      w = gw / pw; rr = gr / pr; b = gb / pb;
       printf "%-5s | %9.2f %9.2f %9.2f %7.3f | %9.2f %9.2f %9.2f %7.3f | %9.2f %9.2f %9.2f %7.3f\n",
         r, pw, wb, wu, w, pr, rb, ru, rr, pb, bb, bu, b
       printf "%.4f %.4f %.4f\n", w, rr, b >> ratios
-      printf "%s %s %s %s %s %s\n", pw, (wb < wu ? wb : wu), pr, (rb < ru ? rb : ru), pb, (bb > bu ? bb : bu) >> (ratios ".best") }'
+      printf "%s %s %s %s %s %s\n", pw, gw, pr, gr, pb, gb >> (ratios ".best") }'
 done
 echo "send_lat (perftest only, round 1): $p_slat us"
 echo "Genie's better mode per figure; ratio = Genie / perftest of the same round."
