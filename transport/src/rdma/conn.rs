@@ -779,27 +779,32 @@ impl ConnShared {
                 // Back-pressure: room in the send queue (and a credit for the final, consuming request).
                 // Read the clock only when we have to wait (the common case has room).
                 let mut deadline = None;
+                let ready = |st: &State| {
+                    (st.pending.len() as u32) < self.sq_depth
+                        && (!(needs_credit && last_chunk) || st.credits > 0)
+                };
                 loop {
                     if !self.alive.load(Ordering::Acquire) {
                         failed = Some(self.dead_error());
                         break;
                     }
-                    let room = (st.pending.len() as u32) < self.sq_depth;
-                    let credit = !(needs_credit && last_chunk) || st.credits > 0;
-                    if room && credit {
+                    if ready(&st) {
                         break;
                     }
                     let reaped = parking_lot::MutexGuard::unlocked(&mut st, || {
                         matches!(self.progress(false), Ok(true))
                     });
-                    if reaped {
+                    // The state lock was free while reaping: room or credits that came meanwhile
+                    // (the completion thread, a credit frame) notified nobody, so look again
+                    // before waiting for the next notification.
+                    if reaped || ready(&st) {
                         continue;
                     }
                     let until = *deadline.get_or_insert_with(|| {
                         Instant::now() + self.ep.config.peer_timeout.max(Duration::from_secs(1)) * 4
                     });
                     let timed_out = self.space.wait_until(&mut st, until).timed_out();
-                    if timed_out {
+                    if timed_out && !ready(&st) {
                         failed = Some(TransportError::PeerDead {
                             peer: self.peer,
                             reason: format!(
