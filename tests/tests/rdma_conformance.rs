@@ -3,7 +3,8 @@
 //! every test fails loudly rather than passing silently.
 #![cfg(feature = "rdma")]
 
-use genie_transport::{BackendChoice, TransportConfig};
+use genie_tests::conformance::{pair, WAIT};
+use genie_transport::{BackendChoice, PollMode, TransportConfig, TransportError};
 
 fn rdma() -> TransportConfig {
     let device = std::env::var("GENIE_RDMA_DEVICE")
@@ -26,4 +27,50 @@ fn busy_poll_integrity_and_notifications() {
     };
     genie_tests::conformance::notifications_in_order(&make);
     genie_tests::conformance::batches_with_mixed_results(&make);
+}
+
+/// A region the peer drops after this side checked it: the NIC itself refuses the access. That
+/// operation fails with its own typed error (on the single-request fast path, whichever thread
+/// reaps the error completion), the connection is marked dead, and connecting again works.
+#[test]
+fn nic_refused_access_fails_that_operation_then_reconnect_works() {
+    for mode in [PollMode::Blocking, PollMode::BusyPoll] {
+        let make = || TransportConfig {
+            poll_mode: mode,
+            ..rdma()
+        };
+        let p = pair(&make);
+        let src = p.a.alloc_region(64).unwrap();
+        let dst = p.b.alloc_region(64).unwrap();
+        let d = dst.descriptor();
+        src.with_mut(|b| b[..8].copy_from_slice(b"checked!"));
+        // The first access checks the region with the peer and caches the answer.
+        p.ab.write(&src, 0, &d, 0, 8).unwrap().wait(WAIT).unwrap();
+        assert_eq!(dst.with(|b| b[..8].to_vec()), b"checked!");
+        drop(dst); // deregistered at the peer: its key is no longer valid
+        let e =
+            p.ab.write(&src, 0, &d, 0, 8)
+                .and_then(|o| o.wait(WAIT))
+                .expect_err("write to a dropped region");
+        assert!(
+            matches!(e, TransportError::UnknownRegion { region } if region == d.region),
+            "{mode:?}: write to a dropped region: got {e:?}"
+        );
+        // The error completion moved the QP to the error state: later operations fail at once.
+        let later = p.ab.read(&src, 0, &d, 0, 8).and_then(|o| o.wait(WAIT));
+        assert!(
+            later.is_err(),
+            "{mode:?}: read on a dead connection: {later:?}"
+        );
+        assert!(!p.ab.is_alive(), "{mode:?}: the connection is marked dead");
+        // A fresh connection between the same endpoints works.
+        let ab = p.a.connect(p.b.local_addr()).unwrap();
+        let _ba = p.b.accept(WAIT).unwrap();
+        let dst2 = p.b.alloc_region(64).unwrap();
+        ab.write(&src, 0, &dst2.descriptor(), 8, 8)
+            .unwrap()
+            .wait(WAIT)
+            .unwrap();
+        assert_eq!(dst2.with(|b| b[8..16].to_vec()), b"checked!");
+    }
 }

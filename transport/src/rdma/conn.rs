@@ -7,7 +7,9 @@ use super::wire::{
     SEG_MORE,
 };
 use super::{describe, Endpoint};
-use crate::completion::{Batch, BatchBuilder, Completer, Op, OpPool, Progress as DriveHook};
+use crate::completion::{
+    Batch, BatchBuilder, Completer, Op, OpPool, Progress as DriveHook, SpinDeadline,
+};
 use crate::config::{Backend, PollMode};
 use crate::error::{Result, TransportError};
 use crate::region::{EndpointId, Region, RemoteRegion};
@@ -106,6 +108,9 @@ struct Poller {
 struct Pending {
     seq: u64,
     completer: Option<Completer>,
+    /// The request of a [`ConnShared::submit_fast`] whose submitter is still reaping and has made
+    /// no operation yet: if it fails, its error goes to [`State::reaped_error`].
+    submitter: bool,
     remote_region: u64,
 }
 
@@ -115,8 +120,11 @@ struct State {
     pending: VecDeque<Pending>,
     since_signal: u32,
     credits: u32,
-    /// Highest sequence number known complete.
+    /// Highest sequence number known complete (successfully).
     retired: u64,
+    /// The error of a failed request whose submitter had no operation yet (see
+    /// [`Pending::submitter`]), for that submitter to take.
+    reaped_error: Option<(u64, TransportError)>,
     /// Sequence number of the last send that used each staging slot.
     slot_seq: [u64; SEND_SLOTS],
     next_slot: usize,
@@ -363,6 +371,7 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream) -> Result<Arc<Conn
                 since_signal: 0,
                 credits: agreed.send_credits,
                 retired: 0,
+                reaped_error: None,
                 slot_seq: [0; SEND_SLOTS],
                 next_slot: 0,
             }),
@@ -548,6 +557,7 @@ impl State {
         self.pending.push_back(Pending {
             seq,
             completer,
+            submitter: false,
             remote_region,
         });
     }
@@ -954,13 +964,37 @@ impl ConnShared {
             }
             return Ok(Some(Op::failed(self.mode, err)));
         }
-        let (op, completer) = self.ops.op(Some(t.local.clone()));
-        st.posted(seq, true, needs_credit, Some(completer), t.remote.region);
+        st.posted(seq, true, needs_credit, None, t.remote.region);
+        if let Some(p) = st.pending.back_mut() {
+            p.submitter = true;
+        }
         drop(st);
         drop(bytes);
         // Reap after posting, as `post_jobs` does (and count as driving).
         self.drive();
-        Ok(Some(op))
+        // Often the reap retired the request (always on soft-RoCE, whose kernel completes it
+        // inside the post): then the operation needs no state, no lock and no wake-up. Otherwise
+        // it gets one now, under the state lock, so that its completion cannot slip between.
+        let mut st = self.state.lock();
+        if st.retired >= seq {
+            return Ok(Some(Op::done()));
+        }
+        // Failed with its own error (which another thread may have reaped; the connection dies
+        // after that, so the request may still be pending: the error decides, not the queue).
+        if st.reaped_error.as_ref().is_some_and(|(s, _)| *s == seq) {
+            if let Some((_, err)) = st.reaped_error.take() {
+                return Ok(Some(Op::failed(self.mode, err)));
+            }
+        }
+        if let Some(p) = st.pending.iter_mut().rev().find(|p| p.seq == seq) {
+            let (op, completer) = self.ops.op(Some(t.local.clone()));
+            p.completer = Some(completer);
+            p.submitter = false;
+            return Ok(Some(op));
+        }
+        // Neither retired nor pending nor failed on its own: the connection died.
+        drop(st);
+        Ok(Some(Op::failed(self.mode, self.dead_error())))
     }
 
     /// The completion thread: retires work requests, delivers receives, re-posts receive buffers.
@@ -1119,12 +1153,14 @@ impl ConnShared {
         let mut failed = None;
         {
             let mut st = self.state.lock();
+            // Requests complete in order: those before `seq` succeeded.
             while st
                 .pending
                 .front()
                 .is_some_and(|p| p.seq < seq || (p.seq == seq && wc.status.is_ok()))
             {
                 if let Some(p) = st.pending.pop_front() {
+                    st.retired = st.retired.max(p.seq);
                     done.extend(p.completer);
                 }
             }
@@ -1136,8 +1172,21 @@ impl ConnShared {
                     // The failed request's operation: the first pending op at or after it.
                     let region = st.pending.front().map(|p| p.remote_region).unwrap_or(0);
                     let err = self.map_wc_error(e, region);
-                    let first = st.pending.iter_mut().find(|p| p.completer.is_some());
-                    failed = Some((first.and_then(|p| p.completer.take()), err));
+                    let first = st
+                        .pending
+                        .iter_mut()
+                        .find(|p| p.completer.is_some() || p.submitter);
+                    let completer = match first {
+                        Some(p) if p.submitter => {
+                            p.submitter = false;
+                            let s = p.seq;
+                            st.reaped_error = Some((s, err.clone()));
+                            None
+                        }
+                        Some(p) => p.completer.take(),
+                        None => None,
+                    };
+                    failed = Some((completer, err));
                 }
             }
         }
@@ -1318,10 +1367,10 @@ fn wait_queue<T>(
     cv: &Condvar,
     timeout: Duration,
 ) -> Result<T> {
-    let deadline = Instant::now() + timeout;
     if let Some(drive) = &c.driver {
         // Busy poll: drive the CQ ourselves (never while holding the queue's lock, which
         // delivering a receive takes).
+        let mut deadline = SpinDeadline::new(timeout);
         loop {
             if let Some(v) = q.lock().pop_front() {
                 return Ok(v);
@@ -1329,13 +1378,14 @@ fn wait_queue<T>(
             if !c.alive.load(Ordering::Acquire) {
                 return Err(c.dead_error());
             }
-            if Instant::now() >= deadline {
+            if deadline.passed() {
                 return Err(TransportError::Timeout { after: timeout });
             }
             drive();
             std::hint::spin_loop();
         }
     }
+    let deadline = Instant::now() + timeout;
     let mut g = q.lock();
     loop {
         if let Some(v) = g.pop_front() {
