@@ -16,6 +16,7 @@ use crate::config::{PollMode, TransportConfig};
 use crate::error::{Result, TransportError};
 use crate::region::{Region, RemoteRegion};
 use crate::{open, Connection, Transport};
+use genie_sys::clock;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::net::SocketAddr;
@@ -421,26 +422,35 @@ fn measure(
         *b = TAG_ECHO;
     }
     let warm = (n / 10).clamp(1, 100);
-    let mut times = Vec::with_capacity(n);
+    // Timestamps from the time-stamp counter, like perftest's (see `genie_sys::clock`: the OS
+    // clock would add its own cost to every operation on an emulated CPU).
+    let cal = clock::Calibration::start();
+    let mut counts = Vec::with_capacity(n);
     for i in 0..n + warm {
-        let start = Instant::now();
+        let c0 = clock::cycles();
         post(test, conn, local, 0, size, remote, &echo)?.wait(WAIT)?;
         if test == PerfTest::Send {
             recv_reply(conn, args.config.poll_mode)?;
         }
         if i >= warm {
-            times.push(start.elapsed());
+            counts.push(clock::cycles().saturating_sub(c0));
         }
     }
-    times.sort_unstable();
-    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    let rate = cal.finish().ok_or_else(|| {
+        TransportError::io(
+            "rdtsc",
+            std::io::Error::other("the time-stamp counter does not advance"),
+        )
+    })?;
+    counts.sort_unstable();
+    let us = |c: u64| rate.us(0, c);
     let pick = |q: f64| {
-        times
-            .get(((times.len() - 1) as f64 * q).round() as usize)
+        counts
+            .get(((counts.len() - 1) as f64 * q).round() as usize)
             .copied()
             .unwrap_or_default()
     };
-    let avg = times.iter().sum::<Duration>() / times.len().max(1) as u32;
+    let avg = counts.iter().sum::<u64>() / counts.len().max(1) as u64;
     // Bandwidth: keep `window` operations in flight.
     let mut sink = vec![0u8; size.max(1)];
     if let Some(b) = sink.first_mut() {
