@@ -176,6 +176,9 @@ pub(crate) struct ConnShared {
     ops: OpPool,
     /// Number of `drive` calls so far (tells the completion thread that waiters are driving).
     drives: AtomicU64,
+    /// `State::retired`, readable without the state lock: stored (under the lock) after each
+    /// change, so a submitter that sees its request here knows its completion was handled.
+    retired: AtomicU64,
     /// Return credits after this many receive buffers were re-posted.
     return_at: u32,
 }
@@ -410,6 +413,7 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream) -> Result<Arc<Conn
             ops: OpPool::new(mode, driver.clone()),
             driver,
             drives: AtomicU64::new(0),
+            retired: AtomicU64::new(0),
         }
     });
     let c1 = Arc::clone(&shared);
@@ -975,6 +979,9 @@ impl ConnShared {
         // Often the reap retired the request (always on soft-RoCE, whose kernel completes it
         // inside the post): then the operation needs no state, no lock and no wake-up. Otherwise
         // it gets one now, under the state lock, so that its completion cannot slip between.
+        if self.retired.load(Ordering::Acquire) >= seq {
+            return Ok(Some(Op::done()));
+        }
         let mut st = self.state.lock();
         if st.retired >= seq {
             return Ok(Some(Op::done()));
@@ -1167,6 +1174,7 @@ impl ConnShared {
             if wc.status.is_ok() {
                 st.retired = st.retired.max(seq);
             }
+            self.retired.store(st.retired, Ordering::Release);
             if let Err(e) = wc.status {
                 if e != WcError::Flushed {
                     // The failed request's operation: the first pending op at or after it.
