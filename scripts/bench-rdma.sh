@@ -43,8 +43,9 @@ case "$ROUNDS$ITERS$BW_ITERS" in *[!0-9]*) echo "error: GENIE_BENCH_* must be nu
 [ "$ROUNDS" -ge 1 ] || { echo "error: GENIE_BENCH_ROUNDS must be at least 1" >&2; exit 2; }
 
 echo "==> building rdma-perf (release, --features rdma)"
-cargo build --release -p genie-benches --features rdma --bin rdma-perf
+cargo build --release -p genie-benches --features rdma --bin rdma-perf --bin rdma-floor
 BIN="$TARGET/release/rdma-perf"
+FLOOR="$TARGET/release/rdma-floor"
 
 OUT="$TARGET/bench-rdma/run.$$"
 rm -rf "$OUT"
@@ -53,7 +54,7 @@ trap 'rm -rf "$OUT"' EXIT
 
 # The guest part: every tool's client output goes to a file in $OUT (shared with the host).
 guest='set -u
-out=$1 bin=$2 iters=$3 bw_iters=$4 rounds=$5
+out=$1 bin=$2 iters=$3 bw_iters=$4 rounds=$5 floor=$6
 dev=$GENIE_RDMA_DEVICE
 pt() { # file tool args...: server in the background, client against 127.0.0.1
   # On a loaded machine the server may not listen yet after 1 s: then the client cannot connect
@@ -84,6 +85,7 @@ for r in $(seq 1 "$rounds"); do
   for mode in blocking busy; do g "$out/genie_write_lat_$mode.$r" write_lat --size 8 --iters "$iters" --mode $mode; done
   pt "$out/perftest_read_lat.$r" ib_read_lat -s 8 -n "$iters"
   for mode in blocking busy; do g "$out/genie_read_lat_$mode.$r" read_lat --size 8 --iters "$iters" --mode $mode; done
+  "$floor" --size 8 --iters "$iters" >"$out/floor_read_lat.$r" 2>&1 || echo FAILED >>"$out/floor_read_lat.$r"
   pt "$out/perftest_write_bw.$r" ib_write_bw -s 65536 -n "$bw_iters" -t 128
   for mode in blocking busy; do g "$out/genie_write_bw_$mode.$r" write_bw --size 65536 --iters "$bw_iters" --window 128 --mode $mode; done
 done
@@ -91,7 +93,7 @@ pt "$out/perftest_send_lat.1" ib_send_lat -s 8 -n "$iters"
 echo done'
 
 echo "==> measuring on soft-RoCE: $ROUNDS rounds of perftest, then Genie in both modes"
-GENIE_SOFTROCE_MEM="${GENIE_SOFTROCE_MEM:-3072}" scripts/softroce.sh -- bash -c "$guest" guest "$OUT" "$BIN" "$ITERS" "$BW_ITERS" "$ROUNDS"
+GENIE_SOFTROCE_MEM="${GENIE_SOFTROCE_MEM:-3072}" scripts/softroce.sh -- bash -c "$guest" guest "$OUT" "$BIN" "$ITERS" "$BW_ITERS" "$ROUNDS" "$FLOOR"
 
 fail() { echo "error: $*" >&2; exit 1; }
 show() { echo "---- $1"; cat "$OUT/$1"; }
@@ -140,6 +142,11 @@ for r in $(seq 1 "$ROUNDS"); do
       printf "%s %s %s %s %s %s\n", pw, gw, pr, gr, pb, gb >> (ratios ".best") }'
 done
 echo "send_lat (perftest only, round 1): $p_slat us"
+# The floor: the same read loop on genie-sys verbs without the transport layer (rdma-floor), in
+# each round; its best round against the two tools' best rounds.
+for r in $(seq 1 "$ROUNDS"); do check "floor_read_lat.$r"; genie_val "floor_read_lat.$r" typical_us; done |
+  sort -g | head -1 >"$OUT/floor.best"
+[ -s "$OUT/floor.best" ] || fail "no rdma-floor result"
 echo "Genie's better mode per figure; ratio = Genie / perftest of the same round."
 mw=$(awk '{ print $1 }' "$OUT/ratios" | median)
 mr=$(awk '{ print $2 }' "$OUT/ratios" | median)
@@ -151,6 +158,9 @@ read -r bpw bgw bpr bgr bpb bgb < <(awk 'NR == 1 { for (i = 1; i <= 6; i++) v[i]
   END { print v[1], v[2], v[3], v[4], v[5], v[6] }' "$OUT/ratios.best")
 printf 'best round of each tool: write_lat perftest %.2f us genie %.2f us; read_lat perftest %.2f us genie %.2f us; write_bw perftest %.2f MB/s genie %.2f MB/s\n' \
   "$bpw" "$bgw" "$bpr" "$bgr" "$bpb" "$bgb"
+printf 'read_lat floor (rdma-floor: the loop on genie-sys verbs, no transport layer), best round: %.2f us = %.3f x perftest; Genie = %.3f x floor\n' \
+  "$(cat "$OUT/floor.best")" "$(awk -v f="$(cat "$OUT/floor.best")" -v p="$bpr" 'BEGIN { print f / p }')" \
+  "$(awk -v f="$(cat "$OUT/floor.best")" -v g="$bgr" 'BEGIN { print g / f }')"
 echo
 awk -v a="$bpw" -v b="$bgw" -v c="$bpr" -v d="$bgr" -v e="$bpb" -v f="$bgb" 'BEGIN {
   printf "rdma write_lat_ratio_vs_perftest=%.3f read_lat_ratio_vs_perftest=%.3f write_bw_ratio_vs_perftest=%.3f\n", b / a, d / c, f / e }'

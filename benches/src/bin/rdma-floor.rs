@@ -1,0 +1,161 @@
+//! The floor under Genie's RDMA latency: perftest's `ib_read_lat` loop written directly on
+//! `genie-sys` verbs (no transport layer: no validation, no locks, no operation handles), two QPs
+//! in this process connected to each other, configured as Genie's transport configures its own
+//! (queue depths, inline size, path parameters). It tells how much of Genie's latency is the
+//! transport layer (compare `rdma-perf read_lat`) and how much is verbs from Rust in this process
+//! against perftest's C (compare `ib_read_lat`).
+//!
+//! Run inside soft-RoCE: `scripts/softroce.sh -- target/release/rdma-floor --size 8 --iters 1000`.
+//! The last line is machine-readable:
+//! `RESULT read_lat floor perftest_caps_us=<x> typical_us=<y>` (`typical_us`: Genie's QP sizes).
+
+use anyhow::{bail, Context as _, Result};
+use genie_sys::clock;
+use genie_sys::mem::SharedBuf;
+use genie_sys::verbs::{
+    gid_of_ip, CompletionQueue, Context, Local, Mr, PathParams, ProtectionDomain, QpCaps,
+    QpEndpoint, QueuePair, Rts, SendOp,
+};
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn main() -> Result<()> {
+    let (mut size, mut iters) = (8usize, 1000usize);
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let v = it.next().with_context(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--size" => size = v.parse()?,
+            "--iters" => iters = v.parse()?,
+            _ => bail!("usage: rdma-floor [--size N] [--iters N]"),
+        }
+    }
+    if size == 0 || iters == 0 {
+        bail!("--size and --iters must be at least 1");
+    }
+    let ctx = Context::open(std::env::var("GENIE_RDMA_DEVICE").ok().as_deref())?;
+    let limits = ctx.limits();
+    let gid = gid_of_ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    let sgid_index = ctx
+        .gid_index(gid)
+        .context("no GID for 127.0.0.1 (is rxe0 on lo?)")?;
+    let pd = ctx.alloc_pd()?;
+    let path = PathParams {
+        sgid_index,
+        mtu: limits.active_mtu,
+        max_rd_atomic: limits.max_rd_atomic.clamp(1, 16),
+        timeout: 14,
+        retry_cnt: 7,
+    };
+    // Two looped-back QP pairs: one sized as Genie's transport sizes its QPs (send queue 128,
+    // receive queue 32, inline 64, one CQ of 168 with a completion channel), one as perftest's
+    // ib_read_lat (depth 1, no inline, no channel). Blocks of 64 reads alternate between them,
+    // so both see the same machine (on soft-RoCE's emulated CPU, runs drift by 2x).
+    let genie = Pair::new(&ctx, &pd, &path, gid, (128, 32, 64), 168, true, size)?;
+    let perftest = Pair::new(&ctx, &pd, &path, gid, (1, 1, 0), 2, false, size)?;
+    let mut pairs = [genie, perftest];
+    let warm = (iters / 10).clamp(1, 100);
+    let mut wcs = Vec::with_capacity(32);
+    let cal = clock::Calibration::start();
+    let mut counts = [Vec::with_capacity(iters), Vec::with_capacity(iters)];
+    for i in 0..2 * (iters + warm) {
+        let k = (i / 64) % 2;
+        let p = &mut pairs[k];
+        let c0 = clock::cycles();
+        p.qp.post_send(
+            i as u64,
+            SendOp::Read {
+                rkey: p.remote.rkey(),
+                remote_addr: p.remote.addr(),
+            },
+            Local::Mr {
+                mr: &p.local,
+                offset: 0,
+                len: size,
+            },
+            true,
+        )?;
+        poll_one(&p.cq, &mut wcs)?;
+        if i >= 2 * warm {
+            counts[k].push(clock::cycles().saturating_sub(c0));
+        }
+    }
+    let rate = cal
+        .finish()
+        .context("the time-stamp counter does not advance")?;
+    let median = |v: &mut Vec<u64>| {
+        v.sort_unstable();
+        rate.us(0, v[v.len() / 2])
+    };
+    let typical = median(&mut counts[0]);
+    let pt_caps = median(&mut counts[1]);
+    println!("# rdma-floor read_lat (genie-sys verbs, no transport layer), t_typical[usec]");
+    println!(" #bytes  genie_caps  perftest_caps");
+    println!(" {size:<7} {typical:<11.2} {pt_caps:.2}");
+    println!("RESULT read_lat floor perftest_caps_us={pt_caps:.3} typical_us={typical:.3}");
+    Ok(())
+}
+
+/// Spins on the CQ (like perftest) until one completion, which must be a success; 30 s at most.
+fn poll_one(cq: &CompletionQueue, wcs: &mut Vec<genie_sys::verbs::Completion>) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut spins = 0u32;
+    loop {
+        wcs.clear();
+        if cq.poll(wcs, 1)? > 0 {
+            return match wcs[0].status {
+                Ok(()) => Ok(()),
+                Err(e) => bail!("read failed: {e}"),
+            };
+        }
+        spins = spins.wrapping_add(1);
+        if spins % 1024 == 0 && Instant::now() > deadline {
+            bail!("no completion within 30 s");
+        }
+    }
+}
+
+/// A QP looped back to a second QP of this process, with a local and a remote buffer.
+struct Pair {
+    // Field order is drop order: QPs before their CQs and registrations.
+    qp: QueuePair<Rts>,
+    _peer: QueuePair<Rts>,
+    cq: CompletionQueue,
+    _peer_cq: CompletionQueue,
+    local: Mr,
+    remote: Mr,
+}
+
+impl Pair {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        ctx: &Context,
+        pd: &ProtectionDomain,
+        path: &PathParams,
+        gid: [u8; 16],
+        (send, recv, inline): (u32, u32, u32),
+        cqe: u32,
+        channel: bool,
+        size: usize,
+    ) -> Result<Self> {
+        let caps = QpCaps {
+            max_send_wr: send,
+            max_recv_wr: recv,
+            max_inline_data: inline,
+        };
+        let (cq, peer_cq) = (ctx.create_cq(cqe, channel)?, ctx.create_cq(cqe, channel)?);
+        let qa = pd.create_rc_qp(&cq, &cq, caps)?;
+        let qb = pd.create_rc_qp(&peer_cq, &peer_cq, caps)?;
+        let end = |qpn| QpEndpoint { qpn, psn: 1, gid };
+        let (ea, eb) = (end(qa.qpn()), end(qb.qpn()));
+        Ok(Pair {
+            qp: qa.to_rtr(1, &eb, path)?.to_rts(1, path)?,
+            _peer: qb.to_rtr(1, &ea, path)?.to_rts(1, path)?,
+            cq,
+            _peer_cq: peer_cq,
+            local: pd.register(Arc::new(SharedBuf::zeroed(size)?))?,
+            remote: pd.register(Arc::new(SharedBuf::zeroed(size)?))?,
+        })
+    }
+}
