@@ -1,9 +1,9 @@
 //! The floor under Genie's RDMA latency: perftest's `ib_read_lat` loop written directly on
-//! `genie-sys` verbs (no transport layer: no validation, no locks, no operation handles), two QPs
-//! in this process connected to each other, configured as Genie's transport configures its own
-//! (queue depths, inline size, path parameters). It tells how much of Genie's latency is the
-//! transport layer (compare `rdma-perf read_lat`) and how much is verbs from Rust in this process
-//! against perftest's C (compare `ib_read_lat`).
+//! `genie-sys` verbs (no transport layer: no validation, no locks, no operation handles). It runs
+//! two looped-back QP pairs in this process, one sized as Genie's transport sizes its QPs (queue
+//! depths, inline size; same path parameters), one as perftest's, alternating in blocks of 64
+//! reads. It tells how much of Genie's latency is the transport layer (compare `rdma-perf
+//! read_lat`) and how much is verbs called from this process (compare `ib_read_lat`).
 //!
 //! Run inside soft-RoCE: `scripts/softroce.sh -- target/release/rdma-floor --size 8 --iters 1000`.
 //! The last line is machine-readable:
