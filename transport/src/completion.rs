@@ -21,6 +21,7 @@
 use crate::config::PollMode;
 use crate::error::{Result, TransportError};
 use crate::region::Region;
+use genie_sys::clock::SpinDeadline;
 use parking_lot::{Condvar, Mutex};
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -28,45 +29,6 @@ use std::time::{Duration, Instant};
 
 /// How long a blocking wait polls before it parks the thread.
 const SPIN_BEFORE_PARK: Duration = Duration::from_micros(20);
-
-/// The deadline of a spin loop, read from the clock only every [`SpinDeadline::EVERY`] checks and
-/// first at that check, so that a loop whose first rounds succeed never reads the clock. On
-/// soft-RoCE's emulated CPU a clock read costs 0.14 us in a tight loop and about 0.5 us right after
-/// a syscall: more than a round of progress, and it showed in every operation's latency.
-pub(crate) struct SpinDeadline {
-    timeout: Duration,
-    start: Option<Instant>,
-    checks: u32,
-}
-
-impl SpinDeadline {
-    /// Checks per clock read.
-    const EVERY: u32 = 64;
-
-    /// A deadline `timeout` after (about) the first clock read.
-    pub(crate) fn new(timeout: Duration) -> Self {
-        SpinDeadline {
-            timeout,
-            start: None,
-            checks: 0,
-        }
-    }
-
-    /// Whether the deadline has passed; call once per round of the loop.
-    pub(crate) fn passed(&mut self) -> bool {
-        self.checks = self.checks.wrapping_add(1);
-        if self.checks % Self::EVERY != 0 {
-            return false;
-        }
-        match self.start {
-            None => {
-                self.start = Some(Instant::now());
-                self.timeout.is_zero()
-            }
-            Some(s) => s.elapsed() >= self.timeout,
-        }
-    }
-}
 
 /// A backend's progress hook: drives completions (never blocks; may do nothing when another
 /// thread is already driving). See [`Op::with_progress`].
@@ -680,27 +642,6 @@ mod tests {
         op.wait_blocking(Duration::ZERO).unwrap();
         op.clone().wait(Duration::ZERO).unwrap();
         assert!(format!("{op:?}").contains("Ok"));
-    }
-
-    #[test]
-    fn spin_deadline_reads_the_clock_every_64_checks() {
-        // A zero timeout passes at the first clock read, not before.
-        let mut d = SpinDeadline::new(Duration::ZERO);
-        assert!((1..SpinDeadline::EVERY).all(|_| !d.passed()));
-        assert!(d.passed());
-        // A long one does not pass within a few reads.
-        let mut d = SpinDeadline::new(Duration::from_secs(60));
-        assert!((0..10 * SpinDeadline::EVERY).all(|_| !d.passed()));
-        // A short one passes once its time is up, counted from the first read.
-        let mut d = SpinDeadline::new(Duration::from_millis(5));
-        let start = Instant::now();
-        let mut checks = 0u64;
-        while !d.passed() {
-            checks += 1;
-            assert!(start.elapsed() < Duration::from_secs(10), "never passed");
-        }
-        assert!(start.elapsed() >= Duration::from_millis(5));
-        assert!(checks >= SpinDeadline::EVERY as u64);
     }
 
     #[test]

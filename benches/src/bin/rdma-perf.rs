@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use genie_sys::clock;
 use genie_transport::perf::{self, PerfArgs, PerfRole, PerfTest};
 use genie_transport::{open, BackendChoice, PollMode, TransportConfig};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 struct Args {
     test: String,
@@ -100,12 +100,11 @@ fn write_lat(a: &Args) -> Result<()> {
     // write's own completion before spinning on its buffer again (off the critical path: the
     // completion comes with the peer's acknowledgement, before the peer can answer).
     let peer = std::thread::spawn(move || -> Result<()> {
-        let mut spins = 0u32;
         for i in 0..total {
             let tag = (i % 255) as u8 + 1;
-            let deadline = Instant::now() + wait;
+            let mut deadline = spin_deadline(wait);
             while rb.with(|b| b[last]) != tag {
-                if spin(&mut spins) && Instant::now() > deadline {
+                if deadline.passed() {
                     bail!("ping {i} never landed");
                 }
             }
@@ -119,15 +118,14 @@ fn write_lat(a: &Args) -> Result<()> {
     // critical path, between the pong and the next ping).
     let cal = clock::Calibration::start();
     let mut rtts = Vec::with_capacity(a.iters);
-    let mut spins = 0u32;
     for i in 0..total {
         let tag = (i % 255) as u8 + 1;
         ra.with_mut(|b| b[size - 1] = tag);
         let start = clock::cycles();
         ab.write(&ra, 0, &db, size as u64, size)?.wait(wait)?;
-        let deadline = Instant::now() + wait;
+        let mut deadline = spin_deadline(wait);
         while ra.with(|b| b[last]) != tag {
-            if spin(&mut spins) && Instant::now() > deadline {
+            if deadline.passed() {
                 bail!("pong {i} never came");
             }
         }
@@ -166,14 +164,13 @@ fn write_lat(a: &Args) -> Result<()> {
     Ok(())
 }
 
-/// One step of a polling loop, like perftest's: a pure spin on memory, without the `pause` of
+/// The deadline of a polling loop like perftest's: a pure spin on memory, without the `pause` of
 /// [`std::hint::spin_loop`] (perftest's loop has none; on soft-RoCE's emulated CPU each `pause`
 /// leaves the translated code, 0.26 us a step, which delays seeing the peer's write). In busy-poll
-/// mode the transport's completion threads stay parked while the user drives. Returns true every
-/// 1024 steps: time to check the deadline (reading the clock on every step would slow the loop).
-fn spin(count: &mut u32) -> bool {
-    *count = count.wrapping_add(1);
-    *count % 1024 == 0
+/// mode the transport's completion threads stay parked while the user drives. The clock is read
+/// once per 1024 steps (reading it on every step would slow the loop).
+fn spin_deadline(wait: Duration) -> clock::SpinDeadline {
+    clock::SpinDeadline::every(wait, 1024)
 }
 
 fn via_perf(a: &Args, test: PerfTest) -> Result<perf::PerfRow> {

@@ -7,13 +7,12 @@ use super::wire::{
     SEG_MORE,
 };
 use super::{describe, Endpoint};
-use crate::completion::{
-    Batch, BatchBuilder, Completer, Op, OpPool, Progress as DriveHook, SpinDeadline,
-};
+use crate::completion::{Batch, BatchBuilder, Completer, Op, OpPool, Progress as DriveHook};
 use crate::config::{Backend, PollMode};
 use crate::error::{Result, TransportError};
 use crate::region::{EndpointId, Region, RemoteRegion};
 use crate::{Connection, Transfer, TransferKind};
+use genie_sys::clock::SpinDeadline;
 use genie_sys::mem::SharedBuf;
 use genie_sys::verbs::{
     gid_of_ip, Completion, CompletionQueue, Local as Sge, Mr, PathParams, QpCaps, QpEndpoint,
