@@ -158,9 +158,7 @@ read -r bpw bgw bpr bgr bpb bgb < <(awk 'NR == 1 { for (i = 1; i <= 6; i++) v[i]
   END { print v[1], v[2], v[3], v[4], v[5], v[6] }' "$OUT/ratios.best")
 printf 'best round of each tool: write_lat perftest %.2f us genie %.2f us; read_lat perftest %.2f us genie %.2f us; write_bw perftest %.2f MB/s genie %.2f MB/s\n' \
   "$bpw" "$bgw" "$bpr" "$bgr" "$bpb" "$bgb"
-printf 'read_lat floor (rdma-floor: the loop on genie-sys verbs, no transport layer), best round: %.2f us = %.3f x perftest; Genie = %.3f x floor\n' \
-  "$(cat "$OUT/floor.best")" "$(awk -v f="$(cat "$OUT/floor.best")" -v p="$bpr" 'BEGIN { print f / p }')" \
-  "$(awk -v f="$(cat "$OUT/floor.best")" -v g="$bgr" 'BEGIN { print g / f }')"
+awk -v p="$bpr" -v g="$bgr" '{ printf "read_lat floor (rdma-floor: the loop on genie-sys verbs, no transport layer), best round: %.2f us = %.3f x perftest; Genie = %.3f x floor\n", $1, $1 / p, g / $1 }' "$OUT/floor.best"
 echo
 awk -v a="$bpw" -v b="$bgw" -v c="$bpr" -v d="$bgr" -v e="$bpb" -v f="$bgb" 'BEGIN {
   printf "rdma write_lat_ratio_vs_perftest=%.3f read_lat_ratio_vs_perftest=%.3f write_bw_ratio_vs_perftest=%.3f\n", b / a, d / c, f / e }'
