@@ -103,13 +103,22 @@ struct Poller {
     done: Vec<Completer>,
 }
 
+/// Who learns the outcome of a posted work request.
+enum Owner {
+    /// Nobody: a chunk before an operation's last one (its failure fails the connection, and so
+    /// the operation), or a request whose owner already got its error.
+    Chunk,
+    /// The operation this request completes (the last request of a transfer or message).
+    Op(Completer),
+    /// The request of a [`ConnShared::submit_fast`] whose submitter is still reaping and has made
+    /// no operation yet: if it fails, its error goes to [`State::reaped_error`].
+    Submitter,
+}
+
 /// A posted work request not yet known to be complete.
 struct Pending {
     seq: u64,
-    completer: Option<Completer>,
-    /// The request of a [`ConnShared::submit_fast`] whose submitter is still reaping and has made
-    /// no operation yet: if it fails, its error goes to [`State::reaped_error`].
-    submitter: bool,
+    owner: Owner,
     remote_region: u64,
 }
 
@@ -122,7 +131,7 @@ struct State {
     /// Highest sequence number known complete (successfully).
     retired: u64,
     /// The error of a failed request whose submitter had no operation yet (see
-    /// [`Pending::submitter`]), for that submitter to take.
+    /// [`Owner::Submitter`]), for that submitter to take.
     reaped_error: Option<(u64, TransportError)>,
     /// Sequence number of the last send that used each staging slot.
     slot_seq: [u64; SEND_SLOTS],
@@ -542,14 +551,13 @@ impl JobKind {
 
 impl State {
     /// Books work request `seq`, just posted: the sequence, the signalling count, the credit a
-    /// final request consumes, and its pending entry (with the operation's completer on the
-    /// final request).
+    /// final request consumes, and its pending entry with its owner.
     fn posted(
         &mut self,
         seq: u64,
         signaled: bool,
         takes_credit: bool,
-        completer: Option<Completer>,
+        owner: Owner,
         remote_region: u64,
     ) {
         self.next_seq += 1;
@@ -559,8 +567,7 @@ impl State {
         }
         self.pending.push_back(Pending {
             seq,
-            completer,
-            submitter: false,
+            owner,
             remote_region,
         });
     }
@@ -603,7 +610,7 @@ impl ConnShared {
         };
         let err = self.dead_error();
         for p in pending {
-            if let Some(c) = p.completer {
+            if let Owner::Op(c) = p.owner {
                 c.complete(Err(err.clone()));
             }
         }
@@ -865,7 +872,10 @@ impl ConnShared {
                     seq,
                     signaled,
                     needs_credit && last_chunk,
-                    if last_chunk { completer.take() } else { None },
+                    match completer.take_if(|_| last_chunk) {
+                        Some(c) => Owner::Op(c),
+                        None => Owner::Chunk,
+                    },
                     job.remote_region,
                 );
             }
@@ -967,10 +977,7 @@ impl ConnShared {
             }
             return Ok(Some(Op::failed(self.mode, err)));
         }
-        st.posted(seq, true, needs_credit, None, t.remote.region);
-        if let Some(p) = st.pending.back_mut() {
-            p.submitter = true;
-        }
+        st.posted(seq, true, needs_credit, Owner::Submitter, t.remote.region);
         drop(st);
         drop(bytes);
         // Reap after posting, as `post_jobs` does (and count as driving).
@@ -994,8 +1001,7 @@ impl ConnShared {
         }
         if let Some(p) = st.pending.iter_mut().rev().find(|p| p.seq == seq) {
             let (op, completer) = self.ops.op(Some(t.local.clone()));
-            p.completer = Some(completer);
-            p.submitter = false;
+            p.owner = Owner::Op(completer);
             return Ok(Some(op));
         }
         // Neither retired nor pending nor failed on its own: the connection died.
@@ -1167,7 +1173,9 @@ impl ConnShared {
             {
                 if let Some(p) = st.pending.pop_front() {
                     st.retired = st.retired.max(p.seq);
-                    done.extend(p.completer);
+                    if let Owner::Op(c) = p.owner {
+                        done.push(c);
+                    }
                 }
             }
             if wc.status.is_ok() {
@@ -1182,16 +1190,15 @@ impl ConnShared {
                     let first = st
                         .pending
                         .iter_mut()
-                        .find(|p| p.completer.is_some() || p.submitter);
+                        .find(|p| !matches!(p.owner, Owner::Chunk))
+                        .map(|p| (p.seq, std::mem::replace(&mut p.owner, Owner::Chunk)));
                     let completer = match first {
-                        Some(p) if p.submitter => {
-                            p.submitter = false;
-                            let s = p.seq;
+                        Some((s, Owner::Submitter)) => {
                             st.reaped_error = Some((s, err.clone()));
                             None
                         }
-                        Some(p) => p.completer.take(),
-                        None => None,
+                        Some((_, Owner::Op(c))) => Some(c),
+                        Some((_, Owner::Chunk)) | None => None,
                     };
                     failed = Some((completer, err));
                 }
