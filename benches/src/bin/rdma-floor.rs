@@ -5,9 +5,15 @@
 //! reads. It tells how much of Genie's latency is the transport layer (compare `rdma-perf
 //! read_lat`) and how much is verbs called from this process (compare `ib_read_lat`).
 //!
+//! With `--transport`, the second arm is the same read through Genie's transport instead (two
+//! endpoints of this process connected over loopback, busy polling): the two arms then tell what
+//! the transport layer costs over raw verbs, both measured in the same process at the same time
+//! (on soft-RoCE's emulated CPU, separate runs differ by more than that).
+//!
 //! Run inside soft-RoCE: `scripts/softroce.sh -- target/release/rdma-floor --size 8 --iters 1000`.
 //! The last line is machine-readable:
-//! `RESULT read_lat floor perftest_caps_us=<x> typical_us=<y>` (`typical_us`: Genie's QP sizes).
+//! `RESULT read_lat floor perftest_caps_us=<x> typical_us=<y>` (`typical_us`: Genie's QP sizes),
+//! or with `--transport`: `RESULT read_lat transport floor_us=<x> transport_us=<y>`.
 
 use anyhow::{bail, Context as _, Result};
 use genie_sys::clock;
@@ -16,19 +22,26 @@ use genie_sys::verbs::{
     gid_of_ip, CompletionQueue, Context, Local, Mr, PathParams, ProtectionDomain, QpCaps,
     QpEndpoint, QueuePair, Rts, SendOp,
 };
+use genie_transport::{
+    open, BackendChoice, Connection, PollMode, Region, RemoteRegion, Transport, TransportConfig,
+};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn main() -> Result<()> {
-    let (mut size, mut iters) = (8usize, 1000usize);
+    let (mut size, mut iters, mut with_transport) = (8usize, 1000usize, false);
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
+        if flag == "--transport" {
+            with_transport = true;
+            continue;
+        }
         let v = it.next().with_context(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--size" => size = v.parse()?,
             "--iters" => iters = v.parse()?,
-            _ => bail!("usage: rdma-floor [--size N] [--iters N]"),
+            _ => bail!("usage: rdma-floor [--size N] [--iters N] [--transport]"),
         }
     }
     if size == 0 || iters == 0 {
@@ -52,17 +65,32 @@ fn main() -> Result<()> {
     // receive queue 32, inline 64, one CQ of 168 with a completion channel), one as perftest's
     // ib_read_lat (depth 1, no inline, no channel). Blocks of 64 reads alternate between them,
     // so both see the same machine (on soft-RoCE's emulated CPU, runs drift by 2x).
-    let genie = Pair::new(&ctx, &pd, &path, gid, (128, 32, 64), 168, true, size)?;
-    let perftest = Pair::new(&ctx, &pd, &path, gid, (1, 1, 0), 2, false, size)?;
-    let mut pairs = [genie, perftest];
+    let mut genie = Pair::new(&ctx, &pd, &path, gid, (128, 32, 64), 168, true, size)?;
+    let mut second = if with_transport {
+        Arm::Transport(TransportArm::new(size)?)
+    } else {
+        Arm::Verbs(Pair::new(&ctx, &pd, &path, gid, (1, 1, 0), 2, false, size)?)
+    };
     let warm = (iters / 10).clamp(1, 100);
     let mut wcs = Vec::with_capacity(32);
     let cal = clock::Calibration::start();
     let mut counts = [Vec::with_capacity(iters), Vec::with_capacity(iters)];
     for i in 0..2 * (iters + warm) {
         let k = (i / 64) % 2;
-        let p = &mut pairs[k];
         let c0 = clock::cycles();
+        let p = match (k, &mut second) {
+            (0, _) => &mut genie,
+            (_, Arm::Verbs(p)) => p,
+            (_, Arm::Transport(t)) => {
+                t.conn
+                    .read(&t.local, 0, &t.remote, 0, size)?
+                    .wait(Duration::from_secs(30))?;
+                if i >= 2 * warm {
+                    counts[k].push(clock::cycles().saturating_sub(c0));
+                }
+                continue;
+            }
+        };
         p.qp.post_send(
             i as u64,
             SendOp::Read {
@@ -89,7 +117,15 @@ fn main() -> Result<()> {
         rate.us(0, v[v.len() / 2])
     };
     let typical = median(&mut counts[0]);
-    let pt_caps = median(&mut counts[1]);
+    let other = median(&mut counts[1]);
+    if with_transport {
+        println!("# rdma-floor read_lat: genie-sys verbs and Genie's transport, interleaved, t_typical[usec]");
+        println!(" #bytes  verbs       transport");
+        println!(" {size:<7} {typical:<11.2} {other:.2}");
+        println!("RESULT read_lat transport floor_us={typical:.3} transport_us={other:.3}");
+        return Ok(());
+    }
+    let pt_caps = other;
     println!("# rdma-floor read_lat (genie-sys verbs, no transport layer), t_typical[usec]");
     println!(" #bytes  genie_caps  perftest_caps");
     println!(" {size:<7} {typical:<11.2} {pt_caps:.2}");
@@ -113,6 +149,47 @@ fn poll_one(cq: &CompletionQueue, wcs: &mut Vec<genie_sys::verbs::Completion>) -
         if spins % 1024 == 0 && Instant::now() > deadline {
             bail!("no completion within 30 s");
         }
+    }
+}
+
+/// The second arm: perftest-sized verbs, or Genie's transport.
+enum Arm {
+    Verbs(Pair),
+    Transport(TransportArm),
+}
+
+/// A connection between two busy-polling RDMA endpoints of this process, with a local region and
+/// the peer's region to read from.
+struct TransportArm {
+    // Field order is drop order: the connections before their endpoints.
+    conn: Arc<dyn Connection>,
+    _accepted: Arc<dyn Connection>,
+    local: Region,
+    remote: RemoteRegion,
+    _remote_region: Region,
+    _endpoints: [Arc<dyn Transport>; 2],
+}
+
+impl TransportArm {
+    fn new(size: usize) -> Result<Self> {
+        let config = TransportConfig {
+            backend: BackendChoice::Rdma,
+            poll_mode: PollMode::BusyPoll,
+            rdma_device: std::env::var("GENIE_RDMA_DEVICE").ok(),
+            ..TransportConfig::default()
+        };
+        let (ta, tb) = (open(config.clone())?, open(config)?);
+        let (local, remote) = (ta.alloc_region(size)?, tb.alloc_region(size)?);
+        let conn = ta.connect(tb.local_addr())?;
+        let accepted = tb.accept(Duration::from_secs(30))?;
+        Ok(Self {
+            conn,
+            _accepted: accepted,
+            local,
+            remote: remote.descriptor(),
+            _remote_region: remote,
+            _endpoints: [ta, tb],
+        })
     }
 }
 
