@@ -87,6 +87,7 @@ for r in $(seq 1 "$rounds"); do
   for mode in blocking busy; do g "$out/genie_read_lat_$mode.$r" read_lat --size 8 --iters "$iters" --mode $mode; done
   "$floor" --size 8 --iters "$iters" >"$out/floor_read_lat.$r" 2>&1 || echo FAILED >>"$out/floor_read_lat.$r"
   "$floor" --size 8 --iters "$iters" --transport >"$out/floor_transport.$r" 2>&1 || echo FAILED >>"$out/floor_transport.$r"
+  "$floor" --size 8 --iters "$iters" --test write >"$out/floor_write.$r" 2>&1 || echo FAILED >>"$out/floor_write.$r"
   pt "$out/perftest_write_bw.$r" ib_write_bw -s 65536 -n "$bw_iters" -t 128
   for mode in blocking busy; do g "$out/genie_write_bw_$mode.$r" write_bw --size 65536 --iters "$bw_iters" --window 128 --mode $mode; done
 done
@@ -148,15 +149,21 @@ echo "send_lat (perftest only, round 1): $p_slat us"
 for r in $(seq 1 "$ROUNDS"); do check "floor_read_lat.$r"; genie_val "floor_read_lat.$r" typical_us; done |
   sort -g | head -1 >"$OUT/floor.best"
 [ -s "$OUT/floor.best" ] || fail "no rdma-floor result"
-# The transport layer's own cost: rdma-floor --transport interleaves raw verbs reads and reads
-# through Genie's transport in one process, so each round's ratio compares like with like.
-for r in $(seq 1 "$ROUNDS"); do
-  check "floor_transport.$r"
-  t=$(genie_val "floor_transport.$r" transport_us)
-  f=$(genie_val "floor_transport.$r" floor_us)
-  [ -n "$t" ] && [ -n "$f" ] || fail "cannot parse floor_transport.$r"
-  awk -v t="$t" -v f="$f" 'BEGIN { printf "%.4f\n", t / f }'
-done >"$OUT/transport.ratios"
+# The transport layer's own cost: rdma-floor --transport (reads) and --test write (ping-pong)
+# interleave raw verbs and Genie's transport in one process, so each round's ratio compares like
+# with like. Prints the median over rounds.
+in_process() { # file-prefix figure command
+  for r in $(seq 1 "$ROUNDS"); do
+    check "$1.$r"
+    t=$(genie_val "$1.$r" transport_us)
+    f=$(genie_val "$1.$r" floor_us)
+    [ -n "$t" ] && [ -n "$f" ] || fail "cannot parse $1.$r"
+    awk -v t="$t" -v f="$f" 'BEGIN { printf "%.4f\n", t / f }'
+  done >"$OUT/$1.ratios"
+  m=$(median <"$OUT/$1.ratios") || fail "no $3 result"
+  printf '%s through the transport / raw verbs, same process (%s): median %.3f over %s rounds (%s)\n' \
+    "$2" "$3" "$m" "$ROUNDS" "$(sort -g "$OUT/$1.ratios" | awk 'NR == 1 { a = $1 } { b = $1 } END { printf "%.3f-%.3f", a, b }')"
+}
 echo "Genie's better mode per figure; ratio = Genie / perftest of the same round."
 mw=$(awk '{ print $1 }' "$OUT/ratios" | median)
 mr=$(awk '{ print $2 }' "$OUT/ratios" | median)
@@ -169,9 +176,11 @@ read -r bpw bgw bpr bgr bpb bgb < <(awk 'NR == 1 { for (i = 1; i <= 6; i++) v[i]
 printf 'best round of each tool: write_lat perftest %.2f us genie %.2f us; read_lat perftest %.2f us genie %.2f us; write_bw perftest %.2f MB/s genie %.2f MB/s\n' \
   "$bpw" "$bgw" "$bpr" "$bgr" "$bpb" "$bgb"
 awk -v p="$bpr" -v g="$bgr" '{ printf "read_lat floor (rdma-floor: the loop on genie-sys verbs, no transport layer), best round: %.2f us = %.3f x perftest; Genie = %.3f x floor\n", $1, $1 / p, g / $1 }' "$OUT/floor.best"
-mt=$(median <"$OUT/transport.ratios") || fail "no rdma-floor --transport result"
-printf 'read_lat through the transport / raw verbs, same process (rdma-floor --transport): median %.3f over %s rounds (%s)\n' \
-  "$mt" "$ROUNDS" "$(sort -g "$OUT/transport.ratios" | awk 'NR == 1 { a = $1 } { b = $1 } END { printf "%.3f-%.3f", a, b }')"
+wf=$(for r in $(seq 1 "$ROUNDS"); do genie_val "floor_write.$r" floor_us; done | sort -g | head -1)
+[ -n "$wf" ] || fail "no rdma-floor --test write result"
+awk -v f="$wf" -v p="$bpw" -v g="$bgw" 'BEGIN { printf "write_lat floor (rdma-floor --test write: the ping-pong on genie-sys verbs), best round: %.2f us = %.3f x perftest; Genie = %.3f x floor\n", f, f / p, g / f }'
+in_process floor_write write_lat "rdma-floor --test write"
+in_process floor_transport read_lat "rdma-floor --transport"
 echo
 awk -v a="$bpw" -v b="$bgw" -v c="$bpr" -v d="$bgr" -v e="$bpb" -v f="$bgb" 'BEGIN {
   printf "rdma write_lat_ratio_vs_perftest=%.3f read_lat_ratio_vs_perftest=%.3f write_bw_ratio_vs_perftest=%.3f\n", b / a, d / c, f / e }'

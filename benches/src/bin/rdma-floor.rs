@@ -10,10 +10,16 @@
 //! the transport layer costs over raw verbs, both measured in the same process at the same time
 //! (on soft-RoCE's emulated CPU, separate runs differ by more than that).
 //!
+//! With `--test write`, the two arms are `ib_write_lat`'s ping-pong (8 B writes, each side
+//! spinning on its buffer until the peer's write lands, latency = half the round trip): over raw
+//! verbs (inline, like the transport's small writes) and through Genie's transport, the two sides
+//! of each on two threads, alternating in blocks of 64 round trips.
+//!
 //! Run inside soft-RoCE: `scripts/softroce.sh -- target/release/rdma-floor --size 8 --iters 1000`.
 //! The last line is machine-readable:
 //! `RESULT read_lat floor perftest_caps_us=<x> typical_us=<y>` (`typical_us`: Genie's QP sizes),
-//! or with `--transport`: `RESULT read_lat transport floor_us=<x> transport_us=<y>`.
+//! with `--transport`: `RESULT read_lat transport floor_us=<x> transport_us=<y>`, and with
+//! `--test write`: `RESULT write_lat transport floor_us=<x> transport_us=<y>`.
 
 use anyhow::{bail, Context as _, Result};
 use genie_sys::clock;
@@ -30,7 +36,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn main() -> Result<()> {
-    let (mut size, mut iters, mut with_transport) = (8usize, 1000usize, false);
+    let (mut size, mut iters, mut with_transport, mut write) = (8usize, 1000usize, false, false);
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         if flag == "--transport" {
@@ -41,11 +47,21 @@ fn main() -> Result<()> {
         match flag.as_str() {
             "--size" => size = v.parse()?,
             "--iters" => iters = v.parse()?,
-            _ => bail!("usage: rdma-floor [--size N] [--iters N] [--transport]"),
+            "--test" => match v.as_str() {
+                "read" => write = false,
+                "write" => write = true,
+                _ => bail!("--test read|write"),
+            },
+            _ => {
+                bail!("usage: rdma-floor [--size N] [--iters N] [--transport] [--test read|write]")
+            }
         }
     }
     if size == 0 || iters == 0 {
         bail!("--size and --iters must be at least 1");
+    }
+    if write && size > 64 {
+        bail!("--test write takes --size up to 64 (the inline size)");
     }
     let ctx = Context::open(std::env::var("GENIE_RDMA_DEVICE").ok().as_deref())?;
     let limits = ctx.limits();
@@ -65,6 +81,10 @@ fn main() -> Result<()> {
     // receive queue 32, inline 64, one CQ of 168 with a completion channel), one as perftest's
     // ib_read_lat (depth 1, no inline, no channel). Blocks of 64 reads alternate between them,
     // so both see the same machine (on soft-RoCE's emulated CPU, runs drift by 2x).
+    if write {
+        let pair = Pair::new(&ctx, &pd, &path, gid, (128, 32, 64), 168, true, 2 * size)?;
+        return write_pingpong(pair, TransportArm::new(2 * size)?, size, iters);
+    }
     let mut genie = Pair::new(&ctx, &pd, &path, gid, (128, 32, 64), 168, true, size)?;
     let mut second = if with_transport {
         Arm::Transport(TransportArm::new(size)?)
@@ -133,6 +153,114 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+/// `ib_write_lat`'s ping-pong, alternating in blocks of 64 round trips between raw verbs (`pair`)
+/// and Genie's transport (`t`). Each side sends from `[0, size)` of its buffer into `[size, 2 size)`
+/// of the peer's, waits for its write's completion, and spins on the last byte it receives.
+fn write_pingpong(mut pair: Pair, t: TransportArm, size: usize, iters: usize) -> Result<()> {
+    let wait = Duration::from_secs(30);
+    let last = 2 * size - 1;
+    let warm = (iters / 10).clamp(1, 100);
+    let total = 2 * (iters + warm);
+    let tag = |i: usize| (i % 255) as u8 + 1;
+    let arm = |i: usize| (i / 64) % 2;
+    let (a_desc, b_desc) = (t.local.descriptor(), t.remote);
+    let Pair {
+        qp,
+        _peer: peer_qp,
+        cq,
+        _peer_cq: peer_cq,
+        local: a_mr,
+        remote: b_mr,
+    } = &mut pair;
+    let verbs_write = |qp: &mut QueuePair<Rts>,
+                       cq: &CompletionQueue,
+                       from: &Mr,
+                       to: &Mr,
+                       wcs: &mut Vec<genie_sys::verbs::Completion>|
+     -> Result<()> {
+        let bytes = from.mem().read();
+        qp.post_send(
+            0,
+            SendOp::Write {
+                rkey: to.rkey(),
+                remote_addr: to.addr() + size as u64,
+            },
+            Local::Inline(&bytes[..size]),
+            true,
+        )?;
+        drop(bytes);
+        poll_one(cq, wcs)
+    };
+    let spin = |seen: &dyn Fn() -> u8, want: u8, what: &str| -> Result<()> {
+        let mut deadline = clock::SpinDeadline::every(wait, 1024);
+        while seen() != want {
+            if deadline.passed() {
+                bail!("{what} never landed");
+            }
+        }
+        Ok(())
+    };
+    let cal = clock::Calibration::start();
+    let mut counts = [Vec::with_capacity(iters), Vec::with_capacity(iters)];
+    std::thread::scope(|s| -> Result<()> {
+        // The peer (side B): wait for ping i, answer with the same tag.
+        let peer = s.spawn(|| -> Result<()> {
+            let mut wcs = Vec::with_capacity(32);
+            for i in 0..total {
+                let tg = tag(i);
+                if arm(i) == 0 {
+                    spin(&|| b_mr.mem().read()[last], tg, "ping")?;
+                    b_mr.mem().write()[size - 1] = tg;
+                    verbs_write(peer_qp, peer_cq, b_mr, a_mr, &mut wcs)?;
+                } else {
+                    spin(&|| t.b_region.with(|b| b[last]), tg, "ping")?;
+                    t.b_region.with_mut(|b| b[size - 1] = tg);
+                    t.accepted
+                        .write(&t.b_region, 0, &a_desc, size as u64, size)?
+                        .wait(wait)?;
+                }
+            }
+            Ok(())
+        });
+        let mut wcs = Vec::with_capacity(32);
+        for i in 0..total {
+            let (tg, k) = (tag(i), arm(i));
+            let c0;
+            if k == 0 {
+                a_mr.mem().write()[size - 1] = tg;
+                c0 = clock::cycles();
+                verbs_write(qp, cq, a_mr, b_mr, &mut wcs)?;
+                spin(&|| a_mr.mem().read()[last], tg, "pong")?;
+            } else {
+                t.local.with_mut(|b| b[size - 1] = tg);
+                c0 = clock::cycles();
+                t.conn
+                    .write(&t.local, 0, &b_desc, size as u64, size)?
+                    .wait(wait)?;
+                spin(&|| t.local.with(|b| b[last]), tg, "pong")?;
+            }
+            if i >= 2 * warm {
+                counts[k].push(clock::cycles().saturating_sub(c0));
+            }
+        }
+        peer.join()
+            .map_err(|_| anyhow::anyhow!("peer thread panicked"))?
+    })?;
+    let rate = cal
+        .finish()
+        .context("the time-stamp counter does not advance")?;
+    let one_way = |v: &mut Vec<u64>| {
+        v.sort_unstable();
+        rate.us(0, v[v.len() / 2]) / 2.0
+    };
+    let (verbs, transport) = (one_way(&mut counts[0]), one_way(&mut counts[1]));
+    println!("# rdma-floor write_lat (ping-pong, one-way = RTT/2): genie-sys verbs and Genie's transport, interleaved, t_typical[usec]");
+    println!(" #bytes  verbs       transport");
+    println!(" {size:<7} {verbs:<11.2} {transport:.2}");
+    println!("RESULT write_lat transport floor_us={verbs:.3} transport_us={transport:.3}");
+    Ok(())
+}
+
 /// Spins on the CQ (like perftest) until one completion, which must be a success; 30 s at most.
 fn poll_one(cq: &CompletionQueue, wcs: &mut Vec<genie_sys::verbs::Completion>) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -158,15 +286,16 @@ enum Arm {
     Transport(TransportArm),
 }
 
-/// A connection between two busy-polling RDMA endpoints of this process, with a local region and
-/// the peer's region to read from.
+/// A connection between two busy-polling RDMA endpoints of this process (`conn` from the first,
+/// `accepted` on the second), with a region on each (`local` on the first, `b_region` on the
+/// second, whose descriptor is `remote`).
 struct TransportArm {
     // Field order is drop order: the connections before their endpoints.
     conn: Arc<dyn Connection>,
-    _accepted: Arc<dyn Connection>,
+    accepted: Arc<dyn Connection>,
     local: Region,
     remote: RemoteRegion,
-    _remote_region: Region,
+    b_region: Region,
     _endpoints: [Arc<dyn Transport>; 2],
 }
 
@@ -184,10 +313,10 @@ impl TransportArm {
         let accepted = tb.accept(Duration::from_secs(30))?;
         Ok(Self {
             conn,
-            _accepted: accepted,
+            accepted,
             local,
             remote: remote.descriptor(),
-            _remote_region: remote,
+            b_region: remote,
             _endpoints: [ta, tb],
         })
     }
