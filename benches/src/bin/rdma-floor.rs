@@ -270,7 +270,7 @@ fn poll_one(cq: &CompletionQueue, wcs: &mut Vec<genie_sys::verbs::Completion>) -
         if cq.poll(wcs, 1)? > 0 {
             return match wcs[0].status {
                 Ok(()) => Ok(()),
-                Err(e) => bail!("read failed: {e}"),
+                Err(e) => bail!("work request failed: {e}"),
             };
         }
         spins = spins.wrapping_add(1);
