@@ -33,7 +33,10 @@ use genie_transport::{
 };
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+/// The longest any one wait (a completion, the peer's write, a connection) may take.
+const WAIT: Duration = Duration::from_secs(30);
 
 fn main() -> Result<()> {
     let (mut size, mut iters, mut with_transport, mut write) = (8usize, 1000usize, false, false);
@@ -77,14 +80,15 @@ fn main() -> Result<()> {
         timeout: 14,
         retry_cnt: 7,
     };
-    // Two looped-back QP pairs: one sized as Genie's transport sizes its QPs (send queue 128,
-    // receive queue 32, inline 64, one CQ of 168 with a completion channel), one as perftest's
-    // ib_read_lat (depth 1, no inline, no channel). Blocks of 64 reads alternate between them,
-    // so both see the same machine (on soft-RoCE's emulated CPU, runs drift by 2x).
     if write {
         let pair = Pair::new(&ctx, &pd, &path, gid, (128, 32, 64), 168, true, 2 * size)?;
         return write_pingpong(pair, TransportArm::new(2 * size)?, size, iters);
     }
+    // Two looped-back QP pairs: one sized as Genie's transport sizes its QPs (send queue 128,
+    // receive queue 32, inline 64, one CQ of 168 with a completion channel), one as perftest's
+    // ib_read_lat (depth 1, no inline, no channel), or with --transport a transport connection.
+    // Blocks of 64 reads alternate between them, so both see the same machine (on soft-RoCE's
+    // emulated CPU, runs drift by 2x).
     let mut genie = Pair::new(&ctx, &pd, &path, gid, (128, 32, 64), 168, true, size)?;
     let mut second = if with_transport {
         Arm::Transport(TransportArm::new(size)?)
@@ -102,9 +106,7 @@ fn main() -> Result<()> {
             (0, _) => &mut genie,
             (_, Arm::Verbs(p)) => p,
             (_, Arm::Transport(t)) => {
-                t.conn
-                    .read(&t.local, 0, &t.remote, 0, size)?
-                    .wait(Duration::from_secs(30))?;
+                t.conn.read(&t.local, 0, &t.remote, 0, size)?.wait(WAIT)?;
                 if i >= 2 * warm {
                     counts[k].push(clock::cycles().saturating_sub(c0));
                 }
@@ -157,7 +159,6 @@ fn main() -> Result<()> {
 /// and Genie's transport (`t`). Each side sends from `[0, size)` of its buffer into `[size, 2 size)`
 /// of the peer's, waits for its write's completion, and spins on the last byte it receives.
 fn write_pingpong(mut pair: Pair, t: TransportArm, size: usize, iters: usize) -> Result<()> {
-    let wait = Duration::from_secs(30);
     let last = 2 * size - 1;
     let warm = (iters / 10).clamp(1, 100);
     let total = 2 * (iters + warm);
@@ -192,7 +193,7 @@ fn write_pingpong(mut pair: Pair, t: TransportArm, size: usize, iters: usize) ->
         poll_one(cq, wcs)
     };
     let spin = |seen: &dyn Fn() -> u8, want: u8, what: &str| -> Result<()> {
-        let mut deadline = clock::SpinDeadline::every(wait, 1024);
+        let mut deadline = clock::SpinDeadline::every(WAIT, 1024);
         while seen() != want {
             if deadline.passed() {
                 bail!("{what} never landed");
@@ -217,7 +218,7 @@ fn write_pingpong(mut pair: Pair, t: TransportArm, size: usize, iters: usize) ->
                     t.b_region.with_mut(|b| b[size - 1] = tg);
                     t.accepted
                         .write(&t.b_region, 0, &a_desc, size as u64, size)?
-                        .wait(wait)?;
+                        .wait(WAIT)?;
                 }
             }
             Ok(())
@@ -236,7 +237,7 @@ fn write_pingpong(mut pair: Pair, t: TransportArm, size: usize, iters: usize) ->
                 c0 = clock::cycles();
                 t.conn
                     .write(&t.local, 0, &b_desc, size as u64, size)?
-                    .wait(wait)?;
+                    .wait(WAIT)?;
                 spin(&|| t.local.with(|b| b[last]), tg, "pong")?;
             }
             if i >= 2 * warm {
@@ -261,10 +262,11 @@ fn write_pingpong(mut pair: Pair, t: TransportArm, size: usize, iters: usize) ->
     Ok(())
 }
 
-/// Spins on the CQ (like perftest) until one completion, which must be a success; 30 s at most.
+/// Spins on the CQ (like perftest) until one completion, which must be a success; [`WAIT`] at
+/// most. The clock is read once per 1024 polls, never before the first (the transport's waits do
+/// the same, and a clock read on the measured path would cost this arm alone).
 fn poll_one(cq: &CompletionQueue, wcs: &mut Vec<genie_sys::verbs::Completion>) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut spins = 0u32;
+    let mut deadline = clock::SpinDeadline::every(WAIT, 1024);
     loop {
         wcs.clear();
         if cq.poll(wcs, 1)? > 0 {
@@ -273,9 +275,8 @@ fn poll_one(cq: &CompletionQueue, wcs: &mut Vec<genie_sys::verbs::Completion>) -
                 Err(e) => bail!("work request failed: {e}"),
             };
         }
-        spins = spins.wrapping_add(1);
-        if spins % 1024 == 0 && Instant::now() > deadline {
-            bail!("no completion within 30 s");
+        if deadline.passed() {
+            bail!("no completion within {WAIT:?}");
         }
     }
 }
@@ -310,7 +311,7 @@ impl TransportArm {
         let (ta, tb) = (open(config.clone())?, open(config)?);
         let (local, remote) = (ta.alloc_region(size)?, tb.alloc_region(size)?);
         let conn = ta.connect(tb.local_addr())?;
-        let accepted = tb.accept(Duration::from_secs(30))?;
+        let accepted = tb.accept(WAIT)?;
         Ok(Self {
             conn,
             accepted,
