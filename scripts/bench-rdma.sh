@@ -144,11 +144,19 @@ for r in $(seq 1 "$ROUNDS"); do
       printf "%s %s %s %s %s %s\n", pw, gw, pr, gr, pb, gb >> (ratios ".best") }'
 done
 echo "send_lat (perftest only, round 1): $p_slat us"
-# The floor: the same read loop on genie-sys verbs without the transport layer (rdma-floor), in
-# each round; its best round against the two tools' best rounds.
-for r in $(seq 1 "$ROUNDS"); do check "floor_read_lat.$r"; genie_val "floor_read_lat.$r" typical_us; done |
-  sort -g | head -1 >"$OUT/floor.best"
-[ -s "$OUT/floor.best" ] || fail "no rdma-floor result"
+# The floors: the read loop and the write ping-pong on genie-sys verbs without the transport layer
+# (rdma-floor), in each round; each one's best round against the two tools' best rounds.
+floor_best() { # file-prefix key: the lowest value over rounds
+  for r in $(seq 1 "$ROUNDS"); do check "$1.$r"; genie_val "$1.$r" "$2"; done | sort -g | head -1
+}
+floor_line() { # figure what floor perftest genie
+  awk -v n="$1" -v w="$2" -v f="$3" -v p="$4" -v g="$5" 'BEGIN {
+    printf "%s floor (%s), best round: %.2f us = %.3f x perftest; Genie = %.3f x floor\n", n, w, f, f / p, g / f }'
+}
+rf=$(floor_best floor_read_lat typical_us)
+[ -n "$rf" ] || fail "no rdma-floor result"
+wf=$(floor_best floor_write floor_us)
+[ -n "$wf" ] || fail "no rdma-floor --test write result"
 # The transport layer's own cost: rdma-floor --transport (reads) and --test write (ping-pong)
 # interleave raw verbs and Genie's transport in one process, so each round's ratio compares like
 # with like. Prints the median over rounds.
@@ -175,10 +183,8 @@ read -r bpw bgw bpr bgr bpb bgb < <(awk 'NR == 1 { for (i = 1; i <= 6; i++) v[i]
   END { print v[1], v[2], v[3], v[4], v[5], v[6] }' "$OUT/ratios.best")
 printf 'best round of each tool: write_lat perftest %.2f us genie %.2f us; read_lat perftest %.2f us genie %.2f us; write_bw perftest %.2f MB/s genie %.2f MB/s\n' \
   "$bpw" "$bgw" "$bpr" "$bgr" "$bpb" "$bgb"
-awk -v p="$bpr" -v g="$bgr" '{ printf "read_lat floor (rdma-floor: the loop on genie-sys verbs, no transport layer), best round: %.2f us = %.3f x perftest; Genie = %.3f x floor\n", $1, $1 / p, g / $1 }' "$OUT/floor.best"
-wf=$(for r in $(seq 1 "$ROUNDS"); do genie_val "floor_write.$r" floor_us; done | sort -g | head -1)
-[ -n "$wf" ] || fail "no rdma-floor --test write result"
-awk -v f="$wf" -v p="$bpw" -v g="$bgw" 'BEGIN { printf "write_lat floor (rdma-floor --test write: the ping-pong on genie-sys verbs), best round: %.2f us = %.3f x perftest; Genie = %.3f x floor\n", f, f / p, g / f }'
+floor_line read_lat "rdma-floor: the loop on genie-sys verbs, no transport layer" "$rf" "$bpr" "$bgr"
+floor_line write_lat "rdma-floor --test write: the ping-pong on genie-sys verbs" "$wf" "$bpw" "$bgw"
 in_process floor_write write_lat "rdma-floor --test write"
 in_process floor_transport read_lat "rdma-floor --transport"
 echo
