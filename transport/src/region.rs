@@ -132,15 +132,21 @@ impl Region {
     }
 
     /// Checks that `[offset, offset+len)` lies inside the region.
+    #[inline]
     pub fn check_local(&self, offset: usize, len: usize) -> Result<()> {
         match offset.checked_add(len) {
             Some(end) if end <= self.inner.len => Ok(()),
-            _ => Err(TransportError::LocalOutOfBounds {
-                region: self.inner.id,
-                offset,
-                len,
-                size: self.inner.len,
-            }),
+            _ => Err(self.out_of_bounds(offset, len)),
+        }
+    }
+
+    #[cold]
+    fn out_of_bounds(&self, offset: usize, len: usize) -> TransportError {
+        TransportError::LocalOutOfBounds {
+            region: self.inner.id,
+            offset,
+            len,
+            size: self.inner.len,
         }
     }
 

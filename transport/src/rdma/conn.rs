@@ -74,15 +74,19 @@ struct RegionCache {
 }
 
 impl RegionCache {
+    #[inline]
     fn get(&mut self, region: u64, key: u64) -> Option<(u64, u64)> {
         match self.last {
             Some((r, k, v)) if r == region && k == key => Some(v),
-            _ => {
-                let v = *self.map.get(&(region, key))?;
-                self.last = Some((region, key, v));
-                Some(v)
-            }
+            _ => self.get_other(region, key),
         }
+    }
+
+    #[inline(never)]
+    fn get_other(&mut self, region: u64, key: u64) -> Option<(u64, u64)> {
+        let v = *self.map.get(&(region, key))?;
+        self.last = Some((region, key, v));
+        Some(v)
     }
 
     fn insert(&mut self, region: u64, key: u64, v: (u64, u64)) {
@@ -124,6 +128,9 @@ struct Pending {
 
 struct State {
     qp: Option<QueuePair<Rts>>,
+    /// Peer regions already checked with the peer (under this lock, which every post takes
+    /// anyway, rather than one of its own).
+    cache: RegionCache,
     next_seq: u64,
     pending: VecDeque<Pending>,
     since_signal: u32,
@@ -174,7 +181,6 @@ pub(crate) struct ConnShared {
     queries: Mutex<HashMap<u64, RegionStatus>>,
     queries_cv: Condvar,
     next_req: AtomicU64,
-    cache: Mutex<RegionCache>,
     /// Whoever polls the CQ holds this, so completions are handled in order by one thread at a time.
     poller: Mutex<Poller>,
     /// Busy-poll mode only: the hook given to this connection's operations, so that the thread
@@ -182,13 +188,57 @@ pub(crate) struct ConnShared {
     driver: Option<DriveHook>,
     /// Recycled states of this connection's single operations (no allocation per transfer).
     ops: OpPool,
-    /// Number of `drive` calls so far (tells the completion thread that waiters are driving).
+    /// Changes on (almost) every `drive` call: tells the completion thread that waiters are driving.
     drives: AtomicU64,
     /// `State::retired`, readable without the state lock: stored (under the lock) after each
     /// change, so a submitter that sees its request here knows its completion was handled.
     retired: AtomicU64,
     /// Return credits after this many receive buffers were re-posted.
     return_at: u32,
+}
+
+/// A local region this connection cannot use: "region <id> <what>".
+#[cold]
+fn local_error(local: &Region, what: &str) -> TransportError {
+    TransportError::InvalidArgument(format!("region {} {what}", local.id()))
+}
+
+/// The rkey and address of `[offset, offset + len)` of `remote`, whose length and address at the
+/// peer are `(size, addr)`.
+#[inline(always)]
+fn remote_range(
+    remote: &RemoteRegion,
+    offset: u64,
+    len: u64,
+    (size, addr): (u64, u64),
+) -> Result<(u32, u64)> {
+    match (offset.checked_add(len), u32::try_from(remote.key)) {
+        (Some(end), Ok(rkey)) if end <= size => Ok((rkey, addr + offset)),
+        (_, rkey) => Err(resolve_error(remote, offset, len, size, rkey.is_ok())),
+    }
+}
+
+/// Why [`remote_range`] refused `[offset, offset + len)` of `remote` (of `size` bytes):
+/// out of bounds, else a key that cannot be an rkey.
+#[cold]
+fn resolve_error(
+    remote: &RemoteRegion,
+    offset: u64,
+    len: u64,
+    size: u64,
+    key_ok: bool,
+) -> TransportError {
+    match offset.checked_add(len) {
+        Some(end) if end <= size && !key_ok => TransportError::BadKey {
+            region: remote.region,
+        },
+        _ => TransportError::RegionOutOfBounds {
+            region: remote.region,
+            offset,
+            len,
+            size,
+        },
+    }
 }
 
 fn handshake_err(peer: SocketAddr, e: super::handshake::HandshakeError) -> TransportError {
@@ -376,6 +426,7 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream) -> Result<Arc<Conn
         });
         ConnShared {
             state: Mutex::new(State {
+                cache: RegionCache::default(),
                 qp: Some(qp),
                 next_seq: 1,
                 pending: VecDeque::new(),
@@ -410,7 +461,6 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream) -> Result<Arc<Conn
             queries: Mutex::new(HashMap::new()),
             queries_cv: Condvar::new(),
             next_req: AtomicU64::new(1),
-            cache: Mutex::new(RegionCache::default()),
             poller: Mutex::new(Poller {
                 wcs: Vec::with_capacity(32),
                 consumed: 0,
@@ -552,6 +602,7 @@ impl JobKind {
 impl State {
     /// Books work request `seq`, just posted: the sequence, the signalling count, the credit a
     /// final request consumes, and its pending entry with its owner.
+    #[inline]
     fn posted(
         &mut self,
         seq: u64,
@@ -638,38 +689,37 @@ impl ConnShared {
         })
     }
 
-    /// The peer's length and address of `remote`, asking the peer on first use.
+    /// The rkey and address of `[offset, offset + len)` of `remote`, asking the peer on first use.
+    /// Inlined: on the latency path of every transfer (the checks only; errors and first uses
+    /// take out-of-line paths).
+    #[inline(always)]
     fn resolve(&self, remote: &RemoteRegion, offset: u64, len: u64) -> Result<(u32, u64)> {
         if remote.endpoint != self.peer_endpoint {
-            return Err(TransportError::ForeignDescriptor {
-                descriptor_endpoint: remote.endpoint,
-                peer_endpoint: self.peer_endpoint,
-            });
+            return Err(self.foreign(remote));
         }
-        let cached = self.cache.lock().get(remote.region, remote.key);
-        let (size, addr) = match cached {
+        let cached = self.state.lock().cache.get(remote.region, remote.key);
+        let v = match cached {
             Some(v) => v,
-            None => {
-                let v = self.query(remote)?;
-                self.cache.lock().insert(remote.region, remote.key, v);
-                v
-            }
+            None => self.resolve_new(remote)?,
         };
-        match offset.checked_add(len) {
-            Some(end) if end <= size => {}
-            _ => {
-                return Err(TransportError::RegionOutOfBounds {
-                    region: remote.region,
-                    offset,
-                    len,
-                    size,
-                })
-            }
+        remote_range(remote, offset, len, v)
+    }
+
+    #[cold]
+    fn foreign(&self, remote: &RemoteRegion) -> TransportError {
+        TransportError::ForeignDescriptor {
+            descriptor_endpoint: remote.endpoint,
+            peer_endpoint: self.peer_endpoint,
         }
-        let rkey = u32::try_from(remote.key).map_err(|_| TransportError::BadKey {
-            region: remote.region,
-        })?;
-        Ok((rkey, addr + offset))
+    }
+
+    /// A region not yet in the cache: asks the peer, and caches its answer.
+    #[cold]
+    #[inline(never)]
+    fn resolve_new(&self, remote: &RemoteRegion) -> Result<(u64, u64)> {
+        let v = self.query(remote)?;
+        self.state.lock().cache.insert(remote.region, remote.key, v);
+        Ok(v)
     }
 
     fn query(&self, remote: &RemoteRegion) -> Result<(u64, u64)> {
@@ -708,31 +758,25 @@ impl ConnShared {
     }
 
     /// Checks that `[offset, offset + len)` of `local` may be used on this connection.
+    #[inline]
     fn check_local(&self, local: &Region, offset: usize, len: usize) -> Result<()> {
         if local.endpoint() != self.ep.id {
-            return Err(TransportError::InvalidArgument(format!(
-                "region {} belongs to another endpoint",
-                local.id()
-            )));
+            return Err(local_error(local, "belongs to another endpoint"));
         }
         local.check_local(offset, len)
     }
 
+    /// The registration of `local` after [`ConnShared::check_local`]; `None` for zero bytes.
+    #[inline]
     fn local_mr<'r>(&self, local: &'r Region, offset: usize, len: usize) -> Result<Option<&'r Mr>> {
         self.check_local(local, offset, len)?;
         if len == 0 {
             return Ok(None);
         }
-        local
-            .registration()
-            .and_then(|r| r.downcast_ref::<Mr>())
-            .map(Some)
-            .ok_or_else(|| {
-                TransportError::InvalidArgument(format!(
-                    "region {} is not RDMA-registered",
-                    local.id()
-                ))
-            })
+        match local.registration().and_then(|r| r.downcast_ref::<Mr>()) {
+            Some(mr) => Ok(Some(mr)),
+            None => Err(local_error(local, "is not RDMA-registered")),
+        }
     }
 
     /// Builds the job of one transfer, validated; the completer comes from `make`.
@@ -934,9 +978,9 @@ impl ConnShared {
             return Ok(None);
         }
         self.check_alive()?;
-        let (rkey, addr) = self.resolve(t.remote, t.remote_offset, t.len as u64)?;
-        let kind = JobKind::of(t.kind, rkey, addr);
-        let needs_credit = kind.needs_credit();
+        if t.remote.endpoint != self.peer_endpoint {
+            return Err(self.foreign(t.remote));
+        }
         let inline = !matches!(t.kind, TransferKind::Read) && t.len <= self.max_inline;
         let (bytes, mr) = if inline {
             self.check_local(t.local, t.local_offset, t.len)?;
@@ -960,6 +1004,13 @@ impl ConnShared {
             (None, None) => return Ok(None),
         };
         let mut st = self.state.lock();
+        // A peer region not yet checked with the peer: the general path asks it.
+        let Some(v) = st.cache.get(t.remote.region, t.remote.key) else {
+            return Ok(None);
+        };
+        let (rkey, addr) = remote_range(t.remote, t.remote_offset, t.len as u64, v)?;
+        let kind = JobKind::of(t.kind, rkey, addr);
+        let needs_credit = kind.needs_credit();
         if st.pending.len() as u32 >= self.sq_depth || (needs_credit && st.credits == 0) {
             return Ok(None);
         }
@@ -1026,8 +1077,18 @@ impl ConnShared {
         let p = &mut *guard;
         p.wcs.clear();
         let n = self.cq.poll(&mut p.wcs, 32)?;
-        for wc in p.wcs.drain(..) {
-            self.on_completion(wc, &mut p.consumed, &mut p.partial, &mut p.done);
+        // The common case, a lone successful send completion (the reap after a post), on a short
+        // inlined path; anything else through `on_completion`.
+        match p.wcs.as_slice() {
+            [wc] if wc.wr_id & RECV_BIT == 0 && wc.status.is_ok() => {
+                self.retire(wc.wr_id, &mut p.done)
+            }
+            _ => {
+                for i in 0..p.wcs.len() {
+                    let wc = p.wcs[i];
+                    self.on_completion(wc, &mut p.consumed, &mut p.partial, &mut p.done);
+                }
+            }
         }
         // Return credits for re-posted receive buffers in batches (side channel).
         if p.consumed >= self.return_at && self.alive.load(Ordering::Acquire) {
@@ -1041,8 +1102,14 @@ impl ConnShared {
     /// messages) in busy-poll mode, or one posting work (in either mode). Polls the CQ unless
     /// another thread is already doing so, and counts as driving (which only busy-poll mode's
     /// completion thread looks at). A failed poll kills the connection.
+    #[inline]
     fn drive(&self) {
-        self.drives.fetch_add(1, Ordering::Relaxed);
+        // A hint, not a count: a lost increment when two threads drive at once changes nothing
+        // (the value changed either way), and a plain store costs less than a locked add.
+        self.drives.store(
+            self.drives.load(Ordering::Relaxed).wrapping_add(1),
+            Ordering::Relaxed,
+        );
         if let Err(e) = self.progress(false) {
             self.die(verbs_io("ibv_poll_cq", e));
         }
@@ -1105,6 +1172,36 @@ impl ConnShared {
         }
     }
 
+    /// Retires send work requests up to `seq`, whose completion succeeded (requests complete in
+    /// order: those before it succeeded too), completing their operations; `done` is scratch space
+    /// (empty between calls).
+    #[inline]
+    fn retire(&self, seq: u64, done: &mut Vec<Completer>) {
+        {
+            let mut st = self.state.lock();
+            while st.pending.front().is_some_and(|p| p.seq <= seq) {
+                if let Some(Pending {
+                    owner: Owner::Op(c),
+                    ..
+                }) = st.pending.pop_front()
+                {
+                    done.push(c);
+                }
+            }
+            st.retired = st.retired.max(seq);
+            self.retired.store(st.retired, Ordering::Release);
+        }
+        self.space.notify_all();
+        if !done.is_empty() {
+            for c in done.drain(..) {
+                c.complete_into(Ok(()), &self.ops);
+            }
+        }
+    }
+
+    /// Handles one completion: a receive, a success (see [`ConnShared::retire`]) or a failure.
+    /// Out of line, so that `progress`, whose common case is one success, stays small.
+    #[inline(never)]
     fn on_completion(
         &self,
         wc: Completion,
@@ -1160,26 +1257,24 @@ impl ConnShared {
             }
             return;
         }
+        if wc.status.is_ok() {
+            self.retire(wc.wr_id, done);
+            return;
+        }
         let seq = wc.wr_id;
         done.clear();
         let mut failed = None;
         {
             let mut st = self.state.lock();
-            // Requests complete in order: those before `seq` succeeded.
-            while st
-                .pending
-                .front()
-                .is_some_and(|p| p.seq < seq || (p.seq == seq && wc.status.is_ok()))
-            {
+            // A failed request (successes went to `retire`). Requests complete in order: those
+            // before `seq` succeeded.
+            while st.pending.front().is_some_and(|p| p.seq < seq) {
                 if let Some(p) = st.pending.pop_front() {
                     st.retired = st.retired.max(p.seq);
                     if let Owner::Op(c) = p.owner {
                         done.push(c);
                     }
                 }
-            }
-            if wc.status.is_ok() {
-                st.retired = st.retired.max(seq);
             }
             self.retired.store(st.retired, Ordering::Release);
             if let Err(e) = wc.status {
