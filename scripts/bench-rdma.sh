@@ -21,12 +21,13 @@
 # the two tools' cost with two coin flips. The script therefore runs ROUNDS interleaved rounds
 # (each: perftest, then Genie in both modes, for every figure) and compares each tool's BEST round:
 # latency ratio = (Genie's lowest t_typical over rounds) / (perftest's lowest), bandwidth ratio =
-# highest / highest. With 11 rounds, both tools reach the fast mode in most sessions. The
+# highest / highest. With 16 rounds, both tools reach the fast mode in most sessions (with 11, on a
+# slow host day, perftest's own write had no fast round in one session of 2026-11-30). The
 # per-round table and the median of per-round ratios (the coin flips included) are printed above
 # the last line. On a busy machine, run it under real-time priority (chrt -r 10
 # scripts/bench-rdma.sh) or on a quiet one.
 #
-# Environment: GENIE_BENCH_ROUNDS (default 11), GENIE_BENCH_ITERS (latency iterations per run,
+# Environment: GENIE_BENCH_ROUNDS (default 16), GENIE_BENCH_ITERS (latency iterations per run,
 # default 1000), GENIE_BENCH_BW_ITERS (default 2000), CARGO_TARGET_DIR, GENIE_SOFTROCE_*.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,7 +36,7 @@ cd "$(dirname "$0")/.."
 source scripts/deps.sh
 ensure_rdma_deps
 
-ROUNDS="${GENIE_BENCH_ROUNDS:-11}"
+ROUNDS="${GENIE_BENCH_ROUNDS:-16}"
 ITERS="${GENIE_BENCH_ITERS:-1000}"
 BW_ITERS="${GENIE_BENCH_BW_ITERS:-2000}"
 TARGET="${CARGO_TARGET_DIR:-$PWD/target}"
