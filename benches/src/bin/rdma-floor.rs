@@ -21,7 +21,8 @@
 //! with `--transport`: `RESULT read_lat transport floor_us=<x> transport_us=<y>`, and with
 //! `--test write`: `RESULT write_lat transport floor_us=<x> transport_us=<y>`.
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{bail, ensure, Context as _, Result};
+use genie_benches::spin_until;
 use genie_sys::clock;
 use genie_sys::mem::SharedBuf;
 use genie_sys::verbs::{
@@ -192,15 +193,6 @@ fn write_pingpong(mut pair: Pair, t: TransportArm, size: usize, iters: usize) ->
         drop(bytes);
         poll_one(cq, wcs)
     };
-    let spin = |seen: &dyn Fn() -> u8, want: u8, what: &str| -> Result<()> {
-        let mut deadline = clock::SpinDeadline::every(WAIT, 1024);
-        while seen() != want {
-            if deadline.passed() {
-                bail!("{what} never landed");
-            }
-        }
-        Ok(())
-    };
     let cal = clock::Calibration::start();
     let mut counts = [Vec::with_capacity(iters), Vec::with_capacity(iters)];
     std::thread::scope(|s| -> Result<()> {
@@ -210,11 +202,17 @@ fn write_pingpong(mut pair: Pair, t: TransportArm, size: usize, iters: usize) ->
             for i in 0..total {
                 let tg = tag(i);
                 if arm(i) == 0 {
-                    spin(&|| b_mr.mem().read()[last], tg, "ping")?;
+                    ensure!(
+                        spin_until(|| b_mr.mem().read()[last], tg, WAIT),
+                        "ping never landed"
+                    );
                     b_mr.mem().write()[size - 1] = tg;
                     verbs_write(peer_qp, peer_cq, b_mr, a_mr, &mut wcs)?;
                 } else {
-                    spin(&|| t.b_region.with(|b| b[last]), tg, "ping")?;
+                    ensure!(
+                        spin_until(|| t.b_region.with(|b| b[last]), tg, WAIT),
+                        "ping never landed"
+                    );
                     t.b_region.with_mut(|b| b[size - 1] = tg);
                     t.accepted
                         .write(&t.b_region, 0, &a_desc, size as u64, size)?
@@ -231,14 +229,20 @@ fn write_pingpong(mut pair: Pair, t: TransportArm, size: usize, iters: usize) ->
                 a_mr.mem().write()[size - 1] = tg;
                 c0 = clock::cycles();
                 verbs_write(qp, cq, a_mr, b_mr, &mut wcs)?;
-                spin(&|| a_mr.mem().read()[last], tg, "pong")?;
+                ensure!(
+                    spin_until(|| a_mr.mem().read()[last], tg, WAIT),
+                    "pong never landed"
+                );
             } else {
                 t.local.with_mut(|b| b[size - 1] = tg);
                 c0 = clock::cycles();
                 t.conn
                     .write(&t.local, 0, &b_desc, size as u64, size)?
                     .wait(WAIT)?;
-                spin(&|| t.local.with(|b| b[last]), tg, "pong")?;
+                ensure!(
+                    spin_until(|| t.local.with(|b| b[last]), tg, WAIT),
+                    "pong never landed"
+                );
             }
             if i >= 2 * warm {
                 counts[k].push(clock::cycles().saturating_sub(c0));

@@ -10,7 +10,8 @@
 //! Run inside soft-RoCE: `scripts/softroce.sh -- target/release/rdma-perf write_lat --size 8`.
 //! The last line is machine-readable: `RESULT <test> <mode> typical_us=<x>` or `bw_mb_s=<x>`.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
+use genie_benches::spin_until;
 use genie_sys::clock;
 use genie_transport::perf::{self, PerfArgs, PerfRole, PerfTest};
 use genie_transport::{open, BackendChoice, PollMode, TransportConfig};
@@ -102,12 +103,10 @@ fn write_lat(a: &Args) -> Result<()> {
     let peer = std::thread::spawn(move || -> Result<()> {
         for i in 0..total {
             let tag = (i % 255) as u8 + 1;
-            let mut deadline = spin_deadline(wait);
-            while rb.with(|b| b[last]) != tag {
-                if deadline.passed() {
-                    bail!("ping {i} never landed");
-                }
-            }
+            ensure!(
+                spin_until(|| rb.with(|b| b[last]), tag, wait),
+                "ping {i} never landed"
+            );
             rb.with_mut(|b| b[size - 1] = tag);
             ba.write(&rb, 0, &da, size as u64, size)?.wait(wait)?;
         }
@@ -123,12 +122,10 @@ fn write_lat(a: &Args) -> Result<()> {
         ra.with_mut(|b| b[size - 1] = tag);
         let start = clock::cycles();
         ab.write(&ra, 0, &db, size as u64, size)?.wait(wait)?;
-        let mut deadline = spin_deadline(wait);
-        while ra.with(|b| b[last]) != tag {
-            if deadline.passed() {
-                bail!("pong {i} never came");
-            }
-        }
+        ensure!(
+            spin_until(|| ra.with(|b| b[last]), tag, wait),
+            "pong {i} never came"
+        );
         if i >= warm {
             rtts.push(clock::cycles().saturating_sub(start));
         }
@@ -162,15 +159,6 @@ fn write_lat(a: &Args) -> Result<()> {
         mode_name(a.mode)
     );
     Ok(())
-}
-
-/// The deadline of a polling loop like perftest's: a pure spin on memory, without the `pause` of
-/// [`std::hint::spin_loop`] (perftest's loop has none; on soft-RoCE's emulated CPU each `pause`
-/// leaves the translated code, 0.26 us a step, which delays seeing the peer's write). In busy-poll
-/// mode the transport's completion threads stay parked while the user drives. The clock is read
-/// once per 1024 steps (reading it on every step would slow the loop).
-fn spin_deadline(wait: Duration) -> clock::SpinDeadline {
-    clock::SpinDeadline::every(wait, 1024)
 }
 
 fn via_perf(a: &Args, test: PerfTest) -> Result<perf::PerfRow> {
