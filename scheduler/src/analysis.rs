@@ -210,6 +210,12 @@ pub fn analyze_with(graph: &Graph, consumers: &Consumers) -> Analysis {
     a.attention_blocks.sort_by_key(|b| b.attention);
 
     // Fusable chains.
+    let mut is_output = vec![false; n];
+    for t in &graph.outputs {
+        if let Some(x) = is_output.get_mut(t.node.index()) {
+            *x = true;
+        }
+    }
     let mut in_chain = vec![false; n];
     for node in nodes {
         let head = matches!(
@@ -223,7 +229,7 @@ pub fn analyze_with(graph: &Graph, consumers: &Consumers) -> Analysis {
         let mut cur = node.id;
         loop {
             let next = consumers.of(cur);
-            if next.len() != 1 || graph.outputs.iter().any(|t| t.node == cur) {
+            if next.len() != 1 || is_output[cur.index()] {
                 break;
             }
             let nx = &nodes[next[0].index()];

@@ -374,6 +374,11 @@ fn check_gpt2(c: &Gpt2Config, tokens: usize) -> Result<(), Error> {
     check(
         c.heads > 0 && c.hidden % c.heads == 0 && c.hidden > 0,
         "gpt2: hidden must be a positive multiple of heads",
+    )?;
+    // The MLP is 4·hidden wide; larger tensors are refused by the graph's own size checks.
+    check(
+        c.hidden.checked_mul(4).is_some(),
+        "gpt2: hidden is too large",
     )
 }
 
@@ -633,6 +638,12 @@ pub fn resnet(c: &ResNetConfig) -> Result<Graph, Error> {
         "resnet: batch, width, classes must be positive",
     )?;
     check(c.image >= 32, "resnet: image must be at least 32 pixels")?;
+    // The last stage is 8·width planes, expanded 4×; larger tensors are refused by the graph's
+    // own size checks.
+    check(
+        c.width.checked_mul(32).is_some(),
+        "resnet: width is too large",
+    )?;
     let eps = c.batch_norm_eps;
     let mut b = Builder::new("resnet50", Phase::Vision);
     let x = b.input("images", &[c.batch, 3, c.image, c.image], DType::F32)?;

@@ -261,7 +261,7 @@ pub fn peak_memory(
         }
         let home = placement[node.id.index()];
         if resident(residency[node.id.index()]) {
-            base[home.index()] += bytes;
+            base[home.index()] = base[home.index()].saturating_add(bytes);
         }
         // Last use per device (home included when the producer's own copy is an activation).
         last_on.clear();
@@ -285,12 +285,13 @@ pub fn peak_memory(
                 None => last_on.push((d, p)),
             }
         }
-        let b = bytes as i64;
+        // Saturating: a validated graph stays far below (see `graph::MAX_GRAPH_BYTES`).
+        let b = i64::try_from(bytes).unwrap_or(i64::MAX);
         for &(d, end) in &last_on {
             let row = d.index() * (steps + 1);
             let (s, e) = (start.min(end) as usize, start.max(end) as usize);
-            delta[row + s] += b;
-            delta[row + e + 1] -= b;
+            delta[row + s] = delta[row + s].saturating_add(b);
+            delta[row + e + 1] = delta[row + e + 1].saturating_sub(b);
         }
     }
     (0..n_devices)
@@ -299,10 +300,10 @@ pub fn peak_memory(
             let mut cur = 0i64;
             let mut peak = 0i64;
             for &x in row {
-                cur += x;
+                cur = cur.saturating_add(x);
                 peak = peak.max(cur);
             }
-            base[d] + peak as u64
+            base[d].saturating_add(peak.unsigned_abs())
         })
         .collect()
 }
@@ -346,12 +347,11 @@ pub fn fit_memory(
             if placement[m[0].index()] != dev {
                 continue;
             }
-            let bytes: u64 = m
+            let bytes = m
                 .iter()
                 .filter_map(|v| graph.node(*v))
                 .filter(|x| !matches!(x.op, OpKind::Input))
-                .map(|x| x.output_bytes())
-                .sum();
+                .fold(0u64, |acc, x| acc.saturating_add(x.output_bytes()));
             if bytes > 0 {
                 cands.push((bytes, g));
             }
@@ -382,14 +382,16 @@ pub fn fit_memory(
         }
         budget = budget.saturating_sub(1);
         if !moved || budget == 0 {
-            let total: u64 = fit.peak.iter().sum();
+            let total = fit.peak.iter().fold(0u64, |a, &b| a.saturating_add(b));
             return Err(crate::Error::OutOfMemory {
                 device: dev,
                 device_name: device_name(dev),
                 peak_bytes: fit.peak[d],
                 capacity_bytes: capacity[d],
                 total_peak_bytes: total,
-                total_capacity_bytes: allowed.iter().map(|a| capacity[a.index()]).sum(),
+                total_capacity_bytes: allowed
+                    .iter()
+                    .fold(0u64, |acc, a| acc.saturating_add(capacity[a.index()])),
             });
         }
         tracing::debug!(

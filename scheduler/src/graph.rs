@@ -142,6 +142,15 @@ impl DType {
     }
 }
 
+/// Most dimensions a tensor may have (PyTorch's own limit). Bounding the rank keeps every shape
+/// rule O(1) per input, so validation is linear in the size of the graph.
+pub const MAX_RANK: usize = 64;
+
+/// Most bytes the outputs of all nodes of one graph may take together: 1 EiB, far above any model,
+/// and low enough that sums over a graph's tensors (a device's peak memory, the bytes of all
+/// transfers, even counted once per device) stay within `u64` and the memory sweep's `i64`.
+pub const MAX_GRAPH_BYTES: u64 = 1 << 60;
+
 /// Shape and element type of one tensor. Its size is derived: [`TensorMeta::bytes`].
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -161,14 +170,37 @@ impl TensorMeta {
         }
     }
 
-    /// Number of elements (1 for a scalar).
-    pub fn elements(&self) -> u64 {
-        self.shape.iter().map(|&d| d as u64).product()
+    /// Number of elements (1 for a scalar), or `None` when the product of the non-zero
+    /// dimensions times the element size overflows `u64` (so every stride fits as well, in
+    /// elements and in bytes). [`Graph::validate`] refuses such a tensor.
+    pub fn checked_elements(&self) -> Option<u64> {
+        let mut span: u64 = 1;
+        let mut empty = false;
+        for &d in &self.shape {
+            if d == 0 {
+                empty = true;
+            } else {
+                span = span.checked_mul(u64::try_from(d).ok()?)?;
+            }
+        }
+        span.checked_mul(self.dtype.size())?;
+        Some(if empty { 0 } else { span })
     }
 
-    /// Size in bytes.
+    /// Size in bytes, or `None` when it overflows (see [`TensorMeta::checked_elements`]).
+    pub fn checked_bytes(&self) -> Option<u64> {
+        self.checked_elements()?.checked_mul(self.dtype.size())
+    }
+
+    /// Number of elements (1 for a scalar); saturates at `u64::MAX`, which a validated graph
+    /// never reaches.
+    pub fn elements(&self) -> u64 {
+        self.checked_elements().unwrap_or(u64::MAX)
+    }
+
+    /// Size in bytes; saturates at `u64::MAX`, which a validated graph never reaches.
     pub fn bytes(&self) -> u64 {
-        self.elements() * self.dtype.size()
+        self.checked_bytes().unwrap_or(u64::MAX)
     }
 
     /// Number of dimensions.
@@ -543,9 +575,12 @@ impl Node {
         }
     }
 
-    /// Total bytes of all outputs.
+    /// Total bytes of all outputs (saturating; a validated graph stays far below the limit, see
+    /// [`MAX_GRAPH_BYTES`]).
     pub fn output_bytes(&self) -> u64 {
-        self.outputs.iter().map(TensorMeta::bytes).sum()
+        self.outputs
+            .iter()
+            .fold(0u64, |acc, m| acc.saturating_add(m.bytes()))
     }
 }
 
@@ -681,6 +716,56 @@ pub enum GraphError {
         /// What is wrong.
         reason: String,
     },
+    /// An output has more than [`MAX_RANK`] dimensions.
+    #[error("node {node} `{name}` output {output} has rank {rank}; at most {max} is allowed")]
+    RankTooLarge {
+        /// The node.
+        node: NodeId,
+        /// Its name.
+        name: String,
+        /// Output index.
+        output: usize,
+        /// Its rank.
+        rank: usize,
+        /// [`MAX_RANK`].
+        max: usize,
+    },
+    /// An output's element count or byte size does not fit in `u64`
+    /// (see [`TensorMeta::checked_elements`]).
+    #[error("node {node} `{name}` output {output} {dtype:?}{shape:?} is too large: its size overflows u64")]
+    TensorTooLarge {
+        /// The node.
+        node: NodeId,
+        /// Its name.
+        name: String,
+        /// Output index.
+        output: usize,
+        /// The shape.
+        shape: Vec<usize>,
+        /// The element type.
+        dtype: DType,
+    },
+    /// A dimension computed by the node's shape rule overflows (a concatenation or an appended
+    /// cache longer than `usize::MAX`, `heads · head_dim` overflowing, ...).
+    #[error("node {node} `{name}`: shape arithmetic overflows: {reason}")]
+    ShapeOverflow {
+        /// The node.
+        node: NodeId,
+        /// Its name.
+        name: String,
+        /// Which computation overflowed.
+        reason: String,
+    },
+    /// The outputs of all nodes up to this one take more than [`MAX_GRAPH_BYTES`] together.
+    #[error("graph too large: its tensors up to node {node} `{name}` take more than {max} bytes")]
+    GraphTooLarge {
+        /// The node at which the running total passed the limit.
+        node: NodeId,
+        /// Its name.
+        name: String,
+        /// [`MAX_GRAPH_BYTES`].
+        max: u64,
+    },
 }
 
 /// A model graph. See the [module docs](self) for the JSON format.
@@ -803,6 +888,7 @@ impl Graph {
                 reason: format!("{} needs declared outputs", op.name()),
             }
         })?;
+        check_tensors(id, &name, &outputs)?;
         self.hash.take();
         self.nodes.push(Node {
             id,
@@ -845,40 +931,31 @@ impl Graph {
         self.nodes
             .iter()
             .filter(|n| matches!(n.op, OpKind::Parameter { trainable: true }))
-            .map(|n| n.outputs.iter().map(TensorMeta::elements).sum::<u64>())
-            .sum()
+            .flat_map(|n| &n.outputs)
+            .fold(0u64, |acc, m| acc.saturating_add(m.elements()))
     }
 
-    /// Builds the consumer lists of every node.
+    /// Builds the consumer lists of every node, in time linear in the number of edges (a node
+    /// that reads one producer many times, e.g. a concatenation of copies, is listed once).
+    /// Inputs that name no node are skipped.
     pub fn consumers(&self) -> Consumers {
         let n = self.nodes.len();
+        let mut last = vec![0usize; n];
         let mut counts = vec![0u32; n + 1];
-        for node in &self.nodes {
-            // Inputs are few; count each distinct producer once.
-            for (k, t) in node.inputs.iter().enumerate() {
-                if node.inputs[..k].iter().any(|u| u.node == t.node) {
-                    continue;
-                }
-                if let Some(c) = counts.get_mut(t.node.index() + 1) {
-                    *c += 1;
-                }
-            }
+        for (pos, node) in self.nodes.iter().enumerate() {
+            for_each_producer(&mut last, pos, node, |p| counts[p + 1] += 1);
         }
         for i in 1..=n {
             counts[i] += counts[i - 1];
         }
+        last.fill(0);
         let mut fill = counts.clone();
         let mut targets = vec![NodeId(0); counts[n] as usize];
-        for node in &self.nodes {
-            for (k, t) in node.inputs.iter().enumerate() {
-                if node.inputs[..k].iter().any(|u| u.node == t.node) {
-                    continue;
-                }
-                if let Some(slot) = fill.get_mut(t.node.index()) {
-                    targets[*slot as usize] = node.id;
-                    *slot += 1;
-                }
-            }
+        for (pos, node) in self.nodes.iter().enumerate() {
+            for_each_producer(&mut last, pos, node, |p| {
+                targets[fill[p] as usize] = node.id;
+                fill[p] += 1;
+            });
         }
         Consumers {
             offsets: counts,
@@ -887,18 +964,16 @@ impl Graph {
     }
 
     /// A topological order (Kahn's algorithm, smallest id first among ready nodes in FIFO
-    /// order), or the cycle error. Assumes edges are in range (see [`Graph::validate`]).
+    /// order), or the cycle error, in time linear in the number of edges. Assumes ids equal
+    /// positions and edges are in range (see [`Graph::validate`]); others are skipped.
     pub fn topo_order(&self) -> Result<Vec<NodeId>, GraphError> {
         let n = self.nodes.len();
         let cons = self.consumers();
         let mut indeg = vec![0u32; n];
-        for node in &self.nodes {
-            for (k, t) in node.inputs.iter().enumerate() {
-                if node.inputs[..k].iter().any(|u| u.node == t.node) {
-                    continue;
-                }
-                if t.node.index() < n {
-                    indeg[node.id.index()] += 1;
+        for u in 0..n as u32 {
+            for v in cons.of(NodeId(u)) {
+                if let Some(d) = indeg.get_mut(v.index()) {
+                    *d += 1;
                 }
             }
         }
@@ -909,10 +984,11 @@ impl Graph {
             let u = order[head];
             head += 1;
             for &v in cons.of(u) {
-                let d = &mut indeg[v.index()];
-                *d -= 1;
-                if *d == 0 {
-                    order.push(v);
+                if let Some(d) = indeg.get_mut(v.index()) {
+                    *d -= 1;
+                    if *d == 0 {
+                        order.push(v);
+                    }
                 }
             }
         }
@@ -940,8 +1016,13 @@ impl Graph {
             .all(|n| n.inputs.iter().all(|t| t.node < n.id))
     }
 
-    /// Checks the whole graph: ids dense and unique, edges and graph outputs in range, no cycle,
-    /// and every node's inputs and declared outputs consistent with its op.
+    /// Checks the whole graph: ids dense and unique, edges and graph outputs in range, every
+    /// tensor at most [`MAX_RANK`] dimensions with a size that fits in `u64`, all tensors together
+    /// at most [`MAX_GRAPH_BYTES`], no cycle, and every node's inputs and declared outputs
+    /// consistent with its op.
+    ///
+    /// Time and memory are linear in the size of the graph (nodes, edges and dimensions), so a
+    /// hostile graph is refused as quickly as it was read.
     pub fn validate(&self) -> Result<(), GraphError> {
         let n = self.nodes.len();
         let mut seen = vec![usize::MAX; n];
@@ -994,6 +1075,18 @@ impl Graph {
                 return Err(GraphError::DanglingGraphOutput { index, tensor: *t });
             }
         }
+        let mut total: u64 = 0;
+        for node in &self.nodes {
+            check_tensors(node.id, &node.name, &node.outputs)?;
+            total = total
+                .checked_add(node.output_bytes())
+                .filter(|&t| t <= MAX_GRAPH_BYTES)
+                .ok_or_else(|| GraphError::GraphTooLarge {
+                    node: node.id,
+                    name: node.name.clone(),
+                    max: MAX_GRAPH_BYTES,
+                })?;
+        }
         if !self.is_id_ordered() {
             self.topo_order()?;
         }
@@ -1028,6 +1121,23 @@ impl Graph {
     }
 }
 
+/// Calls `f` once per distinct producer of `node` (at position `pos`) that is in range.
+/// `last[p]` holds the position + 1 of the last node that reported `p`; nodes are visited in
+/// position order, so a repeated input is recognised in O(1) instead of by a scan of the inputs
+/// before it (which made a node with millions of inputs quadratic).
+fn for_each_producer(last: &mut [usize], pos: usize, node: &Node, mut f: impl FnMut(usize)) {
+    let stamp = pos + 1;
+    for t in &node.inputs {
+        let p = t.node.index();
+        if let Some(l) = last.get_mut(p) {
+            if *l != stamp {
+                *l = stamp;
+                f(p);
+            }
+        }
+    }
+}
+
 /// FNV-1a: stable across runs and platforms, so a hash can be recorded and compared later.
 struct Fnv64(u64);
 
@@ -1049,6 +1159,31 @@ impl Hasher for Fnv64 {
     }
 }
 
+/// Every output at most [`MAX_RANK`] dimensions, with a size that fits in `u64`.
+fn check_tensors(id: NodeId, name: &str, outputs: &[TensorMeta]) -> Result<(), GraphError> {
+    for (output, m) in outputs.iter().enumerate() {
+        if m.rank() > MAX_RANK {
+            return Err(GraphError::RankTooLarge {
+                node: id,
+                name: name.to_owned(),
+                output,
+                rank: m.rank(),
+                max: MAX_RANK,
+            });
+        }
+        if m.checked_bytes().is_none() {
+            return Err(GraphError::TensorTooLarge {
+                node: id,
+                name: name.to_owned(),
+                output,
+                shape: m.shape.clone(),
+                dtype: m.dtype,
+            });
+        }
+    }
+    Ok(())
+}
+
 fn check_node_outputs(
     g: &Graph,
     id: NodeId,
@@ -1057,6 +1192,7 @@ fn check_node_outputs(
     inputs: &[TensorRef],
     outputs: &[TensorMeta],
 ) -> Result<(), GraphError> {
+    check_tensors(id, name, outputs)?;
     if op.is_source() {
         if !inputs.is_empty() {
             return Err(GraphError::Arity {
@@ -1134,6 +1270,13 @@ impl Infer<'_> {
                 .get(input)
                 .map(|m| m.shape.clone())
                 .unwrap_or_default(),
+            reason: reason.into(),
+        }
+    }
+    fn overflow(&self, reason: impl Into<String>) -> GraphError {
+        GraphError::ShapeOverflow {
+            node: self.id,
+            name: self.name.to_owned(),
             reason: reason.into(),
         }
     }
@@ -1216,7 +1359,7 @@ fn broadcast(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
 
 fn pool_dim(len: usize, k: usize, s: usize, p: usize, d: usize) -> Option<usize> {
     let span = d.checked_mul(k.checked_sub(1)?)?.checked_add(1)?;
-    let padded = len.checked_add(2 * p)?;
+    let padded = len.checked_add(p.checked_mul(2)?)?;
     if s == 0 || padded < span {
         return None;
     }
@@ -1280,7 +1423,10 @@ fn infer_outputs(
                         );
                     }
                     cx.same_dtype(c, dt)?;
-                    one(vec![2, k[0], cache[2] + k[1], k[2]], dt)
+                    let len = cache[2]
+                        .checked_add(k[1])
+                        .ok_or_else(|| cx.overflow("cache length + new tokens"))?;
+                    one(vec![2, k[0], len, k[2]], dt)
                 }
             }
         }
@@ -1381,7 +1527,7 @@ fn infer_outputs(
             if *groups == 0 || x[1] % groups != 0 || w[0] % groups != 0 {
                 return Err(cx.attr_err(format!("groups {groups} must divide channels")));
             }
-            if w[1] * groups != x[1] {
+            if w[1].checked_mul(*groups) != Some(x[1]) {
                 return Err(
                     cx.shape_err(1, format!("weight must be [O, {}, kh, kw]", x[1] / groups))
                 );
@@ -1437,7 +1583,9 @@ fn infer_outputs(
         } => {
             cx.arity(n == 3, "3")?;
             let dt = cx.float(0)?;
-            let e = heads * head_dim;
+            let e = heads
+                .checked_mul(*head_dim)
+                .ok_or_else(|| cx.overflow("heads · head_dim"))?;
             if e == 0 {
                 return Err(cx.attr_err("heads and head_dim must be positive"));
             }
@@ -1503,8 +1651,8 @@ fn infer_outputs(
         }
         OpKind::Reshape { shape } => {
             cx.arity(n == 1, "1")?;
-            let want: u64 = shape.iter().map(|&d| d as u64).product();
-            if want != cx.ins[0].elements() {
+            let want = TensorMeta::new(shape.clone(), cx.ins[0].dtype).checked_elements();
+            if want.is_none() || want != cx.ins[0].checked_elements() {
                 return Err(cx.shape_err(0, format!("cannot reshape to {shape:?}")));
             }
             one(shape.clone(), cx.ins[0].dtype)
@@ -1534,26 +1682,32 @@ fn infer_outputs(
             }
             let mut s = first.clone();
             for i in 1..n {
-                let o = &cx.ins[i].shape;
-                cx.same_dtype(i, cx.ins[0].dtype)?;
-                if o.len() != first.len()
-                    || o.iter()
-                        .zip(first)
-                        .enumerate()
-                        .any(|(d, (a, b))| d != *axis && a != b)
-                {
-                    return Err(
-                        cx.shape_err(i, format!("must match {first:?} except on axis {axis}"))
-                    );
+                // A repeat of the first input needs no comparison (a concatenation of copies).
+                if !std::ptr::eq(cx.ins[i], cx.ins[0]) {
+                    let o = &cx.ins[i].shape;
+                    cx.same_dtype(i, cx.ins[0].dtype)?;
+                    if o.len() != first.len()
+                        || o.iter()
+                            .zip(first)
+                            .enumerate()
+                            .any(|(d, (a, b))| d != *axis && a != b)
+                    {
+                        return Err(
+                            cx.shape_err(i, format!("must match {first:?} except on axis {axis}"))
+                        );
+                    }
                 }
-                s[*axis] += o[*axis];
+                s[*axis] = s[*axis]
+                    .checked_add(cx.ins[i].shape[*axis])
+                    .ok_or_else(|| cx.overflow(format!("length of axis {axis}")))?;
             }
             one(s, cx.ins[0].dtype)
         }
         OpKind::Split { axis, sizes } => {
             cx.arity(n == 1, "1")?;
             let x = &cx.ins[0].shape;
-            if *axis >= x.len() || sizes.iter().sum::<usize>() != x[*axis] || sizes.is_empty() {
+            let total = sizes.iter().try_fold(0usize, |a, &b| a.checked_add(b));
+            if *axis >= x.len() || total != Some(x[*axis]) || sizes.is_empty() {
                 return Err(
                     cx.attr_err(format!("sizes {sizes:?} do not split axis {axis} of {x:?}"))
                 );

@@ -547,6 +547,5 @@ pub fn cross_device_bytes(graph: &Graph, placement: &[DeviceId]) -> u64 {
     seen.dedup();
     seen.iter()
         .filter_map(|&(n, o, _)| graph.tensor(crate::graph::TensorRef::new(NodeId(n), o)))
-        .map(|m| m.bytes())
-        .sum()
+        .fold(0u64, |acc, m| acc.saturating_add(m.bytes()))
 }

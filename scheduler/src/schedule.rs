@@ -316,9 +316,11 @@ impl ExecutionSchedule {
         Ok(())
     }
 
-    /// Total bytes of all transfers.
+    /// Total bytes of all transfers (saturating at `u64::MAX`).
     pub fn transfer_bytes(&self) -> u64 {
-        self.transfers.iter().map(|t| t.bytes).sum()
+        self.transfers
+            .iter()
+            .fold(0u64, |acc, t| acc.saturating_add(t.bytes))
     }
 
     /// Serializes to pretty JSON.
