@@ -51,6 +51,8 @@ pub mod constraints;
 pub mod cost;
 pub mod dispatch;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod graph;
 pub mod placement;
 pub mod recompute;
