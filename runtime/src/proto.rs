@@ -219,6 +219,17 @@ pub fn payload_slice<'a>(payload: &'a [u8], t: &PayloadTensor, from: &str) -> Re
     }
 }
 
+/// Fuzzing hook (`fuzz/fuzz_targets/runtime_msg.rs`): decodes `data` as a message; one that
+/// decodes must encode, and decode and encode again to the same bytes. Never panics otherwise.
+#[doc(hidden)]
+pub fn fuzz_decode(data: &[u8]) {
+    if let Ok((msg, payload)) = decode(data, "fuzz") {
+        let bytes = encode(&msg, &payload).expect("a decoded message encodes");
+        let again = decode(&bytes, "fuzz").and_then(|(m, p)| encode(&m, &p));
+        assert_eq!(again.ok(), Some(bytes), "a message does not round-trip");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
