@@ -413,6 +413,20 @@ impl Context {
     }
 }
 
+/// What a peer's one-sided operations may do to a registration (the NIC checks it with the rkey).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RemoteAccess {
+    /// Nothing: local send/receive buffers.
+    None,
+    /// RDMA READ only (a source the peer pulls from).
+    Read,
+    /// RDMA WRITE only (a landing region the peer pushes into).
+    Write,
+    /// Both.
+    ReadWrite,
+}
+
 /// A protection domain: memory registrations and QPs that may be used together.
 #[derive(Clone)]
 pub struct ProtectionDomain {
@@ -429,12 +443,34 @@ impl fmt::Debug for ProtectionDomain {
 }
 
 impl ProtectionDomain {
-    /// Registers `mem` with local write, remote read and remote write access.
+    /// Registers `mem` with local write, remote read and remote write access
+    /// ([`RemoteAccess::ReadWrite`]; see [`ProtectionDomain::register_with`]).
+    pub fn register(&self, mem: Arc<SharedBuf>) -> Result<Mr, VerbsError> {
+        self.register_with(mem, RemoteAccess::ReadWrite)
+    }
+
+    /// Registers `mem` for local use only (send and receive buffers): no rkey grants anything.
+    pub fn register_local(&self, mem: Arc<SharedBuf>) -> Result<Mr, VerbsError> {
+        self.register_with(mem, RemoteAccess::None)
+    }
+
+    /// Registers `mem` with local write access and the remote access `remote` allows.
     ///
     /// The returned [`Mr`] keeps `mem` alive (it holds the `Arc`) and deregisters before releasing
     /// it, so the registration can never name freed memory; [`Mr::mem`] gives the bytes back.
-    pub fn register(&self, mem: Arc<SharedBuf>) -> Result<Mr, VerbsError> {
-        let access = AccessFlags::LocalWrite | AccessFlags::RemoteWrite | AccessFlags::RemoteRead;
+    pub fn register_with(
+        &self,
+        mem: Arc<SharedBuf>,
+        remote: RemoteAccess,
+    ) -> Result<Mr, VerbsError> {
+        let access = match remote {
+            RemoteAccess::None => AccessFlags::LocalWrite,
+            RemoteAccess::Read => AccessFlags::LocalWrite | AccessFlags::RemoteRead,
+            RemoteAccess::Write => AccessFlags::LocalWrite | AccessFlags::RemoteWrite,
+            RemoteAccess::ReadWrite => {
+                AccessFlags::LocalWrite | AccessFlags::RemoteWrite | AccessFlags::RemoteRead
+            }
+        };
         // ibv_reg_mr rejects length 0 on some providers, and an empty `Vec`'s address is dangling:
         // register one byte of a page of our own instead, so empty regions still get keys.
         let (mem_for_reg, len) = if mem.is_empty() {

@@ -72,6 +72,15 @@ pub struct TransportConfig {
     pub poll_mode: PollMode,
     /// RDMA device name (e.g. `rxe0`, `mlx5_0`); `None` picks the first usable one. Default none.
     pub rdma_device: Option<String>,
+    /// Messages and notifications one connection queues for the application (not yet taken with
+    /// `recv`/`recv_notification`) before it stops taking more from the peer, which is then held
+    /// by flow control (back-pressure, never growth): TCP stops reading the socket; RDMA withholds
+    /// the receive credits of what arrives past it until the application takes it, so the
+    /// peer's sends wait. Default 4096.
+    pub max_inbound_queue: usize,
+    /// Bytes of queued messages per connection before the same back-pressure (one message of up
+    /// to `max_message_size` may overshoot it). Default 64 MiB.
+    pub max_inbound_bytes: usize,
     /// TCP streams per peer connection. Default 1, the only value the TCP backend accepts today
     /// (no bandwidth gain from more streams could be shown; see [`crate::tcp`]).
     pub tcp_streams: usize,
@@ -87,6 +96,8 @@ impl Default for TransportConfig {
             max_message_size: 64 * 1024,
             poll_mode: PollMode::Blocking,
             rdma_device: None,
+            max_inbound_queue: 4096,
+            max_inbound_bytes: 64 << 20,
             tcp_streams: 1,
         }
     }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 /// Grouped by cause:
 /// - **remote access violations** (the peer refused our one-sided access; nothing was touched):
 ///   [`RegionOutOfBounds`](Self::RegionOutOfBounds), [`BadKey`](Self::BadKey),
+///   [`AccessDenied`](Self::AccessDenied),
 ///   [`UnknownRegion`](Self::UnknownRegion) — fix the descriptor or offsets;
 /// - **peer misbehaved** (it sent something that breaks the protocol; its connection was closed):
 ///   [`InvalidFrame`](Self::InvalidFrame), [`PeerMisbehaved`](Self::PeerMisbehaved);
@@ -44,6 +45,15 @@ pub enum TransportError {
     BadKey {
         /// Target region id.
         region: u64,
+    },
+    /// The target region does not allow this kind of remote access (a read of a write-only
+    /// landing region, a write into a read-only source, any access to a local-only region).
+    #[error("region {region} does not allow remote {op}s")]
+    AccessDenied {
+        /// Target region id.
+        region: u64,
+        /// What was refused: "read" or "write".
+        op: &'static str,
     },
     /// The target endpoint has no region with this id (never registered, or dropped).
     #[error("unknown region {region}")]
@@ -182,7 +192,10 @@ impl TransportError {
     pub fn is_access_violation(&self) -> bool {
         matches!(
             self,
-            Self::RegionOutOfBounds { .. } | Self::BadKey { .. } | Self::UnknownRegion { .. }
+            Self::RegionOutOfBounds { .. }
+                | Self::BadKey { .. }
+                | Self::UnknownRegion { .. }
+                | Self::AccessDenied { .. }
         )
     }
 }

@@ -73,6 +73,8 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod accept;
+pub mod auth;
 pub mod completion;
 pub mod config;
 pub mod error;
@@ -87,7 +89,7 @@ pub mod tcp;
 pub use completion::{Batch, BatchStatus, Op};
 pub use config::{Backend, BackendChoice, PollMode, TransportConfig};
 pub use error::{Result, TransportError};
-pub use region::{EndpointId, Region, RemoteRegion};
+pub use region::{EndpointId, Region, RegionAccess, RemoteRegion};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -103,11 +105,21 @@ pub trait Transport: Send + Sync + std::fmt::Debug {
     fn local_addr(&self) -> SocketAddr;
     /// The configuration it was opened with.
     fn config(&self) -> &TransportConfig;
-    /// Allocates and registers a zeroed, page-aligned region of `len` bytes (large ones are fine).
-    fn alloc_region(&self, len: usize) -> Result<Region>;
-    /// Registers the caller's buffer; ownership moves into the region
-    /// (get it back with [`Region::try_into_vec`]).
-    fn register(&self, buf: Vec<u8>) -> Result<Region>;
+    /// Allocates and registers a zeroed, page-aligned region of `len` bytes (large ones are fine)
+    /// that peers may read and write ([`RegionAccess::ReadWrite`]).
+    fn alloc_region(&self, len: usize) -> Result<Region> {
+        self.alloc_region_with(len, RegionAccess::ReadWrite)
+    }
+    /// Allocates a region whose descriptor grants peers only `access` (least privilege: a
+    /// landing region [`RegionAccess::Write`], a source [`RegionAccess::Read`]).
+    fn alloc_region_with(&self, len: usize, access: RegionAccess) -> Result<Region>;
+    /// Registers the caller's buffer, which peers may read and write; ownership moves into the
+    /// region (get it back with [`Region::try_into_vec`]).
+    fn register(&self, buf: Vec<u8>) -> Result<Region> {
+        self.register_with(buf, RegionAccess::ReadWrite)
+    }
+    /// Registers the caller's buffer, granting peers only `access`.
+    fn register_with(&self, buf: Vec<u8>, access: RegionAccess) -> Result<Region>;
     /// Connects to the endpoint listening at `addr` (handshake included; bounded by the peer timeout).
     fn connect(&self, addr: SocketAddr) -> Result<Arc<dyn Connection>>;
     /// Waits up to `timeout` for the next incoming connection. An `Err` other than

@@ -37,6 +37,52 @@ pub struct RemoteRegion {
     pub addr: u64,
 }
 
+impl Region {
+    /// What peers may do to this region.
+    pub fn access(&self) -> RegionAccess {
+        self.inner.access
+    }
+}
+
+/// What peers may do to a region with its descriptor. Grant only what the region is used for:
+/// a landing region needs [`RegionAccess::Write`], a source [`RegionAccess::Read`]. On RDMA the
+/// NIC enforces it (the memory registration's access flags); on TCP the target's progress thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum RegionAccess {
+    /// Peers may read and write (the default of [`crate::Transport::alloc_region`]).
+    #[default]
+    ReadWrite,
+    /// Peers may only read (a source a peer pulls from).
+    Read,
+    /// Peers may only write (a landing region a peer pushes into).
+    Write,
+    /// No remote access at all: the region is only a local source or destination of our own
+    /// transfers.
+    Local,
+}
+
+impl RegionAccess {
+    /// Whether a remote read is allowed.
+    pub fn allows_read(self) -> bool {
+        matches!(self, RegionAccess::ReadWrite | RegionAccess::Read)
+    }
+    /// Whether a remote write is allowed.
+    pub fn allows_write(self) -> bool {
+        matches!(self, RegionAccess::ReadWrite | RegionAccess::Write)
+    }
+}
+
+/// A remote operation, as [`RegionTable::check_remote`] checks it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RemoteOp {
+    /// The peer reads the region.
+    Read,
+    /// The peer writes the region.
+    Write,
+}
+
 /// A backend's registration of a region (e.g. an RDMA memory region). Dropped before the memory.
 pub type Registration = Arc<dyn Any + Send + Sync>;
 
@@ -44,6 +90,7 @@ struct RegionInner {
     id: u64,
     len: usize,
     key: u64,
+    access: RegionAccess,
     endpoint: EndpointId,
     backend: Backend,
     remote_addr: u64,
@@ -248,6 +295,8 @@ pub struct NewRegion {
     pub remote_addr: u64,
     /// The backend's registration, dropped before the memory.
     pub registration: Option<Registration>,
+    /// What peers may do to it.
+    pub access: RegionAccess,
 }
 
 impl RegionTable {
@@ -274,6 +323,7 @@ impl RegionTable {
             id,
             len,
             key: new.key.unwrap_or_else(rand::random),
+            access: new.access,
             endpoint: self.endpoint,
             backend: self.backend,
             remote_addr: new.remote_addr,
@@ -285,24 +335,36 @@ impl RegionTable {
         Region { inner }
     }
 
-    /// Allocates a zeroed, page-aligned region of `len` bytes.
+    /// Allocates a zeroed, page-aligned region of `len` bytes that peers may read and write.
     pub fn alloc(self: &Arc<Self>, len: usize) -> Result<Region> {
+        self.alloc_with(len, RegionAccess::ReadWrite)
+    }
+
+    /// Allocates a zeroed, page-aligned region of `len` bytes with the given remote access.
+    pub fn alloc_with(self: &Arc<Self>, len: usize, access: RegionAccess) -> Result<Region> {
         let mem = Arc::new(SharedBuf::zeroed(len)?);
         Ok(self.insert(NewRegion {
             mem,
             key: None,
             remote_addr: 0,
             registration: None,
+            access,
         }))
     }
 
-    /// Registers the caller's buffer.
+    /// Registers the caller's buffer; peers may read and write it.
     pub fn register(self: &Arc<Self>, buf: Vec<u8>) -> Region {
+        self.register_with(buf, RegionAccess::ReadWrite)
+    }
+
+    /// Registers the caller's buffer with the given remote access.
+    pub fn register_with(self: &Arc<Self>, buf: Vec<u8>, access: RegionAccess) -> Region {
         self.insert(NewRegion {
             mem: Arc::new(SharedBuf::from_vec(buf)),
             key: None,
             remote_addr: 0,
             registration: None,
+            access,
         })
     }
 
@@ -314,9 +376,17 @@ impl RegionTable {
         }
     }
 
-    /// Checks a remote access before any memory is touched: the region exists, the key matches and
+    /// Checks a remote access before any memory is touched: the region exists, the key matches,
+    /// the region allows `op` (`None`: only existence and key, as a region query asks) and
     /// `[offset, offset+len)` is inside it. Returns the region on success.
-    pub fn check_remote(&self, region: u64, key: u64, offset: u64, len: u64) -> Result<Region> {
+    pub fn check_remote(
+        &self,
+        region: u64,
+        key: u64,
+        op: Option<RemoteOp>,
+        offset: u64,
+        len: u64,
+    ) -> Result<Region> {
         let inner = self
             .map
             .read()
@@ -326,6 +396,19 @@ impl RegionTable {
         let r = Region { inner };
         if r.key() != key {
             return Err(TransportError::BadKey { region });
+        }
+        let access = r.inner.access;
+        match op {
+            Some(RemoteOp::Read) if !access.allows_read() => {
+                return Err(TransportError::AccessDenied { region, op: "read" })
+            }
+            Some(RemoteOp::Write) if !access.allows_write() => {
+                return Err(TransportError::AccessDenied {
+                    region,
+                    op: "write",
+                })
+            }
+            _ => {}
         }
         let size = r.len() as u64;
         match offset.checked_add(len) {
@@ -360,13 +443,13 @@ mod tests {
         let r = t.alloc(100).unwrap();
         let d = r.descriptor();
         assert_eq!(d.endpoint, 7);
-        assert!(t.check_remote(d.region, d.key, 0, 100).is_ok());
+        assert!(t.check_remote(d.region, d.key, None, 0, 100).is_ok());
         assert!(matches!(
-            t.check_remote(d.region, d.key ^ 1, 0, 1),
+            t.check_remote(d.region, d.key ^ 1, None, 0, 1),
             Err(TransportError::BadKey { .. })
         ));
         assert!(matches!(
-            t.check_remote(d.region, d.key, 99, 2),
+            t.check_remote(d.region, d.key, None, 99, 2),
             Err(TransportError::RegionOutOfBounds {
                 offset: 99,
                 len: 2,
@@ -375,16 +458,16 @@ mod tests {
             })
         ));
         assert!(matches!(
-            t.check_remote(d.region, d.key, u64::MAX, 2),
+            t.check_remote(d.region, d.key, None, u64::MAX, 2),
             Err(TransportError::RegionOutOfBounds { .. })
         ));
         assert!(matches!(
-            t.check_remote(999, d.key, 0, 1),
+            t.check_remote(999, d.key, None, 0, 1),
             Err(TransportError::UnknownRegion { region: 999 })
         ));
         drop(r);
         assert!(matches!(
-            t.check_remote(d.region, d.key, 0, 1),
+            t.check_remote(d.region, d.key, None, 0, 1),
             Err(TransportError::UnknownRegion { .. })
         ));
         assert!(t.is_empty());

@@ -1,12 +1,13 @@
 //! One RDMA connection: set-up, posting with selective signalling and back-pressure, the completion
 //! thread and the side-channel thread.
 
-use super::handshake::{Handshake, Local, Progress};
+use super::handshake::{Action, Agreed, Handshake, HandshakeError};
 use super::wire::{
-    push_segment, read_frame, write_frame, Frame, FrameReader, RegionStatus, SEG_HEADER, SEG_LAST,
-    SEG_MORE,
+    push_segment, write_frame, DecodeError, Frame, FrameReader, QpInfo, RegionStatus, ACCESS_READ,
+    ACCESS_WRITE, SEG_HEADER, SEG_LAST, SEG_MORE,
 };
 use super::{describe, Endpoint};
+use crate::auth::Role;
 use crate::completion::{Batch, BatchBuilder, Completer, Op, OpPool, Progress as DriveHook};
 use crate::config::{Backend, PollMode};
 use crate::error::{Result, TransportError};
@@ -22,7 +23,7 @@ use parking_lot::{Condvar, Mutex};
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -65,17 +66,28 @@ fn verbs_io(call: &'static str, e: VerbsError) -> TransportError {
     TransportError::io(call, io::Error::other(describe(&e)))
 }
 
-/// Peer regions already checked with the peer: `(region, key) -> (length, address)`, with the
-/// last one used in front (the common case: many transfers to one region) to skip the hash.
+/// A region's access as [`RegionStatus::Ok`] carries it.
+fn access_bits(a: crate::region::RegionAccess) -> u8 {
+    let read = if a.allows_read() { ACCESS_READ } else { 0 };
+    let write = if a.allows_write() { ACCESS_WRITE } else { 0 };
+    read | write
+}
+
+/// A peer region as its owner described it: `(length, address, access bits)`.
+type PeerRegion = (u64, u64, u8);
+
+/// Peer regions already checked with the peer: `(region, key) -> (length, address, access)`,
+/// with the last one used in front (the common case: many transfers to one region) to skip the
+/// hash.
 #[derive(Default)]
 struct RegionCache {
-    last: Option<(u64, u64, (u64, u64))>,
-    map: HashMap<(u64, u64), (u64, u64)>,
+    last: Option<(u64, u64, PeerRegion)>,
+    map: HashMap<(u64, u64), PeerRegion>,
 }
 
 impl RegionCache {
     #[inline]
-    fn get(&mut self, region: u64, key: u64) -> Option<(u64, u64)> {
+    fn get(&mut self, region: u64, key: u64) -> Option<PeerRegion> {
         match self.last {
             Some((r, k, v)) if r == region && k == key => Some(v),
             _ => self.get_other(region, key),
@@ -83,13 +95,13 @@ impl RegionCache {
     }
 
     #[inline(never)]
-    fn get_other(&mut self, region: u64, key: u64) -> Option<(u64, u64)> {
+    fn get_other(&mut self, region: u64, key: u64) -> Option<PeerRegion> {
         let v = *self.map.get(&(region, key))?;
         self.last = Some((region, key, v));
         Some(v)
     }
 
-    fn insert(&mut self, region: u64, key: u64, v: (u64, u64)) {
+    fn insert(&mut self, region: u64, key: u64, v: PeerRegion) {
         self.map.insert((region, key), v);
         self.last = Some((region, key, v));
     }
@@ -98,10 +110,10 @@ impl RegionCache {
 /// State of CQ polling (see `ConnShared::progress`).
 struct Poller {
     wcs: Vec<Completion>,
-    /// Receive buffers re-posted whose credits are not yet returned.
-    consumed: u32,
     /// The message being reassembled from its segments (empty between messages).
     partial: Vec<u8>,
+    /// Receive buffers (credits) the message being reassembled has used so far.
+    partial_credits: u32,
     /// Operations a completion finished, completed once the state lock is released (kept to
     /// reuse its allocation).
     done: Vec<Completer>,
@@ -172,13 +184,24 @@ pub(crate) struct ConnShared {
     send_order: Mutex<()>,
     max_inline: usize,
     chunk: usize,
-    notes: Mutex<VecDeque<u32>>,
+    /// Notifications not yet taken by the application, each with the credit it holds.
+    notes: Mutex<VecDeque<(u32, u32)>>,
     notes_cv: Condvar,
-    msgs: Mutex<VecDeque<Vec<u8>>>,
+    /// Messages not yet taken by the application, each with the credits (segments) it holds.
+    msgs: Mutex<VecDeque<(Vec<u8>, u32)>>,
     msgs_cv: Condvar,
+    /// Credits freed but not yet returned to the peer. A receive buffer's credit goes back when
+    /// what arrived in it is taken into the inbound queues while they are under the endpoint's
+    /// `max_inbound_queue` / `max_inbound_bytes`; past that it is withheld (kept with the queued
+    /// item) until the application takes the item. So a peer that floods is held by
+    /// back-pressure (its sends wait for credits) and the queues stay bounded.
+    unreturned: AtomicU32,
+    /// Items (messages and notifications) and message bytes in the inbound queues.
+    inbound: Mutex<(usize, usize)>,
     alive: AtomicBool,
     dead: Mutex<Option<TransportError>>,
-    queries: Mutex<HashMap<u64, RegionStatus>>,
+    /// Open region checks: `None` until the answer came.
+    queries: Mutex<HashMap<u64, Option<RegionStatus>>>,
     queries_cv: Condvar,
     next_req: AtomicU64,
     /// Whoever polls the CQ holds this, so completions are handled in order by one thread at a time.
@@ -193,7 +216,7 @@ pub(crate) struct ConnShared {
     /// `State::retired`, readable without the state lock: stored (under the lock) after each
     /// change, so a submitter that sees its request here knows its completion was handled.
     retired: AtomicU64,
-    /// Return credits after this many receive buffers were re-posted.
+    /// Return credits once this many were freed.
     return_at: u32,
 }
 
@@ -203,17 +226,22 @@ fn local_error(local: &Region, what: &str) -> TransportError {
     TransportError::InvalidArgument(format!("region {} {what}", local.id()))
 }
 
-/// The rkey and address of `[offset, offset + len)` of `remote`, whose length and address at the
-/// peer are `(size, addr)`.
+/// The rkey and address of `[offset, offset + len)` of `remote`, whose length, address and
+/// access at the peer are `(size, addr, access)`, for an operation needing access bit `op`.
 #[inline(always)]
 fn remote_range(
     remote: &RemoteRegion,
     offset: u64,
     len: u64,
-    (size, addr): (u64, u64),
+    op: u8,
+    (size, addr, access): PeerRegion,
 ) -> Result<(u32, u64)> {
     match (offset.checked_add(len), u32::try_from(remote.key)) {
-        (Some(end), Ok(rkey)) if end <= size => Ok((rkey, addr + offset)),
+        (Some(end), Ok(rkey)) if end <= size && access & op != 0 => Ok((rkey, addr + offset)),
+        (Some(end), Ok(_)) if end <= size => Err(TransportError::AccessDenied {
+            region: remote.region,
+            op: if op == ACCESS_READ { "read" } else { "write" },
+        }),
         (_, rkey) => Err(resolve_error(remote, offset, len, size, rkey.is_ok())),
     }
 }
@@ -241,17 +269,20 @@ fn resolve_error(
     }
 }
 
-fn handshake_err(peer: SocketAddr, e: super::handshake::HandshakeError) -> TransportError {
-    use super::handshake::HandshakeError as H;
+fn handshake_err(peer: SocketAddr, e: HandshakeError) -> TransportError {
     match e {
-        H::VersionMismatch { ours, theirs } => TransportError::VersionMismatch {
+        HandshakeError::VersionMismatch { ours, theirs } => TransportError::VersionMismatch {
             peer: Some(peer),
             ours,
             theirs,
         },
-        e @ (H::SecretMismatch { .. } | H::BadProof) => TransportError::AuthFailed {
+        HandshakeError::Auth(e) => TransportError::AuthFailed {
             peer: Some(peer),
             reason: e.to_string(),
+        },
+        HandshakeError::Refused(super::wire::Refusal::Auth) => TransportError::AuthFailed {
+            peer: Some(peer),
+            reason: "refused by the peer: authentication failed".into(),
         },
         e => TransportError::PeerMisbehaved {
             peer: Some(peer),
@@ -260,41 +291,60 @@ fn handshake_err(peer: SocketAddr, e: super::handshake::HandshakeError) -> Trans
     }
 }
 
-fn read_hs(s: &mut TcpStream, peer: SocketAddr) -> Result<Frame> {
-    read_frame(s).map_err(|e| match e.kind() {
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => TransportError::PeerDead {
-            peer,
-            reason: "no answer during RDMA connection set-up".into(),
-        },
-        io::ErrorKind::InvalidData => TransportError::InvalidFrame {
-            peer: Some(peer),
-            expected: "handshake frame",
-            got: e.to_string(),
-        },
-        _ => TransportError::ConnectionClosed { peer },
-    })
+/// Reads the next handshake frame before `deadline` (one deadline for the whole set-up, however
+/// the peer drips its bytes).
+fn read_hs(
+    s: &mut TcpStream,
+    reader: &mut FrameReader,
+    peer: SocketAddr,
+    deadline: Instant,
+) -> Result<Frame> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(TransportError::PeerDead {
+                peer,
+                reason: "RDMA connection set-up not finished within the peer timeout".into(),
+            });
+        }
+        s.set_read_timeout(Some(left))
+            .map_err(io_err("setsockopt(SO_RCVTIMEO)"))?;
+        match reader.next(s) {
+            Ok(Some(f)) => return Ok(f),
+            Ok(None) => {}
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                let inner = e.get_ref().and_then(|x| x.downcast_ref::<DecodeError>());
+                if let Some(DecodeError::Version { theirs }) = inner {
+                    return Err(handshake_err(
+                        peer,
+                        super::handshake::version_error(*theirs),
+                    ));
+                }
+                return Err(TransportError::InvalidFrame {
+                    peer: Some(peer),
+                    expected: "handshake frame",
+                    got: e.to_string(),
+                });
+            }
+            Err(_) => return Err(TransportError::ConnectionClosed { peer }),
+        }
+    }
 }
 
-/// Sets up a connection over the side channel `s` (same steps on both sides).
-pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream) -> Result<Arc<ConnShared>> {
-    let peer = s.peer_addr().map_err(io_err("getpeername"))?;
-    let local_ip = s.local_addr().map_err(io_err("getsockname"))?.ip();
-    s.set_nodelay(true)
-        .map_err(io_err("setsockopt(TCP_NODELAY)"))?;
-    s.set_read_timeout(Some(ep.config.peer_timeout))
-        .map_err(io_err("setsockopt(SO_RCVTIMEO)"))?;
-    let unavailable = |reason: String| TransportError::BackendUnavailable {
-        backend: Backend::Rdma,
-        reason,
-    };
+/// A new connection's verbs resources, created only once the peer is authenticated.
+struct NewQp {
+    qp: Option<QueuePair<genie_sys::verbs::Init>>,
+    cq: CompletionQueue,
+    max_inline: u32,
+    recv_mr: Mr,
+    send_mr: Mr,
+    sq_depth: u32,
+    rq_depth: u32,
+    recv_size: usize,
+    info: QpInfo,
+}
 
-    let gid = gid_of_ip(local_ip);
-    let sgid_index = ep.ctx.gid_index(gid).ok_or_else(|| {
-        unavailable(format!(
-            "{} has no RoCE GID for the local address {local_ip}",
-            ep.ctx.name()
-        ))
-    })?;
+fn create_qp(ep: &Endpoint, sgid_index: u8, psn: u32) -> Result<NewQp> {
     let limits = ep.ctx.limits();
     let sq_depth = SQ_DEPTH.min(limits.max_qp_wr.max(2));
     let rq_depth = RECV_DEPTH.min(limits.max_qp_wr.max(2));
@@ -307,7 +357,7 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream) -> Result<Arc<Conn
         max_recv_wr: rq_depth,
         max_inline_data: MAX_INLINE,
     };
-    let (qp, max_inline) = match ep.pd.create_rc_qp(&cq, &cq, caps) {
+    let (mut qp, max_inline) = match ep.pd.create_rc_qp(&cq, &cq, caps) {
         Ok(qp) => (qp, MAX_INLINE),
         Err(_) => {
             let qp = ep
@@ -324,17 +374,17 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream) -> Result<Arc<Conn
             (qp, 0)
         }
     };
-    let mut qp = qp;
     let recv_size = ep.config.max_message_size.min(SEGMENT) + SEG_HEADER;
     let recv_buf = Arc::new(SharedBuf::zeroed(recv_size * rq_depth as usize)?);
     let send_buf = Arc::new(SharedBuf::zeroed(recv_size * SEND_SLOTS)?);
+    // Message buffers are the NIC's and ours only: no remote access at all.
     let recv_mr = ep
         .pd
-        .register(recv_buf)
+        .register_local(recv_buf)
         .map_err(|e| verbs_io("ibv_reg_mr", e))?;
     let send_mr = ep
         .pd
-        .register(send_buf)
+        .register_local(send_buf)
         .map_err(|e| verbs_io("ibv_reg_mr", e))?;
     for slot in 0..rq_depth as usize {
         qp.post_recv(
@@ -345,10 +395,7 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream) -> Result<Arc<Conn
         )
         .map_err(|e| verbs_io("ibv_post_recv", e))?;
     }
-
-    let psn = rand::random::<u32>() & 0xff_ffff;
-    let local = Local {
-        endpoint: ep.id,
+    let info = QpInfo {
         qpn: qp.qpn(),
         psn,
         gid: ep
@@ -358,51 +405,134 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream) -> Result<Arc<Conn
         mtu: limits.active_mtu,
         credits: rq_depth,
         recv_size: u32::try_from(recv_size).unwrap_or(u32::MAX),
-        secret: ep.config.secret.as_ref().map(|s| s.as_bytes().to_vec()),
     };
-    let mut hs = Handshake::new(local, rand::random());
-    write_frame(&mut s, &hs.hello()).map_err(io_err("send"))?;
-    let agreed = match hs
-        .on_frame(&read_hs(&mut s, peer)?)
-        .map_err(|e| handshake_err(peer, e))?
-    {
-        Progress::PeerHello(a) => a,
-        Progress::Established => {
-            return Err(TransportError::PeerMisbehaved {
-                peer: Some(peer),
-                what: "ready before hello".into(),
-            })
+    Ok(NewQp {
+        qp: Some(qp),
+        cq,
+        max_inline,
+        recv_mr,
+        send_mr,
+        sq_depth,
+        rq_depth,
+        recv_size,
+        info,
+    })
+}
+
+/// Sets up a connection over the side channel `s`, as the side that connected (`Role::Client`)
+/// or accepted (`Role::Server`), within one overall deadline of the peer timeout. The peer is
+/// authenticated before any verbs resource exists (see [`super::handshake`]).
+pub(crate) fn establish(
+    ep: &Arc<Endpoint>,
+    mut s: TcpStream,
+    role: Role,
+) -> Result<Arc<ConnShared>> {
+    let deadline = Instant::now() + ep.config.peer_timeout;
+    let peer = s.peer_addr().map_err(io_err("getpeername"))?;
+    let local_ip = s.local_addr().map_err(io_err("getsockname"))?.ip();
+    s.set_nodelay(true)
+        .map_err(io_err("setsockopt(TCP_NODELAY)"))?;
+    let unavailable = |reason: String| TransportError::BackendUnavailable {
+        backend: Backend::Rdma,
+        reason,
+    };
+
+    let gid = gid_of_ip(local_ip);
+    let sgid_index = ep.ctx.gid_index(gid).ok_or_else(|| {
+        unavailable(format!(
+            "{} has no RoCE GID for the local address {local_ip}",
+            ep.ctx.name()
+        ))
+    })?;
+    let limits = ep.ctx.limits();
+    let psn = rand::random::<u32>() & 0xff_ffff;
+    let secret = ep.config.secret.as_ref().map(|s| s.as_bytes());
+    let mut hs = Handshake::new(role, secret, ep.id, limits.active_mtu, rand::random());
+    let mut reader = FrameReader::default();
+    let mut new_qp: Option<NewQp> = None;
+    let mut rts: Option<(QueuePair<Rts>, Agreed)> = None;
+    let agreed = loop {
+        while let Some(f) = hs.poll_send() {
+            write_frame(&mut s, &f).map_err(io_err("send"))?;
+        }
+        match hs.poll_action() {
+            Some(Action::CreateQp) => {
+                // The state machine asks only after the peer's proof checked out; the verbs
+                // resources below must never exist for an unauthenticated peer.
+                if !hs.is_authenticated() {
+                    return Err(handshake_err(
+                        peer,
+                        HandshakeError::Unexpected {
+                            state: "unauthenticated",
+                            got: "create-qp",
+                        },
+                    ));
+                }
+                let q = create_qp(ep, sgid_index, psn)?;
+                hs.qp_created(q.info).map_err(|e| handshake_err(peer, e))?;
+                new_qp = Some(q);
+            }
+            Some(Action::Connect(agreed)) => {
+                let Some(qp) = new_qp.as_mut().and_then(|q| q.qp.take()) else {
+                    return Err(handshake_err(
+                        peer,
+                        HandshakeError::Unexpected {
+                            state: "connecting",
+                            got: "no QP",
+                        },
+                    ));
+                };
+                let path = PathParams {
+                    sgid_index,
+                    mtu: agreed.path_mtu,
+                    max_rd_atomic: limits.max_rd_atomic.clamp(1, 16),
+                    timeout: 14,
+                    retry_cnt: 7,
+                };
+                let remote = QpEndpoint {
+                    qpn: agreed.peer_qpn,
+                    psn: agreed.peer_psn,
+                    gid: agreed.peer_gid,
+                };
+                let qp = qp
+                    .to_rtr(psn, &remote, &path)
+                    .and_then(|q| q.to_rts(psn, &path))
+                    .map_err(|e| verbs_io("ibv_modify_qp", e))?;
+                rts = Some((qp, agreed));
+                hs.connected().map_err(|e| handshake_err(peer, e))?;
+            }
+            Some(Action::Established(a)) => break a,
+            None => {
+                let f = read_hs(&mut s, &mut reader, peer, deadline)?;
+                if let Err(e) = hs.on_frame(&f) {
+                    if let Some(r) = e.refusal() {
+                        // Best effort: tell the peer why before closing.
+                        let _ = write_frame(&mut s, &Frame::Refuse(r));
+                    }
+                    return Err(handshake_err(peer, e));
+                }
+            }
         }
     };
-    let path = PathParams {
-        sgid_index,
-        mtu: agreed.path_mtu,
-        max_rd_atomic: limits.max_rd_atomic.clamp(1, 16),
-        timeout: 14,
-        retry_cnt: 7,
+    let (Some(q), Some((qp, _))) = (new_qp, rts) else {
+        return Err(handshake_err(
+            peer,
+            HandshakeError::Unexpected {
+                state: "established",
+                got: "no QP",
+            },
+        ));
     };
-    let remote = QpEndpoint {
-        qpn: agreed.peer_qpn,
-        psn: agreed.peer_psn,
-        gid: agreed.peer_gid,
-    };
-    let qp = qp
-        .to_rtr(psn, &remote, &path)
-        .and_then(|q| q.to_rts(psn, &path))
-        .map_err(|e| verbs_io("ibv_modify_qp", e))?;
-    write_frame(&mut s, &hs.ready()).map_err(io_err("send"))?;
-    match hs
-        .on_frame(&read_hs(&mut s, peer)?)
-        .map_err(|e| handshake_err(peer, e))?
-    {
-        Progress::Established => {}
-        Progress::PeerHello(_) => {
-            return Err(TransportError::PeerMisbehaved {
-                peer: Some(peer),
-                what: "second hello".into(),
-            })
-        }
-    }
+    let NewQp {
+        cq,
+        max_inline,
+        recv_mr,
+        send_mr,
+        sq_depth,
+        rq_depth,
+        recv_size,
+        ..
+    } = q;
     tracing::debug!(%peer, qpn = qp.qpn(), peer_qpn = agreed.peer_qpn, mtu = agreed.path_mtu, sgid_index, "rdma connection up");
 
     let beat = heartbeat_interval(ep.config.peer_timeout);
@@ -456,6 +586,8 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream) -> Result<Arc<Conn
             notes_cv: Condvar::new(),
             msgs: Mutex::new(VecDeque::new()),
             msgs_cv: Condvar::new(),
+            unreturned: AtomicU32::new(0),
+            inbound: Mutex::new((0, 0)),
             alive: AtomicBool::new(true),
             dead: Mutex::new(None),
             queries: Mutex::new(HashMap::new()),
@@ -463,8 +595,8 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream) -> Result<Arc<Conn
             next_req: AtomicU64::new(1),
             poller: Mutex::new(Poller {
                 wcs: Vec::with_capacity(32),
-                consumed: 0,
                 partial: Vec::new(),
+                partial_credits: 0,
                 done: Vec::new(),
             }),
             return_at: (rq_depth / 4).max(1),
@@ -675,6 +807,46 @@ impl ConnShared {
         self.queries_cv.notify_all();
     }
 
+    /// Whether the inbound queues are under the endpoint's bounds: then the credit of what
+    /// arrives goes back at once, else it is withheld until the application takes the item.
+    fn under_bounds(&self) -> bool {
+        let cfg = &self.ep.config;
+        let q = self.inbound.lock();
+        q.0 < cfg.max_inbound_queue && q.1 < cfg.max_inbound_bytes
+    }
+
+    /// Counts an item of `bytes` into the inbound queues.
+    fn count_in(&self, bytes: usize) {
+        let mut q = self.inbound.lock();
+        q.0 += 1;
+        q.1 += bytes;
+    }
+
+    /// The application took an item of `bytes` holding `withheld` credits.
+    fn taken(&self, bytes: usize, withheld: u32) {
+        {
+            let mut q = self.inbound.lock();
+            q.0 = q.0.saturating_sub(1);
+            q.1 = q.1.saturating_sub(bytes);
+        }
+        self.give_back(withheld);
+    }
+
+    /// Returns `n` freed credits to the peer, in batches of `return_at` (side channel).
+    fn give_back(&self, n: u32) {
+        // AcqRel: the swap below must see every freed credit added before it (no credit lost).
+        let total = self
+            .unreturned
+            .fetch_add(n, Ordering::AcqRel)
+            .saturating_add(n);
+        if total >= self.return_at && self.alive.load(Ordering::Acquire) {
+            let n = self.unreturned.swap(0, Ordering::AcqRel);
+            if n > 0 {
+                let _ = self.send_frame(&Frame::Credits { n });
+            }
+        }
+    }
+
     fn send_frame(&self, f: &Frame) -> Result<()> {
         let bytes = f.encode();
         let mut s = self.side.lock();
@@ -693,7 +865,7 @@ impl ConnShared {
     /// Inlined: on the latency path of every transfer (the checks only; errors and first uses
     /// take out-of-line paths).
     #[inline(always)]
-    fn resolve(&self, remote: &RemoteRegion, offset: u64, len: u64) -> Result<(u32, u64)> {
+    fn resolve(&self, remote: &RemoteRegion, offset: u64, len: u64, op: u8) -> Result<(u32, u64)> {
         if remote.endpoint != self.peer_endpoint {
             return Err(self.foreign(remote));
         }
@@ -702,7 +874,7 @@ impl ConnShared {
             Some(v) => v,
             None => self.resolve_new(remote)?,
         };
-        remote_range(remote, offset, len, v)
+        remote_range(remote, offset, len, op, v)
     }
 
     #[cold]
@@ -716,27 +888,33 @@ impl ConnShared {
     /// A region not yet in the cache: asks the peer, and caches its answer.
     #[cold]
     #[inline(never)]
-    fn resolve_new(&self, remote: &RemoteRegion) -> Result<(u64, u64)> {
+    fn resolve_new(&self, remote: &RemoteRegion) -> Result<PeerRegion> {
         let v = self.query(remote)?;
         self.state.lock().cache.insert(remote.region, remote.key, v);
         Ok(v)
     }
 
-    fn query(&self, remote: &RemoteRegion) -> Result<(u64, u64)> {
+    fn query(&self, remote: &RemoteRegion) -> Result<PeerRegion> {
         self.check_alive()?;
         let req = self.next_req.fetch_add(1, Ordering::Relaxed);
-        self.send_frame(&Frame::QueryRegion {
+        // Registered before asking: the side channel accepts only answers to open questions.
+        self.queries.lock().insert(req, None);
+        if let Err(e) = self.send_frame(&Frame::QueryRegion {
             req,
             region: remote.region,
             key: remote.key,
-        })?;
+        }) {
+            self.queries.lock().remove(&req);
+            return Err(e);
+        }
         let timeout = self.ep.config.peer_timeout;
         let deadline = Instant::now() + timeout;
         let mut q = self.queries.lock();
         loop {
-            if let Some(st) = q.remove(&req) {
+            if let Some(st) = q.get(&req).copied().flatten() {
+                q.remove(&req);
                 return match st {
-                    RegionStatus::Ok { len, addr } => Ok((len, addr)),
+                    RegionStatus::Ok { len, addr, access } => Ok((len, addr, access)),
                     RegionStatus::Unknown => Err(TransportError::UnknownRegion {
                         region: remote.region,
                     }),
@@ -746,9 +924,11 @@ impl ConnShared {
                 };
             }
             if !self.alive.load(Ordering::Acquire) {
+                q.remove(&req);
                 return Err(self.dead_error());
             }
             if self.queries_cv.wait_until(&mut q, deadline).timed_out() {
+                q.remove(&req);
                 return Err(TransportError::PeerDead {
                     peer: self.peer,
                     reason: "no answer to a region check".into(),
@@ -782,7 +962,11 @@ impl ConnShared {
     /// Builds the job of one transfer, validated; the completer comes from `make`.
     fn job<'r>(&self, t: &Transfer<'r>, make: impl FnOnce(Region) -> Completer) -> Result<Job<'r>> {
         let mr = self.local_mr(t.local, t.local_offset, t.len)?;
-        let (rkey, addr) = self.resolve(t.remote, t.remote_offset, t.len as u64)?;
+        let op = match t.kind {
+            TransferKind::Read => ACCESS_READ,
+            TransferKind::Write | TransferKind::WriteNotify(_) => ACCESS_WRITE,
+        };
+        let (rkey, addr) = self.resolve(t.remote, t.remote_offset, t.len as u64, op)?;
         let kind = JobKind::of(t.kind, rkey, addr);
         let is_read = matches!(kind, JobKind::Read { .. });
         let local = match mr {
@@ -869,14 +1053,22 @@ impl ConnShared {
                     });
                     let timed_out = self.space.wait_until(&mut st, until).timed_out();
                     if timed_out && !ready(&st) {
-                        failed = Some(TransportError::PeerDead {
-                            peer: self.peer,
-                            reason: format!(
-                                "no progress on the send queue ({} of {} requests in flight, {} credits)",
-                                st.pending.len(),
-                                self.sq_depth,
-                                st.credits
-                            ),
+                        failed = Some(if (st.pending.len() as u32) < self.sq_depth {
+                            // Room, but no credit: the peer's application has not taken the
+                            // messages or notifications it already has (back-pressure).
+                            TransportError::Timeout {
+                                after: self.ep.config.peer_timeout.max(Duration::from_secs(1)) * 4,
+                            }
+                        } else {
+                            TransportError::PeerDead {
+                                peer: self.peer,
+                                reason: format!(
+                                    "no progress on the send queue ({} of {} requests in flight, {} credits)",
+                                    st.pending.len(),
+                                    self.sq_depth,
+                                    st.credits
+                                ),
+                            }
                         });
                         break;
                     }
@@ -1008,7 +1200,11 @@ impl ConnShared {
         let Some(v) = st.cache.get(t.remote.region, t.remote.key) else {
             return Ok(None);
         };
-        let (rkey, addr) = remote_range(t.remote, t.remote_offset, t.len as u64, v)?;
+        let op = match t.kind {
+            TransferKind::Read => ACCESS_READ,
+            TransferKind::Write | TransferKind::WriteNotify(_) => ACCESS_WRITE,
+        };
+        let (rkey, addr) = remote_range(t.remote, t.remote_offset, t.len as u64, op, v)?;
         let kind = JobKind::of(t.kind, rkey, addr);
         let needs_credit = kind.needs_credit();
         if st.pending.len() as u32 >= self.sq_depth || (needs_credit && st.credits == 0) {
@@ -1086,14 +1282,9 @@ impl ConnShared {
             _ => {
                 for i in 0..p.wcs.len() {
                     let wc = p.wcs[i];
-                    self.on_completion(wc, &mut p.consumed, &mut p.partial, &mut p.done);
+                    self.on_completion(wc, &mut p.partial, &mut p.partial_credits, &mut p.done);
                 }
             }
-        }
-        // Return credits for re-posted receive buffers in batches (side channel).
-        if p.consumed >= self.return_at && self.alive.load(Ordering::Acquire) {
-            let _ = self.send_frame(&Frame::Credits { n: p.consumed });
-            p.consumed = 0;
         }
         Ok(n > 0)
     }
@@ -1205,8 +1396,8 @@ impl ConnShared {
     fn on_completion(
         &self,
         wc: Completion,
-        consumed: &mut u32,
         partial: &mut Vec<u8>,
+        partial_credits: &mut u32,
         done: &mut Vec<Completer>,
     ) {
         if wc.wr_id & RECV_BIT != 0 {
@@ -1221,16 +1412,31 @@ impl ConnShared {
                 return;
             }
             match wc.opcode {
-                WcOpcode::RecvWriteImm => {
-                    if let Some(imm) = wc.imm {
-                        self.notes.lock().push_back(imm);
+                WcOpcode::RecvWriteImm => match wc.imm {
+                    Some(imm) => {
+                        let withheld = if self.under_bounds() {
+                            self.give_back(1);
+                            0
+                        } else {
+                            1
+                        };
+                        self.count_in(0);
+                        self.notes.lock().push_back((imm, withheld));
                         self.notes_cv.notify_all();
                     }
-                }
+                    None => self.give_back(1),
+                },
                 WcOpcode::Recv => {
                     let start = slot * self.recv_size;
                     let len = (wc.byte_len as usize).min(self.recv_size);
-                    if let Err(what) = self.on_segment(slot, start, len, partial) {
+                    // A segment's credit goes back now unless the queues are full: a message
+                    // longer than the receive credits must be able to complete.
+                    if self.under_bounds() {
+                        self.give_back(1);
+                    } else {
+                        *partial_credits += 1;
+                    }
+                    if let Err(what) = self.on_segment(slot, start, len, partial, partial_credits) {
                         partial.clear();
                         self.die(TransportError::PeerMisbehaved {
                             peer: Some(self.peer),
@@ -1239,20 +1445,20 @@ impl ConnShared {
                         return;
                     }
                 }
-                _ => {}
+                _ => self.give_back(1),
             }
+            // The buffer's bytes were copied out: re-post it now. Its credit goes back to the
+            // peer when the application takes what arrived in it (`give_back`).
             let mut st = self.state.lock();
             if let Some(qp) = st.qp.as_mut() {
-                if qp
-                    .post_recv(
-                        wc.wr_id,
-                        &self.recv_mr,
-                        slot * self.recv_size,
-                        self.recv_size,
-                    )
-                    .is_ok()
-                {
-                    *consumed += 1;
+                if let Err(e) = qp.post_recv(
+                    wc.wr_id,
+                    &self.recv_mr,
+                    slot * self.recv_size,
+                    self.recv_size,
+                ) {
+                    drop(st);
+                    self.die(verbs_io("ibv_post_recv", e));
                 }
             }
             return;
@@ -1325,6 +1531,7 @@ impl ConnShared {
         start: usize,
         len: usize,
         partial: &mut Vec<u8>,
+        partial_credits: &mut u32,
     ) -> std::result::Result<(), String> {
         let mem = self.recv_mr.mem().read();
         let seg = mem
@@ -1332,7 +1539,9 @@ impl ConnShared {
             .ok_or_else(|| format!("receive of {len} bytes does not fit slot {slot}"))?;
         if let Some(msg) = push_segment(partial, seg, self.ep.config.max_message_size)? {
             drop(mem);
-            self.msgs.lock().push_back(msg);
+            let withheld = std::mem::take(partial_credits);
+            self.count_in(msg.len());
+            self.msgs.lock().push_back((msg, withheld));
             self.msgs_cv.notify_all();
         }
         Ok(())
@@ -1376,10 +1585,11 @@ impl ConnShared {
                             self.space.notify_all();
                         }
                         Frame::QueryRegion { req, region, key } => {
-                            let status = match self.ep.table.check_remote(region, key, 0, 0) {
+                            let status = match self.ep.table.check_remote(region, key, None, 0, 0) {
                                 Ok(r) => RegionStatus::Ok {
                                     len: r.len() as u64,
                                     addr: r.descriptor().addr,
+                                    access: access_bits(r.access()),
                                 },
                                 Err(TransportError::BadKey { .. }) => RegionStatus::BadKey,
                                 Err(_) => RegionStatus::Unknown,
@@ -1387,9 +1597,29 @@ impl ConnShared {
                             if self.send_frame(&Frame::RegionInfo { req, status }).is_err() {
                                 return;
                             }
+                            if status == RegionStatus::BadKey {
+                                // As a wrong rkey on the wire kills the QP: no free guesses.
+                                self.die(TransportError::PeerMisbehaved {
+                                    peer: Some(self.peer),
+                                    what: format!("presented a wrong key for region {region}"),
+                                });
+                                return;
+                            }
                         }
                         Frame::RegionInfo { req, status } => {
-                            self.queries.lock().insert(req, status);
+                            let mut q = self.queries.lock();
+                            match q.get_mut(&req) {
+                                Some(slot @ None) => *slot = Some(status),
+                                _ => {
+                                    drop(q);
+                                    self.die(TransportError::PeerMisbehaved {
+                                        peer: Some(self.peer),
+                                        what: format!("answer {req} to no open region check"),
+                                    });
+                                    return;
+                                }
+                            }
+                            drop(q);
                             self.queries_cv.notify_all();
                         }
                         Frame::Heartbeat => {}
@@ -1470,7 +1700,37 @@ impl std::fmt::Debug for RdmaConnection {
     }
 }
 
-fn wait_queue<T>(
+/// An item of the inbound queues: a message or a notification.
+trait Inbound {
+    /// The bytes it counts against `max_inbound_bytes`.
+    fn inbound_bytes(&self) -> usize;
+}
+
+impl Inbound for Vec<u8> {
+    fn inbound_bytes(&self) -> usize {
+        self.len()
+    }
+}
+
+impl Inbound for u32 {
+    fn inbound_bytes(&self) -> usize {
+        0
+    }
+}
+
+/// Takes the next message or notification, waiting up to `timeout`, and gives its credits back.
+fn wait_queue<T: Inbound>(
+    c: &ConnShared,
+    q: &Mutex<VecDeque<(T, u32)>>,
+    cv: &Condvar,
+    timeout: Duration,
+) -> Result<T> {
+    let (v, withheld) = wait_entry(c, q, cv, timeout)?;
+    c.taken(v.inbound_bytes(), withheld);
+    Ok(v)
+}
+
+fn wait_entry<T>(
     c: &ConnShared,
     q: &Mutex<VecDeque<T>>,
     cv: &Condvar,
@@ -1511,7 +1771,8 @@ fn wait_queue<T>(
     }
 }
 
-fn try_queue<T>(c: &ConnShared, q: &Mutex<VecDeque<T>>) -> Result<Option<T>> {
+/// Takes the next message or notification if there is one, and gives its credits back.
+fn try_queue<T: Inbound>(c: &ConnShared, q: &Mutex<VecDeque<(T, u32)>>) -> Result<Option<T>> {
     let mut v = q.lock().pop_front();
     // Busy poll: an empty queue means "poll the CQ now" (the completion thread steps back while
     // users drive), then look again.
@@ -1520,7 +1781,10 @@ fn try_queue<T>(c: &ConnShared, q: &Mutex<VecDeque<T>>) -> Result<Option<T>> {
         v = q.lock().pop_front();
     }
     match v {
-        Some(v) => Ok(Some(v)),
+        Some((v, withheld)) => {
+            c.taken(v.inbound_bytes(), withheld);
+            Ok(Some(v))
+        }
         None if c.alive.load(Ordering::Acquire) => Ok(None),
         None => Err(c.dead_error()),
     }

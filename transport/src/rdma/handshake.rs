@@ -1,42 +1,38 @@
-//! Connection set-up of the RDMA backend as a pure state machine (no I/O, no verbs calls).
+//! Connection set-up of the RDMA backend as a pure state machine (no I/O, no verbs calls, nonces
+//! passed in).
 //!
-//! Both sides run the same machine over the TCP side channel:
+//! The side channel first authenticates both peers with the shared [`crate::auth`] exchange, and
+//! only then does either side create its queue pair, so nothing about our verbs resources exists
+//! (no CQ, no QP, no pinned buffers) and no remote access is possible before the peer proved the
+//! secret:
 //!
 //! ```text
-//! send Hello ──► AwaitHello ──peer Hello──► AwaitReady ──peer Ready──► Established
-//!                              │ (driver: QP INIT→RTR→RTS with the Agreed values,
-//!                              │  then send `ready()`)
+//! client                                    server
+//!   Hello ─────────────────────────────────►
+//!                                        ◄── Hello
+//!   Proof(client) ─────────────────────────►  checked
+//!                                        ◄── Proof(server)        [server: Action::CreateQp]
+//!   checked                [client: Action::CreateQp]
+//!   QpInfo (sealed) ───────────────────────►
+//!                                        ◄── QpInfo (sealed)
+//!   [both, once the peer's QpInfo is in: Action::Connect → QP INIT→RTR→RTS]
+//!   Ready ─────────────────────────────────►
+//!                                        ◄── Ready                 [both: Action::Established]
 //! ```
 //!
-//! `Hello` carries QPN, PSN, GID, MTU, receive credits and a nonce; the agreed path MTU is the
-//! smaller of both sides. `Ready` is only sent once the sender's QP is in RTS, so neither side sends
-//! on RDMA before the other can receive; with a shared secret it carries
-//! HMAC-SHA256(secret, peer nonce || sender endpoint id), which the receiver verifies.
+//! `QpInfo` carries QPN, PSN, GID, MTU, receive credits and buffer size, and is sealed with a key
+//! derived from the secret and both nonces ([`crate::auth::Auth::seal`]), so an attacker on the
+//! path cannot point our QP at its own. The agreed path MTU is the smaller of both sides'.
+//! `Ready` is sent once the sender's QP is in RTS, so neither side sends on RDMA before the other
+//! can receive.
+//!
+//! Driving it: call [`Handshake::poll_send`] until `None` and send each frame, then
+//! [`Handshake::poll_action`]; when it is `None`, read one frame from the peer and give it to
+//! [`Handshake::on_frame`]. Repeat until [`Action::Established`].
 
-use super::wire::{Frame, Hello, VERSION};
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
-
-/// What this side brings to the handshake.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Local {
-    /// Our endpoint id.
-    pub endpoint: u64,
-    /// Our QP number.
-    pub qpn: u32,
-    /// Our initial send PSN (24 bits).
-    pub psn: u32,
-    /// Our GID.
-    pub gid: [u8; 16],
-    /// Our active MTU in bytes.
-    pub mtu: u32,
-    /// Receive buffers we pre-posted.
-    pub credits: u32,
-    /// Size of each of our receive buffers.
-    pub recv_size: u32,
-    /// The shared secret, if configured.
-    pub secret: Option<Vec<u8>>,
-}
+use super::wire::{Frame, QpInfo, Refusal, VERSION};
+use crate::auth::{Auth, AuthError, Role};
+use std::collections::VecDeque;
 
 /// What both sides agreed on; the driver connects the QP with it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,13 +53,16 @@ pub struct Agreed {
     pub peer_recv_size: u32,
 }
 
-/// What a frame did to the handshake.
+/// What the driver must do next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Progress {
-    /// The peer's Hello arrived: connect the QP with these values, then send [`Handshake::ready`].
-    PeerHello(Agreed),
-    /// The peer's Ready arrived (and its proof checked out): the connection is up.
-    Established,
+pub enum Action {
+    /// The peer is authenticated: create the CQ, QP and buffers now, then call
+    /// [`Handshake::qp_created`].
+    CreateQp,
+    /// Move the QP INIT→RTR→RTS with these values, then call [`Handshake::connected`].
+    Connect(Agreed),
+    /// Both QPs are in RTS: the connection is up.
+    Established(Agreed),
 }
 
 /// Why the handshake failed.
@@ -78,15 +77,9 @@ pub enum HandshakeError {
         /// Theirs.
         theirs: u8,
     },
-    /// One side has a shared secret and the other has not.
-    #[error("shared secret configured on {} side only", if *.ours { "our" } else { "the peer's" })]
-    SecretMismatch {
-        /// Whether we have one.
-        ours: bool,
-    },
-    /// The peer's proof of the secret is wrong.
-    #[error("the peer's secret proof is wrong")]
-    BadProof,
+    /// Authentication failed (see [`AuthError`]).
+    #[error("authentication failed: {0}")]
+    Auth(#[from] AuthError),
     /// A frame arrived that does not fit the current state.
     #[error("unexpected {got} frame while {state}")]
     Unexpected {
@@ -95,307 +88,510 @@ pub enum HandshakeError {
         /// What arrived.
         got: &'static str,
     },
-    /// A field of the peer's Hello is impossible.
-    #[error("invalid {0} in the peer's hello")]
-    InvalidHello(&'static str),
+    /// A field of the peer's QP info is impossible.
+    #[error("invalid {0} in the peer's QP info")]
+    InvalidQpInfo(&'static str),
+    /// The peer refused the handshake.
+    #[error("refused by the peer ({0:?})")]
+    Refused(Refusal),
+}
+
+impl HandshakeError {
+    /// The refusal to send the peer before closing, if it deserves one (not for its own refusal).
+    pub fn refusal(&self) -> Option<Refusal> {
+        match self {
+            HandshakeError::Auth(_) => Some(Refusal::Auth),
+            HandshakeError::Refused(_) => None,
+            _ => Some(Refusal::Protocol),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
-    AwaitHello,
-    AwaitReady {
-        peer_nonce: [u8; 16],
-        peer_endpoint: u64,
-    },
+    /// Awaiting the peer's hello.
+    Hello,
+    /// Awaiting the peer's proof.
+    Proof,
+    /// Authenticated; the driver is creating the QP.
+    CreatingQp,
+    /// Our QP info went out; awaiting the peer's.
+    QpInfo,
+    /// The driver is connecting the QP.
+    Connecting(Agreed),
+    /// Our Ready went out; awaiting the peer's.
+    Ready(Agreed),
     Established,
     Failed,
 }
 
-/// The handshake of one side.
+impl State {
+    fn name(self) -> &'static str {
+        match self {
+            State::Hello => "awaiting hello",
+            State::Proof => "awaiting proof",
+            State::CreatingQp => "creating the QP",
+            State::QpInfo => "awaiting QP info",
+            State::Connecting(_) => "connecting the QP",
+            State::Ready(_) => "awaiting ready",
+            State::Established => "established",
+            State::Failed => "failed",
+        }
+    }
+}
+
+/// The handshake of one side. See the [module docs](self).
 #[derive(Debug, Clone)]
 pub struct Handshake {
-    local: Local,
-    nonce: [u8; 16],
+    auth: Auth,
     state: State,
+    mtu: u32,
+    out: VecDeque<Frame>,
+    action: Option<Action>,
+    /// The peer's QP info, when it arrived before ours was created.
+    early_qp: Option<QpInfo>,
+    /// The peer's Ready, when it arrived while we were still connecting.
+    early_ready: bool,
 }
 
 fn frame_name(f: &Frame) -> &'static str {
     match f {
         Frame::Hello(_) => "hello",
-        Frame::Ready { .. } => "ready",
+        Frame::Proof { .. } => "proof",
+        Frame::QpInfo { .. } => "qp-info",
+        Frame::Ready => "ready",
         Frame::Credits { .. } => "credits",
         Frame::QueryRegion { .. } => "query-region",
         Frame::RegionInfo { .. } => "region-info",
         Frame::Heartbeat => "heartbeat",
+        Frame::Refuse(_) => "refuse",
     }
-}
-
-fn proof(secret: &[u8], nonce: &[u8; 16], endpoint: u64) -> [u8; 32] {
-    let Ok(mut m) = Hmac::<Sha256>::new_from_slice(secret) else {
-        return [0; 32];
-    };
-    m.update(nonce);
-    m.update(&endpoint.to_le_bytes());
-    m.finalize().into_bytes().into()
-}
-
-/// Constant-time check of a peer's proof.
-fn verify(secret: &[u8], nonce: &[u8; 16], endpoint: u64, mac: &[u8; 32]) -> bool {
-    let Ok(mut m) = Hmac::<Sha256>::new_from_slice(secret) else {
-        return false;
-    };
-    m.update(nonce);
-    m.update(&endpoint.to_le_bytes());
-    m.verify_slice(mac).is_ok()
 }
 
 impl Handshake {
-    /// A handshake for `local`; `nonce` must be random (passed in so tests are deterministic).
-    pub fn new(local: Local, nonce: [u8; 16]) -> Self {
+    /// A handshake as `role` for endpoint `endpoint` whose device's active MTU is `mtu`; `nonce`
+    /// must be random (passed in so tests are deterministic). The client's hello is queued.
+    pub fn new(
+        role: Role,
+        secret: Option<&[u8]>,
+        endpoint: u64,
+        mtu: u32,
+        nonce: [u8; crate::auth::NONCE_LEN],
+    ) -> Self {
+        let auth = Auth::new(role, secret, endpoint, nonce);
+        let mut out = VecDeque::new();
+        if role == Role::Client {
+            out.push_back(Frame::Hello(auth.hello()));
+        }
         Self {
-            local,
-            nonce,
-            state: State::AwaitHello,
+            auth,
+            state: State::Hello,
+            mtu,
+            out,
+            action: None,
+            early_qp: None,
+            early_ready: false,
         }
     }
 
-    /// Our first frame.
-    pub fn hello(&self) -> Frame {
-        Frame::Hello(Hello {
-            version: VERSION,
-            has_secret: self.local.secret.is_some(),
-            endpoint: self.local.endpoint,
-            qpn: self.local.qpn,
-            psn: self.local.psn,
-            gid: self.local.gid,
-            mtu: self.local.mtu,
-            credits: self.local.credits,
-            recv_size: self.local.recv_size,
-            nonce: self.nonce,
-        })
+    /// The next frame to send to the peer.
+    pub fn poll_send(&mut self) -> Option<Frame> {
+        self.out.pop_front()
     }
 
-    /// Our second frame, to send once our QP is in RTS (after [`Progress::PeerHello`]).
-    pub fn ready(&self) -> Frame {
-        let mac = match (&self.local.secret, self.state) {
-            (Some(s), State::AwaitReady { peer_nonce, .. }) => {
-                proof(s, &peer_nonce, self.local.endpoint)
-            }
-            _ => [0; 32],
+    /// What the driver must do before reading again (`None`: read the next frame).
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.action.take()
+    }
+
+    /// Whether the peer has proved the secret (or, without one, the exchange is past that point).
+    pub fn is_authenticated(&self) -> bool {
+        self.auth.is_authenticated()
+    }
+
+    /// Our QP exists (after [`Action::CreateQp`]): queues its info, sealed.
+    pub fn qp_created(&mut self, ours: QpInfo) -> Result<(), HandshakeError> {
+        if self.state != State::CreatingQp {
+            return self.fail(self.unexpected("qp created"));
+        }
+        let tag = self.auth.seal(self.auth.role(), &ours.encode());
+        self.out.push_back(Frame::QpInfo { info: ours, tag });
+        self.state = State::QpInfo;
+        match self.early_qp.take() {
+            Some(peer) => self.peer_qp(peer),
+            None => Ok(()),
+        }
+    }
+
+    /// Our QP is in RTS (after [`Action::Connect`]): queues Ready.
+    pub fn connected(&mut self) -> Result<(), HandshakeError> {
+        let State::Connecting(agreed) = self.state else {
+            return self.fail(self.unexpected("connected"));
         };
-        Frame::Ready { mac }
+        self.out.push_back(Frame::Ready);
+        self.state = State::Ready(agreed);
+        if std::mem::take(&mut self.early_ready) {
+            self.state = State::Established;
+            self.action = Some(Action::Established(agreed));
+        }
+        Ok(())
+    }
+
+    fn unexpected(&self, got: &'static str) -> HandshakeError {
+        HandshakeError::Unexpected {
+            state: self.state.name(),
+            got,
+        }
+    }
+
+    fn fail<T>(&mut self, e: HandshakeError) -> Result<T, HandshakeError> {
+        self.state = State::Failed;
+        self.out.clear();
+        self.action = None;
+        Err(e)
     }
 
     /// Feeds one frame from the peer. After an error the handshake stays failed.
-    pub fn on_frame(&mut self, f: &Frame) -> Result<Progress, HandshakeError> {
+    pub fn on_frame(&mut self, f: &Frame) -> Result<(), HandshakeError> {
         let r = self.step(f);
-        if r.is_err() {
-            self.state = State::Failed;
+        if let Err(e) = r {
+            return self.fail(e);
         }
-        r
+        Ok(())
     }
 
-    fn step(&mut self, f: &Frame) -> Result<Progress, HandshakeError> {
+    fn step(&mut self, f: &Frame) -> Result<(), HandshakeError> {
+        let role = self.auth.role();
         match (self.state, f) {
-            (State::AwaitHello, Frame::Hello(h)) => {
-                if h.version != VERSION {
-                    return Err(HandshakeError::VersionMismatch {
-                        ours: VERSION,
-                        theirs: h.version,
-                    });
-                }
-                if h.has_secret != self.local.secret.is_some() {
-                    return Err(HandshakeError::SecretMismatch {
-                        ours: self.local.secret.is_some(),
-                    });
-                }
-                if h.psn > 0xff_ffff {
-                    return Err(HandshakeError::InvalidHello("psn"));
-                }
-                if h.qpn == 0 || h.qpn > 0xff_ffff {
-                    return Err(HandshakeError::InvalidHello("qpn"));
-                }
-                if h.mtu < 256 {
-                    return Err(HandshakeError::InvalidHello("mtu"));
-                }
-                if h.credits == 0 || h.recv_size == 0 {
-                    return Err(HandshakeError::InvalidHello("receive credits"));
-                }
-                self.state = State::AwaitReady {
-                    peer_nonce: h.nonce,
-                    peer_endpoint: h.endpoint,
-                };
-                Ok(Progress::PeerHello(Agreed {
-                    peer_endpoint: h.endpoint,
-                    peer_qpn: h.qpn,
-                    peer_psn: h.psn,
-                    peer_gid: h.gid,
-                    path_mtu: h.mtu.min(self.local.mtu),
-                    send_credits: h.credits,
-                    peer_recv_size: h.recv_size,
-                }))
-            }
-            (State::AwaitReady { peer_endpoint, .. }, Frame::Ready { mac }) => {
-                if let Some(s) = &self.local.secret {
-                    if !verify(s, &self.nonce, peer_endpoint, mac) {
-                        return Err(HandshakeError::BadProof);
+            (_, Frame::Refuse(r)) => return Err(HandshakeError::Refused(*r)),
+            (State::Hello, Frame::Hello(h)) => {
+                self.auth.on_peer_hello(*h)?;
+                match role {
+                    Role::Client => {
+                        let mac = self.auth.our_proof()?;
+                        self.out.push_back(Frame::Proof { mac });
                     }
+                    Role::Server => self.out.push_back(Frame::Hello(self.auth.hello())),
                 }
-                self.state = State::Established;
-                Ok(Progress::Established)
+                self.state = State::Proof;
             }
-            (s, f) => Err(HandshakeError::Unexpected {
-                state: match s {
-                    State::AwaitHello => "awaiting hello",
-                    State::AwaitReady { .. } => "awaiting ready",
-                    State::Established => "established",
-                    State::Failed => "failed",
-                },
-                got: frame_name(f),
-            }),
+            (State::Proof, Frame::Proof { mac }) => {
+                self.auth.on_peer_proof(mac.as_ref().map(|m| &m[..]))?;
+                if role == Role::Server {
+                    let mac = self.auth.our_proof()?;
+                    self.out.push_back(Frame::Proof { mac });
+                }
+                self.state = State::CreatingQp;
+                self.action = Some(Action::CreateQp);
+            }
+            (State::CreatingQp, Frame::QpInfo { info, tag }) => {
+                self.auth
+                    .open(&info.encode(), tag.as_ref().map(|t| &t[..]))?;
+                if self.early_qp.replace(*info).is_some() {
+                    return Err(self.unexpected("second qp-info"));
+                }
+            }
+            (State::QpInfo, Frame::QpInfo { info, tag }) => {
+                self.auth
+                    .open(&info.encode(), tag.as_ref().map(|t| &t[..]))?;
+                self.peer_qp(*info)?;
+            }
+            (State::Connecting(_), Frame::Ready) if !self.early_ready => self.early_ready = true,
+            (State::Ready(agreed), Frame::Ready) => {
+                self.state = State::Established;
+                self.action = Some(Action::Established(agreed));
+            }
+            (s, f) => {
+                return Err(HandshakeError::Unexpected {
+                    state: s.name(),
+                    got: frame_name(f),
+                })
+            }
         }
+        Ok(())
+    }
+
+    fn peer_qp(&mut self, q: QpInfo) -> Result<(), HandshakeError> {
+        if q.psn > 0xff_ffff {
+            return Err(HandshakeError::InvalidQpInfo("psn"));
+        }
+        if q.qpn == 0 || q.qpn > 0xff_ffff {
+            return Err(HandshakeError::InvalidQpInfo("qpn"));
+        }
+        if q.mtu < 256 {
+            return Err(HandshakeError::InvalidQpInfo("mtu"));
+        }
+        if q.credits == 0 || q.recv_size == 0 {
+            return Err(HandshakeError::InvalidQpInfo("receive credits"));
+        }
+        let peer = self.auth.peer().map(|h| h.endpoint).unwrap_or_default();
+        let agreed = Agreed {
+            peer_endpoint: peer,
+            peer_qpn: q.qpn,
+            peer_psn: q.psn,
+            peer_gid: q.gid,
+            path_mtu: q.mtu.min(self.mtu),
+            send_credits: q.credits,
+            peer_recv_size: q.recv_size,
+        };
+        self.state = State::Connecting(agreed);
+        self.action = Some(Action::Connect(agreed));
+        Ok(())
+    }
+}
+
+/// Maps a side-channel decode error of a hello to the handshake's error, so that a peer of another
+/// protocol version reads as [`HandshakeError::VersionMismatch`].
+pub fn version_error(theirs: u8) -> HandshakeError {
+    HandshakeError::VersionMismatch {
+        ours: VERSION,
+        theirs,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::NONCE_LEN;
 
-    fn local(endpoint: u64, mtu: u32, secret: Option<&str>) -> Local {
-        Local {
-            endpoint,
+    fn qp(endpoint: u64) -> QpInfo {
+        QpInfo {
             qpn: 0x10 + endpoint as u32,
             psn: 0x1234 * endpoint as u32,
             gid: [endpoint as u8; 16],
-            mtu,
+            mtu: 4096,
             credits: 16,
             recv_size: 65536,
-            secret: secret.map(|s| s.as_bytes().to_vec()),
         }
     }
 
-    /// Drives two machines against each other in memory, like two peers over the side channel.
-    fn run(
-        a: Local,
-        b: Local,
-    ) -> (
-        Result<Agreed, HandshakeError>,
-        Result<Agreed, HandshakeError>,
-    ) {
-        let mut ha = Handshake::new(a, [1; 16]);
-        let mut hb = Handshake::new(b, [2; 16]);
-        let (ha_hello, hb_hello) = (ha.hello(), hb.hello());
-        let aa = ha.on_frame(&hb_hello);
-        let ab = hb.on_frame(&ha_hello);
-        let (aa, ab) = match (aa, ab) {
-            (Ok(Progress::PeerHello(x)), Ok(Progress::PeerHello(y))) => (x, y),
-            // A side whose hello phase succeeded sees its peer hang up.
-            (x, y) => {
-                let closed = HandshakeError::Unexpected {
-                    state: "awaiting ready",
-                    got: "end of stream",
-                };
-                return (x.and(Err(closed.clone())), y.and(Err(closed)));
+    /// One side and what its driver did, as a log.
+    struct Side {
+        hs: Handshake,
+        qp: QpInfo,
+        log: Vec<&'static str>,
+        agreed: Option<Agreed>,
+    }
+
+    impl Side {
+        fn new(role: Role, secret: Option<&str>, endpoint: u64, mtu: u32) -> Self {
+            let nonce = [endpoint as u8; NONCE_LEN];
+            Self {
+                hs: Handshake::new(role, secret.map(str::as_bytes), endpoint, mtu, nonce),
+                qp: QpInfo {
+                    mtu,
+                    ..qp(endpoint)
+                },
+                log: Vec::new(),
+                agreed: None,
             }
-        };
-        let (ra, rb) = (ha.ready(), hb.ready());
-        let ea = ha.on_frame(&rb).map(|p| {
-            assert_eq!(p, Progress::Established);
-            aa
-        });
-        let eb = hb.on_frame(&ra).map(|p| {
-            assert_eq!(p, Progress::Established);
-            ab
-        });
+        }
+
+        /// Runs the driver's actions; returns the frames to send.
+        fn drive(&mut self) -> Vec<Frame> {
+            loop {
+                match self.hs.poll_action() {
+                    Some(Action::CreateQp) => {
+                        assert!(self.hs.is_authenticated(), "QP before authentication");
+                        self.log.push("create-qp");
+                        self.hs.qp_created(self.qp).unwrap();
+                    }
+                    Some(Action::Connect(a)) => {
+                        self.log.push("rtr-rts");
+                        self.agreed = Some(a);
+                        self.hs.connected().unwrap();
+                    }
+                    Some(Action::Established(a)) => {
+                        self.log.push("established");
+                        assert_eq!(Some(a), self.agreed);
+                    }
+                    None => break,
+                }
+            }
+            std::iter::from_fn(|| self.hs.poll_send()).collect()
+        }
+    }
+
+    /// Drives two sides in memory, frame by frame, until neither has anything to say. Returns
+    /// the first error of each side.
+    fn run(a: &mut Side, b: &mut Side) -> (Option<HandshakeError>, Option<HandshakeError>) {
+        let (mut ea, mut eb) = (None, None);
+        for _ in 0..32 {
+            let (fa, fb) = (a.drive(), b.drive());
+            if fa.is_empty() && fb.is_empty() {
+                break;
+            }
+            for f in fa {
+                if eb.is_none() {
+                    eb = b.hs.on_frame(&f).err();
+                }
+            }
+            for f in fb {
+                if ea.is_none() {
+                    ea = a.hs.on_frame(&f).err();
+                }
+            }
+        }
         (ea, eb)
     }
 
     #[test]
     fn both_sides_agree_on_the_smaller_mtu_and_swap_qp_info() {
-        let (a, b) = run(local(1, 4096, None), local(2, 1024, None));
-        let (a, b) = (a.unwrap(), b.unwrap());
-        assert_eq!((a.path_mtu, b.path_mtu), (1024, 1024));
-        assert_eq!(
-            (a.peer_qpn, a.peer_psn, a.peer_gid, a.peer_endpoint),
-            (0x12, 0x2468, [2; 16], 2)
-        );
-        assert_eq!(
-            (b.peer_qpn, b.peer_psn, b.peer_gid, b.peer_endpoint),
-            (0x11, 0x1234, [1; 16], 1)
-        );
-        assert_eq!(a.send_credits, 16);
+        for secret in [None, Some("s3cret")] {
+            let mut c = Side::new(Role::Client, secret, 1, 4096);
+            let mut s = Side::new(Role::Server, secret, 2, 1024);
+            assert_eq!(run(&mut c, &mut s), (None, None));
+            assert_eq!(c.log, ["create-qp", "rtr-rts", "established"]);
+            assert_eq!(s.log, ["create-qp", "rtr-rts", "established"]);
+            let (a, b) = (c.agreed.unwrap(), s.agreed.unwrap());
+            assert_eq!((a.path_mtu, b.path_mtu), (1024, 1024));
+            assert_eq!(
+                (a.peer_qpn, a.peer_psn, a.peer_gid, a.peer_endpoint),
+                (0x12, 0x2468, [2; 16], 2)
+            );
+            assert_eq!(
+                (b.peer_qpn, b.peer_psn, b.peer_gid, b.peer_endpoint),
+                (0x11, 0x1234, [1; 16], 1)
+            );
+            assert_eq!(a.send_credits, 16);
+        }
     }
 
     #[test]
-    fn secret_is_checked_both_ways() {
-        let (a, b) = run(
-            local(1, 4096, Some("s3cret")),
-            local(2, 4096, Some("s3cret")),
-        );
-        assert!(a.is_ok() && b.is_ok());
-        let (a, b) = run(
-            local(1, 4096, Some("s3cret")),
-            local(2, 4096, Some("other")),
-        );
-        assert_eq!(
-            (a.unwrap_err(), b.unwrap_err()),
-            (HandshakeError::BadProof, HandshakeError::BadProof)
-        );
-        let (a, b) = run(local(1, 4096, Some("s3cret")), local(2, 4096, None));
-        assert_eq!(
-            a.unwrap_err(),
-            HandshakeError::SecretMismatch { ours: true }
-        );
-        assert_eq!(
-            b.unwrap_err(),
-            HandshakeError::SecretMismatch { ours: false }
-        );
+    fn wrong_or_missing_secret_creates_no_qp_on_either_side() {
+        for (cs, ss) in [
+            (Some("s3cret"), Some("other")),
+            (None, Some("s3cret")),
+            (Some("s3cret"), None),
+        ] {
+            let mut c = Side::new(Role::Client, cs, 1, 4096);
+            let mut s = Side::new(Role::Server, ss, 2, 4096);
+            let (ec, es) = run(&mut c, &mut s);
+            assert!(
+                matches!(es, Some(HandshakeError::Auth(_)))
+                    || matches!(ec, Some(HandshakeError::Auth(_))),
+                "{cs:?}/{ss:?}: {ec:?} {es:?}"
+            );
+            assert!(c.log.is_empty() && s.log.is_empty(), "{cs:?}/{ss:?}");
+        }
+    }
+
+    /// The attack on the old handshake: a client without the secret echoes the server's own hello
+    /// and reflects whatever the server sends. The server creates nothing and proves nothing.
+    #[test]
+    fn reflection_is_refused_before_any_verbs_resource_exists() {
+        let mut s = Side::new(Role::Server, Some("k"), 2, 4096);
+        // The attacker needs the server's nonce first: a first connection gives a server hello.
+        let mut probe = Side::new(Role::Server, Some("k"), 2, 4096);
+        probe
+            .hs
+            .on_frame(&Frame::Hello(crate::auth::Hello {
+                endpoint: 9,
+                nonce: [9; NONCE_LEN],
+                has_secret: true,
+            }))
+            .unwrap();
+        let Some(Frame::Hello(server_hello)) = probe.drive().into_iter().next() else {
+            panic!("no hello");
+        };
+        // Echoing it back (same nonce, same endpoint id) is refused.
+        let mut echo = server_hello;
+        echo.nonce = [2; NONCE_LEN]; // the victim's own nonce
+        assert!(matches!(
+            s.hs.on_frame(&Frame::Hello(echo)),
+            Err(HandshakeError::Auth(AuthError::Reflected(_)))
+        ));
+        // With a fresh nonce: the server answers with a bare hello and waits for the client's
+        // proof; a reflected frame (its own hello, or garbage as a proof) fails and nothing is
+        // created.
+        let mut s = Side::new(Role::Server, Some("k"), 2, 4096);
+        s.hs.on_frame(&Frame::Hello(crate::auth::Hello {
+            endpoint: 9,
+            nonce: [9; NONCE_LEN],
+            has_secret: true,
+        }))
+        .unwrap();
+        let sent = s.drive();
+        assert!(matches!(sent[..], [Frame::Hello(_)]), "{sent:?}");
+        assert!(s.hs.on_frame(&sent[0]).is_err());
+        assert!(s.log.is_empty());
+        let mut s = Side::new(Role::Server, Some("k"), 2, 4096);
+        s.hs.on_frame(&Frame::Hello(crate::auth::Hello {
+            endpoint: 9,
+            nonce: [9; NONCE_LEN],
+            has_secret: true,
+        }))
+        .unwrap();
+        let _ = s.drive();
+        assert!(matches!(
+            s.hs.on_frame(&Frame::Proof { mac: Some([0; 32]) }),
+            Err(HandshakeError::Auth(AuthError::BadProof))
+        ));
+        assert!(s.drive().is_empty() && s.log.is_empty());
+    }
+
+    #[test]
+    fn a_tampered_qp_info_is_refused() {
+        let mut c = Side::new(Role::Client, Some("k"), 1, 4096);
+        let mut s = Side::new(Role::Server, Some("k"), 2, 4096);
+        // Run the authentication, then swap the client's QP number on the way.
+        for _ in 0..8 {
+            let fc = c.drive();
+            for f in fc {
+                let f = match f {
+                    Frame::QpInfo { mut info, tag } => {
+                        info.qpn = 0x666;
+                        Frame::QpInfo { info, tag }
+                    }
+                    f => f,
+                };
+                if let Err(e) = s.hs.on_frame(&f) {
+                    assert_eq!(e, HandshakeError::Auth(AuthError::BadProof));
+                    assert!(!s.log.contains(&"rtr-rts"));
+                    return;
+                }
+            }
+            for f in s.drive() {
+                c.hs.on_frame(&f).unwrap();
+            }
+        }
+        panic!("the tampered QP info was accepted");
     }
 
     #[test]
     fn out_of_order_and_invalid_frames_fail() {
-        let mut h = Handshake::new(local(1, 4096, None), [0; 16]);
+        let mut s = Side::new(Role::Server, None, 2, 4096);
         assert!(matches!(
-            h.on_frame(&Frame::Ready { mac: [0; 32] }),
+            s.hs.on_frame(&Frame::Ready),
             Err(HandshakeError::Unexpected { got: "ready", .. })
         ));
         assert!(
-            h.on_frame(&Handshake::new(local(2, 4096, None), [0; 16]).hello())
-                .is_err(),
+            s.hs.on_frame(&Frame::Hello(crate::auth::Hello {
+                endpoint: 1,
+                nonce: [1; NONCE_LEN],
+                has_secret: false
+            }))
+            .is_err(),
             "failed stays failed"
         );
-
-        let mut h = Handshake::new(local(1, 4096, None), [0; 16]);
-        let Frame::Hello(mut bad) = Handshake::new(local(2, 4096, None), [0; 16]).hello() else {
-            unreachable!()
-        };
-        bad.version = VERSION + 1;
-        assert_eq!(
-            h.on_frame(&Frame::Hello(bad)),
-            Err(HandshakeError::VersionMismatch {
-                ours: VERSION,
-                theirs: VERSION + 1
-            })
-        );
-
         for (field, mutate) in [
-            ("psn", (|h: &mut Hello| h.psn = 1 << 24) as fn(&mut Hello)),
-            ("qpn", |h: &mut Hello| h.qpn = 0),
-            ("mtu", |h: &mut Hello| h.mtu = 100),
-            ("receive credits", |h: &mut Hello| h.credits = 0),
+            ("psn", (|q: &mut QpInfo| q.psn = 1 << 24) as fn(&mut QpInfo)),
+            ("qpn", |q: &mut QpInfo| q.qpn = 0),
+            ("mtu", |q: &mut QpInfo| q.mtu = 100),
+            ("receive credits", |q: &mut QpInfo| q.credits = 0),
         ] {
-            let mut h = Handshake::new(local(1, 4096, None), [0; 16]);
-            let Frame::Hello(mut bad) = Handshake::new(local(2, 4096, None), [0; 16]).hello()
-            else {
-                unreachable!()
+            let mut c = Side::new(Role::Client, None, 1, 4096);
+            let mut s = Side::new(Role::Server, None, 2, 4096);
+            c.qp = {
+                let mut q = c.qp;
+                mutate(&mut q);
+                q
             };
-            mutate(&mut bad);
-            assert_eq!(
-                h.on_frame(&Frame::Hello(bad)),
-                Err(HandshakeError::InvalidHello(field))
-            );
+            let (_, es) = run(&mut c, &mut s);
+            assert_eq!(es, Some(HandshakeError::InvalidQpInfo(field)));
+            assert!(!s.log.contains(&"rtr-rts"));
         }
-        let mut h = Handshake::new(local(1, 4096, None), [0; 16]);
-        assert!(h.on_frame(&Frame::Heartbeat).is_err());
+        let mut s = Side::new(Role::Server, None, 2, 4096);
+        assert!(s.hs.on_frame(&Frame::Heartbeat).is_err());
     }
 }

@@ -3,11 +3,14 @@
 //! # Connections
 //!
 //! Each connection has a TCP side channel (the listening address of the endpoint) and one RC QP
-//! with its own completion queue. Set-up runs [`handshake`] over the side channel: both sides swap
-//! QP number, PSN, GID, MTU and receive credits, move their QP INIT→RTR→RTS with the path MTU set
-//! to the smaller side, then swap `Ready` (with an HMAC proof when a shared secret is set). The GID
-//! index is picked automatically: the RoCE v2 entry holding the IPv4-mapped address that the side
-//! channel uses locally (on soft-RoCE over `lo`: `::ffff:127.0.0.1`).
+//! with its own completion queue. Set-up runs [`handshake`] over the side channel: the shared
+//! [`crate::auth`] exchange first (the client proves the secret, then the server), and only then
+//! does either side create its CQ, QP and buffers, swap QP number, PSN, GID, MTU and receive
+//! credits (sealed with the connection's key), move the QP INIT→RTR→RTS with the path MTU set to
+//! the smaller side, and swap `Ready`. Handshakes run on their own threads, at most
+//! [`crate::accept::MAX_HANDSHAKES`] at once, each within one peer timeout. The GID index is
+//! picked automatically: the RoCE v2 entry holding the IPv4-mapped address that the side channel
+//! uses locally (on soft-RoCE over `lo`: `::ffff:127.0.0.1`).
 //!
 //! The side channel stays open for the connection's life: credit returns, remote-region checks and
 //! heartbeats travel on it, and its loss (the peer process died) fails the connection at once.
@@ -36,32 +39,36 @@
 //! # Remote access checks and errors
 //!
 //! Before the first access to a peer's region, the requester asks the peer (side channel) whether
-//! the region exists with that key and how long it is, and caches the answer; so a bad key, an
-//! unknown region or an out-of-bounds access fails with its typed error *before* anything is posted,
-//! and the connection stays usable. An access the NIC itself refuses (e.g. the region was dropped
-//! after the check) returns a remote access error: that operation fails with
+//! the region exists with that key, how long it is and what it allows, and caches the answer; so
+//! an unknown region, an out-of-bounds access or one the region does not allow fails with its
+//! typed error *before* anything is posted, and the connection stays usable. A wrong key is
+//! answered and then closes the connection (as a wrong rkey on the wire kills the QP): rkeys are
+//! 32 bits, so a peer gets no free guesses. The NIC itself enforces the rkey, the registration's
+//! bounds and its access flags (message buffers have no remote access at all); an access it
+//! refuses (e.g. the region was dropped after the check) fails with
 //! [`TransportError::UnknownRegion`]. Any error completion moves the QP to the error state: every
 //! pending operation of the connection fails, the connection is marked dead, and connecting again
-//! gives a fresh one.
+//! gives a fresh one. Not yet done: a descriptor is valid on every connection of the endpoint
+//! (one protection domain per endpoint), not only on the one it was handed to.
 
 mod conn;
 pub mod handshake;
 pub mod wire;
 
+use crate::accept::{AcceptQueue, HandshakeSlots, ACCEPT_QUEUE, MAX_HANDSHAKES};
 use crate::config::{Backend, PollMode, TransportConfig};
 use crate::error::{Result, TransportError};
-use crate::region::{EndpointId, NewRegion, Region, RegionTable};
+use crate::region::{EndpointId, NewRegion, Region, RegionAccess, RegionTable};
 use crate::{Connection, Transport};
 use conn::ConnShared;
 use genie_sys::mem::SharedBuf;
 use genie_sys::verbs::{self, Context, ProtectionDomain};
-use parking_lot::{Condvar, Mutex};
-use std::collections::VecDeque;
+use parking_lot::Mutex;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Returns the device an endpoint with `config` would use, or why RDMA is not usable.
 pub(crate) fn probe(config: &TransportConfig) -> std::result::Result<String, String> {
@@ -129,8 +136,7 @@ pub(crate) fn open(config: TransportConfig) -> Result<Arc<dyn Transport>> {
         local_addr,
         ctx,
         pd,
-        incoming: Mutex::new(VecDeque::new()),
-        incoming_cv: Condvar::new(),
+        incoming: AcceptQueue::new(ACCEPT_QUEUE),
         conns: Mutex::new(Vec::new()),
         shutdown: AtomicBool::new(false),
     });
@@ -154,8 +160,7 @@ pub(crate) struct Endpoint {
     pub(crate) ctx: Context,
     pub(crate) pd: ProtectionDomain,
     pub(crate) table: Arc<RegionTable>,
-    incoming: Mutex<VecDeque<Result<Arc<dyn Connection>>>>,
-    incoming_cv: Condvar,
+    incoming: AcceptQueue<Arc<dyn Connection>>,
     conns: Mutex<Vec<Weak<ConnShared>>>,
     shutdown: AtomicBool,
 }
@@ -172,23 +177,47 @@ impl Endpoint {
     }
 }
 
+/// Accepts side-channel connections and runs each handshake on its own thread, at most
+/// [`MAX_HANDSHAKES`] at once, each within one peer timeout: a peer that connects and stalls (or
+/// drips bytes) holds one slot for at most that long and delays nobody else. Verbs resources are
+/// created only once the peer has authenticated (see [`handshake`]).
 fn accept_loop(ep: &Arc<Endpoint>, listener: TcpListener) {
+    let slots = HandshakeSlots::new(MAX_HANDSHAKES);
     for stream in listener.incoming() {
         if ep.shutdown.load(Ordering::Acquire) {
             break;
         }
-        let r = match stream {
-            Ok(s) => conn::establish(ep, s).map(|c| {
-                ep.track(&c);
-                Arc::new(conn::RdmaConnection::new(c)) as Arc<dyn Connection>
-            }),
-            Err(e) => Err(TransportError::io("accept", e)),
+        let s = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                continue;
+            }
         };
-        if let Err(e) = &r {
-            tracing::info!(error = %e, "incoming rdma connection failed");
+        let Some(slot) = slots.try_take() else {
+            tracing::debug!(peer = ?s.peer_addr().ok(), "too many rdma handshakes in progress; closing");
+            continue;
+        };
+        let ep2 = Arc::clone(ep);
+        let spawned = std::thread::Builder::new()
+            .name("genie-rdma-hs".into())
+            .spawn(move || {
+                let r = conn::establish(&ep2, s, crate::auth::Role::Server).map(|c| {
+                    ep2.track(&c);
+                    Arc::new(conn::RdmaConnection::new(c)) as Arc<dyn Connection>
+                });
+                drop(slot);
+                if let Err(e) = &r {
+                    tracing::info!(error = %e, "incoming rdma connection failed");
+                }
+                if let Some(c) = ep2.incoming.push(r) {
+                    tracing::warn!(peer = %c.peer_addr(), "accept queue full; closing");
+                    c.close();
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "could not start a handshake thread");
         }
-        ep.incoming.lock().push_back(r);
-        ep.incoming_cv.notify_all();
     }
 }
 
@@ -216,6 +245,7 @@ impl Drop for RdmaTransport {
                 c.die(TransportError::EndpointClosed);
             }
         }
+        drop(self.ep.incoming.close());
         // Wake the blocking accept() with a connection to ourselves.
         let _ = TcpStream::connect_timeout(&self.ep.local_addr, Duration::from_secs(1));
         if let Some(t) = self.accept_thread.take() {
@@ -225,7 +255,7 @@ impl Drop for RdmaTransport {
 }
 
 impl RdmaTransport {
-    fn register_mem(&self, mem: SharedBuf) -> Result<Region> {
+    fn register_mem(&self, mem: SharedBuf, access: RegionAccess) -> Result<Region> {
         let mem = Arc::new(mem);
         if mem.is_empty() {
             // Nothing to register: zero-length transfers never touch memory.
@@ -234,16 +264,29 @@ impl RdmaTransport {
                 key: None,
                 remote_addr: 0,
                 registration: None,
+                access,
             }));
         }
+        // The NIC enforces the access: the registration grants exactly what `access` allows.
+        let remote = match access {
+            RegionAccess::Read => verbs::RemoteAccess::Read,
+            RegionAccess::Write => verbs::RemoteAccess::Write,
+            RegionAccess::Local => verbs::RemoteAccess::None,
+            _ => verbs::RemoteAccess::ReadWrite,
+        };
         // The MR keeps its own `Arc` of the memory, so it can never outlive it.
-        let mr = self.ep.pd.register(Arc::clone(&mem)).map_err(verbs_err)?;
+        let mr = self
+            .ep
+            .pd
+            .register_with(Arc::clone(&mem), remote)
+            .map_err(verbs_err)?;
         let (key, remote_addr) = (u64::from(mr.rkey()), mr.addr());
         Ok(self.ep.table.insert(NewRegion {
             mem,
             key: Some(key),
             remote_addr,
             registration: Some(Arc::new(mr)),
+            access,
         }))
     }
 }
@@ -261,11 +304,11 @@ impl Transport for RdmaTransport {
     fn config(&self) -> &TransportConfig {
         &self.ep.config
     }
-    fn alloc_region(&self, len: usize) -> Result<Region> {
-        self.register_mem(SharedBuf::zeroed(len)?)
+    fn alloc_region_with(&self, len: usize, access: RegionAccess) -> Result<Region> {
+        self.register_mem(SharedBuf::zeroed(len)?, access)
     }
-    fn register(&self, buf: Vec<u8>) -> Result<Region> {
-        self.register_mem(SharedBuf::from_vec(buf))
+    fn register_with(&self, buf: Vec<u8>, access: RegionAccess) -> Result<Region> {
+        self.register_mem(SharedBuf::from_vec(buf), access)
     }
     fn connect(&self, addr: SocketAddr) -> Result<Arc<dyn Connection>> {
         let s = TcpStream::connect_timeout(&addr, self.ep.config.peer_timeout).map_err(|e| {
@@ -278,22 +321,13 @@ impl Transport for RdmaTransport {
                 TransportError::io("connect", e)
             }
         })?;
-        let c = conn::establish(&self.ep, s)?;
+        let c = conn::establish(&self.ep, s, crate::auth::Role::Client)?;
         self.ep.track(&c);
         Ok(Arc::new(conn::RdmaConnection::new(c)))
     }
     fn accept(&self, timeout: Duration) -> Result<Arc<dyn Connection>> {
-        let deadline = Instant::now() + timeout;
-        let mut q = self.ep.incoming.lock();
-        loop {
-            if let Some(r) = q.pop_front() {
-                return r;
-            }
-            if self.ep.incoming_cv.wait_until(&mut q, deadline).timed_out() {
-                return q
-                    .pop_front()
-                    .unwrap_or(Err(TransportError::Timeout { after: timeout }));
-            }
-        }
+        self.ep
+            .incoming
+            .pop(timeout, || self.ep.shutdown.load(Ordering::Acquire))
     }
 }

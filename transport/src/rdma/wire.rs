@@ -1,5 +1,5 @@
-//! Frames of the RDMA backend's TCP side channel: connection set-up (QP number, PSN, GID, MTU,
-//! receive credits), credit returns, remote-region checks and heartbeats.
+//! Frames of the RDMA backend's TCP side channel: connection set-up (authentication, then QP
+//! number, PSN, GID, MTU, receive credits), credit returns, remote-region checks and heartbeats.
 //!
 //! A frame is `[u32 LE body length][u8 tag][body]`. Decoding never panics on peer bytes: every
 //! read goes through [`Reader`], which returns `None` when the input is short, and trailing bytes
@@ -8,7 +8,7 @@
 use std::io::{self, Read, Write};
 
 /// Protocol version of the side channel; both sides must agree.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 
 /// Largest frame body accepted from a peer (control frames are tiny).
 pub const MAX_FRAME: u32 = 4096;
@@ -46,6 +46,11 @@ pub fn push_segment(
     Ok((flag == SEG_LAST).then(|| std::mem::take(partial)))
 }
 
+/// [`RegionStatus::Ok`] access bit: remote reads allowed.
+pub const ACCESS_READ: u8 = 1;
+/// [`RegionStatus::Ok`] access bit: remote writes allowed.
+pub const ACCESS_WRITE: u8 = 2;
+
 /// Outcome of a remote region check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RegionStatus {
@@ -55,6 +60,8 @@ pub enum RegionStatus {
         len: u64,
         /// Its virtual address (for RDMA work requests).
         addr: u64,
+        /// What the peer may do: bit 0 read, bit 1 write ([`ACCESS_READ`], [`ACCESS_WRITE`]).
+        access: u8,
     },
     /// No such region (never registered or dropped).
     Unknown,
@@ -65,14 +72,22 @@ pub enum RegionStatus {
 /// One side-channel frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
-    /// First frame of each side.
-    Hello(Hello),
-    /// Second frame of each side, after its QP reached RTS: proves the secret (when one is set)
-    /// and says "you may send now".
-    Ready {
-        /// HMAC-SHA256(secret, peer's nonce || sender's endpoint id), zeros without a secret.
-        mac: [u8; 32],
+    /// First frame of each side: protocol version, endpoint id, nonce, whether it has a secret.
+    Hello(crate::auth::Hello),
+    /// The sender's proof of the secret ([`crate::auth`]); `None` without a secret.
+    Proof {
+        /// HMAC-SHA256 over the role and the transcript.
+        mac: Option<[u8; 32]>,
     },
+    /// After authentication: the sender's QP, sealed with the connection's key.
+    QpInfo {
+        /// The QP and its receive side.
+        info: QpInfo,
+        /// [`crate::auth::Auth::seal`] of [`QpInfo::encode`]; `None` without a secret.
+        tag: Option<[u8; 32]>,
+    },
+    /// The sender's QP reached RTS: the peer may send now.
+    Ready,
     /// The sender re-posted `n` receive buffers: the peer may send `n` more messages/notifications.
     Credits {
         /// Number of credits returned.
@@ -96,17 +111,22 @@ pub enum Frame {
     },
     /// Keeps an idle connection alive.
     Heartbeat,
+    /// The handshake is refused (sent once, before closing): why, as [`Refusal`].
+    Refuse(Refusal),
 }
 
-/// What each side announces in its [`Frame::Hello`].
+/// Why a handshake was refused, in [`Frame::Refuse`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Hello {
-    /// Side-channel protocol version.
-    pub version: u8,
-    /// Whether the sender requires the shared secret.
-    pub has_secret: bool,
-    /// The sender's endpoint id.
-    pub endpoint: u64,
+pub enum Refusal {
+    /// Authentication failed (secrets differ, or only one side has one).
+    Auth,
+    /// The peer broke the handshake protocol.
+    Protocol,
+}
+
+/// What each side says of its queue pair once the peer is authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QpInfo {
     /// QP number.
     pub qpn: u32,
     /// Initial PSN of the sender's send queue.
@@ -120,8 +140,43 @@ pub struct Hello {
     /// Size of each receive buffer: the largest SEND (one message segment, header included) the
     /// sender accepts.
     pub recv_size: u32,
-    /// Random challenge for the secret.
-    pub nonce: [u8; 16],
+}
+
+impl QpInfo {
+    /// Length of the encoding.
+    pub const LEN: usize = 4 + 4 + 16 + 4 + 4 + 4;
+
+    /// Fixed-layout encoding (what the seal covers).
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
+        let parts: [&[u8]; 6] = [
+            &self.qpn.to_le_bytes(),
+            &self.psn.to_le_bytes(),
+            &self.gid,
+            &self.mtu.to_le_bytes(),
+            &self.credits.to_le_bytes(),
+            &self.recv_size.to_le_bytes(),
+        ];
+        let mut at = 0;
+        for p in parts {
+            if let Some(dst) = b.get_mut(at..at + p.len()) {
+                dst.copy_from_slice(p);
+            }
+            at += p.len();
+        }
+        b
+    }
+
+    fn read(r: &mut Reader<'_>) -> Option<Self> {
+        Some(Self {
+            qpn: r.u32()?,
+            psn: r.u32()?,
+            gid: r.array()?,
+            mtu: r.u32()?,
+            credits: r.u32()?,
+            recv_size: r.u32()?,
+        })
+    }
 }
 
 const T_HELLO: u8 = 1;
@@ -130,6 +185,9 @@ const T_CREDITS: u8 = 3;
 const T_QUERY: u8 = 4;
 const T_INFO: u8 = 5;
 const T_HEARTBEAT: u8 = 6;
+const T_PROOF: u8 = 7;
+const T_QP: u8 = 8;
+const T_REFUSE: u8 = 9;
 
 /// Why bytes could not be decoded into a frame.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -150,6 +208,22 @@ pub enum DecodeError {
     /// A field has an impossible value.
     #[error("bad value in {0}")]
     BadValue(&'static str),
+    /// The peer speaks another version of the side-channel protocol.
+    #[error("side-channel protocol version {theirs} (ours is {VERSION})")]
+    Version {
+        /// The peer's version.
+        theirs: u8,
+    },
+}
+
+fn put_opt(b: &mut Vec<u8>, v: &Option<[u8; 32]>) {
+    match v {
+        Some(m) => {
+            b.push(1);
+            b.extend_from_slice(m);
+        }
+        None => b.push(0),
+    }
 }
 
 /// A cursor over peer bytes whose reads fail instead of panicking.
@@ -178,6 +252,14 @@ impl<'a> Reader<'a> {
     fn u64(&mut self) -> Option<u64> {
         self.array().map(u64::from_le_bytes)
     }
+    /// A flag byte (0 or 1) and, when 1, 32 bytes.
+    fn opt32(&mut self, what: &'static str) -> Result<Option<[u8; 32]>, DecodeError> {
+        match self.u8().ok_or(DecodeError::Truncated(what))? {
+            0 => Ok(None),
+            1 => Ok(Some(self.array().ok_or(DecodeError::Truncated(what))?)),
+            _ => Err(DecodeError::BadValue(what)),
+        }
+    }
 }
 
 impl Frame {
@@ -187,21 +269,21 @@ impl Frame {
         match self {
             Frame::Hello(h) => {
                 b.push(T_HELLO);
-                b.push(h.version);
+                b.push(VERSION);
                 b.push(u8::from(h.has_secret));
                 b.extend_from_slice(&h.endpoint.to_le_bytes());
-                b.extend_from_slice(&h.qpn.to_le_bytes());
-                b.extend_from_slice(&h.psn.to_le_bytes());
-                b.extend_from_slice(&h.gid);
-                b.extend_from_slice(&h.mtu.to_le_bytes());
-                b.extend_from_slice(&h.credits.to_le_bytes());
-                b.extend_from_slice(&h.recv_size.to_le_bytes());
                 b.extend_from_slice(&h.nonce);
             }
-            Frame::Ready { mac } => {
-                b.push(T_READY);
-                b.extend_from_slice(mac);
+            Frame::Proof { mac } => {
+                b.push(T_PROOF);
+                put_opt(&mut b, mac);
             }
+            Frame::QpInfo { info, tag } => {
+                b.push(T_QP);
+                b.extend_from_slice(&info.encode());
+                put_opt(&mut b, tag);
+            }
+            Frame::Ready => b.push(T_READY),
             Frame::Credits { n } => {
                 b.push(T_CREDITS);
                 b.extend_from_slice(&n.to_le_bytes());
@@ -215,16 +297,24 @@ impl Frame {
             Frame::RegionInfo { req, status } => {
                 b.push(T_INFO);
                 b.extend_from_slice(&req.to_le_bytes());
-                let (tag, len, addr) = match *status {
-                    RegionStatus::Ok { len, addr } => (0u8, len, addr),
-                    RegionStatus::Unknown => (1, 0, 0),
-                    RegionStatus::BadKey => (2, 0, 0),
+                let (tag, len, addr, access) = match *status {
+                    RegionStatus::Ok { len, addr, access } => (0u8, len, addr, access),
+                    RegionStatus::Unknown => (1, 0, 0, 0),
+                    RegionStatus::BadKey => (2, 0, 0, 0),
                 };
                 b.push(tag);
                 b.extend_from_slice(&len.to_le_bytes());
                 b.extend_from_slice(&addr.to_le_bytes());
+                b.push(access);
             }
             Frame::Heartbeat => b.push(T_HEARTBEAT),
+            Frame::Refuse(r) => {
+                b.push(T_REFUSE);
+                b.push(match r {
+                    Refusal::Auth => 1,
+                    Refusal::Protocol => 2,
+                });
+            }
         }
         let body = u32::try_from(b.len() - 4).unwrap_or(u32::MAX);
         b[..4].copy_from_slice(&body.to_le_bytes());
@@ -238,28 +328,30 @@ impl Frame {
         let f = match tag {
             T_HELLO => {
                 let t = DecodeError::Truncated("hello");
+                // The version comes first, so that any later layout still reads as a mismatch.
                 let version = r.u8().ok_or(t.clone())?;
+                if version != VERSION {
+                    return Err(DecodeError::Version { theirs: version });
+                }
                 let has_secret = match r.u8().ok_or(t.clone())? {
                     0 => false,
                     1 => true,
                     _ => return Err(DecodeError::BadValue("hello.has_secret")),
                 };
-                Frame::Hello(Hello {
-                    version,
+                Frame::Hello(crate::auth::Hello {
                     has_secret,
                     endpoint: r.u64().ok_or(t.clone())?,
-                    qpn: r.u32().ok_or(t.clone())?,
-                    psn: r.u32().ok_or(t.clone())?,
-                    gid: r.array().ok_or(t.clone())?,
-                    mtu: r.u32().ok_or(t.clone())?,
-                    credits: r.u32().ok_or(t.clone())?,
-                    recv_size: r.u32().ok_or(t.clone())?,
                     nonce: r.array().ok_or(t)?,
                 })
             }
-            T_READY => Frame::Ready {
-                mac: r.array().ok_or(DecodeError::Truncated("ready"))?,
+            T_PROOF => Frame::Proof {
+                mac: r.opt32("proof")?,
             },
+            T_QP => Frame::QpInfo {
+                info: QpInfo::read(&mut r).ok_or(DecodeError::Truncated("qp info"))?,
+                tag: r.opt32("qp info")?,
+            },
+            T_READY => Frame::Ready,
             T_CREDITS => Frame::Credits {
                 n: r.u32().ok_or(DecodeError::Truncated("credits"))?,
             },
@@ -276,9 +368,13 @@ impl Frame {
                 let req = r.u64().ok_or(t.clone())?;
                 let tag = r.u8().ok_or(t.clone())?;
                 let len = r.u64().ok_or(t.clone())?;
-                let addr = r.u64().ok_or(t)?;
+                let addr = r.u64().ok_or(t.clone())?;
+                let access = r.u8().ok_or(t)?;
+                if access > (ACCESS_READ | ACCESS_WRITE) {
+                    return Err(DecodeError::BadValue("region info access"));
+                }
                 let status = match tag {
-                    0 => RegionStatus::Ok { len, addr },
+                    0 => RegionStatus::Ok { len, addr, access },
                     1 => RegionStatus::Unknown,
                     2 => RegionStatus::BadKey,
                     _ => return Err(DecodeError::BadValue("region info status")),
@@ -286,6 +382,11 @@ impl Frame {
                 Frame::RegionInfo { req, status }
             }
             T_HEARTBEAT => Frame::Heartbeat,
+            T_REFUSE => Frame::Refuse(match r.u8().ok_or(DecodeError::Truncated("refuse"))? {
+                1 => Refusal::Auth,
+                2 => Refusal::Protocol,
+                _ => return Err(DecodeError::BadValue("refuse reason")),
+            }),
             other => return Err(DecodeError::UnknownTag(other)),
         };
         if !r.buf.is_empty() {
@@ -301,6 +402,7 @@ pub fn write_frame(w: &mut impl Write, f: &Frame) -> io::Result<()> {
 }
 
 /// Reads one frame (blocking, per the stream's timeout). Peer garbage is `InvalidData`.
+#[cfg(test)]
 pub fn read_frame(r: &mut impl Read) -> io::Result<Frame> {
     let mut len = [0u8; 4];
     r.read_exact(&mut len)?;
@@ -416,19 +518,25 @@ mod tests {
 
     fn all_frames() -> Vec<Frame> {
         vec![
-            Frame::Hello(Hello {
-                version: VERSION,
+            Frame::Hello(crate::auth::Hello {
                 has_secret: true,
                 endpoint: 0x1122_3344_5566_7788,
-                qpn: 0x11,
-                psn: 0xab_cdef,
-                gid: [7; 16],
-                mtu: 4096,
-                credits: 32,
-                recv_size: 65536,
-                nonce: [9; 16],
+                nonce: [9; 32],
             }),
-            Frame::Ready { mac: [3; 32] },
+            Frame::Proof { mac: None },
+            Frame::Proof { mac: Some([3; 32]) },
+            Frame::QpInfo {
+                info: QpInfo {
+                    qpn: 0x11,
+                    psn: 0xab_cdef,
+                    gid: [7; 16],
+                    mtu: 4096,
+                    credits: 32,
+                    recv_size: 65536,
+                },
+                tag: Some([5; 32]),
+            },
+            Frame::Ready,
             Frame::Credits { n: 17 },
             Frame::QueryRegion {
                 req: 1,
@@ -437,7 +545,11 @@ mod tests {
             },
             Frame::RegionInfo {
                 req: 4,
-                status: RegionStatus::Ok { len: 5, addr: 6 },
+                status: RegionStatus::Ok {
+                    len: 5,
+                    addr: 6,
+                    access: ACCESS_WRITE,
+                },
             },
             Frame::RegionInfo {
                 req: 4,
@@ -448,6 +560,8 @@ mod tests {
                 status: RegionStatus::BadKey,
             },
             Frame::Heartbeat,
+            Frame::Refuse(Refusal::Auth),
+            Frame::Refuse(Refusal::Protocol),
         ]
     }
 
@@ -507,6 +621,11 @@ mod tests {
             assert_eq!(Frame::decode(&long), Err(DecodeError::Trailing(1)));
         }
         assert_eq!(Frame::decode(&[99]), Err(DecodeError::UnknownTag(99)));
+        assert_eq!(
+            Frame::decode(&[T_HELLO, 1, 0]),
+            Err(DecodeError::Version { theirs: 1 }),
+            "an older peer's hello reads as a version mismatch"
+        );
         let huge = (MAX_FRAME + 1).to_le_bytes();
         assert_eq!(
             read_frame(&mut &huge[..]).unwrap_err().kind(),

@@ -20,7 +20,7 @@
 use crate::error::TransportError;
 
 /// Protocol version spoken by this build; both sides must agree.
-pub const PROTOCOL_VERSION: u8 = 1;
+pub const PROTOCOL_VERSION: u8 = 2;
 /// Size of every frame header in bytes.
 pub const HEADER_LEN: usize = 48;
 /// Frame magic.
@@ -29,8 +29,8 @@ pub const MAGIC: [u8; 2] = *b"GN";
 pub const FLAG_LAST: u8 = 1;
 /// Flag: deliver the `arg` notification once this (last) chunk has landed.
 pub const FLAG_NOTIFY: u8 = 2;
-/// Length of handshake nonces and MACs.
-pub const NONCE_LEN: usize = 32;
+/// Length of handshake nonces (and of proofs): [`crate::auth::NONCE_LEN`].
+pub const NONCE_LEN: usize = crate::auth::NONCE_LEN;
 /// Largest reason text in a REFUSE frame.
 pub const MAX_REASON: usize = 256;
 
@@ -38,13 +38,14 @@ pub const MAX_REASON: usize = 256;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum FrameKind {
-    /// Client → server: endpoint id and nonce.
+    /// Client → server: endpoint id, nonce, whether it has a secret ([`crate::auth::Hello`]).
     Hello = 1,
-    /// Server → client: endpoint id, nonce, and the server's proof when it has a secret.
+    /// Server → client: the same of the server (no proof yet: the client proves first).
     HelloAck = 2,
     /// Client → server: the client's proof (empty without a secret).
     Auth = 3,
-    /// Server → client: the connection is established.
+    /// Server → client: the client's proof checked out; the body is the server's proof (empty
+    /// without a secret). The connection is established once the client checked it.
     Ready = 4,
     /// Either side: the handshake is refused (`arg` = [`RefuseCode`], body = reason text).
     Refuse = 5,
@@ -94,6 +95,8 @@ pub enum ErrCode {
     BadKey = 2,
     /// Out of bounds.
     OutOfBounds = 3,
+    /// The region does not allow this access (the body's offset says which: 0 read, 1 write).
+    AccessDenied = 4,
 }
 
 /// Why a handshake was refused, in REFUSE frames.
@@ -342,20 +345,26 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// HELLO body: the client's endpoint id and nonce.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Hello {
-    /// Client endpoint id.
-    pub endpoint: u64,
-    /// Client nonce.
-    pub nonce: [u8; NONCE_LEN],
-}
+/// HELLO and HELLO_ACK body: the sender's endpoint id, nonce and whether it has a secret.
+///
+/// ```text
+/// offset size field
+///      0    8 endpoint
+///      8   32 nonce
+///     40    1 has_secret (0 or 1)
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hello(pub crate::auth::Hello);
 
 impl Hello {
+    /// Length of the body.
+    pub const LEN: usize = 8 + NONCE_LEN + 1;
+
     /// Encodes the body.
     pub fn encode(&self) -> Vec<u8> {
-        let mut v = self.endpoint.to_le_bytes().to_vec();
-        v.extend_from_slice(&self.nonce);
+        let mut v = self.0.endpoint.to_le_bytes().to_vec();
+        v.extend_from_slice(&self.0.nonce);
+        v.push(u8::from(self.0.has_secret));
         v
     }
 
@@ -364,58 +373,22 @@ impl Hello {
         let mut r = Reader::new(b);
         let endpoint = r.u64()?;
         let nonce = r.array()?;
-        r.finish()?;
-        Ok(Self { endpoint, nonce })
-    }
-}
-
-/// HELLO_ACK body: the server's endpoint id, nonce, and proof (when it has a secret).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HelloAck {
-    /// Server endpoint id.
-    pub endpoint: u64,
-    /// Server nonce.
-    pub nonce: [u8; NONCE_LEN],
-    /// HMAC proof of the secret, if the server has one.
-    pub proof: Option<[u8; NONCE_LEN]>,
-}
-
-impl HelloAck {
-    /// Encodes the body.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut v = self.endpoint.to_le_bytes().to_vec();
-        v.extend_from_slice(&self.nonce);
-        match &self.proof {
-            Some(p) => {
-                v.push(1);
-                v.extend_from_slice(p);
-            }
-            None => v.push(0),
-        }
-        v
-    }
-
-    /// Decodes the body.
-    pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
-        let mut r = Reader::new(b);
-        let endpoint = r.u64()?;
-        let nonce = r.array()?;
-        let proof = match r.u8()? {
-            0 => None,
-            1 => Some(r.array()?),
+        let has_secret = match r.u8()? {
+            0 => false,
+            1 => true,
             x => {
                 return Err(DecodeError {
-                    expected: "proof flag 0 or 1",
+                    expected: "secret flag 0 or 1",
                     got: x.to_string(),
                 })
             }
         };
         r.finish()?;
-        Ok(Self {
+        Ok(Self(crate::auth::Hello {
             endpoint,
             nonce,
-            proof,
-        })
+            has_secret,
+        }))
     }
 }
 
@@ -450,6 +423,15 @@ impl AccessError {
                 Self {
                     region,
                     offset: 0,
+                    len: 0,
+                    size: 0,
+                },
+            ),
+            TransportError::AccessDenied { region, op } => (
+                ErrCode::AccessDenied,
+                Self {
+                    region,
+                    offset: u64::from(op == "write"),
                     len: 0,
                     size: 0,
                 },
@@ -494,9 +476,13 @@ impl AccessError {
                 len,
                 size,
             },
+            4 => TransportError::AccessDenied {
+                region,
+                op: if offset == 0 { "read" } else { "write" },
+            },
             c => {
                 return Err(DecodeError {
-                    expected: "error code 1..=3",
+                    expected: "error code 1..=4",
                     got: c.to_string(),
                 })
             }
@@ -508,7 +494,12 @@ impl AccessError {
 /// without a secret is established after reading them. For tests and fuzzing that speak the
 /// protocol from a raw socket.
 pub fn plain_client_handshake(endpoint: u64, nonce: [u8; NONCE_LEN]) -> Vec<u8> {
-    let body = Hello { endpoint, nonce }.encode();
+    let body = Hello(crate::auth::Hello {
+        endpoint,
+        nonce,
+        has_secret: false,
+    })
+    .encode();
     let mut h = Header::new(FrameKind::Hello);
     h.body_len = body.len() as u32;
     let mut v = h.encode().to_vec();
@@ -577,21 +568,20 @@ mod tests {
 
     #[test]
     fn bodies_roundtrip() {
-        let h = Hello {
-            endpoint: 5,
-            nonce: [3; NONCE_LEN],
-        };
-        assert_eq!(Hello::decode(&h.encode()), Ok(h));
-        for proof in [None, Some([9; NONCE_LEN])] {
-            let a = HelloAck {
-                endpoint: 6,
-                nonce: [4; NONCE_LEN],
-                proof,
-            };
-            assert_eq!(HelloAck::decode(&a.encode()), Ok(a));
+        for has_secret in [false, true] {
+            let h = Hello(crate::auth::Hello {
+                endpoint: 5,
+                nonce: [3; NONCE_LEN],
+                has_secret,
+            });
+            assert_eq!(Hello::decode(&h.encode()), Ok(h));
         }
-        assert!(HelloAck::decode(&[0; 41]).is_ok());
-        assert!(HelloAck::decode(&[0; 40]).is_err());
+        assert!(Hello::decode(&[0; Hello::LEN]).is_ok());
+        assert!(Hello::decode(&[0; Hello::LEN - 1]).is_err());
+        assert!(Hello::decode(&[0; Hello::LEN + 1]).is_err());
+        let mut bad_flag = [0; Hello::LEN];
+        bad_flag[Hello::LEN - 1] = 2;
+        assert!(Hello::decode(&bad_flag).is_err());
         let e = TransportError::RegionOutOfBounds {
             region: 1,
             offset: 2,

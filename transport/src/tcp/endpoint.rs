@@ -48,10 +48,11 @@
 //! again without sleeping) and written until the queue is empty or `WouldBlock`.
 
 use super::proto::{Conn, ConnConfig, Event, ReadOutcome, Request, WriteOutcome};
+use crate::accept::{AcceptQueue, HandshakeSlots, Slot, ACCEPT_QUEUE, MAX_HANDSHAKES};
 use crate::completion::{Batch, BatchBuilder, Completer, Op};
 use crate::config::{Backend, PollMode, TransportConfig};
 use crate::error::{Result, TransportError};
-use crate::region::{EndpointId, Region, RegionTable};
+use crate::region::{EndpointId, Region, RegionAccess, RegionTable};
 use crate::{Connection, Transfer, TransferKind, Transport};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -87,6 +88,11 @@ enum Cmd {
     Close {
         token: Token,
     },
+    /// The application made room in a connection's queues after the progress thread stopped
+    /// reading it: read again.
+    Resume {
+        token: Token,
+    },
 }
 
 struct Shared {
@@ -96,8 +102,7 @@ struct Shared {
     waker: Waker,
     /// `None` once the progress thread has stopped: submissions then fail at once.
     cmds: Mutex<Option<Vec<Cmd>>>,
-    accepted: Mutex<VecDeque<Result<Arc<TcpConnection>>>>,
-    accepted_cv: Condvar,
+    accepted: AcceptQueue<Arc<TcpConnection>>,
     shutdown: AtomicBool,
     next_token: AtomicUsize,
 }
@@ -164,8 +169,7 @@ impl TcpTransport {
             regions: RegionTable::new(endpoint, Backend::Tcp),
             waker,
             cmds: Mutex::new(Some(Vec::new())),
-            accepted: Mutex::new(VecDeque::new()),
-            accepted_cv: Condvar::new(),
+            accepted: AcceptQueue::new(ACCEPT_QUEUE),
             shutdown: AtomicBool::new(false),
             next_token: AtomicUsize::new(2),
         });
@@ -218,12 +222,12 @@ impl Transport for TcpTransport {
         &self.shared.config
     }
 
-    fn alloc_region(&self, len: usize) -> Result<Region> {
-        self.shared.regions.alloc(len)
+    fn alloc_region_with(&self, len: usize, access: RegionAccess) -> Result<Region> {
+        self.shared.regions.alloc_with(len, access)
     }
 
-    fn register(&self, buf: Vec<u8>) -> Result<Region> {
-        Ok(self.shared.regions.register(buf))
+    fn register_with(&self, buf: Vec<u8>, access: RegionAccess) -> Result<Region> {
+        Ok(self.shared.regions.register_with(buf, access))
     }
 
     fn connect(&self, addr: SocketAddr) -> Result<Arc<dyn Connection>> {
@@ -252,27 +256,10 @@ impl Transport for TcpTransport {
     }
 
     fn accept(&self, timeout: Duration) -> Result<Arc<dyn Connection>> {
-        let deadline = Instant::now() + timeout;
-        let mut q = self.shared.accepted.lock();
-        loop {
-            if let Some(r) = q.pop_front() {
-                return r.map(|c| c as Arc<dyn Connection>);
-            }
-            if self.shared.shutdown.load(Ordering::SeqCst) {
-                return Err(TransportError::EndpointClosed);
-            }
-            if self
-                .shared
-                .accepted_cv
-                .wait_until(&mut q, deadline)
-                .timed_out()
-            {
-                return q
-                    .pop_front()
-                    .unwrap_or(Err(TransportError::Timeout { after: timeout }))
-                    .map(|c| c as Arc<dyn Connection>);
-            }
-        }
+        self.shared
+            .accepted
+            .pop(timeout, || self.shared.shutdown.load(Ordering::SeqCst))
+            .map(|c| c as Arc<dyn Connection>)
     }
 }
 
@@ -280,7 +267,29 @@ impl Transport for TcpTransport {
 struct Queues {
     msgs: VecDeque<Vec<u8>>,
     notifs: VecDeque<u32>,
+    /// Bytes in `msgs`.
+    bytes: usize,
+    /// The progress thread stopped reading this connection because these queues were full: the
+    /// next take that makes room wakes it (`Cmd::Service`).
+    held: bool,
     closed: Option<TransportError>,
+}
+
+impl Queues {
+    fn take_msg(&mut self) -> Option<Vec<u8>> {
+        let m = self.msgs.pop_front()?;
+        self.bytes -= m.len();
+        Some(m)
+    }
+
+    /// Room left under the endpoint's bounds: (messages and notifications, bytes).
+    fn room(&self, cfg: &TransportConfig) -> (usize, usize) {
+        (
+            cfg.max_inbound_queue
+                .saturating_sub(self.msgs.len() + self.notifs.len()),
+            cfg.max_inbound_bytes.saturating_sub(self.bytes),
+        )
+    }
 }
 
 struct ConnShared {
@@ -504,21 +513,39 @@ impl TcpConnection {
         let mut q = self.state.q.lock();
         loop {
             if let Some(v) = take(&mut q) {
+                self.resume_if_held(&mut q);
                 return Ok(v);
             }
             if let Some(e) = &q.closed {
                 return Err(e.clone());
             }
             if self.state.cv.wait_until(&mut q, deadline).timed_out() {
-                return take(&mut q).ok_or(TransportError::Timeout { after: timeout });
+                let v = take(&mut q).ok_or(TransportError::Timeout { after: timeout })?;
+                self.resume_if_held(&mut q);
+                return Ok(v);
             }
+        }
+    }
+
+    /// After a take: if the progress thread stopped reading for lack of room and there is room
+    /// now, wake it. Under the queues' lock, as the thread sets `held`, so no wake-up is lost.
+    fn resume_if_held(&self, q: &mut Queues) {
+        let (m, b) = q.room(&self.endpoint.config);
+        if q.held && m > 0 && b > 0 {
+            q.held = false;
+            let _ = self.endpoint.push([Cmd::Resume {
+                token: self.link.token,
+            }]);
         }
     }
 
     fn try_queue<T>(&self, take: impl Fn(&mut Queues) -> Option<T>) -> Result<Option<T>> {
         let mut q = self.state.q.lock();
         match take(&mut q) {
-            Some(v) => Ok(Some(v)),
+            Some(v) => {
+                self.resume_if_held(&mut q);
+                Ok(Some(v))
+            }
             None => match &q.closed {
                 Some(e) => Err(e.clone()),
                 None => Ok(None),
@@ -557,11 +584,11 @@ impl Connection for TcpConnection {
     }
 
     fn recv(&self, timeout: Duration) -> Result<Vec<u8>> {
-        self.wait_queue(timeout, |q| q.msgs.pop_front())
+        self.wait_queue(timeout, Queues::take_msg)
     }
 
     fn try_recv(&self) -> Result<Option<Vec<u8>>> {
-        self.try_queue(|q| q.msgs.pop_front())
+        self.try_queue(Queues::take_msg)
     }
 
     fn recv_notification(&self, timeout: Duration) -> Result<u32> {
@@ -625,6 +652,8 @@ struct ConnIo {
     reply: Option<ConnReply>,
     /// Bytes may still be waiting (the read budget ran out).
     more: bool,
+    /// An incoming connection's handshake slot, held until it is established or closed.
+    slot: Option<Slot>,
     /// `Conn::poll_timeout` when the progress thread last held `wire`. Callers between two such
     /// times only submit and write, which never moves it earlier (a write moves the heartbeat
     /// later; a failed write sends a `Service`), so the thread may sleep until it.
@@ -638,6 +667,8 @@ struct Progress {
     conns: HashMap<Token, ConnIo>,
     /// Events drained from a state machine under `wire`, routed after releasing it.
     events: Vec<Event>,
+    /// Incoming handshakes in progress (capped).
+    handshakes: HandshakeSlots,
 }
 
 fn nonce() -> [u8; super::codec::NONCE_LEN] {
@@ -652,6 +683,7 @@ impl Progress {
             listener,
             conns: HashMap::new(),
             events: Vec::new(),
+            handshakes: HandshakeSlots::new(MAX_HANDSHAKES),
         }
     }
 
@@ -759,9 +791,7 @@ impl Progress {
             self.service(t, false, now);
         }
         // Break the cycle accepted connection → endpoint.
-        let accepted = std::mem::take(&mut *self.shared.accepted.lock());
-        drop(accepted);
-        self.shared.accepted_cv.notify_all();
+        drop(self.shared.accepted.close());
     }
 
     fn insert(&mut self, token: Token, stream: TcpStream, conn: Conn, peer: SocketAddr) {
@@ -774,6 +804,7 @@ impl Progress {
                 shared: None,
                 reply: None,
                 more: false,
+                slot: None,
                 deadline,
             },
         );
@@ -783,6 +814,13 @@ impl Progress {
         loop {
             match self.listener.accept() {
                 Ok((mut stream, peer)) => {
+                    // A peer that opens connections and never finishes a handshake holds at most
+                    // MAX_HANDSHAKES of them (each for at most the peer timeout); the rest are
+                    // closed before any work is done for them.
+                    let Some(slot) = self.handshakes.try_take() else {
+                        tracing::debug!(%peer, "too many handshakes in progress; closing");
+                        continue;
+                    };
                     if let Err(e) = stream.set_nodelay(true) {
                         tracing::warn!(%peer, error = %e, "setsockopt(TCP_NODELAY) failed");
                     }
@@ -797,6 +835,9 @@ impl Progress {
                     }
                     let conn = Conn::server(self.conn_config(), peer, now, nonce());
                     self.insert(token, stream, conn, peer);
+                    if let Some(c) = self.conns.get_mut(&token) {
+                        c.slot = Some(slot);
+                    }
                     touched.push(token);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
@@ -834,6 +875,12 @@ impl Progress {
                 }
                 Some(token)
             }
+            Cmd::Resume { token } => {
+                // Read on the next pass: the bytes have waited in the socket, and no new
+                // readiness edge will come for them.
+                self.conns.get_mut(&token)?.more = true;
+                None
+            }
             Cmd::Service { token } => {
                 // A connection already removed has closed its inbox and failed what was in it.
                 let c = self.conns.get(&token)?;
@@ -860,15 +907,39 @@ impl Progress {
         let Some(c) = self.conns.get_mut(&t) else {
             return;
         };
+        // The user-facing queues before `wire` (lock order): what they can still take.
+        let room = c
+            .shared
+            .as_ref()
+            .map(|s| s.q.lock().room(&self.shared.config));
+        let mut held_for_room = false;
         let out = {
             let mut w = c.link.wire.lock();
             let Wire { stream, conn } = &mut *w;
             let out = match stream {
                 Some(s) => {
-                    if read || c.more {
-                        c.more = conn.read_from(s, regions, now) == ReadOutcome::MoreReady;
+                    if let Some((m, b)) = room {
+                        conn.set_inbound_room(m, b);
                     }
-                    conn.write_to(s, now)
+                    let mut rd = None;
+                    if read || c.more {
+                        rd = Some(conn.read_from(s, regions, now));
+                    }
+                    let out = conn.write_to(s, now);
+                    c.more = match rd {
+                        Some(ReadOutcome::MoreReady) => true,
+                        // Held because the peer does not read our replies: read again once a
+                        // write made room (else the next WRITABLE event brings us back).
+                        Some(ReadOutcome::Held) if !conn.is_held_for_room() => {
+                            conn.queued() < super::proto::MAX_QUEUED_FRAMES
+                        }
+                        Some(ReadOutcome::Held) => {
+                            held_for_room = true;
+                            false
+                        }
+                        _ => false,
+                    };
+                    out
                 }
                 None => WriteOutcome::Closed,
             };
@@ -877,6 +948,20 @@ impl Progress {
             out
         };
         self.dispatch(t);
+        if held_for_room {
+            // Mark the queues held, unless a take made room since we looked: then read again.
+            if let Some(c) = self.conns.get_mut(&t) {
+                if let Some(s) = &c.shared {
+                    let mut q = s.q.lock();
+                    let (m, b) = q.room(&self.shared.config);
+                    if m > 0 && b > 0 {
+                        c.more = true;
+                    } else {
+                        q.held = true;
+                    }
+                }
+            }
+        }
         if out == WriteOutcome::Closed {
             self.remove(t);
         }
@@ -892,6 +977,7 @@ impl Progress {
         for ev in self.events.drain(..) {
             match ev {
                 Event::Established { peer_endpoint } => {
+                    c.slot = None;
                     let state = Arc::new(ConnShared {
                         q: Mutex::new(Queues::default()),
                         cv: Condvar::new(),
@@ -911,14 +997,19 @@ impl Progress {
                             let _ = reply.send(Ok(handle));
                         }
                         None => {
-                            endpoint.accepted.lock().push_back(Ok(handle));
-                            endpoint.accepted_cv.notify_all();
+                            if let Some(h) = endpoint.accepted.push(Ok(handle)) {
+                                tracing::warn!(peer = %h.peer_addr, "accept queue full; closing");
+                                h.close();
+                            }
                         }
                     }
                 }
                 Event::Message(m) => {
                     if let Some(s) = &c.shared {
-                        s.push(|q| q.msgs.push_back(m));
+                        s.push(|q| {
+                            q.bytes += m.len();
+                            q.msgs.push_back(m);
+                        });
                     }
                 }
                 Event::Notification(n) => {
@@ -936,8 +1027,7 @@ impl Progress {
                         let _ = reply.send(Err(err));
                     } else {
                         tracing::info!(peer = %c.peer, error = %err, "incoming connection refused");
-                        endpoint.accepted.lock().push_back(Err(err));
-                        endpoint.accepted_cv.notify_all();
+                        endpoint.accepted.push(Err(err));
                     }
                 }
             }

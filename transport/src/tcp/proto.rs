@@ -16,14 +16,13 @@
 //! id, key and bounds; outgoing frames go out with one vectored write for header and payload.
 
 use super::codec::{
-    AccessError, DecodeError, FrameKind, Header, Hello, HelloAck, RefuseCode, FLAG_LAST,
-    FLAG_NOTIFY, HEADER_LEN, MAX_REASON, NONCE_LEN, PROTOCOL_VERSION,
+    AccessError, DecodeError, FrameKind, Header, Hello, RefuseCode, FLAG_LAST, FLAG_NOTIFY,
+    HEADER_LEN, MAX_REASON, NONCE_LEN, PROTOCOL_VERSION,
 };
+use crate::auth::{Auth, AuthError, Role as AuthRole, PROOF_LEN};
 use crate::completion::Completer;
 use crate::error::TransportError;
-use crate::region::{Region, RegionTable, RemoteRegion};
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
+use crate::region::{Region, RegionTable, RemoteOp, RemoteRegion};
 use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, IoSlice, Read, Write};
 use std::net::SocketAddr;
@@ -35,6 +34,13 @@ pub const CHUNK: usize = 1 << 20;
 /// Most bytes [`Conn::read_from`] takes in one call before yielding to other connections.
 pub const READ_BUDGET: usize = 16 << 20;
 const MAX_IOV: usize = 64;
+/// Frames queued for the peer past which we stop reading its requests: a peer that sends
+/// requests (reads, writes, messages: each queues a reply) and never reads the replies is held
+/// by TCP flow control instead of growing our queue.
+pub const MAX_QUEUED_FRAMES: usize = 1 << 16;
+/// Granularity of a message body's buffer growth: memory follows the bytes that actually
+/// arrived, not the length a header claims.
+const BODY_STEP: usize = 64 * 1024;
 
 /// Settings of one connection.
 #[derive(Debug, Clone)]
@@ -185,6 +191,10 @@ enum Rx {
 pub enum ReadOutcome {
     /// The source has no more bytes now (`WouldBlock`).
     Drained,
+    /// Reading stopped for back-pressure: the user's queues have no room
+    /// ([`Conn::set_inbound_room`]) or the peer is not reading our replies
+    /// ([`MAX_QUEUED_FRAMES`]). Call again once that changed.
+    Held,
     /// The read budget was used up; call again (more bytes may be waiting).
     MoreReady,
     /// The connection is closed (EOF, error, protocol violation); see [`Event::Closed`].
@@ -208,9 +218,10 @@ pub struct Conn {
     phase: Phase,
     cfg: ConnConfig,
     peer: SocketAddr,
-    our_nonce: [u8; NONCE_LEN],
-    their_nonce: [u8; NONCE_LEN],
+    auth: Auth,
     peer_endpoint: u64,
+    /// Messages and notifications the user side can still take, and their bytes.
+    room: (usize, usize),
     started: Instant,
     last_rx: Instant,
     last_tx: Instant,
@@ -235,33 +246,11 @@ impl std::fmt::Debug for Conn {
     }
 }
 
-type HmacSha256 = Hmac<Sha256>;
-
-fn proof(secret: &[u8], label: &[u8], first: &[u8], second: &[u8]) -> HmacSha256 {
-    // HMAC accepts keys of any length, so `new_from_slice` cannot fail.
-    let mut m = <HmacSha256 as Mac>::new_from_slice(secret).unwrap_or_else(|_| unreachable_key());
-    m.update(label);
-    m.update(first);
-    m.update(second);
-    m
-}
-
-#[cold]
-fn unreachable_key() -> HmacSha256 {
-    // Only reachable if the hmac crate started rejecting some key lengths; fall back to an empty
-    // key (authentication would then fail, never pass wrongly, as both sides differ).
-    <HmacSha256 as Mac>::new_from_slice(b"genie: invalid key").unwrap_or_else(|_| unreachable_key())
-}
-
 impl Conn {
     /// A client connection: queues HELLO.
     pub fn client(cfg: ConnConfig, peer: SocketAddr, now: Instant, nonce: [u8; NONCE_LEN]) -> Self {
         let mut c = Self::new(Role::Client, cfg, peer, now, nonce);
-        let body = Hello {
-            endpoint: c.cfg.endpoint,
-            nonce,
-        }
-        .encode();
+        let body = Hello(c.auth.hello()).encode();
         c.queue_bytes(Header::new(FrameKind::Hello), body);
         c
     }
@@ -278,6 +267,15 @@ impl Conn {
         now: Instant,
         nonce: [u8; NONCE_LEN],
     ) -> Self {
+        let auth = Auth::new(
+            match role {
+                Role::Client => AuthRole::Client,
+                Role::Server => AuthRole::Server,
+            },
+            cfg.secret.as_deref(),
+            cfg.endpoint,
+            nonce,
+        );
         Self {
             role,
             phase: if role == Role::Client {
@@ -287,9 +285,9 @@ impl Conn {
             },
             cfg,
             peer,
-            our_nonce: nonce,
-            their_nonce: [0; NONCE_LEN],
+            auth,
             peer_endpoint: 0,
+            room: (usize::MAX, usize::MAX),
             started: now,
             last_rx: now,
             last_tx: now,
@@ -370,6 +368,10 @@ impl Conn {
                 }
             }
             Phase::Established => {
+                if self.held_for_room() {
+                    // We stopped reading; the peer's bytes (heartbeats too) wait in our socket.
+                    self.last_rx = now;
+                }
                 if now >= self.last_rx + self.cfg.peer_timeout {
                     let reason = format!("nothing received for {:?}", now - self.last_rx);
                     self.fail(
@@ -614,6 +616,35 @@ impl Conn {
         }
     }
 
+    /// How many messages/notifications (and bytes of messages) the user side can still queue.
+    /// Once a read delivered that many, reading stops ([`ReadOutcome::Held`]) until more room
+    /// is given; the peer is then held by TCP flow control. While held for room, the peer's
+    /// silence does not count against it (its bytes are waiting in our socket). Default:
+    /// unlimited.
+    pub fn set_inbound_room(&mut self, messages: usize, bytes: usize) {
+        self.room = (messages, bytes);
+    }
+
+    /// Whether reading is stopped because the user side has no room (see
+    /// [`Conn::set_inbound_room`]).
+    pub fn is_held_for_room(&self) -> bool {
+        self.held_for_room()
+    }
+
+    fn held_for_room(&self) -> bool {
+        self.phase == Phase::Established && (self.room.0 == 0 || self.room.1 == 0)
+    }
+
+    fn deliver(&mut self, ev: Event) {
+        let bytes = match &ev {
+            Event::Message(m) => m.len(),
+            _ => 0,
+        };
+        self.room.0 = self.room.0.saturating_sub(1);
+        self.room.1 = self.room.1.saturating_sub(bytes.max(1));
+        self.events.push_back(ev);
+    }
+
     /// Reads what `src` has (until `WouldBlock`, EOF or the read budget) and processes it.
     pub fn read_from<R: Read>(
         &mut self,
@@ -629,6 +660,9 @@ impl Conn {
             if budget == 0 {
                 return ReadOutcome::MoreReady;
             }
+            if self.held_for_room() || self.out.len() >= MAX_QUEUED_FRAMES {
+                return ReadOutcome::Held;
+            }
             let res = match &mut self.rx {
                 Rx::Header { buf, got } => match src.read(buf.get_mut(*got..).unwrap_or(&mut [])) {
                     Ok(n) => {
@@ -642,7 +676,12 @@ impl Conn {
                     let want = (total - *got).min(budget);
                     let r = match dest {
                         BodyDest::Buffer(v) => {
-                            src.read(v.get_mut(*got..*got + want).unwrap_or(&mut []))
+                            // Grow with the bytes that arrive (see BODY_STEP).
+                            let want = want.min(BODY_STEP);
+                            v.resize(*got + want, 0);
+                            let r = src.read(v.get_mut(*got..*got + want).unwrap_or(&mut []));
+                            v.truncate(*got + *r.as_ref().unwrap_or(&0));
+                            r
                         }
                         BodyDest::Region { region, offset } => {
                             let mut g = region.lock_mut();
@@ -753,7 +792,7 @@ impl Conn {
                     });
                     return None;
                 }
-                return Some(BodyDest::Buffer(vec![0; len]));
+                return Some(BodyDest::Buffer(Vec::with_capacity(len)));
             }
             (Phase::Established, k) => k,
             (_, k) => {
@@ -771,7 +810,13 @@ impl Conn {
                     self.violation(format!("write chunk of {len} bytes exceeds {CHUNK}"));
                     return None;
                 }
-                match regions.check_remote(h.region, h.key, h.offset, len as u64) {
+                match regions.check_remote(
+                    h.region,
+                    h.key,
+                    Some(RemoteOp::Write),
+                    h.offset,
+                    len as u64,
+                ) {
                     Ok(region) => match usize::try_from(h.offset) {
                         Ok(offset) => Some(BodyDest::Region { region, offset }),
                         Err(_) => Some(BodyDest::Discard),
@@ -790,7 +835,7 @@ impl Conn {
                     ));
                     return None;
                 }
-                Some(BodyDest::Buffer(vec![0; len]))
+                Some(BodyDest::Buffer(Vec::with_capacity(len.min(BODY_STEP))))
             }
             FrameKind::ReadReq => {
                 if len != 8 {
@@ -878,6 +923,16 @@ impl Conn {
             let mut h = Header::new(FrameKind::Err);
             h.op_id = op_id;
             h.arg = code as u32;
+            if let TransportError::BadKey { region } = e {
+                // A wrong key is never an honest mistake worth a retry: the same rule as RDMA,
+                // where the NIC kills the QP, so that a peer gets no free guesses. The ERR goes
+                // out as last words, then the connection closes.
+                let err = TransportError::PeerMisbehaved {
+                    peer: Some(self.peer),
+                    what: format!("presented a wrong key for region {region}"),
+                };
+                return self.fail(err, Some((h, body.encode())));
+            }
             self.queue_bytes(h, body.encode());
         }
     }
@@ -890,7 +945,7 @@ impl Conn {
                 match h.kind {
                     FrameKind::Write if h.last() => {
                         if h.notify() {
-                            self.events.push_back(Event::Notification(h.arg));
+                            self.deliver(Event::Notification(h.arg));
                         }
                         let mut a = Header::new(FrameKind::Ack);
                         a.op_id = h.op_id;
@@ -906,18 +961,7 @@ impl Conn {
             FrameKind::Hello => self.on_hello(&body),
             FrameKind::HelloAck => self.on_hello_ack(&body),
             FrameKind::Auth => self.on_auth(&body),
-            FrameKind::Ready => {
-                if !body.is_empty() {
-                    return self.invalid(DecodeError {
-                        expected: "empty READY",
-                        got: format!("{} bytes", body.len()),
-                    });
-                }
-                self.phase = Phase::Established;
-                self.events.push_back(Event::Established {
-                    peer_endpoint: self.peer_endpoint,
-                });
-            }
+            FrameKind::Ready => self.on_ready(&body),
             FrameKind::Refuse => {
                 let reason = String::from_utf8_lossy(&body).into_owned();
                 let err = match h.arg {
@@ -938,7 +982,7 @@ impl Conn {
                 self.fail(err, None);
             }
             FrameKind::Msg => {
-                self.events.push_back(Event::Message(body));
+                self.deliver(Event::Message(body));
                 let mut a = Header::new(FrameKind::Ack);
                 a.op_id = h.op_id;
                 self.queue(a, Payload::None);
@@ -984,10 +1028,11 @@ impl Conn {
             Ok(l) => l,
             Err(e) => return self.invalid(e),
         };
-        let region = match regions.check_remote(h.region, h.key, h.offset, len) {
-            Ok(region) => region,
-            Err(e) => return self.reply_error(h.op_id, &e),
-        };
+        let region =
+            match regions.check_remote(h.region, h.key, Some(RemoteOp::Read), h.offset, len) {
+                Ok(region) => region,
+                Err(e) => return self.reply_error(h.op_id, &e),
+            };
         // In bounds of a live region, so both fit in usize.
         let (Ok(base), Ok(len)) = (usize::try_from(h.offset), usize::try_from(len)) else {
             return;
@@ -1016,113 +1061,81 @@ impl Conn {
         }
     }
 
+    fn auth_failed(&mut self, e: AuthError) {
+        let err = TransportError::AuthFailed {
+            peer: Some(self.peer),
+            reason: e.to_string(),
+        };
+        self.refuse(RefuseCode::Auth, err);
+    }
+
+    /// A proof body: empty without a secret, else exactly [`PROOF_LEN`] bytes.
+    fn proof_body(proof: Option<[u8; PROOF_LEN]>) -> Vec<u8> {
+        proof.map(|p| p.to_vec()).unwrap_or_default()
+    }
+
     fn on_hello(&mut self, body: &[u8]) {
         let hello = match Hello::decode(body) {
-            Ok(h) => h,
+            Ok(h) => h.0,
             Err(e) => return self.invalid(e),
         };
+        if let Err(e) = self.auth.on_peer_hello(hello) {
+            return self.auth_failed(e);
+        }
         self.peer_endpoint = hello.endpoint;
-        self.their_nonce = hello.nonce;
-        let proof = self.cfg.secret.as_deref().map(|s| {
-            proof(s, b"genie-server", &self.their_nonce, &self.our_nonce)
-                .finalize()
-                .into_bytes()
-                .into()
-        });
-        let ack = HelloAck {
-            endpoint: self.cfg.endpoint,
-            nonce: self.our_nonce,
-            proof,
-        };
-        self.queue_bytes(Header::new(FrameKind::HelloAck), ack.encode());
+        // No proof yet: the client proves first.
+        let ack = Hello(self.auth.hello()).encode();
+        self.queue_bytes(Header::new(FrameKind::HelloAck), ack);
         self.phase = Phase::ServerWaitAuth;
     }
 
     fn on_hello_ack(&mut self, body: &[u8]) {
-        let ack = match HelloAck::decode(body) {
-            Ok(a) => a,
+        let ack = match Hello::decode(body) {
+            Ok(a) => a.0,
             Err(e) => return self.invalid(e),
         };
-        self.peer_endpoint = ack.endpoint;
-        self.their_nonce = ack.nonce;
-        let auth_body = match (&self.cfg.secret, ack.proof) {
-            (None, None) => Vec::new(),
-            (None, Some(_)) => {
-                let reason = "the peer requires a shared secret and none is configured".to_string();
-                return self.refuse(
-                    RefuseCode::Auth,
-                    TransportError::AuthFailed {
-                        peer: Some(self.peer),
-                        reason,
-                    },
-                );
+        let proof = self
+            .auth
+            .on_peer_hello(ack)
+            .and_then(|()| self.auth.our_proof());
+        match proof {
+            Ok(p) => {
+                self.peer_endpoint = ack.endpoint;
+                self.queue_bytes(Header::new(FrameKind::Auth), Self::proof_body(p));
+                self.phase = Phase::ClientWaitReady;
             }
-            (Some(_), None) => {
-                let reason = "the peer has no shared secret configured".to_string();
-                return self.refuse(
-                    RefuseCode::Auth,
-                    TransportError::AuthFailed {
-                        peer: Some(self.peer),
-                        reason,
-                    },
-                );
-            }
-            (Some(s), Some(p)) => {
-                if proof(s, b"genie-server", &self.our_nonce, &self.their_nonce)
-                    .verify_slice(&p)
-                    .is_err()
-                {
-                    let reason = "the peer's proof does not match our shared secret".to_string();
-                    return self.refuse(
-                        RefuseCode::Auth,
-                        TransportError::AuthFailed {
-                            peer: Some(self.peer),
-                            reason,
-                        },
-                    );
-                }
-                proof(s, b"genie-client", &self.our_nonce, &self.their_nonce)
-                    .finalize()
-                    .into_bytes()
-                    .to_vec()
-            }
-        };
-        self.queue_bytes(Header::new(FrameKind::Auth), auth_body);
-        self.phase = Phase::ClientWaitReady;
+            Err(e) => self.auth_failed(e),
+        }
     }
 
     fn on_auth(&mut self, body: &[u8]) {
-        if let Some(s) = &self.cfg.secret {
-            if body.is_empty() {
-                let reason = "the peer sent no proof of the shared secret".to_string();
-                return self.refuse(
-                    RefuseCode::Auth,
-                    TransportError::AuthFailed {
-                        peer: Some(self.peer),
-                        reason,
-                    },
-                );
+        let ours = self
+            .auth
+            .on_peer_proof((!body.is_empty()).then_some(body))
+            .and_then(|()| self.auth.our_proof());
+        match ours {
+            Ok(p) => {
+                self.queue_bytes(Header::new(FrameKind::Ready), Self::proof_body(p));
+                self.phase = Phase::Established;
+                self.events.push_back(Event::Established {
+                    peer_endpoint: self.peer_endpoint,
+                });
             }
-            if proof(s, b"genie-client", &self.their_nonce, &self.our_nonce)
-                .verify_slice(body)
-                .is_err()
-            {
-                let reason = "the peer's proof does not match our shared secret".to_string();
-                return self.refuse(
-                    RefuseCode::Auth,
-                    TransportError::AuthFailed {
-                        peer: Some(self.peer),
-                        reason,
-                    },
-                );
-            }
-        } else if !body.is_empty() {
-            return self.invalid(DecodeError {
-                expected: "empty AUTH (no secret)",
-                got: format!("{} bytes", body.len()),
-            });
+            Err(e) => self.auth_failed(e),
         }
-        self.queue(Header::new(FrameKind::Ready), Payload::None);
+    }
+
+    fn on_ready(&mut self, body: &[u8]) {
+        if let Err(e) = self.auth.on_peer_proof((!body.is_empty()).then_some(body)) {
+            // The server accepted us but could not prove itself: an impostor.
+            return self.fail(
+                TransportError::AuthFailed {
+                    peer: Some(self.peer),
+                    reason: e.to_string(),
+                },
+                None,
+            );
+        }
         self.phase = Phase::Established;
         self.events.push_back(Event::Established {
             peer_endpoint: self.peer_endpoint,
@@ -1352,6 +1365,35 @@ mod tests {
     }
 
     #[test]
+    fn the_server_proves_nothing_before_the_client_did() {
+        let now = Instant::now();
+        let (mut c, mut s) = pair(Some("k"), Some("k"), now);
+        let mut w = Wire::default();
+        let _ = c.conn.write_to(&mut w.buf, now);
+        s.conn.read_from(&mut w, &s.regions, now);
+        let mut ack = Vec::new();
+        let _ = s.conn.write_to(&mut ack, now);
+        // HELLO_ACK: a header and a bare hello (id, nonce, flag), nothing derived from the secret.
+        let h = Header::decode(&ack[..HEADER_LEN]).unwrap();
+        assert_eq!(h.kind, FrameKind::HelloAck);
+        assert_eq!(ack.len(), HEADER_LEN + Hello::LEN);
+        // A client that echoes the server's own nonce (reflection) is refused.
+        let mut evil = Side {
+            conn: Conn::client(cfg(9, Some("k")), addr(), now, [2; NONCE_LEN]),
+            regions: RegionTable::new(9, Backend::Tcp),
+            events: Vec::new(),
+        };
+        let (_, mut s) = pair(Some("k"), Some("k"), now);
+        pump(&mut evil, &mut s, now);
+        assert!(
+            matches!(s.conn.error(), Some(TransportError::AuthFailed { reason, .. }) if reason.contains("reflection")),
+            "{:?}",
+            s.conn.error()
+        );
+        assert!(!s.conn.is_established());
+    }
+
+    #[test]
     fn version_mismatch_is_refused() {
         let now = Instant::now();
         let (mut c, mut s) = pair(None, None, now);
@@ -1419,14 +1461,6 @@ mod tests {
 
         let cases = [
             (
-                RemoteRegion {
-                    key: d.key ^ 1,
-                    ..d
-                },
-                0,
-                TransportError::BadKey { region: d.region },
-            ),
-            (
                 RemoteRegion { region: 999, ..d },
                 0,
                 TransportError::UnknownRegion { region: 999 },
@@ -1471,6 +1505,70 @@ mod tests {
             }
         }
         assert!(c.conn.is_established() && s.conn.is_established());
+        // A wrong key: the ERR goes out as the target's last words, then it closes.
+        let (w, done) = op();
+        let bad_key = RemoteRegion {
+            key: d.key ^ 1,
+            ..d
+        };
+        c.conn.submit(
+            Request::Write {
+                local: src.clone(),
+                local_offset: 0,
+                remote: bad_key,
+                remote_offset: 0,
+                len: 2,
+                notify: None,
+            },
+            done,
+        );
+        pump(&mut c, &mut s, now);
+        let got = w.poll().unwrap().unwrap_err();
+        assert_eq!(
+            got.to_string(),
+            TransportError::BadKey { region: d.region }.to_string()
+        );
+        assert!(s.conn.is_closed());
+        assert!(matches!(
+            s.conn.error(),
+            Some(TransportError::PeerMisbehaved { .. })
+        ));
+    }
+
+    #[test]
+    fn reading_stops_when_the_user_side_has_no_room() {
+        let now = Instant::now();
+        let (mut c, mut s) = established(now);
+        for i in 0..5u8 {
+            let (_, done) = op();
+            c.conn.submit(Request::Send(vec![i; 10]), done);
+        }
+        let mut w = Wire::default();
+        let _ = c.conn.write_to(&mut w.buf, now);
+        s.conn.set_inbound_room(2, usize::MAX);
+        assert_eq!(s.conn.read_from(&mut w, &s.regions, now), ReadOutcome::Held);
+        let got: Vec<_> = std::iter::from_fn(|| s.conn.poll_event()).collect();
+        assert!(
+            matches!(&got[..], [Event::Message(_), Event::Message(_)]),
+            "{got:?}"
+        );
+        // Held for room, silence does not count: the peer stays alive past the timeout.
+        let later = now + Duration::from_secs(10);
+        s.conn.handle_timeout(later);
+        assert!(s.conn.is_established());
+        // Bytes bound: one 10-byte message uses up 5 bytes of room (it may overshoot by one).
+        s.conn.set_inbound_room(usize::MAX, 5);
+        assert_eq!(
+            s.conn.read_from(&mut w, &s.regions, later),
+            ReadOutcome::Held
+        );
+        assert_eq!(std::iter::from_fn(|| s.conn.poll_event()).count(), 1);
+        s.conn.set_inbound_room(usize::MAX, usize::MAX);
+        assert_eq!(
+            s.conn.read_from(&mut w, &s.regions, later),
+            ReadOutcome::Drained
+        );
+        assert_eq!(std::iter::from_fn(|| s.conn.poll_event()).count(), 2);
     }
 
     #[test]
