@@ -1,17 +1,32 @@
 //! The static cluster file: which workers exist, where they listen and what devices they own.
 //!
 //! ```toml
-//! secret = "optional shared secret"   # peers authenticate with it at connect time
+//! secret_file = "cluster.secret"       # peers authenticate with it at connect time
 //!
 //! [[workers]]
 //! name = "w0"
-//! address = "127.0.0.1:7100"
+//! address = "10.0.0.1:7100"
 //! devices = ["cpu"]                    # default: ["cpu"]
 //!
 //! [[workers]]
 //! name = "w1"
-//! address = "127.0.0.1:7101"
+//! address = "10.0.0.2:7100"
 //! ```
+//!
+//! # Secure by default
+//!
+//! Every connection between workers and drivers authenticates with the cluster's shared secret.
+//! A cluster whose workers are not all on loopback refuses to load without one, unless the file
+//! says `insecure = true` explicitly. Make a secret with
+//!
+//! ```text
+//! genie secret > cluster.secret && chmod 600 cluster.secret
+//! ```
+//!
+//! and name it with `secret_file` (a path relative to the cluster file). A secret file that
+//! group or others may read (`mode & 0o077 != 0`) is refused. An inline `secret = "..."` also
+//! works (then the cluster file itself is the secret: keep it private). A loopback-only
+//! cluster (the embedded demo, tests) needs no secret.
 //!
 //! Parsing never panics; every rejection names the field (`workers[1].address`).
 
@@ -46,14 +61,19 @@ pub struct WorkerSpec {
 pub struct Cluster {
     /// The workers, in file order. The first one coordinates runs.
     pub workers: Vec<WorkerSpec>,
-    /// Shared secret peers authenticate with (none: no authentication).
+    /// Shared secret peers authenticate with (none: no authentication, which
+    /// [`Cluster::check_secure`] allows only on loopback or with `insecure`).
     pub secret: Option<String>,
+    /// The file said `insecure = true`: run without a secret even off loopback.
+    pub insecure: bool,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawCluster {
     secret: Option<String>,
+    secret_file: Option<String>,
+    insecure: Option<bool>,
     workers: Vec<RawWorker>,
 }
 
@@ -100,6 +120,20 @@ impl Cluster {
                 ));
             }
         }
+        let secret = match (raw.secret, raw.secret_file) {
+            (Some(_), Some(_)) => {
+                return Err(field(
+                    "secret_file".into(),
+                    "give `secret` or `secret_file`, not both".into(),
+                ))
+            }
+            (Some(s), None) => Some(s),
+            (None, Some(f)) => {
+                let base = path.parent().unwrap_or_else(|| Path::new(""));
+                Some(read_secret_file(&base.join(f))?)
+            }
+            (None, None) => None,
+        };
         let mut workers: Vec<WorkerSpec> = Vec::with_capacity(raw.workers.len());
         for (i, w) in raw.workers.into_iter().enumerate() {
             if w.name.is_empty() {
@@ -163,10 +197,40 @@ impl Cluster {
                 devices,
             });
         }
-        Ok(Self {
+        let cluster = Self {
             workers,
-            secret: raw.secret,
-        })
+            secret,
+            insecure: raw.insecure.unwrap_or(false),
+        };
+        cluster.check_secure().map_err(|e| match e {
+            RuntimeError::InsecureCluster { reason } => RuntimeError::InsecureCluster {
+                reason: format!("cluster file {}: {reason}", path.display()),
+            },
+            other => other,
+        })?;
+        Ok(cluster)
+    }
+
+    /// Refuses a cluster that anyone on the network could drive: one with a worker off
+    /// loopback, no secret, and no explicit `insecure = true`. Workers and drivers call it
+    /// before they open an endpoint.
+    pub fn check_secure(&self) -> Result<()> {
+        if self.secret.is_some() || self.insecure {
+            return Ok(());
+        }
+        match self.workers.iter().find(|w| !w.address.ip().is_loopback()) {
+            None => Ok(()),
+            Some(w) => Err(RuntimeError::InsecureCluster {
+                reason: format!(
+                    "worker `{}` listens on {}, off loopback, and the cluster has no secret: \
+                     anyone who can reach it could drive it. Make one with \
+                     `genie secret > cluster.secret && chmod 600 cluster.secret` and add \
+                     `secret_file = \"cluster.secret\"` to the cluster file (or, on a \
+                     network you trust entirely, `insecure = true`)",
+                    w.name, w.address
+                ),
+            }),
+        }
     }
 
     /// A loopback cluster of `n` workers named `w0..`, on the given ports.
@@ -182,6 +246,7 @@ impl Cluster {
                 })
                 .collect(),
             secret: None,
+            insecure: false,
         }
     }
 
@@ -190,6 +255,9 @@ impl Cluster {
         let mut s = String::new();
         if let Some(secret) = &self.secret {
             s.push_str(&format!("secret = {secret:?}\n"));
+        }
+        if self.insecure {
+            s.push_str("insecure = true\n");
         }
         for w in &self.workers {
             let devs: Vec<&str> = w
@@ -222,6 +290,52 @@ impl Cluster {
     pub fn inline_path() -> PathBuf {
         PathBuf::from("<inline>")
     }
+}
+
+/// Largest secret file read (a secret is a line of hex; anything longer is a mistake).
+const MAX_SECRET_FILE: u64 = 4096;
+
+/// The secret in `path`: a regular file, private to its owner, holding one non-empty line.
+fn read_secret_file(path: &Path) -> Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    let err = |reason: String| RuntimeError::SecretFile {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| err(format!("cannot read it: {e}")))?;
+    if !meta.is_file() {
+        return Err(err("not a regular file".into()));
+    }
+    let mode = meta.permissions().mode();
+    if mode & 0o077 != 0 {
+        return Err(err(format!(
+            "group or others may read it (mode {:03o}); run `chmod 600 {}`",
+            mode & 0o777,
+            path.display()
+        )));
+    }
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_SECRET_FILE + 1).read_to_string(&mut text))
+        .map_err(|e| err(format!("cannot read it: {e}")))?;
+    if text.len() as u64 > MAX_SECRET_FILE {
+        return Err(err(format!("longer than {MAX_SECRET_FILE} bytes")));
+    }
+    let secret = text.trim();
+    if secret.is_empty() {
+        return Err(err(
+            "is empty; fill it with `genie secret > FILE && chmod 600 FILE`".into(),
+        ));
+    }
+    Ok(secret.to_string())
+}
+
+/// A fresh random secret: 32 bytes from the operating system's generator (through `rand`'s
+/// thread-local CSPRNG, seeded from it), as 64 hex digits. `genie secret` prints one.
+pub fn new_secret() -> String {
+    let bytes: [u8; 32] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
@@ -288,5 +402,77 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("port"), "{e}");
+    }
+
+    const OFF_LOOPBACK: &str = "[[workers]]\nname = \"a\"\naddress = \"10.1.2.3:7000\"\n";
+
+    /// A scratch directory for secret files.
+    fn scratch(tag: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("genie-secret-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn off_loopback_without_secret_is_refused_unless_insecure() {
+        let e = parse(OFF_LOOPBACK).unwrap_err();
+        assert!(matches!(e, RuntimeError::InsecureCluster { .. }), "{e:?}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("genie secret") && msg.contains("secret_file"),
+            "{msg}"
+        );
+        let ok = parse(&format!("insecure = true\n{OFF_LOOPBACK}")).unwrap();
+        assert!(ok.insecure && ok.secret.is_none());
+        assert_eq!(parse(&ok.to_toml()).unwrap(), ok);
+        let inline = parse(&format!("secret = \"s\"\n{OFF_LOOPBACK}")).unwrap();
+        assert_eq!(inline.secret.as_deref(), Some("s"));
+        // Loopback needs nothing; a cluster built in code is checked the same way.
+        parse("[[workers]]\nname = \"a\"\naddress = \"127.0.0.1:7000\"\n").unwrap();
+        let mut c = Cluster::loopback(&[7000]);
+        c.check_secure().unwrap();
+        c.workers[0].address = "0.0.0.0:7000".parse().unwrap();
+        assert!(matches!(
+            c.check_secure(),
+            Err(RuntimeError::InsecureCluster { .. })
+        ));
+    }
+
+    #[test]
+    fn secret_file_is_relative_to_the_cluster_file_and_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = scratch("file");
+        let secret = new_secret();
+        assert_eq!(secret.len(), 64);
+        assert_ne!(secret, new_secret());
+        let file = dir.join("cluster.secret");
+        std::fs::write(&file, format!("{secret}\n")).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let text = format!("secret_file = \"cluster.secret\"\n{OFF_LOOPBACK}");
+        let cfile = dir.join("cluster.toml");
+        std::fs::write(&cfile, &text).unwrap();
+        let c = Cluster::load(&cfile).unwrap();
+        assert_eq!(c.secret.as_deref(), Some(secret.as_str()));
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = Cluster::load(&cfile).unwrap_err();
+        assert!(matches!(e, RuntimeError::SecretFile { .. }), "{e:?}");
+        assert!(e.to_string().contains("chmod 600"), "{e}");
+        std::fs::write(&file, "\n").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(matches!(
+            Cluster::load(&cfile),
+            Err(RuntimeError::SecretFile { .. })
+        ));
+        std::fs::remove_file(&file).unwrap();
+        assert!(matches!(
+            Cluster::load(&cfile),
+            Err(RuntimeError::SecretFile { .. })
+        ));
+        let both = format!("secret = \"x\"\nsecret_file = \"f\"\n{OFF_LOOPBACK}");
+        assert!(matches!(
+            parse(&both),
+            Err(RuntimeError::ClusterField { field, .. }) if field == "secret_file"
+        ));
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -13,6 +13,7 @@ use crate::driver::{Driver, EmbeddedCluster, RunOutput, TransferSample};
 use crate::error::{Result, RuntimeError};
 use crate::feedback::{calibrate_links, predict_makespan, ComputeCalibration};
 use crate::kernels::CpuKernels;
+use crate::limits::WorkerOptions;
 use crate::models::{argmax_last, prompt, row_i64};
 use crate::plan::{layer_of, Placement};
 use crate::proto::WeightSpec;
@@ -293,7 +294,24 @@ pub fn run_demo(opts: &DemoOptions, out: &mut dyn FnMut(String)) -> Result<DemoF
             opts.seq_len, opts.steps, cfg.context
         )));
     }
-    let cluster = EmbeddedCluster::start(2, Arc::new(CpuKernels::new()))?;
+    // The workers may load the checkpoint the user named, and only from where it lies.
+    let model_dir = opts.weights.as_ref().map(|p| {
+        let dir = if p.is_dir() {
+            p.as_path()
+        } else {
+            p.parent().unwrap_or(p)
+        };
+        if dir.as_os_str().is_empty() {
+            std::path::PathBuf::from(".")
+        } else {
+            dir.to_path_buf()
+        }
+    });
+    let wopts = WorkerOptions {
+        model_dir,
+        ..WorkerOptions::default()
+    };
+    let cluster = EmbeddedCluster::start_with(2, Arc::new(CpuKernels::new()), wopts)?;
     out(format!(
         "transport: {} backend ({})",
         cluster.selection.backend, cluster.selection.reason

@@ -6,6 +6,7 @@ use crate::cache::SentGraphs;
 use crate::cluster::{Cluster, DeviceKind, WorkerSpec};
 use crate::error::{Result, RuntimeError};
 use crate::kernels::{tensor_from_bytes, tensor_to_bytes, Kernels};
+use crate::limits::WorkerOptions;
 use crate::plan::{ExecPlan, Placement};
 use crate::proto::{self, Msg, PayloadTensor, RunStats, WeightSpec};
 use crate::trace::{CounterSnapshot, Span, SpanKind};
@@ -68,6 +69,8 @@ pub struct Driver {
     next_run: u64,
     poisoned: Option<String>,
     sent: SentGraphs,
+    /// Per sequence: the workers that ran a step of it (the ones that may hold its KV cache).
+    seqs: std::collections::HashMap<u64, Vec<bool>>,
 }
 
 impl std::fmt::Debug for Driver {
@@ -80,7 +83,9 @@ impl std::fmt::Debug for Driver {
 
 impl Driver {
     /// Connects to every worker and has them connect to each other and set up `weights`.
+    /// Refuses a cluster that fails [`Cluster::check_secure`].
     pub fn connect(cluster: &Cluster, weights: WeightSpec) -> Result<Self> {
+        cluster.check_secure()?;
         let cfg = transport_config(cluster, SocketAddr::from(([127, 0, 0, 1], 0)));
         let endpoint = genie_transport::open(cfg).map_err(|e| RuntimeError::Transport {
             worker: "driver".into(),
@@ -129,6 +134,7 @@ impl Driver {
             // bits), also runs of an earlier driver that failed: start somewhere random.
             next_run: u64::from(rand::random::<u32>()) + 1,
             poisoned: None,
+            seqs: Default::default(),
         })
     }
 
@@ -228,6 +234,13 @@ impl Driver {
                 wanted: wanted.to_vec(),
             };
             msgs.push(Some(proto::encode(&msg, &payload)?));
+        }
+        let ran = self
+            .seqs
+            .entry(seq)
+            .or_insert_with(|| vec![false; self.conns.len()]);
+        for (r, &a) in ran.iter_mut().zip(&active) {
+            *r |= a;
         }
         let start = Instant::now();
         for (i, bytes) in msgs.iter().enumerate() {
@@ -354,12 +367,43 @@ impl Driver {
         Ok(replies)
     }
 
-    /// Drops a sequence's KV cache on every worker.
-    pub fn free_sequence(&self, seq: u64) -> Result<()> {
-        for (c, n) in self.conns.iter().zip(&self.names) {
-            send_msg(&**c, n, &Msg::FreeSequence { seq }, &[])?;
+    /// Drops a sequence's KV cache on every worker that ran a step of it; returns the KV blocks
+    /// released in all.
+    pub fn free_sequence(&mut self, seq: u64) -> Result<u64> {
+        let Some(ran) = self.seqs.remove(&seq) else {
+            return Ok(0);
+        };
+        let held: Vec<usize> = (0..self.conns.len())
+            .filter(|&i| ran.get(i) == Some(&true))
+            .collect();
+        for &i in &held {
+            send_msg(
+                &*self.conns[i],
+                &self.names[i],
+                &Msg::FreeSequence { seq },
+                &[],
+            )?;
         }
-        Ok(())
+        let mut blocks = 0;
+        for &i in &held {
+            let (c, n) = (&self.conns[i], &self.names[i]);
+            match recv_msg(&**c, n, worker::SETUP_TIMEOUT)? {
+                (Msg::Freed { seq: s, blocks: b }, _) if s == seq => blocks += b,
+                (Msg::Failed { error, .. }, _) => {
+                    return Err(RuntimeError::WorkerFailed {
+                        worker: n.clone(),
+                        reason: error,
+                    })
+                }
+                (other, _) => {
+                    return Err(RuntimeError::BadMessage {
+                        worker: n.clone(),
+                        reason: format!("expected Freed, got {other:?}"),
+                    })
+                }
+            }
+        }
+        Ok(blocks)
     }
 
     /// Tells every worker to stop serving.
@@ -480,10 +524,16 @@ impl std::fmt::Debug for EmbeddedCluster {
 impl EmbeddedCluster {
     /// Starts `n` workers `w0..` on ephemeral loopback ports.
     pub fn start(n: usize, kernels: Arc<dyn Kernels>) -> Result<Self> {
+        Self::start_with(n, kernels, WorkerOptions::default())
+    }
+
+    /// Starts `n` workers like [`EmbeddedCluster::start`], each limited by `opts`.
+    pub fn start_with(n: usize, kernels: Arc<dyn Kernels>, opts: WorkerOptions) -> Result<Self> {
         let mut endpoints = Vec::new();
         let proto_cluster = Cluster {
             workers: vec![],
             secret: None,
+            insecure: false,
         };
         let mut selection = None;
         for _ in 0..n {
@@ -507,15 +557,16 @@ impl EmbeddedCluster {
                 })
                 .collect(),
             secret: None,
+            insecure: false,
         };
         let mut handles = Vec::new();
         for (i, ep) in endpoints.into_iter().enumerate() {
-            let (c, k) = (cluster.clone(), kernels.clone());
+            let (c, k, o) = (cluster.clone(), kernels.clone(), opts.clone());
             let name = format!("w{i}");
             handles.push(
                 std::thread::Builder::new()
                     .name(format!("genie-{name}"))
-                    .spawn(move || worker::serve(ep, c, &name, k))
+                    .spawn(move || worker::serve_with(ep, c, &name, k, o))
                     .map_err(|e| RuntimeError::WorkerFailed {
                         worker: format!("w{i}"),
                         reason: e.to_string(),

@@ -122,6 +122,50 @@ pub enum RuntimeError {
     /// The graph and the schedule do not fit together or the graph uses something unsupported.
     #[error("plan: {0}")]
     Plan(String),
+    /// The cluster is reachable from other hosts but has no secret, and does not say
+    /// `insecure = true`: anyone who can reach a worker could drive it.
+    #[error("{reason}")]
+    InsecureCluster {
+        /// What is wrong and how to fix it.
+        reason: String,
+    },
+    /// A secret file could not be used (missing, empty, or readable by others).
+    #[error("secret file {path}: {reason}")]
+    SecretFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong and how to fix it.
+        reason: String,
+    },
+    /// A tensor's size (the product of its shape and element size) does not fit in 64 bits.
+    #[error("tensor `{tensor}`: shape {shape:?} overflows (its size does not fit in 64 bits)")]
+    ShapeOverflow {
+        /// The tensor (node name, output index).
+        tensor: String,
+        /// Its declared shape.
+        shape: Vec<usize>,
+    },
+    /// A request would make the worker hold more memory than its budget allows; nothing was
+    /// allocated. Raise the worker's `--memory-budget-mb` if the request is genuine.
+    #[error("worker {worker}: {what} needs {bytes} bytes, over the memory budget of {budget}")]
+    OverBudget {
+        /// The worker.
+        worker: String,
+        /// What asked for the memory.
+        what: String,
+        /// Bytes it needs.
+        bytes: u64,
+        /// The worker's budget in bytes.
+        budget: u64,
+    },
+    /// A peer or driver was refused (a name already connected, a sequence of another driver).
+    #[error("refused by worker {worker}: {reason}")]
+    Refused {
+        /// The worker that refused.
+        worker: String,
+        /// Why.
+        reason: String,
+    },
     /// Writing a trace or report file failed.
     #[error("cannot write {path}: {source}")]
     Write {

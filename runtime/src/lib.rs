@@ -3,6 +3,8 @@
 //! - [`cluster`]: the static cluster file (`genie worker --cluster FILE`).
 //! - [`store`]: a worker's tensors (persistent weights, pinned KV caches, ephemeral activations).
 //! - [`kv`]: the paged KV-cache manager.
+//! - [`limits`]: what a driver may make a worker allocate or open (memory budget, checked
+//!   sizes, the model directory).
 //! - [`kernels`]: the [`Kernels`](kernels::Kernels) trait and the reference CPU backend.
 //! - [`weights`]: seeded or safetensors weights.
 //! - [`trace`]: timeline, counters, Chrome/Perfetto trace export.
@@ -55,6 +57,7 @@ pub mod error;
 pub mod feedback;
 pub mod kernels;
 pub mod kv;
+pub mod limits;
 pub mod models;
 pub mod plan;
 pub mod proto;

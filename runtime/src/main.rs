@@ -3,10 +3,11 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use genie_runtime::cluster::Cluster;
+use genie_runtime::cluster::{new_secret, Cluster};
 use genie_runtime::demo::{run_demo, DemoOptions};
 use genie_runtime::kernels::CpuKernels;
-use genie_runtime::worker::{serve, transport_config};
+use genie_runtime::limits::{WorkerOptions, DEFAULT_MEMORY_BUDGET};
+use genie_runtime::worker::{serve_with, transport_config};
 use genie_scheduler::builders::{by_name, ModelSize};
 use genie_scheduler::cost::DeviceSpec;
 use genie_scheduler::graph::Graph;
@@ -60,7 +61,17 @@ enum Cmd {
         /// This worker's name in the file.
         #[arg(long)]
         name: String,
+        /// Directory drivers may load checkpoints from (none: seeded weights only).
+        #[arg(long)]
+        model_dir: Option<PathBuf>,
+        /// Memory budget for what a driver may make this worker hold, in MiB.
+        #[arg(long, default_value_t = DEFAULT_MEMORY_BUDGET >> 20)]
+        memory_budget_mb: u64,
     },
+    /// Print a fresh random cluster secret (32 bytes, hex):
+    /// `genie secret > cluster.secret && chmod 600 cluster.secret`, then
+    /// `secret_file = "cluster.secret"` in the cluster file.
+    Secret,
     /// Schedule a graph on a cluster and print the schedule (JSON) and a summary.
     Schedule {
         /// Graph JSON file.
@@ -118,8 +129,17 @@ fn main() -> Result<()> {
             let figures = run_demo(&opts, &mut |line| println!("{line}"))?;
             println!("{}", figures.last_line());
         }
-        Cmd::Worker { cluster, name } => {
+        Cmd::Worker {
+            cluster,
+            name,
+            model_dir,
+            memory_budget_mb,
+        } => {
             let c = Cluster::load(&cluster)?;
+            let opts = WorkerOptions {
+                model_dir,
+                memory_budget: memory_budget_mb.saturating_mul(1 << 20),
+            };
             let i = c.index_of(&name)?;
             let cfg = transport_config(&c, c.workers[i].address);
             let (ep, sel) = genie_transport::open_with_selection(cfg)
@@ -130,8 +150,9 @@ fn main() -> Result<()> {
                 sel.backend,
                 sel.reason
             );
-            serve(ep, c, &name, Arc::new(CpuKernels::new()))?;
+            serve_with(ep, c, &name, Arc::new(CpuKernels::new()), opts)?;
         }
+        Cmd::Secret => println!("{}", new_secret()),
         Cmd::Schedule {
             graph,
             model,

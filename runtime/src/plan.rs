@@ -256,7 +256,7 @@ impl ExecPlan {
                 let off = link_bytes.entry((src, dst)).or_default();
                 // 64-byte alignment keeps every tensor on its own cache lines.
                 let offset = *off;
-                *off += bytes.div_ceil(64) * 64;
+                *off = off.saturating_add(bytes.div_ceil(64).saturating_mul(64));
                 transfers.push(TransferSpec {
                     id,
                     tensor: t,

@@ -117,11 +117,14 @@ impl GraphRef {
 pub enum Msg {
     /// First message of a driver's connection.
     HelloDriver,
-    /// First message of a worker-to-worker connection.
+    /// First message of a worker-to-worker connection, answered with [`Msg::Welcome`], or
+    /// with [`Msg::Failed`] while another live connection holds that name.
     HelloPeer {
         /// Sender's name.
         name: String,
     },
+    /// Worker → worker: the `HelloPeer` was accepted.
+    Welcome,
     /// Driver → worker: connect to the other workers and prepare weights.
     Setup {
         /// Weight source.
@@ -169,10 +172,19 @@ pub enum Msg {
         /// The worker the failure is attributed to (a dead peer), if any.
         culprit: Option<String>,
     },
-    /// Driver → worker: drop a sequence's KV cache.
+    /// Driver → worker: drop a sequence's KV cache (answered with [`Msg::Freed`]). Sequences
+    /// belong to the driver connection that made them: another driver's sequence of the same
+    /// number is a different one.
     FreeSequence {
         /// Sequence id.
         seq: u64,
+    },
+    /// Worker → driver: a `FreeSequence` was carried out.
+    Freed {
+        /// Sequence id.
+        seq: u64,
+        /// KV blocks it released (0: this driver held nothing under that id here).
+        blocks: u64,
     },
     /// Driver → worker: stop serving.
     Shutdown,

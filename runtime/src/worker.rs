@@ -16,7 +16,17 @@
 //! 4. reports outputs and timings to the driver.
 //!
 //! A dead peer surfaces as a transport error on that connection within the transport's peer
-//! timeout, and the run fails naming that peer.
+//! timeout, and the run fails naming that peer. The next `Setup` heals the mesh: a link whose
+//! connection died is connected again (and its regions announced afresh), so a restarted or
+//! resumed worker rejoins without restarting the others.
+//!
+//! Incoming connections are sorted by their first message on the acceptor thread, which polls
+//! all of them at once: each gets [`HELLO_TIMEOUT`] overall, at most [`MAX_PENDING_HELLOS`] wait
+//! (past that the oldest is dropped), so idle or dripping sockets cannot keep a driver out.
+//! After authentication a peer is bound to its name: a `HelloPeer` for a name whose connection
+//! is alive is refused. A driver's KV caches belong to its connection (its session): they are
+//! dropped when it ends, and no other driver can read or free them. What a driver may make the
+//! worker allocate or open is bounded by [`WorkerOptions`] (see [`limits`](crate::limits)).
 //!
 //! A failed run leaves nothing for later ones: notifications carry their run's epoch (the low
 //! 16 bits of its number; drivers start numbering at random), and ones of another run are
@@ -28,6 +38,7 @@ use crate::cluster::Cluster;
 use crate::error::{Result, RuntimeError};
 use crate::kernels::{tensor_from_bytes, tensor_to_bytes, Kernels};
 use crate::kv::{KvCacheManager, KvConfig};
+use crate::limits::{self, within_budget, WorkerOptions, MAX_KV_LAYERS};
 use crate::plan::{layer_of, ExecPlan, Placement};
 use crate::proto::{self, ComputeRecord, GraphRef, Msg, PayloadTensor, RunStats, WeightSpec};
 use crate::store::{Residency as StoreResidency, TensorStore};
@@ -40,7 +51,7 @@ use genie_transport::{
 };
 use parking_lot::{Condvar, Mutex};
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, BinaryHeap, HashMap};
+use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -53,6 +64,14 @@ pub const SETUP_TIMEOUT: Duration = Duration::from_secs(20);
 pub const INPUT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Largest control message (inputs, outputs).
 pub const MAX_MESSAGE: usize = 64 << 20;
+/// Most sequences one driver session may have open on a worker.
+pub const MAX_SESSION_SEQUENCES: usize = 1 << 16;
+/// How long an incoming connection may take to send its first message, all told.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most incoming connections waiting for their first message at once; a new one past this
+/// drops the oldest (a real driver or peer sends its hello at once, so it is never the oldest
+/// for long).
+pub const MAX_PENDING_HELLOS: usize = 64;
 
 /// The transport configuration of a worker or driver endpoint listening on `listen`.
 pub fn transport_config(cluster: &Cluster, listen: SocketAddr) -> TransportConfig {
@@ -142,7 +161,17 @@ struct Worker {
     peers: Arc<PeerMap>,
     weights: Option<WeightSource>,
     weight_cache: HashMap<String, Tensor>,
+    /// The current driver session's KV caches (dropped when its connection ends).
     kv: Option<KvCacheManager>,
+    /// The sequences the current session ran: the only ones it may free.
+    session_seqs: std::collections::HashSet<u64>,
+    /// Bytes held by `weight_cache`.
+    weight_cache_bytes: u64,
+    /// Limits on what a driver may ask.
+    opts: WorkerOptions,
+    /// Per peer: the connection the region state below was set up on; a peer whose
+    /// connection changed (a link healed) starts with none.
+    links: HashMap<usize, Arc<dyn Connection>>,
     /// Per sending peer: the region its transfers land in, and its size; kept across runs
     /// (and drivers) while big enough, so a run needs no region exchange (see [`region_size`]).
     /// A new one is announced to the peer with a `Regions` message.
@@ -175,16 +204,33 @@ const PEER_SLICE: Duration = Duration::from_micros(200);
 /// ends compute it from the same plan, so both know without asking whether the receiver
 /// allocates a new region (and sends its descriptor) or both reuse the last one.
 fn region_size(bytes: u64) -> u64 {
-    bytes.max(64).next_power_of_two()
+    bytes
+        .max(64)
+        .checked_next_power_of_two()
+        .unwrap_or(u64::MAX)
 }
 
-/// Serves drivers on `endpoint` as worker `name` of `cluster` until a driver sends `Shutdown`.
+/// Serves drivers on `endpoint` as worker `name` of `cluster` until a driver sends `Shutdown`,
+/// with the default [`WorkerOptions`].
 pub fn serve(
     endpoint: Arc<dyn Transport>,
     cluster: Cluster,
     name: &str,
     kernels: Arc<dyn Kernels>,
 ) -> Result<()> {
+    serve_with(endpoint, cluster, name, kernels, WorkerOptions::default())
+}
+
+/// Serves drivers like [`serve`], limited by `opts`. Refuses a cluster that fails
+/// [`Cluster::check_secure`].
+pub fn serve_with(
+    endpoint: Arc<dyn Transport>,
+    cluster: Cluster,
+    name: &str,
+    kernels: Arc<dyn Kernels>,
+    opts: WorkerOptions,
+) -> Result<()> {
+    cluster.check_secure()?;
     let me = cluster.index_of(name)?;
     let peers = Arc::new(PeerMap::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -215,7 +261,11 @@ pub fn serve(
         peers,
         weights: None,
         weight_cache: HashMap::new(),
+        weight_cache_bytes: 0,
+        opts,
+        links: HashMap::new(),
         kv: None,
+        session_seqs: Default::default(),
         landing: HashMap::new(),
         staging: HashMap::new(),
         remote_landing: HashMap::new(),
@@ -238,6 +288,8 @@ pub fn serve(
     result
 }
 
+/// Sorts incoming connections by their first message (see the module doc): all pending ones
+/// are polled together, each within [`HELLO_TIMEOUT`], at most [`MAX_PENDING_HELLOS`] of them.
 fn accept_loop(
     endpoint: &dyn Transport,
     cluster: &Cluster,
@@ -246,39 +298,131 @@ fn accept_loop(
     stop: &AtomicBool,
     ctrl_tx: &mpsc::Sender<Arc<dyn Connection>>,
 ) {
+    let mut pending: VecDeque<(Arc<dyn Connection>, Instant)> = VecDeque::new();
     while !stop.load(Ordering::Relaxed) {
-        let conn = match endpoint.accept(Duration::from_millis(100)) {
-            Ok(c) => c,
-            Err(TransportError::Timeout { .. }) => continue,
-            Err(TransportError::EndpointClosed) => return,
-            Err(e) => {
-                tracing::warn!(worker = name, error = %e, "refused an incoming connection");
-                continue;
-            }
+        // While hellos are due, look at them often; otherwise sleep in accept.
+        let wait = if pending.is_empty() {
+            Duration::from_millis(100)
+        } else {
+            Duration::from_millis(2)
         };
-        match recv_msg(&*conn, "<incoming>", SETUP_TIMEOUT) {
-            Ok((Msg::HelloDriver, _)) => {
-                if ctrl_tx.send(conn).is_err() {
-                    return;
+        match endpoint.accept(wait) {
+            Ok(conn) => {
+                if pending.len() >= MAX_PENDING_HELLOS {
+                    if let Some((old, _)) = pending.pop_front() {
+                        tracing::warn!(
+                            worker = name,
+                            "too many silent connections: dropped the oldest"
+                        );
+                        old.close();
+                    }
                 }
+                pending.push_back((conn, Instant::now() + HELLO_TIMEOUT));
             }
-            Ok((Msg::HelloPeer { name: peer }, _)) => match cluster.index_of(&peer) {
-                Ok(i) => {
-                    peers.conns.lock().insert(i, conn);
-                    peers.cv.notify_all();
+            Err(TransportError::Timeout { .. }) => {}
+            Err(TransportError::EndpointClosed) => return,
+            Err(e) => tracing::warn!(worker = name, error = %e, "refused an incoming connection"),
+        }
+        let now = Instant::now();
+        let mut k = 0;
+        while k < pending.len() {
+            let (conn, deadline) = &pending[k];
+            let first = match conn.try_recv() {
+                Ok(Some(bytes)) => Some(bytes),
+                Ok(None) if now < *deadline && conn.is_alive() => {
+                    k += 1;
+                    continue;
+                }
+                Ok(None) => {
+                    tracing::warn!(worker = name, "no hello within {HELLO_TIMEOUT:?}");
+                    None
                 }
                 Err(e) => {
-                    tracing::warn!(worker = name, error = %e, "unknown peer");
-                    conn.close();
+                    tracing::warn!(worker = name, error = %e, "connection ended before its hello");
+                    None
                 }
-            },
-            Ok((other, _)) => {
-                tracing::warn!(worker = name, msg = ?other, "expected a hello");
-                conn.close();
+            };
+            let Some((conn, _)) = pending.remove(k) else {
+                break;
+            };
+            match first {
+                Some(bytes) => {
+                    if !hello(&conn, &bytes, cluster, name, peers, ctrl_tx) {
+                        return;
+                    }
+                }
+                None => conn.close(),
             }
-            Err(e) => tracing::warn!(worker = name, error = %e, "bad hello"),
         }
     }
+}
+
+/// Acts on the first message of an incoming connection; `false` when the worker is stopping.
+fn hello(
+    conn: &Arc<dyn Connection>,
+    bytes: &[u8],
+    cluster: &Cluster,
+    name: &str,
+    peers: &PeerMap,
+    ctrl_tx: &mpsc::Sender<Arc<dyn Connection>>,
+) -> bool {
+    let refuse = |reason: String| {
+        tracing::warn!(worker = name, %reason, "refused a hello");
+        let msg = Msg::Failed {
+            run: 0,
+            error: RuntimeError::Refused {
+                worker: name.into(),
+                reason,
+            }
+            .to_string(),
+            culprit: None,
+        };
+        let _ = post_msg(&**conn, "<incoming>", &msg, &[]);
+        conn.close();
+    };
+    match proto::decode(bytes, "<incoming>") {
+        Ok((Msg::HelloDriver, _)) => return ctrl_tx.send(conn.clone()).is_ok(),
+        Ok((Msg::HelloPeer { name: peer }, _)) => match cluster.index_of(&peer) {
+            Ok(_) if peer == name => refuse(format!("a peer claims to be `{peer}`, this worker")),
+            Ok(i) => {
+                let mut conns = peers.conns.lock();
+                if conns.get(&i).is_some_and(|c| c.is_alive()) {
+                    drop(conns);
+                    refuse(format!("peer `{peer}` is already connected"));
+                } else if post_msg(&**conn, &peer, &Msg::Welcome, &[]).is_ok() {
+                    conns.insert(i, conn.clone());
+                    peers.cv.notify_all();
+                }
+            }
+            Err(e) => refuse(e.to_string()),
+        },
+        Ok((other, _)) => refuse(format!("expected a hello, got {}", msg_kind(&other))),
+        Err(e) => refuse(e.to_string()),
+    }
+    true
+}
+
+/// A message's variant name (for refusals: never echo what a peer sent in full).
+fn msg_kind(m: &Msg) -> &'static str {
+    match m {
+        Msg::HelloDriver => "HelloDriver",
+        Msg::HelloPeer { .. } => "HelloPeer",
+        Msg::Welcome => "Welcome",
+        Msg::Setup { .. } => "Setup",
+        Msg::SetupDone => "SetupDone",
+        Msg::Run { .. } => "Run",
+        Msg::Regions { .. } => "Regions",
+        Msg::Done { .. } => "Done",
+        Msg::Failed { .. } => "Failed",
+        Msg::FreeSequence { .. } => "FreeSequence",
+        Msg::Freed { .. } => "Freed",
+        Msg::Shutdown => "Shutdown",
+    }
+}
+
+/// Whether two handles are the same connection.
+fn same_conn(a: &Arc<dyn Connection>, b: &Arc<dyn Connection>) -> bool {
+    std::ptr::addr_eq(Arc::as_ptr(a), Arc::as_ptr(b))
 }
 
 /// A tensor that landed from a peer.
@@ -296,14 +440,29 @@ impl Worker {
             .map_or_else(|| format!("#{i}"), |w| w.name.clone())
     }
 
-    /// Handles one driver connection; `Ok(true)` on shutdown.
+    /// Handles one driver connection (a session); `Ok(true)` on shutdown. Graph ids and KV
+    /// caches belong to the session: none survive it.
     fn handle_driver(&mut self, ctrl: &dyn Connection) -> Result<bool> {
-        // Graph ids belong to one driver connection.
         self.graphs.clear();
+        self.kv = None;
+        self.session_seqs.clear();
+        let r = self.serve_session(ctrl);
+        self.graphs.clear();
+        self.kv = None;
+        self.session_seqs.clear();
+        r
+    }
+
+    fn serve_session(&mut self, ctrl: &dyn Connection) -> Result<bool> {
         loop {
             let (msg, payload) = match recv_msg(ctrl, "driver", Duration::from_millis(500)) {
                 Ok(m) => m,
                 Err(RuntimeError::Transport { .. }) if ctrl.is_alive() => continue,
+                // The framing held: say what was wrong and read on.
+                Err(e @ RuntimeError::BadMessage { .. }) => {
+                    post_msg(ctrl, "driver", &failed(0, &e), &[])?;
+                    continue;
+                }
                 Err(e) => return Err(e),
             };
             match msg {
@@ -331,11 +490,14 @@ impl Worker {
                         self.graphs.remove(id);
                     }
                     let id = graph.id();
-                    let res = self.take_graph(graph).and_then(|mut kept| {
-                        let r = self.execute(run, &mut kept, seq, &inputs, &payload, &wanted);
-                        self.graphs.insert(id, kept);
-                        r
-                    });
+                    let res = self.note_sequence(seq);
+                    let res = res
+                        .and_then(|()| self.take_graph(graph))
+                        .and_then(|mut kept| {
+                            let r = self.execute(run, &mut kept, seq, &inputs, &payload, &wanted);
+                            self.graphs.insert(id, kept);
+                            r
+                        });
                     // The driver learns from the reply (or its absence) whether it arrived: no
                     // need to wait here until the transport has taken it.
                     match res {
@@ -362,14 +524,49 @@ impl Worker {
                     };
                 }
                 Msg::FreeSequence { seq } => {
-                    if let Some(kv) = &mut self.kv {
-                        kv.free_sequence(seq);
-                    }
+                    let reply = if self.session_seqs.remove(&seq) {
+                        let blocks = self.kv.as_mut().map_or(0, |kv| {
+                            let before = kv.blocks_in_use();
+                            kv.free_sequence(seq);
+                            before.saturating_sub(kv.blocks_in_use())
+                        });
+                        Msg::Freed {
+                            seq,
+                            blocks: blocks as u64,
+                        }
+                    } else {
+                        let e = RuntimeError::Refused {
+                            worker: self.name.clone(),
+                            reason: format!(
+                                "sequence {seq} is not this driver's (it ran no step of it here)"
+                            ),
+                        };
+                        failed(0, &e)
+                    };
+                    post_msg(ctrl, "driver", &reply, &[])?;
                 }
                 Msg::Shutdown => return Ok(true),
-                other => return Err(bad_from_driver(format!("unexpected {other:?}"))),
+                other => {
+                    let e = bad_from_driver(format!("unexpected {}", msg_kind(&other)));
+                    post_msg(ctrl, "driver", &failed(0, &e), &[])?;
+                }
             }
         }
+    }
+
+    /// Records that the session runs sequence `seq` (bounded: a session holds at most
+    /// [`MAX_SESSION_SEQUENCES`] unfreed sequences).
+    fn note_sequence(&mut self, seq: u64) -> Result<()> {
+        if self.session_seqs.len() >= MAX_SESSION_SEQUENCES && !self.session_seqs.contains(&seq) {
+            return Err(RuntimeError::Refused {
+                worker: self.name.clone(),
+                reason: format!(
+                    "{MAX_SESSION_SEQUENCES} sequences are open in this session; free some first"
+                ),
+            });
+        }
+        self.session_seqs.insert(seq);
+        Ok(())
     }
 
     /// The graph a run names, taken out of the kept ones (the caller puts it back): a new
@@ -415,14 +612,26 @@ impl Worker {
     /// A graph and placement that came over the network, checked before anything is indexed
     /// by them.
     fn check_graph(&self, graph: &Graph, placement: &Placement) -> Result<()> {
+        limits::check_graph_sizes(&self.name, graph, self.opts.memory_budget)?;
         graph
             .validate()
             .map_err(|e| bad_from_driver(format!("invalid graph: {e}")))?;
-        if placement.workers() > self.cluster.workers.len() {
+        if placement.worker_of.len() != graph.len() {
             return Err(bad_from_driver(format!(
-                "placement uses {} workers, the cluster has {}",
-                placement.workers(),
-                self.cluster.workers.len()
+                "placement covers {} nodes, the graph has {}",
+                placement.worker_of.len(),
+                graph.len()
+            )));
+        }
+        let n = self.cluster.workers.len();
+        if let Some((i, w)) = placement
+            .worker_of
+            .iter()
+            .enumerate()
+            .find(|(_, &w)| w >= n)
+        {
+            return Err(bad_from_driver(format!(
+                "placement puts node {i} on worker {w}, the cluster has {n}"
             )));
         }
         Ok(())
@@ -431,40 +640,97 @@ impl Worker {
     fn setup(&mut self, weights: WeightSpec) -> Result<()> {
         self.weights = Some(match weights {
             WeightSpec::Seeded(s) => WeightSource::Seeded(s),
-            WeightSpec::Checkpoint(p) => WeightSource::load(std::path::Path::new(&p))?,
+            WeightSpec::Checkpoint(p) => WeightSource::load(&limits::checkpoint_path(
+                self.opts.model_dir.as_deref(),
+                &p,
+                self.opts.memory_budget,
+            )?)?,
         });
         self.weight_cache.clear();
-        // Landing and staging regions stay: peers keep the descriptors they were sent.
+        self.weight_cache_bytes = 0;
+        // Landing and staging regions stay while their link does: peers keep the descriptors
+        // they were sent. A link whose connection died is connected again.
         let deadline = Instant::now() + SETUP_TIMEOUT;
         for j in self.me + 1..self.cluster.workers.len() {
-            if self.peers.conns.lock().contains_key(&j) {
+            if self
+                .peers
+                .conns
+                .lock()
+                .get(&j)
+                .is_some_and(|c| c.is_alive())
+            {
                 continue;
             }
-            let peer = self.peer_name(j);
-            let addr = self.cluster.workers[j].address;
-            let conn = connect_retry(&*self.endpoint, addr, &peer, deadline)?;
-            send_msg(
-                &*conn,
-                &peer,
-                &Msg::HelloPeer {
-                    name: self.name.clone(),
-                },
-                &[],
-            )?;
+            let conn = self.connect_peer(j, deadline)?;
             self.peers.conns.lock().insert(j, conn);
         }
         let mut g = self.peers.conns.lock();
         for j in 0..self.me {
-            while !g.contains_key(&j) {
-                if self.peers.cv.wait_until(&mut g, deadline).timed_out() {
+            // Lower-numbered peers connect to us; a dead connection of theirs is replaced by
+            // the acceptor when they reconnect. Liveness changes unannounced: look again often.
+            while !g.get(&j).is_some_and(|c| c.is_alive()) {
+                if Instant::now() >= deadline {
                     return Err(RuntimeError::WorkerFailed {
                         worker: self.peer_name(j),
                         reason: "did not connect in time".into(),
                     });
                 }
+                self.peers.cv.wait_for(&mut g, Duration::from_millis(20));
             }
         }
+        drop(g);
+        self.sync_links();
         Ok(())
+    }
+
+    /// Connects to peer `j` and introduces ourselves; a refusal (our old connection is not yet
+    /// seen dead there) is retried until `deadline`.
+    fn connect_peer(&self, j: usize, deadline: Instant) -> Result<Arc<dyn Connection>> {
+        let peer = self.peer_name(j);
+        let addr = self.cluster.workers[j].address;
+        loop {
+            let conn = connect_retry(&*self.endpoint, addr, &peer, deadline)?;
+            let hello = Msg::HelloPeer {
+                name: self.name.clone(),
+            };
+            send_msg(&*conn, &peer, &hello, &[])?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            let reason = match recv_msg(&*conn, &peer, left.max(Duration::from_millis(1))) {
+                Ok((Msg::Welcome, _)) => return Ok(conn),
+                Ok((Msg::Failed { error, .. }, _)) => error,
+                Ok((other, _)) => format!("answered the hello with {}", msg_kind(&other)),
+                Err(e) => e.to_string(),
+            };
+            conn.close();
+            if Instant::now() >= deadline {
+                return Err(RuntimeError::WorkerFailed {
+                    worker: peer,
+                    reason,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Forgets the regions of every link whose connection changed since they were set up: the
+    /// peer at the other end (restarted, or reconnected) knows none of them.
+    fn sync_links(&mut self) {
+        let conns: Vec<(usize, Arc<dyn Connection>)> = self
+            .peers
+            .conns
+            .lock()
+            .iter()
+            .map(|(j, c)| (*j, c.clone()))
+            .collect();
+        for (j, conn) in conns {
+            if self.links.get(&j).is_some_and(|l| same_conn(l, &conn)) {
+                continue;
+            }
+            self.landing.remove(&j);
+            self.staging.remove(&j);
+            self.remote_landing.remove(&j);
+            self.links.insert(j, conn);
+        }
     }
 
     /// Applies a message from receiving peer `j`: only `Regions` (its landing region for us)
@@ -510,12 +776,48 @@ impl Worker {
             plan,
             tasks,
         } = kept;
+        self.sync_links();
         let plan = plan.get(graph, placement, wanted)?;
         let me = self.me;
         let mut input_tensors: HashMap<String, Tensor> = HashMap::new();
+        let input_nodes: HashMap<&str, &Node> = if inputs.is_empty() {
+            HashMap::new()
+        } else {
+            graph
+                .nodes()
+                .iter()
+                .filter(|n| matches!(n.op, OpKind::Input))
+                .map(|n| (n.name.as_str(), n))
+                .collect()
+        };
         for t in inputs {
+            // An input must be one of the graph's Input nodes, with exactly its shape: the
+            // kernels trust the graph's metadata.
+            let node = input_nodes
+                .get(t.name.as_str())
+                .ok_or_else(|| bad_from_driver(format!("graph has no input `{}`", t.name)))?;
+            if node.outputs.first() != Some(&t.meta) {
+                return Err(bad_from_driver(format!(
+                    "input `{}` has shape {} but the graph's input is {}",
+                    t.name,
+                    t.meta,
+                    node.outputs
+                        .first()
+                        .map_or_else(|| "missing".into(), |m| m.to_string())
+                )));
+            }
             let bytes = proto::payload_slice(payload, t, "driver")?;
             input_tensors.insert(t.name.clone(), tensor_from_bytes(&t.meta, bytes)?);
+        }
+        for (&(src, dst), &bytes) in &plan.link_bytes {
+            if src == me || dst == me {
+                within_budget(
+                    &self.name,
+                    "the region of one link",
+                    region_size(bytes),
+                    self.opts.memory_budget,
+                )?;
+            }
         }
         // Notifications carry the run's epoch above the transfer id.
         if plan.transfers.len() > 1 << TRANSFER_BITS {
@@ -668,6 +970,15 @@ impl Worker {
     }
 }
 
+/// The `Failed` reply of run `run` for `e`.
+fn failed(run: u64, e: &RuntimeError) -> Msg {
+    Msg::Failed {
+        run,
+        error: e.to_string(),
+        culprit: culprit(e),
+    }
+}
+
 /// Which worker an error blames, if it is a peer failure.
 fn culprit(e: &RuntimeError) -> Option<String> {
     match e {
@@ -684,6 +995,13 @@ impl std::fmt::Display for Key {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}:{}", self.0.node.0, self.0.output)
     }
+}
+
+/// A node's first output's metadata.
+fn first_output(node: &Node) -> Result<&TensorMeta> {
+    node.outputs
+        .first()
+        .ok_or_else(|| RuntimeError::Plan(format!("{} has no output", node.name)))
 }
 
 /// A malformed or unexpected message from the driver.
@@ -787,7 +1105,20 @@ impl Inbox {
                 worker: f.peer.clone(),
                 reason: format!("notification {imm} names no transfer due in this run"),
             })?;
-        let mut buf = vec![0u8; meta.bytes() as usize];
+        // The plan placed the tensor inside the region; check anyway before allocating.
+        let len = limits::checked_bytes(&meta)
+            .and_then(|b| usize::try_from(b).ok())
+            .filter(|&b| {
+                usize::try_from(offset)
+                    .ok()
+                    .and_then(|o| o.checked_add(b))
+                    .is_some_and(|end| end <= f.region.len())
+            })
+            .ok_or_else(|| RuntimeError::BadMessage {
+                worker: f.peer.clone(),
+                reason: format!("transfer {imm} of {meta} does not fit its landing region"),
+            })?;
+        let mut buf = vec![0u8; len];
         f.region
             .read(offset as usize, &mut buf)
             .map_err(|e| terr(&f.peer, e))?;
@@ -1052,6 +1383,17 @@ impl<'a> RunCtx<'a> {
         for t in &node.inputs {
             ins.push(self.fetch(t)?);
         }
+        // What the node will add to the run's store, checked before the kernel allocates it.
+        let mut out_bytes = 0u64;
+        for (o, meta) in node.outputs.iter().enumerate() {
+            out_bytes = out_bytes.saturating_add(limits::tensor_bytes(&node.name, o, meta)?);
+        }
+        within_budget(
+            &self.w.name,
+            &format!("node `{}` with the run's live tensors", node.name),
+            out_bytes.saturating_add(self.store.bytes() as u64),
+            self.w.opts.memory_budget,
+        )?;
         let _span = tracing::debug_span!("node", name = %node.name).entered();
         let start = self.us();
         let outs = match &node.op {
@@ -1095,7 +1437,22 @@ impl<'a> RunCtx<'a> {
                 let src = self.w.weights.as_ref().ok_or_else(|| {
                     RuntimeError::Plan("no weight source (Setup not received)".into())
                 })?;
+                // Sizes were checked against the budget with the graph; the cache as a whole
+                // is held to it too (a driver may name many large parameters).
+                let bytes = limits::tensor_bytes(&node.name, 0, first_output(node)?)?;
+                let budget = self.w.opts.memory_budget;
+                within_budget(
+                    &self.w.name,
+                    &format!("parameter `{}`", node.name),
+                    bytes,
+                    budget,
+                )?;
                 let v = src.value(node)?;
+                if self.w.weight_cache_bytes.saturating_add(bytes) > budget {
+                    self.w.weight_cache.clear();
+                    self.w.weight_cache_bytes = 0;
+                }
+                self.w.weight_cache_bytes += bytes;
                 self.w.weight_cache.insert(node.name.clone(), v.clone());
                 return Ok(v);
             }
@@ -1134,13 +1491,26 @@ impl<'a> RunCtx<'a> {
             .filter(|n| matches!(n.op, OpKind::KvCache { .. } | OpKind::KvCacheAppend))
             .filter_map(|n| layer_of(self.graph, n.id))
             .max()
-            .map_or(1, |m| m + 1);
+            .map_or(1, |m| m.saturating_add(1));
+        if layers > MAX_KV_LAYERS || width == 0 {
+            return Err(RuntimeError::KvCache {
+                reason: format!(
+                    "a cache of {layers} layers × {width} wide (at most {MAX_KV_LAYERS} layers, \
+                     width at least 1)"
+                ),
+            });
+        }
+        // The pool holds at most half the budget: blocks of K and V rows of f32.
+        const BLOCK_TOKENS: usize = 16;
+        let block_bytes = (2 * BLOCK_TOKENS * 4) as u64 * width as u64;
+        let max_blocks =
+            usize::try_from(self.w.opts.memory_budget / 2 / block_bytes).unwrap_or(usize::MAX);
         let kv = self.w.kv.get_or_insert_with(|| {
             KvCacheManager::new(KvConfig {
                 layers,
                 width,
-                block_tokens: 16,
-                max_blocks: 1 << 20,
+                block_tokens: BLOCK_TOKENS,
+                max_blocks,
             })
         });
         let cfg = kv.config();
@@ -1416,6 +1786,91 @@ mod tests {
             Err(RuntimeError::BadMessage { .. })
         ));
         // The worker thread ends on shutdown.
+        send_msg(&*c, "w0", &Msg::Shutdown, &[]).unwrap();
+    }
+
+    /// A raw driver connection to `addr`, past its hello.
+    fn raw_driver(
+        cluster: &Cluster,
+        addr: SocketAddr,
+    ) -> (Arc<dyn Transport>, Arc<dyn Connection>) {
+        let ep = genie_transport::open(transport_config(
+            cluster,
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+        ))
+        .unwrap();
+        let c = connect_retry(&*ep, addr, "w", Instant::now() + SETUP_TIMEOUT).unwrap();
+        (ep, c)
+    }
+
+    fn refusal(c: &dyn Connection) -> String {
+        match recv_msg(c, "w", SETUP_TIMEOUT).unwrap().0 {
+            Msg::Failed { error, .. } => error,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    /// Once a peer's connection is up, nobody else may take its name (nor the worker's own);
+    /// the mesh keeps working.
+    #[test]
+    fn hello_peer_for_a_live_name_is_refused() {
+        let cluster = EmbeddedCluster::start(2, Arc::new(CpuKernels::new())).unwrap();
+        let mut driver =
+            crate::driver::Driver::connect(&cluster.cluster, WeightSpec::Seeded(1)).unwrap();
+        let w1 = cluster.cluster.workers[1].address;
+        for name in ["w0", "w1"] {
+            let (_ep, c) = raw_driver(&cluster.cluster, w1);
+            let hello = Msg::HelloPeer { name: name.into() };
+            send_msg(&*c, "w1", &hello, &[]).unwrap();
+            let e = refusal(&*c);
+            assert!(e.contains("refused by worker w1"), "{name}: {e}");
+        }
+        let cfg = crate::plan::tests::small();
+        let g = genie_scheduler::builders::gpt2_prefill(&cfg, 4).unwrap();
+        let p = Placement::by_layer(&g, 2, cfg.layers).unwrap();
+        let ids = Tensor::new(&[[1i64, 2, 3, 4]], &candle_core::Device::Cpu).unwrap();
+        let pos = Tensor::new(&[[0i64, 1, 2, 3]], &candle_core::Device::Cpu).unwrap();
+        let inputs = [("input_ids", ids), ("position_ids", pos)];
+        driver.run(&g, &p, &inputs, &[g.outputs[0]], 0).unwrap();
+        cluster.stop(driver).unwrap();
+    }
+
+    /// A driver's sequences are its own: after it leaves, another driver can neither read its
+    /// KV cache nor free it; each gets a typed refusal.
+    #[test]
+    fn sequences_belong_to_their_driver() {
+        let cluster = EmbeddedCluster::start(1, Arc::new(CpuKernels::new())).unwrap();
+        let cfg = crate::plan::tests::small();
+        let mut a =
+            crate::driver::Driver::connect(&cluster.cluster, WeightSpec::Seeded(1)).unwrap();
+        let one = |g: &Graph| Ok(Placement::single(g));
+        let p = crate::models::prompt(6, cfg.vocab);
+        crate::models::generate(&mut a, &cfg, &p, 1, 5, one, one).unwrap();
+        drop(a);
+        // Driver B: a decode step of sequence 5 finds no cache of its own.
+        let mut b =
+            crate::driver::Driver::connect(&cluster.cluster, WeightSpec::Seeded(1)).unwrap();
+        let g = gpt2_decode(&cfg, 7).unwrap();
+        let ids = Tensor::new(&[[1i64]], &candle_core::Device::Cpu).unwrap();
+        let pos = Tensor::new(&[[7i64]], &candle_core::Device::Cpu).unwrap();
+        let e = b
+            .run(
+                &g,
+                &Placement::single(&g),
+                &[("input_ids", ids), ("position_ids", pos)],
+                &[g.outputs[0]],
+                5,
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("kv cache"), "{e}");
+        drop(b);
+        // A raw driver frees sequence 5 without having run it: refused, typed.
+        let (_ep, c) = raw_driver(&cluster.cluster, cluster.cluster.workers[0].address);
+        send_msg(&*c, "w0", &Msg::HelloDriver, &[]).unwrap();
+        send_msg(&*c, "w0", &Msg::FreeSequence { seq: 5 }, &[]).unwrap();
+        let e = refusal(&*c);
+        assert!(e.contains("not this driver's"), "{e}");
         send_msg(&*c, "w0", &Msg::Shutdown, &[]).unwrap();
     }
 }

@@ -73,10 +73,13 @@ pub fn tensor_to_bytes(t: &Tensor) -> Result<Vec<u8>> {
 
 /// Rebuilds a tensor of `meta` from little-endian bytes; the length must match exactly.
 pub fn tensor_from_bytes(meta: &TensorMeta, bytes: &[u8]) -> Result<Tensor> {
-    if bytes.len() as u64 != meta.bytes() {
+    let want = crate::limits::checked_bytes(meta).ok_or_else(|| RuntimeError::ShapeOverflow {
+        tensor: "<payload>".into(),
+        shape: meta.shape.clone(),
+    })?;
+    if bytes.len() as u64 != want {
         return Err(RuntimeError::Plan(format!(
-            "tensor {meta}: expected {} bytes, got {}",
-            meta.bytes(),
+            "tensor {meta}: expected {want} bytes, got {}",
             bytes.len()
         )));
     }
