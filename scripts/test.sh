@@ -6,10 +6,11 @@
 #   1. cargo fmt --check
 #   2. cargo clippy --workspace --all-targets --all-features -- -D warnings
 #   3. cargo test --workspace (TCP transport on loopback sockets, scheduler, runtime)
-#   4. the dispatcher's loom model-checking tests (cfg loom, own target dir)
-#   5. the RDMA conformance suite on soft-RoCE (scripts/softroce.sh: rxe on the host or in a qemu VM)
+#   4. scripts/test-hostile.sh: hostile drivers, accept starvation, healing (summary line)
+#   5. the dispatcher's loom model-checking tests (cfg loom, own target dir)
+#   6. the RDMA conformance suite on soft-RoCE (scripts/softroce.sh: rxe on the host or in a qemu VM)
 #
-# Environment: GENIE_SKIP_RDMA=1 skips step 5 (for a quick local loop; CI never sets it).
+# Environment: GENIE_SKIP_RDMA=1 skips step 6 (for a quick local loop; CI never sets it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,6 +33,9 @@ cargo clippy --workspace --all-targets --all-features -- -D warnings
 
 log "cargo test (workspace)"
 cargo test --workspace --release
+
+log "hostile drivers, accept starvation, healing (real worker processes)"
+scripts/test-hostile.sh
 
 log "loom: the dispatcher's lock-free hand-off under every interleaving"
 RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}/loom" \
