@@ -234,7 +234,7 @@ impl CostModel for RooflineCostModel {
                 bytes: traffic,
             },
             OpKind::MaxPool2d { kernel, .. } | OpKind::AvgPool2d { kernel, .. } => OpWork {
-                flops: out_els * (kernel[0] * kernel[1]) as f64,
+                flops: out_els * (kernel[0] as f64 * kernel[1] as f64),
                 bytes: traffic,
             },
             OpKind::GlobalAvgPool2d => OpWork {
