@@ -29,7 +29,7 @@ macro_rules! conformance_tests {
             large_messages_are_delivered_whole,
             batches_with_mixed_results, access_violations_have_precise_errors,
             wrong_key_closes_the_connection, a_flooding_peer_is_held_not_queued,
-            regions_grant_only_their_access,
+            regions_grant_only_their_access, idle_and_dripping_sockets_do_not_starve_accept,
             many_concurrent_transfers_over_many_connections, shared_secret, registered_caller_memory);
         #[test]
         fn peer_process_killed_mid_transfer() {
@@ -613,6 +613,36 @@ pub fn regions_grant_only_their_access(make: MakeConfig<'_>) {
     );
     assert!(src.with(|b| b.iter().all(|&x| x == 9)));
     assert!(p.ab.is_alive() && p.ba.is_alive());
+}
+
+/// 100 sockets that connect and then say nothing (or drip one byte) hold nobody up: each
+/// handshake runs on its own with one deadline, so a real peer connects at once, and the idle
+/// ones are dropped after the peer timeout.
+pub fn idle_and_dripping_sockets_do_not_starve_accept(make: MakeConfig<'_>) {
+    use std::io::Write;
+    let p = pair(make);
+    let addr = p.b.local_addr();
+    let mut idle = Vec::new();
+    for i in 0..100 {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        if i % 2 == 0 {
+            let _ = s.write_all(&[0]);
+        }
+        idle.push(s);
+    }
+    let start = Instant::now();
+    let c =
+        p.a.connect(addr)
+            .expect("a real peer connects past 100 idle sockets");
+    let sc = p.b.accept(Duration::from_secs(5)).expect("and is accepted");
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        start.elapsed()
+    );
+    wait_ok(c.send(b"through").unwrap(), "send past idle sockets");
+    assert_eq!(sc.recv(WAIT).unwrap(), b"through");
+    drop(idle);
 }
 
 /// Caller memory registered with `register` is a target like any other and comes back afterwards.

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 /// Default bound of `AcceptQueue`: established connections waiting for `accept`, plus refusals.
 pub const ACCEPT_QUEUE: usize = 256;
 /// Default cap of `HandshakeSlots`: handshakes in progress at once on one endpoint.
-pub const MAX_HANDSHAKES: usize = 64;
+pub const MAX_HANDSHAKES: usize = 256;
 
 /// A bounded queue of accepted connections and refusals. See the [module docs](self).
 #[derive(Debug)]
