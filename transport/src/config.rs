@@ -7,6 +7,7 @@ use std::time::Duration;
 /// A transport backend that actually moves bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum Backend {
     /// TCP sockets driven by a mio event loop (always available).
     Tcp,

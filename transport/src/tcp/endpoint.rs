@@ -193,7 +193,9 @@ impl TcpTransport {
 
 impl Drop for TcpTransport {
     fn drop(&mut self) {
-        self.shared.shutdown.store(true, Ordering::SeqCst);
+        // Release: pairs with the Acquire loads in the progress loop and `accept`. The flag
+        // publishes nothing else (the thread is also woken, and joined below).
+        self.shared.shutdown.store(true, Ordering::Release);
         if let Err(e) = self.shared.waker.wake() {
             tracing::warn!(error = %e, "cannot wake the TCP progress thread for shutdown");
         }
@@ -258,7 +260,8 @@ impl Transport for TcpTransport {
     fn accept(&self, timeout: Duration) -> Result<Arc<dyn Connection>> {
         self.shared
             .accepted
-            .pop(timeout, || self.shared.shutdown.load(Ordering::SeqCst))
+            // Acquire: pairs with the Release store in `Drop`.
+            .pop(timeout, || self.shared.shutdown.load(Ordering::Acquire))
             .map(|c| c as Arc<dyn Connection>)
     }
 }
@@ -428,7 +431,9 @@ impl std::fmt::Debug for TcpConnection {
 
 impl Drop for TcpConnection {
     fn drop(&mut self) {
-        if self.state.alive.swap(false, Ordering::SeqCst) {
+        // AcqRel: the swap decides who closes, exactly once (atomicity does that); the ordering
+        // makes the queue state written before it visible to whoever reads `false`.
+        if self.state.alive.swap(false, Ordering::AcqRel) {
             // The endpoint may already be gone; then the socket is closed anyway.
             let _ = self.endpoint.push([Cmd::Close {
                 token: self.link.token,
@@ -625,11 +630,13 @@ impl Connection for TcpConnection {
     }
 
     fn is_alive(&self) -> bool {
-        self.state.alive.load(Ordering::SeqCst)
+        // Acquire: pairs with the stores that clear it (close, drop, the progress thread).
+        self.state.alive.load(Ordering::Acquire)
     }
 
     fn close(&self) {
-        if self.state.alive.swap(false, Ordering::SeqCst) {
+        // AcqRel: as in `Drop`; the one that clears the flag closes.
+        if self.state.alive.swap(false, Ordering::AcqRel) {
             self.state.push(|q| {
                 q.closed.get_or_insert(TransportError::ConnectionClosed {
                     peer: self.peer_addr,
@@ -701,7 +708,8 @@ impl Progress {
         let mut events = Events::with_capacity(256);
         let busy = self.shared.config.poll_mode == PollMode::BusyPoll;
         let mut touched: Vec<Token> = Vec::new();
-        while !self.shared.shutdown.load(Ordering::SeqCst) {
+        // Acquire: pairs with the Release store in `TcpTransport::drop`.
+        while !self.shared.shutdown.load(Ordering::Acquire) {
             let now = Instant::now();
             let timeout = if busy || self.conns.values().any(|c| c.more) {
                 Some(Duration::ZERO)
@@ -1019,7 +1027,9 @@ impl Progress {
                 }
                 Event::Closed(err) => {
                     if let Some(s) = &c.shared {
-                        s.alive.store(false, Ordering::SeqCst);
+                        // Release: pairs with `is_alive`'s Acquire; the error itself travels
+                        // under the queue lock just below.
+                        s.alive.store(false, Ordering::Release);
                         s.push(|q| {
                             q.closed.get_or_insert(err);
                         });
