@@ -30,10 +30,11 @@ fn main() {
             Outcome::NotRefused(_) => {}
         }
         println!(
-            "case {:<30} {:>8.3} s  {:?}",
+            "case {:<30} {:>8.3} s  {:?}  {}",
             r.name,
             r.took.as_secs_f64(),
-            r.outcome
+            r.outcome,
+            r.detail
         );
     }
     let mut heal_ok = true;

@@ -108,3 +108,51 @@ fn schedule_command_takes_a_topology_file() {
     assert!(!ok, "schedule without --cluster or --topology succeeded");
     assert!(err.contains("--cluster"), "{err}");
 }
+
+/// `genie secret` prints a fresh 32-byte hex secret; `genie worker` refuses a cluster off
+/// loopback without one (saying how to make one), and a secret file others may read.
+#[test]
+fn secure_by_default() {
+    use std::os::unix::fs::PermissionsExt;
+    let (ok, a, _) = genie(&["secret"]);
+    let (_, b, _) = genie(&["secret"]);
+    assert!(ok);
+    let a = a.trim();
+    assert_eq!(a.len(), 64, "{a}");
+    assert!(a.chars().all(|c| c.is_ascii_hexdigit()), "{a}");
+    assert_ne!(a, b.trim());
+
+    let dir = std::env::temp_dir().join(format!("genie-cli-secure-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cluster = dir.join("cluster.toml");
+    let workers = "[[workers]]\nname = \"w0\"\naddress = \"192.0.2.1:7100\"\n";
+    std::fs::write(&cluster, workers).unwrap();
+    let path = cluster.to_str().unwrap();
+    let (ok, _, err) = genie(&["worker", "--cluster", path, "--name", "w0"]);
+    assert!(!ok);
+    assert!(
+        err.contains("genie secret") && err.contains("secret_file"),
+        "{err}"
+    );
+    let secret = dir.join("cluster.secret");
+    std::fs::write(&secret, a).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(
+        &cluster,
+        format!("secret_file = \"cluster.secret\"\n{workers}"),
+    )
+    .unwrap();
+    let (ok, _, err) = genie(&["worker", "--cluster", path, "--name", "w0"]);
+    assert!(!ok);
+    assert!(err.contains("chmod 600"), "{err}");
+    // The driver side refuses the same cluster built in code.
+    let mut c = genie_runtime::cluster::Cluster::loopback(&[7100]);
+    c.workers[0].address = "192.0.2.1:7100".parse().unwrap();
+    let e = genie_runtime::driver::Driver::connect(&c, genie_runtime::proto::WeightSpec::Seeded(1))
+        .unwrap_err();
+    assert!(
+        matches!(e, genie_runtime::RuntimeError::InsecureCluster { .. }),
+        "{e:?}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

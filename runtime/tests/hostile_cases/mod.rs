@@ -62,6 +62,8 @@ pub struct CaseResult {
     pub outcome: Outcome,
     /// Time to the reply.
     pub took: Duration,
+    /// The reply (or what happened instead).
+    pub detail: String,
 }
 
 /// A free loopback port.
@@ -285,11 +287,11 @@ pub fn relu_graph(n: usize) -> (Graph, TensorMeta, TensorRef) {
     (g, meta, TensorRef::new(y, 0))
 }
 
-/// One node's JSON.
+/// One node's JSON (`op` as the graph format spells it: `{"kind": .., "attrs": ..}`).
 fn node(id: usize, name: &str, op: &str, inputs: &str, shape: &str) -> String {
     format!(
         "{{\"id\":{id},\"name\":\"{name}\",\"op\":{op},\"inputs\":{inputs},\
-         \"outputs\":[{{\"shape\":{shape},\"dtype\":\"F32\"}}]}}"
+         \"outputs\":[{{\"shape\":{shape},\"dtype\":\"f32\"}}]}}"
     )
 }
 
@@ -304,22 +306,32 @@ fn single(n: usize) -> String {
     )
 }
 
-/// The hostile requests: name and framed message (built on demand: one is 30 MB).
-pub fn hostile_cases(d: &mut RawDriver, model_dir: &Path) -> Vec<(&'static str, Vec<u8>)> {
+/// A hostile request: its name, the refusal its reply must contain, the framed message.
+pub type HostileCase = (&'static str, &'static str, Vec<u8>);
+
+/// The hostile requests (one is 30 MB).
+pub fn hostile_cases(d: &mut RawDriver, model_dir: &Path) -> Vec<HostileCase> {
     let relu = |shape: &str| {
         graph(&[
-            node(0, "x", "\"Input\"", "[]", shape),
-            node(1, "y", "\"Relu\"", "[{\"node\":0}]", shape),
+            node(0, "x", "{\"kind\":\"input\"}", "[]", shape),
+            node(1, "y", "{\"kind\":\"relu\"}", "[{\"node\":0}]", shape),
         ])
     };
     let param = |shape: &str| {
         graph(&[
-            node(0, "p", "{\"Parameter\":{\"trainable\":true}}", "[]", shape),
-            node(1, "y", "\"Relu\"", "[{\"node\":0}]", shape),
+            node(
+                0,
+                "p",
+                "{\"kind\":\"parameter\",\"attrs\":{\"trainable\":true}}",
+                "[]",
+                shape,
+            ),
+            node(1, "y", "{\"kind\":\"relu\"}", "[{\"node\":0}]", shape),
         ])
     };
     let fifo = model_dir.join("fifo.safetensors");
     let _ = Command::new("mkfifo").arg(&fifo).status();
+    let _ = std::os::unix::fs::symlink("/dev/zero", model_dir.join("zero.safetensors"));
     let checkpoint = |p: &str| {
         proto::encode(
             &Msg::Setup {
@@ -332,15 +344,17 @@ pub fn hostile_cases(d: &mut RawDriver, model_dir: &Path) -> Vec<(&'static str, 
     let mut cases = vec![
         (
             "huge_parameter",
+            "over the memory budget",
             d.run_json(&param("[1099511627776]"), &single(2), "[]"),
         ),
         (
             "kv_layer_u32_max",
+            "at most 1024 layers",
             d.run_json(
                 &graph(&[node(
                     0,
                     "kv",
-                    "{\"KvCache\":{\"layer\":4294967295}}",
+                    "{\"kind\":\"kv_cache\",\"attrs\":{\"layer\":4294967295}}",
                     "[]",
                     "[2,1,4,8]",
                 )]),
@@ -350,6 +364,7 @@ pub fn hostile_cases(d: &mut RawDriver, model_dir: &Path) -> Vec<(&'static str, 
         ),
         (
             "shape_product_overflows",
+            "overflows",
             d.run_json(
                 &relu("[8589934592,8589934592,8589934592]"),
                 &single(2),
@@ -358,17 +373,33 @@ pub fn hostile_cases(d: &mut RawDriver, model_dir: &Path) -> Vec<(&'static str, 
         ),
         (
             "shape_product_wraps_to_small",
+            "overflows",
             // 2^62 × 4 bytes wraps to 0 in 64 bits.
             d.run_json(&relu("[4611686018427387904]"), &single(2), "[]"),
         ),
-        ("checkpoint_dev_zero", checkpoint("/dev/zero")),
-        ("checkpoint_fifo", checkpoint("fifo.safetensors")),
+        (
+            "checkpoint_dev_zero",
+            "outside the model directory",
+            checkpoint("/dev/zero"),
+        ),
+        (
+            "checkpoint_symlink_to_dev_zero",
+            "outside the model directory",
+            checkpoint("zero.safetensors"),
+        ),
+        (
+            "checkpoint_fifo",
+            "not a regular file",
+            checkpoint("fifo.safetensors"),
+        ),
         (
             "checkpoint_outside_model_dir",
+            "outside the model directory",
             checkpoint("../cluster.secret"),
         ),
         (
             "worker_of_usize_max",
+            "placement puts node 0 on worker 18446744073709551615",
             d.run_json(
                 &relu("[4]"),
                 &format!(
@@ -378,11 +409,11 @@ pub fn hostile_cases(d: &mut RawDriver, model_dir: &Path) -> Vec<(&'static str, 
                 "[]",
             ),
         ),
-        ("input_shape_disagrees", {
+        ("input_shape_disagrees", "but the graph's input is", {
             let mut m = d.run_json(
                 &relu("[4]"),
                 &single(2),
-                "[{\"name\":\"x\",\"tensor\":null,\"meta\":{\"shape\":[8],\"dtype\":\"F32\"},\
+                "[{\"name\":\"x\",\"tensor\":null,\"meta\":{\"shape\":[8],\"dtype\":\"f32\"},\
                      \"offset\":0,\"len\":32}]",
             );
             m.extend_from_slice(&[0u8; 32]);
@@ -400,11 +431,19 @@ pub fn hostile_cases(d: &mut RawDriver, model_dir: &Path) -> Vec<(&'static str, 
         inputs.push_str("{\"node\":0}");
     }
     inputs.push(']');
-    let concat = graph(&[
-        node(0, "x", "\"Input\"", "[]", "[1]"),
-        node(1, "c", "{\"Concat\":{\"axis\":0}}", &inputs, "[1]"),
-    ]);
-    cases.push(("concat_3m_inputs", d.run_json(&concat, &single(2), "[]")));
+    let concat = |out: &str| {
+        let op = "{\"kind\":\"concat\",\"attrs\":{\"axis\":0}}";
+        graph(&[
+            node(0, "x", "{\"kind\":\"input\"}", "[]", "[1]"),
+            node(1, "c", op, &inputs, out),
+        ])
+    };
+    // Declared wrong: validation refuses it.
+    let bad = d.run_json(&concat("[1]"), &single(2), "[]");
+    cases.push(("concat_3m_inputs", "invalid graph", bad));
+    // Declared right, input withheld: the whole per-run path up to the kernel.
+    let valid = d.run_json(&concat(&format!("[{n}]")), &single(2), "[]");
+    cases.push(("concat_3m_inputs_valid", "is not in the store", valid));
     cases
 }
 
@@ -419,14 +458,15 @@ pub fn run_hostile(genie: &Path) -> (Vec<CaseResult>, f64) {
     let cases = hostile_cases(&mut d, &s.dir.join("models"));
     let mut out = Vec::new();
     let mut peak = 0f64;
-    for (name, framed) in cases {
+    for (name, expect, framed) in cases {
         let t = Instant::now();
         let reply = d.ask(&framed);
         let took = t.elapsed();
+        let detail = format!("{reply:?}");
         let alive = matches!(procs.0[0].try_wait(), Ok(None));
         let outcome = match reply {
             _ if !alive => Outcome::Crashed("the worker exited".into()),
-            Ok(k) if k.starts_with("Failed") => match d.probe() {
+            Ok(k) if k.starts_with("Failed") && k.contains(expect) => match d.probe() {
                 Ok(()) => Outcome::RefusedTyped,
                 Err(e) => Outcome::NotRefused(format!("{k}; then {e}")),
             },
@@ -434,13 +474,14 @@ pub fn run_hostile(genie: &Path) -> (Vec<CaseResult>, f64) {
             Err(Outcome::Crashed(e)) => Outcome::NotRefused(format!("connection ended: {e}")),
             Err(o) => o,
         };
-        eprintln!("case {name:<30} {:>8.3} s  {outcome:?}", took.as_secs_f64());
+
         peak = peak.max(max_rss_mb(procs.0[0].id()));
         let fresh = outcome != Outcome::RefusedTyped;
         out.push(CaseResult {
             name: name.into(),
             outcome,
             took,
+            detail,
         });
         // Later cases need a worker that serves, and a session of their own.
         if !alive {
@@ -494,18 +535,23 @@ pub fn accept_starvation(genie: &Path) -> CaseResult {
         let _ = t.write_all(&[0]);
     }
     let t = Instant::now();
-    let outcome = match Driver::connect(&s.cluster, WeightSpec::Seeded(1)) {
+    let (outcome, detail) = match Driver::connect(&s.cluster, WeightSpec::Seeded(1)) {
         Ok(d) if t.elapsed() <= REPLY_WITHIN => {
             drop(d);
-            Outcome::RefusedTyped
+            (Outcome::RefusedTyped, "a real driver was served".into())
         }
-        Ok(_) => Outcome::Hung,
-        Err(e) => Outcome::NotRefused(e.to_string()),
+        Ok(_) => (Outcome::Hung, "a real driver was served late".into()),
+        Err(e) => (Outcome::NotRefused(e.to_string()), e.to_string()),
     };
     CaseResult {
         name: "accept_starvation".into(),
         outcome,
         took: t.elapsed(),
+        detail: format!(
+            "{} idle/dripping sockets, {} silent connections: {detail}",
+            raw.len(),
+            silent.len()
+        ),
     }
 }
 
