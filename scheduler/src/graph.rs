@@ -45,9 +45,19 @@
 //! - `outputs` of the graph (optional): tensors the caller wants back (logits, updated KV caches).
 //!
 //! [`Graph::validate`] checks a deserialized graph: ids, dangling edges, cycles, arity,
-//! attributes, and that each node's declared outputs equal what its op computes from the
+//! attributes, sizes, and that each node's declared outputs equal what its op computes from the
 //! producers' metadata (so a shape or dtype disagreement between producer and consumer is found
 //! and reported with the node's id and name).
+//!
+//! # Limits
+//!
+//! A graph may come from a hostile or buggy frontend, so validation takes time linear in the
+//! size of the graph and refuses, with a [`GraphError`] naming the node: a tensor of more than
+//! [`MAX_RANK`] dimensions, one whose element count or byte size overflows `u64`
+//! ([`TensorMeta::checked_bytes`]), shape arithmetic that overflows (a concatenation longer than
+//! `usize::MAX`, ...), and graphs whose tensors take more than [`MAX_GRAPH_BYTES`] together. Sizes
+//! of a validated graph, and sums of them, are then plain arithmetic; on graphs that were not
+//! validated they saturate instead of wrapping.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -142,8 +152,8 @@ impl DType {
     }
 }
 
-/// Most dimensions a tensor may have (PyTorch's own limit). Bounding the rank keeps every shape
-/// rule O(1) per input, so validation is linear in the size of the graph.
+/// Most dimensions a tensor may have, far above any real model's. Bounding the rank keeps every
+/// shape rule O(1) per input, so validation is linear in the size of the graph.
 pub const MAX_RANK: usize = 64;
 
 /// Most bytes the outputs of all nodes of one graph may take together: 1 EiB, far above any model,
