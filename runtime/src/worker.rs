@@ -163,6 +163,8 @@ struct Worker {
     weight_cache: HashMap<String, Tensor>,
     /// The current driver session's KV caches (dropped when its connection ends).
     kv: Option<KvCacheManager>,
+    /// The current session's driver connection: a run waiting on peers gives up when it dies.
+    driver: Option<Arc<dyn Connection>>,
     /// The sequences the current session ran: the only ones it may free.
     session_seqs: std::collections::HashSet<u64>,
     /// Bytes held by `weight_cache`.
@@ -194,6 +196,9 @@ struct Kept {
     /// The dependency structure (independent of tensor shapes).
     tasks: TaskGraph,
 }
+
+/// How often a worker waiting on one sending peer looks whether its driver is still there.
+const DRIVER_CHECK: Duration = Duration::from_millis(100);
 
 /// How long a worker waiting on several sending peers waits on one before looking at the
 /// others.
@@ -266,6 +271,7 @@ pub fn serve_with(
         links: HashMap::new(),
         kv: None,
         session_seqs: Default::default(),
+        driver: None,
         landing: HashMap::new(),
         staging: HashMap::new(),
         remote_landing: HashMap::new(),
@@ -275,7 +281,7 @@ pub fn serve_with(
         let Ok(ctrl) = ctrl_rx.recv() else {
             break Ok(());
         };
-        match w.handle_driver(&*ctrl) {
+        match w.handle_driver(&ctrl) {
             Ok(true) => break Ok(()),
             Ok(false) => continue,
             Err(e) => {
@@ -442,11 +448,13 @@ impl Worker {
 
     /// Handles one driver connection (a session); `Ok(true)` on shutdown. Graph ids and KV
     /// caches belong to the session: none survive it.
-    fn handle_driver(&mut self, ctrl: &dyn Connection) -> Result<bool> {
+    fn handle_driver(&mut self, ctrl: &Arc<dyn Connection>) -> Result<bool> {
         self.graphs.clear();
         self.kv = None;
         self.session_seqs.clear();
-        let r = self.serve_session(ctrl);
+        self.driver = Some(ctrl.clone());
+        let r = self.serve_session(&**ctrl);
+        self.driver = None;
         self.graphs.clear();
         self.kv = None;
         self.session_seqs.clear();
@@ -920,6 +928,7 @@ impl Worker {
             });
         }
         let store = TensorStore::new(self.name.clone());
+        let driver = self.driver.clone();
         let mut ctx = RunCtx {
             w: self,
             graph,
@@ -932,6 +941,7 @@ impl Worker {
                 turn: 0,
                 t0,
                 epoch: epoch_of(run),
+                driver,
             },
             arrived: HashMap::new(),
             stats: RunStats::default(),
@@ -1079,6 +1089,9 @@ struct Inbox {
     epoch: u32,
     /// Which peer to wait on next when several owe transfers.
     turn: usize,
+    /// The driver's connection: when it dies nobody wants the run any more (a peer that failed
+    /// may never send what is due), so the wait ends.
+    driver: Option<Arc<dyn Connection>>,
     t0: WallClock,
 }
 
@@ -1173,8 +1186,14 @@ impl Inbox {
             // a short slice each, so that none waits long behind another.
             let k = due[self.turn % due.len()];
             self.turn = self.turn.wrapping_add(1);
+            if self.driver.as_ref().is_some_and(|d| !d.is_alive()) {
+                return Err(RuntimeError::WorkerFailed {
+                    worker: "driver".into(),
+                    reason: "the driver's connection died during the run".into(),
+                });
+            }
             let slice = if due.len() == 1 {
-                left
+                left.min(DRIVER_CHECK)
             } else {
                 left.min(PEER_SLICE)
             };
