@@ -10,7 +10,7 @@
 //! read the atomic with `Acquire`, pairing with the completer's `Release`, so they also see the
 //! error it stored before.
 //!
-//! Busy polling without a hand-off: a backend may attach a [`Progress`] hook (e.g. "poll my
+//! Busy polling without a hand-off: a backend may attach a [`DriveHook`] (e.g. "poll my
 //! completion queue") to its operations; [`Op::poll`], [`Op::wait_spin`] and a busy-polling
 //! [`Batch::wait`] run it while the operation is pending, so the waiting thread completes the
 //! operation itself instead of waiting for another thread to be scheduled.
@@ -32,7 +32,7 @@ const SPIN_BEFORE_PARK: Duration = Duration::from_micros(20);
 
 /// A backend's progress hook: drives completions (never blocks; may do nothing when another
 /// thread is already driving). See [`Op::with_progress`].
-pub type Progress = Arc<dyn Fn() + Send + Sync>;
+pub type DriveHook = Arc<dyn Fn() + Send + Sync>;
 
 const PENDING: u8 = 0;
 const OK: u8 = 1;
@@ -47,7 +47,7 @@ struct OpState {
     cv: Condvar,
     batch: Option<Arc<BatchState>>,
     mode: PollMode,
-    progress: Option<Progress>,
+    progress: Option<DriveHook>,
 }
 
 /// The regions an operation keeps alive: one region needs no allocation (the common case: a
@@ -106,14 +106,14 @@ const POOL_MAX: usize = 64;
 pub(crate) struct OpPool {
     free: Mutex<Vec<Arc<OpState>>>,
     mode: PollMode,
-    progress: Option<Progress>,
+    progress: Option<DriveHook>,
 }
 
 impl OpPool {
     /// An empty pool for operations of `mode` with the progress hook `progress` (those of the
     /// connection that owns the pool; every operation it makes or takes back shares them).
     #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
-    pub(crate) fn new(mode: PollMode, progress: Option<Progress>) -> Self {
+    pub(crate) fn new(mode: PollMode, progress: Option<DriveHook>) -> Self {
         OpPool {
             free: Mutex::new(Vec::new()),
             mode,
@@ -173,7 +173,7 @@ impl Op {
     pub fn with_progress(
         mode: PollMode,
         keep: Vec<Region>,
-        progress: Option<Progress>,
+        progress: Option<DriveHook>,
     ) -> (Op, Completer) {
         Self::with_batch(mode, keep.into(), None, progress)
     }
@@ -182,7 +182,7 @@ impl Op {
         mode: PollMode,
         keep: Kept,
         batch: Option<Arc<BatchState>>,
-        progress: Option<Progress>,
+        progress: Option<DriveHook>,
     ) -> (Op, Completer) {
         let state = Arc::new(OpState {
             state: AtomicU8::new(PENDING),
@@ -409,7 +409,7 @@ pub struct Batch {
     state: Arc<BatchState>,
     ops: Vec<Op>,
     mode: PollMode,
-    progress: Option<Progress>,
+    progress: Option<DriveHook>,
 }
 
 impl std::fmt::Debug for Batch {
@@ -425,7 +425,7 @@ pub struct BatchBuilder {
     state: Arc<BatchState>,
     ops: Vec<Op>,
     mode: PollMode,
-    progress: Option<Progress>,
+    progress: Option<DriveHook>,
 }
 
 impl std::fmt::Debug for BatchBuilder {
@@ -456,7 +456,7 @@ impl BatchBuilder {
 
     /// Attaches the backend's progress hook to every op and to [`Batch::wait`] (see
     /// [`Op::with_progress`]).
-    pub fn with_progress(mut self, progress: Option<Progress>) -> Self {
+    pub fn with_progress(mut self, progress: Option<DriveHook>) -> Self {
         self.progress = progress;
         self
     }
@@ -586,7 +586,7 @@ mod tests {
         let completer = Arc::new(Mutex::new(None::<Completer>));
         let runs = Arc::new(AtomicUsize::new(0));
         let (c2, r2) = (Arc::clone(&completer), Arc::clone(&runs));
-        let hook: Progress = Arc::new(move || {
+        let hook: DriveHook = Arc::new(move || {
             if r2.fetch_add(1, Ordering::AcqRel) + 1 == 3 {
                 if let Some(c) = c2.lock().take() {
                     c.complete(Ok(()));

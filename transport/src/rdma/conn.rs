@@ -8,7 +8,7 @@ use super::wire::{
 };
 use super::{describe, Endpoint};
 use crate::auth::Role;
-use crate::completion::{Batch, BatchBuilder, Completer, Op, OpPool, Progress as DriveHook};
+use crate::completion::{Batch, BatchBuilder, Completer, DriveHook, Op, OpPool};
 use crate::config::{Backend, PollMode};
 use crate::error::{Result, TransportError};
 use crate::region::{EndpointId, Region, RemoteRegion};
@@ -55,7 +55,7 @@ const RECV_BIT: u64 = 1 << 63;
 /// segment goes as several SENDs, each one segment with a [`SEG_HEADER`]-byte header (more follows
 /// / last), each consuming one credit; RC delivers them in order and the receiver reassembles the
 /// message (up to its `max_message_size`). Receive memory per connection: `RECV_DEPTH` × (64 KiB
-/// + 1) ≈ 2 MiB (it was `RECV_DEPTH` × `max_message_size`: 2 GiB with the runtime's 64 MiB).
+/// + 1) ≈ 2 MiB, whatever `max_message_size` is.
 const SEGMENT: usize = 64 << 10;
 
 fn io_err(call: &'static str) -> impl Fn(io::Error) -> TransportError {
@@ -107,7 +107,7 @@ impl RegionCache {
     }
 }
 
-/// State of CQ polling (see `ConnShared::progress`).
+/// State of CQ polling (see `RdmaConn::progress`).
 struct Poller {
     wcs: Vec<Completion>,
     /// The message being reassembled from its segments (empty between messages).
@@ -126,7 +126,7 @@ enum Owner {
     Chunk,
     /// The operation this request completes (the last request of a transfer or message).
     Op(Completer),
-    /// The request of a [`ConnShared::submit_fast`] whose submitter is still reaping and has made
+    /// The request of a [`RdmaConn::submit_fast`] whose submitter is still reaping and has made
     /// no operation yet: if it fails, its error goes to [`State::reaped_error`].
     Submitter,
 }
@@ -158,7 +158,7 @@ struct State {
 }
 
 /// The connection shared by the user's handle and the two threads.
-pub(crate) struct ConnShared {
+pub(crate) struct RdmaConn {
     // Field order is drop order: the QP (in `state`) goes before the CQ and before the receive and
     // send buffers' registrations (each of which owns its buffer).
     state: Mutex<State>,
@@ -422,11 +422,7 @@ fn create_qp(ep: &Endpoint, sgid_index: u8, psn: u32) -> Result<NewQp> {
 /// Sets up a connection over the side channel `s`, as the side that connected (`Role::Client`)
 /// or accepted (`Role::Server`), within one overall deadline of the peer timeout. The peer is
 /// authenticated before any verbs resource exists (see [`super::handshake`]).
-pub(crate) fn establish(
-    ep: &Arc<Endpoint>,
-    mut s: TcpStream,
-    role: Role,
-) -> Result<Arc<ConnShared>> {
+pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream, role: Role) -> Result<Arc<RdmaConn>> {
     let deadline = Instant::now() + ep.config.peer_timeout;
     let peer = s.peer_addr().map_err(io_err("getpeername"))?;
     let local_ip = s.local_addr().map_err(io_err("getsockname"))?.ip();
@@ -545,7 +541,7 @@ pub(crate) fn establish(
         .unwrap_or(usize::MAX)
         .clamp(4096, MAX_CHUNK);
     let mode = ep.poll_mode();
-    let shared = Arc::new_cyclic(|me: &std::sync::Weak<ConnShared>| {
+    let shared = Arc::new_cyclic(|me: &std::sync::Weak<RdmaConn>| {
         let driver = (mode == PollMode::BusyPoll).then(|| {
             let me = me.clone();
             Arc::new(move || {
@@ -554,7 +550,7 @@ pub(crate) fn establish(
                 }
             }) as DriveHook
         });
-        ConnShared {
+        RdmaConn {
             state: Mutex::new(State {
                 cache: RegionCache::default(),
                 qp: Some(qp),
@@ -756,7 +752,7 @@ impl State {
     }
 }
 
-impl ConnShared {
+impl RdmaConn {
     fn dead_error(&self) -> TransportError {
         self.dead
             .lock()
@@ -946,7 +942,7 @@ impl ConnShared {
         local.check_local(offset, len)
     }
 
-    /// The registration of `local` after [`ConnShared::check_local`]; `None` for zero bytes.
+    /// The registration of `local` after [`RdmaConn::check_local`]; `None` for zero bytes.
     #[inline]
     fn local_mr<'r>(&self, local: &'r Region, offset: usize, len: usize) -> Result<Option<&'r Mr>> {
         self.check_local(local, offset, len)?;
@@ -1157,9 +1153,9 @@ impl ConnShared {
         op.ok_or_else(|| TransportError::InvalidArgument("no operation created".into()))
     }
 
-    /// The common case of [`ConnShared::submit_one`] on one straight path: one work request (no
+    /// The common case of [`RdmaConn::submit_one`] on one straight path: one work request (no
     /// chunks), room in the send queue and, for a notification, a credit. It validates what
-    /// [`ConnShared::job`] validates, takes inline bytes straight from the region (under its read
+    /// [`RdmaConn::job`] validates, takes inline bytes straight from the region (under its read
     /// lock) and posts under the state lock; the operation is made after the post, still under
     /// the lock, so that its completion cannot be handled before it is queued. Only what the work
     /// request needs comes before the doorbell, which is what the peer waits for (on soft-RoCE's
@@ -1390,7 +1386,7 @@ impl ConnShared {
         }
     }
 
-    /// Handles one completion: a receive, a success (see [`ConnShared::retire`]) or a failure.
+    /// Handles one completion: a receive, a success (see [`RdmaConn::retire`]) or a failure.
     /// Out of line, so that `progress`, whose common case is one success, stays small.
     #[inline(never)]
     fn on_completion(
@@ -1675,11 +1671,11 @@ impl ConnShared {
 
 /// The user's handle; dropping it closes the connection.
 pub(crate) struct RdmaConnection {
-    c: Arc<ConnShared>,
+    c: Arc<RdmaConn>,
 }
 
 impl RdmaConnection {
-    pub(crate) fn new(c: Arc<ConnShared>) -> Self {
+    pub(crate) fn new(c: Arc<RdmaConn>) -> Self {
         Self { c }
     }
 }
@@ -1720,7 +1716,7 @@ impl Inbound for u32 {
 
 /// Takes the next message or notification, waiting up to `timeout`, and gives its credits back.
 fn wait_queue<T: Inbound>(
-    c: &ConnShared,
+    c: &RdmaConn,
     q: &Mutex<VecDeque<(T, u32)>>,
     cv: &Condvar,
     timeout: Duration,
@@ -1731,7 +1727,7 @@ fn wait_queue<T: Inbound>(
 }
 
 fn wait_entry<T>(
-    c: &ConnShared,
+    c: &RdmaConn,
     q: &Mutex<VecDeque<T>>,
     cv: &Condvar,
     timeout: Duration,
@@ -1772,7 +1768,7 @@ fn wait_entry<T>(
 }
 
 /// Takes the next message or notification if there is one, and gives its credits back.
-fn try_queue<T: Inbound>(c: &ConnShared, q: &Mutex<VecDeque<(T, u32)>>) -> Result<Option<T>> {
+fn try_queue<T: Inbound>(c: &RdmaConn, q: &Mutex<VecDeque<(T, u32)>>) -> Result<Option<T>> {
     let mut v = q.lock().pop_front();
     // Busy poll: an empty queue means "poll the CQ now" (the completion thread steps back while
     // users drive), then look again.

@@ -60,7 +60,7 @@ use crate::config::{Backend, PollMode, TransportConfig};
 use crate::error::{Result, TransportError};
 use crate::region::{EndpointId, NewRegion, Region, RegionAccess, RegionTable};
 use crate::{Connection, Transport};
-use conn::ConnShared;
+use conn::RdmaConn;
 use genie_sys::mem::SharedBuf;
 use genie_sys::verbs::{self, Context, ProtectionDomain};
 use parking_lot::Mutex;
@@ -161,12 +161,12 @@ pub(crate) struct Endpoint {
     pub(crate) pd: ProtectionDomain,
     pub(crate) table: Arc<RegionTable>,
     incoming: AcceptQueue<Arc<dyn Connection>>,
-    conns: Mutex<Vec<Weak<ConnShared>>>,
+    conns: Mutex<Vec<Weak<RdmaConn>>>,
     shutdown: AtomicBool,
 }
 
 impl Endpoint {
-    fn track(&self, c: &Arc<ConnShared>) {
+    fn track(&self, c: &Arc<RdmaConn>) {
         let mut v = self.conns.lock();
         v.retain(|w| w.strong_count() > 0);
         v.push(Arc::downgrade(c));

@@ -11,8 +11,8 @@
 //! [`DIRECT_MAX`] of them, takes the *direct path*: the caller tries `wire` (it never waits for
 //! it), checks that the connection's inbox is empty, queues the request in the state machine and,
 //! if nothing was queued before it, writes it to the socket itself. The caller's own progress
-//! thread is not woken: a message used to cost an eventfd wake-up of that thread before its write;
-//! now only the peer's progress thread wakes (on the socket) and hands the message over. Otherwise
+//! thread is not woken (no eventfd wake-up before the write): only the peer's progress thread
+//! wakes (on the socket) and hands the message over. Otherwise
 //! the request goes to the connection's *inbox* and a `Cmd::Service` wakes the progress thread
 //! (with a [`mio::Waker`] in [`PollMode::Blocking`]; in [`PollMode::BusyPoll`] the thread spins on
 //! `poll` with a zero timeout and needs no wake-up), which moves the inbox into the state machine
@@ -176,7 +176,7 @@ impl TcpTransport {
         let s = shared.clone();
         let thread = std::thread::Builder::new()
             .name(format!("genie-tcp-{}", local_addr.port()))
-            .spawn(move || Progress::new(s, poll, listener).run())
+            .spawn(move || ProgressThread::new(s, poll, listener).run())
             .map_err(|e| TransportError::io("pthread_create (progress thread)", e))?;
         Ok(Self {
             shared,
@@ -295,13 +295,13 @@ impl Queues {
     }
 }
 
-struct ConnShared {
+struct UserQueues {
     q: Mutex<Queues>,
     cv: Condvar,
     alive: AtomicBool,
 }
 
-impl ConnShared {
+impl UserQueues {
     fn push(&self, f: impl FnOnce(&mut Queues)) {
         let mut q = self.q.lock();
         f(&mut q);
@@ -416,7 +416,7 @@ pub struct TcpConnection {
     link: Arc<Link>,
     peer_addr: SocketAddr,
     peer_endpoint: EndpointId,
-    state: Arc<ConnShared>,
+    state: Arc<UserQueues>,
 }
 
 impl std::fmt::Debug for TcpConnection {
@@ -654,7 +654,7 @@ struct ConnIo {
     link: Arc<Link>,
     peer: SocketAddr,
     /// The user-facing queues, once established.
-    shared: Option<Arc<ConnShared>>,
+    shared: Option<Arc<UserQueues>>,
     /// A `connect` call waiting for the handshake.
     reply: Option<ConnReply>,
     /// Bytes may still be waiting (the read budget ran out).
@@ -667,7 +667,7 @@ struct ConnIo {
     deadline: Option<Instant>,
 }
 
-struct Progress {
+struct ProgressThread {
     shared: Arc<Shared>,
     poll: Poll,
     listener: TcpListener,
@@ -682,7 +682,7 @@ fn nonce() -> [u8; super::codec::NONCE_LEN] {
     rand::random()
 }
 
-impl Progress {
+impl ProgressThread {
     fn new(shared: Arc<Shared>, poll: Poll, listener: TcpListener) -> Self {
         Self {
             shared,
@@ -986,7 +986,7 @@ impl Progress {
             match ev {
                 Event::Established { peer_endpoint } => {
                     c.slot = None;
-                    let state = Arc::new(ConnShared {
+                    let state = Arc::new(UserQueues {
                         q: Mutex::new(Queues::default()),
                         cv: Condvar::new(),
                         alive: AtomicBool::new(true),
