@@ -64,6 +64,8 @@ pub const SETUP_TIMEOUT: Duration = Duration::from_secs(20);
 pub const INPUT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Largest control message (inputs, outputs).
 pub const MAX_MESSAGE: usize = 64 << 20;
+/// Most drivers waiting while another is served (drivers are served one at a time).
+pub const MAX_WAITING_DRIVERS: usize = 16;
 /// Most sequences one driver session may have open on a worker.
 pub const MAX_SESSION_SEQUENCES: usize = 1 << 16;
 /// How long an incoming connection may take to send its first message, all told.
@@ -239,7 +241,7 @@ pub fn serve_with(
     let me = cluster.index_of(name)?;
     let peers = Arc::new(PeerMap::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let (ctrl_tx, ctrl_rx) = mpsc::channel::<Arc<dyn Connection>>();
+    let (ctrl_tx, ctrl_rx) = mpsc::sync_channel::<Arc<dyn Connection>>(MAX_WAITING_DRIVERS);
     let acceptor = {
         let (endpoint, peers, stop, cluster) = (
             endpoint.clone(),
@@ -302,7 +304,7 @@ fn accept_loop(
     name: &str,
     peers: &PeerMap,
     stop: &AtomicBool,
-    ctrl_tx: &mpsc::Sender<Arc<dyn Connection>>,
+    ctrl_tx: &mpsc::SyncSender<Arc<dyn Connection>>,
 ) {
     let mut pending: VecDeque<(Arc<dyn Connection>, Instant)> = VecDeque::new();
     while !stop.load(Ordering::Relaxed) {
@@ -370,7 +372,7 @@ fn hello(
     cluster: &Cluster,
     name: &str,
     peers: &PeerMap,
-    ctrl_tx: &mpsc::Sender<Arc<dyn Connection>>,
+    ctrl_tx: &mpsc::SyncSender<Arc<dyn Connection>>,
 ) -> bool {
     let refuse = |reason: String| {
         tracing::warn!(worker = name, %reason, "refused a hello");
@@ -387,7 +389,13 @@ fn hello(
         conn.close();
     };
     match proto::decode(bytes, "<incoming>") {
-        Ok((Msg::HelloDriver, _)) => return ctrl_tx.send(conn.clone()).is_ok(),
+        Ok((Msg::HelloDriver, _)) => match ctrl_tx.try_send(conn.clone()) {
+            Ok(()) => {}
+            Err(mpsc::TrySendError::Full(_)) => refuse(format!(
+                "{MAX_WAITING_DRIVERS} drivers are already waiting for this worker"
+            )),
+            Err(mpsc::TrySendError::Disconnected(_)) => return false,
+        },
         Ok((Msg::HelloPeer { name: peer }, _)) => match cluster.index_of(&peer) {
             Ok(_) if peer == name => refuse(format!("a peer claims to be `{peer}`, this worker")),
             Ok(i) => {
