@@ -26,7 +26,7 @@
 //! After authentication a peer is bound to its name: a `HelloPeer` for a name whose connection
 //! is alive is refused. A driver's KV caches belong to its connection (its session): they are
 //! dropped when it ends, and no other driver can read or free them. What a driver may make the
-//! worker allocate or open is bounded by [`WorkerOptions`] (see [`limits`](crate::limits)).
+//! worker allocate or open is bounded by [`WorkerOptions`] (see [`limits`]).
 //!
 //! A failed run leaves nothing for later ones: notifications carry their run's epoch (the low
 //! 16 bits of its number; drivers start numbering at random), and ones of another run are

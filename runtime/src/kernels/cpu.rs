@@ -11,7 +11,7 @@ use genie_scheduler::graph::{GeluApprox, KvPart, Node, OpKind, WeightLayout};
 /// Every op of [`OpKind`] except `Custom` is implemented; each output is made contiguous so
 /// that results do not depend on which worker produced an input. One-row products (a decode
 /// step's `[in, out]` linear layers and its attention over the KV cache) go to the matrix-vector
-/// kernels of [`decode`](super::decode) on CPUs with AVX2 + FMA; [`CpuKernels::candle_only`]
+/// kernels of the `decode` module on CPUs with AVX2 + FMA; [`CpuKernels::candle_only`]
 /// turns them off.
 #[derive(Debug, Clone, Copy)]
 pub struct CpuKernels {
