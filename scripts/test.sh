@@ -34,6 +34,9 @@ cargo clippy --workspace --all-targets --all-features -- -D warnings
 log "cargo test (workspace)"
 cargo test --workspace --release
 
+log "property tests of the RDMA side channel's decoder (rdma feature, no device needed)"
+cargo test --release -p genie-tests --features rdma --test rdma_wire_props
+
 log "hostile drivers, accept starvation, healing (real worker processes)"
 scripts/test-hostile.sh
 

@@ -7,6 +7,10 @@ use crate::tcp::proto::{Conn, ConnConfig};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+/// The RDMA side channel's frame decoder: its fuzzing hook (the `rdma` module is private).
+#[cfg(feature = "rdma")]
+pub use crate::rdma::wire::fuzz_decode as rdma_wire;
+
 /// Feeds untrusted bytes to the TCP frame decoder and to an established server-side connection
 /// state machine (with one registered region), exactly as if a peer had sent them. Must never
 /// panic, whatever `data` holds.

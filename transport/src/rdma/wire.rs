@@ -477,6 +477,20 @@ impl FrameReader {
     }
 }
 
+/// Fuzzing hook (`fuzz/fuzz_targets/rdma_wire.rs`): decodes `data` as one frame body (a frame that
+/// decodes must encode and decode to itself) and as a byte stream. Never panics otherwise.
+#[doc(hidden)]
+pub fn fuzz_decode(data: &[u8]) {
+    if let Ok(f) = Frame::decode(data) {
+        assert_eq!(
+            Frame::decode(f.encode().get(4..).unwrap_or_default()),
+            Ok(f)
+        );
+    }
+    let (mut reader, mut src) = (FrameReader::default(), data);
+    while reader.next(&mut src).is_ok() {}
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
