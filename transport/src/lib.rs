@@ -17,12 +17,24 @@
 //! - Every operation returns a completion handle ([`Op`], or [`Batch`] for a batch) that can be
 //!   polled, spun on (lowest latency) or waited on with a timeout; see [`completion`].
 //!
-//! Every remote access is checked by the target against region id, key and bounds before memory
-//! is touched; a violation fails the requester's operation with a typed error
-//! ([`TransportError::BadKey`], [`TransportError::RegionOutOfBounds`],
-//! [`TransportError::UnknownRegion`]) and the connection stays usable. A peer that dies fails all
-//! pending operations on its connection within [`TransportConfig::peer_timeout`]; other connections
-//! carry on; connecting again to a restarted peer works.
+//! # Access control
+//!
+//! Peers authenticate at connect time with the shared secret ([`auth`]), before any remote access
+//! is possible. A region grants only the [`RegionAccess`] it was registered with. On TCP the
+//! target's progress thread checks every access against region id, key, access and bounds before
+//! memory is touched. On RDMA the requester first asks the target (side channel) and refuses a
+//! violation before posting; the NIC then enforces the rkey, the registration's bounds and its
+//! access flags, not the region id: a peer that bypasses the check can reach whatever the
+//! registration allows, and nothing else. A violation fails the requester's operation with a typed
+//! error ([`TransportError::RegionOutOfBounds`], [`TransportError::UnknownRegion`],
+//! [`TransportError::AccessDenied`]) and the connection stays usable, except for a wrong key
+//! ([`TransportError::BadKey`]), which also closes it. A descriptor is valid on every
+//! authenticated connection to its endpoint. What a peer can make an endpoint hold is bounded
+//! ([`accept`], [`TransportConfig::max_inbound_queue`]).
+//!
+//! A peer that dies fails all pending operations on its connection within
+//! [`TransportConfig::peer_timeout`]; other connections carry on; connecting again to a restarted
+//! peer works.
 //!
 //! # Backends
 //!
