@@ -21,6 +21,13 @@
 //! a graph output: the cache for the next step), reads keys and values back with
 //! [`OpKind::KvCacheRead`] and attends over all `L+1` positions.
 //!
+//! Layers: every node of GPT-2's block `h.{i}` and BERT's `encoder.layer.{i}` (its weights, its
+//! ops, its KV cache) carries [`Semantics::layer`] `Some(i)`; embeddings, final norms, heads and
+//! the pooler carry `None`. Consumers (per-layer placement, the KV-cache manager) read that field,
+//! never the names, so a family with other checkpoint keys (`model.layers.{i}`) works the same.
+//! ResNet's nodes carry no layer: its stages differ in shape and are balanced by the pipeline
+//! partitioner, not placed per layer.
+//!
 //! Graph outputs, in order: GPT-2 `logits` then the `present` of each layer; BERT
 //! `last_hidden_state` then `pooler_output`; ResNet `logits`.
 
@@ -206,11 +213,12 @@ pub fn by_name(name: &str, size: &ModelSize) -> Result<Graph, Error> {
     }
 }
 
-/// Appends nodes with the current phase and module path.
+/// Appends nodes with the current phase, module path and layer.
 struct Builder {
     g: Graph,
     phase: Phase,
     module: String,
+    layer: Option<u32>,
 }
 
 impl Builder {
@@ -219,6 +227,7 @@ impl Builder {
             g: Graph::new(name),
             phase,
             module: String::new(),
+            layer: None,
         }
     }
 
@@ -227,6 +236,7 @@ impl Builder {
             phase: self.phase,
             residency: Some(residency),
             module_path: self.module.clone(),
+            layer: self.layer,
             ..Semantics::default()
         }
     }
@@ -315,6 +325,12 @@ impl Builder {
 
     fn at(&mut self, module: impl Into<String>) {
         self.module = module.into();
+    }
+
+    /// Nodes added from now on belong to layer `i` (`None`: to no layer). An index beyond
+    /// `u32` is kept out of range, so the graph refuses it instead of wrapping.
+    fn in_layer(&mut self, i: Option<usize>) {
+        self.layer = i.map(|i| u32::try_from(i).unwrap_or(u32::MAX));
     }
 
     /// `module.{weight,bias}` then LayerNorm.
@@ -422,6 +438,7 @@ fn gpt2(c: &Gpt2Config, s: usize, kv_len: Option<usize>) -> Result<Graph, Error>
     b.phase = phase;
     let mut presents: Vec<TensorRef> = Vec::with_capacity(c.layers);
     for i in 0..c.layers {
+        b.in_layer(Some(i));
         let p = format!("h.{i}");
         let x = b.layer_norm(&format!("{p}.ln_1"), h, d, c.layer_norm_eps)?;
         b.at(format!("{p}.attn"));
@@ -510,6 +527,7 @@ fn gpt2(c: &Gpt2Config, s: usize, kv_len: Option<usize>) -> Result<Graph, Error>
         b.at(p);
         h = b.op("mlp_residual", OpKind::Add, vec![h1, out])?;
     }
+    b.in_layer(None);
     let hf = b.layer_norm("ln_f", h, d, c.layer_norm_eps)?;
     b.at("lm_head");
     let logits = b.op(
@@ -559,6 +577,7 @@ pub fn bert(c: &BertConfig) -> Result<Graph, Error> {
     let mut h = b.layer_norm("embeddings.LayerNorm", sum, d, eps)?;
     b.phase = Phase::Prefill;
     for i in 0..c.layers {
+        b.in_layer(Some(i));
         let p = format!("encoder.layer.{i}");
         let sa = format!("{p}.attention.self");
         let q = b.linear(&format!("{sa}.query"), h, d, d, WeightLayout::OutIn)?;
@@ -605,6 +624,7 @@ pub fn bert(c: &BertConfig) -> Result<Graph, Error> {
         let r2 = b.op("residual", OpKind::Add, vec![o2, h1])?;
         h = b.layer_norm(&format!("{p}.output.LayerNorm"), r2, d, eps)?;
     }
+    b.in_layer(None);
     b.at("pooler");
     let cls = b.op(
         "cls",
@@ -859,5 +879,41 @@ mod tests {
         ));
         let g = by_name("gpt2-decode", &ModelSize::default()).unwrap();
         assert_eq!(g.node(NodeId(0)).unwrap().outputs[0].dtype, DType::I64);
+    }
+
+    /// The layer of a node inside block `i` is `Some(i)`, outside every block `None`: here
+    /// checked against the names, which consumers themselves never parse.
+    #[test]
+    fn builders_set_each_nodes_layer() {
+        let small = ModelSize {
+            batch: Some(1),
+            seq_len: Some(4),
+            kv_len: Some(4),
+            layers: Some(3),
+            image: Some(32),
+        };
+        for (name, prefix) in [
+            ("gpt2-decode", "h."),
+            ("gpt2-prefill", "h."),
+            ("bert", "encoder.layer."),
+        ] {
+            let g = by_name(name, &small).unwrap();
+            let mut seen = [0usize; 3];
+            for n in g.nodes() {
+                let expect: Option<u32> = n
+                    .name
+                    .strip_prefix(prefix)
+                    .and_then(|r| r.split('.').next())
+                    .and_then(|i| i.parse().ok());
+                assert_eq!(n.semantics.layer, expect, "{name}: {}", n.name);
+                assert_eq!(n.layer(), expect, "{name}: {}", n.name);
+                if let Some(l) = expect {
+                    seen[l as usize] += 1;
+                }
+            }
+            assert!(seen.iter().all(|&c| c > 0), "{name}: {seen:?}");
+        }
+        let r = by_name("resnet50", &small).unwrap();
+        assert!(r.nodes().iter().all(|n| n.layer().is_none()));
     }
 }

@@ -41,7 +41,9 @@
 //! - `inputs` (optional, default `[]`): `(node, output)` pairs, in the order the op documents.
 //! - `outputs`: metadata of each output (`shape`: dims, `dtype`: one of [`DType`] in snake_case).
 //!   Byte sizes are derived (`elements × dtype size`), never stored.
-//! - `semantics` (optional): see [`Semantics`]; every field of it is optional.
+//! - `semantics` (optional): see [`Semantics`]; every field of it is optional. `layer` (a
+//!   number, or `null`/absent for nodes outside every layer) is what per-layer placement and the
+//!   KV-cache manager read; names and module paths are never parsed for it.
 //! - `outputs` of the graph (optional): tensors the caller wants back (logits, updated KV caches).
 //!
 //! [`Graph::validate`] checks a deserialized graph: ids, dangling edges, cycles, arity,
@@ -55,7 +57,8 @@
 //! size of the graph and refuses, with a [`GraphError`] naming the node: a tensor of more than
 //! [`MAX_RANK`] dimensions, one whose element count or byte size overflows `u64`
 //! ([`TensorMeta::checked_bytes`]), shape arithmetic that overflows (a concatenation longer than
-//! `usize::MAX`, ...), and graphs whose tensors take more than [`MAX_GRAPH_BYTES`] together. Sizes
+//! `usize::MAX`, ...), graphs whose tensors take more than [`MAX_GRAPH_BYTES`] together, and
+//! layers above [`MAX_LAYER`]. Sizes
 //! of a validated graph, and sums of them, are then plain arithmetic; on graphs that were not
 //! validated they saturate instead of wrapping.
 
@@ -160,6 +163,11 @@ pub const MAX_RANK: usize = 64;
 /// and low enough that sums over a graph's tensors (a device's peak memory, the bytes of all
 /// transfers, even counted once per device) stay within `u64` and the memory sweep's `i64`.
 pub const MAX_GRAPH_BYTES: u64 = 1 << 60;
+
+/// Largest layer index a node may carry ([`Semantics::layer`], [`OpKind::KvCache`]'s `layer`
+/// where both are given): far above any real model's depth, and low enough that per-layer tables
+/// sized by it (placement stages, KV-cache slots) stay small.
+pub const MAX_LAYER: u32 = (1 << 16) - 1;
 
 /// Shape and element type of one tensor. Its size is derived: [`TensorMeta::bytes`].
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -540,8 +548,14 @@ pub struct Semantics {
     pub phase: Phase,
     /// Residency; `None` when not annotated ([`Node::residency`] then derives it from the op).
     pub residency: Option<Residency>,
-    /// Dotted module path, e.g. `h.3.attn`.
+    /// Dotted module path, e.g. `h.3.attn`. Descriptive only: nothing reads a layer or any other
+    /// meaning out of it (see `layer`).
     pub module_path: String,
+    /// The repeated block (decoder or encoder layer) this node belongs to, counted from 0;
+    /// `None` for nodes outside every layer (embeddings, final norm, head) and for graphs
+    /// whose frontend does not say. Per-layer placement and the KV-cache manager key on it
+    /// (see [`Node::layer`]); at most [`MAX_LAYER`].
+    pub layer: Option<u32>,
     /// Nodes sharing a co-location group always run on one device.
     pub colocation_group: Option<String>,
     /// Nodes sharing a fusion group are meant to run as one kernel (and so also share a device).
@@ -582,6 +596,15 @@ impl Node {
             OpKind::Parameter { .. } => Residency::PersistentWeight,
             OpKind::KvCache { .. } | OpKind::KvCacheAppend => Residency::StatefulKvCache,
             _ => Residency::EphemeralActivation,
+        }
+    }
+
+    /// The layer this node belongs to: [`Semantics::layer`], or for an [`OpKind::KvCache`] whose
+    /// semantics leave it out, the op's own layer. Never derived from the node's name.
+    pub fn layer(&self) -> Option<u32> {
+        match (self.semantics.layer, &self.op) {
+            (Some(l), _) | (None, &OpKind::KvCache { layer: l }) => Some(l),
+            (None, _) => None,
         }
     }
 
@@ -766,6 +789,31 @@ pub enum GraphError {
         /// Which computation overflowed.
         reason: String,
     },
+    /// A node's layer ([`Semantics::layer`], or its [`OpKind::KvCache`] op's) is above
+    /// [`MAX_LAYER`].
+    #[error("node {node} `{name}` has layer {layer}; at most {max} is allowed")]
+    LayerTooLarge {
+        /// The node.
+        node: NodeId,
+        /// Its name.
+        name: String,
+        /// Its layer.
+        layer: u32,
+        /// [`MAX_LAYER`].
+        max: u32,
+    },
+    /// A KV cache's [`Semantics::layer`] differs from the layer its [`OpKind::KvCache`] op reads.
+    #[error("node {node} `{name}` is in layer {layer} but reads the KV cache of layer {op_layer}")]
+    LayerMismatch {
+        /// The node.
+        node: NodeId,
+        /// Its name.
+        name: String,
+        /// [`Semantics::layer`].
+        layer: u32,
+        /// The op's layer.
+        op_layer: u32,
+    },
     /// The outputs of all nodes up to this one take more than [`MAX_GRAPH_BYTES`] together.
     #[error("graph too large: its tensors up to node {node} `{name}` take more than {max} bytes")]
     GraphTooLarge {
@@ -899,6 +947,7 @@ impl Graph {
             }
         })?;
         check_tensors(id, &name, &outputs)?;
+        check_layer(id, &name, &op, &semantics)?;
         self.hash.take();
         self.nodes.push(Node {
             id,
@@ -924,6 +973,7 @@ impl Graph {
         let id = NodeId(self.nodes.len() as u32);
         let name = name.into();
         check_node_outputs(self, id, &name, &op, &inputs, &outputs)?;
+        check_layer(id, &name, &op, &semantics)?;
         self.hash.take();
         self.nodes.push(Node {
             id,
@@ -1028,7 +1078,8 @@ impl Graph {
 
     /// Checks the whole graph: ids dense and unique, edges and graph outputs in range, every
     /// tensor at most [`MAX_RANK`] dimensions with a size that fits in `u64`, all tensors together
-    /// at most [`MAX_GRAPH_BYTES`], no cycle, and every node's inputs and declared outputs
+    /// at most [`MAX_GRAPH_BYTES`], every layer at most [`MAX_LAYER`] (and a KV cache's semantic
+    /// layer equal to its op's), no cycle, and every node's inputs and declared outputs
     /// consistent with its op.
     ///
     /// Time and memory are linear in the size of the graph (nodes, edges and dimensions), so a
@@ -1088,6 +1139,7 @@ impl Graph {
         let mut total: u64 = 0;
         for node in &self.nodes {
             check_tensors(node.id, &node.name, &node.outputs)?;
+            check_layer(node.id, &node.name, &node.op, &node.semantics)?;
             total = total
                 .checked_add(node.output_bytes())
                 .filter(|&t| t <= MAX_GRAPH_BYTES)
@@ -1192,6 +1244,31 @@ fn check_tensors(id: NodeId, name: &str, outputs: &[TensorMeta]) -> Result<(), G
         }
     }
     Ok(())
+}
+
+/// A layer at most [`MAX_LAYER`]; a KV cache's semantic layer, when given, equal to its op's.
+fn check_layer(id: NodeId, name: &str, op: &OpKind, sem: &Semantics) -> Result<(), GraphError> {
+    let op_layer = match op {
+        OpKind::KvCache { layer } => Some(*layer),
+        _ => None,
+    };
+    match (sem.layer, op_layer) {
+        (Some(layer), Some(op_layer)) if layer != op_layer => Err(GraphError::LayerMismatch {
+            node: id,
+            name: name.to_owned(),
+            layer,
+            op_layer,
+        }),
+        (Some(layer), _) | (None, Some(layer)) if layer > MAX_LAYER => {
+            Err(GraphError::LayerTooLarge {
+                node: id,
+                name: name.to_owned(),
+                layer,
+                max: MAX_LAYER,
+            })
+        }
+        _ => Ok(()),
+    }
 }
 
 fn check_node_outputs(
@@ -1806,11 +1883,74 @@ mod tests {
           "outputs":[{"node":2,"output":0}]}"#;
         let g2 = Graph::from_json(doc).unwrap();
         assert_eq!(g2.parameter_count(), 12);
+        // JSON written before nodes had layers still loads: no node is in a layer.
+        assert!(g2.nodes().iter().all(|n| n.layer().is_none()));
         let custom = r#"{"kind":"custom","attrs":"rope"}"#;
         assert_eq!(
             serde_json::from_str::<OpKind>(custom).unwrap(),
             OpKind::Custom("rope".into())
         );
+    }
+
+    #[test]
+    fn layers_round_trip_and_are_validated() {
+        let g = with_node(tiny(), |n| n.semantics.layer = Some(7));
+        g.validate().unwrap();
+        let json = g.to_json().unwrap();
+        assert!(json.contains("\"layer\": 7"), "{json}");
+        let back = Graph::from_json(&json).unwrap();
+        assert_eq!(back.node(NodeId(2)).unwrap().layer(), Some(7));
+        assert_eq!(back, g);
+        // The layer is part of the structure: a schedule cached for one layering is not reused
+        // for another.
+        assert_ne!(g.structural_hash(), tiny().structural_hash());
+
+        let g = with_node(tiny(), |n| n.semantics.layer = Some(MAX_LAYER + 1));
+        assert!(matches!(
+            g.validate(),
+            Err(GraphError::LayerTooLarge { layer, max: MAX_LAYER, .. }) if layer == MAX_LAYER + 1
+        ));
+        let mut g = Graph::new("kv");
+        let cache = |layer| OpKind::KvCache { layer };
+        let meta = || vec![TensorMeta::new([2, 1, 4, 8], DType::F32)];
+        let at = |layer| Semantics {
+            layer,
+            ..Semantics::default()
+        };
+        // A KV cache without a semantic layer is in its op's layer.
+        let c = g
+            .add_with_outputs("past", cache(3), vec![], meta(), at(None))
+            .unwrap();
+        assert_eq!(g.node(c).unwrap().layer(), Some(3));
+        let e = g
+            .add_with_outputs("past2", cache(3), vec![], meta(), at(Some(4)))
+            .unwrap_err();
+        assert!(matches!(
+            e,
+            GraphError::LayerMismatch {
+                layer: 4,
+                op_layer: 3,
+                ..
+            }
+        ));
+        let e = g
+            .add_with_outputs("past3", cache(u32::MAX), vec![], meta(), at(None))
+            .unwrap_err();
+        assert!(matches!(e, GraphError::LayerTooLarge { .. }), "{e}");
+        g.add_with_outputs(
+            "past4",
+            cache(MAX_LAYER),
+            vec![],
+            meta(),
+            at(Some(MAX_LAYER)),
+        )
+        .unwrap();
+        g.validate().unwrap();
+        g.node_mut(NodeId(1)).unwrap().semantics.layer = Some(0);
+        assert!(matches!(
+            g.validate(),
+            Err(GraphError::LayerMismatch { layer: 0, .. })
+        ));
     }
 
     fn with_node(mut g: Graph, f: impl FnOnce(&mut Node)) -> Graph {
