@@ -86,7 +86,8 @@ impl Placement {
     /// Layer-wise stages over `workers`: decoder/encoder layer `l` of `layers` (and its KV
     /// cache) on worker `l·workers/layers`, everything before the first layer on worker 0,
     /// everything after the last on the last worker. The same layer lands on the same worker in
-    /// the prefill and decode graphs, so KV caches stay where they were made.
+    /// the prefill and decode graphs, so KV caches stay where they were made. Layers are the
+    /// nodes' own ([`layer_of`]); a graph whose nodes carry none runs wholly on worker 0.
     pub fn by_layer(graph: &Graph, workers: usize, layers: usize) -> Result<Self> {
         let order = graph
             .topo_order()
@@ -289,28 +290,35 @@ impl ExecPlan {
     }
 }
 
-/// The decoder layer a node belongs to, from its module path (`h.{i}.…`,
-/// `encoder.layer.{i}.…`) or its KV-cache op.
+/// The layer a node belongs to: its semantic layer ([`Node::layer`], set by the model builders
+/// or the frontend), or for a KV-cache read, the op's layer. Names are never parsed: a node
+/// without a layer is outside every layer (the front end, or a graph that does not say).
+///
+/// [`Node::layer`]: genie_scheduler::graph::Node::layer
 pub fn layer_of(graph: &Graph, id: NodeId) -> Option<usize> {
-    let n = graph.node(id)?;
-    if let OpKind::KvCache { layer } = n.op {
-        return Some(layer as usize);
-    }
-    let path = if n.semantics.module_path.is_empty() {
-        n.name.as_str()
-    } else {
-        n.semantics.module_path.as_str()
-    };
-    let rest = path
-        .strip_prefix("h.")
-        .or_else(|| path.strip_prefix("encoder.layer."))?;
-    rest.split('.').next()?.parse().ok()
+    graph.node(id)?.layer().map(|l| l as usize)
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use genie_scheduler::builders::{gpt2_decode, Gpt2Config};
+    use genie_scheduler::builders::{gpt2_decode, gpt2_prefill, Gpt2Config};
+
+    /// `g` with its blocks named as Llama-style checkpoints name them: `h.{i}.…` becomes
+    /// `model.layers.{i}.…` in every node name and module path; layers and all else unchanged.
+    pub(crate) fn llama_named(g: &Graph) -> Graph {
+        let rename = |s: &mut String| {
+            if let Some(rest) = s.strip_prefix("h.") {
+                *s = format!("model.layers.{rest}");
+            }
+        };
+        let mut g = g.clone();
+        for n in g.nodes_mut() {
+            rename(&mut n.name);
+            rename(&mut n.semantics.module_path);
+        }
+        g
+    }
 
     /// A GPT-2 small enough for unit tests (also used by the graph cache's tests).
     pub(crate) fn small() -> Gpt2Config {
@@ -342,6 +350,53 @@ pub(crate) mod tests {
             .filter_map(|i| layer_of(&g, NodeId(i)))
             .collect();
         assert_eq!(layers, BTreeSet::from([0, 1]));
+    }
+
+    /// A model whose blocks are `model.layers.{i}` gets the same layers, KV-cache layers and
+    /// per-layer placement as GPT-2's `h.{i}`: the layer is read from the node, not its name.
+    #[test]
+    fn llama_style_names_place_like_gpt2_names() {
+        let cfg = Gpt2Config {
+            layers: 4,
+            ..small()
+        };
+        for g in [
+            gpt2_prefill(&cfg, 5).unwrap(),
+            gpt2_decode(&cfg, 5).unwrap(),
+        ] {
+            let llama = llama_named(&g);
+            assert!(llama
+                .nodes()
+                .iter()
+                .any(|n| n.name == "model.layers.3.attn.present"));
+            let ids = (0..g.len() as u32).map(NodeId);
+            for id in ids {
+                assert_eq!(layer_of(&llama, id), layer_of(&g, id), "{}", g.name);
+            }
+            let kv: Vec<Option<usize>> = llama
+                .nodes()
+                .iter()
+                .filter(|n| matches!(n.op, OpKind::KvCacheAppend))
+                .map(|n| layer_of(&llama, n.id))
+                .collect();
+            assert_eq!(kv, [Some(0), Some(1), Some(2), Some(3)]);
+            let by_name = Placement::by_layer(&g, 2, cfg.layers).unwrap();
+            let by_layer = Placement::by_layer(&llama, 2, cfg.layers).unwrap();
+            assert_eq!(by_layer, by_name);
+            assert_eq!(by_layer.workers(), 2);
+        }
+    }
+
+    /// Without layers on its nodes, a graph has no per-layer placement, whatever its names say.
+    #[test]
+    fn names_are_never_parsed_for_layers() {
+        let mut g = gpt2_prefill(&small(), 5).unwrap();
+        for n in g.nodes_mut() {
+            n.semantics.layer = None;
+        }
+        assert!((0..g.len() as u32).all(|i| layer_of(&g, NodeId(i)).is_none()));
+        let p = Placement::by_layer(&g, 2, 2).unwrap();
+        assert_eq!(p.workers(), 1);
     }
 
     #[test]

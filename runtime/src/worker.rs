@@ -1679,7 +1679,7 @@ mod tests {
     use crate::driver::EmbeddedCluster;
     use crate::kernels::CpuKernels;
     use crate::proto::Reshape;
-    use genie_scheduler::builders::{gpt2_decode, Gpt2Config};
+    use genie_scheduler::builders::{gpt2_decode, gpt2_prefill, Gpt2Config};
     use genie_scheduler::graph::DType;
 
     /// Runs naming graphs the worker does not keep, or reshaping them into something invalid,
@@ -1859,6 +1859,58 @@ mod tests {
         let pos = Tensor::new(&[[0i64, 1, 2, 3]], &candle_core::Device::Cpu).unwrap();
         let inputs = [("input_ids", ids), ("position_ids", pos)];
         driver.run(&g, &p, &inputs, &[g.outputs[0]], 0).unwrap();
+        cluster.stop(driver).unwrap();
+    }
+
+    /// A decoder whose blocks are named as Llama-style checkpoints name them
+    /// (`model.layers.{i}`) keeps its KV caches per layer and runs layer-wise on two workers,
+    /// prefill then decode steps, bitwise equal to one worker: layers come from the nodes.
+    #[test]
+    fn llama_style_names_run_layer_wise() {
+        use crate::models::{argmax_last, prompt, row_i64};
+        use crate::plan::tests::llama_named;
+        let cfg = crate::plan::tests::small();
+        let cluster = EmbeddedCluster::start(2, Arc::new(CpuKernels::new())).unwrap();
+        let mut driver =
+            crate::driver::Driver::connect(&cluster.cluster, WeightSpec::Seeded(3)).unwrap();
+        let s = 5;
+        let mut runs: Vec<Vec<Vec<u32>>> = Vec::new();
+        for (seq, workers) in [(0u64, 1usize), (1, 2)] {
+            let place = |g: &Graph| {
+                let p = Placement::by_layer(g, workers, cfg.layers).unwrap();
+                assert_eq!(p.workers(), workers);
+                p
+            };
+            let mut run = |g: &Graph, ids: Vec<i64>, pos: Vec<i64>| {
+                let inputs = [
+                    ("input_ids", row_i64(ids).unwrap()),
+                    ("position_ids", row_i64(pos).unwrap()),
+                ];
+                let out = driver
+                    .run(g, &place(g), &inputs, &[g.outputs[0]], seq)
+                    .unwrap();
+                let logits = &out.outputs[0];
+                let bits: Vec<u32> = logits
+                    .flatten_all()
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect();
+                (argmax_last(logits).unwrap(), bits)
+            };
+            let g = llama_named(&gpt2_prefill(&cfg, s).unwrap());
+            let (mut tok, bits) = run(&g, prompt(s, cfg.vocab), (0..s as i64).collect());
+            let mut steps = vec![bits];
+            for l in s..s + 2 {
+                let g = llama_named(&gpt2_decode(&cfg, l).unwrap());
+                let (next, bits) = run(&g, vec![tok], vec![l as i64]);
+                tok = next;
+                steps.push(bits);
+            }
+            runs.push(steps);
+        }
+        assert_eq!(runs[0], runs[1]);
         cluster.stop(driver).unwrap();
     }
 
