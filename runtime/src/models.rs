@@ -1,5 +1,45 @@
 //! Inputs for the scheduler's model builders, and a GPT-2 generation loop (prefill, then decode
 //! steps against KV caches pinned on a worker) over a [`Driver`].
+//!
+//! # Adding a model family today
+//!
+//! A family is not yet one module: GPT-2 is the only decoder, and its config type and builders
+//! are named directly by the generation loop, the demo and the CLI. What is already
+//! family-neutral: placement and the KV-cache manager take a node's layer from
+//! [`Semantics::layer`] (never from its name, so `model.layers.{i}` works as `h.{i}` does);
+//! execution plans, transfers, the graph cache and the wire protocol know only ops and shapes;
+//! a KV cache is sized by its tensor's shape `[2, B, L, E]`, whatever `E` is made of.
+//!
+//! Adding a family (Llama-style, say) takes, in order:
+//!
+//! 1. `scheduler/src/graph.rs`, only for ops the graph lacks (Llama: RMSNorm, rotary
+//!    embeddings, SiLU; `Attention` has one head count, so grouped-query attention needs a KV-head
+//!    count): the [`OpKind`] variant and its documented input order, its name, arity and shape
+//!    rule (`OpKind::name`, `infer_outputs`), and `is_elementwise` where it applies.
+//! 2. `scheduler/src/cost.rs`: the new ops' FLOPs and bytes in `RooflineCostModel::work`;
+//!    `scheduler/src/analysis.rs` if a new op changes a pattern it detects (attention over a KV
+//!    cache, fusable elementwise chains).
+//! 3. `scheduler/src/builders.rs`: the config type (there is no `config.json` parsing yet: the
+//!    config is a Rust struct), prefill and decode-step builders that name each weight by its
+//!    checkpoint key, call `Builder::in_layer` around each block so every node in it carries its
+//!    layer, and keep each layer's cache as `KvCache { layer }` → `KvCacheAppend`; then the
+//!    family's names in `by_name` and `MODEL_NAMES` (used by `genie schedule` and the benches),
+//!    and parameter-count tests against the reference implementation.
+//! 4. `runtime/src/kernels/cpu.rs`: a kernel per new op in the op match and its entry in
+//!    `min_inputs`; `runtime/src/kernels/decode.rs` for one-row fast paths a decode step needs.
+//! 5. `runtime/src/weights.rs`: the checkpoint key mapping (today only GPT-2's optional
+//!    `transformer.` prefix) and, for seeded weights, whether the magnitude rules keyed on name
+//!    suffixes (`weight`, `running_var`, ...) suit the family's parameters.
+//! 6. This module: [`generate`] takes a [`Gpt2Config`] and calls `gpt2_prefill` /
+//!    `gpt2_decode`; a second family needs its own loop or a family-neutral one.
+//! 7. `runtime/src/demo.rs` (`model_config` and the prefill/decode phases take a
+//!    [`Gpt2Config`]) and `runtime/src/main.rs` (the model names the CLI accepts).
+//! 8. Tests: the runtime's correctness tests (`runtime/tests/correctness.rs`,
+//!    `processes.rs`) are written against [`Gpt2Config`]; a family needs its own bitwise
+//!    1/2/3-worker and process runs, and numerics against reference logits.
+//!
+//! [`Semantics::layer`]: genie_scheduler::graph::Semantics::layer
+//! [`OpKind`]: genie_scheduler::graph::OpKind
 
 use crate::driver::{Driver, RunOutput};
 use crate::error::{Result, RuntimeError};
