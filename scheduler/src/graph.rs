@@ -1904,6 +1904,29 @@ mod tests {
         // The layer is part of the structure: a schedule cached for one layering is not reused
         // for another.
         assert_ne!(g.structural_hash(), tiny().structural_hash());
+        // From a frontend: too large, negative or beyond u32 is refused, typed.
+        let layered = |l: &str| json.replace("\"layer\": 7", &format!("\"layer\": {l}"));
+        assert!(matches!(
+            Graph::from_json(&layered("65536")),
+            Err(crate::Error::Graph(GraphError::LayerTooLarge {
+                layer: 65536,
+                ..
+            }))
+        ));
+        for bad in ["-1", "4294967296", "\"3\""] {
+            assert!(matches!(
+                Graph::from_json(&layered(bad)),
+                Err(crate::Error::Json(_))
+            ));
+        }
+        assert_eq!(
+            Graph::from_json(&layered("null"))
+                .unwrap()
+                .node(NodeId(2))
+                .unwrap()
+                .layer(),
+            None
+        );
 
         let g = with_node(tiny(), |n| n.semantics.layer = Some(MAX_LAYER + 1));
         assert!(matches!(
