@@ -2,7 +2,7 @@
 # The RDMA tests on real soft-RoCE: the shared transport conformance suite (tests/tests/rdma_conformance.rs,
 # the same cases as TCP, instantiated for the rdma backend), the rdma backend's unit tests, the verbs
 # layer's device tests and the runtime over rdma (runtime/tests/rdma_backend.rs: GPT-2 on 1/2/3
-# workers must equal the single-worker run bitwise).
+# workers must equal the single-worker run bitwise; a SIGKILLed `genie worker`, restarted, rejoins).
 #
 #   scripts/test-rdma.sh [TEST-FILTER]
 #

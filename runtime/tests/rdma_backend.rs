@@ -1,26 +1,38 @@
 //! The runtime over the rdma backend: run by `scripts/test-rdma.sh` inside soft-RoCE, where
 //! `GENIE_RDMA_DEVICE` is set. The embedded cluster's automatic backend choice must pick RDMA there,
-//! and GPT-2 prefill + decode on 2 and 3 workers must equal the single-worker run bitwise.
+//! GPT-2 prefill + decode on 2 and 3 workers must equal the single-worker run bitwise, and a
+//! SIGKILLed `genie worker` process, restarted, rejoins over rdma.
 #![cfg(feature = "rdma")]
 
-mod common;
-use common::bits;
+mod hostile_cases;
+use genie_runtime::cluster::Cluster;
 use genie_runtime::driver::{Driver, EmbeddedCluster};
 use genie_runtime::kernels::CpuKernels;
 use genie_runtime::models::{generate, prompt};
 use genie_runtime::plan::Placement;
 use genie_runtime::proto::WeightSpec;
+use genie_runtime::worker::transport_config;
 use genie_scheduler::builders::Gpt2Config;
-use genie_transport::Backend;
+use genie_transport::{select_backend, Backend};
+use hostile_cases::common::bits;
+use hostile_cases::{heal, Fault};
+use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 
-#[test]
-fn gpt2_over_rdma_matches_single_worker() {
+/// The soft-RoCE device the harness set up; fails (never skips) without one.
+fn device() -> String {
     let device = std::env::var("GENIE_RDMA_DEVICE").unwrap_or_default();
     assert!(
         !device.is_empty(),
         "GENIE_RDMA_DEVICE is not set: run this through scripts/test-rdma.sh (soft-RoCE)"
     );
+    device
+}
+
+#[test]
+fn gpt2_over_rdma_matches_single_worker() {
+    let device = device();
     let cfg = Gpt2Config {
         layers: 2,
         hidden: 64,
@@ -62,4 +74,24 @@ fn gpt2_over_rdma_matches_single_worker() {
         driver.free_sequence(seq as u64).unwrap();
     }
     cluster.stop(driver).unwrap();
+}
+
+/// `hostile_cases::heal` over rdma: three `genie worker` processes (built with this test's
+/// features, so with rdma) and the driver all pick RDMA from the same environment; a driver on
+/// RDMA reaches only workers on RDMA, so the run is over rdma end to end. w1 is SIGKILLed during a
+/// generation: the run fails naming w1 within the peer timeout + 1 s; w1, restarted, rejoins at
+/// the next setup and the generation equals the first one bitwise.
+#[test]
+fn a_killed_and_restarted_worker_rejoins_over_rdma() {
+    let device = device();
+    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+    let sel = select_backend(&transport_config(&Cluster::loopback(&[0]), loopback)).unwrap();
+    assert_eq!(
+        sel.backend,
+        Backend::Rdma,
+        "automatic choice did not pick RDMA on {device}: {}",
+        sel.reason
+    );
+    let detail = heal(Path::new(env!("CARGO_BIN_EXE_genie")), Fault::Kill).unwrap();
+    eprintln!("over rdma: {detail}");
 }

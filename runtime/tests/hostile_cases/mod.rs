@@ -9,16 +9,22 @@
 //!   answer a small honest run afterwards.
 //! - [`accept_starvation`]: idle and dripping sockets, and connections that never say hello,
 //!   on the worker's port; a real driver must still be served within [`REPLY_WITHIN`].
-//! - [`heal_after_kill`], [`heal_after_stop`]: a worker SIGKILLed (then restarted) or
-//!   SIGSTOPped past the peer timeout (then resumed); the run in flight fails naming it within
-//!   the peer timeout + 1 s, and the next generation gives the same tokens as before.
+//! - [`heal`]: a worker SIGKILLed (then restarted) or SIGSTOPped past the peer timeout (then
+//!   resumed); the run in flight fails naming it within the peer timeout + 1 s, and the next
+//!   generation gives the same tokens and logits, bitwise, as before. `tests/rdma_backend.rs`
+//!   runs the SIGKILL case over rdma in the soft-RoCE VM.
 //!
 //! More cases (a transport flood, say) go in [`hostile_cases`]'s list or beside the two groups
 //! in the runner ([`run_all`]), which adds them to the summary line.
 #![allow(dead_code)]
 
+#[path = "../common/mod.rs"]
+pub mod common;
+
+use common::bits;
 use genie_runtime::cluster::Cluster;
 use genie_runtime::driver::Driver;
+use genie_runtime::error::RuntimeError;
 use genie_runtime::models::{generate, prompt};
 use genie_runtime::plan::Placement;
 use genie_runtime::proto::{self, GraphRef, Msg, PayloadTensor, WeightSpec};
@@ -567,13 +573,19 @@ pub fn small() -> Gpt2Config {
     }
 }
 
-/// One generation of sequence `seq` across the three workers; its tokens.
-pub fn generation(d: &mut Driver, steps: usize, seq: u64) -> Result<Vec<i64>, String> {
+/// One generation's tokens, and its logits (prefill, then each step) as bit patterns.
+pub type Generated = (Vec<i64>, Vec<Vec<u32>>);
+
+/// One generation of sequence `seq` across the three workers.
+pub fn generation(d: &mut Driver, steps: usize, seq: u64) -> Result<Generated, RuntimeError> {
     let cfg = small();
     let place = |g: &Graph| Placement::by_layer(g, 3, cfg.layers);
-    generate(d, &cfg, &prompt(8, cfg.vocab), steps, seq, place, place)
-        .map(|g| g.tokens)
-        .map_err(|e| e.to_string())
+    let g = generate(d, &cfg, &prompt(8, cfg.vocab), steps, seq, place, place)?;
+    let logits = std::iter::once(&g.prefill)
+        .chain(&g.steps)
+        .map(|r| bits(&r.outputs[0]))
+        .collect();
+    Ok((g.tokens, logits))
 }
 
 /// How a worker is made to fail.
@@ -587,13 +599,14 @@ pub enum Fault {
 
 /// Three workers; a generation; `fault` on w1 while a long generation runs: that run must
 /// fail naming w1 within the peer timeout + 1 s; after the restart (or SIGCONT) a new driver's
-/// generation must give the first one's tokens. `Ok(detail)` or `Err(why)`.
+/// generation must give the first one's tokens and logits, bitwise. The backend is whatever
+/// [`transport_config`] picks (TCP, or RDMA under soft-RoCE). `Ok(detail)` or `Err(why)`.
 pub fn heal(genie: &Path, fault: Fault) -> Result<String, String> {
     let s = Scratch::new(3, if fault == Fault::Kill { "kill" } else { "stop" });
     let mut procs = Procs((0..3).map(|i| s.spawn(genie, i, None, 1024)).collect());
     let peer_timeout = TransportConfig::default().peer_timeout;
     let mut d = Driver::connect(&s.cluster, WeightSpec::Seeded(5)).map_err(|e| e.to_string())?;
-    let want = generation(&mut d, 4, 0)?;
+    let want = generation(&mut d, 4, 0).map_err(|e| e.to_string())?;
     let run = std::thread::spawn(move || {
         let r = generation(&mut d, 240, 1);
         (r, Instant::now(), d)
@@ -618,8 +631,8 @@ pub fn heal(genie: &Path, fault: Fault) -> Result<String, String> {
         Ok(_) => return Err("the run survived the fault".into()),
         Err(e) => e,
     };
-    if !err.contains("w1") {
-        return Err(format!("the error does not name w1: {err}"));
+    if !matches!(&err, RuntimeError::WorkerFailed { worker, .. } if worker == "w1") {
+        return Err(format!("not a WorkerFailed naming w1: {err:?}"));
     }
     if took > peer_timeout + Duration::from_secs(1) {
         return Err(format!("the run failed only after {took:?}: {err}"));
@@ -641,10 +654,14 @@ pub fn heal(genie: &Path, fault: Fault) -> Result<String, String> {
         .map_err(|e| format!("reconnect: {e}"))?;
     let again = generation(&mut d, 4, 0).map_err(|e| format!("after healing: {e}"))?;
     let _ = d.shutdown();
-    if again != want {
+    if again.0 != want.0 {
         return Err(format!(
-            "tokens differ after healing: {again:?} vs {want:?}"
+            "tokens differ after healing: {:?} vs {:?}",
+            again.0, want.0
         ));
     }
-    Ok(format!("run failed after {took:?} naming w1; healed"))
+    if again.1 != want.1 {
+        return Err("logits differ bitwise after healing".into());
+    }
+    Ok(format!("run failed after {took:?}: {err}; healed"))
 }
