@@ -31,8 +31,9 @@ use std::time::Duration;
 use crate::mem::SharedBuf;
 
 use rdma_mummy_sys::{
-    ibv_cq, ibv_qp_state, ibv_recv_wr, ibv_send_flags, ibv_send_wr, ibv_sge, ibv_wc, ibv_wc_opcode,
-    ibv_wc_status, ibv_wr_opcode, imm_data_invalidated_rkey_union_t, rdma_t, wr_t,
+    bind_mw_t, bind_mw_tso_union_t, ibv_access_flags, ibv_cq, ibv_mw, ibv_mw_bind_info,
+    ibv_mw_type, ibv_qp_state, ibv_recv_wr, ibv_send_flags, ibv_send_wr, ibv_sge, ibv_wc,
+    ibv_wc_opcode, ibv_wc_status, ibv_wr_opcode, imm_data_invalidated_rkey_union_t, rdma_t, wr_t,
 };
 use sideway::ibverbs::address::{AddressHandleAttribute, Gid};
 use sideway::ibverbs::completion::GenericCompletionQueue;
@@ -419,6 +420,9 @@ impl Context {
 pub enum RemoteAccess {
     /// Nothing: local send/receive buffers.
     None,
+    /// Nothing through the registration's own rkey; type-2 memory windows bound to one QP each
+    /// ([`QueuePair::post_bind`]) grant access to it, on that QP only.
+    WindowsOnly,
     /// RDMA READ only (a source the peer pulls from).
     Read,
     /// RDMA WRITE only (a landing region the peer pushes into).
@@ -465,6 +469,7 @@ impl ProtectionDomain {
     ) -> Result<Mr, VerbsError> {
         let access = match remote {
             RemoteAccess::None => AccessFlags::LocalWrite,
+            RemoteAccess::WindowsOnly => AccessFlags::LocalWrite | AccessFlags::MemoryWindowBind,
             RemoteAccess::Read => AccessFlags::LocalWrite | AccessFlags::RemoteRead,
             RemoteAccess::Write => AccessFlags::LocalWrite | AccessFlags::RemoteWrite,
             RemoteAccess::ReadWrite => {
@@ -492,6 +497,28 @@ impl ProtectionDomain {
             len: mem.len(),
             _pinned: mem_for_reg,
             mem,
+        })
+    }
+
+    /// Allocates a type-2 memory window: unbound (it grants nothing) until a QP binds it with
+    /// [`QueuePair::post_bind`], and then valid on that QP only.
+    pub fn alloc_window(&self) -> Result<MemoryWindow, VerbsError> {
+        // SAFETY: `pd()` is the handle of the PD that `self.pd` owns, valid while that `Arc`
+        // lives; the window keeps a clone of it (field `_pd`), so the PD outlives the window.
+        let mw = unsafe {
+            rdma_mummy_sys::ibv_alloc_mw(self.pd.pd().as_ptr(), ibv_mw_type::IBV_MW_TYPE_2)
+        };
+        if mw.is_null() {
+            return Err(verb(
+                "ibv_alloc_mw(type 2)",
+                &self.name,
+                io::Error::last_os_error(),
+            ));
+        }
+        Ok(MemoryWindow {
+            mw,
+            _pd: Arc::clone(&self.pd),
+            name: self.name.clone(),
         })
     }
 
@@ -528,6 +555,51 @@ impl ProtectionDomain {
             max_inline: caps.max_inline_data,
             _state: Init,
         })
+    }
+}
+
+/// A type-2 memory window (`ibv_mw`): once bound by one QP, a remote key valid on that QP only,
+/// for a range of a registration made with [`RemoteAccess::WindowsOnly`]. Deallocated on drop
+/// (which invalidates its key).
+pub struct MemoryWindow {
+    mw: *mut ibv_mw,
+    _pd: Arc<SwPd>,
+    name: String,
+}
+
+// SAFETY: the window is a handle to a kernel/provider object that verbs allow to be used from
+// any thread; `MemoryWindow` only reads its `rkey` through `&self` and hands the pointer to verbs
+// under `&mut` (binding) or in `Drop`, so no data race on the pointee is possible from Rust.
+unsafe impl Send for MemoryWindow {}
+// SAFETY: see `Send`: shared references only read the `rkey` field, which verbs write only
+// during a bind, which takes `&mut self`.
+unsafe impl Sync for MemoryWindow {}
+
+impl fmt::Debug for MemoryWindow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryWindow")
+            .field("rkey", &self.rkey())
+            .finish()
+    }
+}
+
+impl MemoryWindow {
+    /// The window's current remote key (changes at each bind).
+    pub fn rkey(&self) -> u32 {
+        // SAFETY: `mw` is a live window allocated by `ibv_alloc_mw` (non-null, checked) and
+        // freed only in `Drop`; reading its `rkey` field is a plain load.
+        unsafe { (*self.mw).rkey }
+    }
+}
+
+impl Drop for MemoryWindow {
+    fn drop(&mut self) {
+        // SAFETY: `mw` came from `ibv_alloc_mw` and is deallocated exactly once, here; the PD it
+        // belongs to is still alive (`_pd`).
+        let rc = unsafe { rdma_mummy_sys::ibv_dealloc_mw(self.mw) };
+        if rc != 0 {
+            tracing::warn!(device = %self.name, rc, "ibv_dealloc_mw failed");
+        }
     }
 }
 
@@ -1067,6 +1139,68 @@ impl QueuePair<Rtr> {
 }
 
 impl QueuePair<Rts> {
+    /// Binds `mw` to this QP over `[offset, offset + len)` of `mr` (registered with
+    /// [`RemoteAccess::WindowsOnly`]) with `remote` access, as the send-queue work request
+    /// `wr_id` (always signalled). Returns the window's new rkey, valid on this QP only once the
+    /// bind's completion is seen.
+    pub fn post_bind(
+        &mut self,
+        wr_id: u64,
+        mw: &mut MemoryWindow,
+        mr: &Mr,
+        offset: usize,
+        len: usize,
+        remote: RemoteAccess,
+    ) -> Result<u32, VerbsError> {
+        let (addr, length) = mr.sge(offset, len)?;
+        let access = match remote {
+            RemoteAccess::Read => ibv_access_flags::IBV_ACCESS_REMOTE_READ.0,
+            RemoteAccess::Write => ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0,
+            RemoteAccess::ReadWrite => {
+                ibv_access_flags::IBV_ACCESS_REMOTE_READ.0
+                    | ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0
+            }
+            _ => 0,
+        };
+        // SAFETY: a pure function of its argument (rdma-core's ibv_inc_rkey).
+        let rkey = unsafe { rdma_mummy_sys::ibv_inc_rkey(mw.rkey()) };
+        // SAFETY: as in `post_send`, the all-zero `ibv_send_wr` is valid.
+        let mut wr: ibv_send_wr = unsafe { std::mem::zeroed() };
+        wr.wr_id = wr_id;
+        wr.opcode = ibv_wr_opcode::IBV_WR_BIND_MW;
+        wr.send_flags = ibv_send_flags::IBV_SEND_SIGNALED.0;
+        wr.bind_mw_tso_union = bind_mw_tso_union_t {
+            bind_mw: bind_mw_t {
+                mw: mw.mw,
+                rkey,
+                bind_info: ibv_mw_bind_info {
+                    // SAFETY: the handle of the registration `mr` owns, valid while `mr` lives.
+                    mr: unsafe { mr.mr.mr().as_ptr() },
+                    addr,
+                    length: u64::from(length),
+                    mw_access_flags: access,
+                },
+            },
+        };
+        let mut bad: *mut ibv_send_wr = std::ptr::null_mut();
+        // SAFETY: the QP handle is valid while `self` lives and `&mut self` excludes other posts
+        // through this wrapper; `mw` (borrowed mutably: no other bind of it can be in this call)
+        // and `mr` are live handles of the same PD as the QP; the range is inside `mr` (checked by
+        // `Mr::sge`). `wr` and `bad` live on this stack frame for the whole call. The caller keeps
+        // `mw` and `mr` alive until the bind's completion is seen (the window keeps the
+        // registration busy until it is deallocated).
+        let rc = unsafe { rdma_mummy_sys::ibv_post_send(self.qp.qp().as_ptr(), &mut wr, &mut bad) };
+        match rc {
+            0 => Ok(rkey),
+            libc::ENOMEM => Err(VerbsError::SendQueueFull),
+            e => Err(verb(
+                "ibv_post_send(BIND_MW)",
+                &self.name,
+                io::Error::from_raw_os_error(e),
+            )),
+        }
+    }
+
     /// Largest inline payload this QP accepts.
     pub fn max_inline(&self) -> u32 {
         self.max_inline
@@ -1231,6 +1365,17 @@ mod tests {
         }
     }
 
+    /// The path of a loopback connection on `ctx` through GID `sgid_index`.
+    fn test_path(ctx: &Context, sgid_index: u8) -> PathParams {
+        PathParams {
+            sgid_index,
+            mtu: ctx.limits().active_mtu,
+            max_rd_atomic: 4,
+            timeout: 14,
+            retry_cnt: 7,
+        }
+    }
+
     fn poll_one(cq: &CompletionQueue) -> Completion {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         let mut out = Vec::new();
@@ -1242,6 +1387,100 @@ mod tests {
             cq.poll(&mut out, 1).unwrap();
         }
         out[0]
+    }
+
+    /// Two connected RC QP pairs in one PD. A type-2 memory window bound by one pair's target QP
+    /// works for that pair's requester only: the other pair's requester, presenting the same
+    /// rkey, gets a remote access error from the NIC, and so does the registration's own rkey
+    /// (registered `WindowsOnly`). Runs where the soft-RoCE harness set `GENIE_RDMA_DEVICE`.
+    #[test]
+    fn memory_windows_bind_to_one_qp() {
+        let Ok(dev) = std::env::var("GENIE_RDMA_DEVICE") else {
+            return;
+        };
+        let ctx = Context::open(Some(&dev)).unwrap();
+        let sgid_index = ctx
+            .gid_index(gid_of_ip("127.0.0.1".parse().unwrap()))
+            .expect("no GID for 127.0.0.1");
+        let pd = ctx.alloc_pd().unwrap();
+        let path = test_path(&ctx, sgid_index);
+        let caps = QpCaps {
+            max_send_wr: 16,
+            max_recv_wr: 16,
+            max_inline_data: 64,
+        };
+        // A connected pair: (requester, its CQ, target, its CQ).
+        let pair = || {
+            let (cq_r, cq_t) = (
+                ctx.create_cq(16, false).unwrap(),
+                ctx.create_cq(16, false).unwrap(),
+            );
+            let r = pd.create_rc_qp(&cq_r, &cq_r, caps).unwrap();
+            let t = pd.create_rc_qp(&cq_t, &cq_t, caps).unwrap();
+            let gid = ctx.gid(sgid_index).unwrap();
+            let (er, et) = (
+                QpEndpoint {
+                    qpn: r.qpn(),
+                    psn: 1,
+                    gid,
+                },
+                QpEndpoint {
+                    qpn: t.qpn(),
+                    psn: 2,
+                    gid,
+                },
+            );
+            let r = r.to_rtr(1, &et, &path).unwrap().to_rts(1, &path).unwrap();
+            let t = t.to_rtr(2, &er, &path).unwrap().to_rts(2, &path).unwrap();
+            (r, cq_r, t, cq_t)
+        };
+        let (mut r1, cq_r1, mut t1, cq_t1) = pair();
+        let (mut r2, cq_r2, _t2, _cq_t2) = pair();
+        let target = pd
+            .register_with(
+                Arc::new(SharedBuf::zeroed(4096).unwrap()),
+                RemoteAccess::WindowsOnly,
+            )
+            .unwrap();
+        let src = pd
+            .register(Arc::new(SharedBuf::from_vec(vec![7u8; 64])))
+            .unwrap();
+        let mut mw = pd.alloc_window().unwrap();
+        let rkey = t1
+            .post_bind(9, &mut mw, &target, 0, 4096, RemoteAccess::ReadWrite)
+            .unwrap();
+        assert_eq!(poll_one(&cq_t1).status, Ok(()), "bind");
+        let write = |rkey| SendOp::Write {
+            rkey,
+            remote_addr: target.addr(),
+        };
+        let from = |len| Local::Mr {
+            mr: &src,
+            offset: 0,
+            len,
+        };
+        r1.post_send(1, write(rkey), from(64), true).unwrap();
+        assert_eq!(
+            poll_one(&cq_r1).status,
+            Ok(()),
+            "the bound QP's peer writes"
+        );
+        assert!(target.mem().read()[..64].iter().all(|&b| b == 7));
+        target.mem().write()[..64].fill(0);
+        r2.post_send(2, write(rkey), from(64), true).unwrap();
+        assert_eq!(
+            poll_one(&cq_r2).status,
+            Err(WcError::RemoteAccess),
+            "another QP presenting the window's rkey"
+        );
+        r1.post_send(3, write(target.rkey()), from(64), true)
+            .unwrap();
+        assert_eq!(
+            poll_one(&cq_r1).status,
+            Err(WcError::RemoteAccess),
+            "the registration's own rkey"
+        );
+        assert!(target.mem().read().iter().all(|&b| b == 0), "untouched");
     }
 
     /// Two RC QPs on one device connected to each other: write, read, write-with-imm, send/recv,
@@ -1272,13 +1511,7 @@ mod tests {
             .register(Arc::new(SharedBuf::zeroed(8192).unwrap()))
             .unwrap();
         qb.post_recv(7, &mr_b, 4096, 4096).unwrap();
-        let path = PathParams {
-            sgid_index,
-            mtu: ctx.limits().active_mtu,
-            max_rd_atomic: 4,
-            timeout: 14,
-            retry_cnt: 7,
-        };
+        let path = test_path(&ctx, sgid_index);
         let ea = QpEndpoint {
             qpn: qa.qpn(),
             psn: 100,

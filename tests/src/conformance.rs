@@ -30,6 +30,7 @@ macro_rules! conformance_tests {
             batches_with_mixed_results, access_violations_have_precise_errors,
             wrong_key_closes_the_connection, a_flooding_peer_is_held_not_queued,
             regions_grant_only_their_access, idle_and_dripping_sockets_do_not_starve_accept,
+            a_grant_is_valid_only_on_its_connection,
             many_concurrent_transfers_over_many_connections, shared_secret, registered_caller_memory);
         #[test]
         fn peer_process_killed_mid_transfer() {
@@ -643,6 +644,70 @@ pub fn idle_and_dripping_sockets_do_not_starve_accept(make: MakeConfig<'_>) {
     wait_ok(c.send(b"through").unwrap(), "send past idle sockets");
     assert_eq!(sc.recv(WAIT).unwrap(), b"through");
     drop(idle);
+}
+
+/// A private region is reached only through a descriptor its owner granted on one connection:
+/// that connection reads and writes it; a second authenticated connection between the same
+/// endpoints presenting the same descriptor gets `BadKey` (and is closed), the region's own
+/// endpoint-wide descriptor grants nothing, and the memory is untouched by either.
+pub fn a_grant_is_valid_only_on_its_connection(make: MakeConfig<'_>) {
+    let p = pair(make);
+    let second = p.a.connect(p.b.local_addr()).unwrap();
+    let second_b = p.b.accept(WAIT).unwrap();
+    let private =
+        p.b.alloc_private_region(4096, RegionAccess::ReadWrite)
+            .unwrap();
+    assert!(private.is_private());
+    let granted = p.ba.grant(&private).unwrap();
+    assert_eq!(
+        p.ba.grant(&private).unwrap(),
+        granted,
+        "one grant per connection"
+    );
+    let src = p.a.alloc_region(4096).unwrap();
+    fill(&src, 11);
+    // The granting connection: full access.
+    wait_ok(
+        p.ab.write(&src, 0, &granted, 0, 4096).unwrap(),
+        "granted write",
+    );
+    assert_eq!(crc(&private, 0, 4096), crc(&src, 0, 4096));
+    let back = p.a.alloc_region(4096).unwrap();
+    wait_ok(
+        p.ab.read(&back, 0, &granted, 0, 4096).unwrap(),
+        "granted read",
+    );
+    assert_eq!(crc(&back, 0, 4096), crc(&src, 0, 4096));
+    // The endpoint-wide descriptor of a private region grants nothing, on any connection.
+    let plain = private.descriptor();
+    let third = p.a.connect(p.b.local_addr()).unwrap();
+    let _third_b = p.b.accept(WAIT).unwrap();
+    let e = third
+        .write(&src, 0, &plain, 0, 8)
+        .and_then(|o| o.wait(WAIT))
+        .expect_err("a private region's own descriptor");
+    assert!(matches!(e, TransportError::BadKey { .. }), "{e:?}");
+    // Another connection presenting the granted descriptor: refused and closed.
+    let zeros = p.a.alloc_region(4096).unwrap();
+    let e = second
+        .write(&zeros, 0, &granted, 0, 4096)
+        .and_then(|o| o.wait(WAIT))
+        .expect_err("the grant of another connection");
+    assert!(matches!(e, TransportError::BadKey { .. }), "{e:?}");
+    assert!(
+        second_b.recv(WAIT).is_err(),
+        "the target kept the connection"
+    );
+    assert_eq!(
+        crc(&private, 0, 4096),
+        crc(&src, 0, 4096),
+        "memory untouched"
+    );
+    // The granting connection is unaffected.
+    wait_ok(
+        p.ab.write(&src, 0, &granted, 0, 8).unwrap(),
+        "granting connection still works",
+    );
 }
 
 /// Caller memory registered with `register` is a target like any other and comes back afterwards.

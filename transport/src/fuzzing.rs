@@ -29,6 +29,7 @@ pub fn decode_frame(data: &[u8]) {
         secret: None,
         peer_timeout: Duration::from_secs(2),
         max_message_size: 1024,
+        grants: Default::default(),
     };
     let mut conn = Conn::server(cfg, peer, now, [7; 32]);
     let hello = crate::tcp::codec::plain_client_handshake(2, [9; 32]);

@@ -28,8 +28,11 @@
 //! registration allows, and nothing else. A violation fails the requester's operation with a typed
 //! error ([`TransportError::RegionOutOfBounds`], [`TransportError::UnknownRegion`],
 //! [`TransportError::AccessDenied`]) and the connection stays usable, except for a wrong key
-//! ([`TransportError::BadKey`]), which also closes it. A descriptor is valid on every
-//! authenticated connection to its endpoint. What a peer can make an endpoint hold is bounded
+//! ([`TransportError::BadKey`]), which also closes it. A region's [`Region::descriptor`] is valid
+//! on every authenticated connection to its endpoint; a private region
+//! ([`Transport::alloc_private_region`]) is reached only through [`Connection::grant`], on the
+//! one connection that granted it (RDMA: a type-2 memory window bound to its queue pair, so the
+//! NIC itself refuses any other). What a peer can make an endpoint hold is bounded
 //! ([`accept`], [`TransportConfig::max_inbound_queue`]).
 //!
 //! A peer that dies fails all pending operations on its connection within
@@ -132,6 +135,10 @@ pub trait Transport: Send + Sync + std::fmt::Debug {
     }
     /// Registers the caller's buffer, granting peers only `access`.
     fn register_with(&self, buf: Vec<u8>, access: RegionAccess) -> Result<Region>;
+    /// Allocates a region that no endpoint-wide descriptor reaches: a peer can access it only
+    /// with a descriptor from [`Connection::grant`], and only on the connection that granted it
+    /// (on RDMA: a type-2 memory window bound to that connection's queue pair).
+    fn alloc_private_region(&self, len: usize, access: RegionAccess) -> Result<Region>;
     /// Connects to the endpoint listening at `addr` (handshake included; bounded by the peer timeout).
     fn connect(&self, addr: SocketAddr) -> Result<Arc<dyn Connection>>;
     /// Waits up to `timeout` for the next incoming connection. An `Err` other than
@@ -245,6 +252,13 @@ pub trait Connection: Send + Sync + std::fmt::Debug {
             len,
         })
     }
+    /// A descriptor of our `region` that the peer can use on this connection and no other
+    /// (another connection presenting it gets [`TransportError::BadKey`] and is closed, and its
+    /// target memory is untouched). For a region from [`Transport::alloc_private_region`] this is
+    /// the only way in; for any other region it is its endpoint-wide
+    /// [`Region::descriptor`]. The grant lasts as long as the connection (and keeps the region
+    /// registered until then).
+    fn grant(&self, region: &Region) -> Result<RemoteRegion>;
     /// Sends a message of at most [`TransportConfig::max_message_size`] bytes.
     fn send(&self, msg: &[u8]) -> Result<Op>;
     /// Waits up to `timeout` for the next message.

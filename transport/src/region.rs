@@ -42,6 +42,12 @@ impl Region {
     pub fn access(&self) -> RegionAccess {
         self.inner.access
     }
+
+    /// Whether only per-connection grants reach this region
+    /// ([`crate::Transport::alloc_private_region`]).
+    pub fn is_private(&self) -> bool {
+        self.inner.private
+    }
 }
 
 /// What peers may do to a region with its descriptor. Grant only what the region is used for:
@@ -91,6 +97,8 @@ struct RegionInner {
     len: usize,
     key: u64,
     access: RegionAccess,
+    /// Reachable only through descriptors a connection granted ([`crate::Connection::grant`]).
+    private: bool,
     endpoint: EndpointId,
     backend: Backend,
     remote_addr: u64,
@@ -157,7 +165,8 @@ impl Region {
         self.inner.key
     }
 
-    /// The descriptor to hand to a peer.
+    /// The descriptor to hand to a peer: valid on every connection to this endpoint. A private
+    /// region's own descriptor grants nothing; use [`crate::Connection::grant`].
     pub fn descriptor(&self) -> RemoteRegion {
         RemoteRegion {
             endpoint: self.inner.endpoint,
@@ -297,6 +306,8 @@ pub struct NewRegion {
     pub registration: Option<Registration>,
     /// What peers may do to it.
     pub access: RegionAccess,
+    /// Whether only per-connection grants reach it (its own key grants nothing).
+    pub private: bool,
 }
 
 impl RegionTable {
@@ -324,6 +335,7 @@ impl RegionTable {
             len,
             key: new.key.unwrap_or_else(rand::random),
             access: new.access,
+            private: new.private,
             endpoint: self.endpoint,
             backend: self.backend,
             remote_addr: new.remote_addr,
@@ -342,6 +354,16 @@ impl RegionTable {
 
     /// Allocates a zeroed, page-aligned region of `len` bytes with the given remote access.
     pub fn alloc_with(self: &Arc<Self>, len: usize, access: RegionAccess) -> Result<Region> {
+        self.alloc_scoped(len, access, false)
+    }
+
+    /// Allocates a zeroed, page-aligned region; `private`: reachable only through grants.
+    pub fn alloc_scoped(
+        self: &Arc<Self>,
+        len: usize,
+        access: RegionAccess,
+        private: bool,
+    ) -> Result<Region> {
         let mem = Arc::new(SharedBuf::zeroed(len)?);
         Ok(self.insert(NewRegion {
             mem,
@@ -349,6 +371,7 @@ impl RegionTable {
             remote_addr: 0,
             registration: None,
             access,
+            private,
         }))
     }
 
@@ -365,6 +388,7 @@ impl RegionTable {
             remote_addr: 0,
             registration: None,
             access,
+            private: false,
         })
     }
 
@@ -387,6 +411,21 @@ impl RegionTable {
         offset: u64,
         len: u64,
     ) -> Result<Region> {
+        self.check_remote_granted(region, key, None, op, offset, len)
+    }
+
+    /// [`RegionTable::check_remote`] on a connection that granted `granted` as the key of
+    /// `region` (see [`crate::Connection::grant`]): that key matches too, and it is the only one
+    /// that matches a private region.
+    pub fn check_remote_granted(
+        &self,
+        region: u64,
+        key: u64,
+        granted: Option<u64>,
+        op: Option<RemoteOp>,
+        offset: u64,
+        len: u64,
+    ) -> Result<Region> {
         let inner = self
             .map
             .read()
@@ -394,7 +433,8 @@ impl RegionTable {
             .and_then(Weak::upgrade)
             .ok_or(TransportError::UnknownRegion { region })?;
         let r = Region { inner };
-        if r.key() != key {
+        let endpoint_key_ok = !r.inner.private && r.key() == key;
+        if !endpoint_key_ok && granted != Some(key) {
             return Err(TransportError::BadKey { region });
         }
         let access = r.inner.access;

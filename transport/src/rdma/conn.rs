@@ -11,13 +11,13 @@ use crate::auth::Role;
 use crate::completion::{Batch, BatchBuilder, Completer, DriveHook, Op, OpPool};
 use crate::config::{Backend, PollMode};
 use crate::error::{Result, TransportError};
-use crate::region::{EndpointId, Region, RemoteRegion};
+use crate::region::{EndpointId, Region, RegionAccess, RemoteRegion};
 use crate::{Connection, Transfer, TransferKind};
 use genie_sys::clock::SpinDeadline;
 use genie_sys::mem::SharedBuf;
 use genie_sys::verbs::{
-    gid_of_ip, Completion, CompletionQueue, Local as Sge, Mr, PathParams, QpCaps, QpEndpoint,
-    QueuePair, Rts, SendOp, VerbsError, WcError, WcOpcode,
+    gid_of_ip, Completion, CompletionQueue, Local as Sge, MemoryWindow, Mr, PathParams, QpCaps,
+    QpEndpoint, QueuePair, RemoteAccess, Rts, SendOp, VerbsError, WcError, WcOpcode,
 };
 use parking_lot::{Condvar, Mutex};
 use std::collections::{HashMap, VecDeque};
@@ -198,6 +198,8 @@ pub(crate) struct RdmaConn {
     unreturned: AtomicU32,
     /// Items (messages and notifications) and message bytes in the inbound queues.
     inbound: Mutex<(usize, usize)>,
+    /// Our private regions granted on this connection: region id → its memory window.
+    grants: Mutex<HashMap<u64, Grant>>,
     alive: AtomicBool,
     dead: Mutex<Option<TransportError>>,
     /// Open region checks: `None` until the answer came.
@@ -218,6 +220,14 @@ pub(crate) struct RdmaConn {
     retired: AtomicU64,
     /// Return credits once this many were freed.
     return_at: u32,
+}
+
+/// A private region granted on one connection: a type-2 memory window bound to its QP.
+struct Grant {
+    rkey: u32,
+    // Field order is drop order: the window goes before the registration it is bound to.
+    _window: MemoryWindow,
+    _region: Region,
 }
 
 /// A local region this connection cannot use: "region <id> <what>".
@@ -584,6 +594,7 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream, role: Role) -> Res
             msgs_cv: Condvar::new(),
             unreturned: AtomicU32::new(0),
             inbound: Mutex::new((0, 0)),
+            grants: Mutex::new(HashMap::new()),
             alive: AtomicBool::new(true),
             dead: Mutex::new(None),
             queries: Mutex::new(HashMap::new()),
@@ -841,6 +852,74 @@ impl RdmaConn {
                 let _ = self.send_frame(&Frame::Credits { n });
             }
         }
+    }
+
+    /// See [`Connection::grant`]: binds a type-2 memory window over the private `region` to this
+    /// connection's QP (once per region), so its rkey works on this QP and no other.
+    fn grant(&self, region: &Region) -> Result<RemoteRegion> {
+        if region.endpoint() != self.ep.id {
+            return Err(local_error(region, "belongs to another endpoint"));
+        }
+        if !region.is_private() {
+            return Ok(region.descriptor());
+        }
+        let desc = |rkey: u32, addr: u64| RemoteRegion {
+            key: u64::from(rkey),
+            addr,
+            ..region.descriptor()
+        };
+        let Some(mr) = region.registration().and_then(|r| r.downcast_ref::<Mr>()) else {
+            return Err(local_error(region, "is not RDMA-registered (empty?)"));
+        };
+        if let Some(g) = self.grants.lock().get(&region.id()) {
+            return Ok(desc(g.rkey, mr.addr()));
+        }
+        let remote = match region.access() {
+            RegionAccess::Read => RemoteAccess::Read,
+            RegionAccess::Write => RemoteAccess::Write,
+            RegionAccess::ReadWrite => RemoteAccess::ReadWrite,
+            _ => return Err(local_error(region, "allows no remote access")),
+        };
+        let mut window = self
+            .ep
+            .pd
+            .alloc_window()
+            .map_err(|e| verbs_io("ibv_alloc_mw", e))?;
+        let (op, done) = Op::with_progress(self.mode, vec![region.clone()], self.driver.clone());
+        let rkey = {
+            let mut st = self.state.lock();
+            let deadline = Instant::now() + self.ep.config.peer_timeout;
+            while st.pending.len() as u32 >= self.sq_depth {
+                self.check_alive()?;
+                let reaped = parking_lot::MutexGuard::unlocked(&mut st, || {
+                    matches!(self.progress(false), Ok(true))
+                });
+                if !reaped && self.space.wait_until(&mut st, deadline).timed_out() {
+                    return Err(TransportError::Timeout {
+                        after: self.ep.config.peer_timeout,
+                    });
+                }
+            }
+            let seq = st.next_seq;
+            let Some(qp) = st.qp.as_mut() else {
+                return Err(self.dead_error());
+            };
+            let rkey = qp
+                .post_bind(seq, &mut window, mr, 0, region.len(), remote)
+                .map_err(|e| verbs_io("ibv_post_send(BIND_MW)", e))?;
+            st.posted(seq, true, false, Owner::Op(done), region.id());
+            rkey
+        };
+        op.wait(self.ep.config.peer_timeout)?;
+        self.grants.lock().insert(
+            region.id(),
+            Grant {
+                rkey,
+                _window: window,
+                _region: region.clone(),
+            },
+        );
+        Ok(desc(rkey, mr.addr()))
     }
 
     fn send_frame(&self, f: &Frame) -> Result<()> {
@@ -1581,7 +1660,13 @@ impl RdmaConn {
                             self.space.notify_all();
                         }
                         Frame::QueryRegion { req, region, key } => {
-                            let status = match self.ep.table.check_remote(region, key, None, 0, 0) {
+                            let granted =
+                                self.grants.lock().get(&region).map(|g| u64::from(g.rkey));
+                            let status = match self
+                                .ep
+                                .table
+                                .check_remote_granted(region, key, granted, None, 0, 0)
+                            {
                                 Ok(r) => RegionStatus::Ok {
                                     len: r.len() as u64,
                                     addr: r.descriptor().addr,
@@ -1789,6 +1874,9 @@ fn try_queue<T: Inbound>(c: &RdmaConn, q: &Mutex<VecDeque<(T, u32)>>) -> Result<
 impl Connection for RdmaConnection {
     fn backend(&self) -> Backend {
         Backend::Rdma
+    }
+    fn grant(&self, region: &Region) -> Result<RemoteRegion> {
+        self.c.grant(region)
     }
     fn peer_addr(&self) -> SocketAddr {
         self.c.peer

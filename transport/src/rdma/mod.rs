@@ -48,8 +48,10 @@
 //! refuses (e.g. the region was dropped after the check) fails with
 //! [`TransportError::UnknownRegion`]. Any error completion moves the QP to the error state: every
 //! pending operation of the connection fails, the connection is marked dead, and connecting again
-//! gives a fresh one. Not yet done: a descriptor is valid on every connection of the endpoint
-//! (one protection domain per endpoint), not only on the one it was handed to.
+//! gives a fresh one. A region's own descriptor (its registration's rkey) is valid on every
+//! connection of the endpoint (one protection domain per endpoint); a private region is
+//! registered with no remote access of its own and is reached only through a type-2 memory window
+//! that [`crate::Connection::grant`] binds to one connection's QP.
 
 mod conn;
 pub mod handshake;
@@ -255,7 +257,7 @@ impl Drop for RdmaTransport {
 }
 
 impl RdmaTransport {
-    fn register_mem(&self, mem: SharedBuf, access: RegionAccess) -> Result<Region> {
+    fn register_mem(&self, mem: SharedBuf, access: RegionAccess, private: bool) -> Result<Region> {
         let mem = Arc::new(mem);
         if mem.is_empty() {
             // Nothing to register: zero-length transfers never touch memory.
@@ -265,10 +267,13 @@ impl RdmaTransport {
                 remote_addr: 0,
                 registration: None,
                 access,
+                private,
             }));
         }
         // The NIC enforces the access: the registration grants exactly what `access` allows.
         let remote = match access {
+            // Reachable only through memory windows bound per connection (`Connection::grant`).
+            _ if private => verbs::RemoteAccess::WindowsOnly,
             RegionAccess::Read => verbs::RemoteAccess::Read,
             RegionAccess::Write => verbs::RemoteAccess::Write,
             RegionAccess::Local => verbs::RemoteAccess::None,
@@ -287,6 +292,7 @@ impl RdmaTransport {
             remote_addr,
             registration: Some(Arc::new(mr)),
             access,
+            private,
         }))
     }
 }
@@ -305,10 +311,13 @@ impl Transport for RdmaTransport {
         &self.ep.config
     }
     fn alloc_region_with(&self, len: usize, access: RegionAccess) -> Result<Region> {
-        self.register_mem(SharedBuf::zeroed(len)?, access)
+        self.register_mem(SharedBuf::zeroed(len)?, access, false)
     }
     fn register_with(&self, buf: Vec<u8>, access: RegionAccess) -> Result<Region> {
-        self.register_mem(SharedBuf::from_vec(buf), access)
+        self.register_mem(SharedBuf::from_vec(buf), access, false)
+    }
+    fn alloc_private_region(&self, len: usize, access: RegionAccess) -> Result<Region> {
+        self.register_mem(SharedBuf::zeroed(len)?, access, true)
     }
     fn connect(&self, addr: SocketAddr) -> Result<Arc<dyn Connection>> {
         let s = TcpStream::connect_timeout(&addr, self.ep.config.peer_timeout).map_err(|e| {

@@ -52,7 +52,7 @@ use crate::accept::{AcceptQueue, HandshakeSlots, Slot, ACCEPT_QUEUE, MAX_HANDSHA
 use crate::completion::{Batch, BatchBuilder, Completer, Op};
 use crate::config::{Backend, PollMode, TransportConfig};
 use crate::error::{Result, TransportError};
-use crate::region::{EndpointId, Region, RegionAccess, RegionTable};
+use crate::region::{EndpointId, Region, RegionAccess, RegionTable, RemoteRegion};
 use crate::{Connection, Transfer, TransferKind, Transport};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -228,6 +228,10 @@ impl Transport for TcpTransport {
         self.shared.regions.alloc_with(len, access)
     }
 
+    fn alloc_private_region(&self, len: usize, access: RegionAccess) -> Result<Region> {
+        self.shared.regions.alloc_scoped(len, access, true)
+    }
+
     fn register_with(&self, buf: Vec<u8>, access: RegionAccess) -> Result<Region> {
         Ok(self.shared.regions.register_with(buf, access))
     }
@@ -315,6 +319,9 @@ struct Link {
     token: Token,
     wire: Mutex<Wire>,
     inbox: Mutex<Inbox>,
+    /// The keys this connection granted, shared with its state machine (which checks them):
+    /// never under `wire`, so granting never waits for the progress thread.
+    grants: super::proto::Grants,
 }
 
 /// The socket and the protocol state of one connection.
@@ -346,6 +353,7 @@ impl Link {
     fn new(token: Token, stream: TcpStream, conn: Conn) -> Arc<Self> {
         Arc::new(Self {
             token,
+            grants: conn.grants().clone(),
             wire: Mutex::new(Wire {
                 stream: Some(stream),
                 conn,
@@ -564,6 +572,28 @@ impl Connection for TcpConnection {
         Backend::Tcp
     }
 
+    fn grant(&self, region: &Region) -> Result<RemoteRegion> {
+        if region.endpoint() != self.endpoint.endpoint {
+            return Err(TransportError::InvalidArgument(format!(
+                "region {} belongs to another endpoint",
+                region.id()
+            )));
+        }
+        if !region.is_private() {
+            return Ok(region.descriptor());
+        }
+        let key = *self
+            .link
+            .grants
+            .write()
+            .entry(region.id())
+            .or_insert_with(rand::random);
+        Ok(RemoteRegion {
+            key,
+            ..region.descriptor()
+        })
+    }
+
     fn peer_addr(&self) -> SocketAddr {
         self.peer_addr
     }
@@ -701,6 +731,7 @@ impl ProgressThread {
             secret: c.secret.as_ref().map(|s| s.as_bytes().to_vec()),
             peer_timeout: c.peer_timeout,
             max_message_size: c.max_message_size,
+            grants: Default::default(),
         }
     }
 

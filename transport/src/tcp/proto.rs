@@ -53,7 +53,13 @@ pub struct ConnConfig {
     pub peer_timeout: Duration,
     /// Largest message accepted or sent.
     pub max_message_size: usize,
+    /// Keys this connection granted (region id → key; see [`crate::Connection::grant`]),
+    /// written by the application's thread, read when a peer's access is checked.
+    pub grants: Grants,
 }
+
+/// A connection's granted keys: region id → key.
+pub type Grants = std::sync::Arc<parking_lot::RwLock<HashMap<u64, u64>>>;
 
 /// Which side opened the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -625,6 +631,16 @@ impl Conn {
         self.room = (messages, bytes);
     }
 
+    /// The key this connection granted for `region`, if any.
+    fn granted(&self, region: u64) -> Option<u64> {
+        self.cfg.grants.read().get(&region).copied()
+    }
+
+    /// This connection's granted keys (shared with the application's handle).
+    pub fn grants(&self) -> &Grants {
+        &self.cfg.grants
+    }
+
     /// Whether reading is stopped because the user side has no room (see
     /// [`Conn::set_inbound_room`]).
     pub fn is_held_for_room(&self) -> bool {
@@ -810,9 +826,11 @@ impl Conn {
                     self.violation(format!("write chunk of {len} bytes exceeds {CHUNK}"));
                     return None;
                 }
-                match regions.check_remote(
+                let granted = self.granted(h.region);
+                match regions.check_remote_granted(
                     h.region,
                     h.key,
+                    granted,
                     Some(RemoteOp::Write),
                     h.offset,
                     len as u64,
@@ -1028,11 +1046,18 @@ impl Conn {
             Ok(l) => l,
             Err(e) => return self.invalid(e),
         };
-        let region =
-            match regions.check_remote(h.region, h.key, Some(RemoteOp::Read), h.offset, len) {
-                Ok(region) => region,
-                Err(e) => return self.reply_error(h.op_id, &e),
-            };
+        let granted = self.granted(h.region);
+        let region = match regions.check_remote_granted(
+            h.region,
+            h.key,
+            granted,
+            Some(RemoteOp::Read),
+            h.offset,
+            len,
+        ) {
+            Ok(region) => region,
+            Err(e) => return self.reply_error(h.op_id, &e),
+        };
         // In bounds of a live region, so both fit in usize.
         let (Ok(base), Ok(len)) = (usize::try_from(h.offset), usize::try_from(len)) else {
             return;
@@ -1277,6 +1302,7 @@ mod tests {
             secret: secret.map(|s| s.as_bytes().to_vec()),
             peer_timeout: Duration::from_secs(2),
             max_message_size: 1024,
+            grants: Grants::default(),
         }
     }
 
