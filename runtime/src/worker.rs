@@ -47,8 +47,7 @@ use candle_core::Tensor;
 use genie_scheduler::dispatch::{DependencyCounters, TaskGraph};
 use genie_scheduler::graph::{Graph, Node, NodeId, OpKind, TensorMeta, TensorRef};
 use genie_transport::{
-    BackendChoice, Connection, Op, Region, RegionAccess, RemoteRegion, Transport, TransportConfig,
-    TransportError,
+    BackendChoice, Connection, Op, Region, RemoteRegion, Transport, TransportConfig, TransportError,
 };
 use parking_lot::{Condvar, Mutex};
 use std::cmp::Reverse;
@@ -867,20 +866,17 @@ impl Worker {
                 }
             }
             let peer = self.peer_name(src);
-            // Least privilege: the sender may only write into its landing region, and only on
-            // its own connection (a private region reached through this connection's grant).
             let region = self
                 .endpoint
-                .alloc_private_region(size as usize, RegionAccess::Write)
+                .alloc_region(size as usize)
                 .map_err(|e| terr(&self.name, e))?;
             let conn = self.peer(src)?;
-            let granted = conn.grant(&region).map_err(|e| terr(&peer, e))?;
             send_msg(
                 &*conn,
                 &peer,
                 &Msg::Regions {
                     run,
-                    region: granted,
+                    region: region.descriptor(),
                 },
                 &[],
             )?;
