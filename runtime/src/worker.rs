@@ -47,7 +47,8 @@ use candle_core::Tensor;
 use genie_scheduler::dispatch::{DependencyCounters, TaskGraph};
 use genie_scheduler::graph::{Graph, Node, NodeId, OpKind, TensorMeta, TensorRef};
 use genie_transport::{
-    BackendChoice, Connection, Op, Region, RemoteRegion, Transport, TransportConfig, TransportError,
+    BackendChoice, Connection, Op, Region, RegionAccess, RemoteRegion, Transport, TransportConfig,
+    TransportError,
 };
 use parking_lot::{Condvar, Mutex};
 use std::cmp::Reverse;
@@ -866,9 +867,10 @@ impl Worker {
                 }
             }
             let peer = self.peer_name(src);
+            // Least privilege: the sending peer only ever writes into its landing region.
             let region = self
                 .endpoint
-                .alloc_region(size as usize)
+                .alloc_region_with(size as usize, RegionAccess::Write)
                 .map_err(|e| terr(&self.name, e))?;
             let conn = self.peer(src)?;
             send_msg(

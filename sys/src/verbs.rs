@@ -1389,10 +1389,11 @@ mod tests {
         out[0]
     }
 
-    /// Two connected RC QP pairs in one PD. A type-2 memory window bound by one pair's target QP
+    /// Connected RC QP pairs in one PD. A type-2 memory window bound by one pair's target QP
     /// works for that pair's requester only: the other pair's requester, presenting the same
     /// rkey, gets a remote access error from the NIC, and so does the registration's own rkey
-    /// (registered `WindowsOnly`). Runs where the soft-RoCE harness set `GENIE_RDMA_DEVICE`.
+    /// (registered `WindowsOnly`), and the rkey of a local-only registration (what message
+    /// buffers are). Runs where the soft-RoCE harness set `GENIE_RDMA_DEVICE`.
     #[test]
     fn memory_windows_bind_to_one_qp() {
         let Ok(dev) = std::env::var("GENIE_RDMA_DEVICE") else {
@@ -1481,6 +1482,22 @@ mod tests {
             "the registration's own rkey"
         );
         assert!(target.mem().read().iter().all(|&b| b == 0), "untouched");
+        // A local-only registration (message buffers): its own rkey grants nothing either.
+        let (mut r3, cq_r3, _t3, _cq_t3) = pair();
+        let local = pd
+            .register_local(Arc::new(SharedBuf::zeroed(4096).unwrap()))
+            .unwrap();
+        let to_local = SendOp::Write {
+            rkey: local.rkey(),
+            remote_addr: local.addr(),
+        };
+        r3.post_send(4, to_local, from(64), true).unwrap();
+        assert_eq!(
+            poll_one(&cq_r3).status,
+            Err(WcError::RemoteAccess),
+            "a local-only registration"
+        );
+        assert!(local.mem().read().iter().all(|&b| b == 0), "untouched");
     }
 
     /// Two RC QPs on one device connected to each other: write, read, write-with-imm, send/recv,

@@ -885,7 +885,7 @@ impl RdmaConn {
             .pd
             .alloc_window()
             .map_err(|e| verbs_io("ibv_alloc_mw", e))?;
-        let (op, done) = Op::with_progress(self.mode, vec![region.clone()], self.driver.clone());
+        let (op, done) = self.ops.op(Some(region.clone()));
         let rkey = {
             let mut st = self.state.lock();
             let deadline = Instant::now() + self.ep.config.peer_timeout;
