@@ -6,11 +6,13 @@
 #   1. cargo fmt --check
 #   2. cargo clippy --workspace --all-targets --all-features -- -D warnings
 #   3. cargo test --workspace (TCP transport on loopback sockets, scheduler, runtime)
-#   4. scripts/test-hostile.sh: hostile drivers, accept starvation, healing (summary line)
-#   5. the dispatcher's loom model-checking tests (cfg loom, own target dir)
-#   6. the RDMA conformance suite on soft-RoCE (scripts/softroce.sh: rxe on the host or in a qemu VM)
+#   4. the RDMA side channel decoder's property tests (rdma feature, no device needed)
+#   5. scripts/test-hostile.sh: hostile drivers, accept starvation, healing, a flood (summary line)
+#   6. the dispatcher's loom model-checking tests (cfg loom, own target dir)
+#   7. the RDMA suite on soft-RoCE (scripts/softroce.sh: rxe on the host or in a qemu VM)
 #
-# Environment: GENIE_SKIP_RDMA=1 skips step 6 (for a quick local loop; CI never sets it).
+# Environment: GENIE_SKIP_RDMA=1 skips step 7 (for a quick local loop; CI never sets it);
+# GENIE_FLOOD_SECS shortens the flood of step 5 (default 60).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
