@@ -908,9 +908,10 @@ impl Worker {
             let local = match self.staging.get(&dst) {
                 Some((local, have)) if *have >= size => local.clone(),
                 _ => {
+                    // Only our own writes read it: no remote access at all.
                     let local = self
                         .endpoint
-                        .alloc_region(size as usize)
+                        .alloc_region_with(size as usize, RegionAccess::Local)
                         .map_err(|e| terr(&self.name, e))?;
                     self.staging.insert(dst, (local.clone(), size));
                     local

@@ -910,7 +910,24 @@ impl RdmaConn {
             st.posted(seq, true, false, Owner::Op(done), region.id());
             rkey
         };
-        op.wait(self.ep.config.peer_timeout)?;
+        // Reap the bind's completion here rather than wait for the completion thread: a bind is
+        // rare and short, and nothing else may be due on this CQ to wake that thread.
+        let mut deadline = SpinDeadline::new(self.ep.config.peer_timeout);
+        loop {
+            if let Some(r) = op.poll() {
+                r?;
+                break;
+            }
+            self.check_alive()?;
+            if deadline.passed() {
+                return Err(TransportError::Timeout {
+                    after: self.ep.config.peer_timeout,
+                });
+            }
+            if !matches!(self.progress(true), Ok(true)) {
+                std::thread::yield_now();
+            }
+        }
         self.grants.lock().insert(
             region.id(),
             Grant {
