@@ -672,6 +672,11 @@ pub fn a_grant_is_valid_only_on_its_connection(make: MakeConfig<'_>) {
         "granted write",
     );
     assert_eq!(crc(&private, 0, 4096), crc(&src, 0, 4096));
+    wait_ok(
+        p.ab.write_notify(&src, 0, &granted, 0, 64, 5).unwrap(),
+        "granted write with a notification",
+    );
+    assert_eq!(p.ba.recv_notification(WAIT).unwrap(), 5);
     let back = p.a.alloc_region(4096).unwrap();
     wait_ok(
         p.ab.read(&back, 0, &granted, 0, 4096).unwrap(),
