@@ -274,10 +274,9 @@ impl Auth {
         Ok(())
     }
 
-    /// A tag over `data` under a key only the two authenticated peers of this connection can
-    /// compute, labelled by `role` (the sender's). `None` without a secret or before the peer is
+    /// The MAC of [`Auth::seal`] before finalising: `None` without a secret or before the peer is
     /// authenticated.
-    pub fn seal(&self, role: Role, data: &[u8]) -> Option<[u8; PROOF_LEN]> {
+    fn seal_mac(&self, role: Role, data: &[u8]) -> Option<HmacSha256> {
         if !self.is_authenticated() {
             return None;
         }
@@ -286,10 +285,17 @@ impl Auth {
         let mut m = <HmacSha256 as Mac>::new_from_slice(&key).ok()?;
         m.update(role.label());
         m.update(data);
-        Some(m.finalize().into_bytes().into())
+        Some(m)
     }
 
-    /// Checks a tag made by the peer with [`Auth::seal`] (`None`: it sent none).
+    /// A tag over `data` under a key only the two authenticated peers of this connection can
+    /// compute, labelled by `role` (the sender's). `None` without a secret or before the peer is
+    /// authenticated.
+    pub fn seal(&self, role: Role, data: &[u8]) -> Option<[u8; PROOF_LEN]> {
+        Some(self.seal_mac(role, data)?.finalize().into_bytes().into())
+    }
+
+    /// Checks a tag made by the peer with [`Auth::seal`] (`None`: it sent none), in constant time.
     pub fn open(&self, data: &[u8], tag: Option<&[u8]>) -> Result<(), AuthError> {
         if !self.is_authenticated() {
             return Err(AuthError::OutOfOrder("sealed data before authentication"));
@@ -299,22 +305,17 @@ impl Auth {
             (false, Some(_)) => Err(AuthError::UnexpectedProof),
             (true, None) => Err(AuthError::MissingProof),
             (true, Some(t)) => {
-                let want = self.seal(self.role.other(), data);
-                // Constant time, as HMAC verification is.
-                match want {
-                    Some(w) if constant_time_eq(&w, t) => Ok(()),
-                    _ => Err(AuthError::BadProof),
+                let ok = self
+                    .seal_mac(self.role.other(), data)
+                    .is_some_and(|m| m.verify_slice(t).is_ok());
+                if ok {
+                    Ok(())
+                } else {
+                    Err(AuthError::BadProof)
                 }
             }
         }
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]

@@ -476,6 +476,18 @@ mod tests {
         }
     }
 
+    /// A server (with a secret) that took the hello of an attacker (fresh nonce, no secret).
+    fn attacked_server() -> Side {
+        let mut s = Side::new(Role::Server, Some("k"), 2, 4096);
+        s.hs.on_frame(&Frame::Hello(crate::auth::Hello {
+            endpoint: 9,
+            nonce: [9; NONCE_LEN],
+            has_secret: true,
+        }))
+        .unwrap();
+        s
+    }
+
     /// The attack on the old handshake: a client without the secret echoes the server's own hello
     /// and reflects whatever the server sends. The server creates nothing and proves nothing.
     #[test]
@@ -504,24 +516,12 @@ mod tests {
         // With a fresh nonce: the server answers with a bare hello and waits for the client's
         // proof; a reflected frame (its own hello, or garbage as a proof) fails and nothing is
         // created.
-        let mut s = Side::new(Role::Server, Some("k"), 2, 4096);
-        s.hs.on_frame(&Frame::Hello(crate::auth::Hello {
-            endpoint: 9,
-            nonce: [9; NONCE_LEN],
-            has_secret: true,
-        }))
-        .unwrap();
+        let mut s = attacked_server();
         let sent = s.drive();
         assert!(matches!(sent[..], [Frame::Hello(_)]), "{sent:?}");
         assert!(s.hs.on_frame(&sent[0]).is_err());
         assert!(s.log.is_empty());
-        let mut s = Side::new(Role::Server, Some("k"), 2, 4096);
-        s.hs.on_frame(&Frame::Hello(crate::auth::Hello {
-            endpoint: 9,
-            nonce: [9; NONCE_LEN],
-            has_secret: true,
-        }))
-        .unwrap();
+        let mut s = attacked_server();
         let _ = s.drive();
         assert!(matches!(
             s.hs.on_frame(&Frame::Proof { mac: Some([0; 32]) }),
