@@ -5,8 +5,8 @@
 //! process. Per run, a worker
 //! 1. takes the graph and placement from the run message, or the ones it keeps under the id the
 //!    message names (see [`cache`](crate::cache)), with the [`ExecPlan`] derived from them,
-//! 2. allocates one landing region per peer that sends to it and tells that peer its
-//!    descriptor (and learns the descriptors of the peers it sends to) — only when a link needs
+//! 2. allocates one private, write-only landing region per peer that sends to it and tells
+//!    that peer a descriptor granted on its connection alone (and learns the descriptors of the peers it sends to) — only when a link needs
 //!    more room than the regions kept from earlier runs,
 //! 3. runs its nodes in dataflow order on its own thread; when no node is ready it waits on the
 //!    sending peers' connections for the next notification and turns the landed tensor into a
@@ -867,18 +867,20 @@ impl Worker {
                 }
             }
             let peer = self.peer_name(src);
-            // Least privilege: the sending peer only ever writes into its landing region.
+            // Least privilege: the sending peer only ever writes into its landing region, and
+            // only over its own connection (a private region, granted to that connection alone).
             let region = self
                 .endpoint
-                .alloc_region_with(size as usize, RegionAccess::Write)
+                .alloc_private_region(size as usize, RegionAccess::Write)
                 .map_err(|e| terr(&self.name, e))?;
             let conn = self.peer(src)?;
+            let granted = conn.grant(&region).map_err(|e| terr(&peer, e))?;
             send_msg(
                 &*conn,
                 &peer,
                 &Msg::Regions {
                     run,
-                    region: region.descriptor(),
+                    region: granted,
                 },
                 &[],
             )?;

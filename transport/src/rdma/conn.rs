@@ -230,6 +230,16 @@ struct Grant {
     _region: Region,
 }
 
+impl Drop for RdmaConn {
+    /// Deallocates the memory windows before the QP they are bound to is destroyed (fields drop
+    /// after this, `state` with its QP first): a bound type-2 window holds a reference to its QP,
+    /// and soft-RoCE's `ibv_destroy_qp` waits in the kernel until that reference is gone (seconds
+    /// per QP), where hardware drivers invalidate the window instead.
+    fn drop(&mut self) {
+        self.grants.get_mut().clear();
+    }
+}
+
 /// A local region this connection cannot use: "region <id> <what>".
 #[cold]
 fn local_error(local: &Region, what: &str) -> TransportError {
