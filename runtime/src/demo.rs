@@ -10,6 +10,7 @@
 //! on (no overlap).
 
 use crate::driver::{Driver, EmbeddedCluster, RunOutput, TransferSample};
+use crate::engine::with_last_logits;
 use crate::error::{Result, RuntimeError};
 use crate::feedback::{calibrate_links, predict_makespan, ComputeCalibration};
 use crate::kernels::CpuKernels;
@@ -20,7 +21,7 @@ use crate::proto::WeightSpec;
 use crate::trace::{summarize, write_chrome_trace, CounterSnapshot, Span};
 use genie_scheduler::builders::{gpt2_decode, gpt2_prefill, Gpt2Config};
 use genie_scheduler::cost::DeviceSpec;
-use genie_scheduler::graph::{Graph, NodeId, OpKind, Semantics, TensorRef};
+use genie_scheduler::graph::{Graph, NodeId, OpKind};
 use genie_scheduler::topology::LinkSpec;
 use genie_scheduler::{OptimizationPlan, Scheduler, Topology};
 use std::path::PathBuf;
@@ -142,28 +143,6 @@ pub fn naive_decode(g: &Graph) -> Placement {
     let mut p = Placement::by_rule(g, |n| usize::from(!is_frontend(g, n.id) && !is_kv(&n.op)));
     p.overlap = false;
     p
-}
-
-/// Appends a node taking the last position of the prefill logits (what generation needs),
-/// returning the graph and that tensor.
-fn with_last_logits(mut g: Graph, seq_len: usize) -> Result<(Graph, TensorRef)> {
-    let logits = *g
-        .outputs
-        .first()
-        .ok_or_else(|| RuntimeError::Plan("graph has no outputs".into()))?;
-    let id = g
-        .add(
-            "last_logits",
-            OpKind::Slice {
-                axis: 1,
-                start: seq_len - 1,
-                end: seq_len,
-            },
-            vec![logits],
-            Semantics::default(),
-        )
-        .map_err(|e| RuntimeError::Scheduler(e.to_string()))?;
-    Ok((g, id.into()))
 }
 
 fn median(v: &mut [f64]) -> f64 {

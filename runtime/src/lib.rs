@@ -53,6 +53,7 @@ pub mod cache;
 pub mod cluster;
 pub mod demo;
 pub mod driver;
+pub mod engine;
 pub mod error;
 pub mod feedback;
 pub mod kernels;

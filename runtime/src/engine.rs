@@ -1,0 +1,906 @@
+//! A serving engine: many concurrent requests over one [`Driver`], for serving stacks to link.
+//!
+//! [`Engine::submit`] takes a [`Request`] (prompt token ids, max new tokens, stop tokens, greedy
+//! or seeded sampling) from any thread and returns a [`RequestHandle`] that streams the tokens
+//! as they are produced; [`Engine::cancel`] (or dropping the handle) ends a request early; each
+//! finished request reports its [`Timings`] (queue, prefill, KV transfer, first token, every
+//! token).
+//!
+//! # How requests run
+//!
+//! One engine thread owns the driver and schedules at iteration level: each round it admits
+//! waiting requests (prefilling one per round, first come first served, so a long queue of
+//! prefills cannot starve running decodes), then runs one decode step of every active sequence.
+//! A request is prefilled on the prefill worker, its KV cache built layer by layer on the decode
+//! worker (streamed as each layer's K and V are produced, as in `genie demo`) and pinned there;
+//! every decode step of it then runs whole on the decode worker. Its KV cache is freed when it
+//! finishes, fails or is cancelled.
+//!
+//! Decode steps of different sequences run one after the other, not yet as one batched forward
+//! pass.
+//!
+//! # Admission
+//!
+//! Every request reserves its whole KV cache (prompt + max new tokens, every layer) from a pool
+//! of [`EngineConfig::kv_pool_bytes`] when it is submitted, and gives it back when it ends. A
+//! request that does not fit the free pool is refused at once with
+//! [`EngineError::KvPoolFull`]: a caller never waits on a full pool and nothing is dropped later.
+//!
+//! # Example
+//!
+//! ```
+//! use std::sync::Arc;
+//! use genie_runtime::driver::{Driver, EmbeddedCluster};
+//! use genie_runtime::engine::{Engine, EngineConfig, Request};
+//! use genie_runtime::kernels::CpuKernels;
+//! use genie_runtime::proto::WeightSpec;
+//! use genie_scheduler::builders::Gpt2Config;
+//!
+//! let cluster = EmbeddedCluster::start(2, Arc::new(CpuKernels::new())).unwrap();
+//! let driver = Driver::connect(&cluster.cluster, WeightSpec::Seeded(7)).unwrap();
+//! let model = Gpt2Config { layers: 2, hidden: 64, heads: 2, vocab: 256, context: 64, ..Gpt2Config::default() };
+//! let engine = Engine::start(driver, EngineConfig::disaggregated(model)).unwrap();
+//! let handle = engine.submit(Request::greedy(vec![1, 2, 3], 4)).unwrap();
+//! let tokens: Vec<i64> = handle.tokens().collect::<Result<_, _>>().unwrap();
+//! assert_eq!(tokens.len(), 4);
+//! let driver = engine.shutdown().unwrap();
+//! cluster.stop(driver).unwrap();
+//! ```
+
+use crate::driver::{Driver, RunOutput};
+use crate::error::RuntimeError;
+use crate::models::{argmax_last, row_i64};
+use crate::plan::Placement;
+use candle_core::Tensor;
+use genie_scheduler::builders::{gpt2_decode, gpt2_prefill, Gpt2Config};
+use genie_scheduler::graph::{Graph, OpKind, Semantics, TensorRef};
+use rand::{Rng, SeedableRng};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How the next token is chosen from a step's logits.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Sampling {
+    /// The most likely token (ties: the lowest id).
+    Greedy,
+    /// Random sampling from a seeded generator: the same request and seed give the same tokens.
+    Seeded {
+        /// Generator seed.
+        seed: u64,
+        /// Logits are divided by this (> 0; 1.0 leaves them as they are).
+        temperature: f32,
+        /// Keep only the `k` most likely tokens (0: all).
+        top_k: usize,
+        /// Keep the smallest set of most likely tokens whose probability reaches `p` (1.0: all).
+        top_p: f32,
+    },
+}
+
+/// One generation request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    /// Prompt token ids (at least one).
+    pub prompt: Vec<i64>,
+    /// Tokens to generate at most (at least one; the first comes from prefill).
+    pub max_new_tokens: usize,
+    /// Generation ends after any of these tokens (which is streamed).
+    pub stop: Vec<i64>,
+    /// How tokens are chosen.
+    pub sampling: Sampling,
+}
+
+impl Request {
+    /// A greedy request without stop tokens.
+    pub fn greedy(prompt: Vec<i64>, max_new_tokens: usize) -> Self {
+        Self {
+            prompt,
+            max_new_tokens,
+            stop: Vec::new(),
+            sampling: Sampling::Greedy,
+        }
+    }
+}
+
+/// Why the engine refused or ended a request.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// The request is malformed (empty prompt, zero tokens, a token outside the vocabulary,
+    /// longer than the model's context, bad sampling parameters).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// Its KV cache does not fit the free part of the pool now; retry when requests finish.
+    #[error("KV pool full: the request needs {need} bytes, {free} of {pool} are free")]
+    KvPoolFull {
+        /// Bytes of KV cache the request needs.
+        need: u64,
+        /// Bytes free now.
+        free: u64,
+        /// The pool's size.
+        pool: u64,
+    },
+    /// A run of this request failed (a worker died, a kernel failed): the runtime's error.
+    #[error("request failed: {0}")]
+    Failed(String),
+    /// The engine shut down (or its thread ended) before the request finished.
+    #[error("the engine is shut down")]
+    ShutDown,
+    /// No token arrived within the caller's timeout (the request goes on).
+    #[error("no token within {0:?}")]
+    Timeout(Duration),
+}
+
+/// Why a request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// It produced `max_new_tokens` tokens.
+    Length,
+    /// It produced one of its stop tokens.
+    Stop,
+    /// It was cancelled.
+    Cancelled,
+}
+
+/// Where a request's time went, each measured by the engine thread.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Timings {
+    /// Submission to the start of its prefill.
+    pub queue: Duration,
+    /// The prefill run (driver wall time, KV streaming included).
+    pub prefill: Duration,
+    /// Busiest link's transfer time during prefill (post to arrival, summed per link): the KV
+    /// cache and activations moving to the decode worker.
+    pub kv_transfer: Duration,
+    /// KV and activation bytes moved between workers during prefill.
+    pub kv_bytes: u64,
+    /// Submission to the first token.
+    pub first_token: Duration,
+    /// Submission to each token (the first included).
+    pub tokens: Vec<Duration>,
+}
+
+/// A request's end: its tokens, why it ended, and its timings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    /// Every generated token.
+    pub tokens: Vec<i64>,
+    /// Why it ended.
+    pub reason: FinishReason,
+    /// Where its time went.
+    pub timings: Timings,
+}
+
+/// What a request's handle receives.
+#[derive(Debug)]
+enum Event {
+    Token(i64),
+    Done(FinishReason, Timings),
+    Failed(EngineError),
+}
+
+/// Engine settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineConfig {
+    /// The model (GPT-2 family).
+    pub model: Gpt2Config,
+    /// Worker index that runs prefills.
+    pub prefill_worker: usize,
+    /// Worker index where KV caches are pinned and decode steps run.
+    pub decode_worker: usize,
+    /// KV pool size in bytes (see the module docs).
+    pub kv_pool_bytes: u64,
+    /// Requests waiting for prefill at most; more are refused with [`EngineError::KvPoolFull`]
+    /// (a bound on what callers can make the engine queue).
+    pub max_waiting: usize,
+}
+
+impl EngineConfig {
+    /// Prefill on worker 0, decode on worker 1, a 256 MiB KV pool.
+    pub fn disaggregated(model: Gpt2Config) -> Self {
+        Self {
+            model,
+            prefill_worker: 0,
+            decode_worker: 1,
+            kv_pool_bytes: 256 << 20,
+            max_waiting: 1024,
+        }
+    }
+
+    /// Bytes of KV cache a sequence of `tokens` positions takes (K and V, every layer, f32).
+    pub fn kv_bytes(&self, tokens: usize) -> u64 {
+        let m = &self.model;
+        2 * (m.layers as u64) * (tokens as u64) * (m.hidden as u64) * 4
+    }
+}
+
+/// A request in flight: read its tokens as they come.
+pub struct RequestHandle {
+    id: u64,
+    rx: mpsc::Receiver<Event>,
+    cmds: mpsc::Sender<Cmd>,
+    ended: bool,
+}
+
+impl std::fmt::Debug for RequestHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestHandle")
+            .field("id", &self.id)
+            .finish()
+    }
+}
+
+/// What [`RequestHandle::next`] returns.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// The next token.
+    Token(i64),
+    /// The request ended.
+    Done(FinishReason, Timings),
+}
+
+impl RequestHandle {
+    /// The request's id (for [`Engine::cancel`]).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Waits up to `timeout` for the next token or the end.
+    pub fn next(&mut self, timeout: Duration) -> Result<Step, EngineError> {
+        if self.ended {
+            return Err(EngineError::InvalidRequest(format!(
+                "request {} already ended",
+                self.id
+            )));
+        }
+        let ev = match self.rx.recv_timeout(timeout) {
+            Ok(ev) => ev,
+            Err(mpsc::RecvTimeoutError::Timeout) => return Err(EngineError::Timeout(timeout)),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                self.ended = true;
+                return Err(EngineError::ShutDown);
+            }
+        };
+        match ev {
+            Event::Token(t) => Ok(Step::Token(t)),
+            Event::Done(r, t) => {
+                self.ended = true;
+                Ok(Step::Done(r, t))
+            }
+            Event::Failed(e) => {
+                self.ended = true;
+                Err(e)
+            }
+        }
+    }
+
+    /// Waits for the end and returns every token with the reason and timings.
+    pub fn wait(mut self) -> Result<Completion, EngineError> {
+        let mut tokens = Vec::new();
+        loop {
+            match self.next(Duration::from_secs(3600))? {
+                Step::Token(t) => tokens.push(t),
+                Step::Done(reason, timings) => {
+                    return Ok(Completion {
+                        tokens,
+                        reason,
+                        timings,
+                    })
+                }
+            }
+        }
+    }
+
+    /// The tokens as an iterator (blocking); ends after the last one, or yields the error that
+    /// ended the request.
+    pub fn tokens(self) -> Tokens {
+        Tokens { h: self }
+    }
+}
+
+impl Drop for RequestHandle {
+    /// A request nobody reads is cancelled: its KV cache goes back to the pool.
+    fn drop(&mut self) {
+        if !self.ended {
+            let _ = self.cmds.send(Cmd::Cancel(self.id));
+        }
+    }
+}
+
+/// Blocking iterator over a request's tokens (see [`RequestHandle::tokens`]).
+#[derive(Debug)]
+pub struct Tokens {
+    h: RequestHandle,
+}
+
+impl Iterator for Tokens {
+    type Item = Result<i64, EngineError>;
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.h.ended {
+            return None;
+        }
+        match self.h.next(Duration::from_secs(3600)) {
+            Ok(Step::Token(t)) => Some(Ok(t)),
+            Ok(Step::Done(..)) => None,
+            Err(e) => Some(Err(e)),
+        }
+    }
+}
+
+enum Cmd {
+    Submit {
+        id: u64,
+        req: Request,
+        reserved: u64,
+        tx: mpsc::Sender<Event>,
+        at: Instant,
+    },
+    Cancel(u64),
+    Shutdown,
+}
+
+/// The pool and the waiting count, shared by submitters and the engine thread.
+#[derive(Debug)]
+struct Pool {
+    free: u64,
+    waiting: usize,
+}
+
+/// A thread-safe serving engine (share it with `Arc`; every method takes `&self`).
+pub struct Engine {
+    cmds: parking_lot::Mutex<mpsc::Sender<Cmd>>,
+    pool: Arc<parking_lot::Mutex<Pool>>,
+    cfg: EngineConfig,
+    next_id: AtomicU64,
+    thread: parking_lot::Mutex<Option<JoinHandle<Driver>>>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("cfg", &self.cfg).finish()
+    }
+}
+
+impl Engine {
+    /// Starts the engine thread on `driver`. Checks that the configured workers exist.
+    pub fn start(driver: Driver, cfg: EngineConfig) -> Result<Self, RuntimeError> {
+        let n = driver.names().len();
+        if cfg.prefill_worker >= n || cfg.decode_worker >= n {
+            return Err(RuntimeError::Plan(format!(
+                "engine: prefill worker {} / decode worker {} outside the cluster of {n}",
+                cfg.prefill_worker, cfg.decode_worker
+            )));
+        }
+        let (tx, rx) = mpsc::channel();
+        let pool = Arc::new(parking_lot::Mutex::new(Pool {
+            free: cfg.kv_pool_bytes,
+            waiting: 0,
+        }));
+        let core = Core {
+            driver,
+            cfg: cfg.clone(),
+            pool: pool.clone(),
+            waiting: VecDeque::new(),
+            active: Vec::new(),
+            cancelled: HashSet::new(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("genie-engine".into())
+            .spawn(move || core.run(rx))
+            .map_err(|e| RuntimeError::Plan(format!("engine: cannot spawn its thread: {e}")))?;
+        Ok(Self {
+            cmds: parking_lot::Mutex::new(tx),
+            pool,
+            cfg,
+            next_id: AtomicU64::new(1),
+            thread: parking_lot::Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Submits a request; its tokens stream through the returned handle.
+    pub fn submit(&self, req: Request) -> Result<RequestHandle, EngineError> {
+        let m = &self.cfg.model;
+        if req.prompt.is_empty() || req.max_new_tokens == 0 {
+            return Err(EngineError::InvalidRequest(
+                "a request needs at least one prompt token and one new token".into(),
+            ));
+        }
+        if let Some(t) = req
+            .prompt
+            .iter()
+            .find(|&&t| t < 0 || t as u64 >= m.vocab as u64)
+        {
+            return Err(EngineError::InvalidRequest(format!(
+                "token {t} is outside the vocabulary of {}",
+                m.vocab
+            )));
+        }
+        let total = req.prompt.len().saturating_add(req.max_new_tokens);
+        if total > m.context {
+            return Err(EngineError::InvalidRequest(format!(
+                "prompt {} + {} new tokens exceed the context of {}",
+                req.prompt.len(),
+                req.max_new_tokens,
+                m.context
+            )));
+        }
+        if let Sampling::Seeded {
+            temperature, top_p, ..
+        } = req.sampling
+        {
+            if !(temperature > 0.0 && temperature.is_finite() && top_p > 0.0 && top_p <= 1.0) {
+                return Err(EngineError::InvalidRequest(format!(
+                    "temperature must be > 0 and top_p in (0, 1], got {temperature} and {top_p}"
+                )));
+            }
+        }
+        // The whole KV cache this request may grow to (the last token is never fed back).
+        let need = self.cfg.kv_bytes(total.saturating_sub(1));
+        {
+            let mut p = self.pool.lock();
+            if need > p.free || p.waiting >= self.cfg.max_waiting {
+                return Err(EngineError::KvPoolFull {
+                    need,
+                    free: p.free,
+                    pool: self.cfg.kv_pool_bytes,
+                });
+            }
+            p.free -= need;
+            p.waiting += 1;
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel();
+        let cmds = self.cmds.lock().clone();
+        let sent = cmds.send(Cmd::Submit {
+            id,
+            req,
+            reserved: need,
+            tx,
+            at: Instant::now(),
+        });
+        if sent.is_err() {
+            let mut p = self.pool.lock();
+            p.free += need;
+            p.waiting -= 1;
+            return Err(EngineError::ShutDown);
+        }
+        Ok(RequestHandle {
+            id,
+            rx,
+            cmds,
+            ended: false,
+        })
+    }
+
+    /// Cancels request `id` (no effect once it ended): its handle gets
+    /// [`FinishReason::Cancelled`] after the tokens already produced, and its KV cache is freed.
+    pub fn cancel(&self, id: u64) {
+        let _ = self.cmds.lock().send(Cmd::Cancel(id));
+    }
+
+    /// Bytes of the KV pool free now.
+    pub fn kv_free(&self) -> u64 {
+        self.pool.lock().free
+    }
+
+    /// Stops the engine: requests still running fail with [`EngineError::ShutDown`]; returns the
+    /// driver (for [`EmbeddedCluster::stop`](crate::driver::EmbeddedCluster::stop)).
+    pub fn shutdown(self) -> Result<Driver, RuntimeError> {
+        let _ = self.cmds.lock().send(Cmd::Shutdown);
+        let thread = self.thread.lock().take();
+        match thread.map(JoinHandle::join) {
+            Some(Ok(driver)) => Ok(driver),
+            _ => Err(RuntimeError::Plan("the engine thread panicked".into())),
+        }
+    }
+}
+
+/// A request between prefill and its end.
+struct Active {
+    id: u64,
+    seq: u64,
+    req: Request,
+    tx: mpsc::Sender<Event>,
+    reserved: u64,
+    at: Instant,
+    tokens: Vec<i64>,
+    timings: Timings,
+    rng: rand_chacha::ChaCha8Rng,
+}
+
+struct Waiting {
+    id: u64,
+    req: Request,
+    reserved: u64,
+    tx: mpsc::Sender<Event>,
+    at: Instant,
+}
+
+/// The engine thread's state.
+struct Core {
+    driver: Driver,
+    cfg: EngineConfig,
+    pool: Arc<parking_lot::Mutex<Pool>>,
+    waiting: VecDeque<Waiting>,
+    active: Vec<Active>,
+    cancelled: HashSet<u64>,
+}
+
+/// How long the engine thread sleeps when it has nothing to do (it wakes on any command).
+const IDLE: Duration = Duration::from_millis(50);
+
+impl Core {
+    fn run(mut self, rx: mpsc::Receiver<Cmd>) -> Driver {
+        loop {
+            let idle = self.waiting.is_empty() && self.active.is_empty();
+            let first = if idle {
+                match rx.recv_timeout(IDLE) {
+                    Ok(c) => Some(c),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                None
+            };
+            let mut stop = false;
+            for cmd in first
+                .into_iter()
+                .chain(std::iter::from_fn(|| rx.try_recv().ok()))
+            {
+                match cmd {
+                    Cmd::Submit {
+                        id,
+                        req,
+                        reserved,
+                        tx,
+                        at,
+                    } => self.waiting.push_back(Waiting {
+                        id,
+                        req,
+                        reserved,
+                        tx,
+                        at,
+                    }),
+                    Cmd::Cancel(id) => {
+                        self.cancelled.insert(id);
+                    }
+                    Cmd::Shutdown => stop = true,
+                }
+            }
+            if stop {
+                break;
+            }
+            self.apply_cancels();
+            if let Some(w) = self.waiting.pop_front() {
+                self.pool.lock().waiting -= 1;
+                self.prefill(w);
+            }
+            let active = std::mem::take(&mut self.active);
+            for a in active {
+                if let Some(a) = self.decode(a) {
+                    self.active.push(a);
+                }
+            }
+        }
+        for w in std::mem::take(&mut self.waiting) {
+            self.release(w.reserved, None);
+            let _ = w.tx.send(Event::Failed(EngineError::ShutDown));
+        }
+        for a in std::mem::take(&mut self.active) {
+            self.release(a.reserved, Some(a.seq));
+            let _ = a.tx.send(Event::Failed(EngineError::ShutDown));
+        }
+        self.driver
+    }
+
+    /// Ends cancelled requests, waiting or active.
+    fn apply_cancels(&mut self) {
+        if self.cancelled.is_empty() {
+            return;
+        }
+        let cancelled = std::mem::take(&mut self.cancelled);
+        let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition(|w| cancelled.contains(&w.id));
+        self.waiting = kept.into();
+        for w in gone {
+            self.pool.lock().waiting -= 1;
+            self.release(w.reserved, None);
+            let _ =
+                w.tx.send(Event::Done(FinishReason::Cancelled, Timings::default()));
+        }
+        let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.active)
+            .into_iter()
+            .partition(|a| cancelled.contains(&a.id));
+        self.active = kept;
+        for a in gone {
+            self.release(a.reserved, Some(a.seq));
+            let _ = a.tx.send(Event::Done(FinishReason::Cancelled, a.timings));
+        }
+    }
+
+    /// Frees a sequence's KV cache (if it had one) and gives its reservation back: called before
+    /// the handle hears of the end, so a caller that saw a request end can count on its bytes.
+    fn release(&mut self, reserved: u64, seq: Option<u64>) {
+        if let Some(seq) = seq {
+            if let Err(e) = self.driver.free_sequence(seq) {
+                tracing::warn!(seq, error = %e, "engine: freeing a KV cache failed");
+            }
+        }
+        self.pool.lock().free += reserved;
+    }
+
+    fn prefill(&mut self, w: Waiting) {
+        let started = Instant::now();
+        let seed = match w.req.sampling {
+            Sampling::Seeded { seed, .. } => seed,
+            Sampling::Greedy => 0,
+        };
+        let mut a = Active {
+            id: w.id,
+            seq: w.id,
+            tx: w.tx,
+            reserved: w.reserved,
+            at: w.at,
+            tokens: Vec::new(),
+            timings: Timings {
+                queue: started.duration_since(w.at),
+                ..Timings::default()
+            },
+            rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed),
+            req: w.req,
+        };
+        match self.run_prefill(&a) {
+            Ok((out, logits)) => {
+                a.timings.prefill = out.wall;
+                a.timings.kv_bytes = out.counters.bytes_moved;
+                a.timings.kv_transfer = busiest_link(&out);
+                if let Some(a) = self.emit(a, &logits) {
+                    self.active.push(a);
+                }
+            }
+            Err(e) => self.fail(a, e),
+        }
+    }
+
+    fn run_prefill(&mut self, a: &Active) -> Result<(RunOutput, Tensor), RuntimeError> {
+        let s = a.req.prompt.len();
+        let (g, last) = with_last_logits(gpt2_prefill(&self.cfg.model, s).map_err(sched)?, s)?;
+        let (pw, dw) = (self.cfg.prefill_worker, self.cfg.decode_worker);
+        let place = Placement::by_rule(&g, |n| {
+            if matches!(n.op, OpKind::KvCacheAppend) {
+                dw
+            } else {
+                pw
+            }
+        });
+        let out = self.driver.run(
+            &g,
+            &place,
+            &[
+                ("input_ids", row_i64(a.req.prompt.clone())?),
+                ("position_ids", row_i64((0..s as i64).collect())?),
+            ],
+            &[last],
+            a.seq,
+        )?;
+        let logits = out
+            .outputs
+            .first()
+            .cloned()
+            .ok_or_else(|| RuntimeError::Plan("prefill returned nothing".into()))?;
+        Ok((out, logits))
+    }
+
+    /// One decode step of `a`; `None` when it ended.
+    fn decode(&mut self, a: Active) -> Option<Active> {
+        match self.run_decode(&a) {
+            Ok(logits) => self.emit(a, &logits),
+            Err(e) => {
+                self.fail(a, e);
+                None
+            }
+        }
+    }
+
+    fn run_decode(&mut self, a: &Active) -> Result<Tensor, RuntimeError> {
+        let l = a.req.prompt.len() + a.tokens.len() - 1;
+        let g = gpt2_decode(&self.cfg.model, l).map_err(sched)?;
+        let dw = self.cfg.decode_worker;
+        let place = Placement::by_rule(&g, |_| dw);
+        let tok = a.tokens.last().copied().unwrap_or(0);
+        let logits = *g
+            .outputs
+            .first()
+            .ok_or_else(|| RuntimeError::Plan("decode graph has no outputs".into()))?;
+        let out = self.driver.run(
+            &g,
+            &place,
+            &[
+                ("input_ids", row_i64(vec![tok])?),
+                ("position_ids", row_i64(vec![l as i64])?),
+            ],
+            &[logits],
+            a.seq,
+        )?;
+        out.outputs
+            .into_iter()
+            .next()
+            .ok_or_else(|| RuntimeError::Plan("decode returned nothing".into()))
+    }
+
+    /// Chooses and streams the next token of `a`; ends it when done.
+    fn emit(&mut self, mut a: Active, logits: &Tensor) -> Option<Active> {
+        let tok = match next_token(logits, a.req.sampling, &mut a.rng) {
+            Ok(t) => t,
+            Err(e) => {
+                self.fail(a, e);
+                return None;
+            }
+        };
+        let since = a.at.elapsed();
+        if a.tokens.is_empty() {
+            a.timings.first_token = since;
+        }
+        a.timings.tokens.push(since);
+        a.tokens.push(tok);
+        if a.tx.send(Event::Token(tok)).is_err() {
+            // Nobody reads it: as cancelled.
+            self.release(a.reserved, Some(a.seq));
+            return None;
+        }
+        let reason = if a.req.stop.contains(&tok) {
+            Some(FinishReason::Stop)
+        } else if a.tokens.len() >= a.req.max_new_tokens {
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        match reason {
+            Some(r) => {
+                let timings = std::mem::take(&mut a.timings);
+                self.release(a.reserved, Some(a.seq));
+                let _ = a.tx.send(Event::Done(r, timings));
+                None
+            }
+            None => Some(a),
+        }
+    }
+
+    fn fail(&mut self, a: Active, e: RuntimeError) {
+        tracing::warn!(request = a.id, error = %e, "engine: request failed");
+        self.release(a.reserved, Some(a.seq));
+        let _ = a.tx.send(Event::Failed(EngineError::Failed(e.to_string())));
+    }
+}
+
+/// The slowest link's summed transfer time of a run.
+fn busiest_link(out: &RunOutput) -> Duration {
+    let mut per: HashMap<(usize, usize), f64> = HashMap::new();
+    for t in &out.transfers {
+        *per.entry((t.src, t.dst)).or_default() += t.seconds;
+    }
+    Duration::from_secs_f64(per.values().copied().fold(0.0, f64::max))
+}
+
+fn sched(e: genie_scheduler::Error) -> RuntimeError {
+    RuntimeError::Scheduler(e.to_string())
+}
+
+/// Appends a node taking the last position of the prefill logits (all generation needs),
+/// returning the graph and that tensor.
+pub(crate) fn with_last_logits(
+    mut g: Graph,
+    seq_len: usize,
+) -> Result<(Graph, TensorRef), RuntimeError> {
+    let logits = *g
+        .outputs
+        .first()
+        .ok_or_else(|| RuntimeError::Plan("graph has no outputs".into()))?;
+    let id = g
+        .add(
+            "last_logits",
+            OpKind::Slice {
+                axis: 1,
+                start: seq_len.saturating_sub(1),
+                end: seq_len,
+            },
+            vec![logits],
+            Semantics::default(),
+        )
+        .map_err(|e| RuntimeError::Scheduler(e.to_string()))?;
+    Ok((g, id.into()))
+}
+
+/// The next token from the last row of `logits` under `sampling`.
+fn next_token(
+    logits: &Tensor,
+    sampling: Sampling,
+    rng: &mut rand_chacha::ChaCha8Rng,
+) -> Result<i64, RuntimeError> {
+    let Sampling::Seeded {
+        temperature,
+        top_k,
+        top_p,
+        ..
+    } = sampling
+    else {
+        return argmax_last(logits);
+    };
+    let v = logits.dim(candle_core::D::Minus1).map_err(kernel_err)?;
+    let flat: Vec<f32> = logits
+        .flatten_all()
+        .and_then(|t| t.to_vec1())
+        .map_err(kernel_err)?;
+    let last = flat.get(flat.len().saturating_sub(v)..).unwrap_or(&[]);
+    Ok(sample(last, temperature, top_k, top_p, rng.random::<f64>()) as i64)
+}
+
+fn kernel_err(source: candle_core::Error) -> RuntimeError {
+    RuntimeError::Kernel {
+        node: "<sampling>".into(),
+        source,
+    }
+}
+
+/// Index drawn from `logits / temperature` restricted to the top `top_k` (0: all) and then to
+/// the smallest prefix reaching probability `top_p`, with `u` uniform in `[0, 1)`.
+fn sample(logits: &[f32], temperature: f32, top_k: usize, top_p: f32, u: f64) -> usize {
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    // Most likely first; ties by lower id, so the order (and the draw) is deterministic.
+    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    if top_k > 0 {
+        idx.truncate(top_k);
+    }
+    let Some(&best) = idx.first() else {
+        return 0;
+    };
+    let max = f64::from(logits[best]);
+    let t = f64::from(temperature);
+    let weights: Vec<f64> = idx
+        .iter()
+        .map(|&i| ((f64::from(logits[i]) - max) / t).exp())
+        .collect();
+    let total: f64 = weights.iter().sum();
+    let mut keep = 0;
+    let mut mass = 0.0;
+    for w in &weights {
+        keep += 1;
+        mass += w / total;
+        if mass >= f64::from(top_p) {
+            break;
+        }
+    }
+    let kept: f64 = weights[..keep].iter().sum();
+    let mut x = u * kept;
+    for (k, w) in weights[..keep].iter().enumerate() {
+        if x < *w {
+            return idx[k];
+        }
+        x -= w;
+    }
+    idx[keep - 1]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sample;
+
+    #[test]
+    fn sampling_respects_top_k_and_top_p() {
+        let logits = [0.0f32, 5.0, 4.9, -3.0];
+        // top_k = 1 is greedy whatever the draw.
+        for u in [0.0, 0.5, 0.999] {
+            assert_eq!(sample(&logits, 1.0, 1, 1.0, u), 1);
+        }
+        // top_p small: only the most likely token.
+        assert_eq!(sample(&logits, 1.0, 0, 0.1, 0.99), 1);
+        // top_k = 2: the draw lands on token 1 or 2 only, by its position.
+        assert_eq!(sample(&logits, 1.0, 2, 1.0, 0.0), 1);
+        assert_eq!(sample(&logits, 1.0, 2, 1.0, 0.999), 2);
+        // Very low temperature concentrates on the best.
+        assert_eq!(sample(&logits, 1e-3, 0, 1.0, 0.999), 1);
+    }
+}

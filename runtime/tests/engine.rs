@@ -1,0 +1,236 @@
+//! The serving engine on an embedded two-worker cluster (prefill on w0, decode on w1, TCP on
+//! loopback): many concurrent requests equal serving each alone, cancellation and KV-pool
+//! admission, invalid requests, shutdown.
+
+use genie_runtime::driver::{Driver, EmbeddedCluster};
+use genie_runtime::engine::{
+    Engine, EngineConfig, EngineError, FinishReason, Request, Sampling, Step,
+};
+use genie_runtime::kernels::CpuKernels;
+use genie_runtime::models::{generate, prompt};
+use genie_runtime::plan::Placement;
+use genie_runtime::proto::WeightSpec;
+use genie_scheduler::builders::Gpt2Config;
+use genie_scheduler::graph::OpKind;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn cfg() -> Gpt2Config {
+    Gpt2Config {
+        layers: 2,
+        hidden: 64,
+        heads: 2,
+        vocab: 256,
+        context: 64,
+        ..Gpt2Config::default()
+    }
+}
+
+fn start() -> (EmbeddedCluster, Driver) {
+    let cluster = EmbeddedCluster::start(2, Arc::new(CpuKernels::new())).unwrap();
+    let driver = Driver::connect(&cluster.cluster, WeightSpec::Seeded(11)).unwrap();
+    (cluster, driver)
+}
+
+/// Prompt `i` of the workload: lengths 3 … 13, distinct contents.
+fn prompt_of(i: usize) -> Vec<i64> {
+    prompt(3 + 2 * i, 256)
+        .iter()
+        .map(|t| (t + i as i64 * 31) % 256)
+        .collect()
+}
+
+const WAIT: Duration = Duration::from_secs(60);
+
+#[test]
+fn concurrent_requests_equal_each_served_alone() {
+    let (cluster, mut driver) = start();
+    let model = cfg();
+    // The reference: each prompt generated alone through the plain generation loop, with the
+    // engine's placements (prefill on w0 building the KV caches on w1, decode whole on w1).
+    let n = 6;
+    let steps = |i: usize| 4 + i % 3;
+    let mut reference = Vec::new();
+    for i in 0..n {
+        let gen = generate(
+            &mut driver,
+            &model,
+            &prompt_of(i),
+            steps(i) - 1,
+            1000 + i as u64,
+            |g| {
+                Ok(Placement::by_rule(g, |n| {
+                    usize::from(matches!(n.op, OpKind::KvCacheAppend))
+                }))
+            },
+            |g| Ok(Placement::by_rule(g, |_| 1)),
+        )
+        .unwrap();
+        driver.free_sequence(1000 + i as u64).unwrap();
+        reference.push(gen.tokens);
+    }
+    let engine = Engine::start(driver, EngineConfig::disaggregated(model)).unwrap();
+    // Alone, one after the other.
+    for (i, want) in reference.iter().enumerate() {
+        let done = engine
+            .submit(Request::greedy(prompt_of(i), steps(i)))
+            .unwrap()
+            .wait()
+            .unwrap();
+        assert_eq!(&done.tokens, want, "request {i} alone");
+        assert_eq!(done.reason, FinishReason::Length);
+        assert_eq!(done.timings.tokens.len(), steps(i));
+        assert!(done.timings.kv_bytes > 0, "prefill moved no KV to w1");
+    }
+    // All at once, each from its own thread, twice over.
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2 * n)
+            .map(|k| {
+                let engine = &engine;
+                let i = k % n;
+                s.spawn(move || {
+                    let h = engine
+                        .submit(Request::greedy(prompt_of(i), steps(i)))
+                        .unwrap();
+                    (i, h.tokens().collect::<Result<Vec<_>, _>>().unwrap())
+                })
+            })
+            .collect();
+        for h in handles {
+            let (i, tokens) = h.join().unwrap();
+            assert_eq!(tokens, reference[i], "request {i} under concurrency");
+        }
+    });
+    assert_eq!(
+        engine.kv_free(),
+        EngineConfig::disaggregated(cfg()).kv_pool_bytes
+    );
+    cluster.stop(engine.shutdown().unwrap()).unwrap();
+}
+
+#[test]
+fn stop_tokens_and_seeded_sampling() {
+    let (cluster, driver) = start();
+    let engine = Engine::start(driver, EngineConfig::disaggregated(cfg())).unwrap();
+    let greedy = engine
+        .submit(Request::greedy(prompt_of(1), 6))
+        .unwrap()
+        .wait()
+        .unwrap();
+    // Stopping at the third greedy token streams exactly three.
+    let stop = greedy.tokens[2];
+    let first = greedy.tokens.iter().position(|&t| t == stop).unwrap();
+    let stopped = engine
+        .submit(Request {
+            stop: vec![stop],
+            ..Request::greedy(prompt_of(1), 6)
+        })
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert_eq!(stopped.tokens, greedy.tokens[..=first]);
+    assert_eq!(stopped.reason, FinishReason::Stop);
+    // Seeded sampling: the same seed gives the same tokens.
+    let seeded = |seed| Request {
+        sampling: Sampling::Seeded {
+            seed,
+            temperature: 1.0,
+            top_k: 50,
+            top_p: 0.9,
+        },
+        ..Request::greedy(prompt_of(2), 8)
+    };
+    let a = engine.submit(seeded(5)).unwrap().wait().unwrap();
+    let b = engine.submit(seeded(5)).unwrap().wait().unwrap();
+    assert_eq!(a.tokens, b.tokens);
+    assert!(a.tokens.iter().all(|&t| (0..256).contains(&t)));
+    cluster.stop(engine.shutdown().unwrap()).unwrap();
+}
+
+#[test]
+fn a_full_kv_pool_refuses_and_cancel_frees_it() {
+    let (cluster, driver) = start();
+    let mut config = EngineConfig::disaggregated(cfg());
+    // Room for one request of 4 + 40 tokens, not two.
+    config.kv_pool_bytes = config.kv_bytes(50);
+    let pool = config.kv_pool_bytes;
+    let engine = Engine::start(driver, config).unwrap();
+    let mut long = engine.submit(Request::greedy(prompt_of(0), 40)).unwrap();
+    assert!(matches!(long.next(WAIT).unwrap(), Step::Token(_)));
+    let refused = engine
+        .submit(Request::greedy(prompt_of(1), 20))
+        .unwrap_err();
+    assert!(
+        matches!(refused, EngineError::KvPoolFull { pool: p, .. } if p == pool),
+        "{refused:?}"
+    );
+    engine.cancel(long.id());
+    let end = loop {
+        match long.next(WAIT).unwrap() {
+            Step::Token(_) => continue,
+            Step::Done(reason, _) => break reason,
+        }
+    };
+    assert_eq!(end, FinishReason::Cancelled);
+    let deadline = Instant::now() + WAIT;
+    while engine.kv_free() != pool {
+        assert!(
+            Instant::now() < deadline,
+            "the pool did not get its bytes back"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // A dropped handle cancels too.
+    drop(engine.submit(Request::greedy(prompt_of(0), 40)).unwrap());
+    let deadline = Instant::now() + WAIT;
+    while engine.kv_free() != pool {
+        assert!(Instant::now() < deadline, "a dropped request kept its KV");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let done = engine
+        .submit(Request::greedy(prompt_of(1), 20))
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert_eq!(done.tokens.len(), 20);
+    cluster.stop(engine.shutdown().unwrap()).unwrap();
+}
+
+#[test]
+fn invalid_requests_are_refused_and_shutdown_ends_the_rest() {
+    let (cluster, driver) = start();
+    let engine = Engine::start(driver, EngineConfig::disaggregated(cfg())).unwrap();
+    for bad in [
+        Request::greedy(vec![], 4),
+        Request::greedy(vec![1], 0),
+        Request::greedy(vec![1, 256], 4),
+        Request::greedy(vec![-1], 4),
+        Request::greedy(vec![1; 60], 10),
+        Request {
+            sampling: Sampling::Seeded {
+                seed: 1,
+                temperature: 0.0,
+                top_k: 0,
+                top_p: 1.0,
+            },
+            ..Request::greedy(vec![1], 4)
+        },
+    ] {
+        let e = engine.submit(bad.clone()).unwrap_err();
+        assert!(
+            matches!(e, EngineError::InvalidRequest(_)),
+            "{bad:?}: {e:?}"
+        );
+    }
+    let mut h = engine.submit(Request::greedy(prompt_of(0), 50)).unwrap();
+    assert!(matches!(h.next(WAIT).unwrap(), Step::Token(_)));
+    let driver = engine.shutdown().unwrap();
+    let end = loop {
+        match h.next(WAIT) {
+            Ok(Step::Token(_)) => continue,
+            other => break other,
+        }
+    };
+    assert_eq!(end, Err(EngineError::ShutDown));
+    cluster.stop(driver).unwrap();
+}
