@@ -1,0 +1,423 @@
+//! Serving benchmark: disaggregated prefill/decode against co-located serving, same requests,
+//! same kernels, same number of workers.
+//!
+//! ```text
+//! cargo run --release -p genie-benches --bin serve-bench [-- --rates 4,8,16 --requests 24]
+//! ```
+//!
+//! * **disaggregated**: one embedded cluster of 2 workers and one [`Engine`]: prefill on w0, KV
+//!   caches streamed to w1 and pinned there, decode on w1.
+//! * **co-located**: two single-worker clusters, each with its own engine serving whole
+//!   requests (a waiting prefill runs before that worker's next decode steps); requests go to
+//!   them in turn.
+//!
+//! A seeded workload (Poisson arrivals; 70 % short prompts, 30 % long ones, so prefills
+//! interfere with decodes; uniform output lengths) runs at each rate against both. SLOs come
+//! from unloaded latencies measured first: TTFT ≤ 5× the unloaded TTFT of a long prompt, TPOT
+//! ≤ 3× the unloaded TPOT. Goodput = requests meeting both per second of the run. A sample of
+//! requests is checked against its tokens when served alone. Last line:
+//! `serve goodput_ratio_vs_colocated=<g> tpot_p99_ratio_vs_colocated=<t> batch8_decode_speedup=<s> requests=<n> failed=<f>`
+//! (`g` and `t` at the highest rate where co-located goodput is above zero; `s` decode tokens/s
+//! with 8 active sequences over 1).
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use genie_runtime::driver::{Driver, EmbeddedCluster};
+use genie_runtime::engine::{Completion, Engine, EngineConfig, Request};
+use genie_runtime::kernels::CpuKernels;
+use genie_runtime::proto::WeightSpec;
+use genie_scheduler::builders::Gpt2Config;
+use rand::{Rng, SeedableRng};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Parser, Debug)]
+#[command(about = "Disaggregated vs co-located serving on embedded clusters")]
+struct Args {
+    /// Arrival rates to sweep, requests per second.
+    #[arg(long, value_delimiter = ',', default_value = "4,8,16")]
+    rates: Vec<f64>,
+    /// Requests per rate.
+    #[arg(long, default_value_t = 24)]
+    requests: usize,
+    /// Model: gpt2-small (4 layers × 128) or gpt2-124m.
+    #[arg(long, default_value = "gpt2-small")]
+    model: String,
+    /// Short prompts: lengths drawn uniformly from this range.
+    #[arg(long, default_value = "8-32")]
+    short: String,
+    /// Long prompts: lengths drawn uniformly from this range.
+    #[arg(long, default_value = "256-384")]
+    long: String,
+    /// Share of long prompts.
+    #[arg(long, default_value_t = 0.3)]
+    long_share: f64,
+    /// Output lengths drawn uniformly from this range.
+    #[arg(long, default_value = "16-48")]
+    output: String,
+    /// Workload seed.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+}
+
+fn range(s: &str) -> Result<(usize, usize)> {
+    let (a, b) = s
+        .split_once('-')
+        .with_context(|| format!("`{s}`: expected LOW-HIGH"))?;
+    let (a, b): (usize, usize) = (a.trim().parse()?, b.trim().parse()?);
+    if a == 0 || b < a {
+        bail!("`{s}`: expected 1 <= LOW <= HIGH");
+    }
+    Ok((a, b))
+}
+
+/// One request of the workload: when it arrives (from the start of the run) and what it asks.
+#[derive(Clone)]
+struct Arrival {
+    at: Duration,
+    req: Request,
+}
+
+fn workload(args: &Args, rate: f64, vocab: usize) -> Result<Vec<Arrival>> {
+    let (short, long, out) = (
+        range(&args.short)?,
+        range(&args.long)?,
+        range(&args.output)?,
+    );
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(args.seed ^ rate.to_bits());
+    let mut t = 0.0f64;
+    let mut v = Vec::with_capacity(args.requests);
+    for _ in 0..args.requests {
+        // Exponential inter-arrival times: a Poisson process at `rate`.
+        let u: f64 = rng.random::<f64>().max(1e-12);
+        t += -u.ln() / rate;
+        let (lo, hi) = if rng.random::<f64>() < args.long_share {
+            long
+        } else {
+            short
+        };
+        let len = rng.random_range(lo..=hi);
+        let prompt = (0..len)
+            .map(|_| rng.random_range(0..vocab as i64))
+            .collect();
+        let n = rng.random_range(out.0..=out.1);
+        v.push(Arrival {
+            at: Duration::from_secs_f64(t),
+            req: Request::greedy(prompt, n),
+        });
+    }
+    Ok(v)
+}
+
+/// Engines of one serving mode; requests go to them in turn.
+struct Mode {
+    name: &'static str,
+    engines: Vec<Engine>,
+    clusters: Vec<EmbeddedCluster>,
+}
+
+impl Mode {
+    fn disaggregated(model: &Gpt2Config) -> Result<Self> {
+        let c = EmbeddedCluster::start(2, Arc::new(CpuKernels::new()))?;
+        let d = Driver::connect(&c.cluster, WeightSpec::Seeded(1))?;
+        let mut cfg = EngineConfig::disaggregated(model.clone());
+        cfg.kv_pool_bytes = 4 << 30;
+        Ok(Self {
+            name: "disaggregated",
+            engines: vec![Engine::start(d, cfg)?],
+            clusters: vec![c],
+        })
+    }
+
+    fn colocated(model: &Gpt2Config) -> Result<Self> {
+        let mut engines = Vec::new();
+        let mut clusters = Vec::new();
+        for _ in 0..2 {
+            let c = EmbeddedCluster::start(1, Arc::new(CpuKernels::new()))?;
+            let d = Driver::connect(&c.cluster, WeightSpec::Seeded(1))?;
+            let mut cfg = EngineConfig::disaggregated(model.clone());
+            cfg.decode_worker = 0;
+            cfg.kv_pool_bytes = 2 << 30;
+            engines.push(Engine::start(d, cfg)?);
+            clusters.push(c);
+        }
+        Ok(Self {
+            name: "co-located",
+            engines,
+            clusters,
+        })
+    }
+
+    fn stop(self) -> Result<()> {
+        for (e, c) in self.engines.into_iter().zip(self.clusters) {
+            c.stop(e.shutdown()?)?;
+        }
+        Ok(())
+    }
+
+    /// Serves `work` with its arrival times; one result per request, in order.
+    fn serve(&self, work: &[Arrival]) -> (Vec<Result<Completion, String>>, Duration) {
+        let start = Instant::now();
+        let results = std::thread::scope(|s| {
+            let threads: Vec<_> = work
+                .iter()
+                .enumerate()
+                .map(|(i, a)| {
+                    let engine = &self.engines[i % self.engines.len()];
+                    s.spawn(move || {
+                        let wait = a.at.saturating_sub(start.elapsed());
+                        std::thread::sleep(wait);
+                        engine
+                            .submit(a.req.clone())
+                            .map_err(|e| e.to_string())
+                            .and_then(|h| h.wait().map_err(|e| e.to_string()))
+                    })
+                })
+                .collect();
+            threads
+                .into_iter()
+                .map(|t| {
+                    t.join()
+                        .unwrap_or_else(|_| Err("request thread panicked".into()))
+                })
+                .collect()
+        });
+        (results, start.elapsed())
+    }
+}
+
+fn tpot(c: &Completion) -> Option<Duration> {
+    let t = &c.timings.tokens;
+    if t.len() < 2 {
+        return None;
+    }
+    Some((t[t.len() - 1] - t[0]) / (t.len() as u32 - 1))
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i.min(v.len() - 1)]
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Figures {
+    ttft_p50: f64,
+    ttft_p99: f64,
+    tpot_p50: f64,
+    tpot_p99: f64,
+    tokens_per_s: f64,
+    goodput: f64,
+    failed: usize,
+}
+
+fn figures(
+    results: &[Result<Completion, String>],
+    wall: Duration,
+    ttft_slo: f64,
+    tpot_slo: f64,
+) -> Figures {
+    let ok: Vec<&Completion> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+    let mut ttft: Vec<f64> = ok
+        .iter()
+        .map(|c| c.timings.first_token.as_secs_f64() * 1e3)
+        .collect();
+    let mut tp: Vec<f64> = ok
+        .iter()
+        .filter_map(|c| tpot(c))
+        .map(|d| d.as_secs_f64() * 1e3)
+        .collect();
+    let tokens: usize = ok.iter().map(|c| c.tokens.len()).sum();
+    let good = ok
+        .iter()
+        .filter(|c| {
+            c.timings.first_token.as_secs_f64() * 1e3 <= ttft_slo
+                && tpot(c).map_or(true, |d| d.as_secs_f64() * 1e3 <= tpot_slo)
+        })
+        .count();
+    let secs = wall.as_secs_f64().max(1e-9);
+    Figures {
+        ttft_p50: pct(&mut ttft, 0.5),
+        ttft_p99: pct(&mut ttft, 0.99),
+        tpot_p50: pct(&mut tp, 0.5),
+        tpot_p99: pct(&mut tp, 0.99),
+        tokens_per_s: tokens as f64 / secs,
+        goodput: good as f64 / secs,
+        failed: results.len() - ok.len(),
+    }
+}
+
+/// Decode tokens/s of one engine with `n` sequences decoding at once (short prompts).
+fn decode_rate(mode: &Mode, n: usize, steps: usize) -> Result<f64> {
+    let work: Vec<Arrival> = (0..n)
+        .map(|i| Arrival {
+            at: Duration::ZERO,
+            req: Request::greedy(vec![(i as i64 * 13) % 97 + 1; 8], steps),
+        })
+        .collect();
+    let engine = &mode.engines[0];
+    let start = Instant::now();
+    let done: Vec<Completion> = std::thread::scope(|s| {
+        let t: Vec<_> = work
+            .iter()
+            .map(|a| s.spawn(move || engine.submit(a.req.clone()).map(|h| h.wait())))
+            .collect();
+        t.into_iter()
+            .map(|t| match t.join() {
+                Ok(Ok(Ok(c))) => Ok(c),
+                _ => Err(anyhow::anyhow!("a decode-rate request failed")),
+            })
+            .collect::<Result<_>>()
+    })?;
+    let tokens: usize = done.iter().map(|c| c.tokens.len() - 1).sum();
+    let last_first = done
+        .iter()
+        .map(|c| c.timings.first_token)
+        .max()
+        .unwrap_or_default();
+    let decode_time = start.elapsed().saturating_sub(last_first).as_secs_f64();
+    Ok(tokens as f64 / decode_time.max(1e-9))
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let model = genie_runtime::demo::model_config(&args.model)?;
+    if args.rates.is_empty() || args.rates.iter().any(|r| r.is_nan() || *r <= 0.0) {
+        bail!("--rates: positive requests per second expected");
+    }
+    let (_, long_hi) = range(&args.long)?;
+    let (_, out_hi) = range(&args.output)?;
+    if long_hi + out_hi > model.context {
+        bail!(
+            "long prompts + outputs ({}) exceed the model's context ({})",
+            long_hi + out_hi,
+            model.context
+        );
+    }
+    println!(
+        "serve-bench: model {} ({} layers × {}), {} requests per rate, rates {:?} req/s, prompts short {} / long {} ({}% long), outputs {}",
+        args.model,
+        model.layers,
+        model.hidden,
+        args.requests,
+        args.rates,
+        args.short,
+        args.long,
+        (args.long_share * 100.0).round(),
+        args.output
+    );
+    let disagg = Mode::disaggregated(&model)?;
+    let coloc = Mode::colocated(&model)?;
+
+    // Unloaded latencies: a long prompt alone, on the disaggregated engine.
+    let probe = workload(&args, 1.0, model.vocab)?;
+    let long = probe
+        .iter()
+        .max_by_key(|a| a.req.prompt.len())
+        .context("empty workload")?
+        .clone();
+    // Warm both modes up first (graphs sent, weights materialised, caches filled).
+    for mode in [&disagg, &coloc] {
+        for _ in 0..mode.engines.len() {
+            let (r, _) = mode.serve(&[Arrival {
+                at: Duration::ZERO,
+                ..long.clone()
+            }]);
+            r.into_iter()
+                .next()
+                .context("no result")?
+                .map_err(anyhow::Error::msg)?;
+        }
+    }
+    let (alone, _) = disagg.serve(&[Arrival {
+        at: Duration::ZERO,
+        ..long.clone()
+    }]);
+    let alone = alone
+        .into_iter()
+        .next()
+        .context("no result")?
+        .map_err(anyhow::Error::msg)?;
+    let ttft0 = alone.timings.first_token.as_secs_f64() * 1e3;
+    let tpot0 = tpot(&alone).map_or(0.0, |d| d.as_secs_f64() * 1e3);
+    let (ttft_slo, tpot_slo) = (5.0 * ttft0, 3.0 * tpot0);
+    println!(
+        "unloaded: TTFT {ttft0:.1} ms (prompt {}), TPOT {tpot0:.2} ms; SLOs: TTFT <= {ttft_slo:.1} ms, TPOT <= {tpot_slo:.2} ms",
+        long.req.prompt.len()
+    );
+
+    // Decode scaling with concurrent sequences.
+    let r1 = decode_rate(&disagg, 1, 16)?;
+    let r8 = decode_rate(&disagg, 8, 16)?;
+    let batch8 = r8 / r1;
+    println!("decode: {r1:.1} tokens/s with 1 sequence, {r8:.1} with 8 ({batch8:.2}x)");
+
+    println!(
+        "{:>6} {:>14} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6}",
+        "rate",
+        "mode",
+        "ttft_p50",
+        "ttft_p99",
+        "tpot_p50",
+        "tpot_p99",
+        "tok/s",
+        "goodput",
+        "failed"
+    );
+    let mut last_pair: Option<(Figures, Figures)> = None;
+    let mut total = 0;
+    let mut failed = 0;
+    let mut mismatched = 0;
+    for &rate in &args.rates {
+        let work = workload(&args, rate, model.vocab)?;
+        let mut pair = Vec::new();
+        for mode in [&disagg, &coloc] {
+            let (results, wall) = mode.serve(&work);
+            // Correctness under load: the first requests equal themselves served alone.
+            for (a, r) in work.iter().zip(&results).take(3) {
+                let (alone, _) = mode.serve(&[Arrival {
+                    at: Duration::ZERO,
+                    req: a.req.clone(),
+                }]);
+                match (r, alone.first()) {
+                    (Ok(c), Some(Ok(x))) if c.tokens == x.tokens => {}
+                    _ => mismatched += 1,
+                }
+            }
+            let f = figures(&results, wall, ttft_slo, tpot_slo);
+            total += results.len();
+            failed += f.failed;
+            println!(
+                "{rate:>6.2} {:>14} {:>9.1} {:>9.1} {:>9.2} {:>9.2} {:>9.1} {:>9.2} {:>6}",
+                mode.name,
+                f.ttft_p50,
+                f.ttft_p99,
+                f.tpot_p50,
+                f.tpot_p99,
+                f.tokens_per_s,
+                f.goodput,
+                f.failed
+            );
+            pair.push(f);
+        }
+        if pair[1].goodput > 0.0 {
+            last_pair = Some((pair[0], pair[1]));
+        }
+    }
+    disagg.stop()?;
+    coloc.stop()?;
+    if mismatched > 0 {
+        bail!("{mismatched} sampled requests differ from their tokens served alone");
+    }
+    let (g, t) = match last_pair {
+        Some((d, c)) => (d.goodput / c.goodput, d.tpot_p99 / c.tpot_p99),
+        None => (f64::NAN, f64::NAN),
+    };
+    println!(
+        "serve goodput_ratio_vs_colocated={g:.2} tpot_p99_ratio_vs_colocated={t:.2} batch8_decode_speedup={batch8:.2} requests={total} failed={failed}"
+    );
+    Ok(())
+}
