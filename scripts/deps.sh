@@ -34,3 +34,26 @@ ensure_rdma_deps() {
   ensure_build_deps
   ensure_pkgs qemu-system-x86 busybox-static cpio kmod rdma-core ibverbs-utils ibverbs-providers perftest iproute2
 }
+
+# What the Python bindings' tests and benchmark need: python3 with venv and pip (Debian's
+# python3-venv; a python3 that already has venv, e.g. pyenv's, is used as it is) and a C compiler.
+ensure_python_deps() {
+  ensure_build_deps
+  if ! command -v python3 >/dev/null 2>&1 || ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    ensure_pkgs python3 python3-venv python3-pip
+  fi
+}
+
+# ensure_genie_python VENV: creates VENV when missing, installs maturin, pytest and numpy from
+# PyPI, then `pip install ./bindings/python` (the README's command; release build, into the
+# workspace's target/).
+ensure_genie_python() {
+  local venv=$1
+  if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv"
+  fi
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check 'maturin>=1.5,<2' pytest numpy
+  # maturin's build backend runs the `maturin` of PATH: the venv's.
+  PATH="$venv/bin:$PATH" "$venv/bin/python" -m pip install -q --disable-pip-version-check \
+    --no-build-isolation --force-reinstall --no-deps ./bindings/python
+}

@@ -5,7 +5,12 @@
 # then runs, failing on the first error:
 #   1. cargo fmt --check
 #   2. cargo clippy --workspace --all-targets --all-features -- -D warnings
-#   3. cargo test --workspace (TCP transport on loopback sockets, scheduler, runtime)
+#   3. cargo test --workspace (TCP transport on loopback sockets, scheduler, runtime; the C
+#      binding's FFI tests and its header check: bindings/c/include/genie.h must be what cbindgen
+#      generates now)
+#   3b. the bindings: `pip install ./bindings/python` into a venv (GENIE_VENV, default
+#      /tmp/genie-venv; maturin, pytest, numpy from PyPI), its pytest suite (two processes over
+#      loopback TCP, the KV-transfer example), and the C example built with the system cc and run
 #   4. the RDMA side channel decoder's property tests (rdma feature, no device needed)
 #   5. scripts/test-hostile.sh: hostile drivers, accept starvation, healing, a flood (summary line)
 #   6. the dispatcher's loom model-checking tests (cfg loom, own target dir)
@@ -35,6 +40,17 @@ cargo clippy --workspace --all-targets --all-features -- -D warnings
 
 log "cargo test (workspace)"
 cargo test --workspace --release
+
+log "bindings: the Python package (venv, pip install, pytest) and the C example (cc)"
+ensure_python_deps
+GENIE_VENV=${GENIE_VENV:-/tmp/genie-venv}
+ensure_genie_python "$GENIE_VENV"
+(cd bindings/python && timeout 600 "$GENIE_VENV/bin/python" -m pytest -q -p no:cacheprovider tests)
+cargo build --release -q -p genie-c
+cc -O2 -Wall -Wextra -Werror -I bindings/c/include bindings/c/examples/loopback.c \
+  "${CARGO_TARGET_DIR:-target}/release/libgenie.a" -lpthread -ldl -lm \
+  -o "${CARGO_TARGET_DIR:-target}/genie-c-loopback"
+timeout 60 "${CARGO_TARGET_DIR:-target}/genie-c-loopback"
 
 log "property tests of the RDMA side channel's decoder (rdma feature, no device needed)"
 cargo test --release -p genie-tests --features rdma --test rdma_wire_props
