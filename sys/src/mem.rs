@@ -107,8 +107,50 @@ impl std::fmt::Debug for AlignedBuf {
     }
 }
 
-/// Shareable bytes with a stable address: an [`AlignedBuf`] or a caller's `Vec<u8>` behind a
-/// read/write lock.
+/// Memory owned by someone else (a Python buffer, a serving stack's tensor), kept alive by an
+/// owner object for as long as this value lives. Made only by [`SharedBuf::from_foreign`], whose
+/// caller vouches for the memory.
+pub struct ForeignBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+    /// Dropped after the last use of `ptr` (this value's own drop): keeps the memory alive.
+    _owner: Box<dyn std::any::Any + Send + Sync>,
+}
+
+// SAFETY: `ForeignBuf` hands out the memory only as `&[u8]`/`&mut [u8]` tied to borrows of itself
+// (behind `SharedBuf`'s lock); `from_foreign`'s contract makes the memory valid from any thread
+// for the owner's life, and the owner itself is `Send + Sync`.
+unsafe impl Send for ForeignBuf {}
+// SAFETY: shared references only give `&[u8]` (reads); writes need `&mut ForeignBuf`.
+unsafe impl Sync for ForeignBuf {}
+
+impl Deref for ForeignBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `from_foreign`'s caller promised `len` initialised bytes at `ptr`, valid for
+        // reads and writes while the owner (dropped after us) lives; the borrow is tied to `&self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl DerefMut for ForeignBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `deref`; `&mut self` makes this the only borrow made through us.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl std::fmt::Debug for ForeignBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ForeignBuf")
+            .field("addr", &format_args!("{:#x}", self.ptr.as_ptr() as usize))
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+/// Shareable bytes with a stable address: an [`AlignedBuf`], a caller's `Vec<u8>` or memory
+/// owned elsewhere ([`ForeignBuf`]) behind a read/write lock.
 ///
 /// Unlike a bare `Vec` or `&mut [u8]`, nothing can move, grow, shrink or replace the storage while
 /// a `SharedBuf` exists: the lock only hands out `[u8]` slices. So its [`addr`](Self::addr) is
@@ -125,6 +167,7 @@ pub struct SharedBuf {
 enum Storage {
     Aligned(AlignedBuf),
     Vec(Vec<u8>),
+    Foreign(ForeignBuf),
 }
 
 impl Deref for Storage {
@@ -133,6 +176,7 @@ impl Deref for Storage {
         match self {
             Storage::Aligned(b) => b,
             Storage::Vec(v) => v,
+            Storage::Foreign(f) => f,
         }
     }
 }
@@ -142,6 +186,7 @@ impl DerefMut for Storage {
         match self {
             Storage::Aligned(b) => b,
             Storage::Vec(v) => v,
+            Storage::Foreign(f) => f,
         }
     }
 }
@@ -181,6 +226,32 @@ impl SharedBuf {
     /// Takes over the caller's buffer (no copy); [`into_vec`](Self::into_vec) gives it back.
     pub fn from_vec(v: Vec<u8>) -> Self {
         Self::new(Storage::Vec(v))
+    }
+
+    /// Wraps `len` bytes at `ptr` that `owner` keeps alive (zero-copy registration of a caller's
+    /// buffer); `owner` is dropped when the last user of the bytes (a region, a registration, an
+    /// operation in flight) is gone.
+    ///
+    /// # Safety
+    ///
+    /// For as long as `owner` lives: `ptr` is non-null and `[ptr, ptr + len)` is one allocation
+    /// of initialised bytes, valid for reads and writes from any thread, not freed or moved.
+    /// Other code may touch these bytes only as the buffer's owner expects of a device doing
+    /// DMA (the transport writes into them when a peer writes): the caller accepts that.
+    pub unsafe fn from_foreign(
+        ptr: *mut u8,
+        len: usize,
+        owner: Box<dyn std::any::Any + Send + Sync>,
+    ) -> Self {
+        let (ptr, len) = match NonNull::new(ptr) {
+            Some(p) => (p, len),
+            None => (NonNull::dangling(), 0),
+        };
+        Self::new(Storage::Foreign(ForeignBuf {
+            ptr,
+            len,
+            _owner: owner,
+        }))
     }
 
     fn new(storage: Storage) -> Self {
@@ -241,7 +312,7 @@ impl SharedBuf {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
         {
             Storage::Vec(v) => Ok(v),
-            s @ Storage::Aligned(_) => Err(Self {
+            s @ (Storage::Aligned(_) | Storage::Foreign(_)) => Err(Self {
                 storage: std::sync::RwLock::new(s),
                 addr,
                 len,
@@ -253,6 +324,22 @@ impl SharedBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn foreign_memory_is_shared_not_copied_and_its_owner_lives_as_long() {
+        let owner = std::sync::Arc::new(std::sync::Mutex::new(vec![1u8; 64]));
+        let ptr = owner.lock().unwrap().as_mut_ptr();
+        // SAFETY: the Vec behind `owner` is neither resized nor freed while the clone given as
+        // owner lives; the test touches it only through the SharedBuf until that is dropped.
+        let b = unsafe { SharedBuf::from_foreign(ptr, 64, Box::new(owner.clone())) };
+        assert_eq!(b.addr(), ptr as usize);
+        b.write()[3] = 9;
+        assert_eq!(b.read()[3], 9);
+        assert_eq!(std::sync::Arc::strong_count(&owner), 2);
+        assert!(b.into_vec().is_err());
+        assert_eq!(std::sync::Arc::strong_count(&owner), 1);
+        assert_eq!(owner.lock().unwrap()[3], 9);
+    }
 
     #[test]
     fn aligned_zeroed_and_writable() {

@@ -104,6 +104,7 @@ pub mod tcp;
 pub use completion::{Batch, BatchStatus, Op};
 pub use config::{Backend, BackendChoice, PollMode, TransportConfig};
 pub use error::{Result, TransportError};
+pub use genie_sys::mem::SharedBuf;
 pub use region::{EndpointId, Region, RegionAccess, RemoteRegion};
 
 use std::net::SocketAddr;
@@ -135,6 +136,11 @@ pub trait Transport: Send + Sync + std::fmt::Debug {
     }
     /// Registers the caller's buffer, granting peers only `access`.
     fn register_with(&self, buf: Vec<u8>, access: RegionAccess) -> Result<Region>;
+    /// Registers memory the caller already has without copying it: typically a buffer owned
+    /// elsewhere (a Python array, a serving stack's tensor) wrapped by
+    /// [`SharedBuf::from_foreign`] with the object that keeps it alive; the region keeps that
+    /// owner until it and every operation using it are gone. Peers get only `access`.
+    fn register_shared(&self, mem: SharedBuf, access: RegionAccess) -> Result<Region>;
     /// Allocates a region that no endpoint-wide descriptor reaches: a peer can access it only
     /// with a descriptor from [`Connection::grant`], and only on the connection that granted it
     /// (on RDMA: a type-2 memory window bound to that connection's queue pair).

@@ -382,8 +382,14 @@ impl RegionTable {
 
     /// Registers the caller's buffer with the given remote access.
     pub fn register_with(self: &Arc<Self>, buf: Vec<u8>, access: RegionAccess) -> Region {
+        self.register_shared(SharedBuf::from_vec(buf), access)
+    }
+
+    /// Registers `mem` (e.g. memory owned elsewhere, [`SharedBuf::from_foreign`]) with the given
+    /// remote access.
+    pub fn register_shared(self: &Arc<Self>, mem: SharedBuf, access: RegionAccess) -> Region {
         self.insert(NewRegion {
-            mem: Arc::new(SharedBuf::from_vec(buf)),
+            mem: Arc::new(mem),
             key: None,
             remote_addr: 0,
             registration: None,

@@ -316,6 +316,10 @@ impl Transport for RdmaTransport {
     fn register_with(&self, buf: Vec<u8>, access: RegionAccess) -> Result<Region> {
         self.register_mem(SharedBuf::from_vec(buf), access, false)
     }
+
+    fn register_shared(&self, mem: SharedBuf, access: RegionAccess) -> Result<Region> {
+        self.register_mem(mem, access, false)
+    }
     fn alloc_private_region(&self, len: usize, access: RegionAccess) -> Result<Region> {
         self.register_mem(SharedBuf::zeroed(len)?, access, true)
     }

@@ -53,7 +53,7 @@ use crate::completion::{Batch, BatchBuilder, Completer, Op};
 use crate::config::{Backend, PollMode, TransportConfig};
 use crate::error::{Result, TransportError};
 use crate::region::{EndpointId, Region, RegionAccess, RegionTable, RemoteRegion};
-use crate::{Connection, Transfer, TransferKind, Transport};
+use crate::{Connection, SharedBuf, Transfer, TransferKind, Transport};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use parking_lot::{Condvar, Mutex};
@@ -234,6 +234,10 @@ impl Transport for TcpTransport {
 
     fn register_with(&self, buf: Vec<u8>, access: RegionAccess) -> Result<Region> {
         Ok(self.shared.regions.register_with(buf, access))
+    }
+
+    fn register_shared(&self, mem: SharedBuf, access: RegionAccess) -> Result<Region> {
+        Ok(self.shared.regions.register_shared(mem, access))
     }
 
     fn connect(&self, addr: SocketAddr) -> Result<Arc<dyn Connection>> {
