@@ -5,7 +5,8 @@
 //! - An **endpoint** ([`Transport`], made by [`open`]) owns registered memory regions, listens for
 //!   peers and runs its backend's progress engine (for TCP: one thread on a mio event loop).
 //! - A **region** ([`Region`]) is memory the endpoint registered: page-aligned memory it allocated
-//!   ([`Transport::alloc_region`]) or a caller's `Vec<u8>` ([`Transport::register`]). Its
+//!   ([`Transport::alloc_region`]), a caller's `Vec<u8>` ([`Transport::register`]) or memory
+//!   owned elsewhere, without a copy ([`Transport::register_shared`]). Its
 //!   [`RemoteRegion`] descriptor (endpoint, region id, length, access key, address) is serializable;
 //!   send it to a peer so that it can access the region one-sidedly.
 //! - A **connection** ([`Connection`], from [`Transport::connect`] / [`Transport::accept`]) carries
