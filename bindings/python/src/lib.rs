@@ -525,6 +525,35 @@ fn select_backend(backend: &str, device: Option<String>) -> PyResult<(String, St
     })
 }
 
+/// Benchmark support for `benchmarks/perf.py`: the same loop as Python's, in Rust, on the same
+/// connection: `n` writes of `length` bytes, each waited for before the next (GIL released), and
+/// the post -> completion time of each in nanoseconds. Measured in alternation with the Python
+/// loop, it is the baseline that tells what the binding itself costs under the same load.
+#[pyfunction]
+fn _native_write_latency(
+    py: Python<'_>,
+    conn: &Bound<'_, Connection>,
+    local: &Bound<'_, Region>,
+    remote: &Bound<'_, PyAny>,
+    length: usize,
+    n: usize,
+) -> PyResult<Vec<u64>> {
+    let c = &conn.get().c;
+    let local = &local.get().inner;
+    let remote = remote_of(remote)?;
+    py.detach(|| {
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t0 = Instant::now();
+            c.write(local, 0, &remote, 0, length)?
+                .wait(Duration::from_secs(30))?;
+            out.push(u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX));
+        }
+        Ok(out)
+    })
+    .map_err(|e| to_py(py, e))
+}
+
 #[pymodule]
 fn _genie(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Endpoint>()?;
@@ -534,6 +563,7 @@ fn _genie(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Completion>()?;
     m.add_class::<BatchCompletion>()?;
     m.add_function(wrap_pyfunction!(select_backend, m)?)?;
+    m.add_function(wrap_pyfunction!(_native_write_latency, m)?)?;
     errors::register(m)?;
     m.add("DESCRIPTOR_LEN", descriptor::LEN)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
