@@ -47,10 +47,12 @@
 //! cluster.stop(driver).unwrap();
 //! ```
 
+use crate::cluster::Cluster;
 use crate::driver::{Driver, RunOutput};
 use crate::error::RuntimeError;
 use crate::models::{argmax_last, row_i64};
 use crate::plan::Placement;
+use crate::proto::WeightSpec;
 use candle_core::Tensor;
 use genie_scheduler::builders::{gpt2_decode, gpt2_prefill, Gpt2Config};
 use genie_scheduler::graph::{Graph, OpKind, Semantics, TensorRef};
@@ -122,7 +124,17 @@ pub enum EngineError {
         /// The pool's size.
         pool: u64,
     },
-    /// A run of this request failed (a worker died, a kernel failed): the runtime's error.
+    /// A worker this request ran on failed (died, stalled past the peer timeout, or was
+    /// restarted): its KV cache is gone with it.
+    #[error("worker {worker} failed: {reason}")]
+    WorkerFailed {
+        /// The worker's name.
+        worker: String,
+        /// What was observed.
+        reason: String,
+    },
+    /// A run of this request failed for another reason (a kernel, a malformed graph): the
+    /// runtime's error.
     #[error("request failed: {0}")]
     Failed(String),
     /// The engine shut down (or its thread ended) before the request finished.
@@ -354,7 +366,7 @@ pub struct Engine {
     pool: Arc<parking_lot::Mutex<Pool>>,
     cfg: EngineConfig,
     next_id: AtomicU64,
-    thread: parking_lot::Mutex<Option<JoinHandle<Driver>>>,
+    thread: parking_lot::Mutex<Option<JoinHandle<Result<Driver, RuntimeError>>>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -364,8 +376,33 @@ impl std::fmt::Debug for Engine {
 }
 
 impl Engine {
-    /// Starts the engine thread on `driver`. Checks that the configured workers exist.
+    /// Starts the engine thread on `driver`. Checks that the configured workers exist. After a
+    /// worker failure every later run fails too (the driver's session is gone): use
+    /// [`Engine::connect`] for an engine that reconnects.
     pub fn start(driver: Driver, cfg: EngineConfig) -> Result<Self, RuntimeError> {
+        Self::start_with(driver, cfg, None)
+    }
+
+    /// Connects to `cluster`'s workers (which load `weights`) and starts the engine. When a
+    /// worker fails, the requests running on the cluster fail with
+    /// [`EngineError::WorkerFailed`] naming it (their KV caches went with the driver's
+    /// session), and the engine connects again before its next run, so waiting and later
+    /// requests are served once the worker is back (restarted, or resumed); while it is not,
+    /// each waiting request fails with the reconnection's error.
+    pub fn connect(
+        cluster: &Cluster,
+        weights: WeightSpec,
+        cfg: EngineConfig,
+    ) -> Result<Self, RuntimeError> {
+        let driver = Driver::connect(cluster, weights.clone())?;
+        Self::start_with(driver, cfg, Some((cluster.clone(), weights)))
+    }
+
+    fn start_with(
+        driver: Driver,
+        cfg: EngineConfig,
+        reconnect: Option<(Cluster, WeightSpec)>,
+    ) -> Result<Self, RuntimeError> {
         let n = driver.names().len();
         if cfg.prefill_worker >= n || cfg.decode_worker >= n {
             return Err(RuntimeError::Plan(format!(
@@ -379,12 +416,14 @@ impl Engine {
             waiting: 0,
         }));
         let core = Core {
-            driver,
+            driver: Some(driver),
             cfg: cfg.clone(),
             pool: pool.clone(),
             waiting: VecDeque::new(),
             active: Vec::new(),
             cancelled: HashSet::new(),
+            reconnect,
+            lost: None,
         };
         let thread = std::thread::Builder::new()
             .name("genie-engine".into())
@@ -486,12 +525,13 @@ impl Engine {
     }
 
     /// Stops the engine: requests still running fail with [`EngineError::ShutDown`]; returns the
-    /// driver (for [`EmbeddedCluster::stop`](crate::driver::EmbeddedCluster::stop)).
+    /// driver (for [`EmbeddedCluster::stop`](crate::driver::EmbeddedCluster::stop)), or the
+    /// worker failure that left the engine without one.
     pub fn shutdown(self) -> Result<Driver, RuntimeError> {
         let _ = self.cmds.lock().send(Cmd::Shutdown);
         let thread = self.thread.lock().take();
         match thread.map(JoinHandle::join) {
-            Some(Ok(driver)) => Ok(driver),
+            Some(Ok(driver)) => driver,
             _ => Err(RuntimeError::Plan("the engine thread panicked".into())),
         }
     }
@@ -520,19 +560,24 @@ struct Waiting {
 
 /// The engine thread's state.
 struct Core {
-    driver: Driver,
+    /// `None` only between dropping a failed session's driver and connecting again.
+    driver: Option<Driver>,
     cfg: EngineConfig,
     pool: Arc<parking_lot::Mutex<Pool>>,
     waiting: VecDeque<Waiting>,
     active: Vec<Active>,
     cancelled: HashSet<u64>,
+    /// Where to connect again after a worker failure ([`Engine::connect`]).
+    reconnect: Option<(Cluster, WeightSpec)>,
+    /// The worker whose failure poisoned the driver, until a reconnection succeeded.
+    lost: Option<(String, String)>,
 }
 
 /// How long the engine thread sleeps when it has nothing to do (it wakes on any command).
 const IDLE: Duration = Duration::from_millis(50);
 
 impl Core {
-    fn run(mut self, rx: mpsc::Receiver<Cmd>) -> Driver {
+    fn run(mut self, rx: mpsc::Receiver<Cmd>) -> Result<Driver, RuntimeError> {
         loop {
             let idle = self.waiting.is_empty() && self.active.is_empty();
             let first = if idle {
@@ -573,6 +618,9 @@ impl Core {
                 break;
             }
             self.apply_cancels();
+            if self.lost.is_some() && self.reconnect.is_some() && !self.heal() {
+                continue;
+            }
             if let Some(w) = self.waiting.pop_front() {
                 self.pool.lock().waiting -= 1;
                 self.prefill(w);
@@ -592,7 +640,22 @@ impl Core {
             self.release(a.reserved, Some(a.seq));
             let _ = a.tx.send(Event::Failed(EngineError::ShutDown));
         }
-        self.driver
+        self.driver.take().ok_or_else(|| {
+            let (worker, reason) = self.lost.clone().unwrap_or_default();
+            RuntimeError::WorkerFailed { worker, reason }
+        })
+    }
+
+    /// The driver, or the failure that took it.
+    fn driver(&mut self) -> Result<&mut Driver, RuntimeError> {
+        match (&mut self.driver, &self.lost) {
+            (Some(d), _) => Ok(d),
+            (None, Some((worker, reason))) => Err(RuntimeError::WorkerFailed {
+                worker: worker.clone(),
+                reason: reason.clone(),
+            }),
+            (None, None) => Err(RuntimeError::Plan("the engine has no driver".into())),
+        }
     }
 
     /// Ends cancelled requests, waiting or active.
@@ -625,7 +688,7 @@ impl Core {
     /// the handle hears of the end, so a caller that saw a request end can count on its bytes.
     fn release(&mut self, reserved: u64, seq: Option<u64>) {
         if let Some(seq) = seq {
-            if let Err(e) = self.driver.free_sequence(seq) {
+            if let Err(e) = self.driver().and_then(|d| d.free_sequence(seq)) {
                 tracing::warn!(seq, error = %e, "engine: freeing a KV cache failed");
             }
         }
@@ -676,7 +739,7 @@ impl Core {
                 pw
             }
         });
-        let out = self.driver.run(
+        let out = self.driver()?.run(
             &g,
             &place,
             &[
@@ -715,7 +778,7 @@ impl Core {
             .outputs
             .first()
             .ok_or_else(|| RuntimeError::Plan("decode graph has no outputs".into()))?;
-        let out = self.driver.run(
+        let out = self.driver()?.run(
             &g,
             &place,
             &[
@@ -771,8 +834,67 @@ impl Core {
 
     fn fail(&mut self, a: Active, e: RuntimeError) {
         tracing::warn!(request = a.id, error = %e, "engine: request failed");
+        let err = match e {
+            RuntimeError::WorkerFailed { worker, reason } => {
+                if self.lost.is_none() {
+                    self.lost = Some((worker.clone(), reason.clone()));
+                }
+                EngineError::WorkerFailed { worker, reason }
+            }
+            other => EngineError::Failed(other.to_string()),
+        };
         self.release(a.reserved, Some(a.seq));
-        let _ = a.tx.send(Event::Failed(EngineError::Failed(e.to_string())));
+        let _ = a.tx.send(Event::Failed(err));
+    }
+
+    /// After a worker failure: fails the requests whose KV caches were in the lost session and
+    /// connects again. Returns whether the engine can run again; if not, each waiting request
+    /// fails with the reconnection's error (one attempt per round with work waiting).
+    fn heal(&mut self) -> bool {
+        let Some((worker, reason)) = self.lost.clone() else {
+            return true;
+        };
+        for a in std::mem::take(&mut self.active) {
+            self.pool.lock().free += a.reserved;
+            let _ = a.tx.send(Event::Failed(EngineError::WorkerFailed {
+                worker: worker.clone(),
+                reason: format!("{reason} (the request's KV cache was lost with it)"),
+            }));
+        }
+        if self.waiting.is_empty() {
+            // Nothing to serve: connect when a request comes.
+            return false;
+        }
+        let Some((cluster, weights)) = self.reconnect.clone() else {
+            return false;
+        };
+        // The workers serve one driver at a time: the failed session's goes first.
+        if let Some(old) = self.driver.take() {
+            drop(old);
+        }
+        match Driver::connect(&cluster, weights) {
+            Ok(d) => {
+                tracing::info!(worker = %worker, "engine: reconnected after a worker failure");
+                self.driver = Some(d);
+                self.lost = None;
+                true
+            }
+            Err(e) => {
+                let (worker, reason) = match e {
+                    RuntimeError::WorkerFailed { worker, reason } => (worker, reason),
+                    other => (worker, format!("reconnecting failed: {other}")),
+                };
+                for w in std::mem::take(&mut self.waiting) {
+                    self.pool.lock().waiting -= 1;
+                    self.pool.lock().free += w.reserved;
+                    let _ = w.tx.send(Event::Failed(EngineError::WorkerFailed {
+                        worker: worker.clone(),
+                        reason: reason.clone(),
+                    }));
+                }
+                false
+            }
+        }
     }
 }
 

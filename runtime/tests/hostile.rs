@@ -43,3 +43,72 @@ fn a_killed_and_restarted_worker_rejoins() {
 fn a_stopped_and_resumed_worker_rejoins() {
     heal(genie(), Fault::Stop).unwrap();
 }
+
+/// The serving engine on `genie worker` processes: w1 (the decode worker) is SIGKILLed while
+/// requests run; they fail with `WorkerFailed` naming w1 within the peer timeout + 1 s, the
+/// KV pool gets their bytes back, and after w1 is restarted the engine reconnects by itself and
+/// serves a new request with the tokens it gave before the fault.
+#[test]
+fn an_engine_survives_a_killed_decode_worker() {
+    use genie_runtime::engine::{Engine, EngineConfig, EngineError, Request, Step};
+    use genie_runtime::proto::WeightSpec;
+    use genie_transport::TransportConfig;
+    use hostile_cases::{small, Procs, Scratch};
+    use std::time::{Duration, Instant};
+
+    let s = Scratch::new(2, "engine");
+    let mut procs = Procs((0..2).map(|i| s.spawn(genie(), i, None, 1024)).collect());
+    let peer_timeout = TransportConfig::default().peer_timeout;
+    let cfg = EngineConfig::disaggregated(small());
+    let pool = cfg.kv_pool_bytes;
+    let engine = Engine::connect(&s.cluster, WeightSpec::Seeded(5), cfg).unwrap();
+    let short = Request::greedy(vec![5, 6, 7, 8], 6);
+    let before = engine.submit(short.clone()).unwrap().wait().unwrap().tokens;
+    // Two long requests decoding on w1.
+    let mut running: Vec<_> = (0..2)
+        .map(|i| {
+            engine
+                .submit(Request::greedy(vec![1 + i, 2, 3], 240))
+                .unwrap()
+        })
+        .collect();
+    for h in &mut running {
+        assert!(matches!(
+            h.next(Duration::from_secs(30)).unwrap(),
+            Step::Token(_)
+        ));
+    }
+    let killed = Instant::now();
+    procs.0[1].kill().unwrap();
+    let _ = procs.0[1].wait();
+    for h in &mut running {
+        let end = loop {
+            match h.next(Duration::from_secs(30)) {
+                Ok(Step::Token(_)) => continue,
+                other => break other,
+            }
+        };
+        match end {
+            Err(EngineError::WorkerFailed { worker, .. }) => assert_eq!(worker, "w1"),
+            other => panic!("expected WorkerFailed naming w1, got {other:?}"),
+        }
+    }
+    let took = killed.elapsed();
+    assert!(
+        took <= peer_timeout + Duration::from_secs(1),
+        "failed only after {took:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while engine.kv_free() != pool {
+        assert!(
+            Instant::now() < deadline,
+            "failed requests kept their KV reservation"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    procs.0[1] = s.spawn(genie(), 1, None, 1024);
+    let after = engine.submit(short).unwrap().wait().unwrap().tokens;
+    assert_eq!(after, before, "tokens differ after the engine reconnected");
+    let driver = engine.shutdown().unwrap();
+    let _ = driver.shutdown();
+}
