@@ -6,6 +6,9 @@
 #![warn(missing_docs)]
 
 pub mod clock;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod mem;
+pub mod pci;
 #[cfg(feature = "rdma")]
 pub mod verbs;
