@@ -7,10 +7,12 @@
 //! name = "w0"
 //! address = "10.0.0.1:7100"
 //! devices = ["cpu"]                    # default: ["cpu"]
+//! role = "prefill"                     # for the serving engine: prefill | decode | both (default)
 //!
 //! [[workers]]
 //! name = "w1"
 //! address = "10.0.0.2:7100"
+//! role = "decode"
 //! ```
 //!
 //! # Secure by default
@@ -45,6 +47,31 @@ pub enum DeviceKind {
     Cuda,
 }
 
+/// What a worker does for the serving engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Prefills requests (and streams their KV caches to decode workers).
+    Prefill,
+    /// Holds KV caches and runs decode steps.
+    Decode,
+    /// Either (the default).
+    #[default]
+    Both,
+}
+
+impl Role {
+    /// Whether a worker of this role may prefill.
+    pub fn prefills(self) -> bool {
+        matches!(self, Role::Prefill | Role::Both)
+    }
+
+    /// Whether a worker of this role may decode.
+    pub fn decodes(self) -> bool {
+        matches!(self, Role::Decode | Role::Both)
+    }
+}
+
 /// One worker of the cluster.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct WorkerSpec {
@@ -54,6 +81,9 @@ pub struct WorkerSpec {
     pub address: SocketAddr,
     /// Devices it owns (default: one CPU).
     pub devices: Vec<DeviceKind>,
+    /// What it does for the serving engine (`role = "prefill" | "decode" | "both"`, default
+    /// both).
+    pub role: Role,
 }
 
 /// A parsed and checked cluster file.
@@ -83,6 +113,7 @@ struct RawWorker {
     name: String,
     address: String,
     devices: Option<Vec<String>>,
+    role: Option<String>,
 }
 
 impl Cluster {
@@ -191,10 +222,22 @@ impl Cluster {
                     out
                 }
             };
+            let role = match w.role.as_deref() {
+                None | Some("both") => Role::Both,
+                Some("prefill") => Role::Prefill,
+                Some("decode") => Role::Decode,
+                Some(other) => {
+                    return Err(field(
+                        format!("workers[{i}].role"),
+                        format!("unknown role `{other}` (expected `prefill`, `decode` or `both`)"),
+                    ))
+                }
+            };
             workers.push(WorkerSpec {
                 name: w.name,
                 address,
                 devices,
+                role,
             });
         }
         let cluster = Self {
@@ -243,6 +286,7 @@ impl Cluster {
                     name: format!("w{i}"),
                     address: SocketAddr::from(([127, 0, 0, 1], *p)),
                     devices: vec![DeviceKind::Cpu],
+                    role: Role::Both,
                 })
                 .collect(),
             secret: None,
@@ -274,6 +318,11 @@ impl Cluster {
                 w.address,
                 devs.join(", ")
             ));
+            match w.role {
+                Role::Both => {}
+                Role::Prefill => s.push_str("role = \"prefill\"\n"),
+                Role::Decode => s.push_str("role = \"decode\"\n"),
+            }
         }
         s
     }

@@ -554,6 +554,7 @@ impl EmbeddedCluster {
                     name: format!("w{i}"),
                     address: e.local_addr(),
                     devices: vec![DeviceKind::Cpu],
+                    role: crate::cluster::Role::Both,
                 })
                 .collect(),
             secret: None,

@@ -47,7 +47,7 @@
 //! cluster.stop(driver).unwrap();
 //! ```
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, Role};
 use crate::driver::{Driver, RunOutput};
 use crate::error::RuntimeError;
 use crate::models::{argmax_last, row_i64};
@@ -219,6 +219,36 @@ impl EngineConfig {
             kv_pool_bytes: 256 << 20,
             max_waiting: 1024,
         }
+    }
+
+    /// The configuration for `cluster`'s roles: prefill on the first worker whose role is
+    /// `prefill`, else the first `both`; decode on the first `decode`, else the first other
+    /// `both`, else the prefill worker itself (co-located).
+    pub fn for_cluster(model: Gpt2Config, cluster: &Cluster) -> Result<Self, RuntimeError> {
+        let first = |want: Role, skip: Option<usize>| {
+            cluster
+                .workers
+                .iter()
+                .enumerate()
+                .find(|(i, w)| w.role == want && Some(*i) != skip)
+                .map(|(i, _)| i)
+        };
+        let prefill = first(Role::Prefill, None)
+            .or_else(|| first(Role::Both, None))
+            .ok_or_else(|| {
+                RuntimeError::Plan("the cluster has no worker that may prefill".into())
+            })?;
+        let decode = first(Role::Decode, None)
+            .or_else(|| first(Role::Both, Some(prefill)))
+            .or_else(|| cluster.workers[prefill].role.decodes().then_some(prefill))
+            .ok_or_else(|| {
+                RuntimeError::Plan("the cluster has no worker that may decode".into())
+            })?;
+        Ok(Self {
+            prefill_worker: prefill,
+            decode_worker: decode,
+            ..Self::disaggregated(model)
+        })
     }
 
     /// Bytes of KV cache a sequence of `tokens` positions takes (K and V, every layer, f32).
@@ -1009,6 +1039,38 @@ fn sample(logits: &[f32], temperature: f32, top_k: usize, top_p: f32, u: f64) ->
 #[cfg(test)]
 mod tests {
     use super::sample;
+
+    #[test]
+    fn roles_choose_the_prefill_and_decode_workers() {
+        use super::EngineConfig;
+        use crate::cluster::Cluster;
+        use genie_scheduler::builders::Gpt2Config;
+        let pick = |roles: &[&str]| {
+            let mut text = String::new();
+            for (i, r) in roles.iter().enumerate() {
+                text.push_str(&format!(
+                    "[[workers]]\nname = \"w{i}\"\naddress = \"127.0.0.1:{}\"\nrole = \"{r}\"\n",
+                    7000 + i
+                ));
+            }
+            let c = Cluster::parse(&text, std::path::Path::new("<test>")).unwrap();
+            assert_eq!(
+                Cluster::parse(&c.to_toml(), std::path::Path::new("<rt>")).unwrap(),
+                c
+            );
+            EngineConfig::for_cluster(Gpt2Config::default(), &c)
+                .map(|e| (e.prefill_worker, e.decode_worker))
+        };
+        assert_eq!(pick(&["decode", "prefill"]).unwrap(), (1, 0));
+        assert_eq!(pick(&["both", "both"]).unwrap(), (0, 1));
+        assert_eq!(pick(&["both"]).unwrap(), (0, 0));
+        assert_eq!(pick(&["prefill", "both", "decode"]).unwrap(), (0, 2));
+        assert!(pick(&["decode"]).is_err());
+        assert!(pick(&["prefill"]).is_err());
+        let bad = "[[workers]]\nname = \"w0\"\naddress = \"127.0.0.1:7000\"\nrole = \"chef\"\n";
+        let e = Cluster::parse(bad, std::path::Path::new("<test>")).unwrap_err();
+        assert!(e.to_string().contains("workers[0].role"), "{e}");
+    }
 
     #[test]
     fn sampling_respects_top_k_and_top_p() {

@@ -59,7 +59,8 @@ fn an_engine_survives_a_killed_decode_worker() {
     let s = Scratch::new(2, "engine");
     let mut procs = Procs((0..2).map(|i| s.spawn(genie(), i, None, 1024)).collect());
     let peer_timeout = TransportConfig::default().peer_timeout;
-    let cfg = EngineConfig::disaggregated(small());
+    let cfg = EngineConfig::for_cluster(small(), &s.cluster).unwrap();
+    assert_eq!((cfg.prefill_worker, cfg.decode_worker), (0, 1));
     let pool = cfg.kv_pool_bytes;
     let engine = Engine::connect(&s.cluster, WeightSpec::Seeded(5), cfg).unwrap();
     let short = Request::greedy(vec![5, 6, 7, 8], 6);
