@@ -16,6 +16,32 @@
 //! sound. Every call binds the device's primary context to the calling thread first, so every type
 //! may be used from any thread.
 //!
+//! ```
+//! use genie_sys::cuda::{self, CudaError, Device};
+//!
+//! # fn main() -> Result<(), CudaError> {
+//! let gpus = match cuda::devices() {
+//!     Ok(gpus) => gpus,
+//!     Err(e @ (CudaError::NoDriver { .. } | CudaError::NoDevice)) => {
+//!         println!("no GPU here: {e}");
+//!         return Ok(());
+//!     }
+//!     Err(e) => return Err(e),
+//! };
+//! println!("{} (nearest NIC: {:?})", gpus[0], gpus[0].nearest_rdma_device());
+//! let dev = Device::open(gpus[0].ordinal)?;
+//! let stream = dev.stream()?;
+//! let mut host = dev.alloc_pinned(4096)?;
+//! host.fill(7);
+//! let mut gpu = dev.alloc(4096)?;
+//! // The copy owns `host` until it is done; `wait` hands it back.
+//! let _host = stream.copy_to_device(host, 0..4096, &mut gpu, 0)?.wait()?;
+//! let back = stream.copy_from_device(&gpu, 0, dev.alloc_pinned(4096)?, 0..4096)?.wait()?;
+//! assert!(back.iter().all(|&b| b == 7));
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! ## Loading
 //!
 //! Nothing is linked: the first call probes the library names cudarc would load (`libcuda.so`,
@@ -104,13 +130,11 @@ pub enum CudaError {
         /// Size of the buffer.
         size: usize,
     },
-    /// Two operands of one copy have different lengths.
-    #[error("copy of {src} bytes into {dst} bytes")]
-    LengthMismatch {
-        /// Source length.
-        src: usize,
-        /// Destination length.
-        dst: usize,
+    /// An allocation size overflows when rounded up to its granularity.
+    #[error("cannot allocate {len} bytes: the size overflows")]
+    TooLarge {
+        /// The requested length.
+        len: usize,
     },
     /// A host↔device copy names device memory of another device than the stream's.
     #[error("device memory of device {found} on a stream of device {expected}")]
@@ -324,6 +348,16 @@ pub struct DeviceInfo {
     pub dmabuf: bool,
 }
 
+impl DeviceInfo {
+    /// The RDMA device closest to this GPU over PCIe, from the real sysfs (see
+    /// [`crate::pci::nearest_rdma_device`]); `None` where the machine has none.
+    pub fn nearest_rdma_device(
+        &self,
+    ) -> Result<Option<crate::pci::Affinity>, crate::pci::PciError> {
+        crate::pci::nearest_rdma_device(std::path::Path::new(crate::pci::SYSFS), self.pci_bus_id)
+    }
+}
+
 impl fmt::Display for DeviceInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -486,11 +520,7 @@ impl Device {
         let size = len
             .max(1)
             .checked_next_multiple_of(DEVICE_ALLOC_GRANULARITY)
-            .ok_or(CudaError::OutOfBounds {
-                offset: 0,
-                len,
-                size: usize::MAX,
-            })?;
+            .ok_or(CudaError::TooLarge { len })?;
         self.bind()?;
         let mut ptr: sys::CUdeviceptr = 0;
         // SAFETY: `ptr` is a valid out-pointer; the context is current.
@@ -505,8 +535,14 @@ impl Device {
             owner: Owner::Driver,
         };
         // Zeroed, so that memory a peer may read never shows a previous owner's data.
-        // SAFETY: [ptr, ptr + size) was just allocated; the memset is synchronous.
+        // SAFETY: [ptr, ptr + size) was just allocated.
         check("cuMemsetD8_v2", unsafe { sys::cuMemsetD8_v2(ptr, 0, size) })?;
+        // A device memset may return before it has run, on the legacy default stream, which the
+        // non-blocking streams of this module do not wait for: wait here, or a copy could race it.
+        // SAFETY: the null stream is the context's legacy default stream; the context is current.
+        check("cuStreamSynchronize", unsafe {
+            sys::cuStreamSynchronize(std::ptr::null_mut())
+        })?;
         Ok(buf)
     }
 
@@ -1105,8 +1141,6 @@ impl Stream {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pci;
-    use std::path::Path;
 
     /// The device the device tests use, or `None` (printing why) where there is none. With
     /// `GENIE_CUDA_REQUIRE=1` (set by scripts/test-gpu.sh) a missing device fails instead.
@@ -1192,7 +1226,7 @@ mod tests {
         println!("driver {}", driver_version().unwrap());
         for d in devices().unwrap() {
             assert!(d.total_memory > 0);
-            let nic = match pci::nearest_rdma_device(Path::new(pci::SYSFS), d.pci_bus_id) {
+            let nic = match d.nearest_rdma_device() {
                 Ok(Some(a)) => format!("{} ({:?}, {} hops)", a.device.name, a.link, a.hops),
                 Ok(None) => "none".into(),
                 Err(e) => format!("error: {e}"),

@@ -19,6 +19,21 @@
 //!
 //! Every function takes the sysfs root as a parameter ([`SYSFS`] on a real machine), so the tests
 //! build fake trees in a temporary directory.
+//!
+//! ```
+//! use std::path::Path;
+//! use genie_sys::pci::{self, PciError};
+//!
+//! // A GPU's bus id as CUDA prints it (`cuda::DeviceInfo::pci_bus_id` gives it parsed).
+//! let gpu = "00000000:3B:00.0".parse()?;
+//! match pci::nearest_rdma_device(Path::new(pci::SYSFS), gpu) {
+//!     Ok(Some(a)) => println!("{gpu}: use {} ({:?}, {} hops)", a.device.name, a.link, a.hops),
+//!     Ok(None) => println!("{gpu}: no RDMA device with a PCI parent"),
+//!     Err(PciError::NotFound { .. }) => println!("no PCI device {gpu} here"),
+//!     Err(e) => return Err(e),
+//! }
+//! # Ok::<(), PciError>(())
+//! ```
 
 use std::fmt;
 use std::io;
