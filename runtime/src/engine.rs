@@ -13,7 +13,10 @@
 //! prefills cannot starve running decodes), then runs one decode step of every active sequence.
 //! A request is prefilled on the prefill worker, its KV cache built layer by layer on the decode
 //! worker (streamed as each layer's K and V are produced, as in `genie demo`) and pinned there;
-//! every decode step of it then runs whole on the decode worker. Its KV cache is freed when it
+//! every decode step of it then runs whole on the decode worker. Every placement comes from the
+//! scheduler (`create_schedule` with the run's worker as its only device and the decode worker
+//! as the KV caches' device, so the co-location constraint moves each cache with its group);
+//! its schedule cache answers repeated shapes. Its KV cache is freed when it
 //! finishes, fails or is cancelled.
 //!
 //! Decode steps of different sequences run one after the other, not yet as one batched forward
@@ -440,6 +443,12 @@ impl Engine {
                 cfg.prefill_worker, cfg.decode_worker
             )));
         }
+        let topology = genie_scheduler::Topology::uniform(
+            n,
+            genie_scheduler::cost::DeviceSpec::cpu(),
+            genie_scheduler::topology::LinkSpec::gbps(20.0, 30.0),
+        )
+        .map_err(|e| RuntimeError::Scheduler(e.to_string()))?;
         let (tx, rx) = mpsc::channel();
         let pool = Arc::new(parking_lot::Mutex::new(Pool {
             free: cfg.kv_pool_bytes,
@@ -454,6 +463,7 @@ impl Engine {
             cancelled: HashSet::new(),
             reconnect,
             lost: None,
+            scheduler: genie_scheduler::Scheduler::new(topology),
         };
         let thread = std::thread::Builder::new()
             .name("genie-engine".into())
@@ -597,6 +607,8 @@ struct Core {
     waiting: VecDeque<Waiting>,
     active: Vec<Active>,
     cancelled: HashSet<u64>,
+    /// Places every run (prefill and decode) on the cluster's workers as devices `dev0..`.
+    scheduler: genie_scheduler::Scheduler,
     /// Where to connect again after a worker failure ([`Engine::connect`]).
     reconnect: Option<(Cluster, WeightSpec)>,
     /// The worker whose failure poisoned the driver, until a reconnection succeeded.
@@ -762,13 +774,7 @@ impl Core {
         let s = a.req.prompt.len();
         let (g, last) = with_last_logits(gpt2_prefill(&self.cfg.model, s).map_err(sched)?, s)?;
         let (pw, dw) = (self.cfg.prefill_worker, self.cfg.decode_worker);
-        let place = Placement::by_rule(&g, |n| {
-            if matches!(n.op, OpKind::KvCacheAppend) {
-                dw
-            } else {
-                pw
-            }
-        });
+        let place = self.place(&g, pw, dw)?;
         let out = self.driver()?.run(
             &g,
             &place,
@@ -787,6 +793,20 @@ impl Core {
         Ok((out, logits))
     }
 
+    /// The scheduler's placement of `g` with its compute on worker `on` and its KV caches on
+    /// worker `kv` (the co-location constraint moves each cache's group there); repeated shapes
+    /// come from the scheduler's cache.
+    fn place(&mut self, g: &Graph, on: usize, kv: usize) -> Result<Placement, RuntimeError> {
+        let plan = genie_scheduler::OptimizationPlan {
+            devices: Some(vec![format!("dev{on}")]),
+            kv_device: Some(format!("dev{kv}")),
+            no_recompute: true,
+            ..Default::default()
+        };
+        let s = self.scheduler.create_schedule(g, &plan).map_err(sched)?;
+        Ok(Placement::from_schedule(&s))
+    }
+
     /// One decode step of `a`; `None` when it ended.
     fn decode(&mut self, a: Active) -> Option<Active> {
         match self.run_decode(&a) {
@@ -802,7 +822,7 @@ impl Core {
         let l = a.req.prompt.len() + a.tokens.len() - 1;
         let g = gpt2_decode(&self.cfg.model, l).map_err(sched)?;
         let dw = self.cfg.decode_worker;
-        let place = Placement::by_rule(&g, |_| dw);
+        let place = self.place(&g, dw, dw)?;
         let tok = a.tokens.last().copied().unwrap_or(0);
         let logits = *g
             .outputs

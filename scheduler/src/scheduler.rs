@@ -38,6 +38,10 @@ pub struct OptimizationPlan {
     pub devices: Option<Vec<String>>,
     /// Turn off recompute-versus-transfer decisions.
     pub no_recompute: bool,
+    /// The device (by name) that holds the KV caches: every KV-cache node goes there with its
+    /// co-location group, whatever `devices` says. A serving engine names its decode worker, so
+    /// that a prefill placed elsewhere builds the caches where decode will read them.
+    pub kv_device: Option<String>,
 }
 
 /// Counters of a [`Scheduler`].
@@ -278,6 +282,26 @@ pub fn build_schedule(
     let mut device = placement.device;
     let order = placement.order;
     groups.enforce(&mut device, &devices, |v, d| costs.time(v, d));
+    let mut devices = devices;
+    if let Some(name) = &plan.kv_device {
+        let kv = topology
+            .device_by_name(name)
+            .ok_or_else(|| Error::UnknownDevice { name: name.clone() })?
+            .id;
+        let kv_groups: std::collections::HashSet<u32> = (0..n)
+            .filter(|&i| analysis.residency[i] == Residency::StatefulKvCache)
+            .map(|i| groups.group_of(NodeId(i as u32)))
+            .collect();
+        for (i, d) in device.iter_mut().enumerate() {
+            if kv_groups.contains(&groups.group_of(NodeId(i as u32))) {
+                *d = kv;
+            }
+        }
+        if !devices.contains(&kv) {
+            devices.push(kv);
+            devices.sort_unstable();
+        }
+    }
 
     let capacity: Vec<u64> = topology
         .devices()

@@ -316,3 +316,50 @@ fn malformed_graphs_are_rejected_before_scheduling() {
         ),
     }
 }
+
+/// A serving engine's prefill: compute restricted to the prefill device, KV caches on the
+/// decode device. Every KV-cache node lands there; nothing else leaves the prefill device; an
+/// unknown KV device is a typed error.
+#[test]
+fn kv_device_takes_the_kv_caches_and_nothing_else() {
+    let cfg = Gpt2Config {
+        layers: 3,
+        ..Gpt2Config::default()
+    };
+    let g = builders::gpt2_prefill(&cfg, 16).unwrap();
+    let mut s = Scheduler::new(cluster(2, DeviceSpec::cpu()));
+    let plan = OptimizationPlan {
+        devices: Some(vec!["dev0".into()]),
+        kv_device: Some("dev1".into()),
+        ..OptimizationPlan::default()
+    };
+    let sched = s.create_schedule(&g, &plan).unwrap();
+    let kv = |op: &OpKind| {
+        matches!(
+            op,
+            OpKind::KvCache { .. } | OpKind::KvCacheAppend | OpKind::KvCacheRead { .. }
+        )
+    };
+    let mut on_kv = 0;
+    for n in g.nodes() {
+        let d = sched.node_device[n.id.index()];
+        if kv(&n.op) {
+            assert_eq!(d, DeviceId(1), "{} not on the KV device", n.name);
+            on_kv += 1;
+        } else {
+            assert_eq!(d, DeviceId(0), "{} left the prefill device", n.name);
+        }
+    }
+    assert!(
+        on_kv >= cfg.layers,
+        "each layer keeps a KV cache: {on_kv} KV nodes"
+    );
+    let bad = OptimizationPlan {
+        kv_device: Some("nowhere".into()),
+        ..plan
+    };
+    assert!(matches!(
+        s.create_schedule(&g, &bad),
+        Err(genie_scheduler::Error::UnknownDevice { .. })
+    ));
+}
