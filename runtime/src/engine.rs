@@ -56,6 +56,7 @@ use crate::error::RuntimeError;
 use crate::models::{argmax_last, row_i64};
 use crate::plan::Placement;
 use crate::proto::WeightSpec;
+use crate::trace::Span;
 use candle_core::Tensor;
 use genie_scheduler::builders::{gpt2_decode, gpt2_prefill, Gpt2Config};
 use genie_scheduler::graph::{Graph, OpKind, Semantics, TensorRef};
@@ -210,6 +211,9 @@ pub struct EngineConfig {
     /// Requests waiting for prefill at most; more are refused with [`EngineError::KvPoolFull`]
     /// (a bound on what callers can make the engine queue).
     pub max_waiting: usize,
+    /// Keep every run's compute and transfer spans (for [`Engine::take_spans`] and a Perfetto
+    /// trace); off by default.
+    pub record_spans: bool,
 }
 
 impl EngineConfig {
@@ -221,6 +225,7 @@ impl EngineConfig {
             decode_worker: 1,
             kv_pool_bytes: 256 << 20,
             max_waiting: 1024,
+            record_spans: false,
         }
     }
 
@@ -399,6 +404,7 @@ pub struct Engine {
     pool: Arc<parking_lot::Mutex<Pool>>,
     cfg: EngineConfig,
     next_id: AtomicU64,
+    spans: Arc<parking_lot::Mutex<Vec<Span>>>,
     thread: parking_lot::Mutex<Option<JoinHandle<Result<Driver, RuntimeError>>>>,
 }
 
@@ -449,6 +455,7 @@ impl Engine {
             genie_scheduler::topology::LinkSpec::gbps(20.0, 30.0),
         )
         .map_err(|e| RuntimeError::Scheduler(e.to_string()))?;
+        let spans = Arc::new(parking_lot::Mutex::new(Vec::new()));
         let (tx, rx) = mpsc::channel();
         let pool = Arc::new(parking_lot::Mutex::new(Pool {
             free: cfg.kv_pool_bytes,
@@ -464,6 +471,7 @@ impl Engine {
             reconnect,
             lost: None,
             scheduler: genie_scheduler::Scheduler::new(topology),
+            spans: cfg.record_spans.then(|| (Instant::now(), spans.clone())),
         };
         let thread = std::thread::Builder::new()
             .name("genie-engine".into())
@@ -474,6 +482,7 @@ impl Engine {
             pool,
             cfg,
             next_id: AtomicU64::new(1),
+            spans,
             thread: parking_lot::Mutex::new(Some(thread)),
         })
     }
@@ -559,6 +568,13 @@ impl Engine {
         let _ = self.cmds.lock().send(Cmd::Cancel(id));
     }
 
+    /// The spans recorded since the last call (with [`EngineConfig::record_spans`]), µs since
+    /// the engine started: one track per worker for compute, one per link for transfers
+    /// ([`write_chrome_trace`](crate::trace::write_chrome_trace) makes a Perfetto trace of them).
+    pub fn take_spans(&self) -> Vec<Span> {
+        std::mem::take(&mut *self.spans.lock())
+    }
+
     /// Bytes of the KV pool free now.
     pub fn kv_free(&self) -> u64 {
         self.pool.lock().free
@@ -609,6 +625,8 @@ struct Core {
     cancelled: HashSet<u64>,
     /// Places every run (prefill and decode) on the cluster's workers as devices `dev0..`.
     scheduler: genie_scheduler::Scheduler,
+    /// With [`EngineConfig::record_spans`]: the engine's start and where runs' spans go.
+    spans: Option<(Instant, Arc<parking_lot::Mutex<Vec<Span>>>)>,
     /// Where to connect again after a worker failure ([`Engine::connect`]).
     reconnect: Option<(Cluster, WeightSpec)>,
     /// The worker whose failure poisoned the driver, until a reconnection succeeded.
@@ -775,6 +793,7 @@ impl Core {
         let (g, last) = with_last_logits(gpt2_prefill(&self.cfg.model, s).map_err(sched)?, s)?;
         let (pw, dw) = (self.cfg.prefill_worker, self.cfg.decode_worker);
         let place = self.place(&g, pw, dw)?;
+        let started = Instant::now();
         let out = self.driver()?.run(
             &g,
             &place,
@@ -785,6 +804,7 @@ impl Core {
             &[last],
             a.seq,
         )?;
+        self.record(started, &out);
         let logits = out
             .outputs
             .first()
@@ -805,6 +825,17 @@ impl Core {
         };
         let s = self.scheduler.create_schedule(g, &plan).map_err(sched)?;
         Ok(Placement::from_schedule(&s))
+    }
+
+    /// Keeps a run's spans (when recording), moved from the run's own origin to the engine's.
+    fn record(&self, started: Instant, out: &RunOutput) {
+        if let Some((origin, spans)) = &self.spans {
+            let shift = started.saturating_duration_since(*origin).as_secs_f64() * 1e6;
+            spans.lock().extend(out.spans.iter().cloned().map(|mut s| {
+                s.start_us += shift;
+                s
+            }));
+        }
     }
 
     /// One decode step of `a`; `None` when it ended.
@@ -828,6 +859,7 @@ impl Core {
             .outputs
             .first()
             .ok_or_else(|| RuntimeError::Plan("decode graph has no outputs".into()))?;
+        let started = Instant::now();
         let out = self.driver()?.run(
             &g,
             &place,
@@ -838,6 +870,7 @@ impl Core {
             &[logits],
             a.seq,
         )?;
+        self.record(started, &out);
         out.outputs
             .into_iter()
             .next()

@@ -58,6 +58,13 @@ struct Args {
     /// Workload seed.
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// Perfetto/Chrome trace of the disaggregated run at the highest rate (one track per
+    /// worker, one per link).
+    #[arg(long, default_value = "target/serve-trace.json")]
+    trace: std::path::PathBuf,
+    /// Plot (SVG) of goodput against arrival rate, both modes.
+    #[arg(long, default_value = "target/serve-goodput.svg")]
+    plot: std::path::PathBuf,
 }
 
 fn range(s: &str) -> Result<(usize, usize)> {
@@ -122,6 +129,7 @@ impl Mode {
         let d = Driver::connect(&c.cluster, WeightSpec::Seeded(1))?;
         let mut cfg = EngineConfig::disaggregated(model.clone());
         cfg.kv_pool_bytes = 4 << 30;
+        cfg.record_spans = true;
         Ok(Self {
             name: "disaggregated",
             engines: vec![Engine::start(d, cfg)?],
@@ -282,6 +290,65 @@ fn decode_rate(mode: &Mode, n: usize, steps: usize) -> Result<f64> {
     Ok(tokens as f64 / decode_time.max(1e-9))
 }
 
+/// A small SVG line chart of goodput (requests/s meeting both SLOs) against arrival rate:
+/// disaggregated and co-located, axes from zero, ticks at each rate.
+fn goodput_svg(curve: &[(f64, f64, f64)]) -> String {
+    let (w, h, l, b) = (640.0, 400.0, 60.0, 50.0);
+    let xmax = curve.iter().map(|c| c.0).fold(1e-9, f64::max);
+    let ymax = curve.iter().map(|c| c.1.max(c.2)).fold(1e-9, f64::max) * 1.1;
+    let x = |v: f64| l + v / xmax * (w - l - 20.0);
+    let y = |v: f64| h - b - v / ymax * (h - b - 30.0);
+    let line = |pick: fn(&(f64, f64, f64)) -> f64, color: &str| {
+        let pts: Vec<String> = curve
+            .iter()
+            .map(|c| format!("{:.1},{:.1}", x(c.0), y(pick(c))))
+            .collect();
+        format!(
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>",
+            pts.join(" ")
+        )
+    };
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{}\" y=\"18\" text-anchor=\"middle\" font-size=\"14\">serve-bench: goodput (req/s meeting TTFT and TPOT SLOs)</text>\n\
+         <line x1=\"{l}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n\
+         <line x1=\"{l}\" y1=\"30\" x2=\"{l}\" y2=\"{}\" stroke=\"black\"/>\n\
+         <text x=\"{}\" y=\"{}\" text-anchor=\"middle\">arrival rate (req/s)</text>\n",
+        w / 2.0,
+        h - b,
+        w - 20.0,
+        h - b,
+        h - b,
+        (w + l) / 2.0,
+        h - 12.0
+    );
+    for c in curve {
+        svg.push_str(&format!(
+            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n",
+            x(c.0),
+            h - b + 16.0,
+            c.0
+        ));
+    }
+    for i in 0..=4 {
+        let v = ymax * f64::from(i) / 4.0;
+        svg.push_str(&format!(
+            "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{v:.1}</text>\n",
+            l - 6.0,
+            y(v) + 4.0
+        ));
+    }
+    svg.push_str(&line(|c| c.1, "#1f77b4"));
+    svg.push_str(&line(|c| c.2, "#d62728"));
+    svg.push_str(&format!(
+        "\n<text x=\"{}\" y=\"44\" fill=\"#1f77b4\">disaggregated</text>\n<text x=\"{}\" y=\"60\" fill=\"#d62728\">co-located</text>\n</svg>\n",
+        l + 10.0,
+        l + 10.0
+    ));
+    svg
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let model = genie_runtime::demo::model_config(&args.model)?;
@@ -368,6 +435,8 @@ fn main() -> Result<()> {
         "failed"
     );
     let mut last_pair: Option<(Figures, Figures)> = None;
+    let mut curve: Vec<(f64, f64, f64)> = Vec::new();
+    let top_rate = args.rates.iter().copied().fold(0.0, f64::max);
     let mut total = 0;
     let mut failed = 0;
     let mut mismatched = 0;
@@ -375,7 +444,20 @@ fn main() -> Result<()> {
         let work = workload(&args, rate, model.vocab)?;
         let mut pair = Vec::new();
         for mode in [&disagg, &coloc] {
+            let traced = rate == top_rate && mode.name == "disaggregated";
+            if traced {
+                drop(mode.engines[0].take_spans());
+            }
             let (results, wall) = mode.serve(&work);
+            if traced {
+                let spans = mode.engines[0].take_spans();
+                genie_runtime::trace::write_chrome_trace(&args.trace, &spans, &Default::default())?;
+                println!(
+                    "trace of the disaggregated run at {rate} req/s ({} spans): {}",
+                    spans.len(),
+                    args.trace.display()
+                );
+            }
             // Correctness under load: the first requests equal themselves served alone.
             for (a, r) in work.iter().zip(&results).take(3) {
                 let (alone, _) = mode.serve(&[Arrival {
@@ -406,7 +488,11 @@ fn main() -> Result<()> {
         if pair[1].goodput > 0.0 {
             last_pair = Some((pair[0], pair[1]));
         }
+        curve.push((rate, pair[0].goodput, pair[1].goodput));
     }
+    std::fs::write(&args.plot, goodput_svg(&curve))
+        .with_context(|| format!("writing {}", args.plot.display()))?;
+    println!("plot of goodput against rate: {}", args.plot.display());
     disagg.stop()?;
     coloc.stop()?;
     if mismatched > 0 {
