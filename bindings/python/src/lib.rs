@@ -190,13 +190,13 @@ impl Endpoint {
     }
 
     /// Registers the caller's buffer (numpy array, bytearray, memoryview, any C-contiguous
-    /// object with the buffer protocol), keeping the object alive. Refuses a non-contiguous
-    /// buffer, and a read-only one when peers may write it (`access` 'rw' or 'write'), with a
-    /// `BufferError`. See `Region` for how its bytes are staged.
+    /// object with the buffer protocol), keeping the object alive. A writable buffer is
+    /// registered in place (zero-copy). Refuses a non-contiguous buffer, and a read-only one when
+    /// peers may write it (`access` 'rw' or 'write'), with a `BufferError`. See `Region`.
     #[pyo3(signature = (obj, access="rw"))]
     fn register(&self, obj: &Bound<'_, PyAny>, access: &str) -> PyResult<Region> {
         let access = parse_access(access)?;
-        Region::staged(obj, access, |v| self.t.register_with(v, access))
+        Region::register(obj, access, &*self.t)
     }
 
     /// Connects to the endpoint at `address` ("ip:port"); the handshake (and the secret check)

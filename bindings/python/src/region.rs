@@ -1,5 +1,5 @@
 //! `genie.Region`: registered memory, either the endpoint's own (zero-copy through the buffer
-//! protocol) or a caller's buffer (staged; see [`Region`]).
+//! protocol) or a caller's buffer (registered in place, or staged when read-only; see [`Region`]).
 
 use crate::errors::to_py;
 use genie_transport::{Region as TRegion, RegionAccess};
@@ -16,11 +16,11 @@ use std::ffi::{c_int, c_void};
 ///   buffer protocol, so `memoryview(region)` and `numpy.frombuffer(region, dtype)` are views of
 ///   the registered bytes themselves (zero-copy): remote writes land in the array.
 /// - From `Endpoint.register(obj)`: the caller's buffer, kept alive (and, for a `bytearray`,
-///   locked against resizing) while the region lives. The transport cannot yet register memory it
-///   did not allocate, so these bytes are *staged* through a registered copy: a write from the
-///   region copies the written range in first, a read into it copies the range out when its
-///   completion is seen; after a peer wrote into it (its notification arrived) call `refresh()`,
-///   and before a peer reads it call `flush()`.
+///   locked against resizing) while the region or any transfer using it lives. A writable buffer
+///   is registered in place (zero-copy: remote writes land in the caller's array). A read-only
+///   one (`bytes`, a read-only array; only with access 'read' or 'local') is *staged* through a
+///   registered copy: a write from the region copies the written range in first, and `flush()`
+///   copies it in before a peer reads it.
 ///
 /// The registered bytes are shared with the transport like RDMA memory: do not touch a range
 /// while a transfer that uses it is in flight; read what a peer wrote once its notification or
@@ -29,15 +29,15 @@ use std::ffi::{c_int, c_void};
 pub struct Region {
     pub(crate) inner: TRegion,
     pub(crate) staged: Option<Staged>,
+    /// The caller's object of a region from `Endpoint.register`.
+    caller: Option<Py<PyAny>>,
 }
 
-/// The caller's buffer behind a staged region.
+/// The caller's read-only buffer behind a staged region.
 pub(crate) struct Staged {
     /// A byte view of the caller's object; holding the export keeps the object alive and its
     /// memory where it is.
     buf: PyBuffer<u8>,
-    /// The caller's object itself (what `Region.obj` returns).
-    obj: Py<PyAny>,
 }
 
 /// Parses an access name.
@@ -70,14 +70,16 @@ impl Region {
         Self {
             inner,
             staged: None,
+            caller: None,
         }
     }
 
-    /// Checks `obj` (C-contiguous; writable when peers may write it) and registers a staged copy.
-    pub(crate) fn staged(
+    /// Checks `obj` (C-contiguous; writable when peers may write it) and registers it: in place
+    /// when writable, as a staged copy when read-only.
+    pub(crate) fn register(
         obj: &Bound<'_, PyAny>,
         access: RegionAccess,
-        register: impl FnOnce(Vec<u8>) -> genie_transport::Result<TRegion>,
+        t: &dyn genie_transport::Transport,
     ) -> PyResult<Self> {
         let py = obj.py();
         let mv = PyMemoryView::from(obj).map_err(|_| {
@@ -100,15 +102,38 @@ impl Region {
                 access_name(access)
             )));
         }
+        let readonly = mv.getattr("readonly")?.extract::<bool>()?;
         let bytes = mv.call_method1("cast", ("B",))?;
         let buf = PyBuffer::<u8>::get(&bytes)?;
-        let inner = register(buf.to_vec(py)?).map_err(|e| to_py(py, e))?;
+        if readonly {
+            let inner = t
+                .register_with(buf.to_vec(py)?, access)
+                .map_err(|e| to_py(py, e))?;
+            return Ok(Self {
+                inner,
+                staged: Some(Staged { buf }),
+                caller: Some(obj.clone().unbind()),
+            });
+        }
+        let (ptr, len) = (buf.buf_ptr().cast::<u8>(), buf.len_bytes());
+        buf.release(py);
+        // The owner is the byte memoryview: it holds its own export of `obj`'s buffer, so the
+        // memory stays allocated and in place (a bytearray cannot resize) while it lives.
+        // Dropping a `Py` without the GIL (e.g. on the transport's progress thread, when an
+        // operation in flight held the region last) only queues the decref, so no transport
+        // thread ever waits for the GIL.
+        let owner: Box<dyn std::any::Any + Send + Sync> = Box::new(bytes.unbind());
+        // SAFETY: `ptr` and `len` describe the writable (checked), C-contiguous (checked) buffer
+        // that `owner`'s export pins: one allocation of initialised bytes that is not freed,
+        // moved or resized while `owner` lives, readable and writable from any thread (plain
+        // process memory). The region keeps `owner` as long as it or any operation using it
+        // lives. The caller accepts DMA-like access by the transport (the type's docs).
+        let mem = unsafe { genie_sys::mem::SharedBuf::from_foreign(ptr, len, owner) };
+        let inner = t.register_shared(mem, access).map_err(|e| to_py(py, e))?;
         Ok(Self {
             inner,
-            staged: Some(Staged {
-                buf,
-                obj: obj.clone().unbind(),
-            }),
+            staged: None,
+            caller: Some(obj.clone().unbind()),
         })
     }
 
@@ -202,8 +227,8 @@ impl Region {
         access_name(self.inner.access())
     }
 
-    /// Whether the registered bytes are the memory Python sees (`Endpoint.alloc`), as opposed to
-    /// a staged copy of a caller's buffer (`Endpoint.register`).
+    /// Whether the registered bytes are the memory Python sees (`Endpoint.alloc`, or a writable
+    /// buffer given to `Endpoint.register`), as opposed to a staged copy of a read-only buffer.
     #[getter]
     fn zero_copy(&self) -> bool {
         self.staged.is_none()
@@ -212,7 +237,7 @@ impl Region {
     /// The caller's object of a region from `Endpoint.register`, else `None`.
     #[getter]
     fn obj(&self, py: Python<'_>) -> Option<Py<PyAny>> {
-        self.staged.as_ref().map(|s| s.obj.clone_ref(py))
+        self.caller.as_ref().map(|o| o.clone_ref(py))
     }
 
     /// The descriptor (bytes) a peer needs to access this region on any connection to this
@@ -254,6 +279,7 @@ impl Region {
 
     /// Copies `data` into the registered bytes at `offset` (under the region's lock).
     fn write(&self, py: Python<'_>, offset: usize, data: &[u8]) -> PyResult<()> {
+        self.check_read_target()?;
         self.inner.write(offset, data).map_err(|e| to_py(py, e))
     }
 
@@ -284,7 +310,7 @@ impl Region {
         let me = slf.get();
         if me.staged.is_some() {
             return Err(PyBufferError::new_err(
-                "a region registered from a caller's buffer exports no buffer of its own: use \
+                "a region staged from a read-only buffer exports no buffer of its own: use \
                  region.obj (the caller's object)",
             ));
         }

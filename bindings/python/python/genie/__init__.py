@@ -13,8 +13,8 @@ Memory:
 * ``Endpoint.alloc(n)`` / ``alloc_array(ep, shape, dtype)``: the endpoint's own registered
   memory, seen by numpy without a copy (remote writes land in the array itself).
 * ``Endpoint.register(obj)``: a caller's C-contiguous buffer (numpy array, bytearray,
-  memoryview; torch CPU tensors through ``.numpy()``), kept alive while registered. Staged
-  through a registered copy until the transport can register foreign memory: see ``Region``.
+  memoryview; torch CPU tensors through ``.numpy()``), kept alive while registered; a writable
+  one is registered in place (zero-copy), a read-only one staged through a copy (``Region``).
 
 Example (two endpoints in one process)::
 
