@@ -11,7 +11,8 @@
  * an operation or batch handle may be tested and waited on from any thread; a *_free call must
  * not race with any other use of the same handle. Each function's comment repeats its rule.
  *
- * Memory: genie_region_data gives the registered bytes themselves (zero-copy). As with RDMA
+ * Memory: genie_region_alloc'ed bytes (genie_region_data) and genie_region_register'ed caller
+ * memory are the registered bytes themselves (zero-copy). As with RDMA
  * memory, do not touch a range while a transfer that uses it is in flight; read what a peer wrote
  * once its notification or completion arrived.
  */
@@ -379,6 +380,24 @@ genie_status genie_region_alloc(const struct genie_endpoint *endpoint,
                                 uint32_t access,
                                 uint32_t flags,
                                 struct genie_region **region);
+
+/**
+ * Registers `len` bytes of the caller's memory at `data` in place (zero-copy), which peers may
+ * access as `access` says (`GENIE_ACCESS_*`). Free the handle with `genie_region_free`.
+ * Thread-safe.
+ *
+ * # Safety
+ * `endpoint` is a live endpoint handle; `region` is valid for writes of a pointer; `data` is
+ * NULL with `len` 0, or `len` initialised bytes of one allocation, readable and writable from
+ * any thread, that stay allocated and in place until `genie_region_free` was called and every
+ * operation that used the region completed. The transport writes into them when a peer writes
+ * (as a NIC would): the caller does not touch a range while a transfer uses it.
+ */
+genie_status genie_region_register(const struct genie_endpoint *endpoint,
+                                   void *data,
+                                   size_t len,
+                                   uint32_t access,
+                                   struct genie_region **region);
 
 /**
  * Frees the region handle; the region stays registered until in-flight operations that use it

@@ -22,8 +22,9 @@
 //!
 //! # Memory
 //!
-//! The transport registers memory it allocates (`genie_region_alloc`); `genie_region_data` gives
-//! C a pointer to those registered bytes (zero-copy). As with RDMA memory, do not touch a range
+//! A region is memory the transport allocates (`genie_region_alloc`; `genie_region_data` gives C
+//! a pointer to those registered bytes) or the caller's own, registered in place
+//! (`genie_region_register`); both are zero-copy. As with RDMA memory, do not touch a range
 //! while a transfer that uses it is in flight; read what a peer wrote once its notification or
 //! completion arrived. `genie_region_read`/`genie_region_write` copy under the region's lock.
 //!
@@ -608,6 +609,46 @@ pub unsafe extern "C" fn genie_region_alloc(
             ep.t.alloc_region_with(len, access)?
         };
         *slot = into_handle(genie_region { r });
+        Ok(())
+    })
+}
+
+/// Registers `len` bytes of the caller's memory at `data` in place (zero-copy), which peers may
+/// access as `access` says (`GENIE_ACCESS_*`). Free the handle with `genie_region_free`.
+/// Thread-safe.
+///
+/// # Safety
+/// `endpoint` is a live endpoint handle; `region` is valid for writes of a pointer; `data` is
+/// NULL with `len` 0, or `len` initialised bytes of one allocation, readable and writable from
+/// any thread, that stay allocated and in place until `genie_region_free` was called and every
+/// operation that used the region completed. The transport writes into them when a peer writes
+/// (as a NIC would): the caller does not touch a range while a transfer uses it.
+#[no_mangle]
+pub unsafe extern "C" fn genie_region_register(
+    endpoint: *const genie_endpoint,
+    data: *mut c_void,
+    len: usize,
+    access: u32,
+    region: *mut *mut genie_region,
+) -> genie_status {
+    entry(|| {
+        // SAFETY: forwarded from this function's contract.
+        let ep = unsafe { get(endpoint, "endpoint") }?;
+        // SAFETY: forwarded from this function's contract.
+        let slot = unsafe { out(region, "region") }?;
+        let access = access_of(access)?;
+        if data.is_null() && len != 0 {
+            return Err(Error::invalid("data is NULL"));
+        }
+        // SAFETY: by this function's contract, `[data, data + len)` is one allocation of
+        // initialised bytes, readable and writable from any thread, that outlives the region and
+        // every operation using it, which is as long as the owner (nothing to drop) is kept.
+        let mem = unsafe {
+            genie_sys::mem::SharedBuf::from_foreign(data.cast::<u8>(), len, Box::new(()))
+        };
+        *slot = into_handle(genie_region {
+            r: ep.t.register_shared(mem, access)?,
+        });
         Ok(())
     })
 }
