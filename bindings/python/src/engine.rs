@@ -71,7 +71,8 @@ impl Engine {
 }
 
 fn config(model: &str, kv_pool_mb: u64, prefill: usize, decode: usize) -> PyResult<EngineConfig> {
-    let model = genie_runtime::demo::model_config(model).map_err(|e| PyValueError::new_err(e.to_string()))?;
+    let model = genie_runtime::demo::model_config(model)
+        .map_err(|e| PyValueError::new_err(e.to_string()))?;
     let mut cfg = EngineConfig::disaggregated(model);
     cfg.kv_pool_bytes = kv_pool_mb.saturating_mul(1 << 20);
     cfg.prefill_worker = prefill;
@@ -94,7 +95,9 @@ impl Engine {
         kv_pool_mb: u64,
     ) -> PyResult<Self> {
         if workers == 0 {
-            return Err(PyValueError::new_err("an embedded cluster needs at least one worker"));
+            return Err(PyValueError::new_err(
+                "an embedded cluster needs at least one worker",
+            ));
         }
         let cfg = config(model, kv_pool_mb, 0, usize::from(workers > 1))?;
         let (cluster, driver) = py

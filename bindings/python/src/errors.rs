@@ -13,7 +13,11 @@
 //! │   └── PeerDeadError         no sign of life within the peer timeout
 //! ├── TimeoutError(TimeoutError)               a wait ran out; the operation may still complete
 //! ├── MessageTooLargeError      a message over the endpoint's `max_message_size`
-//! └── BackendUnavailableError   the requested backend cannot be used here
+//! ├── BackendUnavailableError   the requested backend cannot be used here
+//! ├── KvPoolFullError           the engine's KV pool cannot hold a request now (need, free, pool)
+//! ├── WorkerFailedError         a worker a request ran on failed (worker, reason)
+//! ├── RequestFailedError        a request's run failed for another reason
+//! └── EngineShutDownError       the engine shut down before the request finished
 //! ```
 //!
 //! Every exception raised from a transport error carries the typed cause as attributes: `kind`
@@ -107,6 +111,30 @@ const CLASSES: &[(&str, Option<usize>, Option<&str>, &str)] = &[
         None,
         "The requested backend cannot be used on this machine.",
     ),
+    (
+        "KvPoolFullError",
+        Some(0),
+        None,
+        "The engine's KV pool cannot hold the request's KV cache now (attributes need, free, pool).",
+    ),
+    (
+        "WorkerFailedError",
+        Some(0),
+        None,
+        "A worker the request ran on failed; its KV cache went with it (attributes worker, reason).",
+    ),
+    (
+        "RequestFailedError",
+        Some(0),
+        None,
+        "A run of the request failed for another reason (a kernel, a malformed graph).",
+    ),
+    (
+        "EngineShutDownError",
+        Some(0),
+        None,
+        "The engine shut down before the request finished.",
+    ),
 ];
 
 const GENIE: usize = 0;
@@ -121,6 +149,10 @@ const PEER_DEAD: usize = 9;
 const TIMEOUT: usize = 10;
 const TOO_LARGE: usize = 11;
 const UNAVAILABLE: usize = 12;
+const KV_POOL_FULL: usize = 13;
+const WORKER_FAILED: usize = 14;
+const REQUEST_FAILED: usize = 15;
+const SHUT_DOWN: usize = 16;
 
 static TYPES: PyOnceLock<Vec<Py<PyType>>> = PyOnceLock::new();
 
@@ -293,6 +325,45 @@ fn build(py: Python<'_>, e: &TransportError) -> PyResult<PyErr> {
         value.setattr(k, v)?;
     }
     Ok(err)
+}
+
+/// The Python exception for an engine error: `ValueError` for a malformed request, the
+/// `TimeoutError` of this hierarchy for a wait that ran out, else the engine's own classes with
+/// the variant's fields as attributes.
+pub fn engine(e: genie_runtime::engine::EngineError) -> PyErr {
+    use genie_runtime::engine::EngineError as E;
+    Python::attach(|py| {
+        let built = (|| -> PyResult<PyErr> {
+            let mut attrs: Vec<(&str, Py<PyAny>)> = Vec::new();
+            let (i, kind) = match &e {
+                E::InvalidRequest(m) => {
+                    return Ok(pyo3::exceptions::PyValueError::new_err(m.clone()))
+                }
+                E::Timeout(after) => return Ok(timeout(py, *after)),
+                E::KvPoolFull { need, free, pool } => {
+                    attrs.push(("need", need.into_pyobject(py)?.into_any().unbind()));
+                    attrs.push(("free", free.into_pyobject(py)?.into_any().unbind()));
+                    attrs.push(("pool", pool.into_pyobject(py)?.into_any().unbind()));
+                    (KV_POOL_FULL, "kv_pool_full")
+                }
+                E::WorkerFailed { worker, reason } => {
+                    attrs.push(("worker", worker.into_pyobject(py)?.into_any().unbind()));
+                    attrs.push(("reason", reason.into_pyobject(py)?.into_any().unbind()));
+                    (WORKER_FAILED, "worker_failed")
+                }
+                E::ShutDown => (SHUT_DOWN, "shut_down"),
+                _ => (REQUEST_FAILED, "request_failed"),
+            };
+            let err = PyErr::from_type(class(py, i)?, e.to_string());
+            let value = err.value(py);
+            value.setattr("kind", kind)?;
+            for (k, v) in attrs {
+                value.setattr(k, v)?;
+            }
+            Ok(err)
+        })();
+        built.unwrap_or_else(|failed| failed)
+    })
 }
 
 /// The message with its sources (e.g. the OS error under an `Io`).

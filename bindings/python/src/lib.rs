@@ -24,6 +24,7 @@
 
 mod completion;
 mod descriptor;
+mod engine;
 mod errors;
 mod region;
 
@@ -558,6 +559,8 @@ fn _native_write_latency(
 fn _genie(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Endpoint>()?;
     m.add_class::<Connection>()?;
+    m.add_class::<engine::Engine>()?;
+    m.add_class::<engine::RequestStream>()?;
     m.add_class::<Region>()?;
     m.add_class::<PyRemoteRegion>()?;
     m.add_class::<Completion>()?;
