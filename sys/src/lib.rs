@@ -7,5 +7,6 @@
 
 pub mod clock;
 pub mod mem;
+pub mod mmap;
 #[cfg(feature = "rdma")]
 pub mod verbs;

@@ -1,52 +1,173 @@
-//! Inputs for the scheduler's model builders, and a GPT-2 generation loop (prefill, then decode
-//! steps against KV caches pinned on a worker) over a [`Driver`].
+//! Model families, and a family-neutral generation loop (prefill, then decode steps against KV
+//! caches pinned on a worker) over a [`Driver`].
 //!
-//! # Adding a model family today
+//! # Families
 //!
-//! A family is not yet one module: GPT-2 is the only decoder, and its config type and builders
-//! are named directly by the generation loop, the demo and the CLI. What is already
-//! family-neutral: placement and the KV-cache manager take a node's layer from
-//! [`Semantics::layer`] (never from its name, so `model.layers.{i}` works as `h.{i}` does);
-//! execution plans, transfers, the graph cache and the wire protocol know only ops and shapes;
-//! a KV cache is sized by its tensor's shape `[2, B, L, E]`, whatever `E` is made of.
+//! A family is one module of this directory saying three things: its config, parsed from a
+//! Hugging Face `config.json` (serde); its prefill and decode-step graph builders; and its
+//! checkpoint key mapping. [`Family`] is that contract; [`Model`] is the enum over the families
+//! (picked by `model_type`), and is what [`generate`], the demo and `genie generate` take.
 //!
-//! Adding a family (Llama-style, say) takes, in order:
+//! | `model_type`               | module    | graph builders                               |
+//! |----------------------------|-----------|----------------------------------------------|
+//! | `gpt2`                     | [`gpt2`]  | `gpt2_prefill` / `gpt2_decode`               |
+//! | `llama`, `qwen2`, `mistral`| [`llama`] | `llama_prefill` / `llama_decode`             |
 //!
-//! 1. `scheduler/src/graph.rs`, only for ops the graph lacks (Llama: RMSNorm, rotary
-//!    embeddings, SiLU; `Attention` has one head count, so grouped-query attention needs a KV-head
-//!    count): the [`OpKind`] variant and its documented input order, its name, arity and shape
-//!    rule (`OpKind::name`, `infer_outputs`), and `is_elementwise` where it applies.
-//! 2. `scheduler/src/cost.rs`: the new ops' FLOPs and bytes in `RooflineCostModel::work`;
-//!    `scheduler/src/analysis.rs` if a new op changes a pattern it detects (attention over a KV
-//!    cache, fusable elementwise chains).
-//! 3. `scheduler/src/builders.rs`: the config type (there is no `config.json` parsing yet: the
-//!    config is a Rust struct), prefill and decode-step builders that name each weight by its
-//!    checkpoint key, call `Builder::in_layer` around each block so every node in it carries its
-//!    layer, and keep each layer's cache as `KvCache { layer }` → `KvCacheAppend`; then the
-//!    family's names in `by_name` and `MODEL_NAMES` (used by `genie schedule` and the benches),
-//!    and parameter-count tests against the reference implementation.
-//! 4. `runtime/src/kernels/cpu.rs`: a kernel per new op in the op match and its entry in
-//!    `min_inputs`; `runtime/src/kernels/decode.rs` for one-row fast paths a decode step needs.
-//! 5. `runtime/src/weights.rs`: the checkpoint key mapping (today only GPT-2's optional
-//!    `transformer.` prefix) and, for seeded weights, whether the magnitude rules keyed on name
-//!    suffixes (`weight`, `running_var`, ...) suit the family's parameters.
-//! 6. This module: [`generate`] takes a [`Gpt2Config`] and calls `gpt2_prefill` /
-//!    `gpt2_decode`; a second family needs its own loop or a family-neutral one.
-//! 7. `runtime/src/demo.rs` (`model_config` and the prefill/decode phases take a
-//!    [`Gpt2Config`]) and `runtime/src/main.rs` (the model names the CLI accepts).
-//! 8. Tests: the runtime's correctness tests (`runtime/tests/correctness.rs`,
-//!    `processes.rs`) are written against [`Gpt2Config`]; a family needs its own bitwise
-//!    1/2/3-worker and process runs, and numerics against reference logits.
+//! What is family-neutral already: placement and the KV-cache manager take a node's layer from
+//! [`Semantics::layer`] (never from its name); execution plans, transfers, the graph cache and
+//! the wire protocol know only ops and shapes; a KV cache is sized by its tensor's shape
+//! `[2, B, L, E]` (for Llama `E` is KV heads × head size); weights are read by node name from
+//! mapped safetensors ([`crate::weights`]); generation feeds `input_ids` and `position_ids`.
+//!
+//! # Adding a family (Llama-style, as the worked example)
+//!
+//! 1. Ops the graph lacks, in `scheduler/src/graph.rs`: the [`OpKind`] variant with its
+//!    documented input order, its name, its shape rule (`infer_outputs`) and `is_elementwise`
+//!    where it applies. Llama added `RmsNorm`, `Rotary` (θ, linear / Llama-3 scaling), `Silu`,
+//!    and a `kv_heads` count on `Attention` (grouped-query attention).
+//! 2. Their FLOPs and bytes in `scheduler/src/cost.rs` (`RooflineCostModel::work`).
+//! 3. The builders, in `scheduler/src/builders/<family>.rs` (Llama:
+//!    `scheduler/src/builders/llama.rs`): the config type, deserializable from `config.json`,
+//!    prefill and decode-step builders naming each weight by its checkpoint key, with
+//!    `Builder::in_layer` around each block and each layer's cache as `KvCache { layer }` →
+//!    `KvCacheAppend`; the names in `by_name`/`MODEL_NAMES`; parameter-count tests against
+//!    `transformers`' formula.
+//! 4. CPU kernels for new ops in `runtime/src/kernels/cpu.rs` (and one-row fast paths in
+//!    `decode.rs` where a decode step spends its time; Llama: grouped-query attention over
+//!    column views of the cache).
+//! 5. This directory: `<family>.rs` implementing [`Family`] for the config, parsing
+//!    `config.json`, and mapping checkpoint keys; a [`Model`] variant and its `model_type`s in
+//!    [`Model::from_config_json`] and [`checkpoint_keys`].
+//! 6. Tests: `scripts/make-fixtures.py` makes a tiny random checkpoint with `transformers`'
+//!    reference logits; `runtime/tests/families.rs` checks logits and greedy tokens against it,
+//!    disaggregated on 1/2/3 workers.
 //!
 //! [`Semantics::layer`]: genie_scheduler::graph::Semantics::layer
 //! [`OpKind`]: genie_scheduler::graph::OpKind
+
+pub mod gpt2;
+pub mod llama;
+pub mod run;
 
 use crate::driver::{Driver, RunOutput};
 use crate::error::{Result, RuntimeError};
 use crate::plan::Placement;
 use candle_core::{Device, Tensor};
-use genie_scheduler::builders::{gpt2_decode, gpt2_prefill, Gpt2Config};
+use genie_scheduler::builders::{Gpt2Config, LlamaConfig};
 use genie_scheduler::graph::{Graph, TensorRef};
+use std::path::Path;
+
+/// What a model family tells the runtime: its graphs and sizes.
+pub trait Family {
+    /// The Hugging Face `model_type` (`gpt2`, `llama`, `qwen2`, `mistral`).
+    fn model_type(&self) -> &str;
+    /// The prefill graph over `seq_len` prompt tokens: outputs logits `[B, S, V]`, then each
+    /// layer's KV cache.
+    fn prefill(&self, seq_len: usize) -> Result<Graph>;
+    /// One decode step against KV caches of length `kv_len`: outputs logits `[B, 1, V]`, then
+    /// the updated caches.
+    fn decode(&self, kv_len: usize) -> Result<Graph>;
+    /// Vocabulary size.
+    fn vocab(&self) -> usize;
+    /// Decoder layers.
+    fn layers(&self) -> usize;
+    /// Most positions a sequence may have.
+    fn context(&self) -> usize;
+    /// One line: layers, sizes, heads.
+    fn describe(&self) -> String;
+}
+
+/// A model of any supported family.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Model {
+    /// GPT-2.
+    Gpt2(Gpt2Config),
+    /// Llama-style: Llama, Qwen2, Mistral.
+    Llama(LlamaConfig),
+}
+
+fn sched_err(e: genie_scheduler::Error) -> RuntimeError {
+    RuntimeError::Scheduler(e.to_string())
+}
+
+/// `model_type`s [`Model::from_config_json`] accepts.
+pub const MODEL_TYPES: [&str; 4] = ["gpt2", "llama", "qwen2", "mistral"];
+
+impl Model {
+    /// Parses a Hugging Face `config.json` (its text; `path` only names it in errors).
+    pub fn from_config_json(text: &str, path: &Path) -> Result<Self> {
+        let err = |reason: String| RuntimeError::Checkpoint {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| err(format!("not JSON: {e}")))?;
+        let t = v
+            .get("model_type")
+            .and_then(|t| t.as_str())
+            .ok_or_else(|| err("no `model_type`".into()))?;
+        match t {
+            "gpt2" => gpt2::from_config_json(&v).map(Model::Gpt2).map_err(err),
+            "llama" | "qwen2" | "mistral" => {
+                llama::from_config_json(&v).map(Model::Llama).map_err(err)
+            }
+            other => Err(err(format!(
+                "model_type `{other}` is not supported (supported: {})",
+                MODEL_TYPES.join(", ")
+            ))),
+        }
+    }
+
+    /// Reads `dir/config.json`.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| RuntimeError::Checkpoint {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        Self::from_config_json(&text, &path)
+    }
+
+    fn family(&self) -> &dyn Family {
+        match self {
+            Model::Gpt2(c) => c,
+            Model::Llama(c) => c,
+        }
+    }
+}
+
+impl Family for Model {
+    fn model_type(&self) -> &str {
+        self.family().model_type()
+    }
+    fn prefill(&self, seq_len: usize) -> Result<Graph> {
+        self.family().prefill(seq_len)
+    }
+    fn decode(&self, kv_len: usize) -> Result<Graph> {
+        self.family().decode(kv_len)
+    }
+    fn vocab(&self) -> usize {
+        self.family().vocab()
+    }
+    fn layers(&self) -> usize {
+        self.family().layers()
+    }
+    fn context(&self) -> usize {
+        self.family().context()
+    }
+    fn describe(&self) -> String {
+        self.family().describe()
+    }
+}
+
+/// The checkpoint keys parameter `name` may have in a checkpoint of `model_type` (`None`: a
+/// bare safetensors file, read as GPT-2's), the graph's own spelling first.
+pub fn checkpoint_keys(model_type: Option<&str>, name: &str) -> Vec<String> {
+    match model_type {
+        Some("llama" | "qwen2" | "mistral") => llama::checkpoint_keys(name),
+        _ => gpt2::checkpoint_keys(name),
+    }
+}
 
 fn kerr(source: candle_core::Error) -> RuntimeError {
     RuntimeError::Kernel {
@@ -85,7 +206,7 @@ pub fn argmax_last(logits: &Tensor) -> Result<i64> {
     Ok(best as i64)
 }
 
-/// One GPT-2 generation: what each run returned.
+/// One generation: what each run returned.
 #[derive(Debug, Clone)]
 pub struct Generation {
     /// Prefill run (its outputs: the last position's logits are not returned; see `tokens`).
@@ -96,20 +217,121 @@ pub struct Generation {
     pub tokens: Vec<i64>,
 }
 
+/// How [`generate_with`] picks each token.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampling {
+    /// Softmax temperature; 0 (the default) picks the most likely token (greedy).
+    pub temperature: f32,
+    /// Nucleus sampling: draw from the most likely tokens whose probabilities sum to at least
+    /// `top_p` (default 1: all).
+    pub top_p: f32,
+    /// Seed of the draws (default 0): the same seed gives the same tokens.
+    pub seed: u64,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+        }
+    }
+}
+
+/// Picks a token from the last row of `[.., V]` logits: greedy at temperature 0, else a draw
+/// from the temperature-scaled, top-p-truncated distribution.
+pub fn pick(logits: &Tensor, s: &Sampling, rng: &mut impl rand::Rng) -> Result<i64> {
+    if s.temperature <= 0.0 || !s.temperature.is_finite() {
+        return argmax_last(logits);
+    }
+    let v = logits.dim(candle_core::D::Minus1).map_err(kerr)?;
+    let flat: Vec<f32> = logits
+        .flatten_all()
+        .and_then(|t| t.to_vec1())
+        .map_err(kerr)?;
+    let last = flat.get(flat.len().saturating_sub(v)..).unwrap_or(&[]);
+    let m = last.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut p: Vec<(usize, f64)> = last
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| (i, f64::from((x - m) / s.temperature).exp()))
+        .collect();
+    p.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let total: f64 = p.iter().map(|x| x.1).sum();
+    let mut kept = 0.0;
+    let mut n = 0;
+    for (_, q) in &p {
+        kept += q;
+        n += 1;
+        if kept >= f64::from(s.top_p.clamp(0.0, 1.0)) * total {
+            break;
+        }
+    }
+    let mut r = rng.random::<f64>() * kept;
+    for (i, q) in &p[..n] {
+        if r < *q {
+            return Ok(*i as i64);
+        }
+        r -= q;
+    }
+    Ok(p.first().map_or(0, |x| x.0 as i64))
+}
+
 /// Runs a prefill of `prompt` then `steps` greedy decode steps for sequence `seq`.
 /// `prefill_place` / `decode_place` choose each graph's placement.
-pub fn generate(
+pub fn generate<F: Family + ?Sized>(
     driver: &mut Driver,
-    cfg: &Gpt2Config,
+    model: &F,
     prompt: &[i64],
     steps: usize,
     seq: u64,
+    prefill_place: impl FnMut(&Graph) -> Result<Placement>,
+    decode_place: impl FnMut(&Graph) -> Result<Placement>,
+) -> Result<Generation> {
+    generate_with(
+        driver,
+        model,
+        prompt,
+        steps,
+        seq,
+        &Sampling::default(),
+        prefill_place,
+        decode_place,
+    )
+}
+
+/// [`generate`] with tokens picked as `sampling` says.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_with<F: Family + ?Sized>(
+    driver: &mut Driver,
+    model: &F,
+    prompt: &[i64],
+    steps: usize,
+    seq: u64,
+    sampling: &Sampling,
     mut prefill_place: impl FnMut(&Graph) -> Result<Placement>,
     mut decode_place: impl FnMut(&Graph) -> Result<Placement>,
 ) -> Result<Generation> {
-    let sched = |e: genie_scheduler::Error| RuntimeError::Scheduler(e.to_string());
+    use rand::SeedableRng;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(sampling.seed);
     let s = prompt.len();
-    let g = gpt2_prefill(cfg, s).map_err(sched)?;
+    if s == 0 || s + steps > model.context() {
+        return Err(RuntimeError::Plan(format!(
+            "a prompt of {s} tokens and {steps} steps must be non-empty and fit the context of {}",
+            model.context()
+        )));
+    }
+    if let Some(bad) = prompt
+        .iter()
+        .find(|&&t| t < 0 || t as u64 >= model.vocab() as u64)
+    {
+        return Err(RuntimeError::Plan(format!(
+            "token id {bad} is outside the vocabulary of {}",
+            model.vocab()
+        )));
+    }
+    let g = model.prefill(s)?;
     let p = prefill_place(&g)?;
     let ids = row_i64(prompt.to_vec())?;
     let pos = row_i64((0..s as i64).collect())?;
@@ -128,11 +350,11 @@ pub fn generate(
         .outputs
         .first()
         .ok_or_else(|| RuntimeError::Plan("prefill returned nothing".into()))?;
-    let mut tokens = vec![argmax_last(first)?];
+    let mut tokens = vec![pick(first, sampling, &mut rng)?];
     let mut runs = Vec::with_capacity(steps);
     for step in 0..steps {
         let l = s + step;
-        let g = gpt2_decode(cfg, l).map_err(sched)?;
+        let g = model.decode(l)?;
         let p = decode_place(&g)?;
         let tok = *tokens.last().unwrap_or(&0);
         let out = driver.run(
@@ -151,7 +373,7 @@ pub fn generate(
             .outputs
             .first()
             .ok_or_else(|| RuntimeError::Plan("decode returned nothing".into()))?;
-        tokens.push(argmax_last(logits)?);
+        tokens.push(pick(logits, sampling, &mut rng)?);
         runs.push(out);
     }
     Ok(Generation {
