@@ -907,6 +907,113 @@ mod tests {
         }
     }
 
+    /// Grouped-query attention: the one-query kernel agrees with candle's path over repeated
+    /// K/V heads (float rounding), and both equal multi-head attention over explicitly repeated
+    /// heads; a prefill (several queries) is candle's, bitwise the repeated-heads answer.
+    #[test]
+    fn grouped_query_attention_equals_repeated_heads() {
+        let d = Device::Cpu;
+        let (heads, g, hd) = (6, 2, 16);
+        let r = |s: &[usize]| Tensor::randn(0f32, 1., s, &d).unwrap();
+        let gqa = |q: usize| {
+            node(
+                OpKind::Attention {
+                    heads,
+                    kv_heads: Some(g),
+                    head_dim: hd,
+                    causal: true,
+                    scale: Scalar(0.25),
+                },
+                &[1, q, heads * hd],
+            )
+        };
+        let mha = |q: usize| {
+            node(
+                OpKind::Attention {
+                    heads,
+                    kv_heads: None,
+                    head_dim: hd,
+                    causal: true,
+                    scale: Scalar(0.25),
+                },
+                &[1, q, heads * hd],
+            )
+        };
+        for (qn, kn) in [(1usize, 40usize), (7, 7)] {
+            let store = r(&[2, 1, 64, g * hd]);
+            let view = store.narrow(2, 0, kn).unwrap();
+            let (k, v) = (view.get(0).unwrap(), view.get(1).unwrap());
+            let q = r(&[1, qn, heads * hd]);
+            let rep = |t: &Tensor| repeat_kv(t, g, heads / g).unwrap();
+            let full = CpuKernels::candle_only()
+                .run(&mha(qn), &[q.clone(), rep(&k), rep(&v)])
+                .unwrap();
+            let slow = CpuKernels::candle_only()
+                .run(&gqa(qn), &[q.clone(), k.clone(), v.clone()])
+                .unwrap();
+            assert_eq!(vals(&slow[0]), vals(&full[0]), "q {qn}");
+            let fast = CpuKernels::new().run(&gqa(qn), &[q, k, v]).unwrap();
+            for (a, b) in vals(&fast[0]).iter().zip(vals(&full[0])) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                    "q {qn}: {a} vs {b}"
+                );
+            }
+        }
+        let bad = node(
+            OpKind::Attention {
+                heads: 6,
+                kv_heads: Some(4),
+                head_dim: hd,
+                causal: true,
+                scale: Scalar(0.25),
+            },
+            &[1, 1, 96],
+        );
+        let ins = [r(&[1, 1, 96]), r(&[1, 3, 64]), r(&[1, 3, 64])];
+        assert!(CpuKernels::new().run(&bad, &ins).is_err());
+    }
+
+    /// RMS norm and rotary embeddings on values worked by hand: position 0 leaves a head as it
+    /// is, position p rotates pair (i, i + D/2) by p·θ^(−2i/D), which keeps its length.
+    #[test]
+    fn rms_norm_and_rotary_by_hand() {
+        let k = CpuKernels::new();
+        let n = node(OpKind::RmsNorm { eps: Scalar(0.0) }, &[1, 2]);
+        let y = k
+            .run(&n, &[t(&[3.0, 4.0], &[1, 2]), t(&[1.0, 2.0], &[2])])
+            .unwrap();
+        let want = [3.0 / 12.5f32.sqrt(), 8.0 / 12.5f32.sqrt()];
+        for (a, b) in vals(&y[0]).iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+        let rope = node(
+            OpKind::Rotary {
+                head_dim: 4,
+                theta: Scalar(100.0),
+                scaling: RopeScaling::None,
+            },
+            &[1, 2, 8],
+        );
+        let x: Vec<f32> = (1..=16).map(|i| i as f32).collect();
+        let pos = Tensor::from_vec(vec![0i64, 3], (1, 2), &Device::Cpu).unwrap();
+        let y = vals(&k.run(&rope, &[t(&x, &[1, 2, 8]), pos]).unwrap()[0]);
+        assert_eq!(&y[..8], &x[..8]);
+        // Position 3, pair (0, 2) of the first head: angle 3, frequency 1.
+        let (a, b) = (x[8], x[10]);
+        let (c, s) = (3f64.cos() as f32, 3f64.sin() as f32);
+        assert!((y[8] - (a * c - b * s)).abs() < 1e-5);
+        assert!((y[10] - (b * c + a * s)).abs() < 1e-5);
+        // Pair (1, 3): frequency 100^(-1/2) = 0.1.
+        let (a, b) = (x[9], x[11]);
+        let norm = |p: f32, q: f32| (p * p + q * q).sqrt();
+        assert!((norm(y[9], y[11]) - norm(a, b)).abs() < 1e-4);
+        let silu = node(OpKind::Silu, &[2]);
+        let y = vals(&k.run(&silu, &[t(&[0.0, 2.0], &[2])]).unwrap()[0]);
+        assert_eq!(y[0], 0.0);
+        assert!((y[1] - 2.0 / (1.0 + (-2f32).exp())).abs() < 1e-6);
+    }
+
     fn node(op: OpKind, out: &[usize]) -> Node {
         Node {
             id: NodeId(0),

@@ -54,7 +54,7 @@ use crate::error::{Result, RuntimeError};
 use crate::plan::Placement;
 use candle_core::{Device, Tensor};
 use genie_scheduler::builders::{Gpt2Config, LlamaConfig};
-use genie_scheduler::graph::{Graph, TensorRef};
+use genie_scheduler::graph::{Graph, OpKind, Semantics, TensorRef};
 use std::path::Path;
 
 /// What a model family tells the runtime: its graphs and sizes.
@@ -279,7 +279,8 @@ pub fn pick(logits: &Tensor, s: &Sampling, rng: &mut impl rand::Rng) -> Result<i
 }
 
 /// Runs a prefill of `prompt` then `steps` greedy decode steps for sequence `seq`.
-/// `prefill_place` / `decode_place` choose each graph's placement.
+/// `prefill_place` / `decode_place` choose each graph's placement. The prefill returns the
+/// logits of every position (`[B, S, V]`); for long prompts use [`generate_with`].
 pub fn generate<F: Family + ?Sized>(
     driver: &mut Driver,
     model: &F,
@@ -289,19 +290,14 @@ pub fn generate<F: Family + ?Sized>(
     prefill_place: impl FnMut(&Graph) -> Result<Placement>,
     decode_place: impl FnMut(&Graph) -> Result<Placement>,
 ) -> Result<Generation> {
-    generate_with(
-        driver,
-        model,
-        prompt,
-        steps,
-        seq,
-        &Sampling::default(),
-        prefill_place,
-        decode_place,
-    )
+    let places = (prefill_place, decode_place);
+    let greedy = Sampling::default();
+    run_generation(driver, model, prompt, (steps, seq), &greedy, false, places)
 }
 
-/// [`generate`] with tokens picked as `sampling` says.
+/// [`generate`] with tokens picked as `sampling` says, and only the last position's logits
+/// returned by the prefill (`[B, 1, V]`: a long prompt's whole logits would not fit one
+/// message to the driver).
 #[allow(clippy::too_many_arguments)]
 pub fn generate_with<F: Family + ?Sized>(
     driver: &mut Driver,
@@ -310,8 +306,25 @@ pub fn generate_with<F: Family + ?Sized>(
     steps: usize,
     seq: u64,
     sampling: &Sampling,
-    mut prefill_place: impl FnMut(&Graph) -> Result<Placement>,
-    mut decode_place: impl FnMut(&Graph) -> Result<Placement>,
+    prefill_place: impl FnMut(&Graph) -> Result<Placement>,
+    decode_place: impl FnMut(&Graph) -> Result<Placement>,
+) -> Result<Generation> {
+    let places = (prefill_place, decode_place);
+    run_generation(driver, model, prompt, (steps, seq), sampling, true, places)
+}
+
+#[allow(clippy::type_complexity)]
+fn run_generation<F: Family + ?Sized>(
+    driver: &mut Driver,
+    model: &F,
+    prompt: &[i64],
+    (steps, seq): (usize, u64),
+    sampling: &Sampling,
+    last_only: bool,
+    (mut prefill_place, mut decode_place): (
+        impl FnMut(&Graph) -> Result<Placement>,
+        impl FnMut(&Graph) -> Result<Placement>,
+    ),
 ) -> Result<Generation> {
     use rand::SeedableRng;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(sampling.seed);
@@ -331,14 +344,25 @@ pub fn generate_with<F: Family + ?Sized>(
             model.vocab()
         )));
     }
-    let g = model.prefill(s)?;
-    let p = prefill_place(&g)?;
-    let ids = row_i64(prompt.to_vec())?;
-    let pos = row_i64((0..s as i64).collect())?;
-    let logits_ref: TensorRef = *g
+    let mut g = model.prefill(s)?;
+    let mut logits_ref: TensorRef = *g
         .outputs
         .first()
         .ok_or_else(|| RuntimeError::Plan("prefill graph has no outputs".into()))?;
+    if last_only {
+        let last = OpKind::Slice {
+            axis: 1,
+            start: s - 1,
+            end: s,
+        };
+        logits_ref = g
+            .add("last_logits", last, vec![logits_ref], Semantics::default())
+            .map_err(|e| RuntimeError::Scheduler(e.to_string()))?
+            .into();
+    }
+    let p = prefill_place(&g)?;
+    let ids = row_i64(prompt.to_vec())?;
+    let pos = row_i64((0..s as i64).collect())?;
     let prefill = driver.run(
         &g,
         &p,

@@ -263,7 +263,8 @@ impl LlamaConfig {
     }
 
     /// Trainable parameters, by `transformers`' formula for the same config (what
-    /// [`Graph::parameter_count`] of [`llama_prefill`] equals).
+    /// [`Graph::parameter_count`] of [`llama_prefill`] equals). Meaningful for a config that
+    /// passes [`LlamaConfig::check`] (others may wrap).
     pub fn parameter_count(&self) -> u64 {
         let (d, ff, v) = (
             self.hidden as u64,
@@ -271,7 +272,7 @@ impl LlamaConfig {
             self.vocab as u64,
         );
         let (hq, hkv) = (
-            (self.heads * self.head_dim()) as u64,
+            self.heads.saturating_mul(self.head_dim()) as u64,
             self.kv_width() as u64,
         );
         let attn = d * hq
