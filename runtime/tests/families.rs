@@ -184,3 +184,24 @@ fn bad_folders_are_refused_with_the_file_and_tensor_named() {
     assert!(e.contains("mlp") && e.contains("shape"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Mistral's sliding window is refused with a clear error before anything runs, when the
+/// prompt and steps would exceed it.
+#[test]
+fn mistral_beyond_its_window_is_refused_up_front() {
+    let model = Model::load(&fixtures().join("mistral")).unwrap();
+    let opts = WorkerOptions {
+        model_dir: Some(fixtures()),
+        ..WorkerOptions::default()
+    };
+    let cluster = EmbeddedCluster::start_with(1, Arc::new(CpuKernels::new()), opts).unwrap();
+    let mut driver =
+        Driver::connect(&cluster.cluster, WeightSpec::Checkpoint("mistral".into())).unwrap();
+    let one = |g: &Graph| Ok(Placement::single(g));
+    let p: Vec<i64> = (0..60).collect();
+    let e = generate(&mut driver, &model, &p, 10, 0, one, one).unwrap_err();
+    assert!(e.to_string().contains("sliding window of 64"), "{e}");
+    let ok = generate(&mut driver, &model, &p, 4, 1, one, one).unwrap();
+    assert_eq!(ok.tokens.len(), 5);
+    cluster.stop(driver).unwrap();
+}

@@ -344,6 +344,10 @@ fn run_generation<F: Family + ?Sized>(
             model.vocab()
         )));
     }
+    if steps > 0 {
+        // Refuse before running what the last step cannot do (a sliding window, ...).
+        model.decode(s + steps - 1)?;
+    }
     let mut g = model.prefill(s)?;
     let mut logits_ref: TensorRef = *g
         .outputs
