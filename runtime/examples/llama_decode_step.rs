@@ -12,7 +12,7 @@ use genie_runtime::kernels::CpuKernels;
 use genie_runtime::models::{generate_with, prompt, Family, Sampling};
 use genie_runtime::plan::Placement;
 use genie_runtime::proto::WeightSpec;
-use genie_runtime::trace::summarize;
+use genie_runtime::trace::{summarize, SpanKind};
 use genie_scheduler::builders::LlamaConfig;
 use std::sync::Arc;
 
@@ -60,6 +60,27 @@ fn main() -> anyhow::Result<()> {
         );
         wall.push(r.wall.as_secs_f64() * 1e3);
         span.push(s.makespan_us / 1e3);
+    }
+    // Where a step's compute goes: span time per node kind, the layer index dropped
+    // (`model.layers.7.mlp.up_proj.out` counts as `mlp.up_proj.out`), summed over the steps.
+    let mut by_kind: std::collections::BTreeMap<String, f64> = Default::default();
+    for r in &gen.steps {
+        for s in r
+            .spans
+            .iter()
+            .filter(|s| matches!(s.kind, SpanKind::Compute { .. }))
+        {
+            let key = match s.name.strip_prefix("model.layers.") {
+                Some(rest) => rest.split_once('.').map_or(rest, |(_, k)| k).to_owned(),
+                None => s.name.clone(),
+            };
+            *by_kind.entry(key).or_default() += s.dur_us / 1e3 / steps.max(1) as f64;
+        }
+    }
+    let mut top: Vec<(String, f64)> = by_kind.into_iter().collect();
+    top.sort_by(|a, b| b.1.total_cmp(&a.1));
+    for (k, ms) in top.iter().take(10) {
+        println!("  {ms:7.2} ms/step  {k}");
     }
     println!(
         "decode step at kv {kv}: median {:.2} ms wall, {:.2} ms compute span ({} steps)",
