@@ -63,6 +63,7 @@ fn main() -> anyhow::Result<()> {
             node(
                 OpKind::Attention {
                     heads: 12,
+                    kv_heads: None,
                     head_dim: 64,
                     causal: true,
                     scale: Scalar(0.125),
@@ -76,6 +77,7 @@ fn main() -> anyhow::Result<()> {
             node(
                 OpKind::Attention {
                     heads: 4,
+                    kv_heads: None,
                     head_dim: 32,
                     causal: true,
                     scale: Scalar(0.17),

@@ -1,4 +1,5 @@
-//! `genie demo`: GPT-2 disaggregated on an embedded cluster, against the naive placement.
+//! `genie demo`: a decoder (GPT-2, or any family of [`crate::models`] from a Hugging Face
+//! folder) disaggregated on an embedded cluster, against the naive placement.
 //!
 //! Two workers on TCP loopback: `w0` runs the prefill; `w1`, the decode worker, holds the KV
 //! caches and runs every decode step whole (as the scheduler's schedule of a decode step keeps it
@@ -10,16 +11,16 @@
 //! on (no overlap).
 
 use crate::driver::{Driver, EmbeddedCluster, RunOutput, TransferSample};
-use crate::engine::with_last_logits;
 use crate::error::{Result, RuntimeError};
 use crate::feedback::{calibrate_links, predict_makespan, ComputeCalibration};
 use crate::kernels::CpuKernels;
 use crate::limits::WorkerOptions;
-use crate::models::{argmax_last, prompt, row_i64};
+use crate::models::with_last_logits;
+use crate::models::{argmax_last, prompt, row_i64, Family, Model};
 use crate::plan::{layer_of, Placement};
 use crate::proto::WeightSpec;
 use crate::trace::{summarize, write_chrome_trace, CounterSnapshot, Span};
-use genie_scheduler::builders::{gpt2_decode, gpt2_prefill, Gpt2Config};
+use genie_scheduler::builders::Gpt2Config;
 use genie_scheduler::cost::DeviceSpec;
 use genie_scheduler::graph::{Graph, NodeId, OpKind};
 use genie_scheduler::topology::LinkSpec;
@@ -34,7 +35,8 @@ const DECODE_BLOCK: usize = 4;
 /// Demo settings.
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
-    /// `gpt2-small` (4 layers × 128 hidden, 4096 vocab) or `gpt2-124m` (the real GPT-2).
+    /// `gpt2-small` (4 layers × 128 hidden, 4096 vocab), `gpt2-124m` (the real GPT-2), or a
+    /// Hugging Face model folder (its `config.json` and safetensors; `weights` is then ignored).
     pub model: String,
     /// Prompt length (the KV length decode steps attend over).
     pub seq_len: usize,
@@ -89,20 +91,24 @@ impl DemoFigures {
     }
 }
 
-/// The model configuration a demo model name stands for.
-pub fn model_config(name: &str) -> Result<Gpt2Config> {
+/// The model configuration a demo model name stands for (a folder: its `config.json`).
+pub fn model_config(name: &str) -> Result<Model> {
+    let dir = std::path::Path::new(name);
+    if dir.is_dir() {
+        return Model::load(dir);
+    }
     match name {
-        "gpt2-small" => Ok(Gpt2Config {
+        "gpt2-small" => Ok(Model::Gpt2(Gpt2Config {
             layers: 4,
             hidden: 128,
             heads: 4,
             vocab: 4096,
             context: 1024,
             ..Gpt2Config::default()
-        }),
-        "gpt2-124m" | "gpt2" => Ok(Gpt2Config::default()),
+        })),
+        "gpt2-124m" | "gpt2" => Ok(Model::Gpt2(Gpt2Config::default())),
         other => Err(RuntimeError::Plan(format!(
-            "unknown demo model `{other}` (expected gpt2-small or gpt2-124m)"
+            "unknown demo model `{other}` (expected gpt2-small, gpt2-124m or a model folder)"
         ))),
     }
 }
@@ -169,7 +175,7 @@ fn sched_err(e: genie_scheduler::Error) -> RuntimeError {
 #[allow(clippy::too_many_arguments)]
 fn prefill_phase(
     driver: &mut Driver,
-    cfg: &Gpt2Config,
+    cfg: &Model,
     tokens_in: &[i64],
     seq: u64,
     prefill_place: fn(&Graph) -> Placement,
@@ -178,7 +184,7 @@ fn prefill_phase(
     out: &mut dyn FnMut(String),
 ) -> Result<Phase> {
     let s = tokens_in.len();
-    let (g, last) = with_last_logits(gpt2_prefill(cfg, s).map_err(sched_err)?, s)?;
+    let (g, last) = with_last_logits(cfg.prefill(s)?, s)?;
     let p = prefill_place(&g);
     let prefill = driver.run(
         &g,
@@ -218,14 +224,14 @@ fn prefill_phase(
 /// One greedy decode step of `ph`'s sequence.
 fn decode_step(
     driver: &mut Driver,
-    cfg: &Gpt2Config,
+    cfg: &Model,
     ph: &mut Phase,
     steps: usize,
     out: &mut dyn FnMut(String),
 ) -> Result<()> {
     let step = ph.steps.len();
     let l = ph.prompt_len + step;
-    let dg = gpt2_decode(cfg, l).map_err(sched_err)?;
+    let dg = cfg.decode(l)?;
     let dp = (ph.decode_place)(&dg);
     let tok = ph.tokens.last().copied().unwrap_or(0);
     let logits = *dg
@@ -267,10 +273,22 @@ fn decode_step(
 pub fn run_demo(opts: &DemoOptions, out: &mut dyn FnMut(String)) -> Result<DemoFigures> {
     let started = Instant::now();
     let cfg = model_config(&opts.model)?;
-    if opts.seq_len + opts.steps > cfg.context || opts.seq_len < 2 {
+    let folder = std::path::Path::new(&opts.model).is_dir();
+    let mut opts = opts.clone();
+    if folder {
+        opts.weights = Some(PathBuf::from(&opts.model));
+        // A folder's model may be small: fit the prompt to its context.
+        opts.seq_len = opts.seq_len.min(cfg.context().saturating_sub(opts.steps));
+    }
+    // Workers resolve a checkpoint inside their model directory: name it by its absolute path.
+    opts.weights = opts.weights.map(|w| std::fs::canonicalize(&w).unwrap_or(w));
+    let opts = &opts;
+    if opts.seq_len + opts.steps > cfg.context() || opts.seq_len < 2 {
         return Err(RuntimeError::Plan(format!(
             "sequence {} + {} steps must fit the context of {}",
-            opts.seq_len, opts.steps, cfg.context
+            opts.seq_len,
+            opts.steps,
+            cfg.context()
         )));
     }
     // The workers may load the checkpoint the user named, and only from where it lies.
@@ -304,8 +322,11 @@ pub fn run_demo(opts: &DemoOptions, out: &mut dyn FnMut(String)) -> Result<DemoF
     };
     let mut driver = Driver::connect(&cluster.cluster, weights)?;
     out(format!(
-        "model {}: {} layers × {} hidden, {} heads, vocab {}; prompt {} tokens, {} decode steps",
-        opts.model, cfg.layers, cfg.hidden, cfg.heads, cfg.vocab, opts.seq_len, opts.steps
+        "model {}: {}; prompt {} tokens, {} decode steps",
+        opts.model,
+        cfg.describe(),
+        opts.seq_len,
+        opts.steps
     ));
 
     // The scheduler's view of the same cluster: two CPU devices joined by a loopback link
@@ -314,7 +335,7 @@ pub fn run_demo(opts: &DemoOptions, out: &mut dyn FnMut(String)) -> Result<DemoF
         .map_err(|e| RuntimeError::Scheduler(e.to_string()))?;
     let sched = sched_err;
     {
-        let dg = gpt2_decode(&cfg, opts.seq_len).map_err(sched)?;
+        let dg = cfg.decode(opts.seq_len)?;
         let mut scheduler = Scheduler::new(topo.clone());
         let s = scheduler
             .create_schedule(&dg, &OptimizationPlan::default())
@@ -333,7 +354,7 @@ pub fn run_demo(opts: &DemoOptions, out: &mut dyn FnMut(String)) -> Result<DemoF
         ));
     }
 
-    let p = prompt(opts.seq_len, cfg.vocab);
+    let p = prompt(opts.seq_len, cfg.vocab());
     let mut say = |s: String| out(s);
     let mut colo = prefill_phase(
         &mut driver,
@@ -415,7 +436,7 @@ pub fn run_demo(opts: &DemoOptions, out: &mut dyn FnMut(String)) -> Result<DemoF
     }
     for ph in [&colo, &naive] {
         for (i, r) in ph.steps.iter().enumerate() {
-            let dg = gpt2_decode(&cfg, opts.seq_len + i).map_err(sched)?;
+            let dg = cfg.decode(opts.seq_len + i)?;
             cal.add_run(&dg, &topo, r);
         }
     }

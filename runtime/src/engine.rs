@@ -53,14 +53,13 @@
 use crate::cluster::{Cluster, Role};
 use crate::driver::{Driver, RunOutput};
 use crate::error::RuntimeError;
-use crate::models::{argmax_last, row_i64};
+use crate::models::{argmax_last, pick, row_i64, with_last_logits, Family, Model};
 use crate::plan::Placement;
 use crate::proto::WeightSpec;
 use crate::trace::Span;
 use candle_core::Tensor;
-use genie_scheduler::builders::{gpt2_decode, gpt2_prefill, Gpt2Config};
-use genie_scheduler::graph::{Graph, OpKind, Semantics, TensorRef};
-use rand::{Rng, SeedableRng};
+use genie_scheduler::graph::Graph;
+use rand::SeedableRng;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
@@ -200,8 +199,8 @@ enum Event {
 /// Engine settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EngineConfig {
-    /// The model (GPT-2 family).
-    pub model: Gpt2Config,
+    /// The model, of any family ([`Model`]; a `Gpt2Config` or `LlamaConfig` converts).
+    pub model: Model,
     /// Worker index that runs prefills.
     pub prefill_worker: usize,
     /// Worker index where KV caches are pinned and decode steps run.
@@ -218,9 +217,9 @@ pub struct EngineConfig {
 
 impl EngineConfig {
     /// Prefill on worker 0, decode on worker 1, a 256 MiB KV pool.
-    pub fn disaggregated(model: Gpt2Config) -> Self {
+    pub fn disaggregated(model: impl Into<Model>) -> Self {
         Self {
-            model,
+            model: model.into(),
             prefill_worker: 0,
             decode_worker: 1,
             kv_pool_bytes: 256 << 20,
@@ -232,7 +231,7 @@ impl EngineConfig {
     /// The configuration for `cluster`'s roles: prefill on the first worker whose role is
     /// `prefill`, else the first `both`; decode on the first `decode`, else the first other
     /// `both`, else the prefill worker itself (co-located).
-    pub fn for_cluster(model: Gpt2Config, cluster: &Cluster) -> Result<Self, RuntimeError> {
+    pub fn for_cluster(model: impl Into<Model>, cluster: &Cluster) -> Result<Self, RuntimeError> {
         let first = |want: Role, skip: Option<usize>| {
             cluster
                 .workers
@@ -261,8 +260,7 @@ impl EngineConfig {
 
     /// Bytes of KV cache a sequence of `tokens` positions takes (K and V, every layer, f32).
     pub fn kv_bytes(&self, tokens: usize) -> u64 {
-        let m = &self.model;
-        2 * (m.layers as u64) * (tokens as u64) * (m.hidden as u64) * 4
+        self.model.kv_bytes(tokens)
     }
 }
 
@@ -498,20 +496,20 @@ impl Engine {
         if let Some(t) = req
             .prompt
             .iter()
-            .find(|&&t| t < 0 || t as u64 >= m.vocab as u64)
+            .find(|&&t| t < 0 || t as u64 >= m.vocab() as u64)
         {
             return Err(EngineError::InvalidRequest(format!(
                 "token {t} is outside the vocabulary of {}",
-                m.vocab
+                m.vocab()
             )));
         }
         let total = req.prompt.len().saturating_add(req.max_new_tokens);
-        if total > m.context {
+        if total > m.context() {
             return Err(EngineError::InvalidRequest(format!(
                 "prompt {} + {} new tokens exceed the context of {}",
                 req.prompt.len(),
                 req.max_new_tokens,
-                m.context
+                m.context()
             )));
         }
         if let Sampling::Seeded {
@@ -790,7 +788,7 @@ impl Core {
 
     fn run_prefill(&mut self, a: &Active) -> Result<(RunOutput, Tensor), RuntimeError> {
         let s = a.req.prompt.len();
-        let (g, last) = with_last_logits(gpt2_prefill(&self.cfg.model, s).map_err(sched)?, s)?;
+        let (g, last) = with_last_logits(self.cfg.model.prefill(s)?, s)?;
         let (pw, dw) = (self.cfg.prefill_worker, self.cfg.decode_worker);
         let place = self.place(&g, pw, dw)?;
         let started = Instant::now();
@@ -851,7 +849,7 @@ impl Core {
 
     fn run_decode(&mut self, a: &Active) -> Result<Tensor, RuntimeError> {
         let l = a.req.prompt.len() + a.tokens.len() - 1;
-        let g = gpt2_decode(&self.cfg.model, l).map_err(sched)?;
+        let g = self.cfg.model.decode(l)?;
         let dw = self.cfg.decode_worker;
         let place = self.place(&g, dw, dw)?;
         let tok = a.tokens.last().copied().unwrap_or(0);
@@ -994,31 +992,6 @@ fn sched(e: genie_scheduler::Error) -> RuntimeError {
     RuntimeError::Scheduler(e.to_string())
 }
 
-/// Appends a node taking the last position of the prefill logits (all generation needs),
-/// returning the graph and that tensor.
-pub(crate) fn with_last_logits(
-    mut g: Graph,
-    seq_len: usize,
-) -> Result<(Graph, TensorRef), RuntimeError> {
-    let logits = *g
-        .outputs
-        .first()
-        .ok_or_else(|| RuntimeError::Plan("graph has no outputs".into()))?;
-    let id = g
-        .add(
-            "last_logits",
-            OpKind::Slice {
-                axis: 1,
-                start: seq_len.saturating_sub(1),
-                end: seq_len,
-            },
-            vec![logits],
-            Semantics::default(),
-        )
-        .map_err(|e| RuntimeError::Scheduler(e.to_string()))?;
-    Ok((g, id.into()))
-}
-
 /// The next token from the last row of `logits` under `sampling`.
 fn next_token(
     logits: &Tensor,
@@ -1034,64 +1007,18 @@ fn next_token(
     else {
         return argmax_last(logits);
     };
-    let v = logits.dim(candle_core::D::Minus1).map_err(kernel_err)?;
-    let flat: Vec<f32> = logits
-        .flatten_all()
-        .and_then(|t| t.to_vec1())
-        .map_err(kernel_err)?;
-    let last = flat.get(flat.len().saturating_sub(v)..).unwrap_or(&[]);
-    Ok(sample(last, temperature, top_k, top_p, rng.random::<f64>()) as i64)
-}
-
-fn kernel_err(source: candle_core::Error) -> RuntimeError {
-    RuntimeError::Kernel {
-        node: "<sampling>".into(),
-        source,
-    }
-}
-
-/// Index drawn from `logits / temperature` restricted to the top `top_k` (0: all) and then to
-/// the smallest prefix reaching probability `top_p`, with `u` uniform in `[0, 1)`.
-fn sample(logits: &[f32], temperature: f32, top_k: usize, top_p: f32, u: f64) -> usize {
-    let mut idx: Vec<usize> = (0..logits.len()).collect();
-    // Most likely first; ties by lower id, so the order (and the draw) is deterministic.
-    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
-    if top_k > 0 {
-        idx.truncate(top_k);
-    }
-    let Some(&best) = idx.first() else {
-        return 0;
+    let s = crate::models::Sampling {
+        temperature,
+        top_k,
+        top_p,
+        seed: 0,
     };
-    let max = f64::from(logits[best]);
-    let t = f64::from(temperature);
-    let weights: Vec<f64> = idx
-        .iter()
-        .map(|&i| ((f64::from(logits[i]) - max) / t).exp())
-        .collect();
-    let total: f64 = weights.iter().sum();
-    let mut keep = 0;
-    let mut mass = 0.0;
-    for w in &weights {
-        keep += 1;
-        mass += w / total;
-        if mass >= f64::from(top_p) {
-            break;
-        }
-    }
-    let kept: f64 = weights[..keep].iter().sum();
-    let mut x = u * kept;
-    for (k, w) in weights[..keep].iter().enumerate() {
-        if x < *w {
-            return idx[k];
-        }
-        x -= w;
-    }
-    idx[keep - 1]
+    pick(logits, &s, rng)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::sample;
+    use crate::models::sample;
 
     #[test]
     fn roles_choose_the_prefill_and_decode_workers() {

@@ -118,8 +118,11 @@ pub fn checkpoint_path(model_dir: Option<&Path>, asked: &str, budget: u64) -> Re
         .canonicalize()
         .map_err(|e| refuse(&joined, e.to_string()))?;
     if file.is_dir() {
-        file = file
-            .join("model.safetensors")
+        // A Hugging Face folder: `model.safetensors`, or the index of its shards (which the
+        // loader reads from beside the index, by bare file names only; the budget below is then
+        // the index's size: shards are memory-mapped, and what a run materialises of them is
+        // held to the weight cache's budget).
+        file = crate::weights::checkpoint_file(&file)
             .canonicalize()
             .map_err(|e| refuse(&joined, e.to_string()))?;
     }

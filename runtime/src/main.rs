@@ -7,6 +7,8 @@ use genie_runtime::cluster::{new_secret, Cluster};
 use genie_runtime::demo::{run_demo, DemoOptions};
 use genie_runtime::kernels::CpuKernels;
 use genie_runtime::limits::{WorkerOptions, DEFAULT_MEMORY_BUDGET};
+use genie_runtime::models::run::{run_generate, GenerateOptions};
+use genie_runtime::models::Sampling;
 use genie_runtime::worker::{serve_with, transport_config};
 use genie_scheduler::builders::{by_name, ModelSize};
 use genie_scheduler::cost::DeviceSpec;
@@ -34,10 +36,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Embedded 2-worker cluster on TCP loopback: GPT-2 prefill on w0, KV streamed to w1,
+    /// Embedded 2-worker cluster on TCP loopback: prefill on w0, KV streamed to w1,
     /// decode there; compared with the naive placement in the same run.
     Demo {
-        /// `gpt2-small` (default) or `gpt2-124m`.
+        /// `gpt2-small` (default), `gpt2-124m`, or a Hugging Face model folder DIR
+        /// (gpt2, llama, qwen2, mistral).
         #[arg(long, default_value = "gpt2-small")]
         model: String,
         /// Prompt length (KV length of the decode steps).
@@ -52,6 +55,40 @@ enum Cmd {
         /// Safetensors checkpoint (HF GPT-2 layout) instead of seeded weights.
         #[arg(long)]
         weights: Option<PathBuf>,
+    },
+    /// Generate from a Hugging Face model folder on an embedded 2-worker cluster (prefill on
+    /// w0, decode on w1). Prints the text when the folder has tokenizer.json, and as its last
+    /// line `tokens=[id, ...]`, the generated ids (the first from the prefill).
+    Generate {
+        /// Model folder: config.json, model.safetensors or shards with their index,
+        /// optionally tokenizer.json.
+        #[arg(long)]
+        model: PathBuf,
+        /// Prompt text (needs tokenizer.json).
+        #[arg(
+            long,
+            conflicts_with = "prompt_ids",
+            required_unless_present = "prompt_ids"
+        )]
+        prompt: Option<String>,
+        /// Prompt token ids, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        prompt_ids: Option<Vec<i64>>,
+        /// Tokens to generate.
+        #[arg(long, default_value_t = 16)]
+        max_tokens: usize,
+        /// Sampling temperature (0: greedy).
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        /// Keep only the K most likely tokens (0: all).
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        /// Nucleus sampling mass.
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        /// Seed of the sampling.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
     /// Serve as one worker of a cluster file until a driver says shut down.
     Worker {
@@ -128,6 +165,32 @@ fn main() -> Result<()> {
             }
             let figures = run_demo(&opts, &mut |line| println!("{line}"))?;
             println!("{}", figures.last_line());
+        }
+        Cmd::Generate {
+            model,
+            prompt,
+            prompt_ids,
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+        } => {
+            let opts = GenerateOptions {
+                model,
+                prompt,
+                prompt_ids,
+                max_tokens,
+                sampling: Sampling {
+                    temperature,
+                    top_k,
+                    top_p,
+                    seed,
+                },
+            };
+            let tokens = run_generate(&opts, &mut |line| println!("{line}"))?;
+            let ids: Vec<String> = tokens.iter().map(i64::to_string).collect();
+            println!("tokens=[{}]", ids.join(", "));
         }
         Cmd::Worker {
             cluster,

@@ -1,35 +1,55 @@
-//! Weights for [`OpKind::Parameter`] nodes: seeded random by default, or loaded from a
-//! safetensors checkpoint in the Hugging Face layout.
+//! Weights for [`OpKind::Parameter`] nodes: seeded random by default, or read from a Hugging Face
+//! model folder's safetensors.
 //!
 //! Seeded weights depend only on (seed, parameter name, shape), so every worker (in-process or
 //! a separate process) produces the same value for a parameter without any transfer, and a
 //! worker only materialises the parameters its nodes use.
 //!
-//! Checkpoint keys are the parameter node names (`transformer.h.0.attn.c_attn.weight` for
-//! GPT-2 in Conv1D `[in, out]` layout). Hugging Face GPT-2 files often omit the
-//! `transformer.` prefix; both spellings are accepted. The LM head is tied to
-//! `transformer.wte.weight` by the builder, so no separate key is needed.
+//! Checkpoints: a `.safetensors` file, or a folder with `model.safetensors` or the shards listed
+//! by `model.safetensors.index.json` (`model-0000N-of-0000M.safetensors`). Files are
+//! memory-mapped ([`genie_sys::mmap::MappedFile`]); a tensor is read, and converted from f16,
+//! bf16 or f32 to f32, when a node asks for it. Checkpoint keys are the parameter node names;
+//! the family named by the folder's `config.json` adds the other spellings it accepts
+//! ([`crate::models::checkpoint_keys`]: GPT-2 files with or without `transformer.`). Errors
+//! name the file and the tensor.
 
 use crate::error::{Result, RuntimeError};
-use candle_core::{DType as CDType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use genie_scheduler::graph::{Node, OpKind};
+use genie_sys::mmap::MappedFile;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Where parameter values come from.
 #[derive(Debug, Clone)]
 pub enum WeightSource {
     /// Deterministic pseudo-random values from this seed.
     Seeded(u64),
-    /// Tensors of a safetensors checkpoint, by name.
-    Checkpoint {
-        /// The file they came from.
-        path: PathBuf,
-        /// Tensors by key.
-        tensors: HashMap<String, Tensor>,
-    },
+    /// Tensors of a safetensors checkpoint (one file or shards), by name.
+    Checkpoint(Arc<Checkpoint>),
+}
+
+/// Memory-mapped safetensors files and where each tensor lies in them.
+#[derive(Debug)]
+pub struct Checkpoint {
+    /// The file or index the checkpoint was opened from.
+    pub path: PathBuf,
+    /// `model_type` from the folder's `config.json`, when there is one.
+    pub model_type: Option<String>,
+    files: Vec<(PathBuf, MappedFile)>,
+    tensors: HashMap<String, Entry>,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    file: usize,
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    start: usize,
+    end: usize,
 }
 
 /// FNV-1a: a stable hash of a parameter name (std's hasher is not stable across releases).
@@ -42,25 +62,148 @@ fn fnv1a(s: &str) -> u64 {
     h
 }
 
-impl WeightSource {
-    /// Loads a checkpoint: `path` is a `.safetensors` file or a directory holding
-    /// `model.safetensors`.
-    pub fn load(path: &Path) -> Result<Self> {
-        let file = if path.is_dir() {
-            path.join("model.safetensors")
-        } else {
-            path.to_path_buf()
+/// The file (and, for a sharded checkpoint, the index) a folder or file path names.
+pub fn checkpoint_file(path: &Path) -> PathBuf {
+    if !path.is_dir() {
+        return path.to_path_buf();
+    }
+    let single = path.join("model.safetensors");
+    let index = path.join("model.safetensors.index.json");
+    if !single.exists() && index.exists() {
+        index
+    } else {
+        single
+    }
+}
+
+impl Checkpoint {
+    /// Opens a `.safetensors` file, a `model.safetensors.index.json`, or a folder holding one.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = checkpoint_file(path);
+        let err = |p: &Path, reason: String| RuntimeError::Checkpoint {
+            path: p.to_path_buf(),
+            reason,
         };
-        let tensors = candle_core::safetensors::load(&file, &Device::Cpu).map_err(|e| {
-            RuntimeError::Checkpoint {
-                path: file.clone(),
-                reason: e.to_string(),
+        let dir = file.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let is_index = file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.ends_with(".index.json"));
+        let shards: Vec<String> = if is_index {
+            let text = std::fs::read_to_string(&file).map_err(|e| err(&file, e.to_string()))?;
+            #[derive(serde::Deserialize)]
+            struct Index {
+                weight_map: HashMap<String, String>,
             }
-        })?;
-        Ok(Self::Checkpoint {
+            let idx: Index =
+                serde_json::from_str(&text).map_err(|e| err(&file, format!("index: {e}")))?;
+            let mut names: Vec<String> = idx.weight_map.into_values().collect();
+            names.sort();
+            names.dedup();
+            for n in &names {
+                // Shards lie beside the index: a bare file name, never a path.
+                if n.contains('/') || n.contains('\\') || n == ".." || n.is_empty() {
+                    return Err(err(&file, format!("shard `{n}` is not a file name")));
+                }
+            }
+            names
+        } else {
+            vec![String::new()]
+        };
+        let mut files = Vec::with_capacity(shards.len());
+        let mut tensors = HashMap::new();
+        for (i, shard) in shards.iter().enumerate() {
+            let p = if is_index {
+                dir.join(shard)
+            } else {
+                file.clone()
+            };
+            let map = MappedFile::open(&p).map_err(|e| err(&p, e.to_string()))?;
+            let (n, meta) = safetensors::SafeTensors::read_metadata(&map)
+                .map_err(|e| err(&p, format!("not a safetensors file: {e}")))?;
+            for (name, info) in meta.tensors() {
+                let base = 8 + n;
+                tensors.insert(
+                    name,
+                    Entry {
+                        file: i,
+                        dtype: info.dtype,
+                        shape: info.shape.clone(),
+                        start: base + info.data_offsets.0,
+                        end: base + info.data_offsets.1,
+                    },
+                );
+            }
+            files.push((p, map));
+        }
+        let model_type = std::fs::read_to_string(dir.join("config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v.get("model_type")?.as_str().map(str::to_owned));
+        Ok(Self {
             path: file,
+            model_type,
+            files,
             tensors,
         })
+    }
+
+    /// Names of all tensors held.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    /// Tensor `key` as f32 with `shape` (any of `keys`, the first found), or an error naming the
+    /// file and the tensor.
+    pub fn tensor(&self, keys: &[String], shape: &[usize]) -> Result<Tensor> {
+        let name = keys.first().cloned().unwrap_or_default();
+        let Some((key, e)) = keys
+            .iter()
+            .find_map(|k| self.tensors.get(k).map(|e| (k, e)))
+        else {
+            return Err(RuntimeError::Weight {
+                name,
+                reason: format!("not found in checkpoint {}", self.path.display()),
+            });
+        };
+        let (file, map) = &self.files[e.file];
+        let werr = |reason: String| RuntimeError::Weight {
+            name: key.clone(),
+            reason: format!("{} (in {})", reason, file.display()),
+        };
+        if e.shape != shape {
+            return Err(werr(format!(
+                "checkpoint has shape {:?}, the config needs {shape:?}",
+                e.shape
+            )));
+        }
+        let bytes = map
+            .get(e.start..e.end)
+            .ok_or_else(|| werr("data lies outside the file".into()))?;
+        let v: Vec<f32> = match e.dtype {
+            safetensors::Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            safetensors::Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            safetensors::Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            other => return Err(werr(format!("dtype {other:?} is not supported"))),
+        };
+        Tensor::from_vec(v, shape.to_vec(), &Device::Cpu).map_err(|e| werr(e.to_string()))
+    }
+}
+
+impl WeightSource {
+    /// Loads a checkpoint: `path` is a `.safetensors` file, a `model.safetensors.index.json`,
+    /// or a Hugging Face model folder holding either.
+    pub fn load(path: &Path) -> Result<Self> {
+        Ok(Self::Checkpoint(Arc::new(Checkpoint::open(path)?)))
     }
 
     /// The value of parameter `node` (f32, the node's declared shape).
@@ -102,23 +245,9 @@ impl WeightSource {
                 Tensor::from_vec(v, meta.shape.clone(), &Device::Cpu)
                     .map_err(|e| werr(e.to_string()))
             }
-            WeightSource::Checkpoint { path, tensors } => {
-                let alt = match node.name.strip_prefix("transformer.") {
-                    Some(rest) => rest.to_string(),
-                    None => format!("transformer.{}", node.name),
-                };
-                let t = tensors
-                    .get(&node.name)
-                    .or_else(|| tensors.get(&alt))
-                    .ok_or_else(|| werr(format!("not found in checkpoint {}", path.display())))?;
-                if t.dims() != meta.shape.as_slice() {
-                    return Err(werr(format!(
-                        "checkpoint has shape {:?}, graph needs {:?}",
-                        t.dims(),
-                        meta.shape
-                    )));
-                }
-                t.to_dtype(CDType::F32).map_err(|e| werr(e.to_string()))
+            WeightSource::Checkpoint(c) => {
+                let keys = crate::models::checkpoint_keys(c.model_type.as_deref(), &node.name);
+                c.tensor(&keys, &meta.shape)
             }
         }
     }

@@ -6,10 +6,10 @@ use common::bits;
 use genie_runtime::cluster::Cluster;
 use genie_runtime::driver::{Driver, EmbeddedCluster};
 use genie_runtime::kernels::CpuKernels;
-use genie_runtime::models::{generate, prompt};
+use genie_runtime::models::{generate, prompt, Family, Model};
 use genie_runtime::plan::Placement;
 use genie_runtime::proto::WeightSpec;
-use genie_scheduler::builders::Gpt2Config;
+use genie_scheduler::builders::{Gpt2Config, LlamaConfig};
 use genie_scheduler::graph::Graph;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -74,24 +74,43 @@ fn start(n: usize, tag: &str) -> (Cluster, Workers, PathBuf) {
 
 #[test]
 fn worker_processes_match_in_process_reference() {
-    let cfg = small();
-    let p = prompt(10, cfg.vocab);
+    processes_match_in_process_reference(&Model::Gpt2(small()), "match");
+}
+
+/// A Llama-style decoder (grouped-query attention, KV caches sized by its KV heads) as well.
+#[test]
+fn llama_worker_processes_match_in_process_reference() {
+    let cfg = LlamaConfig {
+        layers: 3,
+        hidden: 128,
+        heads: 4,
+        kv_heads: Some(2),
+        intermediate: 256,
+        vocab: 512,
+        context: 512,
+        ..LlamaConfig::default()
+    };
+    processes_match_in_process_reference(&Model::Llama(cfg), "llama");
+}
+
+fn processes_match_in_process_reference(cfg: &Model, tag: &str) {
+    let p = prompt(10, cfg.vocab());
     // Reference: one in-process worker.
     let emb = EmbeddedCluster::start(1, Arc::new(CpuKernels::new())).unwrap();
     let mut d = Driver::connect(&emb.cluster, WeightSpec::Seeded(3)).unwrap();
     let one = |g: &Graph| Ok(Placement::single(g));
-    let reference = generate(&mut d, &cfg, &p, 3, 0, one, one).unwrap();
+    let reference = generate(&mut d, cfg, &p, 3, 0, one, one).unwrap();
     emb.stop(d).unwrap();
     let want: Vec<Vec<u32>> = std::iter::once(&reference.prefill)
         .chain(&reference.steps)
         .map(|r| bits(&r.outputs[0]))
         .collect();
 
-    let (cluster, workers, dir) = start(3, "match");
+    let (cluster, workers, dir) = start(3, tag);
     let mut driver = Driver::connect(&cluster, WeightSpec::Seeded(3)).unwrap();
     for (seq, n) in [1usize, 2, 3].into_iter().enumerate() {
-        let place = |g: &Graph| Placement::by_layer(g, n, cfg.layers);
-        let gen = generate(&mut driver, &cfg, &p, 3, seq as u64, place, place).unwrap();
+        let place = |g: &Graph| Placement::by_layer(g, n, cfg.layers());
+        let gen = generate(&mut driver, cfg, &p, 3, seq as u64, place, place).unwrap();
         let got: Vec<Vec<u32>> = std::iter::once(&gen.prefill)
             .chain(&gen.steps)
             .map(|r| bits(&r.outputs[0]))

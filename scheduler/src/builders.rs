@@ -1,4 +1,5 @@
-//! Graphs of real models at their real sizes: GPT-2 (prefill and decode step), BERT-base and
+//! Graphs of real models at their real sizes: GPT-2 (prefill and decode step), Llama-style
+//! decoders (Llama, Qwen2, Mistral: prefill and decode step, see [`LlamaConfig`]), BERT-base and
 //! ResNet-50.
 //!
 //! Every weight is an [`OpKind::Parameter`] node named by its checkpoint key:
@@ -37,6 +38,9 @@ use crate::graph::{
 };
 use crate::Error;
 use serde::{Deserialize, Serialize};
+
+mod llama;
+pub use llama::{llama_decode, llama_prefill, LlamaConfig, LlamaKind};
 
 /// GPT-2 hyper-parameters; [`Default`] is the 124M model.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -163,10 +167,17 @@ pub struct ModelSize {
 }
 
 /// Names [`by_name`] accepts.
-pub const MODEL_NAMES: [&str; 4] = ["gpt2-decode", "gpt2-prefill", "bert", "resnet50"];
+pub const MODEL_NAMES: [&str; 6] = [
+    "gpt2-decode",
+    "gpt2-prefill",
+    "llama-decode",
+    "llama-prefill",
+    "bert",
+    "resnet50",
+];
 
-/// Builds a model graph by name: `gpt2-decode`, `gpt2-prefill`, `bert` or `resnet50`, with the
-/// defaults of its config type unless `size` overrides them.
+/// Builds a model graph by name (one of [`MODEL_NAMES`]: `llama-*` is the 135M-class
+/// [`LlamaConfig::default`]), with the defaults of its config type unless `size` overrides them.
 pub fn by_name(name: &str, size: &ModelSize) -> Result<Graph, Error> {
     match name {
         "gpt2-decode" | "gpt2-prefill" => {
@@ -181,6 +192,20 @@ pub fn by_name(name: &str, size: &ModelSize) -> Result<Graph, Error> {
                 gpt2_decode(&c, size.kv_len.unwrap_or(1023))
             } else {
                 gpt2_prefill(&c, size.seq_len.unwrap_or(128))
+            }
+        }
+        "llama-decode" | "llama-prefill" => {
+            let mut c = LlamaConfig::default();
+            if let Some(b) = size.batch {
+                c.batch = b;
+            }
+            if let Some(l) = size.layers {
+                c.layers = l;
+            }
+            if name == "llama-decode" {
+                llama_decode(&c, size.kv_len.unwrap_or(1023))
+            } else {
+                llama_prefill(&c, size.seq_len.unwrap_or(128))
             }
         }
         "bert" => {
@@ -358,14 +383,28 @@ impl Builder {
         dout: usize,
         layout: WeightLayout,
     ) -> Result<TensorRef, GraphError> {
+        self.linear_with(module, x, (din, dout), layout, true)
+    }
+
+    /// `module.weight` (and `module.bias` when `bias`) then Linear from `dims.0` to `dims.1`.
+    fn linear_with(
+        &mut self,
+        module: &str,
+        x: TensorRef,
+        (din, dout): (usize, usize),
+        layout: WeightLayout,
+        bias: bool,
+    ) -> Result<TensorRef, GraphError> {
         let saved = std::mem::replace(&mut self.module, module.to_owned());
         let wshape = match layout {
             WeightLayout::InOut => [din, dout],
             WeightLayout::OutIn => [dout, din],
         };
-        let w = self.param("weight", &wshape)?;
-        let b = self.param("bias", &[dout])?;
-        let y = self.op("out", OpKind::Linear { bias: true, layout }, vec![x, w, b]);
+        let mut ins = vec![x, self.param("weight", &wshape)?];
+        if bias {
+            ins.push(self.param("bias", &[dout])?);
+        }
+        let y = self.op("out", OpKind::Linear { bias, layout }, ins);
         self.module = saved;
         y
     }
@@ -465,6 +504,7 @@ fn gpt2(c: &Gpt2Config, s: usize, kv_len: Option<usize>) -> Result<Graph, Error>
         );
         let attn_op = OpKind::Attention {
             heads: c.heads,
+            kv_heads: None,
             head_dim: hd,
             causal: true,
             scale: Scalar(1.0 / (hd as f32).sqrt()),
@@ -588,6 +628,7 @@ pub fn bert(c: &BertConfig) -> Result<Graph, Error> {
             "attention",
             OpKind::Attention {
                 heads: c.heads,
+                kv_heads: None,
                 head_dim: hd,
                 causal: false,
                 scale: Scalar(1.0 / (hd as f32).sqrt()),
@@ -895,6 +936,8 @@ mod tests {
         for (name, prefix) in [
             ("gpt2-decode", "h."),
             ("gpt2-prefill", "h."),
+            ("llama-decode", "model.layers."),
+            ("llama-prefill", "model.layers."),
             ("bert", "encoder.layer."),
         ] {
             let g = by_name(name, &small).unwrap();

@@ -225,7 +225,17 @@ impl CostModel for RooflineCostModel {
                 flops: 8.0 * out_els,
                 bytes: traffic,
             },
-            OpKind::Gelu { .. } | OpKind::Tanh => OpWork {
+            // Square, sum, scale and multiply by the weight.
+            OpKind::RmsNorm { .. } => OpWork {
+                flops: 4.0 * out_els,
+                bytes: traffic,
+            },
+            // Two products and a sum per element, plus a cos and a sin per pair.
+            OpKind::Rotary { .. } => OpWork {
+                flops: 6.0 * out_els,
+                bytes: traffic,
+            },
+            OpKind::Gelu { .. } | OpKind::Silu | OpKind::Tanh => OpWork {
                 flops: 10.0 * out_els,
                 bytes: traffic,
             },

@@ -280,6 +280,72 @@ pub enum KvPart {
     Value,
 }
 
+/// How an [`OpKind::Rotary`] rescales its inverse frequencies `θ^(−2i/D)` (Hugging Face's
+/// `rope_scaling`), for contexts longer than the model was trained on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "rope_type", rename_all = "snake_case")]
+pub enum RopeScaling {
+    /// The frequencies as they are.
+    #[default]
+    None,
+    /// Every frequency divided by `factor` (positions interpolated).
+    Linear {
+        /// Divisor of every frequency.
+        factor: Scalar,
+    },
+    /// Llama 3's: wavelengths longer than `original_max_position_embeddings / low_freq_factor`
+    /// divided by `factor`, shorter than `original_max_position_embeddings / high_freq_factor`
+    /// kept, and those between interpolated smoothly.
+    Llama3 {
+        /// Divisor of the low frequencies.
+        factor: Scalar,
+        /// Sets the wavelength above which frequencies are divided by `factor`.
+        low_freq_factor: Scalar,
+        /// Sets the wavelength below which frequencies are kept.
+        high_freq_factor: Scalar,
+        /// Context length the model was trained with.
+        original_max_position_embeddings: usize,
+    },
+}
+
+impl RopeScaling {
+    /// The inverse frequencies `θ^(−2i/d)` for `i < d/2`, rescaled, in f32 as Hugging Face's
+    /// `_compute_default_rope_parameters` and `_compute_llama3_parameters` compute them.
+    pub fn inv_freq(&self, theta: f32, d: usize) -> Vec<f32> {
+        let base: Vec<f32> = (0..d / 2)
+            .map(|i| 1.0 / theta.powf((2 * i) as f32 / d as f32))
+            .collect();
+        match *self {
+            RopeScaling::None => base,
+            RopeScaling::Linear { factor } => base.iter().map(|f| f / factor.0).collect(),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                let old = original_max_position_embeddings as f32;
+                let low_wavelen = old / low_freq_factor.0;
+                let high_wavelen = old / high_freq_factor.0;
+                base.iter()
+                    .map(|&f| {
+                        let wavelen = 2.0 * std::f32::consts::PI / f;
+                        if wavelen > low_wavelen {
+                            f / factor.0
+                        } else if wavelen < high_wavelen {
+                            f
+                        } else {
+                            let smooth = (old / wavelen - low_freq_factor.0)
+                                / (high_freq_factor.0 - low_freq_factor.0);
+                            (1.0 - smooth) * f / factor.0 + smooth * f
+                        }
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
 /// What a node computes, with every attribute a kernel needs.
 ///
 /// Input order is part of each variant's contract. "Broadcast" means NumPy rules: shapes are
@@ -365,18 +431,41 @@ pub enum OpKind {
         /// Apply the causal mask described above.
         causal: bool,
     },
-    /// Fused multi-head scaled dot-product attention. Inputs `[q [B,Q,H·D], k [B,K,H·D],
-    /// v [B,K,H·D]]` → `[B, Q, H·D]`; heads are contiguous slices of the last axis;
-    /// `softmax(scale · q·kᵀ [+ causal mask as in Softmax]) · v` per head.
+    /// Fused multi-head scaled dot-product attention. Inputs `[q [B,Q,H·D], k [B,K,G·D],
+    /// v [B,K,G·D]]` → `[B, Q, H·D]`; heads are contiguous slices of the last axis;
+    /// `softmax(scale · q·kᵀ [+ causal mask as in Softmax]) · v` per head, query head `h`
+    /// reading key/value head `h / (H/G)` (grouped-query attention; `G = H` without `kv_heads`).
     Attention {
-        /// Number of heads H.
+        /// Number of query heads H.
         heads: usize,
+        /// Number of key/value heads G, dividing H (`None`: H, plain multi-head attention).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        kv_heads: Option<usize>,
         /// Size of one head D.
         head_dim: usize,
         /// Causal mask with offset `K − Q` (so a decode step sees the whole cache).
         causal: bool,
         /// Score scale, normally `1/√D`.
         scale: Scalar,
+    },
+    /// Root-mean-square normalisation over the last axis (Llama's `RMSNorm`). Inputs
+    /// `[x [..., D], weight [D]]` → shape of `x`; `y = x / sqrt(mean(x²) + eps) · weight`.
+    RmsNorm {
+        /// Added to the mean square.
+        eps: Scalar,
+    },
+    /// Rotary position embedding (Llama's, "rotate half" pairing: element `i` of a head with
+    /// element `i + D/2`). Inputs `[x [B, S, H·D], position_ids (I64/I32) [B, S]]` → shape of `x`;
+    /// per head, `x·cos(p·f) + rotate_half(x)·sin(p·f)` with the frequencies `f` of
+    /// [`RopeScaling::inv_freq`].
+    Rotary {
+        /// Size of one head D (even).
+        head_dim: usize,
+        /// The base θ of the frequencies (`rope_theta`).
+        theta: Scalar,
+        /// Frequency rescaling.
+        #[serde(default)]
+        scaling: RopeScaling,
     },
     /// Elementwise `a + b`, broadcast. Inputs `[a, b]`, same dtype.
     Add,
@@ -387,6 +476,8 @@ pub enum OpKind {
         /// Formula.
         approximate: GeluApprox,
     },
+    /// `x · sigmoid(x)` (SiLU, the gate of a SwiGLU MLP). Input `[x]`.
+    Silu,
     /// `max(x, 0)`. Input `[x]`.
     Relu,
     /// `tanh(x)`. Input `[x]`.
@@ -463,9 +554,12 @@ impl OpKind {
             OpKind::LayerNorm { .. } => "layer_norm",
             OpKind::Softmax { .. } => "softmax",
             OpKind::Attention { .. } => "attention",
+            OpKind::RmsNorm { .. } => "rms_norm",
+            OpKind::Rotary { .. } => "rotary",
             OpKind::Add => "add",
             OpKind::Mul => "mul",
             OpKind::Gelu { .. } => "gelu",
+            OpKind::Silu => "silu",
             OpKind::Relu => "relu",
             OpKind::Tanh => "tanh",
             OpKind::MaxPool2d { .. } => "max_pool2d",
@@ -506,7 +600,12 @@ impl OpKind {
     pub fn is_elementwise(&self) -> bool {
         matches!(
             self,
-            OpKind::Add | OpKind::Mul | OpKind::Gelu { .. } | OpKind::Relu | OpKind::Tanh
+            OpKind::Add
+                | OpKind::Mul
+                | OpKind::Gelu { .. }
+                | OpKind::Silu
+                | OpKind::Relu
+                | OpKind::Tanh
         )
     }
 }
@@ -1666,7 +1765,10 @@ fn infer_outputs(
             one(cx.ins[0].shape.clone(), dt)
         }
         OpKind::Attention {
-            heads, head_dim, ..
+            heads,
+            kv_heads,
+            head_dim,
+            ..
         } => {
             cx.arity(n == 3, "3")?;
             let dt = cx.float(0)?;
@@ -1676,13 +1778,19 @@ fn infer_outputs(
             if e == 0 {
                 return Err(cx.attr_err("heads and head_dim must be positive"));
             }
+            let g = kv_heads.unwrap_or(*heads);
+            if g == 0 || heads % g != 0 {
+                return Err(cx.attr_err(format!("kv_heads {g} must divide heads {heads}")));
+            }
+            // g divides heads, so g · head_dim ≤ e does not overflow.
+            let ekv = g * head_dim;
             let q = cx.rank(0, 3)?;
             let k = cx.rank(1, 3)?;
             if q[2] != e {
                 return Err(cx.shape_err(0, format!("expected [B, Q, {e}]")));
             }
-            if k[0] != q[0] || k[2] != e {
-                return Err(cx.shape_err(1, format!("expected [{}, K, {e}]", q[0])));
+            if k[0] != q[0] || k[2] != ekv {
+                return Err(cx.shape_err(1, format!("expected [{}, K, {ekv}]", q[0])));
             }
             if cx.ins[2].shape != k {
                 return Err(cx.shape_err(2, format!("values must match keys {k:?}")));
@@ -1702,7 +1810,41 @@ fn infer_outputs(
             };
             one(s, dt)
         }
-        OpKind::Gelu { .. } | OpKind::Relu | OpKind::Tanh => {
+        OpKind::RmsNorm { .. } => {
+            cx.arity(n == 2, "2")?;
+            let dt = cx.float(0)?;
+            let Some(&d) = cx.ins[0].shape.last() else {
+                return Err(cx.shape_err(0, "rank must be at least 1"));
+            };
+            cx.vector(1, d)?;
+            cx.same_dtype(1, dt)?;
+            one(cx.ins[0].shape.clone(), dt)
+        }
+        OpKind::Rotary { head_dim, .. } => {
+            cx.arity(n == 2, "2")?;
+            let dt = cx.float(0)?;
+            if *head_dim == 0 || head_dim % 2 != 0 {
+                return Err(cx.attr_err(format!("head_dim {head_dim} must be positive and even")));
+            }
+            let x = cx.rank(0, 3)?;
+            if x[2] % head_dim != 0 {
+                return Err(cx.shape_err(0, format!("last axis must be heads · {head_dim}")));
+            }
+            if !cx.ins[1].dtype.is_index() {
+                return Err(GraphError::DTypeMismatch {
+                    node: id,
+                    name: name.to_owned(),
+                    input: 1,
+                    found: cx.ins[1].dtype,
+                    expected: "i64 or i32 positions".to_owned(),
+                });
+            }
+            if cx.ins[1].shape != x[..2] {
+                return Err(cx.shape_err(1, format!("positions must be [{}, {}]", x[0], x[1])));
+            }
+            one(x.to_vec(), dt)
+        }
+        OpKind::Gelu { .. } | OpKind::Silu | OpKind::Relu | OpKind::Tanh => {
             cx.arity(n == 1, "1")?;
             let dt = cx.float(0)?;
             one(cx.ins[0].shape.clone(), dt)

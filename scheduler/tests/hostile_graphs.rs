@@ -321,6 +321,7 @@ fn attention_and_conv_products_that_overflow_are_typed_errors() {
             "attn",
             OpKind::Attention {
                 heads: 1 << 32,
+                kv_heads: None,
                 head_dim: 1 << 32,
                 causal: false,
                 scale: Scalar(1.0),

@@ -9,6 +9,7 @@ pub mod clock;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod mem;
+pub mod mmap;
 pub mod pci;
 #[cfg(feature = "rdma")]
 pub mod verbs;

@@ -25,8 +25,8 @@ use clap::Parser;
 use genie_runtime::driver::{Driver, EmbeddedCluster};
 use genie_runtime::engine::{Completion, Engine, EngineConfig, Request};
 use genie_runtime::kernels::CpuKernels;
+use genie_runtime::models::{Family, Model};
 use genie_runtime::proto::WeightSpec;
-use genie_scheduler::builders::Gpt2Config;
 use rand::{Rng, SeedableRng};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -124,7 +124,7 @@ struct Mode {
 }
 
 impl Mode {
-    fn disaggregated(model: &Gpt2Config) -> Result<Self> {
+    fn disaggregated(model: &Model) -> Result<Self> {
         let c = EmbeddedCluster::start(2, Arc::new(CpuKernels::new()))?;
         let d = Driver::connect(&c.cluster, WeightSpec::Seeded(1))?;
         let mut cfg = EngineConfig::disaggregated(model.clone());
@@ -137,7 +137,7 @@ impl Mode {
         })
     }
 
-    fn colocated(model: &Gpt2Config) -> Result<Self> {
+    fn colocated(model: &Model) -> Result<Self> {
         let mut engines = Vec::new();
         let mut clusters = Vec::new();
         for _ in 0..2 {
@@ -357,18 +357,17 @@ fn main() -> Result<()> {
     }
     let (_, long_hi) = range(&args.long)?;
     let (_, out_hi) = range(&args.output)?;
-    if long_hi + out_hi > model.context {
+    if long_hi + out_hi > model.context() {
         bail!(
             "long prompts + outputs ({}) exceed the model's context ({})",
             long_hi + out_hi,
-            model.context
+            model.context()
         );
     }
     println!(
-        "serve-bench: model {} ({} layers × {}), {} requests per rate, rates {:?} req/s, prompts short {} / long {} ({}% long), outputs {}",
+        "serve-bench: model {} ({}), {} requests per rate, rates {:?} req/s, prompts short {} / long {} ({}% long), outputs {}",
         args.model,
-        model.layers,
-        model.hidden,
+        model.describe(),
         args.requests,
         args.rates,
         args.short,
@@ -380,7 +379,7 @@ fn main() -> Result<()> {
     let coloc = Mode::colocated(&model)?;
 
     // Unloaded latencies: a long prompt alone, on the disaggregated engine.
-    let probe = workload(&args, 1.0, model.vocab)?;
+    let probe = workload(&args, 1.0, model.vocab())?;
     let long = probe
         .iter()
         .max_by_key(|a| a.req.prompt.len())
@@ -441,7 +440,7 @@ fn main() -> Result<()> {
     let mut failed = 0;
     let mut mismatched = 0;
     for &rate in &args.rates {
-        let work = workload(&args, rate, model.vocab)?;
+        let work = workload(&args, rate, model.vocab())?;
         let mut pair = Vec::new();
         for mode in [&disagg, &coloc] {
             let traced = rate == top_rate && mode.name == "disaggregated";

@@ -19,6 +19,7 @@ use genie_runtime::engine::{
     Step, Timings,
 };
 use genie_runtime::kernels::CpuKernels;
+use genie_runtime::limits::WorkerOptions;
 use genie_runtime::proto::WeightSpec;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
@@ -84,7 +85,8 @@ fn config(model: &str, kv_pool_mb: u64, prefill: usize, decode: usize) -> PyResu
 impl Engine {
     /// An engine on an embedded cluster of `workers` worker threads (TCP on loopback): prefill
     /// on worker 0, decode on worker 1 (worker 0 when there is one). `model`: `gpt2-small` or
-    /// `gpt2-124m`, with seeded random weights (`seed`).
+    /// `gpt2-124m`, with seeded random weights (`seed`), or a Hugging Face model folder
+    /// (`config.json` and safetensors; GPT-2, Llama, Qwen2, Mistral) whose weights are loaded.
     #[staticmethod]
     #[pyo3(signature = (workers = 2, model = "gpt2-small", seed = 7, kv_pool_mb = 256))]
     fn embedded(
@@ -102,8 +104,19 @@ impl Engine {
         let cfg = config(model, kv_pool_mb, 0, usize::from(workers > 1))?;
         let (cluster, driver) = py
             .detach(|| -> genie_runtime::Result<_> {
-                let cluster = EmbeddedCluster::start(workers, Arc::new(CpuKernels::new()))?;
-                let driver = Driver::connect(&cluster.cluster, WeightSpec::Seeded(seed))?;
+                let dir = std::path::Path::new(model);
+                let (opts, weights) = if dir.is_dir() {
+                    let opts = WorkerOptions {
+                        model_dir: Some(dir.to_path_buf()),
+                        ..WorkerOptions::default()
+                    };
+                    (opts, WeightSpec::Checkpoint(".".into()))
+                } else {
+                    (WorkerOptions::default(), WeightSpec::Seeded(seed))
+                };
+                let kernels = Arc::new(CpuKernels::new());
+                let cluster = EmbeddedCluster::start_with(workers, kernels, opts)?;
+                let driver = Driver::connect(&cluster.cluster, weights)?;
                 Ok((cluster, driver))
             })
             .map_err(runtime_err)?;

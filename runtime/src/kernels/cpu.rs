@@ -4,7 +4,7 @@ use super::decode::{Rows, Simd};
 use super::Kernels;
 use crate::error::{Result, RuntimeError};
 use candle_core::{CpuStorage, DType as CDType, Storage, Tensor, D};
-use genie_scheduler::graph::{GeluApprox, KvPart, Node, OpKind, WeightLayout};
+use genie_scheduler::graph::{GeluApprox, KvPart, Node, OpKind, RopeScaling, WeightLayout};
 
 /// Reference kernels on the host CPU (candle's CPU backend, f32).
 ///
@@ -197,6 +197,48 @@ fn with_rows<R>(t: &Tensor, f: impl FnOnce(Rows<'_>) -> R) -> Option<R> {
     Some(f(rows))
 }
 
+/// [`one_query_attention`] when G < H key/value heads: query head `h` attends over the columns
+/// of key/value head `h / (H/G)`, one head at a time (the K and V views are read in place).
+fn grouped_query_attention(
+    simd: Simd,
+    q: &[f32],
+    k: &Tensor,
+    v: &Tensor,
+    (heads, kv_heads): (usize, usize),
+    d: usize,
+    scale: f32,
+) -> candle_core::Result<Option<Tensor>> {
+    let rep = heads / kv_heads.max(1);
+    let mut p = Vec::with_capacity(heads);
+    let weights = with_rows(k, |k| {
+        for h in 0..heads {
+            let kh = k.columns((h / rep) * d, d)?;
+            p.push(simd.attention_weights(&q[h * d..(h + 1) * d], kh, 1, scale)?);
+        }
+        Some(())
+    });
+    if !matches!(weights, Some(Some(()))) {
+        return Ok(None);
+    }
+    let mut out = vec![0f32; heads * d];
+    let done = with_rows(v, |v| {
+        for (h, p) in p.iter().enumerate() {
+            let vh = v.columns((h / rep) * d, d)?;
+            let o = simd.attention_output(p, vh, 1)?;
+            out[h * d..(h + 1) * d].copy_from_slice(&o);
+        }
+        Some(())
+    });
+    if !matches!(done, Some(Some(()))) {
+        return Ok(None);
+    }
+    Ok(Some(Tensor::from_vec(
+        out,
+        (1, 1, heads * d),
+        &candle_core::Device::Cpu,
+    )?))
+}
+
 /// Largest weight (elements) [`one_row_product`] takes. Above it gemm wins: it reads a large
 /// matrix in packed panels (and may use both cores), where our column blocks stride across rows
 /// (`decode_kernels`: 128x384 and 512x128 1.5-1.7x faster than candle, 768x768 0.8x, 768x3072
@@ -245,27 +287,31 @@ fn one_row_product(
     Ok(Some(Tensor::from_vec(y, shape, x.device())?))
 }
 
-/// One query's attention (`q` `[1, 1, H·D]`) over `k`, `v` (`[1, L, H·D]`, views of the cache
-/// included) with the one-row kernels; `None` where they do not apply. A single query is the
-/// last position, so the causal mask hides nothing.
+/// One query's attention (`q` `[1, 1, H·D]`) over `k`, `v` (`[1, L, G·D]`, views of the cache
+/// included; `heads` is `(H, G)`) with the one-row kernels; `None` where they do not apply. A
+/// single query is the last position, so the causal mask hides nothing.
 fn one_query_attention(
     simd: Simd,
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    heads: usize,
+    (heads, kv_heads): (usize, usize),
     head_dim: usize,
     scale: f32,
 ) -> candle_core::Result<Option<Tensor>> {
     let e = heads * head_dim;
+    let ekv = kv_heads * head_dim;
     let l = match k.dims() {
-        [1, l, c] if *c == e && *l > 0 => *l,
+        [1, l, c] if *c == ekv && *l > 0 => *l,
         _ => return Ok(None),
     };
-    if q.dims() != [1, 1, e] || v.dims() != [1, l, e] || q.dtype() != CDType::F32 {
+    if q.dims() != [1, 1, e] || v.dims() != [1, l, ekv] || q.dtype() != CDType::F32 {
         return Ok(None);
     }
     let qv: Vec<f32> = q.flatten_all()?.to_vec1()?;
+    if kv_heads != heads {
+        return grouped_query_attention(simd, &qv, k, v, (heads, kv_heads), head_dim, scale);
+    }
     // K and V are often views of one cache tensor: hold one storage lock at a time.
     let Some(Some(p)) = with_rows(k, |k| simd.attention_weights(&qv, k, heads, scale)) else {
         return Ok(None);
@@ -321,6 +367,84 @@ fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> candle_core::Resu
         }
     }
     Tensor::from_vec(xc, x.dims(), x.device())
+}
+
+/// RMS norm over the last axis, as `transformers`' `LlamaRMSNorm` in f32:
+/// `weight · (x · 1/sqrt(mean(x²) + eps))`, the mean of squares summed in f64 (in order, so
+/// every worker gets the same bits).
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
+    let n = x.dims().last().copied().unwrap_or(0);
+    if w.dims() != [n] || n == 0 {
+        return Err(candle_core::Error::Msg(format!(
+            "rms norm: weight {:?} does not fit rows of {n}",
+            w.dims()
+        )));
+    }
+    let mut v: Vec<f32> = x.to_dtype(CDType::F32)?.flatten_all()?.to_vec1()?;
+    let w: Vec<f32> = w.to_dtype(CDType::F32)?.to_vec1()?;
+    for row in v.chunks_mut(n) {
+        let ss: f64 = row.iter().map(|&a| f64::from(a) * f64::from(a)).sum();
+        let r = 1.0 / ((ss / n as f64) as f32 + eps).sqrt();
+        for (a, w) in row.iter_mut().zip(&w) {
+            *a = *w * (*a * r);
+        }
+    }
+    Tensor::from_vec(v, x.dims(), x.device())
+}
+
+/// Rotary embedding of `x` (`[B, S, H·D]`) at `positions` (`[B, S]`, I64/I32), "rotate half"
+/// pairing as `transformers`' `apply_rotary_pos_emb`: angles `p · f` in f32, their cos and sin
+/// rounded to f32 from f64.
+fn rotary(
+    x: &Tensor,
+    positions: &Tensor,
+    head_dim: usize,
+    theta: f32,
+    scaling: &RopeScaling,
+) -> candle_core::Result<Tensor> {
+    let (b, s, e) = x.dims3()?;
+    if head_dim == 0 || head_dim % 2 != 0 || e % head_dim != 0 || positions.dims() != [b, s] {
+        return Err(candle_core::Error::Msg(format!(
+            "rotary: x {:?}, positions {:?}, head_dim {head_dim}",
+            x.dims(),
+            positions.dims()
+        )));
+    }
+    let pos: Vec<i64> = positions.to_dtype(CDType::I64)?.flatten_all()?.to_vec1()?;
+    let inv = scaling.inv_freq(theta, head_dim);
+    let half = head_dim / 2;
+    let mut v: Vec<f32> = x.to_dtype(CDType::F32)?.flatten_all()?.to_vec1()?;
+    let (mut cos, mut sin) = (vec![0f32; half], vec![0f32; half]);
+    for (row, &p) in v.chunks_mut(e).zip(&pos) {
+        for (i, f) in inv.iter().enumerate() {
+            let angle = f64::from(p as f32 * f);
+            cos[i] = angle.cos() as f32;
+            sin[i] = angle.sin() as f32;
+        }
+        for head in row.chunks_mut(head_dim) {
+            let (x1, x2) = head.split_at_mut(half);
+            for i in 0..half {
+                let (a, b) = (x1[i], x2[i]);
+                x1[i] = a * cos[i] + -b * sin[i];
+                x2[i] = b * cos[i] + a * sin[i];
+            }
+        }
+    }
+    Tensor::from_vec(v, (b, s, e), x.device())
+}
+
+/// `[B, K, G·D]` keys or values with each of the G heads repeated `rep` times in place:
+/// `[B, K, G·rep·D]`, the layout `transformers`' `repeat_kv` gives.
+fn repeat_kv(t: &Tensor, kv_heads: usize, rep: usize) -> candle_core::Result<Tensor> {
+    if rep == 1 {
+        return Ok(t.clone());
+    }
+    let (b, k, e) = t.dims3()?;
+    let d = e / kv_heads.max(1);
+    t.reshape((b, k, kv_heads, 1, d))?
+        .broadcast_as((b, k, kv_heads, rep, d))?
+        .contiguous()?
+        .reshape((b, k, kv_heads * rep * d))
 }
 
 /// Pads H and W (axes 2, 3) with `value`.
@@ -470,20 +594,37 @@ fn compute(node: &Node, ins: &[Tensor], simd: Option<Simd>) -> candle_core::Resu
         }
         OpKind::Attention {
             heads,
+            kv_heads,
             head_dim,
             causal,
             scale,
         } => {
+            let g = kv_heads.unwrap_or(*heads);
+            if g == 0 || heads % g != 0 {
+                return Err(candle_core::Error::Msg(format!(
+                    "kv_heads {g} does not divide heads {heads}"
+                )));
+            }
             if let Some(simd) = simd {
                 let (q, k, v) = (&ins[0], &ins[1], &ins[2]);
-                if let Some(o) = one_query_attention(simd, q, k, v, *heads, *head_dim, scale.0)? {
+                let heads = (*heads, g);
+                if let Some(o) = one_query_attention(simd, q, k, v, heads, *head_dim, scale.0)? {
                     return one(o);
                 }
             }
+            let k = repeat_kv(&ins[1], g, heads / g)?;
+            let v = repeat_kv(&ins[2], g, heads / g)?;
             one(attention(
-                &ins[0], &ins[1], &ins[2], *heads, *head_dim, scale.0, *causal,
+                &ins[0], &k, &v, *heads, *head_dim, scale.0, *causal,
             )?)
         }
+        OpKind::RmsNorm { eps } => one(rms_norm(&ins[0], &ins[1], eps.0)?),
+        OpKind::Rotary {
+            head_dim,
+            theta,
+            scaling,
+        } => one(rotary(&ins[0], &ins[1], *head_dim, theta.0, scaling)?),
+        OpKind::Silu => one(ins[0].silu()?),
         OpKind::Add => one(ins[0].broadcast_add(&ins[1])?),
         OpKind::Mul => one(ins[0].broadcast_mul(&ins[1])?),
         OpKind::Gelu {
@@ -550,7 +691,7 @@ fn min_inputs(op: &OpKind) -> usize {
     match op {
         OpKind::Input | OpKind::Parameter { .. } | OpKind::KvCache { .. } | OpKind::Custom(_) => 0,
         OpKind::KvCacheAppend | OpKind::Embedding | OpKind::MatMul { .. } => 2,
-        OpKind::Add | OpKind::Mul => 2,
+        OpKind::Add | OpKind::Mul | OpKind::RmsNorm { .. } | OpKind::Rotary { .. } => 2,
         OpKind::Linear { bias, .. } | OpKind::Conv2d { bias, .. } => 2 + usize::from(*bias),
         OpKind::LayerNorm { .. } | OpKind::Attention { .. } => 3,
         OpKind::BatchNorm { .. } => 5,
@@ -742,6 +883,7 @@ mod tests {
             let n = node(
                 OpKind::Attention {
                     heads,
+                    kv_heads: None,
                     head_dim: hd,
                     causal: true,
                     scale: Scalar(1.0 / (hd as f32).sqrt()),
@@ -763,6 +905,113 @@ mod tests {
                 &format!("attention {heads}×{hd}, {l} of {cap}"),
             );
         }
+    }
+
+    /// Grouped-query attention: the one-query kernel agrees with candle's path over repeated
+    /// K/V heads (float rounding), and both equal multi-head attention over explicitly repeated
+    /// heads; a prefill (several queries) is candle's, bitwise the repeated-heads answer.
+    #[test]
+    fn grouped_query_attention_equals_repeated_heads() {
+        let d = Device::Cpu;
+        let (heads, g, hd) = (6, 2, 16);
+        let r = |s: &[usize]| Tensor::randn(0f32, 1., s, &d).unwrap();
+        let gqa = |q: usize| {
+            node(
+                OpKind::Attention {
+                    heads,
+                    kv_heads: Some(g),
+                    head_dim: hd,
+                    causal: true,
+                    scale: Scalar(0.25),
+                },
+                &[1, q, heads * hd],
+            )
+        };
+        let mha = |q: usize| {
+            node(
+                OpKind::Attention {
+                    heads,
+                    kv_heads: None,
+                    head_dim: hd,
+                    causal: true,
+                    scale: Scalar(0.25),
+                },
+                &[1, q, heads * hd],
+            )
+        };
+        for (qn, kn) in [(1usize, 40usize), (7, 7)] {
+            let store = r(&[2, 1, 64, g * hd]);
+            let view = store.narrow(2, 0, kn).unwrap();
+            let (k, v) = (view.get(0).unwrap(), view.get(1).unwrap());
+            let q = r(&[1, qn, heads * hd]);
+            let rep = |t: &Tensor| repeat_kv(t, g, heads / g).unwrap();
+            let full = CpuKernels::candle_only()
+                .run(&mha(qn), &[q.clone(), rep(&k), rep(&v)])
+                .unwrap();
+            let slow = CpuKernels::candle_only()
+                .run(&gqa(qn), &[q.clone(), k.clone(), v.clone()])
+                .unwrap();
+            assert_eq!(vals(&slow[0]), vals(&full[0]), "q {qn}");
+            let fast = CpuKernels::new().run(&gqa(qn), &[q, k, v]).unwrap();
+            for (a, b) in vals(&fast[0]).iter().zip(vals(&full[0])) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                    "q {qn}: {a} vs {b}"
+                );
+            }
+        }
+        let bad = node(
+            OpKind::Attention {
+                heads: 6,
+                kv_heads: Some(4),
+                head_dim: hd,
+                causal: true,
+                scale: Scalar(0.25),
+            },
+            &[1, 1, 96],
+        );
+        let ins = [r(&[1, 1, 96]), r(&[1, 3, 64]), r(&[1, 3, 64])];
+        assert!(CpuKernels::new().run(&bad, &ins).is_err());
+    }
+
+    /// RMS norm and rotary embeddings on values worked by hand: position 0 leaves a head as it
+    /// is, position p rotates pair (i, i + D/2) by p·θ^(−2i/D), which keeps its length.
+    #[test]
+    fn rms_norm_and_rotary_by_hand() {
+        let k = CpuKernels::new();
+        let n = node(OpKind::RmsNorm { eps: Scalar(0.0) }, &[1, 2]);
+        let y = k
+            .run(&n, &[t(&[3.0, 4.0], &[1, 2]), t(&[1.0, 2.0], &[2])])
+            .unwrap();
+        let want = [3.0 / 12.5f32.sqrt(), 8.0 / 12.5f32.sqrt()];
+        for (a, b) in vals(&y[0]).iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+        let rope = node(
+            OpKind::Rotary {
+                head_dim: 4,
+                theta: Scalar(100.0),
+                scaling: RopeScaling::None,
+            },
+            &[1, 2, 8],
+        );
+        let x: Vec<f32> = (1..=16).map(|i| i as f32).collect();
+        let pos = Tensor::from_vec(vec![0i64, 3], (1, 2), &Device::Cpu).unwrap();
+        let y = vals(&k.run(&rope, &[t(&x, &[1, 2, 8]), pos]).unwrap()[0]);
+        assert_eq!(&y[..8], &x[..8]);
+        // Position 3, pair (0, 2) of the first head: angle 3, frequency 1.
+        let (a, b) = (x[8], x[10]);
+        let (c, s) = (3f64.cos() as f32, 3f64.sin() as f32);
+        assert!((y[8] - (a * c - b * s)).abs() < 1e-5);
+        assert!((y[10] - (b * c + a * s)).abs() < 1e-5);
+        // Pair (1, 3): frequency 100^(-1/2) = 0.1.
+        let (a, b) = (x[9], x[11]);
+        let norm = |p: f32, q: f32| (p * p + q * q).sqrt();
+        assert!((norm(y[9], y[11]) - norm(a, b)).abs() < 1e-4);
+        let silu = node(OpKind::Silu, &[2]);
+        let y = vals(&k.run(&silu, &[t(&[0.0, 2.0], &[2])]).unwrap()[0]);
+        assert_eq!(y[0], 0.0);
+        assert!((y[1] - 2.0 / (1.0 + (-2f32).exp())).abs() < 1e-6);
     }
 
     fn node(op: OpKind, out: &[usize]) -> Node {
@@ -818,6 +1067,7 @@ mod tests {
         let n = node(
             OpKind::Attention {
                 heads: 1,
+                kv_heads: None,
                 head_dim: 2,
                 causal: true,
                 scale: Scalar(1.0),

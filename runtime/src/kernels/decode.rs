@@ -42,6 +42,14 @@ impl<'a> Rows<'a> {
         })
     }
 
+    /// Columns `from..from + width` of every row: a view of one head's slice.
+    pub(crate) fn columns(&self, from: usize, width: usize) -> Option<Self> {
+        if from.checked_add(width)? > self.cols {
+            return None;
+        }
+        Self::new(self.data.get(from..)?, self.rows, width, self.stride)
+    }
+
     fn row(&self, i: usize) -> &'a [f32] {
         &self.data[i * self.stride..i * self.stride + self.cols]
     }

@@ -1,0 +1,469 @@
+//! Model families, and a family-neutral generation loop (prefill, then decode steps against KV
+//! caches pinned on a worker) over a [`Driver`].
+//!
+//! # Families
+//!
+//! A family is one module of this directory saying three things: its config, parsed from a
+//! Hugging Face `config.json` (serde); its prefill and decode-step graph builders; and its
+//! checkpoint key mapping. [`Family`] is that contract; [`Model`] is the enum over the families
+//! (picked by `model_type`), and is what [`generate`], the demo and `genie generate` take.
+//!
+//! | `model_type`               | module    | graph builders                               |
+//! |----------------------------|-----------|----------------------------------------------|
+//! | `gpt2`                     | [`gpt2`]  | `gpt2_prefill` / `gpt2_decode`               |
+//! | `llama`, `qwen2`, `mistral`| [`llama`] | `llama_prefill` / `llama_decode`             |
+//!
+//! What is family-neutral already: placement and the KV-cache manager take a node's layer from
+//! [`Semantics::layer`] (never from its name); execution plans, transfers, the graph cache and
+//! the wire protocol know only ops and shapes; a KV cache is sized by its tensor's shape
+//! `[2, B, L, E]` (for Llama `E` is KV heads × head size); weights are read by node name from
+//! mapped safetensors ([`crate::weights`]); generation feeds `input_ids` and `position_ids`.
+//!
+//! # Adding a family (Llama-style, as the worked example)
+//!
+//! 1. Ops the graph lacks, in `scheduler/src/graph.rs`: the [`OpKind`] variant with its
+//!    documented input order, its name, its shape rule (`infer_outputs`) and `is_elementwise`
+//!    where it applies. Llama added `RmsNorm`, `Rotary` (θ, linear / Llama-3 scaling), `Silu`,
+//!    and a `kv_heads` count on `Attention` (grouped-query attention).
+//! 2. Their FLOPs and bytes in `scheduler/src/cost.rs` (`RooflineCostModel::work`).
+//! 3. The builders, in `scheduler/src/builders/<family>.rs` (Llama:
+//!    `scheduler/src/builders/llama.rs`): the config type, deserializable from `config.json`,
+//!    prefill and decode-step builders naming each weight by its checkpoint key, with
+//!    `Builder::in_layer` around each block and each layer's cache as `KvCache { layer }` →
+//!    `KvCacheAppend`; the names in `by_name`/`MODEL_NAMES`; parameter-count tests against
+//!    `transformers`' formula.
+//! 4. CPU kernels for new ops in `runtime/src/kernels/cpu.rs` (and one-row fast paths in
+//!    `decode.rs` where a decode step spends its time; Llama: grouped-query attention over
+//!    column views of the cache).
+//! 5. This directory: `<family>.rs` implementing [`Family`] for the config, parsing
+//!    `config.json`, and mapping checkpoint keys; a [`Model`] variant and its `model_type`s in
+//!    [`Model::from_config_json`] and [`checkpoint_keys`].
+//! 6. Tests: `scripts/make-fixtures.py` makes a tiny random checkpoint with `transformers`'
+//!    reference logits; `runtime/tests/families.rs` checks logits and greedy tokens against it,
+//!    disaggregated on 1/2/3 workers.
+//!
+//! [`Semantics::layer`]: genie_scheduler::graph::Semantics::layer
+//! [`OpKind`]: genie_scheduler::graph::OpKind
+
+pub mod gpt2;
+pub mod llama;
+pub mod run;
+
+use crate::driver::{Driver, RunOutput};
+use crate::error::{Result, RuntimeError};
+use crate::plan::Placement;
+use candle_core::{Device, Tensor};
+use genie_scheduler::builders::{Gpt2Config, LlamaConfig};
+use genie_scheduler::graph::{Graph, OpKind, Semantics, TensorRef};
+use std::path::Path;
+
+/// What a model family tells the runtime: its graphs and sizes.
+pub trait Family {
+    /// The Hugging Face `model_type` (`gpt2`, `llama`, `qwen2`, `mistral`).
+    fn model_type(&self) -> &str;
+    /// The prefill graph over `seq_len` prompt tokens: outputs logits `[B, S, V]`, then each
+    /// layer's KV cache.
+    fn prefill(&self, seq_len: usize) -> Result<Graph>;
+    /// One decode step against KV caches of length `kv_len`: outputs logits `[B, 1, V]`, then
+    /// the updated caches.
+    fn decode(&self, kv_len: usize) -> Result<Graph>;
+    /// Vocabulary size.
+    fn vocab(&self) -> usize;
+    /// Decoder layers.
+    fn layers(&self) -> usize;
+    /// Most positions a sequence may have.
+    fn context(&self) -> usize;
+    /// Width `E` of one layer's cache `[2, B, L, E]`: one position's K (or V) values in one
+    /// layer (GPT-2: hidden; Llama: KV heads × head size).
+    fn kv_width(&self) -> usize;
+    /// Bytes of KV cache a sequence of `tokens` positions takes (K and V, every layer, f32).
+    fn kv_bytes(&self, tokens: usize) -> u64 {
+        2 * (self.layers() as u64) * (tokens as u64) * (self.kv_width() as u64) * 4
+    }
+    /// One line: layers, sizes, heads.
+    fn describe(&self) -> String;
+}
+
+/// A model of any supported family.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Model {
+    /// GPT-2.
+    Gpt2(Gpt2Config),
+    /// Llama-style: Llama, Qwen2, Mistral.
+    Llama(LlamaConfig),
+}
+
+fn sched_err(e: genie_scheduler::Error) -> RuntimeError {
+    RuntimeError::Scheduler(e.to_string())
+}
+
+/// `model_type`s [`Model::from_config_json`] accepts.
+pub const MODEL_TYPES: [&str; 4] = ["gpt2", "llama", "qwen2", "mistral"];
+
+impl Model {
+    /// Parses a Hugging Face `config.json` (its text; `path` only names it in errors).
+    pub fn from_config_json(text: &str, path: &Path) -> Result<Self> {
+        let err = |reason: String| RuntimeError::Checkpoint {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| err(format!("not JSON: {e}")))?;
+        let t = v
+            .get("model_type")
+            .and_then(|t| t.as_str())
+            .ok_or_else(|| err("no `model_type`".into()))?;
+        match t {
+            "gpt2" => gpt2::from_config_json(&v).map(Model::Gpt2).map_err(err),
+            "llama" | "qwen2" | "mistral" => {
+                llama::from_config_json(&v).map(Model::Llama).map_err(err)
+            }
+            other => Err(err(format!(
+                "model_type `{other}` is not supported (supported: {})",
+                MODEL_TYPES.join(", ")
+            ))),
+        }
+    }
+
+    /// Reads `dir/config.json`.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| RuntimeError::Checkpoint {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        Self::from_config_json(&text, &path)
+    }
+
+    fn family(&self) -> &dyn Family {
+        match self {
+            Model::Gpt2(c) => c,
+            Model::Llama(c) => c,
+        }
+    }
+}
+
+impl Family for Model {
+    fn model_type(&self) -> &str {
+        self.family().model_type()
+    }
+    fn prefill(&self, seq_len: usize) -> Result<Graph> {
+        self.family().prefill(seq_len)
+    }
+    fn decode(&self, kv_len: usize) -> Result<Graph> {
+        self.family().decode(kv_len)
+    }
+    fn vocab(&self) -> usize {
+        self.family().vocab()
+    }
+    fn layers(&self) -> usize {
+        self.family().layers()
+    }
+    fn context(&self) -> usize {
+        self.family().context()
+    }
+    fn kv_width(&self) -> usize {
+        self.family().kv_width()
+    }
+    fn describe(&self) -> String {
+        self.family().describe()
+    }
+}
+
+impl From<Gpt2Config> for Model {
+    fn from(c: Gpt2Config) -> Self {
+        Model::Gpt2(c)
+    }
+}
+
+impl From<LlamaConfig> for Model {
+    fn from(c: LlamaConfig) -> Self {
+        Model::Llama(c)
+    }
+}
+
+/// The checkpoint keys parameter `name` may have in a checkpoint of `model_type` (`None`: a
+/// bare safetensors file, read as GPT-2's), the graph's own spelling first.
+pub fn checkpoint_keys(model_type: Option<&str>, name: &str) -> Vec<String> {
+    match model_type {
+        Some("llama" | "qwen2" | "mistral") => llama::checkpoint_keys(name),
+        _ => gpt2::checkpoint_keys(name),
+    }
+}
+
+fn kerr(source: candle_core::Error) -> RuntimeError {
+    RuntimeError::Kernel {
+        node: "<inputs>".into(),
+        source,
+    }
+}
+
+/// `[1, n]` I64 tensor.
+pub fn row_i64(v: Vec<i64>) -> Result<Tensor> {
+    let n = v.len();
+    Tensor::from_vec(v, (1, n), &Device::Cpu).map_err(kerr)
+}
+
+/// A deterministic prompt of `len` token ids below `vocab`.
+pub fn prompt(len: usize, vocab: usize) -> Vec<i64> {
+    (0..len)
+        .map(|i| ((i * 7919 + 13) % vocab.max(1)) as i64)
+        .collect()
+}
+
+/// Index of the largest value of the last row of `[.., V]` logits.
+pub fn argmax_last(logits: &Tensor) -> Result<i64> {
+    let v = logits.dim(candle_core::D::Minus1).map_err(kerr)?;
+    let flat: Vec<f32> = logits
+        .flatten_all()
+        .and_then(|t| t.to_vec1())
+        .map_err(kerr)?;
+    let last = flat.get(flat.len().saturating_sub(v)..).unwrap_or(&[]);
+    let mut best = 0usize;
+    for (i, x) in last.iter().enumerate() {
+        if *x > last[best] {
+            best = i;
+        }
+    }
+    Ok(best as i64)
+}
+
+/// One generation: what each run returned.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// Prefill run (its outputs: the last position's logits are not returned; see `tokens`).
+    pub prefill: RunOutput,
+    /// Decode runs, one per step (outputs: `[logits]`).
+    pub steps: Vec<RunOutput>,
+    /// Greedy tokens: the first from prefill, then one per step.
+    pub tokens: Vec<i64>,
+}
+
+/// How [`generate_with`] picks each token.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampling {
+    /// Softmax temperature; 0 (the default) picks the most likely token (greedy).
+    pub temperature: f32,
+    /// Keep only the `top_k` most likely tokens (default 0: all).
+    pub top_k: usize,
+    /// Nucleus sampling: draw from the most likely tokens whose probabilities sum to at least
+    /// `top_p` (default 1: all).
+    pub top_p: f32,
+    /// Seed of the draws (default 0): the same seed gives the same tokens.
+    pub seed: u64,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+        }
+    }
+}
+
+/// Picks a token from the last row of `[.., V]` logits: greedy at temperature 0, else a draw
+/// from the temperature-scaled distribution truncated to the top `top_k`, then to `top_p`.
+pub fn pick(logits: &Tensor, s: &Sampling, rng: &mut impl rand::Rng) -> Result<i64> {
+    if s.temperature <= 0.0 || !s.temperature.is_finite() {
+        return argmax_last(logits);
+    }
+    let v = logits.dim(candle_core::D::Minus1).map_err(kerr)?;
+    let flat: Vec<f32> = logits
+        .flatten_all()
+        .and_then(|t| t.to_vec1())
+        .map_err(kerr)?;
+    let last = flat.get(flat.len().saturating_sub(v)..).unwrap_or(&[]);
+    let u = rng.random::<f64>();
+    Ok(sample(last, s.temperature, s.top_k, s.top_p, u) as i64)
+}
+
+/// Index drawn from `logits / temperature` restricted to the top `top_k` (0: all) and then to
+/// the smallest prefix reaching probability `top_p`, with `u` uniform in `[0, 1)`.
+pub(crate) fn sample(logits: &[f32], temperature: f32, top_k: usize, top_p: f32, u: f64) -> usize {
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    // Most likely first; ties by lower id, so the order (and the draw) is deterministic.
+    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    if top_k > 0 {
+        idx.truncate(top_k);
+    }
+    let Some(&best) = idx.first() else {
+        return 0;
+    };
+    let max = f64::from(logits[best]);
+    let t = f64::from(temperature);
+    let weights: Vec<f64> = idx
+        .iter()
+        .map(|&i| ((f64::from(logits[i]) - max) / t).exp())
+        .collect();
+    let total: f64 = weights.iter().sum();
+    let mut keep = 0;
+    let mut mass = 0.0;
+    for w in &weights {
+        keep += 1;
+        mass += w / total;
+        if mass >= f64::from(top_p) {
+            break;
+        }
+    }
+    let kept: f64 = weights[..keep].iter().sum();
+    let mut x = u * kept;
+    for (k, w) in weights[..keep].iter().enumerate() {
+        if x < *w {
+            return idx[k];
+        }
+        x -= w;
+    }
+    idx[keep - 1]
+}
+
+/// Appends a node taking the last position of the prefill logits `[B, S, V]` (all generation
+/// needs), returning the graph and that tensor.
+pub(crate) fn with_last_logits(mut g: Graph, seq_len: usize) -> Result<(Graph, TensorRef)> {
+    let logits = *g
+        .outputs
+        .first()
+        .ok_or_else(|| RuntimeError::Plan("graph has no outputs".into()))?;
+    let id = g
+        .add(
+            "last_logits",
+            OpKind::Slice {
+                axis: 1,
+                start: seq_len.saturating_sub(1),
+                end: seq_len,
+            },
+            vec![logits],
+            Semantics::default(),
+        )
+        .map_err(|e| RuntimeError::Scheduler(e.to_string()))?;
+    Ok((g, id.into()))
+}
+
+/// Runs a prefill of `prompt` then `steps` greedy decode steps for sequence `seq`.
+/// `prefill_place` / `decode_place` choose each graph's placement. The prefill returns the
+/// logits of every position (`[B, S, V]`); for long prompts use [`generate_with`].
+pub fn generate<F: Family + ?Sized>(
+    driver: &mut Driver,
+    model: &F,
+    prompt: &[i64],
+    steps: usize,
+    seq: u64,
+    prefill_place: impl FnMut(&Graph) -> Result<Placement>,
+    decode_place: impl FnMut(&Graph) -> Result<Placement>,
+) -> Result<Generation> {
+    let places = (prefill_place, decode_place);
+    let greedy = Sampling::default();
+    run_generation(driver, model, prompt, (steps, seq), &greedy, false, places)
+}
+
+/// [`generate`] with tokens picked as `sampling` says, and only the last position's logits
+/// returned by the prefill (`[B, 1, V]`: a long prompt's whole logits would not fit one
+/// message to the driver).
+#[allow(clippy::too_many_arguments)]
+pub fn generate_with<F: Family + ?Sized>(
+    driver: &mut Driver,
+    model: &F,
+    prompt: &[i64],
+    steps: usize,
+    seq: u64,
+    sampling: &Sampling,
+    prefill_place: impl FnMut(&Graph) -> Result<Placement>,
+    decode_place: impl FnMut(&Graph) -> Result<Placement>,
+) -> Result<Generation> {
+    let places = (prefill_place, decode_place);
+    run_generation(driver, model, prompt, (steps, seq), sampling, true, places)
+}
+
+#[allow(clippy::type_complexity)]
+fn run_generation<F: Family + ?Sized>(
+    driver: &mut Driver,
+    model: &F,
+    prompt: &[i64],
+    (steps, seq): (usize, u64),
+    sampling: &Sampling,
+    last_only: bool,
+    (mut prefill_place, mut decode_place): (
+        impl FnMut(&Graph) -> Result<Placement>,
+        impl FnMut(&Graph) -> Result<Placement>,
+    ),
+) -> Result<Generation> {
+    use rand::SeedableRng;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(sampling.seed);
+    let s = prompt.len();
+    if s == 0 || s + steps > model.context() {
+        return Err(RuntimeError::Plan(format!(
+            "a prompt of {s} tokens and {steps} steps must be non-empty and fit the context of {}",
+            model.context()
+        )));
+    }
+    if let Some(bad) = prompt
+        .iter()
+        .find(|&&t| t < 0 || t as u64 >= model.vocab() as u64)
+    {
+        return Err(RuntimeError::Plan(format!(
+            "token id {bad} is outside the vocabulary of {}",
+            model.vocab()
+        )));
+    }
+    if steps > 0 {
+        // Refuse before running what the last step cannot do (a sliding window, ...).
+        model.decode(s + steps - 1)?;
+    }
+    let (g, logits_ref) = if last_only {
+        with_last_logits(model.prefill(s)?, s)?
+    } else {
+        let g = model.prefill(s)?;
+        let logits: TensorRef = *g
+            .outputs
+            .first()
+            .ok_or_else(|| RuntimeError::Plan("prefill graph has no outputs".into()))?;
+        (g, logits)
+    };
+    let p = prefill_place(&g)?;
+    let ids = row_i64(prompt.to_vec())?;
+    let pos = row_i64((0..s as i64).collect())?;
+    let prefill = driver.run(
+        &g,
+        &p,
+        &[("input_ids", ids), ("position_ids", pos)],
+        &[logits_ref],
+        seq,
+    )?;
+    let first = prefill
+        .outputs
+        .first()
+        .ok_or_else(|| RuntimeError::Plan("prefill returned nothing".into()))?;
+    let mut tokens = vec![pick(first, sampling, &mut rng)?];
+    let mut runs = Vec::with_capacity(steps);
+    for step in 0..steps {
+        let l = s + step;
+        let g = model.decode(l)?;
+        let p = decode_place(&g)?;
+        let tok = *tokens.last().unwrap_or(&0);
+        let out = driver.run(
+            &g,
+            &p,
+            &[
+                ("input_ids", row_i64(vec![tok])?),
+                ("position_ids", row_i64(vec![l as i64])?),
+            ],
+            &[*g.outputs
+                .first()
+                .ok_or_else(|| RuntimeError::Plan("decode graph has no outputs".into()))?],
+            seq,
+        )?;
+        let logits = out
+            .outputs
+            .first()
+            .ok_or_else(|| RuntimeError::Plan("decode returned nothing".into()))?;
+        tokens.push(pick(logits, sampling, &mut rng)?);
+        runs.push(out);
+    }
+    Ok(Generation {
+        prefill,
+        steps: runs,
+        tokens,
+    })
+}
