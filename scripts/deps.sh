@@ -49,11 +49,14 @@ ensure_python_deps() {
 # workspace's target/).
 ensure_genie_python() {
   local venv=$1
+  # Cargo features for the extension (e.g. `rdma`): ensure_genie_python VENV rdma
+  local features=${2:-}
   if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv"
   fi
   "$venv/bin/python" -m pip install -q --disable-pip-version-check 'maturin>=1.5,<2' pytest numpy
   # maturin's build backend runs the `maturin` of PATH: the venv's.
-  PATH="$venv/bin:$PATH" "$venv/bin/python" -m pip install -q --disable-pip-version-check \
+  PATH="$venv/bin:$PATH" MATURIN_PEP517_ARGS="${features:+--features $features}" \
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check \
     --no-build-isolation --force-reinstall --no-deps ./bindings/python
 }

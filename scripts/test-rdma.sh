@@ -2,7 +2,9 @@
 # The RDMA tests on real soft-RoCE: the shared transport conformance suite (tests/tests/rdma_conformance.rs,
 # the same cases as TCP, instantiated for the rdma backend), the rdma backend's unit tests, the verbs
 # layer's device tests and the runtime over rdma (runtime/tests/rdma_backend.rs: GPT-2 on 1/2/3
-# workers must equal the single-worker run bitwise; a SIGKILLed `genie worker`, restarted, rejoins).
+# workers must equal the single-worker run bitwise; a SIGKILLed `genie worker`, restarted, rejoins;
+# the serving engine on a Llama checkpoint), and the Python package built with `--features rdma`, its
+# pytest suite run over rdma (GENIE_TEST_BACKEND=rdma; skipped when a TEST-FILTER is given).
 #
 #   scripts/test-rdma.sh [TEST-FILTER]
 #
@@ -12,7 +14,8 @@
 # Exits non-zero when a build or a test fails.
 #
 # Environment: CARGO_TARGET_DIR as usual; GENIE_SOFTROCE_* (see scripts/softroce.sh);
-# GENIE_RDMA_TEST_THREADS (default 2) test threads per binary.
+# GENIE_RDMA_TEST_THREADS (default 2) test threads per binary; GENIE_RDMA_VENV (default
+# /tmp/genie-venv-rdma) the venv the rdma build of the Python package goes into.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,6 +43,13 @@ fi
 
 filter="${1:-}"
 threads="${GENIE_RDMA_TEST_THREADS:-2}"
+pyvenv=""
+if [ -z "$filter" ]; then
+  pyvenv="${GENIE_RDMA_VENV:-/tmp/genie-venv-rdma}"
+  log "building the Python package with --features rdma into $pyvenv"
+  ensure_python_deps
+  ensure_genie_python "$pyvenv" rdma
+fi
 # One soft-RoCE session for everything: the VM boots once. Each binary runs with its whole output;
 # the guest script stops at the first failing binary and exits with its status.
 runner='set -u
@@ -48,6 +58,10 @@ for t in "$@"; do
   echo "==> $t"
   if ! "$t" --test-threads='"$threads"' '"${filter:+$(printf %q "$filter")}"'; then status=1; break; fi
 done
+if [ $status -eq 0 ] && [ -n "'"$pyvenv"'" ]; then
+  echo "==> bindings/python tests over rdma"
+  (cd bindings/python && GENIE_TEST_BACKEND=rdma timeout 600 "'"$pyvenv"'/bin/python" -m pytest -q -p no:cacheprovider tests) || status=1
+fi
 exit $status'
 
 log "running on soft-RoCE: ${bins[*]##*/}"

@@ -1,7 +1,8 @@
 //! The runtime over the rdma backend: run by `scripts/test-rdma.sh` inside soft-RoCE, where
 //! `GENIE_RDMA_DEVICE` is set. The embedded cluster's automatic backend choice must pick RDMA there,
 //! GPT-2 prefill + decode on 2 and 3 workers must equal the single-worker run bitwise, and a
-//! SIGKILLed `genie worker` process, restarted, rejoins over rdma.
+//! SIGKILLed `genie worker` process, restarted, rejoins over rdma; the serving engine runs a
+//! Llama-style checkpoint over rdma.
 #![cfg(feature = "rdma")]
 
 mod hostile_cases;
@@ -73,6 +74,56 @@ fn gpt2_over_rdma_matches_single_worker() {
         }
         driver.free_sequence(seq as u64).unwrap();
     }
+    cluster.stop(driver).unwrap();
+}
+
+/// A Llama-style checkpoint (the committed GQA fixture) served by the engine over rdma:
+/// prefill on w0, its KV cache streamed to w1 over RDMA and decoded there; two concurrent
+/// requests give the greedy tokens of `transformers`' reference.
+#[test]
+fn the_engine_serves_a_llama_checkpoint_over_rdma() {
+    use genie_runtime::engine::{Engine, EngineConfig, Request, Sampling};
+    use genie_runtime::limits::WorkerOptions;
+    use genie_runtime::models::Model;
+    let device = device();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let model = Model::load(&fixtures.join("llama")).unwrap();
+    #[derive(serde::Deserialize)]
+    struct Reference {
+        prompt_ids: Vec<i64>,
+        tokens: Vec<i64>,
+    }
+    let text = std::fs::read_to_string(fixtures.join("llama/reference.json")).unwrap();
+    let r: Reference = serde_json::from_str(&text).unwrap();
+    let opts = WorkerOptions {
+        model_dir: Some(fixtures),
+        ..WorkerOptions::default()
+    };
+    let cluster = EmbeddedCluster::start_with(2, Arc::new(CpuKernels::new()), opts).unwrap();
+    assert_eq!(
+        cluster.selection.backend,
+        Backend::Rdma,
+        "automatic choice did not pick RDMA on {device}: {}",
+        cluster.selection.reason
+    );
+    let driver = Driver::connect(&cluster.cluster, WeightSpec::Checkpoint("llama".into())).unwrap();
+    let engine = Engine::start(driver, EngineConfig::disaggregated(model)).unwrap();
+    let handles: Vec<_> = (0..2)
+        .map(|_| {
+            let req = Request {
+                prompt: r.prompt_ids.clone(),
+                max_new_tokens: r.tokens.len(),
+                stop: vec![],
+                sampling: Sampling::Greedy,
+            };
+            engine.submit(req).unwrap()
+        })
+        .collect();
+    for h in handles {
+        let got: Vec<i64> = h.tokens().collect::<Result<_, _>>().unwrap();
+        assert_eq!(got, r.tokens, "llama over rdma");
+    }
+    let driver = engine.shutdown().unwrap();
     cluster.stop(driver).unwrap();
 }
 

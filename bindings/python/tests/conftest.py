@@ -11,6 +11,8 @@ import pytest
 import genie
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# The backend under test: tcp (CI) or rdma (scripts/test-rdma.sh, inside the soft-RoCE VM).
+BACKEND = os.environ.get("GENIE_TEST_BACKEND", "tcp")
 WAIT = 10.0  # bound for waits that only expire when something is broken
 
 
@@ -24,7 +26,7 @@ class Peer:
             text=True,
         )
         self.address = self._line("ADDR")
-        self.ep = genie.Endpoint(backend="tcp", secret=secret, peer_timeout=peer_timeout)
+        self.ep = genie.Endpoint(backend=BACKEND, secret=secret, peer_timeout=peer_timeout)
         self.conn = self.ep.connect(self.address) if connect else None
 
     def _line(self, tag, timeout=WAIT):

@@ -13,11 +13,14 @@ connection. Each message on it is a JSON command; the reply is a message (bytes 
 import argparse
 import hashlib
 import json
+import os
 import sys
 
 import numpy as np
 
 import genie
+
+BACKEND = os.environ.get("GENIE_TEST_BACKEND", "tcp")
 
 
 def main():
@@ -25,7 +28,7 @@ def main():
     ap.add_argument("--secret")
     ap.add_argument("--peer-timeout", type=float, default=2.0)
     args = ap.parse_args()
-    ep = genie.Endpoint(backend="tcp", secret=args.secret, peer_timeout=args.peer_timeout)
+    ep = genie.Endpoint(backend=BACKEND, secret=args.secret, peer_timeout=args.peer_timeout)
     print("ADDR", ep.address, flush=True)
     try:
         conn = ep.accept(timeout=30)

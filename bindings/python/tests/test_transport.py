@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import genie
+from conftest import BACKEND
 from conftest import WAIT
 
 
@@ -173,7 +174,7 @@ def test_silent_peer_is_declared_dead_within_the_peer_timeout(make_peer):
 
 
 def test_buffer_checks():
-    ep = genie.Endpoint(backend="tcp")
+    ep = genie.Endpoint(backend=BACKEND)
     a = np.zeros((8, 8), dtype=np.float32)
     with pytest.raises(BufferError, match="non-contiguous"):
         ep.register(a[:, ::2])
@@ -197,7 +198,7 @@ def test_buffer_checks():
 
 
 def test_read_into_read_only_registration_is_refused():
-    server, client = genie.Endpoint(backend="tcp"), genie.Endpoint(backend="tcp")
+    server, client = genie.Endpoint(backend=BACKEND), genie.Endpoint(backend=BACKEND)
     target = server.alloc(64)
     conn = client.connect(server.address)
     server.accept(timeout=WAIT)
@@ -208,8 +209,8 @@ def test_read_into_read_only_registration_is_refused():
 
 @pytest.mark.parametrize("busy", [False, True])
 def test_waits_release_the_gil(busy):
-    server = genie.Endpoint(backend="tcp", busy_poll=busy)
-    client = genie.Endpoint(backend="tcp", busy_poll=busy)
+    server = genie.Endpoint(backend=BACKEND, busy_poll=busy)
+    client = genie.Endpoint(backend=BACKEND, busy_poll=busy)
     target = server.alloc(64)
     conn = client.connect(server.address)
     peer = server.accept(timeout=WAIT)
@@ -236,7 +237,7 @@ def test_select_backend_has_a_reason():
 
 
 def test_private_region_is_reached_only_through_a_grant():
-    server, client = genie.Endpoint(backend="tcp"), genie.Endpoint(backend="tcp")
+    server, client = genie.Endpoint(backend=BACKEND), genie.Endpoint(backend=BACKEND)
     private = server.alloc(64, private=True)
     conn = client.connect(server.address)
     peer = server.accept(timeout=WAIT)
@@ -250,7 +251,7 @@ def test_private_region_is_reached_only_through_a_grant():
 
 
 def test_registered_numpy_array_is_zero_copy():
-    server, client = genie.Endpoint(backend="tcp"), genie.Endpoint(backend="tcp")
+    server, client = genie.Endpoint(backend=BACKEND), genie.Endpoint(backend=BACKEND)
     kv = np.zeros((4, 256), dtype=np.float32)
     region = server.register(kv, access="write")
     assert region.zero_copy and region.obj is kv
