@@ -1,10 +1,14 @@
 //! One RDMA connection: set-up, posting with selective signalling and back-pressure, the completion
-//! thread and the side-channel thread.
+//! thread and the side-channel thread. What a peer may do (credits, segments, region checks,
+//! liveness) is decided in [`super::proto`]; this file posts, polls and moves frames.
 
 use super::handshake::{Action, Agreed, Handshake, HandshakeError};
+use super::proto::{
+    self, remote_range, Incoming, PeerRegion, Queries, Reassembly, RecvCredits, RegionCache,
+    SendCredits, SideChannel, Timer, Violation,
+};
 use super::wire::{
-    push_segment, write_frame, DecodeError, Frame, FrameReader, QpInfo, RegionStatus, ACCESS_READ,
-    ACCESS_WRITE, SEG_HEADER, SEG_LAST, SEG_MORE,
+    write_frame, DecodeError, Frame, FrameReader, QpInfo, ACCESS_READ, ACCESS_WRITE, SEG_HEADER,
 };
 use super::{describe, Endpoint};
 use crate::auth::Role;
@@ -23,7 +27,7 @@ use parking_lot::{Condvar, Mutex};
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -66,54 +70,11 @@ fn verbs_io(call: &'static str, e: VerbsError) -> TransportError {
     TransportError::io(call, io::Error::other(describe(&e)))
 }
 
-/// A region's access as [`RegionStatus::Ok`] carries it.
-fn access_bits(a: crate::region::RegionAccess) -> u8 {
-    let read = if a.allows_read() { ACCESS_READ } else { 0 };
-    let write = if a.allows_write() { ACCESS_WRITE } else { 0 };
-    read | write
-}
-
-/// A peer region as its owner described it: `(length, address, access bits)`.
-type PeerRegion = (u64, u64, u8);
-
-/// Peer regions already checked with the peer: `(region, key) -> (length, address, access)`,
-/// with the last one used in front (the common case: many transfers to one region) to skip the
-/// hash.
-#[derive(Default)]
-struct RegionCache {
-    last: Option<(u64, u64, PeerRegion)>,
-    map: HashMap<(u64, u64), PeerRegion>,
-}
-
-impl RegionCache {
-    #[inline]
-    fn get(&mut self, region: u64, key: u64) -> Option<PeerRegion> {
-        match self.last {
-            Some((r, k, v)) if r == region && k == key => Some(v),
-            _ => self.get_other(region, key),
-        }
-    }
-
-    #[inline(never)]
-    fn get_other(&mut self, region: u64, key: u64) -> Option<PeerRegion> {
-        let v = *self.map.get(&(region, key))?;
-        self.last = Some((region, key, v));
-        Some(v)
-    }
-
-    fn insert(&mut self, region: u64, key: u64, v: PeerRegion) {
-        self.map.insert((region, key), v);
-        self.last = Some((region, key, v));
-    }
-}
-
 /// State of CQ polling (see `RdmaConn::progress`).
 struct Poller {
     wcs: Vec<Completion>,
-    /// The message being reassembled from its segments (empty between messages).
-    partial: Vec<u8>,
-    /// Receive buffers (credits) the message being reassembled has used so far.
-    partial_credits: u32,
+    /// The message being reassembled from its segments.
+    reasm: Reassembly,
     /// Operations a completion finished, completed once the state lock is released (kept to
     /// reuse its allocation).
     done: Vec<Completer>,
@@ -146,7 +107,7 @@ struct State {
     next_seq: u64,
     pending: VecDeque<Pending>,
     since_signal: u32,
-    credits: u32,
+    credits: SendCredits,
     /// Highest sequence number known complete (successfully).
     retired: u64,
     /// The error of a failed request whose submitter had no operation yet (see
@@ -190,22 +151,16 @@ pub(crate) struct RdmaConn {
     /// Messages not yet taken by the application, each with the credits (segments) it holds.
     msgs: Mutex<VecDeque<(Vec<u8>, u32)>>,
     msgs_cv: Condvar,
-    /// Credits freed but not yet returned to the peer. A receive buffer's credit goes back when
-    /// what arrived in it is taken into the inbound queues while they are under the endpoint's
-    /// `max_inbound_queue` / `max_inbound_bytes`; past that it is withheld (kept with the queued
-    /// item) until the application takes the item. So a peer that floods is held by
-    /// back-pressure (its sends wait for credits) and the queues stay bounded.
-    unreturned: AtomicU32,
-    /// Items (messages and notifications) and message bytes in the inbound queues.
-    inbound: Mutex<(usize, usize)>,
+    /// Our receive credits and the inbound queues' fill (see [`RecvCredits`]): a peer that floods
+    /// is held by back-pressure (its sends wait for credits) and the queues stay bounded.
+    recv: Mutex<RecvCredits>,
     /// Our private regions granted on this connection: region id → its memory window.
     grants: Mutex<HashMap<u64, Grant>>,
     alive: AtomicBool,
     dead: Mutex<Option<TransportError>>,
-    /// Open region checks: `None` until the answer came.
-    queries: Mutex<HashMap<u64, Option<RegionStatus>>>,
+    /// Open region checks.
+    queries: Mutex<Queries>,
     queries_cv: Condvar,
-    next_req: AtomicU64,
     /// Whoever polls the CQ holds this, so completions are handled in order by one thread at a time.
     poller: Mutex<Poller>,
     /// Busy-poll mode only: the hook given to this connection's operations, so that the thread
@@ -218,8 +173,6 @@ pub(crate) struct RdmaConn {
     /// `State::retired`, readable without the state lock: stored (under the lock) after each
     /// change, so a submitter that sees its request here knows its completion was handled.
     retired: AtomicU64,
-    /// Return credits once this many were freed.
-    return_at: u32,
 }
 
 /// A private region granted on one connection: a type-2 memory window bound to its QP.
@@ -244,49 +197,6 @@ impl Drop for RdmaConn {
 #[cold]
 fn local_error(local: &Region, what: &str) -> TransportError {
     TransportError::InvalidArgument(format!("region {} {what}", local.id()))
-}
-
-/// The rkey and address of `[offset, offset + len)` of `remote`, whose length, address and
-/// access at the peer are `(size, addr, access)`, for an operation needing access bit `op`.
-#[inline(always)]
-fn remote_range(
-    remote: &RemoteRegion,
-    offset: u64,
-    len: u64,
-    op: u8,
-    (size, addr, access): PeerRegion,
-) -> Result<(u32, u64)> {
-    match (offset.checked_add(len), u32::try_from(remote.key)) {
-        (Some(end), Ok(rkey)) if end <= size && access & op != 0 => Ok((rkey, addr + offset)),
-        (Some(end), Ok(_)) if end <= size => Err(TransportError::AccessDenied {
-            region: remote.region,
-            op: if op == ACCESS_READ { "read" } else { "write" },
-        }),
-        (_, rkey) => Err(resolve_error(remote, offset, len, size, rkey.is_ok())),
-    }
-}
-
-/// Why [`remote_range`] refused `[offset, offset + len)` of `remote` (of `size` bytes):
-/// out of bounds, else a key that cannot be an rkey.
-#[cold]
-fn resolve_error(
-    remote: &RemoteRegion,
-    offset: u64,
-    len: u64,
-    size: u64,
-    key_ok: bool,
-) -> TransportError {
-    match offset.checked_add(len) {
-        Some(end) if end <= size && !key_ok => TransportError::BadKey {
-            region: remote.region,
-        },
-        _ => TransportError::RegionOutOfBounds {
-            region: remote.region,
-            offset,
-            len,
-            size,
-        },
-    }
 }
 
 fn handshake_err(peer: SocketAddr, e: HandshakeError) -> TransportError {
@@ -551,7 +461,7 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream, role: Role) -> Res
     } = q;
     tracing::debug!(%peer, qpn = qp.qpn(), peer_qpn = agreed.peer_qpn, mtu = agreed.path_mtu, sgid_index, "rdma connection up");
 
-    let beat = heartbeat_interval(ep.config.peer_timeout);
+    let beat = proto::heartbeat_interval(ep.config.peer_timeout);
     s.set_read_timeout(Some(beat))
         .map_err(io_err("setsockopt(SO_RCVTIMEO)"))?;
     let writer = s.try_clone().map_err(io_err("dup"))?;
@@ -577,7 +487,7 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream, role: Role) -> Res
                 next_seq: 1,
                 pending: VecDeque::new(),
                 since_signal: 0,
-                credits: agreed.send_credits,
+                credits: SendCredits::new(agreed.send_credits),
                 retired: 0,
                 reaped_error: None,
                 slot_seq: [0; SEND_SLOTS],
@@ -602,21 +512,21 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream, role: Role) -> Res
             notes_cv: Condvar::new(),
             msgs: Mutex::new(VecDeque::new()),
             msgs_cv: Condvar::new(),
-            unreturned: AtomicU32::new(0),
-            inbound: Mutex::new((0, 0)),
+            recv: Mutex::new(RecvCredits::new(
+                rq_depth,
+                ep.config.max_inbound_queue,
+                ep.config.max_inbound_bytes,
+            )),
             grants: Mutex::new(HashMap::new()),
             alive: AtomicBool::new(true),
             dead: Mutex::new(None),
-            queries: Mutex::new(HashMap::new()),
+            queries: Mutex::new(Queries::default()),
             queries_cv: Condvar::new(),
-            next_req: AtomicU64::new(1),
             poller: Mutex::new(Poller {
                 wcs: Vec::with_capacity(32),
-                partial: Vec::new(),
-                partial_credits: 0,
+                reasm: Reassembly::new(ep.config.max_message_size),
                 done: Vec::new(),
             }),
-            return_at: (rq_depth / 4).max(1),
             ops: OpPool::new(mode, driver.clone()),
             driver,
             drives: AtomicU64::new(0),
@@ -636,10 +546,6 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream, role: Role) -> Res
         shared.die(TransportError::io("spawn", e));
     }
     Ok(shared)
-}
-
-fn heartbeat_interval(peer_timeout: Duration) -> Duration {
-    (peer_timeout / 4).max(Duration::from_millis(10))
 }
 
 /// The local side of one work request.
@@ -763,7 +669,9 @@ impl State {
         self.next_seq += 1;
         self.since_signal = if signaled { 0 } else { self.since_signal + 1 };
         if takes_credit {
-            self.credits -= 1;
+            // Checked by the caller (`ready`) before posting.
+            let took = self.credits.try_take();
+            debug_assert!(took, "posted a credit-consuming request without a credit");
         }
         self.pending.push_back(Pending {
             seq,
@@ -824,44 +732,41 @@ impl RdmaConn {
         self.queries_cv.notify_all();
     }
 
-    /// Whether the inbound queues are under the endpoint's bounds: then the credit of what
-    /// arrives goes back at once, else it is withheld until the application takes the item.
-    fn under_bounds(&self) -> bool {
-        let cfg = &self.ep.config;
-        let q = self.inbound.lock();
-        q.0 < cfg.max_inbound_queue && q.1 < cfg.max_inbound_bytes
-    }
-
-    /// Counts an item of `bytes` into the inbound queues.
-    fn count_in(&self, bytes: usize) {
-        let mut q = self.inbound.lock();
-        q.0 += 1;
-        q.1 += bytes;
-    }
-
     /// The application took an item of `bytes` holding `withheld` credits.
     fn taken(&self, bytes: usize, withheld: u32) {
-        {
-            let mut q = self.inbound.lock();
-            q.0 = q.0.saturating_sub(1);
-            q.1 = q.1.saturating_sub(bytes);
-        }
-        self.give_back(withheld);
+        let ret = {
+            let mut r = self.recv.lock();
+            r.taken(bytes, withheld);
+            r.poll_return()
+        };
+        self.return_credits(ret);
     }
 
-    /// Returns `n` freed credits to the peer, in batches of `return_at` (side channel).
+    /// Frees `n` credits (a receive that queued nothing).
     fn give_back(&self, n: u32) {
-        // AcqRel: the swap below must see every freed credit added before it (no credit lost).
-        let total = self
-            .unreturned
-            .fetch_add(n, Ordering::AcqRel)
-            .saturating_add(n);
-        if total >= self.return_at && self.alive.load(Ordering::Acquire) {
-            let n = self.unreturned.swap(0, Ordering::AcqRel);
-            if n > 0 {
+        let ret = {
+            let mut r = self.recv.lock();
+            r.release(n);
+            r.poll_return()
+        };
+        self.return_credits(ret);
+    }
+
+    /// Sends a batch of credits that [`RecvCredits::poll_return`] released.
+    fn return_credits(&self, n: Option<u32>) {
+        if let Some(n) = n {
+            if self.alive.load(Ordering::Acquire) {
                 let _ = self.send_frame(&Frame::Credits { n });
             }
         }
+    }
+
+    /// Fails the connection for what the peer did.
+    fn misbehaved(&self, v: Violation) {
+        self.die(TransportError::PeerMisbehaved {
+            peer: Some(self.peer),
+            what: v.to_string(),
+        });
     }
 
     /// See [`Connection::grant`]: binds a type-2 memory window over the private `region` to this
@@ -998,39 +903,25 @@ impl RdmaConn {
 
     fn query(&self, remote: &RemoteRegion) -> Result<PeerRegion> {
         self.check_alive()?;
-        let req = self.next_req.fetch_add(1, Ordering::Relaxed);
-        // Registered before asking: the side channel accepts only answers to open questions.
-        self.queries.lock().insert(req, None);
-        if let Err(e) = self.send_frame(&Frame::QueryRegion {
-            req,
-            region: remote.region,
-            key: remote.key,
-        }) {
-            self.queries.lock().remove(&req);
+        // Opened before asking: the side channel accepts only answers to open questions.
+        let (req, ask) = self.queries.lock().ask(remote.region, remote.key);
+        if let Err(e) = self.send_frame(&ask) {
+            self.queries.lock().cancel(req);
             return Err(e);
         }
         let timeout = self.ep.config.peer_timeout;
         let deadline = Instant::now() + timeout;
         let mut q = self.queries.lock();
         loop {
-            if let Some(st) = q.get(&req).copied().flatten() {
-                q.remove(&req);
-                return match st {
-                    RegionStatus::Ok { len, addr, access } => Ok((len, addr, access)),
-                    RegionStatus::Unknown => Err(TransportError::UnknownRegion {
-                        region: remote.region,
-                    }),
-                    RegionStatus::BadKey => Err(TransportError::BadKey {
-                        region: remote.region,
-                    }),
-                };
+            if let Some(st) = q.take(req) {
+                return proto::peer_region(st, remote.region);
             }
             if !self.alive.load(Ordering::Acquire) {
-                q.remove(&req);
+                q.cancel(req);
                 return Err(self.dead_error());
             }
             if self.queries_cv.wait_until(&mut q, deadline).timed_out() {
-                q.remove(&req);
+                q.cancel(req);
                 return Err(TransportError::PeerDead {
                     peer: self.peer,
                     reason: "no answer to a region check".into(),
@@ -1131,7 +1022,7 @@ impl RdmaConn {
                 let mut deadline = None;
                 let ready = |st: &State| {
                     (st.pending.len() as u32) < self.sq_depth
-                        && (!(needs_credit && last_chunk) || st.credits > 0)
+                        && (!(needs_credit && last_chunk) || st.credits.available() > 0)
                 };
                 loop {
                     if !self.alive.load(Ordering::Acquire) {
@@ -1168,7 +1059,7 @@ impl RdmaConn {
                                     "no progress on the send queue ({} of {} requests in flight, {} credits)",
                                     st.pending.len(),
                                     self.sq_depth,
-                                    st.credits
+                                    st.credits.available()
                                 ),
                             }
                         });
@@ -1309,7 +1200,8 @@ impl RdmaConn {
         let (rkey, addr) = remote_range(t.remote, t.remote_offset, t.len as u64, op, v)?;
         let kind = JobKind::of(t.kind, rkey, addr);
         let needs_credit = kind.needs_credit();
-        if st.pending.len() as u32 >= self.sq_depth || (needs_credit && st.credits == 0) {
+        if st.pending.len() as u32 >= self.sq_depth || (needs_credit && st.credits.available() == 0)
+        {
             return Ok(None);
         }
         let seq = st.next_seq;
@@ -1384,7 +1276,7 @@ impl RdmaConn {
             _ => {
                 for i in 0..p.wcs.len() {
                     let wc = p.wcs[i];
-                    self.on_completion(wc, &mut p.partial, &mut p.partial_credits, &mut p.done);
+                    self.on_completion(wc, &mut p.reasm, &mut p.done);
                 }
             }
         }
@@ -1495,13 +1387,7 @@ impl RdmaConn {
     /// Handles one completion: a receive, a success (see [`RdmaConn::retire`]) or a failure.
     /// Out of line, so that `progress`, whose common case is one success, stays small.
     #[inline(never)]
-    fn on_completion(
-        &self,
-        wc: Completion,
-        partial: &mut Vec<u8>,
-        partial_credits: &mut u32,
-        done: &mut Vec<Completer>,
-    ) {
+    fn on_completion(&self, wc: Completion, reasm: &mut Reassembly, done: &mut Vec<Completer>) {
         if wc.wr_id & RECV_BIT != 0 {
             let slot = (wc.wr_id & !RECV_BIT) as usize;
             if let Err(e) = wc.status {
@@ -1516,34 +1402,21 @@ impl RdmaConn {
             match wc.opcode {
                 WcOpcode::RecvWriteImm => match wc.imm {
                     Some(imm) => {
-                        let withheld = if self.under_bounds() {
-                            self.give_back(1);
-                            0
-                        } else {
-                            1
+                        let ret = {
+                            let mut r = self.recv.lock();
+                            let freed = r.on_receive();
+                            r.queued(0);
+                            self.notes.lock().push_back((imm, u32::from(!freed)));
+                            r.poll_return()
                         };
-                        self.count_in(0);
-                        self.notes.lock().push_back((imm, withheld));
                         self.notes_cv.notify_all();
+                        self.return_credits(ret);
                     }
                     None => self.give_back(1),
                 },
                 WcOpcode::Recv => {
-                    let start = slot * self.recv_size;
-                    let len = (wc.byte_len as usize).min(self.recv_size);
-                    // A segment's credit goes back now unless the queues are full: a message
-                    // longer than the receive credits must be able to complete.
-                    if self.under_bounds() {
-                        self.give_back(1);
-                    } else {
-                        *partial_credits += 1;
-                    }
-                    if let Err(what) = self.on_segment(slot, start, len, partial, partial_credits) {
-                        partial.clear();
-                        self.die(TransportError::PeerMisbehaved {
-                            peer: Some(self.peer),
-                            what,
-                        });
+                    if let Err(v) = self.on_segment(slot, wc.byte_len as usize, reasm) {
+                        self.misbehaved(v);
                         return;
                     }
                 }
@@ -1625,27 +1498,30 @@ impl RdmaConn {
         }
     }
 
-    /// Adds one received segment (`len` bytes at `start` of the receive slots) to the message
-    /// being reassembled, delivering it after its last segment. Err: what the peer did wrong.
+    /// Adds the segment of `len` bytes in receive slot `slot` to the message being reassembled,
+    /// delivering it after its last segment. A segment's credit goes back now unless the queues
+    /// are full: a message longer than the receive credits must be able to complete.
     fn on_segment(
         &self,
         slot: usize,
-        start: usize,
         len: usize,
-        partial: &mut Vec<u8>,
-        partial_credits: &mut u32,
-    ) -> std::result::Result<(), String> {
+        reasm: &mut Reassembly,
+    ) -> std::result::Result<(), Violation> {
         let mem = self.recv_mr.mem().read();
-        let seg = mem
-            .get(start..start + len)
-            .ok_or_else(|| format!("receive of {len} bytes does not fit slot {slot}"))?;
-        if let Some(msg) = push_segment(partial, seg, self.ep.config.max_message_size)? {
-            drop(mem);
-            let withheld = std::mem::take(partial_credits);
-            self.count_in(msg.len());
+        let start = slot * self.recv_size;
+        let buffer = mem.get(start..start + self.recv_size).unwrap_or(&[]);
+        let mut r = self.recv.lock();
+        let freed = r.on_receive();
+        let done = reasm.push(buffer, len, !freed)?;
+        drop(mem);
+        if let Some((msg, withheld)) = done {
+            r.queued(msg.len());
             self.msgs.lock().push_back((msg, withheld));
-            self.msgs_cv.notify_all();
         }
+        let ret = r.poll_return();
+        drop(r);
+        self.msgs_cv.notify_all();
+        self.return_credits(ret);
         Ok(())
     }
 
@@ -1668,114 +1544,101 @@ impl RdmaConn {
         }
     }
 
-    /// The side-channel thread: credits, region checks, heartbeats, and peer death.
+    /// Handles one side-channel frame that arrived at `now` (see [`SideChannel::on_frame`]).
+    /// `Err`: the connection failed.
+    fn on_side_frame(&self, side: &mut SideChannel, f: Frame, now: Instant) -> Result<()> {
+        let r = match side.on_frame(f, now) {
+            Ok(Incoming::Nothing) => Ok(()),
+            Ok(Incoming::Credits(n)) => {
+                let r = self.state.lock().credits.returned(n);
+                self.space.notify_all();
+                r
+            }
+            Ok(Incoming::Query { req, region, key }) => {
+                let granted = self.grants.lock().get(&region).map(|g| u64::from(g.rkey));
+                let (status, verdict) = proto::region_status(&self.ep.table, granted, region, key);
+                self.send_frame(&Frame::RegionInfo { req, status })?;
+                verdict
+            }
+            Ok(Incoming::Answer { req, status }) => {
+                let r = self.queries.lock().answer(req, status);
+                self.queries_cv.notify_all();
+                r
+            }
+            Err(v) => Err(v),
+        };
+        r.map_err(|v| {
+            self.misbehaved(v);
+            self.dead_error()
+        })
+    }
+
+    /// Timers of the side channel at `now`: a heartbeat, or the peer's death after silence.
+    fn on_side_timeout(&self, side: &mut SideChannel, now: Instant) -> Result<()> {
+        match side.handle_timeout(now) {
+            Timer::Idle => Ok(()),
+            Timer::Heartbeat => self.send_frame(&Frame::Heartbeat),
+            Timer::Dead(silent) => {
+                let err = TransportError::PeerDead {
+                    peer: self.peer,
+                    reason: format!("nothing heard for {silent:?}"),
+                };
+                self.die(err.clone());
+                Err(err)
+            }
+        }
+    }
+
+    /// The side-channel thread: reads frames until the next timer is due and runs the side
+    /// channel's timers.
     fn side_loop(self: Arc<Self>, mut s: TcpStream) {
-        let timeout = self.ep.config.peer_timeout;
-        let beat = heartbeat_interval(timeout);
-        let mut last_heard = Instant::now();
-        let mut last_sent = Instant::now();
+        let mut side = SideChannel::new(self.ep.config.peer_timeout, Instant::now());
         let mut reader = FrameReader::default();
         while self.alive.load(Ordering::Acquire) {
+            // Read until the next timer is due (at least a millisecond: a zero timeout blocks).
+            let wait = side
+                .poll_timeout()
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1));
+            if let Err(e) = s.set_read_timeout(Some(wait)) {
+                self.die(TransportError::io("setsockopt(SO_RCVTIMEO)", e));
+                return;
+            }
             match reader.next(&mut s) {
                 Ok(Some(f)) => {
-                    last_heard = Instant::now();
-                    match f {
-                        Frame::Credits { n } => {
-                            let mut st = self.state.lock();
-                            st.credits = st.credits.saturating_add(n);
-                            drop(st);
-                            self.space.notify_all();
-                        }
-                        Frame::QueryRegion { req, region, key } => {
-                            let granted =
-                                self.grants.lock().get(&region).map(|g| u64::from(g.rkey));
-                            let status = match self
-                                .ep
-                                .table
-                                .check_remote_granted(region, key, granted, None, 0, 0)
-                            {
-                                Ok(r) => RegionStatus::Ok {
-                                    len: r.len() as u64,
-                                    addr: r.descriptor().addr,
-                                    access: access_bits(r.access()),
-                                },
-                                Err(TransportError::BadKey { .. }) => RegionStatus::BadKey,
-                                Err(_) => RegionStatus::Unknown,
-                            };
-                            if self.send_frame(&Frame::RegionInfo { req, status }).is_err() {
-                                return;
-                            }
-                            if status == RegionStatus::BadKey {
-                                // As a wrong rkey on the wire kills the QP: no free guesses.
-                                self.die(TransportError::PeerMisbehaved {
-                                    peer: Some(self.peer),
-                                    what: format!("presented a wrong key for region {region}"),
-                                });
-                                return;
-                            }
-                        }
-                        Frame::RegionInfo { req, status } => {
-                            let mut q = self.queries.lock();
-                            match q.get_mut(&req) {
-                                Some(slot @ None) => *slot = Some(status),
-                                _ => {
-                                    drop(q);
-                                    self.die(TransportError::PeerMisbehaved {
-                                        peer: Some(self.peer),
-                                        what: format!("answer {req} to no open region check"),
-                                    });
-                                    return;
-                                }
-                            }
-                            drop(q);
-                            self.queries_cv.notify_all();
-                        }
-                        Frame::Heartbeat => {}
-                        other => {
-                            self.die(TransportError::PeerMisbehaved {
-                                peer: Some(self.peer),
-                                what: format!("unexpected side-channel frame {other:?}"),
-                            });
-                            return;
-                        }
-                    }
-                }
-                Ok(None) => {
-                    if last_heard.elapsed() > timeout {
-                        self.die(TransportError::PeerDead {
-                            peer: self.peer,
-                            reason: format!("nothing heard for {timeout:?}"),
-                        });
+                    if self.on_side_frame(&mut side, f, Instant::now()).is_err() {
                         return;
                     }
                 }
+                Ok(None) => {}
                 Err(e) => {
-                    let err = if e.kind() == io::ErrorKind::InvalidData {
-                        TransportError::InvalidFrame {
-                            peer: Some(self.peer),
-                            expected: "side-channel frame",
-                            got: e.to_string(),
-                        }
-                    } else if e.kind() == io::ErrorKind::UnexpectedEof {
-                        TransportError::PeerDead {
-                            peer: self.peer,
-                            reason: "the peer closed the connection".into(),
-                        }
-                    } else {
-                        TransportError::PeerDead {
-                            peer: self.peer,
-                            reason: format!("side channel: {e}"),
-                        }
-                    };
-                    self.die(err);
+                    self.die(self.side_read_error(e));
                     return;
                 }
             }
-            if last_sent.elapsed() >= beat {
-                if self.send_frame(&Frame::Heartbeat).is_err() {
-                    return;
-                }
-                last_sent = Instant::now();
+            if self.on_side_timeout(&mut side, Instant::now()).is_err() {
+                return;
+            }
+        }
+    }
+
+    /// The connection's error for a failed side-channel read.
+    fn side_read_error(&self, e: io::Error) -> TransportError {
+        if e.kind() == io::ErrorKind::InvalidData {
+            TransportError::InvalidFrame {
+                peer: Some(self.peer),
+                expected: "side-channel frame",
+                got: e.to_string(),
+            }
+        } else if e.kind() == io::ErrorKind::UnexpectedEof {
+            TransportError::PeerDead {
+                peer: self.peer,
+                reason: "the peer closed the connection".into(),
+            }
+        } else {
+            TransportError::PeerDead {
+                peer: self.peer,
+                reason: format!("side channel: {e}"),
             }
         }
     }
@@ -1923,28 +1786,21 @@ impl Connection for RdmaConnection {
                 max,
             });
         }
-        // Payload bytes per segment (the handshake guarantees a peer receive size of at least 1).
-        let per_seg = c.send_seg.saturating_sub(SEG_HEADER);
-        if per_seg == 0 && !msg.is_empty() {
+        // The handshake guarantees a peer receive size of at least the segment header.
+        let Some(segments) = proto::segments(msg, c.send_seg) else {
             return Err(TransportError::MessageTooLarge {
                 len: msg.len(),
                 max: 0,
             });
-        }
-        c.check_alive()?;
-        let segments: Vec<&[u8]> = if msg.is_empty() {
-            vec![msg]
-        } else {
-            msg.chunks(per_seg).collect()
         };
+        c.check_alive()?;
         let (op, completer) = c.ops.op(None);
         let mut completer = Some(completer);
         // One message at a time on the wire: its segments must arrive back to back.
         let _order = c.send_order.lock();
         let n = segments.len();
-        for (i, part) in segments.into_iter().enumerate() {
+        for (i, (flag, part)) in segments.enumerate() {
             let last = i + 1 == n;
-            let flag = if last { SEG_LAST } else { SEG_MORE };
             let len = SEG_HEADER + part.len();
             let inline = if len <= c.max_inline {
                 InlineBuf::of(&[&[flag], part])

@@ -55,6 +55,7 @@
 
 mod conn;
 pub mod handshake;
+pub mod proto;
 pub mod wire;
 
 use crate::accept::{AcceptQueue, HandshakeSlots, ACCEPT_QUEUE, MAX_HANDSHAKES};

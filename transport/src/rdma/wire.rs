@@ -21,31 +21,6 @@ pub const SEG_MORE: u8 = 1;
 /// Segment header: the last (or only) segment of the message.
 pub const SEG_LAST: u8 = 0;
 
-/// Adds one received segment (header byte + payload) to the message being reassembled in
-/// `partial`. Returns the whole message when `seg` was its last segment (`partial` is then empty
-/// again), `None` when more follows. Peer bytes are checked, never trusted: a segment without
-/// its header, an unknown header, or a message growing past `max` bytes is an error, and
-/// `partial` is left as it was.
-pub fn push_segment(
-    partial: &mut Vec<u8>,
-    seg: &[u8],
-    max: usize,
-) -> Result<Option<Vec<u8>>, String> {
-    let (&flag, payload) = seg
-        .split_first()
-        .ok_or_else(|| "message segment without its header".to_string())?;
-    if flag != SEG_MORE && flag != SEG_LAST {
-        return Err(format!("bad message segment header {flag:#x}"));
-    }
-    if partial.len().saturating_add(payload.len()) > max {
-        return Err(format!(
-            "message of more than {max} bytes (the max_message_size) sent anyway"
-        ));
-    }
-    partial.extend_from_slice(payload);
-    Ok((flag == SEG_LAST).then(|| std::mem::take(partial)))
-}
-
 /// [`RegionStatus::Ok`] access bit: remote reads allowed.
 pub const ACCESS_READ: u8 = 1;
 /// [`RegionStatus::Ok`] access bit: remote writes allowed.
@@ -494,41 +469,6 @@ pub fn fuzz_decode(data: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn segments_reassemble_in_order() {
-        let mut partial = Vec::new();
-        assert_eq!(push_segment(&mut partial, &[SEG_MORE, 1, 2], 8), Ok(None));
-        assert_eq!(push_segment(&mut partial, &[SEG_MORE], 8), Ok(None));
-        assert_eq!(
-            push_segment(&mut partial, &[SEG_LAST, 3], 8),
-            Ok(Some(vec![1, 2, 3]))
-        );
-        assert!(partial.is_empty());
-        // An empty message is one header-only last segment.
-        assert_eq!(push_segment(&mut partial, &[SEG_LAST], 8), Ok(Some(vec![])));
-    }
-
-    #[test]
-    fn misbehaving_segments_are_errors_not_panics() {
-        let mut partial = vec![9];
-        let e = push_segment(&mut partial, &[], 8).unwrap_err();
-        assert!(e.contains("without its header"), "{e}");
-        let e = push_segment(&mut partial, &[7, 1], 8).unwrap_err();
-        assert!(e.contains("bad message segment header 0x7"), "{e}");
-        // A peer that ignores max_message_size: the message may not grow past it.
-        let e = push_segment(&mut partial, &[SEG_MORE; 9], 8).unwrap_err();
-        assert!(e.contains("more than 8 bytes"), "{e}");
-        assert_eq!(
-            partial,
-            vec![9],
-            "a rejected segment leaves the message as it was"
-        );
-        assert_eq!(
-            push_segment(&mut partial, &[SEG_LAST; 8], 8),
-            Ok(Some(vec![9, 0, 0, 0, 0, 0, 0, 0]))
-        );
-    }
 
     fn all_frames() -> Vec<Frame> {
         vec![
