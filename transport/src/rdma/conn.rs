@@ -1,6 +1,8 @@
-//! One RDMA connection: set-up, posting with selective signalling and back-pressure, the completion
-//! thread and the side-channel thread. What a peer may do (credits, segments, region checks,
-//! liveness) is decided in [`super::proto`]; this file posts, polls and moves frames.
+//! One RDMA connection: set-up, posting with selective signalling and back-pressure, CQ polling,
+//! and the side channel's bytes. What a peer may do (credits, segments, region checks, liveness)
+//! is decided in [`super::proto`]; the endpoint's [`super::poller`] calls in here when the
+//! connection's completion channel or side channel has something; this file posts, polls and
+//! moves frames.
 
 use super::handshake::{Action, Agreed, Handshake, HandshakeError};
 use super::proto::{
@@ -27,6 +29,7 @@ use parking_lot::{Condvar, Mutex};
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,17 +42,6 @@ const SQ_DEPTH: u32 = 128;
 const MAX_INLINE: u32 = 64;
 /// Send staging slots (payloads of sends too large to go inline).
 const SEND_SLOTS: usize = 16;
-/// Busy-poll mode: while user threads drive the CQ themselves, the completion thread stays parked
-/// instead of competing with them for the CPU. It looks again after this interval, doubled each
-/// time it finds them still driving (up to [`DRIVER_GRACE_MAX`]), and takes over on the completion
-/// channel once a look finds no drive since the last one. Every user wait and post drives, so a
-/// longer park delays nothing a user waits for; it only bounds how late completions nobody polls
-/// (and the credits their receive buffers return) are handled after the user stops.
-const DRIVER_GRACE: Duration = Duration::from_millis(1);
-/// The longest park of the busy-poll completion thread while users drive (see [`DRIVER_GRACE`]):
-/// on soft-RoCE a wake-up per millisecond cost about 2 us of an 8-byte write's 23 us ping-pong
-/// latency, because the woken thread preempts a spinning one.
-const DRIVER_GRACE_MAX: Duration = Duration::from_millis(16);
 /// Largest single work request of a transfer (larger ones are split).
 const MAX_CHUNK: usize = 16 << 20;
 /// Bit of a work request id that marks a receive.
@@ -61,6 +53,37 @@ const RECV_BIT: u64 = 1 << 63;
 /// message (up to its `max_message_size`). Receive memory per connection: `RECV_DEPTH` × (64 KiB
 /// + 1) ≈ 2 MiB, whatever `max_message_size` is.
 const SEGMENT: usize = 64 << 10;
+/// Side-channel bytes queued for a peer that does not read them, past which it loses the
+/// connection (frames are small and few: credits, region checks and answers, heartbeats).
+const MAX_SIDE_BACKLOG: usize = 1 << 20;
+
+/// What the poller does next with a connection's CQ (see [`RdmaConn::serve_cq`]).
+pub(crate) enum CqNext {
+    /// Drained and armed: the completion channel fires on the next completion.
+    Armed,
+    /// The budget ran out (or a completion came while arming): serve it again at once.
+    More,
+    /// Busy-poll mode: users drove the CQ meanwhile; it is left unarmed to them.
+    Driven,
+    /// The connection failed.
+    Dead,
+}
+
+/// Writes what the non-blocking socket `s` takes now; returns how much (less than `buf` on
+/// `WouldBlock`).
+fn write_some(mut s: &TcpStream, buf: &[u8]) -> io::Result<usize> {
+    let mut off = 0;
+    while let Some(rest) = buf.get(off..).filter(|r| !r.is_empty()) {
+        match s.write(rest) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => off += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(off)
+}
 
 fn io_err(call: &'static str) -> impl Fn(io::Error) -> TransportError {
     move |e| TransportError::io(call, e)
@@ -71,7 +94,7 @@ fn verbs_io(call: &'static str, e: VerbsError) -> TransportError {
 }
 
 /// State of CQ polling (see `RdmaConn::progress`).
-struct Poller {
+struct CqPoll {
     wcs: Vec<Completion>,
     /// The message being reassembled from its segments.
     reasm: Reassembly,
@@ -118,7 +141,7 @@ struct State {
     next_slot: usize,
 }
 
-/// The connection shared by the user's handle and the two threads.
+/// The connection shared by the user's handle and the endpoint's poller.
 pub(crate) struct RdmaConn {
     // Field order is drop order: the QP (in `state`) goes before the CQ and before the receive and
     // send buffers' registrations (each of which owns its buffer).
@@ -132,7 +155,14 @@ pub(crate) struct RdmaConn {
     sq_depth: u32,
     space: Condvar,
     ep: Arc<Endpoint>,
-    side: Mutex<TcpStream>,
+    /// The side channel (non-blocking): read by the endpoint's poller, written by whoever sends a
+    /// frame (see [`RdmaConn::send_frame`]).
+    side: TcpStream,
+    /// Side-channel bytes that could not be written at once; the poller flushes them when the
+    /// socket is writable again.
+    side_out: Mutex<Vec<u8>>,
+    /// This connection's id in the endpoint's poller.
+    poll_id: usize,
     peer: SocketAddr,
     peer_endpoint: EndpointId,
     mode: PollMode,
@@ -162,13 +192,13 @@ pub(crate) struct RdmaConn {
     queries: Mutex<Queries>,
     queries_cv: Condvar,
     /// Whoever polls the CQ holds this, so completions are handled in order by one thread at a time.
-    poller: Mutex<Poller>,
+    cq_poll: Mutex<CqPoll>,
     /// Busy-poll mode only: the hook given to this connection's operations, so that the thread
     /// waiting on one polls the CQ itself (no thread hand-off on the hot path).
     driver: Option<DriveHook>,
     /// Recycled states of this connection's single operations (no allocation per transfer).
     ops: OpPool,
-    /// Changes on (almost) every `drive` call: tells the completion thread that waiters are driving.
+    /// Changes on (almost) every `drive` call: tells the poller that waiters are driving.
     drives: AtomicU64,
     /// `State::retired`, readable without the state lock: stored (under the lock) after each
     /// change, so a submitter that sees its request here knows its completion was handled.
@@ -461,10 +491,10 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream, role: Role) -> Res
     } = q;
     tracing::debug!(%peer, qpn = qp.qpn(), peer_qpn = agreed.peer_qpn, mtu = agreed.path_mtu, sgid_index, "rdma connection up");
 
-    let beat = proto::heartbeat_interval(ep.config.peer_timeout);
-    s.set_read_timeout(Some(beat))
+    s.set_read_timeout(None)
         .map_err(io_err("setsockopt(SO_RCVTIMEO)"))?;
-    let writer = s.try_clone().map_err(io_err("dup"))?;
+    s.set_nonblocking(true)
+        .map_err(io_err("fcntl(O_NONBLOCK)"))?;
     // Chunks: at most the port's maximum message size, and at most MAX_CHUNK so that one huge
     // transfer does not hold the wire for long in front of other work on the connection.
     let chunk = usize::try_from(limits.max_msg_size)
@@ -499,7 +529,9 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream, role: Role) -> Res
             sq_depth,
             space: Condvar::new(),
             ep: Arc::clone(ep),
-            side: Mutex::new(writer),
+            side: s,
+            side_out: Mutex::new(Vec::new()),
+            poll_id: ep.poller.next_id(),
             peer,
             peer_endpoint: agreed.peer_endpoint,
             mode,
@@ -522,7 +554,7 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream, role: Role) -> Res
             dead: Mutex::new(None),
             queries: Mutex::new(Queries::default()),
             queries_cv: Condvar::new(),
-            poller: Mutex::new(Poller {
+            cq_poll: Mutex::new(CqPoll {
                 wcs: Vec::with_capacity(32),
                 reasm: Reassembly::new(ep.config.max_message_size),
                 done: Vec::new(),
@@ -533,18 +565,8 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream, role: Role) -> Res
             retired: AtomicU64::new(0),
         }
     });
-    let c1 = Arc::clone(&shared);
-    std::thread::Builder::new()
-        .name("genie-rdma-cq".into())
-        .spawn(move || c1.completion_loop())
-        .map_err(io_err("spawn"))?;
-    let c2 = Arc::clone(&shared);
-    if let Err(e) = std::thread::Builder::new()
-        .name("genie-rdma-side".into())
-        .spawn(move || c2.side_loop(s))
-    {
-        shared.die(TransportError::io("spawn", e));
-    }
+    // The handshake's reader may hold side-channel frames the peer sent right after it.
+    ep.poller.add(Arc::clone(&shared), reader);
     Ok(shared)
 }
 
@@ -724,7 +746,8 @@ impl RdmaConn {
         }
         if was_alive {
             tracing::debug!(peer = %self.peer, error = %err, "rdma connection failed");
-            let _ = self.side.lock().shutdown(Shutdown::Both);
+            let _ = self.side.shutdown(Shutdown::Both);
+            self.ep.poller.dead(self.poll_id);
         }
         self.space.notify_all();
         self.notes_cv.notify_all();
@@ -825,8 +848,8 @@ impl RdmaConn {
             st.posted(seq, true, false, Owner::Op(done), region.id());
             rkey
         };
-        // Reap the bind's completion here rather than wait for the completion thread: a bind is
-        // rare and short, and nothing else may be due on this CQ to wake that thread.
+        // Reap the bind's completion here rather than wait for the poller: a bind is rare and
+        // short, and in busy-poll mode the poller may be staying away from this CQ.
         let mut deadline = SpinDeadline::new(self.ep.config.peer_timeout);
         loop {
             if let Some(r) = op.poll() {
@@ -854,18 +877,62 @@ impl RdmaConn {
         Ok(desc(rkey, mr.addr()))
     }
 
+    /// Sends a side-channel frame from any thread without blocking: what the socket does not take
+    /// now waits in `side_out` (behind anything already waiting, so frames keep their order) for
+    /// the poller to flush. A peer that lets [`MAX_SIDE_BACKLOG`] bytes pile up loses the
+    /// connection.
     fn send_frame(&self, f: &Frame) -> Result<()> {
         let bytes = f.encode();
-        let mut s = self.side.lock();
-        s.write_all(&bytes).map_err(|e| {
-            drop(s);
-            let err = TransportError::PeerDead {
-                peer: self.peer,
-                reason: format!("side channel: {e}"),
+        let mut out = self.side_out.lock();
+        if out.is_empty() {
+            match write_some(&self.side, &bytes) {
+                Ok(n) => out.extend_from_slice(bytes.get(n..).unwrap_or(&[])),
+                Err(e) => {
+                    drop(out);
+                    return Err(self.side_write_failed(e));
+                }
+            }
+        } else {
+            out.extend_from_slice(&bytes);
+        }
+        if out.len() > MAX_SIDE_BACKLOG {
+            let queued = out.len();
+            drop(out);
+            let err = TransportError::PeerMisbehaved {
+                peer: Some(self.peer),
+                what: format!("does not read its side channel ({queued} bytes queued)"),
             };
             self.die(err.clone());
-            err
-        })
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    /// Writes what [`RdmaConn::send_frame`] queued (the poller, when the socket is writable).
+    pub(crate) fn flush_side(&self) {
+        let mut out = self.side_out.lock();
+        if out.is_empty() {
+            return;
+        }
+        match write_some(&self.side, &out) {
+            Ok(n) => {
+                out.drain(..n);
+            }
+            Err(e) => {
+                drop(out);
+                self.side_write_failed(e);
+            }
+        }
+    }
+
+    #[cold]
+    fn side_write_failed(&self, e: io::Error) -> TransportError {
+        let err = TransportError::PeerDead {
+            peer: self.peer,
+            reason: format!("side channel: {e}"),
+        };
+        self.die(err.clone());
+        err
     }
 
     /// The rkey and address of `[offset, offset + len)` of `remote`, asking the peer on first use.
@@ -1036,7 +1103,7 @@ impl RdmaConn {
                         matches!(self.progress(false), Ok(true))
                     });
                     // The state lock was free while reaping: room or credits that came meanwhile
-                    // (the completion thread, a credit frame) notified nobody, so look again
+                    // (the poller, a credit frame) notified nobody, so look again
                     // before waiting for the next notification.
                     if reaped || ready(&st) {
                         continue;
@@ -1127,11 +1194,10 @@ impl RdmaConn {
         // Reap finished work after posting (cheap when there is none), not before: the post is
         // what the peer waits for, and a full send queue reaps in the loop above anyway. In
         // busy-poll mode a posting thread counts as a driver: while the user keeps posting (and so
-        // reaping), the completion thread stays parked. Otherwise it would arm the completion
+        // reaping), the poller leaves the CQ to it. Otherwise the poller would arm the completion
         // channel, be woken by every signalled completion, complete the operation before the user
-        // polls it, so that the user's poll no longer drives, and stay in that mode: a wake-up per
-        // operation, measured at 3-6x the ping-pong latency on soft-RoCE (perf sched: one
-        // completion-thread run per iteration).
+        // polls it, so that the user's poll no longer drives, and stay in that mode: a poller
+        // wake-up per operation, 3-6x the ping-pong latency on soft-RoCE.
         self.drive();
     }
 
@@ -1250,16 +1316,16 @@ impl RdmaConn {
         Ok(Some(Op::failed(self.mode, self.dead_error())))
     }
 
-    /// The completion thread: retires work requests, delivers receives, re-posts receive buffers.
-    /// Polls the CQ once and handles what it got. `wait_lock`: take the poll lock even if another
-    /// thread holds it (the completion thread); otherwise give up at once (posting threads, which
+    /// Retires work requests, delivers receives, re-posts receive buffers: polls the CQ once and
+    /// handles what it got. `wait_lock`: take the poll lock even if another thread holds it (the
+    /// poller); otherwise give up at once (posting threads, which
     /// reap completions on the way so that no thread handoff sits on the critical path).
     /// Returns whether anything completed.
     fn progress(&self, wait_lock: bool) -> std::result::Result<bool, VerbsError> {
         let mut guard = if wait_lock {
-            self.poller.lock()
+            self.cq_poll.lock()
         } else {
-            match self.poller.try_lock() {
+            match self.cq_poll.try_lock() {
                 Some(g) => g,
                 None => return Ok(false),
             }
@@ -1286,7 +1352,7 @@ impl RdmaConn {
     /// Progress run by a user's thread: one waiting on one of this connection's operations (or
     /// messages) in busy-poll mode, or one posting work (in either mode). Polls the CQ unless
     /// another thread is already doing so, and counts as driving (which only busy-poll mode's
-    /// completion thread looks at). A failed poll kills the connection.
+    /// poller looks at). A failed poll kills the connection.
     #[inline]
     fn drive(&self) {
         // A hint, not a count: a lost increment when two threads drive at once changes nothing
@@ -1300,61 +1366,86 @@ impl RdmaConn {
         }
     }
 
-    /// The completion thread: retires work requests, delivers receives, re-posts receive buffers.
-    /// In event mode it sleeps on the completion channel. In busy-poll mode the waiting threads
-    /// poll the CQ themselves; this thread stays parked while they do and falls back to the
-    /// channel when nobody drives (completions nobody waits for, idle connections).
-    fn completion_loop(self: Arc<Self>) {
-        let mut seen_drives = self.drives.load(Ordering::Relaxed);
-        let mut grace = DRIVER_GRACE;
-        loop {
-            if self.driver.is_some() {
-                let d = self.drives.load(Ordering::Relaxed);
-                if d != seen_drives {
-                    // Users drove since the last look: they poll, stay out of their way (without
-                    // polling, which would contend for the poll lock with them).
-                    seen_drives = d;
-                    if !self.alive.load(Ordering::Acquire) {
-                        return;
-                    }
-                    std::thread::park_timeout(grace);
-                    grace = (grace * 2).min(DRIVER_GRACE_MAX);
-                    continue;
-                }
-                grace = DRIVER_GRACE;
-            }
+    /// The poller's turn at the CQ (its completion channel fired, or a busy-poll grace period
+    /// ended): acknowledges the channel's events, polls up to `budget` batches, then arms the CQ
+    /// and polls once more (a completion may have come before arming). `seen_drives` (busy-poll
+    /// mode): the drive count when the poller decided to take over; if users drove since, it
+    /// leaves the CQ unarmed to them.
+    pub(crate) fn serve_cq(&self, budget: usize, seen_drives: Option<u64>) -> CqNext {
+        if let Err(e) = self.cq.take_events() {
+            self.die(verbs_io("ibv_get_cq_event", e));
+            return CqNext::Dead;
+        }
+        let mut drained = false;
+        for _ in 0..budget {
             match self.progress(true) {
-                Ok(true) => continue,
-                Ok(false) => {}
+                Ok(true) => {}
+                Ok(false) => {
+                    drained = true;
+                    break;
+                }
                 Err(e) => {
                     self.die(verbs_io("ibv_poll_cq", e));
-                    return;
+                    return CqNext::Dead;
                 }
-            }
-            if !self.alive.load(Ordering::Acquire) {
-                return;
-            }
-            if self.driver.is_some() && self.drives.load(Ordering::Relaxed) != seen_drives {
-                continue;
-            }
-            if let Err(e) = self.cq.req_notify() {
-                self.die(verbs_io("ibv_req_notify_cq", e));
-                return;
-            }
-            // A completion may have arrived before arming: poll once more before sleeping.
-            match self.progress(true) {
-                Ok(true) => continue,
-                Ok(false) => {}
-                Err(e) => {
-                    self.die(verbs_io("ibv_poll_cq", e));
-                    return;
-                }
-            }
-            if let Err(e) = self.cq.wait_event(Duration::from_millis(50)) {
-                self.die(verbs_io("ibv_get_cq_event", e));
-                return;
             }
         }
+        if !self.is_alive() {
+            return CqNext::Dead;
+        }
+        if !drained {
+            return CqNext::More;
+        }
+        if seen_drives.is_some_and(|d| d != self.drives()) {
+            return CqNext::Driven;
+        }
+        if let Err(e) = self.cq.req_notify() {
+            self.die(verbs_io("ibv_req_notify_cq", e));
+            return CqNext::Dead;
+        }
+        match self.progress(true) {
+            Ok(true) => CqNext::More,
+            Ok(false) => CqNext::Armed,
+            Err(e) => {
+                self.die(verbs_io("ibv_poll_cq", e));
+                CqNext::Dead
+            }
+        }
+    }
+
+    /// This connection's id in the endpoint's poller.
+    pub(crate) fn poll_id(&self) -> usize {
+        self.poll_id
+    }
+
+    /// The completion channel's fd (`None` if the CQ has none).
+    pub(crate) fn cq_fd(&self) -> Option<RawFd> {
+        self.cq.event_fd()
+    }
+
+    /// The side channel's fd.
+    pub(crate) fn side_fd(&self) -> RawFd {
+        self.side.as_raw_fd()
+    }
+
+    /// The endpoint's peer timeout.
+    pub(crate) fn peer_timeout(&self) -> Duration {
+        self.ep.config.peer_timeout
+    }
+
+    /// Busy-poll mode: users drive the CQ themselves.
+    pub(crate) fn busy_poll(&self) -> bool {
+        self.driver.is_some()
+    }
+
+    /// The drive count (see `drives`).
+    pub(crate) fn drives(&self) -> u64 {
+        self.drives.load(Ordering::Relaxed)
+    }
+
+    /// Whether the connection is up.
+    pub(crate) fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::Acquire)
     }
 
     /// Retires send work requests up to `seq`, whose completion succeeded (requests complete in
@@ -1573,53 +1664,65 @@ impl RdmaConn {
         })
     }
 
-    /// Timers of the side channel at `now`: a heartbeat, or the peer's death after silence.
-    fn on_side_timeout(&self, side: &mut SideChannel, now: Instant) -> Result<()> {
+    /// Timers of the side channel at `now` (the poller): a heartbeat, or the peer's death after
+    /// silence.
+    pub(crate) fn side_timeout(&self, side: &mut SideChannel, now: Instant) {
         match side.handle_timeout(now) {
-            Timer::Idle => Ok(()),
-            Timer::Heartbeat => self.send_frame(&Frame::Heartbeat),
-            Timer::Dead(silent) => {
-                let err = TransportError::PeerDead {
-                    peer: self.peer,
-                    reason: format!("nothing heard for {silent:?}"),
-                };
-                self.die(err.clone());
-                Err(err)
+            Timer::Idle => {}
+            Timer::Heartbeat => {
+                let _ = self.send_frame(&Frame::Heartbeat);
             }
+            Timer::Dead(silent) => self.die(TransportError::PeerDead {
+                peer: self.peer,
+                reason: format!("nothing heard for {silent:?}"),
+            }),
         }
     }
 
-    /// The side-channel thread: reads frames until the next timer is due and runs the side
-    /// channel's timers.
-    fn side_loop(self: Arc<Self>, mut s: TcpStream) {
-        let mut side = SideChannel::new(self.ep.config.peer_timeout, Instant::now());
-        let mut reader = FrameReader::default();
-        while self.alive.load(Ordering::Acquire) {
-            // Read until the next timer is due (at least a millisecond: a zero timeout blocks).
-            let wait = side
-                .poll_timeout()
-                .saturating_duration_since(Instant::now())
-                .max(Duration::from_millis(1));
-            if let Err(e) = s.set_read_timeout(Some(wait)) {
-                self.die(TransportError::io("setsockopt(SO_RCVTIMEO)", e));
-                return;
-            }
-            match reader.next(&mut s) {
-                Ok(Some(f)) => {
-                    if self.on_side_frame(&mut side, f, Instant::now()).is_err() {
-                        return;
+    /// The side channel is readable (the poller): reads until `WouldBlock` or `budget` bytes and
+    /// handles every complete frame. Returns whether bytes may be left (the budget ran out).
+    pub(crate) fn side_readable(
+        &self,
+        side: &mut SideChannel,
+        reader: &mut FrameReader,
+        budget: usize,
+        now: Instant,
+    ) -> bool {
+        const STEP: usize = 16 << 10;
+        let mut left = budget;
+        while self.is_alive() {
+            let step = left.min(STEP);
+            let filled = reader.fill(&mut &self.side, step);
+            // The frames that arrived count even if the stream ended after them.
+            loop {
+                match reader.parse() {
+                    Ok(Some(f)) => {
+                        if self.on_side_frame(side, f, now).is_err() {
+                            return false;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.die(self.side_read_error(e));
+                        return false;
                     }
                 }
-                Ok(None) => {}
+            }
+            match filled {
+                Ok(true) => return false,
+                Ok(false) => {
+                    left = left.saturating_sub(step);
+                    if left == 0 {
+                        return true;
+                    }
+                }
                 Err(e) => {
                     self.die(self.side_read_error(e));
-                    return;
+                    return false;
                 }
             }
-            if self.on_side_timeout(&mut side, Instant::now()).is_err() {
-                return;
-            }
         }
+        false
     }
 
     /// The connection's error for a failed side-channel read.
@@ -1745,7 +1848,7 @@ fn wait_entry<T>(
 /// Takes the next message or notification if there is one, and gives its credits back.
 fn try_queue<T: Inbound>(c: &RdmaConn, q: &Mutex<VecDeque<(T, u32)>>) -> Result<Option<T>> {
     let mut v = q.lock().pop_front();
-    // Busy poll: an empty queue means "poll the CQ now" (the completion thread steps back while
+    // Busy poll: an empty queue means "poll the CQ now" (the poller steps back while
     // users drive), then look again.
     if let (None, Some(drive)) = (&v, &c.driver) {
         drive();

@@ -427,7 +427,30 @@ impl FrameReader {
         }
     }
 
-    fn parse(&mut self) -> io::Result<Option<Frame>> {
+    /// Reads what the non-blocking source `r` has now, about `budget` bytes at most (a read may
+    /// overshoot by one 4 KiB read). `Ok(true)`: drained (`WouldBlock`); `Ok(false)`: the budget
+    /// ran out first. End of stream is `UnexpectedEof`. Take the frames with
+    /// [`FrameReader::parse`].
+    pub fn fill(&mut self, r: &mut impl Read, budget: usize) -> io::Result<bool> {
+        let mut tmp = [0u8; 4096];
+        let mut got = 0;
+        while got < budget {
+            match r.read(&mut tmp) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => {
+                    self.buf.extend_from_slice(tmp.get(..n).unwrap_or(&[]));
+                    got += n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(false)
+    }
+
+    /// The next complete frame already read, if any. Garbage is `InvalidData`.
+    pub fn parse(&mut self) -> io::Result<Option<Frame>> {
         let Some(len) = self
             .buf
             .get(..4)
@@ -552,6 +575,36 @@ mod tests {
             }
         }
         assert_eq!(got, all_frames());
+    }
+
+    #[test]
+    fn non_blocking_fill_then_parse() {
+        let bytes: Vec<u8> = all_frames().iter().flat_map(Frame::encode).collect();
+        let mut r = Trickle(bytes.clone(), false);
+        let mut fr = FrameReader::default();
+        let mut got = Vec::new();
+        loop {
+            // Each fill stops at the source's `WouldBlock` (drained) after at most one byte here.
+            match fr.fill(&mut r, 1 << 20) {
+                Ok(drained) => assert!(drained),
+                Err(e) => {
+                    assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+                    break;
+                }
+            }
+            while let Some(f) = fr.parse().unwrap() {
+                got.push(f);
+            }
+        }
+        assert_eq!(got, all_frames());
+        // A budget smaller than what is there: not drained, the rest stays for the next fill.
+        let mut fr = FrameReader::default();
+        assert!(!fr.fill(&mut &bytes[..], 4).unwrap());
+        assert_eq!(fr.buf.len(), bytes.len().min(4096));
+        // Garbage is InvalidData from parse, never a panic.
+        let mut fr = FrameReader::default();
+        let _ = fr.fill(&mut &[0xff_u8; 8][..], 64);
+        assert_eq!(fr.parse().unwrap_err().kind(), io::ErrorKind::InvalidData);
     }
 
     #[test]
