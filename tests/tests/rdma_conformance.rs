@@ -74,3 +74,19 @@ fn nic_refused_access_fails_that_operation_then_reconnect_works() {
         assert_eq!(dst2.with(|b| b[8..16].to_vec()), b"checked!");
     }
 }
+
+/// 256 connections between two endpoints (one poller thread each, not threads per connection)
+/// carry 1000 outstanding operations, checked with checksums. Small receive buffers keep the
+/// 512 connection ends' memory within the soft-RoCE VM. It loads the VM's emulated CPUs enough
+/// to push other cases past their 2 s peer timeout, so `scripts/test-rdma.sh` runs it on its own
+/// after the others (`--ignored`), and it gives itself a longer peer timeout.
+#[test]
+#[ignore = "heavy: scripts/test-rdma.sh runs it alone"]
+fn connections_at_scale() {
+    let make = || TransportConfig {
+        max_message_size: 4096,
+        peer_timeout: std::time::Duration::from_secs(10),
+        ..rdma()
+    };
+    genie_tests::conformance::connections_at_scale(&make, 256, 1000);
+}
