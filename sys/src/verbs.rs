@@ -890,6 +890,16 @@ impl CompletionQueue {
         if rc == 0 {
             return Ok(false);
         }
+        Ok(self.take_events()? > 0)
+    }
+
+    /// Consumes and acknowledges every event waiting on the completion channel, without blocking
+    /// (the channel is non-blocking): for an event loop that saw [`CompletionQueue::event_fd`]
+    /// readable. Returns how many there were; `Ok(0)` without a channel.
+    pub fn take_events(&self) -> Result<u32, VerbsError> {
+        let Some(ch) = &self.channel else {
+            return Ok(0);
+        };
         let mut got = 0u32;
         loop {
             let mut cq: *mut ibv_cq = std::ptr::null_mut();
@@ -909,7 +919,7 @@ impl CompletionQueue {
             // must be acknowledged once or ibv_destroy_cq would wait forever.
             unsafe { rdma_mummy_sys::ibv_ack_cq_events(self.raw_cq(), got) };
         }
-        Ok(got > 0)
+        Ok(got)
     }
 }
 

@@ -877,3 +877,136 @@ pub fn peer_process_killed_mid_transfer(make: MakeConfig<'_>, peer_bin: &str) {
     );
     assert_eq!(crc(&back, 0, 1 << 20), crc(&src, 5, 1 << 20));
 }
+
+/// Threads of this process now (`/proc/self/task`).
+pub fn thread_count() -> usize {
+    std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count())
+}
+
+/// Median round trip of an 8-byte write (post, then wait for its completion) on `conn`, in µs.
+pub fn write_latency_8b(conn: &dyn Connection, src: &Region, dst: &RemoteRegion) -> f64 {
+    const ITERS: usize = 1000;
+    for _ in 0..100 {
+        wait_ok(conn.write(src, 0, dst, 0, 8).unwrap(), "warm-up write");
+    }
+    let mut t: Vec<f64> = (0..ITERS)
+        .map(|_| {
+            let start = Instant::now();
+            wait_ok(conn.write(src, 0, dst, 0, 8).unwrap(), "8 B write");
+            start.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[ITERS / 2]
+}
+
+/// What [`connections_at_scale`] measured.
+#[derive(Debug, Clone, Copy)]
+pub struct ScaleReport {
+    /// Threads of the process with one connection between the two endpoints.
+    pub threads_at_1: usize,
+    /// Threads with all connections open.
+    pub threads_at_n: usize,
+    /// Median 8-byte write round trip with one connection open, µs.
+    pub write_8b_us_at_1: f64,
+    /// The same on the first connection with all of them open, µs.
+    pub write_8b_us_at_n: f64,
+}
+
+/// Raises this process's soft open-file limit to `want` (at most the hard limit); panics with the
+/// limits when that is not enough.
+fn raise_open_file_limit(want: u64) {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let now = getrlimit(Resource::Nofile);
+    if matches!(now.current, Some(c) if c >= want) || now.current.is_none() {
+        return;
+    }
+    let target = now.maximum.map_or(want, |m| m.min(want));
+    let _ = setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: Some(target),
+            maximum: now.maximum,
+        },
+    );
+    let got = getrlimit(Resource::Nofile).current;
+    assert!(
+        matches!(got, Some(c) if c >= want) || got.is_none(),
+        "this test needs {want} open files; the limit is {got:?} (hard {:?}): raise it with ulimit -n",
+        now.maximum
+    );
+}
+
+/// `conns` connections between two endpoints carry `ops` writes (of 1 B to 4 KiB, all posted
+/// before any is waited for, spread round-robin over the connections), then `ops` reads of the same
+/// ranges into a third region; the checksums of source, target and read-back agree, and every
+/// connection is still alive. Thread counts (`/proc/self/task`, so other tests running at the
+/// same time count too) and the 8-byte write latency at one and at `conns` connections are
+/// returned and printed.
+pub fn connections_at_scale(make: MakeConfig<'_>, conns: usize, ops: usize) -> ScaleReport {
+    const SLOT: usize = 4096;
+    // Both ends of every connection live in this process: a few descriptors each, more than
+    // the common soft limit of 1024.
+    raise_open_file_limit(8 * conns as u64 + 256);
+    let a = open(make()).expect("open a");
+    let b = open(make()).expect("open b");
+    let dst = b.alloc_region(ops * SLOT).unwrap();
+    let d = dst.descriptor();
+    let src = a.alloc_region(ops * SLOT).unwrap();
+    let back = a.alloc_region(ops * SLOT).unwrap();
+    fill(&src, 0x5ca1e);
+    let mut ab = vec![a.connect(b.local_addr()).expect("connect 0")];
+    let mut ba = vec![b.accept(WAIT).expect("accept 0")];
+    let threads_at_1 = thread_count();
+    let write_8b_us_at_1 = write_latency_8b(&*ab[0], &src, &d);
+    for i in 1..conns {
+        ab.push(
+            a.connect(b.local_addr())
+                .unwrap_or_else(|e| panic!("connect {i}: {e}")),
+        );
+        ba.push(b.accept(WAIT).unwrap_or_else(|e| panic!("accept {i}: {e}")));
+    }
+    let threads_at_n = thread_count();
+    let len = |i: usize| (i * 7919) % SLOT + 1;
+    let writes: Vec<_> = (0..ops)
+        .map(|i| {
+            ab[i % conns]
+                .write(&src, i * SLOT, &d, (i * SLOT) as u64, len(i))
+                .unwrap_or_else(|e| panic!("write {i}: {e}"))
+        })
+        .collect();
+    writes
+        .into_iter()
+        .for_each(|o| wait_ok(o, "write at scale"));
+    let reads: Vec<_> = (0..ops)
+        .map(|i| {
+            ab[(i + 1) % conns]
+                .read(&back, i * SLOT, &d, (i * SLOT) as u64, len(i))
+                .unwrap_or_else(|e| panic!("read {i}: {e}"))
+        })
+        .collect();
+    reads.into_iter().for_each(|o| wait_ok(o, "read at scale"));
+    for i in 0..ops {
+        let want = crc(&src, i * SLOT, len(i));
+        assert_eq!(crc(&dst, i * SLOT, len(i)), want, "target of op {i}");
+        assert_eq!(crc(&back, i * SLOT, len(i)), want, "read-back of op {i}");
+    }
+    let write_8b_us_at_n = write_latency_8b(&*ab[0], &src, &d);
+    assert!(ab.iter().chain(&ba).all(|c| c.is_alive()));
+    let r = ScaleReport {
+        threads_at_1,
+        threads_at_n,
+        write_8b_us_at_1,
+        write_8b_us_at_n,
+    };
+    eprintln!(
+        "scale: backend {} poll_mode {:?}: {conns} connections, {ops} outstanding ops: threads {} at 1 connection, {} at {conns}; 8 B write {:.2} us at 1 connection, {:.2} us at {conns}",
+        a.backend(),
+        a.config().poll_mode,
+        r.threads_at_1,
+        r.threads_at_n,
+        r.write_8b_us_at_1,
+        r.write_8b_us_at_n
+    );
+    r
+}

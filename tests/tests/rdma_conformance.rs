@@ -74,3 +74,27 @@ fn nic_refused_access_fails_that_operation_then_reconnect_works() {
         assert_eq!(dst2.with(|b| b[8..16].to_vec()), b"checked!");
     }
 }
+
+/// 256 connections between two endpoints (one poller thread each, not threads per connection)
+/// carry 1000 outstanding operations, checked with checksums. Small receive buffers keep the
+/// 512 connection ends' memory within the soft-RoCE VM. It loads the VM's emulated CPUs enough
+/// to push other cases past their 2 s peer timeout, so `scripts/test-rdma.sh` runs it on its own
+/// after the others (`--ignored`), and it gives itself a longer peer timeout.
+#[test]
+#[ignore = "heavy: scripts/test-rdma.sh runs it alone"]
+fn connections_at_scale() {
+    let make = || TransportConfig {
+        max_message_size: 4096,
+        peer_timeout: std::time::Duration::from_secs(10),
+        ..rdma()
+    };
+    let r = genie_tests::conformance::connections_at_scale(&make, 256, 1000);
+    // Run alone (--test-threads=1): every thread here is the transport's, and one poller per
+    // endpoint means 255 more connections add none.
+    assert!(
+        r.threads_at_n <= r.threads_at_1 + 2,
+        "threads grew with connections: {} at 1, {} at 256",
+        r.threads_at_1,
+        r.threads_at_n
+    );
+}

@@ -174,3 +174,10 @@ fn raw_write_out_of_bounds_gets_an_error_reply_and_memory_is_untouched() {
         "an access violation does not close the connection"
     );
 }
+
+/// 1024 connections between two endpoints carry 1000 outstanding operations, checked with
+/// checksums.
+#[test]
+fn connections_at_scale() {
+    genie_tests::conformance::connections_at_scale(&tcp, 1024, 1000);
+}

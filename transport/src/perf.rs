@@ -73,6 +73,14 @@ pub struct PerfArgs {
     pub window: usize,
     /// Role of this process.
     pub role: PerfRole,
+    /// Connections the client opens to the server: the first is measured, the others stay open
+    /// and idle (how the figures change with the number of connections). At least 1.
+    #[serde(default = "one")]
+    pub connections: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl Default for PerfArgs {
@@ -84,6 +92,7 @@ impl Default for PerfArgs {
             iterations: 1000,
             window: 16,
             role: PerfRole::Loopback,
+            connections: 1,
         }
     }
 }
@@ -122,9 +131,9 @@ const WAIT: Duration = Duration::from_secs(30);
 /// Runs the measurement described by `args`, printing perftest-style tables to `out`; returns the
 /// rows (empty for a server, which runs until killed).
 pub fn run(args: &PerfArgs, out: &mut dyn Write) -> Result<Vec<PerfRow>> {
-    if args.iterations == 0 || args.window == 0 {
+    if args.iterations == 0 || args.window == 0 || args.connections == 0 {
         return Err(TransportError::InvalidArgument(
-            "iterations and window must be at least 1".into(),
+            "iterations, window and connections must be at least 1".into(),
         ));
     }
     let max = args.sizes.iter().copied().max().unwrap_or(0);
@@ -280,6 +289,9 @@ fn client(args: &PerfArgs, addr: SocketAddr, out: &mut dyn Write) -> Result<Vec<
     let t = open(args.config.clone())?;
     let conn = t.connect(addr)?;
     let remote = parse_desc(&conn.recv(WAIT)?)?;
+    let idle = (1..args.connections)
+        .map(|_| t.connect(addr))
+        .collect::<Result<Vec<_>>>()?;
     let max = args.sizes.iter().copied().max().unwrap_or(0);
     let local = t.alloc_region(max.saturating_mul(args.window).max(4096))?;
     local.with_mut(|b| b.iter_mut().enumerate().for_each(|(i, x)| *x = i as u8));
@@ -287,10 +299,11 @@ fn client(args: &PerfArgs, addr: SocketAddr, out: &mut dyn Write) -> Result<Vec<
     for &test in &args.tests {
         writeln!(
             out,
-            "# genie perf: test {test}, backend {}, poll_mode {:?}, window {}; t = post-to-completion round trip",
+            "# genie perf: test {test}, backend {}, poll_mode {:?}, window {}, connections {}; t = post-to-completion round trip",
             t.backend(),
             args.config.poll_mode,
-            args.window
+            args.window,
+            args.connections
         )
         .map_err(io)?;
         writeln!(out, "{HEADER}").map_err(io)?;
@@ -319,6 +332,7 @@ fn client(args: &PerfArgs, addr: SocketAddr, out: &mut dyn Write) -> Result<Vec<
         }
     }
     conn.close();
+    idle.iter().for_each(|c| c.close());
     Ok(rows)
 }
 
@@ -579,6 +593,9 @@ pub struct PerfCli {
     /// RDMA device (e.g. rxe0).
     #[arg(long)]
     pub rdma_device: Option<String>,
+    /// Connections to open: the first is measured, the others stay idle.
+    #[arg(long, default_value_t = 1)]
+    pub connections: usize,
 }
 
 #[cfg(feature = "cli")]
@@ -607,6 +624,7 @@ impl PerfCli {
             iterations: self.iterations,
             window: self.window,
             role,
+            connections: self.connections,
             ..PerfArgs::default()
         };
         if !self.sizes.is_empty() {

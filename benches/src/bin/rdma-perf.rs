@@ -169,6 +169,7 @@ fn via_perf(a: &Args, test: PerfTest) -> Result<perf::PerfRow> {
         iterations: a.iters,
         window: a.window,
         role: PerfRole::Loopback,
+        connections: 1,
     };
     let mut out = std::io::stdout();
     let rows = perf::run(&args, &mut out)?;

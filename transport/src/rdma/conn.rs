@@ -1,10 +1,16 @@
-//! One RDMA connection: set-up, posting with selective signalling and back-pressure, the completion
-//! thread and the side-channel thread.
+//! One RDMA connection: set-up, posting with selective signalling and back-pressure, CQ polling,
+//! and the side channel's bytes. What a peer may do (credits, segments, region checks, liveness)
+//! is decided in [`super::proto`]; the endpoint's [`super::poller`] calls in here when the
+//! connection's completion channel or side channel has something; this file posts, polls and
+//! moves frames.
 
 use super::handshake::{Action, Agreed, Handshake, HandshakeError};
+use super::proto::{
+    self, remote_range, Incoming, PeerRegion, Queries, Reassembly, RecvCredits, RegionCache,
+    SendCredits, SideChannel, Timer, Violation,
+};
 use super::wire::{
-    push_segment, write_frame, DecodeError, Frame, FrameReader, QpInfo, RegionStatus, ACCESS_READ,
-    ACCESS_WRITE, SEG_HEADER, SEG_LAST, SEG_MORE,
+    write_frame, DecodeError, Frame, FrameReader, QpInfo, ACCESS_READ, ACCESS_WRITE, SEG_HEADER,
 };
 use super::{describe, Endpoint};
 use crate::auth::Role;
@@ -23,7 +29,8 @@ use parking_lot::{Condvar, Mutex};
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,17 +42,6 @@ const SQ_DEPTH: u32 = 128;
 const MAX_INLINE: u32 = 64;
 /// Send staging slots (payloads of sends too large to go inline).
 const SEND_SLOTS: usize = 16;
-/// Busy-poll mode: while user threads drive the CQ themselves, the completion thread stays parked
-/// instead of competing with them for the CPU. It looks again after this interval, doubled each
-/// time it finds them still driving (up to [`DRIVER_GRACE_MAX`]), and takes over on the completion
-/// channel once a look finds no drive since the last one. Every user wait and post drives, so a
-/// longer park delays nothing a user waits for; it only bounds how late completions nobody polls
-/// (and the credits their receive buffers return) are handled after the user stops.
-const DRIVER_GRACE: Duration = Duration::from_millis(1);
-/// The longest park of the busy-poll completion thread while users drive (see [`DRIVER_GRACE`]):
-/// on soft-RoCE a wake-up per millisecond cost about 2 us of an 8-byte write's 23 us ping-pong
-/// latency, because the woken thread preempts a spinning one.
-const DRIVER_GRACE_MAX: Duration = Duration::from_millis(16);
 /// Largest single work request of a transfer (larger ones are split).
 const MAX_CHUNK: usize = 16 << 20;
 /// Bit of a work request id that marks a receive.
@@ -57,6 +53,37 @@ const RECV_BIT: u64 = 1 << 63;
 /// message (up to its `max_message_size`). Receive memory per connection: `RECV_DEPTH` × (64 KiB
 /// + 1) ≈ 2 MiB, whatever `max_message_size` is.
 const SEGMENT: usize = 64 << 10;
+/// Side-channel bytes queued for a peer that does not read them, past which it loses the
+/// connection (frames are small and few: credits, region checks and answers, heartbeats).
+const MAX_SIDE_BACKLOG: usize = 1 << 20;
+
+/// What the poller does next with a connection's CQ (see [`RdmaConn::serve_cq`]).
+pub(crate) enum CqNext {
+    /// Drained and armed: the completion channel fires on the next completion.
+    Armed,
+    /// The budget ran out (or a completion came while arming): serve it again at once.
+    More,
+    /// Busy-poll mode: users drove the CQ meanwhile; it is left unarmed to them.
+    Driven,
+    /// The connection failed.
+    Dead,
+}
+
+/// Writes what the non-blocking socket `s` takes now; returns how much (less than `buf` on
+/// `WouldBlock`).
+fn write_some(mut s: &TcpStream, buf: &[u8]) -> io::Result<usize> {
+    let mut off = 0;
+    while let Some(rest) = buf.get(off..).filter(|r| !r.is_empty()) {
+        match s.write(rest) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => off += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(off)
+}
 
 fn io_err(call: &'static str) -> impl Fn(io::Error) -> TransportError {
     move |e| TransportError::io(call, e)
@@ -66,54 +93,11 @@ fn verbs_io(call: &'static str, e: VerbsError) -> TransportError {
     TransportError::io(call, io::Error::other(describe(&e)))
 }
 
-/// A region's access as [`RegionStatus::Ok`] carries it.
-fn access_bits(a: crate::region::RegionAccess) -> u8 {
-    let read = if a.allows_read() { ACCESS_READ } else { 0 };
-    let write = if a.allows_write() { ACCESS_WRITE } else { 0 };
-    read | write
-}
-
-/// A peer region as its owner described it: `(length, address, access bits)`.
-type PeerRegion = (u64, u64, u8);
-
-/// Peer regions already checked with the peer: `(region, key) -> (length, address, access)`,
-/// with the last one used in front (the common case: many transfers to one region) to skip the
-/// hash.
-#[derive(Default)]
-struct RegionCache {
-    last: Option<(u64, u64, PeerRegion)>,
-    map: HashMap<(u64, u64), PeerRegion>,
-}
-
-impl RegionCache {
-    #[inline]
-    fn get(&mut self, region: u64, key: u64) -> Option<PeerRegion> {
-        match self.last {
-            Some((r, k, v)) if r == region && k == key => Some(v),
-            _ => self.get_other(region, key),
-        }
-    }
-
-    #[inline(never)]
-    fn get_other(&mut self, region: u64, key: u64) -> Option<PeerRegion> {
-        let v = *self.map.get(&(region, key))?;
-        self.last = Some((region, key, v));
-        Some(v)
-    }
-
-    fn insert(&mut self, region: u64, key: u64, v: PeerRegion) {
-        self.map.insert((region, key), v);
-        self.last = Some((region, key, v));
-    }
-}
-
 /// State of CQ polling (see `RdmaConn::progress`).
-struct Poller {
+struct CqPoll {
     wcs: Vec<Completion>,
-    /// The message being reassembled from its segments (empty between messages).
-    partial: Vec<u8>,
-    /// Receive buffers (credits) the message being reassembled has used so far.
-    partial_credits: u32,
+    /// The message being reassembled from its segments.
+    reasm: Reassembly,
     /// Operations a completion finished, completed once the state lock is released (kept to
     /// reuse its allocation).
     done: Vec<Completer>,
@@ -146,7 +130,7 @@ struct State {
     next_seq: u64,
     pending: VecDeque<Pending>,
     since_signal: u32,
-    credits: u32,
+    credits: SendCredits,
     /// Highest sequence number known complete (successfully).
     retired: u64,
     /// The error of a failed request whose submitter had no operation yet (see
@@ -157,7 +141,7 @@ struct State {
     next_slot: usize,
 }
 
-/// The connection shared by the user's handle and the two threads.
+/// The connection shared by the user's handle and the endpoint's poller.
 pub(crate) struct RdmaConn {
     // Field order is drop order: the QP (in `state`) goes before the CQ and before the receive and
     // send buffers' registrations (each of which owns its buffer).
@@ -171,7 +155,14 @@ pub(crate) struct RdmaConn {
     sq_depth: u32,
     space: Condvar,
     ep: Arc<Endpoint>,
-    side: Mutex<TcpStream>,
+    /// The side channel (non-blocking): read by the endpoint's poller, written by whoever sends a
+    /// frame (see [`RdmaConn::send_frame`]).
+    side: TcpStream,
+    /// Side-channel bytes that could not be written at once; the poller flushes them when the
+    /// socket is writable again.
+    side_out: Mutex<Vec<u8>>,
+    /// This connection's id in the endpoint's poller.
+    poll_id: usize,
     peer: SocketAddr,
     peer_endpoint: EndpointId,
     mode: PollMode,
@@ -190,36 +181,28 @@ pub(crate) struct RdmaConn {
     /// Messages not yet taken by the application, each with the credits (segments) it holds.
     msgs: Mutex<VecDeque<(Vec<u8>, u32)>>,
     msgs_cv: Condvar,
-    /// Credits freed but not yet returned to the peer. A receive buffer's credit goes back when
-    /// what arrived in it is taken into the inbound queues while they are under the endpoint's
-    /// `max_inbound_queue` / `max_inbound_bytes`; past that it is withheld (kept with the queued
-    /// item) until the application takes the item. So a peer that floods is held by
-    /// back-pressure (its sends wait for credits) and the queues stay bounded.
-    unreturned: AtomicU32,
-    /// Items (messages and notifications) and message bytes in the inbound queues.
-    inbound: Mutex<(usize, usize)>,
+    /// Our receive credits and the inbound queues' fill (see [`RecvCredits`]): a peer that floods
+    /// is held by back-pressure (its sends wait for credits) and the queues stay bounded.
+    recv: Mutex<RecvCredits>,
     /// Our private regions granted on this connection: region id → its memory window.
     grants: Mutex<HashMap<u64, Grant>>,
     alive: AtomicBool,
     dead: Mutex<Option<TransportError>>,
-    /// Open region checks: `None` until the answer came.
-    queries: Mutex<HashMap<u64, Option<RegionStatus>>>,
+    /// Open region checks.
+    queries: Mutex<Queries>,
     queries_cv: Condvar,
-    next_req: AtomicU64,
     /// Whoever polls the CQ holds this, so completions are handled in order by one thread at a time.
-    poller: Mutex<Poller>,
+    cq_poll: Mutex<CqPoll>,
     /// Busy-poll mode only: the hook given to this connection's operations, so that the thread
     /// waiting on one polls the CQ itself (no thread hand-off on the hot path).
     driver: Option<DriveHook>,
     /// Recycled states of this connection's single operations (no allocation per transfer).
     ops: OpPool,
-    /// Changes on (almost) every `drive` call: tells the completion thread that waiters are driving.
+    /// Changes on (almost) every `drive` call: tells the poller that waiters are driving.
     drives: AtomicU64,
     /// `State::retired`, readable without the state lock: stored (under the lock) after each
     /// change, so a submitter that sees its request here knows its completion was handled.
     retired: AtomicU64,
-    /// Return credits once this many were freed.
-    return_at: u32,
 }
 
 /// A private region granted on one connection: a type-2 memory window bound to its QP.
@@ -244,49 +227,6 @@ impl Drop for RdmaConn {
 #[cold]
 fn local_error(local: &Region, what: &str) -> TransportError {
     TransportError::InvalidArgument(format!("region {} {what}", local.id()))
-}
-
-/// The rkey and address of `[offset, offset + len)` of `remote`, whose length, address and
-/// access at the peer are `(size, addr, access)`, for an operation needing access bit `op`.
-#[inline(always)]
-fn remote_range(
-    remote: &RemoteRegion,
-    offset: u64,
-    len: u64,
-    op: u8,
-    (size, addr, access): PeerRegion,
-) -> Result<(u32, u64)> {
-    match (offset.checked_add(len), u32::try_from(remote.key)) {
-        (Some(end), Ok(rkey)) if end <= size && access & op != 0 => Ok((rkey, addr + offset)),
-        (Some(end), Ok(_)) if end <= size => Err(TransportError::AccessDenied {
-            region: remote.region,
-            op: if op == ACCESS_READ { "read" } else { "write" },
-        }),
-        (_, rkey) => Err(resolve_error(remote, offset, len, size, rkey.is_ok())),
-    }
-}
-
-/// Why [`remote_range`] refused `[offset, offset + len)` of `remote` (of `size` bytes):
-/// out of bounds, else a key that cannot be an rkey.
-#[cold]
-fn resolve_error(
-    remote: &RemoteRegion,
-    offset: u64,
-    len: u64,
-    size: u64,
-    key_ok: bool,
-) -> TransportError {
-    match offset.checked_add(len) {
-        Some(end) if end <= size && !key_ok => TransportError::BadKey {
-            region: remote.region,
-        },
-        _ => TransportError::RegionOutOfBounds {
-            region: remote.region,
-            offset,
-            len,
-            size,
-        },
-    }
 }
 
 fn handshake_err(peer: SocketAddr, e: HandshakeError) -> TransportError {
@@ -551,10 +491,10 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream, role: Role) -> Res
     } = q;
     tracing::debug!(%peer, qpn = qp.qpn(), peer_qpn = agreed.peer_qpn, mtu = agreed.path_mtu, sgid_index, "rdma connection up");
 
-    let beat = heartbeat_interval(ep.config.peer_timeout);
-    s.set_read_timeout(Some(beat))
+    s.set_read_timeout(None)
         .map_err(io_err("setsockopt(SO_RCVTIMEO)"))?;
-    let writer = s.try_clone().map_err(io_err("dup"))?;
+    s.set_nonblocking(true)
+        .map_err(io_err("fcntl(O_NONBLOCK)"))?;
     // Chunks: at most the port's maximum message size, and at most MAX_CHUNK so that one huge
     // transfer does not hold the wire for long in front of other work on the connection.
     let chunk = usize::try_from(limits.max_msg_size)
@@ -577,7 +517,7 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream, role: Role) -> Res
                 next_seq: 1,
                 pending: VecDeque::new(),
                 since_signal: 0,
-                credits: agreed.send_credits,
+                credits: SendCredits::new(agreed.send_credits),
                 retired: 0,
                 reaped_error: None,
                 slot_seq: [0; SEND_SLOTS],
@@ -589,7 +529,9 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream, role: Role) -> Res
             sq_depth,
             space: Condvar::new(),
             ep: Arc::clone(ep),
-            side: Mutex::new(writer),
+            side: s,
+            side_out: Mutex::new(Vec::new()),
+            poll_id: ep.poller.next_id(),
             peer,
             peer_endpoint: agreed.peer_endpoint,
             mode,
@@ -602,44 +544,30 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream, role: Role) -> Res
             notes_cv: Condvar::new(),
             msgs: Mutex::new(VecDeque::new()),
             msgs_cv: Condvar::new(),
-            unreturned: AtomicU32::new(0),
-            inbound: Mutex::new((0, 0)),
+            recv: Mutex::new(RecvCredits::new(
+                rq_depth,
+                ep.config.max_inbound_queue,
+                ep.config.max_inbound_bytes,
+            )),
             grants: Mutex::new(HashMap::new()),
             alive: AtomicBool::new(true),
             dead: Mutex::new(None),
-            queries: Mutex::new(HashMap::new()),
+            queries: Mutex::new(Queries::default()),
             queries_cv: Condvar::new(),
-            next_req: AtomicU64::new(1),
-            poller: Mutex::new(Poller {
+            cq_poll: Mutex::new(CqPoll {
                 wcs: Vec::with_capacity(32),
-                partial: Vec::new(),
-                partial_credits: 0,
+                reasm: Reassembly::new(ep.config.max_message_size),
                 done: Vec::new(),
             }),
-            return_at: (rq_depth / 4).max(1),
             ops: OpPool::new(mode, driver.clone()),
             driver,
             drives: AtomicU64::new(0),
             retired: AtomicU64::new(0),
         }
     });
-    let c1 = Arc::clone(&shared);
-    std::thread::Builder::new()
-        .name("genie-rdma-cq".into())
-        .spawn(move || c1.completion_loop())
-        .map_err(io_err("spawn"))?;
-    let c2 = Arc::clone(&shared);
-    if let Err(e) = std::thread::Builder::new()
-        .name("genie-rdma-side".into())
-        .spawn(move || c2.side_loop(s))
-    {
-        shared.die(TransportError::io("spawn", e));
-    }
+    // The handshake's reader may hold side-channel frames the peer sent right after it.
+    ep.poller.add(Arc::clone(&shared), reader);
     Ok(shared)
-}
-
-fn heartbeat_interval(peer_timeout: Duration) -> Duration {
-    (peer_timeout / 4).max(Duration::from_millis(10))
 }
 
 /// The local side of one work request.
@@ -763,7 +691,9 @@ impl State {
         self.next_seq += 1;
         self.since_signal = if signaled { 0 } else { self.since_signal + 1 };
         if takes_credit {
-            self.credits -= 1;
+            // Checked by the caller (`ready`) before posting.
+            let took = self.credits.try_take();
+            debug_assert!(took, "posted a credit-consuming request without a credit");
         }
         self.pending.push_back(Pending {
             seq,
@@ -816,7 +746,8 @@ impl RdmaConn {
         }
         if was_alive {
             tracing::debug!(peer = %self.peer, error = %err, "rdma connection failed");
-            let _ = self.side.lock().shutdown(Shutdown::Both);
+            let _ = self.side.shutdown(Shutdown::Both);
+            self.ep.poller.dead(self.poll_id);
         }
         self.space.notify_all();
         self.notes_cv.notify_all();
@@ -824,44 +755,41 @@ impl RdmaConn {
         self.queries_cv.notify_all();
     }
 
-    /// Whether the inbound queues are under the endpoint's bounds: then the credit of what
-    /// arrives goes back at once, else it is withheld until the application takes the item.
-    fn under_bounds(&self) -> bool {
-        let cfg = &self.ep.config;
-        let q = self.inbound.lock();
-        q.0 < cfg.max_inbound_queue && q.1 < cfg.max_inbound_bytes
-    }
-
-    /// Counts an item of `bytes` into the inbound queues.
-    fn count_in(&self, bytes: usize) {
-        let mut q = self.inbound.lock();
-        q.0 += 1;
-        q.1 += bytes;
-    }
-
     /// The application took an item of `bytes` holding `withheld` credits.
     fn taken(&self, bytes: usize, withheld: u32) {
-        {
-            let mut q = self.inbound.lock();
-            q.0 = q.0.saturating_sub(1);
-            q.1 = q.1.saturating_sub(bytes);
-        }
-        self.give_back(withheld);
+        let ret = {
+            let mut r = self.recv.lock();
+            r.taken(bytes, withheld);
+            r.poll_return()
+        };
+        self.return_credits(ret);
     }
 
-    /// Returns `n` freed credits to the peer, in batches of `return_at` (side channel).
+    /// Frees `n` credits (a receive that queued nothing).
     fn give_back(&self, n: u32) {
-        // AcqRel: the swap below must see every freed credit added before it (no credit lost).
-        let total = self
-            .unreturned
-            .fetch_add(n, Ordering::AcqRel)
-            .saturating_add(n);
-        if total >= self.return_at && self.alive.load(Ordering::Acquire) {
-            let n = self.unreturned.swap(0, Ordering::AcqRel);
-            if n > 0 {
+        let ret = {
+            let mut r = self.recv.lock();
+            r.release(n);
+            r.poll_return()
+        };
+        self.return_credits(ret);
+    }
+
+    /// Sends a batch of credits that [`RecvCredits::poll_return`] released.
+    fn return_credits(&self, n: Option<u32>) {
+        if let Some(n) = n {
+            if self.alive.load(Ordering::Acquire) {
                 let _ = self.send_frame(&Frame::Credits { n });
             }
         }
+    }
+
+    /// Fails the connection for what the peer did.
+    fn misbehaved(&self, v: Violation) {
+        self.die(TransportError::PeerMisbehaved {
+            peer: Some(self.peer),
+            what: v.to_string(),
+        });
     }
 
     /// See [`Connection::grant`]: binds a type-2 memory window over the private `region` to this
@@ -920,8 +848,8 @@ impl RdmaConn {
             st.posted(seq, true, false, Owner::Op(done), region.id());
             rkey
         };
-        // Reap the bind's completion here rather than wait for the completion thread: a bind is
-        // rare and short, and nothing else may be due on this CQ to wake that thread.
+        // Reap the bind's completion here rather than wait for the poller: a bind is rare and
+        // short, and in busy-poll mode the poller may be staying away from this CQ.
         let mut deadline = SpinDeadline::new(self.ep.config.peer_timeout);
         loop {
             if let Some(r) = op.poll() {
@@ -949,18 +877,62 @@ impl RdmaConn {
         Ok(desc(rkey, mr.addr()))
     }
 
+    /// Sends a side-channel frame from any thread without blocking: what the socket does not take
+    /// now waits in `side_out` (behind anything already waiting, so frames keep their order) for
+    /// the poller to flush. A peer that lets [`MAX_SIDE_BACKLOG`] bytes pile up loses the
+    /// connection.
     fn send_frame(&self, f: &Frame) -> Result<()> {
         let bytes = f.encode();
-        let mut s = self.side.lock();
-        s.write_all(&bytes).map_err(|e| {
-            drop(s);
-            let err = TransportError::PeerDead {
-                peer: self.peer,
-                reason: format!("side channel: {e}"),
+        let mut out = self.side_out.lock();
+        if out.is_empty() {
+            match write_some(&self.side, &bytes) {
+                Ok(n) => out.extend_from_slice(bytes.get(n..).unwrap_or(&[])),
+                Err(e) => {
+                    drop(out);
+                    return Err(self.side_write_failed(e));
+                }
+            }
+        } else {
+            out.extend_from_slice(&bytes);
+        }
+        if out.len() > MAX_SIDE_BACKLOG {
+            let queued = out.len();
+            drop(out);
+            let err = TransportError::PeerMisbehaved {
+                peer: Some(self.peer),
+                what: format!("does not read its side channel ({queued} bytes queued)"),
             };
             self.die(err.clone());
-            err
-        })
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    /// Writes what [`RdmaConn::send_frame`] queued (the poller, when the socket is writable).
+    pub(crate) fn flush_side(&self) {
+        let mut out = self.side_out.lock();
+        if out.is_empty() {
+            return;
+        }
+        match write_some(&self.side, &out) {
+            Ok(n) => {
+                out.drain(..n);
+            }
+            Err(e) => {
+                drop(out);
+                self.side_write_failed(e);
+            }
+        }
+    }
+
+    #[cold]
+    fn side_write_failed(&self, e: io::Error) -> TransportError {
+        let err = TransportError::PeerDead {
+            peer: self.peer,
+            reason: format!("side channel: {e}"),
+        };
+        self.die(err.clone());
+        err
     }
 
     /// The rkey and address of `[offset, offset + len)` of `remote`, asking the peer on first use.
@@ -998,39 +970,25 @@ impl RdmaConn {
 
     fn query(&self, remote: &RemoteRegion) -> Result<PeerRegion> {
         self.check_alive()?;
-        let req = self.next_req.fetch_add(1, Ordering::Relaxed);
-        // Registered before asking: the side channel accepts only answers to open questions.
-        self.queries.lock().insert(req, None);
-        if let Err(e) = self.send_frame(&Frame::QueryRegion {
-            req,
-            region: remote.region,
-            key: remote.key,
-        }) {
-            self.queries.lock().remove(&req);
+        // Opened before asking: the side channel accepts only answers to open questions.
+        let (req, ask) = self.queries.lock().ask(remote.region, remote.key);
+        if let Err(e) = self.send_frame(&ask) {
+            self.queries.lock().cancel(req);
             return Err(e);
         }
         let timeout = self.ep.config.peer_timeout;
         let deadline = Instant::now() + timeout;
         let mut q = self.queries.lock();
         loop {
-            if let Some(st) = q.get(&req).copied().flatten() {
-                q.remove(&req);
-                return match st {
-                    RegionStatus::Ok { len, addr, access } => Ok((len, addr, access)),
-                    RegionStatus::Unknown => Err(TransportError::UnknownRegion {
-                        region: remote.region,
-                    }),
-                    RegionStatus::BadKey => Err(TransportError::BadKey {
-                        region: remote.region,
-                    }),
-                };
+            if let Some(st) = q.take(req) {
+                return proto::peer_region(st, remote.region);
             }
             if !self.alive.load(Ordering::Acquire) {
-                q.remove(&req);
+                q.cancel(req);
                 return Err(self.dead_error());
             }
             if self.queries_cv.wait_until(&mut q, deadline).timed_out() {
-                q.remove(&req);
+                q.cancel(req);
                 return Err(TransportError::PeerDead {
                     peer: self.peer,
                     reason: "no answer to a region check".into(),
@@ -1131,7 +1089,7 @@ impl RdmaConn {
                 let mut deadline = None;
                 let ready = |st: &State| {
                     (st.pending.len() as u32) < self.sq_depth
-                        && (!(needs_credit && last_chunk) || st.credits > 0)
+                        && (!(needs_credit && last_chunk) || st.credits.available() > 0)
                 };
                 loop {
                     if !self.alive.load(Ordering::Acquire) {
@@ -1145,7 +1103,7 @@ impl RdmaConn {
                         matches!(self.progress(false), Ok(true))
                     });
                     // The state lock was free while reaping: room or credits that came meanwhile
-                    // (the completion thread, a credit frame) notified nobody, so look again
+                    // (the poller, a credit frame) notified nobody, so look again
                     // before waiting for the next notification.
                     if reaped || ready(&st) {
                         continue;
@@ -1168,7 +1126,7 @@ impl RdmaConn {
                                     "no progress on the send queue ({} of {} requests in flight, {} credits)",
                                     st.pending.len(),
                                     self.sq_depth,
-                                    st.credits
+                                    st.credits.available()
                                 ),
                             }
                         });
@@ -1236,11 +1194,10 @@ impl RdmaConn {
         // Reap finished work after posting (cheap when there is none), not before: the post is
         // what the peer waits for, and a full send queue reaps in the loop above anyway. In
         // busy-poll mode a posting thread counts as a driver: while the user keeps posting (and so
-        // reaping), the completion thread stays parked. Otherwise it would arm the completion
+        // reaping), the poller leaves the CQ to it. Otherwise the poller would arm the completion
         // channel, be woken by every signalled completion, complete the operation before the user
-        // polls it, so that the user's poll no longer drives, and stay in that mode: a wake-up per
-        // operation, measured at 3-6x the ping-pong latency on soft-RoCE (perf sched: one
-        // completion-thread run per iteration).
+        // polls it, so that the user's poll no longer drives, and stay in that mode: a poller
+        // wake-up per operation, 3-6x the ping-pong latency on soft-RoCE.
         self.drive();
     }
 
@@ -1309,7 +1266,8 @@ impl RdmaConn {
         let (rkey, addr) = remote_range(t.remote, t.remote_offset, t.len as u64, op, v)?;
         let kind = JobKind::of(t.kind, rkey, addr);
         let needs_credit = kind.needs_credit();
-        if st.pending.len() as u32 >= self.sq_depth || (needs_credit && st.credits == 0) {
+        if st.pending.len() as u32 >= self.sq_depth || (needs_credit && st.credits.available() == 0)
+        {
             return Ok(None);
         }
         let seq = st.next_seq;
@@ -1358,16 +1316,16 @@ impl RdmaConn {
         Ok(Some(Op::failed(self.mode, self.dead_error())))
     }
 
-    /// The completion thread: retires work requests, delivers receives, re-posts receive buffers.
-    /// Polls the CQ once and handles what it got. `wait_lock`: take the poll lock even if another
-    /// thread holds it (the completion thread); otherwise give up at once (posting threads, which
+    /// Retires work requests, delivers receives, re-posts receive buffers: polls the CQ once and
+    /// handles what it got. `wait_lock`: take the poll lock even if another thread holds it (the
+    /// poller); otherwise give up at once (posting threads, which
     /// reap completions on the way so that no thread handoff sits on the critical path).
     /// Returns whether anything completed.
     fn progress(&self, wait_lock: bool) -> std::result::Result<bool, VerbsError> {
         let mut guard = if wait_lock {
-            self.poller.lock()
+            self.cq_poll.lock()
         } else {
-            match self.poller.try_lock() {
+            match self.cq_poll.try_lock() {
                 Some(g) => g,
                 None => return Ok(false),
             }
@@ -1384,7 +1342,7 @@ impl RdmaConn {
             _ => {
                 for i in 0..p.wcs.len() {
                     let wc = p.wcs[i];
-                    self.on_completion(wc, &mut p.partial, &mut p.partial_credits, &mut p.done);
+                    self.on_completion(wc, &mut p.reasm, &mut p.done);
                 }
             }
         }
@@ -1394,7 +1352,7 @@ impl RdmaConn {
     /// Progress run by a user's thread: one waiting on one of this connection's operations (or
     /// messages) in busy-poll mode, or one posting work (in either mode). Polls the CQ unless
     /// another thread is already doing so, and counts as driving (which only busy-poll mode's
-    /// completion thread looks at). A failed poll kills the connection.
+    /// poller looks at). A failed poll kills the connection.
     #[inline]
     fn drive(&self) {
         // A hint, not a count: a lost increment when two threads drive at once changes nothing
@@ -1408,61 +1366,86 @@ impl RdmaConn {
         }
     }
 
-    /// The completion thread: retires work requests, delivers receives, re-posts receive buffers.
-    /// In event mode it sleeps on the completion channel. In busy-poll mode the waiting threads
-    /// poll the CQ themselves; this thread stays parked while they do and falls back to the
-    /// channel when nobody drives (completions nobody waits for, idle connections).
-    fn completion_loop(self: Arc<Self>) {
-        let mut seen_drives = self.drives.load(Ordering::Relaxed);
-        let mut grace = DRIVER_GRACE;
-        loop {
-            if self.driver.is_some() {
-                let d = self.drives.load(Ordering::Relaxed);
-                if d != seen_drives {
-                    // Users drove since the last look: they poll, stay out of their way (without
-                    // polling, which would contend for the poll lock with them).
-                    seen_drives = d;
-                    if !self.alive.load(Ordering::Acquire) {
-                        return;
-                    }
-                    std::thread::park_timeout(grace);
-                    grace = (grace * 2).min(DRIVER_GRACE_MAX);
-                    continue;
-                }
-                grace = DRIVER_GRACE;
-            }
+    /// The poller's turn at the CQ (its completion channel fired, or a busy-poll grace period
+    /// ended): acknowledges the channel's events, polls up to `budget` batches, then arms the CQ
+    /// and polls once more (a completion may have come before arming). `seen_drives` (busy-poll
+    /// mode): the drive count when the poller decided to take over; if users drove since, it
+    /// leaves the CQ unarmed to them.
+    pub(crate) fn serve_cq(&self, budget: usize, seen_drives: Option<u64>) -> CqNext {
+        if let Err(e) = self.cq.take_events() {
+            self.die(verbs_io("ibv_get_cq_event", e));
+            return CqNext::Dead;
+        }
+        let mut drained = false;
+        for _ in 0..budget {
             match self.progress(true) {
-                Ok(true) => continue,
-                Ok(false) => {}
+                Ok(true) => {}
+                Ok(false) => {
+                    drained = true;
+                    break;
+                }
                 Err(e) => {
                     self.die(verbs_io("ibv_poll_cq", e));
-                    return;
+                    return CqNext::Dead;
                 }
-            }
-            if !self.alive.load(Ordering::Acquire) {
-                return;
-            }
-            if self.driver.is_some() && self.drives.load(Ordering::Relaxed) != seen_drives {
-                continue;
-            }
-            if let Err(e) = self.cq.req_notify() {
-                self.die(verbs_io("ibv_req_notify_cq", e));
-                return;
-            }
-            // A completion may have arrived before arming: poll once more before sleeping.
-            match self.progress(true) {
-                Ok(true) => continue,
-                Ok(false) => {}
-                Err(e) => {
-                    self.die(verbs_io("ibv_poll_cq", e));
-                    return;
-                }
-            }
-            if let Err(e) = self.cq.wait_event(Duration::from_millis(50)) {
-                self.die(verbs_io("ibv_get_cq_event", e));
-                return;
             }
         }
+        if !self.is_alive() {
+            return CqNext::Dead;
+        }
+        if !drained {
+            return CqNext::More;
+        }
+        if seen_drives.is_some_and(|d| d != self.drives()) {
+            return CqNext::Driven;
+        }
+        if let Err(e) = self.cq.req_notify() {
+            self.die(verbs_io("ibv_req_notify_cq", e));
+            return CqNext::Dead;
+        }
+        match self.progress(true) {
+            Ok(true) => CqNext::More,
+            Ok(false) => CqNext::Armed,
+            Err(e) => {
+                self.die(verbs_io("ibv_poll_cq", e));
+                CqNext::Dead
+            }
+        }
+    }
+
+    /// This connection's id in the endpoint's poller.
+    pub(crate) fn poll_id(&self) -> usize {
+        self.poll_id
+    }
+
+    /// The completion channel's fd (`None` if the CQ has none).
+    pub(crate) fn cq_fd(&self) -> Option<RawFd> {
+        self.cq.event_fd()
+    }
+
+    /// The side channel's fd.
+    pub(crate) fn side_fd(&self) -> RawFd {
+        self.side.as_raw_fd()
+    }
+
+    /// The endpoint's peer timeout.
+    pub(crate) fn peer_timeout(&self) -> Duration {
+        self.ep.config.peer_timeout
+    }
+
+    /// Busy-poll mode: users drive the CQ themselves.
+    pub(crate) fn busy_poll(&self) -> bool {
+        self.driver.is_some()
+    }
+
+    /// The drive count (see `drives`).
+    pub(crate) fn drives(&self) -> u64 {
+        self.drives.load(Ordering::Relaxed)
+    }
+
+    /// Whether the connection is up.
+    pub(crate) fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::Acquire)
     }
 
     /// Retires send work requests up to `seq`, whose completion succeeded (requests complete in
@@ -1495,13 +1478,7 @@ impl RdmaConn {
     /// Handles one completion: a receive, a success (see [`RdmaConn::retire`]) or a failure.
     /// Out of line, so that `progress`, whose common case is one success, stays small.
     #[inline(never)]
-    fn on_completion(
-        &self,
-        wc: Completion,
-        partial: &mut Vec<u8>,
-        partial_credits: &mut u32,
-        done: &mut Vec<Completer>,
-    ) {
+    fn on_completion(&self, wc: Completion, reasm: &mut Reassembly, done: &mut Vec<Completer>) {
         if wc.wr_id & RECV_BIT != 0 {
             let slot = (wc.wr_id & !RECV_BIT) as usize;
             if let Err(e) = wc.status {
@@ -1516,34 +1493,21 @@ impl RdmaConn {
             match wc.opcode {
                 WcOpcode::RecvWriteImm => match wc.imm {
                     Some(imm) => {
-                        let withheld = if self.under_bounds() {
-                            self.give_back(1);
-                            0
-                        } else {
-                            1
+                        let ret = {
+                            let mut r = self.recv.lock();
+                            let freed = r.on_receive();
+                            r.queued(0);
+                            self.notes.lock().push_back((imm, u32::from(!freed)));
+                            r.poll_return()
                         };
-                        self.count_in(0);
-                        self.notes.lock().push_back((imm, withheld));
                         self.notes_cv.notify_all();
+                        self.return_credits(ret);
                     }
                     None => self.give_back(1),
                 },
                 WcOpcode::Recv => {
-                    let start = slot * self.recv_size;
-                    let len = (wc.byte_len as usize).min(self.recv_size);
-                    // A segment's credit goes back now unless the queues are full: a message
-                    // longer than the receive credits must be able to complete.
-                    if self.under_bounds() {
-                        self.give_back(1);
-                    } else {
-                        *partial_credits += 1;
-                    }
-                    if let Err(what) = self.on_segment(slot, start, len, partial, partial_credits) {
-                        partial.clear();
-                        self.die(TransportError::PeerMisbehaved {
-                            peer: Some(self.peer),
-                            what,
-                        });
+                    if let Err(v) = self.on_segment(slot, wc.byte_len as usize, reasm) {
+                        self.misbehaved(v);
                         return;
                     }
                 }
@@ -1625,27 +1589,30 @@ impl RdmaConn {
         }
     }
 
-    /// Adds one received segment (`len` bytes at `start` of the receive slots) to the message
-    /// being reassembled, delivering it after its last segment. Err: what the peer did wrong.
+    /// Adds the segment of `len` bytes in receive slot `slot` to the message being reassembled,
+    /// delivering it after its last segment. A segment's credit goes back now unless the queues
+    /// are full: a message longer than the receive credits must be able to complete.
     fn on_segment(
         &self,
         slot: usize,
-        start: usize,
         len: usize,
-        partial: &mut Vec<u8>,
-        partial_credits: &mut u32,
-    ) -> std::result::Result<(), String> {
+        reasm: &mut Reassembly,
+    ) -> std::result::Result<(), Violation> {
         let mem = self.recv_mr.mem().read();
-        let seg = mem
-            .get(start..start + len)
-            .ok_or_else(|| format!("receive of {len} bytes does not fit slot {slot}"))?;
-        if let Some(msg) = push_segment(partial, seg, self.ep.config.max_message_size)? {
-            drop(mem);
-            let withheld = std::mem::take(partial_credits);
-            self.count_in(msg.len());
+        let start = slot * self.recv_size;
+        let buffer = mem.get(start..start + self.recv_size).unwrap_or(&[]);
+        let mut r = self.recv.lock();
+        let freed = r.on_receive();
+        let done = reasm.push(buffer, len, !freed)?;
+        drop(mem);
+        if let Some((msg, withheld)) = done {
+            r.queued(msg.len());
             self.msgs.lock().push_back((msg, withheld));
-            self.msgs_cv.notify_all();
         }
+        let ret = r.poll_return();
+        drop(r);
+        self.msgs_cv.notify_all();
+        self.return_credits(ret);
         Ok(())
     }
 
@@ -1668,114 +1635,113 @@ impl RdmaConn {
         }
     }
 
-    /// The side-channel thread: credits, region checks, heartbeats, and peer death.
-    fn side_loop(self: Arc<Self>, mut s: TcpStream) {
-        let timeout = self.ep.config.peer_timeout;
-        let beat = heartbeat_interval(timeout);
-        let mut last_heard = Instant::now();
-        let mut last_sent = Instant::now();
-        let mut reader = FrameReader::default();
-        while self.alive.load(Ordering::Acquire) {
-            match reader.next(&mut s) {
-                Ok(Some(f)) => {
-                    last_heard = Instant::now();
-                    match f {
-                        Frame::Credits { n } => {
-                            let mut st = self.state.lock();
-                            st.credits = st.credits.saturating_add(n);
-                            drop(st);
-                            self.space.notify_all();
-                        }
-                        Frame::QueryRegion { req, region, key } => {
-                            let granted =
-                                self.grants.lock().get(&region).map(|g| u64::from(g.rkey));
-                            let status = match self
-                                .ep
-                                .table
-                                .check_remote_granted(region, key, granted, None, 0, 0)
-                            {
-                                Ok(r) => RegionStatus::Ok {
-                                    len: r.len() as u64,
-                                    addr: r.descriptor().addr,
-                                    access: access_bits(r.access()),
-                                },
-                                Err(TransportError::BadKey { .. }) => RegionStatus::BadKey,
-                                Err(_) => RegionStatus::Unknown,
-                            };
-                            if self.send_frame(&Frame::RegionInfo { req, status }).is_err() {
-                                return;
-                            }
-                            if status == RegionStatus::BadKey {
-                                // As a wrong rkey on the wire kills the QP: no free guesses.
-                                self.die(TransportError::PeerMisbehaved {
-                                    peer: Some(self.peer),
-                                    what: format!("presented a wrong key for region {region}"),
-                                });
-                                return;
-                            }
-                        }
-                        Frame::RegionInfo { req, status } => {
-                            let mut q = self.queries.lock();
-                            match q.get_mut(&req) {
-                                Some(slot @ None) => *slot = Some(status),
-                                _ => {
-                                    drop(q);
-                                    self.die(TransportError::PeerMisbehaved {
-                                        peer: Some(self.peer),
-                                        what: format!("answer {req} to no open region check"),
-                                    });
-                                    return;
-                                }
-                            }
-                            drop(q);
-                            self.queries_cv.notify_all();
-                        }
-                        Frame::Heartbeat => {}
-                        other => {
-                            self.die(TransportError::PeerMisbehaved {
-                                peer: Some(self.peer),
-                                what: format!("unexpected side-channel frame {other:?}"),
-                            });
-                            return;
+    /// Handles one side-channel frame that arrived at `now` (see [`SideChannel::on_frame`]).
+    /// `Err`: the connection failed.
+    fn on_side_frame(&self, side: &mut SideChannel, f: Frame, now: Instant) -> Result<()> {
+        let r = match side.on_frame(f, now) {
+            Ok(Incoming::Nothing) => Ok(()),
+            Ok(Incoming::Credits(n)) => {
+                let r = self.state.lock().credits.returned(n);
+                self.space.notify_all();
+                r
+            }
+            Ok(Incoming::Query { req, region, key }) => {
+                let granted = self.grants.lock().get(&region).map(|g| u64::from(g.rkey));
+                let (status, verdict) = proto::region_status(&self.ep.table, granted, region, key);
+                self.send_frame(&Frame::RegionInfo { req, status })?;
+                verdict
+            }
+            Ok(Incoming::Answer { req, status }) => {
+                let r = self.queries.lock().answer(req, status);
+                self.queries_cv.notify_all();
+                r
+            }
+            Err(v) => Err(v),
+        };
+        r.map_err(|v| {
+            self.misbehaved(v);
+            self.dead_error()
+        })
+    }
+
+    /// Timers of the side channel at `now` (the poller): a heartbeat, or the peer's death after
+    /// silence.
+    pub(crate) fn side_timeout(&self, side: &mut SideChannel, now: Instant) {
+        match side.handle_timeout(now) {
+            Timer::Idle => {}
+            Timer::Heartbeat => {
+                let _ = self.send_frame(&Frame::Heartbeat);
+            }
+            Timer::Dead(silent) => self.die(TransportError::PeerDead {
+                peer: self.peer,
+                reason: format!("nothing heard for {silent:?}"),
+            }),
+        }
+    }
+
+    /// The side channel is readable (the poller): reads until `WouldBlock` or `budget` bytes and
+    /// handles every complete frame. Returns whether bytes may be left (the budget ran out).
+    pub(crate) fn side_readable(
+        &self,
+        side: &mut SideChannel,
+        reader: &mut FrameReader,
+        budget: usize,
+        now: Instant,
+    ) -> bool {
+        const STEP: usize = 16 << 10;
+        let mut left = budget;
+        while self.is_alive() {
+            let step = left.min(STEP);
+            let filled = reader.fill(&mut &self.side, step);
+            // The frames that arrived count even if the stream ended after them.
+            loop {
+                match reader.parse() {
+                    Ok(Some(f)) => {
+                        if self.on_side_frame(side, f, now).is_err() {
+                            return false;
                         }
                     }
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.die(self.side_read_error(e));
+                        return false;
+                    }
                 }
-                Ok(None) => {
-                    if last_heard.elapsed() > timeout {
-                        self.die(TransportError::PeerDead {
-                            peer: self.peer,
-                            reason: format!("nothing heard for {timeout:?}"),
-                        });
-                        return;
+            }
+            match filled {
+                Ok(true) => return false,
+                Ok(false) => {
+                    left = left.saturating_sub(step);
+                    if left == 0 {
+                        return true;
                     }
                 }
                 Err(e) => {
-                    let err = if e.kind() == io::ErrorKind::InvalidData {
-                        TransportError::InvalidFrame {
-                            peer: Some(self.peer),
-                            expected: "side-channel frame",
-                            got: e.to_string(),
-                        }
-                    } else if e.kind() == io::ErrorKind::UnexpectedEof {
-                        TransportError::PeerDead {
-                            peer: self.peer,
-                            reason: "the peer closed the connection".into(),
-                        }
-                    } else {
-                        TransportError::PeerDead {
-                            peer: self.peer,
-                            reason: format!("side channel: {e}"),
-                        }
-                    };
-                    self.die(err);
-                    return;
+                    self.die(self.side_read_error(e));
+                    return false;
                 }
             }
-            if last_sent.elapsed() >= beat {
-                if self.send_frame(&Frame::Heartbeat).is_err() {
-                    return;
-                }
-                last_sent = Instant::now();
+        }
+        false
+    }
+
+    /// The connection's error for a failed side-channel read.
+    fn side_read_error(&self, e: io::Error) -> TransportError {
+        if e.kind() == io::ErrorKind::InvalidData {
+            TransportError::InvalidFrame {
+                peer: Some(self.peer),
+                expected: "side-channel frame",
+                got: e.to_string(),
+            }
+        } else if e.kind() == io::ErrorKind::UnexpectedEof {
+            TransportError::PeerDead {
+                peer: self.peer,
+                reason: "the peer closed the connection".into(),
+            }
+        } else {
+            TransportError::PeerDead {
+                peer: self.peer,
+                reason: format!("side channel: {e}"),
             }
         }
     }
@@ -1882,7 +1848,7 @@ fn wait_entry<T>(
 /// Takes the next message or notification if there is one, and gives its credits back.
 fn try_queue<T: Inbound>(c: &RdmaConn, q: &Mutex<VecDeque<(T, u32)>>) -> Result<Option<T>> {
     let mut v = q.lock().pop_front();
-    // Busy poll: an empty queue means "poll the CQ now" (the completion thread steps back while
+    // Busy poll: an empty queue means "poll the CQ now" (the poller steps back while
     // users drive), then look again.
     if let (None, Some(drive)) = (&v, &c.driver) {
         drive();
@@ -1923,28 +1889,21 @@ impl Connection for RdmaConnection {
                 max,
             });
         }
-        // Payload bytes per segment (the handshake guarantees a peer receive size of at least 1).
-        let per_seg = c.send_seg.saturating_sub(SEG_HEADER);
-        if per_seg == 0 && !msg.is_empty() {
+        // The handshake guarantees a peer receive size of at least the segment header.
+        let Some(segments) = proto::segments(msg, c.send_seg) else {
             return Err(TransportError::MessageTooLarge {
                 len: msg.len(),
                 max: 0,
             });
-        }
-        c.check_alive()?;
-        let segments: Vec<&[u8]> = if msg.is_empty() {
-            vec![msg]
-        } else {
-            msg.chunks(per_seg).collect()
         };
+        c.check_alive()?;
         let (op, completer) = c.ops.op(None);
         let mut completer = Some(completer);
         // One message at a time on the wire: its segments must arrive back to back.
         let _order = c.send_order.lock();
         let n = segments.len();
-        for (i, part) in segments.into_iter().enumerate() {
+        for (i, (flag, part)) in segments.enumerate() {
             let last = i + 1 == n;
-            let flag = if last { SEG_LAST } else { SEG_MORE };
             let len = SEG_HEADER + part.len();
             let inline = if len <= c.max_inline {
                 InlineBuf::of(&[&[flag], part])

@@ -14,6 +14,14 @@
 //!
 //! The side channel stays open for the connection's life: credit returns, remote-region checks and
 //! heartbeats travel on it, and its loss (the peer process died) fails the connection at once.
+//! The rules of that traffic (credits, reassembly, region checks, liveness) are plain state
+//! machines with time passed in, in [`proto`], tested two-sided in memory.
+//!
+//! # Progress
+//!
+//! Each endpoint runs one [`poller`] thread (mio) over all of its connections' completion
+//! channels and side-channel sockets; a connection has no thread of its own. Besides it, an
+//! endpoint has its accept thread and short-lived handshake threads.
 //!
 //! # Operations
 //!
@@ -32,9 +40,9 @@
 //!   the device's maximum message size (or 16 MiB) are split into chunks.
 //! - Completions: in [`PollMode::BusyPoll`] the thread waiting on an operation (or a message or
 //!   notification) polls the CQ itself, like perftest, through the operation's progress hook (no
-//!   thread hand-off on the hot path); the connection's completion thread stays parked while
-//!   waiters drive and takes over on the CQ's completion channel when nobody does. In
-//!   [`PollMode::Blocking`] the completion thread sleeps on the channel and wakes the waiters.
+//!   thread hand-off on the hot path); the endpoint's poller leaves a CQ alone while waiters
+//!   drive it and takes over on its completion channel when nobody does. In
+//!   [`PollMode::Blocking`] the poller sleeps on the channels and wakes the waiters.
 //!
 //! # Remote access checks and errors
 //!
@@ -55,6 +63,8 @@
 
 mod conn;
 pub mod handshake;
+mod poller;
+pub mod proto;
 pub mod wire;
 
 use crate::accept::{AcceptQueue, HandshakeSlots, ACCEPT_QUEUE, MAX_HANDSHAKES};
@@ -66,6 +76,7 @@ use conn::RdmaConn;
 use genie_sys::mem::SharedBuf;
 use genie_sys::verbs::{self, Context, ProtectionDomain};
 use parking_lot::Mutex;
+use poller::Poller;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
@@ -131,7 +142,9 @@ pub(crate) fn open(config: TransportConfig) -> Result<Arc<dyn Transport>> {
         .local_addr()
         .map_err(|e| TransportError::io("getsockname", e))?;
     let id: EndpointId = rand::random();
+    let (poller, poll_thread) = Poller::start()?;
     let ep = Arc::new(Endpoint {
+        poller,
         table: RegionTable::new(id, Backend::Rdma),
         config,
         id,
@@ -145,12 +158,20 @@ pub(crate) fn open(config: TransportConfig) -> Result<Arc<dyn Transport>> {
     let ep2 = Arc::clone(&ep);
     let accept_thread = std::thread::Builder::new()
         .name("genie-rdma-accept".into())
-        .spawn(move || accept_loop(&ep2, listener))
-        .map_err(|e| TransportError::io("spawn", e))?;
+        .spawn(move || accept_loop(&ep2, listener));
+    let accept_thread = match accept_thread {
+        Ok(t) => t,
+        Err(e) => {
+            ep.poller.stop();
+            let _ = poll_thread.join();
+            return Err(TransportError::io("spawn", e));
+        }
+    };
     tracing::debug!(device = %ep.ctx.name(), addr = %local_addr, "rdma endpoint open");
     Ok(Arc::new(RdmaTransport {
         ep,
         accept_thread: Some(accept_thread),
+        poll_thread: Some(poll_thread),
     }))
 }
 
@@ -162,6 +183,8 @@ pub(crate) struct Endpoint {
     pub(crate) ctx: Context,
     pub(crate) pd: ProtectionDomain,
     pub(crate) table: Arc<RegionTable>,
+    /// The poller of all connections' completion and side channels.
+    pub(crate) poller: Poller,
     incoming: AcceptQueue<Arc<dyn Connection>>,
     conns: Mutex<Vec<Weak<RdmaConn>>>,
     shutdown: AtomicBool,
@@ -227,6 +250,7 @@ fn accept_loop(ep: &Arc<Endpoint>, listener: TcpListener) {
 pub struct RdmaTransport {
     ep: Arc<Endpoint>,
     accept_thread: Option<JoinHandle<()>>,
+    poll_thread: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for RdmaTransport {
@@ -251,6 +275,13 @@ impl Drop for RdmaTransport {
         // Wake the blocking accept() with a connection to ourselves.
         let _ = TcpStream::connect_timeout(&self.ep.local_addr, Duration::from_secs(1));
         if let Some(t) = self.accept_thread.take() {
+            let _ = t.join();
+        }
+        // After the accept thread: no handshake adds a connection any more once it is gone...
+        // except those still running, whose connections die at once (their endpoint is closing)
+        // and are dropped with the poller's list.
+        self.ep.poller.stop();
+        if let Some(t) = self.poll_thread.take() {
             let _ = t.join();
         }
     }

@@ -21,31 +21,6 @@ pub const SEG_MORE: u8 = 1;
 /// Segment header: the last (or only) segment of the message.
 pub const SEG_LAST: u8 = 0;
 
-/// Adds one received segment (header byte + payload) to the message being reassembled in
-/// `partial`. Returns the whole message when `seg` was its last segment (`partial` is then empty
-/// again), `None` when more follows. Peer bytes are checked, never trusted: a segment without
-/// its header, an unknown header, or a message growing past `max` bytes is an error, and
-/// `partial` is left as it was.
-pub fn push_segment(
-    partial: &mut Vec<u8>,
-    seg: &[u8],
-    max: usize,
-) -> Result<Option<Vec<u8>>, String> {
-    let (&flag, payload) = seg
-        .split_first()
-        .ok_or_else(|| "message segment without its header".to_string())?;
-    if flag != SEG_MORE && flag != SEG_LAST {
-        return Err(format!("bad message segment header {flag:#x}"));
-    }
-    if partial.len().saturating_add(payload.len()) > max {
-        return Err(format!(
-            "message of more than {max} bytes (the max_message_size) sent anyway"
-        ));
-    }
-    partial.extend_from_slice(payload);
-    Ok((flag == SEG_LAST).then(|| std::mem::take(partial)))
-}
-
 /// [`RegionStatus::Ok`] access bit: remote reads allowed.
 pub const ACCESS_READ: u8 = 1;
 /// [`RegionStatus::Ok`] access bit: remote writes allowed.
@@ -452,7 +427,30 @@ impl FrameReader {
         }
     }
 
-    fn parse(&mut self) -> io::Result<Option<Frame>> {
+    /// Reads what the non-blocking source `r` has now, about `budget` bytes at most (a read may
+    /// overshoot by one 4 KiB read). `Ok(true)`: drained (`WouldBlock`); `Ok(false)`: the budget
+    /// ran out first. End of stream is `UnexpectedEof`. Take the frames with
+    /// [`FrameReader::parse`].
+    pub fn fill(&mut self, r: &mut impl Read, budget: usize) -> io::Result<bool> {
+        let mut tmp = [0u8; 4096];
+        let mut got = 0;
+        while got < budget {
+            match r.read(&mut tmp) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => {
+                    self.buf.extend_from_slice(tmp.get(..n).unwrap_or(&[]));
+                    got += n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(false)
+    }
+
+    /// The next complete frame already read, if any. Garbage is `InvalidData`.
+    pub fn parse(&mut self) -> io::Result<Option<Frame>> {
         let Some(len) = self
             .buf
             .get(..4)
@@ -494,41 +492,6 @@ pub fn fuzz_decode(data: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn segments_reassemble_in_order() {
-        let mut partial = Vec::new();
-        assert_eq!(push_segment(&mut partial, &[SEG_MORE, 1, 2], 8), Ok(None));
-        assert_eq!(push_segment(&mut partial, &[SEG_MORE], 8), Ok(None));
-        assert_eq!(
-            push_segment(&mut partial, &[SEG_LAST, 3], 8),
-            Ok(Some(vec![1, 2, 3]))
-        );
-        assert!(partial.is_empty());
-        // An empty message is one header-only last segment.
-        assert_eq!(push_segment(&mut partial, &[SEG_LAST], 8), Ok(Some(vec![])));
-    }
-
-    #[test]
-    fn misbehaving_segments_are_errors_not_panics() {
-        let mut partial = vec![9];
-        let e = push_segment(&mut partial, &[], 8).unwrap_err();
-        assert!(e.contains("without its header"), "{e}");
-        let e = push_segment(&mut partial, &[7, 1], 8).unwrap_err();
-        assert!(e.contains("bad message segment header 0x7"), "{e}");
-        // A peer that ignores max_message_size: the message may not grow past it.
-        let e = push_segment(&mut partial, &[SEG_MORE; 9], 8).unwrap_err();
-        assert!(e.contains("more than 8 bytes"), "{e}");
-        assert_eq!(
-            partial,
-            vec![9],
-            "a rejected segment leaves the message as it was"
-        );
-        assert_eq!(
-            push_segment(&mut partial, &[SEG_LAST; 8], 8),
-            Ok(Some(vec![9, 0, 0, 0, 0, 0, 0, 0]))
-        );
-    }
 
     fn all_frames() -> Vec<Frame> {
         vec![
@@ -612,6 +575,36 @@ mod tests {
             }
         }
         assert_eq!(got, all_frames());
+    }
+
+    #[test]
+    fn non_blocking_fill_then_parse() {
+        let bytes: Vec<u8> = all_frames().iter().flat_map(Frame::encode).collect();
+        let mut r = Trickle(bytes.clone(), false);
+        let mut fr = FrameReader::default();
+        let mut got = Vec::new();
+        loop {
+            // Each fill stops at the source's `WouldBlock` (drained) after at most one byte here.
+            match fr.fill(&mut r, 1 << 20) {
+                Ok(drained) => assert!(drained),
+                Err(e) => {
+                    assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+                    break;
+                }
+            }
+            while let Some(f) = fr.parse().unwrap() {
+                got.push(f);
+            }
+        }
+        assert_eq!(got, all_frames());
+        // A budget smaller than what is there: not drained, the rest stays for the next fill.
+        let mut fr = FrameReader::default();
+        assert!(!fr.fill(&mut &bytes[..], 4).unwrap());
+        assert_eq!(fr.buf.len(), bytes.len().min(4096));
+        // Garbage is InvalidData from parse, never a panic.
+        let mut fr = FrameReader::default();
+        let _ = fr.fill(&mut &[0xff_u8; 8][..], 64);
+        assert_eq!(fr.parse().unwrap_err().kind(), io::ErrorKind::InvalidData);
     }
 
     #[test]
