@@ -3,6 +3,7 @@
 
     pip install numpy tokenizers
     python3 scripts/make-fixtures.py runtime/tests/fixtures
+    python3 scripts/make-fixtures.py --check runtime/tests/fixtures   # against transformers (torch)
 
 writes one folder per model type (gpt2, llama, qwen2, mistral), each a Hugging Face model
 folder as `save_pretrained` lays it out:
@@ -24,7 +25,9 @@ rotate-half rotary embeddings with linear and llama3 scaling, grouped-query atte
 repeat_kv, SiLU-gated MLP, tied or untied head), in float64 on the weights as stored (converted
 to float64 from their f16/bf16/f32 bits). With torch at hand, the same folders load in
 `transformers` (`AutoModelForCausalLM.from_pretrained(dir, torch_dtype=torch.float32)`) and its
-logits agree with these to float32 rounding; the script checks that when torch is importable.
+logits agree with these to float32 rounding; the script checks that when torch is importable
+(every step's logits within 1e-4, and transformers' own greedy `generate` gives the reference
+tokens), and `--check` checks the committed folders without rewriting them.
 
 The greedy tokens are recomputed by full forward passes over the growing sequence (no KV cache),
 so the runtime's cached decode steps are checked against an independent path.
@@ -311,18 +314,43 @@ def reference(forward, w, c, prompt_ids):
     return logits, tokens
 
 
-def torch_check(folder, prompt_ids, logits):
+def torch_check(folder, prompt_ids, logits, tokens=None):
+    """With torch and transformers importable: the folder's logits at every step (full forward
+    passes over the growing sequence) agree with `logits` within 1e-4, and transformers' own
+    greedy `generate` (with its KV cache) gives `tokens`. Returns the largest difference."""
     try:
         import torch
         from transformers import AutoModelForCausalLM
     except ImportError:
-        return
+        return None
     m = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    ids = list(prompt_ids)
+    worst = 0.0
     with torch.no_grad():
-        out = m(torch.tensor([prompt_ids])).logits[0, -1].numpy()
-    diff = np.abs(out - np.array(logits[0])).max()
-    print(f"  transformers agrees to {diff:.2e}")
-    assert diff < 1e-4
+        for step, want in enumerate(logits):
+            out = m(torch.tensor([ids])).logits[0, -1].numpy()
+            worst = max(worst, float(np.abs(out - np.array(want)).max()))
+            if tokens is not None and step < len(tokens):
+                ids.append(tokens[step])
+        if tokens is not None:
+            gen = m.generate(torch.tensor([prompt_ids]), max_new_tokens=len(tokens),
+                             do_sample=False, pad_token_id=0)
+            got = [int(t) for t in gen[0, len(prompt_ids):]]
+            assert got == tokens, f"{folder}: transformers generates {got}, reference {tokens}"
+    print(f"  {folder}: transformers agrees to {worst:.2e} over {len(logits)} steps"
+          + ("; its greedy generate gives the reference tokens" if tokens is not None else ""))
+    assert worst < 1e-4
+    return worst
+
+
+def check(root):
+    """Checks committed folders against transformers (needs torch): `--check DIR`."""
+    for kind in ["gpt2", "llama", "qwen2", "mistral"]:
+        folder = os.path.join(root, kind)
+        with open(os.path.join(folder, "reference.json")) as f:
+            ref = json.load(f)
+        if torch_check(folder, ref["prompt_ids"], ref["logits"], ref["tokens"]) is None:
+            sys.exit("--check needs torch and transformers (pip install torch transformers)")
 
 
 def main(root):
@@ -357,8 +385,11 @@ def main(root):
             json.dump(ref, f)
         size = sum(os.path.getsize(os.path.join(folder, x)) for x in os.listdir(folder))
         print(f"{kind}: {size} bytes, prompt {prompt_ids}, greedy {tokens}")
-        torch_check(folder, prompt_ids, logits)
+        torch_check(folder, prompt_ids, logits, tokens)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "runtime/tests/fixtures")
+    if len(sys.argv) > 1 and sys.argv[1] == "--check":
+        check(sys.argv[2] if len(sys.argv) > 2 else "runtime/tests/fixtures")
+    else:
+        main(sys.argv[1] if len(sys.argv) > 1 else "runtime/tests/fixtures")

@@ -516,32 +516,47 @@ mod tests {
             vocab: 300,
             ..LlamaConfig::default()
         };
+        // Each with `transformers`' own count for the same config (its LlamaConfig, Qwen2Config
+        // or MistralConfig, the model built on torch's meta device, `num_parameters()`).
         let variants = [
-            base.clone(),
-            LlamaConfig {
-                tied_embeddings: false,
-                ..base.clone()
-            },
-            LlamaConfig {
-                kind: LlamaKind::Qwen2,
-                ..base.clone()
-            },
-            LlamaConfig {
-                attention_bias: true,
-                kv_heads: None,
-                ..base.clone()
-            },
-            LlamaConfig {
-                kind: LlamaKind::Mistral,
-                sliding_window: Some(64),
-                head_dim: Some(32),
-                tied_embeddings: false,
-                ..base.clone()
-            },
+            (base.clone(), 80_960),
+            (
+                LlamaConfig {
+                    tied_embeddings: false,
+                    ..base.clone()
+                },
+                100_160,
+            ),
+            (
+                LlamaConfig {
+                    kind: LlamaKind::Qwen2,
+                    ..base.clone()
+                },
+                81_216,
+            ),
+            (
+                LlamaConfig {
+                    attention_bias: true,
+                    kv_heads: None,
+                    ..base.clone()
+                },
+                89_664,
+            ),
+            (
+                LlamaConfig {
+                    kind: LlamaKind::Mistral,
+                    sliding_window: Some(64),
+                    head_dim: Some(32),
+                    tied_embeddings: false,
+                    ..base.clone()
+                },
+                124_736,
+            ),
         ];
-        for c in variants {
+        for (c, transformers) in variants {
             let g = llama_prefill(&c, 5).unwrap();
             g.validate().unwrap();
+            assert_eq!(hf_count(&c), transformers, "{c:?}");
             assert_eq!(g.parameter_count(), hf_count(&c), "{c:?}");
             assert_eq!(c.parameter_count(), hf_count(&c), "{c:?}");
             let json = g.to_json().unwrap();
