@@ -73,12 +73,12 @@ for t in "$@"; do
 done
 if [ $status -eq 0 ] && [ -n "'"$pyvenv"'" ]; then
   echo "==> bindings/python tests over rdma"
-  (cd bindings/python && GENIE_TEST_BACKEND=rdma timeout 600 "'"$pyvenv"'/bin/python" -m pytest -q -p no:cacheprovider tests) || status=1
+  (cd bindings/python && GENIE_TEST_BACKEND=rdma GENIE_TEST_WAIT=60 timeout 1200 "'"$pyvenv"'/bin/python" -m pytest -q --capture=sys -p no:cacheprovider tests) || status=1
 fi
 exit $status'
 
 log "running on soft-RoCE: ${bins[*]##*/}"
 start=$(date +%s)
-GENIE_SOFTROCE_MEM="${GENIE_SOFTROCE_MEM:-3072}" GENIE_SOFTROCE_TIMEOUT="${GENIE_SOFTROCE_TIMEOUT:-1200}" RUST_BACKTRACE=1 \
+GENIE_SOFTROCE_MEM="${GENIE_SOFTROCE_MEM:-3072}" GENIE_SOFTROCE_TIMEOUT="${GENIE_SOFTROCE_TIMEOUT:-2400}" RUST_BACKTRACE=1 \
   scripts/softroce.sh -- bash -c "$runner" runner "${bins[@]}"
 log "RDMA tests passed on soft-RoCE in $(($(date +%s) - start)) s"
