@@ -35,6 +35,12 @@ ensure_rdma_deps() {
   ensure_pkgs qemu-system-x86 busybox-static cpio kmod rdma-core ibverbs-utils ibverbs-providers perftest iproute2
 }
 
+# What scripts/netns-cluster.sh needs: iproute2 (`ip netns`, veth, bridge, `tc netem`) and
+# iptables (its packet loss where the kernel has no sch_netem).
+ensure_netns_deps() {
+  ensure_pkgs iproute2 iptables
+}
+
 # What the Python bindings' tests and benchmark need: python3 with venv and pip (Debian's
 # python3-venv; a python3 that already has venv, e.g. pyenv's, is used as it is) and a C compiler.
 ensure_python_deps() {

@@ -13,6 +13,9 @@
 #      loopback TCP, the KV-transfer example), and the C example built with the system cc and run
 #   4. the RDMA side channel decoder's property tests (rdma feature, no device needed)
 #   5. scripts/test-hostile.sh: hostile drivers, accept starvation, healing, a flood (summary line)
+#   5b. scripts/netns-cluster.sh: workers in 3 network namespaces over TCP, bitwise equal to one
+#      in-process worker, under 1 % packet loss, and healing after a partitioned link (skips,
+#      saying so, only where this machine cannot create network namespaces)
 #   6. the dispatcher's loom model-checking tests (cfg loom, own target dir)
 #   7. the RDMA suite on soft-RoCE (scripts/softroce.sh: rxe on the host or in a qemu VM)
 #
@@ -57,6 +60,9 @@ cargo test --release -p genie-tests --features rdma --test rdma_wire_props
 
 log "hostile drivers, accept starvation, healing (real worker processes)"
 scripts/test-hostile.sh
+
+log "hosts with their own network stacks: network namespaces, TCP, packet loss, a partition"
+scripts/netns-cluster.sh
 
 log "loom: the dispatcher's lock-free hand-off under every interleaving"
 RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}/loom" \

@@ -1,0 +1,191 @@
+//! A driver for `genie worker` processes on other hosts: runs greedy generations of a seeded
+//! model with its layers split across every worker of a cluster file, and checks each one
+//! against the same generation on one in-process worker, bitwise (tokens and every logit).
+//! `scripts/netns-cluster.sh` runs it from its own network namespace. Run it with
+//!
+//! ```sh
+//! cargo run --release -p genie-runtime --example cluster_client -- --cluster cluster.toml --runs 2
+//! ```
+//!
+//! It prints the reference's tokens, then one line per run:
+//!
+//! ```text
+//! run=<i> ok tokens=[...] match=<1|0> ms=<run time>
+//! run=<i> failed typed=<WorkerFailed|other> worker=<name|-> at_ms=<unix ms> error=<message>
+//! ```
+//!
+//! After a failed run it connects again (bounded by the deadline) before the next run, as a
+//! driver must once a worker failed. The last line is the summary
+//! `cluster_client runs=<n> ok=<n> mismatched=<n> worker_failed=<n> other_failed=<n> healed=<0|1>`
+//! (`healed`: a run succeeded after a failed one). It exits non-zero when a run's result
+//! differs from the reference, or when no run at all succeeded.
+
+use clap::Parser;
+use genie_runtime::cluster::Cluster;
+use genie_runtime::demo::model_config;
+use genie_runtime::driver::{Driver, EmbeddedCluster};
+use genie_runtime::error::RuntimeError;
+use genie_runtime::kernels::CpuKernels;
+use genie_runtime::models::{generate, prompt, Family, Generation, Model};
+use genie_runtime::plan::Placement;
+use genie_runtime::proto::WeightSpec;
+use genie_scheduler::graph::Graph;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+#[derive(Parser)]
+#[command(about = "Generations on a cluster file's workers, checked against one in-process worker")]
+struct Args {
+    /// Cluster file (as for `genie worker`).
+    #[arg(long)]
+    cluster: PathBuf,
+    /// `gpt2-small` or another name `genie demo --model` takes.
+    #[arg(long, default_value = "gpt2-small")]
+    model: String,
+    /// Seed of the workers' weights.
+    #[arg(long, default_value_t = 5)]
+    weights_seed: u64,
+    /// Prompt length.
+    #[arg(long, default_value_t = 16)]
+    prompt_len: usize,
+    /// Decode steps per run.
+    #[arg(long, default_value_t = 8)]
+    steps: usize,
+    /// Runs at most.
+    #[arg(long, default_value_t = 2)]
+    runs: usize,
+    /// Stop starting runs (and reconnecting) after this many seconds.
+    #[arg(long, default_value_t = 120)]
+    deadline_secs: u64,
+    /// Stop after the first run that succeeds after a failed one.
+    #[arg(long)]
+    until_heal: bool,
+}
+
+/// A generation's tokens and its logits (prefill, then each step) as bit patterns.
+type Answer = (Vec<i64>, Vec<Vec<u32>>);
+
+fn bits(g: &Generation) -> Result<Answer, RuntimeError> {
+    let mut logits = Vec::new();
+    for r in std::iter::once(&g.prefill).chain(&g.steps) {
+        let t = r
+            .outputs
+            .first()
+            .ok_or_else(|| RuntimeError::Plan("a run returned no logits".into()))?;
+        let v: Vec<f32> = t
+            .flatten_all()
+            .and_then(|t| t.to_vec1())
+            .map_err(|e| RuntimeError::Plan(e.to_string()))?;
+        logits.push(v.iter().map(|x| x.to_bits()).collect());
+    }
+    Ok((g.tokens.clone(), logits))
+}
+
+fn run(
+    d: &mut Driver,
+    model: &Model,
+    p: &[i64],
+    steps: usize,
+    seq: u64,
+    workers: usize,
+) -> Result<Answer, RuntimeError> {
+    let place = |g: &Graph| Placement::by_layer(g, workers, model.layers());
+    bits(&generate(d, model, p, steps, seq, place, place)?)
+}
+
+fn unix_ms() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
+}
+
+fn tokens_text(t: &[i64]) -> String {
+    let v: Vec<String> = t.iter().map(i64::to_string).collect();
+    format!("[{}]", v.join(", "))
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let model = model_config(&args.model)?;
+    let cluster = Cluster::load(&args.cluster)?;
+    let p = prompt(args.prompt_len, model.vocab());
+    let weights = WeightSpec::Seeded(args.weights_seed);
+
+    // The reference: the whole model on one in-process worker.
+    let emb = EmbeddedCluster::start(1, Arc::new(CpuKernels::new()))?;
+    let mut d = Driver::connect(&emb.cluster, weights.clone())?;
+    let want = run(&mut d, &model, &p, args.steps, 0, 1)?;
+    emb.stop(d)?;
+    println!("reference tokens={}", tokens_text(&want.0));
+
+    let deadline = Instant::now() + Duration::from_secs(args.deadline_secs);
+    let n = cluster.workers.len();
+    let mut driver: Option<Driver> = None;
+    let (mut runs, mut ok, mut mismatched, mut worker_failed, mut other_failed) = (0, 0, 0, 0, 0);
+    let mut healed = false;
+    while runs < args.runs && Instant::now() < deadline {
+        let d = match driver.as_mut() {
+            Some(d) => d,
+            None => match Driver::connect(&cluster, weights.clone()) {
+                Ok(d) => driver.insert(d),
+                Err(e) => {
+                    println!("connect failed at_ms={} error={e}", unix_ms());
+                    std::thread::sleep(Duration::from_millis(250));
+                    continue;
+                }
+            },
+        };
+        runs += 1;
+        let t = Instant::now();
+        match run(d, &model, &p, args.steps, runs as u64, n) {
+            Ok(got) => {
+                ok += 1;
+                let same = got == want;
+                mismatched += usize::from(!same);
+                println!(
+                    "run={runs} ok tokens={} match={} ms={}",
+                    tokens_text(&got.0),
+                    u8::from(same),
+                    t.elapsed().as_millis()
+                );
+                if worker_failed + other_failed > 0 {
+                    healed = true;
+                    if args.until_heal {
+                        break;
+                    }
+                }
+            }
+            Err(e) => {
+                let (typed, worker) = match &e {
+                    RuntimeError::WorkerFailed { worker, .. } => ("WorkerFailed", worker.as_str()),
+                    _ => ("other", "-"),
+                };
+                if typed == "WorkerFailed" {
+                    worker_failed += 1;
+                } else {
+                    other_failed += 1;
+                }
+                println!(
+                    "run={runs} failed typed={typed} worker={worker} at_ms={} error={e}",
+                    unix_ms()
+                );
+                // The driver's session is gone with the worker: connect again.
+                driver = None;
+            }
+        }
+    }
+    println!(
+        "cluster_client runs={runs} ok={ok} mismatched={mismatched} worker_failed={worker_failed} \
+         other_failed={other_failed} healed={}",
+        u8::from(healed)
+    );
+    if mismatched > 0 {
+        anyhow::bail!("{mismatched} runs differ from the in-process reference");
+    }
+    if ok == 0 {
+        anyhow::bail!("no run succeeded");
+    }
+    Ok(())
+}
