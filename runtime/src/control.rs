@@ -39,9 +39,9 @@ pub(crate) fn terr(worker: &str, e: TransportError) -> RuntimeError {
                 reason: e.to_string(),
             }
         }
-        other => RuntimeError::Transport {
+        source => RuntimeError::Transport {
             worker: worker.into(),
-            reason: other.to_string(),
+            source,
         },
     }
 }
@@ -82,10 +82,17 @@ pub fn connect_retry(
                     reason: format!("cannot connect to {addr}: {e}"),
                 })
             }
-            Err(TransportError::AuthFailed { .. }) => {
+            // Retrying cannot fix a refused handshake (the cluster secrets or the versions
+            // differ) or a bad address; anything else may be a peer still starting.
+            Err(
+                source @ (TransportError::AuthFailed { .. }
+                | TransportError::VersionMismatch { .. }
+                | TransportError::InvalidArgument(_)
+                | TransportError::BackendUnavailable { .. }),
+            ) => {
                 return Err(RuntimeError::Transport {
                     worker: peer.into(),
-                    reason: "authentication failed (cluster secrets differ)".into(),
+                    source,
                 })
             }
             Err(_) => std::thread::sleep(Duration::from_millis(20)),
@@ -108,5 +115,37 @@ pub(crate) fn msg_kind(m: &Msg) -> &'static str {
         Msg::FreeSequence { .. } => "FreeSequence",
         Msg::Freed { .. } => "Freed",
         Msg::Shutdown => "Shutdown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error as _;
+
+    /// A dead peer blames the worker; other transport failures keep the transport's typed
+    /// error as their source, so callers decide on its variant.
+    #[test]
+    fn transport_failures_keep_their_type() {
+        let peer = SocketAddr::from(([127, 0, 0, 1], 9));
+        let dead = terr(
+            "w1",
+            TransportError::PeerDead {
+                peer,
+                reason: "silent".into(),
+            },
+        );
+        assert!(matches!(dead, RuntimeError::WorkerFailed { ref worker, .. } if worker == "w1"));
+        let after = Duration::from_millis(5);
+        let timeout = terr("w1", TransportError::Timeout { after });
+        assert!(matches!(
+            timeout,
+            RuntimeError::Transport {
+                source: TransportError::Timeout { .. },
+                ..
+            }
+        ));
+        assert!(timeout.source().is_some());
+        assert!(timeout.to_string().contains("w1") && timeout.to_string().contains("timed out"));
     }
 }

@@ -90,7 +90,7 @@ impl Driver {
         let cfg = transport_config(cluster, SocketAddr::from(([127, 0, 0, 1], 0)));
         let endpoint = genie_transport::open(cfg).map_err(|e| RuntimeError::Transport {
             worker: "driver".into(),
-            reason: e.to_string(),
+            source: e,
         })?;
         let deadline = Instant::now() + control::SETUP_TIMEOUT;
         let mut conns = Vec::new();
@@ -542,7 +542,7 @@ impl EmbeddedCluster {
             let (ep, sel) =
                 genie_transport::open_with_selection(cfg).map_err(|e| RuntimeError::Transport {
                     worker: "embedded".into(),
-                    reason: e.to_string(),
+                    source: e,
                 })?;
             selection = Some(sel);
             endpoints.push(ep);

@@ -71,7 +71,7 @@ use crate::weights::WeightSource;
 use candle_core::Tensor;
 use genie_scheduler::dispatch::TaskGraph;
 use genie_scheduler::graph::Graph;
-use genie_transport::{Connection, Region, RemoteRegion, Transport};
+use genie_transport::{Connection, Region, RemoteRegion, Transport, TransportError};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -242,7 +242,11 @@ impl Worker {
         loop {
             let (msg, payload) = match recv_msg(ctrl, "driver", Duration::from_millis(500)) {
                 Ok(m) => m,
-                Err(RuntimeError::Transport { .. }) if ctrl.is_alive() => continue,
+                // Nothing from the driver yet: wait on. Any other failure ends the session.
+                Err(RuntimeError::Transport {
+                    source: TransportError::Timeout { .. },
+                    ..
+                }) if ctrl.is_alive() => continue,
                 // The framing held: say what was wrong and read on.
                 Err(e @ RuntimeError::BadMessage { .. }) => {
                     post_msg(ctrl, "driver", &failed(0, &e), &[])?;
