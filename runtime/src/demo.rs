@@ -169,7 +169,7 @@ struct Phase {
 }
 
 fn sched_err(e: genie_scheduler::Error) -> RuntimeError {
-    RuntimeError::Scheduler(e.to_string())
+    RuntimeError::Scheduler(e)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -332,7 +332,7 @@ pub fn run_demo(opts: &DemoOptions, out: &mut dyn FnMut(String)) -> Result<DemoF
     // The scheduler's view of the same cluster: two CPU devices joined by a loopback link
     // (an initial guess; calibrated below from measured transfers).
     let mut topo = Topology::uniform(2, DeviceSpec::cpu(), LinkSpec::gbps(20.0, 30.0))
-        .map_err(|e| RuntimeError::Scheduler(e.to_string()))?;
+        .map_err(|e| RuntimeError::Scheduler(e.into()))?;
     let sched = sched_err;
     {
         let dg = cfg.decode(opts.seq_len)?;

@@ -4,13 +4,14 @@
 
 use crate::cache::SentGraphs;
 use crate::cluster::{Cluster, DeviceKind, WorkerSpec};
+use crate::control::{self, connect_retry, recv_msg, send_msg, transport_config};
 use crate::error::{Result, RuntimeError};
 use crate::kernels::{tensor_from_bytes, tensor_to_bytes, Kernels};
 use crate::limits::WorkerOptions;
 use crate::plan::{ExecPlan, Placement};
 use crate::proto::{self, Msg, PayloadTensor, RunStats, WeightSpec};
 use crate::trace::{CounterSnapshot, Span, SpanKind};
-use crate::worker::{self, connect_retry, recv_msg, send_msg, transport_config};
+use crate::worker;
 use candle_core::Tensor;
 use genie_scheduler::graph::{Graph, NodeId, TensorMeta, TensorRef};
 use genie_transport::{BackendSelection, Connection, Transport, TransportError};
@@ -89,9 +90,9 @@ impl Driver {
         let cfg = transport_config(cluster, SocketAddr::from(([127, 0, 0, 1], 0)));
         let endpoint = genie_transport::open(cfg).map_err(|e| RuntimeError::Transport {
             worker: "driver".into(),
-            reason: e.to_string(),
+            source: e,
         })?;
-        let deadline = Instant::now() + worker::SETUP_TIMEOUT;
+        let deadline = Instant::now() + control::SETUP_TIMEOUT;
         let mut conns = Vec::new();
         for w in &cluster.workers {
             let c = connect_retry(&*endpoint, w.address, &w.name, deadline)?;
@@ -109,7 +110,7 @@ impl Driver {
             )?;
         }
         for (c, w) in conns.iter().zip(&cluster.workers) {
-            match recv_msg(&**c, &w.name, worker::SETUP_TIMEOUT)? {
+            match recv_msg(&**c, &w.name, control::SETUP_TIMEOUT)? {
                 (Msg::SetupDone, _) => {}
                 (Msg::Failed { error, culprit, .. }, _) => {
                     return Err(RuntimeError::WorkerFailed {
@@ -387,7 +388,7 @@ impl Driver {
         let mut blocks = 0;
         for &i in &held {
             let (c, n) = (&self.conns[i], &self.names[i]);
-            match recv_msg(&**c, n, worker::SETUP_TIMEOUT)? {
+            match recv_msg(&**c, n, control::SETUP_TIMEOUT)? {
                 (Msg::Freed { seq: s, blocks: b }, _) if s == seq => blocks += b,
                 (Msg::Failed { error, .. }, _) => {
                     return Err(RuntimeError::WorkerFailed {
@@ -541,7 +542,7 @@ impl EmbeddedCluster {
             let (ep, sel) =
                 genie_transport::open_with_selection(cfg).map_err(|e| RuntimeError::Transport {
                     worker: "embedded".into(),
-                    reason: e.to_string(),
+                    source: e,
                 })?;
             selection = Some(sel);
             endpoints.push(ep);

@@ -452,7 +452,7 @@ impl Engine {
             genie_scheduler::cost::DeviceSpec::cpu(),
             genie_scheduler::topology::LinkSpec::gbps(20.0, 30.0),
         )
-        .map_err(|e| RuntimeError::Scheduler(e.to_string()))?;
+        .map_err(|e| RuntimeError::Scheduler(e.into()))?;
         let spans = Arc::new(parking_lot::Mutex::new(Vec::new()));
         let (tx, rx) = mpsc::channel();
         let pool = Arc::new(parking_lot::Mutex::new(Pool {
@@ -989,7 +989,7 @@ fn busiest_link(out: &RunOutput) -> Duration {
 }
 
 fn sched(e: genie_scheduler::Error) -> RuntimeError {
-    RuntimeError::Scheduler(e.to_string())
+    RuntimeError::Scheduler(e)
 }
 
 /// The next token from the last row of `logits` under `sampling`.

@@ -4,9 +4,21 @@ use std::path::PathBuf;
 
 /// Everything the runtime can fail with.
 ///
-/// Variants are grouped by whose fault it is: a bad configuration file (fix the file), a
-/// missing or malformed tensor (a bug in the graph or the caller), a kernel failure, a
-/// transport failure or a dead worker (retry or restart that worker).
+/// Variants are grouped by whose fault it is:
+/// - **configuration** (fix the file or flag): [`ClusterRead`](Self::ClusterRead),
+///   [`ClusterParse`](Self::ClusterParse), [`ClusterField`](Self::ClusterField),
+///   [`UnknownWorker`](Self::UnknownWorker), [`InsecureCluster`](Self::InsecureCluster),
+///   [`SecretFile`](Self::SecretFile), [`Checkpoint`](Self::Checkpoint);
+/// - **the graph or the caller** (fix the graph, inputs or placement):
+///   [`MissingTensor`](Self::MissingTensor), [`BadInputs`](Self::BadInputs),
+///   [`Weight`](Self::Weight), [`Plan`](Self::Plan), [`ShapeOverflow`](Self::ShapeOverflow),
+///   [`Scheduler`](Self::Scheduler) (carries the scheduler's typed [`genie_scheduler::Error`]);
+/// - **resources** (free some, or raise the limit): [`KvCache`](Self::KvCache),
+///   [`OverBudget`](Self::OverBudget), [`Refused`](Self::Refused);
+/// - **a peer** (retry, or restart that worker): [`Transport`](Self::Transport) (carries the
+///   transport's typed [`TransportError`](genie_transport::TransportError)),
+///   [`WorkerFailed`](Self::WorkerFailed), [`BadMessage`](Self::BadMessage);
+/// - **compute and output**: [`Kernel`](Self::Kernel), [`Write`](Self::Write).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RuntimeError {
@@ -92,13 +104,17 @@ pub enum RuntimeError {
         /// What went wrong.
         reason: String,
     },
-    /// The transport failed on a link to a worker.
-    #[error("transport error talking to worker {worker}: {reason}")]
+    /// The transport failed on a link to a worker (or opening this side's endpoint). A dead or
+    /// closed peer is reported as [`WorkerFailed`](Self::WorkerFailed) instead; what is left
+    /// here says, by its source's variant, whose fault it is (see
+    /// [`TransportError`](genie_transport::TransportError)).
+    #[error("transport error talking to worker {worker}: {source}")]
     Transport {
-        /// The worker at the other end.
+        /// The worker at the other end (`driver` or `embedded` for this side's endpoint).
         worker: String,
-        /// The transport's error, rendered.
-        reason: String,
+        /// The transport's error.
+        #[source]
+        source: genie_transport::TransportError,
     },
     /// A worker stopped answering or died mid-run.
     #[error("worker {worker} failed: {reason}")]
@@ -118,7 +134,7 @@ pub enum RuntimeError {
     },
     /// The scheduler rejected the graph or could not build a schedule.
     #[error("scheduler: {0}")]
-    Scheduler(String),
+    Scheduler(#[from] genie_scheduler::Error),
     /// The graph and the schedule do not fit together or the graph uses something unsupported.
     #[error("plan: {0}")]
     Plan(String),

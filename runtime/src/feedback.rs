@@ -99,7 +99,7 @@ pub fn calibrate_links(
     for ((a, b), v) in pairs {
         let c = topo
             .calibrate(DeviceId(a as u32), DeviceId(b as u32), &v)
-            .map_err(|e| RuntimeError::Scheduler(e.to_string()))?;
+            .map_err(|e| RuntimeError::Scheduler(e.into()))?;
         out.push(c);
     }
     Ok(out)

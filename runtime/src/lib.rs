@@ -14,6 +14,10 @@
 //!   later runs name it and the tensors that changed shape).
 //! - [`worker`] / [`driver`]: the executor. Workers are threads ([`driver::EmbeddedCluster`])
 //!   or `genie worker` processes; the [`driver::Driver`] hands them runs over the transport.
+//!   A worker's concerns (peer mesh, region negotiation, notifications, execution, KV glue)
+//!   are its submodules.
+//! - [`control`]: the control messages driver and workers exchange (endpoint configuration,
+//!   send/receive with the peer named in failures, connecting while a peer starts).
 //! - [`models`], [`demo`], [`feedback`]: GPT-2 generation, the `genie demo`, and calibration of
 //!   the scheduler's cost model from measured spans.
 //!
@@ -51,6 +55,7 @@
 
 pub mod cache;
 pub mod cluster;
+pub mod control;
 pub mod demo;
 pub mod driver;
 pub mod engine;

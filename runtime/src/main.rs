@@ -4,12 +4,13 @@
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use genie_runtime::cluster::{new_secret, Cluster};
+use genie_runtime::control::transport_config;
 use genie_runtime::demo::{run_demo, DemoOptions};
 use genie_runtime::kernels::CpuKernels;
 use genie_runtime::limits::{WorkerOptions, DEFAULT_MEMORY_BUDGET};
 use genie_runtime::models::run::{run_generate, GenerateOptions};
 use genie_runtime::models::Sampling;
-use genie_runtime::worker::{serve_with, transport_config};
+use genie_runtime::worker::serve_with;
 use genie_scheduler::builders::{by_name, ModelSize};
 use genie_scheduler::cost::DeviceSpec;
 use genie_scheduler::graph::Graph;

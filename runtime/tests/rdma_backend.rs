@@ -7,12 +7,12 @@
 
 mod hostile_cases;
 use genie_runtime::cluster::Cluster;
+use genie_runtime::control::transport_config;
 use genie_runtime::driver::{Driver, EmbeddedCluster};
 use genie_runtime::kernels::CpuKernels;
 use genie_runtime::models::{generate, prompt};
 use genie_runtime::plan::Placement;
 use genie_runtime::proto::WeightSpec;
-use genie_runtime::worker::transport_config;
 use genie_scheduler::builders::Gpt2Config;
 use genie_transport::{select_backend, Backend};
 use hostile_cases::common::bits;

@@ -94,7 +94,7 @@ pub enum Model {
 }
 
 fn sched_err(e: genie_scheduler::Error) -> RuntimeError {
-    RuntimeError::Scheduler(e.to_string())
+    RuntimeError::Scheduler(e)
 }
 
 /// `model_type`s [`Model::from_config_json`] accepts.
@@ -337,7 +337,7 @@ pub(crate) fn with_last_logits(mut g: Graph, seq_len: usize) -> Result<(Graph, T
             vec![logits],
             Semantics::default(),
         )
-        .map_err(|e| RuntimeError::Scheduler(e.to_string()))?;
+        .map_err(|e| RuntimeError::Scheduler(e.into()))?;
     Ok((g, id.into()))
 }
 

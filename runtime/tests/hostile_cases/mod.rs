@@ -23,12 +23,12 @@ pub mod common;
 
 use common::bits;
 use genie_runtime::cluster::Cluster;
+use genie_runtime::control::{connect_retry, send_msg, transport_config, SETUP_TIMEOUT};
 use genie_runtime::driver::Driver;
 use genie_runtime::error::RuntimeError;
 use genie_runtime::models::{generate, prompt};
 use genie_runtime::plan::Placement;
 use genie_runtime::proto::{self, GraphRef, Msg, PayloadTensor, WeightSpec};
-use genie_runtime::worker::{connect_retry, send_msg, transport_config, SETUP_TIMEOUT};
 use genie_scheduler::builders::Gpt2Config;
 use genie_scheduler::graph::{DType, Graph, OpKind, Semantics, TensorMeta, TensorRef};
 use genie_transport::{Connection, Transport, TransportConfig, TransportError};

@@ -1,0 +1,499 @@
+//! A worker: a transport endpoint, a tensor store, a KV-cache manager and kernels, serving runs
+//! for a driver.
+//!
+//! The same [`serve`] loop runs in a thread of the embedded cluster and in a `genie worker`
+//! process. Per run, a worker
+//! 1. takes the graph and placement from the run message, or the ones it keeps under the id the
+//!    message names (see [`cache`](crate::cache)), with the [`ExecPlan`] derived from them,
+//! 2. allocates one private, write-only landing region per peer that sends to it and tells
+//!    that peer a descriptor granted on its connection alone (and learns the descriptors of the peers it sends to) — only when a link needs
+//!    more room than the regions kept from earlier runs,
+//! 3. runs its nodes in dataflow order on its own thread; when no node is ready it waits on the
+//!    sending peers' connections for the next notification and turns the landed tensor into a
+//!    store entry; right after a node finishes, each of its outputs that another worker
+//!    consumes is copied into the staging region and posted with `write_notify` — it travels
+//!    while the next node computes,
+//! 4. reports outputs and timings to the driver.
+//!
+//! A dead peer surfaces as a transport error on that connection within the transport's peer
+//! timeout, and the run fails naming that peer. The next `Setup` heals the mesh: a link whose
+//! connection died is connected again (and its regions announced afresh), so a restarted or
+//! resumed worker rejoins without restarting the others.
+//!
+//! Incoming connections are sorted by their first message on the acceptor thread, which polls
+//! all of them at once: each gets [`HELLO_TIMEOUT`] overall, at most [`MAX_PENDING_HELLOS`] wait
+//! (past that the oldest is dropped), so idle or dripping sockets cannot keep a driver out.
+//! After authentication a peer is bound to its name: a `HelloPeer` for a name whose connection
+//! is alive is refused. A driver's KV caches belong to its connection (its session): they are
+//! dropped when it ends, and no other driver can read or free them. What a driver may make the
+//! worker allocate or open is bounded by [`WorkerOptions`] (see [`limits`]).
+//!
+//! A failed run leaves nothing for later ones: notifications carry their run's epoch (the low
+//! 16 bits of its number; drivers start numbering at random), and ones of another run are
+//! dropped; region descriptors are applied whenever they are read, the last one winning, so both
+//! sides of a link agree on its regions whatever an earlier run did.
+//!
+//! # Layout
+//!
+//! This module holds the worker's state and its driver session (`Setup`, `Run`,
+//! `FreeSequence`, `Shutdown`); each concern beside it has its own file:
+//! - `mesh`: the peer mesh (the acceptor sorting incoming hellos, connecting to peers);
+//! - `regions`: landing and staging regions per link, and their negotiation;
+//! - `notify`: notification encoding (epoch and transfer id) and the inbox that polls senders;
+//! - `exec`: the executor of one run, in dataflow order;
+//! - `kv`: the KV-cache nodes' glue to the session's paged caches;
+//! - `clock`: the [`WallClock`] that timestamps a run's timeline.
+//!
+//! Control messages, shared with the driver, are in [`crate::control`].
+
+mod clock;
+mod exec;
+mod kv;
+mod mesh;
+mod notify;
+mod regions;
+#[cfg(test)]
+mod tests;
+
+pub use clock::WallClock;
+
+use self::mesh::{accept_loop, PeerMap};
+use crate::cache::{apply_reshapes, KeptPlan, WORKER_GRAPHS};
+use crate::cluster::Cluster;
+use crate::control::{msg_kind, post_msg, recv_msg, send_msg, SETUP_TIMEOUT};
+use crate::error::{Result, RuntimeError};
+use crate::kernels::Kernels;
+use crate::kv::KvCacheManager;
+use crate::limits::{self, WorkerOptions};
+use crate::plan::Placement;
+use crate::proto::{GraphRef, Msg, WeightSpec};
+use crate::weights::WeightSource;
+use candle_core::Tensor;
+use genie_scheduler::dispatch::TaskGraph;
+use genie_scheduler::graph::Graph;
+use genie_transport::{Connection, Region, RemoteRegion, Transport, TransportError};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long a worker waits for one remote input before giving up on the run.
+pub const INPUT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Most drivers waiting while another is served (drivers are served one at a time).
+pub const MAX_WAITING_DRIVERS: usize = 16;
+/// Most sequences one driver session may have open on a worker.
+pub const MAX_SESSION_SEQUENCES: usize = 1 << 16;
+/// How long an incoming connection may take to send its first message, all told.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most incoming connections waiting for their first message at once; a new one past this
+/// drops the oldest (a real driver or peer sends its hello at once, so it is never the oldest
+/// for long).
+pub const MAX_PENDING_HELLOS: usize = 64;
+
+struct Worker {
+    me: usize,
+    name: String,
+    cluster: Cluster,
+    endpoint: Arc<dyn Transport>,
+    kernels: Arc<dyn Kernels>,
+    peers: Arc<PeerMap>,
+    weights: Option<WeightSource>,
+    weight_cache: HashMap<String, Tensor>,
+    /// The current driver session's KV caches (dropped when its connection ends).
+    kv: Option<KvCacheManager>,
+    /// The current session's driver connection: a run waiting on peers gives up when it dies.
+    driver: Option<Arc<dyn Connection>>,
+    /// The sequences the current session ran: the only ones it may free.
+    session_seqs: std::collections::HashSet<u64>,
+    /// Bytes held by `weight_cache`.
+    weight_cache_bytes: u64,
+    /// Limits on what a driver may ask.
+    opts: WorkerOptions,
+    /// Per peer: the connection the region state below was set up on; a peer whose
+    /// connection changed (a link healed) starts with none.
+    links: HashMap<usize, Arc<dyn Connection>>,
+    /// Per sending peer: the region its transfers land in, and its size; kept across runs
+    /// (and drivers) while big enough, so a run needs no region exchange (see [`region_size`]).
+    /// A new one is announced to the peer with a `Regions` message.
+    landing: HashMap<usize, (Region, u64)>,
+    /// Per receiving peer: our staging region and its size, kept like `landing`.
+    staging: HashMap<usize, (Region, u64)>,
+    /// Per receiving peer: its landing region for us, from the last `Regions` message it sent
+    /// (messages are applied in order whenever they are read, so this always converges to the
+    /// peer's current region, also after a run that failed before reading one).
+    remote_landing: HashMap<usize, RemoteRegion>,
+    /// Graphs the current driver defined, by id.
+    graphs: HashMap<u64, Kept>,
+}
+
+/// A graph kept across runs, with what is derived from it.
+struct Kept {
+    graph: Graph,
+    placement: Placement,
+    plan: KeptPlan,
+    /// The dependency structure (independent of tensor shapes).
+    tasks: TaskGraph,
+}
+
+/// Serves drivers on `endpoint` as worker `name` of `cluster` until a driver sends `Shutdown`,
+/// with the default [`WorkerOptions`].
+pub fn serve(
+    endpoint: Arc<dyn Transport>,
+    cluster: Cluster,
+    name: &str,
+    kernels: Arc<dyn Kernels>,
+) -> Result<()> {
+    serve_with(endpoint, cluster, name, kernels, WorkerOptions::default())
+}
+
+/// Serves drivers like [`serve`], limited by `opts`. Refuses a cluster that fails
+/// [`Cluster::check_secure`].
+pub fn serve_with(
+    endpoint: Arc<dyn Transport>,
+    cluster: Cluster,
+    name: &str,
+    kernels: Arc<dyn Kernels>,
+    opts: WorkerOptions,
+) -> Result<()> {
+    cluster.check_secure()?;
+    let me = cluster.index_of(name)?;
+    let peers = Arc::new(PeerMap::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ctrl_tx, ctrl_rx) = mpsc::sync_channel::<Arc<dyn Connection>>(MAX_WAITING_DRIVERS);
+    let acceptor = {
+        let (endpoint, peers, stop, cluster) = (
+            endpoint.clone(),
+            peers.clone(),
+            stop.clone(),
+            cluster.clone(),
+        );
+        let name = name.to_string();
+        let thread_name = format!("genie-accept-{name}");
+        std::thread::Builder::new()
+            .name(thread_name.clone())
+            .spawn(move || accept_loop(&*endpoint, &cluster, &name, &peers, &stop, &ctrl_tx))
+            .map_err(|e| RuntimeError::WorkerFailed {
+                worker: thread_name,
+                reason: format!("cannot spawn a thread: {e}"),
+            })?
+    };
+    let mut w = Worker {
+        me,
+        name: name.to_string(),
+        cluster,
+        endpoint,
+        kernels,
+        peers,
+        weights: None,
+        weight_cache: HashMap::new(),
+        weight_cache_bytes: 0,
+        opts,
+        links: HashMap::new(),
+        kv: None,
+        session_seqs: Default::default(),
+        driver: None,
+        landing: HashMap::new(),
+        staging: HashMap::new(),
+        remote_landing: HashMap::new(),
+        graphs: HashMap::new(),
+    };
+    let result = loop {
+        let Ok(ctrl) = ctrl_rx.recv() else {
+            break Ok(());
+        };
+        match w.handle_driver(&ctrl) {
+            Ok(true) => break Ok(()),
+            Ok(false) => continue,
+            Err(e) => {
+                tracing::warn!(worker = %w.name, error = %e, "driver connection ended");
+            }
+        }
+    };
+    stop.store(true, Ordering::Relaxed);
+    let _ = acceptor.join();
+    result
+}
+
+impl Worker {
+    fn peer_name(&self, i: usize) -> String {
+        self.cluster
+            .workers
+            .get(i)
+            .map_or_else(|| format!("#{i}"), |w| w.name.clone())
+    }
+
+    /// Handles one driver connection (a session); `Ok(true)` on shutdown. Graph ids and KV
+    /// caches belong to the session: none survive it.
+    fn handle_driver(&mut self, ctrl: &Arc<dyn Connection>) -> Result<bool> {
+        self.graphs.clear();
+        self.kv = None;
+        self.session_seqs.clear();
+        self.driver = Some(ctrl.clone());
+        let r = self.serve_session(&**ctrl);
+        self.driver = None;
+        self.graphs.clear();
+        self.kv = None;
+        self.session_seqs.clear();
+        r
+    }
+
+    fn serve_session(&mut self, ctrl: &dyn Connection) -> Result<bool> {
+        loop {
+            let (msg, payload) = match recv_msg(ctrl, "driver", Duration::from_millis(500)) {
+                Ok(m) => m,
+                // Nothing from the driver yet: wait on. Any other failure ends the session.
+                Err(RuntimeError::Transport {
+                    source: TransportError::Timeout { .. },
+                    ..
+                }) if ctrl.is_alive() => continue,
+                // The framing held: say what was wrong and read on.
+                Err(e @ RuntimeError::BadMessage { .. }) => {
+                    post_msg(ctrl, "driver", &failed(0, &e), &[])?;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            match msg {
+                Msg::Setup { weights } => {
+                    let reply = match self.setup(weights) {
+                        Ok(()) => Msg::SetupDone,
+                        Err(e) => Msg::Failed {
+                            run: 0,
+                            error: e.to_string(),
+                            culprit: culprit(&e),
+                        },
+                    };
+                    send_msg(ctrl, "driver", &reply, &[])?;
+                }
+                Msg::Run {
+                    run,
+                    forget,
+                    graph,
+                    seq,
+                    inputs,
+                    wanted,
+                } => {
+                    let _span = tracing::info_span!("run", worker = %self.name, run).entered();
+                    for id in &forget {
+                        self.graphs.remove(id);
+                    }
+                    let id = graph.id();
+                    let res = self.note_sequence(seq);
+                    let res = res
+                        .and_then(|()| self.take_graph(graph))
+                        .and_then(|mut kept| {
+                            let r = self.execute(run, &mut kept, seq, &inputs, &payload, &wanted);
+                            self.graphs.insert(id, kept);
+                            r
+                        });
+                    // The driver learns from the reply (or its absence) whether it arrived: no
+                    // need to wait here until the transport has taken it.
+                    match res {
+                        Ok((outputs, out_payload, stats)) => post_msg(
+                            ctrl,
+                            "driver",
+                            &Msg::Done {
+                                run,
+                                outputs,
+                                stats,
+                            },
+                            &out_payload,
+                        )?,
+                        Err(e) => post_msg(
+                            ctrl,
+                            "driver",
+                            &Msg::Failed {
+                                run,
+                                error: e.to_string(),
+                                culprit: culprit(&e),
+                            },
+                            &[],
+                        )?,
+                    };
+                }
+                Msg::FreeSequence { seq } => {
+                    let reply = if self.session_seqs.remove(&seq) {
+                        let blocks = self.kv.as_mut().map_or(0, |kv| {
+                            let before = kv.blocks_in_use();
+                            kv.free_sequence(seq);
+                            before.saturating_sub(kv.blocks_in_use())
+                        });
+                        Msg::Freed {
+                            seq,
+                            blocks: blocks as u64,
+                        }
+                    } else {
+                        let e = RuntimeError::Refused {
+                            worker: self.name.clone(),
+                            reason: format!(
+                                "sequence {seq} is not this driver's (it ran no step of it here)"
+                            ),
+                        };
+                        failed(0, &e)
+                    };
+                    post_msg(ctrl, "driver", &reply, &[])?;
+                }
+                Msg::Shutdown => return Ok(true),
+                other => {
+                    let e = bad_from_driver(format!("unexpected {}", msg_kind(&other)));
+                    post_msg(ctrl, "driver", &failed(0, &e), &[])?;
+                }
+            }
+        }
+    }
+
+    /// Records that the session runs sequence `seq` (bounded: a session holds at most
+    /// [`MAX_SESSION_SEQUENCES`] unfreed sequences).
+    fn note_sequence(&mut self, seq: u64) -> Result<()> {
+        if self.session_seqs.len() >= MAX_SESSION_SEQUENCES && !self.session_seqs.contains(&seq) {
+            return Err(RuntimeError::Refused {
+                worker: self.name.clone(),
+                reason: format!(
+                    "{MAX_SESSION_SEQUENCES} sequences are open in this session; free some first"
+                ),
+            });
+        }
+        self.session_seqs.insert(seq);
+        Ok(())
+    }
+
+    /// The graph a run names, taken out of the kept ones (the caller puts it back): a new
+    /// definition is checked whole; a kept graph gets the run's reshapes and is checked again
+    /// if any. A graph that fails its check is dropped.
+    fn take_graph(&mut self, g: GraphRef) -> Result<Kept> {
+        let kept = match g {
+            GraphRef::Define {
+                id,
+                graph,
+                placement,
+            } => {
+                if self.graphs.len() >= WORKER_GRAPHS && !self.graphs.contains_key(&id) {
+                    return Err(bad_from_driver(format!(
+                        "graph {id} defined while {WORKER_GRAPHS} graphs are kept (forget some first)"
+                    )));
+                }
+                self.graphs.remove(&id);
+                self.check_graph(&graph, &placement)?;
+                let tasks = TaskGraph::from_graph(&graph);
+                Kept {
+                    graph,
+                    placement,
+                    plan: KeptPlan::default(),
+                    tasks,
+                }
+            }
+            GraphRef::Cached { id, reshape } => {
+                let mut kept = self.graphs.remove(&id).ok_or_else(|| {
+                    bad_from_driver(format!("run names graph {id}, which was never defined"))
+                })?;
+                if !reshape.is_empty() {
+                    let changed = apply_reshapes(&mut kept.graph, &reshape, "driver")?;
+                    self.check_graph(&kept.graph, &kept.placement)?;
+                    kept.plan.invalidate(&changed);
+                }
+                kept
+            }
+        };
+        Ok(kept)
+    }
+
+    /// A graph and placement that came over the network, checked before anything is indexed
+    /// by them.
+    fn check_graph(&self, graph: &Graph, placement: &Placement) -> Result<()> {
+        limits::check_graph_sizes(&self.name, graph, self.opts.memory_budget)?;
+        graph
+            .validate()
+            .map_err(|e| bad_from_driver(format!("invalid graph: {e}")))?;
+        if placement.worker_of.len() != graph.len() {
+            return Err(bad_from_driver(format!(
+                "placement covers {} nodes, the graph has {}",
+                placement.worker_of.len(),
+                graph.len()
+            )));
+        }
+        let n = self.cluster.workers.len();
+        if let Some((i, w)) = placement
+            .worker_of
+            .iter()
+            .enumerate()
+            .find(|(_, &w)| w >= n)
+        {
+            return Err(bad_from_driver(format!(
+                "placement puts node {i} on worker {w}, the cluster has {n}"
+            )));
+        }
+        Ok(())
+    }
+
+    fn setup(&mut self, weights: WeightSpec) -> Result<()> {
+        self.weights = Some(match weights {
+            WeightSpec::Seeded(s) => WeightSource::Seeded(s),
+            WeightSpec::Checkpoint(p) => WeightSource::load(&limits::checkpoint_path(
+                self.opts.model_dir.as_deref(),
+                &p,
+                self.opts.memory_budget,
+            )?)?,
+        });
+        self.weight_cache.clear();
+        self.weight_cache_bytes = 0;
+        // Landing and staging regions stay while their link does: peers keep the descriptors
+        // they were sent. A link whose connection died is connected again.
+        let deadline = Instant::now() + SETUP_TIMEOUT;
+        for j in self.me + 1..self.cluster.workers.len() {
+            if self
+                .peers
+                .conns
+                .lock()
+                .get(&j)
+                .is_some_and(|c| c.is_alive())
+            {
+                continue;
+            }
+            let conn = self.connect_peer(j, deadline)?;
+            self.peers.conns.lock().insert(j, conn);
+        }
+        let mut g = self.peers.conns.lock();
+        for j in 0..self.me {
+            // Lower-numbered peers connect to us; a dead connection of theirs is replaced by
+            // the acceptor when they reconnect. Liveness changes unannounced: look again often.
+            while !g.get(&j).is_some_and(|c| c.is_alive()) {
+                if Instant::now() >= deadline {
+                    return Err(RuntimeError::WorkerFailed {
+                        worker: self.peer_name(j),
+                        reason: "did not connect in time".into(),
+                    });
+                }
+                self.peers.cv.wait_for(&mut g, Duration::from_millis(20));
+            }
+        }
+        drop(g);
+        self.sync_links();
+        Ok(())
+    }
+}
+
+/// The `Failed` reply of run `run` for `e`.
+fn failed(run: u64, e: &RuntimeError) -> Msg {
+    Msg::Failed {
+        run,
+        error: e.to_string(),
+        culprit: culprit(e),
+    }
+}
+
+/// Which worker an error blames, if it is a peer failure.
+fn culprit(e: &RuntimeError) -> Option<String> {
+    match e {
+        RuntimeError::WorkerFailed { worker, .. } => Some(worker.clone()),
+        _ => None,
+    }
+}
+
+/// A malformed or unexpected message from the driver.
+fn bad_from_driver(reason: String) -> RuntimeError {
+    RuntimeError::BadMessage {
+        worker: "driver".into(),
+        reason,
+    }
+}
