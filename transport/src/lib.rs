@@ -91,6 +91,7 @@
 
 pub mod accept;
 pub mod auth;
+pub mod codec;
 pub mod completion;
 pub mod config;
 pub mod error;

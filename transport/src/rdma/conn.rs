@@ -9,11 +9,10 @@ use super::proto::{
     self, remote_range, Incoming, PeerRegion, Queries, Reassembly, RecvCredits, RegionCache,
     SendCredits, SideChannel, Timer, Violation,
 };
-use super::wire::{
-    write_frame, DecodeError, Frame, FrameReader, QpInfo, ACCESS_READ, ACCESS_WRITE, SEG_HEADER,
-};
+use super::wire::{write_frame, Frame, FrameReader, QpInfo, ACCESS_READ, ACCESS_WRITE, SEG_HEADER};
 use super::{describe, Endpoint};
 use crate::auth::Role;
+use crate::codec::DecodeError;
 use crate::completion::{Batch, BatchBuilder, Completer, DriveHook, Op, OpPool};
 use crate::config::{Backend, PollMode};
 use crate::error::{Result, TransportError};
@@ -274,7 +273,7 @@ fn read_hs(
             Ok(None) => {}
             Err(e) if e.kind() == io::ErrorKind::InvalidData => {
                 let inner = e.get_ref().and_then(|x| x.downcast_ref::<DecodeError>());
-                if let Some(DecodeError::Version { theirs }) = inner {
+                if let Some(DecodeError::Version { theirs, .. }) = inner {
                     return Err(handshake_err(
                         peer,
                         super::handshake::version_error(*theirs),
