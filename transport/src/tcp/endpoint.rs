@@ -248,6 +248,8 @@ impl Transport for TcpTransport {
             .map_err(|e| TransportError::io("setsockopt(TCP_NODELAY)", e))?;
         std.set_nonblocking(true)
             .map_err(|e| TransportError::io("fcntl(O_NONBLOCK)", e))?;
+        // Relaxed: only uniqueness matters (atomicity gives it); the token reaches the progress
+        // thread through the command queue's lock, which orders everything else.
         let token = Token(self.shared.next_token.fetch_add(1, Ordering::Relaxed));
         let (tx, rx) = mpsc::sync_channel(1);
         self.shared.push([Cmd::Adopt {
@@ -867,6 +869,7 @@ impl ProgressThread {
                     if let Err(e) = stream.set_nodelay(true) {
                         tracing::warn!(%peer, error = %e, "setsockopt(TCP_NODELAY) failed");
                     }
+                    // Relaxed: as in `connect`, a unique number and nothing to publish.
                     let token = Token(self.shared.next_token.fetch_add(1, Ordering::Relaxed));
                     if let Err(e) = self.poll.registry().register(
                         &mut stream,
