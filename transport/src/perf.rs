@@ -610,7 +610,9 @@ impl PerfCli {
             } else {
                 crate::PollMode::Blocking
             },
-            rdma_device: self.rdma_device.clone(),
+            rdma: crate::RdmaConfig {
+                device: self.rdma_device.clone(),
+            },
             ..crate::TransportConfig::default()
         };
         let role = match (self.server, self.client) {
