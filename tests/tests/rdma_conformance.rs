@@ -4,14 +4,16 @@
 #![cfg(feature = "rdma")]
 
 use genie_tests::conformance::{pair, WAIT};
-use genie_transport::{BackendChoice, PollMode, TransportConfig, TransportError};
+use genie_transport::{BackendChoice, PollMode, RdmaConfig, TransportConfig, TransportError};
 
 fn rdma() -> TransportConfig {
     let device = std::env::var("GENIE_RDMA_DEVICE")
         .expect("GENIE_RDMA_DEVICE is not set: run the RDMA suite through scripts/test-rdma.sh");
     TransportConfig {
         backend: BackendChoice::Rdma,
-        rdma_device: Some(device),
+        rdma: RdmaConfig {
+            device: Some(device),
+        },
         ..TransportConfig::default()
     }
 }

@@ -8,7 +8,11 @@
 //! Model: the state is one atomic byte, written once by the completer while it holds a mutex that
 //! sleeping waiters also hold when they check it, so a wake-up cannot be lost; pollers and spinners
 //! read the atomic with `Acquire`, pairing with the completer's `Release`, so they also see the
-//! error it stored before.
+//! error it stored before. The model is checked with `loom` (completion, failure and a dropped
+//! completer against a sleeping waiter; a batch completed from two threads):
+//! `RUSTFLAGS="--cfg loom" cargo test -p genie-transport --release --lib completion` (use its own
+//! `CARGO_TARGET_DIR`, as `scripts/test.sh` does for the scheduler's, to keep the normal build).
+//! Storing the state and notifying outside the lock makes three of them fail with a deadlock.
 //!
 //! Busy polling without a hand-off: a backend may attach a [`DriveHook`] (e.g. "poll my
 //! completion queue") to its operations; [`Op::poll`], [`Op::wait_spin`] and a busy-polling
@@ -22,13 +26,104 @@ use crate::config::PollMode;
 use crate::error::{Result, TransportError};
 use crate::region::Region;
 use genie_sys::clock::SpinDeadline;
-use parking_lot::{Condvar, Mutex};
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
+use sync::{AtomicU8, AtomicUsize, Condvar, Mutex};
 
-/// How long a blocking wait polls before it parks the thread.
-const SPIN_BEFORE_PARK: Duration = Duration::from_micros(20);
+/// How long a blocking wait polls before it parks the thread (under loom: not at all, so that
+/// the model explores the parked path instead of a clock-bounded spin).
+const SPIN_BEFORE_PARK: Duration = if cfg!(loom) {
+    Duration::ZERO
+} else {
+    Duration::from_micros(20)
+};
+
+/// The primitives the model above is written with: `parking_lot` and std's atomics, or loom's
+/// under `cfg(loom)` so that the loom tests at the end of this file check every interleaving of
+/// this very code. Run them with
+/// `RUSTFLAGS="--cfg loom" cargo test -p genie-transport --release --lib completion`.
+mod sync {
+    #[cfg(not(loom))]
+    pub(super) use parking_lot::{Condvar, Mutex};
+    #[cfg(not(loom))]
+    pub(super) use std::sync::atomic::{AtomicU8, AtomicUsize};
+
+    #[cfg(loom)]
+    pub(super) use loom::sync::atomic::{AtomicU8, AtomicUsize};
+    #[cfg(loom)]
+    pub(super) use shim::{Condvar, Mutex};
+
+    /// loom's `Mutex` and `Condvar` behind the `parking_lot` API this module uses. loom has no
+    /// timed wait: a wait returns only when notified, so a lost wake-up is a deadlock that loom
+    /// reports.
+    #[cfg(loom)]
+    mod shim {
+        use std::ops::{Deref, DerefMut};
+        use std::sync::PoisonError;
+        use std::time::Instant;
+
+        pub(crate) struct Mutex<T>(loom::sync::Mutex<T>);
+
+        /// Holds loom's guard; `None` only inside [`Condvar::wait_until`].
+        pub(crate) struct MutexGuard<'a, T>(Option<loom::sync::MutexGuard<'a, T>>);
+
+        impl<T> Mutex<T> {
+            pub(crate) fn new(v: T) -> Self {
+                Self(loom::sync::Mutex::new(v))
+            }
+            pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
+                MutexGuard(Some(self.0.lock().unwrap_or_else(PoisonError::into_inner)))
+            }
+            pub(crate) fn get_mut(&mut self) -> &mut T {
+                self.0.get_mut().unwrap_or_else(PoisonError::into_inner)
+            }
+        }
+
+        impl<T> Deref for MutexGuard<'_, T> {
+            type Target = T;
+            fn deref(&self) -> &T {
+                self.0.as_deref().expect("guard held outside a wait")
+            }
+        }
+
+        impl<T> DerefMut for MutexGuard<'_, T> {
+            fn deref_mut(&mut self) -> &mut T {
+                self.0.as_deref_mut().expect("guard held outside a wait")
+            }
+        }
+
+        pub(crate) struct Condvar(loom::sync::Condvar);
+
+        /// Never timed out: loom does not model time.
+        pub(crate) struct WaitResult;
+
+        impl WaitResult {
+            pub(crate) fn timed_out(&self) -> bool {
+                false
+            }
+        }
+
+        impl Condvar {
+            pub(crate) fn new() -> Self {
+                Self(loom::sync::Condvar::new())
+            }
+            pub(crate) fn notify_all(&self) {
+                self.0.notify_all();
+            }
+            pub(crate) fn wait_until<T>(
+                &self,
+                g: &mut MutexGuard<'_, T>,
+                _deadline: Instant,
+            ) -> WaitResult {
+                if let Some(inner) = g.0.take() {
+                    g.0 = Some(self.0.wait(inner).unwrap_or_else(PoisonError::into_inner));
+                }
+                WaitResult
+            }
+        }
+    }
+}
 
 /// A backend's progress hook: drives completions (never blocks; may do nothing when another
 /// thread is already driving). See [`Op::with_progress`].
@@ -43,7 +138,7 @@ struct OpState {
     error: OnceLock<TransportError>,
     /// The regions kept alive until completion, under the lock that sleeping waiters hold when
     /// they check `state` (one lock for both: completing takes it once).
-    lock: Mutex<Kept>,
+    lock: Mutex<HeldRegions>,
     cv: Condvar,
     batch: Option<Arc<BatchState>>,
     mode: PollMode,
@@ -53,18 +148,18 @@ struct OpState {
 /// The regions an operation keeps alive: one region needs no allocation (the common case: a
 /// transfer's local region). Held only to be dropped when the operation completes.
 #[allow(dead_code)]
-enum Kept {
+enum HeldRegions {
     None,
     One(Region),
     Many(Vec<Region>),
 }
 
-impl From<Vec<Region>> for Kept {
+impl From<Vec<Region>> for HeldRegions {
     fn from(mut v: Vec<Region>) -> Self {
         match v.len() {
-            0 => Kept::None,
-            1 => v.pop().map_or(Kept::None, Kept::One),
-            _ => Kept::Many(v),
+            0 => HeldRegions::None,
+            1 => v.pop().map_or(HeldRegions::None, HeldRegions::One),
+            _ => HeldRegions::Many(v),
         }
     }
 }
@@ -125,12 +220,13 @@ impl OpPool {
     /// free.
     #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
     pub(crate) fn op(&self, keep: Option<Region>) -> (Op, Completer) {
-        let keep = keep.map_or(Kept::None, Kept::One);
+        let keep = keep.map_or(HeldRegions::None, HeldRegions::One);
         let reused = self.free.lock().pop();
         if let Some(mut state) = reused {
             if let Some(st) = Arc::get_mut(&mut state) {
                 debug_assert!(st.error.get().is_none() && st.batch.is_none());
-                *st.state.get_mut() = PENDING;
+                // Unshared (`get_mut` succeeded): a fresh atomic needs no ordering.
+                st.state = AtomicU8::new(PENDING);
                 *st.lock.get_mut() = keep;
                 return (
                     Op {
@@ -180,7 +276,7 @@ impl Op {
 
     fn with_batch(
         mode: PollMode,
-        keep: Kept,
+        keep: HeldRegions,
         batch: Option<Arc<BatchState>>,
         progress: Option<DriveHook>,
     ) -> (Op, Completer) {
@@ -347,7 +443,7 @@ impl Completer {
         {
             let mut kept = s.lock.lock();
             // Released before the state says complete: a waiter that sees it may reuse them.
-            *kept = Kept::None;
+            *kept = HeldRegions::None;
             s.state
                 .store(if failed { FAILED } else { OK }, Ordering::Release);
             s.cv.notify_all();
@@ -469,10 +565,10 @@ impl BatchBuilder {
     /// [`BatchBuilder::op`] keeping one region (no allocation for the list).
     #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
     pub(crate) fn op_keeping(&mut self, keep: Region) -> Completer {
-        self.op_kept(Kept::One(keep))
+        self.op_kept(HeldRegions::One(keep))
     }
 
-    fn op_kept(&mut self, keep: Kept) -> Completer {
+    fn op_kept(&mut self, keep: HeldRegions) -> Completer {
         let (op, c) = Op::with_batch(
             self.mode,
             keep,
@@ -561,9 +657,11 @@ impl Batch {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
+    use parking_lot::Mutex;
+    use std::sync::atomic::AtomicUsize;
 
     #[test]
     fn op_completes_once_and_wakes_waiters() {
@@ -683,5 +781,84 @@ mod tests {
             r[2],
             Some(Err(TransportError::UnknownRegion { region: 2 }))
         ));
+    }
+}
+
+/// The model above under loom (see [`sync`]): every interleaving of a completer and a waiter.
+#[cfg(all(test, loom))]
+mod loom_tests {
+    use super::*;
+    use loom::thread;
+
+    const LONG: Duration = Duration::from_secs(3600);
+
+    /// A sleeping waiter is always woken by a completion on another thread (no lost wake-up: a
+    /// lost one deadlocks, which loom reports) and sees its result.
+    #[test]
+    fn completion_wakes_a_blocking_waiter() {
+        loom::model(|| {
+            let (op, c) = Op::new(PollMode::Blocking, Vec::new());
+            let t = thread::spawn(move || c.complete(Ok(())));
+            assert!(op.wait_blocking(LONG).is_ok());
+            t.join().unwrap();
+        });
+    }
+
+    /// The error stored before the state is published is the one every waiter sees.
+    #[test]
+    fn failure_is_seen_with_its_error() {
+        loom::model(|| {
+            let (op, c) = Op::new(PollMode::Blocking, Vec::new());
+            let t = thread::spawn(move || c.complete(Err(TransportError::Timeout { after: LONG })));
+            assert!(matches!(
+                op.wait_blocking(LONG),
+                Err(TransportError::Timeout { after }) if after == LONG
+            ));
+            t.join().unwrap();
+        });
+    }
+
+    /// A completer dropped without completing (its connection died) fails the waiter instead of
+    /// leaving it parked, while another handle races to poll.
+    #[test]
+    fn dropped_completer_fails_waiters() {
+        loom::model(|| {
+            let (op, c) = Op::new(PollMode::Blocking, Vec::new());
+            let other = op.clone();
+            let t = thread::spawn(move || drop(c));
+            let p = thread::spawn(move || {
+                // Pending or already failed, never anything else.
+                assert!(!matches!(other.peek(), Some(Ok(()))));
+            });
+            assert!(matches!(
+                op.wait_blocking(LONG),
+                Err(TransportError::EndpointClosed)
+            ));
+            t.join().unwrap();
+            p.join().unwrap();
+        });
+    }
+
+    /// A batch's waiter wakes once both of its operations, completed on two threads, are done,
+    /// and counts the failure.
+    #[test]
+    fn batch_waits_for_every_operation() {
+        loom::model(|| {
+            let mut b = BatchBuilder::new(PollMode::Blocking, 2);
+            let (c1, c2) = (b.op(Vec::new()), b.op(Vec::new()));
+            let batch = b.build();
+            let t1 = thread::spawn(move || c1.complete(Ok(())));
+            let t2 = thread::spawn(move || drop(c2));
+            assert_eq!(
+                batch.wait(LONG).unwrap(),
+                BatchStatus {
+                    pending: 0,
+                    ok: 1,
+                    failed: 1
+                }
+            );
+            t1.join().unwrap();
+            t2.join().unwrap();
+        });
     }
 }

@@ -71,8 +71,6 @@ pub struct TransportConfig {
     pub max_message_size: usize,
     /// Spin or sleep while waiting. Default [`PollMode::Blocking`].
     pub poll_mode: PollMode,
-    /// RDMA device name (e.g. `rxe0`, `mlx5_0`); `None` picks the first usable one. Default none.
-    pub rdma_device: Option<String>,
     /// Messages and notifications one connection queues for the application (not yet taken with
     /// `recv`/`recv_notification`) before it stops taking more from the peer, which is then held
     /// by flow control (back-pressure, never growth): TCP stops reading the socket; RDMA withholds
@@ -82,9 +80,34 @@ pub struct TransportConfig {
     /// Bytes of queued messages per connection before the same back-pressure (one message of up
     /// to `max_message_size` may overshoot it). Default 64 MiB.
     pub max_inbound_bytes: usize,
+    /// Settings only the TCP backend reads.
+    pub tcp: TcpConfig,
+    /// Settings only the RDMA backend reads.
+    pub rdma: RdmaConfig,
+}
+
+/// Settings only the TCP backend reads ([`TransportConfig::tcp`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TcpConfig {
     /// TCP streams per peer connection. Default 1, the only value the TCP backend accepts today
     /// (no bandwidth gain from more streams could be shown; see [`crate::tcp`]).
-    pub tcp_streams: usize,
+    pub streams: usize,
+}
+
+impl Default for TcpConfig {
+    fn default() -> Self {
+        Self { streams: 1 }
+    }
+}
+
+/// Settings only the RDMA backend reads ([`TransportConfig::rdma`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RdmaConfig {
+    /// RDMA device name (e.g. `rxe0`, `mlx5_0`); `None` takes `GENIE_RDMA_DEVICE` when set, else
+    /// the first usable device. Default none.
+    pub device: Option<String>,
 }
 
 impl Default for TransportConfig {
@@ -96,10 +119,10 @@ impl Default for TransportConfig {
             peer_timeout: Duration::from_secs(2),
             max_message_size: 64 * 1024,
             poll_mode: PollMode::Blocking,
-            rdma_device: None,
             max_inbound_queue: 4096,
             max_inbound_bytes: 64 << 20,
-            tcp_streams: 1,
+            tcp: TcpConfig::default(),
+            rdma: RdmaConfig::default(),
         }
     }
 }
@@ -141,5 +164,15 @@ mod tests {
         let back: TransportConfig =
             serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
         assert_eq!(back, c);
+    }
+
+    #[test]
+    fn backend_settings_are_grouped() {
+        let c: TransportConfig =
+            serde_json::from_str(r#"{"rdma":{"device":"rxe0"},"tcp":{"streams":1}}"#).unwrap();
+        assert_eq!(c.rdma.device.as_deref(), Some("rxe0"));
+        assert_eq!(c.tcp, TcpConfig::default());
+        // The flat names of before are unknown fields, not silently ignored.
+        assert!(serde_json::from_str::<TransportConfig>(r#"{"rdma_device":"rxe0"}"#).is_err());
     }
 }

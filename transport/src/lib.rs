@@ -91,6 +91,7 @@
 
 pub mod accept;
 pub mod auth;
+pub mod codec;
 pub mod completion;
 pub mod config;
 pub mod error;
@@ -103,7 +104,7 @@ pub mod region;
 pub mod tcp;
 
 pub use completion::{Batch, BatchStatus, Op};
-pub use config::{Backend, BackendChoice, PollMode, TransportConfig};
+pub use config::{Backend, BackendChoice, PollMode, RdmaConfig, TcpConfig, TransportConfig};
 pub use error::{Result, TransportError};
 pub use genie_sys::mem::SharedBuf;
 pub use region::{EndpointId, Region, RegionAccess, RemoteRegion};

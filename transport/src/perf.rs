@@ -271,8 +271,8 @@ fn serde_json_like(d: &RemoteRegion) -> Vec<u8> {
 }
 
 fn parse_desc(b: &[u8]) -> Result<RemoteRegion> {
-    let mut r = crate::tcp::codec::Reader::new(b);
-    let bad = |e: crate::tcp::codec::DecodeError| e.into_error(None);
+    let mut r = crate::codec::Reader::new(b);
+    let bad = |e: crate::codec::DecodeError| e.into_error(None);
     let d = RemoteRegion {
         endpoint: r.u64().map_err(bad)?,
         region: r.u64().map_err(bad)?,
@@ -610,7 +610,9 @@ impl PerfCli {
             } else {
                 crate::PollMode::Blocking
             },
-            rdma_device: self.rdma_device.clone(),
+            rdma: crate::RdmaConfig {
+                device: self.rdma_device.clone(),
+            },
             ..crate::TransportConfig::default()
         };
         let role = match (self.server, self.client) {

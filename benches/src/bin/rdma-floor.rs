@@ -30,7 +30,8 @@ use genie_sys::verbs::{
     QpEndpoint, QueuePair, Rts, SendOp,
 };
 use genie_transport::{
-    open, BackendChoice, Connection, PollMode, Region, RemoteRegion, Transport, TransportConfig,
+    open, BackendChoice, Connection, PollMode, RdmaConfig, Region, RemoteRegion, Transport,
+    TransportConfig,
 };
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
@@ -309,7 +310,9 @@ impl TransportArm {
         let config = TransportConfig {
             backend: BackendChoice::Rdma,
             poll_mode: PollMode::BusyPoll,
-            rdma_device: std::env::var("GENIE_RDMA_DEVICE").ok(),
+            rdma: RdmaConfig {
+                device: std::env::var("GENIE_RDMA_DEVICE").ok(),
+            },
             ..TransportConfig::default()
         };
         let (ta, tb) = (open(config.clone())?, open(config)?);

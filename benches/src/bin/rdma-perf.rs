@@ -14,7 +14,7 @@ use anyhow::{bail, ensure, Context, Result};
 use genie_benches::spin_until;
 use genie_sys::clock;
 use genie_transport::perf::{self, PerfArgs, PerfRole, PerfTest};
-use genie_transport::{open, BackendChoice, PollMode, TransportConfig};
+use genie_transport::{open, BackendChoice, PollMode, RdmaConfig, TransportConfig};
 use std::time::Duration;
 
 struct Args {
@@ -70,7 +70,9 @@ fn config(a: &Args) -> TransportConfig {
     TransportConfig {
         backend: a.backend,
         poll_mode: a.mode,
-        rdma_device: std::env::var("GENIE_RDMA_DEVICE").ok(),
+        rdma: RdmaConfig {
+            device: std::env::var("GENIE_RDMA_DEVICE").ok(),
+        },
         ..TransportConfig::default()
     }
 }

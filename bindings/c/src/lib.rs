@@ -480,7 +480,7 @@ pub unsafe extern "C" fn genie_endpoint_open(
             // SAFETY: as above.
             config.secret = unsafe { string(o.secret, "secret") }?.map(str::to_owned);
             // SAFETY: as above.
-            config.rdma_device = unsafe { string(o.device, "device") }?.map(str::to_owned);
+            config.rdma.device = unsafe { string(o.device, "device") }?.map(str::to_owned);
             if o.peer_timeout_ms != 0 {
                 config.peer_timeout = timeout(o.peer_timeout_ms);
             }

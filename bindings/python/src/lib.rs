@@ -32,7 +32,8 @@ use completion::{BatchCompletion, Completion, CopyBack};
 use descriptor::{remote_of, PyRemoteRegion};
 use errors::to_py;
 use genie_transport::{
-    BackendChoice, PollMode, Transfer, TransferKind, Transport, TransportConfig, TransportError,
+    BackendChoice, PollMode, RdmaConfig, Transfer, TransferKind, Transport, TransportConfig,
+    TransportError,
 };
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyTypeError, PyValueError};
@@ -113,7 +114,7 @@ impl Endpoint {
             backend: parse_backend(backend)?,
             listen: parse_addr(listen)?,
             secret,
-            rdma_device: device,
+            rdma: RdmaConfig { device },
             peer_timeout: Duration::try_from_secs_f64(peer_timeout)
                 .ok()
                 .filter(|d| !d.is_zero())
@@ -517,7 +518,7 @@ impl Connection {
 fn select_backend(backend: &str, device: Option<String>) -> PyResult<(String, String)> {
     let config = TransportConfig {
         backend: parse_backend(backend)?,
-        rdma_device: device,
+        rdma: RdmaConfig { device },
         ..TransportConfig::default()
     };
     Python::attach(|py| {

@@ -9,14 +9,13 @@ use super::proto::{
     self, remote_range, Incoming, PeerRegion, Queries, Reassembly, RecvCredits, RegionCache,
     SendCredits, SideChannel, Timer, Violation,
 };
-use super::wire::{
-    write_frame, DecodeError, Frame, FrameReader, QpInfo, ACCESS_READ, ACCESS_WRITE, SEG_HEADER,
-};
-use super::{describe, Endpoint};
+use super::wire::{write_frame, Frame, FrameReader, QpInfo, ACCESS_READ, ACCESS_WRITE, SEG_HEADER};
+use super::Endpoint;
 use crate::auth::Role;
+use crate::codec::DecodeError;
 use crate::completion::{Batch, BatchBuilder, Completer, DriveHook, Op, OpPool};
 use crate::config::{Backend, PollMode};
-use crate::error::{Result, TransportError};
+use crate::error::{describe, Result, TransportError};
 use crate::region::{EndpointId, Region, RegionAccess, RemoteRegion};
 use crate::{Connection, Transfer, TransferKind};
 use genie_sys::clock::SpinDeadline;
@@ -274,7 +273,7 @@ fn read_hs(
             Ok(None) => {}
             Err(e) if e.kind() == io::ErrorKind::InvalidData => {
                 let inner = e.get_ref().and_then(|x| x.downcast_ref::<DecodeError>());
-                if let Some(DecodeError::Version { theirs }) = inner {
+                if let Some(DecodeError::Version { theirs, .. }) = inner {
                     return Err(handshake_err(
                         peer,
                         super::handshake::version_error(*theirs),
@@ -1775,25 +1774,25 @@ impl std::fmt::Debug for RdmaConnection {
 }
 
 /// An item of the inbound queues: a message or a notification.
-trait Inbound {
+trait QueuedItem {
     /// The bytes it counts against `max_inbound_bytes`.
     fn inbound_bytes(&self) -> usize;
 }
 
-impl Inbound for Vec<u8> {
+impl QueuedItem for Vec<u8> {
     fn inbound_bytes(&self) -> usize {
         self.len()
     }
 }
 
-impl Inbound for u32 {
+impl QueuedItem for u32 {
     fn inbound_bytes(&self) -> usize {
         0
     }
 }
 
 /// Takes the next message or notification, waiting up to `timeout`, and gives its credits back.
-fn wait_queue<T: Inbound>(
+fn wait_queue<T: QueuedItem>(
     c: &RdmaConn,
     q: &Mutex<VecDeque<(T, u32)>>,
     cv: &Condvar,
@@ -1846,7 +1845,7 @@ fn wait_entry<T>(
 }
 
 /// Takes the next message or notification if there is one, and gives its credits back.
-fn try_queue<T: Inbound>(c: &RdmaConn, q: &Mutex<VecDeque<(T, u32)>>) -> Result<Option<T>> {
+fn try_queue<T: QueuedItem>(c: &RdmaConn, q: &Mutex<VecDeque<(T, u32)>>) -> Result<Option<T>> {
     let mut v = q.lock().pop_front();
     // Busy poll: an empty queue means "poll the CQ now" (the poller steps back while
     // users drive), then look again.

@@ -69,7 +69,7 @@ pub mod wire;
 
 use crate::accept::{AcceptQueue, HandshakeSlots, ACCEPT_QUEUE, MAX_HANDSHAKES};
 use crate::config::{Backend, PollMode, TransportConfig};
-use crate::error::{Result, TransportError};
+use crate::error::{describe, Result, TransportError};
 use crate::region::{EndpointId, NewRegion, Region, RegionAccess, RegionTable};
 use crate::{Connection, Transport};
 use conn::RdmaConn;
@@ -87,7 +87,8 @@ use std::time::Duration;
 pub(crate) fn probe(config: &TransportConfig) -> std::result::Result<String, String> {
     let devices = verbs::rdma_available().map_err(|e| e.to_string())?;
     let want = config
-        .rdma_device
+        .rdma
+        .device
         .clone()
         .or_else(|| std::env::var("GENIE_RDMA_DEVICE").ok());
     match want {
@@ -116,17 +117,6 @@ fn verbs_err(e: verbs::VerbsError) -> TransportError {
         backend: Backend::Rdma,
         reason: describe(&e),
     }
-}
-
-pub(crate) fn describe(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// Opens an RDMA endpoint.

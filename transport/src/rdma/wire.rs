@@ -2,9 +2,10 @@
 //! number, PSN, GID, MTU, receive credits), credit returns, remote-region checks and heartbeats.
 //!
 //! A frame is `[u32 LE body length][u8 tag][body]`. Decoding never panics on peer bytes: every
-//! read goes through [`Reader`], which returns `None` when the input is short, and trailing bytes
-//! are rejected.
+//! read goes through [`Reader`] ([`crate::codec`]), which fails when the input is short, and
+//! trailing bytes are rejected.
 
+use crate::codec::{DecodeError, Reader};
 use std::io::{self, Read, Write};
 
 /// Protocol version of the side channel; both sides must agree.
@@ -142,8 +143,9 @@ impl QpInfo {
         b
     }
 
-    fn read(r: &mut Reader<'_>) -> Option<Self> {
-        Some(Self {
+    fn read(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        r.context("qp info");
+        Ok(Self {
             qpn: r.u32()?,
             psn: r.u32()?,
             gid: r.array()?,
@@ -164,33 +166,6 @@ const T_PROOF: u8 = 7;
 const T_QP: u8 = 8;
 const T_REFUSE: u8 = 9;
 
-/// Why bytes could not be decoded into a frame.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum DecodeError {
-    /// The frame is shorter than its fields.
-    #[error("truncated {0} frame")]
-    Truncated(&'static str),
-    /// Bytes remain after the last field.
-    #[error("{0} trailing bytes")]
-    Trailing(usize),
-    /// Unknown frame tag.
-    #[error("unknown frame tag {0}")]
-    UnknownTag(u8),
-    /// The length prefix is over [`MAX_FRAME`] or zero.
-    #[error("frame length {0} out of range")]
-    BadLength(u32),
-    /// A field has an impossible value.
-    #[error("bad value in {0}")]
-    BadValue(&'static str),
-    /// The peer speaks another version of the side-channel protocol.
-    #[error("side-channel protocol version {theirs} (ours is {VERSION})")]
-    Version {
-        /// The peer's version.
-        theirs: u8,
-    },
-}
-
 fn put_opt(b: &mut Vec<u8>, v: &Option<[u8; 32]>) {
     match v {
         Some(m) => {
@@ -201,39 +176,13 @@ fn put_opt(b: &mut Vec<u8>, v: &Option<[u8; 32]>) {
     }
 }
 
-/// A cursor over peer bytes whose reads fail instead of panicking.
-struct Reader<'a> {
-    buf: &'a [u8],
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        if self.buf.len() < n {
-            return None;
-        }
-        let (a, b) = self.buf.split_at(n);
-        self.buf = b;
-        Some(a)
-    }
-    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
-        self.take(N)?.try_into().ok()
-    }
-    fn u8(&mut self) -> Option<u8> {
-        self.array::<1>().map(|a| a[0])
-    }
-    fn u32(&mut self) -> Option<u32> {
-        self.array().map(u32::from_le_bytes)
-    }
-    fn u64(&mut self) -> Option<u64> {
-        self.array().map(u64::from_le_bytes)
-    }
-    /// A flag byte (0 or 1) and, when 1, 32 bytes.
-    fn opt32(&mut self, what: &'static str) -> Result<Option<[u8; 32]>, DecodeError> {
-        match self.u8().ok_or(DecodeError::Truncated(what))? {
-            0 => Ok(None),
-            1 => Ok(Some(self.array().ok_or(DecodeError::Truncated(what))?)),
-            _ => Err(DecodeError::BadValue(what)),
-        }
+/// A flag byte (0 or 1) and, when 1, 32 bytes.
+fn opt32(r: &mut Reader<'_>, what: &'static str) -> Result<Option<[u8; 32]>, DecodeError> {
+    r.context(what);
+    match r.u8()? {
+        0 => Ok(None),
+        1 => Ok(Some(r.array()?)),
+        _ => Err(DecodeError::BadValue(what)),
     }
 }
 
@@ -298,53 +247,56 @@ impl Frame {
 
     /// Decodes one frame body (tag and fields, without the length prefix).
     pub fn decode(body: &[u8]) -> Result<Frame, DecodeError> {
-        let mut r = Reader { buf: body };
-        let tag = r.u8().ok_or(DecodeError::BadLength(0))?;
+        let mut r = Reader::new(body);
+        let tag = r.u8().map_err(|_| DecodeError::BadLength(0))?;
         let f = match tag {
             T_HELLO => {
-                let t = DecodeError::Truncated("hello");
+                r.context("hello");
                 // The version comes first, so that any later layout still reads as a mismatch.
-                let version = r.u8().ok_or(t.clone())?;
+                let version = r.u8()?;
                 if version != VERSION {
-                    return Err(DecodeError::Version { theirs: version });
+                    return Err(DecodeError::Version {
+                        theirs: version,
+                        ours: VERSION,
+                    });
                 }
-                let has_secret = match r.u8().ok_or(t.clone())? {
+                let has_secret = match r.u8()? {
                     0 => false,
                     1 => true,
                     _ => return Err(DecodeError::BadValue("hello.has_secret")),
                 };
                 Frame::Hello(crate::auth::Hello {
                     has_secret,
-                    endpoint: r.u64().ok_or(t.clone())?,
-                    nonce: r.array().ok_or(t)?,
+                    endpoint: r.u64()?,
+                    nonce: r.array()?,
                 })
             }
             T_PROOF => Frame::Proof {
-                mac: r.opt32("proof")?,
+                mac: opt32(&mut r, "proof")?,
             },
             T_QP => Frame::QpInfo {
-                info: QpInfo::read(&mut r).ok_or(DecodeError::Truncated("qp info"))?,
-                tag: r.opt32("qp info")?,
+                info: QpInfo::read(&mut r)?,
+                tag: opt32(&mut r, "qp info")?,
             },
             T_READY => Frame::Ready,
             T_CREDITS => Frame::Credits {
-                n: r.u32().ok_or(DecodeError::Truncated("credits"))?,
+                n: r.context("credits").u32()?,
             },
             T_QUERY => {
-                let t = DecodeError::Truncated("query");
+                r.context("query");
                 Frame::QueryRegion {
-                    req: r.u64().ok_or(t.clone())?,
-                    region: r.u64().ok_or(t.clone())?,
-                    key: r.u64().ok_or(t)?,
+                    req: r.u64()?,
+                    region: r.u64()?,
+                    key: r.u64()?,
                 }
             }
             T_INFO => {
-                let t = DecodeError::Truncated("region info");
-                let req = r.u64().ok_or(t.clone())?;
-                let tag = r.u8().ok_or(t.clone())?;
-                let len = r.u64().ok_or(t.clone())?;
-                let addr = r.u64().ok_or(t.clone())?;
-                let access = r.u8().ok_or(t)?;
+                r.context("region info");
+                let req = r.u64()?;
+                let tag = r.u8()?;
+                let len = r.u64()?;
+                let addr = r.u64()?;
+                let access = r.u8()?;
                 if access > (ACCESS_READ | ACCESS_WRITE) {
                     return Err(DecodeError::BadValue("region info access"));
                 }
@@ -357,16 +309,14 @@ impl Frame {
                 Frame::RegionInfo { req, status }
             }
             T_HEARTBEAT => Frame::Heartbeat,
-            T_REFUSE => Frame::Refuse(match r.u8().ok_or(DecodeError::Truncated("refuse"))? {
+            T_REFUSE => Frame::Refuse(match r.context("refuse").u8()? {
                 1 => Refusal::Auth,
                 2 => Refusal::Protocol,
                 _ => return Err(DecodeError::BadValue("refuse reason")),
             }),
             other => return Err(DecodeError::UnknownTag(other)),
         };
-        if !r.buf.is_empty() {
-            return Err(DecodeError::Trailing(r.buf.len()));
-        }
+        r.finish()?;
         Ok(f)
     }
 }
@@ -630,7 +580,10 @@ mod tests {
         assert_eq!(Frame::decode(&[99]), Err(DecodeError::UnknownTag(99)));
         assert_eq!(
             Frame::decode(&[T_HELLO, 1, 0]),
-            Err(DecodeError::Version { theirs: 1 }),
+            Err(DecodeError::Version {
+                theirs: 1,
+                ours: VERSION
+            }),
             "an older peer's hello reads as a version mismatch"
         );
         let huge = (MAX_FRAME + 1).to_le_bytes();

@@ -14,9 +14,10 @@
 //!     32    8 offset    offset in the target region (WRITE, READ_REQ) or in the read (READ_RESP)
 //!     40    8 key       access key of the target region
 //! ```
-//! All integers are little-endian. Every parse goes through [`Reader`], which never indexes into
-//! peer bytes and rejects trailing data.
+//! All integers are little-endian. Every parse goes through [`Reader`] ([`crate::codec`]), which
+//! never indexes into peer bytes and rejects trailing data.
 
+use crate::codec::{DecodeError, Reader};
 use crate::error::TransportError;
 
 /// Protocol version spoken by this build; both sides must agree.
@@ -174,7 +175,7 @@ impl Header {
         let mut r = Reader::new(bytes);
         let magic = r.array::<2>()?;
         if magic != MAGIC {
-            return Err(DecodeError {
+            return Err(DecodeError::Unexpected {
                 expected: "magic \"GN\"",
                 got: format!("{magic:02x?}"),
             });
@@ -205,18 +206,18 @@ impl Header {
                 key,
             });
         }
-        let kind = FrameKind::from_u8(kind_raw).ok_or_else(|| DecodeError {
+        let kind = FrameKind::from_u8(kind_raw).ok_or_else(|| DecodeError::Unexpected {
             expected: "a known frame kind",
             got: format!("kind {kind_raw}"),
         })?;
         if reserved != [0, 0, 0] {
-            return Err(DecodeError {
+            return Err(DecodeError::Unexpected {
                 expected: "zero reserved bytes",
                 got: format!("{reserved:02x?}"),
             });
         }
         if flags & !(FLAG_LAST | FLAG_NOTIFY) != 0 {
-            return Err(DecodeError {
+            return Err(DecodeError::Unexpected {
                 expected: "known flags",
                 got: format!("flags {flags:#04x}"),
             });
@@ -245,26 +246,6 @@ impl Header {
     }
 }
 
-/// A frame that does not decode.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DecodeError {
-    /// What was expected.
-    pub expected: &'static str,
-    /// What arrived.
-    pub got: String,
-}
-
-impl DecodeError {
-    /// As a [`TransportError::InvalidFrame`] naming the peer.
-    pub fn into_error(self, peer: Option<std::net::SocketAddr>) -> TransportError {
-        TransportError::InvalidFrame {
-            peer,
-            expected: self.expected,
-            got: self.got,
-        }
-    }
-}
-
 struct Writer<'a> {
     buf: &'a mut [u8],
     pos: usize,
@@ -277,71 +258,6 @@ impl Writer<'_> {
             dst.copy_from_slice(b);
         }
         self.pos += b.len();
-    }
-}
-
-/// A cursor over untrusted bytes: every read returns an error instead of panicking.
-#[derive(Debug)]
-pub struct Reader<'a> {
-    rest: &'a [u8],
-}
-
-impl<'a> Reader<'a> {
-    /// A reader over `bytes`.
-    pub fn new(bytes: &'a [u8]) -> Self {
-        Self { rest: bytes }
-    }
-
-    /// Takes the next `n` bytes.
-    pub fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
-        if self.rest.len() < n {
-            return Err(DecodeError {
-                expected: "more bytes",
-                got: format!("{} of {n} bytes", self.rest.len()),
-            });
-        }
-        let (a, b) = self.rest.split_at(n);
-        self.rest = b;
-        Ok(a)
-    }
-
-    /// Takes a fixed-size array.
-    pub fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
-        let mut out = [0u8; N];
-        out.copy_from_slice(self.take(N)?);
-        Ok(out)
-    }
-
-    /// Takes a byte.
-    pub fn u8(&mut self) -> Result<u8, DecodeError> {
-        Ok(u8::from_le_bytes(self.array()?))
-    }
-
-    /// Takes a little-endian u32.
-    pub fn u32(&mut self) -> Result<u32, DecodeError> {
-        Ok(u32::from_le_bytes(self.array()?))
-    }
-
-    /// Takes a little-endian u64.
-    pub fn u64(&mut self) -> Result<u64, DecodeError> {
-        Ok(u64::from_le_bytes(self.array()?))
-    }
-
-    /// Bytes not yet read.
-    pub fn remaining(&self) -> usize {
-        self.rest.len()
-    }
-
-    /// Fails if bytes are left over.
-    pub fn finish(self) -> Result<(), DecodeError> {
-        if self.rest.is_empty() {
-            Ok(())
-        } else {
-            Err(DecodeError {
-                expected: "end of frame",
-                got: format!("{} trailing bytes", self.rest.len()),
-            })
-        }
     }
 }
 
@@ -377,7 +293,7 @@ impl Hello {
             0 => false,
             1 => true,
             x => {
-                return Err(DecodeError {
+                return Err(DecodeError::Unexpected {
                     expected: "secret flag 0 or 1",
                     got: x.to_string(),
                 })
@@ -481,7 +397,7 @@ impl AccessError {
                 op: if offset == 0 { "read" } else { "write" },
             },
             c => {
-                return Err(DecodeError {
+                return Err(DecodeError::Unexpected {
                     expected: "error code 1..=4",
                     got: c.to_string(),
                 })
@@ -545,7 +461,7 @@ mod tests {
         let mut bad_kind = good;
         bad_kind[3] = 99;
         assert_eq!(
-            Header::decode(&bad_kind).unwrap_err().expected,
+            Header::decode(&bad_kind).unwrap_err().expected(),
             "a known frame kind"
         );
         let mut bad_flags = good;
@@ -558,7 +474,7 @@ mod tests {
         let mut longer = good.to_vec();
         longer.push(0);
         assert_eq!(
-            Header::decode(&longer).unwrap_err().expected,
+            Header::decode(&longer).unwrap_err().expected(),
             "end of frame"
         );
         let mut other_version = good;

@@ -9,21 +9,21 @@
 //!
 //! Submitting. A request whose frames carry only owned bytes (a message, a read request), at most
 //! [`DIRECT_MAX`] of them, takes the *direct path*: the caller tries `wire` (it never waits for
-//! it), checks that the connection's inbox is empty, queues the request in the state machine and,
+//! it), checks that the connection's outbox is empty, queues the request in the state machine and,
 //! if nothing was queued before it, writes it to the socket itself. The caller's own progress
 //! thread is not woken (no eventfd wake-up before the write): only the peer's progress thread
 //! wakes (on the socket) and hands the message over. Otherwise
-//! the request goes to the connection's *inbox* and a `Cmd::Service` wakes the progress thread
+//! the request goes to the connection's *outbox* and a `Cmd::Service` wakes the progress thread
 //! (with a [`mio::Waker`] in [`PollMode::Blocking`]; in [`PollMode::BusyPoll`] the thread spins on
-//! `poll` with a zero timeout and needs no wake-up), which moves the inbox into the state machine
+//! `poll` with a zero timeout and needs no wake-up), which moves the outbox into the state machine
 //! and writes. That is the path of one-sided writes (their payload is a region, whose lock a
 //! caller must not take under `wire`, see below), of large messages (the progress thread copies
 //! bulk data, so `submit` stays quick), of submissions that find `wire` busy, and of any request
-//! behind one in the inbox.
+//! behind one in the outbox.
 //!
 //! Order. Frames leave in the order requests enter the state machine's queue (`Conn::write_to`
-//! sends it front to back). A request enters it directly only while the inbox is empty, and only
-//! the progress thread moves the inbox into it, in order, under `wire`. So a request never
+//! sends it front to back). A request enters it directly only while the outbox is empty, and only
+//! the progress thread moves the outbox into it, in order, under `wire`. So a request never
 //! overtakes one submitted before it on the same connection.
 //!
 //! Who writes queued bytes. Sockets are edge-triggered (mio): a WRITABLE event comes only after a
@@ -36,7 +36,7 @@
 //! (`WriteOutcome::Closed`) sends a `Cmd::Service` so the progress thread routes the error and
 //! drops the socket.
 //!
-//! Lock order: `Link::wire`, then `Link::inbox`. Under them a holder may take region locks (the
+//! Lock order: `Link::wire`, then `Link::outbox`. Under them a holder may take region locks (the
 //! progress thread only) and complete operations; those never take either. `Shared::cmds`, the
 //! accept queue and a connection's user-facing queues are never taken with `wire` held: events are
 //! drained from the state machine under `wire` and routed after releasing it (which also lets a
@@ -80,7 +80,7 @@ enum Cmd {
         token: Token,
         reply: ConnReply,
     },
-    /// The connection needs the progress thread: requests wait in its inbox, or a caller's write
+    /// The connection needs the progress thread: requests wait in its outbox, or a caller's write
     /// found it failed and its error must be routed.
     Service {
         token: Token,
@@ -144,10 +144,10 @@ impl std::fmt::Debug for TcpTransport {
 impl TcpTransport {
     /// Binds the listening socket and starts the progress thread.
     pub fn open(config: TransportConfig) -> Result<Self> {
-        if config.tcp_streams != 1 {
+        if config.tcp.streams != 1 {
             return Err(TransportError::InvalidArgument(format!(
-                "tcp_streams = {}: the TCP backend uses exactly one stream per connection",
-                config.tcp_streams
+                "tcp.streams = {}: the TCP backend uses exactly one stream per connection",
+                config.tcp.streams
             )));
         }
         let poll =
@@ -248,6 +248,8 @@ impl Transport for TcpTransport {
             .map_err(|e| TransportError::io("setsockopt(TCP_NODELAY)", e))?;
         std.set_nonblocking(true)
             .map_err(|e| TransportError::io("fcntl(O_NONBLOCK)", e))?;
+        // Relaxed: only uniqueness matters (atomicity gives it); the token reaches the progress
+        // thread through the command queue's lock, which orders everything else.
         let token = Token(self.shared.next_token.fetch_add(1, Ordering::Relaxed));
         let (tx, rx) = mpsc::sync_channel(1);
         self.shared.push([Cmd::Adopt {
@@ -322,7 +324,7 @@ impl UserQueues {
 struct Link {
     token: Token,
     wire: Mutex<Wire>,
-    inbox: Mutex<Inbox>,
+    outbox: Mutex<Outbox>,
     /// The keys this connection granted, shared with its state machine (which checks them):
     /// never under `wire`, so granting never waits for the progress thread.
     grants: super::proto::Grants,
@@ -337,7 +339,7 @@ struct Wire {
 
 /// Requests waiting for the progress thread to move them into the state machine.
 #[derive(Default)]
-struct Inbox {
+struct Outbox {
     reqs: Vec<(Request, Completer)>,
     /// Set once the connection is gone: later requests fail with it at once.
     closed: Option<TransportError>,
@@ -362,12 +364,12 @@ impl Link {
                 stream: Some(stream),
                 conn,
             }),
-            inbox: Mutex::new(Inbox::default()),
+            outbox: Mutex::new(Outbox::default()),
         })
     }
 
-    /// Submits requests in order: on the direct path when `direct` and `wire` is free and the inbox
-    /// empty, else through the inbox (see the module docs).
+    /// Submits requests in order: on the direct path when `direct` and `wire` is free and the outbox
+    /// empty, else through the outbox (see the module docs).
     fn submit(
         &self,
         endpoint: &Shared,
@@ -376,9 +378,9 @@ impl Link {
     ) -> Result<()> {
         if direct {
             if let Some(mut w) = self.wire.try_lock() {
-                // Only the progress thread empties the inbox, and it holds `wire` to do so: empty
+                // Only the progress thread empties the outbox, and it holds `wire` to do so: empty
                 // now means nothing submitted before us is waiting there.
-                if self.inbox.lock().reqs.is_empty() {
+                if self.outbox.lock().reqs.is_empty() {
                     let Wire { stream, conn } = &mut *w;
                     // Bytes already queued mean a WRITABLE event or the progress thread's write
                     // pass is due (module docs): append only, it will carry our frames.
@@ -402,18 +404,18 @@ impl Link {
             }
         }
         let first = {
-            let mut inbox = self.inbox.lock();
-            if let Some(e) = inbox.closed.clone() {
-                drop(inbox);
+            let mut outbox = self.outbox.lock();
+            if let Some(e) = outbox.closed.clone() {
+                drop(outbox);
                 reqs.into_iter()
                     .for_each(|(_, done)| done.complete(Err(e.clone())));
                 return Ok(());
             }
-            let first = inbox.reqs.is_empty();
-            inbox.reqs.extend(reqs);
+            let first = outbox.reqs.is_empty();
+            outbox.reqs.extend(reqs);
             first
         };
-        // The progress thread takes the whole inbox on each `Service`: one per empty → non-empty
+        // The progress thread takes the whole outbox on each `Service`: one per empty → non-empty
         // transition suffices, as every later request lands before the take that empties it.
         if first {
             endpoint.push([Cmd::Service { token: self.token }])?;
@@ -867,6 +869,7 @@ impl ProgressThread {
                     if let Err(e) = stream.set_nodelay(true) {
                         tracing::warn!(%peer, error = %e, "setsockopt(TCP_NODELAY) failed");
                     }
+                    // Relaxed: as in `connect`, a unique number and nothing to publish.
                     let token = Token(self.shared.next_token.fetch_add(1, Ordering::Relaxed));
                     if let Err(e) = self.poll.registry().register(
                         &mut stream,
@@ -925,10 +928,10 @@ impl ProgressThread {
                 None
             }
             Cmd::Service { token } => {
-                // A connection already removed has closed its inbox and failed what was in it.
+                // A connection already removed has closed its outbox and failed what was in it.
                 let c = self.conns.get(&token)?;
                 let mut w = c.link.wire.lock();
-                let reqs = std::mem::take(&mut c.link.inbox.lock().reqs);
+                let reqs = std::mem::take(&mut c.link.outbox.lock().reqs);
                 for (req, done) in reqs {
                     w.conn.submit(req, done);
                 }
@@ -1079,7 +1082,7 @@ impl ProgressThread {
         }
     }
 
-    /// Drops a finished connection: closes the socket, and closes the inbox (failing what waits
+    /// Drops a finished connection: closes the socket, and closes the outbox (failing what waits
     /// there) so that handles still held fail later requests at once.
     fn remove(&mut self, t: Token) {
         let Some(c) = self.conns.remove(&t) else {
@@ -1097,9 +1100,9 @@ impl ProgressThread {
                 .error()
                 .cloned()
                 .unwrap_or(TransportError::ConnectionClosed { peer: c.peer });
-            let mut inbox = c.link.inbox.lock();
-            inbox.closed = Some(err.clone());
-            (err, std::mem::take(&mut inbox.reqs))
+            let mut outbox = c.link.outbox.lock();
+            outbox.closed = Some(err.clone());
+            (err, std::mem::take(&mut outbox.reqs))
         };
         for (_, done) in reqs {
             done.complete(Err(err.clone()));

@@ -16,10 +16,11 @@
 //! id, key and bounds; outgoing frames go out with one vectored write for header and payload.
 
 use super::codec::{
-    AccessError, DecodeError, FrameKind, Header, Hello, RefuseCode, FLAG_LAST, FLAG_NOTIFY,
-    HEADER_LEN, MAX_REASON, NONCE_LEN, PROTOCOL_VERSION,
+    AccessError, FrameKind, Header, Hello, RefuseCode, FLAG_LAST, FLAG_NOTIFY, HEADER_LEN,
+    MAX_REASON, NONCE_LEN, PROTOCOL_VERSION,
 };
 use crate::auth::{Auth, AuthError, Role as AuthRole, PROOF_LEN};
+use crate::codec::DecodeError;
 use crate::completion::Completer;
 use crate::error::TransportError;
 use crate::region::{Region, RegionTable, RemoteOp, RemoteRegion};
@@ -802,7 +803,7 @@ impl Conn {
                 FrameKind::Refuse,
             ) => {
                 if len > MAX_REASON.max(2 * NONCE_LEN + 9) {
-                    self.invalid(DecodeError {
+                    self.invalid(DecodeError::Unexpected {
                         expected: "a short handshake frame",
                         got: format!("{len} bytes"),
                     });
@@ -812,7 +813,7 @@ impl Conn {
             }
             (Phase::Established, k) => k,
             (_, k) => {
-                let e = DecodeError {
+                let e = DecodeError::Unexpected {
                     expected: self.expected_in_phase(),
                     got: format!("{k:?}"),
                 };
@@ -857,7 +858,7 @@ impl Conn {
             }
             FrameKind::ReadReq => {
                 if len != 8 {
-                    self.invalid(DecodeError {
+                    self.invalid(DecodeError::Unexpected {
                         expected: "READ_REQ body of 8 bytes",
                         got: format!("{len} bytes"),
                     });
@@ -867,7 +868,7 @@ impl Conn {
             }
             FrameKind::Err => {
                 if len != 32 {
-                    self.invalid(DecodeError {
+                    self.invalid(DecodeError::Unexpected {
                         expected: "ERR body of 32 bytes",
                         got: format!("{len} bytes"),
                     });
@@ -877,7 +878,7 @@ impl Conn {
             }
             FrameKind::Ack | FrameKind::Ping => {
                 if len != 0 {
-                    self.invalid(DecodeError {
+                    self.invalid(DecodeError::Unexpected {
                         expected: "an empty body",
                         got: format!("{len} bytes"),
                     });
@@ -916,7 +917,7 @@ impl Conn {
                 })
             }
             k => {
-                let e = DecodeError {
+                let e = DecodeError::Unexpected {
                     expected: "a data frame",
                     got: format!("{k:?}"),
                 };
@@ -1041,7 +1042,7 @@ impl Conn {
     }
 
     fn on_read_req(&mut self, h: &Header, body: &[u8], regions: &RegionTable) {
-        let mut r = super::codec::Reader::new(body);
+        let mut r = crate::codec::Reader::new(body);
         let len = match r.u64().and_then(|l| r.finish().map(|()| l)) {
             Ok(l) => l,
             Err(e) => return self.invalid(e),
