@@ -16,7 +16,7 @@
 #   5b. scripts/netns-cluster.sh: workers in 3 network namespaces over TCP, bitwise equal to one
 #      in-process worker, under 1 % packet loss, and healing after a partitioned link (skips,
 #      saying so, only where this machine cannot create network namespaces)
-#   6. the dispatcher's loom model-checking tests (cfg loom, own target dir)
+#   6. loom model-checking tests (cfg loom, own target dir): the dispatcher, the completion handles
 #   7. the RDMA suite on soft-RoCE (scripts/softroce.sh: rxe on the host or in a qemu VM)
 #
 # Environment: GENIE_SKIP_RDMA=1 skips step 7 (for a quick local loop; CI never sets it);
@@ -67,6 +67,9 @@ scripts/netns-cluster.sh
 log "loom: the dispatcher's lock-free hand-off under every interleaving"
 RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}/loom" \
   cargo test -p genie-scheduler --release --lib dispatch
+log "loom: the transport's completion handles (complete, fail, drop vs a waiter; batches)"
+RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}/loom" \
+  cargo test -p genie-transport --release --lib completion
 
 if [ "${GENIE_SKIP_RDMA:-0}" != "1" ] && [ -x scripts/test-rdma.sh ]; then
   log "RDMA conformance suite on soft-RoCE"

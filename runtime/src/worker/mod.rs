@@ -258,11 +258,7 @@ impl Worker {
                 Msg::Setup { weights } => {
                     let reply = match self.setup(weights) {
                         Ok(()) => Msg::SetupDone,
-                        Err(e) => Msg::Failed {
-                            run: 0,
-                            error: e.to_string(),
-                            culprit: culprit(&e),
-                        },
+                        Err(e) => failed(0, &e),
                     };
                     send_msg(ctrl, "driver", &reply, &[])?;
                 }
@@ -300,16 +296,7 @@ impl Worker {
                             },
                             &out_payload,
                         )?,
-                        Err(e) => post_msg(
-                            ctrl,
-                            "driver",
-                            &Msg::Failed {
-                                run,
-                                error: e.to_string(),
-                                culprit: culprit(&e),
-                            },
-                            &[],
-                        )?,
+                        Err(e) => post_msg(ctrl, "driver", &failed(run, &e), &[])?,
                     };
                 }
                 Msg::FreeSequence { seq } => {
@@ -473,20 +460,17 @@ impl Worker {
     }
 }
 
-/// The `Failed` reply of run `run` for `e`.
+/// The `Failed` reply of run `run` for `e`. A peer failure names its culprit, and its error is
+/// the reason alone: the driver reports `worker <culprit> failed: <reason>` once.
 fn failed(run: u64, e: &RuntimeError) -> Msg {
+    let (error, culprit) = match e {
+        RuntimeError::WorkerFailed { worker, reason } => (reason.clone(), Some(worker.clone())),
+        other => (other.to_string(), None),
+    };
     Msg::Failed {
         run,
-        error: e.to_string(),
-        culprit: culprit(e),
-    }
-}
-
-/// Which worker an error blames, if it is a peer failure.
-fn culprit(e: &RuntimeError) -> Option<String> {
-    match e {
-        RuntimeError::WorkerFailed { worker, .. } => Some(worker.clone()),
-        _ => None,
+        error,
+        culprit,
     }
 }
 

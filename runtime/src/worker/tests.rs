@@ -275,3 +275,30 @@ fn sequences_belong_to_their_driver() {
     assert!(e.contains("not this driver's"), "{e}");
     send_msg(&*c, "w0", &Msg::Shutdown, &[]).unwrap();
 }
+
+/// A peer failure goes to the driver as its culprit and reason, so the driver's
+/// `worker w1 failed: …` names the worker once; any other error goes whole, blaming no one.
+#[test]
+fn a_peer_failure_is_reported_once() {
+    let e = RuntimeError::WorkerFailed {
+        worker: "w1".into(),
+        reason: "peer is dead".into(),
+    };
+    let Msg::Failed {
+        run,
+        error,
+        culprit,
+    } = failed(3, &e)
+    else {
+        panic!("not a Failed reply");
+    };
+    assert_eq!(
+        (run, error.as_str(), culprit.as_deref()),
+        (3, "peer is dead", Some("w1"))
+    );
+    let e = RuntimeError::Plan("no such node".into());
+    let Msg::Failed { error, culprit, .. } = failed(4, &e) else {
+        panic!("not a Failed reply");
+    };
+    assert_eq!((error, culprit), (e.to_string(), None));
+}
