@@ -9,11 +9,10 @@ use genie_scheduler::graph::{
 use genie_scheduler::{Error, OptimizationPlan, Scheduler, Topology};
 use std::time::{Duration, Instant};
 
-/// Inputs of the wide concatenation, and how many distinct nodes they read (in turn). The scan of
-/// the inputs before each input, with which the consumer lists used to deduplicate producers,
-/// makes about `INPUTS · PRODUCERS / 2` ≈ 4.5·10¹¹ comparisons here: validation took 5.5 s at a
-/// tenth of both sizes and 21 s at a fifth, so about ten minutes at these (hours with 3M
-/// distinct producers); linear, it takes about a second in release. Unoptimised builds (a plain
+/// Inputs of the wide concatenation, and how many distinct nodes they read (in turn). A
+/// validation that deduplicated producers by scanning the inputs before each input would make
+/// about `INPUTS · PRODUCERS / 2` ≈ 4.5·10¹¹ comparisons here (minutes; hours with 3M distinct
+/// producers), so these sizes catch a quadratic scan; linear, it takes about a second in release. Unoptimised builds (a plain
 /// `cargo test`) use a tenth of both; CI runs the full sizes with `--release`.
 const INPUTS: usize = 3_000_000 / SCALE;
 const PRODUCERS: usize = 300_000 / SCALE;
