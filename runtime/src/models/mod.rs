@@ -211,14 +211,19 @@ pub fn prompt(len: usize, vocab: usize) -> Vec<i64> {
         .collect()
 }
 
-/// Index of the largest value of the last row of `[.., V]` logits.
-pub fn argmax_last(logits: &Tensor) -> Result<i64> {
+/// The last row (`V` values) of `[.., V]` logits; empty when there are none.
+fn last_row(logits: &Tensor) -> Result<Vec<f32>> {
     let v = logits.dim(candle_core::D::Minus1).map_err(kerr)?;
-    let flat: Vec<f32> = logits
+    let mut flat: Vec<f32> = logits
         .flatten_all()
         .and_then(|t| t.to_vec1())
         .map_err(kerr)?;
-    let last = flat.get(flat.len().saturating_sub(v)..).unwrap_or(&[]);
+    Ok(flat.split_off(flat.len().saturating_sub(v)))
+}
+
+/// Index of the largest value of the last row of `[.., V]` logits.
+pub fn argmax_last(logits: &Tensor) -> Result<i64> {
+    let last = last_row(logits)?;
     let mut best = 0usize;
     for (i, x) in last.iter().enumerate() {
         if *x > last[best] {
@@ -270,14 +275,9 @@ pub fn pick(logits: &Tensor, s: &Sampling, rng: &mut impl rand::Rng) -> Result<i
     if s.temperature <= 0.0 || !s.temperature.is_finite() {
         return argmax_last(logits);
     }
-    let v = logits.dim(candle_core::D::Minus1).map_err(kerr)?;
-    let flat: Vec<f32> = logits
-        .flatten_all()
-        .and_then(|t| t.to_vec1())
-        .map_err(kerr)?;
-    let last = flat.get(flat.len().saturating_sub(v)..).unwrap_or(&[]);
+    let last = last_row(logits)?;
     let u = rng.random::<f64>();
-    Ok(sample(last, s.temperature, s.top_k, s.top_p, u) as i64)
+    Ok(sample(&last, s.temperature, s.top_k, s.top_p, u) as i64)
 }
 
 /// Index drawn from `logits / temperature` restricted to the top `top_k` (0: all) and then to
