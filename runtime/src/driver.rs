@@ -16,6 +16,7 @@ use candle_core::Tensor;
 use genie_scheduler::graph::{Graph, NodeId, TensorMeta, TensorRef};
 use genie_transport::{BackendSelection, Connection, Transport, TransportError};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -348,8 +349,10 @@ impl Driver {
                     } else {
                         left.min(REPLY_SLICE)
                     };
+                    // A timeout is never final: the next receive returns a reply that came in
+                    // just before the connection closed, then the connection's end.
                     match self.conns[i].recv(slice) {
-                        Err(TransportError::Timeout { .. }) if self.conns[i].is_alive() => continue,
+                        Err(TransportError::Timeout { .. }) => continue,
                         res => (pos, res),
                     }
                 }
@@ -511,8 +514,19 @@ pub struct EmbeddedCluster {
     pub cluster: Cluster,
     /// Which transport backend they use and why.
     pub selection: BackendSelection,
-    handles: Vec<JoinHandle<Result<()>>>,
+    workers: Vec<EmbeddedWorker>,
 }
+
+/// One worker thread of an [`EmbeddedCluster`].
+struct EmbeddedWorker {
+    name: String,
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<Result<()>>,
+}
+
+/// How long [`EmbeddedCluster::stop`] waits for a worker to act on the driver's `Shutdown`
+/// before stopping it through its flag.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 impl std::fmt::Debug for EmbeddedCluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -561,42 +575,91 @@ impl EmbeddedCluster {
             secret: None,
             insecure: false,
         };
-        let mut handles = Vec::new();
+        let mut workers = Vec::new();
         for (i, ep) in endpoints.into_iter().enumerate() {
             let (c, k, o) = (cluster.clone(), kernels.clone(), opts.clone());
             let name = format!("w{i}");
-            handles.push(
-                std::thread::Builder::new()
-                    .name(format!("genie-{name}"))
-                    .spawn(move || worker::serve_with(ep, c, &name, k, o))
-                    .map_err(|e| RuntimeError::WorkerFailed {
-                        worker: format!("w{i}"),
-                        reason: e.to_string(),
-                    })?,
-            );
+            let stop = Arc::new(AtomicBool::new(false));
+            let flag = stop.clone();
+            let thread_name = name.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("genie-{name}"))
+                .spawn(move || worker::serve_until(ep, c, &thread_name, k, o, flag))
+                .map_err(|e| RuntimeError::WorkerFailed {
+                    worker: name.clone(),
+                    reason: e.to_string(),
+                })?;
+            workers.push(EmbeddedWorker { name, stop, thread });
         }
         let selection = selection.ok_or_else(|| RuntimeError::Plan("no workers".into()))?;
         Ok(Self {
             cluster,
             selection,
-            handles,
+            workers,
         })
     }
 
-    /// Shuts the workers down (through `driver`) and joins their threads.
+    /// Shuts the workers down (through `driver`) and joins their threads. A worker that has not
+    /// stopped [`SHUTDOWN_GRACE`] after the driver's `Shutdown` (its driver connection ended
+    /// before the message reached it) is stopped through its flag, and the first such worker is
+    /// the error: never a hang.
     pub fn stop(self, driver: Driver) -> Result<()> {
         driver.shutdown()?;
-        for h in self.handles {
-            match h.join() {
-                Ok(r) => r?,
-                Err(_) => {
-                    return Err(RuntimeError::WorkerFailed {
-                        worker: "embedded".into(),
-                        reason: "worker thread panicked".into(),
-                    })
-                }
+        let deadline = Instant::now() + SHUTDOWN_GRACE;
+        let mut missed = None;
+        let mut failed = None;
+        for w in self.workers {
+            while !w.thread.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if !w.thread.is_finished() {
+                w.stop.store(true, Ordering::Relaxed);
+                missed.get_or_insert_with(|| w.name.clone());
+            }
+            let r = w.thread.join().unwrap_or_else(|_| {
+                Err(RuntimeError::WorkerFailed {
+                    worker: w.name.clone(),
+                    reason: "worker thread panicked".into(),
+                })
+            });
+            if let Err(e) = r {
+                failed.get_or_insert(e);
             }
         }
-        Ok(())
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        match missed {
+            Some(worker) => Err(RuntimeError::WorkerFailed {
+                worker,
+                reason: format!(
+                    "did not see the driver's shutdown within {SHUTDOWN_GRACE:?}; stopped through its flag"
+                ),
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::CpuKernels;
+
+    /// A worker whose driver connection ended before the driver's `Shutdown` reached it is
+    /// stopped through its flag: `stop` returns (never hangs) with an error naming it, after the
+    /// grace period; the other worker stops on the message as usual.
+    #[test]
+    fn stop_never_hangs_on_a_worker_that_missed_the_shutdown() {
+        let cluster = EmbeddedCluster::start(2, Arc::new(CpuKernels::new())).unwrap();
+        let driver = Driver::connect(&cluster.cluster, WeightSpec::Seeded(1)).unwrap();
+        driver.conns[1].close();
+        let started = Instant::now();
+        let e = cluster.stop(driver).unwrap_err().to_string();
+        assert!(
+            e.contains("w1") && e.contains("did not see the driver's shutdown"),
+            "{e}"
+        );
+        assert!(started.elapsed() < SHUTDOWN_GRACE + Duration::from_secs(2));
     }
 }

@@ -156,10 +156,27 @@ pub fn serve_with(
     kernels: Arc<dyn Kernels>,
     opts: WorkerOptions,
 ) -> Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    serve_until(endpoint, cluster, name, kernels, opts, stop)
+}
+
+/// How often a worker waiting for a driver looks at its stop flag.
+const STOP_CHECK: Duration = Duration::from_millis(100);
+
+/// [`serve_with`], also ending (between driver sessions) once `stop` is set: how an
+/// [`crate::driver::EmbeddedCluster`] stops a worker whose driver connection ended before the
+/// driver's `Shutdown` reached it.
+pub(crate) fn serve_until(
+    endpoint: Arc<dyn Transport>,
+    cluster: Cluster,
+    name: &str,
+    kernels: Arc<dyn Kernels>,
+    opts: WorkerOptions,
+    stop: Arc<AtomicBool>,
+) -> Result<()> {
     cluster.check_secure()?;
     let me = cluster.index_of(name)?;
     let peers = Arc::new(PeerMap::default());
-    let stop = Arc::new(AtomicBool::new(false));
     let (ctrl_tx, ctrl_rx) = mpsc::sync_channel::<Arc<dyn Connection>>(MAX_WAITING_DRIVERS);
     let acceptor = {
         let (endpoint, peers, stop, cluster) = (
@@ -199,8 +216,10 @@ pub fn serve_with(
         graphs: HashMap::new(),
     };
     let result = loop {
-        let Ok(ctrl) = ctrl_rx.recv() else {
-            break Ok(());
+        let ctrl = match ctrl_rx.recv_timeout(STOP_CHECK) {
+            Ok(ctrl) => ctrl,
+            Err(mpsc::RecvTimeoutError::Timeout) if !stop.load(Ordering::Relaxed) => continue,
+            Err(_) => break Ok(()),
         };
         match w.handle_driver(&ctrl) {
             Ok(true) => break Ok(()),
@@ -242,11 +261,14 @@ impl Worker {
         loop {
             let (msg, payload) = match recv_msg(ctrl, "driver", Duration::from_millis(500)) {
                 Ok(m) => m,
-                // Nothing from the driver yet: wait on. Any other failure ends the session.
+                // Nothing from the driver yet: wait on, even if the connection has just died:
+                // the next receive still returns what arrived before it closed (the `Shutdown`
+                // a driver sends just before closing), then the connection's end. Any other
+                // failure ends the session.
                 Err(RuntimeError::Transport {
                     source: TransportError::Timeout { .. },
                     ..
-                }) if ctrl.is_alive() => continue,
+                }) => continue,
                 // The framing held: say what was wrong and read on.
                 Err(e @ RuntimeError::BadMessage { .. }) => {
                     post_msg(ctrl, "driver", &failed(0, &e), &[])?;
