@@ -1,10 +1,12 @@
 //! The runtime over the rdma backend: run by `scripts/test-rdma.sh` inside soft-RoCE, where
 //! `GENIE_RDMA_DEVICE` is set. The embedded cluster's automatic backend choice must pick RDMA there,
 //! GPT-2 prefill + decode on 2 and 3 workers must equal the single-worker run bitwise, and a
-//! SIGKILLed `genie worker` process, restarted, rejoins over rdma; the serving engine runs a
-//! Llama-style checkpoint over rdma.
+//! SIGKILLed `genie worker` process, restarted, rejoins over rdma; the Llama-style fixtures match
+//! `transformers`' reference and are bitwise equal on 1/2/3 workers and disaggregated over rdma;
+//! the serving engine runs a Llama-style checkpoint over rdma.
 #![cfg(feature = "rdma")]
 
+mod family_check;
 mod hostile_cases;
 use genie_runtime::cluster::Cluster;
 use genie_runtime::control::transport_config;
@@ -15,7 +17,7 @@ use genie_runtime::plan::Placement;
 use genie_runtime::proto::WeightSpec;
 use genie_scheduler::builders::Gpt2Config;
 use genie_transport::{select_backend, Backend};
-use hostile_cases::common::bits;
+use hostile_cases::common::{self, bits};
 use hostile_cases::{heal, Fault};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -75,6 +77,22 @@ fn gpt2_over_rdma_matches_single_worker() {
         driver.free_sequence(seq as u64).unwrap();
     }
     cluster.stop(driver).unwrap();
+}
+
+/// The Llama-style fixtures (`llama`: GQA, tied; `qwen2`: q/k/v biases) over rdma: logits within
+/// 1e-4 of `transformers`' and its greedy tokens, bitwise the same on 1, 2 and 3 workers and
+/// disaggregated (prefill on w0, its KV cache streamed to w1 over RDMA, decoded there).
+#[test]
+fn llama_families_over_rdma_match_the_reference_on_1_2_3_workers() {
+    let device = device();
+    for kind in ["llama", "qwen2"] {
+        let (backend, reason) = family_check::check_family(kind);
+        assert_eq!(
+            backend,
+            Backend::Rdma,
+            "{kind}: automatic choice did not pick RDMA on {device}: {reason}"
+        );
+    }
 }
 
 /// A Llama-style checkpoint (the committed GQA fixture) served by the engine over rdma:
