@@ -53,7 +53,9 @@
 use crate::cluster::{Cluster, Role};
 use crate::driver::{Driver, RunOutput};
 use crate::error::RuntimeError;
-use crate::models::{argmax_last, pick, row_i64, with_last_logits, Family, Model};
+use crate::models::{
+    argmax_last, pick, run_decode_step, run_prefill, with_last_logits, Family, Model,
+};
 use crate::plan::Placement;
 use crate::proto::WeightSpec;
 use crate::trace::Span;
@@ -792,16 +794,7 @@ impl Core {
         let (pw, dw) = (self.cfg.prefill_worker, self.cfg.decode_worker);
         let place = self.place(&g, pw, dw)?;
         let started = Instant::now();
-        let out = self.driver()?.run(
-            &g,
-            &place,
-            &[
-                ("input_ids", row_i64(a.req.prompt.clone())?),
-                ("position_ids", row_i64((0..s as i64).collect())?),
-            ],
-            &[last],
-            a.seq,
-        )?;
+        let out = run_prefill(self.driver()?, &g, &place, &a.req.prompt, last, a.seq)?;
         self.record(started, &out);
         let logits = out
             .outputs
@@ -853,21 +846,8 @@ impl Core {
         let dw = self.cfg.decode_worker;
         let place = self.place(&g, dw, dw)?;
         let tok = a.tokens.last().copied().unwrap_or(0);
-        let logits = *g
-            .outputs
-            .first()
-            .ok_or_else(|| RuntimeError::Plan("decode graph has no outputs".into()))?;
         let started = Instant::now();
-        let out = self.driver()?.run(
-            &g,
-            &place,
-            &[
-                ("input_ids", row_i64(vec![tok])?),
-                ("position_ids", row_i64(vec![l as i64])?),
-            ],
-            &[logits],
-            a.seq,
-        )?;
+        let out = run_decode_step(self.driver()?, &g, &place, tok, l, a.seq)?;
         self.record(started, &out);
         out.outputs
             .into_iter()

@@ -341,6 +341,45 @@ pub(crate) fn with_last_logits(mut g: Graph, seq_len: usize) -> Result<(Graph, T
     Ok((g, id.into()))
 }
 
+/// Runs the prefill graph `g` of `prompt` (from [`Family::prefill`], or [`with_last_logits`] of
+/// it) placed by `place` for sequence `seq`, fetching `logits`: the one way a prefill is fed
+/// (`input_ids` and `position_ids` `0..s`), shared by generation, the engine and the demo.
+pub fn run_prefill(
+    driver: &mut Driver,
+    g: &Graph,
+    place: &Placement,
+    prompt: &[i64],
+    logits: TensorRef,
+    seq: u64,
+) -> Result<RunOutput> {
+    let ids = row_i64(prompt.to_vec())?;
+    let pos = row_i64((0..prompt.len() as i64).collect())?;
+    let inputs = [("input_ids", ids), ("position_ids", pos)];
+    driver.run(g, place, &inputs, &[logits], seq)
+}
+
+/// Runs the decode graph `g` (from [`Family::decode`] at the KV length `position`) of `token` at
+/// `position` placed by `place` for sequence `seq`, fetching the graph's logits (its first
+/// output).
+pub fn run_decode_step(
+    driver: &mut Driver,
+    g: &Graph,
+    place: &Placement,
+    token: i64,
+    position: usize,
+    seq: u64,
+) -> Result<RunOutput> {
+    let logits = *g
+        .outputs
+        .first()
+        .ok_or_else(|| RuntimeError::Plan("decode graph has no outputs".into()))?;
+    let inputs = [
+        ("input_ids", row_i64(vec![token])?),
+        ("position_ids", row_i64(vec![position as i64])?),
+    ];
+    driver.run(g, place, &inputs, &[logits], seq)
+}
+
 /// Runs a prefill of `prompt` then `steps` greedy decode steps for sequence `seq`.
 /// `prefill_place` / `decode_place` choose each graph's placement. The prefill returns the
 /// logits of every position (`[B, S, V]`); for long prompts use [`generate_with`].
@@ -422,15 +461,7 @@ fn run_generation<F: Family + ?Sized>(
         (g, logits)
     };
     let p = prefill_place(&g)?;
-    let ids = row_i64(prompt.to_vec())?;
-    let pos = row_i64((0..s as i64).collect())?;
-    let prefill = driver.run(
-        &g,
-        &p,
-        &[("input_ids", ids), ("position_ids", pos)],
-        &[logits_ref],
-        seq,
-    )?;
+    let prefill = run_prefill(driver, &g, &p, prompt, logits_ref, seq)?;
     let first = prefill
         .outputs
         .first()
@@ -441,19 +472,7 @@ fn run_generation<F: Family + ?Sized>(
         let l = s + step;
         let g = model.decode(l)?;
         let p = decode_place(&g)?;
-        let tok = *tokens.last().unwrap_or(&0);
-        let out = driver.run(
-            &g,
-            &p,
-            &[
-                ("input_ids", row_i64(vec![tok])?),
-                ("position_ids", row_i64(vec![l as i64])?),
-            ],
-            &[*g.outputs
-                .first()
-                .ok_or_else(|| RuntimeError::Plan("decode graph has no outputs".into()))?],
-            seq,
-        )?;
+        let out = run_decode_step(driver, &g, &p, *tokens.last().unwrap_or(&0), l, seq)?;
         let logits = out
             .outputs
             .first()
