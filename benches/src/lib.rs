@@ -1,5 +1,8 @@
-//! Shared helpers of Genie's benchmark binaries.
+//! Genie's benchmark harnesses and the helpers their binaries share: [`perf`], the perftest-style
+//! transport measurement behind `genie-perf`.
 #![forbid(unsafe_code)]
+
+pub mod perf;
 
 use genie_sys::clock::SpinDeadline;
 use std::time::Duration;
