@@ -6,7 +6,7 @@
 #
 # Runs perftest's ib_write_lat, ib_read_lat, ib_send_lat (8 B) and ib_write_bw (64 KiB, tx depth 128)
 # and the same measurements through Genie's transport (benches/src/bin/rdma-perf.rs: write latency by
-# perftest's ping-pong method, read latency and bandwidth through genie_transport::perf), in both
+# perftest's ping-pong method, read latency and bandwidth through genie_benches::perf), in both
 # completion modes (blocking = completion channel, busy = busy polling). Latencies are t_typical
 # (median); bandwidths are converted to MB/s = 10^6 B/s (perftest reports MiB/s).
 # The last line is:

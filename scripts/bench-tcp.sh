@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # TCP transport benchmark against baselines measured in the same run, on loopback.
 #
-#   write bandwidth at 1 MiB messages: genie perf (16 in flight) vs iperf3, one stream, 1 MiB writes
-#   write latency at 64 B: genie perf write round trip (post -> completion) vs qperf tcp_lat x 2
+#   write bandwidth at 1 MiB messages: genie-perf (16 in flight) vs iperf3, one stream, 1 MiB writes
+#   write latency at 64 B: genie-perf write round trip (post -> completion) vs qperf tcp_lat x 2
 #                          (qperf reports one-way latency = half its ping-pong round trip)
 #
 # Both poll modes of genie are measured and printed; the last line uses the default (blocking)
@@ -70,10 +70,10 @@ ratios() {
     'BEGIN { printf "write_bw_ratio_vs_iperf3=%.2f write_lat_ratio_vs_qperf=%.2f", bw / ib, lat / (2 * q) }'
 }
 
-echo "== genie perf, busy-poll mode"
+echo "== genie-perf, busy-poll mode"
 genie --busy-poll
 busy=$(ratios)
-echo "== genie perf, blocking mode (default)"
+echo "== genie-perf, blocking mode (default)"
 genie
 blocking=$(ratios)
 

@@ -1,10 +1,11 @@
 //! Criterion micro-benchmarks of the scheduler: `cargo bench -p genie-benches --bench scheduler`.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use genie_benches::mutex_queue::run_with_mutex_queue;
 use genie_scheduler::analysis::analyze;
 use genie_scheduler::builders::{self, Gpt2Config, ModelSize};
 use genie_scheduler::cost::DeviceSpec;
-use genie_scheduler::dispatch::{run_with_mutex_queue, Dispatcher, TaskGraph};
+use genie_scheduler::dispatch::{Dispatcher, TaskGraph};
 use genie_scheduler::synthetic::{layered_dag, SyntheticConfig};
 use genie_scheduler::topology::LinkSpec;
 use genie_scheduler::{OptimizationPlan, Scheduler, Topology};

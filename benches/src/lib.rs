@@ -1,5 +1,10 @@
-//! Shared helpers of Genie's benchmark binaries.
+//! Genie's benchmark harnesses and the helpers their binaries share: [`perf`], the perftest-style
+//! transport measurement behind `genie-perf`, and [`mutex_queue`], the `Mutex<VecDeque>` ready
+//! queue that `sched-bench` measures the lock-free dispatcher against.
 #![forbid(unsafe_code)]
+
+pub mod mutex_queue;
+pub mod perf;
 
 use genie_sys::clock::SpinDeadline;
 use std::time::Duration;

@@ -133,9 +133,6 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// perftest-style transport benchmark (`genie_transport::perf`): latency and bandwidth of
-    /// write, read and send. Loopback by default; `--server` / `--client HOST:PORT` for two hosts.
-    Perf(genie_transport::perf::PerfCli),
 }
 
 fn main() -> Result<()> {
@@ -252,10 +249,6 @@ fn main() -> Result<()> {
                 None => println!("{json}"),
             }
             println!("{sched}");
-        }
-        Cmd::Perf(p) => {
-            genie_transport::perf::run(&p.to_args(), &mut std::io::stdout().lock())
-                .context("genie perf")?;
         }
     }
     Ok(())

@@ -102,7 +102,6 @@ pub fn analyze(graph: &Graph) -> Analysis {
 pub fn analyze_with(graph: &Graph, consumers: &Consumers) -> Analysis {
     let nodes = graph.nodes();
     let n = nodes.len();
-    let (mut conv, mut attn, mut llm_hint) = (false, false, false);
     let mut a = Analysis {
         workload: WorkloadClass::Other,
         attention_blocks: Vec::new(),
@@ -122,7 +121,27 @@ pub fn analyze_with(graph: &Graph, consumers: &Consumers) -> Analysis {
             .map(|x| x.semantics.fusion_group.clone())
             .collect(),
     };
+    a.workload = scan_patterns(graph, &mut a);
+    let cache_of = kv_colocation(nodes, consumers, &mut a);
     for node in nodes {
+        if let OpKind::Attention { .. } = node.op {
+            a.attention_blocks.push(AttentionBlock {
+                attention: node.id,
+                kv_cache: cache_of[node.id.index()],
+            });
+        }
+    }
+    a.attention_blocks.sort_by_key(|b| b.attention);
+    fusable_chains(graph, consumers, &mut a);
+    a.phase = phases(graph, &a, &cache_of);
+    a
+}
+
+/// One pass over the nodes: records convolution stages, unfused attention (a softmax over a
+/// matmul) and the KV-cache nodes in `a`, and classifies the workload.
+fn scan_patterns(graph: &Graph, a: &mut Analysis) -> WorkloadClass {
+    let (mut conv, mut attn, mut llm_hint) = (false, false, false);
+    for node in graph.nodes() {
         match &node.op {
             OpKind::Conv2d { .. } => {
                 conv = true;
@@ -163,15 +182,18 @@ pub fn analyze_with(graph: &Graph, consumers: &Consumers) -> Analysis {
         }
     }
     llm_hint |= attn || !a.kv_caches.is_empty() || !a.kv_appends.is_empty();
-    a.workload = match (llm_hint, conv) {
+    match (llm_hint, conv) {
         (true, true) => WorkloadClass::Multimodal,
         (true, false) => WorkloadClass::Llm,
         (false, true) => WorkloadClass::Vision,
         (false, false) => WorkloadClass::Other,
-    };
+    }
+}
 
-    // KV co-location groups: cache → append → reads → attention.
-    let mut cache_of = vec![None::<NodeId>; n];
+/// KV co-location groups (cache → append → reads → attention), named `kv.<cache id>` where the
+/// frontend gave no group; returns, per node, the KV cache whose group it joined.
+fn kv_colocation(nodes: &[Node], consumers: &Consumers, a: &mut Analysis) -> Vec<Option<NodeId>> {
+    let mut cache_of = vec![None::<NodeId>; nodes.len()];
     for &c in &a.kv_caches {
         let group = format!("kv.{}", c.0);
         let mut members = vec![c];
@@ -199,17 +221,15 @@ pub fn analyze_with(graph: &Graph, consumers: &Consumers) -> Analysis {
             }
         }
     }
-    for node in nodes {
-        if let OpKind::Attention { .. } = node.op {
-            a.attention_blocks.push(AttentionBlock {
-                attention: node.id,
-                kv_cache: cache_of[node.id.index()],
-            });
-        }
-    }
-    a.attention_blocks.sort_by_key(|b| b.attention);
+    cache_of
+}
 
-    // Fusable chains.
+/// Fusable chains: a linear, matmul or convolution followed by elementwise ops or batch norms,
+/// each the single consumer of the one before and not a graph output; groups named
+/// `fuse.<head id>` where the frontend gave no fusion group.
+fn fusable_chains(graph: &Graph, consumers: &Consumers, a: &mut Analysis) {
+    let nodes = graph.nodes();
+    let n = nodes.len();
     let mut is_output = vec![false; n];
     for t in &graph.outputs {
         if let Some(x) = is_output.get_mut(t.node.index()) {
@@ -251,8 +271,13 @@ pub fn analyze_with(graph: &Graph, consumers: &Consumers) -> Analysis {
             a.fusable_chains.push(chain);
         }
     }
+}
 
-    // Phases: annotation, else intrinsic, else inherited from producers, else the default.
+/// Phases: annotation, else intrinsic, else inherited from producers, else the workload's
+/// default. Nodes are visited in a topological order so that producers come first.
+fn phases(graph: &Graph, a: &Analysis, cache_of: &[Option<NodeId>]) -> Vec<Phase> {
+    let nodes = graph.nodes();
+    let n = nodes.len();
     let default_phase = match a.workload {
         WorkloadClass::Vision => Phase::Vision,
         WorkloadClass::Llm | WorkloadClass::Multimodal if !a.kv_caches.is_empty() => Phase::Decode,
@@ -265,49 +290,54 @@ pub fn analyze_with(graph: &Graph, consumers: &Consumers) -> Analysis {
         graph.topo_order().ok()
     };
     let mut phase = vec![Phase::Unknown; n];
-    let visit = |v: NodeId, phase: &mut Vec<Phase>| {
-        let node = &nodes[v.index()];
-        let p = if node.semantics.phase != Phase::Unknown {
-            node.semantics.phase
-        } else if let Some(p) = intrinsic_phase(node) {
-            p
-        } else if matches!(node.op, OpKind::Attention { .. }) && cache_of[v.index()].is_some() {
-            Phase::Decode
-        } else {
-            // Prefer a non-embedding producer phase: after the embeddings comes the model body.
-            let mut inherited = Phase::Unknown;
-            for t in &node.inputs {
-                match phase.get(t.node.index()).copied().unwrap_or(Phase::Unknown) {
-                    Phase::Unknown => {}
-                    Phase::Embedding if inherited == Phase::Unknown => inherited = Phase::Embedding,
-                    Phase::Embedding => {}
-                    p => {
-                        inherited = p;
-                        break;
-                    }
-                }
-            }
-            match inherited {
-                Phase::Unknown | Phase::Embedding
-                    if !matches!(node.op, OpKind::Input | OpKind::Parameter { .. }) =>
-                {
-                    if inherited == Phase::Embedding && node.op.is_elementwise() {
-                        Phase::Embedding
-                    } else {
-                        default_phase
-                    }
-                }
-                p => p,
-            }
-        };
-        phase[v.index()] = p;
+    let mut visit = |v: NodeId| {
+        let kv_cached = cache_of[v.index()].is_some();
+        phase[v.index()] = phase_of(&nodes[v.index()], kv_cached, &phase, default_phase);
     };
     match order {
-        Some(order) => order.into_iter().for_each(|v| visit(v, &mut phase)),
-        None => (0..n as u32).for_each(|i| visit(NodeId(i), &mut phase)),
+        Some(order) => order.into_iter().for_each(&mut visit),
+        None => (0..n as u32).for_each(|i| visit(NodeId(i))),
     }
-    a.phase = phase;
-    a
+    phase
+}
+
+/// The phase of one node, given the phases found so far for its producers; `kv_cached`: the node
+/// is in a KV cache's co-location group (an attention there is a decode step).
+fn phase_of(node: &Node, kv_cached: bool, phase: &[Phase], default_phase: Phase) -> Phase {
+    if node.semantics.phase != Phase::Unknown {
+        return node.semantics.phase;
+    }
+    if let Some(p) = intrinsic_phase(node) {
+        return p;
+    }
+    if matches!(node.op, OpKind::Attention { .. }) && kv_cached {
+        return Phase::Decode;
+    }
+    // Prefer a non-embedding producer phase: after the embeddings comes the model body.
+    let mut inherited = Phase::Unknown;
+    for t in &node.inputs {
+        match phase.get(t.node.index()).copied().unwrap_or(Phase::Unknown) {
+            Phase::Unknown => {}
+            Phase::Embedding if inherited == Phase::Unknown => inherited = Phase::Embedding,
+            Phase::Embedding => {}
+            p => {
+                inherited = p;
+                break;
+            }
+        }
+    }
+    match inherited {
+        Phase::Unknown | Phase::Embedding
+            if !matches!(node.op, OpKind::Input | OpKind::Parameter { .. }) =>
+        {
+            if inherited == Phase::Embedding && node.op.is_elementwise() {
+                Phase::Embedding
+            } else {
+                default_phase
+            }
+        }
+        p => p,
+    }
 }
 
 /// Analyses `graph` and writes the inferred phase, residency, co-location and fusion groups into

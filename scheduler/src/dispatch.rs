@@ -58,9 +58,10 @@
 //! each task to exactly one thread, and that thread sees all of the task's inputs. (Weakening the
 //! pending decrement to `Relaxed` makes the diamond test fail under loom.)
 //!
-//! For comparison, [`run_with_mutex_queue`] runs the same DAG with the same counters but a single
-//! `Mutex<VecDeque>` ready queue that every ready task goes through (the baseline of the
-//! `sched-bench` `dispatch_vs_mutex` figure).
+//! [`DependencyCounters`] is public so that other executors can share the counting without the
+//! deques: the runtime's worker runs its nodes in dataflow order with them, and the `sched-bench`
+//! `dispatch_vs_mutex` baseline (in `genie-benches`) hands ready tasks out through one
+//! `Mutex<VecDeque>`.
 
 use crate::graph::Graph;
 
@@ -382,64 +383,6 @@ fn steal(local: &Worker<u32>, stealers: &[Stealer<u32>], me: usize) -> Option<u3
     }
 }
 
-/// The baseline: the same counters, but one `Mutex<VecDeque>` ready queue shared by `threads`
-/// workers. Only for comparison with [`Dispatcher::run`].
-#[cfg(not(loom))]
-pub fn run_with_mutex_queue<F>(graph: &TaskGraph, threads: usize, task: F) -> DispatchStats
-where
-    F: Fn(u32, usize) + Sync,
-{
-    use std::collections::VecDeque;
-    use std::sync::Mutex;
-    if graph.is_empty() {
-        return DispatchStats::default();
-    }
-    let counters = DependencyCounters::new(graph);
-    let queue: Mutex<VecDeque<u32>> = Mutex::new(graph.roots().collect());
-    let (queue, counters, task) = (&queue, &counters, &task);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads.max(1))
-            .map(|me| {
-                s.spawn(move || {
-                    let mut executed = 0u64;
-                    let mut unretired = 0usize;
-                    let backoff = crossbeam_utils::Backoff::new();
-                    loop {
-                        let next = queue.lock().ok().and_then(|mut q| q.pop_front());
-                        match next {
-                            Some(t) => {
-                                backoff.reset();
-                                task(t, me);
-                                executed += 1;
-                                unretired += 1;
-                                counters.complete(graph, t, |c| {
-                                    if let Ok(mut q) = queue.lock() {
-                                        q.push_back(c);
-                                    }
-                                });
-                            }
-                            None => {
-                                if counters.retire(std::mem::take(&mut unretired)) {
-                                    break;
-                                }
-                                if counters.done() {
-                                    break;
-                                }
-                                backoff.snooze();
-                            }
-                        }
-                    }
-                    executed
-                })
-            })
-            .collect();
-        DispatchStats {
-            executed: handles.into_iter().map(|h| h.join().unwrap_or(0)).sum(),
-            stolen: 0,
-        }
-    })
-}
-
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
@@ -447,7 +390,7 @@ mod tests {
     use std::sync::atomic::AtomicU64;
 
     /// Each task records the order stamp at which it ran; every edge must go forward.
-    fn check_run(g: &TaskGraph, threads: usize, mutex: bool) {
+    fn check_run(g: &TaskGraph, threads: usize) {
         let clock = AtomicU64::new(1);
         let stamp: Vec<AtomicU64> = (0..g.len()).map(|_| AtomicU64::new(0)).collect();
         let runs: Vec<AtomicU64> = (0..g.len()).map(|_| AtomicU64::new(0)).collect();
@@ -467,11 +410,7 @@ mod tests {
             );
             runs[t as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         };
-        let st = if mutex {
-            run_with_mutex_queue(g, threads, f)
-        } else {
-            Dispatcher::new(threads).run(g, f)
-        };
+        let st = Dispatcher::new(threads).run(g, f);
         assert_eq!(st.executed, g.len() as u64);
         assert!(runs
             .iter()
@@ -490,8 +429,7 @@ mod tests {
         .unwrap();
         let tg = TaskGraph::from_graph(&g);
         for threads in [1, 2, 4] {
-            check_run(&tg, threads, false);
-            check_run(&tg, threads, true);
+            check_run(&tg, threads);
         }
         // A wide fan-out / fan-in.
         let mut edges = Vec::new();
@@ -500,7 +438,7 @@ mod tests {
             edges.push((i, 200));
         }
         let wide = TaskGraph::from_edges(201, &edges);
-        check_run(&wide, 3, false);
+        check_run(&wide, 3);
         assert_eq!(
             Dispatcher::new(2)
                 .run(&TaskGraph::default(), |_, _| {})

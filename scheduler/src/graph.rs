@@ -1446,6 +1446,13 @@ impl Infer<'_> {
             })
         }
     }
+    /// Two inputs, or three with a bias.
+    fn arity_with_bias(&self, bias: bool) -> Result<(), GraphError> {
+        self.arity(
+            self.ins.len() == if bias { 3 } else { 2 },
+            if bias { "3" } else { "2" },
+        )
+    }
     fn shape_err(&self, input: usize, reason: impl Into<String>) -> GraphError {
         GraphError::ShapeMismatch {
             node: self.id,
@@ -1484,6 +1491,21 @@ impl Infer<'_> {
                 input,
                 found: d,
                 expected: "a float type".to_owned(),
+            })
+        }
+    }
+    /// An integer input (ids, positions); `expected` says which.
+    fn index(&self, input: usize, expected: &str) -> Result<(), GraphError> {
+        let d = self.ins[input].dtype;
+        if d.is_index() {
+            Ok(())
+        } else {
+            Err(GraphError::DTypeMismatch {
+                node: self.id,
+                name: self.name.to_owned(),
+                input,
+                found: d,
+                expected: expected.to_owned(),
             })
         }
     }
@@ -1561,6 +1583,69 @@ fn infer_outputs(
     op: &OpKind,
     inputs: &[TensorRef],
 ) -> Result<Option<Vec<TensorMeta>>, GraphError> {
+    let cx = Infer {
+        id,
+        name,
+        op,
+        ins: input_metas(g, id, name, inputs)?,
+    };
+    let outputs = match op {
+        OpKind::Input | OpKind::Parameter { .. } | OpKind::KvCache { .. } | OpKind::Custom(_) => {
+            return Ok(None)
+        }
+        OpKind::KvCacheAppend => cx.kv_cache_append(),
+        OpKind::KvCacheRead { .. } => cx.kv_cache_read(),
+        OpKind::Embedding => cx.embedding(),
+        OpKind::Linear { bias, layout } => cx.linear(*bias, *layout),
+        OpKind::MatMul { transpose_b } => cx.matmul(*transpose_b),
+        OpKind::Conv2d {
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+        } => cx.conv2d(*stride, *padding, *dilation, *groups, *bias),
+        OpKind::MaxPool2d {
+            kernel,
+            stride,
+            padding,
+        }
+        | OpKind::AvgPool2d {
+            kernel,
+            stride,
+            padding,
+        } => cx.pool2d(*kernel, *stride, *padding),
+        OpKind::GlobalAvgPool2d => cx.global_avg_pool2d(),
+        OpKind::BatchNorm { .. } => cx.batch_norm(),
+        OpKind::LayerNorm { .. } => cx.layer_norm(),
+        OpKind::RmsNorm { .. } => cx.rms_norm(),
+        OpKind::Softmax { axis, causal } => cx.softmax(*axis, *causal),
+        OpKind::Attention {
+            heads,
+            kv_heads,
+            head_dim,
+            ..
+        } => cx.attention(*heads, *kv_heads, *head_dim),
+        OpKind::Rotary { head_dim, .. } => cx.rotary(*head_dim),
+        OpKind::Add | OpKind::Mul => cx.broadcast_binary(),
+        OpKind::Gelu { .. } | OpKind::Silu | OpKind::Relu | OpKind::Tanh => cx.activation(),
+        OpKind::Reshape { shape } => cx.reshape(shape),
+        OpKind::Transpose { perm } => cx.transpose(perm),
+        OpKind::Concat { axis } => cx.concat(*axis),
+        OpKind::Split { axis, sizes } => cx.split(*axis, sizes),
+        OpKind::Slice { axis, start, end } => cx.slice(*axis, *start, *end),
+    };
+    outputs.map(Some)
+}
+
+/// The metadata of each of a node's inputs, or the error naming the first edge that points at no
+/// node or at an output its producer does not have.
+fn input_metas<'g>(
+    g: &'g Graph,
+    id: NodeId,
+    name: &str,
+    inputs: &[TensorRef],
+) -> Result<Vec<&'g TensorMeta>, GraphError> {
     let mut ins = Vec::with_capacity(inputs.len());
     for (i, t) in inputs.iter().enumerate() {
         let Some(p) = g.nodes.get(t.node.index()) else {
@@ -1583,385 +1668,379 @@ fn infer_outputs(
         };
         ins.push(m);
     }
-    let cx = Infer { id, name, op, ins };
-    let n = cx.ins.len();
-    let one = |shape: Vec<usize>, dtype: DType| Ok(Some(vec![TensorMeta { shape, dtype }]));
-    match op {
-        OpKind::Input | OpKind::Parameter { .. } | OpKind::KvCache { .. } | OpKind::Custom(_) => {
-            Ok(None)
+    Ok(ins)
+}
+
+/// A single output tensor.
+fn one(shape: Vec<usize>, dtype: DType) -> Result<Vec<TensorMeta>, GraphError> {
+    Ok(vec![TensorMeta { shape, dtype }])
+}
+
+/// The shape rules, one per op (ops sharing a rule share a method), by family: KV cache, linear
+/// algebra, convolution and pooling, normalisation, attention, elementwise, shape.
+impl Infer<'_> {
+    fn kv_cache_append(&self) -> Result<Vec<TensorMeta>, GraphError> {
+        let n = self.ins.len();
+        self.arity(n == 2 || n == 3, "2 or 3")?;
+        let (kpos, base) = if n == 3 { (1, Some(0)) } else { (0, None) };
+        let dt = self.float(kpos)?;
+        let k = self.rank(kpos, 3)?;
+        if self.ins[kpos + 1].shape != k {
+            return Err(self.shape_err(kpos + 1, format!("values must match keys {k:?}")));
         }
-        OpKind::KvCacheAppend => {
-            cx.arity(n == 2 || n == 3, "2 or 3")?;
-            let (kpos, base) = if n == 3 { (1, Some(0)) } else { (0, None) };
-            let dt = cx.float(kpos)?;
-            let k = cx.rank(kpos, 3)?;
-            if cx.ins[kpos + 1].shape != k {
-                return Err(cx.shape_err(kpos + 1, format!("values must match keys {k:?}")));
+        self.same_dtype(kpos + 1, dt)?;
+        match base {
+            None => one(vec![2, k[0], k[1], k[2]], dt),
+            Some(c) => {
+                let cache = self.rank(c, 4)?;
+                if cache[0] != 2 || cache[1] != k[0] || cache[3] != k[2] {
+                    return Err(
+                        self.shape_err(c, format!("cache must be [2, {}, L, {}]", k[0], k[2]))
+                    );
+                }
+                self.same_dtype(c, dt)?;
+                let len = cache[2]
+                    .checked_add(k[1])
+                    .ok_or_else(|| self.overflow("cache length + new tokens"))?;
+                one(vec![2, k[0], len, k[2]], dt)
             }
-            cx.same_dtype(kpos + 1, dt)?;
-            match base {
-                None => one(vec![2, k[0], k[1], k[2]], dt),
-                Some(c) => {
-                    let cache = cx.rank(c, 4)?;
-                    if cache[0] != 2 || cache[1] != k[0] || cache[3] != k[2] {
-                        return Err(
-                            cx.shape_err(c, format!("cache must be [2, {}, L, {}]", k[0], k[2]))
-                        );
-                    }
-                    cx.same_dtype(c, dt)?;
-                    let len = cache[2]
-                        .checked_add(k[1])
-                        .ok_or_else(|| cx.overflow("cache length + new tokens"))?;
-                    one(vec![2, k[0], len, k[2]], dt)
+        }
+    }
+
+    fn kv_cache_read(&self) -> Result<Vec<TensorMeta>, GraphError> {
+        self.arity(self.ins.len() == 1, "1")?;
+        let c = self.rank(0, 4)?;
+        if c[0] != 2 {
+            return Err(self.shape_err(0, "cache must be [2, B, L, E]"));
+        }
+        one(c[1..].to_vec(), self.ins[0].dtype)
+    }
+
+    fn embedding(&self) -> Result<Vec<TensorMeta>, GraphError> {
+        self.arity(self.ins.len() == 2, "2")?;
+        self.index(0, "i64 or i32 ids")?;
+        let dt = self.float(1)?;
+        let t = self.rank(1, 2)?;
+        let mut s = self.ins[0].shape.clone();
+        s.push(t[1]);
+        one(s, dt)
+    }
+
+    fn linear(&self, bias: bool, layout: WeightLayout) -> Result<Vec<TensorMeta>, GraphError> {
+        self.arity_with_bias(bias)?;
+        let dt = self.float(0)?;
+        let x = &self.ins[0].shape;
+        let w = self.rank(1, 2)?;
+        self.same_dtype(1, dt)?;
+        let (i, o) = match layout {
+            WeightLayout::InOut => (w[0], w[1]),
+            WeightLayout::OutIn => (w[1], w[0]),
+        };
+        if x.last() != Some(&i) {
+            return Err(self.shape_err(0, format!("last axis must be {i} (weight {w:?})")));
+        }
+        if bias {
+            self.vector(2, o)?;
+            self.same_dtype(2, dt)?;
+        }
+        let mut s = x.clone();
+        if let Some(last) = s.last_mut() {
+            *last = o;
+        }
+        one(s, dt)
+    }
+
+    fn matmul(&self, transpose_b: bool) -> Result<Vec<TensorMeta>, GraphError> {
+        self.arity(self.ins.len() == 2, "2")?;
+        let dt = self.float(0)?;
+        self.same_dtype(1, dt)?;
+        let a = &self.ins[0].shape;
+        let b = &self.ins[1].shape;
+        if a.len() < 2 {
+            return Err(self.shape_err(0, "rank must be at least 2"));
+        }
+        if b.len() < 2 {
+            return Err(self.shape_err(1, "rank must be at least 2"));
+        }
+        let (m, k) = (a[a.len() - 2], a[a.len() - 1]);
+        let (bk, bn) = if transpose_b {
+            (b[b.len() - 1], b[b.len() - 2])
+        } else {
+            (b[b.len() - 2], b[b.len() - 1])
+        };
+        if bk != k {
+            return Err(self.shape_err(1, format!("inner dimension must be {k}")));
+        }
+        let Some(mut s) = broadcast(&a[..a.len() - 2], &b[..b.len() - 2]) else {
+            return Err(self.shape_err(1, "batch dims do not broadcast"));
+        };
+        s.push(m);
+        s.push(bn);
+        one(s, dt)
+    }
+
+    fn conv2d(
+        &self,
+        stride: [usize; 2],
+        padding: [usize; 2],
+        dilation: [usize; 2],
+        groups: usize,
+        bias: bool,
+    ) -> Result<Vec<TensorMeta>, GraphError> {
+        self.arity_with_bias(bias)?;
+        let dt = self.float(0)?;
+        let x = self.rank(0, 4)?;
+        let w = self.rank(1, 4)?;
+        self.same_dtype(1, dt)?;
+        if groups == 0 || x[1] % groups != 0 || w[0] % groups != 0 {
+            return Err(self.attr_err(format!("groups {groups} must divide channels")));
+        }
+        if w[1].checked_mul(groups) != Some(x[1]) {
+            return Err(self.shape_err(1, format!("weight must be [O, {}, kh, kw]", x[1] / groups)));
+        }
+        if bias {
+            self.vector(2, w[0])?;
+        }
+        let h = pool_dim(x[2], w[2], stride[0], padding[0], dilation[0]);
+        let wd = pool_dim(x[3], w[3], stride[1], padding[1], dilation[1]);
+        match (h, wd) {
+            (Some(h), Some(wd)) if dilation[0] > 0 && dilation[1] > 0 => {
+                one(vec![x[0], w[0], h, wd], dt)
+            }
+            _ => Err(self.attr_err("stride/dilation zero or kernel larger than input")),
+        }
+    }
+
+    /// Max and average pooling.
+    fn pool2d(
+        &self,
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        padding: [usize; 2],
+    ) -> Result<Vec<TensorMeta>, GraphError> {
+        self.arity(self.ins.len() == 1, "1")?;
+        let dt = self.float(0)?;
+        let x = self.rank(0, 4)?;
+        if kernel[0] == 0 || kernel[1] == 0 {
+            return Err(self.attr_err("kernel must be positive"));
+        }
+        let h = pool_dim(x[2], kernel[0], stride[0], padding[0], 1);
+        let w = pool_dim(x[3], kernel[1], stride[1], padding[1], 1);
+        match (h, w) {
+            (Some(h), Some(w)) => one(vec![x[0], x[1], h, w], dt),
+            _ => Err(self.attr_err("stride zero or window larger than input")),
+        }
+    }
+
+    fn global_avg_pool2d(&self) -> Result<Vec<TensorMeta>, GraphError> {
+        self.arity(self.ins.len() == 1, "1")?;
+        let dt = self.float(0)?;
+        let x = self.rank(0, 4)?;
+        one(vec![x[0], x[1], 1, 1], dt)
+    }
+
+    fn batch_norm(&self) -> Result<Vec<TensorMeta>, GraphError> {
+        self.arity(self.ins.len() == 5, "5")?;
+        let dt = self.float(0)?;
+        let x = &self.ins[0].shape;
+        if x.len() < 2 {
+            return Err(self.shape_err(0, "rank must be at least 2"));
+        }
+        for i in 1..5 {
+            self.vector(i, x[1])?;
+            self.same_dtype(i, dt)?;
+        }
+        one(x.clone(), dt)
+    }
+
+    fn layer_norm(&self) -> Result<Vec<TensorMeta>, GraphError> {
+        self.arity(self.ins.len() == 3, "3")?;
+        let dt = self.float(0)?;
+        let Some(&d) = self.ins[0].shape.last() else {
+            return Err(self.shape_err(0, "rank must be at least 1"));
+        };
+        for i in 1..3 {
+            self.vector(i, d)?;
+            self.same_dtype(i, dt)?;
+        }
+        one(self.ins[0].shape.clone(), dt)
+    }
+
+    fn rms_norm(&self) -> Result<Vec<TensorMeta>, GraphError> {
+        self.arity(self.ins.len() == 2, "2")?;
+        let dt = self.float(0)?;
+        let Some(&d) = self.ins[0].shape.last() else {
+            return Err(self.shape_err(0, "rank must be at least 1"));
+        };
+        self.vector(1, d)?;
+        self.same_dtype(1, dt)?;
+        one(self.ins[0].shape.clone(), dt)
+    }
+
+    fn softmax(&self, axis: usize, causal: bool) -> Result<Vec<TensorMeta>, GraphError> {
+        self.arity(self.ins.len() == 1, "1")?;
+        let dt = self.float(0)?;
+        let r = self.ins[0].rank();
+        if axis >= r || (causal && r < 2) {
+            return Err(self.attr_err(format!("axis {axis} / causal invalid for rank {r}")));
+        }
+        one(self.ins[0].shape.clone(), dt)
+    }
+
+    fn attention(
+        &self,
+        heads: usize,
+        kv_heads: Option<usize>,
+        head_dim: usize,
+    ) -> Result<Vec<TensorMeta>, GraphError> {
+        self.arity(self.ins.len() == 3, "3")?;
+        let dt = self.float(0)?;
+        let e = heads
+            .checked_mul(head_dim)
+            .ok_or_else(|| self.overflow("heads · head_dim"))?;
+        if e == 0 {
+            return Err(self.attr_err("heads and head_dim must be positive"));
+        }
+        let g = kv_heads.unwrap_or(heads);
+        if g == 0 || heads % g != 0 {
+            return Err(self.attr_err(format!("kv_heads {g} must divide heads {heads}")));
+        }
+        // g divides heads, so g · head_dim ≤ e does not overflow.
+        let ekv = g * head_dim;
+        let q = self.rank(0, 3)?;
+        let k = self.rank(1, 3)?;
+        if q[2] != e {
+            return Err(self.shape_err(0, format!("expected [B, Q, {e}]")));
+        }
+        if k[0] != q[0] || k[2] != ekv {
+            return Err(self.shape_err(1, format!("expected [{}, K, {ekv}]", q[0])));
+        }
+        if self.ins[2].shape != k {
+            return Err(self.shape_err(2, format!("values must match keys {k:?}")));
+        }
+        self.same_dtype(1, dt)?;
+        self.same_dtype(2, dt)?;
+        one(q.to_vec(), dt)
+    }
+
+    fn rotary(&self, head_dim: usize) -> Result<Vec<TensorMeta>, GraphError> {
+        self.arity(self.ins.len() == 2, "2")?;
+        let dt = self.float(0)?;
+        if head_dim == 0 || head_dim % 2 != 0 {
+            return Err(self.attr_err(format!("head_dim {head_dim} must be positive and even")));
+        }
+        let x = self.rank(0, 3)?;
+        if x[2] % head_dim != 0 {
+            return Err(self.shape_err(0, format!("last axis must be heads · {head_dim}")));
+        }
+        self.index(1, "i64 or i32 positions")?;
+        if self.ins[1].shape != x[..2] {
+            return Err(self.shape_err(1, format!("positions must be [{}, {}]", x[0], x[1])));
+        }
+        one(x.to_vec(), dt)
+    }
+
+    /// Add and Mul: two inputs of one dtype, broadcast against each other.
+    fn broadcast_binary(&self) -> Result<Vec<TensorMeta>, GraphError> {
+        self.arity(self.ins.len() == 2, "2")?;
+        let dt = self.ins[0].dtype;
+        self.same_dtype(1, dt)?;
+        let Some(s) = broadcast(&self.ins[0].shape, &self.ins[1].shape) else {
+            return Err(self.shape_err(
+                1,
+                format!("does not broadcast with {:?}", self.ins[0].shape),
+            ));
+        };
+        one(s, dt)
+    }
+
+    /// Gelu, Silu, Relu, Tanh: one float input, same shape out.
+    fn activation(&self) -> Result<Vec<TensorMeta>, GraphError> {
+        self.arity(self.ins.len() == 1, "1")?;
+        let dt = self.float(0)?;
+        one(self.ins[0].shape.clone(), dt)
+    }
+
+    fn reshape(&self, shape: &[usize]) -> Result<Vec<TensorMeta>, GraphError> {
+        self.arity(self.ins.len() == 1, "1")?;
+        let want = TensorMeta::new(shape.to_vec(), self.ins[0].dtype).checked_elements();
+        if want.is_none() || want != self.ins[0].checked_elements() {
+            return Err(self.shape_err(0, format!("cannot reshape to {shape:?}")));
+        }
+        one(shape.to_vec(), self.ins[0].dtype)
+    }
+
+    fn transpose(&self, perm: &[usize]) -> Result<Vec<TensorMeta>, GraphError> {
+        self.arity(self.ins.len() == 1, "1")?;
+        let x = &self.ins[0].shape;
+        let mut seen = vec![false; x.len()];
+        if perm.len() != x.len()
+            || !perm
+                .iter()
+                .all(|&p| p < x.len() && !std::mem::replace(&mut seen[p], true))
+        {
+            return Err(self.attr_err(format!("{perm:?} is not a permutation of rank {}", x.len())));
+        }
+        one(perm.iter().map(|&p| x[p]).collect(), self.ins[0].dtype)
+    }
+
+    fn concat(&self, axis: usize) -> Result<Vec<TensorMeta>, GraphError> {
+        let n = self.ins.len();
+        self.arity(n >= 1, "at least 1")?;
+        let first = &self.ins[0].shape;
+        if axis >= first.len() {
+            return Err(self.attr_err(format!("axis {axis} out of range for rank {}", first.len())));
+        }
+        let mut s = first.clone();
+        for i in 1..n {
+            // A repeat of the first input needs no comparison (a concatenation of copies).
+            if !std::ptr::eq(self.ins[i], self.ins[0]) {
+                let o = &self.ins[i].shape;
+                self.same_dtype(i, self.ins[0].dtype)?;
+                if o.len() != first.len()
+                    || o.iter()
+                        .zip(first)
+                        .enumerate()
+                        .any(|(d, (a, b))| d != axis && a != b)
+                {
+                    return Err(
+                        self.shape_err(i, format!("must match {first:?} except on axis {axis}"))
+                    );
                 }
             }
+            s[axis] = s[axis]
+                .checked_add(self.ins[i].shape[axis])
+                .ok_or_else(|| self.overflow(format!("length of axis {axis}")))?;
         }
-        OpKind::KvCacheRead { .. } => {
-            cx.arity(n == 1, "1")?;
-            let c = cx.rank(0, 4)?;
-            if c[0] != 2 {
-                return Err(cx.shape_err(0, "cache must be [2, B, L, E]"));
-            }
-            one(c[1..].to_vec(), cx.ins[0].dtype)
+        one(s, self.ins[0].dtype)
+    }
+
+    fn split(&self, axis: usize, sizes: &[usize]) -> Result<Vec<TensorMeta>, GraphError> {
+        self.arity(self.ins.len() == 1, "1")?;
+        let x = &self.ins[0].shape;
+        let total = sizes.iter().try_fold(0usize, |a, &b| a.checked_add(b));
+        if axis >= x.len() || total != Some(x[axis]) || sizes.is_empty() {
+            return Err(self.attr_err(format!("sizes {sizes:?} do not split axis {axis} of {x:?}")));
         }
-        OpKind::Embedding => {
-            cx.arity(n == 2, "2")?;
-            if !cx.ins[0].dtype.is_index() {
-                return Err(GraphError::DTypeMismatch {
-                    node: id,
-                    name: name.to_owned(),
-                    input: 0,
-                    found: cx.ins[0].dtype,
-                    expected: "i64 or i32 ids".to_owned(),
-                });
-            }
-            let dt = cx.float(1)?;
-            let t = cx.rank(1, 2)?;
-            let mut s = cx.ins[0].shape.clone();
-            s.push(t[1]);
-            one(s, dt)
+        Ok(sizes
+            .iter()
+            .map(|&len| {
+                let mut s = x.clone();
+                s[axis] = len;
+                TensorMeta::new(s, self.ins[0].dtype)
+            })
+            .collect())
+    }
+
+    fn slice(&self, axis: usize, start: usize, end: usize) -> Result<Vec<TensorMeta>, GraphError> {
+        self.arity(self.ins.len() == 1, "1")?;
+        let x = &self.ins[0].shape;
+        if axis >= x.len() || start >= end || end > x[axis] {
+            return Err(self.attr_err(format!("slice {start}..{end} of axis {axis} of {x:?}")));
         }
-        OpKind::Linear { bias, layout } => {
-            cx.arity(
-                n == if *bias { 3 } else { 2 },
-                if *bias { "3" } else { "2" },
-            )?;
-            let dt = cx.float(0)?;
-            let x = &cx.ins[0].shape;
-            let w = cx.rank(1, 2)?;
-            cx.same_dtype(1, dt)?;
-            let (i, o) = match layout {
-                WeightLayout::InOut => (w[0], w[1]),
-                WeightLayout::OutIn => (w[1], w[0]),
-            };
-            if x.last() != Some(&i) {
-                return Err(cx.shape_err(0, format!("last axis must be {i} (weight {w:?})")));
-            }
-            if *bias {
-                cx.vector(2, o)?;
-                cx.same_dtype(2, dt)?;
-            }
-            let mut s = x.clone();
-            if let Some(last) = s.last_mut() {
-                *last = o;
-            }
-            one(s, dt)
-        }
-        OpKind::MatMul { transpose_b } => {
-            cx.arity(n == 2, "2")?;
-            let dt = cx.float(0)?;
-            cx.same_dtype(1, dt)?;
-            let a = &cx.ins[0].shape;
-            let b = &cx.ins[1].shape;
-            if a.len() < 2 {
-                return Err(cx.shape_err(0, "rank must be at least 2"));
-            }
-            if b.len() < 2 {
-                return Err(cx.shape_err(1, "rank must be at least 2"));
-            }
-            let (m, k) = (a[a.len() - 2], a[a.len() - 1]);
-            let (bk, bn) = if *transpose_b {
-                (b[b.len() - 1], b[b.len() - 2])
-            } else {
-                (b[b.len() - 2], b[b.len() - 1])
-            };
-            if bk != k {
-                return Err(cx.shape_err(1, format!("inner dimension must be {k}")));
-            }
-            let Some(mut s) = broadcast(&a[..a.len() - 2], &b[..b.len() - 2]) else {
-                return Err(cx.shape_err(1, "batch dims do not broadcast"));
-            };
-            s.push(m);
-            s.push(bn);
-            one(s, dt)
-        }
-        OpKind::Conv2d {
-            stride,
-            padding,
-            dilation,
-            groups,
-            bias,
-        } => {
-            cx.arity(
-                n == if *bias { 3 } else { 2 },
-                if *bias { "3" } else { "2" },
-            )?;
-            let dt = cx.float(0)?;
-            let x = cx.rank(0, 4)?;
-            let w = cx.rank(1, 4)?;
-            cx.same_dtype(1, dt)?;
-            if *groups == 0 || x[1] % groups != 0 || w[0] % groups != 0 {
-                return Err(cx.attr_err(format!("groups {groups} must divide channels")));
-            }
-            if w[1].checked_mul(*groups) != Some(x[1]) {
-                return Err(
-                    cx.shape_err(1, format!("weight must be [O, {}, kh, kw]", x[1] / groups))
-                );
-            }
-            if *bias {
-                cx.vector(2, w[0])?;
-            }
-            let h = pool_dim(x[2], w[2], stride[0], padding[0], dilation[0]);
-            let wd = pool_dim(x[3], w[3], stride[1], padding[1], dilation[1]);
-            match (h, wd) {
-                (Some(h), Some(wd)) if dilation[0] > 0 && dilation[1] > 0 => {
-                    one(vec![x[0], w[0], h, wd], dt)
-                }
-                _ => Err(cx.attr_err("stride/dilation zero or kernel larger than input")),
-            }
-        }
-        OpKind::BatchNorm { .. } => {
-            cx.arity(n == 5, "5")?;
-            let dt = cx.float(0)?;
-            let x = &cx.ins[0].shape;
-            if x.len() < 2 {
-                return Err(cx.shape_err(0, "rank must be at least 2"));
-            }
-            for i in 1..5 {
-                cx.vector(i, x[1])?;
-                cx.same_dtype(i, dt)?;
-            }
-            one(x.clone(), dt)
-        }
-        OpKind::LayerNorm { .. } => {
-            cx.arity(n == 3, "3")?;
-            let dt = cx.float(0)?;
-            let Some(&d) = cx.ins[0].shape.last() else {
-                return Err(cx.shape_err(0, "rank must be at least 1"));
-            };
-            for i in 1..3 {
-                cx.vector(i, d)?;
-                cx.same_dtype(i, dt)?;
-            }
-            one(cx.ins[0].shape.clone(), dt)
-        }
-        OpKind::Softmax { axis, causal } => {
-            cx.arity(n == 1, "1")?;
-            let dt = cx.float(0)?;
-            let r = cx.ins[0].rank();
-            if *axis >= r || (*causal && r < 2) {
-                return Err(cx.attr_err(format!("axis {axis} / causal invalid for rank {r}")));
-            }
-            one(cx.ins[0].shape.clone(), dt)
-        }
-        OpKind::Attention {
-            heads,
-            kv_heads,
-            head_dim,
-            ..
-        } => {
-            cx.arity(n == 3, "3")?;
-            let dt = cx.float(0)?;
-            let e = heads
-                .checked_mul(*head_dim)
-                .ok_or_else(|| cx.overflow("heads · head_dim"))?;
-            if e == 0 {
-                return Err(cx.attr_err("heads and head_dim must be positive"));
-            }
-            let g = kv_heads.unwrap_or(*heads);
-            if g == 0 || heads % g != 0 {
-                return Err(cx.attr_err(format!("kv_heads {g} must divide heads {heads}")));
-            }
-            // g divides heads, so g · head_dim ≤ e does not overflow.
-            let ekv = g * head_dim;
-            let q = cx.rank(0, 3)?;
-            let k = cx.rank(1, 3)?;
-            if q[2] != e {
-                return Err(cx.shape_err(0, format!("expected [B, Q, {e}]")));
-            }
-            if k[0] != q[0] || k[2] != ekv {
-                return Err(cx.shape_err(1, format!("expected [{}, K, {ekv}]", q[0])));
-            }
-            if cx.ins[2].shape != k {
-                return Err(cx.shape_err(2, format!("values must match keys {k:?}")));
-            }
-            cx.same_dtype(1, dt)?;
-            cx.same_dtype(2, dt)?;
-            one(q.to_vec(), dt)
-        }
-        OpKind::Add | OpKind::Mul => {
-            cx.arity(n == 2, "2")?;
-            let dt = cx.ins[0].dtype;
-            cx.same_dtype(1, dt)?;
-            let Some(s) = broadcast(&cx.ins[0].shape, &cx.ins[1].shape) else {
-                return Err(
-                    cx.shape_err(1, format!("does not broadcast with {:?}", cx.ins[0].shape))
-                );
-            };
-            one(s, dt)
-        }
-        OpKind::RmsNorm { .. } => {
-            cx.arity(n == 2, "2")?;
-            let dt = cx.float(0)?;
-            let Some(&d) = cx.ins[0].shape.last() else {
-                return Err(cx.shape_err(0, "rank must be at least 1"));
-            };
-            cx.vector(1, d)?;
-            cx.same_dtype(1, dt)?;
-            one(cx.ins[0].shape.clone(), dt)
-        }
-        OpKind::Rotary { head_dim, .. } => {
-            cx.arity(n == 2, "2")?;
-            let dt = cx.float(0)?;
-            if *head_dim == 0 || head_dim % 2 != 0 {
-                return Err(cx.attr_err(format!("head_dim {head_dim} must be positive and even")));
-            }
-            let x = cx.rank(0, 3)?;
-            if x[2] % head_dim != 0 {
-                return Err(cx.shape_err(0, format!("last axis must be heads · {head_dim}")));
-            }
-            if !cx.ins[1].dtype.is_index() {
-                return Err(GraphError::DTypeMismatch {
-                    node: id,
-                    name: name.to_owned(),
-                    input: 1,
-                    found: cx.ins[1].dtype,
-                    expected: "i64 or i32 positions".to_owned(),
-                });
-            }
-            if cx.ins[1].shape != x[..2] {
-                return Err(cx.shape_err(1, format!("positions must be [{}, {}]", x[0], x[1])));
-            }
-            one(x.to_vec(), dt)
-        }
-        OpKind::Gelu { .. } | OpKind::Silu | OpKind::Relu | OpKind::Tanh => {
-            cx.arity(n == 1, "1")?;
-            let dt = cx.float(0)?;
-            one(cx.ins[0].shape.clone(), dt)
-        }
-        OpKind::MaxPool2d {
-            kernel,
-            stride,
-            padding,
-        }
-        | OpKind::AvgPool2d {
-            kernel,
-            stride,
-            padding,
-        } => {
-            cx.arity(n == 1, "1")?;
-            let dt = cx.float(0)?;
-            let x = cx.rank(0, 4)?;
-            if kernel[0] == 0 || kernel[1] == 0 {
-                return Err(cx.attr_err("kernel must be positive"));
-            }
-            let h = pool_dim(x[2], kernel[0], stride[0], padding[0], 1);
-            let w = pool_dim(x[3], kernel[1], stride[1], padding[1], 1);
-            match (h, w) {
-                (Some(h), Some(w)) => one(vec![x[0], x[1], h, w], dt),
-                _ => Err(cx.attr_err("stride zero or window larger than input")),
-            }
-        }
-        OpKind::GlobalAvgPool2d => {
-            cx.arity(n == 1, "1")?;
-            let dt = cx.float(0)?;
-            let x = cx.rank(0, 4)?;
-            one(vec![x[0], x[1], 1, 1], dt)
-        }
-        OpKind::Reshape { shape } => {
-            cx.arity(n == 1, "1")?;
-            let want = TensorMeta::new(shape.clone(), cx.ins[0].dtype).checked_elements();
-            if want.is_none() || want != cx.ins[0].checked_elements() {
-                return Err(cx.shape_err(0, format!("cannot reshape to {shape:?}")));
-            }
-            one(shape.clone(), cx.ins[0].dtype)
-        }
-        OpKind::Transpose { perm } => {
-            cx.arity(n == 1, "1")?;
-            let x = &cx.ins[0].shape;
-            let mut seen = vec![false; x.len()];
-            if perm.len() != x.len()
-                || !perm
-                    .iter()
-                    .all(|&p| p < x.len() && !std::mem::replace(&mut seen[p], true))
-            {
-                return Err(
-                    cx.attr_err(format!("{perm:?} is not a permutation of rank {}", x.len()))
-                );
-            }
-            one(perm.iter().map(|&p| x[p]).collect(), cx.ins[0].dtype)
-        }
-        OpKind::Concat { axis } => {
-            cx.arity(n >= 1, "at least 1")?;
-            let first = &cx.ins[0].shape;
-            if *axis >= first.len() {
-                return Err(
-                    cx.attr_err(format!("axis {axis} out of range for rank {}", first.len()))
-                );
-            }
-            let mut s = first.clone();
-            for i in 1..n {
-                // A repeat of the first input needs no comparison (a concatenation of copies).
-                if !std::ptr::eq(cx.ins[i], cx.ins[0]) {
-                    let o = &cx.ins[i].shape;
-                    cx.same_dtype(i, cx.ins[0].dtype)?;
-                    if o.len() != first.len()
-                        || o.iter()
-                            .zip(first)
-                            .enumerate()
-                            .any(|(d, (a, b))| d != *axis && a != b)
-                    {
-                        return Err(
-                            cx.shape_err(i, format!("must match {first:?} except on axis {axis}"))
-                        );
-                    }
-                }
-                s[*axis] = s[*axis]
-                    .checked_add(cx.ins[i].shape[*axis])
-                    .ok_or_else(|| cx.overflow(format!("length of axis {axis}")))?;
-            }
-            one(s, cx.ins[0].dtype)
-        }
-        OpKind::Split { axis, sizes } => {
-            cx.arity(n == 1, "1")?;
-            let x = &cx.ins[0].shape;
-            let total = sizes.iter().try_fold(0usize, |a, &b| a.checked_add(b));
-            if *axis >= x.len() || total != Some(x[*axis]) || sizes.is_empty() {
-                return Err(
-                    cx.attr_err(format!("sizes {sizes:?} do not split axis {axis} of {x:?}"))
-                );
-            }
-            Ok(Some(
-                sizes
-                    .iter()
-                    .map(|&len| {
-                        let mut s = x.clone();
-                        s[*axis] = len;
-                        TensorMeta::new(s, cx.ins[0].dtype)
-                    })
-                    .collect(),
-            ))
-        }
-        OpKind::Slice { axis, start, end } => {
-            cx.arity(n == 1, "1")?;
-            let x = &cx.ins[0].shape;
-            if *axis >= x.len() || start >= end || *end > x[*axis] {
-                return Err(cx.attr_err(format!("slice {start}..{end} of axis {axis} of {x:?}")));
-            }
-            let mut s = x.clone();
-            s[*axis] = end - start;
-            one(s, cx.ins[0].dtype)
-        }
+        let mut s = x.clone();
+        s[axis] = end - start;
+        one(s, self.ins[0].dtype)
     }
 }
 

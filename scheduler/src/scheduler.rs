@@ -6,13 +6,13 @@
 //! of the (small) plan and one map lookup.
 
 use crate::analysis::{analyze_with, Analysis, WorkloadClass};
-use crate::constraints::{fit_memory, CoLocation};
+use crate::constraints::{fit_memory, CoLocation, MemoryFit};
 use crate::cost::{CostModel, RooflineCostModel};
-use crate::graph::{Graph, NodeId, Residency};
+use crate::graph::{Consumers, Graph, NodeId, Residency};
 use crate::placement::{CostTable, EdgeTable, PlacementContext, PolicyKind};
 use crate::recompute::choose_recompute;
 use crate::schedule::{
-    CacheAction, CacheDirective, ExecGroup, ExecutionSchedule, Stage, Strategy, Transfer,
+    CacheAction, CacheDirective, ExecGroup, ExecutionSchedule, Recompute, Stage, Strategy, Transfer,
 };
 use crate::topology::{DeviceId, Topology};
 use crate::Error;
@@ -200,6 +200,10 @@ fn choose_policy(plan: &OptimizationPlan, strategy: Strategy, heterogeneous: boo
 
 /// Computes a schedule without caching (what [`Scheduler::create_schedule`] does on a miss),
 /// after validating the graph.
+///
+/// The phases: analyse the graph; choose devices, strategy and policy; place, then apply the
+/// co-location groups, the KV-cache device and the memory capacities; choose what to recompute;
+/// simulate the placement for finish times; derive transfers, stages and caching directives.
 pub fn build_schedule(
     graph: &Graph,
     topology: &Topology,
@@ -218,52 +222,11 @@ pub fn build_schedule(
     };
     let analysis = analyze_with(graph, &consumers);
 
-    let devices: Vec<DeviceId> = match &plan.devices {
-        None => topology.devices().iter().map(|d| d.id).collect(),
-        Some(names) => {
-            let mut v = Vec::with_capacity(names.len());
-            for name in names {
-                let d = topology
-                    .device_by_name(name)
-                    .ok_or_else(|| Error::UnknownDevice { name: name.clone() })?;
-                v.push(d.id);
-            }
-            v.sort_unstable();
-            v.dedup();
-            v
-        }
-    };
-    if devices.is_empty() {
-        return Err(Error::NoDevices);
-    }
-    let heterogeneous = devices
-        .windows(2)
-        .any(|w| topology.device(w[0]).map(|d| &d.spec) != topology.device(w[1]).map(|d| &d.spec));
+    let devices = plan_devices(plan, topology)?;
     let strategy = choose_strategy(plan, &analysis, devices.len());
-    let policy_kind = choose_policy(plan, strategy, heterogeneous);
+    let policy_kind = choose_policy(plan, strategy, is_heterogeneous(topology, &devices));
 
-    let extra: Vec<Vec<NodeId>> = if plan.colocate.is_empty() {
-        Vec::new()
-    } else {
-        let by_name: HashMap<&str, NodeId> = graph
-            .nodes()
-            .iter()
-            .map(|x| (x.name.as_str(), x.id))
-            .collect();
-        let mut out = Vec::with_capacity(plan.colocate.len());
-        for grp in &plan.colocate {
-            let mut ids = Vec::with_capacity(grp.len());
-            for name in grp {
-                ids.push(
-                    *by_name
-                        .get(name.as_str())
-                        .ok_or_else(|| Error::UnknownNode { name: name.clone() })?,
-                );
-            }
-            out.push(ids);
-        }
-        out
-    };
+    let extra = explicit_groups(graph, plan)?;
     let groups = CoLocation::build(graph, &analysis, &consumers, &extra);
     let costs = CostTable::new(graph, topology, cost_model);
     let cx = PlacementContext {
@@ -284,33 +247,16 @@ pub fn build_schedule(
     groups.enforce(&mut device, &devices, |v, d| costs.time(v, d));
     let mut devices = devices;
     if let Some(name) = &plan.kv_device {
-        let kv = topology
-            .device_by_name(name)
-            .ok_or_else(|| Error::UnknownDevice { name: name.clone() })?
-            .id;
-        let kv_groups: std::collections::HashSet<u32> = (0..n)
-            .filter(|&i| analysis.residency[i] == Residency::StatefulKvCache)
-            .map(|i| groups.group_of(NodeId(i as u32)))
-            .collect();
-        for (i, d) in device.iter_mut().enumerate() {
-            if kv_groups.contains(&groups.group_of(NodeId(i as u32))) {
-                *d = kv;
-            }
-        }
-        if !devices.contains(&kv) {
-            devices.push(kv);
-            devices.sort_unstable();
-        }
+        pin_kv_caches(
+            name,
+            topology,
+            &analysis,
+            &groups,
+            &mut device,
+            &mut devices,
+        )?;
     }
 
-    let capacity: Vec<u64> = topology
-        .devices()
-        .iter()
-        .map(|d| {
-            plan.memory_cap_bytes
-                .map_or(d.spec.memory, |c| c.min(d.spec.memory))
-        })
-        .collect();
     let fit = fit_memory(
         graph,
         &consumers,
@@ -319,7 +265,7 @@ pub fn build_schedule(
         &order,
         &mut device,
         &devices,
-        &capacity,
+        &capacities(topology, plan),
         |d| {
             topology
                 .device(d)
@@ -332,20 +278,177 @@ pub fn build_schedule(
     } else {
         choose_recompute(graph, topology, &costs, &analysis.residency, &device)
     };
-    let mut rc: Vec<(NodeId, DeviceId)> = recompute.iter().map(|r| (r.node, r.device)).collect();
-    rc.sort_unstable();
-    let mut rc_any = vec![false; n];
-    for r in &recompute {
-        rc_any[r.node.index()] = true;
-    }
-    let is_recomputed =
-        |u: NodeId, d: DeviceId| rc_any[u.index()] && rc.binary_search(&(u, d)).is_ok();
+    let recomputed = RecomputeLookup::new(n, &recompute);
+    let finish = finish_times(&order, &device, &edges, &costs, topology, &recomputed);
+    let makespan_s = finish.iter().copied().fold(0.0, f64::max);
+    let transfers = transfers(graph, &device, &finish, &recomputed);
+    let levels = StageGroups::new(graph, &topo_order, &order, &device);
+    let caching = caching(graph, &consumers, &analysis.residency, &order, &device);
+    let metadata = metadata(graph, topology, &analysis, &fit);
 
-    // Simulate the final placement in `order` for finish times and makespan.
-    let max_dev = topology.len();
-    let mut avail = vec![0.0f64; max_dev];
-    let mut finish = vec![0.0f64; n];
-    for &v in &order {
+    Ok(ExecutionSchedule {
+        strategy,
+        policy: policy_kind,
+        device_names: topology.devices().iter().map(|d| d.name.clone()).collect(),
+        stages: levels.stages,
+        groups: levels.groups,
+        node_stage: levels.node_stage,
+        node_group: levels.node_group,
+        node_device: device,
+        order,
+        transfers,
+        caching,
+        recompute,
+        colocation_groups: groups
+            .multi_member_groups()
+            .map(<[NodeId]>::to_vec)
+            .collect(),
+        peak_memory: fit.peak,
+        makespan_s,
+        metadata,
+    })
+}
+
+/// The devices the plan allows (all of the topology's when it names none), sorted, without
+/// duplicates; an error if a name is unknown or none is left.
+fn plan_devices(plan: &OptimizationPlan, topology: &Topology) -> Result<Vec<DeviceId>, Error> {
+    let devices: Vec<DeviceId> = match &plan.devices {
+        None => topology.devices().iter().map(|d| d.id).collect(),
+        Some(names) => {
+            let mut v = Vec::with_capacity(names.len());
+            for name in names {
+                let d = topology
+                    .device_by_name(name)
+                    .ok_or_else(|| Error::UnknownDevice { name: name.clone() })?;
+                v.push(d.id);
+            }
+            v.sort_unstable();
+            v.dedup();
+            v
+        }
+    };
+    if devices.is_empty() {
+        return Err(Error::NoDevices);
+    }
+    Ok(devices)
+}
+
+/// Whether the devices differ in their specs.
+fn is_heterogeneous(topology: &Topology, devices: &[DeviceId]) -> bool {
+    devices
+        .windows(2)
+        .any(|w| topology.device(w[0]).map(|d| &d.spec) != topology.device(w[1]).map(|d| &d.spec))
+}
+
+/// The plan's co-location groups, node names resolved to ids.
+fn explicit_groups(graph: &Graph, plan: &OptimizationPlan) -> Result<Vec<Vec<NodeId>>, Error> {
+    if plan.colocate.is_empty() {
+        return Ok(Vec::new());
+    }
+    let by_name: HashMap<&str, NodeId> = graph
+        .nodes()
+        .iter()
+        .map(|x| (x.name.as_str(), x.id))
+        .collect();
+    let mut out = Vec::with_capacity(plan.colocate.len());
+    for grp in &plan.colocate {
+        let mut ids = Vec::with_capacity(grp.len());
+        for name in grp {
+            ids.push(
+                *by_name
+                    .get(name.as_str())
+                    .ok_or_else(|| Error::UnknownNode { name: name.clone() })?,
+            );
+        }
+        out.push(ids);
+    }
+    Ok(out)
+}
+
+/// Moves every co-location group holding a KV cache to the device named `name`, which joins the
+/// allowed `devices` if it was not among them.
+fn pin_kv_caches(
+    name: &str,
+    topology: &Topology,
+    analysis: &Analysis,
+    groups: &CoLocation,
+    device: &mut [DeviceId],
+    devices: &mut Vec<DeviceId>,
+) -> Result<(), Error> {
+    let kv = topology
+        .device_by_name(name)
+        .ok_or_else(|| Error::UnknownDevice {
+            name: name.to_owned(),
+        })?
+        .id;
+    let kv_groups: std::collections::HashSet<u32> = analysis
+        .residency
+        .iter()
+        .enumerate()
+        .filter(|&(_, &r)| r == Residency::StatefulKvCache)
+        .map(|(i, _)| groups.group_of(NodeId(i as u32)))
+        .collect();
+    for (i, d) in device.iter_mut().enumerate() {
+        if kv_groups.contains(&groups.group_of(NodeId(i as u32))) {
+            *d = kv;
+        }
+    }
+    if !devices.contains(&kv) {
+        devices.push(kv);
+        devices.sort_unstable();
+    }
+    Ok(())
+}
+
+/// Memory capacity per device id: the device's memory, lowered to the plan's cap if it has one.
+fn capacities(topology: &Topology, plan: &OptimizationPlan) -> Vec<u64> {
+    topology
+        .devices()
+        .iter()
+        .map(|d| {
+            plan.memory_cap_bytes
+                .map_or(d.spec.memory, |c| c.min(d.spec.memory))
+        })
+        .collect()
+}
+
+/// Whether a device recomputes a producer instead of receiving its output.
+struct RecomputeLookup {
+    /// (producer, device) pairs, sorted.
+    pairs: Vec<(NodeId, DeviceId)>,
+    /// Per node: recomputed on some device (skips the search for most nodes).
+    any: Vec<bool>,
+}
+
+impl RecomputeLookup {
+    fn new(n: usize, recompute: &[Recompute]) -> Self {
+        let mut pairs: Vec<(NodeId, DeviceId)> =
+            recompute.iter().map(|r| (r.node, r.device)).collect();
+        pairs.sort_unstable();
+        let mut any = vec![false; n];
+        for r in recompute {
+            any[r.node.index()] = true;
+        }
+        Self { pairs, any }
+    }
+
+    fn contains(&self, u: NodeId, d: DeviceId) -> bool {
+        self.any[u.index()] && self.pairs.binary_search(&(u, d)).is_ok()
+    }
+}
+
+/// Simulates the final placement in `order`: each node's finish time, seconds.
+fn finish_times(
+    order: &[NodeId],
+    device: &[DeviceId],
+    edges: &EdgeTable,
+    costs: &CostTable,
+    topology: &Topology,
+    recomputed: &RecomputeLookup,
+) -> Vec<f64> {
+    let mut avail = vec![0.0f64; topology.len()];
+    let mut finish = vec![0.0f64; device.len()];
+    for &v in order {
         let d = device[v.index()];
         let mut ready = 0.0f64;
         let (prods, sizes) = edges.inputs(v);
@@ -353,7 +456,7 @@ pub fn build_schedule(
             let u = u as usize;
             let mut at = finish[u];
             if device[u] != d {
-                if is_recomputed(NodeId(u as u32), d) {
+                if recomputed.contains(NodeId(u as u32), d) {
                     at += costs.time(NodeId(u as u32), d);
                 } else {
                     at += topology.transfer_time(device[u], d, bytes);
@@ -365,15 +468,22 @@ pub fn build_schedule(
         finish[v.index()] = f;
         avail[d.index()] = f;
     }
-    let makespan_s = finish.iter().copied().fold(0.0, f64::max);
+    finish
+}
 
-    // Transfers, one per (tensor, destination).
+/// The transfers, one per (tensor, destination device) that does not recompute the producer.
+fn transfers(
+    graph: &Graph,
+    device: &[DeviceId],
+    finish: &[f64],
+    recomputed: &RecomputeLookup,
+) -> Vec<Transfer> {
     let mut transfers: Vec<Transfer> = Vec::new();
     for node in graph.nodes() {
         let d = device[node.id.index()];
         for t in &node.inputs {
             let src = device[t.node.index()];
-            if src != d && !is_recomputed(t.node, d) {
+            if src != d && !recomputed.contains(t.node, d) {
                 transfers.push(Transfer {
                     tensor: *t,
                     src,
@@ -386,42 +496,70 @@ pub fn build_schedule(
     }
     transfers.sort_by_key(|t| (t.tensor, t.dst));
     transfers.dedup_by(|a, b| a.tensor == b.tensor && a.dst == b.dst);
+    transfers
+}
 
-    // Stages = dependency levels; groups = (stage, device).
-    let mut stage = vec![0u32; n];
-    for &v in &topo_order {
-        let node = &graph.nodes()[v.index()];
-        stage[v.index()] = node
-            .inputs
-            .iter()
-            .map(|t| stage[t.node.index()] + 1)
-            .max()
-            .unwrap_or(0);
-    }
-    let n_stages = stage.iter().copied().max().map_or(0, |s| s as usize + 1);
-    let mut group_index: HashMap<(u32, DeviceId), u32> = HashMap::new();
-    let mut exec_groups: Vec<ExecGroup> = Vec::new();
-    let mut node_group = vec![0u32; n];
-    for &v in &order {
-        let key = (stage[v.index()], device[v.index()]);
-        let gi = *group_index.entry(key).or_insert_with(|| {
-            exec_groups.push(ExecGroup {
-                stage: key.0,
-                device: key.1,
-                nodes: Vec::new(),
+/// Stages are dependency levels; a stage's groups are its nodes by device, in `order`.
+struct StageGroups {
+    stages: Vec<Stage>,
+    groups: Vec<ExecGroup>,
+    node_stage: Vec<u32>,
+    node_group: Vec<u32>,
+}
+
+impl StageGroups {
+    fn new(graph: &Graph, topo_order: &[NodeId], order: &[NodeId], device: &[DeviceId]) -> Self {
+        let n = graph.len();
+        let mut stage = vec![0u32; n];
+        for &v in topo_order {
+            let node = &graph.nodes()[v.index()];
+            stage[v.index()] = node
+                .inputs
+                .iter()
+                .map(|t| stage[t.node.index()] + 1)
+                .max()
+                .unwrap_or(0);
+        }
+        let n_stages = stage.iter().copied().max().map_or(0, |s| s as usize + 1);
+        let mut group_index: HashMap<(u32, DeviceId), u32> = HashMap::new();
+        let mut exec_groups: Vec<ExecGroup> = Vec::new();
+        let mut node_group = vec![0u32; n];
+        for &v in order {
+            let key = (stage[v.index()], device[v.index()]);
+            let gi = *group_index.entry(key).or_insert_with(|| {
+                exec_groups.push(ExecGroup {
+                    stage: key.0,
+                    device: key.1,
+                    nodes: Vec::new(),
+                });
+                exec_groups.len() as u32 - 1
             });
-            exec_groups.len() as u32 - 1
-        });
-        exec_groups[gi as usize].nodes.push(v);
-        node_group[v.index()] = gi;
+            exec_groups[gi as usize].nodes.push(v);
+            node_group[v.index()] = gi;
+        }
+        let mut stages = vec![Stage { groups: Vec::new() }; n_stages];
+        for (gi, g) in exec_groups.iter().enumerate() {
+            stages[g.stage as usize].groups.push(gi as u32);
+        }
+        Self {
+            stages,
+            groups: exec_groups,
+            node_stage: stage,
+            node_group,
+        }
     }
-    let mut stages = vec![Stage { groups: Vec::new() }; n_stages];
-    for (gi, g) in exec_groups.iter().enumerate() {
-        stages[g.stage as usize].groups.push(gi as u32);
-    }
+}
 
-    // Caching: resident tensors and graph outputs are kept; others evicted after their last
-    // consumer on each device holding a copy.
+/// Caching: resident tensors and graph outputs are kept; others evicted after their last
+/// consumer on each device holding a copy.
+fn caching(
+    graph: &Graph,
+    consumers: &Consumers,
+    residency: &[Residency],
+    order: &[NodeId],
+    device: &[DeviceId],
+) -> Vec<CacheDirective> {
+    let n = graph.len();
     let mut pos = vec![0u32; n];
     for (i, v) in order.iter().enumerate() {
         pos[v.index()] = i as u32;
@@ -438,7 +576,7 @@ pub fn build_schedule(
         }
         let home = device[node.id.index()];
         let keep = is_output[node.id.index()]
-            || analysis.residency[node.id.index()] != Residency::EphemeralActivation;
+            || residency[node.id.index()] != Residency::EphemeralActivation;
         last.clear();
         last.push((home, node.id));
         for &c in consumers.of(node.id) {
@@ -461,7 +599,16 @@ pub fn build_schedule(
             });
         }
     }
+    caching
+}
 
+/// The schedule's metadata: graph name and hash, topology version, workload, memory moves.
+fn metadata(
+    graph: &Graph,
+    topology: &Topology,
+    analysis: &Analysis,
+    fit: &MemoryFit,
+) -> BTreeMap<String, String> {
     let mut metadata = BTreeMap::new();
     metadata.insert("graph".to_owned(), graph.name.clone());
     metadata.insert(
@@ -477,26 +624,5 @@ pub fn build_schedule(
         format!("{:?}", analysis.workload).to_lowercase(),
     );
     metadata.insert("memory_moves".to_owned(), fit.moves.len().to_string());
-
-    Ok(ExecutionSchedule {
-        strategy,
-        policy: policy_kind,
-        device_names: topology.devices().iter().map(|d| d.name.clone()).collect(),
-        stages,
-        groups: exec_groups,
-        node_stage: stage,
-        node_group,
-        node_device: device,
-        order,
-        transfers,
-        caching,
-        recompute,
-        colocation_groups: groups
-            .multi_member_groups()
-            .map(<[NodeId]>::to_vec)
-            .collect(),
-        peak_memory: fit.peak,
-        makespan_s,
-        metadata,
-    })
+    metadata
 }

@@ -26,7 +26,6 @@ impl std::fmt::Display for Backend {
 
 /// Which backend [`crate::open`] should use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum BackendChoice {
     /// RDMA when the `rdma` feature is built in and a usable device exists, else TCP (default).

@@ -96,7 +96,6 @@ pub mod completion;
 pub mod config;
 pub mod error;
 pub mod fuzzing;
-pub mod perf;
 
 #[cfg(feature = "rdma")]
 mod rdma;

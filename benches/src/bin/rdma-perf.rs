@@ -4,16 +4,16 @@
 //! - `write_lat`: the `ib_write_lat` method through Genie's transport: two endpoints in this
 //!   process ping-pong `size`-byte RDMA writes, each side spinning on its region's memory until the
 //!   peer's write has landed; the reported latency is half the round trip (like perftest);
-//! - `read_lat`, `write_bw`: [`genie_transport::perf`] (post-to-completion time of one read, like
+//! - `read_lat`, `write_bw`: [`genie_benches::perf`] (post-to-completion time of one read, like
 //!   `ib_read_lat`; bandwidth with `--window` writes in flight, like `ib_write_bw`'s tx depth).
 //!
 //! Run inside soft-RoCE: `scripts/softroce.sh -- target/release/rdma-perf write_lat --size 8`.
 //! The last line is machine-readable: `RESULT <test> <mode> typical_us=<x>` or `bw_mb_s=<x>`.
 
 use anyhow::{bail, ensure, Context, Result};
+use genie_benches::perf::{self, PerfArgs, PerfRole, PerfTest};
 use genie_benches::spin_until;
 use genie_sys::clock;
-use genie_transport::perf::{self, PerfArgs, PerfRole, PerfTest};
 use genie_transport::{open, BackendChoice, PollMode, RdmaConfig, TransportConfig};
 use std::time::Duration;
 

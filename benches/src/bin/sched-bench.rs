@@ -22,9 +22,10 @@
 //! Options: `--quick` runs fewer repetitions.
 
 use anyhow::{ensure, Result};
+use genie_benches::mutex_queue::run_with_mutex_queue;
 use genie_scheduler::builders::{self, Gpt2Config, ModelSize};
 use genie_scheduler::cost::DeviceSpec;
-use genie_scheduler::dispatch::{run_with_mutex_queue, Dispatcher, TaskGraph};
+use genie_scheduler::dispatch::{Dispatcher, TaskGraph};
 use genie_scheduler::placement::{cross_device_bytes, round_robin};
 use genie_scheduler::synthetic::{layered_dag, SyntheticConfig};
 use genie_scheduler::topology::{DeviceId, LinkSpec};

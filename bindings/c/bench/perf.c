@@ -1,5 +1,5 @@
 /*
- * perf.c: the transport's cost from C, measured as `genie perf` measures it from Rust.
+ * perf.c: the transport's cost from C, measured as `genie-perf` measures it from Rust.
  *
  * Loopback TCP, both endpoints in this process, busy polling. Prints one line:
  *   c write8_median_us=<t> bw64k_mb_s=<b>

@@ -1,4 +1,4 @@
-"""The transport's cost from Python, measured as `genie perf` measures it from Rust.
+"""The transport's cost from Python, measured as `genie-perf` measures it from Rust.
 
 Loopback TCP, both endpoints in this process, busy polling. Prints one line:
 ``py write8_median_us=<t> bw64k_mb_s=<b> native_write8_median_us=<n> paired_overhead_us=<o>``:
@@ -10,7 +10,7 @@ Loopback TCP, both endpoints in this process, busy polling. Prints one line:
   median over the blocks of (Python block median - Rust block median): the binding's own cost,
   which the machine's load moves far less than the absolute figures;
 - ``bw64k_mb_s``: 64 KiB writes, up to 128 in flight, posted as batches of 32
-  (``conn.write_batch``) with one handle each, as ``genie perf --window 128`` posts them.
+  (``conn.write_batch``) with one handle each, as ``genie-perf --window 128`` posts them.
 
 Usage: ``python perf.py [latency_iterations] [bandwidth_iterations]``.
 """
@@ -63,7 +63,7 @@ def main():
     native_us = statistics.median(native) / 1e3
     paired_us = statistics.median(diffs) / 1e3
 
-    # Slot j % window for transfer j, as `genie perf` does.
+    # Slot j % window for transfer j, as `genie-perf` does.
     flying, inflight, i = collections.deque(), 0, 0
     t0 = time.perf_counter()
     while i < n_bw:

@@ -1,4 +1,4 @@
-//! perftest-style latency and bandwidth measurement of a transport (the logic of `genie perf`).
+//! perftest-style latency and bandwidth measurement of a transport (the logic of `genie-perf`).
 //!
 //! For each test (write, read, send) and message size it measures
 //! - latency: `iterations` operations one after the other, each waited for before the next; the
@@ -12,11 +12,13 @@
 //! Server and client run in one process on loopback ([`PerfRole::Loopback`]), or as two processes
 //! ([`PerfRole::Server`] / [`PerfRole::Client`]).
 
-use crate::config::{PollMode, TransportConfig};
-use crate::error::{Result, TransportError};
-use crate::region::{Region, RemoteRegion};
-use crate::{open, Connection, Transport};
+use clap::builder::TypedValueParser;
 use genie_sys::clock;
+use genie_transport::codec::{DecodeError, Reader};
+use genie_transport::{
+    open, BackendChoice, Batch, Connection, Op, PollMode, RdmaConfig, Region, RemoteRegion, Result,
+    Transfer, TransferKind, Transport, TransportConfig, TransportError,
+};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::net::SocketAddr;
@@ -24,8 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Which operation to measure.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum PerfTest {
     /// One-sided write.
@@ -57,8 +58,8 @@ pub enum PerfRole {
     Client(SocketAddr),
 }
 
-/// Arguments of a run (a plain struct: the `genie perf` command line and the `genie-perf` binary
-/// both fill it from their own flags).
+/// Arguments of a run (a plain struct: the `genie-perf` binary fills it from [`PerfCli`], other
+/// benchmarks fill it themselves).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PerfArgs {
     /// Endpoint configuration (backend, poll mode, listen address for servers).
@@ -143,7 +144,7 @@ pub fn run(args: &PerfArgs, out: &mut dyn Write) -> Result<Vec<PerfRow>> {
             let t = open(args.config.clone())?;
             writeln!(
                 out,
-                "# genie perf server: backend {} listening on {}",
+                "# genie-perf server: backend {} listening on {}",
                 t.backend(),
                 t.local_addr()
             )
@@ -271,8 +272,8 @@ fn serde_json_like(d: &RemoteRegion) -> Vec<u8> {
 }
 
 fn parse_desc(b: &[u8]) -> Result<RemoteRegion> {
-    let mut r = crate::codec::Reader::new(b);
-    let bad = |e: crate::codec::DecodeError| e.into_error(None);
+    let mut r = Reader::new(b);
+    let bad = |e: DecodeError| e.into_error(None);
     let d = RemoteRegion {
         endpoint: r.u64().map_err(bad)?,
         region: r.u64().map_err(bad)?,
@@ -299,7 +300,7 @@ fn client(args: &PerfArgs, addr: SocketAddr, out: &mut dyn Write) -> Result<Vec<
     for &test in &args.tests {
         writeln!(
             out,
-            "# genie perf: test {test}, backend {}, poll_mode {:?}, window {}, connections {}; t = post-to-completion round trip",
+            "# genie-perf: test {test}, backend {}, poll_mode {:?}, window {}, connections {}; t = post-to-completion round trip",
             t.backend(),
             args.config.poll_mode,
             args.window,
@@ -344,7 +345,7 @@ fn post(
     size: usize,
     remote: &RemoteRegion,
     msg: &[u8],
-) -> Result<crate::Op> {
+) -> Result<Op> {
     let off = slot * size;
     match test {
         PerfTest::Write => conn.write(local, off, remote, off as u64, size),
@@ -354,10 +355,10 @@ fn post(
 }
 
 /// The transfer kind of a one-sided test; `None` for messages.
-fn one_sided(test: PerfTest) -> Option<crate::TransferKind> {
+fn one_sided(test: PerfTest) -> Option<TransferKind> {
     match test {
-        PerfTest::Write => Some(crate::TransferKind::Write),
-        PerfTest::Read => Some(crate::TransferKind::Read),
+        PerfTest::Write => Some(TransferKind::Write),
+        PerfTest::Read => Some(TransferKind::Read),
         PerfTest::Send => None,
     }
 }
@@ -366,7 +367,7 @@ fn one_sided(test: PerfTest) -> Option<crate::TransferKind> {
 /// batches of `window / 4` (at most 32): a batch asks for one completion, as perftest's
 /// completion moderation (`--cq-mod`) does, where one operation at a time would ask for one each.
 fn bandwidth_batched(
-    kind: crate::TransferKind,
+    kind: TransferKind,
     n: usize,
     size: usize,
     window: usize,
@@ -375,7 +376,7 @@ fn bandwidth_batched(
     remote: &RemoteRegion,
 ) -> Result<()> {
     let per = (window / 4).clamp(1, 32);
-    let wait = |b: &crate::Batch| -> Result<()> {
+    let wait = |b: &Batch| -> Result<()> {
         let st = b.wait(WAIT)?;
         if st.failed > 0 {
             for r in b.results().into_iter().flatten() {
@@ -384,7 +385,7 @@ fn bandwidth_batched(
         }
         Ok(())
     };
-    let mut flying: std::collections::VecDeque<crate::Batch> = std::collections::VecDeque::new();
+    let mut flying: std::collections::VecDeque<Batch> = std::collections::VecDeque::new();
     let (mut inflight, mut i) = (0, 0);
     while i < n {
         let b = per.min(n - i);
@@ -398,10 +399,10 @@ fn bandwidth_batched(
             }
         }
         // Slots `j % window`: no two transfers in flight share one.
-        let transfers: Vec<crate::Transfer<'_>> = (i..i + b)
+        let transfers: Vec<Transfer<'_>> = (i..i + b)
             .map(|j| {
                 let off = (j % window) * size;
-                crate::Transfer {
+                Transfer {
                     kind,
                     local,
                     local_offset: off,
@@ -478,7 +479,7 @@ fn measure(
             for i in 0..n {
                 if inflight.len() == args.window {
                     if let Some(op) = inflight.pop_front() {
-                        crate::Op::wait(&op, WAIT)?;
+                        Op::wait(&op, WAIT)?;
                     }
                 }
                 inflight.push_back(post(
@@ -526,41 +527,13 @@ fn recv_reply(conn: &dyn Connection, mode: PollMode) -> Result<Vec<u8>> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn loopback_run_prints_perftest_columns() {
-        let args = PerfArgs {
-            config: TransportConfig::tcp(),
-            sizes: vec![1, 4096],
-            iterations: 20,
-            window: 4,
-            ..PerfArgs::default()
-        };
-        let mut out = Vec::new();
-        let rows = run(&args, &mut out).unwrap();
-        let text = String::from_utf8(out).unwrap();
-        assert_eq!(rows.len(), 6, "{text}");
-        assert!(text.contains(HEADER));
-        for r in rows {
-            assert!(
-                r.t_min_us <= r.t_typical_us && r.t_typical_us <= r.t_p99_us && r.bw_mb_s > 0.0,
-                "{r:?}"
-            );
-        }
-    }
-}
-
-/// The command-line arguments of a perf run, shared by `genie perf` and the `genie-perf` benchmark
-/// binary (feature `cli`). Flatten it into a clap parser and call [`PerfCli::to_args`].
-#[cfg(feature = "cli")]
+/// The command-line arguments of a perf run (those of the `genie-perf` binary). Flatten it into a
+/// clap parser and call [`PerfCli::to_args`].
 #[derive(Debug, Clone, clap::Args)]
 pub struct PerfCli {
     /// Backend.
-    #[arg(long, value_enum, default_value = "tcp")]
-    pub backend: crate::BackendChoice,
+    #[arg(long, value_parser = backend_parser(), default_value = "tcp")]
+    pub backend: BackendChoice,
     /// Tests to run (comma-separated).
     #[arg(
         long,
@@ -598,22 +571,31 @@ pub struct PerfCli {
     pub connections: usize,
 }
 
-#[cfg(feature = "cli")]
+/// Parses `--backend`, listing its values in `--help` as a clap value enum would.
+fn backend_parser() -> impl TypedValueParser<Value = BackendChoice> {
+    clap::builder::PossibleValuesParser::new(["auto", "tcp", "rdma"]).map(|s| match s.as_str() {
+        "auto" => BackendChoice::Auto,
+        "rdma" => BackendChoice::Rdma,
+        // The only value left: the possible-values parser refused any other.
+        _ => BackendChoice::Tcp,
+    })
+}
+
 impl PerfCli {
     /// The run these arguments describe.
     pub fn to_args(&self) -> PerfArgs {
-        let config = crate::TransportConfig {
+        let config = TransportConfig {
             backend: self.backend,
             listen: self.listen,
             poll_mode: if self.busy_poll {
-                crate::PollMode::BusyPoll
+                PollMode::BusyPoll
             } else {
-                crate::PollMode::Blocking
+                PollMode::Blocking
             },
-            rdma: crate::RdmaConfig {
+            rdma: RdmaConfig {
                 device: self.rdma_device.clone(),
             },
-            ..crate::TransportConfig::default()
+            ..TransportConfig::default()
         };
         let role = match (self.server, self.client) {
             (true, _) => PerfRole::Server,
@@ -633,5 +615,51 @@ impl PerfCli {
             args.sizes = self.sizes.clone();
         }
         args
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_run_prints_perftest_columns() {
+        let args = PerfArgs {
+            config: TransportConfig::tcp(),
+            sizes: vec![1, 4096],
+            iterations: 20,
+            window: 4,
+            ..PerfArgs::default()
+        };
+        let mut out = Vec::new();
+        let rows = run(&args, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(rows.len(), 6, "{text}");
+        assert!(text.contains(HEADER));
+        for r in rows {
+            assert!(
+                r.t_min_us <= r.t_typical_us && r.t_typical_us <= r.t_p99_us && r.bw_mb_s > 0.0,
+                "{r:?}"
+            );
+        }
+    }
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        perf: PerfCli,
+    }
+
+    #[test]
+    fn command_line_backend_values() {
+        use clap::Parser;
+        let parse = |b: &str| Cli::try_parse_from(["genie-perf", "--backend", b]);
+        assert_eq!(parse("auto").unwrap().perf.backend, BackendChoice::Auto);
+        assert_eq!(parse("tcp").unwrap().perf.backend, BackendChoice::Tcp);
+        assert_eq!(parse("rdma").unwrap().perf.backend, BackendChoice::Rdma);
+        assert!(parse("ib").is_err());
+        let args = Cli::try_parse_from(["genie-perf"]).unwrap().perf.to_args();
+        assert_eq!(args.config.backend, BackendChoice::Tcp);
+        assert_eq!(args.role, PerfRole::Loopback);
     }
 }
