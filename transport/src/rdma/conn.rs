@@ -34,6 +34,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Receive buffers pre-posted per connection (the peer's send credits).
+/// CQ batches [`RdmaConn::drain_cq`] polls at most when the peer closes: more than a full receive
+/// queue's worth of completions.
+const DRAIN_BATCHES: usize = 64;
+
 const RECV_DEPTH: u32 = 32;
 /// Send queue depth (outstanding work requests).
 const SQ_DEPTH: u32 = 128;
@@ -1716,12 +1720,27 @@ impl RdmaConn {
                     }
                 }
                 Err(e) => {
+                    if e.kind() == io::ErrorKind::UnexpectedEof {
+                        self.drain_cq();
+                    }
                     self.die(self.side_read_error(e));
                     return false;
                 }
             }
         }
         false
+    }
+
+    /// Delivers what the CQ holds before the connection fails on the peer's orderly close: a
+    /// message the peer sent just before closing completed on its side only once our receive
+    /// had, so it is in our CQ, possibly not yet polled (its event and the side channel's end may
+    /// come in one batch). Bounded by [`DRAIN_BATCHES`].
+    fn drain_cq(&self) {
+        for _ in 0..DRAIN_BATCHES {
+            if !matches!(self.progress(true), Ok(true)) {
+                break;
+            }
+        }
     }
 
     /// The connection's error for a failed side-channel read.
