@@ -22,7 +22,6 @@
 
 use clap::Parser;
 use genie_runtime::cluster::Cluster;
-use genie_runtime::demo::model_config;
 use genie_runtime::driver::{Driver, EmbeddedCluster};
 use genie_runtime::error::RuntimeError;
 use genie_runtime::kernels::CpuKernels;
@@ -108,7 +107,7 @@ fn tokens_text(t: &[i64]) -> String {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let model = model_config(&args.model)?;
+    let model = genie_runtime::models::Model::named(&args.model)?;
     let cluster = Cluster::load(&args.cluster)?;
     let p = prompt(args.prompt_len, model.vocab());
     let weights = WeightSpec::Seeded(args.weights_seed);

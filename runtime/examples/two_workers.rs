@@ -3,10 +3,10 @@
 //! Two in-process workers on TCP loopback: a small GPT-2 prefills on w0 with its KV caches
 //! built on w1 (streamed layer by layer), then decodes on w1; prints tokens, bytes and timings.
 
-use genie_runtime::demo::{colocated_decode, colocated_prefill};
 use genie_runtime::driver::{Driver, EmbeddedCluster};
 use genie_runtime::kernels::CpuKernels;
 use genie_runtime::models::{generate, prompt};
+use genie_runtime::plan::Placement;
 use genie_runtime::proto::WeightSpec;
 use genie_runtime::trace::summarize;
 use genie_scheduler::builders::Gpt2Config;
@@ -34,8 +34,8 @@ fn main() -> anyhow::Result<()> {
         &p,
         8,
         0,
-        |g| Ok(colocated_prefill(g)),
-        |g| Ok(colocated_decode(g)),
+        |g| Ok(Placement::colocated_prefill(g)),
+        |g| Ok(Placement::colocated_decode(g)),
     )?;
     let s = summarize(&gen.prefill.spans);
     println!(

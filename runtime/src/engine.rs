@@ -449,12 +449,7 @@ impl Engine {
                 cfg.prefill_worker, cfg.decode_worker
             )));
         }
-        let topology = genie_scheduler::Topology::uniform(
-            n,
-            genie_scheduler::cost::DeviceSpec::cpu(),
-            genie_scheduler::topology::LinkSpec::gbps(20.0, 30.0),
-        )
-        .map_err(|e| RuntimeError::Scheduler(e.into()))?;
+        let topology = crate::plan::cpu_topology(n)?;
         let spans = Arc::new(parking_lot::Mutex::new(Vec::new()));
         let (tx, rx) = mpsc::channel();
         let pool = Arc::new(parking_lot::Mutex::new(Pool {
@@ -804,18 +799,9 @@ impl Core {
         Ok((out, logits))
     }
 
-    /// The scheduler's placement of `g` with its compute on worker `on` and its KV caches on
-    /// worker `kv` (the co-location constraint moves each cache's group there); repeated shapes
-    /// come from the scheduler's cache.
+    /// The scheduler's placement of `g`: compute on worker `on`, KV caches on worker `kv`.
     fn place(&mut self, g: &Graph, on: usize, kv: usize) -> Result<Placement, RuntimeError> {
-        let plan = genie_scheduler::OptimizationPlan {
-            devices: Some(vec![format!("dev{on}")]),
-            kv_device: Some(format!("dev{kv}")),
-            no_recompute: true,
-            ..Default::default()
-        };
-        let s = self.scheduler.create_schedule(g, &plan).map_err(sched)?;
-        Ok(Placement::from_schedule(&s))
+        Placement::scheduled(&mut self.scheduler, g, on, kv)
     }
 
     /// Keeps a run's spans (when recording), moved from the run's own origin to the engine's.
@@ -966,10 +952,6 @@ fn busiest_link(out: &RunOutput) -> Duration {
         *per.entry((t.src, t.dst)).or_default() += t.seconds;
     }
     Duration::from_secs_f64(per.values().copied().fold(0.0, f64::max))
-}
-
-fn sched(e: genie_scheduler::Error) -> RuntimeError {
-    RuntimeError::Scheduler(e)
 }
 
 /// The next token from the last row of `logits` under `sampling`.

@@ -8,8 +8,9 @@
 //! - [`kernels`]: the [`Kernels`](kernels::Kernels) trait and the reference CPU backend.
 //! - [`weights`]: seeded or safetensors weights.
 //! - [`trace`]: timeline, counters, Chrome/Perfetto trace export.
-//! - [`plan`]: placements (hand-made, or [`Placement::from_schedule`](plan::Placement::from_schedule)
-//!   for the scheduler's) and the per-run execution plan (transfers, region offsets, lifetimes).
+//! - [`plan`]: placements (the scheduler's, [`Placement::scheduled`](plan::Placement::scheduled),
+//!   as the engine and `genie` run them; hand-made ones as baselines and for tests) and the
+//!   per-run execution plan (transfers, region offsets, lifetimes).
 //! - [`cache`]: graphs, placements and plans kept across runs (a graph crosses the network once;
 //!   later runs name it and the tensors that changed shape).
 //! - [`worker`] / [`driver`]: the executor. Workers are threads ([`driver::EmbeddedCluster`])
@@ -18,8 +19,12 @@
 //!   are its submodules.
 //! - [`control`]: the control messages driver and workers exchange (endpoint configuration,
 //!   send/receive with the peer named in failures, connecting while a peer starts).
-//! - [`models`], [`demo`], [`feedback`]: GPT-2 generation, the `genie demo`, and calibration of
-//!   the scheduler's cost model from measured spans.
+//! - [`models`]: the model families (one module each), generation, checkpoints and tokenizers.
+//! - [`engine`]: the serving engine (many concurrent requests on one driver).
+//! - [`feedback`]: calibration of the scheduler's cost model from measured spans.
+//!
+//! The `genie` command line (`src/main.rs`) and its own modules (`src/cli/`: the `genie demo`
+//! experiment) are not part of this library.
 //!
 //! # Example
 //!
@@ -56,7 +61,6 @@
 pub mod cache;
 pub mod cluster;
 pub mod control;
-pub mod demo;
 pub mod driver;
 pub mod engine;
 pub mod error;

@@ -1,11 +1,13 @@
 //! The `genie` command line.
 #![forbid(unsafe_code)]
 
+mod cli;
+
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use cli::demo::{run_demo, DemoOptions};
 use genie_runtime::cluster::{new_secret, Cluster};
 use genie_runtime::control::transport_config;
-use genie_runtime::demo::{run_demo, DemoOptions};
 use genie_runtime::kernels::CpuKernels;
 use genie_runtime::limits::{WorkerOptions, DEFAULT_MEMORY_BUDGET};
 use genie_runtime::models::run::{run_generate, GenerateOptions};

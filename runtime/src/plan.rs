@@ -10,6 +10,17 @@ use genie_scheduler::graph::{Graph, NodeId, OpKind, Residency, TensorRef};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+/// The scheduler's view of `workers` CPU workers joined by loopback-class links (20 GB/s, 30 µs:
+/// an initial guess, which [`crate::feedback::calibrate_links`] corrects from measured transfers).
+pub fn cpu_topology(workers: usize) -> Result<genie_scheduler::Topology> {
+    genie_scheduler::Topology::uniform(
+        workers,
+        genie_scheduler::cost::DeviceSpec::cpu(),
+        genie_scheduler::topology::LinkSpec::gbps(20.0, 30.0),
+    )
+    .map_err(|e| RuntimeError::Scheduler(e.into()))
+}
+
 /// Which worker runs each node, plus the scheduler's directives.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Placement {
@@ -69,6 +80,43 @@ impl Placement {
             recompute: schedule.recompute.iter().map(|r| r.node.0).collect(),
             overlap: true,
         }
+    }
+
+    /// The scheduler's placement of `graph` with its compute on worker `on` and its KV caches on
+    /// worker `kv` (device `devN` of the scheduler's topology is worker `N`): the co-location
+    /// constraint moves each cache's group to `kv`, so a prefill on `on` builds the caches where
+    /// decode on `kv` will read them. Repeated shapes come from the scheduler's cache. How the
+    /// engine, the demo and `genie generate` place every run.
+    pub fn scheduled(
+        scheduler: &mut genie_scheduler::Scheduler,
+        graph: &Graph,
+        on: usize,
+        kv: usize,
+    ) -> Result<Self> {
+        let plan = genie_scheduler::OptimizationPlan {
+            devices: Some(vec![format!("dev{on}")]),
+            kv_device: Some(format!("dev{kv}")),
+            no_recompute: true,
+            ..Default::default()
+        };
+        let s = scheduler
+            .create_schedule(graph, &plan)
+            .map_err(RuntimeError::Scheduler)?;
+        Ok(Self::from_schedule(&s))
+    }
+
+    /// The hand-made co-located prefill, a baseline for [`Placement::scheduled`]: everything on
+    /// w0 except the KV caches' appends, which run on w1 (where decode reads the caches).
+    pub fn colocated_prefill(graph: &Graph) -> Self {
+        Self::by_rule(graph, |n| {
+            usize::from(matches!(n.op, OpKind::KvCacheAppend))
+        })
+    }
+
+    /// The hand-made co-located decode step, a baseline for [`Placement::scheduled`]: the whole
+    /// step on w1, the decode worker, where the sequence's KV caches are pinned.
+    pub fn colocated_decode(graph: &Graph) -> Self {
+        Self::by_rule(graph, |_| 1)
     }
 
     /// Places nodes by a rule on the node.

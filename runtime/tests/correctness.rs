@@ -183,7 +183,6 @@ fn recompute_directives_save_bytes_and_keep_the_answer() {
 /// with the driver.
 #[test]
 fn decode_on_the_decode_worker_alone_matches_single_worker() {
-    use genie_runtime::demo::{colocated_decode, colocated_prefill};
     let cfg = small();
     let cluster = EmbeddedCluster::start(2, Arc::new(CpuKernels::new())).unwrap();
     let mut driver = Driver::connect(&cluster.cluster, WeightSpec::Seeded(11)).unwrap();
@@ -194,7 +193,7 @@ fn decode_on_the_decode_worker_alone_matches_single_worker() {
     let alternate = |g: &genie_scheduler::graph::Graph| {
         step += 1;
         Ok(if step % 2 == 1 {
-            colocated_decode(g)
+            Placement::colocated_decode(g)
         } else {
             // Layers (and their KV caches) on w1, the front end on w0.
             Placement::by_rule(g, |n| {
@@ -208,7 +207,7 @@ fn decode_on_the_decode_worker_alone_matches_single_worker() {
         &p,
         4,
         1,
-        |g| Ok(colocated_prefill(g)),
+        |g| Ok(Placement::colocated_prefill(g)),
         alternate,
     )
     .unwrap();

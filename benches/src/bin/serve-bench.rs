@@ -351,7 +351,7 @@ fn goodput_svg(curve: &[(f64, f64, f64)]) -> String {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let model = genie_runtime::demo::model_config(&args.model)?;
+    let model = genie_runtime::models::Model::named(&args.model)?;
     if args.rates.is_empty() || args.rates.iter().any(|r| r.is_nan() || *r <= 0.0) {
         bail!("--rates: positive requests per second expected");
     }

@@ -72,7 +72,7 @@ impl Engine {
 }
 
 fn config(model: &str, kv_pool_mb: u64, prefill: usize, decode: usize) -> PyResult<EngineConfig> {
-    let model = genie_runtime::demo::model_config(model)
+    let model = genie_runtime::models::Model::named(model)
         .map_err(|e| PyValueError::new_err(e.to_string()))?;
     let mut cfg = EngineConfig::disaggregated(model);
     cfg.kv_pool_bytes = kv_pool_mb.saturating_mul(1 << 20);

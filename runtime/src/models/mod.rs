@@ -135,6 +135,30 @@ impl Model {
         Self::from_config_json(&text, &path)
     }
 
+    /// The model a name stands for: `gpt2-small` (4 layers × 128 hidden, 4096 vocab: the
+    /// demo's default), `gpt2-124m` (or `gpt2`: the real GPT-2's shape), or a Hugging Face
+    /// folder ([`Model::load`]).
+    pub fn named(name: &str) -> Result<Self> {
+        let dir = Path::new(name);
+        if dir.is_dir() {
+            return Self::load(dir);
+        }
+        match name {
+            "gpt2-small" => Ok(Self::Gpt2(Gpt2Config {
+                layers: 4,
+                hidden: 128,
+                heads: 4,
+                vocab: 4096,
+                context: 1024,
+                ..Gpt2Config::default()
+            })),
+            "gpt2-124m" | "gpt2" => Ok(Self::Gpt2(Gpt2Config::default())),
+            other => Err(RuntimeError::Plan(format!(
+                "unknown model `{other}` (expected gpt2-small, gpt2-124m or a model folder)"
+            ))),
+        }
+    }
+
     fn family(&self) -> &dyn Family {
         match self {
             Model::Gpt2(c) => c,
@@ -321,7 +345,7 @@ pub(crate) fn sample(logits: &[f32], temperature: f32, top_k: usize, top_p: f32,
 
 /// Appends a node taking the last position of the prefill logits `[B, S, V]` (all generation
 /// needs), returning the graph and that tensor.
-pub(crate) fn with_last_logits(mut g: Graph, seq_len: usize) -> Result<(Graph, TensorRef)> {
+pub fn with_last_logits(mut g: Graph, seq_len: usize) -> Result<(Graph, TensorRef)> {
     let logits = *g
         .outputs
         .first()

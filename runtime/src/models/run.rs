@@ -2,11 +2,11 @@
 //! KV caches built on `w1`), every decode step on `w1`, where the caches stay pinned.
 
 use super::{generate_with, Family, Model, Sampling};
-use crate::demo::{colocated_decode, colocated_prefill};
 use crate::driver::{Driver, EmbeddedCluster};
 use crate::error::{Result, RuntimeError};
 use crate::kernels::CpuKernels;
 use crate::limits::WorkerOptions;
+use crate::plan::{cpu_topology, Placement};
 use crate::proto::WeightSpec;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -100,8 +100,10 @@ pub fn run_generate(opts: &GenerateOptions, out: &mut dyn FnMut(String)) -> Resu
     };
     let cluster = EmbeddedCluster::start_with(2, Arc::new(CpuKernels::new()), wopts)?;
     let mut driver = Driver::connect(&cluster.cluster, WeightSpec::Checkpoint(".".into()))?;
-    let pre = |g: &_| Ok(colocated_prefill(g));
-    let dec = |g: &_| Ok(colocated_decode(g));
+    // The scheduler's placements: prefill on w0 with the KV caches on w1, decode on w1.
+    let sched = std::cell::RefCell::new(genie_scheduler::Scheduler::new(cpu_topology(2)?));
+    let pre = |g: &_| Placement::scheduled(&mut sched.borrow_mut(), g, 0, 1);
+    let dec = |g: &_| Placement::scheduled(&mut sched.borrow_mut(), g, 1, 1);
     let gen = generate_with(
         &mut driver,
         &model,

@@ -2,15 +2,16 @@
 //! here) and `rdma_backend.rs` (over soft-RoCE): a committed fixture's logits against the
 //! reference of `transformers`, and bitwise equal on 1, 2 and 3 workers and disaggregated.
 
-use genie_runtime::demo::{colocated_decode, colocated_prefill};
 use genie_runtime::driver::{Driver, EmbeddedCluster};
 use genie_runtime::kernels::CpuKernels;
 use genie_runtime::limits::WorkerOptions;
 use genie_runtime::models::{generate, Family, Generation, Model};
-use genie_runtime::plan::Placement;
+use genie_runtime::plan::{cpu_topology, Placement};
 use genie_runtime::proto::WeightSpec;
 use genie_scheduler::graph::Graph;
+use genie_scheduler::Scheduler;
 use genie_transport::Backend;
+use std::cell::RefCell;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -62,9 +63,11 @@ pub fn check_family(kind: &str) -> (Backend, String) {
     for (seq, n) in [1usize, 2, 3, 0].into_iter().enumerate() {
         let by_layer = |g: &Graph| Placement::by_layer(g, n, layers);
         let gen = if n == 0 {
-            // Disaggregated: prefill on w0 with its KV built on w1, every decode step on w1.
-            let pre = |g: &Graph| Ok(colocated_prefill(g));
-            let dec = |g: &Graph| Ok(colocated_decode(g));
+            // Disaggregated as the engine runs it, by the scheduler: prefill on w0 with its KV
+            // caches built on w1, every decode step on w1.
+            let sched = RefCell::new(Scheduler::new(cpu_topology(3).unwrap()));
+            let pre = |g: &Graph| Placement::scheduled(&mut sched.borrow_mut(), g, 0, 1);
+            let dec = |g: &Graph| Placement::scheduled(&mut sched.borrow_mut(), g, 1, 1);
             generate(
                 &mut driver,
                 &model,

@@ -1,0 +1,4 @@
+//! The `genie` binary's own modules (not part of the `genie_runtime` library): experiments and
+//! commands that only the command line runs.
+
+pub mod demo;
