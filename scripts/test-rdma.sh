@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The RDMA tests on real soft-RoCE: the shared transport conformance suite (tests/tests/rdma_conformance.rs,
 # the same cases as TCP, instantiated for the rdma backend), the rdma backend's unit tests, the verbs
-# layer's device tests and the runtime over rdma (runtime/tests/rdma_backend.rs: GPT-2 on 1/2/3
-# workers must equal the single-worker run bitwise; a SIGKILLed `genie worker`, restarted, rejoins;
+# layer's device tests and the runtime over rdma (runtime/tests/rdma_backend.rs: GPT-2 and the
+# Llama-style fixtures on 1/2/3 workers must equal the single-worker run bitwise, the fixtures within
+# 1e-4 of transformers' logits; a SIGKILLed `genie worker`, restarted, rejoins;
 # the serving engine on a Llama checkpoint), and the Python package built with `--features rdma`, its
 # pytest suite run over rdma (GENIE_TEST_BACKEND=rdma; skipped when a TEST-FILTER is given).
 #
