@@ -1,7 +1,7 @@
 //! Placement policies: which device runs each node.
 //!
 //! A [`PlacementPolicy`] maps a [`PlacementContext`] (graph, per-node per-device cost table,
-//! topology, allowed devices, co-location groups) to a [`Placement`]: a device per node and the
+//! topology, allowed devices, co-location groups) to an [`Assignment`]: a device per node and the
 //! order the list scheduler runs nodes in. Policies are pure functions of their input, so a
 //! decision can be replayed. Co-location is enforced after the policy by
 //! [`crate::constraints::CoLocation::enforce`], whatever the policy proposed; [`Heft`] honours
@@ -175,7 +175,7 @@ pub struct PlacementContext<'a> {
 
 /// A policy's answer.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Placement {
+pub struct Assignment {
     /// Device of every node.
     pub device: Vec<DeviceId>,
     /// A topological order to run nodes in.
@@ -213,7 +213,7 @@ pub trait PlacementPolicy: Send + Sync {
     /// Short name for logs and schedules.
     fn name(&self) -> &'static str;
     /// Proposes a placement.
-    fn place(&self, cx: &PlacementContext<'_>) -> Placement;
+    fn place(&self, cx: &PlacementContext<'_>) -> Assignment;
 }
 
 /// Everything on the allowed device with the highest effective FLOPS (ties: lowest id).
@@ -224,9 +224,9 @@ impl PlacementPolicy for SingleDevice {
     fn name(&self) -> &'static str {
         "single_device"
     }
-    fn place(&self, cx: &PlacementContext<'_>) -> Placement {
+    fn place(&self, cx: &PlacementContext<'_>) -> Assignment {
         let best = best_by(cx, |s| s.effective_flops());
-        Placement {
+        Assignment {
             device: vec![best; cx.graph.len()],
             order: cx.topo_order.to_vec(),
         }
@@ -323,7 +323,7 @@ impl PlacementPolicy for Heft {
     fn name(&self) -> &'static str {
         "heft"
     }
-    fn place(&self, cx: &PlacementContext<'_>) -> Placement {
+    fn place(&self, cx: &PlacementContext<'_>) -> Assignment {
         let g = cx.graph;
         let n = g.len();
         let nodes = g.nodes();
@@ -409,7 +409,7 @@ impl PlacementPolicy for Heft {
                 *d = if p != unset { p } else { cx.devices[0] };
             }
         }
-        Placement { device, order }
+        Assignment { device, order }
     }
 }
 
@@ -421,7 +421,7 @@ impl PlacementPolicy for Pipeline {
     fn name(&self) -> &'static str {
         "pipeline"
     }
-    fn place(&self, cx: &PlacementContext<'_>) -> Placement {
+    fn place(&self, cx: &PlacementContext<'_>) -> Assignment {
         let n = cx.graph.len();
         let reference = cx.devices[0];
         let speed: Vec<f64> = cx
@@ -462,7 +462,7 @@ impl PlacementPolicy for Pipeline {
             }
             device[v.index()] = cx.devices[stage];
         }
-        Placement {
+        Assignment {
             device,
             order: cx.topo_order.to_vec(),
         }
@@ -477,7 +477,7 @@ impl PlacementPolicy for Heterogeneous {
     fn name(&self) -> &'static str {
         "heterogeneous"
     }
-    fn place(&self, cx: &PlacementContext<'_>) -> Placement {
+    fn place(&self, cx: &PlacementContext<'_>) -> Assignment {
         let flops_best = best_by(cx, |s| s.effective_flops());
         let bw_best = best_by(cx, |s| s.mem_bandwidth / s.cost_per_hour.max(1e-9));
         let ridge = cx.topology.device(flops_best).map_or(1.0, |d| {
@@ -502,7 +502,7 @@ impl PlacementPolicy for Heterogeneous {
                 }
             })
             .collect();
-        Placement {
+        Assignment {
             device,
             order: cx.topo_order.to_vec(),
         }

@@ -51,7 +51,7 @@ pub struct Stage {
 
 /// A tensor to ship between devices.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Transfer {
+pub struct ScheduledTransfer {
     /// The tensor.
     pub tensor: TensorRef,
     /// Producer's device.
@@ -120,7 +120,7 @@ pub struct ExecutionSchedule {
     /// A topological order of all nodes (the simulated execution order).
     pub order: Vec<NodeId>,
     /// Cross-device tensors.
-    pub transfers: Vec<Transfer>,
+    pub transfers: Vec<ScheduledTransfer>,
     /// Keep/evict directives, one per (node with outputs, device holding a copy).
     pub caching: Vec<CacheDirective>,
     /// Producers recomputed on consumer devices.

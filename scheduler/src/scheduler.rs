@@ -12,7 +12,8 @@ use crate::graph::{Consumers, Graph, NodeId, Residency};
 use crate::placement::{CostTable, EdgeTable, PlacementContext, PolicyKind};
 use crate::recompute::choose_recompute;
 use crate::schedule::{
-    CacheAction, CacheDirective, ExecGroup, ExecutionSchedule, Recompute, Stage, Strategy, Transfer,
+    CacheAction, CacheDirective, ExecGroup, ExecutionSchedule, Recompute, ScheduledTransfer, Stage,
+    Strategy,
 };
 use crate::topology::{DeviceId, Topology};
 use crate::Error;
@@ -477,14 +478,14 @@ fn transfers(
     device: &[DeviceId],
     finish: &[f64],
     recomputed: &RecomputeLookup,
-) -> Vec<Transfer> {
-    let mut transfers: Vec<Transfer> = Vec::new();
+) -> Vec<ScheduledTransfer> {
+    let mut transfers: Vec<ScheduledTransfer> = Vec::new();
     for node in graph.nodes() {
         let d = device[node.id.index()];
         for t in &node.inputs {
             let src = device[t.node.index()];
             if src != d && !recomputed.contains(t.node, d) {
-                transfers.push(Transfer {
+                transfers.push(ScheduledTransfer {
                     tensor: *t,
                     src,
                     dst: d,
