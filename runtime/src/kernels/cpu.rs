@@ -487,102 +487,17 @@ fn compute(node: &Node, ins: &[Tensor], simd: Option<Simd>) -> candle_core::Resu
             };
             one(ins[0].get(i)?)
         }
-        OpKind::Embedding => {
-            let ids = &ins[0];
-            let mut shape = ids.dims().to_vec();
-            let flat = ids.flatten_all()?;
-            let flat = if flat.dtype() == CDType::I32 {
-                flat.to_dtype(CDType::I64)?
-            } else {
-                flat
-            };
-            let rows = ins[1].index_select(&flat, 0)?;
-            shape.push(ins[1].dim(1)?);
-            one(rows.reshape(shape)?)
-        }
-        OpKind::Linear { bias, layout } => {
-            if let (Some(simd), WeightLayout::InOut) = (simd, layout) {
-                let b = bias.then(|| &ins[2]);
-                if let Some(y) = one_row_product(simd, &ins[0], &ins[1], b)? {
-                    return one(y);
-                }
-            }
-            let x = &ins[0];
-            let mut shape = x.dims().to_vec();
-            let k = shape.last().copied().unwrap_or(1);
-            let x2 = x.reshape(((), k))?;
-            let w = match layout {
-                WeightLayout::InOut => ins[1].clone(),
-                // A transposed view: gemm reads it strided, no copy of the weight.
-                WeightLayout::OutIn => ins[1].t()?,
-            };
-            let mut y = x2.matmul(&w)?;
-            if *bias {
-                y = y.broadcast_add(&ins[2])?;
-            }
-            if let Some(last) = shape.last_mut() {
-                *last = w.dim(1)?;
-            }
-            one(y.reshape(shape)?)
-        }
-        OpKind::MatMul { transpose_b } => {
-            if let (Some(simd), false) = (simd, transpose_b) {
-                if let Some(y) = one_row_product(simd, &ins[0], &ins[1], None)? {
-                    return one(y);
-                }
-            }
-            let b = if *transpose_b {
-                ins[1].t()?
-            } else {
-                ins[1].clone()
-            };
-            let a = ins[0].contiguous()?;
-            if b.rank() == 2 && a.rank() > 2 {
-                let mut shape = a.dims().to_vec();
-                let k = shape.last().copied().unwrap_or(1);
-                let y = a.reshape(((), k))?.matmul(&b)?;
-                if let Some(last) = shape.last_mut() {
-                    *last = b.dim(1)?;
-                }
-                one(y.reshape(shape)?)
-            } else {
-                one(a.broadcast_matmul(&b)?)
-            }
-        }
+        OpKind::Embedding => one(embedding(&ins[0], &ins[1])?),
+        OpKind::Linear { bias, layout } => one(linear(ins, *bias, *layout, simd)?),
+        OpKind::MatMul { transpose_b } => one(matmul(&ins[0], &ins[1], *transpose_b, simd)?),
         OpKind::Conv2d {
             stride,
             padding,
             dilation,
             groups,
             bias,
-        } => {
-            // candle's conv2d takes one value per attribute; the builders use square ones.
-            if stride[0] != stride[1] || padding[0] != padding[1] || dilation[0] != dilation[1] {
-                return Err(candle_core::Error::Msg(
-                    "non-square stride/padding/dilation are not supported".into(),
-                ));
-            }
-            let mut y = ins[0].conv2d(&ins[1], padding[0], stride[0], dilation[0], *groups)?;
-            if *bias {
-                let o = ins[2].dim(0)?;
-                y = y.broadcast_add(&ins[2].reshape((1, o, 1, 1))?)?;
-            }
-            one(y)
-        }
-        OpKind::BatchNorm { eps } => {
-            let x = &ins[0];
-            let c = x.dim(1)?;
-            let mut bshape = vec![1usize; x.rank()];
-            bshape[1] = c;
-            let r = |t: &Tensor| t.reshape(bshape.clone());
-            let inv = (r(&ins[4])? + f64::from(eps.0))?.sqrt()?;
-            let y = x
-                .broadcast_sub(&r(&ins[3])?)?
-                .broadcast_div(&inv)?
-                .broadcast_mul(&r(&ins[1])?)?
-                .broadcast_add(&r(&ins[2])?)?;
-            one(y)
-        }
+        } => one(conv2d(ins, (*stride, *padding, *dilation), *groups, *bias)?),
+        OpKind::BatchNorm { eps } => one(batch_norm(ins, eps.0)?),
         OpKind::LayerNorm { eps } => one(layer_norm(&ins[0], &ins[1], &ins[2], eps.0)?),
         OpKind::Softmax { axis, causal } => {
             let x = if *causal {
@@ -599,23 +514,9 @@ fn compute(node: &Node, ins: &[Tensor], simd: Option<Simd>) -> candle_core::Resu
             causal,
             scale,
         } => {
-            let g = kv_heads.unwrap_or(*heads);
-            if g == 0 || heads % g != 0 {
-                return Err(candle_core::Error::Msg(format!(
-                    "kv_heads {g} does not divide heads {heads}"
-                )));
-            }
-            if let Some(simd) = simd {
-                let (q, k, v) = (&ins[0], &ins[1], &ins[2]);
-                let heads = (*heads, g);
-                if let Some(o) = one_query_attention(simd, q, k, v, heads, *head_dim, scale.0)? {
-                    return one(o);
-                }
-            }
-            let k = repeat_kv(&ins[1], g, heads / g)?;
-            let v = repeat_kv(&ins[2], g, heads / g)?;
-            one(attention(
-                &ins[0], &k, &v, *heads, *head_dim, scale.0, *causal,
+            let heads = (*heads, kv_heads.unwrap_or(*heads));
+            one(any_attention(
+                ins, heads, *head_dim, scale.0, *causal, simd,
             )?)
         }
         OpKind::RmsNorm { eps } => one(rms_norm(&ins[0], &ins[1], eps.0)?),
@@ -684,6 +585,143 @@ fn compute(node: &Node, ins: &[Tensor], simd: Option<Simd>) -> candle_core::Resu
             )))
         }
     }
+}
+
+/// A lookup of `ids` (i32 or i64, any shape) in the rows of `table`: `[.., d]`.
+fn embedding(ids: &Tensor, table: &Tensor) -> candle_core::Result<Tensor> {
+    let mut shape = ids.dims().to_vec();
+    let flat = ids.flatten_all()?;
+    let flat = if flat.dtype() == CDType::I32 {
+        flat.to_dtype(CDType::I64)?
+    } else {
+        flat
+    };
+    let rows = table.index_select(&flat, 0)?;
+    shape.push(table.dim(1)?);
+    rows.reshape(shape)
+}
+
+/// `x · W` (+ bias) with the weight in either layout: the one-row kernels for one row of a
+/// `[in, out]` weight, candle's gemm otherwise.
+fn linear(
+    ins: &[Tensor],
+    bias: bool,
+    layout: WeightLayout,
+    simd: Option<Simd>,
+) -> candle_core::Result<Tensor> {
+    if let (Some(simd), WeightLayout::InOut) = (simd, layout) {
+        let b = bias.then(|| &ins[2]);
+        if let Some(y) = one_row_product(simd, &ins[0], &ins[1], b)? {
+            return Ok(y);
+        }
+    }
+    let x = &ins[0];
+    let mut shape = x.dims().to_vec();
+    let k = shape.last().copied().unwrap_or(1);
+    let x2 = x.reshape(((), k))?;
+    let w = match layout {
+        WeightLayout::InOut => ins[1].clone(),
+        // A transposed view: gemm reads it strided, no copy of the weight.
+        WeightLayout::OutIn => ins[1].t()?,
+    };
+    let mut y = x2.matmul(&w)?;
+    if bias {
+        y = y.broadcast_add(&ins[2])?;
+    }
+    if let Some(last) = shape.last_mut() {
+        *last = w.dim(1)?;
+    }
+    y.reshape(shape)
+}
+
+/// `a · b` (or `a · bᵀ`), a 2-D `b` broadcast over `a`'s leading axes.
+fn matmul(
+    a: &Tensor,
+    b: &Tensor,
+    transpose_b: bool,
+    simd: Option<Simd>,
+) -> candle_core::Result<Tensor> {
+    if let (Some(simd), false) = (simd, transpose_b) {
+        if let Some(y) = one_row_product(simd, a, b, None)? {
+            return Ok(y);
+        }
+    }
+    let b = if transpose_b { b.t()? } else { b.clone() };
+    let a = a.contiguous()?;
+    if b.rank() == 2 && a.rank() > 2 {
+        let mut shape = a.dims().to_vec();
+        let k = shape.last().copied().unwrap_or(1);
+        let y = a.reshape(((), k))?.matmul(&b)?;
+        if let Some(last) = shape.last_mut() {
+            *last = b.dim(1)?;
+        }
+        y.reshape(shape)
+    } else {
+        a.broadcast_matmul(&b)
+    }
+}
+
+/// A 2-D convolution with square stride, padding and dilation (`(stride, padding, dilation)`).
+fn conv2d(
+    ins: &[Tensor],
+    (stride, padding, dilation): ([usize; 2], [usize; 2], [usize; 2]),
+    groups: usize,
+    bias: bool,
+) -> candle_core::Result<Tensor> {
+    // candle's conv2d takes one value per attribute; the builders use square ones.
+    if stride[0] != stride[1] || padding[0] != padding[1] || dilation[0] != dilation[1] {
+        return Err(candle_core::Error::Msg(
+            "non-square stride/padding/dilation are not supported".into(),
+        ));
+    }
+    let mut y = ins[0].conv2d(&ins[1], padding[0], stride[0], dilation[0], groups)?;
+    if bias {
+        let o = ins[2].dim(0)?;
+        y = y.broadcast_add(&ins[2].reshape((1, o, 1, 1))?)?;
+    }
+    Ok(y)
+}
+
+/// Batch normalisation over axis 1 with running statistics (`ins`: x, weight, bias, mean, var).
+fn batch_norm(ins: &[Tensor], eps: f32) -> candle_core::Result<Tensor> {
+    let x = &ins[0];
+    let c = x.dim(1)?;
+    let mut bshape = vec![1usize; x.rank()];
+    bshape[1] = c;
+    let r = |t: &Tensor| t.reshape(bshape.clone());
+    let inv = (r(&ins[4])? + f64::from(eps))?.sqrt()?;
+    let y = x
+        .broadcast_sub(&r(&ins[3])?)?
+        .broadcast_div(&inv)?
+        .broadcast_mul(&r(&ins[1])?)?
+        .broadcast_add(&r(&ins[2])?)?;
+    Ok(y)
+}
+
+/// Attention of `ins` (q, k, v) with `heads` = (query heads, key/value heads): the one-query
+/// kernels for a decode step, candle's ops otherwise (key/value heads repeated to the query's).
+fn any_attention(
+    ins: &[Tensor],
+    (heads, g): (usize, usize),
+    head_dim: usize,
+    scale: f32,
+    causal: bool,
+    simd: Option<Simd>,
+) -> candle_core::Result<Tensor> {
+    if g == 0 || heads % g != 0 {
+        return Err(candle_core::Error::Msg(format!(
+            "kv_heads {g} does not divide heads {heads}"
+        )));
+    }
+    if let Some(simd) = simd {
+        let (q, k, v) = (&ins[0], &ins[1], &ins[2]);
+        if let Some(o) = one_query_attention(simd, q, k, v, (heads, g), head_dim, scale)? {
+            return Ok(o);
+        }
+    }
+    let k = repeat_kv(&ins[1], g, heads / g)?;
+    let v = repeat_kv(&ins[2], g, heads / g)?;
+    attention(&ins[0], &k, &v, heads, head_dim, scale, causal)
 }
 
 /// Inputs each op needs at least (so a malformed call is an error, not an index panic).
