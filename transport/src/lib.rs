@@ -46,6 +46,10 @@
 //! feature is built in and a usable device exists, else TCP (logging why, and returning the reason
 //! from [`select_backend`]). The TCP backend is described in [`tcp`].
 //!
+//! What the backends have in common is written once: authentication ([`auth`]), accepting
+//! ([`accept`]), completions ([`completion`]), regions ([`region`]) and the liveness timers
+//! (heartbeats, the dead-peer bound: [`liveness`]).
+//!
 //! # Example
 //!
 //! Two endpoints on loopback: write with a notification, read it back, exchange a message.
@@ -96,6 +100,7 @@ pub mod completion;
 pub mod config;
 pub mod error;
 pub mod fuzzing;
+pub mod liveness;
 
 #[cfg(feature = "rdma")]
 mod rdma;

@@ -7,7 +7,7 @@
 use super::handshake::{Action, Agreed, Handshake, HandshakeError};
 use super::proto::{
     self, remote_range, Incoming, PeerRegion, Queries, Reassembly, RecvCredits, RegionCache,
-    SendCredits, SideChannel, Timer, Violation,
+    SendCredits, SideChannel, Violation,
 };
 use super::wire::{write_frame, Frame, FrameReader, QpInfo, ACCESS_READ, ACCESS_WRITE, SEG_HEADER};
 use super::Endpoint;
@@ -16,6 +16,7 @@ use crate::codec::DecodeError;
 use crate::completion::{Batch, BatchBuilder, Completer, DriveHook, Op, OpPool};
 use crate::config::{Backend, PollMode};
 use crate::error::{describe, Result, TransportError};
+use crate::liveness::Timer;
 use crate::region::{EndpointId, Region, RegionAccess, RemoteRegion};
 use crate::{Connection, Transfer, TransferKind};
 use genie_sys::clock::SpinDeadline;
