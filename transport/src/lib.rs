@@ -47,8 +47,10 @@
 //! from [`select_backend`]). The TCP backend is described in [`tcp`].
 //!
 //! What the backends have in common is written once: authentication ([`auth`]), accepting
-//! ([`accept`]), completions ([`completion`]), regions ([`region`]) and the liveness timers
-//! (heartbeats, the dead-peer bound: [`liveness`]).
+//! ([`accept`]), completions ([`completion`]), regions ([`region`]), the liveness timers
+//! (heartbeats, the dead-peer bound: [`liveness`]) and the receiving end of a connection's message
+//! and notification queues (the crate-private `inbound` module: take, else the close error, else
+//! wait, busy-polling through the backend's hook).
 //!
 //! # Example
 //!
@@ -100,6 +102,7 @@ pub mod completion;
 pub mod config;
 pub mod error;
 pub mod fuzzing;
+mod inbound;
 pub mod liveness;
 
 #[cfg(feature = "rdma")]
