@@ -46,6 +46,12 @@
 //! feature is built in and a usable device exists, else TCP (logging why, and returning the reason
 //! from [`select_backend`]). The TCP backend is described in [`tcp`].
 //!
+//! What the backends have in common is written once: authentication ([`auth`]), accepting
+//! ([`accept`]), completions ([`completion`]), regions ([`region`]), the liveness timers
+//! (heartbeats, the dead-peer bound: [`liveness`]) and the receiving end of a connection's message
+//! and notification queues (the crate-private `inbound` module: take, else the close error, else
+//! wait, busy-polling through the backend's hook).
+//!
 //! # Example
 //!
 //! Two endpoints on loopback: write with a notification, read it back, exchange a message.
@@ -96,6 +102,8 @@ pub mod completion;
 pub mod config;
 pub mod error;
 pub mod fuzzing;
+mod inbound;
+pub mod liveness;
 
 #[cfg(feature = "rdma")]
 mod rdma;

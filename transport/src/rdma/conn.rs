@@ -7,7 +7,7 @@
 use super::handshake::{Action, Agreed, Handshake, HandshakeError};
 use super::proto::{
     self, remote_range, Incoming, PeerRegion, Queries, Reassembly, RecvCredits, RegionCache,
-    SendCredits, SideChannel, Timer, Violation,
+    SendCredits, SideChannel, Violation,
 };
 use super::wire::{write_frame, Frame, FrameReader, QpInfo, ACCESS_READ, ACCESS_WRITE, SEG_HEADER};
 use super::Endpoint;
@@ -16,6 +16,8 @@ use crate::codec::DecodeError;
 use crate::completion::{Batch, BatchBuilder, Completer, DriveHook, Op, OpPool};
 use crate::config::{Backend, PollMode};
 use crate::error::{describe, Result, TransportError};
+use crate::inbound::InboundQueue;
+use crate::liveness::Timer;
 use crate::region::{EndpointId, Region, RegionAccess, RemoteRegion};
 use crate::{Connection, Transfer, TransferKind};
 use genie_sys::clock::SpinDeadline;
@@ -1810,76 +1812,41 @@ impl QueuedItem for u32 {
     }
 }
 
-/// Takes the next message or notification, waiting up to `timeout`, and gives its credits back.
+/// One of the connection's inbound queues as [`InboundQueue`] takes from them: in busy-poll mode
+/// the waiting thread polls the CQ itself (the poller steps back while users drive).
+fn inbound<'a, T>(
+    c: &'a RdmaConn,
+    q: &'a Mutex<VecDeque<(T, u32)>>,
+    cv: &'a Condvar,
+) -> InboundQueue<'a, VecDeque<(T, u32)>> {
+    InboundQueue::new(q, cv, c.driver.as_ref())
+}
+
+/// Takes the next message or notification, waiting up to `timeout`, and gives its credits back
+/// (after the queue's lock is released: returning credits takes the receive state's).
 fn wait_queue<T: QueuedItem>(
     c: &RdmaConn,
     q: &Mutex<VecDeque<(T, u32)>>,
     cv: &Condvar,
     timeout: Duration,
 ) -> Result<T> {
-    let (v, withheld) = wait_entry(c, q, cv, timeout)?;
+    let (v, withheld) =
+        inbound(c, q, cv).wait(timeout, VecDeque::pop_front, |_| c.check_alive().err())?;
     c.taken(v.inbound_bytes(), withheld);
     Ok(v)
 }
 
-fn wait_entry<T>(
-    c: &RdmaConn,
-    q: &Mutex<VecDeque<T>>,
-    cv: &Condvar,
-    timeout: Duration,
-) -> Result<T> {
-    if let Some(drive) = &c.driver {
-        // Busy poll: drive the CQ ourselves (never while holding the queue's lock, which
-        // delivering a receive takes).
-        let mut deadline = SpinDeadline::new(timeout);
-        loop {
-            if let Some(v) = q.lock().pop_front() {
-                return Ok(v);
-            }
-            if !c.alive.load(Ordering::Acquire) {
-                return Err(c.dead_error());
-            }
-            if deadline.passed() {
-                return Err(TransportError::Timeout { after: timeout });
-            }
-            drive();
-            std::hint::spin_loop();
-        }
-    }
-    let deadline = Instant::now() + timeout;
-    let mut g = q.lock();
-    loop {
-        if let Some(v) = g.pop_front() {
-            return Ok(v);
-        }
-        if !c.alive.load(Ordering::Acquire) {
-            return Err(c.dead_error());
-        }
-        if cv.wait_until(&mut g, deadline).timed_out() {
-            return g
-                .pop_front()
-                .ok_or(TransportError::Timeout { after: timeout });
-        }
-    }
-}
-
 /// Takes the next message or notification if there is one, and gives its credits back.
-fn try_queue<T: QueuedItem>(c: &RdmaConn, q: &Mutex<VecDeque<(T, u32)>>) -> Result<Option<T>> {
-    let mut v = q.lock().pop_front();
-    // Busy poll: an empty queue means "poll the CQ now" (the poller steps back while
-    // users drive), then look again.
-    if let (None, Some(drive)) = (&v, &c.driver) {
-        drive();
-        v = q.lock().pop_front();
-    }
-    match v {
-        Some((v, withheld)) => {
-            c.taken(v.inbound_bytes(), withheld);
-            Ok(Some(v))
-        }
-        None if c.alive.load(Ordering::Acquire) => Ok(None),
-        None => Err(c.dead_error()),
-    }
+fn try_queue<T: QueuedItem>(
+    c: &RdmaConn,
+    q: &Mutex<VecDeque<(T, u32)>>,
+    cv: &Condvar,
+) -> Result<Option<T>> {
+    let taken = inbound(c, q, cv).try_take(VecDeque::pop_front, |_| c.check_alive().err())?;
+    Ok(taken.map(|(v, withheld)| {
+        c.taken(v.inbound_bytes(), withheld);
+        v
+    }))
 }
 
 impl Connection for RdmaConnection {
@@ -1983,13 +1950,13 @@ impl Connection for RdmaConnection {
         wait_queue(&self.c, &self.c.msgs, &self.c.msgs_cv, timeout)
     }
     fn try_recv(&self) -> Result<Option<Vec<u8>>> {
-        try_queue(&self.c, &self.c.msgs)
+        try_queue(&self.c, &self.c.msgs, &self.c.msgs_cv)
     }
     fn recv_notification(&self, timeout: Duration) -> Result<u32> {
         wait_queue(&self.c, &self.c.notes, &self.c.notes_cv, timeout)
     }
     fn try_recv_notification(&self) -> Result<Option<u32>> {
-        try_queue(&self.c, &self.c.notes)
+        try_queue(&self.c, &self.c.notes, &self.c.notes_cv)
     }
     fn post_batch(&self, transfers: &[Transfer<'_>]) -> Result<Batch> {
         self.c.check_alive()?;

@@ -23,11 +23,13 @@
 //! - [`RegionCache`], [`Queries`], [`region_status`], [`remote_range`]: a peer region is checked
 //!   with its owner once (side channel) and cached; the range, access and key of every transfer are
 //!   checked against the cached answer before anything is posted.
-//! - [`SideChannel`]: classifies incoming side-channel frames and keeps [`Liveness`]; its
-//!   [`SideChannel::handle_timeout`] says when to send a heartbeat and when the peer is dead.
+//! - [`SideChannel`]: classifies incoming side-channel frames and keeps the connection's
+//!   [`Liveness`] (the timers every backend shares); its [`SideChannel::handle_timeout`] says when
+//!   to send a heartbeat and when the peer is dead.
 
 use super::wire::{Frame, RegionStatus, ACCESS_READ, ACCESS_WRITE, SEG_HEADER, SEG_LAST, SEG_MORE};
 use crate::error::TransportError;
+use crate::liveness::{self, Liveness, Timer};
 use crate::region::{RegionAccess, RegionTable, RemoteRegion};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -454,30 +456,12 @@ fn resolve_error(
     }
 }
 
-/// The heartbeat interval for a peer timeout: four beats per timeout, so that one or two late
-/// beats never kill a live peer.
+/// The shortest heartbeat interval on the side channel, however short the peer timeout.
+const MIN_HEARTBEAT: Duration = Duration::from_millis(10);
+
+/// The side channel's heartbeat interval for a peer timeout ([`liveness::heartbeat_interval`]).
 pub fn heartbeat_interval(peer_timeout: Duration) -> Duration {
-    (peer_timeout / 4).max(Duration::from_millis(10))
-}
-
-/// Liveness of the peer on the side channel.
-#[derive(Debug, Clone)]
-pub struct Liveness {
-    timeout: Duration,
-    beat: Duration,
-    last_heard: Instant,
-    last_beat: Instant,
-}
-
-/// What [`SideChannel::handle_timeout`] asks of the caller.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Timer {
-    /// Nothing is due.
-    Idle,
-    /// Send a [`Frame::Heartbeat`].
-    Heartbeat,
-    /// Nothing heard from the peer for this long (at least the peer timeout): it is dead.
-    Dead(Duration),
+    liveness::heartbeat_interval(peer_timeout, MIN_HEARTBEAT)
 }
 
 /// An incoming side-channel frame, classified (see [`SideChannel::on_frame`]).
@@ -515,18 +499,13 @@ impl SideChannel {
     /// A side channel established at `now`, its peer dead after `peer_timeout` of silence.
     pub fn new(peer_timeout: Duration, now: Instant) -> Self {
         Self {
-            live: Liveness {
-                timeout: peer_timeout,
-                beat: heartbeat_interval(peer_timeout),
-                last_heard: now,
-                last_beat: now,
-            },
+            live: Liveness::new(peer_timeout, heartbeat_interval(peer_timeout), now),
         }
     }
 
     /// A frame arrived at `now`.
     pub fn on_frame(&mut self, f: Frame, now: Instant) -> Result<Incoming, Violation> {
-        self.live.last_heard = now;
+        self.live.heard(now);
         Ok(match f {
             Frame::Credits { n } => Incoming::Credits(n),
             Frame::QueryRegion { req, region, key } => Incoming::Query { req, region, key },
@@ -538,21 +517,14 @@ impl SideChannel {
 
     /// When [`SideChannel::handle_timeout`] must next be called.
     pub fn poll_timeout(&self) -> Instant {
-        (self.live.last_heard + self.live.timeout).min(self.live.last_beat + self.live.beat)
+        self.live.poll_timeout()
     }
 
-    /// Timers at `now`: the dead-peer bound first, then the heartbeat (which counts as sent once
-    /// asked for).
+    /// Timers at `now` ([`Liveness::handle_timeout`]): the dead-peer bound first, then the
+    /// heartbeat (a [`Frame::Heartbeat`], which counts as sent once asked for). Only heartbeats
+    /// count as sent: the poller, which runs these timers, does not see the other frames go out.
     pub fn handle_timeout(&mut self, now: Instant) -> Timer {
-        let silent = now.saturating_duration_since(self.live.last_heard);
-        if silent >= self.live.timeout {
-            return Timer::Dead(silent);
-        }
-        if now >= self.live.last_beat + self.live.beat {
-            self.live.last_beat = now;
-            return Timer::Heartbeat;
-        }
-        Timer::Idle
+        self.live.handle_timeout(now)
     }
 }
 

@@ -52,6 +52,7 @@ use crate::accept::{AcceptQueue, HandshakeSlots, Slot, ACCEPT_QUEUE, MAX_HANDSHA
 use crate::completion::{Batch, BatchBuilder, Completer, Op};
 use crate::config::{Backend, PollMode, TransportConfig};
 use crate::error::{Result, TransportError};
+use crate::inbound::InboundQueue;
 use crate::region::{EndpointId, Region, RegionAccess, RegionTable, RemoteRegion};
 use crate::{Connection, SharedBuf, Transfer, TransferKind, Transport};
 use mio::net::{TcpListener, TcpStream};
@@ -523,27 +524,34 @@ impl TcpConnection {
         Ok(op)
     }
 
+    /// The user-facing queues as [`InboundQueue`] takes from them. The progress thread fills them
+    /// in either poll mode (in busy-poll mode it spins itself), so a waiting caller sleeps.
+    fn inbound(&self) -> InboundQueue<'_, Queues> {
+        InboundQueue::new(&self.state.q, &self.state.cv, None)
+    }
+
+    /// `take`, then [`TcpConnection::resume_if_held`] after a successful one (under the queues'
+    /// lock, see there).
+    fn take_and_resume<T>(
+        &self,
+        q: &mut Queues,
+        take: impl Fn(&mut Queues) -> Option<T>,
+    ) -> Option<T> {
+        let v = take(q)?;
+        self.resume_if_held(q);
+        Some(v)
+    }
+
     fn wait_queue<T>(
         &self,
         timeout: Duration,
         take: impl Fn(&mut Queues) -> Option<T>,
     ) -> Result<T> {
-        let deadline = Instant::now() + timeout;
-        let mut q = self.state.q.lock();
-        loop {
-            if let Some(v) = take(&mut q) {
-                self.resume_if_held(&mut q);
-                return Ok(v);
-            }
-            if let Some(e) = &q.closed {
-                return Err(e.clone());
-            }
-            if self.state.cv.wait_until(&mut q, deadline).timed_out() {
-                let v = take(&mut q).ok_or(TransportError::Timeout { after: timeout })?;
-                self.resume_if_held(&mut q);
-                return Ok(v);
-            }
-        }
+        self.inbound().wait(
+            timeout,
+            |q| self.take_and_resume(q, &take),
+            |q| q.closed.clone(),
+        )
     }
 
     /// After a take: if the progress thread stopped reading for lack of room and there is room
@@ -559,17 +567,8 @@ impl TcpConnection {
     }
 
     fn try_queue<T>(&self, take: impl Fn(&mut Queues) -> Option<T>) -> Result<Option<T>> {
-        let mut q = self.state.q.lock();
-        match take(&mut q) {
-            Some(v) => {
-                self.resume_if_held(&mut q);
-                Ok(Some(v))
-            }
-            None => match &q.closed {
-                Some(e) => Err(e.clone()),
-                None => Ok(None),
-            },
-        }
+        self.inbound()
+            .try_take(|q| self.take_and_resume(q, &take), |q| q.closed.clone())
     }
 }
 

@@ -1,5 +1,6 @@
 //! One TCP connection's protocol as a plain state machine: handshake, request bookkeeping,
-//! target-side access checks, heartbeats and liveness. No sockets, no clocks, no threads.
+//! target-side access checks, heartbeats and liveness (the timers are [`crate::liveness`]'s).
+//! No sockets, no clocks, no threads.
 //!
 //! Contract (after quinn-proto): time is passed in (`now`), randomness is passed in (nonces),
 //! and bytes move only through `std::io::Read`/`Write` objects the caller supplies — a mio socket
@@ -23,6 +24,7 @@ use crate::auth::{Auth, AuthError, Role as AuthRole, PROOF_LEN};
 use crate::codec::DecodeError;
 use crate::completion::Completer;
 use crate::error::TransportError;
+use crate::liveness::{heartbeat_interval, Liveness, Timer};
 use crate::region::{Region, RegionTable, RemoteOp, RemoteRegion};
 use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, IoSlice, Read, Write};
@@ -42,6 +44,9 @@ pub const MAX_QUEUED_FRAMES: usize = 1 << 16;
 /// Granularity of a message body's buffer growth: memory follows the bytes that actually
 /// arrived, not the length a header claims.
 const BODY_STEP: usize = 64 * 1024;
+/// The shortest heartbeat interval, however short the peer timeout (a zero interval would ask for
+/// a ping on every timer call).
+const MIN_HEARTBEAT: Duration = Duration::from_millis(1);
 
 /// Settings of one connection.
 #[derive(Debug, Clone)]
@@ -229,9 +234,9 @@ pub struct Conn {
     peer_endpoint: u64,
     /// Messages and notifications the user side can still take, and their bytes.
     room: (usize, usize),
+    /// The handshake's deadline runs from here.
     started: Instant,
-    last_rx: Instant,
-    last_tx: Instant,
+    live: Liveness,
     next_op: u64,
     pending: HashMap<u64, Pending>,
     out: VecDeque<OutFrame>,
@@ -283,6 +288,8 @@ impl Conn {
             cfg.endpoint,
             nonce,
         );
+        let beat = heartbeat_interval(cfg.peer_timeout, MIN_HEARTBEAT);
+        let live = Liveness::new(cfg.peer_timeout, beat, now);
         Self {
             role,
             phase: if role == Role::Client {
@@ -296,8 +303,7 @@ impl Conn {
             peer_endpoint: 0,
             room: (usize::MAX, usize::MAX),
             started: now,
-            last_rx: now,
-            last_tx: now,
+            live,
             next_op: 1,
             pending: HashMap::new(),
             out: VecDeque::new(),
@@ -351,17 +357,10 @@ impl Conn {
         match self.phase {
             Phase::Closed => None,
             // A refusal gets one peer timeout to flush.
-            Phase::Closing => Some(self.last_tx + self.cfg.peer_timeout),
-            Phase::Established => Some(
-                (self.last_rx + self.cfg.peer_timeout)
-                    .min(self.last_tx + self.heartbeat_interval()),
-            ),
+            Phase::Closing => Some(self.live.last_sent() + self.cfg.peer_timeout),
+            Phase::Established => Some(self.live.poll_timeout()),
             _ => Some(self.started + self.cfg.peer_timeout),
         }
-    }
-
-    fn heartbeat_interval(&self) -> Duration {
-        (self.cfg.peer_timeout / 4).max(Duration::from_millis(1))
     }
 
     /// Timers: heartbeats, the dead-peer bound, the handshake deadline.
@@ -369,7 +368,7 @@ impl Conn {
         match self.phase {
             Phase::Closed => {}
             Phase::Closing => {
-                if now >= self.last_tx + self.cfg.peer_timeout {
+                if now >= self.live.last_sent() + self.cfg.peer_timeout {
                     self.out.clear();
                     self.phase = Phase::Closed;
                 }
@@ -377,23 +376,24 @@ impl Conn {
             Phase::Established => {
                 if self.held_for_room() {
                     // We stopped reading; the peer's bytes (heartbeats too) wait in our socket.
-                    self.last_rx = now;
+                    self.live.heard(now);
                 }
-                if now >= self.last_rx + self.cfg.peer_timeout {
-                    let reason = format!("nothing received for {:?}", now - self.last_rx);
-                    self.fail(
-                        TransportError::PeerDead {
-                            peer: self.peer,
-                            reason,
-                        },
-                        None,
-                    );
-                } else if now >= self.last_tx + self.heartbeat_interval() {
-                    if self.out.is_empty() {
+                match self.live.handle_timeout(now) {
+                    Timer::Dead(silent) => {
+                        let reason = format!("nothing received for {silent:?}");
+                        self.fail(
+                            TransportError::PeerDead {
+                                peer: self.peer,
+                                reason,
+                            },
+                            None,
+                        );
+                    }
+                    // Frames already queued go out before a ping would, and serve as one.
+                    Timer::Heartbeat if self.out.is_empty() => {
                         self.queue(Header::new(FrameKind::Ping), Payload::None);
                     }
-                    // Whether or not a ping was queued, do not ask again before the next interval.
-                    self.last_tx = now;
+                    Timer::Heartbeat | Timer::Idle => {}
                 }
             }
             _ => {
@@ -725,7 +725,7 @@ impl Conn {
                 }
                 Ok(n) => {
                     budget = budget.saturating_sub(n);
-                    self.last_rx = now;
+                    self.live.heard(now);
                     self.advance_rx(regions);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return ReadOutcome::Drained,
@@ -1232,7 +1232,7 @@ impl Conn {
                     return WriteOutcome::Closed;
                 }
                 Ok(mut n) => {
-                    self.last_tx = now;
+                    self.live.sent(now);
                     while n > 0 {
                         let Some(f) = self.out.front_mut() else { break };
                         let rem = HEADER_LEN + f.payload.len() - f.sent;
