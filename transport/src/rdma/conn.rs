@@ -755,7 +755,13 @@ impl RdmaConn {
             self.ep.poller.dead(self.poll_id);
         }
         self.space.notify_all();
+        // A receiver that saw the connection alive under its queue's lock is either still
+        // holding it (and sees `alive` false at its next look) or already waiting: taking the
+        // lock once before notifying means the wake-up cannot fall between its check and its
+        // wait. Nothing calls `die` with a queue's lock held.
+        drop(self.notes.lock());
         self.notes_cv.notify_all();
+        drop(self.msgs.lock());
         self.msgs_cv.notify_all();
         self.queries_cv.notify_all();
     }
