@@ -1480,47 +1480,37 @@ impl Infer<'_> {
             reason: reason.into(),
         }
     }
+    /// Input `input`'s dtype is not the `expected` one.
+    fn dtype_err(&self, input: usize, expected: impl Into<String>) -> GraphError {
+        GraphError::DTypeMismatch {
+            node: self.id,
+            name: self.name.to_owned(),
+            input,
+            found: self.ins[input].dtype,
+            expected: expected.into(),
+        }
+    }
     fn float(&self, input: usize) -> Result<DType, GraphError> {
         let d = self.ins[input].dtype;
         if d.is_float() {
             Ok(d)
         } else {
-            Err(GraphError::DTypeMismatch {
-                node: self.id,
-                name: self.name.to_owned(),
-                input,
-                found: d,
-                expected: "a float type".to_owned(),
-            })
+            Err(self.dtype_err(input, "a float type"))
         }
     }
     /// An integer input (ids, positions); `expected` says which.
     fn index(&self, input: usize, expected: &str) -> Result<(), GraphError> {
-        let d = self.ins[input].dtype;
-        if d.is_index() {
+        if self.ins[input].dtype.is_index() {
             Ok(())
         } else {
-            Err(GraphError::DTypeMismatch {
-                node: self.id,
-                name: self.name.to_owned(),
-                input,
-                found: d,
-                expected: expected.to_owned(),
-            })
+            Err(self.dtype_err(input, expected))
         }
     }
     fn same_dtype(&self, input: usize, dtype: DType) -> Result<(), GraphError> {
-        let d = self.ins[input].dtype;
-        if d == dtype {
+        if self.ins[input].dtype == dtype {
             Ok(())
         } else {
-            Err(GraphError::DTypeMismatch {
-                node: self.id,
-                name: self.name.to_owned(),
-                input,
-                found: d,
-                expected: format!("{dtype:?}"),
-            })
+            Err(self.dtype_err(input, format!("{dtype:?}")))
         }
     }
     fn rank(&self, input: usize, rank: usize) -> Result<&[usize], GraphError> {
