@@ -209,7 +209,9 @@ fn io_source<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a io::Err
     None
 }
 
-fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+/// `e` and its chain of sources on one line (`"outer: inner: root"`): a verbs failure with the OS
+/// or library cause beneath it, as the transport reports it.
+pub fn describe(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {

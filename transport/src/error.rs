@@ -202,17 +202,3 @@ impl TransportError {
 
 /// The transport's `Result`.
 pub type Result<T, E = TransportError> = std::result::Result<T, E>;
-
-/// `e` and its chain of sources on one line (`"outer: inner: root"`), for a reason string that
-/// keeps the OS or library cause any backend reports.
-#[cfg_attr(not(feature = "rdma"), allow(dead_code))]
-pub(crate) fn describe(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}

@@ -15,13 +15,14 @@ use crate::auth::Role;
 use crate::codec::DecodeError;
 use crate::completion::{Batch, BatchBuilder, Completer, DriveHook, Op, OpPool};
 use crate::config::{Backend, PollMode};
-use crate::error::{describe, Result, TransportError};
+use crate::error::{Result, TransportError};
 use crate::inbound::InboundQueue;
 use crate::liveness::Timer;
 use crate::region::{EndpointId, Region, RegionAccess, RemoteRegion};
 use crate::{Connection, Transfer, TransferKind};
 use genie_sys::clock::SpinDeadline;
 use genie_sys::mem::SharedBuf;
+use genie_sys::verbs::describe;
 use genie_sys::verbs::{
     gid_of_ip, Completion, CompletionQueue, Local as Sge, MemoryWindow, Mr, PathParams, QpCaps,
     QpEndpoint, QueuePair, RemoteAccess, Rts, SendOp, VerbsError, WcError, WcOpcode,

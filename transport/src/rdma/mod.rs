@@ -69,11 +69,12 @@ pub mod wire;
 
 use crate::accept::{AcceptQueue, HandshakeSlots, ACCEPT_QUEUE, MAX_HANDSHAKES};
 use crate::config::{Backend, PollMode, TransportConfig};
-use crate::error::{describe, Result, TransportError};
+use crate::error::{Result, TransportError};
 use crate::region::{EndpointId, NewRegion, Region, RegionAccess, RegionTable};
 use crate::{Connection, Transport};
 use conn::RdmaConn;
 use genie_sys::mem::SharedBuf;
+use genie_sys::verbs::describe;
 use genie_sys::verbs::{self, Context, ProtectionDomain};
 use parking_lot::Mutex;
 use poller::Poller;
