@@ -160,12 +160,10 @@ pub fn serve_with(
     serve_until(endpoint, cluster, name, kernels, opts, stop)
 }
 
-/// How often a worker waiting for a driver looks at its stop flag.
-const STOP_CHECK: Duration = Duration::from_millis(100);
-
 /// [`serve_with`], also ending (between driver sessions) once `stop` is set: how an
 /// [`crate::driver::EmbeddedCluster`] stops a worker whose driver connection ended before the
-/// driver's `Shutdown` reached it.
+/// driver's `Shutdown` reached it. The flag is the accept loop's own: set, the loop ends and
+/// drops its end of the channel the worker waits on for drivers.
 pub(crate) fn serve_until(
     endpoint: Arc<dyn Transport>,
     cluster: Cluster,
@@ -216,10 +214,8 @@ pub(crate) fn serve_until(
         graphs: HashMap::new(),
     };
     let result = loop {
-        let ctrl = match ctrl_rx.recv_timeout(STOP_CHECK) {
-            Ok(ctrl) => ctrl,
-            Err(mpsc::RecvTimeoutError::Timeout) if !stop.load(Ordering::Relaxed) => continue,
-            Err(_) => break Ok(()),
+        let Ok(ctrl) = ctrl_rx.recv() else {
+            break Ok(());
         };
         match w.handle_driver(&ctrl) {
             Ok(true) => break Ok(()),
