@@ -40,7 +40,7 @@ use crate::Error;
 use serde::{Deserialize, Serialize};
 
 mod llama;
-pub use llama::{llama_decode, llama_prefill, LlamaConfig, LlamaKind};
+pub use llama::{llama_decode, llama_decode_batch, llama_prefill, LlamaConfig, LlamaKind};
 
 /// GPT-2 hyper-parameters; [`Default`] is the 124M model.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -358,6 +358,107 @@ impl Builder {
         self.layer = i.map(|i| u32::try_from(i).unwrap_or(u32::MAX));
     }
 
+    /// One layer's attention against its KV cache, for prefill or a decode step.
+    ///
+    /// `kv` empty: prefill; the new keys and values make the cache (`present`). One length `L`:
+    /// a decode step against the cache `past` (`[2, batch, L, width]`, slot 0), the new keys and
+    /// values appended to it. Several: a decode step of `kv.len()` sequences, one row each of
+    /// `q`, `k`, `v` (`[N, 1, ·]`): the rows are split apart, each sequence attends over its own
+    /// cache (slot `i`, `[2, 1, kv[i], width]`, nodes under `<module>.seq<i>`), and the outputs
+    /// are concatenated back in sequence order. Each sequence's nodes are the one-sequence
+    /// step's, so its rows see the same operations as when it runs alone.
+    fn cached_attention(
+        &mut self,
+        past: &str,
+        layer: usize,
+        [q, k, v]: [TensorRef; 3],
+        (kv, batch, width): (&[usize], usize, usize),
+        attn: &OpKind,
+    ) -> Result<CachedAttention, GraphError> {
+        let present = |b: &mut Self, ins: Vec<TensorRef>| -> Result<TensorRef, GraphError> {
+            Ok(b.op_r(
+                "present",
+                OpKind::KvCacheAppend,
+                ins,
+                Residency::StatefulKvCache,
+            )?
+            .into())
+        };
+        let one = |b: &mut Self, slot: usize, l: usize, rows: usize, [q, k, v]: [TensorRef; 3]| {
+            let slot32 = u32::try_from(slot).unwrap_or(u32::MAX);
+            let layer32 = u32::try_from(layer).unwrap_or(u32::MAX);
+            let past = b.source(
+                past.to_owned(),
+                OpKind::KvCache {
+                    layer: layer32,
+                    slot: slot32,
+                },
+                &[2, rows, l, width],
+                DType::F32,
+                Residency::StatefulKvCache,
+            )?;
+            let p = present(b, vec![past, k, v])?;
+            let kr = b.op("read_k", OpKind::KvCacheRead { part: KvPart::Key }, vec![p])?;
+            let vr = b.op(
+                "read_v",
+                OpKind::KvCacheRead {
+                    part: KvPart::Value,
+                },
+                vec![p],
+            )?;
+            let out = b.op("attention", attn.clone(), vec![q, kr, vr])?;
+            Ok::<_, GraphError>((out, p))
+        };
+        match kv {
+            [] => {
+                let p = present(self, vec![k, v])?;
+                let out = self.op("attention", attn.clone(), vec![q, k, v])?;
+                Ok(CachedAttention {
+                    out,
+                    presents: vec![p],
+                })
+            }
+            [l] => {
+                let (out, p) = one(self, 0, *l, batch, [q, k, v])?;
+                Ok(CachedAttention {
+                    out,
+                    presents: vec![p],
+                })
+            }
+            lens => {
+                let split = |b: &mut Self, t: TensorRef, leaf: &str| {
+                    b.op_r(
+                        leaf,
+                        OpKind::Split {
+                            axis: 0,
+                            sizes: vec![1; lens.len()],
+                        },
+                        vec![t],
+                        Residency::EphemeralActivation,
+                    )
+                };
+                let (qs, ks, vs) = (
+                    split(self, q, "split_q")?,
+                    split(self, k, "split_k")?,
+                    split(self, v, "split_v")?,
+                );
+                let module = self.module.clone();
+                let mut outs = Vec::with_capacity(lens.len());
+                let mut presents = Vec::with_capacity(lens.len());
+                for (i, &l) in lens.iter().enumerate() {
+                    self.module = format!("{module}.seq{i}");
+                    let rows = [qs, ks, vs].map(|n| TensorRef::new(n, i as u32));
+                    let (out, p) = one(self, i, l, 1, rows)?;
+                    outs.push(out);
+                    presents.push(p);
+                }
+                self.module = module;
+                let out = self.op("attention_rows", OpKind::Concat { axis: 0 }, outs)?;
+                Ok(CachedAttention { out, presents })
+            }
+        }
+    }
+
     /// `module.{weight,bias}` then LayerNorm.
     fn layer_norm(
         &mut self,
@@ -410,6 +511,13 @@ impl Builder {
     }
 }
 
+/// What [`Builder::cached_attention`] adds: the attention output and each sequence's updated
+/// cache (one for prefill and one-sequence steps).
+struct CachedAttention {
+    out: TensorRef,
+    presents: Vec<TensorRef>,
+}
+
 fn check(cond: bool, what: &str) -> Result<(), Error> {
     if cond {
         Ok(())
@@ -440,18 +548,44 @@ fn check_gpt2(c: &Gpt2Config, tokens: usize) -> Result<(), Error> {
 /// GPT-2 prefill over a prompt of `seq_len` tokens: logits `[B, S, V]` and each layer's KV cache.
 pub fn gpt2_prefill(c: &Gpt2Config, seq_len: usize) -> Result<Graph, Error> {
     check_gpt2(c, seq_len)?;
-    gpt2(c, seq_len, None)
+    gpt2(c, seq_len, &[])
 }
 
 /// One GPT-2 decode step against KV caches of length `kv_len`: logits `[B, 1, V]` and the
 /// updated caches.
 pub fn gpt2_decode(c: &Gpt2Config, kv_len: usize) -> Result<Graph, Error> {
     check_gpt2(c, 1)?;
-    gpt2(c, 1, Some(kv_len))
+    gpt2(c, 1, &[kv_len])
 }
 
-fn gpt2(c: &Gpt2Config, s: usize, kv_len: Option<usize>) -> Result<Graph, Error> {
-    let decode = kv_len.is_some();
+/// One GPT-2 decode step of several sequences at once, sequence `i` against KV caches of
+/// length `kv_lens[i]` (see [`Builder::cached_attention`]): logits `[N, 1, V]` (row `i` is
+/// sequence `i`'s) and the updated caches, layer by layer, sequence by sequence. One sequence
+/// gives [`gpt2_decode`]'s graph. `c.batch` must be 1.
+pub fn gpt2_decode_batch(c: &Gpt2Config, kv_lens: &[usize]) -> Result<Graph, Error> {
+    check_batch(c.batch, kv_lens)?;
+    check_gpt2(c, 1)?;
+    gpt2(c, 1, kv_lens)
+}
+
+/// A batched decode step's sequences: 1 to [`MAX_DECODE_BATCH`], over models of batch 1.
+fn check_batch(batch: usize, kv_lens: &[usize]) -> Result<(), Error> {
+    check(
+        batch == 1,
+        "a batched decode step takes models of batch 1 (one row per sequence)",
+    )?;
+    check(
+        !kv_lens.is_empty() && kv_lens.len() <= MAX_DECODE_BATCH,
+        &format!("a batched decode step has 1 to {MAX_DECODE_BATCH} sequences"),
+    )
+}
+
+/// Most sequences one batched decode step ([`gpt2_decode_batch`], [`llama_decode_batch`])
+/// takes.
+pub const MAX_DECODE_BATCH: usize = 256;
+
+fn gpt2(c: &Gpt2Config, s: usize, kv: &[usize]) -> Result<Graph, Error> {
+    let decode = !kv.is_empty();
     let phase = if decode {
         Phase::Decode
     } else {
@@ -462,7 +596,7 @@ fn gpt2(c: &Gpt2Config, s: usize, kv_len: Option<usize>) -> Result<Graph, Error>
     } else {
         "gpt2-prefill"
     };
-    let (bsz, d, hd) = (c.batch, c.hidden, c.hidden / c.heads);
+    let (bsz, d, hd) = (c.batch * kv.len().max(1), c.hidden, c.hidden / c.heads);
     let mut b = Builder::new(name, Phase::Embedding);
     let ids = b.input("input_ids", &[bsz, s], DType::I64)?;
     let pos = b.input("position_ids", &[bsz, s], DType::I64)?;
@@ -509,47 +643,15 @@ fn gpt2(c: &Gpt2Config, s: usize, kv_len: Option<usize>) -> Result<Graph, Error>
             causal: true,
             scale: Scalar(1.0 / (hd as f32).sqrt()),
         };
-        let a = match kv_len {
-            None => {
-                let present = b.op_r(
-                    "present",
-                    OpKind::KvCacheAppend,
-                    vec![k, v],
-                    Residency::StatefulKvCache,
-                )?;
-                presents.push(present.into());
-                b.op("attention", attn_op, vec![q, k, v])?
-            }
-            Some(l) => {
-                let past = b.source(
-                    format!("{p}.attn.past"),
-                    OpKind::KvCache { layer: i as u32 },
-                    &[2, bsz, l, d],
-                    DType::F32,
-                    Residency::StatefulKvCache,
-                )?;
-                let present = b.op_r(
-                    "present",
-                    OpKind::KvCacheAppend,
-                    vec![past, k, v],
-                    Residency::StatefulKvCache,
-                )?;
-                presents.push(present.into());
-                let kr = b.op(
-                    "read_k",
-                    OpKind::KvCacheRead { part: KvPart::Key },
-                    vec![present.into()],
-                )?;
-                let vr = b.op(
-                    "read_v",
-                    OpKind::KvCacheRead {
-                        part: KvPart::Value,
-                    },
-                    vec![present.into()],
-                )?;
-                b.op("attention", attn_op, vec![q, kr, vr])?
-            }
-        };
+        let a = b.cached_attention(
+            &format!("{p}.attn.past"),
+            i,
+            [q, k, v],
+            (kv, c.batch, d),
+            &attn_op,
+        )?;
+        presents.extend(a.presents);
+        let a = a.out;
         let proj = b.linear(&format!("{p}.attn.c_proj"), a, d, d, WeightLayout::InOut)?;
         b.at(p.clone());
         let h1 = b.op("attn_residual", OpKind::Add, vec![h, proj])?;
@@ -822,6 +924,67 @@ fn conv_bn(
 mod tests {
     use super::*;
     use crate::graph::NodeId;
+
+    /// A batched decode step of one sequence is the one-sequence step; of several, one cache
+    /// per sequence and layer (slot `i`, its own length), logits one row per sequence, and the
+    /// shared layers (embeddings, norms, linear layers) once.
+    #[test]
+    fn batched_decode_steps_have_one_cache_per_sequence() {
+        let c = Gpt2Config {
+            layers: 2,
+            hidden: 32,
+            heads: 2,
+            vocab: 64,
+            context: 64,
+            ..Gpt2Config::default()
+        };
+        assert_eq!(gpt2_decode_batch(&c, &[5]).unwrap(), gpt2_decode(&c, 5).unwrap());
+        let lens = [3usize, 9, 1];
+        let g = gpt2_decode_batch(&c, &lens).unwrap();
+        let logits = &g.outputs[0];
+        assert_eq!(g.node(logits.node).unwrap().outputs[0].shape, vec![3, 1, 64]);
+        assert_eq!(g.outputs.len(), 1 + 2 * lens.len());
+        let mut caches = Vec::new();
+        for n in g.nodes() {
+            if let OpKind::KvCache { layer, slot } = n.op {
+                caches.push((layer, slot, n.outputs[0].shape.clone()));
+            }
+        }
+        let want: Vec<_> = (0..2u32)
+            .flat_map(|l| {
+                lens.iter()
+                    .enumerate()
+                    .map(move |(i, &n)| (l, i as u32, vec![2, 1, n, 32]))
+            })
+            .collect();
+        assert_eq!(caches, want);
+        let linears = |g: &Graph| {
+            g.nodes()
+                .iter()
+                .filter(|n| matches!(n.op, OpKind::Linear { .. }))
+                .count()
+        };
+        assert_eq!(linears(&g), linears(&gpt2_decode(&c, 3).unwrap()));
+        let llama = LlamaConfig {
+            layers: 2,
+            hidden: 64,
+            heads: 4,
+            kv_heads: Some(2),
+            intermediate: 96,
+            vocab: 100,
+            context: 64,
+            ..LlamaConfig::default()
+        };
+        let g = llama_decode_batch(&llama, &[2, 4]).unwrap();
+        assert_eq!(
+            g.node(g.outputs[0].node).unwrap().outputs[0].shape,
+            vec![2, 1, llama.vocab]
+        );
+        assert!(gpt2_decode_batch(&c, &[]).is_err());
+        assert!(gpt2_decode_batch(&c, &vec![1; MAX_DECODE_BATCH + 1]).is_err());
+        let c2 = Gpt2Config { batch: 2, ..c };
+        assert!(gpt2_decode_batch(&c2, &[1, 2]).is_err());
+    }
 
     #[test]
     fn gpt2_small_has_124m_parameters_in_both_variants() {

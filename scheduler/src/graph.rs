@@ -270,6 +270,10 @@ pub enum GeluApprox {
     Erf,
 }
 
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+
 /// Which half of a KV cache an [`OpKind::KvCacheRead`] returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -370,6 +374,11 @@ pub enum OpKind {
     KvCache {
         /// Decoder layer index.
         layer: u32,
+        /// Which of the run's sequences the cache belongs to: 0 for a one-sequence run, `i` for
+        /// the `i`-th sequence of a batched decode step (whose graph holds one cache per
+        /// sequence and layer, each with its own length).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        slot: u32,
     },
     /// Appends new keys/values. Inputs `[cache [2,B,L,E], k [B,T,E], v [B,T,E]]` →
     /// `[2, B, L+T, E]`; or `[k, v]` → a fresh cache `[2, B, T, E]` (prefill).
@@ -702,7 +711,7 @@ impl Node {
     /// semantics leave it out, the op's own layer. Never derived from the node's name.
     pub fn layer(&self) -> Option<u32> {
         match (self.semantics.layer, &self.op) {
-            (Some(l), _) | (None, &OpKind::KvCache { layer: l }) => Some(l),
+            (Some(l), _) | (None, &OpKind::KvCache { layer: l, .. }) => Some(l),
             (None, _) => None,
         }
     }
@@ -1348,7 +1357,7 @@ fn check_tensors(id: NodeId, name: &str, outputs: &[TensorMeta]) -> Result<(), G
 /// A layer at most [`MAX_LAYER`]; a KV cache's semantic layer, when given, equal to its op's.
 fn check_layer(id: NodeId, name: &str, op: &OpKind, sem: &Semantics) -> Result<(), GraphError> {
     let op_layer = match op {
-        OpKind::KvCache { layer } => Some(*layer),
+        OpKind::KvCache { layer, .. } => Some(*layer),
         _ => None,
     };
     match (sem.layer, op_layer) {
@@ -2145,7 +2154,7 @@ mod tests {
             Err(GraphError::LayerTooLarge { layer, max: MAX_LAYER, .. }) if layer == MAX_LAYER + 1
         ));
         let mut g = Graph::new("kv");
-        let cache = |layer| OpKind::KvCache { layer };
+        let cache = |layer| OpKind::KvCache { layer, slot: 0 };
         let meta = || vec![TensorMeta::new([2, 1, 4, 8], DType::F32)];
         let at = |layer| Semantics {
             layer,

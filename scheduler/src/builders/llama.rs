@@ -15,8 +15,7 @@
 
 use super::{check, Builder};
 use crate::graph::{
-    DType, Graph, GraphError, KvPart, OpKind, Phase, Residency, RopeScaling, Scalar, TensorRef,
-    WeightLayout,
+    DType, Graph, GraphError, OpKind, Phase, RopeScaling, Scalar, TensorRef, WeightLayout,
 };
 use crate::Error;
 use serde::{Deserialize, Deserializer, Serialize};
@@ -290,14 +289,25 @@ impl LlamaConfig {
 /// cache `[2, B, S, G·D]`.
 pub fn llama_prefill(c: &LlamaConfig, seq_len: usize) -> Result<Graph, Error> {
     c.check(seq_len)?;
-    llama(c, seq_len, None)
+    llama(c, seq_len, &[])
 }
 
 /// One Llama-style decode step against KV caches of length `kv_len`: logits `[B, 1, V]` and the
 /// updated caches `[2, B, L+1, G·D]`.
 pub fn llama_decode(c: &LlamaConfig, kv_len: usize) -> Result<Graph, Error> {
     c.check(kv_len.saturating_add(1))?;
-    llama(c, 1, Some(kv_len))
+    llama(c, 1, &[kv_len])
+}
+
+/// One Llama-style decode step of several sequences at once, sequence `i` against caches of
+/// length `kv_lens[i]`: logits `[N, 1, V]` and the updated caches, layer by layer, sequence by
+/// sequence (see [`gpt2_decode_batch`](super::gpt2_decode_batch)). `c.batch` must be 1.
+pub fn llama_decode_batch(c: &LlamaConfig, kv_lens: &[usize]) -> Result<Graph, Error> {
+    super::check_batch(c.batch, kv_lens)?;
+    for &l in kv_lens {
+        c.check(l.saturating_add(1))?;
+    }
+    llama(c, 1, kv_lens)
 }
 
 impl Builder {
@@ -317,14 +327,19 @@ impl Builder {
     }
 }
 
-fn llama(c: &LlamaConfig, s: usize, kv_len: Option<usize>) -> Result<Graph, Error> {
-    let decode = kv_len.is_some();
+fn llama(c: &LlamaConfig, s: usize, kv: &[usize]) -> Result<Graph, Error> {
+    let decode = !kv.is_empty();
     let (phase, name) = if decode {
         (Phase::Decode, format!("{}-decode", c.kind.model_type()))
     } else {
         (Phase::Prefill, format!("{}-prefill", c.kind.model_type()))
     };
-    let (bsz, d, hd, ff) = (c.batch, c.hidden, c.head_dim(), c.intermediate);
+    let (bsz, d, hd, ff) = (
+        c.batch * kv.len().max(1),
+        c.hidden,
+        c.head_dim(),
+        c.intermediate,
+    );
     let (eq, ekv) = (c.heads * hd, c.kv_width());
     let mut b = Builder::new(&name, Phase::Embedding);
     let ids = b.input("input_ids", &[bsz, s], DType::I64)?;
@@ -360,47 +375,15 @@ fn llama(c: &LlamaConfig, s: usize, kv_len: Option<usize>) -> Result<Graph, Erro
         b.at(sa.clone());
         let q = b.op("q_rotary", rope.clone(), vec![q, pos])?;
         let k = b.op("k_rotary", rope.clone(), vec![k, pos])?;
-        let a = match kv_len {
-            None => {
-                let present = b.op_r(
-                    "present",
-                    OpKind::KvCacheAppend,
-                    vec![k, v],
-                    Residency::StatefulKvCache,
-                )?;
-                presents.push(present.into());
-                b.op("attention", attn_op.clone(), vec![q, k, v])?
-            }
-            Some(l) => {
-                let past = b.source(
-                    format!("{sa}.past"),
-                    OpKind::KvCache { layer: i as u32 },
-                    &[2, bsz, l, ekv],
-                    DType::F32,
-                    Residency::StatefulKvCache,
-                )?;
-                let present = b.op_r(
-                    "present",
-                    OpKind::KvCacheAppend,
-                    vec![past, k, v],
-                    Residency::StatefulKvCache,
-                )?;
-                presents.push(present.into());
-                let kr = b.op(
-                    "read_k",
-                    OpKind::KvCacheRead { part: KvPart::Key },
-                    vec![present.into()],
-                )?;
-                let vr = b.op(
-                    "read_v",
-                    OpKind::KvCacheRead {
-                        part: KvPart::Value,
-                    },
-                    vec![present.into()],
-                )?;
-                b.op("attention", attn_op.clone(), vec![q, kr, vr])?
-            }
-        };
+        let a = b.cached_attention(
+            &format!("{sa}.past"),
+            i,
+            [q, k, v],
+            (kv, c.batch, ekv),
+            &attn_op,
+        )?;
+        presents.extend(a.presents);
+        let a = a.out;
         let o = lin(&mut b, "o_proj", a, (eq, d), c.o_bias())?;
         b.at(p.clone());
         let h1 = b.op("attn_residual", OpKind::Add, vec![h, o])?;
