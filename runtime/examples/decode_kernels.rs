@@ -1,4 +1,5 @@
-//! Times a decode step's one-row products with Genie's one-row kernels and with candle's
+//! Times a decode step's products (one row, and eight: a batched step's) with Genie's decode
+//! kernels and with candle's
 //! (`CpuKernels::new()` vs `CpuKernels::candle_only()`), interleaved in one process, and prints
 //! the median time of each and their ratio, then one line with every ratio.
 //!
@@ -43,21 +44,36 @@ fn main() -> anyhow::Result<()> {
     let store = Tensor::randn(0f32, 1., (2, 1, 1024, e), &d)?;
     let view = store.narrow(2, 0, l)?;
     let big = Tensor::randn(0f32, 1., (2, 1, 512, 768), &d)?;
-    // A `[k, n]` linear layer with bias on one row, named as in the output.
-    let linear = |k: usize, n: usize| -> anyhow::Result<(String, Node, Vec<Tensor>)> {
-        let op = OpKind::Linear {
-            bias: true,
-            layout: WeightLayout::InOut,
+    // A `[k, n]` linear layer with bias on `rows` rows (one per sequence of a batched decode
+    // step), the weight stored `[in, out]` (GPT-2) or `[out, in]` (Llama), named as in the
+    // output.
+    let linear = |k: usize, n: usize, rows: usize, layout: WeightLayout| {
+        let op = OpKind::Linear { bias: true, layout };
+        let w = match layout {
+            WeightLayout::InOut => r(&[k, n])?,
+            WeightLayout::OutIn => r(&[n, k])?,
         };
-        let ins = vec![r(&[1, 1, k])?, r(&[k, n])?, r(&[n])?];
-        Ok((format!("linear {k}x{n}"), node(op, &[1, 1, n]), ins))
+        let ins = vec![r(&[rows, 1, k])?, w, r(&[n])?];
+        let t = if layout == WeightLayout::OutIn {
+            "ᵀ"
+        } else {
+            ""
+        };
+        let name = format!("linear {k}x{n}{t} x{rows}");
+        anyhow::Ok((name, node(op, &[rows, 1, n]), ins))
     };
+    let (io, oi) = (WeightLayout::InOut, WeightLayout::OutIn);
     let cases: Vec<(String, Node, Vec<Tensor>)> = vec![
-        linear(e, 384)?,
-        linear(512, e)?,
-        linear(768, 768)?,
-        linear(3072, 768)?,
-        linear(768, 3072)?,
+        linear(e, 384, 1, io)?,
+        linear(512, e, 1, io)?,
+        linear(768, 768, 1, io)?,
+        linear(3072, 768, 1, io)?,
+        linear(768, 3072, 1, io)?,
+        linear(768, 3072, 8, io)?,
+        linear(576, 1536, 1, oi)?,
+        linear(576, 1536, 8, oi)?,
+        linear(768, 8192, 1, oi)?,
+        linear(768, 8192, 8, oi)?,
         (
             "attention 12x64 over 512".into(),
             node(

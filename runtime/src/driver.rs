@@ -158,6 +158,20 @@ impl Driver {
         wanted: &[TensorRef],
         seq: u64,
     ) -> Result<RunOutput> {
+        self.run_batch(graph, placement, inputs, wanted, &[seq])
+    }
+
+    /// [`Driver::run`] of a graph over several sequences' KV caches: its cache nodes of slot
+    /// `i` read and extend sequence `seqs[i]`'s (a batched decode step, from
+    /// [`Family::decode_batch`](crate::models::Family::decode_batch)).
+    pub fn run_batch(
+        &mut self,
+        graph: &Graph,
+        placement: &Placement,
+        inputs: &[(&str, Tensor)],
+        wanted: &[TensorRef],
+        seqs: &[u64],
+    ) -> Result<RunOutput> {
         if let Some(p) = &self.poisoned {
             return Err(RuntimeError::WorkerFailed {
                 worker: p.clone(),
@@ -231,18 +245,20 @@ impl Driver {
                 run,
                 forget,
                 graph: g,
-                seq,
+                seqs: seqs.to_vec(),
                 inputs: ins.clone(),
                 wanted: wanted.to_vec(),
             };
             msgs.push(Some(proto::encode(&msg, &payload)?));
         }
-        let ran = self
-            .seqs
-            .entry(seq)
-            .or_insert_with(|| vec![false; self.conns.len()]);
-        for (r, &a) in ran.iter_mut().zip(&active) {
-            *r |= a;
+        for &seq in seqs {
+            let ran = self
+                .seqs
+                .entry(seq)
+                .or_insert_with(|| vec![false; self.conns.len()]);
+            for (r, &a) in ran.iter_mut().zip(&active) {
+                *r |= a;
+            }
         }
         let start = Instant::now();
         for (i, bytes) in msgs.iter().enumerate() {

@@ -54,12 +54,13 @@ use crate::cluster::{Cluster, Role};
 use crate::driver::{Driver, RunOutput};
 use crate::error::RuntimeError;
 use crate::models::{
-    argmax_last, pick, run_decode_step, run_prefill, with_last_logits, Family, Model,
+    argmax_last, pick, run_decode_batch, run_prefill, with_last_logits, Family, Model,
 };
 use crate::plan::Placement;
 use crate::proto::WeightSpec;
 use crate::trace::Span;
 use candle_core::Tensor;
+use genie_scheduler::builders::MAX_DECODE_BATCH;
 use genie_scheduler::graph::Graph;
 use rand::SeedableRng;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -215,6 +216,9 @@ pub struct EngineConfig {
     /// Keep every run's compute and transfer spans (for [`Engine::take_spans`] and a Perfetto
     /// trace); off by default.
     pub record_spans: bool,
+    /// Most sequences in one batched decode step (1 to [`MAX_DECODE_BATCH`]; default 32). More
+    /// active sequences take several steps per round.
+    pub max_batch: usize,
 }
 
 impl EngineConfig {
@@ -227,6 +231,7 @@ impl EngineConfig {
             kv_pool_bytes: 256 << 20,
             max_waiting: 1024,
             record_spans: false,
+            max_batch: 32,
         }
     }
 
@@ -443,6 +448,12 @@ impl Engine {
         reconnect: Option<(Cluster, WeightSpec)>,
     ) -> Result<Self, RuntimeError> {
         let n = driver.names().len();
+        if cfg.max_batch == 0 || cfg.max_batch > MAX_DECODE_BATCH {
+            return Err(RuntimeError::Plan(format!(
+                "engine: max_batch {} (1 to {MAX_DECODE_BATCH})",
+                cfg.max_batch
+            )));
+        }
         if cfg.prefill_worker >= n || cfg.decode_worker >= n {
             return Err(RuntimeError::Plan(format!(
                 "engine: prefill worker {} / decode worker {} outside the cluster of {n}",
@@ -680,11 +691,11 @@ impl Core {
                 self.pool.lock().waiting -= 1;
                 self.prefill(w);
             }
-            let active = std::mem::take(&mut self.active);
-            for a in active {
-                if let Some(a) = self.decode(a) {
-                    self.active.push(a);
-                }
+            let mut active = std::mem::take(&mut self.active);
+            while !active.is_empty() {
+                let rest = active.split_off(active.len().min(self.cfg.max_batch));
+                self.decode(active);
+                active = rest;
             }
         }
         for w in std::mem::take(&mut self.waiting) {
@@ -815,25 +826,53 @@ impl Core {
         }
     }
 
-    /// One decode step of `a`; `None` when it ended.
-    fn decode(&mut self, a: Active) -> Option<Active> {
-        match self.run_decode(&a) {
-            Ok(logits) => self.emit(a, &logits),
+    /// One batched decode step of `batch` (one forward pass over all of them, each against
+    /// its own KV length); the requests that go on return to the active set.
+    fn decode(&mut self, batch: Vec<Active>) {
+        match self.run_decode(&batch) {
+            Ok(logits) => {
+                for (i, a) in batch.into_iter().enumerate() {
+                    let row = logits
+                        .narrow(0, i, 1)
+                        .map_err(|source| RuntimeError::Kernel {
+                            node: "logits".into(),
+                            source,
+                        });
+                    let next = match row {
+                        Ok(row) => self.emit(a, &row),
+                        Err(e) => {
+                            self.fail(a, e);
+                            None
+                        }
+                    };
+                    self.active.extend(next);
+                }
+            }
             Err(e) => {
-                self.fail(a, e);
-                None
+                let err = self.engine_error(e);
+                for a in batch {
+                    self.fail_with(a, err.clone());
+                }
             }
         }
     }
 
-    fn run_decode(&mut self, a: &Active) -> Result<Tensor, RuntimeError> {
-        let l = a.req.prompt.len() + a.tokens.len() - 1;
-        let g = self.cfg.model.decode(l)?;
+    /// The logits `[N, 1, V]` of one decode step of `batch`, row `i` request `i`'s.
+    fn run_decode(&mut self, batch: &[Active]) -> Result<Tensor, RuntimeError> {
+        let lens: Vec<usize> = batch
+            .iter()
+            .map(|a| a.req.prompt.len() + a.tokens.len() - 1)
+            .collect();
+        let toks: Vec<i64> = batch
+            .iter()
+            .map(|a| a.tokens.last().copied().unwrap_or(0))
+            .collect();
+        let seqs: Vec<u64> = batch.iter().map(|a| a.seq).collect();
+        let g = self.cfg.model.decode_batch(&lens)?;
         let dw = self.cfg.decode_worker;
         let place = self.place(&g, dw, dw)?;
-        let tok = a.tokens.last().copied().unwrap_or(0);
         let started = Instant::now();
-        let out = run_decode_step(self.driver()?, &g, &place, tok, l, a.seq)?;
+        let out = run_decode_batch(self.driver()?, &g, &place, &toks, &lens, &seqs)?;
         self.record(started, &out);
         out.outputs
             .into_iter()
@@ -880,8 +919,14 @@ impl Core {
     }
 
     fn fail(&mut self, a: Active, e: RuntimeError) {
-        tracing::warn!(request = a.id, error = %e, "engine: request failed");
-        let err = match e {
+        let err = self.engine_error(e);
+        self.fail_with(a, err);
+    }
+
+    /// A run's error as its requests see it; a worker failure is remembered (the engine
+    /// reconnects before the next run).
+    fn engine_error(&mut self, e: RuntimeError) -> EngineError {
+        match e {
             RuntimeError::WorkerFailed { worker, reason } => {
                 if self.lost.is_none() {
                     self.lost = Some((worker.clone(), reason.clone()));
@@ -889,7 +934,11 @@ impl Core {
                 EngineError::WorkerFailed { worker, reason }
             }
             other => EngineError::Failed(other.to_string()),
-        };
+        }
+    }
+
+    fn fail_with(&mut self, a: Active, err: EngineError) {
+        tracing::warn!(request = a.id, error = %err, "engine: request failed");
         self.release(a.reserved, Some(a.seq));
         let _ = a.tx.send(Event::Failed(err));
     }

@@ -79,7 +79,7 @@ pub fn check_graph_sizes(worker: &str, graph: &Graph, budget: u64) -> Result<()>
             let bytes = tensor_bytes(&n.name, o, meta)?;
             within_budget(worker, &format!("tensor `{}:{o}`", n.name), bytes, budget)?;
         }
-        if let OpKind::KvCache { layer } = n.op {
+        if let OpKind::KvCache { layer, .. } = n.op {
             if layer as usize >= MAX_KV_LAYERS {
                 return Err(RuntimeError::KvCache {
                     reason: format!(

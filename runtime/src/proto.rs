@@ -140,8 +140,10 @@ pub enum Msg {
         forget: Vec<u64>,
         /// The graph and placement, or the id of kept ones.
         graph: GraphRef,
-        /// Sequence id for KV-cache state.
-        seq: u64,
+        /// The sequences whose KV caches the run reads and extends: a cache node of slot `i`
+        /// belongs to `seqs[i]` (one sequence for prefill and one-sequence steps; a batched
+        /// decode step's, in slot order). 1 to [`MAX_DECODE_BATCH`](genie_scheduler::builders::MAX_DECODE_BATCH), distinct.
+        seqs: Vec<u64>,
         /// Model inputs (in the payload).
         inputs: Vec<PayloadTensor>,
         /// Tensors to send back to the driver.

@@ -938,11 +938,17 @@ mod tests {
             context: 64,
             ..Gpt2Config::default()
         };
-        assert_eq!(gpt2_decode_batch(&c, &[5]).unwrap(), gpt2_decode(&c, 5).unwrap());
+        assert_eq!(
+            gpt2_decode_batch(&c, &[5]).unwrap(),
+            gpt2_decode(&c, 5).unwrap()
+        );
         let lens = [3usize, 9, 1];
         let g = gpt2_decode_batch(&c, &lens).unwrap();
         let logits = &g.outputs[0];
-        assert_eq!(g.node(logits.node).unwrap().outputs[0].shape, vec![3, 1, 64]);
+        assert_eq!(
+            g.node(logits.node).unwrap().outputs[0].shape,
+            vec![3, 1, 64]
+        );
         assert_eq!(g.outputs.len(), 1 + 2 * lens.len());
         let mut caches = Vec::new();
         for n in g.nodes() {

@@ -138,7 +138,7 @@ fn message() -> impl Strategy<Value = Msg> {
                     run,
                     forget,
                     graph,
-                    seq,
+                    seqs: vec![seq, seq ^ 1],
                     inputs,
                     wanted,
                 }

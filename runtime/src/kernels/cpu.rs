@@ -239,29 +239,92 @@ fn grouped_query_attention(
     )?))
 }
 
-/// Largest weight (elements) [`one_row_product`] takes. Above it gemm wins: it reads a large
-/// matrix in packed panels (and may use both cores), where our column blocks stride across rows
-/// (`decode_kernels`: 128x384 and 512x128 1.5-1.7x faster than candle, 768x768 0.8x, 768x3072
-/// 0.6x).
-const ONE_ROW_MAX_ELEMENTS: usize = 1 << 17;
+/// Most rows [`few_rows_product`] takes: a batched decode step's, one per sequence. More rows
+/// (a prefill) go to gemm, which packs them.
+const FEW_ROWS_MAX: usize = 64;
 
-/// `x · w` (plus `bias`) for one row `x` (`[.., k]`, `k` values in all) and `w` `[k, n]` with
-/// the one-row kernels. `None` where they do not apply (several rows, other dtypes or layouts,
-/// mismatched shapes: candle then decides). A weight stored `[n, k]` (`x · wᵀ`: BERT's linear
-/// layers, GPT-2's tied LM head) stays with candle, whose gemm reads those rows faster than
-/// our dot products do (`cargo run --release -p genie-runtime --example decode_kernels`).
-fn one_row_product(
+/// Weights of at least this many elements have their outputs split across the cores (each
+/// output's sum is the same wherever it is computed).
+const SPLIT_MIN_ELEMENTS: usize = 1 << 18;
+
+/// `rows` rows `x` times `m` (`[in, out]`) or `mᵀ` (`[out, in]`) with the decode kernels:
+/// `rows × n` outputs, row-major. A large `m` is cut into one slice of outputs per core (columns
+/// of an `[in, out]` weight, rows of an `[out, in]` one), computed in parallel. `None` when a
+/// slice cannot be made (it always can for a valid view).
+fn few_rows_split(
+    simd: Simd,
+    x: &[f32],
+    m: Rows<'_>,
+    layout: WeightLayout,
+    rows: usize,
+) -> Option<Vec<f32>> {
+    let n = match layout {
+        WeightLayout::InOut => m.cols(),
+        WeightLayout::OutIn => m.rows(),
+    };
+    let parts = if m.rows().saturating_mul(m.cols()) >= SPLIT_MIN_ELEMENTS {
+        rayon::current_num_threads().clamp(1, 16)
+    } else {
+        1
+    };
+    // Whole lane vectors per slice, so that a slice's columns block as the whole would.
+    let width = n.div_ceil(parts).div_ceil(8) * 8;
+    let slices: Vec<(usize, usize)> = (0..n)
+        .step_by(width.max(1))
+        .map(|from| (from, width.min(n - from)))
+        .collect();
+    let one = |&(from, count): &(usize, usize)| -> Option<Vec<f32>> {
+        let mut y = vec![0f32; rows * count];
+        match layout {
+            WeightLayout::InOut => simd.rows_times_matrix(x, m.columns(from, count)?, &mut y),
+            WeightLayout::OutIn => simd.rows_times_cols(x, m.row_range(from, count)?, &mut y),
+        }
+        Some(y)
+    };
+    let parts: Vec<Option<Vec<f32>>> = if slices.len() > 1 {
+        use rayon::prelude::*;
+        slices.par_iter().map(one).collect()
+    } else {
+        slices.iter().map(one).collect()
+    };
+    if parts.len() == 1 {
+        return parts.into_iter().next().flatten();
+    }
+    let mut y = vec![0f32; rows * n];
+    for ((from, count), part) in slices.iter().zip(parts) {
+        let part = part?;
+        for r in 0..rows {
+            y[r * n + from..r * n + from + count]
+                .copy_from_slice(&part[r * count..(r + 1) * count]);
+        }
+    }
+    Some(y)
+}
+
+/// `x · w` (`layout` `[in, out]`) or `x · wᵀ` (`[out, in]`), plus `bias`, for a few rows `x`
+/// (`[.., k]`, at most [`FEW_ROWS_MAX`] rows of `k`) with the decode kernels
+/// ([`Simd::rows_times_matrix`], [`Simd::rows_times_cols`]). Each row's result is the same bits
+/// whether it comes alone or with others, so a batched decode step computes every sequence's
+/// token as a step of that sequence alone does (gemm does not promise that: its one-row path
+/// sums in another order than its many-row one). `None` where they do not apply (more rows,
+/// other dtypes or layouts, mismatched shapes: candle then decides).
+fn few_rows_product(
     simd: Simd,
     x: &Tensor,
     w: &Tensor,
+    layout: WeightLayout,
     bias: Option<&Tensor>,
 ) -> candle_core::Result<Option<Tensor>> {
     let k = x.dims().last().copied().unwrap_or(0);
     if x.dtype() != CDType::F32 || w.dtype() != CDType::F32 || x.rank() < 2 || w.rank() != 2 {
         return Ok(None);
     }
-    let (wk, n) = (w.dim(0)?, w.dim(1)?);
-    if k == 0 || x.elem_count() != k || wk != k || k * n > ONE_ROW_MAX_ELEMENTS {
+    let (wk, n) = match layout {
+        WeightLayout::InOut => (w.dim(0)?, w.dim(1)?),
+        WeightLayout::OutIn => (w.dim(1)?, w.dim(0)?),
+    };
+    let rows = x.elem_count() / k.max(1);
+    if k == 0 || wk != k || n == 0 || rows == 0 || rows > FEW_ROWS_MAX {
         return Ok(None);
     }
     let bias = match bias {
@@ -270,14 +333,14 @@ fn one_row_product(
         Some(_) => return Ok(None),
     };
     let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
-    let mut y = vec![0f32; n];
-    let done = with_rows(w, |m| simd.row_times(&xv, m, &mut y));
-    if done.is_none() {
+    let Some(Some(mut y)) = with_rows(w, |m| few_rows_split(simd, &xv, m, layout, rows)) else {
         return Ok(None);
-    }
+    };
     if let Some(b) = bias {
-        for (y, b) in y.iter_mut().zip(&b) {
-            *y += *b;
+        for row in y.chunks_exact_mut(n) {
+            for (y, b) in row.iter_mut().zip(&b) {
+                *y += *b;
+            }
         }
     }
     let mut shape = x.dims().to_vec();
@@ -601,17 +664,17 @@ fn embedding(ids: &Tensor, table: &Tensor) -> candle_core::Result<Tensor> {
     rows.reshape(shape)
 }
 
-/// `x · W` (+ bias) with the weight in either layout: the one-row kernels for one row of a
-/// `[in, out]` weight, candle's gemm otherwise.
+/// `x · W` (+ bias) with the weight in either layout: the decode kernels for a few rows
+/// ([`few_rows_product`]), candle's gemm otherwise.
 fn linear(
     ins: &[Tensor],
     bias: bool,
     layout: WeightLayout,
     simd: Option<Simd>,
 ) -> candle_core::Result<Tensor> {
-    if let (Some(simd), WeightLayout::InOut) = (simd, layout) {
+    if let Some(simd) = simd {
         let b = bias.then(|| &ins[2]);
-        if let Some(y) = one_row_product(simd, &ins[0], &ins[1], b)? {
+        if let Some(y) = few_rows_product(simd, &ins[0], &ins[1], layout, b)? {
             return Ok(y);
         }
     }
@@ -641,8 +704,13 @@ fn matmul(
     transpose_b: bool,
     simd: Option<Simd>,
 ) -> candle_core::Result<Tensor> {
-    if let (Some(simd), false) = (simd, transpose_b) {
-        if let Some(y) = one_row_product(simd, a, b, None)? {
+    if let Some(simd) = simd {
+        let layout = if transpose_b {
+            WeightLayout::OutIn
+        } else {
+            WeightLayout::InOut
+        };
+        if let Some(y) = few_rows_product(simd, a, b, layout, None)? {
             return Ok(y);
         }
     }
@@ -896,9 +964,23 @@ mod tests {
                 reference.run(&n, &ins).unwrap(),
             );
             close(&a[0], &b[0], &format!("linear {layout:?} bias {bias}"));
-            // Several rows: candle's kernels, bitwise.
+            // A few rows (a batched decode step): the same kernels, each row's bits as alone.
             let n = node(OpKind::Linear { bias, layout }, &[1, 3, 200]);
             ins[0] = r(&[1, 3, 131]);
+            let (a, b) = (
+                fast.run(&n, &ins).unwrap(),
+                reference.run(&n, &ins).unwrap(),
+            );
+            close(&a[0], &b[0], &format!("linear rows {layout:?} bias {bias}"));
+            let n1 = node(OpKind::Linear { bias, layout }, &[1, 1, 200]);
+            let mut alone = ins.clone();
+            alone[0] = ins[0].narrow(1, 1, 1).unwrap();
+            let one = fast.run(&n1, &alone).unwrap();
+            assert_eq!(vals(&one[0]), vals(&a[0].narrow(1, 1, 1).unwrap()));
+            // Many rows (a prefill): candle's kernels, bitwise.
+            let rows = FEW_ROWS_MAX + 1;
+            let n = node(OpKind::Linear { bias, layout }, &[1, rows, 200]);
+            ins[0] = r(&[1, rows, 131]);
             let (a, b) = (
                 fast.run(&n, &ins).unwrap(),
                 reference.run(&n, &ins).unwrap(),

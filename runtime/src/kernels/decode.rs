@@ -42,6 +42,25 @@ impl<'a> Rows<'a> {
         })
     }
 
+    /// Rows `from..from + count`.
+    pub(crate) fn row_range(&self, from: usize, count: usize) -> Option<Self> {
+        if from.checked_add(count)? > self.rows {
+            return None;
+        }
+        let start = from.checked_mul(self.stride)?.min(self.data.len());
+        Self::new(&self.data[start..], count, self.cols, self.stride)
+    }
+
+    /// Rows of the view.
+    pub(crate) fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Columns of the view.
+    pub(crate) fn cols(&self) -> usize {
+        self.cols
+    }
+
     /// Columns `from..from + width` of every row: a view of one head's slice.
     pub(crate) fn columns(&self, from: usize, width: usize) -> Option<Self> {
         if from.checked_add(width)? > self.cols {
@@ -74,6 +93,7 @@ impl Simd {
 
     /// `y[j] = Σ_i x[i] · m[i][j]` (a row times a matrix: `x.len() == m.rows`,
     /// `y.len() == m.cols`).
+    #[cfg(test)]
     pub(crate) fn row_times(self, x: &[f32], m: Rows<'_>, y: &mut [f32]) {
         self.rows_times(x, m, 1, y);
     }
@@ -115,6 +135,45 @@ impl Simd {
         });
         #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
         let _ = (x, m, parts, y);
+    }
+
+    /// `y[r] = x[r] · m` for each of the `x.len() / m.rows` rows of `x` (`y` holds as many rows
+    /// of `m.cols`): a few rows (a batched decode step's, one per sequence) times an `[in, out]`
+    /// weight. Every output is the same sum as [`Simd::row_times`] gives for its row alone (over
+    /// `i` in order with fused multiply-adds, from zero), however many rows come together; `m`
+    /// is read from memory once, each block of its columns serving every row while it is in
+    /// cache.
+    pub(crate) fn rows_times_matrix(self, x: &[f32], m: Rows<'_>, y: &mut [f32]) {
+        debug_assert!(m.rows > 0 && x.len() % m.rows == 0);
+        debug_assert!(y.len() == x.len() / m.rows * m.cols);
+        #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+        self.0.vectorize(x86::ManyRowTimes {
+            simd: self.0,
+            x,
+            m,
+            y,
+        });
+        #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
+        let _ = (x, m, y);
+    }
+
+    /// `y[r][j] = x[r] · m[j]` for each of the `x.len() / m.cols` rows of `x`: a few rows times
+    /// an `[out, in]` weight (`x · mᵀ`). Every output is the same sum as [`Simd::times_cols`]
+    /// with one part gives for its row alone (two chains of 8-lane fused multiply-adds, added,
+    /// the lanes added pairwise, then the columns past the last whole lane vector in order),
+    /// however many rows come together; each row of `m` is read once for all of them.
+    pub(crate) fn rows_times_cols(self, x: &[f32], m: Rows<'_>, y: &mut [f32]) {
+        debug_assert!(m.cols > 0 && x.len() % m.cols == 0);
+        debug_assert!(y.len() == x.len() / m.cols * m.rows);
+        #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+        self.0.vectorize(x86::ManyTimesCols {
+            simd: self.0,
+            x,
+            m,
+            y,
+        });
+        #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
+        let _ = (x, m, y);
     }
 
     /// The attention weights of one query over `l` cached positions: `q` is `[heads · d]`, `k`
@@ -357,6 +416,176 @@ mod x86 {
                 s = m.mul_add(*x, s);
             }
             s
+        }
+    }
+
+    /// Rows of `x` (each `m.rows` long) times `m`; see [`super::Simd::rows_times_matrix`].
+    pub(super) struct ManyRowTimes<'a, 'b> {
+        pub simd: V3,
+        pub x: &'a [f32],
+        pub m: Rows<'b>,
+        pub y: &'a mut [f32],
+    }
+
+    /// Rows of `x` taken together: at most this many share one pass over a block of `m`.
+    const ROW_GROUP: usize = 4;
+
+    impl ManyRowTimes<'_, '_> {
+        /// Columns `c..c + A·8` of rows `r0..r0 + R`: `R·A` accumulators over all of `m`'s rows.
+        #[inline(always)]
+        fn block<const R: usize, const A: usize>(&mut self, r0: usize, c: usize) {
+            let simd = self.simd;
+            let (k, n) = (self.m.rows, self.m.cols);
+            let mut acc = [[simd.splat_f32x8(0.0); A]; R];
+            for i in 0..k {
+                let row = &self.m.row(i)[c..c + A * LANES];
+                let mut w = [simd.splat_f32x8(0.0); A];
+                for (a, w) in w.iter_mut().enumerate() {
+                    *w = load(row, a * LANES);
+                }
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let xi = simd.splat_f32x8(self.x[(r0 + r) * k + i]);
+                    for (a, acc) in acc.iter_mut().enumerate() {
+                        *acc = simd.mul_add_f32x8(w[a], xi, *acc);
+                    }
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                for (a, acc) in acc.iter().enumerate() {
+                    let at = (r0 + r) * n + c + a * LANES;
+                    self.y[at..at + LANES].copy_from_slice(&cast::<f32x8, [f32; LANES]>(*acc));
+                }
+            }
+        }
+
+        /// Columns `c..c + W·8` of every row, in groups of [`ROW_GROUP`] rows, each group
+        /// with as many accumulators as fit the registers (`R·A`, `A` lane vectors of columns
+        /// per row: a row alone takes the whole width at once). The blocking changes which
+        /// columns share a pass over `m`'s rows, never an output's sum.
+        #[inline(always)]
+        fn blocks<const W: usize>(&mut self, c: usize) {
+            let rows = self.x.len() / self.m.rows;
+            let mut r = 0;
+            while r + ROW_GROUP <= rows {
+                self.across::<ROW_GROUP, 2, W>(r, c);
+                r += ROW_GROUP;
+            }
+            match rows - r {
+                3 => self.across::<3, 2, W>(r, c),
+                2 => self.across::<2, 4, W>(r, c),
+                1 => self.across::<1, 8, W>(r, c),
+                _ => {}
+            }
+        }
+
+        /// Columns `c..c + W·8` of rows `r0..r0 + R`, `A` lane vectors at a time.
+        #[inline(always)]
+        fn across<const R: usize, const A: usize, const W: usize>(&mut self, r0: usize, c: usize) {
+            let mut v = 0;
+            while v + A <= W {
+                self.block::<R, A>(r0, c + v * LANES);
+                v += A;
+            }
+            while v < W {
+                self.block::<R, 1>(r0, c + v * LANES);
+                v += 1;
+            }
+        }
+    }
+
+    impl NullaryFnOnce for ManyRowTimes<'_, '_> {
+        type Output = ();
+
+        #[inline(always)]
+        fn call(mut self) {
+            let (k, n) = (self.m.rows, self.m.cols);
+            let rows = self.x.len() / k.max(1);
+            let mut c = 0;
+            while c + 8 * LANES <= n {
+                self.blocks::<8>(c);
+                c += 8 * LANES;
+            }
+            while c + LANES <= n {
+                self.blocks::<1>(c);
+                c += LANES;
+            }
+            for j in c..n {
+                for r in 0..rows {
+                    let mut s = 0f32;
+                    for i in 0..k {
+                        s = self.m.row(i)[j].mul_add(self.x[r * k + i], s);
+                    }
+                    self.y[r * n + j] = s;
+                }
+            }
+        }
+    }
+
+    /// Rows of `x` (each `m.cols` long) times `mᵀ`; see [`super::Simd::rows_times_cols`].
+    pub(super) struct ManyTimesCols<'a, 'b> {
+        pub simd: V3,
+        pub x: &'a [f32],
+        pub m: Rows<'b>,
+        pub y: &'a mut [f32],
+    }
+
+    impl ManyTimesCols<'_, '_> {
+        /// Row `j` of `m` against rows `r0..r0 + R` of `x`, each sum as [`TimesCol`]'s.
+        #[inline(always)]
+        fn dots<const R: usize>(&mut self, j: usize, r0: usize) {
+            let simd = self.simd;
+            let (n, k) = (self.m.rows, self.m.cols);
+            let full = k / LANES * LANES;
+            let a = self.m.row(j);
+            let zero = simd.splat_f32x8(0.0);
+            let (mut even, mut odd) = ([zero; R], [zero; R]);
+            let mut c = 0;
+            while c + 2 * LANES <= full {
+                let (a0, a1) = (load(a, c), load(a, c + LANES));
+                for r in 0..R {
+                    let x = &self.x[(r0 + r) * k..];
+                    even[r] = simd.mul_add_f32x8(a0, load(x, c), even[r]);
+                    odd[r] = simd.mul_add_f32x8(a1, load(x, c + LANES), odd[r]);
+                }
+                c += 2 * LANES;
+            }
+            if c < full {
+                let a0 = load(a, c);
+                for (r, even) in even.iter_mut().enumerate() {
+                    let x = &self.x[(r0 + r) * k..];
+                    *even = simd.mul_add_f32x8(a0, load(x, c), *even);
+                }
+            }
+            for r in 0..R {
+                let x = &self.x[(r0 + r) * k..(r0 + r + 1) * k];
+                let mut s = pairwise(simd.add_f32x8(even[r], odd[r]));
+                for (m, x) in a[full..].iter().zip(&x[full..]) {
+                    s = m.mul_add(*x, s);
+                }
+                self.y[(r0 + r) * n + j] = s;
+            }
+        }
+    }
+
+    impl NullaryFnOnce for ManyTimesCols<'_, '_> {
+        type Output = ();
+
+        #[inline(always)]
+        fn call(mut self) {
+            let rows = self.x.len() / self.m.cols.max(1);
+            for j in 0..self.m.rows {
+                let mut r = 0;
+                while r + ROW_GROUP <= rows {
+                    self.dots::<ROW_GROUP>(j, r);
+                    r += ROW_GROUP;
+                }
+                match rows - r {
+                    3 => self.dots::<3>(j, r),
+                    2 => self.dots::<2>(j, r),
+                    1 => self.dots::<1>(j, r),
+                    _ => {}
+                }
+            }
         }
     }
 
@@ -644,6 +873,53 @@ mod tests {
             simd.times_cols(mc, &xc, 1, &mut z2);
             assert_eq!(y, y2);
             assert_eq!(z, z2);
+        }
+    }
+
+    /// A batch of rows gives each row the bits it gets alone (from the one-row kernels), for
+    /// any number of rows (groups of four and their remainders) and any widths (whole lane
+    /// vectors, pairs of them, and scalar tails); and the products are the plain sums.
+    #[test]
+    fn batched_rows_give_the_bits_of_each_row_alone() {
+        let Some(simd) = Simd::detect() else { return };
+        for (k, n) in [(1, 1), (7, 13), (16, 24), (33, 100), (128, 384), (40, 9)] {
+            let data = seq(k * n, 5);
+            let m = Rows::new(&data, k, n, n).unwrap();
+            for batch in [1usize, 2, 3, 4, 5, 8, 9] {
+                let x = seq(batch * k, batch as u32);
+                let mut y = vec![0f32; batch * n];
+                simd.rows_times_matrix(&x, m, &mut y);
+                for r in 0..batch {
+                    let mut alone = vec![0f32; n];
+                    simd.row_times(&x[r * k..(r + 1) * k], m, &mut alone);
+                    assert_eq!(
+                        &y[r * n..(r + 1) * n],
+                        &alone[..],
+                        "[{k}x{n}] row {r} of {batch}"
+                    );
+                    let want: Vec<f32> = (0..n)
+                        .map(|j| {
+                            (0..k)
+                                .map(|i| f64::from(x[r * k + i] * m.row(i)[j]))
+                                .sum::<f64>() as f32
+                        })
+                        .collect();
+                    close(&alone, &want, "rows_times_matrix");
+                }
+                // `[out, in]`: m's rows are the outputs, each a dot product with x's row.
+                let x = seq(batch * n, 11 + batch as u32);
+                let mut z = vec![0f32; batch * k];
+                simd.rows_times_cols(&x, m, &mut z);
+                for r in 0..batch {
+                    let mut alone = vec![0f32; k];
+                    simd.times_cols(m, &x[r * n..(r + 1) * n], 1, &mut alone);
+                    assert_eq!(
+                        &z[r * k..(r + 1) * k],
+                        &alone[..],
+                        "[{k}x{n}]ᵀ row {r} of {batch}"
+                    );
+                }
+            }
         }
     }
 

@@ -5,7 +5,7 @@
 
 use super::{sched_err, Family};
 use crate::error::Result;
-use genie_scheduler::builders::{gpt2_decode, gpt2_prefill, Gpt2Config};
+use genie_scheduler::builders::{gpt2_decode, gpt2_decode_batch, gpt2_prefill, Gpt2Config};
 use genie_scheduler::graph::Graph;
 use serde::Deserialize;
 
@@ -81,6 +81,9 @@ impl Family for Gpt2Config {
     }
     fn decode(&self, kv_len: usize) -> Result<Graph> {
         gpt2_decode(self, kv_len).map_err(sched_err)
+    }
+    fn decode_batch(&self, kv_lens: &[usize]) -> Result<Graph> {
+        gpt2_decode_batch(self, kv_lens).map_err(sched_err)
     }
     fn vocab(&self) -> usize {
         self.vocab

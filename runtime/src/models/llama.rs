@@ -6,7 +6,7 @@
 
 use super::{sched_err, Family};
 use crate::error::Result;
-use genie_scheduler::builders::{llama_decode, llama_prefill, LlamaConfig};
+use genie_scheduler::builders::{llama_decode, llama_decode_batch, llama_prefill, LlamaConfig};
 use genie_scheduler::graph::Graph;
 use serde::Deserialize;
 
@@ -40,6 +40,9 @@ impl Family for LlamaConfig {
     }
     fn decode(&self, kv_len: usize) -> Result<Graph> {
         llama_decode(self, kv_len).map_err(sched_err)
+    }
+    fn decode_batch(&self, kv_lens: &[usize]) -> Result<Graph> {
+        llama_decode_batch(self, kv_lens).map_err(sched_err)
     }
     fn vocab(&self) -> usize {
         self.vocab

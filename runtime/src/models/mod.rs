@@ -67,6 +67,11 @@ pub trait Family {
     /// One decode step against KV caches of length `kv_len`: outputs logits `[B, 1, V]`, then
     /// the updated caches.
     fn decode(&self, kv_len: usize) -> Result<Graph>;
+    /// One decode step of several sequences, sequence `i` against caches of length
+    /// `kv_lens[i]` (cache slot `i`): logits `[N, 1, V]`, row `i` sequence `i`'s, then the
+    /// updated caches. Each sequence's rows go through the same operations as in
+    /// [`Family::decode`] (and one length gives its graph).
+    fn decode_batch(&self, kv_lens: &[usize]) -> Result<Graph>;
     /// Vocabulary size.
     fn vocab(&self) -> usize;
     /// Decoder layers.
@@ -176,6 +181,9 @@ impl Family for Model {
     }
     fn decode(&self, kv_len: usize) -> Result<Graph> {
         self.family().decode(kv_len)
+    }
+    fn decode_batch(&self, kv_lens: &[usize]) -> Result<Graph> {
+        self.family().decode_batch(kv_lens)
     }
     fn vocab(&self) -> usize {
         self.family().vocab()
@@ -402,6 +410,40 @@ pub fn run_decode_step(
         ("position_ids", row_i64(vec![position as i64])?),
     ];
     driver.run(g, place, &inputs, &[logits], seq)
+}
+
+/// Runs the batched decode graph `g` (from [`Family::decode_batch`] at the sequences' KV
+/// lengths, which are their `positions`) of one token per sequence, sequence `i` being
+/// `seqs[i]` (its caches are slot `i`'s), placed by `place`; fetches the logits `[N, 1, V]`.
+pub fn run_decode_batch(
+    driver: &mut Driver,
+    g: &Graph,
+    place: &Placement,
+    tokens: &[i64],
+    positions: &[usize],
+    seqs: &[u64],
+) -> Result<RunOutput> {
+    let logits = *g
+        .outputs
+        .first()
+        .ok_or_else(|| RuntimeError::Plan("decode graph has no outputs".into()))?;
+    let n = tokens.len();
+    if positions.len() != n || seqs.len() != n {
+        return Err(RuntimeError::Plan(format!(
+            "a batched step of {n} tokens, {} positions, {} sequences",
+            positions.len(),
+            seqs.len()
+        )));
+    }
+    let col = |v: Vec<i64>| Tensor::from_vec(v, (n, 1), &Device::Cpu).map_err(kerr);
+    let inputs = [
+        ("input_ids", col(tokens.to_vec())?),
+        (
+            "position_ids",
+            col(positions.iter().map(|&p| p as i64).collect())?,
+        ),
+    ];
+    driver.run_batch(g, place, &inputs, &[logits], seqs)
 }
 
 /// Runs a prefill of `prompt` then `steps` greedy decode steps for sequence `seq`.

@@ -24,7 +24,7 @@ impl Worker {
         &mut self,
         run: u64,
         kept: &mut Kept,
-        seq: u64,
+        seqs: &[u64],
         inputs: &[PayloadTensor],
         payload: &[u8],
         wanted: &[TensorRef],
@@ -127,7 +127,7 @@ impl Worker {
             w: self,
             graph,
             plan,
-            seq,
+            seqs,
             inputs: input_tensors,
             store,
             inbox: Inbox {
@@ -199,7 +199,8 @@ pub(super) struct RunCtx<'a> {
     pub(super) w: &'a mut Worker,
     pub(super) graph: &'a Graph,
     pub(super) plan: &'a ExecPlan,
-    pub(super) seq: u64,
+    /// The run's sequences, by cache slot.
+    pub(super) seqs: &'a [u64],
     pub(super) inputs: HashMap<String, Tensor>,
     pub(super) store: TensorStore<Key>,
     pub(super) inbox: Inbox,
@@ -399,7 +400,9 @@ impl<'a> RunCtx<'a> {
         let _span = tracing::debug_span!("node", name = %node.name).entered();
         let start = self.us();
         let outs = match &node.op {
-            OpKind::KvCache { layer } => vec![self.kv_read(node, *layer as usize)?],
+            OpKind::KvCache { layer, slot } => {
+                vec![self.kv_read(node, *layer as usize, *slot)?]
+            }
             OpKind::KvCacheAppend if self.appends_in_place(node) => {
                 vec![self.kv_append_in_place(node, &ins)?]
             }

@@ -52,7 +52,33 @@ impl<'a> RunCtx<'a> {
         Ok(kv)
     }
 
-    pub(super) fn kv_read(&mut self, node: &Node, layer: usize) -> Result<Tensor> {
+    /// The sequence of cache slot `slot` in this run.
+    fn seq_of(&self, node: &Node, slot: u32) -> Result<u64> {
+        self.seqs
+            .get(slot as usize)
+            .copied()
+            .ok_or_else(|| RuntimeError::KvCache {
+                reason: format!(
+                    "{}: cache slot {slot}, but the run names {} sequence(s)",
+                    node.name,
+                    self.seqs.len()
+                ),
+            })
+    }
+
+    /// The slot of the cache an append extends (its `past` input's; 0 for prefill's fresh
+    /// cache).
+    fn slot_of_append(&self, node: &Node) -> u32 {
+        node.inputs
+            .first()
+            .and_then(|i| match self.graph.node(i.node)?.op {
+                OpKind::KvCache { slot, .. } if node.inputs.len() == 3 => Some(slot),
+                _ => None,
+            })
+            .unwrap_or(0)
+    }
+
+    pub(super) fn kv_read(&mut self, node: &Node, layer: usize, slot: u32) -> Result<Tensor> {
         let meta = node
             .outputs
             .first()
@@ -70,7 +96,7 @@ impl<'a> RunCtx<'a> {
                 reason: format!("{}: only batch 1 per sequence is supported", node.name),
             });
         }
-        let seq = self.seq;
+        let seq = self.seq_of(node, slot)?;
         let kv = self.kv_manager(e)?;
         let have = kv.len(seq, layer);
         if have != l {
@@ -117,7 +143,7 @@ impl<'a> RunCtx<'a> {
                 ),
             });
         }
-        let seq = self.seq;
+        let seq = self.seq_of(node, self.slot_of_append(node))?;
         let kv = self.kv_manager(e)?;
         let have = kv.len(seq, layer);
         if have != l {
@@ -135,7 +161,7 @@ impl<'a> RunCtx<'a> {
                 node.inputs
                     .first()
                     .and_then(|i| match self.graph.node(i.node)?.op {
-                        OpKind::KvCache { layer } => Some(layer as usize),
+                        OpKind::KvCache { layer, .. } => Some(layer as usize),
                         _ => None,
                     })
             })
@@ -160,7 +186,7 @@ impl<'a> RunCtx<'a> {
                 ),
             });
         }
-        let seq = self.seq;
+        let seq = self.seq_of(node, self.slot_of_append(node))?;
         let have = self.kv_manager(e)?.len(seq, layer);
         if have > l {
             return Err(RuntimeError::KvCache {

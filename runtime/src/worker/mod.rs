@@ -69,6 +69,7 @@ use crate::plan::Placement;
 use crate::proto::{GraphRef, Msg, WeightSpec};
 use crate::weights::WeightSource;
 use candle_core::Tensor;
+use genie_scheduler::builders::MAX_DECODE_BATCH;
 use genie_scheduler::dispatch::TaskGraph;
 use genie_scheduler::graph::Graph;
 use genie_transport::{Connection, Region, RemoteRegion, Transport, TransportError};
@@ -284,7 +285,7 @@ impl Worker {
                     run,
                     forget,
                     graph,
-                    seq,
+                    seqs,
                     inputs,
                     wanted,
                 } => {
@@ -293,11 +294,11 @@ impl Worker {
                         self.graphs.remove(id);
                     }
                     let id = graph.id();
-                    let res = self.note_sequence(seq);
+                    let res = self.note_sequences(&seqs);
                     let res = res
                         .and_then(|()| self.take_graph(graph))
                         .and_then(|mut kept| {
-                            let r = self.execute(run, &mut kept, seq, &inputs, &payload, &wanted);
+                            let r = self.execute(run, &mut kept, &seqs, &inputs, &payload, &wanted);
                             self.graphs.insert(id, kept);
                             r
                         });
@@ -348,18 +349,30 @@ impl Worker {
         }
     }
 
-    /// Records that the session runs sequence `seq` (bounded: a session holds at most
-    /// [`MAX_SESSION_SEQUENCES`] unfreed sequences).
-    fn note_sequence(&mut self, seq: u64) -> Result<()> {
-        if self.session_seqs.len() >= MAX_SESSION_SEQUENCES && !self.session_seqs.contains(&seq) {
-            return Err(RuntimeError::Refused {
-                worker: self.name.clone(),
-                reason: format!(
-                    "{MAX_SESSION_SEQUENCES} sequences are open in this session; free some first"
-                ),
-            });
+    /// Records that the session runs sequences `seqs` (1 to [`MAX_DECODE_BATCH`], distinct;
+    /// bounded: a session holds at most [`MAX_SESSION_SEQUENCES`] unfreed sequences).
+    fn note_sequences(&mut self, seqs: &[u64]) -> Result<()> {
+        let refuse = |reason: String| RuntimeError::Refused {
+            worker: self.name.clone(),
+            reason,
+        };
+        if seqs.is_empty() || seqs.len() > MAX_DECODE_BATCH {
+            return Err(refuse(format!(
+                "a run names {} sequences (1 to {MAX_DECODE_BATCH})",
+                seqs.len()
+            )));
         }
-        self.session_seqs.insert(seq);
+        let distinct: std::collections::HashSet<u64> = seqs.iter().copied().collect();
+        if distinct.len() != seqs.len() {
+            return Err(refuse(format!("a run names a sequence twice: {seqs:?}")));
+        }
+        let new = distinct.difference(&self.session_seqs).count();
+        if self.session_seqs.len() + new > MAX_SESSION_SEQUENCES {
+            return Err(refuse(format!(
+                "{MAX_SESSION_SEQUENCES} sequences are open in this session; free some first"
+            )));
+        }
+        self.session_seqs.extend(distinct);
         Ok(())
     }
 

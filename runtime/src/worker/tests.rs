@@ -48,13 +48,13 @@ fn malformed_graph_refs_are_refused() {
     let g = gpt2_decode(&cfg, 4).unwrap();
     let placement = Placement::single(&g);
     let mut run = 0;
-    let mut ask = |graph: GraphRef, forget: Vec<u64>| -> String {
+    let mut ask_seqs = |graph: GraphRef, forget: Vec<u64>, seqs: Vec<u64>| -> String {
         run += 1;
         let msg = Msg::Run {
             run,
             forget,
             graph,
-            seq: 0,
+            seqs,
             inputs: vec![],
             wanted: vec![],
         };
@@ -64,6 +64,23 @@ fn malformed_graph_refs_are_refused() {
             other => panic!("expected a failure, got {other:?}"),
         }
     };
+    // The sequences a run names: 1 to MAX_DECODE_BATCH, distinct.
+    let cached = || GraphRef::Cached {
+        id: 7,
+        reshape: vec![],
+    };
+    for (bad, why) in [
+        (vec![], "names 0 sequences"),
+        (vec![3, 4, 3], "twice"),
+        (
+            (0..=genie_scheduler::builders::MAX_DECODE_BATCH as u64).collect(),
+            "sequences (1 to",
+        ),
+    ] {
+        let e = ask_seqs(cached(), vec![], bad);
+        assert!(e.contains(why), "{e}");
+    }
+    let mut ask = |graph: GraphRef, forget: Vec<u64>| ask_seqs(graph, forget, vec![0]);
     let never = ask(
         GraphRef::Cached {
             id: 7,

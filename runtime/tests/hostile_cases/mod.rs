@@ -252,7 +252,7 @@ impl RawDriver {
                 placement: Placement::single(&g),
                 graph: g,
             },
-            seq: 0,
+            seqs: vec![0],
             inputs: vec![PayloadTensor {
                 name: "x".into(),
                 tensor: None,

@@ -1,0 +1,157 @@
+//! A batched decode step (one forward pass over several sequences, each against its own KV
+//! length) gives every sequence bitwise the logits of its step alone, for GPT-2 and a
+//! Llama-style model (grouped-query attention, rotary positions per row), with sequences
+//! joining and leaving between steps; and a run naming a cache slot it has no sequence for is
+//! refused with a typed error.
+
+mod common;
+use common::bits;
+use genie_runtime::driver::{Driver, EmbeddedCluster};
+use genie_runtime::kernels::CpuKernels;
+use genie_runtime::models::{
+    argmax_last, prompt, run_decode_batch, run_decode_step, run_prefill, with_last_logits, Family,
+    Model,
+};
+use genie_runtime::plan::Placement;
+use genie_runtime::proto::WeightSpec;
+use genie_scheduler::builders::{Gpt2Config, LlamaConfig};
+use genie_scheduler::graph::OpKind;
+use std::sync::Arc;
+
+/// Prefill on w0 with the caches built on w1; every decode step whole on w1.
+fn prefill_place(g: &genie_scheduler::graph::Graph) -> Placement {
+    Placement::by_rule(g, |n| usize::from(matches!(n.op, OpKind::KvCacheAppend)))
+}
+
+fn prefill(driver: &mut Driver, model: &Model, p: &[i64], seq: u64) -> i64 {
+    let (g, last) = with_last_logits(model.prefill(p.len()).unwrap(), p.len()).unwrap();
+    let out = run_prefill(driver, &g, &prefill_place(&g), p, last, seq).unwrap();
+    argmax_last(&out.outputs[0]).unwrap()
+}
+
+/// Sequences `0..n` decoded in batches (with two copies of each prefilled: one for the batch,
+/// one stepped alone), every row compared bitwise with its step alone.
+fn batched_equals_alone(model: &Model) {
+    let cluster = EmbeddedCluster::start(2, Arc::new(CpuKernels::new())).unwrap();
+    let mut driver = Driver::connect(&cluster.cluster, WeightSpec::Seeded(5)).unwrap();
+    let prompts: Vec<Vec<i64>> = [3usize, 11, 6, 17, 1]
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| {
+            prompt(l, model.vocab())
+                .iter()
+                .map(|t| (t + 7 * i as i64) % model.vocab() as i64)
+                .collect()
+        })
+        .collect();
+    // (batch sequence, alone sequence, next token, KV length)
+    let mut seqs: Vec<(u64, u64, i64, usize)> = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        let (b, a) = (i as u64, 100 + i as u64);
+        let t = prefill(&mut driver, model, p, b);
+        assert_eq!(prefill(&mut driver, model, p, a), t);
+        seqs.push((b, a, t, p.len()));
+    }
+    // Which sequences take part in each step: all, one leaves, it joins again at another
+    // place, a single one, all.
+    let steps: [&[usize]; 5] = [
+        &[0, 1, 2, 3, 4],
+        &[0, 2, 3, 4],
+        &[4, 0, 2, 3],
+        &[1],
+        &[3, 1, 0, 2, 4],
+    ];
+    let mut rows_checked = 0;
+    for members in steps {
+        let lens: Vec<usize> = members.iter().map(|&i| seqs[i].3).collect();
+        let toks: Vec<i64> = members.iter().map(|&i| seqs[i].2).collect();
+        let ids: Vec<u64> = members.iter().map(|&i| seqs[i].0).collect();
+        let g = model.decode_batch(&lens).unwrap();
+        let place = Placement::by_rule(&g, |_| 1);
+        let out = run_decode_batch(&mut driver, &g, &place, &toks, &lens, &ids).unwrap();
+        let logits = &out.outputs[0];
+        assert_eq!(logits.dims(), &[members.len(), 1, model.vocab()]);
+        for (row, &i) in members.iter().enumerate() {
+            let (_, alone, tok, len) = seqs[i];
+            let g1 = model.decode(len).unwrap();
+            let p1 = Placement::by_rule(&g1, |_| 1);
+            let one = run_decode_step(&mut driver, &g1, &p1, tok, len, alone).unwrap();
+            let batched = logits.narrow(0, row, 1).unwrap();
+            assert_eq!(
+                bits(&batched),
+                bits(&one.outputs[0]),
+                "{}: sequence {i} (row {row} of {}) differs from its step alone",
+                model.model_type(),
+                members.len()
+            );
+            rows_checked += 1;
+            seqs[i].2 = argmax_last(&batched).unwrap();
+            seqs[i].3 += 1;
+        }
+    }
+    assert_eq!(rows_checked, 19);
+    cluster.stop(driver).unwrap();
+}
+
+#[test]
+fn gpt2_batched_decode_is_bitwise_each_sequence_alone() {
+    batched_equals_alone(&Model::Gpt2(Gpt2Config {
+        layers: 2,
+        hidden: 64,
+        heads: 4,
+        vocab: 300,
+        context: 64,
+        ..Gpt2Config::default()
+    }));
+}
+
+#[test]
+fn llama_batched_decode_is_bitwise_each_sequence_alone() {
+    batched_equals_alone(&Model::Llama(LlamaConfig {
+        layers: 2,
+        hidden: 64,
+        heads: 4,
+        kv_heads: Some(2),
+        intermediate: 96,
+        vocab: 300,
+        context: 64,
+        tied_embeddings: false,
+        ..LlamaConfig::default()
+    }));
+}
+
+/// A graph whose cache slot has no sequence in the run is refused (typed, nothing changed).
+#[test]
+fn a_cache_slot_without_a_sequence_is_refused() {
+    let model = Model::Gpt2(Gpt2Config {
+        layers: 1,
+        hidden: 32,
+        heads: 2,
+        vocab: 50,
+        context: 32,
+        ..Gpt2Config::default()
+    });
+    let cluster = EmbeddedCluster::start(2, Arc::new(CpuKernels::new())).unwrap();
+    let mut driver = Driver::connect(&cluster.cluster, WeightSpec::Seeded(5)).unwrap();
+    let t0 = prefill(&mut driver, &model, &[1, 2, 3], 0);
+    let t1 = prefill(&mut driver, &model, &[4, 5], 1);
+    let g = model.decode_batch(&[3, 2]).unwrap();
+    let place = Placement::by_rule(&g, |_| 1);
+    // Two slots, one sequence named: refused by the decode worker, naming the slot.
+    let col = |v: Vec<i64>| candle_core::Tensor::from_vec(v, (2, 1), &candle_core::Device::Cpu);
+    let inputs = [
+        ("input_ids", col(vec![t0, t1]).unwrap()),
+        ("position_ids", col(vec![3, 2]).unwrap()),
+    ];
+    let err = driver
+        .run_batch(&g, &place, &inputs, &g.outputs[..1], &[0])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("slot 1"), "{err}");
+    // A run naming a sequence twice is refused too.
+    let err = run_decode_batch(&mut driver, &g, &place, &[t0, t1], &[3, 2], &[0, 0])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("twice") || err.contains("reconnect"), "{err}");
+    cluster.stop(driver).unwrap();
+}
