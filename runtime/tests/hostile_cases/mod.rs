@@ -230,7 +230,7 @@ impl RawDriver {
         self.run += 1;
         let header = format!(
             "{{\"Run\":{{\"run\":{},\"forget\":[],\"graph\":{{\"Define\":{{\"id\":{},\
-             \"graph\":{graph},\"placement\":{placement}}}}},\"seq\":0,\"inputs\":{inputs},\
+             \"graph\":{graph},\"placement\":{placement}}}}},\"seqs\":[0],\"inputs\":{inputs},\
              \"wanted\":[]}}}}",
             self.run,
             self.run % 4
