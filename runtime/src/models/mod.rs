@@ -10,8 +10,8 @@
 //!
 //! | `model_type`               | module    | graph builders                               |
 //! |----------------------------|-----------|----------------------------------------------|
-//! | `gpt2`                     | [`gpt2`]  | `gpt2_prefill` / `gpt2_decode`               |
-//! | `llama`, `qwen2`, `mistral`| [`llama`] | `llama_prefill` / `llama_decode`             |
+//! | `gpt2`                     | [`gpt2`]  | `gpt2_prefill` / `gpt2_decode(_batch)`       |
+//! | `llama`, `qwen2`, `mistral`| [`llama`] | `llama_prefill` / `llama_decode(_batch)`     |
 //!
 //! What is family-neutral already: placement and the KV-cache manager take a node's layer from
 //! [`Semantics::layer`] (never from its name); execution plans, transfers, the graph cache and
@@ -28,10 +28,11 @@
 //! 2. Their FLOPs and bytes in `scheduler/src/cost.rs` (`RooflineCostModel::work`).
 //! 3. The builders, in `scheduler/src/builders/<family>.rs` (Llama:
 //!    `scheduler/src/builders/llama.rs`): the config type, deserializable from `config.json`,
-//!    prefill and decode-step builders naming each weight by its checkpoint key, with
-//!    `Builder::in_layer` around each block and each layer's cache as `KvCache { layer }` →
-//!    `KvCacheAppend`; the names in `by_name`/`MODEL_NAMES`; parameter-count tests against
-//!    `transformers`' formula.
+//!    prefill, decode-step and batched decode-step builders naming each weight by its checkpoint
+//!    key, with `Builder::in_layer` around each block and each layer's attention through
+//!    `Builder::cached_attention` (the cache as `KvCache { layer, slot }` → `KvCacheAppend`, one
+//!    per sequence of a batched step); the names in `by_name`/`MODEL_NAMES`; parameter-count
+//!    tests against `transformers`' formula.
 //! 4. CPU kernels for new ops in `runtime/src/kernels/cpu.rs` (and one-row fast paths in
 //!    `decode.rs` where a decode step spends its time; Llama: grouped-query attention over
 //!    column views of the cache).
