@@ -68,6 +68,8 @@ pub mod feedback;
 pub mod kernels;
 pub mod kv;
 pub mod limits;
+#[cfg(feature = "etcd")]
+pub mod membership;
 pub mod models;
 pub mod plan;
 pub mod proto;
