@@ -518,7 +518,11 @@ async fn keep_registered(
                 let id = register(&mut fresh, &cfg, &key, &value).await?;
                 Ok::<_, RuntimeError>((fresh, id))
             };
-            match attempt.await {
+            let outcome = tokio::select! {
+                _ = &mut stop => return,
+                r = attempt => r,
+            };
+            match outcome {
                 Ok((fresh, id)) => {
                     client = fresh;
                     lease.store(id, Ordering::Relaxed);

@@ -520,12 +520,20 @@ impl Worker {
 
 impl Worker {
     /// Re-reads the cluster from the source, if any. When it changed, peer indices changed
-    /// with it: every peer connection and its regions go, and the mesh is built afresh.
+    /// with it: every peer connection and its regions go, and the mesh is built afresh. When
+    /// the source cannot be read (etcd restarting), the worker serves on with the cluster it
+    /// has: the membership store going away must not stop a running cluster.
     fn refresh_cluster(&mut self) -> Result<()> {
         let Some(source) = self.source.as_mut() else {
             return Ok(());
         };
-        let fresh = source()?;
+        let fresh = match source() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(worker = %self.name, error = %e, "kept the cluster it had");
+                return Ok(());
+            }
+        };
         if fresh == self.cluster {
             return Ok(());
         }
