@@ -19,9 +19,10 @@ ensure_pkgs() {
   fi
 }
 
-# What building with --all-features needs: sideway's build (cmake, libclang for bindgen).
+# What building with --all-features needs: sideway's build (cmake, libclang for bindgen) and the
+# `etcd` feature's (etcd-client compiles etcd's .proto files with protoc).
 ensure_build_deps() {
-  ensure_pkgs build-essential pkg-config cmake libclang-dev clang
+  ensure_pkgs build-essential pkg-config cmake libclang-dev clang protobuf-compiler
   if ! cargo clippy --version >/dev/null 2>&1 || ! cargo fmt --version >/dev/null 2>&1; then
     rustup component add clippy rustfmt
   fi
@@ -33,6 +34,14 @@ ensure_build_deps() {
 ensure_rdma_deps() {
   ensure_build_deps
   ensure_pkgs qemu-system-x86 busybox-static cpio kmod rdma-core ibverbs-utils ibverbs-providers perftest iproute2
+}
+
+# What the etcd membership tests (runtime/tests/etcd.rs) need: an `etcd` server binary
+# (Debian's etcd-server; the tests start their own on loopback, never the system service).
+ensure_etcd() {
+  if ! command -v etcd >/dev/null 2>&1; then
+    ensure_pkgs etcd-server
+  fi
 }
 
 # What scripts/netns-cluster.sh needs: iproute2 (`ip netns`, veth, bridge, `tc netem`) and

@@ -11,6 +11,8 @@
 #   3b. the bindings: `pip install ./bindings/python` into a venv (GENIE_VENV, default
 #      /tmp/genie-venv; maturin, pytest, numpy from PyPI), its pytest suite (two processes over
 #      loopback TCP, the KV-transfer example), and the C example built with the system cc and run
+#   3c. membership in etcd (feature `etcd`): a real etcd on loopback, started by the tests (join,
+#      leave, lease expiry after SIGKILL, etcd restarted underneath, etcd unreachable)
 #   4. the RDMA side channel decoder's property tests (rdma feature, no device needed)
 #   5. scripts/test-hostile.sh: hostile drivers, accept starvation, healing, a flood (summary line)
 #   5b. scripts/netns-cluster.sh: workers in 3 network namespaces over TCP, bitwise equal to one
@@ -54,6 +56,10 @@ cc -O2 -Wall -Wextra -Werror -I bindings/c/include bindings/c/examples/loopback.
   "${CARGO_TARGET_DIR:-target}/release/libgenie.a" -lpthread -ldl -lm \
   -o "${CARGO_TARGET_DIR:-target}/genie-c-loopback"
 timeout 60 "${CARGO_TARGET_DIR:-target}/genie-c-loopback"
+
+log "membership in etcd: join, leave, lease expiry, etcd restarted, etcd unreachable"
+ensure_etcd
+cargo test --release -p genie-runtime --features etcd --test etcd
 
 log "property tests of the RDMA side channel's decoder (rdma feature, no device needed)"
 cargo test --release -p genie-tests --features rdma --test rdma_wire_props

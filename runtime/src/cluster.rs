@@ -344,8 +344,9 @@ impl Cluster {
 /// Largest secret file read (a secret is a line of hex; anything longer is a mistake).
 const MAX_SECRET_FILE: u64 = 4096;
 
-/// The secret in `path`: a regular file, private to its owner, holding one non-empty line.
-fn read_secret_file(path: &Path) -> Result<String> {
+/// The secret in `path`: a regular file, private to its owner, holding one non-empty line
+/// (what `secret_file` in a cluster file and `genie worker --secret-file` name).
+pub fn read_secret_file(path: &Path) -> Result<String> {
     use std::io::Read;
     use std::os::unix::fs::PermissionsExt;
     let err = |reason: String| RuntimeError::SecretFile {

@@ -8,7 +8,11 @@ use std::path::PathBuf;
 /// - **configuration** (fix the file or flag): [`ClusterRead`](Self::ClusterRead),
 ///   [`ClusterParse`](Self::ClusterParse), [`ClusterField`](Self::ClusterField),
 ///   [`UnknownWorker`](Self::UnknownWorker), [`InsecureCluster`](Self::InsecureCluster),
-///   [`SecretFile`](Self::SecretFile), [`Checkpoint`](Self::Checkpoint);
+///   [`SecretFile`](Self::SecretFile), [`Checkpoint`](Self::Checkpoint),
+///   [`MembershipConfig`](Self::MembershipConfig);
+/// - **etcd** (start or reach etcd, then retry): [`EtcdUnreachable`](Self::EtcdUnreachable),
+///   [`Etcd`](Self::Etcd), [`NoMembers`](Self::NoMembers),
+///   [`TooManyMembers`](Self::TooManyMembers);
 /// - **the graph or the caller** (fix the graph, inputs or placement):
 ///   [`MissingTensor`](Self::MissingTensor), [`BadInputs`](Self::BadInputs),
 ///   [`Weight`](Self::Weight), [`Plan`](Self::Plan), [`ShapeOverflow`](Self::ShapeOverflow),
@@ -181,6 +185,49 @@ pub enum RuntimeError {
         worker: String,
         /// Why.
         reason: String,
+    },
+    /// A membership setting is unusable: a cluster or worker name that cannot be an etcd key
+    /// segment, an endpoint that is not `http://host:port`, a zero TTL.
+    #[error("membership: `{field}`: {reason}")]
+    MembershipConfig {
+        /// The setting (`cluster_name`, `name`, `endpoints[0]`, `ttl`).
+        field: String,
+        /// Why it is refused.
+        reason: String,
+    },
+    /// etcd did not answer within the connect timeout (not running, wrong address, a
+    /// firewall). Nothing was registered.
+    #[error("etcd at {endpoints} unreachable (waited {waited_ms} ms): {reason}")]
+    EtcdUnreachable {
+        /// The endpoints tried, comma-separated.
+        endpoints: String,
+        /// How long it waited.
+        waited_ms: u64,
+        /// The last thing the client said.
+        reason: String,
+    },
+    /// An etcd request failed after etcd had been reached (it went away, or refused it).
+    #[error("etcd {op} failed: {reason}")]
+    Etcd {
+        /// The request (`list members`, `grant lease`, `register`, `watch`).
+        op: &'static str,
+        /// What the client said.
+        reason: String,
+    },
+    /// No worker is registered under the cluster's prefix.
+    #[error("no worker is registered in etcd under {prefix}")]
+    NoMembers {
+        /// The key prefix listed (`/genie/<cluster>/workers/`).
+        prefix: String,
+    },
+    /// More workers are registered than a listing reads (a runaway registration, or a shared
+    /// prefix): nothing past the limit is trusted.
+    #[error("more than {limit} workers are registered in etcd under {prefix}")]
+    TooManyMembers {
+        /// The key prefix listed.
+        prefix: String,
+        /// The most a listing reads (`membership::MAX_MEMBERS`, feature `etcd`).
+        limit: usize,
     },
     /// Writing a trace or report file failed.
     #[error("cannot write {path}: {source}")]

@@ -1,6 +1,8 @@
 //! `genie-runtime`: runs a scheduled graph across workers connected by the transport.
 //!
 //! - [`cluster`]: the static cluster file (`genie worker --cluster FILE`).
+//! - `membership` (cargo feature `etcd`): workers register in etcd under a lease, drivers list
+//!   them into a [`Cluster`](cluster::Cluster) and watch joins and leaves (`genie worker --etcd`).
 //! - [`store`]: a worker's tensors (persistent weights, pinned KV caches, ephemeral activations).
 //! - [`kv`]: the paged KV-cache manager.
 //! - [`limits`]: what a driver may make a worker allocate or open (memory budget, checked
@@ -68,6 +70,8 @@ pub mod feedback;
 pub mod kernels;
 pub mod kv;
 pub mod limits;
+#[cfg(feature = "etcd")]
+pub mod membership;
 pub mod models;
 pub mod plan;
 pub mod proto;

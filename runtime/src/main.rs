@@ -6,7 +6,7 @@ mod cli;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use cli::demo::{run_demo, DemoOptions};
-use genie_runtime::cluster::{new_secret, Cluster};
+use genie_runtime::cluster::{new_secret, Cluster, Role};
 use genie_runtime::control::transport_config;
 use genie_runtime::kernels::CpuKernels;
 use genie_runtime::limits::{WorkerOptions, DEFAULT_MEMORY_BUDGET};
@@ -18,6 +18,7 @@ use genie_scheduler::cost::DeviceSpec;
 use genie_scheduler::graph::Graph;
 use genie_scheduler::topology::LinkSpec;
 use genie_scheduler::{OptimizationPlan, Scheduler, Topology};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -93,14 +94,38 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
-    /// Serve as one worker of a cluster file until a driver says shut down.
+    /// Serve as one worker of a cluster file, or registered in etcd (`--etcd`), until a
+    /// driver says shut down.
     Worker {
         /// Cluster file (TOML).
-        #[arg(long)]
-        cluster: PathBuf,
-        /// This worker's name in the file.
+        #[arg(long, required_unless_present = "etcd", conflicts_with = "etcd")]
+        cluster: Option<PathBuf>,
+        /// This worker's name (in the cluster file, or registered in etcd).
         #[arg(long)]
         name: String,
+        /// etcd client URLs, comma-separated (`http://host:2379`): register there instead of
+        /// reading a cluster file (needs the `etcd` cargo feature).
+        #[arg(long, value_delimiter = ',', requires_all = ["cluster_name", "listen"])]
+        etcd: Option<Vec<String>>,
+        /// The cluster's name in etcd (keys under `/genie/NAME/workers/`).
+        #[arg(long)]
+        cluster_name: Option<String>,
+        /// With `--etcd`: what this worker does for the serving engine.
+        #[arg(long, default_value = "both", value_parser = parse_role)]
+        role: Role,
+        /// With `--etcd`: the address to listen on and publish (ip:port, reachable by peers).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// With `--etcd`: the cluster secret's file (`genie secret`, mode 600). Never sent to
+        /// etcd.
+        #[arg(long)]
+        secret_file: Option<PathBuf>,
+        /// With `--etcd`: run without a secret off loopback (a network you trust entirely).
+        #[arg(long)]
+        insecure: bool,
+        /// With `--etcd`: lease TTL in seconds (how long a dead worker stays listed).
+        #[arg(long, default_value_t = 10)]
+        lease_ttl_secs: u64,
         /// Directory drivers may load checkpoints from (none: seeded weights only).
         #[arg(long)]
         model_dir: Option<PathBuf>,
@@ -195,14 +220,46 @@ fn main() -> Result<()> {
         Cmd::Worker {
             cluster,
             name,
+            etcd,
+            cluster_name,
+            role,
+            listen,
+            secret_file,
+            insecure,
+            lease_ttl_secs,
             model_dir,
             memory_budget_mb,
         } => {
-            let c = Cluster::load(&cluster)?;
             let opts = WorkerOptions {
                 model_dir,
                 memory_budget: memory_budget_mb.saturating_mul(1 << 20),
             };
+            let Some(cluster) = cluster else {
+                let (Some(endpoints), Some(cluster_name), Some(listen)) =
+                    (etcd, cluster_name, listen)
+                else {
+                    bail!("give --cluster FILE, or --etcd URL with --cluster-name and --listen");
+                };
+                #[cfg(feature = "etcd")]
+                return cli::etcd::run_etcd_worker(cli::etcd::EtcdWorker {
+                    endpoints,
+                    cluster_name,
+                    name,
+                    role,
+                    listen,
+                    secret_file,
+                    insecure,
+                    ttl_secs: lease_ttl_secs,
+                    opts,
+                });
+                #[cfg(not(feature = "etcd"))]
+                {
+                    let _ = (endpoints, cluster_name, role, listen, secret_file, insecure);
+                    let _ = lease_ttl_secs;
+                    bail!("--etcd needs genie built with the `etcd` cargo feature");
+                }
+            };
+            let c = Cluster::load(&cluster)?;
             let i = c.index_of(&name)?;
             let cfg = transport_config(&c, c.workers[i].address);
             let (ep, sel) = genie_transport::open_with_selection(cfg)
@@ -254,6 +311,16 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A `--role` value.
+fn parse_role(s: &str) -> std::result::Result<Role, String> {
+    match s {
+        "prefill" => Ok(Role::Prefill),
+        "decode" => Ok(Role::Decode),
+        "both" => Ok(Role::Both),
+        other => Err(format!("`{other}`: expected prefill, decode or both")),
+    }
 }
 
 /// The topology `genie schedule` assumes for a cluster file: one CPU per worker, 20 Gb/s links

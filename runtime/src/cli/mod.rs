@@ -2,3 +2,5 @@
 //! commands that only the command line runs.
 
 pub mod demo;
+#[cfg(feature = "etcd")]
+pub mod etcd;

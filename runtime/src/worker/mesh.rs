@@ -8,7 +8,7 @@ use crate::control::{connect_retry, msg_kind, post_msg, recv_msg, send_msg};
 use crate::error::{Result, RuntimeError};
 use crate::proto::{self, Msg};
 use genie_transport::{Connection, Transport, TransportError};
-use parking_lot::{Condvar, Mutex};
+use parking_lot::{Condvar, Mutex, RwLock};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -25,7 +25,7 @@ pub(super) struct PeerMap {
 /// are polled together, each within [`HELLO_TIMEOUT`], at most [`MAX_PENDING_HELLOS`] of them.
 pub(super) fn accept_loop(
     endpoint: &dyn Transport,
-    cluster: &Cluster,
+    cluster: &RwLock<Cluster>,
     name: &str,
     peers: &PeerMap,
     stop: &AtomicBool,
@@ -80,7 +80,7 @@ pub(super) fn accept_loop(
             };
             match first {
                 Some(bytes) => {
-                    if !hello(&conn, &bytes, cluster, name, peers, ctrl_tx) {
+                    if !hello(&conn, &bytes, &cluster.read(), name, peers, ctrl_tx) {
                         return;
                     }
                 }

@@ -73,6 +73,7 @@ use genie_scheduler::builders::MAX_DECODE_BATCH;
 use genie_scheduler::dispatch::TaskGraph;
 use genie_scheduler::graph::Graph;
 use genie_transport::{Connection, Region, RemoteRegion, Transport, TransportError};
+use parking_lot::RwLock;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -92,10 +93,18 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// for long).
 pub const MAX_PENDING_HELLOS: usize = 64;
 
+/// Where a worker whose peers come and go (membership in etcd) reads the cluster: called at
+/// every driver's `Setup`, so a worker that joined since is part of the next session's mesh.
+pub type ClusterSource = Box<dyn FnMut() -> Result<Cluster> + Send>;
+
 struct Worker {
     me: usize,
     name: String,
     cluster: Cluster,
+    /// The cluster as the acceptor sees it (peer names to indices); replaced with `cluster`.
+    view: Arc<RwLock<Cluster>>,
+    /// Re-reads the cluster at `Setup` (none: the cluster is fixed).
+    source: Option<ClusterSource>,
     endpoint: Arc<dyn Transport>,
     kernels: Arc<dyn Kernels>,
     peers: Arc<PeerMap>,
@@ -161,6 +170,25 @@ pub fn serve_with(
     serve_until(endpoint, cluster, name, kernels, opts, stop)
 }
 
+/// Serves like [`serve_with`] with the cluster read from `source`, now and again at every
+/// driver's `Setup`: the peers are whoever the source lists then (e.g.
+/// [`Discovery::cluster`](crate::membership::Discovery::cluster), feature `etcd`). When the
+/// list changed, the peer mesh starts afresh, since peer indices follow it.
+///
+/// A driver must list the same cluster (same names, same order) as its workers do at its
+/// `Setup`; a change between the two fails that session's runs, and the next `Setup` heals.
+pub fn serve_from(
+    endpoint: Arc<dyn Transport>,
+    mut source: ClusterSource,
+    name: &str,
+    kernels: Arc<dyn Kernels>,
+    opts: WorkerOptions,
+) -> Result<()> {
+    let cluster = source()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    serve_inner(endpoint, cluster, Some(source), name, kernels, opts, stop)
+}
+
 /// [`serve_with`], also ending (between driver sessions) once `stop` is set: how an
 /// [`crate::driver::EmbeddedCluster`] stops a worker whose driver connection ended before the
 /// driver's `Shutdown` reached it. The flag is the accept loop's own: set, the loop ends and
@@ -173,22 +201,31 @@ pub(crate) fn serve_until(
     opts: WorkerOptions,
     stop: Arc<AtomicBool>,
 ) -> Result<()> {
+    serve_inner(endpoint, cluster, None, name, kernels, opts, stop)
+}
+
+fn serve_inner(
+    endpoint: Arc<dyn Transport>,
+    cluster: Cluster,
+    source: Option<ClusterSource>,
+    name: &str,
+    kernels: Arc<dyn Kernels>,
+    opts: WorkerOptions,
+    stop: Arc<AtomicBool>,
+) -> Result<()> {
     cluster.check_secure()?;
     let me = cluster.index_of(name)?;
     let peers = Arc::new(PeerMap::default());
+    let view = Arc::new(RwLock::new(cluster.clone()));
     let (ctrl_tx, ctrl_rx) = mpsc::sync_channel::<Arc<dyn Connection>>(MAX_WAITING_DRIVERS);
     let acceptor = {
-        let (endpoint, peers, stop, cluster) = (
-            endpoint.clone(),
-            peers.clone(),
-            stop.clone(),
-            cluster.clone(),
-        );
+        let (endpoint, peers, stop, view) =
+            (endpoint.clone(), peers.clone(), stop.clone(), view.clone());
         let name = name.to_string();
         let thread_name = format!("genie-accept-{name}");
         std::thread::Builder::new()
             .name(thread_name.clone())
-            .spawn(move || accept_loop(&*endpoint, &cluster, &name, &peers, &stop, &ctrl_tx))
+            .spawn(move || accept_loop(&*endpoint, &view, &name, &peers, &stop, &ctrl_tx))
             .map_err(|e| RuntimeError::WorkerFailed {
                 worker: thread_name,
                 reason: format!("cannot spawn a thread: {e}"),
@@ -198,6 +235,8 @@ pub(crate) fn serve_until(
         me,
         name: name.to_string(),
         cluster,
+        view,
+        source,
         endpoint,
         kernels,
         peers,
@@ -445,6 +484,7 @@ impl Worker {
     }
 
     fn setup(&mut self, weights: WeightSpec) -> Result<()> {
+        self.refresh_cluster()?;
         self.weights = Some(match weights {
             WeightSpec::Seeded(s) => WeightSource::Seeded(s),
             WeightSpec::Checkpoint(p) => WeightSource::load(&limits::checkpoint_path(
@@ -487,6 +527,46 @@ impl Worker {
         }
         drop(g);
         self.sync_links();
+        Ok(())
+    }
+}
+
+impl Worker {
+    /// Re-reads the cluster from the source, if any. When it changed, peer indices changed
+    /// with it: every peer connection and its regions go, and the mesh is built afresh. When
+    /// the source cannot be read (etcd restarting), the worker serves on with the cluster it
+    /// has: the membership store going away must not stop a running cluster.
+    fn refresh_cluster(&mut self) -> Result<()> {
+        let Some(source) = self.source.as_mut() else {
+            return Ok(());
+        };
+        let fresh = match source() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(worker = %self.name, error = %e, "kept the cluster it had");
+                return Ok(());
+            }
+        };
+        if fresh == self.cluster {
+            return Ok(());
+        }
+        fresh.check_secure()?;
+        let me = fresh.index_of(&self.name)?;
+        tracing::info!(
+            worker = %self.name,
+            workers = fresh.workers.len(),
+            "the cluster changed: rebuilding the peer mesh"
+        );
+        *self.view.write() = fresh.clone();
+        for (_, conn) in self.peers.conns.lock().drain() {
+            conn.close();
+        }
+        self.links.clear();
+        self.landing.clear();
+        self.staging.clear();
+        self.remote_landing.clear();
+        self.cluster = fresh;
+        self.me = me;
         Ok(())
     }
 }
