@@ -242,6 +242,11 @@ impl Raw {
             .write_all(&hello[hello.len() - HEADER_LEN..])
             .unwrap();
         let (ack, _) = self.frame().expect("HELLO_ACK");
+        // A refusal of the AUTH that came right behind HELLO goes out alone (what was not yet
+        // sent, HELLO_ACK included, is dropped).
+        if ack.kind == FrameKind::Refuse {
+            return (ack, Err(ack.arg));
+        }
         assert_eq!(ack.kind, FrameKind::HelloAck);
         let (f, _) = self.frame().expect("READY or REFUSE");
         let r = match f.kind {

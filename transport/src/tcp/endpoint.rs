@@ -761,13 +761,24 @@ impl StripeOp {
         self.parts.iter().all(Op::is_done)
     }
 
-    /// The first failed part's error (once every part is done).
+    /// The error of a part that failed, if any: a refused access (what the transfer did wrong)
+    /// before the connection's failure that follows it.
     fn result(&self) -> Result<()> {
-        match self
+        let errs: Vec<TransportError> = self
             .parts
             .iter()
-            .find_map(|p| p.poll().and_then(|r| r.err()))
-        {
+            .filter_map(|p| p.poll().and_then(|r| r.err()))
+            .collect();
+        let access = errs.iter().position(|e| {
+            matches!(
+                e,
+                TransportError::BadKey { .. }
+                    | TransportError::RegionOutOfBounds { .. }
+                    | TransportError::AccessDenied { .. }
+                    | TransportError::UnknownRegion { .. }
+            )
+        });
+        match errs.into_iter().nth(access.unwrap_or(0)) {
             Some(e) => Err(e),
             None => Ok(()),
         }
@@ -951,7 +962,8 @@ impl Group {
             done.complete(Err(err.clone()));
         }
         for op in self.writes.drain(..).chain(self.reads.drain(..)) {
-            op.done.complete(Err(err.clone()));
+            let r = op.result().and(Err(err.clone()));
+            op.done.complete(r);
         }
         if let Some((reply, _)) = self.reply.take() {
             let _ = reply.send(Err(err.clone()));

@@ -1574,6 +1574,127 @@ mod tests {
         ));
     }
 
+    /// A client of `streams` against a server of `server_streams`, both with secret "k" and the
+    /// server's `joins` table: established.
+    fn striped(streams: usize, server_streams: usize, joins: &Joins, now: Instant) -> (Side, Side) {
+        let (mut c, mut s) = pair(Some("k"), Some("k"), now);
+        c.conn = Conn::client(
+            ConnConfig {
+                streams,
+                ..cfg(1, Some("k"))
+            },
+            addr(),
+            now,
+            [1; NONCE_LEN],
+        );
+        s.conn = Conn::server(
+            ConnConfig {
+                streams: server_streams,
+                joins: joins.clone(),
+                ..cfg(2, Some("k"))
+            },
+            addr(),
+            now,
+            [2; NONCE_LEN],
+        );
+        pump(&mut c, &mut s, now);
+        (c, s)
+    }
+
+    /// A further stream from endpoint `endpoint` joining `conn_id` on a server sharing `joins`.
+    fn join(endpoint: u64, conn_id: u64, joins: &Joins, now: Instant) -> (Side, Side) {
+        let (mut c, mut s) = pair(Some("k"), Some("k"), now);
+        c.conn = Conn::client_join(
+            cfg(endpoint, Some("k")),
+            addr(),
+            now,
+            [3; NONCE_LEN],
+            conn_id,
+        );
+        s.conn = Conn::server(
+            ConnConfig {
+                streams: 8,
+                joins: joins.clone(),
+                ..cfg(2, Some("k"))
+            },
+            addr(),
+            now,
+            [4; NONCE_LEN],
+        );
+        pump(&mut c, &mut s, now);
+        (c, s)
+    }
+
+    #[test]
+    fn streams_are_the_smaller_setting_and_join_by_id() {
+        let now = Instant::now();
+        let joins = Joins::default();
+        let (c, s) = striped(3, 2, &joins, now);
+        let first = Stripe::First {
+            conn_id: 0x5eed,
+            streams: 2,
+        };
+        assert_eq!((c.conn.stripe(), s.conn.stripe()), (first, first));
+        assert_eq!(joins.lock().get(&0x5eed).map(|j| j.room), Some(1));
+        // The one further stream joins; a second is one too many.
+        let (jc, js) = join(1, 0x5eed, &joins, now);
+        assert!(jc.conn.is_established() && js.conn.is_established());
+        assert_eq!(js.conn.stripe(), Stripe::Joined { conn_id: 0x5eed });
+        for (endpoint, id) in [(1, 0x5eed), (1, 0x5eee), (9, 0x5eed)] {
+            let (jc, js) = join(endpoint, id, &joins, now);
+            for side in [&jc, &js] {
+                assert!(
+                    matches!(
+                        side.conn.error(),
+                        Some(TransportError::StreamRefused { .. })
+                    ),
+                    "endpoint {endpoint} id {id:#x}: {:?}",
+                    side.conn.error()
+                );
+            }
+        }
+        // The id is withdrawn when the connection closes.
+        drop((c, s));
+        assert!(joins.lock().is_empty());
+        // One stream on either side: the handshake of one stream, nothing registered.
+        for (a, b) in [(1, 4), (4, 1)] {
+            let (c, s) = striped(a, b, &joins, now);
+            assert_eq!(
+                (c.conn.stripe(), s.conn.stripe()),
+                (Stripe::Single, Stripe::Single)
+            );
+            assert!(joins.lock().is_empty());
+        }
+    }
+
+    #[test]
+    fn a_join_without_the_secret_is_refused_before_its_id_is_checked() {
+        let now = Instant::now();
+        let joins = Joins::default();
+        let (_c, _s) = striped(2, 2, &joins, now);
+        let (mut jc, mut js) = pair(Some("wrong"), Some("k"), now);
+        jc.conn = Conn::client_join(cfg(1, Some("wrong")), addr(), now, [3; NONCE_LEN], 0x5eed);
+        js.conn = Conn::server(
+            ConnConfig {
+                joins: joins.clone(),
+                ..cfg(2, Some("k"))
+            },
+            addr(),
+            now,
+            [4; NONCE_LEN],
+        );
+        pump(&mut jc, &mut js, now);
+        assert!(matches!(
+            js.conn.error(),
+            Some(TransportError::AuthFailed { .. })
+        ));
+        assert_eq!(
+            joins.lock().get(&0x5eed).map(|j| j.room),
+            Some(1),
+            "no room taken"
+        );
+    }
+
     #[test]
     fn handshake_refusals_are_clear_on_both_sides() {
         let now = Instant::now();
