@@ -23,6 +23,7 @@
 //! - HELLO `op_id` (non-zero): this stream joins the connection with that id. It then runs the
 //!   same authentication as the first stream; the server checks the id (known, of the same peer
 //!   endpoint, not yet complete) before READY, else REFUSE with [`RefuseCode::Stream`].
+//!
 //! All integers are little-endian. Every parse goes through [`Reader`] ([`crate::codec`]), which
 //! never indexes into peer bytes and rejects trailing data.
 
