@@ -17,7 +17,7 @@ use genie_sys::clock;
 use genie_transport::codec::{DecodeError, Reader};
 use genie_transport::{
     open, BackendChoice, Batch, Connection, Op, PollMode, RdmaConfig, Region, RemoteRegion, Result,
-    Transfer, TransferKind, Transport, TransportConfig, TransportError,
+    TcpConfig, Transfer, TransferKind, Transport, TransportConfig, TransportError,
 };
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -569,6 +569,9 @@ pub struct PerfCli {
     /// Connections to open: the first is measured, the others stay idle.
     #[arg(long, default_value_t = 1)]
     pub connections: usize,
+    /// TCP streams per connection (`tcp.streams`; both ends use the smaller of their settings).
+    #[arg(long, default_value_t = 1)]
+    pub streams: usize,
 }
 
 /// Parses `--backend`, listing its values in `--help` as a clap value enum would.
@@ -594,6 +597,9 @@ impl PerfCli {
             },
             rdma: RdmaConfig {
                 device: self.rdma_device.clone(),
+            },
+            tcp: TcpConfig {
+                streams: self.streams,
             },
             ..TransportConfig::default()
         };

@@ -15,6 +15,26 @@ fn tcp() -> TransportConfig {
 
 genie_tests::conformance_tests!(tcp);
 
+/// The suite again with each connection striped over two TCP streams.
+mod two_streams {
+    fn tcp2() -> genie_transport::TransportConfig {
+        let mut c = super::tcp();
+        c.tcp.streams = 2;
+        c
+    }
+    genie_tests::conformance_tests!(tcp2);
+}
+
+/// The suite again over three streams (an odd count: parts of unequal length).
+mod three_streams {
+    fn tcp3() -> genie_transport::TransportConfig {
+        let mut c = super::tcp();
+        c.tcp.streams = 3;
+        c
+    }
+    genie_tests::conformance_tests!(tcp3);
+}
+
 /// The busy-poll mode passes the core cases too.
 #[test]
 fn busy_poll_integrity_and_notifications() {

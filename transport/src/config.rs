@@ -89,9 +89,16 @@ pub struct TransportConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TcpConfig {
-    /// TCP streams per peer connection. Default 1, the only value the TCP backend accepts today
-    /// (no bandwidth gain from more streams could be shown; see [`crate::tcp`]).
+    /// TCP streams per peer connection, 1 to [`TcpConfig::MAX_STREAMS`]; anything else is refused
+    /// by [`crate::open`] with [`crate::TransportError::InvalidArgument`]. Default 1. With more,
+    /// large one-sided transfers are striped over the streams and the two ends use the smaller
+    /// of their two settings (see [`crate::tcp`]).
     pub streams: usize,
+}
+
+impl TcpConfig {
+    /// Most TCP streams one connection may use.
+    pub const MAX_STREAMS: usize = 8;
 }
 
 impl Default for TcpConfig {

@@ -98,6 +98,16 @@ pub enum TransportError {
         /// What failed.
         reason: String,
     },
+    /// A secondary TCP stream ([`crate::config::TcpConfig::streams`]) was refused: it named a
+    /// connection the peer does not know (or one of another endpoint), or one that has all its
+    /// streams already. The stream is closed; the connection it claimed is unaffected.
+    #[error("stream to {peer:?} refused: {reason}")]
+    StreamRefused {
+        /// The peer, when known.
+        peer: Option<SocketAddr>,
+        /// Why.
+        reason: String,
+    },
     /// The peer stopped responding (no frame, not even a heartbeat, within the peer timeout) or its
     /// socket failed.
     #[error("peer {peer} is dead: {reason}")]

@@ -30,6 +30,9 @@ pub fn decode_frame(data: &[u8]) {
         peer_timeout: Duration::from_secs(2),
         max_message_size: 1024,
         grants: Default::default(),
+        streams: 1,
+        conn_id: 1,
+        joins: Default::default(),
     };
     let mut conn = Conn::server(cfg, peer, now, [7; 32]);
     let hello = crate::tcp::codec::plain_client_handshake(2, [9; 32]);

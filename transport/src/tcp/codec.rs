@@ -14,6 +14,16 @@
 //!     32    8 offset    offset in the target region (WRITE, READ_REQ) or in the read (READ_RESP)
 //!     40    8 key       access key of the target region
 //! ```
+//!
+//! Striping ([`crate::config::TcpConfig::streams`] > 1) uses two HELLO fields that are zero
+//! otherwise, so a single-stream handshake is unchanged byte for byte:
+//! - HELLO `arg`: streams the client wants (0 or 1: one); HELLO_ACK `arg`: streams granted,
+//!   the smaller of both sides' settings (0: one), and HELLO_ACK `op_id`: the connection id, a
+//!   random number secondary streams present to join.
+//! - HELLO `op_id` (non-zero): this stream joins the connection with that id. It then runs the
+//!   same authentication as the first stream; the server checks the id (known, of the same peer
+//!   endpoint, not yet complete) before READY, else REFUSE with [`RefuseCode::Stream`].
+//!
 //! All integers are little-endian. Every parse goes through [`Reader`] ([`crate::codec`]), which
 //! never indexes into peer bytes and rejects trailing data.
 
@@ -110,6 +120,8 @@ pub enum RefuseCode {
     Auth = 2,
     /// The handshake itself was malformed.
     Protocol = 3,
+    /// A secondary stream named an unknown or already complete connection.
+    Stream = 4,
 }
 
 /// A decoded frame header.

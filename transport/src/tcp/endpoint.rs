@@ -44,13 +44,22 @@
 //! it submits cannot deadlock with the progress thread, which may hold `wire` while it waits for
 //! that region.
 //!
+//! Several streams ([`crate::config::TcpConfig::streams`] > 1). The first stream's `Link` is the
+//! connection (its handles, outbox and user-facing queues); the others are `ConnIo`s of their own
+//! that point at it (`primary`) and feed its queues. Only the progress thread touches them: it
+//! routes the first stream's outbox through the connection's `Group`, which cuts transfers into
+//! parts ([`super::stripe`]) and holds back what must wait for writes in flight on the other
+//! streams (then `Outbox::fenced` keeps callers off the direct path). Lock order: the first
+//! stream's `wire`, then another stream's `wire`, then an `outbox`.
+//!
 //! Sockets are read until `WouldBlock` (or a per-connection budget, after which the thread polls
 //! again without sleeping) and written until the queue is empty or `WouldBlock`.
 
-use super::proto::{Conn, ConnConfig, Event, ReadOutcome, Request, WriteOutcome};
+use super::proto::{Conn, ConnConfig, Event, Joins, ReadOutcome, Request, Stripe, WriteOutcome};
+use super::stripe::{self, Part, STRIPE_MIN};
 use crate::accept::{AcceptQueue, HandshakeSlots, Slot, ACCEPT_QUEUE, MAX_HANDSHAKES};
 use crate::completion::{Batch, BatchBuilder, Completer, Op};
-use crate::config::{Backend, PollMode, TransportConfig};
+use crate::config::{Backend, PollMode, TcpConfig, TransportConfig};
 use crate::error::{Result, TransportError};
 use crate::inbound::InboundQueue;
 use crate::region::{EndpointId, Region, RegionAccess, RegionTable, RemoteRegion};
@@ -106,6 +115,8 @@ struct Shared {
     accepted: AcceptQueue<Arc<TcpConnection>>,
     shutdown: AtomicBool,
     next_token: AtomicUsize,
+    /// Striped connections that further streams may join (see [`super::proto::Joins`]).
+    joins: Joins,
 }
 
 impl Shared {
@@ -145,10 +156,11 @@ impl std::fmt::Debug for TcpTransport {
 impl TcpTransport {
     /// Binds the listening socket and starts the progress thread.
     pub fn open(config: TransportConfig) -> Result<Self> {
-        if config.tcp.streams != 1 {
+        if !(1..=TcpConfig::MAX_STREAMS).contains(&config.tcp.streams) {
             return Err(TransportError::InvalidArgument(format!(
-                "tcp.streams = {}: the TCP backend uses exactly one stream per connection",
-                config.tcp.streams
+                "tcp.streams = {}: must be 1 to {}",
+                config.tcp.streams,
+                TcpConfig::MAX_STREAMS
             )));
         }
         let poll =
@@ -173,6 +185,7 @@ impl TcpTransport {
             accepted: AcceptQueue::new(ACCEPT_QUEUE),
             shutdown: AtomicBool::new(false),
             next_token: AtomicUsize::new(2),
+            joins: Joins::default(),
         });
         let s = shared.clone();
         let thread = std::thread::Builder::new()
@@ -344,13 +357,18 @@ struct Outbox {
     reqs: Vec<(Request, Completer)>,
     /// Set once the connection is gone: later requests fail with it at once.
     closed: Option<TransportError>,
+    /// A striped connection has writes in flight on its further streams that later requests
+    /// must wait for ([`Group`]): no direct path until they landed.
+    fenced: bool,
 }
 
 /// Bytes a request puts on the wire if a caller may write it itself (owned bytes, at most
-/// [`DIRECT_MAX`]); `None` for a one-sided write, whose payload is a region.
-fn direct_len(req: &Request) -> Option<usize> {
+/// [`DIRECT_MAX`]); `None` for a one-sided write, whose payload is a region, and for a read
+/// that a connection of several streams (`striped`) cuts into parts.
+fn direct_len(req: &Request, striped: bool) -> Option<usize> {
     match req {
         Request::Send(m) => Some(m.len()),
+        Request::Read { len, .. } if striped && *len >= STRIPE_MIN => None,
         Request::Read { .. } => Some(8),
         Request::Write { .. } => None,
     }
@@ -381,7 +399,11 @@ impl Link {
             if let Some(mut w) = self.wire.try_lock() {
                 // Only the progress thread empties the outbox, and it holds `wire` to do so: empty
                 // now means nothing submitted before us is waiting there.
-                if self.outbox.lock().reqs.is_empty() {
+                let clear = {
+                    let ob = self.outbox.lock();
+                    ob.reqs.is_empty() && !ob.fenced
+                };
+                if clear {
                     let Wire { stream, conn } = &mut *w;
                     // Bytes already queued mean a WRITABLE event or the progress thread's write
                     // pass is due (module docs): append only, it will carry our frames.
@@ -432,6 +454,8 @@ pub struct TcpConnection {
     peer_addr: SocketAddr,
     peer_endpoint: EndpointId,
     state: Arc<UserQueues>,
+    /// Streams agreed for this connection (1: not striped).
+    streams: usize,
 }
 
 impl std::fmt::Debug for TcpConnection {
@@ -519,7 +543,7 @@ impl TcpConnection {
             return Err(self.closed_error());
         }
         let (op, done) = Op::new(self.mode(), Vec::new());
-        let direct = direct_len(&req).is_some_and(|n| n <= DIRECT_MAX);
+        let direct = direct_len(&req, self.streams > 1).is_some_and(|n| n <= DIRECT_MAX);
         self.link.submit(&self.endpoint, direct, [(req, done)])?;
         Ok(op)
     }
@@ -650,7 +674,7 @@ impl Connection for TcpConnection {
             match self.request(t) {
                 Ok(req) => {
                     direct = direct
-                        .zip(direct_len(&req))
+                        .zip(direct_len(&req, self.streams > 1))
                         .map(|(a, n)| a.saturating_add(n));
                     reqs.push((req, b.op(Vec::new())));
                 }
@@ -696,6 +720,8 @@ struct ConnIo {
     more: bool,
     /// An incoming connection's handshake slot, held until it is established or closed.
     slot: Option<Slot>,
+    /// A further stream of a striped connection: that connection's first stream.
+    primary: Option<Token>,
     /// `Conn::poll_timeout` when the progress thread last held `wire`. Callers between two such
     /// times only submit and write, which never moves it earlier (a write moves the heartbeat
     /// later; a failed write sends a `Service`), so the thread may sleep until it.
@@ -711,6 +737,238 @@ struct ProgressThread {
     events: Vec<Event>,
     /// Incoming handshakes in progress (capped).
     handshakes: HandshakeSlots,
+    /// Striped connections, by their first stream's token.
+    groups: HashMap<Token, Group>,
+    /// Striped connections' first streams by connection id (for joining streams).
+    by_id: HashMap<u64, Token>,
+    /// Connections with frames queued outside their own service pass: written this iteration.
+    dirty: Vec<Token>,
+    /// Connections closed outside their own service pass: routed and removed this iteration.
+    dying: Vec<Token>,
+}
+
+/// A striped transfer in flight: its parts on the streams, completed as one.
+struct StripeOp {
+    parts: Vec<Op>,
+    done: Completer,
+    /// A striped write's notification: an empty write with it, sent on the first stream once
+    /// every part has landed.
+    then: Option<Request>,
+}
+
+impl StripeOp {
+    fn is_done(&self) -> bool {
+        self.parts.iter().all(Op::is_done)
+    }
+
+    /// The error of a part that failed, if any: a refused access (what the transfer did wrong)
+    /// before the connection's failure that follows it.
+    fn result(&self) -> Result<()> {
+        let errs: Vec<TransportError> = self
+            .parts
+            .iter()
+            .filter_map(|p| p.poll().and_then(|r| r.err()))
+            .collect();
+        let access = errs.iter().position(|e| {
+            matches!(
+                e,
+                TransportError::BadKey { .. }
+                    | TransportError::RegionOutOfBounds { .. }
+                    | TransportError::AccessDenied { .. }
+                    | TransportError::UnknownRegion { .. }
+            )
+        });
+        match errs.into_iter().nth(access.unwrap_or(0)) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A connection of several TCP streams, as the progress thread sees it: the first stream's
+/// `ConnIo` is the connection; this holds the others and the striped transfers in flight.
+///
+/// Order (see [`super::stripe`]): while a write has parts on other streams than the first
+/// (`writes`), every request that must come after it (a notification, a message, a read) waits
+/// in `gate`, and so does everything behind it; writes without a notification go on at once.
+/// `writes` completes front to back, so a notification never passes an earlier write.
+struct Group {
+    /// The further streams that have joined (stream `i + 1`).
+    streams: Vec<Arc<Link>>,
+    /// Streams agreed, the first included.
+    want: usize,
+    conn_id: u64,
+    /// The stream of the next uncut write.
+    turn: usize,
+    mode: PollMode,
+    writes: VecDeque<StripeOp>,
+    reads: Vec<StripeOp>,
+    gate: VecDeque<(Request, Completer)>,
+    /// A client's answer to `connect`, held until every stream has joined.
+    reply: Option<(ConnReply, Arc<TcpConnection>)>,
+}
+
+impl Group {
+    fn fenced(&self) -> bool {
+        !self.writes.is_empty() || !self.gate.is_empty()
+    }
+
+    fn ready(&self) -> bool {
+        self.reads.iter().any(StripeOp::is_done)
+            || self.writes.front().is_some_and(StripeOp::is_done)
+    }
+
+    /// Submits `parts` of a transfer, each made by `make`, on their streams.
+    fn send_parts(
+        &self,
+        parts: &[Part],
+        make: impl Fn(&Part) -> Request,
+        first: &mut Conn,
+        dirty: &mut Vec<Token>,
+    ) -> Vec<Op> {
+        parts
+            .iter()
+            .map(|p| {
+                let (op, c) = Op::new(self.mode, Vec::new());
+                let req = make(p);
+                match p.stream.checked_sub(1) {
+                    None => first.submit(req, c),
+                    Some(i) => match self.streams.get(i) {
+                        Some(l) => {
+                            l.wire.lock().conn.submit(req, c);
+                            dirty.push(l.token);
+                        }
+                        // Not reached (parts name joined streams only); the dropped completer
+                        // fails the part.
+                        None => drop(c),
+                    },
+                }
+                op
+            })
+            .collect()
+    }
+
+    /// Sends or holds one request (in submission order). `first` is the first stream's state
+    /// machine, whose `wire` the caller holds; further streams' `wire`s are taken after it.
+    fn route(&mut self, req: Request, done: Completer, first: &mut Conn, dirty: &mut Vec<Token>) {
+        if !self.gate.is_empty() {
+            self.gate.push_back((req, done));
+            return;
+        }
+        let k = 1 + self.streams.len();
+        let fenced = !self.writes.is_empty();
+        match req {
+            Request::Write {
+                local,
+                local_offset,
+                remote,
+                remote_offset,
+                len,
+                notify,
+            } if k > 1 && (len >= STRIPE_MIN || notify.is_none()) => {
+                let parts = stripe::plan(len, k, self.turn, false);
+                self.turn = self.turn.wrapping_add(1);
+                if let [p] = parts[..] {
+                    if p.stream == 0 {
+                        let req = Request::Write {
+                            local,
+                            local_offset,
+                            remote,
+                            remote_offset,
+                            len,
+                            notify,
+                        };
+                        return first.submit(req, done);
+                    }
+                }
+                let make = |p: &Part| Request::Write {
+                    local: local.clone(),
+                    local_offset: local_offset + p.offset,
+                    remote,
+                    remote_offset: remote_offset + p.offset as u64,
+                    len: p.len,
+                    notify: None,
+                };
+                let parts = self.send_parts(&parts, make, first, dirty);
+                let then = notify.map(|imm| Request::Write {
+                    local,
+                    local_offset: local_offset + len,
+                    remote,
+                    remote_offset: remote_offset + len as u64,
+                    len: 0,
+                    notify: Some(imm),
+                });
+                self.writes.push_back(StripeOp { parts, done, then });
+            }
+            Request::Read {
+                local,
+                local_offset,
+                remote,
+                remote_offset,
+                len,
+            } if k > 1 && len >= STRIPE_MIN && !fenced => {
+                let parts = stripe::plan(len, k, 0, true);
+                let make = |p: &Part| Request::Read {
+                    local: local.clone(),
+                    local_offset: local_offset + p.offset,
+                    remote,
+                    remote_offset: remote_offset + p.offset as u64,
+                    len: p.len,
+                };
+                let parts = self.send_parts(&parts, make, first, dirty);
+                self.reads.push(StripeOp {
+                    parts,
+                    done,
+                    then: None,
+                });
+            }
+            req if fenced => self.gate.push_back((req, done)),
+            req => first.submit(req, done),
+        }
+    }
+
+    /// Completes the striped transfers whose parts are all done (writes front to back, sending
+    /// their notifications), then lets the gate through once no write is left in flight.
+    fn advance(&mut self, first: &mut Conn, dirty: &mut Vec<Token>) {
+        let mut i = 0;
+        while i < self.reads.len() {
+            if self.reads[i].is_done() {
+                let op = self.reads.swap_remove(i);
+                let r = op.result();
+                op.done.complete(r);
+            } else {
+                i += 1;
+            }
+        }
+        while self.writes.front().is_some_and(StripeOp::is_done) {
+            let Some(op) = self.writes.pop_front() else {
+                break;
+            };
+            match (op.result(), op.then) {
+                (Ok(()), Some(then)) => first.submit(then, op.done),
+                (r, _) => op.done.complete(r),
+            }
+        }
+        if self.writes.is_empty() && !self.gate.is_empty() {
+            for (req, done) in std::mem::take(&mut self.gate) {
+                self.route(req, done, first, dirty);
+            }
+        }
+    }
+
+    /// Fails everything held or in flight (the connection is gone).
+    fn fail(&mut self, err: &TransportError) {
+        for (_, done) in self.gate.drain(..) {
+            done.complete(Err(err.clone()));
+        }
+        for op in self.writes.drain(..).chain(self.reads.drain(..)) {
+            let r = op.result().and(Err(err.clone()));
+            op.done.complete(r);
+        }
+        if let Some((reply, _)) = self.reply.take() {
+            let _ = reply.send(Err(err.clone()));
+        }
+    }
 }
 
 fn nonce() -> [u8; super::codec::NONCE_LEN] {
@@ -726,6 +984,10 @@ impl ProgressThread {
             conns: HashMap::new(),
             events: Vec::new(),
             handshakes: HandshakeSlots::new(MAX_HANDSHAKES),
+            groups: HashMap::new(),
+            by_id: HashMap::new(),
+            dirty: Vec::new(),
+            dying: Vec::new(),
         }
     }
 
@@ -737,6 +999,10 @@ impl ProgressThread {
             peer_timeout: c.peer_timeout,
             max_message_size: c.max_message_size,
             grants: Default::default(),
+            streams: c.tcp.streams,
+            // Non-zero: zero in a HELLO means "a new connection".
+            conn_id: rand::random::<u64>() | 1,
+            joins: self.shared.joins.clone(),
         }
     }
 
@@ -813,8 +1079,31 @@ impl ProgressThread {
                 }
                 self.service(t, false, now);
             }
+            self.settle(now);
         }
         self.stop();
+    }
+
+    /// Striped connections: completes finished transfers, writes what that and the routing
+    /// queued on other streams, and removes the connections closed along the way.
+    fn settle(&mut self, now: Instant) {
+        if !self.groups.is_empty() {
+            self.advance_groups();
+        }
+        while !self.dirty.is_empty() || !self.dying.is_empty() {
+            let mut dirty = std::mem::take(&mut self.dirty);
+            dirty.sort_unstable();
+            dirty.dedup();
+            for t in dirty {
+                self.service(t, false, now);
+            }
+            while let Some(t) = self.dying.pop() {
+                self.service(t, false, now);
+            }
+            if !self.groups.is_empty() {
+                self.advance_groups();
+            }
+        }
     }
 
     fn stop(&mut self) {
@@ -849,6 +1138,7 @@ impl ProgressThread {
                 reply: None,
                 more: false,
                 slot: None,
+                primary: None,
                 deadline,
             },
         );
@@ -924,6 +1214,17 @@ impl ProgressThread {
                 // Read on the next pass: the bytes have waited in the socket, and no new
                 // readiness edge will come for them.
                 self.conns.get_mut(&token)?.more = true;
+                // The connection's other streams feed the same queues: they may be held too.
+                let streams: Vec<Token> = self
+                    .groups
+                    .get(&token)
+                    .map(|g| g.streams.iter().map(|l| l.token).collect())
+                    .unwrap_or_default();
+                for t in streams {
+                    if let Some(c) = self.conns.get_mut(&t) {
+                        c.more = true;
+                    }
+                }
                 None
             }
             Cmd::Service { token } => {
@@ -931,8 +1232,18 @@ impl ProgressThread {
                 let c = self.conns.get(&token)?;
                 let mut w = c.link.wire.lock();
                 let reqs = std::mem::take(&mut c.link.outbox.lock().reqs);
-                for (req, done) in reqs {
-                    w.conn.submit(req, done);
+                match self.groups.get_mut(&token) {
+                    Some(g) => {
+                        for (req, done) in reqs {
+                            g.route(req, done, &mut w.conn, &mut self.dirty);
+                        }
+                        c.link.outbox.lock().fenced = g.fenced();
+                    }
+                    None => {
+                        for (req, done) in reqs {
+                            w.conn.submit(req, done);
+                        }
+                    }
                 }
                 Some(token)
             }
@@ -1019,9 +1330,23 @@ impl ProgressThread {
             self.events.clear();
             return;
         };
+        // What needs other connections than `c`, done after the loop.
+        let mut joined = None;
+        let mut first = None;
+        let mut fail_primary = None;
         for ev in self.events.drain(..) {
             match ev {
-                Event::Established { peer_endpoint } => {
+                Event::Established {
+                    stripe: Stripe::Joined { conn_id },
+                    ..
+                } => {
+                    c.slot = None;
+                    joined = Some(conn_id);
+                }
+                Event::Established {
+                    peer_endpoint,
+                    stripe,
+                } => {
                     c.slot = None;
                     let state = Arc::new(UserQueues {
                         q: Mutex::new(Queues::default()),
@@ -1029,13 +1354,27 @@ impl ProgressThread {
                         alive: AtomicBool::new(true),
                     });
                     c.shared = Some(state.clone());
+                    let streams = match stripe {
+                        Stripe::First { streams, .. } => streams,
+                        _ => 1,
+                    };
                     let handle = Arc::new(TcpConnection {
                         endpoint: endpoint.clone(),
                         link: c.link.clone(),
                         peer_addr: c.peer,
                         peer_endpoint,
                         state,
+                        streams,
                     });
+                    if let Stripe::First { conn_id, streams } = stripe {
+                        // A client answers `connect` once the other streams have joined.
+                        let reply = c.reply.take().map(|r| (r, handle.clone()));
+                        let server = reply.is_none();
+                        first = Some((conn_id, streams, reply));
+                        if !server {
+                            continue;
+                        }
+                    }
                     match c.reply.take() {
                         Some(reply) => {
                             // If `connect` gave up waiting, dropping the handle closes the connection.
@@ -1062,6 +1401,10 @@ impl ProgressThread {
                         s.push(|q| q.notifs.push_back(n));
                     }
                 }
+                Event::Closed(err) if c.primary.is_some() => {
+                    // A further stream failed: its connection fails with the same error.
+                    fail_primary = c.primary.map(|p| (p, err));
+                }
                 Event::Closed(err) => {
                     if let Some(s) = &c.shared {
                         // Release: pairs with `is_alive`'s Acquire; the error itself travels
@@ -1078,6 +1421,133 @@ impl ProgressThread {
                     }
                 }
             }
+        }
+        if let Some((conn_id, streams, reply)) = first {
+            self.start_group(t, conn_id, streams, reply);
+        }
+        if let Some(conn_id) = joined {
+            self.join(t, conn_id);
+        }
+        if let Some((p, err)) = fail_primary {
+            self.close_with(p, err);
+        }
+    }
+
+    /// Closes a connection outside its own service pass (routed and removed this iteration).
+    fn close_with(&mut self, t: Token, err: TransportError) {
+        if let Some(c) = self.conns.get(&t) {
+            c.link.wire.lock().conn.close(err);
+            self.dying.push(t);
+        }
+    }
+
+    /// The first stream of a striped connection is established: a client opens the others.
+    fn start_group(
+        &mut self,
+        t: Token,
+        conn_id: u64,
+        streams: usize,
+        reply: Option<(ConnReply, Arc<TcpConnection>)>,
+    ) {
+        let client = reply.is_some();
+        self.by_id.insert(conn_id, t);
+        self.groups.insert(
+            t,
+            Group {
+                streams: Vec::new(),
+                want: streams,
+                conn_id,
+                turn: 0,
+                mode: self.shared.config.poll_mode,
+                writes: VecDeque::new(),
+                reads: Vec::new(),
+                gate: VecDeque::new(),
+                reply,
+            },
+        );
+        if client {
+            for _ in 1..streams {
+                if let Err(e) = self.open_stream(t, conn_id) {
+                    return self.close_with(t, e);
+                }
+            }
+        }
+    }
+
+    /// Opens a client's further stream of the connection whose first stream is `p`.
+    fn open_stream(&mut self, p: Token, conn_id: u64) -> Result<()> {
+        let Some(pc) = self.conns.get(&p) else {
+            return Ok(());
+        };
+        let (peer, grants) = (pc.peer, pc.link.grants.clone());
+        let mut stream = TcpStream::connect(peer).map_err(|e| TransportError::io("connect", e))?;
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::warn!(%peer, error = %e, "setsockopt(TCP_NODELAY) failed");
+        }
+        // Relaxed: as in `connect`.
+        let token = Token(self.shared.next_token.fetch_add(1, Ordering::Relaxed));
+        self.poll
+            .registry()
+            .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
+            .map_err(|e| TransportError::io("epoll_ctl(ADD)", e))?;
+        let cfg = ConnConfig {
+            grants,
+            ..self.conn_config()
+        };
+        let conn = Conn::client_join(cfg, peer, Instant::now(), nonce(), conn_id);
+        self.insert(token, stream, conn, peer);
+        if let Some(c) = self.conns.get_mut(&token) {
+            c.primary = Some(p);
+        }
+        self.dirty.push(token);
+        Ok(())
+    }
+
+    /// A further stream `t` of connection `conn_id` is established: it joins its group (a
+    /// client's answer to `connect` goes out once all have).
+    fn join(&mut self, t: Token, conn_id: u64) {
+        let p = self
+            .conns
+            .get(&t)
+            .and_then(|c| c.primary)
+            .or_else(|| self.by_id.get(&conn_id).copied());
+        let shared = p
+            .and_then(|p| self.conns.get(&p))
+            .and_then(|pc| pc.shared.clone());
+        let (Some(p), Some(shared), Some(c)) = (p, shared, self.conns.get_mut(&t)) else {
+            // The connection closed meanwhile.
+            let err = TransportError::StreamRefused {
+                peer: self.conns.get(&t).map(|c| c.peer),
+                reason: "the connection closed".into(),
+            };
+            return self.close_with(t, err);
+        };
+        c.primary = Some(p);
+        c.shared = Some(shared);
+        let link = c.link.clone();
+        if let Some(g) = self.groups.get_mut(&p) {
+            g.streams.push(link);
+            if g.streams.len() + 1 >= g.want {
+                if let Some((reply, handle)) = g.reply.take() {
+                    let _ = reply.send(Ok(handle));
+                }
+            }
+        }
+    }
+
+    /// Moves the striped connections' finished transfers on (see [`Group::advance`]).
+    fn advance_groups(&mut self) {
+        for (t, g) in self.groups.iter_mut() {
+            if !g.ready() {
+                continue;
+            }
+            let Some(c) = self.conns.get(t) else {
+                continue;
+            };
+            let mut w = c.link.wire.lock();
+            g.advance(&mut w.conn, &mut self.dirty);
+            c.link.outbox.lock().fenced = g.fenced();
+            self.dirty.push(*t);
         }
     }
 
@@ -1105,6 +1575,23 @@ impl ProgressThread {
         };
         for (_, done) in reqs {
             done.complete(Err(err.clone()));
+        }
+        // A connection of several streams fails as a whole, with the first error.
+        if let Some(p) = c.primary {
+            self.close_with(p, err.clone());
+        }
+        if let Some(mut g) = self.groups.remove(&t) {
+            self.by_id.remove(&g.conn_id);
+            g.fail(&err);
+            let streams: Vec<Token> = self
+                .conns
+                .iter()
+                .filter(|(_, s)| s.primary == Some(t))
+                .map(|(s, _)| *s)
+                .collect();
+            for s in streams {
+                self.close_with(s, err.clone());
+            }
         }
     }
 }

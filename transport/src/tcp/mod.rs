@@ -14,14 +14,28 @@
 //! region; a READ_REQ is checked, then answered with READ_RESP frames sent from the region. Large
 //! transfers travel in chunks of [`proto::CHUNK`] bytes. Sockets have `TCP_NODELAY` set.
 //!
-//! One TCP stream per peer connection. Striping large transfers over several streams is not
-//! implemented: on the (shared, heavily loaded) 2-core development machine, one genie stream
-//! already matched a single iperf3 stream at 1 MiB messages (ratio 1.09, `scripts/bench-tcp.sh`),
-//! and `iperf3 -P 2` vs `-P 1` varied more between runs (11.5 vs 8.2–15 Gbit/s) than between
-//! settings, so no gain from more streams could be shown.
+//! Streams. A connection uses [`crate::config::TcpConfig::streams`] TCP streams (default 1, at
+//! most [`crate::config::TcpConfig::MAX_STREAMS`]); the two ends use the smaller of their two
+//! settings, agreed in the first stream's HELLO / HELLO_ACK (see [`codec`]; with one stream the
+//! handshake and every frame are those of before, byte for byte). The client then opens the
+//! other streams; each runs the same authentication as the first and names the connection it
+//! joins by the random 64-bit id the server gave out on the first stream; the server checks the
+//! id, the peer's endpoint id and the room left before it answers READY, else refuses the stream
+//! ([`crate::TransportError::StreamRefused`]); `connect` returns once every stream has joined.
+//! (The id is not bound into the proofs: TCP frames are not authenticated after the handshake
+//! anyway, so an on-path attacker gains nothing from it that it does not have already.)
+//! Transfers are spread over the streams as [`stripe`] describes: a part is an ordinary WRITE or
+//! READ_REQ on its stream, checked by the target as any other; notifications, messages and reads
+//! posted after a write that used another stream wait, on the sender, until its parts are
+//! acknowledged. Any stream failing fails the whole connection with its error.
+//!
+//! Figures (2-core shared development machine, `scripts/bench-tcp.sh`): see the README. One
+//! process's progress thread serves all of an endpoint's streams, so more streams add socket
+//! parallelism in the kernel, not more progress threads.
 
 pub mod codec;
 pub mod endpoint;
 pub mod proto;
+pub mod stripe;
 
 pub use endpoint::{TcpConnection, TcpTransport};

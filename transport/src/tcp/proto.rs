@@ -23,6 +23,7 @@ use super::codec::{
 use crate::auth::{Auth, AuthError, Role as AuthRole, PROOF_LEN};
 use crate::codec::DecodeError;
 use crate::completion::Completer;
+use crate::config::TcpConfig;
 use crate::error::TransportError;
 use crate::liveness::{heartbeat_interval, Liveness, Timer};
 use crate::region::{Region, RegionTable, RemoteOp, RemoteRegion};
@@ -37,6 +38,7 @@ pub const CHUNK: usize = 1 << 20;
 /// Most bytes [`Conn::read_from`] takes in one call before yielding to other connections.
 pub const READ_BUDGET: usize = 16 << 20;
 const MAX_IOV: usize = 64;
+const MAX_STREAMS: usize = TcpConfig::MAX_STREAMS;
 /// Frames queued for the peer past which we stop reading its requests: a peer that sends
 /// requests (reads, writes, messages: each queues a reply) and never reads the replies is held
 /// by TCP flow control instead of growing our queue.
@@ -62,10 +64,51 @@ pub struct ConnConfig {
     /// Keys this connection granted (region id → key; see [`crate::Connection::grant`]),
     /// written by the application's thread, read when a peer's access is checked.
     pub grants: Grants,
+    /// TCP streams we want per connection (1: one; see [`crate::config::TcpConfig::streams`]).
+    pub streams: usize,
+    /// The id a server offers for further streams to join this connection (random; unused
+    /// unless the client asks for more than one stream).
+    pub conn_id: u64,
+    /// The endpoint's connections that further streams may join (server side).
+    pub joins: Joins,
 }
 
 /// A connection's granted keys: region id → key.
 pub type Grants = std::sync::Arc<parking_lot::RwLock<HashMap<u64, u64>>>;
+
+/// Connections that further streams may join, by connection id (one entry per striped
+/// connection a server accepted, removed when it closes: bounded by the connections).
+pub type Joins = std::sync::Arc<parking_lot::Mutex<HashMap<u64, JoinSlot>>>;
+
+/// What a joining stream is checked against ([`Joins`]).
+#[derive(Debug, Clone)]
+pub struct JoinSlot {
+    /// The endpoint id the connection's first stream authenticated as.
+    pub peer_endpoint: u64,
+    /// Streams that may still join.
+    pub room: usize,
+    /// The connection's granted keys, which its further streams check too.
+    pub grants: Grants,
+}
+
+/// Which part of a (possibly striped) connection a stream is, once established.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stripe {
+    /// The connection's only stream.
+    Single,
+    /// The first stream of a connection of `streams` streams; the others join with `conn_id`.
+    First {
+        /// The connection id.
+        conn_id: u64,
+        /// Streams agreed (at least 2).
+        streams: usize,
+    },
+    /// A further stream of the connection `conn_id`.
+    Joined {
+        /// The connection id.
+        conn_id: u64,
+    },
+}
 
 /// Which side opened the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,6 +138,8 @@ pub enum Event {
     Established {
         /// Peer endpoint id.
         peer_endpoint: u64,
+        /// Which stream of its connection this is.
+        stripe: Stripe,
     },
     /// A message arrived.
     Message(Vec<u8>),
@@ -244,6 +289,18 @@ pub struct Conn {
     rx: Rx,
     scratch: Vec<u8>,
     error: Option<TransportError>,
+    /// Which stream of its connection this is (agreed in the handshake).
+    stripe: Stripe,
+    /// A client's further stream: the connection id it joins.
+    join: Option<u64>,
+    /// A server registered this connection in [`ConnConfig::joins`] (removed when it closes).
+    registered: bool,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.unregister();
+    }
 }
 
 impl std::fmt::Debug for Conn {
@@ -261,9 +318,39 @@ impl std::fmt::Debug for Conn {
 impl Conn {
     /// A client connection: queues HELLO.
     pub fn client(cfg: ConnConfig, peer: SocketAddr, now: Instant, nonce: [u8; NONCE_LEN]) -> Self {
+        Self::client_stream(cfg, peer, now, nonce, None)
+    }
+
+    /// A client's further stream of the connection `conn_id` (learnt on its first stream):
+    /// queues HELLO naming it.
+    pub fn client_join(
+        cfg: ConnConfig,
+        peer: SocketAddr,
+        now: Instant,
+        nonce: [u8; NONCE_LEN],
+        conn_id: u64,
+    ) -> Self {
+        Self::client_stream(cfg, peer, now, nonce, Some(conn_id))
+    }
+
+    fn client_stream(
+        cfg: ConnConfig,
+        peer: SocketAddr,
+        now: Instant,
+        nonce: [u8; NONCE_LEN],
+        join: Option<u64>,
+    ) -> Self {
         let mut c = Self::new(Role::Client, cfg, peer, now, nonce);
+        c.join = join;
+        let mut h = Header::new(FrameKind::Hello);
+        match join {
+            Some(id) => h.op_id = id,
+            // Zero for one stream: the handshake of before, byte for byte.
+            None if c.cfg.streams > 1 => h.arg = c.cfg.streams.min(MAX_STREAMS) as u32,
+            None => {}
+        }
         let body = Hello(c.auth.hello()).encode();
-        c.queue_bytes(Header::new(FrameKind::Hello), body);
+        c.queue_bytes(h, body);
         c
     }
 
@@ -314,6 +401,9 @@ impl Conn {
             },
             scratch: Vec::new(),
             error: None,
+            stripe: Stripe::Single,
+            join: None,
+            registered: false,
         }
     }
 
@@ -593,6 +683,7 @@ impl Conn {
             done.complete(Err(err.clone()));
         }
         self.error = Some(err.clone());
+        self.unregister();
         self.events.push_back(Event::Closed(err));
         match last_words {
             Some((h, body)) => {
@@ -604,6 +695,20 @@ impl Conn {
                 self.phase = Phase::Closed;
             }
         }
+    }
+
+    /// Removes this connection from [`ConnConfig::joins`]: no stream joins a closed connection.
+    fn unregister(&mut self) {
+        if std::mem::take(&mut self.registered) {
+            if let Stripe::First { conn_id, .. } = self.stripe {
+                self.cfg.joins.lock().remove(&conn_id);
+            }
+        }
+    }
+
+    /// Which stream of its connection this is (meaningful once established).
+    pub fn stripe(&self) -> Stripe {
+        self.stripe
     }
 
     fn violation(&mut self, what: String) {
@@ -977,14 +1082,18 @@ impl Conn {
             }
         };
         match h.kind {
-            FrameKind::Hello => self.on_hello(&body),
-            FrameKind::HelloAck => self.on_hello_ack(&body),
+            FrameKind::Hello => self.on_hello(&h, &body),
+            FrameKind::HelloAck => self.on_hello_ack(&h, &body),
             FrameKind::Auth => self.on_auth(&body),
             FrameKind::Ready => self.on_ready(&body),
             FrameKind::Refuse => {
                 let reason = String::from_utf8_lossy(&body).into_owned();
                 let err = match h.arg {
                     x if x == RefuseCode::Auth as u32 => TransportError::AuthFailed {
+                        peer: Some(self.peer),
+                        reason: format!("refused by peer: {reason}"),
+                    },
+                    x if x == RefuseCode::Stream as u32 => TransportError::StreamRefused {
                         peer: Some(self.peer),
                         reason: format!("refused by peer: {reason}"),
                     },
@@ -1100,7 +1209,7 @@ impl Conn {
         proof.map(|p| p.to_vec()).unwrap_or_default()
     }
 
-    fn on_hello(&mut self, body: &[u8]) {
+    fn on_hello(&mut self, h: &Header, body: &[u8]) {
         let hello = match Hello::decode(body) {
             Ok(h) => h.0,
             Err(e) => return self.invalid(e),
@@ -1109,16 +1218,80 @@ impl Conn {
             return self.auth_failed(e);
         }
         self.peer_endpoint = hello.endpoint;
+        let mut ack_h = Header::new(FrameKind::HelloAck);
+        if h.op_id != 0 {
+            if h.arg > 1 {
+                return self.invalid(DecodeError::Unexpected {
+                    expected: "a joining stream asking for no streams of its own",
+                    got: format!("{} streams", h.arg),
+                });
+            }
+            // Checked once the stream has authenticated (`on_auth`).
+            self.join = Some(h.op_id);
+        } else {
+            let granted = (h.arg as usize).min(self.cfg.streams).min(MAX_STREAMS);
+            if granted > 1 {
+                self.stripe = Stripe::First {
+                    conn_id: self.cfg.conn_id,
+                    streams: granted,
+                };
+                ack_h.arg = granted as u32;
+                ack_h.op_id = self.cfg.conn_id;
+            }
+        }
         // No proof yet: the client proves first.
         let ack = Hello(self.auth.hello()).encode();
-        self.queue_bytes(Header::new(FrameKind::HelloAck), ack);
+        self.queue_bytes(ack_h, ack);
         self.phase = Phase::ServerWaitAuth;
     }
 
-    fn on_hello_ack(&mut self, body: &[u8]) {
+    /// A server's check of a joining stream, after it authenticated: the connection it names
+    /// must be open, of the same peer endpoint, and have room.
+    fn check_join(&mut self, conn_id: u64) -> Result<(), TransportError> {
+        let mut joins = self.cfg.joins.lock();
+        let refused = |reason: &str| TransportError::StreamRefused {
+            peer: Some(self.peer),
+            reason: reason.to_string(),
+        };
+        match joins.get_mut(&conn_id) {
+            Some(slot) if slot.peer_endpoint == self.peer_endpoint => {
+                if slot.room == 0 {
+                    return Err(refused("the connection has all its streams"));
+                }
+                slot.room -= 1;
+                self.cfg.grants = slot.grants.clone();
+                self.stripe = Stripe::Joined { conn_id };
+                Ok(())
+            }
+            // Another endpoint's connection is as unknown to this peer as a made-up id.
+            _ => Err(refused("unknown connection")),
+        }
+    }
+
+    fn on_hello_ack(&mut self, h: &Header, body: &[u8]) {
         let ack = match Hello::decode(body) {
             Ok(a) => a.0,
             Err(e) => return self.invalid(e),
+        };
+        let granted = (h.arg as usize).max(1);
+        let wanted = if self.join.is_some() {
+            1
+        } else {
+            self.cfg.streams.clamp(1, MAX_STREAMS)
+        };
+        if granted > wanted || (granted > 1 && h.op_id == 0) {
+            return self.invalid(DecodeError::Unexpected {
+                expected: "at most the streams asked for, with a connection id",
+                got: format!("{granted} streams, connection id {:#x}", h.op_id),
+            });
+        }
+        self.stripe = match self.join {
+            Some(conn_id) => Stripe::Joined { conn_id },
+            None if granted > 1 => Stripe::First {
+                conn_id: h.op_id,
+                streams: granted,
+            },
+            None => Stripe::Single,
         };
         let proof = self
             .auth
@@ -1139,16 +1312,36 @@ impl Conn {
             .auth
             .on_peer_proof((!body.is_empty()).then_some(body))
             .and_then(|()| self.auth.our_proof());
-        match ours {
-            Ok(p) => {
-                self.queue_bytes(Header::new(FrameKind::Ready), Self::proof_body(p));
-                self.phase = Phase::Established;
-                self.events.push_back(Event::Established {
-                    peer_endpoint: self.peer_endpoint,
-                });
+        let p = match ours {
+            Ok(p) => p,
+            Err(e) => return self.auth_failed(e),
+        };
+        if let Some(conn_id) = self.join {
+            if let Err(e) = self.check_join(conn_id) {
+                return self.refuse(RefuseCode::Stream, e);
             }
-            Err(e) => self.auth_failed(e),
         }
+        if let Stripe::First { conn_id, streams } = self.stripe {
+            let slot = JoinSlot {
+                peer_endpoint: self.peer_endpoint,
+                room: streams - 1,
+                grants: self.cfg.grants.clone(),
+            };
+            // A random 64-bit id: a clash is as likely as guessing it; refuse rather than mix.
+            if self.cfg.joins.lock().insert(conn_id, slot).is_some() {
+                return self.refuse(
+                    RefuseCode::Protocol,
+                    TransportError::InvalidArgument(format!("connection id {conn_id:#x} in use")),
+                );
+            }
+            self.registered = true;
+        }
+        self.queue_bytes(Header::new(FrameKind::Ready), Self::proof_body(p));
+        self.phase = Phase::Established;
+        self.events.push_back(Event::Established {
+            peer_endpoint: self.peer_endpoint,
+            stripe: self.stripe,
+        });
     }
 
     fn on_ready(&mut self, body: &[u8]) {
@@ -1165,6 +1358,7 @@ impl Conn {
         self.phase = Phase::Established;
         self.events.push_back(Event::Established {
             peer_endpoint: self.peer_endpoint,
+            stripe: self.stripe,
         });
     }
 
@@ -1304,6 +1498,9 @@ mod tests {
             peer_timeout: Duration::from_secs(2),
             max_message_size: 1024,
             grants: Grants::default(),
+            streams: 1,
+            conn_id: 0x5eed,
+            joins: Joins::default(),
         }
     }
 
@@ -1370,8 +1567,132 @@ mod tests {
         assert!(c.conn.is_established() && s.conn.is_established());
         assert!(matches!(
             c.events[..],
-            [Event::Established { peer_endpoint: 2 }]
+            [Event::Established {
+                peer_endpoint: 2,
+                stripe: Stripe::Single
+            }]
         ));
+    }
+
+    /// A client of `streams` against a server of `server_streams`, both with secret "k" and the
+    /// server's `joins` table: established.
+    fn striped(streams: usize, server_streams: usize, joins: &Joins, now: Instant) -> (Side, Side) {
+        let (mut c, mut s) = pair(Some("k"), Some("k"), now);
+        c.conn = Conn::client(
+            ConnConfig {
+                streams,
+                ..cfg(1, Some("k"))
+            },
+            addr(),
+            now,
+            [1; NONCE_LEN],
+        );
+        s.conn = Conn::server(
+            ConnConfig {
+                streams: server_streams,
+                joins: joins.clone(),
+                ..cfg(2, Some("k"))
+            },
+            addr(),
+            now,
+            [2; NONCE_LEN],
+        );
+        pump(&mut c, &mut s, now);
+        (c, s)
+    }
+
+    /// A further stream from endpoint `endpoint` joining `conn_id` on a server sharing `joins`.
+    fn join(endpoint: u64, conn_id: u64, joins: &Joins, now: Instant) -> (Side, Side) {
+        let (mut c, mut s) = pair(Some("k"), Some("k"), now);
+        c.conn = Conn::client_join(
+            cfg(endpoint, Some("k")),
+            addr(),
+            now,
+            [3; NONCE_LEN],
+            conn_id,
+        );
+        s.conn = Conn::server(
+            ConnConfig {
+                streams: 8,
+                joins: joins.clone(),
+                ..cfg(2, Some("k"))
+            },
+            addr(),
+            now,
+            [4; NONCE_LEN],
+        );
+        pump(&mut c, &mut s, now);
+        (c, s)
+    }
+
+    #[test]
+    fn streams_are_the_smaller_setting_and_join_by_id() {
+        let now = Instant::now();
+        let joins = Joins::default();
+        let (c, s) = striped(3, 2, &joins, now);
+        let first = Stripe::First {
+            conn_id: 0x5eed,
+            streams: 2,
+        };
+        assert_eq!((c.conn.stripe(), s.conn.stripe()), (first, first));
+        assert_eq!(joins.lock().get(&0x5eed).map(|j| j.room), Some(1));
+        // The one further stream joins; a second is one too many.
+        let (jc, js) = join(1, 0x5eed, &joins, now);
+        assert!(jc.conn.is_established() && js.conn.is_established());
+        assert_eq!(js.conn.stripe(), Stripe::Joined { conn_id: 0x5eed });
+        for (endpoint, id) in [(1, 0x5eed), (1, 0x5eee), (9, 0x5eed)] {
+            let (jc, js) = join(endpoint, id, &joins, now);
+            for side in [&jc, &js] {
+                assert!(
+                    matches!(
+                        side.conn.error(),
+                        Some(TransportError::StreamRefused { .. })
+                    ),
+                    "endpoint {endpoint} id {id:#x}: {:?}",
+                    side.conn.error()
+                );
+            }
+        }
+        // The id is withdrawn when the connection closes.
+        drop((c, s));
+        assert!(joins.lock().is_empty());
+        // One stream on either side: the handshake of one stream, nothing registered.
+        for (a, b) in [(1, 4), (4, 1)] {
+            let (c, s) = striped(a, b, &joins, now);
+            assert_eq!(
+                (c.conn.stripe(), s.conn.stripe()),
+                (Stripe::Single, Stripe::Single)
+            );
+            assert!(joins.lock().is_empty());
+        }
+    }
+
+    #[test]
+    fn a_join_without_the_secret_is_refused_before_its_id_is_checked() {
+        let now = Instant::now();
+        let joins = Joins::default();
+        let (_c, _s) = striped(2, 2, &joins, now);
+        let (mut jc, mut js) = pair(Some("wrong"), Some("k"), now);
+        jc.conn = Conn::client_join(cfg(1, Some("wrong")), addr(), now, [3; NONCE_LEN], 0x5eed);
+        js.conn = Conn::server(
+            ConnConfig {
+                joins: joins.clone(),
+                ..cfg(2, Some("k"))
+            },
+            addr(),
+            now,
+            [4; NONCE_LEN],
+        );
+        pump(&mut jc, &mut js, now);
+        assert!(matches!(
+            js.conn.error(),
+            Some(TransportError::AuthFailed { .. })
+        ));
+        assert_eq!(
+            joins.lock().get(&0x5eed).map(|j| j.room),
+            Some(1),
+            "no room taken"
+        );
     }
 
     #[test]
