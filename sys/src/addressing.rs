@@ -198,6 +198,21 @@ pub struct LocalAddress {
     pub global: bool,
 }
 
+impl LocalAddress {
+    /// What the peer learns of us (the handshake's fields); also the remote side of a QP looped
+    /// back to another QP of the same port.
+    pub fn as_remote(&self) -> RemoteAddress {
+        RemoteAddress {
+            link_layer: self.link_layer,
+            lid: self.lid,
+            gid: self.gid,
+            gid_type: self.gid_type,
+            mtu: self.mtu,
+            global: self.global,
+        }
+    }
+}
+
 /// What the peer told us in the handshake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RemoteAddress {
@@ -543,14 +558,7 @@ mod tests {
     }
 
     fn remote_of(l: &LocalAddress) -> RemoteAddress {
-        RemoteAddress {
-            link_layer: l.link_layer,
-            lid: l.lid,
-            gid: l.gid,
-            gid_type: l.gid_type,
-            mtu: l.mtu,
-            global: l.global,
-        }
+        l.as_remote()
     }
 
     #[test]

@@ -8,9 +8,18 @@
 //! does either side create its CQ, QP and buffers, swap QP number, PSN, GID, MTU and receive
 //! credits (sealed with the connection's key), move the QP INIT→RTR→RTS with the path MTU set to
 //! the smaller side, and swap `Ready`. Handshakes run on their own threads, at most
-//! [`crate::accept::MAX_HANDSHAKES`] at once, each within one peer timeout. The GID index is
-//! picked automatically: the RoCE v2 entry holding the IPv4-mapped address that the side channel
-//! uses locally (on soft-RoCE over `lo`: `::ffff:127.0.0.1`).
+//! [`crate::accept::MAX_HANDSHAKES`] at once, each within one peer timeout.
+//!
+//! # Addressing
+//!
+//! The device, port and GID index come from [`crate::config::RdmaConfig`] (perftest's `-d`, `-i`,
+//! `-x`); [`genie_sys::addressing`] decides from the port's attributes, read again at each
+//! connection: an InfiniBand port goes by LID, with a GRH only across subnets or when a GID index
+//! was given; a RoCE port picks a RoCE v2 GID, IPv4-mapped first, preferring the one holding the
+//! side channel's local address (on soft-RoCE over `lo`: `::ffff:127.0.0.1`), unless a GID index
+//! was given. The QP info of the handshake carries link layer, GID type, LID, GID and MTU; a peer
+//! on the other link layer or RoCE version fails the connection with
+//! [`TransportError::Addressing`] naming both.
 //!
 //! The side channel stays open for the connection's life: credit returns, remote-region checks and
 //! heartbeats travel on it, and its loss (the peer process died) fails the connection at once.
@@ -73,6 +82,7 @@ use crate::error::{Result, TransportError};
 use crate::region::{EndpointId, NewRegion, Region, RegionAccess, RegionTable};
 use crate::{Connection, Transport};
 use conn::RdmaConn;
+use genie_sys::addressing::choose_local;
 use genie_sys::mem::SharedBuf;
 use genie_sys::verbs::describe;
 use genie_sys::verbs::{self, Context, ProtectionDomain};
@@ -94,7 +104,8 @@ pub(crate) fn probe(config: &TransportConfig) -> std::result::Result<String, Str
         .or_else(|| std::env::var("GENIE_RDMA_DEVICE").ok());
     match want {
         Some(name) => match devices.iter().find(|d| d.name == name) {
-            Some(d) if d.port_active => Ok(d.name.clone()),
+            // `port_active` is port 1's; another port is checked when the endpoint opens it.
+            Some(d) if d.port_active || config.rdma.port != verbs::PORT => Ok(d.name.clone()),
             Some(_) => Err(format!("RDMA device {name} has no active port")),
             None => Err(format!(
                 "no RDMA device named {name} (found: {})",
@@ -126,7 +137,12 @@ pub(crate) fn open(config: TransportConfig) -> Result<Arc<dyn Transport>> {
         backend: Backend::Rdma,
         reason,
     })?;
-    let ctx = Context::open(Some(&device)).map_err(verbs_err)?;
+    let ctx = Context::open_port(Some(&device), config.rdma.port).map_err(verbs_err)?;
+    // Refuse a port or GID index that cannot work now, rather than at the first connection (each
+    // connection decides again: GIDs follow the addresses of the netdev).
+    let attrs = ctx.port_attrs().map_err(verbs_err)?;
+    choose_local(&attrs, config.rdma.gid_index, None)
+        .map_err(|reason| TransportError::Addressing { peer: None, reason })?;
     let pd = ctx.alloc_pd().map_err(verbs_err)?;
     let listener = TcpListener::bind(config.listen).map_err(|e| TransportError::io("bind", e))?;
     let local_addr = listener
