@@ -382,3 +382,79 @@ impl Transport for RdmaTransport {
             .pop(timeout, || self.ep.shutdown.load(Ordering::Acquire))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{BackendChoice, RdmaConfig, TransportConfig};
+    use crate::TransportError;
+    use genie_sys::addressing::{AddressingError, GidType};
+    use genie_sys::verbs::{gid_of_ip, Context};
+    use std::time::Duration;
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// An RDMA endpoint's configuration on the harness's device with `gid_index`; `None` where
+    /// the soft-RoCE harness set no `GENIE_RDMA_DEVICE`.
+    fn config(gid_index: Option<u8>) -> Option<TransportConfig> {
+        Some(TransportConfig {
+            backend: BackendChoice::Rdma,
+            peer_timeout: Duration::from_secs(5),
+            rdma: RdmaConfig {
+                device: Some(std::env::var("GENIE_RDMA_DEVICE").ok()?),
+                port: 1,
+                gid_index,
+            },
+            ..TransportConfig::default()
+        })
+    }
+
+    /// On soft-RoCE over `lo`: the RoCE v2 entry of `::ffff:127.0.0.1` named explicitly connects
+    /// to a peer that picked its GID itself, and moves a message; an empty entry is refused when
+    /// the endpoint opens; the RoCE v1 entry of the same address against a v2 peer fails the
+    /// connection with the typed version mismatch naming both.
+    #[test]
+    fn explicit_gid_indexes_on_soft_roce() {
+        let Some(auto) = config(None) else {
+            return;
+        };
+        let ctx = Context::open(auto.rdma.device.as_deref()).unwrap();
+        let attrs = ctx.port_attrs().unwrap();
+        let lo = gid_of_ip("127.0.0.1".parse().unwrap());
+        let entry = |kind| attrs.gids.iter().find(|e| e.gid == lo && e.kind == kind);
+        let v2 = entry(GidType::RoceV2)
+            .expect("no RoCE v2 GID for 127.0.0.1")
+            .index;
+
+        let server = crate::open(auto).unwrap();
+        let client = crate::open(config(Some(v2)).unwrap()).unwrap();
+        let conn = client.connect(server.local_addr()).unwrap();
+        let peer = server.accept(WAIT).unwrap();
+        conn.send(b"gid").unwrap().wait(WAIT).unwrap();
+        assert_eq!(peer.recv(WAIT).unwrap(), b"gid");
+
+        if let Some(zero) = attrs.gids.iter().find(|e| e.gid == [0; 16]) {
+            match crate::open(config(Some(zero.index)).unwrap()) {
+                Err(TransportError::Addressing {
+                    peer: None,
+                    reason: AddressingError::ZeroGid { index, port: 1 },
+                }) => assert_eq!(index, zero.index),
+                other => panic!("an empty GID index opened: {other:?}"),
+            }
+        }
+
+        if let Some(v1) = entry(GidType::RoceV1) {
+            let old = crate::open(config(Some(v1.index)).unwrap()).unwrap();
+            match old.connect(server.local_addr()) {
+                Err(TransportError::Addressing {
+                    peer: Some(_),
+                    reason:
+                        AddressingError::RoceVersionMismatch {
+                            ours: GidType::RoceV1,
+                            theirs: GidType::RoceV2,
+                        },
+                }) => {}
+                other => panic!("RoCE v1 against v2: {other:?}"),
+            }
+        }
+    }
+}
