@@ -3,7 +3,8 @@
 //! The objects and their order of use:
 //!
 //! ```text
-//! rdma_available() / Context::open(name)      device list, open, port + GID queries
+//! rdma_available() / Context::open_port(name, port)   device list, open, port attributes + GID
+//!                                                    table (for crate::addressing)
 //!   └─ ProtectionDomain                       memory registration (Mr) and QPs live in one PD
 //!   └─ CompletionQueue (+ completion channel) busy polling, or sleeping on the channel's fd
 //!        └─ QueuePair<Init> ─to_rtr─► QueuePair<Rtr> ─to_rts─► QueuePair<Rts>   (RC only)
@@ -420,34 +421,6 @@ impl Context {
     /// The device's and port's limits.
     pub fn limits(&self) -> Limits {
         self.limits
-    }
-
-    /// The GID table index whose GID is `gid`, preferring RoCE v2 entries. `None` if absent.
-    pub fn gid_index(&self, gid: [u8; 16]) -> Option<u8> {
-        let len = self.ctx.query_port(self.port).ok()?.gid_tbl_len();
-        let mut v1 = None;
-        for idx in 0..u32::try_from(len).unwrap_or(0).min(256) {
-            let Ok(g) = self.ctx.query_gid(self.port, idx) else {
-                continue;
-            };
-            if g.raw != gid {
-                continue;
-            }
-            let i = u8::try_from(idx).ok()?;
-            match self.ctx.query_gid_type(self.port, idx) {
-                Ok(t) if t == rdma_mummy_sys::IBV_GID_TYPE_ROCE_V2 => return Some(i),
-                _ => v1 = v1.or(Some(i)),
-            }
-        }
-        v1
-    }
-
-    /// The GID at `index` of this context's port.
-    pub fn gid(&self, index: u8) -> Result<[u8; 16], VerbsError> {
-        self.ctx
-            .query_gid(self.port, u32::from(index))
-            .map(|g| g.raw)
-            .map_err(|e| verb("ibv_query_gid", &self.name, e))
     }
 
     /// Allocates a protection domain.
