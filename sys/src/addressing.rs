@@ -124,6 +124,17 @@ impl GidType {
         }
     }
 
+    /// From `ibv_query_gid_type`, which reports the kernel's sysfs numbering: 0 is "IB or RoCE
+    /// v1" (which one the port's link layer says), 1 is RoCE v2; anything else is `None`.
+    pub fn from_sysfs(raw: u32, link_layer: LinkLayer) -> Option<Self> {
+        match (raw, link_layer) {
+            (0, LinkLayer::InfiniBand) => Some(Self::Ib),
+            (0, LinkLayer::Ethernet) => Some(Self::RoceV1),
+            (1, LinkLayer::Ethernet) => Some(Self::RoceV2),
+            _ => None,
+        }
+    }
+
     /// The byte the handshake carries (the driver's number).
     pub fn to_wire(self) -> u8 {
         match self {
@@ -757,5 +768,20 @@ mod tests {
             assert_eq!(GidType::from_wire(t.to_wire()), Some(t));
         }
         assert_eq!(GidType::from_raw(3), None);
+        // ibv_query_gid_type's sysfs numbering, as soft-RoCE (RoCE v2 only) reports it: 1.
+        assert_eq!(
+            GidType::from_sysfs(1, LinkLayer::Ethernet),
+            Some(GidType::RoceV2)
+        );
+        assert_eq!(
+            GidType::from_sysfs(0, LinkLayer::Ethernet),
+            Some(GidType::RoceV1)
+        );
+        assert_eq!(
+            GidType::from_sysfs(0, LinkLayer::InfiniBand),
+            Some(GidType::Ib)
+        );
+        assert_eq!(GidType::from_sysfs(1, LinkLayer::InfiniBand), None);
+        assert_eq!(GidType::from_sysfs(2, LinkLayer::Ethernet), None);
     }
 }

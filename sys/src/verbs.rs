@@ -390,7 +390,8 @@ impl Context {
                 continue;
             };
             let kind = match self.ctx.query_gid_type(self.port, idx) {
-                Ok(t) => GidType::from_raw(t),
+                // The sysfs numbering (0 IB/RoCE v1, 1 RoCE v2), not `ibv_gid_type`'s.
+                Ok(t) => GidType::from_sysfs(t, link_layer),
                 // Kernels without GID types: an InfiniBand port's GIDs are IB GIDs.
                 Err(_) => (link_layer == LinkLayer::InfiniBand).then_some(GidType::Ib),
             };
