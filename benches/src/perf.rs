@@ -563,9 +563,17 @@ pub struct PerfCli {
     /// Listen address (server, or the loopback pair).
     #[arg(long, default_value = "127.0.0.1:0")]
     pub listen: std::net::SocketAddr,
-    /// RDMA device (e.g. rxe0).
-    #[arg(long)]
+    /// RDMA device (e.g. rxe0, mlx5_0), as perftest's -d; default: `GENIE_RDMA_DEVICE`, else
+    /// the first with an active port.
+    #[arg(long = "device", short = 'd', alias = "rdma-device")]
     pub rdma_device: Option<String>,
+    /// Port of the RDMA device, as perftest's -i.
+    #[arg(long = "ib-port", short = 'i', default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..))]
+    pub ib_port: u8,
+    /// GID index, as perftest's -x; default: on RoCE a RoCE v2 GID (IPv4-mapped preferred), on
+    /// InfiniBand LID routing without a GRH (given, it forces a GRH).
+    #[arg(long = "gid-index", short = 'x')]
+    pub gid_index: Option<u8>,
     /// Connections to open: the first is measured, the others stay idle.
     #[arg(long, default_value_t = 1)]
     pub connections: usize,
@@ -597,6 +605,8 @@ impl PerfCli {
             },
             rdma: RdmaConfig {
                 device: self.rdma_device.clone(),
+                port: self.ib_port,
+                gid_index: self.gid_index,
             },
             tcp: TcpConfig {
                 streams: self.streams,
@@ -667,5 +677,32 @@ mod tests {
         let args = Cli::try_parse_from(["genie-perf"]).unwrap().perf.to_args();
         assert_eq!(args.config.backend, BackendChoice::Tcp);
         assert_eq!(args.role, PerfRole::Loopback);
+        assert_eq!(args.config.rdma, RdmaConfig::default());
+    }
+
+    /// perftest's `-d`, `-i`, `-x` (and their long forms) reach the transport's RDMA settings.
+    #[test]
+    fn command_line_device_port_and_gid_index() {
+        use clap::Parser;
+        let rdma = |argv: &[&str]| {
+            Cli::try_parse_from(std::iter::once("genie-perf").chain(argv.iter().copied()))
+                .map(|c| c.perf.to_args().config.rdma)
+        };
+        let want = RdmaConfig {
+            device: Some("mlx5_1".into()),
+            port: 2,
+            gid_index: Some(3),
+        };
+        assert_eq!(rdma(&["-d", "mlx5_1", "-i", "2", "-x", "3"]).unwrap(), want);
+        assert_eq!(
+            rdma(&["--device", "mlx5_1", "--ib-port", "2", "--gid-index", "3"]).unwrap(),
+            want
+        );
+        assert_eq!(
+            rdma(&["--rdma-device", "rxe0"]).unwrap().device.as_deref(),
+            Some("rxe0")
+        );
+        assert!(rdma(&["-i", "0"]).is_err(), "ports count from 1");
+        assert!(rdma(&["-x", "256"]).is_err());
     }
 }

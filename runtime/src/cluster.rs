@@ -13,7 +13,17 @@
 //! name = "w1"
 //! address = "10.0.0.2:7100"
 //! role = "decode"
+//! rdma = { device = "mlx5_1", port = 1, gid_index = 3 }   # this worker's NIC (see below)
 //! ```
+//!
+//! # RDMA device, port and GID
+//!
+//! An optional top-level `rdma = { device = "mlx5_0", port = 1, gid_index = 3 }` applies to every
+//! endpoint opened from the file (workers and the driver); a worker's own `rdma` replaces it as a
+//! whole for that worker (hosts often name their NICs differently). The fields are those of
+//! [`genie_transport::RdmaConfig`] (perftest's `-d`, `-i`, `-x`); each may be left out: no device
+//! takes `GENIE_RDMA_DEVICE` or the first active one, port defaults to 1, and no GID index lets
+//! the transport pick (RoCE v2 with an IPv4-mapped address first; LID routing on InfiniBand).
 //!
 //! # Secure by default
 //!
@@ -33,6 +43,7 @@
 //! Parsing never panics; every rejection names the field (`workers[1].address`).
 
 use crate::error::{Result, RuntimeError};
+use genie_transport::RdmaConfig;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -84,6 +95,8 @@ pub struct WorkerSpec {
     /// What it does for the serving engine (`role = "prefill" | "decode" | "both"`, default
     /// both).
     pub role: Role,
+    /// Its own RDMA device, port and GID index, replacing the cluster's [`Cluster::rdma`].
+    pub rdma: Option<RdmaConfig>,
 }
 
 /// A parsed and checked cluster file.
@@ -96,6 +109,9 @@ pub struct Cluster {
     pub secret: Option<String>,
     /// The file said `insecure = true`: run without a secret even off loopback.
     pub insecure: bool,
+    /// RDMA device, port and GID index of every endpoint opened from this file, unless a worker
+    /// names its own ([`WorkerSpec::rdma`]). Default: [`RdmaConfig::default`].
+    pub rdma: RdmaConfig,
 }
 
 #[derive(Deserialize)]
@@ -104,6 +120,7 @@ struct RawCluster {
     secret: Option<String>,
     secret_file: Option<String>,
     insecure: Option<bool>,
+    rdma: Option<RdmaConfig>,
     workers: Vec<RawWorker>,
 }
 
@@ -114,6 +131,7 @@ struct RawWorker {
     address: String,
     devices: Option<Vec<String>>,
     role: Option<String>,
+    rdma: Option<RdmaConfig>,
 }
 
 impl Cluster {
@@ -233,17 +251,29 @@ impl Cluster {
                     ))
                 }
             };
+            if w.rdma.as_ref().is_some_and(|r| r.port == 0) {
+                return Err(field(
+                    format!("workers[{i}].rdma.port"),
+                    "ports count from 1".into(),
+                ));
+            }
             workers.push(WorkerSpec {
                 name: w.name,
                 address,
                 devices,
                 role,
+                rdma: w.rdma,
             });
+        }
+        let rdma = raw.rdma.unwrap_or_default();
+        if rdma.port == 0 {
+            return Err(field("rdma.port".into(), "ports count from 1".into()));
         }
         let cluster = Self {
             workers,
             secret,
             insecure: raw.insecure.unwrap_or(false),
+            rdma,
         };
         cluster.check_secure().map_err(|e| match e {
             RuntimeError::InsecureCluster { reason } => RuntimeError::InsecureCluster {
@@ -287,11 +317,22 @@ impl Cluster {
                     address: SocketAddr::from(([127, 0, 0, 1], *p)),
                     devices: vec![DeviceKind::Cpu],
                     role: Role::Both,
+                    rdma: None,
                 })
                 .collect(),
             secret: None,
             insecure: false,
+            rdma: RdmaConfig::default(),
         }
+    }
+
+    /// The RDMA settings of worker `index`'s endpoint (its own, else the cluster's); `None`:
+    /// the cluster's (a driver's endpoint).
+    pub fn rdma_for(&self, index: Option<usize>) -> RdmaConfig {
+        index
+            .and_then(|i| self.workers.get(i))
+            .and_then(|w| w.rdma.clone())
+            .unwrap_or_else(|| self.rdma.clone())
     }
 
     /// Renders the cluster as TOML that [`Cluster::parse`] reads back.
@@ -302,6 +343,9 @@ impl Cluster {
         }
         if self.insecure {
             s.push_str("insecure = true\n");
+        }
+        if self.rdma != RdmaConfig::default() {
+            s.push_str(&format!("rdma = {}\n", rdma_toml(&self.rdma)));
         }
         for w in &self.workers {
             let devs: Vec<&str> = w
@@ -323,6 +367,9 @@ impl Cluster {
                 Role::Prefill => s.push_str("role = \"prefill\"\n"),
                 Role::Decode => s.push_str("role = \"decode\"\n"),
             }
+            if let Some(r) = &w.rdma {
+                s.push_str(&format!("rdma = {}\n", rdma_toml(r)));
+            }
         }
         s
     }
@@ -339,6 +386,19 @@ impl Cluster {
     pub fn inline_path() -> PathBuf {
         PathBuf::from("<inline>")
     }
+}
+
+/// `r` as a TOML inline table.
+fn rdma_toml(r: &RdmaConfig) -> String {
+    let mut fields = Vec::new();
+    if let Some(d) = &r.device {
+        fields.push(format!("device = {d:?}"));
+    }
+    fields.push(format!("port = {}", r.port));
+    if let Some(x) = r.gid_index {
+        fields.push(format!("gid_index = {x}"));
+    }
+    format!("{{ {} }}", fields.join(", "))
 }
 
 /// Largest secret file read (a secret is a line of hex; anything longer is a mistake).
@@ -394,6 +454,34 @@ mod tests {
 
     fn parse(s: &str) -> Result<Cluster> {
         Cluster::parse(s, Path::new("c.toml"))
+    }
+
+    #[test]
+    fn rdma_device_port_and_gid_index_per_cluster_and_per_worker() {
+        let c = parse(
+            "rdma = { device = \"mlx5_0\", gid_index = 3 }\n\
+             [[workers]]\nname = \"a\"\naddress = \"127.0.0.1:7000\"\n\
+             [[workers]]\nname = \"b\"\naddress = \"127.0.0.1:7001\"\n\
+             rdma = { device = \"mlx5_1\", port = 2 }\n",
+        )
+        .unwrap();
+        let want = |device: &str, port, gid_index| RdmaConfig {
+            device: Some(device.into()),
+            port,
+            gid_index,
+        };
+        assert_eq!(c.rdma_for(None), want("mlx5_0", 1, Some(3)));
+        assert_eq!(c.rdma_for(Some(0)), want("mlx5_0", 1, Some(3)));
+        assert_eq!(c.rdma_for(Some(1)), want("mlx5_1", 2, None));
+        assert_eq!(parse(&c.to_toml()).unwrap(), c);
+        for bad in [
+            "rdma = { port = 0 }\n[[workers]]\nname = \"a\"\naddress = \"127.0.0.1:7000\"\n",
+            "[[workers]]\nname = \"a\"\naddress = \"127.0.0.1:7000\"\nrdma = { port = 0 }\n",
+            "rdma = { gid_index = 300 }\n[[workers]]\nname = \"a\"\naddress = \"127.0.0.1:7000\"\n",
+            "rdma = { gid = 3 }\n[[workers]]\nname = \"a\"\naddress = \"127.0.0.1:7000\"\n",
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

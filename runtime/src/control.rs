@@ -18,13 +18,15 @@ pub const SETUP_TIMEOUT: Duration = Duration::from_secs(20);
 /// Largest control message (inputs, outputs).
 pub const MAX_MESSAGE: usize = 64 << 20;
 
-/// The transport configuration of a worker or driver endpoint listening on `listen`.
+/// The transport configuration of a driver endpoint listening on `listen` (a worker's: set
+/// `rdma` to [`Cluster::rdma_for`] of its index).
 pub fn transport_config(cluster: &Cluster, listen: SocketAddr) -> TransportConfig {
     TransportConfig {
         backend: BackendChoice::Auto,
         listen,
         secret: cluster.secret.clone(),
         max_message_size: MAX_MESSAGE,
+        rdma: cluster.rdma_for(None),
         ..TransportConfig::default()
     }
 }

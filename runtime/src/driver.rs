@@ -565,6 +565,7 @@ impl EmbeddedCluster {
             workers: vec![],
             secret: None,
             insecure: false,
+            rdma: Default::default(),
         };
         let mut selection = None;
         for _ in 0..n {
@@ -586,10 +587,12 @@ impl EmbeddedCluster {
                     address: e.local_addr(),
                     devices: vec![DeviceKind::Cpu],
                     role: crate::cluster::Role::Both,
+                    rdma: None,
                 })
                 .collect(),
             secret: None,
             insecure: false,
+            rdma: Default::default(),
         };
         let mut workers = Vec::new();
         for (i, ep) in endpoints.into_iter().enumerate() {

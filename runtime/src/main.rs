@@ -261,7 +261,10 @@ fn main() -> Result<()> {
             };
             let c = Cluster::load(&cluster)?;
             let i = c.index_of(&name)?;
-            let cfg = transport_config(&c, c.workers[i].address);
+            let cfg = genie_transport::TransportConfig {
+                rdma: c.rdma_for(Some(i)),
+                ..transport_config(&c, c.workers[i].address)
+            };
             let (ep, sel) = genie_transport::open_with_selection(cfg)
                 .with_context(|| format!("opening the endpoint of worker {name}"))?;
             eprintln!(

@@ -5,6 +5,7 @@
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs)]
 
+pub mod addressing;
 pub mod clock;
 #[cfg(feature = "cuda")]
 pub mod cuda;

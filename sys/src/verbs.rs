@@ -3,7 +3,8 @@
 //! The objects and their order of use:
 //!
 //! ```text
-//! rdma_available() / Context::open(name)      device list, open, port + GID queries
+//! rdma_available() / Context::open_port(name, port)   device list, open, port attributes + GID
+//!                                                    table (for crate::addressing)
 //!   └─ ProtectionDomain                       memory registration (Mr) and QPs live in one PD
 //!   └─ CompletionQueue (+ completion channel) busy polling, or sleeping on the channel's fd
 //!        └─ QueuePair<Init> ─to_rtr─► QueuePair<Rtr> ─to_rts─► QueuePair<Rts>   (RC only)
@@ -28,6 +29,7 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::addressing::{GidEntry, GidType, LinkLayer, PortAttrs, Route};
 use crate::mem::SharedBuf;
 
 use rdma_mummy_sys::{
@@ -47,7 +49,8 @@ use sideway::ibverbs::queue_pair::{
 };
 use sideway::ibverbs::AccessFlags;
 
-/// The port every Genie QP uses (rxe and most NICs have one port per device).
+/// The port a [`Context`] uses unless told otherwise (rxe and most NICs have one port per
+/// device).
 pub const PORT: u8 = 1;
 
 /// Errors of the verbs layer, each naming the verb that failed.
@@ -106,6 +109,16 @@ pub enum VerbsError {
     /// Waiting on the completion channel failed.
     #[error("waiting for a completion event failed")]
     Event(#[source] io::Error),
+    /// The driver reported a link layer this crate does not know.
+    #[error("port {port} of {device} has an unknown link layer ({raw})")]
+    UnknownLinkLayer {
+        /// The device.
+        device: String,
+        /// The port.
+        port: u8,
+        /// The driver's value.
+        raw: u8,
+    },
 }
 
 fn verb(
@@ -275,6 +288,7 @@ pub struct Limits {
 pub struct Context {
     ctx: Arc<DeviceContext>,
     name: String,
+    port: u8,
     limits: Limits,
 }
 
@@ -282,14 +296,22 @@ impl fmt::Debug for Context {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Context")
             .field("name", &self.name)
+            .field("port", &self.port)
             .field("limits", &self.limits)
             .finish()
     }
 }
 
 impl Context {
-    /// Opens the device called `name`, or the first device with an active port when `None`.
+    /// Opens port [`PORT`] of the device called `name`, or of the first device with that port
+    /// active when `None`.
     pub fn open(name: Option<&str>) -> Result<Self, VerbsError> {
+        Self::open_port(name, PORT)
+    }
+
+    /// Opens port `port` (from 1) of the device called `name`, or of the first device with that
+    /// port active when `None`. Every QP of this context uses that port.
+    pub fn open_port(name: Option<&str>, port: u8) -> Result<Self, VerbsError> {
         let list = DeviceList::new()
             .map_err(|e| VerbsError::DeviceList(io::Error::other(describe(&e))))?;
         let names: Vec<String> = list.iter().map(|d| d.name()).collect();
@@ -303,7 +325,7 @@ impl Context {
                 continue;
             }
             let ctx = dev.open().map_err(|e| verb("ibv_open_device", &dname, e))?;
-            let c = Self::from_ctx(ctx, dname.clone())?;
+            let c = Self::from_ctx(ctx, dname.clone(), port)?;
             if name.is_some() || c.limits.port_active {
                 return Ok(c);
             }
@@ -318,12 +340,12 @@ impl Context {
         }
     }
 
-    fn from_ctx(ctx: Arc<DeviceContext>, name: String) -> Result<Self, VerbsError> {
+    fn from_ctx(ctx: Arc<DeviceContext>, name: String, port_num: u8) -> Result<Self, VerbsError> {
         let dev = ctx
             .query_device()
             .map_err(|e| verb("ibv_query_device", &name, e))?;
         let port = ctx
-            .query_port(PORT)
+            .query_port(port_num)
             .map_err(|e| verb("ibv_query_port", &name, e))?;
         let limits = Limits {
             max_msg_size: u64::from(port.attr.max_msg_sz),
@@ -333,7 +355,63 @@ impl Context {
             max_rd_atomic: u8::try_from(dev.max_qp_rd_atom().clamp(0, 255)).unwrap_or(0),
             port_active: port.attr.state == rdma_mummy_sys::ibv_port_state::IBV_PORT_ACTIVE,
         };
-        Ok(Self { ctx, name, limits })
+        Ok(Self {
+            ctx,
+            name,
+            port: port_num,
+            limits,
+        })
+    }
+
+    /// The port this context uses.
+    pub fn port(&self) -> u8 {
+        self.port
+    }
+
+    /// Records what [`crate::addressing`] decides from: the port's link layer, state, LID, active
+    /// MTU and GID table (at most 256 entries; entries the driver cannot read, or of a type it
+    /// does not name, are left out).
+    pub fn port_attrs(&self) -> Result<PortAttrs, VerbsError> {
+        let p = self
+            .ctx
+            .query_port(self.port)
+            .map_err(|e| verb("ibv_query_port", &self.name, e))?;
+        // Raw fields, not sideway's enum accessors: those panic on values they do not know.
+        let link_layer =
+            LinkLayer::from_raw(p.attr.link_layer).ok_or_else(|| VerbsError::UnknownLinkLayer {
+                device: self.name.clone(),
+                port: self.port,
+                raw: p.attr.link_layer,
+            })?;
+        let table_len = u32::try_from(p.gid_tbl_len()).unwrap_or(0);
+        let mut gids = Vec::new();
+        for idx in 0..table_len.min(256) {
+            let Ok(g) = self.ctx.query_gid(self.port, idx) else {
+                continue;
+            };
+            let kind = match self.ctx.query_gid_type(self.port, idx) {
+                // The sysfs numbering (0 IB/RoCE v1, 1 RoCE v2), not `ibv_gid_type`'s.
+                Ok(t) => GidType::from_sysfs(t, link_layer),
+                // Kernels without GID types: an InfiniBand port's GIDs are IB GIDs.
+                Err(_) => (link_layer == LinkLayer::InfiniBand).then_some(GidType::Ib),
+            };
+            if let (Some(kind), Ok(index)) = (kind, u8::try_from(idx)) {
+                gids.push(GidEntry {
+                    index,
+                    gid: g.raw,
+                    kind,
+                });
+            }
+        }
+        Ok(PortAttrs {
+            port: self.port,
+            link_layer,
+            active: p.attr.state == rdma_mummy_sys::ibv_port_state::IBV_PORT_ACTIVE,
+            lid: p.attr.lid,
+            active_mtu: mtu_bytes(p.attr.active_mtu),
+            gid_table_len: table_len,
+            gids,
+        })
     }
 
     /// The device name.
@@ -346,34 +424,6 @@ impl Context {
         self.limits
     }
 
-    /// The GID table index whose GID is `gid`, preferring RoCE v2 entries. `None` if absent.
-    pub fn gid_index(&self, gid: [u8; 16]) -> Option<u8> {
-        let len = self.ctx.query_port(PORT).ok()?.gid_tbl_len();
-        let mut v1 = None;
-        for idx in 0..u32::try_from(len).unwrap_or(0).min(256) {
-            let Ok(g) = self.ctx.query_gid(PORT, idx) else {
-                continue;
-            };
-            if g.raw != gid {
-                continue;
-            }
-            let i = u8::try_from(idx).ok()?;
-            match self.ctx.query_gid_type(PORT, idx) {
-                Ok(t) if t == rdma_mummy_sys::IBV_GID_TYPE_ROCE_V2 => return Some(i),
-                _ => v1 = v1.or(Some(i)),
-            }
-        }
-        v1
-    }
-
-    /// The GID at `index` of port 1.
-    pub fn gid(&self, index: u8) -> Result<[u8; 16], VerbsError> {
-        self.ctx
-            .query_gid(PORT, u32::from(index))
-            .map(|g| g.raw)
-            .map_err(|e| verb("ibv_query_gid", &self.name, e))
-    }
-
     /// Allocates a protection domain.
     pub fn alloc_pd(&self) -> Result<ProtectionDomain, VerbsError> {
         let pd = self
@@ -383,6 +433,7 @@ impl Context {
         Ok(ProtectionDomain {
             pd,
             name: self.name.clone(),
+            port: self.port,
         })
     }
 
@@ -438,6 +489,7 @@ pub enum RemoteAccess {
 pub struct ProtectionDomain {
     pd: Arc<SwPd>,
     name: String,
+    port: u8,
 }
 
 impl fmt::Debug for ProtectionDomain {
@@ -524,7 +576,8 @@ impl ProtectionDomain {
         })
     }
 
-    /// Creates a reliable-connected QP in state INIT (port 1, remote read/write allowed).
+    /// Creates a reliable-connected QP in state INIT (on the context's port, remote read/write
+    /// allowed).
     pub fn create_rc_qp(
         &self,
         send_cq: &CompletionQueue,
@@ -545,7 +598,7 @@ impl ProtectionDomain {
         let mut attr = QueuePairAttribute::new();
         attr.setup_state(QueuePairState::Init)
             .setup_pkey_index(0)
-            .setup_port(PORT)
+            .setup_port(self.port)
             .setup_access_flags(
                 AccessFlags::LocalWrite | AccessFlags::RemoteWrite | AccessFlags::RemoteRead,
             );
@@ -554,6 +607,7 @@ impl ProtectionDomain {
         Ok(QueuePair {
             qp,
             name: self.name.clone(),
+            port: self.port,
             max_inline: caps.max_inline_data,
             _state: Init,
         })
@@ -942,17 +996,13 @@ pub struct QpEndpoint {
     pub qpn: u32,
     /// First packet sequence number (24 bits).
     pub psn: u32,
-    /// GID (IPv4-mapped for RoCE v2 over IPv4).
-    pub gid: [u8; 16],
 }
 
 /// Path parameters agreed during connection set-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PathParams {
-    /// Our GID table index (the entry whose GID is the local address in use).
-    pub sgid_index: u8,
-    /// Path MTU in bytes (the smaller of both sides).
-    pub mtu: u32,
+    /// Destination LID, GRH (only when chosen) and path MTU, from [`crate::addressing::route`].
+    pub route: Route,
     /// Outstanding RDMA READs/atomics in both directions.
     pub max_rd_atomic: u8,
     /// Ack timeout exponent (4.096 µs * 2^timeout).
@@ -965,6 +1015,7 @@ pub struct PathParams {
 pub struct QueuePair<S> {
     qp: BasicQueuePair,
     name: String,
+    port: u8,
     max_inline: u32,
     _state: S,
 }
@@ -1092,6 +1143,7 @@ impl<S> QueuePair<S> {
         QueuePair {
             qp: self.qp,
             name: self.name,
+            port: self.port,
             max_inline: self.max_inline,
             _state: state,
         }
@@ -1099,7 +1151,8 @@ impl<S> QueuePair<S> {
 }
 
 impl QueuePair<Init> {
-    /// INIT → RTR: connect the receive side to `remote` over `path`.
+    /// INIT → RTR: connect the receive side to `remote` over `path` (a GRH only when
+    /// `path.route` has one: InfiniBand within a subnet goes by LID alone).
     pub fn to_rtr(
         mut self,
         local_psn: u32,
@@ -1109,18 +1162,21 @@ impl QueuePair<Init> {
         let _ = local_psn;
         let mut attr = QueuePairAttribute::new();
         attr.setup_state(QueuePairState::ReadyToReceive)
-            .setup_path_mtu(mtu_enum(path.mtu))
+            .setup_path_mtu(mtu_enum(path.route.mtu))
             .setup_dest_qp_num(remote.qpn)
             .setup_rq_psn(remote.psn & 0xff_ffff)
             .setup_max_dest_read_atomic(path.max_rd_atomic)
             .setup_min_rnr_timer(1);
         let mut ah = AddressHandleAttribute::new();
-        ah.setup_dest_lid(0)
-            .setup_port(PORT)
-            .setup_service_level(0)
-            .setup_grh_src_gid_index(path.sgid_index)
-            .setup_grh_dest_gid(&Gid { raw: remote.gid })
-            .setup_grh_hop_limit(64);
+        ah.setup_dest_lid(path.route.dlid)
+            .setup_port(self.port)
+            .setup_service_level(0);
+        // Each GRH setter also sets `is_global`: only call them when a GRH is wanted.
+        if let Some(grh) = path.route.grh {
+            ah.setup_grh_src_gid_index(grh.sgid_index)
+                .setup_grh_dest_gid(&Gid { raw: grh.dgid })
+                .setup_grh_hop_limit(grh.hop_limit);
+        }
         attr.setup_address_vector(&ah);
         self.qp
             .modify(&attr)
@@ -1377,11 +1433,21 @@ mod tests {
         }
     }
 
-    /// The path of a loopback connection on `ctx` through GID `sgid_index`.
-    fn test_path(ctx: &Context, sgid_index: u8) -> PathParams {
+    /// The path of a loopback connection on `ctx`'s port, addressed as connections are (on
+    /// soft-RoCE over `lo`: the RoCE v2 GID `::ffff:127.0.0.1`).
+    fn test_path(ctx: &Context) -> PathParams {
+        let attrs = ctx.port_attrs().unwrap();
+        let local = crate::addressing::choose_local(
+            &attrs,
+            None,
+            Some(gid_of_ip("127.0.0.1".parse().unwrap())),
+        )
+        .unwrap();
+        if attrs.link_layer == LinkLayer::Ethernet {
+            assert_eq!(local.gid_type, GidType::RoceV2, "{attrs:?}");
+        }
         PathParams {
-            sgid_index,
-            mtu: ctx.limits().active_mtu,
+            route: crate::addressing::route(&local, &local.as_remote()).unwrap(),
             max_rd_atomic: 4,
             timeout: 14,
             retry_cnt: 7,
@@ -1412,11 +1478,8 @@ mod tests {
             return;
         };
         let ctx = Context::open(Some(&dev)).unwrap();
-        let sgid_index = ctx
-            .gid_index(gid_of_ip("127.0.0.1".parse().unwrap()))
-            .expect("no GID for 127.0.0.1");
         let pd = ctx.alloc_pd().unwrap();
-        let path = test_path(&ctx, sgid_index);
+        let path = test_path(&ctx);
         let caps = QpCaps {
             max_send_wr: 16,
             max_recv_wr: 16,
@@ -1430,17 +1493,14 @@ mod tests {
             );
             let r = pd.create_rc_qp(&cq_r, &cq_r, caps).unwrap();
             let t = pd.create_rc_qp(&cq_t, &cq_t, caps).unwrap();
-            let gid = ctx.gid(sgid_index).unwrap();
             let (er, et) = (
                 QpEndpoint {
                     qpn: r.qpn(),
                     psn: 1,
-                    gid,
                 },
                 QpEndpoint {
                     qpn: t.qpn(),
                     psn: 2,
-                    gid,
                 },
             );
             let r = r.to_rtr(1, &et, &path).unwrap().to_rts(1, &path).unwrap();
@@ -1521,8 +1581,6 @@ mod tests {
             return;
         };
         let ctx = Context::open(Some(&dev)).unwrap();
-        let gid = gid_of_ip("127.0.0.1".parse().unwrap());
-        let sgid_index = ctx.gid_index(gid).expect("no GID for 127.0.0.1");
         let pd = ctx.alloc_pd().unwrap();
         let cq_a = ctx.create_cq(64, false).unwrap();
         let cq_b = ctx.create_cq(64, true).unwrap();
@@ -1540,16 +1598,14 @@ mod tests {
             .register(Arc::new(SharedBuf::zeroed(8192).unwrap()))
             .unwrap();
         qb.post_recv(7, &mr_b, 4096, 4096).unwrap();
-        let path = test_path(&ctx, sgid_index);
+        let path = test_path(&ctx);
         let ea = QpEndpoint {
             qpn: qa.qpn(),
             psn: 100,
-            gid: ctx.gid(sgid_index).unwrap(),
         };
         let eb = QpEndpoint {
             qpn: qb.qpn(),
             psn: 200,
-            gid: ea.gid,
         };
         let mut qa = qa
             .to_rtr(100, &eb, &path)

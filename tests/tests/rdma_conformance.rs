@@ -13,6 +13,7 @@ fn rdma() -> TransportConfig {
         backend: BackendChoice::Rdma,
         rdma: RdmaConfig {
             device: Some(device),
+            ..RdmaConfig::default()
         },
         ..TransportConfig::default()
     }

@@ -5,7 +5,7 @@
 //! device.
 #![cfg(feature = "rdma")]
 
-use genie_transport::fuzzing::rdma_wire;
+use genie_transport::fuzzing::{rdma_wire, rdma_wire_decodes};
 use proptest::prelude::*;
 
 /// Deterministic filler bytes (SplitMix64), so the sweep below is the same on every run.
@@ -55,8 +55,69 @@ fn every_tag_and_length_decodes_without_panic_and_round_trips() {
     }
 }
 
+/// A QP info frame body (tag 8, version 3 layout) with these addressing bytes.
+#[allow(clippy::too_many_arguments)]
+fn qp_info_body(
+    qpn: u32,
+    psn: u32,
+    link_layer: u8,
+    gid_type: u8,
+    flags: u8,
+    lid: u16,
+    gid: [u8; 16],
+    mtu: u32,
+    tail: [u32; 2],
+    tag: Option<[u8; 32]>,
+) -> Vec<u8> {
+    let mut b = vec![8];
+    b.extend_from_slice(&qpn.to_le_bytes());
+    b.extend_from_slice(&psn.to_le_bytes());
+    b.extend_from_slice(&[link_layer, gid_type, flags]);
+    b.extend_from_slice(&lid.to_le_bytes());
+    b.extend_from_slice(&gid);
+    b.extend_from_slice(&mtu.to_le_bytes());
+    for v in tail {
+        b.extend_from_slice(&v.to_le_bytes());
+    }
+    match tag {
+        Some(t) => {
+            b.push(1);
+            b.extend_from_slice(&t);
+        }
+        None => b.push(0),
+    }
+    b
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// The addressing fields of the QP info: any LID, GID and MTU decode (and round-trip);
+    /// the link layer (1 IB, 2 Ethernet), GID type (0 IB, 1 RoCE v1, 2 RoCE v2) and flags (bit 0
+    /// only) decode exactly when they hold a defined value, and nothing else is accepted.
+    #[test]
+    fn qp_info_addressing_fields_decode_iff_defined(
+        qpn in any::<u32>(),
+        psn in any::<u32>(),
+        link_layer in 0u8..6,
+        gid_type in 0u8..6,
+        flags in prop_oneof![Just(0u8), Just(1), any::<u8>()],
+        lid in any::<u16>(),
+        gid in any::<[u8; 16]>(),
+        mtu in any::<u32>(),
+        tail in any::<[u32; 2]>(),
+        tag in any::<Option<[u8; 32]>>(),
+        cut in any::<proptest::sample::Index>(),
+    ) {
+        let body = qp_info_body(qpn, psn, link_layer, gid_type, flags, lid, gid, mtu, tail, tag);
+        let defined = matches!(link_layer, 1 | 2) && gid_type <= 2 && flags <= 1;
+        prop_assert_eq!(rdma_wire_decodes(&body), defined);
+        // Truncated anywhere, or with a trailing byte, never decodes.
+        prop_assert!(!rdma_wire_decodes(&body[..cut.index(body.len())]));
+        let mut long = body.clone();
+        long.push(0);
+        prop_assert!(!rdma_wire_decodes(&long));
+    }
 
     #[test]
     fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..9000)) {

@@ -107,13 +107,30 @@ impl Default for TcpConfig {
     }
 }
 
-/// Settings only the RDMA backend reads ([`TransportConfig::rdma`]).
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+/// Settings only the RDMA backend reads ([`TransportConfig::rdma`]); the same choices as
+/// perftest's `-d`, `-i` and `-x` (see [`genie_sys::addressing`] for how the GID is picked).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RdmaConfig {
     /// RDMA device name (e.g. `rxe0`, `mlx5_0`); `None` takes `GENIE_RDMA_DEVICE` when set, else
     /// the first usable device. Default none.
     pub device: Option<String>,
+    /// Port of the device (from 1). Default 1.
+    pub port: u8,
+    /// GID table index to use; `None` picks one: on RoCE a RoCE v2 GID, IPv4-mapped preferred;
+    /// on InfiniBand none (LID routing). Given, it must hold a GID, and on InfiniBand it makes
+    /// every packet carry a GRH. Default none.
+    pub gid_index: Option<u8>,
+}
+
+impl Default for RdmaConfig {
+    fn default() -> Self {
+        Self {
+            device: None,
+            port: 1,
+            gid_index: None,
+        }
+    }
 }
 
 impl Default for TransportConfig {
@@ -177,7 +194,11 @@ mod tests {
         let c: TransportConfig =
             serde_json::from_str(r#"{"rdma":{"device":"rxe0"},"tcp":{"streams":1}}"#).unwrap();
         assert_eq!(c.rdma.device.as_deref(), Some("rxe0"));
+        assert_eq!((c.rdma.port, c.rdma.gid_index), (1, None));
         assert_eq!(c.tcp, TcpConfig::default());
+        let c: TransportConfig =
+            serde_json::from_str(r#"{"rdma":{"device":"mlx5_1","port":2,"gid_index":3}}"#).unwrap();
+        assert_eq!((c.rdma.port, c.rdma.gid_index), (2, Some(3)));
         // The flat names of before are unknown fields, not silently ignored.
         assert!(serde_json::from_str::<TransportConfig>(r#"{"rdma_device":"rxe0"}"#).is_err());
     }

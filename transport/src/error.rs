@@ -14,7 +14,7 @@ use std::sync::Arc;
 /// - **peer misbehaved** (it sent something that breaks the protocol; its connection was closed):
 ///   [`InvalidFrame`](Self::InvalidFrame), [`PeerMisbehaved`](Self::PeerMisbehaved);
 /// - **handshake** (the connection was refused): [`VersionMismatch`](Self::VersionMismatch),
-///   [`AuthFailed`](Self::AuthFailed);
+///   [`AuthFailed`](Self::AuthFailed), [`Addressing`](Self::Addressing);
 /// - **peer gone**: [`PeerDead`](Self::PeerDead), [`ConnectionClosed`](Self::ConnectionClosed) —
 ///   reconnect;
 /// - **waiting**: [`Timeout`](Self::Timeout) — the operation may still complete later;
@@ -162,6 +162,17 @@ pub enum TransportError {
         descriptor_endpoint: u64,
         /// The connection's peer endpoint.
         peer_endpoint: u64,
+    },
+    /// RDMA addressing failed: our port cannot be used as configured (a GID index that is out of
+    /// range or empty, an InfiniBand port without a LID; `peer` is `None`), or the peer's port
+    /// cannot be reached from ours (InfiniBand against Ethernet, RoCE v1 against v2, an address
+    /// it sent that cannot be used). Fix the device, port or GID index on one side.
+    #[error("RDMA addressing failed (peer {peer:?}): {reason}")]
+    Addressing {
+        /// The peer's side-channel address, when a peer is involved.
+        peer: Option<SocketAddr>,
+        /// What does not fit, naming both sides' values.
+        reason: genie_sys::addressing::AddressingError,
     },
     /// An argument is not acceptable (caller bug), e.g. a region of another endpoint.
     #[error("invalid argument: {0}")]

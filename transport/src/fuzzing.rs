@@ -11,6 +11,11 @@ use std::time::{Duration, Instant};
 #[cfg(feature = "rdma")]
 pub use crate::rdma::wire::fuzz_decode as rdma_wire;
 
+/// Whether bytes decode as one RDMA side-channel frame body (round trip checked as in
+/// [`rdma_wire`]): for property tests of particular fields.
+#[cfg(feature = "rdma")]
+pub use crate::rdma::wire::decodes as rdma_wire_decodes;
+
 /// Feeds untrusted bytes to the TCP frame decoder and to an established server-side connection
 /// state machine (with one registered region), exactly as if a peer had sent them. Must never
 /// panic, whatever `data` holds.

@@ -23,6 +23,7 @@
 
 use anyhow::{bail, ensure, Context as _, Result};
 use genie_benches::spin_until;
+use genie_sys::addressing::{choose_local, route};
 use genie_sys::clock;
 use genie_sys::mem::SharedBuf;
 use genie_sys::verbs::{
@@ -70,20 +71,22 @@ fn main() -> Result<()> {
     }
     let ctx = Context::open(std::env::var("GENIE_RDMA_DEVICE").ok().as_deref())?;
     let limits = ctx.limits();
-    let gid = gid_of_ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
-    let sgid_index = ctx
-        .gid_index(gid)
-        .context("no GID for 127.0.0.1 (is rxe0 on lo?)")?;
+    // Addressed as the transport addresses a loopback connection: the GID holding 127.0.0.1
+    // first among RoCE v2 entries (rxe on `lo`), LID routing on InfiniBand.
+    let local = choose_local(
+        &ctx.port_attrs()?,
+        None,
+        Some(gid_of_ip(IpAddr::V4(Ipv4Addr::LOCALHOST))),
+    )?;
     let pd = ctx.alloc_pd()?;
     let path = PathParams {
-        sgid_index,
-        mtu: limits.active_mtu,
+        route: route(&local, &local.as_remote())?,
         max_rd_atomic: limits.max_rd_atomic.clamp(1, 16),
         timeout: 14,
         retry_cnt: 7,
     };
     if write {
-        let pair = Pair::new(&ctx, &pd, &path, gid, (128, 32, 64), 168, true, 2 * size)?;
+        let pair = Pair::new(&ctx, &pd, &path, (128, 32, 64), 168, true, 2 * size)?;
         return write_pingpong(pair, TransportArm::new(2 * size)?, size, iters);
     }
     // Two looped-back QP pairs: one sized as Genie's transport sizes its QPs (send queue 128,
@@ -91,11 +94,11 @@ fn main() -> Result<()> {
     // ib_read_lat (depth 1, no inline, no channel), or with --transport a transport connection.
     // Blocks of 64 reads alternate between them, so both see the same machine (on soft-RoCE's
     // emulated CPU, runs drift by 2x).
-    let mut genie = Pair::new(&ctx, &pd, &path, gid, (128, 32, 64), 168, true, size)?;
+    let mut genie = Pair::new(&ctx, &pd, &path, (128, 32, 64), 168, true, size)?;
     let mut second = if with_transport {
         Arm::Transport(TransportArm::new(size)?)
     } else {
-        Arm::Verbs(Pair::new(&ctx, &pd, &path, gid, (1, 1, 0), 2, false, size)?)
+        Arm::Verbs(Pair::new(&ctx, &pd, &path, (1, 1, 0), 2, false, size)?)
     };
     let warm = (iters / 10).clamp(1, 100);
     let mut wcs = Vec::with_capacity(32);
@@ -312,6 +315,7 @@ impl TransportArm {
             poll_mode: PollMode::BusyPoll,
             rdma: RdmaConfig {
                 device: std::env::var("GENIE_RDMA_DEVICE").ok(),
+                ..RdmaConfig::default()
             },
             ..TransportConfig::default()
         };
@@ -347,7 +351,6 @@ impl Pair {
         ctx: &Context,
         pd: &ProtectionDomain,
         path: &PathParams,
-        gid: [u8; 16],
         (send, recv, inline): (u32, u32, u32),
         cqe: u32,
         channel: bool,
@@ -361,7 +364,7 @@ impl Pair {
         let (cq, peer_cq) = (ctx.create_cq(cqe, channel)?, ctx.create_cq(cqe, channel)?);
         let qa = pd.create_rc_qp(&cq, &cq, caps)?;
         let qb = pd.create_rc_qp(&peer_cq, &peer_cq, caps)?;
-        let end = |qpn| QpEndpoint { qpn, psn: 1, gid };
+        let end = |qpn| QpEndpoint { qpn, psn: 1 };
         let (ea, eb) = (end(qa.qpn()), end(qb.qpn()));
         Ok(Pair {
             qp: qa.to_rtr(1, &eb, path)?.to_rts(1, path)?,

@@ -72,6 +72,7 @@ fn config(a: &Args) -> TransportConfig {
         poll_mode: a.mode,
         rdma: RdmaConfig {
             device: std::env::var("GENIE_RDMA_DEVICE").ok(),
+            ..RdmaConfig::default()
         },
         ..TransportConfig::default()
     }

@@ -114,7 +114,10 @@ impl Endpoint {
             backend: parse_backend(backend)?,
             listen: parse_addr(listen)?,
             secret,
-            rdma: RdmaConfig { device },
+            rdma: RdmaConfig {
+                device,
+                ..RdmaConfig::default()
+            },
             peer_timeout: Duration::try_from_secs_f64(peer_timeout)
                 .ok()
                 .filter(|d| !d.is_zero())
@@ -518,7 +521,10 @@ impl Connection {
 fn select_backend(backend: &str, device: Option<String>) -> PyResult<(String, String)> {
     let config = TransportConfig {
         backend: parse_backend(backend)?,
-        rdma: RdmaConfig { device },
+        rdma: RdmaConfig {
+            device,
+            ..RdmaConfig::default()
+        },
         ..TransportConfig::default()
     };
     Python::attach(|py| {

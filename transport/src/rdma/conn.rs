@@ -20,6 +20,7 @@ use crate::inbound::InboundQueue;
 use crate::liveness::Timer;
 use crate::region::{EndpointId, Region, RegionAccess, RemoteRegion};
 use crate::{Connection, Transfer, TransferKind};
+use genie_sys::addressing::{choose_local, LocalAddress};
 use genie_sys::clock::SpinDeadline;
 use genie_sys::mem::SharedBuf;
 use genie_sys::verbs::describe;
@@ -246,6 +247,10 @@ fn handshake_err(peer: SocketAddr, e: HandshakeError) -> TransportError {
             peer: Some(peer),
             reason: e.to_string(),
         },
+        HandshakeError::Addressing(reason) => TransportError::Addressing {
+            peer: Some(peer),
+            reason,
+        },
         HandshakeError::Refused(super::wire::Refusal::Auth) => TransportError::AuthFailed {
             peer: Some(peer),
             reason: "refused by the peer: authentication failed".into(),
@@ -310,7 +315,7 @@ struct NewQp {
     info: QpInfo,
 }
 
-fn create_qp(ep: &Endpoint, sgid_index: u8, psn: u32) -> Result<NewQp> {
+fn create_qp(ep: &Endpoint, local: &LocalAddress, psn: u32) -> Result<NewQp> {
     let limits = ep.ctx.limits();
     let sq_depth = SQ_DEPTH.min(limits.max_qp_wr.max(2));
     let rq_depth = RECV_DEPTH.min(limits.max_qp_wr.max(2));
@@ -364,14 +369,16 @@ fn create_qp(ep: &Endpoint, sgid_index: u8, psn: u32) -> Result<NewQp> {
     let info = QpInfo {
         qpn: qp.qpn(),
         psn,
-        gid: ep
-            .ctx
-            .gid(sgid_index)
-            .map_err(|e| verbs_io("ibv_query_gid", e))?,
-        mtu: limits.active_mtu,
+        link_layer: local.link_layer,
+        gid_type: local.gid_type,
+        flags: 0,
+        lid: 0,
+        gid: [0; 16],
+        mtu: 0,
         credits: rq_depth,
         recv_size: u32::try_from(recv_size).unwrap_or(u32::MAX),
-    };
+    }
+    .with_address(local);
     Ok(NewQp {
         qp: Some(qp),
         cq,
@@ -394,22 +401,22 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream, role: Role) -> Res
     let local_ip = s.local_addr().map_err(io_err("getsockname"))?.ip();
     s.set_nodelay(true)
         .map_err(io_err("setsockopt(TCP_NODELAY)"))?;
-    let unavailable = |reason: String| TransportError::BackendUnavailable {
-        backend: Backend::Rdma,
-        reason,
-    };
-
-    let gid = gid_of_ip(local_ip);
-    let sgid_index = ep.ctx.gid_index(gid).ok_or_else(|| {
-        unavailable(format!(
-            "{} has no RoCE GID for the local address {local_ip}",
-            ep.ctx.name()
-        ))
-    })?;
+    // The GID table as it is now (addresses come and go); among equally good RoCE GIDs, the one
+    // holding the side channel's local address.
+    let attrs = ep
+        .ctx
+        .port_attrs()
+        .map_err(|e| verbs_io("ibv_query_port", e))?;
+    let local = choose_local(&attrs, ep.config.rdma.gid_index, Some(gid_of_ip(local_ip))).map_err(
+        |reason| TransportError::Addressing {
+            peer: Some(peer),
+            reason,
+        },
+    )?;
     let limits = ep.ctx.limits();
     let psn = rand::random::<u32>() & 0xff_ffff;
     let secret = ep.config.secret.as_ref().map(|s| s.as_bytes());
-    let mut hs = Handshake::new(role, secret, ep.id, limits.active_mtu, rand::random());
+    let mut hs = Handshake::new(role, secret, ep.id, local, rand::random());
     let mut reader = FrameReader::default();
     let mut new_qp: Option<NewQp> = None;
     let mut rts: Option<(QueuePair<Rts>, Agreed)> = None;
@@ -430,8 +437,14 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream, role: Role) -> Res
                         },
                     ));
                 }
-                let q = create_qp(ep, sgid_index, psn)?;
-                hs.qp_created(q.info).map_err(|e| handshake_err(peer, e))?;
+                let q = create_qp(ep, &local, psn)?;
+                if let Err(e) = hs.qp_created(q.info) {
+                    // Best effort: our QP info, so that the peer names the mismatch too.
+                    while let Some(f) = hs.poll_send() {
+                        let _ = write_frame(&mut s, &f);
+                    }
+                    return Err(handshake_err(peer, e));
+                }
                 new_qp = Some(q);
             }
             Some(Action::Connect(agreed)) => {
@@ -445,8 +458,7 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream, role: Role) -> Res
                     ));
                 };
                 let path = PathParams {
-                    sgid_index,
-                    mtu: agreed.path_mtu,
+                    route: agreed.route,
                     max_rd_atomic: limits.max_rd_atomic.clamp(1, 16),
                     timeout: 14,
                     retry_cnt: 7,
@@ -454,7 +466,6 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream, role: Role) -> Res
                 let remote = QpEndpoint {
                     qpn: agreed.peer_qpn,
                     psn: agreed.peer_psn,
-                    gid: agreed.peer_gid,
                 };
                 let qp = qp
                     .to_rtr(psn, &remote, &path)
@@ -495,7 +506,7 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream, role: Role) -> Res
         recv_size,
         ..
     } = q;
-    tracing::debug!(%peer, qpn = qp.qpn(), peer_qpn = agreed.peer_qpn, mtu = agreed.path_mtu, sgid_index, "rdma connection up");
+    tracing::debug!(%peer, qpn = qp.qpn(), peer_qpn = agreed.peer_qpn, mtu = agreed.route.mtu, dlid = agreed.route.dlid, grh = agreed.route.grh.is_some(), sgid_index = local.sgid_index, "rdma connection up");
 
     s.set_read_timeout(None)
         .map_err(io_err("setsockopt(SO_RCVTIMEO)"))?;

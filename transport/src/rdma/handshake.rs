@@ -20,9 +20,13 @@
 //!                                        ◄── Ready                 [both: Action::Established]
 //! ```
 //!
-//! `QpInfo` carries QPN, PSN, GID, MTU, receive credits and buffer size, and is sealed with a key
-//! derived from the secret and both nonces ([`crate::auth::Auth::seal`]), so an attacker on the
-//! path cannot point our QP at its own. The agreed path MTU is the smaller of both sides'.
+//! `QpInfo` carries QPN, PSN, the port's addressing (link layer, GID type, LID, GID, MTU, whether
+//! the sender wants a GRH), receive credits and buffer size, and is sealed with a key derived
+//! from the secret and both nonces ([`crate::auth::Auth::seal`]), so an attacker on the path
+//! cannot point our QP at its own. The route (destination LID, a GRH only when needed, the path
+//! MTU: the smaller of both sides') is [`genie_sys::addressing::route`] of our address and the
+//! peer's; a peer that cannot be addressed (InfiniBand against Ethernet, RoCE v1 against v2)
+//! fails the handshake with [`HandshakeError::Addressing`], on both sides.
 //! `Ready` is sent once the sender's QP is in RTS, so neither side sends on RDMA before the other
 //! can receive.
 //!
@@ -32,6 +36,7 @@
 
 use super::wire::{Frame, QpInfo, Refusal, VERSION};
 use crate::auth::{Auth, AuthError, Role};
+use genie_sys::addressing::{self, AddressingError, LocalAddress, Route};
 use std::collections::VecDeque;
 
 /// What both sides agreed on; the driver connects the QP with it.
@@ -43,10 +48,8 @@ pub struct Agreed {
     pub peer_qpn: u32,
     /// The peer's initial PSN (our receive PSN).
     pub peer_psn: u32,
-    /// The peer's GID.
-    pub peer_gid: [u8; 16],
-    /// Path MTU: the smaller of both sides' MTUs.
-    pub path_mtu: u32,
+    /// Destination LID, GRH (when needed) and path MTU (the smaller of both sides' MTUs).
+    pub route: Route,
     /// How many messages/notifications we may send before the peer returns credits.
     pub send_credits: u32,
     /// Largest message the peer accepts.
@@ -91,6 +94,9 @@ pub enum HandshakeError {
     /// A field of the peer's QP info is impossible.
     #[error("invalid {0} in the peer's QP info")]
     InvalidQpInfo(&'static str),
+    /// The peer's port cannot be addressed from ours (see [`AddressingError`]).
+    #[error("{0}")]
+    Addressing(AddressingError),
     /// The peer refused the handshake.
     #[error("refused by the peer ({0:?})")]
     Refused(Refusal),
@@ -145,7 +151,7 @@ impl State {
 pub struct Handshake {
     auth: Auth,
     state: State,
-    mtu: u32,
+    local: LocalAddress,
     out: VecDeque<Frame>,
     action: Option<Action>,
     /// The peer's QP info, when it arrived before ours was created.
@@ -169,13 +175,14 @@ fn frame_name(f: &Frame) -> &'static str {
 }
 
 impl Handshake {
-    /// A handshake as `role` for endpoint `endpoint` whose device's active MTU is `mtu`; `nonce`
-    /// must be random (passed in so tests are deterministic). The client's hello is queued.
+    /// A handshake as `role` for endpoint `endpoint` whose port is addressed as `local`
+    /// ([`genie_sys::addressing::choose_local`]); `nonce` must be random (passed in so tests are
+    /// deterministic). The client's hello is queued.
     pub fn new(
         role: Role,
         secret: Option<&[u8]>,
         endpoint: u64,
-        mtu: u32,
+        local: LocalAddress,
         nonce: [u8; crate::auth::NONCE_LEN],
     ) -> Self {
         let auth = Auth::new(role, secret, endpoint, nonce);
@@ -186,7 +193,7 @@ impl Handshake {
         Self {
             auth,
             state: State::Hello,
-            mtu,
+            local,
             out,
             action: None,
             early_qp: None,
@@ -209,17 +216,27 @@ impl Handshake {
         self.auth.is_authenticated()
     }
 
-    /// Our QP exists (after [`Action::CreateQp`]): queues its info, sealed.
+    /// Our QP exists (after [`Action::CreateQp`]): queues its info, sealed, with its addressing
+    /// fields set to the address given to [`Handshake::new`] ([`QpInfo::with_address`]), the one
+    /// the route is computed from. When the peer's info came first and cannot be used, this fails
+    /// and our info is still queued (send it, so the peer reports the mismatch too).
     pub fn qp_created(&mut self, ours: QpInfo) -> Result<(), HandshakeError> {
         if self.state != State::CreatingQp {
             return self.fail(self.unexpected("qp created"));
         }
+        let ours = ours.with_address(&self.local);
         let tag = self.auth.seal(self.auth.role(), &ours.encode());
         self.out.push_back(Frame::QpInfo { info: ours, tag });
         self.state = State::QpInfo;
-        match self.early_qp.take() {
-            Some(peer) => self.peer_qp(peer),
-            None => Ok(()),
+        match self.early_qp.take().map(|peer| self.peer_qp(peer)) {
+            Some(Err(e)) => {
+                // Failed, but our QP info stays queued: the peer learns our address and names
+                // the mismatch itself (send what `poll_send` still gives before closing).
+                self.state = State::Failed;
+                self.action = None;
+                Err(e)
+            }
+            _ => Ok(()),
         }
     }
 
@@ -324,13 +341,14 @@ impl Handshake {
         if q.credits == 0 || q.recv_size == 0 {
             return Err(HandshakeError::InvalidQpInfo("receive credits"));
         }
+        let route =
+            addressing::route(&self.local, &q.address()).map_err(HandshakeError::Addressing)?;
         let peer = self.auth.peer().map(|h| h.endpoint).unwrap_or_default();
         let agreed = Agreed {
             peer_endpoint: peer,
             peer_qpn: q.qpn,
             peer_psn: q.psn,
-            peer_gid: q.gid,
-            path_mtu: q.mtu.min(self.mtu),
+            route,
             send_credits: q.credits,
             peer_recv_size: q.recv_size,
         };
@@ -353,11 +371,46 @@ pub fn version_error(theirs: u8) -> HandshakeError {
 mod tests {
     use super::*;
     use crate::auth::NONCE_LEN;
+    use genie_sys::addressing::{GidType, LinkLayer};
+
+    /// The address of a RoCE v2 port (GID index 3) with active MTU `mtu`, whose GID says
+    /// `endpoint`.
+    fn roce(endpoint: u64, mtu: u32) -> LocalAddress {
+        LocalAddress {
+            link_layer: LinkLayer::Ethernet,
+            lid: 0,
+            sgid_index: 3,
+            gid: [endpoint as u8; 16],
+            gid_type: GidType::RoceV2,
+            mtu,
+            global: false,
+        }
+    }
+
+    /// The address of an InfiniBand port with LID `lid` in subnet fe80::/64.
+    fn ib(lid: u16, global: bool) -> LocalAddress {
+        let mut gid = [0u8; 16];
+        gid[..2].copy_from_slice(&[0xfe, 0x80]);
+        gid[15] = lid as u8;
+        LocalAddress {
+            link_layer: LinkLayer::InfiniBand,
+            lid,
+            sgid_index: 0,
+            gid,
+            gid_type: GidType::Ib,
+            mtu: 4096,
+            global,
+        }
+    }
 
     fn qp(endpoint: u64) -> QpInfo {
         QpInfo {
             qpn: 0x10 + endpoint as u32,
             psn: 0x1234 * endpoint as u32,
+            link_layer: LinkLayer::Ethernet,
+            gid_type: GidType::RoceV2,
+            flags: 0,
+            lid: 0,
             gid: [endpoint as u8; 16],
             mtu: 4096,
             credits: 16,
@@ -371,19 +424,23 @@ mod tests {
         qp: QpInfo,
         log: Vec<&'static str>,
         agreed: Option<Agreed>,
+        /// What `qp_created` refused (the peer's QP info had come first).
+        failed: Option<HandshakeError>,
     }
 
     impl Side {
         fn new(role: Role, secret: Option<&str>, endpoint: u64, mtu: u32) -> Self {
+            Self::at(role, secret, endpoint, roce(endpoint, mtu))
+        }
+
+        fn at(role: Role, secret: Option<&str>, endpoint: u64, local: LocalAddress) -> Self {
             let nonce = [endpoint as u8; NONCE_LEN];
             Self {
-                hs: Handshake::new(role, secret.map(str::as_bytes), endpoint, mtu, nonce),
-                qp: QpInfo {
-                    mtu,
-                    ..qp(endpoint)
-                },
+                hs: Handshake::new(role, secret.map(str::as_bytes), endpoint, local, nonce),
+                qp: qp(endpoint),
                 log: Vec::new(),
                 agreed: None,
+                failed: None,
             }
         }
 
@@ -394,7 +451,9 @@ mod tests {
                     Some(Action::CreateQp) => {
                         assert!(self.hs.is_authenticated(), "QP before authentication");
                         self.log.push("create-qp");
-                        self.hs.qp_created(self.qp).unwrap();
+                        if let Err(e) = self.hs.qp_created(self.qp) {
+                            self.failed.get_or_insert(e);
+                        }
                     }
                     Some(Action::Connect(a)) => {
                         self.log.push("rtr-rts");
@@ -432,7 +491,7 @@ mod tests {
                 }
             }
         }
-        (ea, eb)
+        (ea.or(a.failed.take()), eb.or(b.failed.take()))
     }
 
     #[test]
@@ -444,17 +503,68 @@ mod tests {
             assert_eq!(c.log, ["create-qp", "rtr-rts", "established"]);
             assert_eq!(s.log, ["create-qp", "rtr-rts", "established"]);
             let (a, b) = (c.agreed.unwrap(), s.agreed.unwrap());
-            assert_eq!((a.path_mtu, b.path_mtu), (1024, 1024));
+            assert_eq!((a.route.mtu, b.route.mtu), (1024, 1024));
+            let dgid = |a: Agreed| a.route.grh.map(|g| (g.sgid_index, g.dgid));
             assert_eq!(
-                (a.peer_qpn, a.peer_psn, a.peer_gid, a.peer_endpoint),
-                (0x12, 0x2468, [2; 16], 2)
+                (a.peer_qpn, a.peer_psn, dgid(a), a.peer_endpoint),
+                (0x12, 0x2468, Some((3, [2; 16])), 2)
             );
             assert_eq!(
-                (b.peer_qpn, b.peer_psn, b.peer_gid, b.peer_endpoint),
-                (0x11, 0x1234, [1; 16], 1)
+                (b.peer_qpn, b.peer_psn, dgid(b), b.peer_endpoint),
+                (0x11, 0x1234, Some((3, [1; 16])), 1)
             );
             assert_eq!(a.send_credits, 16);
         }
+    }
+
+    /// InfiniBand: LID routing without a GRH; a side whose operator named a GID index asks for
+    /// one in its QP info, and both sides then use it.
+    #[test]
+    fn infiniband_peers_route_by_lid_and_agree_on_a_grh() {
+        let mut c = Side::at(Role::Client, Some("k"), 1, ib(7, false));
+        let mut s = Side::at(Role::Server, Some("k"), 2, ib(9, false));
+        assert_eq!(run(&mut c, &mut s), (None, None));
+        let (a, b) = (c.agreed.unwrap().route, s.agreed.unwrap().route);
+        assert_eq!((a.dlid, a.grh, b.dlid, b.grh), (9, None, 7, None));
+        let mut c = Side::at(Role::Client, Some("k"), 1, ib(7, true));
+        let mut s = Side::at(Role::Server, Some("k"), 2, ib(9, false));
+        assert_eq!(run(&mut c, &mut s), (None, None));
+        let (a, b) = (c.agreed.unwrap().route, s.agreed.unwrap().route);
+        assert_eq!((a.dlid, b.dlid), (9, 7));
+        assert_eq!(a.grh.unwrap().dgid, ib(9, false).gid);
+        assert_eq!(
+            b.grh.unwrap().dgid,
+            ib(7, false).gid,
+            "the peer's wish is honoured"
+        );
+    }
+
+    /// An InfiniBand port against a RoCE port: both sides fail with the typed mismatch, naming
+    /// both link layers, and neither connects its QP.
+    #[test]
+    fn a_link_layer_mismatch_fails_both_sides() {
+        let mut c = Side::at(Role::Client, None, 1, ib(7, false));
+        let mut s = Side::new(Role::Server, None, 2, 4096);
+        let (ec, es) = run(&mut c, &mut s);
+        assert_eq!(
+            ec,
+            Some(HandshakeError::Addressing(
+                AddressingError::LinkLayerMismatch {
+                    ours: LinkLayer::InfiniBand,
+                    theirs: LinkLayer::Ethernet
+                }
+            ))
+        );
+        assert_eq!(
+            es,
+            Some(HandshakeError::Addressing(
+                AddressingError::LinkLayerMismatch {
+                    ours: LinkLayer::Ethernet,
+                    theirs: LinkLayer::InfiniBand
+                }
+            ))
+        );
+        assert!(!c.log.contains(&"rtr-rts") && !s.log.contains(&"rtr-rts"));
     }
 
     #[test]
@@ -577,10 +687,12 @@ mod tests {
         for (field, mutate) in [
             ("psn", (|q: &mut QpInfo| q.psn = 1 << 24) as fn(&mut QpInfo)),
             ("qpn", |q: &mut QpInfo| q.qpn = 0),
-            ("mtu", |q: &mut QpInfo| q.mtu = 100),
             ("receive credits", |q: &mut QpInfo| q.credits = 0),
+            // The MTU comes from the sender's address (a port reporting less than 256).
+            ("mtu", |_: &mut QpInfo| {}),
         ] {
-            let mut c = Side::new(Role::Client, None, 1, 4096);
+            let mtu = if field == "mtu" { 100 } else { 4096 };
+            let mut c = Side::new(Role::Client, None, 1, mtu);
             let mut s = Side::new(Role::Server, None, 2, 4096);
             c.qp = {
                 let mut q = c.qp;

@@ -8,9 +8,18 @@
 //! does either side create its CQ, QP and buffers, swap QP number, PSN, GID, MTU and receive
 //! credits (sealed with the connection's key), move the QP INIT→RTR→RTS with the path MTU set to
 //! the smaller side, and swap `Ready`. Handshakes run on their own threads, at most
-//! [`crate::accept::MAX_HANDSHAKES`] at once, each within one peer timeout. The GID index is
-//! picked automatically: the RoCE v2 entry holding the IPv4-mapped address that the side channel
-//! uses locally (on soft-RoCE over `lo`: `::ffff:127.0.0.1`).
+//! [`crate::accept::MAX_HANDSHAKES`] at once, each within one peer timeout.
+//!
+//! # Addressing
+//!
+//! The device, port and GID index come from [`crate::config::RdmaConfig`] (perftest's `-d`, `-i`,
+//! `-x`); [`genie_sys::addressing`] decides from the port's attributes, read again at each
+//! connection: an InfiniBand port goes by LID, with a GRH only across subnets or when a GID index
+//! was given; a RoCE port picks a RoCE v2 GID, IPv4-mapped first, preferring the one holding the
+//! side channel's local address (on soft-RoCE over `lo`: `::ffff:127.0.0.1`), unless a GID index
+//! was given. The QP info of the handshake carries link layer, GID type, LID, GID and MTU; a peer
+//! on the other link layer or RoCE version fails the connection with
+//! [`TransportError::Addressing`] naming both.
 //!
 //! The side channel stays open for the connection's life: credit returns, remote-region checks and
 //! heartbeats travel on it, and its loss (the peer process died) fails the connection at once.
@@ -73,6 +82,7 @@ use crate::error::{Result, TransportError};
 use crate::region::{EndpointId, NewRegion, Region, RegionAccess, RegionTable};
 use crate::{Connection, Transport};
 use conn::RdmaConn;
+use genie_sys::addressing::choose_local;
 use genie_sys::mem::SharedBuf;
 use genie_sys::verbs::describe;
 use genie_sys::verbs::{self, Context, ProtectionDomain};
@@ -94,7 +104,8 @@ pub(crate) fn probe(config: &TransportConfig) -> std::result::Result<String, Str
         .or_else(|| std::env::var("GENIE_RDMA_DEVICE").ok());
     match want {
         Some(name) => match devices.iter().find(|d| d.name == name) {
-            Some(d) if d.port_active => Ok(d.name.clone()),
+            // `port_active` is port 1's; another port is checked when the endpoint opens it.
+            Some(d) if d.port_active || config.rdma.port != verbs::PORT => Ok(d.name.clone()),
             Some(_) => Err(format!("RDMA device {name} has no active port")),
             None => Err(format!(
                 "no RDMA device named {name} (found: {})",
@@ -126,7 +137,12 @@ pub(crate) fn open(config: TransportConfig) -> Result<Arc<dyn Transport>> {
         backend: Backend::Rdma,
         reason,
     })?;
-    let ctx = Context::open(Some(&device)).map_err(verbs_err)?;
+    let ctx = Context::open_port(Some(&device), config.rdma.port).map_err(verbs_err)?;
+    // Refuse a port or GID index that cannot work now, rather than at the first connection (each
+    // connection decides again: GIDs follow the addresses of the netdev).
+    let attrs = ctx.port_attrs().map_err(verbs_err)?;
+    choose_local(&attrs, config.rdma.gid_index, None)
+        .map_err(|reason| TransportError::Addressing { peer: None, reason })?;
     let pd = ctx.alloc_pd().map_err(verbs_err)?;
     let listener = TcpListener::bind(config.listen).map_err(|e| TransportError::io("bind", e))?;
     let local_addr = listener
@@ -364,5 +380,81 @@ impl Transport for RdmaTransport {
         self.ep
             .incoming
             .pop(timeout, || self.ep.shutdown.load(Ordering::Acquire))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{BackendChoice, RdmaConfig, TransportConfig};
+    use crate::TransportError;
+    use genie_sys::addressing::{AddressingError, GidType};
+    use genie_sys::verbs::{gid_of_ip, Context};
+    use std::time::Duration;
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// An RDMA endpoint's configuration on the harness's device with `gid_index`; `None` where
+    /// the soft-RoCE harness set no `GENIE_RDMA_DEVICE`.
+    fn config(gid_index: Option<u8>) -> Option<TransportConfig> {
+        Some(TransportConfig {
+            backend: BackendChoice::Rdma,
+            peer_timeout: Duration::from_secs(5),
+            rdma: RdmaConfig {
+                device: Some(std::env::var("GENIE_RDMA_DEVICE").ok()?),
+                port: 1,
+                gid_index,
+            },
+            ..TransportConfig::default()
+        })
+    }
+
+    /// On soft-RoCE over `lo`: the RoCE v2 entry of `::ffff:127.0.0.1` named explicitly connects
+    /// to a peer that picked its GID itself, and moves a message; an empty entry is refused when
+    /// the endpoint opens; the RoCE v1 entry of the same address against a v2 peer fails the
+    /// connection with the typed version mismatch naming both.
+    #[test]
+    fn explicit_gid_indexes_on_soft_roce() {
+        let Some(auto) = config(None) else {
+            return;
+        };
+        let ctx = Context::open(auto.rdma.device.as_deref()).unwrap();
+        let attrs = ctx.port_attrs().unwrap();
+        let lo = gid_of_ip("127.0.0.1".parse().unwrap());
+        let entry = |kind| attrs.gids.iter().find(|e| e.gid == lo && e.kind == kind);
+        let v2 = entry(GidType::RoceV2)
+            .expect("no RoCE v2 GID for 127.0.0.1")
+            .index;
+
+        let server = crate::open(auto).unwrap();
+        let client = crate::open(config(Some(v2)).unwrap()).unwrap();
+        let conn = client.connect(server.local_addr()).unwrap();
+        let peer = server.accept(WAIT).unwrap();
+        conn.send(b"gid").unwrap().wait(WAIT).unwrap();
+        assert_eq!(peer.recv(WAIT).unwrap(), b"gid");
+
+        if let Some(zero) = attrs.gids.iter().find(|e| e.gid == [0; 16]) {
+            match crate::open(config(Some(zero.index)).unwrap()) {
+                Err(TransportError::Addressing {
+                    peer: None,
+                    reason: AddressingError::ZeroGid { index, port: 1 },
+                }) => assert_eq!(index, zero.index),
+                other => panic!("an empty GID index opened: {other:?}"),
+            }
+        }
+
+        if let Some(v1) = entry(GidType::RoceV1) {
+            let old = crate::open(config(Some(v1.index)).unwrap()).unwrap();
+            match old.connect(server.local_addr()) {
+                Err(TransportError::Addressing {
+                    peer: Some(_),
+                    reason:
+                        AddressingError::RoceVersionMismatch {
+                            ours: GidType::RoceV1,
+                            theirs: GidType::RoceV2,
+                        },
+                }) => {}
+                other => panic!("RoCE v1 against v2: {other:?}"),
+            }
+        }
     }
 }

@@ -1,15 +1,17 @@
 //! Frames of the RDMA backend's TCP side channel: connection set-up (authentication, then QP
-//! number, PSN, GID, MTU, receive credits), credit returns, remote-region checks and heartbeats.
+//! number, PSN, addressing — link layer, GID type, LID, GID, MTU, GRH wish — receive credits),
+//! credit returns, remote-region checks and heartbeats.
 //!
 //! A frame is `[u32 LE body length][u8 tag][body]`. Decoding never panics on peer bytes: every
 //! read goes through [`Reader`] ([`crate::codec`]), which fails when the input is short, and
 //! trailing bytes are rejected.
 
 use crate::codec::{DecodeError, Reader};
+use genie_sys::addressing::{GidType, LinkLayer, RemoteAddress};
 use std::io::{self, Read, Write};
 
 /// Protocol version of the side channel; both sides must agree.
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 
 /// Largest frame body accepted from a peer (control frames are tiny).
 pub const MAX_FRAME: u32 = 4096;
@@ -100,14 +102,33 @@ pub enum Refusal {
     Protocol,
 }
 
+/// [`QpInfo::flags`] bit: the sender wants a GRH on InfiniBand (its operator named a GID index).
+pub const QP_GLOBAL: u8 = 1;
+
 /// What each side says of its queue pair once the peer is authenticated.
+///
+/// Layout (little-endian, [`QpInfo::LEN`] bytes):
+///
+/// ```text
+/// qpn u32 | psn u32 | link_layer u8 (1 IB, 2 Ethernet) | gid_type u8 (0 IB, 1 RoCE v1, 2 RoCE v2)
+/// | flags u8 (bit 0: QP_GLOBAL; other bits must be 0) | lid u16 | gid [16] | mtu u32
+/// | credits u32 | recv_size u32
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QpInfo {
     /// QP number.
     pub qpn: u32,
     /// Initial PSN of the sender's send queue.
     pub psn: u32,
-    /// The sender's GID (IPv4-mapped address in use).
+    /// The sender port's link layer.
+    pub link_layer: LinkLayer,
+    /// The type of the sender's GID.
+    pub gid_type: GidType,
+    /// [`QP_GLOBAL`] or 0.
+    pub flags: u8,
+    /// The sender's LID (0 on Ethernet).
+    pub lid: u16,
+    /// The sender's GID (on RoCE usually the IPv4-mapped address in use).
     pub gid: [u8; 16],
     /// The sender's active MTU in bytes.
     pub mtu: u32,
@@ -120,14 +141,44 @@ pub struct QpInfo {
 
 impl QpInfo {
     /// Length of the encoding.
-    pub const LEN: usize = 4 + 4 + 16 + 4 + 4 + 4;
+    pub const LEN: usize = 4 + 4 + 1 + 1 + 1 + 2 + 16 + 4 + 4 + 4;
+
+    /// The sender's address, as [`genie_sys::addressing::route`] takes it.
+    pub fn address(&self) -> RemoteAddress {
+        RemoteAddress {
+            link_layer: self.link_layer,
+            lid: self.lid,
+            gid: self.gid,
+            gid_type: self.gid_type,
+            mtu: self.mtu,
+            global: self.flags & QP_GLOBAL != 0,
+        }
+    }
+
+    /// This info with its addressing fields (link layer, GID type, LID, GID, MTU, GRH wish) set
+    /// from `local`.
+    pub fn with_address(self, local: &genie_sys::addressing::LocalAddress) -> Self {
+        Self {
+            link_layer: local.link_layer,
+            gid_type: local.gid_type,
+            flags: if local.global { QP_GLOBAL } else { 0 },
+            lid: local.lid,
+            gid: local.gid,
+            mtu: local.mtu,
+            ..self
+        }
+    }
 
     /// Fixed-layout encoding (what the seal covers).
     pub fn encode(&self) -> [u8; Self::LEN] {
         let mut b = [0u8; Self::LEN];
-        let parts: [&[u8]; 6] = [
+        let parts: [&[u8]; 10] = [
             &self.qpn.to_le_bytes(),
             &self.psn.to_le_bytes(),
+            &[self.link_layer.to_wire()],
+            &[self.gid_type.to_wire()],
+            &[self.flags],
+            &self.lid.to_le_bytes(),
             &self.gid,
             &self.mtu.to_le_bytes(),
             &self.credits.to_le_bytes(),
@@ -148,6 +199,15 @@ impl QpInfo {
         Ok(Self {
             qpn: r.u32()?,
             psn: r.u32()?,
+            link_layer: LinkLayer::from_wire(r.u8()?)
+                .ok_or(DecodeError::BadValue("qp info link layer"))?,
+            gid_type: GidType::from_wire(r.u8()?)
+                .ok_or(DecodeError::BadValue("qp info gid type"))?,
+            flags: match r.u8()? {
+                f if f & !QP_GLOBAL == 0 => f,
+                _ => return Err(DecodeError::BadValue("qp info flags")),
+            },
+            lid: u16::from_le_bytes(r.array()?),
             gid: r.array()?,
             mtu: r.u32()?,
             credits: r.u32()?,
@@ -425,6 +485,14 @@ impl FrameReader {
     }
 }
 
+/// Property-test hook: whether `body` decodes as one frame (tag and fields, no length prefix);
+/// one that does must also encode and decode to itself, as in [`fuzz_decode`].
+#[doc(hidden)]
+pub fn decodes(body: &[u8]) -> bool {
+    fuzz_decode(body);
+    Frame::decode(body).is_ok()
+}
+
 /// Fuzzing hook (`fuzz/fuzz_targets/rdma_wire.rs`): decodes `data` as one frame body (a frame that
 /// decodes must encode and decode to itself) and as a byte stream. Never panics otherwise.
 #[doc(hidden)]
@@ -456,6 +524,10 @@ mod tests {
                 info: QpInfo {
                     qpn: 0x11,
                     psn: 0xab_cdef,
+                    link_layer: LinkLayer::Ethernet,
+                    gid_type: GidType::RoceV2,
+                    flags: 0,
+                    lid: 0,
                     gid: [7; 16],
                     mtu: 4096,
                     credits: 32,
@@ -578,6 +650,22 @@ mod tests {
             assert_eq!(Frame::decode(&long), Err(DecodeError::Trailing(1)));
         }
         assert_eq!(Frame::decode(&[99]), Err(DecodeError::UnknownTag(99)));
+        // QP info: link layer (byte 8 of the info), GID type (9) and flags (10) are checked.
+        let qp = all_frames()
+            .into_iter()
+            .find(|f| matches!(f, Frame::QpInfo { .. }))
+            .unwrap()
+            .encode();
+        for (at, bad, what) in [
+            (8, 0, "qp info link layer"),
+            (8, 3, "qp info link layer"),
+            (9, 3, "qp info gid type"),
+            (10, 2, "qp info flags"),
+        ] {
+            let mut body = qp[4..].to_vec();
+            body[1 + at] = bad;
+            assert_eq!(Frame::decode(&body), Err(DecodeError::BadValue(what)));
+        }
         assert_eq!(
             Frame::decode(&[T_HELLO, 1, 0]),
             Err(DecodeError::Version {
