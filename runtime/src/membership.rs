@@ -172,6 +172,8 @@ impl Member {
             address: self.address,
             devices: self.devices.clone(),
             role: self.role,
+            // A host's NIC choice is its own (its environment, defaults): not published.
+            rdma: None,
         }
     }
 
@@ -254,6 +256,9 @@ pub fn cluster_of(members: &[Member], secret: Option<String>, insecure: bool) ->
         workers,
         secret,
         insecure,
+        // Each endpoint picks its own RDMA device, port and GID (`GENIE_RDMA_DEVICE`, else the
+        // defaults): nothing about a host's NICs goes into etcd.
+        rdma: genie_transport::RdmaConfig::default(),
     };
     cluster.check_secure()?;
     Ok(cluster)

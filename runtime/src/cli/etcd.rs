@@ -43,11 +43,14 @@ pub fn run_etcd_worker(w: EtcdWorker) -> Result<()> {
         address: w.listen,
         devices: vec![DeviceKind::Cpu],
         role: w.role,
+        rdma: None,
     };
     let alone = Cluster {
         workers: vec![spec],
         secret,
         insecure: w.insecure,
+        // The RDMA device from `GENIE_RDMA_DEVICE`, else the defaults.
+        rdma: genie_transport::RdmaConfig::default(),
     };
     alone.check_secure()?;
     let mut cfg = MembershipConfig::new(w.endpoints, w.cluster_name);
