@@ -619,7 +619,7 @@ impl EmbeddedCluster {
     }
 
     /// Shuts the workers down (through `driver`) and joins their threads. A worker that has not
-    /// stopped [`SHUTDOWN_GRACE`] after the driver's `Shutdown` (its driver connection ended
+    /// stopped 5 s after the driver's `Shutdown` (its driver connection ended
     /// before the message reached it) is stopped through its flag, and the first such worker is
     /// the error: never a hang.
     pub fn stop(self, driver: Driver) -> Result<()> {

@@ -1,16 +1,17 @@
-//! Matrix-vector kernels for one-row products (a decode step's linear layers and its attention
-//! over the KV cache), and the GELU of every step.
+//! Matrix-vector kernels for a decode step's products (its linear layers, one row per sequence
+//! of a batched step, and its attention over the KV cache), and the GELU of every step.
 //!
-//! A decode step multiplies one activation row by each weight matrix and attends one query over
-//! the whole cache. candle sends these through gemm's general kernels, whose per-call set-up and
-//! strided head-by-head reads cost several times the arithmetic at these sizes (a 128-wide model:
-//! 10-30 µs per linear layer, 130 µs per attention over 1000 positions). These kernels read each
-//! matrix once, in rows, with AVX2 + FMA through `pulp`'s safe runtime dispatch, and keep partial
-//! sums in registers. Large weights stay with gemm, which wins there (packed panels; see
-//! `ONE_ROW_MAX_ELEMENTS` in the CPU backend); attention wins at GPT-2 124M's size too (12 heads
-//! of 64 over 512 positions: 2x, `cargo run --release -p genie-runtime --example
-//! decode_kernels`). GELU, elementwise, calls libm's `tanh` per element in candle (28 ns each);
-//! here it is a vectorised polynomial.
+//! A decode step multiplies one activation row per sequence by each weight matrix and attends one
+//! query over each cache. candle sends these through gemm's general kernels, whose per-call
+//! set-up and strided head-by-head reads cost several times the arithmetic at small sizes (a
+//! 128-wide model: 10-30 µs per linear layer, 130 µs per attention over 1000 positions), and
+//! whose one-row path sums in another order than its many-row path, so a sequence would not get
+//! the same bits in a batch as alone. These kernels read each matrix once for all the rows, with
+//! AVX2 + FMA through `pulp`'s safe runtime dispatch, and keep partial sums in registers; each
+//! output row's sum is the same whatever rows come with it. At GPT-2 124M's sizes they are
+//! 0.7-1.1x candle on one row and 1.0-1.35x on eight, attention 2x (`cargo run --release -p
+//! genie-runtime --example decode_kernels`). GELU, elementwise, calls libm's `tanh` per element
+//! in candle (28 ns each); here it is a vectorised polynomial.
 //!
 //! Arithmetic: f32 with fused multiply-adds, summed in a fixed order that depends only on the
 //! shapes (never on the row stride of a view, on the thread or on the worker), so every worker

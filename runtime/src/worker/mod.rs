@@ -4,7 +4,7 @@
 //! The same [`serve`] loop runs in a thread of the embedded cluster and in a `genie worker`
 //! process. Per run, a worker
 //! 1. takes the graph and placement from the run message, or the ones it keeps under the id the
-//!    message names (see [`cache`](crate::cache)), with the [`ExecPlan`] derived from them,
+//!    message names (see [`cache`](crate::cache)), with the [`ExecPlan`](crate::plan::ExecPlan) derived from them,
 //! 2. allocates one private, write-only landing region per peer that sends to it and tells
 //!    that peer a descriptor granted on its connection alone (and learns the descriptors of the peers it sends to) — only when a link needs
 //!    more room than the regions kept from earlier runs,
@@ -172,7 +172,7 @@ pub fn serve_with(
 
 /// Serves like [`serve_with`] with the cluster read from `source`, now and again at every
 /// driver's `Setup`: the peers are whoever the source lists then (e.g.
-/// [`Discovery::cluster`](crate::membership::Discovery::cluster), feature `etcd`). When the
+/// `membership::Discovery::cluster`, feature `etcd`). When the
 /// list changed, the peer mesh starts afresh, since peer indices follow it.
 ///
 /// A driver must list the same cluster (same names, same order) as its workers do at its
