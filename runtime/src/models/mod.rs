@@ -402,15 +402,7 @@ pub fn run_decode_step(
     position: usize,
     seq: u64,
 ) -> Result<RunOutput> {
-    let logits = *g
-        .outputs
-        .first()
-        .ok_or_else(|| RuntimeError::Plan("decode graph has no outputs".into()))?;
-    let inputs = [
-        ("input_ids", row_i64(vec![token])?),
-        ("position_ids", row_i64(vec![position as i64])?),
-    ];
-    driver.run(g, place, &inputs, &[logits], seq)
+    run_decode_batch(driver, g, place, &[token], &[position], &[seq])
 }
 
 /// Runs the batched decode graph `g` (from [`Family::decode_batch`] at the sequences' KV
