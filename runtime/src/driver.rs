@@ -15,8 +15,9 @@ use crate::worker;
 use candle_core::Tensor;
 use genie_scheduler::graph::{Graph, NodeId, TensorMeta, TensorRef};
 use genie_transport::{BackendSelection, Connection, Transport, TransportError};
+use parking_lot::{Mutex, MutexGuard};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -64,15 +65,23 @@ pub struct RunOutput {
 }
 
 /// Connections to every worker of a cluster.
+///
+/// Every method takes `&self`: share a driver between threads (`Arc`) to run on disjoint sets
+/// of workers at once (a prefill on one worker while decode steps run on another). A run holds
+/// the workers it involves, taken in index order, from its first message to its last reply; a
+/// run that needs a worker another run holds waits for it.
 pub struct Driver {
     _endpoint: Arc<dyn Transport>,
     names: Vec<String>,
     conns: Vec<Arc<dyn Connection>>,
-    next_run: u64,
-    poisoned: Option<String>,
-    sent: SentGraphs,
+    next_run: AtomicU64,
+    poisoned: Mutex<Option<String>>,
+    sent: Mutex<SentGraphs>,
     /// Per sequence: the workers that ran a step of it (the ones that may hold its KV cache).
-    seqs: std::collections::HashMap<u64, Vec<bool>>,
+    seqs: Mutex<std::collections::HashMap<u64, Vec<bool>>>,
+    /// One per worker: held by the run (or free) talking to it, so that a worker's replies
+    /// always answer the holder's messages.
+    held: Vec<Mutex<()>>,
 }
 
 impl std::fmt::Debug for Driver {
@@ -130,12 +139,13 @@ impl Driver {
         Ok(Self {
             _endpoint: endpoint,
             names: cluster.workers.iter().map(|w| w.name.clone()).collect(),
-            sent: SentGraphs::new(conns.len()),
+            sent: Mutex::new(SentGraphs::new(conns.len())),
+            held: conns.iter().map(|_| Mutex::new(())).collect(),
             conns,
             // Workers tell runs apart by their numbers (a notification carries the low 16
             // bits), also runs of an earlier driver that failed: start somewhere random.
-            next_run: u64::from(rand::random::<u32>()) + 1,
-            poisoned: None,
+            next_run: AtomicU64::new(u64::from(rand::random::<u32>()) + 1),
+            poisoned: Mutex::new(None),
             seqs: Default::default(),
         })
     }
@@ -151,7 +161,7 @@ impl Driver {
     /// step is the previous step's graph with longer KV tensors) send its id and the tensors
     /// whose shape changed (see [`cache`](crate::cache)).
     pub fn run(
-        &mut self,
+        &self,
         graph: &Graph,
         placement: &Placement,
         inputs: &[(&str, Tensor)],
@@ -165,19 +175,14 @@ impl Driver {
     /// `i` read and extend sequence `seqs[i]`'s (a batched decode step, from
     /// [`Family::decode_batch`](crate::models::Family::decode_batch)).
     pub fn run_batch(
-        &mut self,
+        &self,
         graph: &Graph,
         placement: &Placement,
         inputs: &[(&str, Tensor)],
         wanted: &[TensorRef],
         seqs: &[u64],
     ) -> Result<RunOutput> {
-        if let Some(p) = &self.poisoned {
-            return Err(RuntimeError::WorkerFailed {
-                worker: p.clone(),
-                reason: "an earlier run failed on this worker; reconnect".into(),
-            });
-        }
+        self.check_poisoned()?;
         let used = placement.workers();
         if used > self.conns.len() {
             return Err(RuntimeError::Plan(format!(
@@ -185,7 +190,6 @@ impl Driver {
                 self.conns.len()
             )));
         }
-        let look = self.sent.lookup(graph, placement);
         // Workers with no node of this run (a decode step placed whole on the decode worker)
         // are not involved at all: no message, no reply to wait for.
         let mut active = vec![false; used];
@@ -194,10 +198,17 @@ impl Driver {
                 *a = true;
             }
         }
+        let _held = self.hold((0..used).filter(|&i| active[i]));
+        // A run on other workers may have failed while this one waited for its workers.
+        self.check_poisoned()?;
+        // What each worker is sent comes from the graph cache, under its lock: the messages a
+        // worker gets are made in the order they are sent (its lock is held from here on).
+        let mut sent = self.sent.lock();
+        let look = sent.lookup(graph, placement);
+        let plan = sent.plan(&look, wanted)?.clone();
         // Wait first on the workers that return nothing (they usually finish first), so that
         // their replies are read while the others still compute.
         let order: Vec<usize> = {
-            let plan = self.sent.plan(&look, wanted)?;
             let returns = |i: usize| {
                 wanted
                     .iter()
@@ -207,8 +218,7 @@ impl Driver {
                 (0..used).filter(|&i| active[i]).partition(|&i| returns(i));
             first.into_iter().chain(last).collect()
         };
-        let run = self.next_run;
-        self.next_run += 1;
+        let run = self.next_run.fetch_add(1, Ordering::Relaxed);
         let mut payload = Vec::new();
         let mut ins = Vec::new();
         for (name, t) in inputs {
@@ -236,11 +246,11 @@ impl Driver {
         let mut msgs = Vec::with_capacity(used);
         for (i, &takes_part) in active.iter().enumerate() {
             if !takes_part {
-                self.sent.skip(&look, i);
+                sent.skip(&look, i);
                 msgs.push(None);
                 continue;
             }
-            let (g, forget) = self.sent.message(&look, i)?;
+            let (g, forget) = sent.message(&look, i)?;
             let msg = Msg::Run {
                 run,
                 forget,
@@ -251,13 +261,16 @@ impl Driver {
             };
             msgs.push(Some(proto::encode(&msg, &payload)?));
         }
-        for &seq in seqs {
-            let ran = self
-                .seqs
-                .entry(seq)
-                .or_insert_with(|| vec![false; self.conns.len()]);
-            for (r, &a) in ran.iter_mut().zip(&active) {
-                *r |= a;
+        drop(sent);
+        {
+            let mut known = self.seqs.lock();
+            for &seq in seqs {
+                let ran = known
+                    .entry(seq)
+                    .or_insert_with(|| vec![false; self.conns.len()]);
+                for (r, &a) in ran.iter_mut().zip(&active) {
+                    *r |= a;
+                }
             }
         }
         let start = Instant::now();
@@ -309,17 +322,36 @@ impl Driver {
             .zip(wanted)
             .map(|(o, w)| o.ok_or_else(|| RuntimeError::Plan(format!("no worker returned {w:?}"))))
             .collect::<Result<Vec<_>>>()?;
-        let plan = self.sent.plan(&look, wanted)?;
-        let mut out = assemble(&self.names, graph, plan, stats, outputs, wall);
+        let mut out = assemble(&self.names, graph, &plan, stats, outputs, wall);
         out.driver_bytes = driver_bytes;
         Ok(out)
     }
 
     /// Marks the driver unusable after a failure on `worker` (later runs refuse to start until
     /// it reconnects) and returns the run's error.
-    fn fail(&mut self, worker: String, reason: String) -> RuntimeError {
-        self.poisoned = Some(worker.clone());
+    fn fail(&self, worker: String, reason: String) -> RuntimeError {
+        self.poisoned.lock().get_or_insert_with(|| worker.clone());
         RuntimeError::WorkerFailed { worker, reason }
+    }
+
+    /// The error of a driver an earlier run left unusable.
+    fn check_poisoned(&self) -> Result<()> {
+        match &*self.poisoned.lock() {
+            Some(p) => Err(RuntimeError::WorkerFailed {
+                worker: p.clone(),
+                reason: "an earlier run failed on this worker; reconnect".into(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Holds `workers` (ascending, so that two callers never wait on each other in a cycle)
+    /// until the guards drop.
+    fn hold(&self, workers: impl Iterator<Item = usize>) -> Vec<MutexGuard<'_, ()>> {
+        workers
+            .filter_map(|i| self.held.get(i))
+            .map(|m| m.lock())
+            .collect()
     }
 
     /// The replies of workers `order` to the run just handed out, as they arrive (on this
@@ -389,14 +421,35 @@ impl Driver {
 
     /// Drops a sequence's KV cache on every worker that ran a step of it; returns the KV blocks
     /// released in all.
-    pub fn free_sequence(&mut self, seq: u64) -> Result<u64> {
-        let Some(ran) = self.seqs.remove(&seq) else {
+    pub fn free_sequence(&self, seq: u64) -> Result<u64> {
+        let Some(ran) = self.seqs.lock().remove(&seq) else {
             return Ok(0);
         };
         let held: Vec<usize> = (0..self.conns.len())
             .filter(|&i| ran.get(i) == Some(&true))
             .collect();
-        for &i in &held {
+        self.free_on(seq, &held)
+    }
+
+    /// Drops a sequence's KV cache on `worker` alone (if it ran a step of it): after its cache
+    /// moved to another worker. Returns the KV blocks released.
+    pub fn free_sequence_on(&self, seq: u64, worker: usize) -> Result<u64> {
+        let ran_there = {
+            let mut known = self.seqs.lock();
+            match known.get_mut(&seq).and_then(|r| r.get_mut(worker)) {
+                Some(r) => std::mem::replace(r, false),
+                None => false,
+            }
+        };
+        if !ran_there {
+            return Ok(0);
+        }
+        self.free_on(seq, &[worker])
+    }
+
+    fn free_on(&self, seq: u64, held: &[usize]) -> Result<u64> {
+        let _held = self.hold(held.iter().copied());
+        for &i in held {
             send_msg(
                 &*self.conns[i],
                 &self.names[i],
@@ -405,7 +458,7 @@ impl Driver {
             )?;
         }
         let mut blocks = 0;
-        for &i in &held {
+        for &i in held {
             let (c, n) = (&self.conns[i], &self.names[i]);
             match recv_msg(&**c, n, control::SETUP_TIMEOUT)? {
                 (Msg::Freed { seq: s, blocks: b }, _) if s == seq => blocks += b,

@@ -8,19 +8,24 @@
 //!
 //! # How requests run
 //!
-//! One engine thread owns the driver and schedules at iteration level: each round it admits
-//! waiting requests (prefilling one per round, first come first served, so a long queue of
-//! prefills cannot starve running decodes), then runs one decode step of every active sequence.
-//! A request is prefilled on the prefill worker, its KV cache built layer by layer on the decode
-//! worker (streamed as each layer's K and V are produced, as in `genie demo`) and pinned there;
-//! every decode step of it then runs whole on the decode worker. Every placement comes from the
-//! scheduler (`create_schedule` with the run's worker as its only device and the decode worker
-//! as the KV caches' device, so the co-location constraint moves each cache with its group);
-//! its schedule cache answers repeated shapes. Its KV cache is freed when it
-//! finishes, fails or is cancelled.
+//! Two lanes run at once, on disjoint workers of one shared [`Driver`]:
+//! - the **prefill lane** (a thread of its own) prefills one request at a time on the prefill
+//!   worker, first come first served, its KV cache built there; then moves the cache to the
+//!   decode worker in a short run of its own ([`kv_move`]: every layer read back and sent, each
+//!   layer travelling while the next is read), drops it from the prefill worker, and hands the
+//!   request over; it starts the next waiting request's prefill at once;
+//! - the **decode lane** (the engine thread) runs one batched forward pass per round over every
+//!   active sequence on the decode worker ([`EngineConfig::max_batch`] at most per pass), each
+//!   against its own KV length. A sequence joins the pass after its cache landed and leaves
+//!   when it ends, without draining the others.
 //!
-//! Decode steps of different sequences run one after the other, not yet as one batched forward
-//! pass.
+//! So a long prefill never stalls decode steps: the decode worker pauses only for the cache's
+//! move. When the prefill and decode workers are one worker (a co-located engine), there is one
+//! lane: a waiting prefill runs (its cache built in place) before that worker's next decode
+//! pass. Every placement comes from the scheduler (`create_schedule` with the run's worker as
+//! its only device and the KV caches' worker as their device, so the co-location constraint
+//! keeps each cache with its layer's group); its schedule cache answers repeated shapes. A
+//! request's KV cache is freed when it finishes, fails or is cancelled.
 //!
 //! # Admission
 //!
@@ -60,10 +65,10 @@ use crate::plan::Placement;
 use crate::proto::WeightSpec;
 use crate::trace::Span;
 use candle_core::Tensor;
-use genie_scheduler::builders::MAX_DECODE_BATCH;
-use genie_scheduler::graph::Graph;
+use genie_scheduler::builders::{kv_move, MAX_DECODE_BATCH};
+use genie_scheduler::graph::OpKind;
 use rand::SeedableRng;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
@@ -167,12 +172,12 @@ pub enum FinishReason {
 pub struct Timings {
     /// Submission to the start of its prefill.
     pub queue: Duration,
-    /// The prefill run (driver wall time, KV streaming included).
+    /// The prefill run (driver wall time).
     pub prefill: Duration,
-    /// Busiest link's transfer time during prefill (post to arrival, summed per link): the KV
-    /// cache and activations moving to the decode worker.
+    /// The KV cache's move from the prefill worker to the decode worker (driver wall time of
+    /// that run; zero when they are one worker).
     pub kv_transfer: Duration,
-    /// KV and activation bytes moved between workers during prefill.
+    /// Bytes moved between workers for this request's prefill and KV move.
     pub kv_bytes: u64,
     /// Submission to the first token.
     pub first_token: Duration,
@@ -394,6 +399,36 @@ enum Cmd {
     },
     Cancel(u64),
     Shutdown,
+    /// The prefill lane finished request `id`'s prefill (and its KV move), or failed it.
+    Prefilled {
+        id: u64,
+        result: Result<Prefilled, RuntimeError>,
+    },
+}
+
+/// A finished prefill: its last position's logits and its runs.
+struct Prefilled {
+    logits: Tensor,
+    /// The prefill run, and when it started.
+    prefill: (Instant, RunOutput),
+    /// The KV cache's move to the decode worker, and when it started (none when prefill and
+    /// decode share a worker).
+    moved: Option<(Instant, RunOutput)>,
+}
+
+/// One prefill for the prefill lane.
+struct LaneJob {
+    id: u64,
+    seq: u64,
+    prompt: Vec<i64>,
+    /// Dropped before the result is sent: an idle lane holds no driver.
+    driver: Arc<Driver>,
+}
+
+/// The prefill lane: its job queue and thread.
+struct Lane {
+    jobs: mpsc::Sender<LaneJob>,
+    thread: JoinHandle<()>,
 }
 
 /// The pool and the waiting count, shared by submitters and the engine thread.
@@ -467,8 +502,25 @@ impl Engine {
             free: cfg.kv_pool_bytes,
             waiting: 0,
         }));
+        let lane = if cfg.prefill_worker == cfg.decode_worker {
+            None
+        } else {
+            let (jobs, queue) = mpsc::channel();
+            let (done, model) = (tx.clone(), cfg.model.clone());
+            let workers = (cfg.prefill_worker, cfg.decode_worker);
+            let scheduler = genie_scheduler::Scheduler::new(topology.clone());
+            let thread = std::thread::Builder::new()
+                .name("genie-prefill".into())
+                .spawn(move || prefill_lane(&queue, &done, scheduler, &model, workers))
+                .map_err(|e| {
+                    RuntimeError::Plan(format!("engine: cannot spawn its prefill lane: {e}"))
+                })?;
+            Some(Lane { jobs, thread })
+        };
         let core = Core {
-            driver: Some(driver),
+            driver: Some(Arc::new(driver)),
+            lane,
+            prefilling: None,
             cfg: cfg.clone(),
             pool: pool.clone(),
             waiting: VecDeque::new(),
@@ -599,6 +651,17 @@ impl Engine {
     }
 }
 
+impl Drop for Engine {
+    /// An engine dropped without [`Engine::shutdown`] shuts down the same way (its requests
+    /// fail with [`EngineError::ShutDown`]) and drops its driver.
+    fn drop(&mut self) {
+        if let Some(thread) = self.thread.lock().take() {
+            let _ = self.cmds.lock().send(Cmd::Shutdown);
+            let _ = thread.join();
+        }
+    }
+}
+
 /// A request between prefill and its end.
 struct Active {
     id: u64,
@@ -622,8 +685,13 @@ struct Waiting {
 
 /// The engine thread's state.
 struct Core {
-    /// `None` only between dropping a failed session's driver and connecting again.
-    driver: Option<Driver>,
+    /// `None` only between dropping a failed session's driver and connecting again. Shared
+    /// with the prefill lane for the length of a job.
+    driver: Option<Arc<Driver>>,
+    /// The prefill lane (none when prefill and decode share a worker: prefills run inline).
+    lane: Option<Lane>,
+    /// The request whose prefill the lane is running.
+    prefilling: Option<Active>,
     cfg: EngineConfig,
     pool: Arc<parking_lot::Mutex<Pool>>,
     waiting: VecDeque<Waiting>,
@@ -645,7 +713,10 @@ const IDLE: Duration = Duration::from_millis(50);
 impl Core {
     fn run(mut self, rx: mpsc::Receiver<Cmd>) -> Result<Driver, RuntimeError> {
         loop {
-            let idle = self.waiting.is_empty() && self.active.is_empty();
+            // Nothing to decode and no prefill to start: sleep until a command (a prefill the
+            // lane finished is one).
+            let idle =
+                self.active.is_empty() && (self.waiting.is_empty() || self.prefilling.is_some());
             let first = if idle {
                 match rx.recv_timeout(IDLE) {
                     Ok(c) => Some(c),
@@ -678,6 +749,7 @@ impl Core {
                         self.cancelled.insert(id);
                     }
                     Cmd::Shutdown => stop = true,
+                    Cmd::Prefilled { id, result } => self.prefilled(id, result),
                 }
             }
             if stop {
@@ -687,9 +759,11 @@ impl Core {
             if self.lost.is_some() && self.reconnect.is_some() && !self.heal() {
                 continue;
             }
-            if let Some(w) = self.waiting.pop_front() {
-                self.pool.lock().waiting -= 1;
-                self.prefill(w);
+            if self.prefilling.is_none() {
+                if let Some(w) = self.waiting.pop_front() {
+                    self.pool.lock().waiting -= 1;
+                    self.prefill(w);
+                }
             }
             let mut active = std::mem::take(&mut self.active);
             while !active.is_empty() {
@@ -698,23 +772,36 @@ impl Core {
                 active = rest;
             }
         }
+        // The lane ends after the prefill it is running (its result is not waited for).
+        if let Some(lane) = self.lane.take() {
+            drop(lane.jobs);
+            if lane.thread.join().is_err() {
+                tracing::warn!("engine: the prefill lane panicked");
+            }
+        }
         for w in std::mem::take(&mut self.waiting) {
             self.release(w.reserved, None);
             let _ = w.tx.send(Event::Failed(EngineError::ShutDown));
         }
-        for a in std::mem::take(&mut self.active) {
+        for a in std::mem::take(&mut self.active)
+            .into_iter()
+            .chain(self.prefilling.take())
+        {
             self.release(a.reserved, Some(a.seq));
             let _ = a.tx.send(Event::Failed(EngineError::ShutDown));
         }
-        self.driver.take().ok_or_else(|| {
+        let driver = self.driver.take().ok_or_else(|| {
             let (worker, reason) = self.lost.clone().unwrap_or_default();
             RuntimeError::WorkerFailed { worker, reason }
+        })?;
+        Arc::try_unwrap(driver).map_err(|_| {
+            RuntimeError::Plan("engine: the driver is still shared at shutdown".into())
         })
     }
 
     /// The driver, or the failure that took it.
-    fn driver(&mut self) -> Result<&mut Driver, RuntimeError> {
-        match (&mut self.driver, &self.lost) {
+    fn driver(&self) -> Result<&Driver, RuntimeError> {
+        match (&self.driver, &self.lost) {
             (Some(d), _) => Ok(d),
             (None, Some((worker, reason))) => Err(RuntimeError::WorkerFailed {
                 worker: worker.clone(),
@@ -729,7 +816,13 @@ impl Core {
         if self.cancelled.is_empty() {
             return;
         }
-        let cancelled = std::mem::take(&mut self.cancelled);
+        let mut cancelled = std::mem::take(&mut self.cancelled);
+        // The request in the prefill lane ends when its prefill comes back.
+        if let Some(a) = &self.prefilling {
+            if cancelled.remove(&a.id) {
+                self.cancelled.insert(a.id);
+            }
+        }
         let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
             .into_iter()
             .partition(|w| cancelled.contains(&w.id));
@@ -767,7 +860,7 @@ impl Core {
             Sampling::Seeded { seed, .. } => seed,
             Sampling::Greedy => 0,
         };
-        let mut a = Active {
+        let a = Active {
             id: w.id,
             seq: w.id,
             tx: w.tx,
@@ -781,38 +874,68 @@ impl Core {
             rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed),
             req: w.req,
         };
-        match self.run_prefill(&a) {
-            Ok((out, logits)) => {
-                a.timings.prefill = out.wall;
-                a.timings.kv_bytes = out.counters.bytes_moved;
-                a.timings.kv_transfer = busiest_link(&out);
-                if let Some(a) = self.emit(a, &logits) {
-                    self.active.push(a);
+        let driver = match self.driver() {
+            Ok(_) => self.driver.clone(),
+            Err(e) => return self.fail(a, e),
+        };
+        let Some(driver) = driver else { return };
+        match &self.lane {
+            Some(lane) => {
+                let job = LaneJob {
+                    id: a.id,
+                    seq: a.seq,
+                    prompt: a.req.prompt.clone(),
+                    driver,
+                };
+                if lane.jobs.send(job).is_err() {
+                    let e = RuntimeError::Plan("engine: the prefill lane is gone".into());
+                    return self.fail(a, e);
                 }
+                self.prefilling = Some(a);
             }
-            Err(e) => self.fail(a, e),
+            None => {
+                let workers = (self.cfg.prefill_worker, self.cfg.decode_worker);
+                let job = (a.req.prompt.as_slice(), a.seq);
+                let r = prefill_on(&driver, &mut self.scheduler, &self.cfg.model, workers, job);
+                drop(driver);
+                self.prefilling = Some(a);
+                let id = w.id;
+                self.prefilled(id, r);
+            }
         }
     }
 
-    fn run_prefill(&mut self, a: &Active) -> Result<(RunOutput, Tensor), RuntimeError> {
-        let s = a.req.prompt.len();
-        let (g, last) = with_last_logits(self.cfg.model.prefill(s)?, s)?;
-        let (pw, dw) = (self.cfg.prefill_worker, self.cfg.decode_worker);
-        let place = self.place(&g, pw, dw)?;
-        let started = Instant::now();
-        let out = run_prefill(self.driver()?, &g, &place, &a.req.prompt, last, a.seq)?;
-        self.record(started, &out);
-        let logits = out
-            .outputs
-            .first()
-            .cloned()
-            .ok_or_else(|| RuntimeError::Plan("prefill returned nothing".into()))?;
-        Ok((out, logits))
-    }
-
-    /// The scheduler's placement of `g`: compute on worker `on`, KV caches on worker `kv`.
-    fn place(&mut self, g: &Graph, on: usize, kv: usize) -> Result<Placement, RuntimeError> {
-        Placement::scheduled(&mut self.scheduler, g, on, kv)
+    /// Request `id`'s prefill came back: its first token is streamed and it joins the decode
+    /// pass (or it ends: cancelled meanwhile, failed, or done after one token).
+    fn prefilled(&mut self, id: u64, result: Result<Prefilled, RuntimeError>) {
+        let Some(mut a) = self.prefilling.take_if(|a| a.id == id) else {
+            tracing::warn!(
+                request = id,
+                "engine: a prefill result for no request in the lane"
+            );
+            return;
+        };
+        let p = match result {
+            Ok(p) => p,
+            Err(e) => return self.fail(a, e),
+        };
+        let (started, out) = &p.prefill;
+        self.record(*started, out);
+        a.timings.prefill = out.wall;
+        a.timings.kv_bytes = out.counters.bytes_moved;
+        if let Some((started, moved)) = &p.moved {
+            self.record(*started, moved);
+            a.timings.kv_transfer = moved.wall;
+            a.timings.kv_bytes += moved.counters.bytes_moved;
+        }
+        if self.cancelled.remove(&a.id) {
+            self.release(a.reserved, Some(a.seq));
+            let _ = a.tx.send(Event::Done(FinishReason::Cancelled, a.timings));
+            return;
+        }
+        if let Some(a) = self.emit(a, &p.logits) {
+            self.active.push(a);
+        }
     }
 
     /// Keeps a run's spans (when recording), moved from the run's own origin to the engine's.
@@ -870,7 +993,7 @@ impl Core {
         let seqs: Vec<u64> = batch.iter().map(|a| a.seq).collect();
         let g = self.cfg.model.decode_batch(&lens)?;
         let dw = self.cfg.decode_worker;
-        let place = self.place(&g, dw, dw)?;
+        let place = Placement::scheduled(&mut self.scheduler, &g, dw, dw)?;
         let started = Instant::now();
         let out = run_decode_batch(self.driver()?, &g, &place, &toks, &lens, &seqs)?;
         self.record(started, &out);
@@ -957,6 +1080,10 @@ impl Core {
                 reason: format!("{reason} (the request's KV cache was lost with it)"),
             }));
         }
+        if self.prefilling.is_some() {
+            // The lane holds the driver until its run comes back (failing, on a lost session).
+            return false;
+        }
         if self.waiting.is_empty() {
             // Nothing to serve: connect when a request comes.
             return false;
@@ -971,7 +1098,7 @@ impl Core {
         match Driver::connect(&cluster, weights) {
             Ok(d) => {
                 tracing::info!(worker = %worker, "engine: reconnected after a worker failure");
-                self.driver = Some(d);
+                self.driver = Some(Arc::new(d));
                 self.lost = None;
                 true
             }
@@ -994,13 +1121,79 @@ impl Core {
     }
 }
 
-/// The slowest link's summed transfer time of a run.
-fn busiest_link(out: &RunOutput) -> Duration {
-    let mut per: HashMap<(usize, usize), f64> = HashMap::new();
-    for t in &out.transfers {
-        *per.entry((t.src, t.dst)).or_default() += t.seconds;
+/// The prefill lane: runs each job's prefill and KV move, reports it, and takes the next;
+/// ends when the engine drops its queue.
+fn prefill_lane(
+    jobs: &mpsc::Receiver<LaneJob>,
+    done: &mpsc::Sender<Cmd>,
+    mut scheduler: genie_scheduler::Scheduler,
+    model: &Model,
+    workers: (usize, usize),
+) {
+    while let Ok(job) = jobs.recv() {
+        let _span = tracing::info_span!("prefill", request = job.id).entered();
+        let result = prefill_on(
+            &job.driver,
+            &mut scheduler,
+            model,
+            workers,
+            (&job.prompt, job.seq),
+        );
+        if result.is_err() {
+            // Whatever part of its cache was built goes now, while the lane holds the workers'
+            // turn: the engine then frees nothing on the prefill worker.
+            let _ = job.driver.free_sequence(job.seq);
+        }
+        let id = job.id;
+        drop(job);
+        if done.send(Cmd::Prefilled { id, result }).is_err() {
+            break;
+        }
     }
-    Duration::from_secs_f64(per.values().copied().fold(0.0, f64::max))
+}
+
+/// The prefill of `prompt` for sequence `seq` on worker `pw`, its KV cache left on worker `dw`: built there directly
+/// when they are one worker; else built on `pw`, moved to `dw` by a [`kv_move`] run, and
+/// dropped from `pw`.
+fn prefill_on(
+    driver: &Driver,
+    scheduler: &mut genie_scheduler::Scheduler,
+    model: &Model,
+    (pw, dw): (usize, usize),
+    (prompt, seq): (&[i64], u64),
+) -> Result<Prefilled, RuntimeError> {
+    let s = prompt.len();
+    let (g, last) = with_last_logits(model.prefill(s)?, s)?;
+    let place = Placement::scheduled(scheduler, &g, pw, pw)?;
+    let started = Instant::now();
+    let out = run_prefill(driver, &g, &place, prompt, last, seq)?;
+    let logits = out
+        .outputs
+        .first()
+        .cloned()
+        .ok_or_else(|| RuntimeError::Plan("prefill returned nothing".into()))?;
+    let moved = if pw == dw {
+        None
+    } else {
+        let g = kv_move(model.layers(), model.kv_width(), s).map_err(RuntimeError::Scheduler)?;
+        // A copy, not a scheduling decision: reads where the cache is, appends where it goes.
+        let place = Placement::by_rule(&g, |n| {
+            if matches!(n.op, OpKind::KvCacheAppend) {
+                dw
+            } else {
+                pw
+            }
+        });
+        let t = Instant::now();
+        let moved = driver.run(&g, &place, &[], &[], seq)?;
+        driver.free_sequence_on(seq, pw)?;
+        Some((t, moved))
+    };
+    Ok(Prefilled {
+        logits,
+        prefill: (started, out),
+        moved,
+    })
 }
 
 /// The next token from the last row of `logits` under `sampling`.

@@ -683,6 +683,58 @@ fn gpt2(c: &Gpt2Config, s: usize, kv: &[usize]) -> Result<Graph, Error> {
     Ok(g)
 }
 
+/// A sequence's KV cache moving between workers, for a run of its own: per layer `i`, the cache
+/// `h.{i}.attn.past` ([`OpKind::KvCache`], slot 0, `[2, 1, len, width]`) is read back as keys and
+/// values and appended whole to a fresh cache (`h.{i}.attn.present`, [`OpKind::KvCacheAppend`],
+/// as prefill makes one). Placed with the `past` nodes and their reads on the worker that holds
+/// the cache and the appends on the one that takes it, one run copies every layer, each layer
+/// travelling while the next is read. Outputs: the `present` of each layer.
+///
+/// This is how a prefill worker hands a finished prefill's cache to a decode worker without the
+/// decode worker taking part in the prefill itself.
+pub fn kv_move(layers: usize, width: usize, len: usize) -> Result<Graph, Error> {
+    check(
+        layers > 0 && width > 0 && len > 0,
+        "kv_move: layers, width and length must be positive",
+    )?;
+    let mut b = Builder::new("kv-move", Phase::Decode);
+    let mut presents = Vec::with_capacity(layers);
+    for i in 0..layers {
+        b.in_layer(Some(i));
+        b.at(format!("h.{i}.attn"));
+        let layer = u32::try_from(i).unwrap_or(u32::MAX);
+        let past = b.source(
+            format!("h.{i}.attn.past"),
+            OpKind::KvCache { layer, slot: 0 },
+            &[2, 1, len, width],
+            DType::F32,
+            Residency::StatefulKvCache,
+        )?;
+        let k = b.op(
+            "read_k",
+            OpKind::KvCacheRead { part: KvPart::Key },
+            vec![past],
+        )?;
+        let v = b.op(
+            "read_v",
+            OpKind::KvCacheRead {
+                part: KvPart::Value,
+            },
+            vec![past],
+        )?;
+        let p = b.op_r(
+            "present",
+            OpKind::KvCacheAppend,
+            vec![k, v],
+            Residency::StatefulKvCache,
+        )?;
+        presents.push(p.into());
+    }
+    let mut g = b.g;
+    g.outputs = presents;
+    Ok(g)
+}
+
 /// BERT encoder with pooler (`BertModel`): last hidden state `[B, S, D]` and pooled `[B, D]`.
 pub fn bert(c: &BertConfig) -> Result<Graph, Error> {
     check(
@@ -924,6 +976,29 @@ fn conv_bn(
 mod tests {
     use super::*;
     use crate::graph::NodeId;
+
+    /// A KV move reads each layer's cache `[2, 1, L, E]` and appends it whole: its `present`s
+    /// have the shape of prefill's, one per layer, each in its layer; empty sizes are refused.
+    #[test]
+    fn kv_move_copies_every_layer_whole() {
+        let g = kv_move(3, 16, 7).unwrap();
+        g.validate().unwrap();
+        assert_eq!(g.outputs.len(), 3);
+        for (i, p) in g.outputs.iter().enumerate() {
+            let n = g.node(p.node).unwrap();
+            assert!(matches!(n.op, OpKind::KvCacheAppend));
+            assert_eq!(n.outputs[0].shape, vec![2, 1, 7, 16]);
+            assert_eq!(n.layer(), Some(i as u32));
+        }
+        let caches = g
+            .nodes()
+            .iter()
+            .filter(|n| matches!(n.op, OpKind::KvCache { slot: 0, .. }))
+            .count();
+        assert_eq!(caches, 3);
+        assert!(kv_move(0, 16, 7).is_err());
+        assert!(kv_move(2, 16, 0).is_err());
+    }
 
     /// A batched decode step of one sequence is the one-sequence step; of several, one cache
     /// per sequence and layer (slot `i`, its own length), logits one row per sequence, and the

@@ -378,7 +378,7 @@ pub fn with_last_logits(mut g: Graph, seq_len: usize) -> Result<(Graph, TensorRe
 /// it) placed by `place` for sequence `seq`, fetching `logits`: the one way a prefill is fed
 /// (`input_ids` and `position_ids` `0..s`), shared by generation, the engine and the demo.
 pub fn run_prefill(
-    driver: &mut Driver,
+    driver: &Driver,
     g: &Graph,
     place: &Placement,
     prompt: &[i64],
@@ -395,7 +395,7 @@ pub fn run_prefill(
 /// `position` placed by `place` for sequence `seq`, fetching the graph's logits (its first
 /// output).
 pub fn run_decode_step(
-    driver: &mut Driver,
+    driver: &Driver,
     g: &Graph,
     place: &Placement,
     token: i64,
@@ -409,7 +409,7 @@ pub fn run_decode_step(
 /// lengths, which are their `positions`) of one token per sequence, sequence `i` being
 /// `seqs[i]` (its caches are slot `i`'s), placed by `place`; fetches the logits `[N, 1, V]`.
 pub fn run_decode_batch(
-    driver: &mut Driver,
+    driver: &Driver,
     g: &Graph,
     place: &Placement,
     tokens: &[i64],
