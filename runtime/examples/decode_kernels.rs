@@ -65,7 +65,11 @@ fn main() -> anyhow::Result<()> {
     let (io, oi) = (WeightLayout::InOut, WeightLayout::OutIn);
     let cases: Vec<(String, Node, Vec<Tensor>)> = vec![
         linear(e, 384, 1, io)?,
+        linear(e, 384, 8, io)?,
         linear(512, e, 1, io)?,
+        linear(512, e, 8, io)?,
+        linear(e, 4096, 1, oi)?,
+        linear(e, 4096, 8, oi)?,
         linear(768, 768, 1, io)?,
         linear(3072, 768, 1, io)?,
         linear(768, 3072, 1, io)?,

@@ -82,6 +82,8 @@ pub struct Driver {
     /// One per worker: held by the run (or free) talking to it, so that a worker's replies
     /// always answer the holder's messages.
     held: Vec<Mutex<()>>,
+    /// Whether runs report compute spans ([`Driver::set_spans`]).
+    spans: AtomicBool,
 }
 
 impl std::fmt::Debug for Driver {
@@ -147,7 +149,15 @@ impl Driver {
             next_run: AtomicU64::new(u64::from(rand::random::<u32>()) + 1),
             poisoned: Mutex::new(None),
             seqs: Default::default(),
+            spans: AtomicBool::new(true),
         })
+    }
+
+    /// Whether later runs report each node's compute span in [`RunOutput::spans`] (on by
+    /// default). Off, a run's reply is smaller and its workers keep no per-node record: what
+    /// a serving engine that draws no timeline wants. Transfer spans are reported either way.
+    pub fn set_spans(&self, on: bool) {
+        self.spans.store(on, Ordering::Relaxed);
     }
 
     /// Worker names, by index.
@@ -258,6 +268,7 @@ impl Driver {
                 seqs: seqs.to_vec(),
                 inputs: ins.clone(),
                 wanted: wanted.to_vec(),
+                spans: self.spans.load(Ordering::Relaxed),
             };
             msgs.push(Some(proto::encode(&msg, &payload)?));
         }

@@ -68,7 +68,7 @@ use candle_core::Tensor;
 use genie_scheduler::builders::{kv_move, MAX_DECODE_BATCH};
 use genie_scheduler::graph::OpKind;
 use rand::SeedableRng;
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
@@ -399,6 +399,8 @@ enum Cmd {
     },
     Cancel(u64),
     Shutdown,
+    /// Start or stop keeping runs' spans.
+    RecordSpans(bool),
     /// The prefill lane finished request `id`'s prefill (and its KV move), or failed it.
     Prefilled {
         id: u64,
@@ -517,6 +519,7 @@ impl Engine {
                 })?;
             Some(Lane { jobs, thread })
         };
+        driver.set_spans(cfg.record_spans);
         let core = Core {
             driver: Some(Arc::new(driver)),
             lane,
@@ -529,7 +532,9 @@ impl Engine {
             reconnect,
             lost: None,
             scheduler: genie_scheduler::Scheduler::new(topology),
-            spans: cfg.record_spans.then(|| (Instant::now(), spans.clone())),
+            spans: (Instant::now(), spans.clone()),
+            recording: cfg.record_spans,
+            decode_places: HashMap::new(),
         };
         let thread = std::thread::Builder::new()
             .name("genie-engine".into())
@@ -626,6 +631,13 @@ impl Engine {
         let _ = self.cmds.lock().send(Cmd::Cancel(id));
     }
 
+    /// Starts (or stops) keeping every run's spans, as [`EngineConfig::record_spans`] does from
+    /// the start: e.g. for the trace of one part of a benchmark. Runs already handed out keep
+    /// the setting they were handed out with.
+    pub fn record_spans(&self, on: bool) {
+        let _ = self.cmds.lock().send(Cmd::RecordSpans(on));
+    }
+
     /// The spans recorded since the last call (with [`EngineConfig::record_spans`]), µs since
     /// the engine started: one track per worker for compute, one per link for transfers
     /// ([`write_chrome_trace`](crate::trace::write_chrome_trace) makes a Perfetto trace of them).
@@ -699,8 +711,13 @@ struct Core {
     cancelled: HashSet<u64>,
     /// Places every run (prefill and decode) on the cluster's workers as devices `dev0..`.
     scheduler: genie_scheduler::Scheduler,
-    /// With [`EngineConfig::record_spans`]: the engine's start and where runs' spans go.
-    spans: Option<(Instant, Arc<parking_lot::Mutex<Vec<Span>>>)>,
+    /// The engine's start and where runs' spans go (while `recording`).
+    spans: (Instant, Arc<parking_lot::Mutex<Vec<Span>>>),
+    /// Whether runs' spans are kept ([`EngineConfig::record_spans`], [`Engine::record_spans`]).
+    recording: bool,
+    /// The scheduler's placement of a batched decode step, by batch size: steps of one size
+    /// differ in their KV lengths only, which never move a node of a one-worker schedule.
+    decode_places: HashMap<usize, Placement>,
     /// Where to connect again after a worker failure ([`Engine::connect`]).
     reconnect: Option<(Cluster, WeightSpec)>,
     /// The worker whose failure poisoned the driver, until a reconnection succeeded.
@@ -749,6 +766,12 @@ impl Core {
                         self.cancelled.insert(id);
                     }
                     Cmd::Shutdown => stop = true,
+                    Cmd::RecordSpans(on) => {
+                        self.recording = on;
+                        if let Some(d) = &self.driver {
+                            d.set_spans(on);
+                        }
+                    }
                     Cmd::Prefilled { id, result } => self.prefilled(id, result),
                 }
             }
@@ -940,7 +963,8 @@ impl Core {
 
     /// Keeps a run's spans (when recording), moved from the run's own origin to the engine's.
     fn record(&self, started: Instant, out: &RunOutput) {
-        if let Some((origin, spans)) = &self.spans {
+        if self.recording {
+            let (origin, spans) = &self.spans;
             let shift = started.saturating_duration_since(*origin).as_secs_f64() * 1e6;
             spans.lock().extend(out.spans.iter().cloned().map(|mut s| {
                 s.start_us += shift;
@@ -993,7 +1017,14 @@ impl Core {
         let seqs: Vec<u64> = batch.iter().map(|a| a.seq).collect();
         let g = self.cfg.model.decode_batch(&lens)?;
         let dw = self.cfg.decode_worker;
-        let place = Placement::scheduled(&mut self.scheduler, &g, dw, dw)?;
+        let place = match self.decode_places.get(&lens.len()) {
+            Some(p) => p.clone(),
+            None => {
+                let p = Placement::scheduled(&mut self.scheduler, &g, dw, dw)?;
+                self.decode_places.insert(lens.len(), p.clone());
+                p
+            }
+        };
         let started = Instant::now();
         let out = run_decode_batch(self.driver()?, &g, &place, &toks, &lens, &seqs)?;
         self.record(started, &out);
@@ -1098,6 +1129,7 @@ impl Core {
         match Driver::connect(&cluster, weights) {
             Ok(d) => {
                 tracing::info!(worker = %worker, "engine: reconnected after a worker failure");
+                d.set_spans(self.recording);
                 self.driver = Some(Arc::new(d));
                 self.lost = None;
                 true

@@ -148,6 +148,10 @@ pub enum Msg {
         inputs: Vec<PayloadTensor>,
         /// Tensors to send back to the driver.
         wanted: Vec<TensorRef>,
+        /// Whether to report each node's compute span ([`RunStats::compute`]); without, a
+        /// reply carries counts and transfer times only (absent: yes).
+        #[serde(default = "yes")]
+        spans: bool,
     },
     /// Worker → worker: the landing region for this run's transfers from the receiver.
     Regions {
@@ -200,6 +204,10 @@ pub fn encode(msg: &Msg, payload: &[u8]) -> Result<Vec<u8>> {
     out.extend_from_slice(&header);
     out.extend_from_slice(payload);
     Ok(out)
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Decodes a message; `from` names the sender for errors.

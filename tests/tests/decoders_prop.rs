@@ -141,6 +141,7 @@ fn message() -> impl Strategy<Value = Msg> {
                     seqs: vec![seq, seq ^ 1],
                     inputs,
                     wanted,
+                    spans: run % 2 == 0,
                 }
             }),
         (

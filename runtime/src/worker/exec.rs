@@ -24,7 +24,7 @@ impl Worker {
         &mut self,
         run: u64,
         kept: &mut Kept,
-        seqs: &[u64],
+        (seqs, spans): (&[u64], bool),
         inputs: &[PayloadTensor],
         payload: &[u8],
         wanted: &[TensorRef],
@@ -139,6 +139,7 @@ impl Worker {
             },
             arrived: HashMap::new(),
             stats: RunStats::default(),
+            spans,
             t0,
         };
         let pending = ctx.run_nodes(tasks, &staging, placement.overlap)?;
@@ -206,6 +207,8 @@ pub(super) struct RunCtx<'a> {
     pub(super) inbox: Inbox,
     pub(super) arrived: HashMap<u32, f64>,
     pub(super) stats: RunStats,
+    /// Whether to record each node's compute span.
+    pub(super) spans: bool,
     pub(super) t0: WallClock,
 }
 
@@ -398,7 +401,7 @@ impl<'a> RunCtx<'a> {
             self.w.opts.memory_budget,
         )?;
         let _span = tracing::debug_span!("node", name = %node.name).entered();
-        let start = self.us();
+        let start = if self.spans { self.us() } else { 0.0 };
         let outs = match &node.op {
             OpKind::KvCache { layer, slot } => {
                 vec![self.kv_read(node, *layer as usize, *slot)?]
@@ -416,16 +419,18 @@ impl<'a> RunCtx<'a> {
                 outs
             }
         };
-        let end = self.us();
         self.stats.nodes += 1;
         if recompute {
             self.stats.recomputes += 1;
         }
-        self.stats.compute.push(ComputeRecord {
-            node: node.id.0,
-            start_us: start,
-            dur_us: end - start,
-        });
+        if self.spans {
+            let end = self.us();
+            self.stats.compute.push(ComputeRecord {
+                node: node.id.0,
+                start_us: start,
+                dur_us: end - start,
+            });
+        }
         Ok(outs)
     }
 

@@ -327,6 +327,7 @@ impl Worker {
                     seqs,
                     inputs,
                     wanted,
+                    spans,
                 } => {
                     let _span = tracing::info_span!("run", worker = %self.name, run).entered();
                     for id in &forget {
@@ -337,7 +338,14 @@ impl Worker {
                     let res = res
                         .and_then(|()| self.take_graph(graph))
                         .and_then(|mut kept| {
-                            let r = self.execute(run, &mut kept, &seqs, &inputs, &payload, &wanted);
+                            let r = self.execute(
+                                run,
+                                &mut kept,
+                                (&seqs, spans),
+                                &inputs,
+                                &payload,
+                                &wanted,
+                            );
                             self.graphs.insert(id, kept);
                             r
                         });

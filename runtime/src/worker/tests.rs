@@ -57,6 +57,7 @@ fn malformed_graph_refs_are_refused() {
             seqs,
             inputs: vec![],
             wanted: vec![],
+            spans: true,
         };
         send_msg(&*c, "w0", &msg, &[]).unwrap();
         match recv_msg(&*c, "w0", SETUP_TIMEOUT).unwrap().0 {

@@ -261,6 +261,7 @@ impl RawDriver {
                 len: 16,
             }],
             wanted: vec![y],
+            spans: true,
         };
         match self.ask(&proto::encode(&msg, &[0u8; 16]).map_err(|e| e.to_string())?) {
             Ok(k) if k == "Done" => Ok(()),
