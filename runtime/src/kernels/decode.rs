@@ -381,30 +381,58 @@ mod x86 {
         pub y: &'a mut [f32],
     }
 
+    /// Lane-wise products of rows `a` and `b` with `x` over columns `from..to` (whole lane
+    /// vectors), each summed in two chains (even and odd vectors), then added. A row alone goes
+    /// in as both, so that every row's sum has the same operations.
+    #[inline(always)]
+    fn partial2(
+        simd: V3,
+        x: &[f32],
+        (a, b): (&[f32], &[f32]),
+        from: usize,
+        to: usize,
+    ) -> (f32x8, f32x8) {
+        let zero = simd.splat_f32x8(0.0);
+        let (mut ae, mut ao, mut be, mut bo) = (zero, zero, zero, zero);
+        let mut c = from;
+        while c + 2 * LANES <= to {
+            let (x0, x1) = (load(x, c), load(x, c + LANES));
+            ae = simd.mul_add_f32x8(load(a, c), x0, ae);
+            ao = simd.mul_add_f32x8(load(a, c + LANES), x1, ao);
+            be = simd.mul_add_f32x8(load(b, c), x0, be);
+            bo = simd.mul_add_f32x8(load(b, c + LANES), x1, bo);
+            c += 2 * LANES;
+        }
+        if c < to {
+            let x0 = load(x, c);
+            ae = simd.mul_add_f32x8(load(a, c), x0, ae);
+            be = simd.mul_add_f32x8(load(b, c), x0, be);
+        }
+        (simd.add_f32x8(ae, ao), simd.add_f32x8(be, bo))
+    }
+
+    /// Eight rows' partial sums (from [`partial2`]) reduced to one vector of eight results with
+    /// three rounds of horizontal adds and one swap of 128-bit halves: lane `r` is
+    /// [`pairwise`] of `acc[r]`, bit for bit.
+    #[inline(always)]
+    fn reduce8(simd: V3, acc: [f32x8; 8]) -> [f32; LANES] {
+        let avx = simd.avx;
+        let acc: [__m256; 8] = cast(acc);
+        let h01 = avx._mm256_hadd_ps(acc[0], acc[1]);
+        let h23 = avx._mm256_hadd_ps(acc[2], acc[3]);
+        let h45 = avx._mm256_hadd_ps(acc[4], acc[5]);
+        let h67 = avx._mm256_hadd_ps(acc[6], acc[7]);
+        let h0123 = avx._mm256_hadd_ps(h01, h23);
+        let h4567 = avx._mm256_hadd_ps(h45, h67);
+        let lo = avx._mm256_permute2f128_ps::<0x20>(h0123, h4567);
+        let hi = avx._mm256_permute2f128_ps::<0x31>(h0123, h4567);
+        cast(avx._mm256_add_ps(lo, hi))
+    }
+
     impl TimesCol<'_, '_> {
-        /// Lane-wise products of rows `a` and `b` with `x` over columns `from..to` (whole lane
-        /// vectors), each summed in two chains (even and odd vectors), then added. A row alone
-        /// goes in as both, so that every row's sum has the same operations.
         #[inline(always)]
         fn partial2(&self, a: &[f32], b: &[f32], from: usize, to: usize) -> (f32x8, f32x8) {
-            let simd = self.simd;
-            let zero = simd.splat_f32x8(0.0);
-            let (mut ae, mut ao, mut be, mut bo) = (zero, zero, zero, zero);
-            let mut c = from;
-            while c + 2 * LANES <= to {
-                let (x0, x1) = (load(self.x, c), load(self.x, c + LANES));
-                ae = simd.mul_add_f32x8(load(a, c), x0, ae);
-                ao = simd.mul_add_f32x8(load(a, c + LANES), x1, ao);
-                be = simd.mul_add_f32x8(load(b, c), x0, be);
-                bo = simd.mul_add_f32x8(load(b, c + LANES), x1, bo);
-                c += 2 * LANES;
-            }
-            if c < to {
-                let x0 = load(self.x, c);
-                ae = simd.mul_add_f32x8(load(a, c), x0, ae);
-                be = simd.mul_add_f32x8(load(b, c), x0, be);
-            }
-            (simd.add_f32x8(ae, ao), simd.add_f32x8(be, bo))
+            partial2(self.simd, self.x, (a, b), from, to)
         }
 
         /// The columns of part `p` past its last whole lane vector, added to `s` in order.
@@ -568,13 +596,47 @@ mod x86 {
         }
     }
 
+    impl ManyTimesCols<'_, '_> {
+        /// Rows `j..j + 8` of `m` against every row of `x`, as [`TimesCol`] sums an eight-row
+        /// block (the eight rows stay in cache while each row of `x` passes).
+        #[inline(always)]
+        fn eight(&mut self, j: usize) {
+            let simd = self.simd;
+            let (n, k) = (self.m.rows, self.m.cols);
+            let full = k / LANES * LANES;
+            let mut m8: [&[f32]; 8] = [&[]; 8];
+            for (r, row) in m8.iter_mut().enumerate() {
+                *row = self.m.row(j + r);
+            }
+            for (xr, y) in self.x.chunks_exact(k).zip(self.y.chunks_exact_mut(n)) {
+                let zero = simd.splat_f32x8(0.0);
+                let mut acc = [zero; 8];
+                for r in (0..8).step_by(2) {
+                    (acc[r], acc[r + 1]) = partial2(simd, xr, (m8[r], m8[r + 1]), 0, full);
+                }
+                for (r, s) in reduce8(simd, acc).into_iter().enumerate() {
+                    let mut s = s;
+                    for (m, x) in m8[r][full..].iter().zip(&xr[full..]) {
+                        s = m.mul_add(*x, s);
+                    }
+                    y[j + r] = s;
+                }
+            }
+        }
+    }
+
     impl NullaryFnOnce for ManyTimesCols<'_, '_> {
         type Output = ();
 
         #[inline(always)]
         fn call(mut self) {
             let rows = self.x.len() / self.m.cols.max(1);
-            for j in 0..self.m.rows {
+            let mut j = 0;
+            while j + 8 <= self.m.rows {
+                self.eight(j);
+                j += 8;
+            }
+            for j in j..self.m.rows {
                 let mut r = 0;
                 while r + ROW_GROUP <= rows {
                     self.dots::<ROW_GROUP>(j, r);
@@ -604,7 +666,6 @@ mod x86 {
         #[inline(always)]
         fn call(self) {
             let simd = self.simd;
-            let avx = simd.avx;
             let (rows, part) = (self.m.rows, self.part);
             let parts = self.m.cols / part.max(1);
             let full = part / LANES * LANES;
@@ -626,16 +687,7 @@ mod x86 {
                         let (a, b) = (rows8[r], rows8[r + 1]);
                         (acc[r], acc[r + 1]) = self.partial2(a, b, p * part, p * part + full);
                     }
-                    let acc: [__m256; 8] = cast(acc);
-                    let h01 = avx._mm256_hadd_ps(acc[0], acc[1]);
-                    let h23 = avx._mm256_hadd_ps(acc[2], acc[3]);
-                    let h45 = avx._mm256_hadd_ps(acc[4], acc[5]);
-                    let h67 = avx._mm256_hadd_ps(acc[6], acc[7]);
-                    let h0123 = avx._mm256_hadd_ps(h01, h23);
-                    let h4567 = avx._mm256_hadd_ps(h45, h67);
-                    let lo = avx._mm256_permute2f128_ps::<0x20>(h0123, h4567);
-                    let hi = avx._mm256_permute2f128_ps::<0x31>(h0123, h4567);
-                    let sums: [f32; LANES] = cast(avx._mm256_add_ps(lo, hi));
+                    let sums = reduce8(simd, acc);
                     for (r, s) in sums.iter().enumerate() {
                         self.y[p * rows + j + r] = self.tail(j + r, p, *s);
                     }
