@@ -159,7 +159,8 @@ INIT
   chmod 755 "$1"
 }
 
-# Builds the initramfs: busybox, the modules rxe and 9p need (dependency order), and /init.
+# Builds the initramfs: busybox, the modules rxe and 9p need, veth, bridge and the netem and tbf
+# qdiscs (for tests that join network namespaces by emulated links), in dependency order, and /init.
 prepare_initramfs() {
   if [ -f "$INITRD" ] && [ "$INITRD" -nt "$0" ]; then return; fi
   say "building the initramfs"
@@ -169,7 +170,7 @@ prepare_initramfs() {
   cp /bin/busybox "$tmp/bin/busybox"
   local m f
   : >"$tmp/modules/order"
-  for m in crc32_generic virtio_pci 9pnet_virtio 9p rdma_rxe; do
+  for m in crc32_generic virtio_pci 9pnet_virtio 9p rdma_rxe veth bridge sch_netem sch_tbf; do
     modprobe -d "$KDIR/root" -S "$KVER" --show-depends "$m" | awk '$1 == "insmod" { print $2 }'
   done | awk '!seen[$0]++' | while read -r f; do
     cp "$f" "$tmp/modules/"

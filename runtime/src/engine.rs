@@ -404,7 +404,7 @@ enum Cmd {
     /// The prefill lane finished request `id`'s prefill (and its KV move), or failed it.
     Prefilled {
         id: u64,
-        result: Result<Prefilled, RuntimeError>,
+        result: Result<Box<Prefilled>, RuntimeError>,
     },
 }
 
@@ -772,7 +772,7 @@ impl Core {
                             d.set_spans(on);
                         }
                     }
-                    Cmd::Prefilled { id, result } => self.prefilled(id, result),
+                    Cmd::Prefilled { id, result } => self.prefilled(id, result.map(|p| *p)),
                 }
             }
             if stop {
@@ -1178,6 +1178,7 @@ fn prefill_lane(
         }
         let id = job.id;
         drop(job);
+        let result = result.map(Box::new);
         if done.send(Cmd::Prefilled { id, result }).is_err() {
             break;
         }
