@@ -69,7 +69,7 @@ use genie_scheduler::builders::{kv_move, MAX_DECODE_BATCH};
 use genie_scheduler::graph::OpKind;
 use rand::SeedableRng;
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -401,6 +401,9 @@ enum Cmd {
     Shutdown,
     /// Start or stop keeping runs' spans.
     RecordSpans(bool),
+    /// The membership changed: the cluster it lists now, or why none can be made of it.
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+    Members(Result<Cluster, RuntimeError>),
     /// The prefill lane finished request `id`'s prefill (and its KV move), or failed it.
     Prefilled {
         id: u64,
@@ -433,6 +436,39 @@ struct Lane {
     thread: JoinHandle<()>,
 }
 
+impl Lane {
+    /// The lane of `cfg`'s workers (none when prefill and decode share one), reporting to
+    /// `done`.
+    fn start(
+        cfg: &EngineConfig,
+        topology: &genie_scheduler::Topology,
+        done: &mpsc::Sender<Cmd>,
+    ) -> Result<Option<Self>, RuntimeError> {
+        if cfg.prefill_worker == cfg.decode_worker {
+            return Ok(None);
+        }
+        let (jobs, queue) = mpsc::channel();
+        let (done, model) = (done.clone(), cfg.model.clone());
+        let workers = (cfg.prefill_worker, cfg.decode_worker);
+        let scheduler = genie_scheduler::Scheduler::new(topology.clone());
+        let thread = std::thread::Builder::new()
+            .name("genie-prefill".into())
+            .spawn(move || prefill_lane(&queue, &done, scheduler, &model, workers))
+            .map_err(|e| {
+                RuntimeError::Plan(format!("engine: cannot spawn its prefill lane: {e}"))
+            })?;
+        Ok(Some(Self { jobs, thread }))
+    }
+
+    /// Ends the lane after the prefill it is running (whose result is not waited for).
+    fn stop(self) {
+        drop(self.jobs);
+        if self.thread.join().is_err() {
+            tracing::warn!("engine: the prefill lane panicked");
+        }
+    }
+}
+
 /// The pool and the waiting count, shared by submitters and the engine thread.
 #[derive(Debug)]
 struct Pool {
@@ -448,6 +484,8 @@ pub struct Engine {
     next_id: AtomicU64,
     spans: Arc<parking_lot::Mutex<Vec<Span>>>,
     thread: parking_lot::Mutex<Option<JoinHandle<Result<Driver, RuntimeError>>>>,
+    /// The membership watch's thread and its stop flag ([`Engine::discover`]).
+    watcher: parking_lot::Mutex<Option<(Arc<AtomicBool>, JoinHandle<()>)>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -461,7 +499,7 @@ impl Engine {
     /// worker failure every later run fails too (the driver's session is gone): use
     /// [`Engine::connect`] for an engine that reconnects.
     pub fn start(driver: Driver, cfg: EngineConfig) -> Result<Self, RuntimeError> {
-        Self::start_with(driver, cfg, None)
+        Self::start_with(driver, cfg, None, false)
     }
 
     /// Connects to `cluster`'s workers (which load `weights`) and starts the engine. When a
@@ -476,13 +514,14 @@ impl Engine {
         cfg: EngineConfig,
     ) -> Result<Self, RuntimeError> {
         let driver = Driver::connect(cluster, weights.clone())?;
-        Self::start_with(driver, cfg, Some((cluster.clone(), weights)))
+        Self::start_with(driver, cfg, Some((cluster.clone(), weights)), false)
     }
 
     fn start_with(
         driver: Driver,
         cfg: EngineConfig,
         reconnect: Option<(Cluster, WeightSpec)>,
+        follow: bool,
     ) -> Result<Self, RuntimeError> {
         let n = driver.names().len();
         if cfg.max_batch == 0 || cfg.max_batch > MAX_DECODE_BATCH {
@@ -504,26 +543,15 @@ impl Engine {
             free: cfg.kv_pool_bytes,
             waiting: 0,
         }));
-        let lane = if cfg.prefill_worker == cfg.decode_worker {
-            None
-        } else {
-            let (jobs, queue) = mpsc::channel();
-            let (done, model) = (tx.clone(), cfg.model.clone());
-            let workers = (cfg.prefill_worker, cfg.decode_worker);
-            let scheduler = genie_scheduler::Scheduler::new(topology.clone());
-            let thread = std::thread::Builder::new()
-                .name("genie-prefill".into())
-                .spawn(move || prefill_lane(&queue, &done, scheduler, &model, workers))
-                .map_err(|e| {
-                    RuntimeError::Plan(format!("engine: cannot spawn its prefill lane: {e}"))
-                })?;
-            Some(Lane { jobs, thread })
-        };
+        let lane = Lane::start(&cfg, &topology, &tx)?;
         driver.set_spans(cfg.record_spans);
         let core = Core {
             driver: Some(Arc::new(driver)),
             lane,
             prefilling: None,
+            cmds: tx.clone(),
+            follow,
+            pending: None,
             cfg: cfg.clone(),
             pool: pool.clone(),
             waiting: VecDeque::new(),
@@ -547,6 +575,7 @@ impl Engine {
             next_id: AtomicU64::new(1),
             spans,
             thread: parking_lot::Mutex::new(Some(thread)),
+            watcher: parking_lot::Mutex::new(None),
         })
     }
 
@@ -654,6 +683,7 @@ impl Engine {
     /// driver (for [`EmbeddedCluster::stop`](crate::driver::EmbeddedCluster::stop)), or the
     /// worker failure that left the engine without one.
     pub fn shutdown(self) -> Result<Driver, RuntimeError> {
+        self.stop_watching();
         let _ = self.cmds.lock().send(Cmd::Shutdown);
         let thread = self.thread.lock().take();
         match thread.map(JoinHandle::join) {
@@ -663,10 +693,102 @@ impl Engine {
     }
 }
 
+#[cfg(feature = "etcd")]
+impl Engine {
+    /// Serves on the workers registered in etcd under `membership` (feature `etcd`), following
+    /// the membership as it changes:
+    /// - the prefill and decode workers are chosen by role from the registered workers
+    ///   ([`EngineConfig::for_cluster`]; `cfg`'s own indices are ignored), sorted by name;
+    /// - a worker that joins is used without a restart: the engine starts no new prefill until
+    ///   the requests decoding finish, then connects to the new cluster and chooses the workers
+    ///   again (waiting requests are served there);
+    /// - a worker the engine runs on whose registration ends (it stopped, or its lease expired
+    ///   after it died or lost etcd) takes the requests in flight with it: they fail with
+    ///   [`EngineError::WorkerFailed`] naming it, and waiting ones are served on the workers
+    ///   left, as [`Engine::connect`] does after a failure.
+    ///
+    /// The secret comes from the caller's own configuration: etcd never holds it.
+    /// [`RuntimeError::NoMembers`] when no worker is registered yet.
+    pub fn discover(
+        membership: &crate::membership::MembershipConfig,
+        (secret, insecure): (Option<String>, bool),
+        weights: WeightSpec,
+        cfg: EngineConfig,
+    ) -> Result<Self, RuntimeError> {
+        use crate::membership::{cluster_of, Discovery, MemberEvent};
+        use std::collections::BTreeMap;
+        let discovery = Discovery::connect(membership)?;
+        let watch = discovery.watch()?;
+        if watch.initial.is_empty() {
+            return Err(RuntimeError::NoMembers {
+                prefix: membership.prefix(),
+            });
+        }
+        let mut members: BTreeMap<String, crate::membership::Member> = watch
+            .initial
+            .iter()
+            .map(|m| (m.name.clone(), m.clone()))
+            .collect();
+        let listed: Vec<_> = members.values().cloned().collect();
+        let cluster = cluster_of(&listed, secret.clone(), insecure)?;
+        let picked = EngineConfig::for_cluster(cfg.model.clone(), &cluster)?;
+        let cfg = EngineConfig {
+            prefill_worker: picked.prefill_worker,
+            decode_worker: picked.decode_worker,
+            ..cfg
+        };
+        let driver = Driver::connect(&cluster, weights.clone())?;
+        let engine = Self::start_with(driver, cfg, Some((cluster, weights)), true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let cmds = engine.cmds.lock().clone();
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("genie-members".into())
+            .spawn(move || {
+                let _discovery = discovery;
+                while !flag.load(Ordering::Relaxed) {
+                    let Some(event) = watch.next(Duration::from_millis(200)) else {
+                        continue;
+                    };
+                    match event {
+                        MemberEvent::Joined(m) => {
+                            members.insert(m.name.clone(), m);
+                        }
+                        MemberEvent::Left { name } => {
+                            members.remove(&name);
+                        }
+                    }
+                    let listed: Vec<_> = members.values().cloned().collect();
+                    let cluster = if listed.is_empty() {
+                        Err(RuntimeError::Plan("no worker is registered".into()))
+                    } else {
+                        cluster_of(&listed, secret.clone(), insecure)
+                    };
+                    if cmds.send(Cmd::Members(cluster)).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| RuntimeError::Plan(format!("engine: cannot spawn its watch: {e}")))?;
+        *engine.watcher.lock() = Some((stop, thread));
+        Ok(engine)
+    }
+}
+
+impl Engine {
+    fn stop_watching(&self) {
+        if let Some((stop, thread)) = self.watcher.lock().take() {
+            stop.store(true, Ordering::Relaxed);
+            let _ = thread.join();
+        }
+    }
+}
+
 impl Drop for Engine {
     /// An engine dropped without [`Engine::shutdown`] shuts down the same way (its requests
     /// fail with [`EngineError::ShutDown`]) and drops its driver.
     fn drop(&mut self) {
+        self.stop_watching();
         if let Some(thread) = self.thread.lock().take() {
             let _ = self.cmds.lock().send(Cmd::Shutdown);
             let _ = thread.join();
@@ -704,6 +826,13 @@ struct Core {
     lane: Option<Lane>,
     /// The request whose prefill the lane is running.
     prefilling: Option<Active>,
+    /// Where the lane reports (a lane started after a cluster change needs it).
+    cmds: mpsc::Sender<Cmd>,
+    /// Whether the cluster follows a membership ([`Engine::discover`]): the prefill and decode
+    /// workers are chosen again by role from each new cluster.
+    follow: bool,
+    /// A cluster the membership changed to, used once nothing is in flight.
+    pending: Option<Cluster>,
     cfg: EngineConfig,
     pool: Arc<parking_lot::Mutex<Pool>>,
     waiting: VecDeque<Waiting>,
@@ -773,6 +902,7 @@ impl Core {
                         }
                     }
                     Cmd::Prefilled { id, result } => self.prefilled(id, result.map(|p| *p)),
+                    Cmd::Members(m) => self.members(m),
                 }
             }
             if stop {
@@ -782,7 +912,11 @@ impl Core {
             if self.lost.is_some() && self.reconnect.is_some() && !self.heal() {
                 continue;
             }
-            if self.prefilling.is_none() {
+            if self.pending.is_some() && self.active.is_empty() && self.prefilling.is_none() {
+                self.switch_cluster();
+            }
+            // A changed membership waits for the decode pass to drain: no new prefill starts.
+            if self.prefilling.is_none() && self.pending.is_none() {
                 if let Some(w) = self.waiting.pop_front() {
                     self.pool.lock().waiting -= 1;
                     self.prefill(w);
@@ -795,12 +929,8 @@ impl Core {
                 active = rest;
             }
         }
-        // The lane ends after the prefill it is running (its result is not waited for).
         if let Some(lane) = self.lane.take() {
-            drop(lane.jobs);
-            if lane.thread.join().is_err() {
-                tracing::warn!("engine: the prefill lane panicked");
-            }
+            lane.stop();
         }
         for w in std::mem::take(&mut self.waiting) {
             self.release(w.reserved, None);
@@ -1122,16 +1252,11 @@ impl Core {
         let Some((cluster, weights)) = self.reconnect.clone() else {
             return false;
         };
-        // The workers serve one driver at a time: the failed session's goes first.
-        if let Some(old) = self.driver.take() {
-            drop(old);
-        }
-        match Driver::connect(&cluster, weights) {
-            Ok(d) => {
+        // The membership's latest cluster, if it changed since.
+        let cluster = self.pending.take().unwrap_or(cluster);
+        match self.connect_to(cluster, weights) {
+            Ok(()) => {
                 tracing::info!(worker = %worker, "engine: reconnected after a worker failure");
-                d.set_spans(self.recording);
-                self.driver = Some(Arc::new(d));
-                self.lost = None;
                 true
             }
             Err(e) => {
@@ -1149,6 +1274,81 @@ impl Core {
                 }
                 false
             }
+        }
+    }
+}
+
+impl Core {
+    /// Drops the driver (the workers serve one driver at a time: this session's goes first)
+    /// and connects to `cluster`; when following a membership, the prefill and decode workers
+    /// are chosen by role again ([`EngineConfig::for_cluster`]) and the lane restarted on them.
+    /// The caller has nothing in flight.
+    fn connect_to(&mut self, cluster: Cluster, weights: WeightSpec) -> Result<(), RuntimeError> {
+        drop(self.driver.take());
+        if let Some(lane) = self.lane.take() {
+            lane.stop();
+        }
+        self.reconnect = Some((cluster.clone(), weights.clone()));
+        if self.follow {
+            let picked = EngineConfig::for_cluster(self.cfg.model.clone(), &cluster)?;
+            self.cfg.prefill_worker = picked.prefill_worker;
+            self.cfg.decode_worker = picked.decode_worker;
+        }
+        let topology = crate::plan::cpu_topology(cluster.workers.len())?;
+        let d = Driver::connect(&cluster, weights)?;
+        d.set_spans(self.recording);
+        self.lane = Lane::start(&self.cfg, &topology, &self.cmds)?;
+        self.scheduler = genie_scheduler::Scheduler::new(topology);
+        self.decode_places.clear();
+        self.driver = Some(Arc::new(d));
+        self.lost = None;
+        Ok(())
+    }
+
+    /// The membership changed. A worker this engine runs on that left takes the requests in
+    /// flight with it (they fail naming it); any change is used once nothing is in flight.
+    fn members(&mut self, fresh: Result<Cluster, RuntimeError>) {
+        let Some((current, _)) = self.reconnect.clone() else {
+            return;
+        };
+        let listed = |name: &str| {
+            fresh
+                .as_ref()
+                .is_ok_and(|c| c.workers.iter().any(|w| w.name == name))
+        };
+        let mut used = vec![self.cfg.prefill_worker, self.cfg.decode_worker];
+        used.dedup();
+        for i in used {
+            let Some(name) = current.workers.get(i).map(|w| w.name.clone()) else {
+                continue;
+            };
+            if !listed(&name) && self.lost.is_none() {
+                tracing::warn!(worker = %name, "engine: a worker it runs on left the cluster");
+                let reason = "left the cluster (its registration ended or its lease expired)";
+                self.lost = Some((name, reason.into()));
+            }
+        }
+        match fresh {
+            Ok(c) if c != current => self.pending = Some(c),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "engine: no usable cluster in the membership"),
+        }
+    }
+
+    /// Moves to the pending cluster (nothing is in flight).
+    fn switch_cluster(&mut self) {
+        let (Some(fresh), Some((_, weights))) = (self.pending.take(), self.reconnect.clone())
+        else {
+            return;
+        };
+        let workers: Vec<&str> = fresh.workers.iter().map(|w| w.name.as_str()).collect();
+        tracing::info!(?workers, "engine: the cluster changed; connecting to it");
+        if let Err(e) = self.connect_to(fresh, weights) {
+            let (worker, reason) = match e {
+                RuntimeError::WorkerFailed { worker, reason } => (worker, reason),
+                other => ("cluster".into(), other.to_string()),
+            };
+            self.lost = Some((worker, reason));
         }
     }
 }

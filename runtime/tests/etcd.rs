@@ -521,3 +521,117 @@ fn workers_found_in_etcd_serve_a_model_and_a_new_one_is_used_without_a_restart()
     left.sort();
     assert_eq!(left, ["w0", "w1"]);
 }
+
+#[test]
+fn an_engine_follows_the_membership_through_a_killed_worker_and_a_new_one() {
+    use genie_runtime::engine::{Engine, EngineConfig, EngineError, Request};
+    use genie_runtime::models::prompt;
+    use genie_runtime::proto::WeightSpec;
+    use genie_scheduler::builders::Gpt2Config;
+
+    let Some(etcd) = Etcd::start("follow") else {
+        return;
+    };
+    let cfg = etcd.config("follow");
+    let secret = "follow-secret-77c2";
+    let file = secret_file(&etcd, secret);
+    let discovery = Discovery::connect(&cfg).unwrap();
+    let watch = discovery.watch().unwrap();
+    let model = Gpt2Config {
+        layers: 2,
+        hidden: 64,
+        heads: 2,
+        vocab: 256,
+        context: 512,
+        ..Gpt2Config::default()
+    };
+    let p = prompt(8, model.vocab);
+    let joined = |name: &str| match expect_event(&watch, Duration::from_secs(30), name) {
+        MemberEvent::Joined(m) => assert_eq!(m.name, name),
+        other => panic!("expected {name} to join, got {other:?}"),
+    };
+
+    // Nobody registered yet: a typed error, not an engine without workers.
+    let none = Engine::discover(
+        &cfg,
+        (Some(secret.into()), false),
+        WeightSpec::Seeded(3),
+        EngineConfig::disaggregated(model.clone()),
+    );
+    assert!(
+        matches!(none, Err(RuntimeError::NoMembers { .. })),
+        "{none:?}"
+    );
+
+    let _w0 = worker_process(&etcd, "follow", "w0", "both", &file);
+    joined("w0");
+    let mut w1 = worker_process(&etcd, "follow", "w1", "decode", &file);
+    joined("w1");
+    let engine = Engine::discover(
+        &cfg,
+        (Some(secret.into()), false),
+        WeightSpec::Seeded(3),
+        EngineConfig::disaggregated(model.clone()),
+    )
+    .unwrap();
+    // Prefill on w0 (role both), decode on w1 (role decode): the KV cache crosses.
+    let reference = engine
+        .submit(Request::greedy(p.clone(), 6))
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert!(reference.timings.kv_bytes > 0, "{:?}", reference.timings);
+
+    // w1 is SIGKILLed while a long request decodes on it: the request fails naming it.
+    let mut long = engine.submit(Request::greedy(p.clone(), 480)).unwrap();
+    long.next(Duration::from_secs(30)).unwrap();
+    w1.0.kill().unwrap();
+    w1.0.wait().unwrap();
+    let failed = long.wait().expect_err("w1 died under it");
+    match &failed {
+        EngineError::WorkerFailed { worker, .. } => assert_eq!(worker, "w1", "{failed}"),
+        other => panic!("expected WorkerFailed naming w1, got {other:?}"),
+    }
+
+    // Its lease expires; the engine then serves on w0 alone (prefill and decode together).
+    // Until the engine has seen the leave, a request may still fail naming w1.
+    assert_eq!(
+        expect_event(&watch, TTL + SLACK, "w1's leave"),
+        MemberEvent::Left { name: "w1".into() }
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let alone = loop {
+        match engine.submit(Request::greedy(p.clone(), 6)).unwrap().wait() {
+            Ok(done) => break done,
+            Err(EngineError::WorkerFailed { worker, .. }) if worker == "w1" => {
+                assert!(Instant::now() < deadline, "still failing on w1 after 15 s");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(other) => panic!("unexpected failure on w0 alone: {other:?}"),
+        }
+    };
+    assert_eq!(alone.tokens, reference.tokens);
+    assert_eq!(alone.timings.kv_bytes, 0, "co-located on w0");
+
+    // w2 registers as a decode worker: used without a restart (the KV cache crosses again).
+    let _w2 = worker_process(&etcd, "follow", "w2", "decode", &file);
+    joined("w2");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let done = engine
+            .submit(Request::greedy(p.clone(), 6))
+            .unwrap()
+            .wait()
+            .unwrap();
+        assert_eq!(done.tokens, reference.tokens);
+        if done.timings.kv_bytes > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "w2 not used 15 s after it joined"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    engine.shutdown().unwrap();
+}
