@@ -19,8 +19,8 @@
 # the process in namespace h<i> uses rxeh<i> (RDMA devices are shared between namespaces) and its
 # side channel goes over its namespace's TCP link. For the root namespace to send from one local
 # address to another over the wire rather than through `lo`, each address gets a routing table of
-# its own (chosen by source address for locally sent packets), the `local` table is looked up
-# after them, and arp_ignore=1/arp_announce=2/accept_local=1/rp_filter=0 make each veth answer ARP
+# its own (chosen by source address for locally sent packets, except to itself), the `local`
+# table is looked up after them, and arp_ignore=1/arp_announce=2/accept_local=1/rp_filter=0 make each veth answer ARP
 # for its own address only and accept packets from its siblings. Only ever run this in the VM:
 # it rewires the root namespace's routing rules (restored on exit).
 #
@@ -162,7 +162,14 @@ cleanup() {
 trap cleanup EXIT
 
 fail() {
+  local f
   echo "error: $*" >&2
+  # What the processes said, for the post-mortem (the directory goes with the cleanup).
+  for f in "$dir"/*.log "$dir"/*.err; do
+    [ -s "$f" ] || continue
+    echo "--- ${f##*/} (last lines)" >&2
+    grep -v -E '^ +([0-9]+: | *at )' "$f" | tail -n 6 >&2
+  done
   echo "netns-cluster hosts=$HOSTS backend=$BACKEND result=FAIL membership=$MEMBERSHIP secs=$SECONDS reason=\"$*\""
   exit 1
 }
@@ -244,6 +251,9 @@ rdma_link() {
   ip route add "$RNET.0/24" dev "g$pre$i" src "$ip" table "$table"
   ip rule add pref "$table" from "$ip" iif lo lookup "$table"
   rules+=("pref $table from $ip iif lo lookup $table")
+  # Except to itself (a process's QPs talking to each other on one rxe): that stays local.
+  ip rule add pref 99 from "$ip" to "$ip" lookup local
+  rules+=("pref 99 from $ip to $ip lookup local")
   rdma link add "$name" type rxe netdev "g$pre$i"
   rxes+=("$name")
 }
@@ -361,7 +371,7 @@ client() {
   local status=0
   timeout 300 ip netns exec "$cl" "${cl_env[@]}" "$client" "${client_args[@]}" "$@" >"$dir/$name.out" 2>"$dir/$name.err" || status=$?
   show "$name"
-  [ "$status" = 0 ] || fail "$name: the client exited $status: $(tail -n 3 "$dir/$name.err")"
+  [ "$status" = 0 ] || fail "$name: the client exited $status: $(head -n 2 "$dir/$name.err")"
 }
 # field NAME KEY: KEY's value in NAME's summary line.
 field() {
@@ -461,7 +471,7 @@ if [ "$FAULTS" = 1 ]; then
   pstatus=0
   wait "$cpid" || pstatus=$?
   show partition
-  [ "$pstatus" = 0 ] || fail "partition: the client exited $pstatus: $(tail -n 3 "$dir/partition.err")"
+  [ "$pstatus" = 0 ] || fail "partition: the client exited $pstatus: $(head -n 2 "$dir/partition.err")"
   first_fail="$(grep -m 1 '^run=.* failed' "$dir/partition.out" || true)"
   [ -n "$first_fail" ] || fail "partition: no run failed while w1 was cut off"
   case "$first_fail" in
@@ -518,7 +528,7 @@ if [ "$SERVE" = 1 ]; then
     >"$dir/serve.out" 2>"$dir/serve.err" || sstatus=$?
   serve_secs=$((SECONDS - t0))
   sed 's/^/  serve: /' "$dir/serve.out"
-  [ "$sstatus" = 0 ] || fail "serve: serve-bench exited $sstatus: $(tail -n 3 "$dir/serve.err")"
+  [ "$sstatus" = 0 ] || fail "serve: serve-bench exited $sstatus: $(head -n 2 "$dir/serve.err")"
   last="$(tail -n 1 "$dir/serve.out")"
   case "$last" in "serve goodput_ratio_vs_colocated="*" failed=0") ;; *) fail "serve: $last" ;; esac
   echo "$last"
