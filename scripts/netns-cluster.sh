@@ -432,8 +432,9 @@ if [ "$FAULTS" = 1 ]; then
   for ns in "${link_nss[@]}"; do
     if [ "$loss_tool" = netem ]; then
       d="$(ip netns exec "$ns" tc -s qdisc show dev eth0 | netem_drops)"
-      # shellcheck disable=SC2046
-      ip netns exec "$ns" tc qdisc del dev eth0 $(qdisc_parent)
+      # Not the netem alone: tbf would put noop (drop everything) in its place.
+      ip netns exec "$ns" tc qdisc del dev eth0 root
+      shape "$ns"
     else
       d="$(ip netns exec "$ns" iptables -L OUTPUT -v -x -n | awk '$3 == "DROP" { s += $1 } END { print s + 0 }')"
       ip netns exec "$ns" iptables -F OUTPUT

@@ -7,7 +7,9 @@
 # the serving engine on a Llama checkpoint), the Python package built with `--features rdma`, its
 # pytest suite run over rdma (GENIE_TEST_BACKEND=rdma; skipped when a TEST-FILTER is given), and
 # scripts/netns-cluster.sh --backend rdma: workers in network namespaces, each with an rxe device of its
-# own on an emulated link, registered in etcd, under loss and a partition.
+# own on an emulated link, registered in etcd, under loss and a partition, and serve-bench across them;
+# then the same over TCP with every link shaped to 100 Mbit/s (tbf) and netem's delay and loss, which
+# the host's kernel may lack.
 #
 #   scripts/test-rdma.sh [TEST-FILTER]
 #
@@ -95,6 +97,11 @@ fi
 if [ $status -eq 0 ] && [ '"$netns"' = 1 ]; then
   echo "==> scripts/netns-cluster.sh --backend rdma"
   GENIE_NETNS_BUILT=1 timeout 900 scripts/netns-cluster.sh --backend rdma || status=1
+fi
+if [ $status -eq 0 ] && [ '"$netns"' = 1 ]; then
+  echo "==> scripts/netns-cluster.sh --backend tcp --rate-limit 100 --no-serve (netem and tbf)"
+  GENIE_NETNS_BUILT=1 timeout 900 scripts/netns-cluster.sh --backend tcp --rate-limit 100 \
+    --peer-timeout-ms 4000 --no-serve || status=1
 fi
 exit $status'
 
