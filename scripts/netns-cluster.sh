@@ -20,16 +20,18 @@
 # side channel goes over its namespace's TCP link. For the root namespace to send from one local
 # address to another over the wire rather than through `lo`, each address gets a routing table of
 # its own (chosen by source address for locally sent packets, except to itself), the `local`
-# table is looked up after them, and arp_ignore=1/arp_announce=2/accept_local=1/rp_filter=0 make each veth answer ARP
-# for its own address only and accept packets from its siblings. Only ever run this in the VM:
-# it rewires the root namespace's routing rules (restored on exit).
+# table is looked up after them, and arp_ignore=1, arp_announce=2, accept_local=1 and rp_filter=0
+# make each veth answer ARP for its own address only and accept packets from its siblings. This
+# rewires the root namespace's routing rules (restored on exit), so it runs only in the VM (whose
+# hostname is `softroce`) unless GENIE_NETNS_RDMA_ANYWHERE=1.
 #
 # Checks, in order, failing on the first that does not hold:
 #   1. correct:   2 generations with the layers split across every worker give the tokens and
 #                 logits, bitwise, of the same generation on one in-process worker.
 #   2. loss:      the same with 2 ms of delay and 1 % of the packets every namespace sends
 #                 dropped (tc netem; where the kernel has no sch_netem, an iptables `statistic`
-#                 rule drops them, without delay); the drop counters must show drops.
+#                 rule drops them, without delay); the drop counters must show drops. On rdma
+#                 the rxe links get the same netem.
 #   3. partition: w1's links go down for the peer timeout + 2 s while generations run: the run
 #                 in flight fails with WorkerFailed naming w1 within the peer timeout + 3 s,
 #                 and once the links are back, a new connection's generation matches again.
@@ -118,7 +120,8 @@ serve_bench="$(realpath "$target_dir/release/serve-bench" 2>/dev/null || true)"
 if [ "$(id -u)" != 0 ]; then
   if sudo -n true 2>/dev/null; then
     exec sudo -n GENIE_NETNS_BUILT=1 CARGO_TARGET_DIR="$target_dir" GENIE_NETNS_NET="$NET" \
-      GENIE_NETNS_RDMA_NET="$RNET" "$0" "${args[@]}"
+      GENIE_NETNS_RDMA_NET="$RNET" GENIE_NETNS_RDMA_ANYWHERE="${GENIE_NETNS_RDMA_ANYWHERE:-0}" \
+      "$0" "${args[@]}"
   fi
   echo "netns-cluster: SKIPPED: cannot create network namespaces (not root, no passwordless sudo)"
   exit 0
@@ -191,6 +194,8 @@ trap 'fail "line $LINENO: a command failed"' ERR
 
 [ "$MEMBERSHIP" = file ] || command -v etcd >/dev/null || fail "no etcd binary (Debian: etcd-server)"
 if [ "$BACKEND" = rdma ]; then
+  [ "$(hostname)" = softroce ] || [ "${GENIE_NETNS_RDMA_ANYWHERE:-0}" = 1 ] ||
+    fail "--backend rdma rewires the root namespace's routing: run it in scripts/softroce.sh's VM (scripts/test-rdma.sh netns-cluster)"
   command -v rdma >/dev/null || fail "no rdma tool (iproute2)"
   [ -d /sys/module/rdma_rxe ] || modprobe rdma_rxe 2>/dev/null ||
     fail "--backend rdma needs the rdma_rxe module (run it in scripts/softroce.sh's VM)"

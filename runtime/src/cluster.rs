@@ -128,24 +128,33 @@ pub struct Cluster {
 
 /// The transport's default peer timeout (2 s), what a cluster without `peer_timeout_ms` uses.
 pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(2);
-/// Smallest `peer_timeout_ms`: below it heartbeats (a quarter of it, at least 50 ms) would
-/// not fit.
+/// Smallest `peer_timeout_ms`: shorter, an ordinary scheduling delay of a heartbeat (sent at a
+/// quarter of it) would declare a healthy peer dead.
 pub const MIN_PEER_TIMEOUT: Duration = Duration::from_millis(100);
 /// Largest `peer_timeout_ms` (10 minutes).
 pub const MAX_PEER_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// Checks a peer timeout given in milliseconds (a cluster file's `peer_timeout_ms`, a
-/// `--peer-timeout-ms` flag): [`MIN_PEER_TIMEOUT`] to [`MAX_PEER_TIMEOUT`].
-pub fn peer_timeout_from_ms(ms: u64) -> std::result::Result<Duration, String> {
+/// A peer timeout given in milliseconds (a cluster file's `peer_timeout_ms`, a
+/// `--peer-timeout-ms` flag), or why it cannot be one: it must lie between
+/// [`MIN_PEER_TIMEOUT`] and [`MAX_PEER_TIMEOUT`].
+pub fn peer_timeout_from_ms(ms: u64) -> std::result::Result<Duration, PeerTimeoutOutOfRange> {
     let d = Duration::from_millis(ms);
     if d < MIN_PEER_TIMEOUT || d > MAX_PEER_TIMEOUT {
-        return Err(format!(
-            "{ms} ms is outside {} to {} ms",
-            MIN_PEER_TIMEOUT.as_millis(),
-            MAX_PEER_TIMEOUT.as_millis()
-        ));
+        return Err(PeerTimeoutOutOfRange { ms });
     }
     Ok(d)
+}
+
+/// A peer timeout outside [`MIN_PEER_TIMEOUT`]..=[`MAX_PEER_TIMEOUT`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{ms} ms is outside {} to {} ms",
+    MIN_PEER_TIMEOUT.as_millis(),
+    MAX_PEER_TIMEOUT.as_millis()
+)]
+pub struct PeerTimeoutOutOfRange {
+    /// The value given.
+    pub ms: u64,
 }
 
 #[derive(Deserialize)]
@@ -306,7 +315,8 @@ impl Cluster {
         }
         let peer_timeout = match raw.peer_timeout_ms {
             None => DEFAULT_PEER_TIMEOUT,
-            Some(ms) => peer_timeout_from_ms(ms).map_err(|r| field("peer_timeout_ms".into(), r))?,
+            Some(ms) => peer_timeout_from_ms(ms)
+                .map_err(|e| field("peer_timeout_ms".into(), e.to_string()))?,
         };
         let cluster = Self {
             workers,

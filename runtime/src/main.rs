@@ -325,7 +325,7 @@ fn main() -> Result<()> {
 /// A `--peer-timeout-ms` value: checked like a cluster file's `peer_timeout_ms`.
 fn parse_peer_timeout_ms(s: &str) -> std::result::Result<u64, String> {
     let ms: u64 = s.parse().map_err(|e| format!("`{s}`: {e}"))?;
-    genie_runtime::cluster::peer_timeout_from_ms(ms)?;
+    genie_runtime::cluster::peer_timeout_from_ms(ms).map_err(|e| e.to_string())?;
     Ok(ms)
 }
 
