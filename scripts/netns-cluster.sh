@@ -112,6 +112,8 @@ if [ "${GENIE_NETNS_BUILT:-0}" != 1 ]; then
   [ "$SERVE" = 1 ] && bins+=(-p genie-benches --bin serve-bench)
   cargo build --release -q -p genie-runtime --features "genie-runtime/$features" "${bins[@]}"
 fi
+build_secs=$SECONDS
+SECONDS=0
 genie="$(realpath "$target_dir/release/genie")"
 client="$(realpath "$target_dir/release/examples/cluster_client")"
 serve_bench="$(realpath "$target_dir/release/serve-bench" 2>/dev/null || true)"
@@ -541,4 +543,4 @@ if [ "$SERVE" = 1 ]; then
   summary="$summary serve_secs=$serve_secs"
 fi
 
-echo "netns-cluster hosts=$HOSTS backend=$backend result=ok $summary secs=$SECONDS"
+echo "netns-cluster hosts=$HOSTS backend=$backend result=ok $summary secs=$SECONDS build_secs=$build_secs"
