@@ -20,9 +20,10 @@ ensure_pkgs() {
 }
 
 # What building with --all-features needs: sideway's build (cmake, libclang for bindgen) and the
-# `etcd` feature's (etcd-client compiles etcd's .proto files with protoc).
+# `etcd` feature's (etcd-client compiles etcd's .proto files with protoc, which needs the well-known
+# types from libprotobuf-dev: google/protobuf/descriptor.proto).
 ensure_build_deps() {
-  ensure_pkgs build-essential pkg-config cmake libclang-dev clang protobuf-compiler
+  ensure_pkgs build-essential pkg-config cmake libclang-dev clang protobuf-compiler libprotobuf-dev
   if ! cargo clippy --version >/dev/null 2>&1 || ! cargo fmt --version >/dev/null 2>&1; then
     rustup component add clippy rustfmt
   fi
@@ -44,10 +45,10 @@ ensure_etcd() {
   fi
 }
 
-# What scripts/netns-cluster.sh needs: iproute2 (`ip netns`, veth, bridge, `tc netem`) and
-# iptables (its packet loss where the kernel has no sch_netem).
+# What scripts/netns-cluster.sh needs: iproute2 (`ip netns`, veth, bridge, `tc netem`),
+# iptables (its packet loss where the kernel has no sch_netem) and curl (etcd's health check).
 ensure_netns_deps() {
-  ensure_pkgs iproute2 iptables
+  ensure_pkgs iproute2 iptables curl
 }
 
 # What the Python bindings' tests and benchmark need: python3 with venv and pip (Debian's

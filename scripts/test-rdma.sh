@@ -4,11 +4,17 @@
 # layer's device tests and the runtime over rdma (runtime/tests/rdma_backend.rs: GPT-2 and the
 # Llama-style fixtures on 1/2/3 workers must equal the single-worker run bitwise, the fixtures within
 # 1e-4 of transformers' logits; a SIGKILLed `genie worker`, restarted, rejoins;
-# the serving engine on a Llama checkpoint), and the Python package built with `--features rdma`, its
-# pytest suite run over rdma (GENIE_TEST_BACKEND=rdma; skipped when a TEST-FILTER is given).
+# the serving engine on a Llama checkpoint), the Python package built with `--features rdma`, its
+# pytest suite run over rdma (GENIE_TEST_BACKEND=rdma; skipped when a TEST-FILTER is given), and
+# scripts/netns-cluster.sh --backend rdma: workers in network namespaces, each with an rxe device of its
+# own on an emulated link, registered in etcd, under loss and a partition, and serve-bench across them;
+# then the same over TCP with every link shaped to 100 Mbit/s (tbf) and netem's delay and loss, which
+# the host's kernel may lack.
 #
 #   scripts/test-rdma.sh [TEST-FILTER]
 #
+# The filter `netns-cluster` runs the namespace cluster alone (no test binaries); any other filter
+# leaves it out.
 # Builds the test binaries on the host with `--features rdma` (release), then runs them all in ONE
 # scripts/softroce.sh session (rxe on the host when it can load rdma_rxe, otherwise a throwaway qemu VM),
 # where GENIE_RDMA_DEVICE=rxe0 is set, so device tests cannot skip: without a device they fail.
@@ -26,23 +32,35 @@ ensure_rdma_deps
 
 log() { printf '\n==> %s\n' "$*"; }
 
-log "building the RDMA test binaries (host, --features rdma, release)"
-json="$(mktemp)"
-trap 'rm -f "$json"' EXIT
-cargo test --release --no-run --message-format=json \
-  -p genie-sys -p genie-transport -p genie-tests -p genie-runtime \
-  --features genie-sys/rdma,genie-transport/rdma,genie-tests/rdma,genie-runtime/rdma \
-  --lib --test rdma_conformance --test rdma_backend >"$json"
-# The executables of the four test targets, from cargo's JSON messages (no jq needed); the runtime's
-# own unit tests (built by --lib) need no device and run in the ordinary test suite.
-mapfile -t bins < <(grep -o '"executable":"[^"]*"' "$json" | sed 's/"executable":"\(.*\)"/\1/' |
-  grep -E '/deps/(genie_sys|genie_transport|rdma_conformance|rdma_backend)-[0-9a-f]+$' | sort -u)
-if [ "${#bins[@]}" -ne 4 ]; then
-  echo "error: expected 4 test binaries (genie-sys, genie-transport, rdma_conformance, rdma_backend), found: ${bins[*]:-none}" >&2
-  exit 1
-fi
-
 filter="${1:-}"
+netns=0
+case "$filter" in "" | netns-cluster) netns=1 ;; esac
+bins=()
+if [ "$filter" != netns-cluster ]; then
+  log "building the RDMA test binaries (host, --features rdma, release)"
+  json="$(mktemp)"
+  trap 'rm -f "$json"' EXIT
+  cargo test --release --no-run --message-format=json \
+    -p genie-sys -p genie-transport -p genie-tests -p genie-runtime \
+    --features genie-sys/rdma,genie-transport/rdma,genie-tests/rdma,genie-runtime/rdma \
+    --lib --test rdma_conformance --test rdma_backend >"$json"
+  # The executables of the four test targets, from cargo's JSON messages (no jq needed); the runtime's
+  # own unit tests (built by --lib) need no device and run in the ordinary test suite.
+  mapfile -t bins < <(grep -o '"executable":"[^"]*"' "$json" | sed 's/"executable":"\(.*\)"/\1/' |
+    grep -E '/deps/(genie_sys|genie_transport|rdma_conformance|rdma_backend)-[0-9a-f]+$' | sort -u)
+  if [ "${#bins[@]}" -ne 4 ]; then
+    echo "error: expected 4 test binaries (genie-sys, genie-transport, rdma_conformance, rdma_backend), found: ${bins[*]:-none}" >&2
+    exit 1
+  fi
+fi
+if [ "$netns" = 1 ]; then
+  # After the test binaries: the `genie` they run is then this build, which has rdma too.
+  log "building genie, cluster_client and serve-bench for the namespace cluster (rdma, etcd, release)"
+  ensure_netns_deps
+  ensure_etcd
+  cargo build --release -q -p genie-runtime -p genie-benches \
+    --features genie-runtime/rdma,genie-runtime/etcd --bin genie --example cluster_client --bin serve-bench
+fi
 threads="${GENIE_RDMA_TEST_THREADS:-2}"
 pyvenv=""
 if [ -z "$filter" ]; then
@@ -76,9 +94,18 @@ if [ $status -eq 0 ] && [ -n "'"$pyvenv"'" ]; then
   echo "==> bindings/python tests over rdma"
   (cd bindings/python && GENIE_TEST_BACKEND=rdma GENIE_TEST_WAIT=60 timeout 1200 "'"$pyvenv"'/bin/python" -m pytest -q --capture=sys -p no:cacheprovider tests) || status=1
 fi
+if [ $status -eq 0 ] && [ '"$netns"' = 1 ]; then
+  echo "==> scripts/netns-cluster.sh --backend rdma"
+  GENIE_NETNS_BUILT=1 timeout 900 scripts/netns-cluster.sh --backend rdma || status=1
+fi
+if [ $status -eq 0 ] && [ '"$netns"' = 1 ]; then
+  echo "==> scripts/netns-cluster.sh --backend tcp --rate-limit 100 --no-serve (netem and tbf)"
+  GENIE_NETNS_BUILT=1 timeout 900 scripts/netns-cluster.sh --backend tcp --rate-limit 100 \
+    --peer-timeout-ms 4000 --no-serve || status=1
+fi
 exit $status'
 
-log "running on soft-RoCE: ${bins[*]##*/}"
+log "running on soft-RoCE: ${bins[*]##*/}${netns/#1/ netns-cluster}"
 start=$(date +%s)
 GENIE_SOFTROCE_MEM="${GENIE_SOFTROCE_MEM:-3072}" GENIE_SOFTROCE_TIMEOUT="${GENIE_SOFTROCE_TIMEOUT:-2400}" RUST_BACKTRACE=1 \
   scripts/softroce.sh -- bash -c "$runner" runner "${bins[@]}"

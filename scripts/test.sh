@@ -15,9 +15,10 @@
 #      leave, lease expiry after SIGKILL, etcd restarted underneath, etcd unreachable)
 #   4. the RDMA side channel decoder's property tests (rdma feature, no device needed)
 #   5. scripts/test-hostile.sh: hostile drivers, accept starvation, healing, a flood (summary line)
-#   5b. scripts/netns-cluster.sh: workers in 3 network namespaces over TCP, bitwise equal to one
-#      in-process worker, under 1 % packet loss, and healing after a partitioned link (skips,
-#      saying so, only where this machine cannot create network namespaces)
+#   5b. scripts/netns-cluster.sh: workers in 3 network namespaces over TCP, registered in etcd,
+#      bitwise equal to one in-process worker, under 1 % packet loss, and healing after a
+#      partitioned link; serve-bench on 4 more (skips, saying so, only where this machine cannot
+#      create network namespaces)
 #   6. loom model-checking tests (cfg loom, own target dir): the dispatcher, the completion handles
 #   7. the RDMA suite on soft-RoCE (scripts/softroce.sh: rxe on the host or in a qemu VM)
 #

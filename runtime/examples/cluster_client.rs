@@ -1,10 +1,18 @@
 //! A driver for `genie worker` processes on other hosts: runs greedy generations of a seeded
-//! model with its layers split across every worker of a cluster file, and checks each one
-//! against the same generation on one in-process worker, bitwise (tokens and every logit).
-//! `scripts/netns-cluster.sh` runs it from its own network namespace. Run it with
+//! model with its layers split across every worker of a cluster, and checks each one against
+//! the same generation on one in-process worker, bitwise (tokens and every logit).
+//! `scripts/netns-cluster.sh` runs it from its own network namespace. Run it on a cluster file
 //!
 //! ```sh
 //! cargo run --release -p genie-runtime --example cluster_client -- --cluster cluster.toml --runs 2
+//! ```
+//!
+//! or on the workers registered in etcd (`genie worker --etcd`; the `etcd` cargo feature), once
+//! `--workers` of them are listed:
+//!
+//! ```sh
+//! cargo run --release -p genie-runtime --features etcd --example cluster_client -- \
+//!     --etcd http://10.0.0.1:2379 --cluster-name demo --secret-file cluster.secret --workers 3
 //! ```
 //!
 //! It prints the reference's tokens, then one line per run:
@@ -15,7 +23,7 @@
 //! ```
 //!
 //! After a failed run it connects again (bounded by the deadline) before the next run, as a
-//! driver must once a worker failed. The last line is the summary
+//! driver must once a worker failed; with etcd it lists the workers afresh first. The last line is the summary
 //! `cluster_client runs=<n> ok=<n> mismatched=<n> worker_failed=<n> other_failed=<n> healed=<0|1>`
 //! (`healed`: a run succeeded after a failed one). It exits non-zero when a run's result
 //! differs from the reference, or when no run at all succeeded.
@@ -37,8 +45,29 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 #[command(about = "Generations on a cluster file's workers, checked against one in-process worker")]
 struct Args {
     /// Cluster file (as for `genie worker`).
+    #[arg(long, required_unless_present = "etcd", conflicts_with = "etcd")]
+    cluster: Option<PathBuf>,
+    /// etcd client URLs, comma-separated: the workers registered there (needs the `etcd`
+    /// cargo feature).
+    #[arg(long, value_delimiter = ',', requires_all = ["cluster_name", "workers"])]
+    etcd: Option<Vec<String>>,
+    /// With `--etcd`: the cluster's name there.
     #[arg(long)]
-    cluster: PathBuf,
+    cluster_name: Option<String>,
+    /// With `--etcd`: the cluster secret's file (never in etcd).
+    #[arg(long)]
+    secret_file: Option<PathBuf>,
+    /// With `--etcd`: wait (within the deadline) until this many workers are registered, and
+    /// use them all.
+    #[arg(long)]
+    workers: Option<usize>,
+    /// With `--etcd`: this driver's RDMA device (default: `GENIE_RDMA_DEVICE`, else the first).
+    #[arg(long)]
+    rdma_device: Option<String>,
+    /// With `--etcd`: silence after which a peer counts as dead, in ms (as the workers'
+    /// `--peer-timeout-ms`; a cluster file says `peer_timeout_ms`).
+    #[arg(long, default_value_t = 2000)]
+    peer_timeout_ms: u64,
     /// `gpt2-small` or another name `genie demo --model` takes.
     #[arg(long, default_value = "gpt2-small")]
     model: String,
@@ -105,10 +134,99 @@ fn tokens_text(t: &[i64]) -> String {
     format!("[{}]", v.join(", "))
 }
 
+/// Where the workers come from: a cluster file, or etcd.
+enum Source {
+    File(Cluster),
+    #[cfg(feature = "etcd")]
+    Etcd {
+        discovery: genie_runtime::membership::Discovery,
+        secret: Option<String>,
+        workers: usize,
+        rdma_device: Option<String>,
+        peer_timeout: Duration,
+    },
+}
+
+impl Source {
+    fn new(args: &Args) -> anyhow::Result<Self> {
+        if let Some(path) = &args.cluster {
+            return Ok(Self::File(Cluster::load(path)?));
+        }
+        #[cfg(feature = "etcd")]
+        {
+            use genie_runtime::membership::{Discovery, MembershipConfig};
+            let (Some(endpoints), Some(name), Some(workers)) =
+                (&args.etcd, &args.cluster_name, args.workers)
+            else {
+                anyhow::bail!(
+                    "give --cluster FILE, or --etcd URL with --cluster-name and --workers"
+                );
+            };
+            if workers == 0 {
+                anyhow::bail!("--workers: at least one");
+            }
+            let cfg = MembershipConfig::new(endpoints.clone(), name.clone());
+            cfg.check()?;
+            let secret = args
+                .secret_file
+                .as_deref()
+                .map(genie_runtime::cluster::read_secret_file)
+                .transpose()?;
+            let peer_timeout = genie_runtime::cluster::peer_timeout_from_ms(args.peer_timeout_ms)
+                .map_err(|e| anyhow::anyhow!("--peer-timeout-ms: {e}"))?;
+            Ok(Self::Etcd {
+                discovery: Discovery::connect(&cfg)?,
+                secret,
+                workers,
+                rdma_device: args.rdma_device.clone(),
+                peer_timeout,
+            })
+        }
+        #[cfg(not(feature = "etcd"))]
+        {
+            let _ = (
+                &args.etcd,
+                &args.cluster_name,
+                &args.secret_file,
+                &args.rdma_device,
+            );
+            let _ = (args.workers, args.peer_timeout_ms);
+            anyhow::bail!("--etcd needs the `etcd` cargo feature (cargo run --features etcd ...)")
+        }
+    }
+
+    /// The cluster to connect to now: the file's, or the workers etcd lists once there are as
+    /// many as asked for (an error when there are not, yet).
+    fn cluster(&self) -> anyhow::Result<Cluster> {
+        match self {
+            Self::File(c) => Ok(c.clone()),
+            #[cfg(feature = "etcd")]
+            Self::Etcd {
+                discovery,
+                secret,
+                workers,
+                rdma_device,
+                peer_timeout,
+            } => {
+                let mut c = discovery.cluster(secret.clone(), false)?;
+                if c.workers.len() != *workers {
+                    anyhow::bail!(
+                        "{} workers registered, waiting for {workers}",
+                        c.workers.len()
+                    );
+                }
+                c.peer_timeout = *peer_timeout;
+                c.rdma.device = rdma_device.clone();
+                Ok(c)
+            }
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let model = genie_runtime::models::Model::named(&args.model)?;
-    let cluster = Cluster::load(&args.cluster)?;
+    let source = Source::new(&args)?;
     let p = prompt(args.prompt_len, model.vocab());
     let weights = WeightSpec::Seeded(args.weights_seed);
 
@@ -120,17 +238,32 @@ fn main() -> anyhow::Result<()> {
     println!("reference tokens={}", tokens_text(&want.0));
 
     let deadline = Instant::now() + Duration::from_secs(args.deadline_secs);
-    let n = cluster.workers.len();
+    let mut n = 0;
     let mut driver: Option<Driver> = None;
+    let mut last_connect_error: Option<String> = None;
     let (mut runs, mut ok, mut mismatched, mut worker_failed, mut other_failed) = (0, 0, 0, 0, 0);
     let mut healed = false;
     while runs < args.runs && Instant::now() < deadline {
         let d = match driver.as_mut() {
             Some(d) => d,
-            None => match Driver::connect(&cluster, weights.clone()) {
-                Ok(d) => driver.insert(d),
+            None => match source.cluster().and_then(|c| {
+                n = c.workers.len();
+                let names: Vec<&str> = c.workers.iter().map(|w| w.name.as_str()).collect();
+                let d = Driver::connect(&c, weights.clone())?;
+                println!("connected to {n} workers: {}", names.join(" "));
+                Ok(d)
+            }) {
+                Ok(d) => {
+                    last_connect_error = None;
+                    driver.insert(d)
+                }
                 Err(e) => {
-                    println!("connect failed at_ms={} error={e}", unix_ms());
+                    // Once per distinct reason: waiting for workers to register repeats it.
+                    let why = format!("{e:#}");
+                    if last_connect_error.as_deref() != Some(why.as_str()) {
+                        println!("connect failed at_ms={} error={why}", unix_ms());
+                        last_connect_error = Some(why);
+                    }
                     std::thread::sleep(Duration::from_millis(250));
                     continue;
                 }

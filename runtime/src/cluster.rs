@@ -25,6 +25,14 @@
 //! takes `GENIE_RDMA_DEVICE` or the first active one, port defaults to 1, and no GID index lets
 //! the transport pick (RoCE v2 with an IPv4-mapped address first; LID routing on InfiniBand).
 //!
+//! # Peer timeout
+//!
+//! An optional top-level `peer_timeout_ms = 5000` (100 to 600000; default 2000, the transport's)
+//! is how long a connection may stay silent before its peer is declared dead: the runs in flight
+//! on it fail with [`RuntimeError::WorkerFailed`] naming that worker. Give every worker and
+//! driver of a cluster the same value (heartbeats are sent at a quarter of each side's own
+//! timeout). Raise it where links are lossy or hosts overloaded; lower it to fail faster.
+//!
 //! # Secure by default
 //!
 //! Every connection between workers and drivers authenticates with the cluster's shared secret.
@@ -47,6 +55,7 @@ use genie_transport::RdmaConfig;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// A device a worker owns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -112,6 +121,40 @@ pub struct Cluster {
     /// RDMA device, port and GID index of every endpoint opened from this file, unless a worker
     /// names its own ([`WorkerSpec::rdma`]). Default: [`RdmaConfig::default`].
     pub rdma: RdmaConfig,
+    /// Silence after which a peer counts as dead (`peer_timeout_ms`, see the module docs).
+    /// Default [`DEFAULT_PEER_TIMEOUT`].
+    pub peer_timeout: Duration,
+}
+
+/// The transport's default peer timeout (2 s), what a cluster without `peer_timeout_ms` uses.
+pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(2);
+/// Smallest `peer_timeout_ms`: shorter, an ordinary scheduling delay of a heartbeat (sent at a
+/// quarter of it) would declare a healthy peer dead.
+pub const MIN_PEER_TIMEOUT: Duration = Duration::from_millis(100);
+/// Largest `peer_timeout_ms` (10 minutes).
+pub const MAX_PEER_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// A peer timeout given in milliseconds (a cluster file's `peer_timeout_ms`, a
+/// `--peer-timeout-ms` flag), or why it cannot be one: it must lie between
+/// [`MIN_PEER_TIMEOUT`] and [`MAX_PEER_TIMEOUT`].
+pub fn peer_timeout_from_ms(ms: u64) -> std::result::Result<Duration, PeerTimeoutOutOfRange> {
+    let d = Duration::from_millis(ms);
+    if d < MIN_PEER_TIMEOUT || d > MAX_PEER_TIMEOUT {
+        return Err(PeerTimeoutOutOfRange { ms });
+    }
+    Ok(d)
+}
+
+/// A peer timeout outside [`MIN_PEER_TIMEOUT`]..=[`MAX_PEER_TIMEOUT`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{ms} ms is outside {} to {} ms",
+    MIN_PEER_TIMEOUT.as_millis(),
+    MAX_PEER_TIMEOUT.as_millis()
+)]
+pub struct PeerTimeoutOutOfRange {
+    /// The value given.
+    pub ms: u64,
 }
 
 #[derive(Deserialize)]
@@ -121,6 +164,7 @@ struct RawCluster {
     secret_file: Option<String>,
     insecure: Option<bool>,
     rdma: Option<RdmaConfig>,
+    peer_timeout_ms: Option<u64>,
     workers: Vec<RawWorker>,
 }
 
@@ -269,11 +313,17 @@ impl Cluster {
         if rdma.port == 0 {
             return Err(field("rdma.port".into(), "ports count from 1".into()));
         }
+        let peer_timeout = match raw.peer_timeout_ms {
+            None => DEFAULT_PEER_TIMEOUT,
+            Some(ms) => peer_timeout_from_ms(ms)
+                .map_err(|e| field("peer_timeout_ms".into(), e.to_string()))?,
+        };
         let cluster = Self {
             workers,
             secret,
             insecure: raw.insecure.unwrap_or(false),
             rdma,
+            peer_timeout,
         };
         cluster.check_secure().map_err(|e| match e {
             RuntimeError::InsecureCluster { reason } => RuntimeError::InsecureCluster {
@@ -323,6 +373,7 @@ impl Cluster {
             secret: None,
             insecure: false,
             rdma: RdmaConfig::default(),
+            peer_timeout: DEFAULT_PEER_TIMEOUT,
         }
     }
 
@@ -346,6 +397,12 @@ impl Cluster {
         }
         if self.rdma != RdmaConfig::default() {
             s.push_str(&format!("rdma = {}\n", rdma_toml(&self.rdma)));
+        }
+        if self.peer_timeout != DEFAULT_PEER_TIMEOUT {
+            s.push_str(&format!(
+                "peer_timeout_ms = {}\n",
+                self.peer_timeout.as_millis()
+            ));
         }
         for w in &self.workers {
             let devs: Vec<&str> = w
@@ -481,6 +538,28 @@ mod tests {
             "rdma = { gid = 3 }\n[[workers]]\nname = \"a\"\naddress = \"127.0.0.1:7000\"\n",
         ] {
             assert!(parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn peer_timeout_is_checked_and_round_trips() {
+        let one = "[[workers]]\nname = \"a\"\naddress = \"127.0.0.1:7000\"\n";
+        assert_eq!(parse(one).unwrap().peer_timeout, DEFAULT_PEER_TIMEOUT);
+        let c = parse(&format!("peer_timeout_ms = 8000\n{one}")).unwrap();
+        assert_eq!(c.peer_timeout, Duration::from_secs(8));
+        assert_eq!(parse(&c.to_toml()).unwrap(), c);
+        for bad in [
+            "peer_timeout_ms = 99",
+            "peer_timeout_ms = 600001",
+            "peer_timeout_ms = -1",
+        ] {
+            match parse(&format!("{bad}\n{one}")) {
+                Err(RuntimeError::ClusterField { field, .. }) => {
+                    assert_eq!(field, "peer_timeout_ms")
+                }
+                Err(RuntimeError::ClusterParse { .. }) => assert!(bad.contains('-')),
+                other => panic!("{bad}: {other:?}"),
+            }
         }
     }
 

@@ -27,6 +27,7 @@ pub fn transport_config(cluster: &Cluster, listen: SocketAddr) -> TransportConfi
         secret: cluster.secret.clone(),
         max_message_size: MAX_MESSAGE,
         rdma: cluster.rdma_for(None),
+        peer_timeout: cluster.peer_timeout,
         ..TransportConfig::default()
     }
 }

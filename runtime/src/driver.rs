@@ -630,6 +630,7 @@ impl EmbeddedCluster {
             secret: None,
             insecure: false,
             rdma: Default::default(),
+            peer_timeout: crate::cluster::DEFAULT_PEER_TIMEOUT,
         };
         let mut selection = None;
         for _ in 0..n {
@@ -657,6 +658,7 @@ impl EmbeddedCluster {
             secret: None,
             insecure: false,
             rdma: Default::default(),
+            peer_timeout: crate::cluster::DEFAULT_PEER_TIMEOUT,
         };
         let mut workers = Vec::new();
         for (i, ep) in endpoints.into_iter().enumerate() {

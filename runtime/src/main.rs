@@ -126,6 +126,10 @@ enum Cmd {
         /// With `--etcd`: lease TTL in seconds (how long a dead worker stays listed).
         #[arg(long, default_value_t = 10)]
         lease_ttl_secs: u64,
+        /// With `--etcd`: silence after which a peer counts as dead, in ms (give every worker
+        /// and driver of the cluster the same; a cluster file says `peer_timeout_ms`).
+        #[arg(long, default_value_t = 2000, value_parser = parse_peer_timeout_ms)]
+        peer_timeout_ms: u64,
         /// Directory drivers may load checkpoints from (none: seeded weights only).
         #[arg(long)]
         model_dir: Option<PathBuf>,
@@ -227,6 +231,7 @@ fn main() -> Result<()> {
             secret_file,
             insecure,
             lease_ttl_secs,
+            peer_timeout_ms,
             model_dir,
             memory_budget_mb,
         } => {
@@ -250,12 +255,13 @@ fn main() -> Result<()> {
                     secret_file,
                     insecure,
                     ttl_secs: lease_ttl_secs,
+                    peer_timeout: std::time::Duration::from_millis(peer_timeout_ms),
                     opts,
                 });
                 #[cfg(not(feature = "etcd"))]
                 {
                     let _ = (endpoints, cluster_name, role, listen, secret_file, insecure);
-                    let _ = lease_ttl_secs;
+                    let _ = (lease_ttl_secs, peer_timeout_ms);
                     bail!("--etcd needs genie built with the `etcd` cargo feature");
                 }
             };
@@ -314,6 +320,13 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A `--peer-timeout-ms` value: checked like a cluster file's `peer_timeout_ms`.
+fn parse_peer_timeout_ms(s: &str) -> std::result::Result<u64, String> {
+    let ms: u64 = s.parse().map_err(|e| format!("`{s}`: {e}"))?;
+    genie_runtime::cluster::peer_timeout_from_ms(ms).map_err(|e| e.to_string())?;
+    Ok(ms)
 }
 
 /// A `--role` value.

@@ -232,7 +232,8 @@ pub enum MemberEvent {
 
 /// The cluster of `members` (sorted by name), with the secret and `insecure` flag the caller
 /// has from its own configuration; checked like a cluster file ([`Cluster::check_secure`],
-/// unique addresses).
+/// unique addresses). Its peer timeout is the default: a caller configured otherwise sets
+/// [`Cluster::peer_timeout`] on the result.
 pub fn cluster_of(members: &[Member], secret: Option<String>, insecure: bool) -> Result<Cluster> {
     let mut workers: Vec<WorkerSpec> = members.iter().map(Member::spec).collect();
     workers.sort_by(|a, b| a.name.cmp(&b.name));
@@ -259,6 +260,8 @@ pub fn cluster_of(members: &[Member], secret: Option<String>, insecure: bool) ->
         // Each endpoint picks its own RDMA device, port and GID (`GENIE_RDMA_DEVICE`, else the
         // defaults): nothing about a host's NICs goes into etcd.
         rdma: genie_transport::RdmaConfig::default(),
+        // The caller's own, like the secret (set the field on the result).
+        peer_timeout: crate::cluster::DEFAULT_PEER_TIMEOUT,
     };
     cluster.check_secure()?;
     Ok(cluster)

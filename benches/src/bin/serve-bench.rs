@@ -11,6 +11,12 @@
 //!   requests (a waiting prefill runs before that worker's next decode steps); requests go to
 //!   them in turn.
 //!
+//! Both run on embedded workers (threads, loopback) unless `--cluster FILE` names the
+//! disaggregated engine's `genie worker` processes (prefill and decode workers by their roles,
+//! as `EngineConfig::for_cluster` picks them) and `--colocated A,B` the co-located engines'
+//! single-worker cluster files: a worker serves one driver at a time, so the modes need workers
+//! of their own. `scripts/netns-cluster.sh --serve` runs it so across network namespaces.
+//!
 //! A seeded workload (Poisson arrivals; 70 % short prompts, 30 % long ones, so prefills
 //! interfere with decodes; uniform output lengths) runs at each rate against both. SLOs come
 //! from unloaded latencies measured first: TTFT ≤ 5× the unloaded TTFT of a long prompt, TPOT
@@ -22,12 +28,14 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use genie_runtime::cluster::Cluster;
 use genie_runtime::driver::{Driver, EmbeddedCluster};
 use genie_runtime::engine::{Completion, Engine, EngineConfig, Request};
 use genie_runtime::kernels::CpuKernels;
 use genie_runtime::models::{Family, Model};
 use genie_runtime::proto::WeightSpec;
 use rand::{Rng, SeedableRng};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -65,6 +73,17 @@ struct Args {
     /// Plot (SVG) of goodput against arrival rate, both modes.
     #[arg(long, default_value = "target/serve-goodput.svg")]
     plot: std::path::PathBuf,
+    /// Rounds of the decode-scaling measurement (its median is reported).
+    #[arg(long, default_value_t = 5)]
+    decode_rounds: usize,
+    /// The disaggregated engine's cluster file (`genie worker` processes; default: 2 embedded
+    /// workers). Needs `--colocated`.
+    #[arg(long, requires = "colocated")]
+    cluster: Option<std::path::PathBuf>,
+    /// The co-located engines' cluster files, one worker each, comma-separated (with
+    /// `--cluster`; default: 2 embedded single-worker clusters).
+    #[arg(long, value_delimiter = ',', requires = "cluster")]
+    colocated: Option<Vec<std::path::PathBuf>>,
 }
 
 fn range(s: &str) -> Result<(usize, usize)> {
@@ -120,33 +139,63 @@ fn workload(args: &Args, rate: f64, vocab: usize) -> Result<Vec<Arrival>> {
 struct Mode {
     name: &'static str,
     engines: Vec<Engine>,
-    clusters: Vec<EmbeddedCluster>,
+    /// Each engine's embedded workers (none: `genie worker` processes from a cluster file).
+    clusters: Vec<Option<EmbeddedCluster>>,
+}
+
+/// A driver on `file`'s workers, or on `n` embedded ones (kept with it).
+fn driver_on(file: Option<&Path>, n: usize) -> Result<(Driver, Cluster, Option<EmbeddedCluster>)> {
+    let weights = WeightSpec::Seeded(1);
+    match file {
+        Some(f) => {
+            let c = Cluster::load(f).with_context(|| format!("cluster file {}", f.display()))?;
+            let d = Driver::connect(&c, weights)
+                .with_context(|| format!("connecting to the workers of {}", f.display()))?;
+            Ok((d, c, None))
+        }
+        None => {
+            let e = EmbeddedCluster::start(n, Arc::new(CpuKernels::new()))?;
+            let d = Driver::connect(&e.cluster, weights)?;
+            Ok((d, e.cluster.clone(), Some(e)))
+        }
+    }
 }
 
 impl Mode {
-    fn disaggregated(model: &Model) -> Result<Self> {
-        let c = EmbeddedCluster::start(2, Arc::new(CpuKernels::new()))?;
-        let d = Driver::connect(&c.cluster, WeightSpec::Seeded(1))?;
-        let mut cfg = EngineConfig::disaggregated(model.clone());
+    fn disaggregated(model: &Model, file: Option<&Path>) -> Result<Self> {
+        let (d, cluster, e) = driver_on(file, 2)?;
+        let mut cfg = EngineConfig::for_cluster(model.clone(), &cluster)?;
+        if cfg.prefill_worker == cfg.decode_worker {
+            bail!("the disaggregated cluster needs a prefill and a decode worker of their own");
+        }
         cfg.kv_pool_bytes = 4 << 30;
         Ok(Self {
             name: "disaggregated",
             engines: vec![Engine::start(d, cfg)?],
-            clusters: vec![c],
+            clusters: vec![e],
         })
     }
 
-    fn colocated(model: &Model) -> Result<Self> {
+    fn colocated(model: &Model, files: Option<&[PathBuf]>) -> Result<Self> {
         let mut engines = Vec::new();
         let mut clusters = Vec::new();
-        for _ in 0..2 {
-            let c = EmbeddedCluster::start(1, Arc::new(CpuKernels::new()))?;
-            let d = Driver::connect(&c.cluster, WeightSpec::Seeded(1))?;
+        let files: Vec<Option<&Path>> = match files {
+            Some(f) => f.iter().map(|p| Some(p.as_path())).collect(),
+            None => vec![None, None],
+        };
+        for f in files {
+            let (d, cluster, e) = driver_on(f, 1)?;
+            if cluster.workers.len() != 1 {
+                bail!(
+                    "a co-located engine's cluster has one worker, not {}",
+                    cluster.workers.len()
+                );
+            }
             let mut cfg = EngineConfig::disaggregated(model.clone());
             cfg.decode_worker = 0;
             cfg.kv_pool_bytes = 2 << 30;
             engines.push(Engine::start(d, cfg)?);
-            clusters.push(c);
+            clusters.push(e);
         }
         Ok(Self {
             name: "co-located",
@@ -155,9 +204,13 @@ impl Mode {
         })
     }
 
+    /// Stops the engines, and the embedded workers; `genie worker` processes keep serving.
     fn stop(self) -> Result<()> {
         for (e, c) in self.engines.into_iter().zip(self.clusters) {
-            c.stop(e.shutdown()?)?;
+            let d = e.shutdown()?;
+            if let Some(c) = c {
+                c.stop(d)?;
+            }
         }
         Ok(())
     }
@@ -257,8 +310,6 @@ fn figures(
     }
 }
 
-/// Rounds of the decode-scaling measurement (its median is reported).
-const DECODE_ROUNDS: usize = 5;
 /// Tokens each sequence generates in one decode-scaling round.
 const DECODE_STEPS: usize = 48;
 
@@ -379,8 +430,19 @@ fn main() -> Result<()> {
         (args.long_share * 100.0).round(),
         args.output
     );
-    let disagg = Mode::disaggregated(&model)?;
-    let coloc = Mode::colocated(&model)?;
+    if args.decode_rounds == 0 {
+        bail!("--decode-rounds: at least one");
+    }
+    if let (Some(c), Some(co)) = (&args.cluster, &args.colocated) {
+        let co: Vec<String> = co.iter().map(|p| p.display().to_string()).collect();
+        println!(
+            "workers: disaggregated {}, co-located {}",
+            c.display(),
+            co.join(" ")
+        );
+    }
+    let disagg = Mode::disaggregated(&model, args.cluster.as_deref())?;
+    let coloc = Mode::colocated(&model, args.colocated.as_deref())?;
 
     // Unloaded latencies: a long prompt alone, on the disaggregated engine.
     let probe = workload(&args, 1.0, model.vocab())?;
@@ -421,8 +483,8 @@ fn main() -> Result<()> {
 
     // Decode scaling with concurrent sequences: rounds of 1 then 8 sequences, interleaved so
     // that a slow moment of the machine hits both; the median round's figures.
-    let mut rounds = Vec::with_capacity(DECODE_ROUNDS);
-    for _ in 0..DECODE_ROUNDS {
+    let mut rounds = Vec::with_capacity(args.decode_rounds);
+    for _ in 0..args.decode_rounds {
         let r1 = decode_rate(&disagg, 1, DECODE_STEPS)?;
         let r8 = decode_rate(&disagg, 8, DECODE_STEPS)?;
         rounds.push((r8 / r1, r1, r8));
@@ -430,7 +492,8 @@ fn main() -> Result<()> {
     rounds.sort_by(|a, b| a.0.total_cmp(&b.0));
     let (batch8, r1, r8) = rounds[rounds.len() / 2];
     println!(
-        "decode: {r1:.1} tokens/s with 1 sequence, {r8:.1} with 8 ({batch8:.2}x; median of {DECODE_ROUNDS} rounds of {DECODE_STEPS} steps, ratios {})",
+        "decode: {r1:.1} tokens/s with 1 sequence, {r8:.1} with 8 ({batch8:.2}x; median of {} rounds of {DECODE_STEPS} steps, ratios {})",
+        args.decode_rounds,
         rounds
             .iter()
             .map(|r| format!("{:.2}", r.0))

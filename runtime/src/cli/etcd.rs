@@ -31,6 +31,8 @@ pub struct EtcdWorker {
     pub insecure: bool,
     /// Lease TTL in seconds.
     pub ttl_secs: u64,
+    /// Silence after which a peer counts as dead (the same on every worker and driver).
+    pub peer_timeout: Duration,
     /// Limits on what drivers may ask.
     pub opts: WorkerOptions,
 }
@@ -51,6 +53,7 @@ pub fn run_etcd_worker(w: EtcdWorker) -> Result<()> {
         insecure: w.insecure,
         // The RDMA device from `GENIE_RDMA_DEVICE`, else the defaults.
         rdma: genie_transport::RdmaConfig::default(),
+        peer_timeout: w.peer_timeout,
     };
     alone.check_secure()?;
     let mut cfg = MembershipConfig::new(w.endpoints, w.cluster_name);
@@ -77,8 +80,12 @@ pub fn run_etcd_worker(w: EtcdWorker) -> Result<()> {
     // The peers: the cluster as etcd lists it at each driver's Setup (this worker included),
     // with the secret from this worker's own file.
     let discovery = Discovery::connect(&cfg)?;
-    let (secret, insecure) = (alone.secret, alone.insecure);
-    let source = Box::new(move || discovery.cluster(secret.clone(), insecure));
+    let (secret, insecure, peer_timeout) = (alone.secret, alone.insecure, alone.peer_timeout);
+    let source = Box::new(move || {
+        let mut c = discovery.cluster(secret.clone(), insecure)?;
+        c.peer_timeout = peer_timeout;
+        Ok(c)
+    });
     let served = serve_from(ep, source, &w.name, Arc::new(CpuKernels::new()), w.opts);
     let deregistered = registration.stop();
     served?;
