@@ -70,6 +70,7 @@
 //! registered with no remote access of its own and is reached only through a type-2 memory window
 //! that [`crate::Connection::grant`] binds to one connection's QP.
 
+mod affinity;
 mod conn;
 pub mod handshake;
 mod poller;
@@ -85,7 +86,7 @@ use conn::RdmaConn;
 use genie_sys::addressing::choose_local;
 use genie_sys::mem::SharedBuf;
 use genie_sys::verbs::describe;
-use genie_sys::verbs::{self, Context, ProtectionDomain};
+use genie_sys::verbs::{self, Context, Mr, ProtectionDomain};
 use parking_lot::Mutex;
 use poller::Poller;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -144,6 +145,7 @@ pub(crate) fn open(config: TransportConfig) -> Result<Arc<dyn Transport>> {
     choose_local(&attrs, config.rdma.gid_index, None)
         .map_err(|reason| TransportError::Addressing { peer: None, reason })?;
     let pd = ctx.alloc_pd().map_err(verbs_err)?;
+    let extra = open_extra_devices(&config)?;
     let listener = TcpListener::bind(config.listen).map_err(|e| TransportError::io("bind", e))?;
     let local_addr = listener
         .local_addr()
@@ -158,6 +160,7 @@ pub(crate) fn open(config: TransportConfig) -> Result<Arc<dyn Transport>> {
         local_addr,
         ctx,
         pd,
+        extra,
         incoming: AcceptQueue::new(ACCEPT_QUEUE),
         conns: Mutex::new(Vec::new()),
         shutdown: AtomicBool::new(false),
@@ -182,6 +185,77 @@ pub(crate) fn open(config: TransportConfig) -> Result<Arc<dyn Transport>> {
     }))
 }
 
+/// Opens the further devices of `config.rdma.devices` (each on `config.rdma.port`, each with an
+/// addressable GID), in lane order: by NUMA affinity to the opening thread where the kernel says.
+fn open_extra_devices(config: &TransportConfig) -> Result<Vec<Device>> {
+    if config.rdma.devices.is_empty() {
+        return Ok(Vec::new());
+    }
+    let available = verbs::rdma_available().map_err(|e| TransportError::BackendUnavailable {
+        backend: Backend::Rdma,
+        reason: e.to_string(),
+    })?;
+    let here = affinity::current_node();
+    let named: Vec<(String, Option<i32>)> = config
+        .rdma
+        .devices
+        .iter()
+        .map(|n| (n.clone(), affinity::device_node(n)))
+        .collect();
+    let mut out = Vec::new();
+    for name in affinity::order(named, here) {
+        if !available.iter().any(|d| d.name == name) {
+            return Err(TransportError::BackendUnavailable {
+                backend: Backend::Rdma,
+                reason: format!(
+                    "rdma.devices: no RDMA device named {name} (found: {})",
+                    available
+                        .iter()
+                        .map(|d| d.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            });
+        }
+        let ctx = Context::open_port(Some(&name), config.rdma.port).map_err(verbs_err)?;
+        let attrs = ctx.port_attrs().map_err(verbs_err)?;
+        choose_local(&attrs, None, None)
+            .map_err(|reason| TransportError::Addressing { peer: None, reason })?;
+        let pd = ctx.alloc_pd().map_err(verbs_err)?;
+        out.push(Device { ctx, pd });
+    }
+    Ok(out)
+}
+
+/// A further device of an endpoint ([`crate::config::RdmaConfig::devices`]): its own context and
+/// protection domain, where every region is registered too.
+pub(crate) struct Device {
+    pub(crate) ctx: Context,
+    pub(crate) pd: ProtectionDomain,
+}
+
+/// An RDMA region's registrations: on the endpoint's device, and on each further device (in
+/// [`Endpoint::extra`]'s order).
+pub(crate) struct Regs {
+    pub(crate) main: Mr,
+    pub(crate) extra: Vec<Mr>,
+}
+
+impl Regs {
+    /// The registrations of `region`, if it is RDMA-registered.
+    pub(crate) fn of(region: &Region) -> Option<&Regs> {
+        region.registration().and_then(|r| r.downcast_ref::<Regs>())
+    }
+
+    /// The registration on device `dev` (0: the endpoint's, `i`: the `i`-th further one).
+    pub(crate) fn on(&self, dev: usize) -> Option<&Mr> {
+        match dev {
+            0 => Some(&self.main),
+            d => self.extra.get(d - 1),
+        }
+    }
+}
+
 /// What an endpoint's connections share.
 pub(crate) struct Endpoint {
     pub(crate) config: TransportConfig,
@@ -189,6 +263,8 @@ pub(crate) struct Endpoint {
     local_addr: SocketAddr,
     pub(crate) ctx: Context,
     pub(crate) pd: ProtectionDomain,
+    /// Further devices that connections' lanes spread over (see [`Device`]).
+    pub(crate) extra: Vec<Device>,
     pub(crate) table: Arc<RegionTable>,
     /// The poller of all connections' completion and side channels.
     pub(crate) poller: Poller,
@@ -324,11 +400,24 @@ impl RdmaTransport {
             .register_with(Arc::clone(&mem), remote)
             .map_err(verbs_err)?;
         let (key, remote_addr) = (u64::from(mr.rkey()), mr.addr());
+        // The same memory on every further device: a lane there reaches it with that
+        // registration's key (told to the peer in region checks). Private regions are reached
+        // through windows bound to the first lane only, so they need none.
+        let extra = if private || matches!(access, RegionAccess::Local) {
+            Vec::new()
+        } else {
+            self.ep
+                .extra
+                .iter()
+                .map(|d| d.pd.register_with(Arc::clone(&mem), remote))
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(verbs_err)?
+        };
         Ok(self.ep.table.insert(NewRegion {
             mem,
             key: Some(key),
             remote_addr,
-            registration: Some(Arc::new(mr)),
+            registration: Some(Arc::new(Regs { main: mr, extra })),
             access,
             private,
         }))
