@@ -492,6 +492,7 @@ mod tests {
                 device: Some(std::env::var("GENIE_RDMA_DEVICE").ok()?),
                 port: 1,
                 gid_index,
+                ..RdmaConfig::default()
             },
             ..TransportConfig::default()
         })
