@@ -204,3 +204,4 @@ fn bad_lane_settings_are_refused_with_typed_errors() {
         other => panic!("an unknown further device: {other:?}"),
     }
 }
+

@@ -176,9 +176,13 @@ enum HeldData {
 
 /// A further lane of a connection (`RdmaConfig::qps` > 1): a QP of its own, on the endpoint's
 /// device or a further one, with its own CQ, carrying only parts of striped transfers (RDMA WRITE
-/// and READ: no receives, no credits). Every request is signalled.
+/// and READ: no receives, no credits). Every request is signalled. Submitters book requests in
+/// `st` and queue them; the endpoint's lane poster ([`super::lanes`]) posts them.
 struct Lane {
     // Field order is drop order: the QP before its CQ.
+    /// The QP, locked only to post (the lane poster) or to fail it (`die`, which does not wait
+    /// for a post in progress: the poster fails the QP itself once it sees the connection dead).
+    qp: Mutex<Option<QueuePair<Rts>>>,
     st: Mutex<LaneState>,
     cq: CompletionQueue,
     /// Held while polling the CQ (completions of a lane are handled in order); its scratch.
@@ -195,10 +199,24 @@ struct Lane {
 }
 
 struct LaneState {
-    qp: Option<QueuePair<Rts>>,
     next_seq: u64,
-    /// Posted and not yet retired: sequence number and, on a part's last request, its completer.
+    /// Booked (queued or posted) and not yet retired: sequence number and, on a part's last
+    /// request, its completer.
     pending: VecDeque<(u64, Option<Completer>)>,
+    /// Booked and not yet posted, in sequence order.
+    outbox: VecDeque<LaneWr>,
+}
+
+/// A request of a striped part, booked on a lane and not yet posted. Holds its region, so its
+/// memory and registration outlive the post.
+struct LaneWr {
+    seq: u64,
+    kind: JobKind,
+    /// Offset of this request in the part's remote range (see [`JobKind::send_op`]).
+    off: usize,
+    region: Region,
+    offset: usize,
+    len: usize,
 }
 
 /// The connection shared by the user's handle and the endpoint's poller.
@@ -268,6 +286,8 @@ pub(crate) struct RdmaConn {
     lanes: Vec<Lane>,
     /// Peer regions' keys on the further lanes, from the region checks (as `cache`).
     lane_keys: Mutex<HashMap<(u64, u64), LaneKeys>>,
+    /// This connection, for the lane poster's queue.
+    me: std::sync::Weak<RdmaConn>,
 }
 
 /// A private region granted on one connection: a type-2 memory window bound to its QP.
@@ -550,10 +570,11 @@ impl NewLane {
             .and_then(|q| q.to_rts(self.psn, &path))
             .map_err(|e| verbs_io("ibv_modify_qp", e))?;
         Ok(Lane {
+            qp: Mutex::new(Some(qp)),
             st: Mutex::new(LaneState {
-                qp: Some(qp),
                 next_seq: 1,
                 pending: VecDeque::new(),
+                outbox: VecDeque::new(),
             }),
             cq: self.cq,
             poll: Mutex::new(Vec::with_capacity(32)),
@@ -767,6 +788,7 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream, role: Role) -> Res
             retired: AtomicU64::new(0),
             lanes,
             lane_keys: Mutex::new(HashMap::new()),
+            me: me.clone(),
         }
     });
     // The handshake's reader may hold side-channel frames the peer sent right after it.
@@ -828,6 +850,13 @@ struct LaneUse<'r> {
     lane: usize,
     rkey: u32,
     mr: &'r Mr,
+}
+
+impl LaneUse<'_> {
+    /// Whether it is a further lane (posted by the lane poster).
+    fn further(&self) -> Option<usize> {
+        self.lane.checked_sub(1)
+    }
 }
 
 /// One user-visible operation, before it is split into work requests.
@@ -962,13 +991,18 @@ impl RdmaConn {
             }
         }
         for lane in &self.lanes {
-            let parts: Vec<Completer> = {
-                let mut ls = lane.st.lock();
-                if let Some(qp) = ls.qp.as_mut() {
+            // A post in progress holds the QP (on soft-RoCE for as long as it moves the data):
+            // the poster fails the QP itself after it, seeing the connection dead.
+            if let Some(mut qp) = lane.qp.try_lock() {
+                if let Some(qp) = qp.as_mut() {
                     if was_alive {
                         let _ = qp.set_error();
                     }
                 }
+            }
+            let parts: Vec<Completer> = {
+                let mut ls = lane.st.lock();
+                ls.outbox.clear();
                 ls.pending.drain(..).filter_map(|(_, c)| c).collect()
             };
             for c in parts {
@@ -1900,7 +1934,9 @@ impl RdmaConn {
             } else {
                 JobKind::Write { rkey: u.rkey, addr: remote }
             };
-            if u.lane == 0 {
+            if let Some(lane) = u.further() {
+                self.post_lane(lane, kind, t.local, t.local_offset + p.offset, p.len, c);
+            } else {
                 first.push(Job {
                     kind,
                     local: LocalData::Region {
@@ -1911,8 +1947,6 @@ impl RdmaConn {
                     completer: Some(c),
                     remote_region: t.remote.region,
                 });
-            } else {
-                self.post_lane(u.lane - 1, kind, u.mr, t.local_offset + p.offset, p.len, c);
             }
         }
         if let (Some(imm), Some(c)) = (notify, completers.pop()) {
@@ -1932,20 +1966,21 @@ impl RdmaConn {
         self.post_jobs(first.into_iter());
     }
 
-    /// Posts one part of a striped transfer on further lane `i` (index into `lanes`), in
-    /// requests of at most `chunk` bytes, all signalled; `completer` goes with the last. Waits
-    /// for room in the lane's send queue (back-pressure, bounded by the peer timeout); a request
-    /// that cannot be posted fails the part and the connection.
+    /// Books one part of a striped transfer on further lane `i` (index into `lanes`), in
+    /// requests of at most `chunk` bytes, all signalled, `completer` with the last, and hands
+    /// them to the lane poster ([`super::lanes`]). Waits only for room in the lane's send queue
+    /// (back-pressure, bounded by the peer timeout; booked requests count); running out of it
+    /// fails the part and the connection.
     fn post_lane(
         &self,
         i: usize,
         kind: JobKind,
-        mr: &Mr,
+        region: &Region,
         offset: usize,
         len: usize,
         completer: Completer,
     ) {
-        let Some(lane) = self.lanes.get(i) else {
+        let (Some(lane), Some(poster)) = (self.lanes.get(i), self.ep.lane_poster.as_ref()) else {
             completer.complete(Err(TransportError::InvalidArgument(format!(
                 "no lane {i}"
             ))));
@@ -1989,31 +2024,70 @@ impl RdmaConn {
                 break;
             }
             let seq = st.next_seq;
-            let Some(qp) = st.qp.as_mut() else {
-                failed = Some(self.dead_error());
-                break;
-            };
-            let sge = Sge::Mr {
-                mr,
-                offset: offset + off,
-                len: l,
-            };
-            if let Err(e) = qp.post_send(seq, kind.send_op(off, true), sge, true) {
-                failed = Some(verbs_io("ibv_post_send", e));
-                break;
-            }
             st.next_seq += 1;
             let owner = if ci + 1 == n { completer.take() } else { None };
             st.pending.push_back((seq, owner));
+            st.outbox.push_back(LaneWr {
+                seq,
+                kind,
+                off,
+                region: region.clone(),
+                offset: offset + off,
+                len: l,
+            });
             lane.posted.store(seq, Ordering::Release);
         }
         drop(st);
+        poster.kick(self.me.clone(), i);
         if let Some(e) = failed {
             if let Some(c) = completer.take() {
                 c.complete(Err(e.clone()));
             }
             if self.alive.load(Ordering::Acquire) {
                 self.die(e);
+            }
+        }
+    }
+
+    /// Posts what is booked on further lane `i`, in order (the lane poster's thread). The lane's
+    /// bookkeeping lock is not held during a post (on soft-RoCE a post may move the data before
+    /// it returns, and completions must be handled meanwhile).
+    pub(crate) fn flush_lane(&self, i: usize) {
+        let Some(lane) = self.lanes.get(i) else {
+            return;
+        };
+        let mut qp = lane.qp.lock();
+        loop {
+            if !self.alive.load(Ordering::Acquire) {
+                // `die` may have found the QP busy: fail it now (flushes what is posted).
+                if let Some(q) = qp.as_mut() {
+                    if !q.is_error() {
+                        let _ = q.set_error();
+                    }
+                }
+                lane.st.lock().outbox.clear();
+                return;
+            }
+            let Some(wr) = lane.st.lock().outbox.pop_front() else {
+                return;
+            };
+            let Some(mr) = Regs::of(&wr.region).and_then(|r| r.on(lane.dev)) else {
+                drop(qp);
+                self.die(local_error(&wr.region, "is not registered on a lane's device"));
+                return;
+            };
+            let Some(q) = qp.as_mut() else {
+                return;
+            };
+            let sge = Sge::Mr {
+                mr,
+                offset: wr.offset,
+                len: wr.len,
+            };
+            if let Err(e) = q.post_send(wr.seq, wr.kind.send_op(wr.off, true), sge, true) {
+                drop(qp);
+                self.die(verbs_io("ibv_post_send", e));
+                return;
             }
         }
     }

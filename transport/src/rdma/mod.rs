@@ -73,6 +73,7 @@
 mod affinity;
 mod conn;
 pub mod handshake;
+mod lanes;
 mod poller;
 pub mod proto;
 pub mod wire;
@@ -88,6 +89,7 @@ use genie_sys::mem::SharedBuf;
 use genie_sys::verbs::describe;
 use genie_sys::verbs::{self, Context, Mr, ProtectionDomain};
 use parking_lot::Mutex;
+use lanes::LanePoster;
 use poller::Poller;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -152,8 +154,21 @@ pub(crate) fn open(config: TransportConfig) -> Result<Arc<dyn Transport>> {
         .map_err(|e| TransportError::io("getsockname", e))?;
     let id: EndpointId = rand::random();
     let (poller, poll_thread) = Poller::start()?;
+    let (lane_poster, lane_thread) = if config.rdma.qps > 1 {
+        match LanePoster::start() {
+            Ok((p, t)) => (Some(p), Some(t)),
+            Err(e) => {
+                poller.stop();
+                let _ = poll_thread.join();
+                return Err(e);
+            }
+        }
+    } else {
+        (None, None)
+    };
     let ep = Arc::new(Endpoint {
         poller,
+        lane_poster,
         table: RegionTable::new(id, Backend::Rdma),
         config,
         id,
@@ -174,6 +189,12 @@ pub(crate) fn open(config: TransportConfig) -> Result<Arc<dyn Transport>> {
         Err(e) => {
             ep.poller.stop();
             let _ = poll_thread.join();
+            if let Some(p) = &ep.lane_poster {
+                p.stop();
+            }
+            if let Some(t) = lane_thread {
+                let _ = t.join();
+            }
             return Err(TransportError::io("spawn", e));
         }
     };
@@ -182,6 +203,7 @@ pub(crate) fn open(config: TransportConfig) -> Result<Arc<dyn Transport>> {
         ep,
         accept_thread: Some(accept_thread),
         poll_thread: Some(poll_thread),
+        lane_thread,
     }))
 }
 
@@ -268,6 +290,8 @@ pub(crate) struct Endpoint {
     pub(crate) table: Arc<RegionTable>,
     /// The poller of all connections' completion and side channels.
     pub(crate) poller: Poller,
+    /// Posts striped parts on connections' further lanes (only with `rdma.qps` > 1).
+    pub(crate) lane_poster: Option<LanePoster>,
     incoming: AcceptQueue<Arc<dyn Connection>>,
     conns: Mutex<Vec<Weak<RdmaConn>>>,
     shutdown: AtomicBool,
@@ -334,6 +358,7 @@ pub struct RdmaTransport {
     ep: Arc<Endpoint>,
     accept_thread: Option<JoinHandle<()>>,
     poll_thread: Option<JoinHandle<()>>,
+    lane_thread: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for RdmaTransport {
@@ -365,6 +390,12 @@ impl Drop for RdmaTransport {
         // and are dropped with the poller's list.
         self.ep.poller.stop();
         if let Some(t) = self.poll_thread.take() {
+            let _ = t.join();
+        }
+        if let Some(p) = &self.ep.lane_poster {
+            p.stop();
+        }
+        if let Some(t) = self.lane_thread.take() {
             let _ = t.join();
         }
     }
