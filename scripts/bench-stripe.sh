@@ -67,6 +67,19 @@ pair_run() {
   echo "$res" | awk "\$1 == 67108864 { v = \$7 } END { print v }"
 }
 
+log "2 QPs vs 1 on one unlimited device ($GENIE_RDMA_DEVICE on lo), 64 MiB writes, $ROUNDS rounds"
+qp_run() { # qp_run QPS -> MB/s of 64 MiB writes, 2 in flight, both endpoints in one process
+  local o
+  o=$(timeout 90 "$PERF" --backend rdma -d "$GENIE_RDMA_DEVICE" --test write --sizes 67108864 -n 4 --window 2 --qps "$1" 2>&1)
+  echo "$o" | awk "\$1 == 67108864 { v = \$7 } END { print v }" | grep . || { echo "$o" | tail -3 >&2; echo 0; }
+}
+for r in $(seq 1 "$ROUNDS"); do
+  q1=$(qp_run 1)
+  q2=$(qp_run 2)
+  log "round $r: 1 QP $q1 MB/s, 2 QPs $q2 MB/s"
+  echo "RESULT two_qp $q1 $q2"
+done
+
 log "two links of $RATE each (veth + tbf), rxe on each end"
 sysctl -qw net.ipv4.conf.all.accept_local=1 net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0 >/dev/null
 n=10
@@ -88,15 +101,7 @@ one=$(pair_run 18515 -- -d rxegsa1 -- -d rxegsa0)
 log "one link (1 QP): ${one:-none} MB/s"
 two=$(pair_run 18516 --qps 2 -- -d rxegsa1 --devices rxegsb1 -- -d rxegsa0 --devices rxegsb0)
 log "two links (2 QPs, one per NIC): ${two:-none} MB/s"
-echo "RESULT two_nic ${one:-0} ${two:-0}"
-
-log "2 QPs vs 1 on one unlimited device ($GENIE_RDMA_DEVICE on lo), 64 MiB writes, $ROUNDS rounds"
-for r in $(seq 1 "$ROUNDS"); do
-  q1=$(timeout 60 "$PERF" --backend rdma -d "$GENIE_RDMA_DEVICE" --test write --sizes 67108864 -n 4 --window 2 --qps 1 2>&1 | awk "\$1 == 67108864 { v = \$7 } END { print v }")
-  q2=$(timeout 60 "$PERF" --backend rdma -d "$GENIE_RDMA_DEVICE" --test write --sizes 67108864 -n 4 --window 2 --qps 2 2>&1 | awk "\$1 == 67108864 { v = \$7 } END { print v }")
-  log "round $r: 1 QP ${q1:-none} MB/s, 2 QPs ${q2:-none} MB/s"
-  echo "RESULT two_qp ${q1:-0} ${q2:-0}"
-done'
+echo "RESULT two_nic ${one:-0} ${two:-0}"'
 
 echo "==> RDMA on soft-RoCE (two tbf-limited links at $RATE; 2 QPs on one device)"
 GENIE_SOFTROCE_TIMEOUT="${GENIE_SOFTROCE_TIMEOUT:-900}" \
@@ -112,7 +117,10 @@ two_qp=${two_qp:-failed}
 tcp="skipped"
 if [ "${GENIE_STRIPE_SKIP_TCP:-0}" != 1 ]; then
   echo "==> TCP: scripts/bench-tcp.sh (64 KiB x 32 in flight vs iperf3)"
-  tcp_line=$(GENIE_BENCH_ROUNDS="${GENIE_BENCH_ROUNDS:-3}" scripts/bench-tcp.sh | tee /dev/stderr | tail -1)
+  tcp_out="$(mktemp "${TMPDIR:-/tmp}/genie-stripe-tcp.XXXXXX")"
+  GENIE_BENCH_ROUNDS="${GENIE_BENCH_ROUNDS:-3}" scripts/bench-tcp.sh | tee "$tcp_out"
+  tcp_line=$(tail -1 "$tcp_out")
+  rm -f "$tcp_out"
   one_stream=$(echo "$tcp_line" | sed -n 's/.*write_64k_ratio_vs_iperf3=\([0-9.]*\).*/\1/p')
   tcp=$(echo "$tcp_line" | sed -n 's/.*write_64k_2streams_ratio_vs_iperf3=\([0-9.]*\).*/\1/p')
   echo "tcp 64 KiB x 32: one stream ${one_stream:-?}, two streams ${tcp:-?} (vs iperf3, median per-round ratio)"

@@ -713,7 +713,10 @@ mod tests {
             Some("rxe0")
         );
         let lanes = rdma(&["--qps", "4", "--devices", "rxe1,rxe2"]).unwrap();
-        assert_eq!((lanes.qps, lanes.devices.join(",")), (4, "rxe1,rxe2".into()));
+        assert_eq!(
+            (lanes.qps, lanes.devices.join(",")),
+            (4, "rxe1,rxe2".into())
+        );
         assert!(rdma(&["-i", "0"]).is_err(), "ports count from 1");
         assert!(rdma(&["-x", "256"]).is_err());
     }

@@ -492,7 +492,10 @@ mod tests {
         )
         .unwrap();
         let r = c.rdma_for(Some(0));
-        assert_eq!((r.qps, r.devices.as_slice()), (4, &["mlx5_1".to_string()][..]));
+        assert_eq!(
+            (r.qps, r.devices.as_slice()),
+            (4, &["mlx5_1".to_string()][..])
+        );
         assert_eq!(parse(&c.to_toml()).unwrap(), c);
         for bad in [
             "rdma = { port = 0 }\n[[workers]]\nname = \"a\"\naddress = \"127.0.0.1:7000\"\n",

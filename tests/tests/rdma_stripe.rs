@@ -123,9 +123,8 @@ fn notifications_follow_striped_data(make: &dyn Fn() -> TransportConfig) {
                     remote_offset: 0,
                     len,
                 };
-                let b = p
-                    .ab
-                    .post_batch(&[
+                let b =
+                    p.ab.post_batch(&[
                         t(TransferKind::Write, &src, LEN, &d),
                         t(TransferKind::WriteNotify(round), &flag, 64, &n),
                     ])
@@ -143,7 +142,10 @@ fn notifications_follow_striped_data(make: &dyn Fn() -> TransportConfig) {
         // Checked before anything else: the data must be there already.
         let got = crc(&dst, 0, LEN);
         assert_eq!(seen, round);
-        assert_eq!(got, want, "round {round}: the notification came before the data");
+        assert_eq!(
+            got, want,
+            "round {round}: the notification came before the data"
+        );
         for op in ops {
             op.wait(WAIT).unwrap();
         }
@@ -162,10 +164,9 @@ fn notifications_and_messages_follow_striped_data() {
 fn a_granted_private_region_is_reached_on_the_first_lane() {
     let p = pair(&|| lanes(2, &[]));
     let src = p.a.alloc_region(2 << 20).unwrap();
-    let private = p
-        .b
-        .alloc_private_region(2 << 20, genie_transport::RegionAccess::ReadWrite)
-        .unwrap();
+    let private =
+        p.b.alloc_private_region(2 << 20, genie_transport::RegionAccess::ReadWrite)
+            .unwrap();
     let d = p.ba.grant(&private).unwrap();
     fill(&src, 5);
     p.ab.write(&src, 1, &d, 2, (2 << 20) - 8)
@@ -204,4 +205,3 @@ fn bad_lane_settings_are_refused_with_typed_errors() {
         other => panic!("an unknown further device: {other:?}"),
     }
 }
-

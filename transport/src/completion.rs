@@ -735,12 +735,9 @@ mod tests {
         let mut parts = joint(whole, 3, PollMode::Blocking);
         parts.pop().unwrap().complete(Ok(()));
         assert!(op.poll().is_none());
-        parts
-            .pop()
-            .unwrap()
-            .complete(Err(TransportError::Timeout {
-                after: Duration::from_secs(1),
-            }));
+        parts.pop().unwrap().complete(Err(TransportError::Timeout {
+            after: Duration::from_secs(1),
+        }));
         assert!(op.poll().is_none(), "one part still pending");
         drop(parts); // the last part dropped: fails, and so completes the whole
         match op.wait(Duration::from_secs(1)) {

@@ -276,7 +276,10 @@ mod tests {
         assert_eq!((c.rdma.qps, c.rdma.devices.len()), (1, 0));
         let c: TransportConfig =
             serde_json::from_str(r#"{"rdma":{"qps":4,"devices":["rxe1"]}}"#).unwrap();
-        assert_eq!((c.rdma.qps, c.rdma.devices.as_slice()), (4, &["rxe1".to_string()][..]));
+        assert_eq!(
+            (c.rdma.qps, c.rdma.devices.as_slice()),
+            (4, &["rxe1".to_string()][..])
+        );
         // The flat names of before are unknown fields, not silently ignored.
         assert!(serde_json::from_str::<TransportConfig>(r#"{"rdma_device":"rxe0"}"#).is_err());
     }

@@ -499,10 +499,8 @@ fn create_lane(ep: &Endpoint, lane: usize, first: &LocalAddress) -> Result<NewLa
         let attrs = ctx
             .port_attrs()
             .map_err(|e| verbs_io("ibv_query_port", e))?;
-        choose_local(&attrs, None, None).map_err(|reason| TransportError::Addressing {
-            peer: None,
-            reason,
-        })?
+        choose_local(&attrs, None, None)
+            .map_err(|reason| TransportError::Addressing { peer: None, reason })?
     };
     let limits = ctx.limits();
     let sq_depth = SQ_DEPTH.min(limits.max_qp_wr.max(2));
@@ -553,7 +551,9 @@ impl NewLane {
     /// Moves the QP INIT→RTR→RTS towards the peer's lane.
     fn connect(mut self, agreed: &LaneAgreed) -> Result<Lane> {
         let Some(qp) = self.qp.take() else {
-            return Err(TransportError::InvalidArgument("lane connected twice".into()));
+            return Err(TransportError::InvalidArgument(
+                "lane connected twice".into(),
+            ));
         };
         let path = PathParams {
             route: agreed.route,
@@ -673,7 +673,10 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream, role: Role) -> Res
                     .and_then(|q| q.to_rts(psn, &path))
                     .map_err(|e| verbs_io("ibv_modify_qp", e))?;
                 // As many lanes as both sides offered; ours past that are dropped unused.
-                for (nl, la) in new_lanes.drain(..).zip(agreed.lanes.iter().map_while(|l| *l)) {
+                for (nl, la) in new_lanes
+                    .drain(..)
+                    .zip(agreed.lanes.iter().map_while(|l| *l))
+                {
                     lanes.push(nl.connect(&la)?);
                 }
                 rts = Some((qp, agreed));
@@ -1915,14 +1918,23 @@ impl RdmaConn {
     /// Posts a transfer cut into one part per lane ([`stripe::plan`]); `whole` completes when
     /// every part has (and, for a notification, the empty write that carries it, posted on the
     /// first lane after the parts, held until they are done: see [`Held`]).
-    fn submit_striped(&self, t: &Transfer<'_>, (uses, addr): (Vec<LaneUse<'_>>, u64), whole: Completer) {
+    fn submit_striped(
+        &self,
+        t: &Transfer<'_>,
+        (uses, addr): (Vec<LaneUse<'_>>, u64),
+        whole: Completer,
+    ) {
         let parts = stripe::plan(t.len, uses.len(), 0, true);
         let notify = match t.kind {
             TransferKind::WriteNotify(imm) => Some(imm),
             _ => None,
         };
         let is_read = matches!(t.kind, TransferKind::Read);
-        let mut completers = joint(whole, parts.len() + usize::from(notify.is_some()), self.mode);
+        let mut completers = joint(
+            whole,
+            parts.len() + usize::from(notify.is_some()),
+            self.mode,
+        );
         let mut first = Vec::with_capacity(2);
         for p in &parts {
             let (Some(u), Some(c)) = (uses.get(p.stream), completers.pop()) else {
@@ -1930,9 +1942,15 @@ impl RdmaConn {
             };
             let remote = addr + p.offset as u64;
             let kind = if is_read {
-                JobKind::Read { rkey: u.rkey, addr: remote }
+                JobKind::Read {
+                    rkey: u.rkey,
+                    addr: remote,
+                }
             } else {
-                JobKind::Write { rkey: u.rkey, addr: remote }
+                JobKind::Write {
+                    rkey: u.rkey,
+                    addr: remote,
+                }
             };
             if let Some(lane) = u.further() {
                 self.post_lane(lane, kind, t.local, t.local_offset + p.offset, p.len, c);
@@ -1981,9 +1999,7 @@ impl RdmaConn {
         completer: Completer,
     ) {
         let (Some(lane), Some(poster)) = (self.lanes.get(i), self.ep.lane_poster.as_ref()) else {
-            completer.complete(Err(TransportError::InvalidArgument(format!(
-                "no lane {i}"
-            ))));
+            completer.complete(Err(TransportError::InvalidArgument(format!("no lane {i}"))));
             return;
         };
         let piece = self.chunk.max(1);
@@ -2073,7 +2089,10 @@ impl RdmaConn {
             };
             let Some(mr) = Regs::of(&wr.region).and_then(|r| r.on(lane.dev)) else {
                 drop(qp);
-                self.die(local_error(&wr.region, "is not registered on a lane's device"));
+                self.die(local_error(
+                    &wr.region,
+                    "is not registered on a lane's device",
+                ));
                 return;
             };
             let Some(q) = qp.as_mut() else {

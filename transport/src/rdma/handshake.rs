@@ -347,19 +347,15 @@ impl Handshake {
                 self.action = Some(Action::CreateQp);
             }
             (State::CreatingQp, Frame::QpInfo { info, lanes, tag }) => {
-                self.auth.open(
-                    &sealed_qp_bytes(info, lanes),
-                    tag.as_ref().map(|t| &t[..]),
-                )?;
+                self.auth
+                    .open(&sealed_qp_bytes(info, lanes), tag.as_ref().map(|t| &t[..]))?;
                 if self.early_qp.replace((*info, lanes.clone())).is_some() {
                     return Err(self.unexpected("second qp-info"));
                 }
             }
             (State::QpInfo, Frame::QpInfo { info, lanes, tag }) => {
-                self.auth.open(
-                    &sealed_qp_bytes(info, lanes),
-                    tag.as_ref().map(|t| &t[..]),
-                )?;
+                self.auth
+                    .open(&sealed_qp_bytes(info, lanes), tag.as_ref().map(|t| &t[..]))?;
                 self.peer_qp(*info, lanes)?;
             }
             (State::Connecting(_), Frame::Ready) if !self.early_ready => self.early_ready = true,
@@ -608,8 +604,14 @@ mod tests {
         assert_eq!((a.lane_count(), b.lane_count()), (2, 2));
         for i in 0..2 {
             let (la, lb) = (a.lanes[i].unwrap(), b.lanes[i].unwrap());
-            assert_eq!((la.peer_qpn, la.peer_psn), (0x200 + i as u32 + 1, i as u32 + 1));
-            assert_eq!((lb.peer_qpn, lb.peer_psn), (0x100 + i as u32 + 1, i as u32 + 1));
+            assert_eq!(
+                (la.peer_qpn, la.peer_psn),
+                (0x200 + i as u32 + 1, i as u32 + 1)
+            );
+            assert_eq!(
+                (lb.peer_qpn, lb.peer_psn),
+                (0x100 + i as u32 + 1, i as u32 + 1)
+            );
             assert_eq!(la.route.grh.unwrap().dgid, lane(2, i as u32 + 1).1.gid);
             assert_eq!(lb.route.grh.unwrap().dgid, lane(1, i as u32 + 1).1.gid);
         }

@@ -307,7 +307,9 @@ impl Loop {
                     Token(id * TOKENS + T_LANE + i),
                     Interest::READABLE,
                 ),
-                None => Err(std::io::Error::other("a lane's CQ has no completion channel")),
+                None => Err(std::io::Error::other(
+                    "a lane's CQ has no completion channel",
+                )),
             };
             if let Err(e) = r {
                 failed.get_or_insert(e);

@@ -669,14 +669,13 @@ mod tests {
                     }
                 }
                 Ok(Incoming::Query { req, region, key }) => {
-                    let (status, verdict) =
-                        region_status(
-                            &a.regions,
-                            a.granted.get(&region).copied(),
-                            region,
-                            key,
-                            |_| LaneKeys::default(),
-                        );
+                    let (status, verdict) = region_status(
+                        &a.regions,
+                        a.granted.get(&region).copied(),
+                        region,
+                        key,
+                        |_| LaneKeys::default(),
+                    );
                     b.frames_in.push_back(Frame::RegionInfo { req, status });
                     if let Err(v) = verdict {
                         a.failed = Some(v);
