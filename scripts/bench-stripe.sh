@@ -104,7 +104,7 @@ log "two links (2 QPs, one per NIC): ${two:-none} MB/s"
 echo "RESULT two_nic ${one:-0} ${two:-0}"'
 
 echo "==> RDMA on soft-RoCE (two tbf-limited links at $RATE; 2 QPs on one device)"
-GENIE_SOFTROCE_TIMEOUT="${GENIE_SOFTROCE_TIMEOUT:-900}" \
+GENIE_SOFTROCE_MEM="${GENIE_SOFTROCE_MEM:-3072}" GENIE_SOFTROCE_TIMEOUT="${GENIE_SOFTROCE_TIMEOUT:-900}" \
   scripts/softroce.sh -- bash -c "$guest" guest "$PERF" "$RATE" "$ROUNDS" | tee "$out"
 
 # Serial-console lines may carry \r; take the numbers only.

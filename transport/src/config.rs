@@ -124,8 +124,9 @@ pub struct RdmaConfig {
     /// Queue pairs ("lanes") per connection, 1 to [`RdmaConfig::MAX_QPS`]; anything else is
     /// refused by [`crate::open`] with [`crate::TransportError::InvalidArgument`]. Default 1.
     /// With more, transfers of at least 256 KiB are striped over the lanes, and the two ends use
-    /// the smaller of their two settings (see [`crate::rdma`]). The first lane carries messages
-    /// and notifications as with one QP.
+    /// the smaller of their two settings (the RDMA backend's module docs, "Lanes"). The first
+    /// lane carries messages and notifications as with one QP; one posted after a striped
+    /// transfer waits until every part has landed.
     pub qps: usize,
     /// Further RDMA devices (NICs) of this host, by name, that a connection's lanes spread over:
     /// the lanes go round [`RdmaConfig::device`] and these, the first lane always on `device`,

@@ -10,6 +10,25 @@
 //! the smaller side, and swap `Ready`. Handshakes run on their own threads, at most
 //! [`crate::accept::MAX_HANDSHAKES`] at once, each within one peer timeout.
 //!
+//! # Lanes: several QPs and NICs per connection
+//!
+//! With [`crate::config::RdmaConfig::qps`] > 1 a connection has further QPs ("lanes"), each with
+//! its own CQ, going round the endpoint's device and [`crate::config::RdmaConfig::devices`] (the
+//! further devices ordered by NUMA affinity to the opening thread, where sysfs says; every region
+//! is registered on each device). The handshake's QP info lists every lane's QP number, PSN and
+//! address; the connection uses as many lanes as the side with fewer offers. The first lane is
+//! the connection of one QP (messages, notifications, credits, memory windows). A one-sided
+//! transfer of at least 256 KiB to a region the lanes can reach is cut into one part per lane
+//! ([`crate::tcp::stripe::plan`]) and completes when every part has
+//! (`completion::joint`); a private (granted) region is reached on the first lane only.
+//! The peer says a region's key on each lane in its region-check answer. Further lanes' requests
+//! are posted by one lane-poster thread per endpoint (soft-RoCE moves a request's data inside the
+//! post). Order: a notification or message posted after a striped transfer is held back until
+//! every earlier part on the further lanes has completed, and then posted by whichever thread
+//! sees that completion, so neither the peer sees it before the data nor does the submitter wait.
+//! A read does not wait for a striped write in flight: wait for the write before reading back the
+//! same bytes.
+//!
 //! # Addressing
 //!
 //! The device, port and GID index come from [`crate::config::RdmaConfig`] (perftest's `-d`, `-i`,
