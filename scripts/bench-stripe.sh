@@ -71,7 +71,7 @@ log "2 QPs vs 1 on one unlimited device ($GENIE_RDMA_DEVICE on lo), 64 MiB write
 qp_run() { # qp_run QPS -> MB/s of 64 MiB writes, 2 in flight, both endpoints in one process
   local o
   o=$(timeout 90 "$PERF" --backend rdma -d "$GENIE_RDMA_DEVICE" --test write --sizes 67108864 -n 4 --window 2 --qps "$1" 2>&1)
-  echo "$o" | awk "\$1 == 67108864 { v = \$7 } END { print v }" | grep . || { echo "$o" | tail -3 >&2; echo 0; }
+  echo "$o" | awk "\$1 == 67108864 { v = \$7 } END { print v }" | grep . || { echo "$o" | grep -v "^ *[0-9]*: \|^ *at " | tail -6 >&2; echo 0; }
 }
 for r in $(seq 1 "$ROUNDS"); do
   q1=$(qp_run 1)
