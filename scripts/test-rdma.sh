@@ -68,15 +68,21 @@ if ! rdma link show 2>/dev/null | grep -q "^link rxe1/"; then
 fi
 export GENIE_RDMA_DEVICE2=rxe1
 status=0
+# The peer-killed case at 2 QPs runs alone afterwards: two 16 x 64 MiB transfers at once (1 and 2 QPs)
+# starve the emulated CPUs of the heartbeats and fail their set-up, not what the test checks.
 for t in "$@"; do
   echo "==> $t"
-  if ! "$t" --test-threads='"$threads"' '"${filter:+$(printf %q "$filter")}"'; then status=1; break; fi
+  skip=""
+  case "$t" in */rdma_conformance-*) skip="--skip two_qps::peer_process_killed_mid_transfer" ;; esac
+  if ! "$t" --test-threads='"$threads"' $skip '"${filter:+$(printf %q "$filter")}"'; then status=1; break; fi
 done
 # The heavy scale case (256 connections) alone, after the others, with its figures printed.
 for t in "$@"; do
   case "$t" in
     */rdma_conformance-*)
       if [ $status -eq 0 ]; then
+        echo "==> $t two_qps::peer_process_killed_mid_transfer (alone)"
+        "$t" --test-threads=1 --exact two_qps::peer_process_killed_mid_transfer || status=1
         echo "==> $t --ignored (alone)"
         "$t" --ignored --test-threads=1 --nocapture '"${filter:+$(printf %q "$filter")}"' || status=1
       fi ;;
