@@ -580,6 +580,13 @@ pub struct PerfCli {
     /// TCP streams per connection (`tcp.streams`; both ends use the smaller of their settings).
     #[arg(long, default_value_t = 1)]
     pub streams: usize,
+    /// RDMA queue pairs per connection (`rdma.qps`, 1 to 8; both ends use the smaller of their
+    /// settings): transfers of 256 KiB or more are striped over them.
+    #[arg(long, default_value_t = 1)]
+    pub qps: usize,
+    /// Further RDMA devices the queue pairs spread over (`rdma.devices`, comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub devices: Vec<String>,
 }
 
 /// Parses `--backend`, listing its values in `--help` as a clap value enum would.
@@ -607,6 +614,8 @@ impl PerfCli {
                 device: self.rdma_device.clone(),
                 port: self.ib_port,
                 gid_index: self.gid_index,
+                qps: self.qps,
+                devices: self.devices.clone(),
             },
             tcp: TcpConfig {
                 streams: self.streams,
@@ -692,6 +701,7 @@ mod tests {
             device: Some("mlx5_1".into()),
             port: 2,
             gid_index: Some(3),
+            ..RdmaConfig::default()
         };
         assert_eq!(rdma(&["-d", "mlx5_1", "-i", "2", "-x", "3"]).unwrap(), want);
         assert_eq!(
@@ -701,6 +711,11 @@ mod tests {
         assert_eq!(
             rdma(&["--rdma-device", "rxe0"]).unwrap().device.as_deref(),
             Some("rxe0")
+        );
+        let lanes = rdma(&["--qps", "4", "--devices", "rxe1,rxe2"]).unwrap();
+        assert_eq!(
+            (lanes.qps, lanes.devices.join(",")),
+            (4, "rxe1,rxe2".into())
         );
         assert!(rdma(&["-i", "0"]).is_err(), "ports count from 1");
         assert!(rdma(&["-x", "256"]).is_err());

@@ -301,6 +301,9 @@ impl Cluster {
                     "ports count from 1".into(),
                 ));
             }
+            if let Some(Err(e)) = w.rdma.as_ref().map(RdmaConfig::validate) {
+                return Err(field(format!("workers[{i}].rdma"), e));
+            }
             workers.push(WorkerSpec {
                 name: w.name,
                 address,
@@ -318,6 +321,7 @@ impl Cluster {
             Some(ms) => peer_timeout_from_ms(ms)
                 .map_err(|e| field("peer_timeout_ms".into(), e.to_string()))?,
         };
+        rdma.validate().map_err(|e| field("rdma".into(), e))?;
         let cluster = Self {
             workers,
             secret,
@@ -455,6 +459,12 @@ fn rdma_toml(r: &RdmaConfig) -> String {
     if let Some(x) = r.gid_index {
         fields.push(format!("gid_index = {x}"));
     }
+    if r.qps != 1 {
+        fields.push(format!("qps = {}", r.qps));
+    }
+    if !r.devices.is_empty() {
+        fields.push(format!("devices = {:?}", r.devices));
+    }
     format!("{{ {} }}", fields.join(", "))
 }
 
@@ -526,16 +536,31 @@ mod tests {
             device: Some(device.into()),
             port,
             gid_index,
+            ..RdmaConfig::default()
         };
         assert_eq!(c.rdma_for(None), want("mlx5_0", 1, Some(3)));
         assert_eq!(c.rdma_for(Some(0)), want("mlx5_0", 1, Some(3)));
         assert_eq!(c.rdma_for(Some(1)), want("mlx5_1", 2, None));
+        assert_eq!(parse(&c.to_toml()).unwrap(), c);
+        // Lanes: several QPs, spread over further devices; round-trips too.
+        let c = parse(
+            "rdma = { device = \"mlx5_0\", qps = 4, devices = [\"mlx5_1\"] }\n\
+             [[workers]]\nname = \"a\"\naddress = \"127.0.0.1:7000\"\n",
+        )
+        .unwrap();
+        let r = c.rdma_for(Some(0));
+        assert_eq!(
+            (r.qps, r.devices.as_slice()),
+            (4, &["mlx5_1".to_string()][..])
+        );
         assert_eq!(parse(&c.to_toml()).unwrap(), c);
         for bad in [
             "rdma = { port = 0 }\n[[workers]]\nname = \"a\"\naddress = \"127.0.0.1:7000\"\n",
             "[[workers]]\nname = \"a\"\naddress = \"127.0.0.1:7000\"\nrdma = { port = 0 }\n",
             "rdma = { gid_index = 300 }\n[[workers]]\nname = \"a\"\naddress = \"127.0.0.1:7000\"\n",
             "rdma = { gid = 3 }\n[[workers]]\nname = \"a\"\naddress = \"127.0.0.1:7000\"\n",
+            "rdma = { qps = 9 }\n[[workers]]\nname = \"a\"\naddress = \"127.0.0.1:7000\"\n",
+            "[[workers]]\nname = \"a\"\naddress = \"127.0.0.1:7000\"\nrdma = { devices = [\"x\"] }\n",
         ] {
             assert!(parse(bad).is_err(), "{bad}");
         }

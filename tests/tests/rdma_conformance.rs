@@ -21,6 +21,18 @@ fn rdma() -> TransportConfig {
 
 genie_tests::conformance_tests!(rdma);
 
+/// The suite again with each connection over two queue pairs (transfers of 256 KiB or more
+/// striped over both), the peer killed mid-transfer included.
+mod two_qps {
+    use super::*;
+    fn rdma2() -> TransportConfig {
+        let mut c = rdma();
+        c.rdma.qps = 2;
+        c
+    }
+    genie_tests::conformance_tests!(rdma2);
+}
+
 /// The busy-poll mode (the waiting thread drives the CQ) passes the core cases too.
 #[test]
 fn busy_poll_integrity_and_notifications() {

@@ -141,8 +141,70 @@ struct OpState {
     lock: Mutex<HeldRegions>,
     cv: Condvar,
     batch: Option<Arc<BatchState>>,
+    /// A part of a joint operation (see [`joint`]): told when this part completes.
+    joint: Option<Arc<JointState>>,
     mode: PollMode,
     progress: Option<DriveHook>,
+}
+
+/// The shared side of a joint operation's parts (see [`joint`]).
+struct JointState {
+    /// Parts not yet complete.
+    left: AtomicUsize,
+    /// The first part's error.
+    error: OnceLock<TransportError>,
+    /// The operation the parts make up; completed by the last part.
+    whole: Mutex<Option<Completer>>,
+}
+
+impl JointState {
+    fn part_done(&self, err: Option<&TransportError>) {
+        if let Some(e) = err {
+            let _ = self.error.set(e.clone());
+        }
+        // AcqRel: the part that takes the count to zero sees every other part's error (each set
+        // its error before its decrement).
+        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            if let Some(c) = self.whole.lock().take() {
+                c.complete(self.error.get().cloned().map_or(Ok(()), Err));
+            }
+        }
+    }
+}
+
+/// Splits the operation of `whole` into `parts` completers (a transfer striped over several
+/// queue pairs or streams): `whole` completes once every part has, with the first part's error
+/// if any failed. Dropping a part without completing it fails it (so `whole` never hangs).
+/// With `parts == 0`, `whole` completes at once.
+#[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+pub(crate) fn joint(whole: Completer, parts: usize, mode: PollMode) -> Vec<Completer> {
+    if parts == 0 {
+        whole.complete(Ok(()));
+        return Vec::new();
+    }
+    let state = Arc::new(JointState {
+        left: AtomicUsize::new(parts),
+        error: OnceLock::new(),
+        whole: Mutex::new(Some(whole)),
+    });
+    (0..parts)
+        .map(|_| {
+            let st = Arc::new(OpState {
+                state: AtomicU8::new(PENDING),
+                error: OnceLock::new(),
+                lock: Mutex::new(HeldRegions::None),
+                cv: Condvar::new(),
+                batch: None,
+                joint: Some(Arc::clone(&state)),
+                mode,
+                progress: None,
+            });
+            Completer {
+                state: Some(st),
+                done: false,
+            }
+        })
+        .collect()
 }
 
 /// The regions an operation keeps alive: one region needs no allocation (the common case: a
@@ -286,6 +348,7 @@ impl Op {
             lock: Mutex::new(keep),
             cv: Condvar::new(),
             batch,
+            joint: None,
             mode,
             progress,
         });
@@ -425,7 +488,7 @@ impl Completer {
         self.done = true;
         self.finish(result);
         if let Some(state) = self.state.take() {
-            if ok && state.batch.is_none() {
+            if ok && state.batch.is_none() && state.joint.is_none() {
                 debug_assert_eq!(state.mode, pool.mode);
                 pool.give_back(state);
             }
@@ -437,6 +500,9 @@ impl Completer {
             return;
         };
         let failed = result.is_err();
+        if let Some(j) = &s.joint {
+            j.part_done(result.as_ref().err());
+        }
         if let Err(e) = result {
             let _ = s.error.set(e);
         }
@@ -662,6 +728,32 @@ mod tests {
     use super::*;
     use parking_lot::Mutex;
     use std::sync::atomic::AtomicUsize;
+
+    #[test]
+    fn joint_completes_after_its_last_part_with_the_first_error() {
+        let (op, whole) = Op::new(PollMode::Blocking, Vec::new());
+        let mut parts = joint(whole, 3, PollMode::Blocking);
+        parts.pop().unwrap().complete(Ok(()));
+        assert!(op.poll().is_none());
+        parts.pop().unwrap().complete(Err(TransportError::Timeout {
+            after: Duration::from_secs(1),
+        }));
+        assert!(op.poll().is_none(), "one part still pending");
+        drop(parts); // the last part dropped: fails, and so completes the whole
+        match op.wait(Duration::from_secs(1)) {
+            Err(TransportError::Timeout { .. }) => {}
+            other => panic!("the first error should win: {other:?}"),
+        }
+
+        let (op, whole) = Op::new(PollMode::Blocking, Vec::new());
+        for p in joint(whole, 2, PollMode::Blocking) {
+            p.complete(Ok(()));
+        }
+        op.wait(Duration::from_secs(1)).unwrap();
+        let (op, whole) = Op::new(PollMode::Blocking, Vec::new());
+        assert!(joint(whole, 0, PollMode::Blocking).is_empty());
+        op.wait(Duration::from_secs(1)).unwrap();
+    }
 
     #[test]
     fn op_completes_once_and_wakes_waiters() {

@@ -121,6 +121,58 @@ pub struct RdmaConfig {
     /// on InfiniBand none (LID routing). Given, it must hold a GID, and on InfiniBand it makes
     /// every packet carry a GRH. Default none.
     pub gid_index: Option<u8>,
+    /// Queue pairs ("lanes") per connection, 1 to [`RdmaConfig::MAX_QPS`]; anything else is
+    /// refused by [`crate::open`] with [`crate::TransportError::InvalidArgument`]. Default 1.
+    /// With more, transfers of at least 256 KiB are striped over the lanes, and the two ends use
+    /// the smaller of their two settings (the RDMA backend's module docs, "Lanes"). The first
+    /// lane carries messages and notifications as with one QP; one posted after a striped
+    /// transfer waits until every part has landed.
+    pub qps: usize,
+    /// Further RDMA devices (NICs) of this host, by name, that a connection's lanes spread over:
+    /// the lanes go round [`RdmaConfig::device`] and these, the first lane always on `device`,
+    /// the others in the order of NUMA affinity (devices on the opening thread's node first) where
+    /// the kernel says. Each must use port [`RdmaConfig::port`]; a name that is no usable device
+    /// fails [`crate::open`]. Needs `qps` of at least 2 to be used. Default none.
+    pub devices: Vec<String>,
+}
+
+impl RdmaConfig {
+    /// Most queue pairs one connection may use.
+    pub const MAX_QPS: usize = 8;
+
+    /// Checks `qps` and `devices` (a typed refusal rather than a surprise at connect time).
+    pub fn validate(&self) -> Result<(), String> {
+        if !(1..=Self::MAX_QPS).contains(&self.qps) {
+            return Err(format!(
+                "rdma.qps = {}: must be 1 to {}",
+                self.qps,
+                Self::MAX_QPS
+            ));
+        }
+        if !self.devices.is_empty() && self.qps < 2 {
+            return Err(format!(
+                "rdma.devices lists {} further device(s) but rdma.qps is {}: lanes spread over \
+                 devices, so set qps to at least 2",
+                self.devices.len(),
+                self.qps
+            ));
+        }
+        if self.devices.len() >= Self::MAX_QPS {
+            return Err(format!(
+                "rdma.devices lists {} devices: at most {}",
+                self.devices.len(),
+                Self::MAX_QPS - 1
+            ));
+        }
+        for (i, d) in self.devices.iter().enumerate() {
+            if d.is_empty() || self.devices[..i].contains(d) || self.device.as_ref() == Some(d) {
+                return Err(format!(
+                    "rdma.devices: {d:?} is empty or named twice (rdma.device included)"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for RdmaConfig {
@@ -129,6 +181,8 @@ impl Default for RdmaConfig {
             device: None,
             port: 1,
             gid_index: None,
+            qps: 1,
+            devices: Vec::new(),
         }
     }
 }
@@ -178,6 +232,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn rdma_lanes_are_validated() {
+        let ok = |qps, devices: &[&str]| {
+            RdmaConfig {
+                qps,
+                devices: devices.iter().map(|s| s.to_string()).collect(),
+                device: Some("rxe0".into()),
+                ..RdmaConfig::default()
+            }
+            .validate()
+        };
+        assert!(ok(1, &[]).is_ok());
+        assert!(ok(8, &["rxe1", "rxe2"]).is_ok());
+        assert!(ok(0, &[]).unwrap_err().contains("rdma.qps = 0"));
+        assert!(ok(9, &[]).unwrap_err().contains("must be 1 to 8"));
+        assert!(ok(1, &["rxe1"]).unwrap_err().contains("at least 2"));
+        assert!(ok(2, &["rxe1", "rxe1"]).unwrap_err().contains("twice"));
+        assert!(ok(2, &["rxe0"]).unwrap_err().contains("twice"));
+        assert!(ok(2, &[""]).is_err());
+    }
+
+    #[test]
     fn partial_json_keeps_defaults() {
         let c: TransportConfig =
             serde_json::from_str(r#"{"backend":"tcp","peer_timeout":500}"#).unwrap();
@@ -199,6 +274,13 @@ mod tests {
         let c: TransportConfig =
             serde_json::from_str(r#"{"rdma":{"device":"mlx5_1","port":2,"gid_index":3}}"#).unwrap();
         assert_eq!((c.rdma.port, c.rdma.gid_index), (2, Some(3)));
+        assert_eq!((c.rdma.qps, c.rdma.devices.len()), (1, 0));
+        let c: TransportConfig =
+            serde_json::from_str(r#"{"rdma":{"qps":4,"devices":["rxe1"]}}"#).unwrap();
+        assert_eq!(
+            (c.rdma.qps, c.rdma.devices.as_slice()),
+            (4, &["rxe1".to_string()][..])
+        );
         // The flat names of before are unknown fields, not silently ignored.
         assert!(serde_json::from_str::<TransportConfig>(r#"{"rdma_device":"rxe0"}"#).is_err());
     }

@@ -353,6 +353,11 @@ pub fn open(config: TransportConfig) -> Result<Arc<dyn Transport>> {
 pub fn open_with_selection(
     config: TransportConfig,
 ) -> Result<(Arc<dyn Transport>, BackendSelection)> {
+    // Checked whatever the backend: a cluster file with a bad value fails on every host alike.
+    config
+        .rdma
+        .validate()
+        .map_err(TransportError::InvalidArgument)?;
     let sel = select_backend(&config)?;
     if config.backend == BackendChoice::Auto {
         tracing::info!(backend = %sel.backend, reason = %sel.reason, "transport backend selected");

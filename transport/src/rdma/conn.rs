@@ -4,21 +4,25 @@
 //! connection's completion channel or side channel has something; this file posts, polls and
 //! moves frames.
 
-use super::handshake::{Action, Agreed, Handshake, HandshakeError};
+use super::handshake::{Action, Agreed, Handshake, HandshakeError, LaneAgreed};
 use super::proto::{
     self, remote_range, Incoming, PeerRegion, Queries, Reassembly, RecvCredits, RegionCache,
     SendCredits, SideChannel, Violation,
 };
-use super::wire::{write_frame, Frame, FrameReader, QpInfo, ACCESS_READ, ACCESS_WRITE, SEG_HEADER};
-use super::Endpoint;
+use super::wire::{
+    write_frame, Frame, FrameReader, LaneKeys, QpInfo, ACCESS_READ, ACCESS_WRITE, MAX_LANES,
+    SEG_HEADER,
+};
+use super::{Endpoint, Regs};
 use crate::auth::Role;
 use crate::codec::DecodeError;
-use crate::completion::{Batch, BatchBuilder, Completer, DriveHook, Op, OpPool};
+use crate::completion::{joint, Batch, BatchBuilder, Completer, DriveHook, Op, OpPool};
 use crate::config::{Backend, PollMode};
 use crate::error::{Result, TransportError};
 use crate::inbound::InboundQueue;
 use crate::liveness::Timer;
 use crate::region::{EndpointId, Region, RegionAccess, RemoteRegion};
+use crate::tcp::stripe::{self, STRIPE_MIN};
 use crate::{Connection, Transfer, TransferKind};
 use genie_sys::addressing::{choose_local, LocalAddress};
 use genie_sys::clock::SpinDeadline;
@@ -146,6 +150,73 @@ struct State {
     /// Sequence number of the last send that used each staging slot.
     slot_seq: [u64; SEND_SLOTS],
     next_slot: usize,
+    /// Notifications and message segments held back until the stripes posted before them on
+    /// the further lanes have completed (see [`Held`]), in order.
+    held: VecDeque<Held>,
+}
+
+/// A notification or message segment for the first lane that waits for earlier stripes on the
+/// further lanes: RC orders one QP only, so posting it at once could let the peer see it before
+/// the data. It is posted, without blocking anyone, by whichever thread handles the completion
+/// that passes its fence (a lane's stripe, a first-lane request that frees room, a credit return).
+struct Held {
+    kind: JobKind,
+    local: HeldData,
+    completer: Option<Completer>,
+    remote_region: u64,
+    /// Per further lane: the sequence number that lane must have retired first.
+    fence: [u64; MAX_LANES],
+}
+
+/// A held request's payload: owned, as it outlives the submission.
+enum HeldData {
+    Inline(InlineBuf),
+    Slot { slot: usize, len: usize },
+}
+
+/// A further lane of a connection (`RdmaConfig::qps` > 1): a QP of its own, on the endpoint's
+/// device or a further one, with its own CQ, carrying only parts of striped transfers (RDMA WRITE
+/// and READ: no receives, no credits). Every request is signalled. Submitters book requests in
+/// `st` and queue them; the endpoint's lane poster ([`super::lanes`]) posts them.
+struct Lane {
+    // Field order is drop order: the QP before its CQ.
+    /// The QP, locked only to post (the lane poster) or to fail it (`die`, which does not wait
+    /// for a post in progress: the poster fails the QP itself once it sees the connection dead).
+    qp: Mutex<Option<QueuePair<Rts>>>,
+    st: Mutex<LaneState>,
+    cq: CompletionQueue,
+    /// Held while polling the CQ (completions of a lane are handled in order); its scratch.
+    poll: Mutex<Vec<Completion>>,
+    /// Its device: 0 the endpoint's, `i` the `i`-th of [`Endpoint::extra`].
+    dev: usize,
+    sq_depth: u32,
+    /// Notified when requests retire (room in the send queue).
+    space: Condvar,
+    /// The last sequence number posted and retired, readable without the lock (the fences of
+    /// [`Held`] requests). Stored under the lock, after the change.
+    posted: AtomicU64,
+    retired: AtomicU64,
+}
+
+struct LaneState {
+    next_seq: u64,
+    /// Booked (queued or posted) and not yet retired: sequence number and, on a part's last
+    /// request, its completer.
+    pending: VecDeque<(u64, Option<Completer>)>,
+    /// Booked and not yet posted, in sequence order.
+    outbox: VecDeque<LaneWr>,
+}
+
+/// A request of a striped part, booked on a lane and not yet posted. Holds its region, so its
+/// memory and registration outlive the post.
+struct LaneWr {
+    seq: u64,
+    kind: JobKind,
+    /// Offset of this request in the part's remote range (see [`JobKind::send_op`]).
+    off: usize,
+    region: Region,
+    offset: usize,
+    len: usize,
 }
 
 /// The connection shared by the user's handle and the endpoint's poller.
@@ -210,6 +281,13 @@ pub(crate) struct RdmaConn {
     /// `State::retired`, readable without the state lock: stored (under the lock) after each
     /// change, so a submitter that sees its request here knows its completion was handled.
     retired: AtomicU64,
+    /// The further lanes (empty with one QP). Declared after `state`: the first lane's QP goes
+    /// first, then these.
+    lanes: Vec<Lane>,
+    /// Peer regions' keys on the further lanes, from the region checks (as `cache`).
+    lane_keys: Mutex<HashMap<(u64, u64), LaneKeys>>,
+    /// This connection, for the lane poster's queue.
+    me: std::sync::Weak<RdmaConn>,
 }
 
 /// A private region granted on one connection: a type-2 memory window bound to its QP.
@@ -392,6 +470,123 @@ fn create_qp(ep: &Endpoint, local: &LocalAddress, psn: u32) -> Result<NewQp> {
     })
 }
 
+/// A further lane's verbs resources before the QP is connected.
+struct NewLane {
+    qp: Option<QueuePair<genie_sys::verbs::Init>>,
+    cq: CompletionQueue,
+    dev: usize,
+    psn: u32,
+    sq_depth: u32,
+    local: LocalAddress,
+    max_rd_atomic: u8,
+}
+
+/// Creates lane `lane`'s CQ and QP (lanes go round the endpoint's device and its further ones;
+/// the first lane is always on the endpoint's device). Its address is chosen on its own port:
+/// the configured GID index applies to the endpoint's device only.
+fn create_lane(ep: &Endpoint, lane: usize, first: &LocalAddress) -> Result<NewLane> {
+    let dev = lane % (1 + ep.extra.len());
+    let (ctx, pd) = match dev {
+        0 => (&ep.ctx, &ep.pd),
+        d => {
+            let x = &ep.extra[d - 1];
+            (&x.ctx, &x.pd)
+        }
+    };
+    let local = if dev == 0 {
+        *first
+    } else {
+        let attrs = ctx
+            .port_attrs()
+            .map_err(|e| verbs_io("ibv_query_port", e))?;
+        choose_local(&attrs, None, None)
+            .map_err(|reason| TransportError::Addressing { peer: None, reason })?
+    };
+    let limits = ctx.limits();
+    let sq_depth = SQ_DEPTH.min(limits.max_qp_wr.max(2));
+    let cq = ctx
+        .create_cq(sq_depth + 8, true)
+        .map_err(|e| verbs_io("ibv_create_cq", e))?;
+    let qp = pd
+        .create_rc_qp(
+            &cq,
+            &cq,
+            QpCaps {
+                max_send_wr: sq_depth,
+                max_recv_wr: 1,
+                max_inline_data: 0,
+            },
+        )
+        .map_err(|e| verbs_io("ibv_create_qp", e))?;
+    Ok(NewLane {
+        qp: Some(qp),
+        cq,
+        dev,
+        psn: rand::random::<u32>() & 0xff_ffff,
+        sq_depth,
+        local,
+        max_rd_atomic: limits.max_rd_atomic.clamp(1, 16),
+    })
+}
+
+impl NewLane {
+    /// This lane's part of our QP info (no receives: no credits, no receive size).
+    fn info(&self) -> (QpInfo, LocalAddress) {
+        let qpn = self.qp.as_ref().map_or(0, |q| q.qpn());
+        let info = QpInfo {
+            qpn,
+            psn: self.psn,
+            link_layer: self.local.link_layer,
+            gid_type: self.local.gid_type,
+            flags: 0,
+            lid: 0,
+            gid: [0; 16],
+            mtu: 0,
+            credits: 0,
+            recv_size: 0,
+        };
+        (info, self.local)
+    }
+
+    /// Moves the QP INIT→RTR→RTS towards the peer's lane.
+    fn connect(mut self, agreed: &LaneAgreed) -> Result<Lane> {
+        let Some(qp) = self.qp.take() else {
+            return Err(TransportError::InvalidArgument(
+                "lane connected twice".into(),
+            ));
+        };
+        let path = PathParams {
+            route: agreed.route,
+            max_rd_atomic: self.max_rd_atomic,
+            timeout: 14,
+            retry_cnt: 7,
+        };
+        let remote = QpEndpoint {
+            qpn: agreed.peer_qpn,
+            psn: agreed.peer_psn,
+        };
+        let qp = qp
+            .to_rtr(self.psn, &remote, &path)
+            .and_then(|q| q.to_rts(self.psn, &path))
+            .map_err(|e| verbs_io("ibv_modify_qp", e))?;
+        Ok(Lane {
+            qp: Mutex::new(Some(qp)),
+            st: Mutex::new(LaneState {
+                next_seq: 1,
+                pending: VecDeque::new(),
+                outbox: VecDeque::new(),
+            }),
+            cq: self.cq,
+            poll: Mutex::new(Vec::with_capacity(32)),
+            dev: self.dev,
+            sq_depth: self.sq_depth,
+            space: Condvar::new(),
+            posted: AtomicU64::new(0),
+            retired: AtomicU64::new(0),
+        })
+    }
+}
+
 /// Sets up a connection over the side channel `s`, as the side that connected (`Role::Client`)
 /// or accepted (`Role::Server`), within one overall deadline of the peer timeout. The peer is
 /// authenticated before any verbs resource exists (see [`super::handshake`]).
@@ -419,6 +614,8 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream, role: Role) -> Res
     let mut hs = Handshake::new(role, secret, ep.id, local, rand::random());
     let mut reader = FrameReader::default();
     let mut new_qp: Option<NewQp> = None;
+    let mut new_lanes: Vec<NewLane> = Vec::new();
+    let mut lanes: Vec<Lane> = Vec::new();
     let mut rts: Option<(QueuePair<Rts>, Agreed)> = None;
     let agreed = loop {
         while let Some(f) = hs.poll_send() {
@@ -438,7 +635,11 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream, role: Role) -> Res
                     ));
                 }
                 let q = create_qp(ep, &local, psn)?;
-                if let Err(e) = hs.qp_created(q.info) {
+                new_lanes = (1..ep.config.rdma.qps)
+                    .map(|i| create_lane(ep, i, &local))
+                    .collect::<Result<_>>()?;
+                let offered = new_lanes.iter().map(NewLane::info).collect();
+                if let Err(e) = hs.qp_created(q.info, offered) {
                     // Best effort: our QP info, so that the peer names the mismatch too.
                     while let Some(f) = hs.poll_send() {
                         let _ = write_frame(&mut s, &f);
@@ -471,6 +672,13 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream, role: Role) -> Res
                     .to_rtr(psn, &remote, &path)
                     .and_then(|q| q.to_rts(psn, &path))
                     .map_err(|e| verbs_io("ibv_modify_qp", e))?;
+                // As many lanes as both sides offered; ours past that are dropped unused.
+                for (nl, la) in new_lanes
+                    .drain(..)
+                    .zip(agreed.lanes.iter().map_while(|l| *l))
+                {
+                    lanes.push(nl.connect(&la)?);
+                }
                 rts = Some((qp, agreed));
                 hs.connected().map_err(|e| handshake_err(peer, e))?;
             }
@@ -506,7 +714,7 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream, role: Role) -> Res
         recv_size,
         ..
     } = q;
-    tracing::debug!(%peer, qpn = qp.qpn(), peer_qpn = agreed.peer_qpn, mtu = agreed.route.mtu, dlid = agreed.route.dlid, grh = agreed.route.grh.is_some(), sgid_index = local.sgid_index, "rdma connection up");
+    tracing::debug!(%peer, lanes = 1 + agreed.lane_count(), qpn = qp.qpn(), peer_qpn = agreed.peer_qpn, mtu = agreed.route.mtu, dlid = agreed.route.dlid, grh = agreed.route.grh.is_some(), sgid_index = local.sgid_index, "rdma connection up");
 
     s.set_read_timeout(None)
         .map_err(io_err("setsockopt(SO_RCVTIMEO)"))?;
@@ -539,6 +747,7 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream, role: Role) -> Res
                 reaped_error: None,
                 slot_seq: [0; SEND_SLOTS],
                 next_slot: 0,
+                held: VecDeque::new(),
             }),
             cq,
             recv_mr,
@@ -580,6 +789,9 @@ pub(crate) fn establish(ep: &Arc<Endpoint>, mut s: TcpStream, role: Role) -> Res
             driver,
             drives: AtomicU64::new(0),
             retired: AtomicU64::new(0),
+            lanes,
+            lane_keys: Mutex::new(HashMap::new()),
+            me: me.clone(),
         }
     });
     // The handshake's reader may hold side-channel frames the peer sent right after it.
@@ -632,6 +844,21 @@ impl InlineBuf {
 
     fn as_slice(&self) -> &[u8] {
         &self.bytes[..self.len]
+    }
+}
+
+/// A lane a striped transfer uses: its index (0: the first), the peer region's key there and our
+/// region's registration on the lane's device.
+struct LaneUse<'r> {
+    lane: usize,
+    rkey: u32,
+    mr: &'r Mr,
+}
+
+impl LaneUse<'_> {
+    /// Whether it is a further lane (posted by the lane poster).
+    fn further(&self) -> Option<usize> {
+        self.lane.checked_sub(1)
     }
 }
 
@@ -746,20 +973,45 @@ impl RdmaConn {
             }
         }
         let was_alive = self.alive.swap(false, Ordering::AcqRel);
-        let pending: Vec<Pending> = {
+        let (pending, held): (Vec<Pending>, Vec<Held>) = {
             let mut st = self.state.lock();
             if let Some(qp) = st.qp.as_mut() {
                 if was_alive {
                     let _ = qp.set_error();
                 }
             }
-            st.pending.drain(..).collect()
+            (st.pending.drain(..).collect(), st.held.drain(..).collect())
         };
         let err = self.dead_error();
         for p in pending {
             if let Owner::Op(c) = p.owner {
                 c.complete(Err(err.clone()));
             }
+        }
+        for h in held {
+            if let Some(c) = h.completer {
+                c.complete(Err(err.clone()));
+            }
+        }
+        for lane in &self.lanes {
+            // A post in progress holds the QP (on soft-RoCE for as long as it moves the data):
+            // the poster fails the QP itself after it, seeing the connection dead.
+            if let Some(mut qp) = lane.qp.try_lock() {
+                if let Some(qp) = qp.as_mut() {
+                    if was_alive {
+                        let _ = qp.set_error();
+                    }
+                }
+            }
+            let parts: Vec<Completer> = {
+                let mut ls = lane.st.lock();
+                ls.outbox.clear();
+                ls.pending.drain(..).filter_map(|(_, c)| c).collect()
+            };
+            for c in parts {
+                c.complete(Err(err.clone()));
+            }
+            lane.space.notify_all();
         }
         if was_alive {
             tracing::debug!(peer = %self.peer, error = %err, "rdma connection failed");
@@ -829,7 +1081,7 @@ impl RdmaConn {
             addr,
             ..region.descriptor()
         };
-        let Some(mr) = region.registration().and_then(|r| r.downcast_ref::<Mr>()) else {
+        let Some(mr) = Regs::of(region).map(|r| &r.main) else {
             return Err(local_error(region, "is not RDMA-registered (empty?)"));
         };
         if let Some(g) = self.grants.lock().get(&region.id()) {
@@ -986,12 +1238,34 @@ impl RdmaConn {
     #[cold]
     #[inline(never)]
     fn resolve_new(&self, remote: &RemoteRegion) -> Result<PeerRegion> {
-        let v = self.query(remote)?;
+        let (v, keys) = self.query(remote)?;
+        if !self.lanes.is_empty() {
+            let mut m = self.lane_keys.lock();
+            // Bounded like the region cache: forget them all rather than grow (a forgotten
+            // region is simply not striped until it is checked again).
+            if m.len() >= 4096 {
+                m.clear();
+            }
+            m.insert((remote.region, remote.key), keys);
+        }
         self.state.lock().cache.insert(remote.region, remote.key, v);
         Ok(v)
     }
 
-    fn query(&self, remote: &RemoteRegion) -> Result<PeerRegion> {
+    /// The keys of our region `r` on this connection's further lanes (for a region check).
+    fn our_lane_keys(&self, r: &Region) -> LaneKeys {
+        let mut keys = LaneKeys::default();
+        if let Some(regs) = Regs::of(r) {
+            for (i, lane) in self.lanes.iter().enumerate() {
+                if let Some(mr) = regs.on(lane.dev) {
+                    keys.set(i + 1, mr.rkey());
+                }
+            }
+        }
+        keys
+    }
+
+    fn query(&self, remote: &RemoteRegion) -> Result<(PeerRegion, LaneKeys)> {
         self.check_alive()?;
         // Opened before asking: the side channel accepts only answers to open questions.
         let (req, ask) = self.queries.lock().ask(remote.region, remote.key);
@@ -1004,7 +1278,11 @@ impl RdmaConn {
         let mut q = self.queries.lock();
         loop {
             if let Some(st) = q.take(req) {
-                return proto::peer_region(st, remote.region);
+                let keys = match st {
+                    super::wire::RegionStatus::Ok { lanes, .. } => lanes,
+                    _ => LaneKeys::default(),
+                };
+                return proto::peer_region(st, remote.region).map(|v| (v, keys));
             }
             if !self.alive.load(Ordering::Acquire) {
                 q.cancel(req);
@@ -1036,7 +1314,7 @@ impl RdmaConn {
         if len == 0 {
             return Ok(None);
         }
-        match local.registration().and_then(|r| r.downcast_ref::<Mr>()) {
+        match Regs::of(local).map(|r| &r.main) {
             Some(mr) => Ok(Some(mr)),
             None => Err(local_error(local, "is not RDMA-registered")),
         }
@@ -1084,8 +1362,60 @@ impl RdmaConn {
         let mut st = self.state.lock();
         let n_jobs = jobs.len();
         let sq_half = (self.sq_depth / 2).max(1);
-        for (ji, job) in jobs.into_iter().enumerate() {
+        for (ji, mut job) in jobs.into_iter().enumerate() {
             let last_job = ji + 1 == n_jobs;
+            // A notification or message segment behind stripes still in flight on the further
+            // lanes (or behind one already held) waits in `held`: posted by whoever completes
+            // what it waits for, so this thread does not wait (see `Held`). A notification's data
+            // goes now, as a plain write; only its (empty) notification waits.
+            let mut hold_after = None;
+            if self.must_hold(&st, &job.kind) {
+                if !self.alive.load(Ordering::Acquire) {
+                    if let Some(c) = job.completer.take() {
+                        c.complete(Err(self.dead_error()));
+                    }
+                    continue;
+                }
+                match (job.local, job.kind) {
+                    (
+                        local @ LocalData::Region { .. },
+                        JobKind::WriteImm { rkey, addr, imm: _ },
+                    ) => {
+                        hold_after = Some(Held {
+                            kind: job.kind,
+                            local: HeldData::Inline(InlineBuf::empty()),
+                            completer: job.completer.take(),
+                            remote_region: job.remote_region,
+                            fence: [0; MAX_LANES],
+                        });
+                        job = Job {
+                            kind: JobKind::Write { rkey, addr },
+                            local,
+                            completer: None,
+                            remote_region: job.remote_region,
+                        };
+                    }
+                    (local, kind) => {
+                        let local = match local {
+                            LocalData::Slot { slot, len } => HeldData::Slot { slot, len },
+                            LocalData::Inline(b) => HeldData::Inline(b),
+                            // Notifications and sends always have a payload of one of those.
+                            LocalData::Region { .. } | LocalData::Nothing => {
+                                HeldData::Inline(InlineBuf::empty())
+                            }
+                        };
+                        let fence = self.fence();
+                        st.held.push_back(Held {
+                            kind,
+                            local,
+                            completer: job.completer,
+                            remote_region: job.remote_region,
+                            fence,
+                        });
+                        continue;
+                    }
+                }
+            }
             // Work requests of this job: `chunk`-sized pieces of a large region, else one.
             let (total, piece) = match &job.local {
                 LocalData::Region { len, .. } => (*len, self.chunk.max(1)),
@@ -1203,12 +1533,20 @@ impl RdmaConn {
                 if let Some(c) = completer.take() {
                     c.complete(Err(e.clone()));
                 }
+                if let Some(c) = hold_after.take().and_then(|h| h.completer) {
+                    c.complete(Err(e.clone()));
+                }
                 // A post failure that is not a dead connection means a broken QP: fail it all.
                 if self.alive.load(Ordering::Acquire) {
                     drop(st);
                     self.die(e);
                     st = self.state.lock();
                 }
+            }
+            if let Some(mut h) = hold_after {
+                // Its data is posted: the fence covers the stripes in flight now.
+                h.fence = self.fence();
+                st.held.push_back(h);
             }
         }
         // If the last job failed after earlier ones were posted unsignalled, their completion
@@ -1225,6 +1563,13 @@ impl RdmaConn {
     }
 
     fn submit_one(&self, t: Transfer<'_>) -> Result<Op> {
+        if !self.lanes.is_empty() && t.len >= STRIPE_MIN {
+            if let Some(plan) = self.stripe_plan(&t)? {
+                let (op, whole) = self.ops.op(Some(t.local.clone()));
+                self.submit_striped(&t, plan, whole);
+                return Ok(op);
+            }
+        }
         if let Some(op) = self.submit_fast(&t)? {
             return Ok(op);
         }
@@ -1289,7 +1634,9 @@ impl RdmaConn {
         let (rkey, addr) = remote_range(t.remote, t.remote_offset, t.len as u64, op, v)?;
         let kind = JobKind::of(t.kind, rkey, addr);
         let needs_credit = kind.needs_credit();
-        if st.pending.len() as u32 >= self.sq_depth || (needs_credit && st.credits.available() == 0)
+        if st.pending.len() as u32 >= self.sq_depth
+            || (needs_credit && st.credits.available() == 0)
+            || self.must_hold(&st, &kind)
         {
             return Ok(None);
         }
@@ -1387,6 +1734,11 @@ impl RdmaConn {
         if let Err(e) = self.progress(false) {
             self.die(verbs_io("ibv_poll_cq", e));
         }
+        for i in 0..self.lanes.len() {
+            if let Err(e) = self.progress_lane(i, false) {
+                self.die(verbs_io("ibv_poll_cq", e));
+            }
+        }
     }
 
     /// The poller's turn at the CQ (its completion channel fired, or a busy-poll grace period
@@ -1434,6 +1786,446 @@ impl RdmaConn {
                 CqNext::Dead
             }
         }
+    }
+
+    /// Whether a request of `kind` for the first lane must wait in `held` now: a notification
+    /// or message segment while stripes are in flight on a further lane or something is held.
+    #[inline]
+    fn must_hold(&self, st: &State, kind: &JobKind) -> bool {
+        !self.lanes.is_empty()
+            && kind.needs_credit()
+            && (!st.held.is_empty() || self.stripes_in_flight())
+    }
+
+    /// Whether a further lane has requests posted and not yet retired.
+    fn stripes_in_flight(&self) -> bool {
+        // Acquire: pairs with the stores of `post_lane` and `progress_lane` (made under the lane's
+        // lock, after the change), so a retirement seen here is complete.
+        self.lanes
+            .iter()
+            .any(|l| l.posted.load(Ordering::Acquire) > l.retired.load(Ordering::Acquire))
+    }
+
+    /// The fence of a request held now: every further lane's last posted request.
+    fn fence(&self) -> [u64; MAX_LANES] {
+        let mut f = [0; MAX_LANES];
+        for (f, l) in f.iter_mut().zip(&self.lanes) {
+            *f = l.posted.load(Ordering::Acquire);
+        }
+        f
+    }
+
+    /// Whether every further lane has retired what `fence` names.
+    fn fence_passed(&self, fence: &[u64; MAX_LANES]) -> bool {
+        self.lanes
+            .iter()
+            .zip(fence)
+            .all(|(l, f)| l.retired.load(Ordering::Acquire) >= *f)
+    }
+
+    /// Posts the held requests whose fence has passed, in order, while the first lane has room
+    /// and credits; never waits (called from completion handling and credit returns, so a held
+    /// request goes as soon as it may, whoever is around).
+    fn release_held(&self) {
+        if self.lanes.is_empty() {
+            return;
+        }
+        let mut st = self.state.lock();
+        let mut failed = None;
+        while let Some(h) = st.held.front() {
+            if !self.fence_passed(&h.fence)
+                || st.pending.len() as u32 >= self.sq_depth
+                || (h.kind.needs_credit() && st.credits.available() == 0)
+                || !self.alive.load(Ordering::Acquire)
+            {
+                break;
+            }
+            let Some(h) = st.held.pop_front() else {
+                break;
+            };
+            let seq = st.next_seq;
+            let sge = match &h.local {
+                HeldData::Inline(b) => Sge::Inline(b.as_slice()),
+                HeldData::Slot { slot, len } => Sge::Mr {
+                    mr: &self.send_mr,
+                    offset: slot * self.recv_size,
+                    len: *len,
+                },
+            };
+            let Some(qp) = st.qp.as_mut() else {
+                failed = Some((h.completer, self.dead_error()));
+                break;
+            };
+            if let Err(e) = qp.post_send(seq, h.kind.send_op(0, true), sge, true) {
+                failed = Some((h.completer, verbs_io("ibv_post_send", e)));
+                break;
+            }
+            if let HeldData::Slot { slot, .. } = h.local {
+                st.slot_seq[slot] = seq;
+            }
+            let owner = match h.completer {
+                Some(c) => Owner::Op(c),
+                None => Owner::Chunk,
+            };
+            st.posted(seq, true, h.kind.needs_credit(), owner, h.remote_region);
+        }
+        drop(st);
+        if let Some((c, e)) = failed {
+            if let Some(c) = c {
+                c.complete(Err(e.clone()));
+            }
+            self.die(e);
+        }
+    }
+
+    /// The lanes a transfer striped now would use, and the peer address of its first byte;
+    /// `None` when fewer than two lanes can reach both regions (a private region, a region of
+    /// the peer not yet checked on the lanes): the transfer then goes the usual way.
+    fn stripe_plan<'r>(&self, t: &Transfer<'r>) -> Result<Option<(Vec<LaneUse<'r>>, u64)>> {
+        self.check_alive()?;
+        self.check_local(t.local, t.local_offset, t.len)?;
+        let Some(regs) = Regs::of(t.local) else {
+            return Ok(None); // the general path names the error
+        };
+        let op = match t.kind {
+            TransferKind::Read => ACCESS_READ,
+            TransferKind::Write | TransferKind::WriteNotify(_) => ACCESS_WRITE,
+        };
+        let (rkey, addr) = self.resolve(t.remote, t.remote_offset, t.len as u64, op)?;
+        let keys = self
+            .lane_keys
+            .lock()
+            .get(&(t.remote.region, t.remote.key))
+            .copied()
+            .unwrap_or_default();
+        let mut uses = vec![LaneUse {
+            lane: 0,
+            rkey,
+            mr: &regs.main,
+        }];
+        for (i, lane) in self.lanes.iter().enumerate() {
+            if let (Some(rkey), Some(mr)) = (keys.get(i + 1), regs.on(lane.dev)) {
+                uses.push(LaneUse {
+                    lane: i + 1,
+                    rkey,
+                    mr,
+                });
+            }
+        }
+        Ok((uses.len() > 1).then_some((uses, addr)))
+    }
+
+    /// Posts a transfer cut into one part per lane ([`stripe::plan`]); `whole` completes when
+    /// every part has (and, for a notification, the empty write that carries it, posted on the
+    /// first lane after the parts, held until they are done: see [`Held`]).
+    fn submit_striped(
+        &self,
+        t: &Transfer<'_>,
+        (uses, addr): (Vec<LaneUse<'_>>, u64),
+        whole: Completer,
+    ) {
+        let parts = stripe::plan(t.len, uses.len(), 0, true);
+        let notify = match t.kind {
+            TransferKind::WriteNotify(imm) => Some(imm),
+            _ => None,
+        };
+        let is_read = matches!(t.kind, TransferKind::Read);
+        let mut completers = joint(
+            whole,
+            parts.len() + usize::from(notify.is_some()),
+            self.mode,
+        );
+        let mut first = Vec::with_capacity(2);
+        for p in &parts {
+            let (Some(u), Some(c)) = (uses.get(p.stream), completers.pop()) else {
+                break;
+            };
+            let remote = addr + p.offset as u64;
+            let kind = if is_read {
+                JobKind::Read {
+                    rkey: u.rkey,
+                    addr: remote,
+                }
+            } else {
+                JobKind::Write {
+                    rkey: u.rkey,
+                    addr: remote,
+                }
+            };
+            if let Some(lane) = u.further() {
+                self.post_lane(lane, kind, t.local, t.local_offset + p.offset, p.len, c);
+            } else {
+                first.push(Job {
+                    kind,
+                    local: LocalData::Region {
+                        mr: u.mr,
+                        offset: t.local_offset + p.offset,
+                        len: p.len,
+                    },
+                    completer: Some(c),
+                    remote_region: t.remote.region,
+                });
+            }
+        }
+        if let (Some(imm), Some(c)) = (notify, completers.pop()) {
+            first.push(Job {
+                kind: JobKind::WriteImm {
+                    rkey: uses[0].rkey,
+                    addr,
+                    imm,
+                },
+                local: LocalData::Inline(InlineBuf::empty()),
+                completer: Some(c),
+                remote_region: t.remote.region,
+            });
+        }
+        // Any completer left (none, by construction) fails its part when dropped here.
+        drop(completers);
+        self.post_jobs(first.into_iter());
+    }
+
+    /// Books one part of a striped transfer on further lane `i` (index into `lanes`), in
+    /// requests of at most `chunk` bytes, all signalled, `completer` with the last, and hands
+    /// them to the lane poster ([`super::lanes`]). Waits only for room in the lane's send queue
+    /// (back-pressure, bounded by the peer timeout; booked requests count); running out of it
+    /// fails the part and the connection.
+    fn post_lane(
+        &self,
+        i: usize,
+        kind: JobKind,
+        region: &Region,
+        offset: usize,
+        len: usize,
+        completer: Completer,
+    ) {
+        let (Some(lane), Some(poster)) = (self.lanes.get(i), self.ep.lane_poster.as_ref()) else {
+            completer.complete(Err(TransportError::InvalidArgument(format!("no lane {i}"))));
+            return;
+        };
+        let piece = self.chunk.max(1);
+        let n = len.div_ceil(piece).max(1);
+        let mut completer = Some(completer);
+        let mut failed = None;
+        let mut st = lane.st.lock();
+        for ci in 0..n {
+            let (off, l) = (ci * piece, piece.min(len - ci * piece));
+            let mut deadline = None;
+            loop {
+                if !self.alive.load(Ordering::Acquire) {
+                    failed = Some(self.dead_error());
+                    break;
+                }
+                if (st.pending.len() as u32) < lane.sq_depth {
+                    break;
+                }
+                let reaped = parking_lot::MutexGuard::unlocked(&mut st, || {
+                    matches!(self.progress_lane(i, false), Ok(true))
+                });
+                if reaped || (st.pending.len() as u32) < lane.sq_depth {
+                    continue;
+                }
+                let wait = self.ep.config.peer_timeout.max(Duration::from_secs(1)) * 4;
+                let until = *deadline.get_or_insert_with(|| Instant::now() + wait);
+                if lane.space.wait_until(&mut st, until).timed_out()
+                    && st.pending.len() as u32 >= lane.sq_depth
+                {
+                    failed = Some(TransportError::PeerDead {
+                        peer: self.peer,
+                        reason: format!("no progress on lane {} in {wait:?}", i + 1),
+                    });
+                    break;
+                }
+            }
+            if failed.is_some() {
+                break;
+            }
+            let seq = st.next_seq;
+            st.next_seq += 1;
+            let owner = if ci + 1 == n { completer.take() } else { None };
+            st.pending.push_back((seq, owner));
+            st.outbox.push_back(LaneWr {
+                seq,
+                kind,
+                off,
+                region: region.clone(),
+                offset: offset + off,
+                len: l,
+            });
+            lane.posted.store(seq, Ordering::Release);
+        }
+        drop(st);
+        poster.kick(self.me.clone(), i);
+        if let Some(e) = failed {
+            if let Some(c) = completer.take() {
+                c.complete(Err(e.clone()));
+            }
+            if self.alive.load(Ordering::Acquire) {
+                self.die(e);
+            }
+        }
+    }
+
+    /// Posts what is booked on further lane `i`, in order (the lane poster's thread). The lane's
+    /// bookkeeping lock is not held during a post (on soft-RoCE a post may move the data before
+    /// it returns, and completions must be handled meanwhile).
+    pub(crate) fn flush_lane(&self, i: usize) {
+        let Some(lane) = self.lanes.get(i) else {
+            return;
+        };
+        let mut qp = lane.qp.lock();
+        loop {
+            if !self.alive.load(Ordering::Acquire) {
+                // `die` may have found the QP busy: fail it now (flushes what is posted).
+                if let Some(q) = qp.as_mut() {
+                    if !q.is_error() {
+                        let _ = q.set_error();
+                    }
+                }
+                lane.st.lock().outbox.clear();
+                return;
+            }
+            let Some(wr) = lane.st.lock().outbox.pop_front() else {
+                return;
+            };
+            let Some(mr) = Regs::of(&wr.region).and_then(|r| r.on(lane.dev)) else {
+                drop(qp);
+                self.die(local_error(
+                    &wr.region,
+                    "is not registered on a lane's device",
+                ));
+                return;
+            };
+            let Some(q) = qp.as_mut() else {
+                return;
+            };
+            let sge = Sge::Mr {
+                mr,
+                offset: wr.offset,
+                len: wr.len,
+            };
+            if let Err(e) = q.post_send(wr.seq, wr.kind.send_op(wr.off, true), sge, true) {
+                drop(qp);
+                self.die(verbs_io("ibv_post_send", e));
+                return;
+            }
+        }
+    }
+
+    /// Polls further lane `i`'s CQ once and retires what completed (see [`RdmaConn::progress`]
+    /// for `wait_lock`); then posts held requests whose fence passed. An error completion fails
+    /// its part with its error and the connection.
+    fn progress_lane(&self, i: usize, wait_lock: bool) -> std::result::Result<bool, VerbsError> {
+        let Some(lane) = self.lanes.get(i) else {
+            return Ok(false);
+        };
+        let mut wcs = if wait_lock {
+            lane.poll.lock()
+        } else {
+            match lane.poll.try_lock() {
+                Some(g) => g,
+                None => return Ok(false),
+            }
+        };
+        wcs.clear();
+        let n = lane.cq.poll(&mut wcs, 32)?;
+        if n == 0 {
+            return Ok(false);
+        }
+        let mut done = Vec::new();
+        let mut failed = None;
+        {
+            let mut st = lane.st.lock();
+            for wc in wcs.iter() {
+                match wc.status {
+                    Ok(()) => {
+                        while st.pending.front().is_some_and(|(s, _)| *s <= wc.wr_id) {
+                            if let Some((_, Some(c))) = st.pending.pop_front() {
+                                done.push(c);
+                            }
+                        }
+                        let r = lane.retired.load(Ordering::Relaxed).max(wc.wr_id);
+                        lane.retired.store(r, Ordering::Release);
+                    }
+                    Err(WcError::Flushed) => {}
+                    Err(e) if failed.is_none() => {
+                        let err = self.map_wc_error(e, 0);
+                        // The failed request's part: the first pending one with a completer.
+                        let c = st.pending.iter_mut().find_map(|(_, c)| c.take());
+                        failed = Some((c, err));
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
+        drop(wcs);
+        lane.space.notify_all();
+        for c in done {
+            c.complete(Ok(()));
+        }
+        if let Some((c, err)) = failed {
+            if let Some(c) = c {
+                c.complete(Err(err.clone()));
+            }
+            self.die(match err {
+                TransportError::UnknownRegion { .. } => {
+                    TransportError::ConnectionClosed { peer: self.peer }
+                }
+                e => e,
+            });
+        } else {
+            self.release_held();
+        }
+        Ok(true)
+    }
+
+    /// The poller's turn at further lane `i`'s CQ (as [`RdmaConn::serve_cq`], without the
+    /// busy-poll hand-over: waiters drive lanes through `drive` too, and the poller always
+    /// re-arms).
+    pub(crate) fn serve_lane(&self, i: usize, budget: usize) -> CqNext {
+        let Some(lane) = self.lanes.get(i) else {
+            return CqNext::Armed;
+        };
+        if let Err(e) = lane.cq.take_events() {
+            self.die(verbs_io("ibv_get_cq_event", e));
+            return CqNext::Dead;
+        }
+        let mut drained = false;
+        for _ in 0..budget {
+            match self.progress_lane(i, true) {
+                Ok(true) => {}
+                Ok(false) => {
+                    drained = true;
+                    break;
+                }
+                Err(e) => {
+                    self.die(verbs_io("ibv_poll_cq", e));
+                    return CqNext::Dead;
+                }
+            }
+        }
+        if !self.is_alive() {
+            return CqNext::Dead;
+        }
+        if !drained {
+            return CqNext::More;
+        }
+        if let Err(e) = lane.cq.req_notify() {
+            self.die(verbs_io("ibv_req_notify_cq", e));
+            return CqNext::Dead;
+        }
+        match self.progress_lane(i, true) {
+            Ok(true) => CqNext::More,
+            Ok(false) => CqNext::Armed,
+            Err(e) => {
+                self.die(verbs_io("ibv_poll_cq", e));
+                CqNext::Dead
+            }
+        }
+    }
+
+    /// The completion channels' fds of the further lanes, in lane order.
+    pub(crate) fn lane_fds(&self) -> Vec<Option<RawFd>> {
+        self.lanes.iter().map(|l| l.cq.event_fd()).collect()
     }
 
     /// This connection's id in the endpoint's poller.
@@ -1496,6 +2288,8 @@ impl RdmaConn {
                 c.complete_into(Ok(()), &self.ops);
             }
         }
+        // Room on the first lane: a held request may go now.
+        self.release_held();
     }
 
     /// Handles one completion: a receive, a success (see [`RdmaConn::retire`]) or a failure.
@@ -1666,11 +2460,15 @@ impl RdmaConn {
             Ok(Incoming::Credits(n)) => {
                 let r = self.state.lock().credits.returned(n);
                 self.space.notify_all();
+                self.release_held();
                 r
             }
             Ok(Incoming::Query { req, region, key }) => {
                 let granted = self.grants.lock().get(&region).map(|g| u64::from(g.rkey));
-                let (status, verdict) = proto::region_status(&self.ep.table, granted, region, key);
+                let (status, verdict) =
+                    proto::region_status(&self.ep.table, granted, region, key, |r| {
+                        self.our_lane_keys(r)
+                    });
                 self.send_frame(&Frame::RegionInfo { req, status })?;
                 verdict
             }
@@ -1982,6 +2780,23 @@ impl Connection for RdmaConnection {
             BatchBuilder::new(self.c.mode, transfers.len()).with_progress(self.c.driver.clone());
         let mut jobs = Vec::with_capacity(transfers.len());
         for t in transfers {
+            if !self.c.lanes.is_empty() && t.len >= STRIPE_MIN {
+                match self.c.stripe_plan(t) {
+                    Ok(Some(plan)) => {
+                        // What came before it in the batch is posted first (its notification
+                        // must not pass them).
+                        self.c.post_jobs(std::mem::take(&mut jobs).into_iter());
+                        let whole = b.op_keeping(t.local.clone());
+                        self.c.submit_striped(t, plan, whole);
+                        continue;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        b.failed(e);
+                        continue;
+                    }
+                }
+            }
             match self.c.job(t, |keep| b.op_keeping(keep)) {
                 Ok(j) => jobs.push(j),
                 Err(e) => b.failed(e),

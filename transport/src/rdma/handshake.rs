@@ -34,7 +34,7 @@
 //! [`Handshake::poll_action`]; when it is `None`, read one frame from the peer and give it to
 //! [`Handshake::on_frame`]. Repeat until [`Action::Established`].
 
-use super::wire::{Frame, QpInfo, Refusal, VERSION};
+use super::wire::{sealed_qp_bytes, Frame, QpInfo, Refusal, MAX_LANES, VERSION};
 use crate::auth::{Auth, AuthError, Role};
 use genie_sys::addressing::{self, AddressingError, LocalAddress, Route};
 use std::collections::VecDeque;
@@ -54,6 +54,27 @@ pub struct Agreed {
     pub send_credits: u32,
     /// Largest message the peer accepts.
     pub peer_recv_size: u32,
+    /// The further lanes both sides offered (as many as the side with fewer), in order: lane
+    /// `i + 1` is `lanes[i]`; `None` past the last.
+    pub lanes: [Option<LaneAgreed>; MAX_LANES],
+}
+
+/// What both sides agreed on for one further lane (a QP besides the first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LaneAgreed {
+    /// The peer's QP number on this lane.
+    pub peer_qpn: u32,
+    /// The peer's initial PSN on this lane.
+    pub peer_psn: u32,
+    /// The route from our lane's port to the peer's.
+    pub route: Route,
+}
+
+impl Agreed {
+    /// How many further lanes the connection has.
+    pub fn lane_count(&self) -> usize {
+        self.lanes.iter().take_while(|l| l.is_some()).count()
+    }
 }
 
 /// What the driver must do next.
@@ -154,8 +175,10 @@ pub struct Handshake {
     local: LocalAddress,
     out: VecDeque<Frame>,
     action: Option<Action>,
-    /// The peer's QP info, when it arrived before ours was created.
-    early_qp: Option<QpInfo>,
+    /// The peer's QP info (and its lanes'), when it arrived before ours was created.
+    early_qp: Option<(QpInfo, Vec<QpInfo>)>,
+    /// Our further lanes' addresses (their ports may be other devices'), once created.
+    lane_local: Vec<LocalAddress>,
     /// The peer's Ready, when it arrived while we were still connecting.
     early_ready: bool,
 }
@@ -197,6 +220,7 @@ impl Handshake {
             out,
             action: None,
             early_qp: None,
+            lane_local: Vec::new(),
             early_ready: false,
         }
     }
@@ -220,15 +244,36 @@ impl Handshake {
     /// fields set to the address given to [`Handshake::new`] ([`QpInfo::with_address`]), the one
     /// the route is computed from. When the peer's info came first and cannot be used, this fails
     /// and our info is still queued (send it, so the peer reports the mismatch too).
-    pub fn qp_created(&mut self, ours: QpInfo) -> Result<(), HandshakeError> {
+    ///
+    /// With further lanes (at most [`MAX_LANES`], more are dropped): each lane's QP info and the
+    /// address of its port, which the lane's info is given and its route computed from. The
+    /// connection gets as many lanes as the side with fewer offers.
+    pub fn qp_created(
+        &mut self,
+        ours: QpInfo,
+        mut lanes: Vec<(QpInfo, LocalAddress)>,
+    ) -> Result<(), HandshakeError> {
         if self.state != State::CreatingQp {
             return self.fail(self.unexpected("qp created"));
         }
+        lanes.truncate(MAX_LANES);
         let ours = ours.with_address(&self.local);
-        let tag = self.auth.seal(self.auth.role(), &ours.encode());
-        self.out.push_back(Frame::QpInfo { info: ours, tag });
+        let lane_infos: Vec<QpInfo> = lanes.iter().map(|(q, a)| q.with_address(a)).collect();
+        self.lane_local = lanes.into_iter().map(|(_, a)| a).collect();
+        let tag = self
+            .auth
+            .seal(self.auth.role(), &sealed_qp_bytes(&ours, &lane_infos));
+        self.out.push_back(Frame::QpInfo {
+            info: ours,
+            lanes: lane_infos,
+            tag,
+        });
         self.state = State::QpInfo;
-        match self.early_qp.take().map(|peer| self.peer_qp(peer)) {
+        match self
+            .early_qp
+            .take()
+            .map(|(peer, lanes)| self.peer_qp(peer, &lanes))
+        {
             Some(Err(e)) => {
                 // Failed, but our QP info stays queued: the peer learns our address and names
                 // the mismatch itself (send what `poll_send` still gives before closing).
@@ -301,17 +346,17 @@ impl Handshake {
                 self.state = State::CreatingQp;
                 self.action = Some(Action::CreateQp);
             }
-            (State::CreatingQp, Frame::QpInfo { info, tag }) => {
+            (State::CreatingQp, Frame::QpInfo { info, lanes, tag }) => {
                 self.auth
-                    .open(&info.encode(), tag.as_ref().map(|t| &t[..]))?;
-                if self.early_qp.replace(*info).is_some() {
+                    .open(&sealed_qp_bytes(info, lanes), tag.as_ref().map(|t| &t[..]))?;
+                if self.early_qp.replace((*info, lanes.clone())).is_some() {
                     return Err(self.unexpected("second qp-info"));
                 }
             }
-            (State::QpInfo, Frame::QpInfo { info, tag }) => {
+            (State::QpInfo, Frame::QpInfo { info, lanes, tag }) => {
                 self.auth
-                    .open(&info.encode(), tag.as_ref().map(|t| &t[..]))?;
-                self.peer_qp(*info)?;
+                    .open(&sealed_qp_bytes(info, lanes), tag.as_ref().map(|t| &t[..]))?;
+                self.peer_qp(*info, lanes)?;
             }
             (State::Connecting(_), Frame::Ready) if !self.early_ready => self.early_ready = true,
             (State::Ready(agreed), Frame::Ready) => {
@@ -328,21 +373,32 @@ impl Handshake {
         Ok(())
     }
 
-    fn peer_qp(&mut self, q: QpInfo) -> Result<(), HandshakeError> {
-        if q.psn > 0xff_ffff {
-            return Err(HandshakeError::InvalidQpInfo("psn"));
-        }
-        if q.qpn == 0 || q.qpn > 0xff_ffff {
-            return Err(HandshakeError::InvalidQpInfo("qpn"));
-        }
-        if q.mtu < 256 {
-            return Err(HandshakeError::InvalidQpInfo("mtu"));
+    fn peer_qp(&mut self, q: QpInfo, peer_lanes: &[QpInfo]) -> Result<(), HandshakeError> {
+        for l in std::iter::once(&q).chain(peer_lanes) {
+            if l.psn > 0xff_ffff {
+                return Err(HandshakeError::InvalidQpInfo("psn"));
+            }
+            if l.qpn == 0 || l.qpn > 0xff_ffff {
+                return Err(HandshakeError::InvalidQpInfo("qpn"));
+            }
+            if l.mtu < 256 {
+                return Err(HandshakeError::InvalidQpInfo("mtu"));
+            }
         }
         if q.credits == 0 || q.recv_size == 0 {
             return Err(HandshakeError::InvalidQpInfo("receive credits"));
         }
         let route =
             addressing::route(&self.local, &q.address()).map_err(HandshakeError::Addressing)?;
+        let mut lanes = [None; MAX_LANES];
+        for ((slot, ours), theirs) in lanes.iter_mut().zip(&self.lane_local).zip(peer_lanes) {
+            *slot = Some(LaneAgreed {
+                peer_qpn: theirs.qpn,
+                peer_psn: theirs.psn,
+                route: addressing::route(ours, &theirs.address())
+                    .map_err(HandshakeError::Addressing)?,
+            });
+        }
         let peer = self.auth.peer().map(|h| h.endpoint).unwrap_or_default();
         let agreed = Agreed {
             peer_endpoint: peer,
@@ -351,6 +407,7 @@ impl Handshake {
             route,
             send_credits: q.credits,
             peer_recv_size: q.recv_size,
+            lanes,
         };
         self.state = State::Connecting(agreed);
         self.action = Some(Action::Connect(agreed));
@@ -422,6 +479,8 @@ mod tests {
     struct Side {
         hs: Handshake,
         qp: QpInfo,
+        /// Further lanes offered.
+        lanes: Vec<(QpInfo, LocalAddress)>,
         log: Vec<&'static str>,
         agreed: Option<Agreed>,
         /// What `qp_created` refused (the peer's QP info had come first).
@@ -438,6 +497,7 @@ mod tests {
             Self {
                 hs: Handshake::new(role, secret.map(str::as_bytes), endpoint, local, nonce),
                 qp: qp(endpoint),
+                lanes: Vec::new(),
                 log: Vec::new(),
                 agreed: None,
                 failed: None,
@@ -451,7 +511,8 @@ mod tests {
                     Some(Action::CreateQp) => {
                         assert!(self.hs.is_authenticated(), "QP before authentication");
                         self.log.push("create-qp");
-                        if let Err(e) = self.hs.qp_created(self.qp) {
+                        let lanes = self.lanes.clone();
+                        if let Err(e) = self.hs.qp_created(self.qp, lanes) {
                             self.failed.get_or_insert(e);
                         }
                     }
@@ -515,6 +576,80 @@ mod tests {
             );
             assert_eq!(a.send_credits, 16);
         }
+    }
+
+    /// Lanes: each side offers its further QPs, each on its own port's address; the connection
+    /// gets as many as the side with fewer, each lane routed between the two lanes' ports (not
+    /// the first lane's), and a lane's tampered QP number breaks the seal like the first's.
+    #[test]
+    fn lanes_pair_up_to_the_smaller_offer_each_on_its_own_route() {
+        let lane = |endpoint: u64, i: u32| {
+            let mut a = roce(endpoint, 4096);
+            a.gid = [0x40 + i as u8 + endpoint as u8 * 8; 16];
+            let q = QpInfo {
+                qpn: 0x100 * endpoint as u32 + i,
+                psn: i,
+                credits: 0,
+                recv_size: 0,
+                ..qp(endpoint)
+            };
+            (q, a)
+        };
+        let mut c = Side::new(Role::Client, Some("k"), 1, 4096);
+        let mut s = Side::new(Role::Server, Some("k"), 2, 4096);
+        c.lanes = (1..=3).map(|i| lane(1, i)).collect();
+        s.lanes = (1..=2).map(|i| lane(2, i)).collect();
+        assert_eq!(run(&mut c, &mut s), (None, None));
+        let (a, b) = (c.agreed.unwrap(), s.agreed.unwrap());
+        assert_eq!((a.lane_count(), b.lane_count()), (2, 2));
+        for i in 0..2 {
+            let (la, lb) = (a.lanes[i].unwrap(), b.lanes[i].unwrap());
+            assert_eq!(
+                (la.peer_qpn, la.peer_psn),
+                (0x200 + i as u32 + 1, i as u32 + 1)
+            );
+            assert_eq!(
+                (lb.peer_qpn, lb.peer_psn),
+                (0x100 + i as u32 + 1, i as u32 + 1)
+            );
+            assert_eq!(la.route.grh.unwrap().dgid, lane(2, i as u32 + 1).1.gid);
+            assert_eq!(lb.route.grh.unwrap().dgid, lane(1, i as u32 + 1).1.gid);
+        }
+        // One side without lanes: none.
+        let mut c = Side::new(Role::Client, None, 1, 4096);
+        let mut s = Side::new(Role::Server, None, 2, 4096);
+        c.lanes = vec![lane(1, 1)];
+        assert_eq!(run(&mut c, &mut s), (None, None));
+        assert_eq!(c.agreed.unwrap().lane_count(), 0);
+        assert_eq!(s.agreed.unwrap().lane_count(), 0);
+        // A lane's QP number swapped on the way: the seal fails.
+        let mut c = Side::new(Role::Client, Some("k"), 1, 4096);
+        let mut s = Side::new(Role::Server, Some("k"), 2, 4096);
+        c.lanes = vec![lane(1, 1)];
+        s.lanes = vec![lane(2, 1)];
+        for _ in 0..8 {
+            for f in c.drive() {
+                let f = match f {
+                    Frame::QpInfo {
+                        info,
+                        mut lanes,
+                        tag,
+                    } => {
+                        lanes[0].qpn = 0x666;
+                        Frame::QpInfo { info, lanes, tag }
+                    }
+                    f => f,
+                };
+                if let Err(e) = s.hs.on_frame(&f) {
+                    assert_eq!(e, HandshakeError::Auth(AuthError::BadProof));
+                    return;
+                }
+            }
+            for f in s.drive() {
+                c.hs.on_frame(&f).unwrap();
+            }
+        }
+        panic!("the tampered lane was accepted");
     }
 
     /// InfiniBand: LID routing without a GRH; a side whose operator named a GID index asks for
@@ -649,9 +784,13 @@ mod tests {
             let fc = c.drive();
             for f in fc {
                 let f = match f {
-                    Frame::QpInfo { mut info, tag } => {
+                    Frame::QpInfo {
+                        mut info,
+                        lanes,
+                        tag,
+                    } => {
                         info.qpn = 0x666;
-                        Frame::QpInfo { info, tag }
+                        Frame::QpInfo { info, lanes, tag }
                     }
                     f => f,
                 };

@@ -10,6 +10,25 @@
 //! the smaller side, and swap `Ready`. Handshakes run on their own threads, at most
 //! [`crate::accept::MAX_HANDSHAKES`] at once, each within one peer timeout.
 //!
+//! # Lanes: several QPs and NICs per connection
+//!
+//! With [`crate::config::RdmaConfig::qps`] > 1 a connection has further QPs ("lanes"), each with
+//! its own CQ, going round the endpoint's device and [`crate::config::RdmaConfig::devices`] (the
+//! further devices ordered by NUMA affinity to the opening thread, where sysfs says; every region
+//! is registered on each device). The handshake's QP info lists every lane's QP number, PSN and
+//! address; the connection uses as many lanes as the side with fewer offers. The first lane is
+//! the connection of one QP (messages, notifications, credits, memory windows). A one-sided
+//! transfer of at least 256 KiB to a region the lanes can reach is cut into one part per lane
+//! ([`crate::tcp::stripe::plan`]) and completes when every part has
+//! (`completion::joint`); a private (granted) region is reached on the first lane only.
+//! The peer says a region's key on each lane in its region-check answer. Further lanes' requests
+//! are posted by one lane-poster thread per endpoint (soft-RoCE moves a request's data inside the
+//! post). Order: a notification or message posted after a striped transfer is held back until
+//! every earlier part on the further lanes has completed, and then posted by whichever thread
+//! sees that completion, so neither the peer sees it before the data nor does the submitter wait.
+//! A read does not wait for a striped write in flight: wait for the write before reading back the
+//! same bytes.
+//!
 //! # Addressing
 //!
 //! The device, port and GID index come from [`crate::config::RdmaConfig`] (perftest's `-d`, `-i`,
@@ -70,8 +89,10 @@
 //! registered with no remote access of its own and is reached only through a type-2 memory window
 //! that [`crate::Connection::grant`] binds to one connection's QP.
 
+mod affinity;
 mod conn;
 pub mod handshake;
+mod lanes;
 mod poller;
 pub mod proto;
 pub mod wire;
@@ -85,7 +106,8 @@ use conn::RdmaConn;
 use genie_sys::addressing::choose_local;
 use genie_sys::mem::SharedBuf;
 use genie_sys::verbs::describe;
-use genie_sys::verbs::{self, Context, ProtectionDomain};
+use genie_sys::verbs::{self, Context, Mr, ProtectionDomain};
+use lanes::LanePoster;
 use parking_lot::Mutex;
 use poller::Poller;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -144,20 +166,35 @@ pub(crate) fn open(config: TransportConfig) -> Result<Arc<dyn Transport>> {
     choose_local(&attrs, config.rdma.gid_index, None)
         .map_err(|reason| TransportError::Addressing { peer: None, reason })?;
     let pd = ctx.alloc_pd().map_err(verbs_err)?;
+    let extra = open_extra_devices(&config)?;
     let listener = TcpListener::bind(config.listen).map_err(|e| TransportError::io("bind", e))?;
     let local_addr = listener
         .local_addr()
         .map_err(|e| TransportError::io("getsockname", e))?;
     let id: EndpointId = rand::random();
     let (poller, poll_thread) = Poller::start()?;
+    let (lane_poster, lane_thread) = if config.rdma.qps > 1 {
+        match LanePoster::start() {
+            Ok((p, t)) => (Some(p), Some(t)),
+            Err(e) => {
+                poller.stop();
+                let _ = poll_thread.join();
+                return Err(e);
+            }
+        }
+    } else {
+        (None, None)
+    };
     let ep = Arc::new(Endpoint {
         poller,
+        lane_poster,
         table: RegionTable::new(id, Backend::Rdma),
         config,
         id,
         local_addr,
         ctx,
         pd,
+        extra,
         incoming: AcceptQueue::new(ACCEPT_QUEUE),
         conns: Mutex::new(Vec::new()),
         shutdown: AtomicBool::new(false),
@@ -171,6 +208,12 @@ pub(crate) fn open(config: TransportConfig) -> Result<Arc<dyn Transport>> {
         Err(e) => {
             ep.poller.stop();
             let _ = poll_thread.join();
+            if let Some(p) = &ep.lane_poster {
+                p.stop();
+            }
+            if let Some(t) = lane_thread {
+                let _ = t.join();
+            }
             return Err(TransportError::io("spawn", e));
         }
     };
@@ -179,7 +222,79 @@ pub(crate) fn open(config: TransportConfig) -> Result<Arc<dyn Transport>> {
         ep,
         accept_thread: Some(accept_thread),
         poll_thread: Some(poll_thread),
+        lane_thread,
     }))
+}
+
+/// Opens the further devices of `config.rdma.devices` (each on `config.rdma.port`, each with an
+/// addressable GID), in lane order: by NUMA affinity to the opening thread where the kernel says.
+fn open_extra_devices(config: &TransportConfig) -> Result<Vec<Device>> {
+    if config.rdma.devices.is_empty() {
+        return Ok(Vec::new());
+    }
+    let available = verbs::rdma_available().map_err(|e| TransportError::BackendUnavailable {
+        backend: Backend::Rdma,
+        reason: e.to_string(),
+    })?;
+    let here = affinity::current_node();
+    let named: Vec<(String, Option<i32>)> = config
+        .rdma
+        .devices
+        .iter()
+        .map(|n| (n.clone(), affinity::device_node(n)))
+        .collect();
+    let mut out = Vec::new();
+    for name in affinity::order(named, here) {
+        if !available.iter().any(|d| d.name == name) {
+            return Err(TransportError::BackendUnavailable {
+                backend: Backend::Rdma,
+                reason: format!(
+                    "rdma.devices: no RDMA device named {name} (found: {})",
+                    available
+                        .iter()
+                        .map(|d| d.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            });
+        }
+        let ctx = Context::open_port(Some(&name), config.rdma.port).map_err(verbs_err)?;
+        let attrs = ctx.port_attrs().map_err(verbs_err)?;
+        choose_local(&attrs, None, None)
+            .map_err(|reason| TransportError::Addressing { peer: None, reason })?;
+        let pd = ctx.alloc_pd().map_err(verbs_err)?;
+        out.push(Device { ctx, pd });
+    }
+    Ok(out)
+}
+
+/// A further device of an endpoint ([`crate::config::RdmaConfig::devices`]): its own context and
+/// protection domain, where every region is registered too.
+pub(crate) struct Device {
+    pub(crate) ctx: Context,
+    pub(crate) pd: ProtectionDomain,
+}
+
+/// An RDMA region's registrations: on the endpoint's device, and on each further device (in
+/// [`Endpoint::extra`]'s order).
+pub(crate) struct Regs {
+    pub(crate) main: Mr,
+    pub(crate) extra: Vec<Mr>,
+}
+
+impl Regs {
+    /// The registrations of `region`, if it is RDMA-registered.
+    pub(crate) fn of(region: &Region) -> Option<&Regs> {
+        region.registration().and_then(|r| r.downcast_ref::<Regs>())
+    }
+
+    /// The registration on device `dev` (0: the endpoint's, `i`: the `i`-th further one).
+    pub(crate) fn on(&self, dev: usize) -> Option<&Mr> {
+        match dev {
+            0 => Some(&self.main),
+            d => self.extra.get(d - 1),
+        }
+    }
 }
 
 /// What an endpoint's connections share.
@@ -189,9 +304,13 @@ pub(crate) struct Endpoint {
     local_addr: SocketAddr,
     pub(crate) ctx: Context,
     pub(crate) pd: ProtectionDomain,
+    /// Further devices that connections' lanes spread over (see [`Device`]).
+    pub(crate) extra: Vec<Device>,
     pub(crate) table: Arc<RegionTable>,
     /// The poller of all connections' completion and side channels.
     pub(crate) poller: Poller,
+    /// Posts striped parts on connections' further lanes (only with `rdma.qps` > 1).
+    pub(crate) lane_poster: Option<LanePoster>,
     incoming: AcceptQueue<Arc<dyn Connection>>,
     conns: Mutex<Vec<Weak<RdmaConn>>>,
     shutdown: AtomicBool,
@@ -258,6 +377,7 @@ pub struct RdmaTransport {
     ep: Arc<Endpoint>,
     accept_thread: Option<JoinHandle<()>>,
     poll_thread: Option<JoinHandle<()>>,
+    lane_thread: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for RdmaTransport {
@@ -289,6 +409,12 @@ impl Drop for RdmaTransport {
         // and are dropped with the poller's list.
         self.ep.poller.stop();
         if let Some(t) = self.poll_thread.take() {
+            let _ = t.join();
+        }
+        if let Some(p) = &self.ep.lane_poster {
+            p.stop();
+        }
+        if let Some(t) = self.lane_thread.take() {
             let _ = t.join();
         }
     }
@@ -324,11 +450,24 @@ impl RdmaTransport {
             .register_with(Arc::clone(&mem), remote)
             .map_err(verbs_err)?;
         let (key, remote_addr) = (u64::from(mr.rkey()), mr.addr());
+        // The same memory on every further device: a lane there reaches it with that
+        // registration's key (told to the peer in region checks). Private regions are reached
+        // through windows bound to the first lane only, so they need none.
+        let extra = if private || matches!(access, RegionAccess::Local) {
+            Vec::new()
+        } else {
+            self.ep
+                .extra
+                .iter()
+                .map(|d| d.pd.register_with(Arc::clone(&mem), remote))
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(verbs_err)?
+        };
         Ok(self.ep.table.insert(NewRegion {
             mem,
             key: Some(key),
             remote_addr,
-            registration: Some(Arc::new(mr)),
+            registration: Some(Arc::new(Regs { main: mr, extra })),
             access,
             private,
         }))
@@ -403,6 +542,7 @@ mod tests {
                 device: Some(std::env::var("GENIE_RDMA_DEVICE").ok()?),
                 port: 1,
                 gid_index,
+                ..RdmaConfig::default()
             },
             ..TransportConfig::default()
         })

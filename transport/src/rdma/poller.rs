@@ -3,7 +3,8 @@
 //!
 //! Each connection registers two sources: its CQ's completion channel fd (readable once the armed
 //! CQ got a completion) and its side-channel socket (non-blocking, edge-triggered, read until
-//! `WouldBlock`). On a completion event the poller acknowledges the channel's events, polls the CQ
+//! `WouldBlock`), and one more per further lane ([`crate::config::RdmaConfig::qps`] > 1): that
+//! lane's CQ channel, always served by the poller when it fires. On a completion event the poller acknowledges the channel's events, polls the CQ
 //! (at most [`CQ_BUDGET`] batches per turn, so that one busy connection cannot starve the others),
 //! re-arms it and polls once more (a completion may have come before arming). On a side-channel
 //! event it reads and handles the frames ([`super::proto::SideChannel`]) and flushes what writers
@@ -140,7 +141,16 @@ struct Watched {
     /// The CQ or the side channel has more to do (a budget ran out): serve it again at once.
     more_cq: bool,
     more_side: bool,
+    /// Bit `i`: further lane `i`'s CQ has something (see [`RdmaConn::serve_lane`]).
+    more_lanes: u16,
 }
+
+/// Tokens: a connection's id times [`TOKENS`], plus [`T_CQ`], [`T_SIDE`], or [`T_LANE`] + the
+/// index of a further lane.
+const TOKENS: usize = 16;
+const T_CQ: usize = 0;
+const T_SIDE: usize = 1;
+const T_LANE: usize = 2;
 
 struct Loop {
     shared: Arc<Shared>,
@@ -162,7 +172,11 @@ impl Loop {
         // Acquire: pairs with the Release store in `Poller::stop`.
         while !self.shared.stop.load(Ordering::Acquire) {
             let now = Instant::now();
-            let timeout = if self.conns.values().any(|w| w.more_cq || w.more_side) {
+            let timeout = if self
+                .conns
+                .values()
+                .any(|w| w.more_cq || w.more_side || w.more_lanes != 0)
+            {
                 Some(Duration::ZERO)
             } else {
                 self.conns
@@ -186,10 +200,13 @@ impl Loop {
                 if t == WAKER.0 {
                     continue;
                 }
-                let Some(w) = self.conns.get_mut(&(t >> 1)) else {
+                let Some(w) = self.conns.get_mut(&(t / TOKENS)) else {
                     continue;
                 };
-                if t & 1 == 0 {
+                let k = t % TOKENS;
+                if k >= T_LANE {
+                    w.more_lanes |= 1 << (k - T_LANE);
+                } else if k == T_CQ {
                     w.more_cq = true;
                 } else {
                     if ev.is_writable() {
@@ -226,6 +243,12 @@ impl Loop {
                     w.recheck = None;
                     service_cq(w, now);
                 }
+                let lanes = std::mem::take(&mut w.more_lanes);
+                for i in (0..TOKENS - T_LANE).filter(|i| lanes & (1 << i) != 0) {
+                    if let CqNext::More = w.conn.serve_lane(i, CQ_BUDGET) {
+                        w.more_lanes |= 1 << i;
+                    }
+                }
                 if w.side.poll_timeout() <= now {
                     // Read first: after a stall of this thread the peer's heartbeats may wait in
                     // the socket with their event not in this batch, and must count before the
@@ -259,20 +282,39 @@ impl Loop {
     fn add(&mut self, conn: Arc<RdmaConn>, reader: FrameReader, now: Instant) {
         let id = conn.poll_id();
         let reg = self.poll.registry();
-        let cq = conn
-            .cq_fd()
-            .map(|fd| reg.register(&mut SourceFd(&fd), Token(id << 1), Interest::READABLE));
+        let cq = conn.cq_fd().map(|fd| {
+            reg.register(
+                &mut SourceFd(&fd),
+                Token(id * TOKENS + T_CQ),
+                Interest::READABLE,
+            )
+        });
         let side_fd = conn.side_fd();
         let side = reg.register(
             &mut SourceFd(&side_fd),
-            Token((id << 1) | 1),
+            Token(id * TOKENS + T_SIDE),
             Interest::READABLE | Interest::WRITABLE,
         );
-        let failed = match (cq, side) {
+        let mut failed = match (cq, side) {
             (Some(Err(e)), _) | (_, Err(e)) => Some(e),
             (None, _) => Some(std::io::Error::other("the CQ has no completion channel")),
             _ => None,
         };
+        for (i, fd) in conn.lane_fds().into_iter().enumerate() {
+            let r = match fd {
+                Some(fd) => reg.register(
+                    &mut SourceFd(&fd),
+                    Token(id * TOKENS + T_LANE + i),
+                    Interest::READABLE,
+                ),
+                None => Err(std::io::Error::other(
+                    "a lane's CQ has no completion channel",
+                )),
+            };
+            if let Err(e) = r {
+                failed.get_or_insert(e);
+            }
+        }
         if let Some(e) = failed {
             conn.die(TransportError::io("epoll_ctl (mio::Registry::register)", e));
         }
@@ -286,6 +328,7 @@ impl Loop {
             // Serve both at once: bytes may have come with the handshake, and the CQ is not armed.
             more_cq: true,
             more_side: true,
+            more_lanes: u16::MAX >> (16 - (TOKENS - T_LANE)),
         };
         w.seen_drives = w.conn.drives();
         self.conns.insert(id, w);
@@ -301,6 +344,9 @@ impl Loop {
             let _ = reg.deregister(&mut SourceFd(&fd));
         }
         let _ = reg.deregister(&mut SourceFd(&w.conn.side_fd()));
+        for fd in w.conn.lane_fds().into_iter().flatten() {
+            let _ = reg.deregister(&mut SourceFd(&fd));
+        }
         if w.conn.is_alive() {
             w.conn.die(TransportError::EndpointClosed);
         }

@@ -27,7 +27,9 @@
 //!   [`Liveness`] (the timers every backend shares); its [`SideChannel::handle_timeout`] says when
 //!   to send a heartbeat and when the peer is dead.
 
-use super::wire::{Frame, RegionStatus, ACCESS_READ, ACCESS_WRITE, SEG_HEADER, SEG_LAST, SEG_MORE};
+use super::wire::{
+    Frame, LaneKeys, RegionStatus, ACCESS_READ, ACCESS_WRITE, SEG_HEADER, SEG_LAST, SEG_MORE,
+};
 use crate::error::TransportError;
 use crate::liveness::{self, Liveness, Timer};
 use crate::region::{RegionAccess, RegionTable, RemoteRegion};
@@ -382,11 +384,15 @@ pub fn access_bits(a: RegionAccess) -> u8 {
 
 /// The owner's answer to a check of `region` under `key` on a connection that granted `granted`
 /// for it; `Err` (after the answer is sent) for a wrong key, which closes the connection.
+///
+/// `lanes` gives the region's keys on the connection's further lanes (none for a granted private
+/// region: its memory window is bound to the first lane's QP).
 pub fn region_status(
     table: &RegionTable,
     granted: Option<u64>,
     region: u64,
     key: u64,
+    lanes: impl FnOnce(&crate::region::Region) -> LaneKeys,
 ) -> (RegionStatus, Result<(), Violation>) {
     match table.check_remote_granted(region, key, granted, None, 0, 0) {
         Ok(r) => (
@@ -394,6 +400,11 @@ pub fn region_status(
                 len: r.len() as u64,
                 addr: r.descriptor().addr,
                 access: access_bits(r.access()),
+                lanes: if granted.is_some() {
+                    LaneKeys::default()
+                } else {
+                    lanes(&r)
+                },
             },
             Ok(()),
         ),
@@ -407,7 +418,9 @@ pub fn region_status(
 /// The requester's view of an answer about `region`: the region, or why it cannot be used.
 pub fn peer_region(status: RegionStatus, region: u64) -> Result<PeerRegion, TransportError> {
     match status {
-        RegionStatus::Ok { len, addr, access } => Ok((len, addr, access)),
+        RegionStatus::Ok {
+            len, addr, access, ..
+        } => Ok((len, addr, access)),
         RegionStatus::Unknown => Err(TransportError::UnknownRegion { region }),
         RegionStatus::BadKey => Err(TransportError::BadKey { region }),
     }
@@ -656,8 +669,13 @@ mod tests {
                     }
                 }
                 Ok(Incoming::Query { req, region, key }) => {
-                    let (status, verdict) =
-                        region_status(&a.regions, a.granted.get(&region).copied(), region, key);
+                    let (status, verdict) = region_status(
+                        &a.regions,
+                        a.granted.get(&region).copied(),
+                        region,
+                        key,
+                        |_| LaneKeys::default(),
+                    );
                     b.frames_in.push_back(Frame::RegionInfo { req, status });
                     if let Err(v) = verdict {
                         a.failed = Some(v);

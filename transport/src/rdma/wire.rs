@@ -11,7 +11,10 @@ use genie_sys::addressing::{GidType, LinkLayer, RemoteAddress};
 use std::io::{self, Read, Write};
 
 /// Protocol version of the side channel; both sides must agree.
-pub const VERSION: u8 = 3;
+pub const VERSION: u8 = 4;
+
+/// Most further lanes (queue pairs besides the first) a [`Frame::QpInfo`] may list.
+pub const MAX_LANES: usize = 7;
 
 /// Largest frame body accepted from a peer (control frames are tiny).
 pub const MAX_FRAME: u32 = 4096;
@@ -40,11 +43,66 @@ pub enum RegionStatus {
         addr: u64,
         /// What the peer may do: bit 0 read, bit 1 write ([`ACCESS_READ`], [`ACCESS_WRITE`]).
         access: u8,
+        /// The keys of the region on the connection's further lanes (their QPs may sit on other
+        /// devices, where the region has another registration).
+        lanes: LaneKeys,
     },
     /// No such region (never registered or dropped).
     Unknown,
     /// The key does not match.
     BadKey,
+}
+
+/// The rkeys of a region on a connection's further lanes: lane `i` (from 1) may reach the region
+/// with `keys[i]` when bit `i` of `mask` is set; a lane without its bit (a private region, whose
+/// memory window is bound to the first lane's QP) must not be used for it. Bit 0 is never set:
+/// the first lane uses the descriptor's own key.
+///
+/// Wire: `mask u8 | keys u32 × popcount(mask)`, in lane order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LaneKeys {
+    /// Bit `i`: lane `i` may be used.
+    pub mask: u8,
+    /// The key per lane (meaningful where `mask` says).
+    pub keys: [u32; MAX_LANES + 1],
+}
+
+impl LaneKeys {
+    /// The key of lane `lane` (from 1), if it may reach the region.
+    pub fn get(&self, lane: usize) -> Option<u32> {
+        (lane > 0 && lane <= MAX_LANES && self.mask & (1 << lane) != 0).then(|| self.keys[lane])
+    }
+
+    /// Sets the key of lane `lane` (1 to [`MAX_LANES`]; others are ignored).
+    pub fn set(&mut self, lane: usize, key: u32) {
+        if lane > 0 && lane <= MAX_LANES {
+            self.mask |= 1 << lane;
+            self.keys[lane] = key;
+        }
+    }
+
+    fn put(&self, b: &mut Vec<u8>) {
+        b.push(self.mask);
+        for lane in 1..=MAX_LANES {
+            if let Some(k) = self.get(lane) {
+                b.extend_from_slice(&k.to_le_bytes());
+            }
+        }
+    }
+
+    fn read(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let mask = r.u8()?;
+        if mask & 1 != 0 {
+            return Err(DecodeError::BadValue("region info lane mask"));
+        }
+        let mut lanes = LaneKeys::default();
+        for lane in 1..=MAX_LANES {
+            if mask & (1 << lane) != 0 {
+                lanes.set(lane, r.u32()?);
+            }
+        }
+        Ok(lanes)
+    }
 }
 
 /// One side-channel frame.
@@ -57,11 +115,14 @@ pub enum Frame {
         /// HMAC-SHA256 over the role and the transcript.
         mac: Option<[u8; 32]>,
     },
-    /// After authentication: the sender's QP, sealed with the connection's key.
+    /// After authentication: the sender's QPs, sealed with the connection's key.
     QpInfo {
-        /// The QP and its receive side.
+        /// The first QP (lane 0) and its receive side.
         info: QpInfo,
-        /// [`crate::auth::Auth::seal`] of [`QpInfo::encode`]; `None` without a secret.
+        /// The further lanes' QPs (at most [`MAX_LANES`]; their credits and receive size are 0:
+        /// they carry only one-sided transfers). The connection uses as many as both sides offer.
+        lanes: Vec<QpInfo>,
+        /// [`crate::auth::Auth::seal`] of [`sealed_qp_bytes`]; `None` without a secret.
         tag: Option<[u8; 32]>,
     },
     /// The sender's QP reached RTS: the peer may send now.
@@ -216,6 +277,15 @@ impl QpInfo {
     }
 }
 
+/// What the seal of a [`Frame::QpInfo`] covers: the first QP's encoding, then each lane's.
+pub fn sealed_qp_bytes(info: &QpInfo, lanes: &[QpInfo]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(QpInfo::LEN * (1 + lanes.len()));
+    for q in std::iter::once(info).chain(lanes) {
+        b.extend_from_slice(&q.encode());
+    }
+    b
+}
+
 const T_HELLO: u8 = 1;
 const T_READY: u8 = 2;
 const T_CREDITS: u8 = 3;
@@ -262,9 +332,13 @@ impl Frame {
                 b.push(T_PROOF);
                 put_opt(&mut b, mac);
             }
-            Frame::QpInfo { info, tag } => {
+            Frame::QpInfo { info, lanes, tag } => {
                 b.push(T_QP);
                 b.extend_from_slice(&info.encode());
+                b.push(u8::try_from(lanes.len()).unwrap_or(u8::MAX));
+                for l in lanes {
+                    b.extend_from_slice(&l.encode());
+                }
                 put_opt(&mut b, tag);
             }
             Frame::Ready => b.push(T_READY),
@@ -281,15 +355,21 @@ impl Frame {
             Frame::RegionInfo { req, status } => {
                 b.push(T_INFO);
                 b.extend_from_slice(&req.to_le_bytes());
-                let (tag, len, addr, access) = match *status {
-                    RegionStatus::Ok { len, addr, access } => (0u8, len, addr, access),
-                    RegionStatus::Unknown => (1, 0, 0, 0),
-                    RegionStatus::BadKey => (2, 0, 0, 0),
+                let (tag, len, addr, access, lanes) = match *status {
+                    RegionStatus::Ok {
+                        len,
+                        addr,
+                        access,
+                        lanes,
+                    } => (0u8, len, addr, access, lanes),
+                    RegionStatus::Unknown => (1, 0, 0, 0, LaneKeys::default()),
+                    RegionStatus::BadKey => (2, 0, 0, 0, LaneKeys::default()),
                 };
                 b.push(tag);
                 b.extend_from_slice(&len.to_le_bytes());
                 b.extend_from_slice(&addr.to_le_bytes());
                 b.push(access);
+                lanes.put(&mut b);
             }
             Frame::Heartbeat => b.push(T_HEARTBEAT),
             Frame::Refuse(r) => {
@@ -334,10 +414,22 @@ impl Frame {
             T_PROOF => Frame::Proof {
                 mac: opt32(&mut r, "proof")?,
             },
-            T_QP => Frame::QpInfo {
-                info: QpInfo::read(&mut r)?,
-                tag: opt32(&mut r, "qp info")?,
-            },
+            T_QP => {
+                let info = QpInfo::read(&mut r)?;
+                r.context("qp info lanes");
+                let n = usize::from(r.u8()?);
+                if n > MAX_LANES {
+                    return Err(DecodeError::BadValue("qp info lane count"));
+                }
+                let lanes = (0..n)
+                    .map(|_| QpInfo::read(&mut r))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Frame::QpInfo {
+                    info,
+                    lanes,
+                    tag: opt32(&mut r, "qp info")?,
+                }
+            }
             T_READY => Frame::Ready,
             T_CREDITS => Frame::Credits {
                 n: r.context("credits").u32()?,
@@ -360,8 +452,17 @@ impl Frame {
                 if access > (ACCESS_READ | ACCESS_WRITE) {
                     return Err(DecodeError::BadValue("region info access"));
                 }
+                let lanes = LaneKeys::read(&mut r)?;
+                if tag != 0 && lanes != LaneKeys::default() {
+                    return Err(DecodeError::BadValue("region info lanes"));
+                }
                 let status = match tag {
-                    0 => RegionStatus::Ok { len, addr, access },
+                    0 => RegionStatus::Ok {
+                        len,
+                        addr,
+                        access,
+                        lanes,
+                    },
                     1 => RegionStatus::Unknown,
                     2 => RegionStatus::BadKey,
                     _ => return Err(DecodeError::BadValue("region info status")),
@@ -533,7 +634,38 @@ mod tests {
                     credits: 32,
                     recv_size: 65536,
                 },
+                lanes: Vec::new(),
                 tag: Some([5; 32]),
+            },
+            Frame::QpInfo {
+                info: QpInfo {
+                    qpn: 0x12,
+                    psn: 1,
+                    link_layer: LinkLayer::InfiniBand,
+                    gid_type: GidType::Ib,
+                    flags: QP_GLOBAL,
+                    lid: 7,
+                    gid: [1; 16],
+                    mtu: 1024,
+                    credits: 8,
+                    recv_size: 4096,
+                },
+                lanes: vec![
+                    QpInfo {
+                        qpn: 0x13,
+                        psn: 2,
+                        link_layer: LinkLayer::Ethernet,
+                        gid_type: GidType::RoceV2,
+                        flags: 0,
+                        lid: 0,
+                        gid: [2; 16],
+                        mtu: 4096,
+                        credits: 0,
+                        recv_size: 0,
+                    };
+                    3
+                ],
+                tag: None,
             },
             Frame::Ready,
             Frame::Credits { n: 17 },
@@ -548,6 +680,21 @@ mod tests {
                     len: 5,
                     addr: 6,
                     access: ACCESS_WRITE,
+                    lanes: LaneKeys::default(),
+                },
+            },
+            Frame::RegionInfo {
+                req: 5,
+                status: RegionStatus::Ok {
+                    len: 5,
+                    addr: 6,
+                    access: ACCESS_READ,
+                    lanes: {
+                        let mut k = LaneKeys::default();
+                        k.set(1, 0xdead);
+                        k.set(3, 0xbeef);
+                        k
+                    },
                 },
             },
             Frame::RegionInfo {
@@ -666,6 +813,24 @@ mod tests {
             body[1 + at] = bad;
             assert_eq!(Frame::decode(&body), Err(DecodeError::BadValue(what)));
         }
+        // More lanes than any connection has, and a lane key for lane 0, are refused.
+        let mut body = qp[4..].to_vec();
+        body[1 + QpInfo::LEN] = MAX_LANES as u8 + 1;
+        assert_eq!(
+            Frame::decode(&body),
+            Err(DecodeError::BadValue("qp info lane count"))
+        );
+        let mut info = Frame::RegionInfo {
+            req: 1,
+            status: RegionStatus::Unknown,
+        }
+        .encode()[4..]
+            .to_vec();
+        *info.last_mut().unwrap() = 1;
+        assert_eq!(
+            Frame::decode(&info),
+            Err(DecodeError::BadValue("region info lane mask"))
+        );
         assert_eq!(
             Frame::decode(&[T_HELLO, 1, 0]),
             Err(DecodeError::Version {
