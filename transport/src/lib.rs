@@ -100,6 +100,7 @@ pub mod auth;
 pub mod codec;
 pub mod completion;
 pub mod config;
+pub mod device;
 pub mod error;
 pub mod fuzzing;
 mod inbound;
@@ -112,6 +113,7 @@ pub mod tcp;
 
 pub use completion::{Batch, BatchStatus, Op};
 pub use config::{Backend, BackendChoice, PollMode, RdmaConfig, TcpConfig, TransportConfig};
+pub use device::{DeviceMem, DeviceMemory, GpuDirect, HostStandIn};
 pub use error::{Result, TransportError};
 pub use genie_sys::mem::SharedBuf;
 pub use region::{EndpointId, Region, RegionAccess, RemoteRegion};
@@ -154,6 +156,27 @@ pub trait Transport: Send + Sync + std::fmt::Debug {
     /// with a descriptor from [`Connection::grant`], and only on the connection that granted it
     /// (on RDMA: a type-2 memory window bound to that connection's queue pair).
     fn alloc_private_region(&self, len: usize, access: RegionAccess) -> Result<Region>;
+    /// Allocates `len` bytes of zeroed device memory on GPU `gpu` (feature `cuda`) and registers
+    /// it as a region peers may read and write: the same [`Region`]/[`RemoteRegion`] as host
+    /// memory, used by the same operations (see [`device`]). Without the `cuda` feature:
+    /// [`TransportError::DeviceUnavailable`]; without a driver or GPU: [`TransportError::Cuda`].
+    fn alloc_device_region(&self, gpu: usize, len: usize) -> Result<Region> {
+        self.alloc_device_region_with(gpu, len, RegionAccess::ReadWrite)
+    }
+    /// [`Transport::alloc_device_region`] granting peers only `access`.
+    fn alloc_device_region_with(
+        &self,
+        gpu: usize,
+        len: usize,
+        access: RegionAccess,
+    ) -> Result<Region> {
+        self.register_device(device::alloc(gpu, len)?, access)
+    }
+    /// Registers device memory the caller already has (a serving stack's tensor, wrapped as
+    /// [`device::CudaMemory`](crate::device) from its pointer, length, device and keep-alive
+    /// owner; or a [`HostStandIn`]); the region keeps `mem` until it and every operation using it
+    /// are gone. Peers get only `access`.
+    fn register_device(&self, mem: DeviceMem, access: RegionAccess) -> Result<Region>;
     /// Connects to the endpoint listening at `addr` (handshake included; bounded by the peer timeout).
     fn connect(&self, addr: SocketAddr) -> Result<Arc<dyn Connection>>;
     /// Waits up to `timeout` for the next incoming connection. An `Err` other than

@@ -71,6 +71,7 @@
 //! that [`crate::Connection::grant`] binds to one connection's QP.
 
 mod conn;
+mod device;
 pub mod handshake;
 mod poller;
 pub mod proto;
@@ -357,6 +358,10 @@ impl Transport for RdmaTransport {
 
     fn register_shared(&self, mem: SharedBuf, access: RegionAccess) -> Result<Region> {
         self.register_mem(mem, access, false)
+    }
+
+    fn register_device(&self, mem: crate::DeviceMem, access: RegionAccess) -> Result<Region> {
+        device::register(&self.ep, mem, access)
     }
     fn alloc_private_region(&self, len: usize, access: RegionAccess) -> Result<Region> {
         self.register_mem(SharedBuf::zeroed(len)?, access, true)
