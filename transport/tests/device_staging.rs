@@ -390,3 +390,88 @@ fn concurrent_staged_writes_from_two_peers() {
     drop((dst, sa, sc));
     no_leaks(&[&s_dst, &s_a, &s_c], "two peers");
 }
+
+/// A device whose host→device copies start failing after `ok` of them (a device fault).
+#[derive(Debug)]
+struct Failing {
+    inner: HostStandIn,
+    ok: std::sync::atomic::AtomicUsize,
+}
+
+impl genie_transport::DeviceMemory for Failing {
+    fn ordinal(&self) -> usize {
+        self.inner.ordinal()
+    }
+    fn ptr(&self) -> u64 {
+        self.inner.ptr()
+    }
+    fn len(&self) -> usize {
+        self.inner.len()
+    }
+    fn staging(&self, len: usize) -> genie_transport::Result<genie_transport::device::Staging> {
+        self.inner.staging(len)
+    }
+    fn copy_to_host(
+        &self,
+        offset: usize,
+        buf: genie_transport::device::Staging,
+        len: usize,
+    ) -> genie_transport::Result<genie_transport::device::CopyInFlight> {
+        self.inner.copy_to_host(offset, buf, len)
+    }
+    fn copy_from_host(
+        &self,
+        buf: genie_transport::device::Staging,
+        len: usize,
+        offset: usize,
+    ) -> genie_transport::Result<genie_transport::device::CopyInFlight> {
+        let left = self.ok.load(Ordering::Relaxed);
+        if left == 0 {
+            return Err(TransportError::Device {
+                what: "copy host to device",
+                reason: "injected fault".into(),
+            });
+        }
+        self.ok.store(left - 1, Ordering::Relaxed);
+        self.inner.copy_from_host(buf, len, offset)
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+/// A device copy that fails on the receiving side closes that connection with the device's
+/// typed error; the writer's operation fails; no staging buffer is left over.
+#[test]
+fn a_failing_device_copy_closes_the_connection_with_a_typed_error() {
+    let p = pair();
+    let len = 6 * STAGE_CHUNK;
+    let inner = HostStandIn::new(0, len).unwrap();
+    let stats = inner.stats();
+    let failing = Failing {
+        inner,
+        ok: std::sync::atomic::AtomicUsize::new(2),
+    };
+    let dst =
+        p.b.register_device(Arc::new(failing), RegionAccess::Write)
+            .unwrap();
+    let (src, s_src) = region(&p.a, Kind::Host, len);
+    assert!(s_src.is_none());
+    let e =
+        p.ab.write(&src, 0, &dst.descriptor(), 0, len)
+            .unwrap()
+            .wait(WAIT);
+    assert!(e.is_err(), "the write succeeded through a failing device");
+    match p.ba.recv(WAIT) {
+        Err(TransportError::Device { what, reason }) => {
+            assert_eq!(
+                (what, reason.as_str()),
+                ("copy host to device", "injected fault")
+            )
+        }
+        other => panic!("expected the device's error on the target, got {other:?}"),
+    }
+    let Pair { a, b, ab, ba } = p;
+    drop((ab, ba, a, b, dst, src));
+    no_leaks(&[&stats], "failing device");
+}

@@ -110,3 +110,65 @@ fn chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{BackendChoice, RdmaConfig};
+    use crate::{open, GpuDirect, HostStandIn, RegionAccess, TransportConfig, TransportError};
+    use std::sync::Arc;
+
+    /// An endpoint on the soft-RoCE harness's device; `None` where it set no `GENIE_RDMA_DEVICE`.
+    fn endpoint() -> Option<Arc<dyn crate::Transport>> {
+        let device = std::env::var("GENIE_RDMA_DEVICE").ok()?;
+        Some(
+            open(TransportConfig {
+                backend: BackendChoice::Rdma,
+                rdma: RdmaConfig {
+                    device: Some(device),
+                    ..RdmaConfig::default()
+                },
+                ..TransportConfig::default()
+            })
+            .unwrap(),
+        )
+    }
+
+    /// Memory the NIC cannot reach (the host stand-in: no GPU, no dma-buf, no peer memory) is
+    /// refused with the reason for each way, since this backend does not stage; an empty device
+    /// region needs no registration; host regions of the same endpoint are unaffected.
+    #[test]
+    fn unreachable_device_memory_is_refused_with_every_reason() {
+        let Some(t) = endpoint() else {
+            eprintln!("skipped: GENIE_RDMA_DEVICE is not set (run under scripts/softroce.sh)");
+            return;
+        };
+        let mem = Arc::new(HostStandIn::new(0, 1 << 20).unwrap());
+        match t.register_device(mem, RegionAccess::ReadWrite) {
+            Err(TransportError::GpuDirectUnavailable { tried }) => {
+                assert!(tried.contains("dmabuf: not CUDA memory"), "{tried}");
+                assert!(tried.contains("peermem: not CUDA memory"), "{tried}");
+                assert!(
+                    tried.contains("staged: this backend cannot stage"),
+                    "{tried}"
+                );
+            }
+            other => panic!("expected GpuDirectUnavailable, got {other:?}"),
+        }
+        let empty = Arc::new(HostStandIn::new(0, 0).unwrap());
+        let r = t.register_device(empty, RegionAccess::ReadWrite).unwrap();
+        assert_eq!((r.len(), r.gpudirect()), (0, Some(GpuDirect::Staged)));
+        let h = t.register(vec![3; 64]).unwrap();
+        assert!(h.registration().is_some());
+        // Without a driver, allocating device memory says so on RDMA as on TCP.
+        match t.alloc_device_region(0, 4096) {
+            Err(TransportError::DeviceUnavailable { .. }) => {}
+            #[cfg(feature = "cuda")]
+            Err(TransportError::Cuda(_)) => {}
+            Err(TransportError::GpuDirectUnavailable { tried }) => {
+                eprintln!("a GPU without GPUDirect on this device: {tried}")
+            }
+            Err(e) => panic!("unexpected {e}"),
+            Ok(r) => eprintln!("GPU memory registered on RDMA via {:?}", r.gpudirect()),
+        }
+    }
+}

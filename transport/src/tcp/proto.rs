@@ -343,6 +343,9 @@ pub struct Conn {
     scratch: Vec<u8>,
     /// Host→device copies of received chunks still in flight, oldest first.
     landing: VecDeque<CopyInFlight>,
+    /// Staged payloads queued in `out` (an upper bound after a failure drops frames; exact again
+    /// once `out` is empty), so that host-only traffic never looks for them.
+    staged_out: usize,
     error: Option<TransportError>,
     /// Which stream of its connection this is (agreed in the handshake).
     stripe: Stripe,
@@ -456,6 +459,7 @@ impl Conn {
             },
             scratch: Vec::new(),
             landing: VecDeque::new(),
+            staged_out: 0,
             error: None,
             stripe: Stripe::Single,
             join: None,
@@ -690,6 +694,9 @@ impl Conn {
 
     fn queue(&mut self, mut h: Header, payload: Payload) {
         h.body_len = payload.len() as u32;
+        if let Payload::Staged(_) = payload {
+            self.staged_out += 1;
+        }
         self.out.push_back(OutFrame {
             header: h.encode(),
             payload,
@@ -1535,6 +1542,7 @@ impl Conn {
     pub fn write_to<W: Write>(&mut self, dst: &mut W, now: Instant) -> WriteOutcome {
         loop {
             if self.out.is_empty() {
+                self.staged_out = 0;
                 return match self.phase {
                     Phase::Closing | Phase::Closed => {
                         self.phase = Phase::Closed;
@@ -1543,9 +1551,11 @@ impl Conn {
                     _ => WriteOutcome::Flushed,
                 };
             }
-            if let Err(e) = self.stage_out() {
-                self.fail(e, None);
-                return WriteOutcome::Closed;
+            if self.staged_out > 0 {
+                if let Err(e) = self.stage_out() {
+                    self.fail(e, None);
+                    return WriteOutcome::Closed;
+                }
             }
             let res = {
                 let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(8);
@@ -1617,7 +1627,13 @@ impl Conn {
                         let rem = HEADER_LEN + f.payload.len() - f.sent;
                         if n >= rem {
                             n -= rem;
-                            self.out.pop_front();
+                            if let Some(OutFrame {
+                                payload: Payload::Staged(_),
+                                ..
+                            }) = self.out.pop_front()
+                            {
+                                self.staged_out = self.staged_out.saturating_sub(1);
+                            }
                         } else {
                             f.sent += n;
                             n = 0;
