@@ -177,6 +177,21 @@ pub trait Transport: Send + Sync + std::fmt::Debug {
     /// owner; or a [`HostStandIn`]); the region keeps `mem` until it and every operation using it
     /// are gone. Peers get only `access`.
     fn register_device(&self, mem: DeviceMem, access: RegionAccess) -> Result<Region>;
+    /// Registers `len` bytes of device memory at device address `ptr` on GPU `gpu` that someone
+    /// else allocated (a serving stack's tensor: `data_ptr`, `nbytes`, device), keeping `owner`
+    /// (the tensor) alive as long as the region. The driver is asked first that the range is
+    /// plain device memory of that GPU inside one allocation; peers get only `access`. Without
+    /// the `cuda` feature: [`TransportError::DeviceUnavailable`].
+    fn register_device_ptr(
+        &self,
+        ptr: u64,
+        len: usize,
+        gpu: usize,
+        owner: Box<dyn std::any::Any + Send + Sync>,
+        access: RegionAccess,
+    ) -> Result<Region> {
+        self.register_device(device::from_ptr(ptr, len, gpu, owner)?, access)
+    }
     /// Connects to the endpoint listening at `addr` (handshake included; bounded by the peer timeout).
     fn connect(&self, addr: SocketAddr) -> Result<Arc<dyn Connection>>;
     /// Waits up to `timeout` for the next incoming connection. An `Err` other than

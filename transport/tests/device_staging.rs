@@ -325,6 +325,35 @@ fn without_a_gpu_device_regions_are_a_typed_error_and_host_regions_work() {
             return;
         }
     }
+    // A serving stack's tensor pointer: refused with the same typed error, its owner dropped.
+    let owner = Arc::new(());
+    let e =
+        p.a.register_device_ptr(
+            0x7f00_0000_0000,
+            4096,
+            0,
+            Box::new(owner.clone()),
+            RegionAccess::Read,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(e, TransportError::DeviceUnavailable { .. }) || cfg!(feature = "cuda"),
+        "{e}"
+    );
+    #[cfg(feature = "cuda")]
+    assert!(
+        matches!(
+            e,
+            TransportError::Cuda(genie_sys::cuda::CudaError::NoDriver { .. })
+                | TransportError::Cuda(genie_sys::cuda::CudaError::NoDevice)
+        ),
+        "{e}"
+    );
+    assert_eq!(
+        Arc::strong_count(&owner),
+        1,
+        "the owner of a refused pointer is released"
+    );
     let src = p.a.register(pattern(5000, 3)).unwrap();
     let dst = p.b.alloc_region(5000).unwrap();
     p.ab.write(&src, 0, &dst.descriptor(), 0, 5000)

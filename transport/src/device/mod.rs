@@ -240,6 +240,34 @@ pub fn alloc(gpu: usize, len: usize) -> Result<DeviceMem> {
     })
 }
 
+/// Device memory at `ptr` (`len` bytes on GPU `gpu`) that `owner` keeps allocated, checked with
+/// the driver (feature `cuda`; see [`crate::Transport::register_device_ptr`]).
+#[cfg(feature = "cuda")]
+pub fn from_ptr(
+    ptr: u64,
+    len: usize,
+    gpu: usize,
+    owner: Box<dyn Any + Send + Sync>,
+) -> Result<DeviceMem> {
+    let buf = genie_sys::cuda::DeviceBuffer::from_device_ptr(ptr, len, gpu, owner)?;
+    Ok(Arc::new(CudaMemory::new(buf)?))
+}
+
+/// Device memory at `ptr`: without the `cuda` feature, always
+/// [`TransportError::DeviceUnavailable`].
+#[cfg(not(feature = "cuda"))]
+pub fn from_ptr(
+    ptr: u64,
+    len: usize,
+    gpu: usize,
+    owner: Box<dyn Any + Send + Sync>,
+) -> Result<DeviceMem> {
+    let _ = (ptr, len, gpu, owner);
+    Err(TransportError::DeviceUnavailable {
+        reason: "built without the `cuda` feature".into(),
+    })
+}
+
 // ---- how device memory reaches the NIC ----
 
 /// How a device region's bytes reach the network: reported per region by
