@@ -566,7 +566,6 @@ impl ProtectionDomain {
             .map_err(|e| verb("ibv_reg_mr", &self.name, e))?;
         Ok(Mr {
             mr,
-            _device: None,
             len: mem.len(),
             _pinned: mem_for_reg,
             mem,
@@ -620,13 +619,17 @@ impl ProtectionDomain {
                     .map_err(|e| verb("ibv_reg_mr(device memory)", &self.name, e))?
             }
         };
-        let empty = Arc::new(SharedBuf::from_vec(Vec::new()));
+        // SAFETY: a zero-length range at a dangling, well-aligned pointer: no byte of it is
+        // ever read or written; the buffer exists only to hold `keep` (the device memory's
+        // owner) for as long as the `Mr`, which drops its registration first.
+        let keep = Arc::new(unsafe {
+            SharedBuf::from_foreign(std::ptr::NonNull::<u8>::dangling().as_ptr(), 0, keep)
+        });
         Ok(Mr {
             mr,
-            _device: Some(keep),
             len,
-            _pinned: Arc::clone(&empty),
-            mem: empty,
+            _pinned: keep,
+            mem: Arc::new(SharedBuf::from_vec(Vec::new())),
         })
     }
 
@@ -739,10 +742,9 @@ impl Drop for MemoryWindow {
 pub struct Mr {
     // Field order is drop order: the registration goes before the memory it names.
     mr: Arc<MemoryRegion>,
-    /// For a registration of device memory: what keeps that memory allocated.
-    _device: Option<Box<dyn std::any::Any + Send + Sync>>,
     len: usize,
-    /// The memory registered (`mem` itself, or a one-byte page for an empty `mem`).
+    /// The memory registered (`mem` itself, or a one-byte page for an empty `mem`); for device
+    /// memory, an empty buffer whose owner keeps the device memory allocated.
     _pinned: Arc<SharedBuf>,
     mem: Arc<SharedBuf>,
 }

@@ -40,6 +40,14 @@
 //! [`TransportConfig::peer_timeout`]; other connections carry on; connecting again to a restarted
 //! peer works.
 //!
+//! # Device memory
+//!
+//! A region may be GPU memory ([`Transport::alloc_device_region`],
+//! [`Transport::register_device_ptr`] for a serving stack's tensor, [`Transport::register_device`]):
+//! the same [`Region`]/[`RemoteRegion`] and operations, between any mix of host and device
+//! regions. RDMA registers it with the NIC (dma-buf, else peer memory: GPUDirect); TCP stages it
+//! through host buffers, chunked and pipelined; [`Region::gpudirect`] says which. See [`device`].
+//!
 //! # Backends
 //!
 //! [`open`] is the one place that chooses: [`BackendChoice::Auto`] takes RDMA when the `rdma`

@@ -192,7 +192,7 @@ impl Demo<'_> {
         let s = tokens.len();
         let (g, last) = with_last_logits(self.model.prefill(s)?, s)?;
         let p = placer.prefill(&mut self.scheduler, &g)?;
-        let prefill = run_prefill(&mut self.driver, &g, &p, tokens, last, seq)?;
+        let prefill = run_prefill(&self.driver, &g, &p, tokens, last, seq)?;
         let first = prefill
             .outputs
             .first()
@@ -225,7 +225,7 @@ impl Demo<'_> {
         let dg = self.model.decode(l)?;
         let dp = ph.placer.decode(&mut self.scheduler, &dg)?;
         let tok = ph.tokens.last().copied().unwrap_or(0);
-        let r = run_decode_step(&mut self.driver, &dg, &dp, tok, l, ph.seq)?;
+        let r = run_decode_step(&self.driver, &dg, &dp, tok, l, ph.seq)?;
         let o = r
             .outputs
             .first()
