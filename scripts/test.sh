@@ -8,6 +8,12 @@
 #   3. cargo test --workspace (TCP transport on loopback sockets, scheduler, runtime; the C
 #      binding's FFI tests and its header check: bindings/c/include/genie.h must be what cbindgen
 #      generates now)
+#   3a. GPU memory without a GPU (feature cuda): genie-sys's CUDA layer (no driver → typed errors;
+#      the NIC/GPU affinity parser on recorded sysfs trees), device regions staged over TCP
+#      loopback with the host stand-in (every host/device mix, 1 B … 9 MiB, chunk boundaries,
+#      batches, a dying peer, a failing device copy, nothing leaked), the GPUDirect decision on
+#      recorded machines; then scripts/gpu-check.sh: its no-GPU path (skips, exit 0) and its whole
+#      flow on the host stand-in (release, --features cuda,rdma)
 #   3b. the bindings: `pip install ./bindings/python` into a venv (GENIE_VENV, default
 #      /tmp/genie-venv; maturin, pytest, numpy from PyPI), its pytest suite (two processes over
 #      loopback TCP, the KV-transfer example), and the C example built with the system cc and run
@@ -46,6 +52,13 @@ cargo clippy --workspace --all-targets --all-features -- -D warnings
 
 log "cargo test (workspace)"
 cargo test --workspace --release
+
+log "GPU memory without a GPU: the no-driver path, staged device regions, the GPUDirect decision"
+cargo test --release -p genie-sys --features cuda --lib
+cargo test --release -p genie-transport --features cuda --lib --test device_staging
+log "scripts/gpu-check.sh: the no-GPU path, then its whole flow on host memory standing in for a GPU"
+scripts/gpu-check.sh
+GENIE_GPU_CHECK_STAND_IN=1 scripts/gpu-check.sh
 
 log "bindings: the Python package (venv, pip install, pytest) and the C example (cc)"
 ensure_python_deps

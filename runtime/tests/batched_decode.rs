@@ -68,14 +68,14 @@ fn batched_equals_alone(model: &Model) {
         let ids: Vec<u64> = members.iter().map(|&i| seqs[i].0).collect();
         let g = model.decode_batch(&lens).unwrap();
         let place = Placement::by_rule(&g, |_| 1);
-        let out = run_decode_batch(&mut driver, &g, &place, &toks, &lens, &ids).unwrap();
+        let out = run_decode_batch(&driver, &g, &place, &toks, &lens, &ids).unwrap();
         let logits = &out.outputs[0];
         assert_eq!(logits.dims(), &[members.len(), 1, model.vocab()]);
         for (row, &i) in members.iter().enumerate() {
             let (_, alone, tok, len) = seqs[i];
             let g1 = model.decode(len).unwrap();
             let p1 = Placement::by_rule(&g1, |_| 1);
-            let one = run_decode_step(&mut driver, &g1, &p1, tok, len, alone).unwrap();
+            let one = run_decode_step(&driver, &g1, &p1, tok, len, alone).unwrap();
             let batched = logits.narrow(0, row, 1).unwrap();
             assert_eq!(
                 bits(&batched),
@@ -149,7 +149,7 @@ fn a_cache_slot_without_a_sequence_is_refused() {
         .to_string();
     assert!(err.contains("slot 1"), "{err}");
     // A run naming a sequence twice is refused too.
-    let err = run_decode_batch(&mut driver, &g, &place, &[t0, t1], &[3, 2], &[0, 0])
+    let err = run_decode_batch(&driver, &g, &place, &[t0, t1], &[3, 2], &[0, 0])
         .unwrap_err()
         .to_string();
     assert!(err.contains("twice") || err.contains("reconnect"), "{err}");

@@ -114,7 +114,7 @@ fn scheduler_schedules_run_and_match() {
     use genie_scheduler::{OptimizationPlan, Scheduler, Strategy, Topology};
     let cfg = small();
     let cluster = EmbeddedCluster::start(3, Arc::new(CpuKernels::new())).unwrap();
-    let mut driver = Driver::connect(&cluster.cluster, WeightSpec::Seeded(9)).unwrap();
+    let driver = Driver::connect(&cluster.cluster, WeightSpec::Seeded(9)).unwrap();
     let g = gpt2_prefill(&cfg, 16).unwrap();
     let ids = genie_runtime::models::row_i64(prompt(16, cfg.vocab)).unwrap();
     let pos = genie_runtime::models::row_i64((0..16).collect()).unwrap();
@@ -152,7 +152,7 @@ fn scheduler_schedules_run_and_match() {
 fn recompute_directives_save_bytes_and_keep_the_answer() {
     let cfg = small();
     let cluster = EmbeddedCluster::start(2, Arc::new(CpuKernels::new())).unwrap();
-    let mut driver = Driver::connect(&cluster.cluster, WeightSpec::Seeded(11)).unwrap();
+    let driver = Driver::connect(&cluster.cluster, WeightSpec::Seeded(11)).unwrap();
     let g = genie_scheduler::builders::gpt2_prefill(&cfg, 8).unwrap();
     let ids = genie_runtime::models::row_i64(prompt(8, cfg.vocab)).unwrap();
     let pos = genie_runtime::models::row_i64((0..8).collect()).unwrap();

@@ -53,7 +53,7 @@ fn input(n: usize, seed: f32) -> Tensor {
 #[test]
 fn a_failed_run_leaves_nothing_for_the_next() {
     let cluster = EmbeddedCluster::start(2, Arc::new(CpuKernels::new())).unwrap();
-    let mut driver = Driver::connect(&cluster.cluster, WeightSpec::Seeded(1)).unwrap();
+    let driver = Driver::connect(&cluster.cluster, WeightSpec::Seeded(1)).unwrap();
     let (g, p, d) = graph(256, true);
     let err = driver
         .run(&g, &p, &[("x", input(256, 0.0))], &[d], 0)
@@ -62,7 +62,7 @@ fn a_failed_run_leaves_nothing_for_the_next() {
     assert!(err.contains("w1"), "the failure names w1: {err}");
     drop(driver);
 
-    let mut driver = Driver::connect(&cluster.cluster, WeightSpec::Seeded(1)).unwrap();
+    let driver = Driver::connect(&cluster.cluster, WeightSpec::Seeded(1)).unwrap();
     for (k, n) in [(1.0, 256), (2.0, 256), (3.0, 100_000), (4.0, 256)] {
         let (g, p, d) = graph(n, false);
         let x = [("x", input(n, k))];

@@ -163,7 +163,6 @@ fn killed_worker_fails_the_run_naming_it() {
         start.elapsed()
     );
     // The driver refuses further runs on the broken cluster.
-    let mut driver = driver;
     let g = genie_scheduler::builders::gpt2_prefill(&small(), 4).unwrap();
     assert!(driver.run(&g, &Placement::single(&g), &[], &[], 9).is_err());
     drop(workers);

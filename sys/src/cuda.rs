@@ -154,6 +154,17 @@ pub enum CudaError {
         /// The host page size.
         page: usize,
     },
+    /// A pointer given as device memory is not plain device memory of the device named (host,
+    /// managed or unknown memory, another device, or a range past its allocation).
+    #[error("{ptr:#x} is not device memory of device {ordinal}: {reason}")]
+    NotDeviceMemory {
+        /// The pointer.
+        ptr: u64,
+        /// The device it was said to be on.
+        ordinal: usize,
+        /// What the driver said instead.
+        reason: String,
+    },
     /// Device memory cannot be exported as a dma-buf here (old driver, device or kernel); the
     /// transport falls back to peer memory or staging.
     #[error("dma-buf export of device memory is unsupported: {reason}")]
@@ -180,6 +191,7 @@ const REQUIRED: &[&str] = &[
     "cuDevicePrimaryCtxRelease_v2",
     "cuCtxSetCurrent",
     "cuPointerGetAttribute",
+    "cuMemGetAddressRange_v2",
     "cuMemAlloc_v2",
     "cuMemFree_v2",
     "cuMemsetD8_v2",
@@ -741,6 +753,70 @@ impl DeviceBuffer {
         }
     }
 
+    /// Wraps device memory allocated elsewhere (a serving stack's tensor: `data_ptr`, `nbytes`,
+    /// device ordinal), keeping `owner` alive as long as the buffer, after asking the driver that
+    /// `[ptr, ptr + len)` lies inside one live allocation of plain device memory (not host,
+    /// not managed) of device `ordinal`; otherwise [`CudaError::NotDeviceMemory`].
+    ///
+    /// Safe, unlike [`DeviceBuffer::from_foreign`]: the driver vouches for the range, and device
+    /// memory is never Rust memory, so a caller whose `owner` does not in fact keep the memory
+    /// allocated can corrupt device data (as any CUDA program can) but no host memory.
+    pub fn from_device_ptr(
+        ptr: u64,
+        len: usize,
+        ordinal: usize,
+        owner: impl Any + Send + Sync,
+    ) -> Result<Self, CudaError> {
+        let device = Device::open(ordinal)?;
+        device.bind()?;
+        let not = |reason: String| CudaError::NotDeviceMemory {
+            ptr,
+            ordinal,
+            reason,
+        };
+        let attr = |a: sys::CUpointer_attribute| -> Result<u32, CudaError> {
+            let mut v: u32 = 0;
+            // SAFETY: the three attributes asked for (memory type, is-managed, device ordinal)
+            // each write one 32-bit integer, which `v` is; the driver only looks `ptr` up.
+            let r = unsafe { sys::cuPointerGetAttribute((&mut v as *mut u32).cast(), a, ptr) };
+            check("cuPointerGetAttribute", r).map_err(|e| not(e.to_string()))?;
+            Ok(v)
+        };
+        use sys::CUpointer_attribute as P;
+        let kind = attr(P::CU_POINTER_ATTRIBUTE_MEMORY_TYPE)?;
+        if kind != sys::CUmemorytype::CU_MEMORYTYPE_DEVICE as u32 {
+            return Err(not(format!("memory type {kind}, not CU_MEMORYTYPE_DEVICE")));
+        }
+        if attr(P::CU_POINTER_ATTRIBUTE_IS_MANAGED)? != 0 {
+            return Err(not("managed (unified) memory".into()));
+        }
+        let on = attr(P::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL)?;
+        if on as usize != ordinal {
+            return Err(not(format!("it is on device {on}")));
+        }
+        let (mut base, mut size): (sys::CUdeviceptr, usize) = (0, 0);
+        // SAFETY: both are valid out-pointers; the driver only looks `ptr` up.
+        check("cuMemGetAddressRange_v2", unsafe {
+            sys::cuMemGetAddressRange_v2(&mut base, &mut size, ptr)
+        })
+        .map_err(|e| not(e.to_string()))?;
+        match ptr.checked_add(len as u64) {
+            Some(end) if end <= base.saturating_add(size as u64) => {}
+            _ => {
+                return Err(not(format!(
+                    "[{ptr:#x}, +{len}) runs past its allocation [{base:#x}, +{size})"
+                )))
+            }
+        }
+        Ok(Self {
+            device,
+            ptr,
+            len,
+            alloc_len: len,
+            owner: Owner::Foreign(Box::new(owner)),
+        })
+    }
+
     /// Its device address.
     pub fn ptr(&self) -> u64 {
         self.ptr
@@ -1206,6 +1282,7 @@ mod tests {
         no_driver(driver_version().map(drop));
         no_driver(Device::open(0).map(drop));
         no_driver(dmabuf_fd(0x20_0000, 0x20_0000).map(drop));
+        no_driver(DeviceBuffer::from_device_ptr(0x20_0000, 4096, 0, ()).map(drop));
         let msg = devices().unwrap_err().to_string();
         assert!(msg.starts_with("no CUDA driver"), "{msg}");
     }
@@ -1399,6 +1476,42 @@ mod tests {
             .wait()
             .unwrap();
         assert_eq!(&out[..], &want[..]);
+    }
+
+    #[test]
+    fn device_pointers_are_checked_with_the_driver() {
+        let Some(dev) = test_device() else { return };
+        let real = Arc::new(dev.alloc(1 << 20).unwrap());
+        let view = DeviceBuffer::from_device_ptr(real.ptr() + 4096, 8192, 0, real.clone()).unwrap();
+        assert_eq!((view.len(), view.ordinal()), (8192, 0));
+        assert_eq!(Arc::strong_count(&real), 2);
+        drop(view);
+        assert_eq!(Arc::strong_count(&real), 1);
+        let bad = |r: Result<DeviceBuffer, CudaError>| match r {
+            Err(CudaError::NotDeviceMemory { reason, .. }) => println!("refused: {reason}"),
+            other => panic!("expected NotDeviceMemory, got {other:?}"),
+        };
+        // Past the allocation (its whole 2 MiB granule), host memory, a wrong device ordinal.
+        bad(DeviceBuffer::from_device_ptr(real.ptr(), 4 << 20, 0, ()));
+        let host = [0u8; 64];
+        bad(DeviceBuffer::from_device_ptr(
+            host.as_ptr() as u64,
+            64,
+            0,
+            (),
+        ));
+        bad(DeviceBuffer::from_device_ptr(0x10, 64, 0, ()));
+        let pinned = dev.alloc_pinned(4096).unwrap();
+        bad(DeviceBuffer::from_device_ptr(
+            pinned.as_ptr() as u64,
+            4096,
+            0,
+            (),
+        ));
+        if let Ok(other) = Device::open(1) {
+            let o = other.alloc(4096).unwrap();
+            bad(DeviceBuffer::from_device_ptr(o.ptr(), 4096, 0, ()));
+        }
     }
 
     #[test]

@@ -119,6 +119,10 @@ pub enum VerbsError {
         /// The driver's value.
         raw: u8,
     },
+    /// Device memory could not be exported as a dma-buf for `ibv_reg_dmabuf_mr`.
+    #[cfg(feature = "cuda")]
+    #[error("exporting device memory as a dma-buf failed")]
+    DmabufExport(#[source] crate::cuda::CudaError),
 }
 
 fn verb(
@@ -484,6 +488,28 @@ pub enum RemoteAccess {
     ReadWrite,
 }
 
+/// How [`ProtectionDomain::register_device`] registers device memory.
+#[cfg(feature = "cuda")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceRegistration {
+    /// Export a dma-buf and register it (`ibv_reg_dmabuf_mr`; Linux 5.12+, rdma-core 34+).
+    Dmabuf,
+    /// Register the device address itself, for the peer-memory module (`nvidia_peermem`).
+    PeerMemory,
+}
+
+fn access_flags(remote: RemoteAccess) -> AccessFlags {
+    match remote {
+        RemoteAccess::None => AccessFlags::LocalWrite,
+        RemoteAccess::WindowsOnly => AccessFlags::LocalWrite | AccessFlags::MemoryWindowBind,
+        RemoteAccess::Read => AccessFlags::LocalWrite | AccessFlags::RemoteRead,
+        RemoteAccess::Write => AccessFlags::LocalWrite | AccessFlags::RemoteWrite,
+        RemoteAccess::ReadWrite => {
+            AccessFlags::LocalWrite | AccessFlags::RemoteWrite | AccessFlags::RemoteRead
+        }
+    }
+}
+
 /// A protection domain: memory registrations and QPs that may be used together.
 #[derive(Clone)]
 pub struct ProtectionDomain {
@@ -521,15 +547,7 @@ impl ProtectionDomain {
         mem: Arc<SharedBuf>,
         remote: RemoteAccess,
     ) -> Result<Mr, VerbsError> {
-        let access = match remote {
-            RemoteAccess::None => AccessFlags::LocalWrite,
-            RemoteAccess::WindowsOnly => AccessFlags::LocalWrite | AccessFlags::MemoryWindowBind,
-            RemoteAccess::Read => AccessFlags::LocalWrite | AccessFlags::RemoteRead,
-            RemoteAccess::Write => AccessFlags::LocalWrite | AccessFlags::RemoteWrite,
-            RemoteAccess::ReadWrite => {
-                AccessFlags::LocalWrite | AccessFlags::RemoteWrite | AccessFlags::RemoteRead
-            }
-        };
+        let access = access_flags(remote);
         // ibv_reg_mr rejects length 0 on some providers, and an empty `Vec`'s address is dangling:
         // register one byte of a page of our own instead, so empty regions still get keys.
         let (mem_for_reg, len) = if mem.is_empty() {
@@ -551,6 +569,67 @@ impl ProtectionDomain {
             len: mem.len(),
             _pinned: mem_for_reg,
             mem,
+        })
+    }
+
+    /// Registers the device memory of `buf` (GPUDirect RDMA: the NIC reads and writes it over
+    /// PCIe), `via` a dma-buf export (`cuMemGetHandleForAddressRange` → `ibv_reg_dmabuf_mr`) or
+    /// the peer-memory module (`nvidia_peermem`: plain `ibv_reg_mr` on the device address). The
+    /// registration's addresses are device addresses (`Mr::addr` is `buf.ptr()`). `keep` must keep
+    /// `buf`'s memory allocated; the `Mr` holds it and deregisters first. An empty buffer is
+    /// refused (nothing to register).
+    #[cfg(feature = "cuda")]
+    pub fn register_device(
+        &self,
+        buf: &crate::cuda::DeviceBuffer,
+        via: DeviceRegistration,
+        remote: RemoteAccess,
+        keep: Box<dyn std::any::Any + Send + Sync>,
+    ) -> Result<Mr, VerbsError> {
+        use std::os::fd::AsRawFd as _;
+        let len = buf.len();
+        if len == 0 {
+            return Err(VerbsError::TooLong { len, max: 0 });
+        }
+        let access = access_flags(remote);
+        let mr = match via {
+            DeviceRegistration::Dmabuf => {
+                let fd = buf.dmabuf_fd().map_err(VerbsError::DmabufExport)?;
+                // SAFETY: `fd` is a dma-buf the CUDA driver just exported for `buf`'s whole
+                // allocation, which starts at `buf.ptr()`, so `[0, len)` of it is `buf`; the iova
+                // is the device address, so work requests name device addresses. Device memory
+                // is never Rust memory, and the kernel holds its own reference to the dma-buf for
+                // the registration's life (closing `fd` below is fine); `keep`, held by the `Mr`
+                // and dropped after the registration, keeps the allocation itself.
+                unsafe {
+                    self.pd
+                        .reg_dmabuf_mr(0, len, buf.ptr(), fd.as_raw_fd(), access)
+                }
+                .map_err(|e| verb("ibv_reg_dmabuf_mr", &self.name, e))?
+            }
+            DeviceRegistration::PeerMemory => {
+                let addr = usize::try_from(buf.ptr()).map_err(|_| VerbsError::TooLong {
+                    len,
+                    max: usize::MAX,
+                })?;
+                // SAFETY: `[addr, addr + len)` is device memory (the `DeviceBuffer`'s contract),
+                // never Rust memory; the kernel's peer-memory client pins it (or the call fails,
+                // where no client claims it) and `keep` keeps it allocated while the `Mr` lives.
+                unsafe { self.pd.reg_mr(addr, len, access) }
+                    .map_err(|e| verb("ibv_reg_mr(device memory)", &self.name, e))?
+            }
+        };
+        // SAFETY: a zero-length range at a dangling, well-aligned pointer: no byte of it is
+        // ever read or written; the buffer exists only to hold `keep` (the device memory's
+        // owner) for as long as the `Mr`, which drops its registration first.
+        let keep = Arc::new(unsafe {
+            SharedBuf::from_foreign(std::ptr::NonNull::<u8>::dangling().as_ptr(), 0, keep)
+        });
+        Ok(Mr {
+            mr,
+            len,
+            _pinned: keep,
+            mem: Arc::new(SharedBuf::from_vec(Vec::new())),
         })
     }
 
@@ -664,7 +743,8 @@ pub struct Mr {
     // Field order is drop order: the registration goes before the memory it names.
     mr: Arc<MemoryRegion>,
     len: usize,
-    /// The memory registered (`mem` itself, or a one-byte page for an empty `mem`).
+    /// The memory registered (`mem` itself, or a one-byte page for an empty `mem`); for device
+    /// memory, an empty buffer whose owner keeps the device memory allocated.
     _pinned: Arc<SharedBuf>,
     mem: Arc<SharedBuf>,
 }

@@ -21,7 +21,12 @@ use std::sync::Arc;
 /// - **caller misuse** (nothing was sent): [`MessageTooLarge`](Self::MessageTooLarge),
 ///   [`LocalOutOfBounds`](Self::LocalOutOfBounds), [`InvalidArgument`](Self::InvalidArgument);
 /// - **system**: [`Io`](Self::Io) (names the OS call), [`Alloc`](Self::Alloc),
-///   [`BackendUnavailable`](Self::BackendUnavailable).
+///   [`BackendUnavailable`](Self::BackendUnavailable);
+/// - **device memory** (GPU regions): [`DeviceUnavailable`](Self::DeviceUnavailable) (no `cuda`
+///   feature, driver or device), [`Device`](Self::Device) (a copy or allocation failed),
+///   [`HostOnly`](Self::HostOnly) (a host-only call on a device region),
+///   [`GpuDirectUnavailable`](Self::GpuDirectUnavailable) (no way to register GPU memory for
+///   RDMA), and with the `cuda` feature [`Cuda`](Self::Cuda) (the driver's error).
 ///
 /// The type is `Clone` (I/O errors are shared through an `Arc`) so that one failure can be
 /// reported to every operation it affects.
@@ -197,6 +202,40 @@ pub enum TransportError {
         /// Why not.
         reason: String,
     },
+    /// Device memory cannot be used here: built without the `cuda` feature, or no usable device.
+    #[error("device memory unavailable: {reason}")]
+    DeviceUnavailable {
+        /// Why not.
+        reason: String,
+    },
+    /// A device-memory operation failed (a staging copy, a staging buffer allocation).
+    #[error("device memory: {what} failed: {reason}")]
+    Device {
+        /// What was being done (`"copy device to host"`, ...).
+        what: &'static str,
+        /// The device layer's error.
+        reason: String,
+    },
+    /// The region is device memory, and this call needs host bytes (use [`crate::Region::read`]
+    /// and [`crate::Region::write`], which stage through host memory).
+    #[error("region {region} is device memory; {what} needs a host region")]
+    HostOnly {
+        /// The region.
+        region: u64,
+        /// The host-only call.
+        what: &'static str,
+    },
+    /// GPU memory cannot be registered with the RDMA device: neither dma-buf nor peer memory
+    /// works here, and staging was not allowed. `tried` says what each way answered.
+    #[error("cannot register GPU memory for RDMA: {tried}")]
+    GpuDirectUnavailable {
+        /// Each way tried and why it failed.
+        tried: String,
+    },
+    /// The CUDA driver's error (no driver, no device, a failed call).
+    #[cfg(feature = "cuda")]
+    #[error("CUDA: {0}")]
+    Cuda(#[from] genie_sys::cuda::CudaError),
 }
 
 impl TransportError {

@@ -40,6 +40,14 @@
 //! [`TransportConfig::peer_timeout`]; other connections carry on; connecting again to a restarted
 //! peer works.
 //!
+//! # Device memory
+//!
+//! A region may be GPU memory ([`Transport::alloc_device_region`],
+//! [`Transport::register_device_ptr`] for a serving stack's tensor, [`Transport::register_device`]):
+//! the same [`Region`]/[`RemoteRegion`] and operations, between any mix of host and device
+//! regions. RDMA registers it with the NIC (dma-buf, else peer memory: GPUDirect); TCP stages it
+//! through host buffers, chunked and pipelined; [`Region::gpudirect`] says which. See [`device`].
+//!
 //! # Backends
 //!
 //! [`open`] is the one place that chooses: [`BackendChoice::Auto`] takes RDMA when the `rdma`
@@ -100,6 +108,7 @@ pub mod auth;
 pub mod codec;
 pub mod completion;
 pub mod config;
+pub mod device;
 pub mod error;
 pub mod fuzzing;
 mod inbound;
@@ -112,6 +121,7 @@ pub mod tcp;
 
 pub use completion::{Batch, BatchStatus, Op};
 pub use config::{Backend, BackendChoice, PollMode, RdmaConfig, TcpConfig, TransportConfig};
+pub use device::{DeviceMem, DeviceMemory, GpuDirect, HostStandIn};
 pub use error::{Result, TransportError};
 pub use genie_sys::mem::SharedBuf;
 pub use region::{EndpointId, Region, RegionAccess, RemoteRegion};
@@ -154,6 +164,42 @@ pub trait Transport: Send + Sync + std::fmt::Debug {
     /// with a descriptor from [`Connection::grant`], and only on the connection that granted it
     /// (on RDMA: a type-2 memory window bound to that connection's queue pair).
     fn alloc_private_region(&self, len: usize, access: RegionAccess) -> Result<Region>;
+    /// Allocates `len` bytes of zeroed device memory on GPU `gpu` (feature `cuda`) and registers
+    /// it as a region peers may read and write: the same [`Region`]/[`RemoteRegion`] as host
+    /// memory, used by the same operations (see [`device`]). Without the `cuda` feature:
+    /// [`TransportError::DeviceUnavailable`]; without a driver or GPU: [`TransportError::Cuda`].
+    fn alloc_device_region(&self, gpu: usize, len: usize) -> Result<Region> {
+        self.alloc_device_region_with(gpu, len, RegionAccess::ReadWrite)
+    }
+    /// [`Transport::alloc_device_region`] granting peers only `access`.
+    fn alloc_device_region_with(
+        &self,
+        gpu: usize,
+        len: usize,
+        access: RegionAccess,
+    ) -> Result<Region> {
+        self.register_device(device::alloc(gpu, len)?, access)
+    }
+    /// Registers device memory the caller already has (a serving stack's tensor, wrapped as
+    /// [`device::CudaMemory`](crate::device) from its pointer, length, device and keep-alive
+    /// owner; or a [`HostStandIn`]); the region keeps `mem` until it and every operation using it
+    /// are gone. Peers get only `access`.
+    fn register_device(&self, mem: DeviceMem, access: RegionAccess) -> Result<Region>;
+    /// Registers `len` bytes of device memory at device address `ptr` on GPU `gpu` that someone
+    /// else allocated (a serving stack's tensor: `data_ptr`, `nbytes`, device), keeping `owner`
+    /// (the tensor) alive as long as the region. The driver is asked first that the range is
+    /// plain device memory of that GPU inside one allocation; peers get only `access`. Without
+    /// the `cuda` feature: [`TransportError::DeviceUnavailable`].
+    fn register_device_ptr(
+        &self,
+        ptr: u64,
+        len: usize,
+        gpu: usize,
+        owner: Box<dyn std::any::Any + Send + Sync>,
+        access: RegionAccess,
+    ) -> Result<Region> {
+        self.register_device(device::from_ptr(ptr, len, gpu, owner)?, access)
+    }
     /// Connects to the endpoint listening at `addr` (handshake included; bounded by the peer timeout).
     fn connect(&self, addr: SocketAddr) -> Result<Arc<dyn Connection>>;
     /// Waits up to `timeout` for the next incoming connection. An `Err` other than

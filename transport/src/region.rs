@@ -6,8 +6,13 @@
 //! straight into the region, and callers use [`Region::read`]/[`Region::write`]/[`Region::with`]/
 //! [`Region::with_mut`]. The buffer never moves or grows, so its address ([`Region::addr`]) stays
 //! valid for a device registration (an RDMA memory region) for the region's whole life.
+//!
+//! A region may instead hold device (GPU) memory ([`crate::device`]): the same descriptor and
+//! operations; [`Region::read`]/[`Region::write`] stage through host memory, and the host-only
+//! accessors ([`Region::with`], [`Region::lock`], ...) see no bytes on it (see each).
 
 use crate::config::Backend;
+use crate::device::{self, DeviceMem, GpuDirect};
 use crate::error::{Result, TransportError};
 use genie_sys::mem::{SharedBuf, SharedRead, SharedWrite};
 use parking_lot::RwLock;
@@ -105,7 +110,11 @@ struct RegionInner {
     table: Weak<RegionTable>,
     // The registration (e.g. an RDMA MR) keeps its own `Arc` of the memory, so order is free.
     registration: Option<Registration>,
+    /// Host memory; empty for a device region.
     mem: Arc<SharedBuf>,
+    /// Device memory, for a device region, and how it reaches the network.
+    device: Option<DeviceMem>,
+    gpudirect: Option<GpuDirect>,
 }
 
 impl Drop for RegionInner {
@@ -177,9 +186,29 @@ impl Region {
         }
     }
 
-    /// Address of the first byte; stable for the region's life (for device registration).
+    /// Address of the first byte; stable for the region's life (for device registration). For a
+    /// device region, its device address.
     pub fn addr(&self) -> usize {
-        self.inner.mem.addr()
+        match &self.inner.device {
+            None => self.inner.mem.addr(),
+            Some(d) => d.ptr() as usize,
+        }
+    }
+
+    /// Whether the region is device (GPU) memory.
+    #[inline]
+    pub fn is_device(&self) -> bool {
+        self.inner.device.is_some()
+    }
+
+    /// The device memory of a device region.
+    pub fn device(&self) -> Option<&DeviceMem> {
+        self.inner.device.as_ref()
+    }
+
+    /// How a device region's bytes reach the network (`None` for host memory).
+    pub fn gpudirect(&self) -> Option<GpuDirect> {
+        self.inner.gpudirect
     }
 
     /// The backend's registration attached at creation (e.g. an RDMA MR), if any.
@@ -206,9 +235,13 @@ impl Region {
         }
     }
 
-    /// Copies `out.len()` bytes starting at `offset` into `out`.
+    /// Copies `out.len()` bytes starting at `offset` into `out` (from a device region: staged
+    /// through a host buffer, waiting for the copies).
     pub fn read(&self, offset: usize, out: &mut [u8]) -> Result<()> {
         self.check_local(offset, out.len())?;
+        if let Some(d) = &self.inner.device {
+            return device::read_staged(d.as_ref(), offset, out);
+        }
         let g = self.inner.mem.read();
         if let Some(src) = g.get(offset..offset + out.len()) {
             out.copy_from_slice(src);
@@ -216,9 +249,13 @@ impl Region {
         Ok(())
     }
 
-    /// Copies `data` into the region starting at `offset`.
+    /// Copies `data` into the region starting at `offset` (into a device region: staged through a
+    /// host buffer, waiting for the copies).
     pub fn write(&self, offset: usize, data: &[u8]) -> Result<()> {
         self.check_local(offset, data.len())?;
+        if let Some(d) = &self.inner.device {
+            return device::write_staged(d.as_ref(), offset, data);
+        }
         let mut g = self.inner.mem.write();
         if let Some(dst) = g.get_mut(offset..offset + data.len()) {
             dst.copy_from_slice(data);
@@ -226,31 +263,56 @@ impl Region {
         Ok(())
     }
 
-    /// Runs `f` on the region's bytes under the read lock.
+    /// Runs `f` on the region's bytes under the read lock. A device region has no host bytes:
+    /// `f` sees an empty slice (use [`Region::try_with`] to be told, or [`Region::read`]).
     pub fn with<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
         f(&self.inner.mem.read())
     }
 
-    /// Runs `f` on the region's bytes under the write lock.
+    /// Runs `f` on the region's bytes under the write lock. A device region has no host bytes:
+    /// `f` sees an empty slice (use [`Region::try_with_mut`] to be told, or [`Region::write`]).
     pub fn with_mut<R>(&self, f: impl FnOnce(&mut [u8]) -> R) -> R {
         f(&mut self.inner.mem.write())
     }
 
-    /// The read lock (for backends that stream from the region).
+    /// [`Region::with`], or [`TransportError::HostOnly`] on a device region.
+    pub fn try_with<R>(&self, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
+        self.host_only("try_with")?;
+        Ok(self.with(f))
+    }
+
+    /// [`Region::with_mut`], or [`TransportError::HostOnly`] on a device region.
+    pub fn try_with_mut<R>(&self, f: impl FnOnce(&mut [u8]) -> R) -> Result<R> {
+        self.host_only("try_with_mut")?;
+        Ok(self.with_mut(f))
+    }
+
+    fn host_only(&self, what: &'static str) -> Result<()> {
+        match self.inner.device {
+            None => Ok(()),
+            Some(_) => Err(TransportError::HostOnly {
+                region: self.inner.id,
+                what,
+            }),
+        }
+    }
+
+    /// The read lock (for backends that stream from the region; empty for a device region).
     pub fn lock(&self) -> SharedRead<'_> {
         self.inner.mem.read()
     }
 
-    /// The write lock (for backends that stream into the region).
+    /// The write lock (for backends that stream into the region; empty for a device region).
     pub fn lock_mut(&self) -> SharedWrite<'_> {
         self.inner.mem.write()
     }
 
     /// Gives back the caller's buffer of a region made by [`crate::Transport::register`], when this
     /// is the last handle (no clone, no in-flight operation). Otherwise returns the region unchanged.
-    /// The region is deregistered. Regions from `alloc_region` are returned unchanged too.
+    /// The region is deregistered. Regions from `alloc_region` and device regions are returned
+    /// unchanged too.
     pub fn try_into_vec(self) -> std::result::Result<Vec<u8>, Region> {
-        if !self.inner.mem.is_vec() {
+        if self.is_device() || !self.inner.mem.is_vec() {
             return Err(self);
         }
         match Arc::try_unwrap(self.inner) {
@@ -342,9 +404,55 @@ impl RegionTable {
             table: Arc::downgrade(self),
             registration: new.registration,
             mem: new.mem,
+            device: None,
+            gpudirect: None,
         });
         self.map.write().insert(id, Arc::downgrade(&inner));
         Region { inner }
+    }
+
+    /// Registers device memory as a new region that reaches the network `via` (`new.mem` is
+    /// ignored: a device region has no host bytes).
+    pub fn insert_device(
+        self: &Arc<Self>,
+        device: DeviceMem,
+        via: GpuDirect,
+        new: NewRegion,
+    ) -> Region {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let inner = Arc::new(RegionInner {
+            id,
+            len: device.len(),
+            key: new.key.unwrap_or_else(rand::random),
+            access: new.access,
+            private: new.private,
+            endpoint: self.endpoint,
+            backend: self.backend,
+            remote_addr: new.remote_addr,
+            table: Arc::downgrade(self),
+            registration: new.registration,
+            mem: Arc::new(SharedBuf::from_vec(Vec::new())),
+            device: Some(device),
+            gpudirect: Some(via),
+        });
+        self.map.write().insert(id, Arc::downgrade(&inner));
+        Region { inner }
+    }
+
+    /// Registers device memory with the given remote access (a TCP region: staged transfers).
+    pub fn register_device(self: &Arc<Self>, device: DeviceMem, access: RegionAccess) -> Region {
+        self.insert_device(
+            device,
+            GpuDirect::Staged,
+            NewRegion {
+                mem: Arc::new(SharedBuf::from_vec(Vec::new())),
+                key: None,
+                remote_addr: 0,
+                registration: None,
+                access,
+                private: false,
+            },
+        )
     }
 
     /// Allocates a zeroed, page-aligned region of `len` bytes that peers may read and write.

@@ -682,6 +682,12 @@ pub unsafe extern "C" fn genie_region_data(
     entry(|| {
         // SAFETY: forwarded from this function's contract.
         let r = unsafe { get(region, "region") }?;
+        if r.r.is_device() {
+            // Device memory is not host bytes: never hand its address out as if it were.
+            return Err(Error::invalid(
+                "the region is device memory; it has no host bytes",
+            ));
+        }
         // SAFETY: forwarded from this function's contract.
         *unsafe { out(data, "data") }? = r.r.addr() as *mut u8;
         // SAFETY: forwarded from this function's contract.

@@ -316,6 +316,21 @@ fn build(py: Python<'_>, e: &TransportError) -> PyResult<PyErr> {
             put("reason", reason.into_pyobject(py)?.into_any().unbind());
             (UNAVAILABLE, "backend_unavailable")
         }
+        E::DeviceUnavailable { reason } => {
+            put("reason", reason.into_pyobject(py)?.into_any().unbind());
+            (GENIE, "device_unavailable")
+        }
+        E::GpuDirectUnavailable { tried } => {
+            put("reason", tried.into_pyobject(py)?.into_any().unbind());
+            (GENIE, "gpudirect_unavailable")
+        }
+        E::Device { .. } => (GENIE, "device"),
+        #[cfg(feature = "cuda")]
+        E::Cuda(_) => (GENIE, "cuda"),
+        E::HostOnly { region, .. } => {
+            put("region", region.into_pyobject(py)?.into_any().unbind());
+            (GENIE, "host_only")
+        }
         _ => (GENIE, "other"),
     };
     let err = PyErr::from_type(class(py, i)?, error_chain(e));

@@ -204,6 +204,67 @@ impl Endpoint {
         Region::register(obj, access, &*self.t)
     }
 
+    /// Allocates `nbytes` of zeroed memory on GPU `device` as a region (a package built with the
+    /// `cuda` feature, on a machine with a CUDA driver; otherwise a `GenieError` with `kind`
+    /// 'device_unavailable' or 'cuda'). A device region moves with the same calls as host memory
+    /// (over TCP staged through pinned host buffers); it exports no buffer: use `read`/`write`.
+    #[pyo3(signature = (device, nbytes, access="rw"))]
+    fn alloc_device(
+        &self,
+        py: Python<'_>,
+        device: usize,
+        nbytes: usize,
+        access: &str,
+    ) -> PyResult<Region> {
+        let access = parse_access(access)?;
+        let t = &self.t;
+        let r = py
+            .detach(|| t.alloc_device_region_with(device, nbytes, access))
+            .map_err(|e| to_py(py, e))?;
+        Ok(Region::owned(r))
+    }
+
+    /// Registers a CUDA tensor's memory in place: a contiguous `torch.Tensor` on a CUDA device,
+    /// or any object with `data_ptr()`, `nbytes` and `device` (`.type == 'cuda'`, `.index`).
+    /// The tensor is kept alive while the region or a transfer using it lives; the driver is
+    /// asked that the range is device memory of that GPU. Errors as `alloc_device`.
+    #[pyo3(signature = (tensor, access="rw"))]
+    fn register_cuda(
+        &self,
+        py: Python<'_>,
+        tensor: &Bound<'_, PyAny>,
+        access: &str,
+    ) -> PyResult<Region> {
+        let access = parse_access(access)?;
+        if let Ok(c) = tensor.call_method0("is_contiguous") {
+            if !c.extract::<bool>()? {
+                return Err(PyValueError::new_err(
+                    "cannot register a non-contiguous tensor: pass tensor.contiguous()",
+                ));
+            }
+        }
+        let device = tensor.getattr("device")?;
+        let kind: String = device.getattr("type")?.extract()?;
+        if kind != "cuda" {
+            return Err(PyValueError::new_err(format!(
+                "register_cuda takes a CUDA tensor, not one on {kind:?} (use register)"
+            )));
+        }
+        let index: Option<usize> = device.getattr("index")?.extract()?;
+        let index = index.ok_or_else(|| {
+            PyValueError::new_err("the tensor's device has no index (cuda:N expected)")
+        })?;
+        let ptr: u64 = tensor.call_method0("data_ptr")?.extract()?;
+        let nbytes: usize = tensor.getattr("nbytes")?.extract()?;
+        // Dropping a `Py` without the GIL only queues the decref (see `Region::register`).
+        let owner: Box<dyn std::any::Any + Send + Sync> = Box::new(tensor.clone().unbind());
+        let t = &self.t;
+        let r = py
+            .detach(|| t.register_device_ptr(ptr, nbytes, index, owner, access))
+            .map_err(|e| to_py(py, e))?;
+        Ok(Region::owned(r))
+    }
+
     /// Connects to the endpoint at `address` ("ip:port"); the handshake (and the secret check)
     /// is bounded by the peer timeout. Releases the GIL.
     fn connect(&self, py: Python<'_>, address: &str) -> PyResult<Connection> {

@@ -314,6 +314,12 @@ impl Region {
                  region.obj (the caller's object)",
             ));
         }
+        if me.inner.is_device() {
+            // Device memory is not host bytes: never export its address as a buffer.
+            return Err(PyBufferError::new_err(
+                "a device region has no host bytes to export: use region.read / region.write",
+            ));
+        }
         let len = isize::try_from(me.inner.len())
             .map_err(|_| PyBufferError::new_err("region too large for a buffer"))?;
         let buf = me.inner.addr() as *mut c_void;

@@ -266,3 +266,36 @@ def test_registered_numpy_array_is_zero_copy():
     assert np.array_equal(kv.ravel(), np.arange(1024, dtype=np.float32))  # no refresh: same memory
     del region  # the array outlives its registration
     assert kv[3, 255] == 1023
+
+
+class _FakeCudaTensor:
+    """What register_cuda reads from a torch CUDA tensor, without torch or a GPU."""
+
+    def __init__(self, kind="cuda", index=0, contiguous=True):
+        import types
+
+        self.device = types.SimpleNamespace(type=kind, index=index)
+        self.nbytes = 4096
+        self._contiguous = contiguous
+
+    def data_ptr(self):
+        return 0x7F00_0000_0000
+
+    def is_contiguous(self):
+        return self._contiguous
+
+
+def test_device_regions_without_a_gpu_raise_typed_errors():
+    ep = genie.Endpoint(backend="tcp")
+    tensor = _FakeCudaTensor()
+    for call in (lambda: ep.register_cuda(tensor), lambda: ep.alloc_device(0, 4096)):
+        with pytest.raises(genie.GenieError) as e:
+            call()
+        # No `cuda` feature, or no driver/GPU here (a GPU machine refuses the fake pointer).
+        assert e.value.kind in ("device_unavailable", "cuda"), e.value
+    with pytest.raises(ValueError):
+        ep.register_cuda(_FakeCudaTensor(kind="cpu", index=None))
+    with pytest.raises(ValueError):
+        ep.register_cuda(_FakeCudaTensor(contiguous=False))
+    # Host regions of the same endpoint are unaffected.
+    assert len(ep.alloc(16)) == 16

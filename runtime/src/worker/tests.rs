@@ -185,8 +185,7 @@ fn refusal(c: &dyn Connection) -> String {
 #[test]
 fn hello_peer_for_a_live_name_is_refused() {
     let cluster = EmbeddedCluster::start(2, Arc::new(CpuKernels::new())).unwrap();
-    let mut driver =
-        crate::driver::Driver::connect(&cluster.cluster, WeightSpec::Seeded(1)).unwrap();
+    let driver = crate::driver::Driver::connect(&cluster.cluster, WeightSpec::Seeded(1)).unwrap();
     let w1 = cluster.cluster.workers[1].address;
     for name in ["w0", "w1"] {
         let (_ep, c) = raw_driver(&cluster.cluster, w1);
@@ -214,8 +213,7 @@ fn llama_style_names_run_layer_wise() {
     use crate::plan::tests::llama_named;
     let cfg = crate::plan::tests::small();
     let cluster = EmbeddedCluster::start(2, Arc::new(CpuKernels::new())).unwrap();
-    let mut driver =
-        crate::driver::Driver::connect(&cluster.cluster, WeightSpec::Seeded(3)).unwrap();
+    let driver = crate::driver::Driver::connect(&cluster.cluster, WeightSpec::Seeded(3)).unwrap();
     let s = 5;
     let mut runs: Vec<Vec<Vec<u32>>> = Vec::new();
     for (seq, workers) in [(0u64, 1usize), (1, 2)] {
@@ -224,7 +222,7 @@ fn llama_style_names_run_layer_wise() {
             assert_eq!(p.workers(), workers);
             p
         };
-        let mut run = |g: &Graph, ids: Vec<i64>, pos: Vec<i64>| {
+        let run = |g: &Graph, ids: Vec<i64>, pos: Vec<i64>| {
             let inputs = [
                 ("input_ids", row_i64(ids).unwrap()),
                 ("position_ids", row_i64(pos).unwrap()),
@@ -269,7 +267,7 @@ fn sequences_belong_to_their_driver() {
     crate::models::generate(&mut a, &cfg, &p, 1, 5, one, one).unwrap();
     drop(a);
     // Driver B: a decode step of sequence 5 finds no cache of its own.
-    let mut b = crate::driver::Driver::connect(&cluster.cluster, WeightSpec::Seeded(1)).unwrap();
+    let b = crate::driver::Driver::connect(&cluster.cluster, WeightSpec::Seeded(1)).unwrap();
     let g = gpt2_decode(&cfg, 7).unwrap();
     let ids = Tensor::new(&[[1i64]], &candle_core::Device::Cpu).unwrap();
     let pos = Tensor::new(&[[7i64]], &candle_core::Device::Cpu).unwrap();

@@ -91,6 +91,7 @@
 
 mod affinity;
 mod conn;
+mod device;
 pub mod handshake;
 mod lanes;
 mod poller;
@@ -496,6 +497,10 @@ impl Transport for RdmaTransport {
 
     fn register_shared(&self, mem: SharedBuf, access: RegionAccess) -> Result<Region> {
         self.register_mem(mem, access, false)
+    }
+
+    fn register_device(&self, mem: crate::DeviceMem, access: RegionAccess) -> Result<Region> {
+        device::register(&self.ep, mem, access)
     }
     fn alloc_private_region(&self, len: usize, access: RegionAccess) -> Result<Region> {
         self.register_mem(SharedBuf::zeroed(len)?, access, true)

@@ -250,6 +250,11 @@ impl Transport for TcpTransport {
         Ok(self.shared.regions.register_with(buf, access))
     }
 
+    fn register_device(&self, mem: crate::DeviceMem, access: RegionAccess) -> Result<Region> {
+        // Staged through host buffers by the connections' state machines (`proto`).
+        Ok(self.shared.regions.register_device(mem, access))
+    }
+
     fn register_shared(&self, mem: SharedBuf, access: RegionAccess) -> Result<Region> {
         Ok(self.shared.regions.register_shared(mem, access))
     }

@@ -12,7 +12,9 @@
 //! One-sided operations are carried out by the *target's* progress thread: a WRITE frame's header
 //! is checked (region id, key, bounds) before its payload is read from the socket straight into the
 //! region; a READ_REQ is checked, then answered with READ_RESP frames sent from the region. Large
-//! transfers travel in chunks of [`proto::CHUNK`] bytes. Sockets have `TCP_NODELAY` set.
+//! transfers travel in chunks of [`proto::CHUNK`] bytes. Sockets have `TCP_NODELAY` set. A
+//! device region's chunks are staged through host buffers on both sides, pipelined (see
+//! [`proto`] and [`crate::device`]); the wire is the same.
 //!
 //! Streams. A connection uses [`crate::config::TcpConfig::streams`] TCP streams (default 1, at
 //! most [`crate::config::TcpConfig::MAX_STREAMS`]); the two ends use the smaller of their two

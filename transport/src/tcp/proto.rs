@@ -15,6 +15,17 @@
 //! Incoming payloads are read from the source straight into the target region (the region's
 //! write lock is held for the read call) once the frame header has been checked against region
 //! id, key and bounds; outgoing frames go out with one vectored write for header and payload.
+//!
+//! Device regions ([`crate::device`]) are staged, one frame's chunk per host buffer, pipelined
+//! [`STAGE_DEPTH`] deep. Sending (a write's source, a read's source on the target): `write_to`
+//! keeps up to [`STAGE_DEPTH`] of the queued chunks copying device→host ahead of the socket and
+//! waits only for the one it is about to send. Receiving (a write's target, a read's
+//! destination): a chunk is read from the socket into a host buffer, then its host→device copy
+//! is started and the next chunk is read while it runs; at most [`STAGE_DEPTH`] copies are in
+//! flight, and all are waited for before anything that says the data has landed (a write's ACK
+//! and notification, a read's completion) and before any other request is served, so a peer
+//! sees the same order as with host regions. A failed device copy closes the connection with
+//! [`TransportError::Device`] (or the driver's error).
 
 use super::codec::{
     AccessError, FrameKind, Header, Hello, RefuseCode, FLAG_LAST, FLAG_NOTIFY, HEADER_LEN,
@@ -24,6 +35,7 @@ use crate::auth::{Auth, AuthError, Role as AuthRole, PROOF_LEN};
 use crate::codec::DecodeError;
 use crate::completion::Completer;
 use crate::config::TcpConfig;
+use crate::device::{self, CopyInFlight, Staging, STAGE_DEPTH};
 use crate::error::TransportError;
 use crate::liveness::{heartbeat_interval, Liveness, Timer};
 use crate::region::{Region, RegionTable, RemoteOp, RemoteRegion};
@@ -192,6 +204,8 @@ enum Payload {
         offset: usize,
         len: usize,
     },
+    /// A chunk of a device region, sent from a host staging buffer.
+    Staged(StagedOut),
 }
 
 impl Payload {
@@ -200,8 +214,41 @@ impl Payload {
             Payload::None => 0,
             Payload::Bytes(b) => b.len(),
             Payload::Region { len, .. } => *len,
+            Payload::Staged(s) => s.len,
         }
     }
+
+    /// A chunk of `region` at `offset`: straight from host memory, or staged from a device.
+    fn chunk(region: &Region, offset: usize, len: usize) -> Self {
+        if region.is_device() {
+            Payload::Staged(StagedOut {
+                region: region.clone(),
+                offset,
+                len,
+                stage: OutStage::Idle,
+            })
+        } else {
+            Payload::Region {
+                region: region.clone(),
+                offset,
+                len,
+            }
+        }
+    }
+}
+
+/// A staged chunk on its way out: not started, copying device→host, or in host memory.
+struct StagedOut {
+    region: Region,
+    offset: usize,
+    len: usize,
+    stage: OutStage,
+}
+
+enum OutStage {
+    Idle,
+    Copying(CopyInFlight),
+    Ready(Staging),
 }
 
 struct OutFrame {
@@ -227,6 +274,12 @@ enum BodyDest {
     Buffer(Vec<u8>),
     /// Straight into a region at this offset.
     Region { region: Region, offset: usize },
+    /// Into a host staging buffer, then copied to a device region at this offset.
+    Staged {
+        region: Region,
+        offset: usize,
+        buf: Staging,
+    },
     /// Read and drop (a refused write chunk).
     Discard,
 }
@@ -288,6 +341,11 @@ pub struct Conn {
     events: VecDeque<Event>,
     rx: Rx,
     scratch: Vec<u8>,
+    /// Host→device copies of received chunks still in flight, oldest first.
+    landing: VecDeque<CopyInFlight>,
+    /// Staged payloads queued in `out` (an upper bound after a failure drops frames; exact again
+    /// once `out` is empty), so that host-only traffic never looks for them.
+    staged_out: usize,
     error: Option<TransportError>,
     /// Which stream of its connection this is (agreed in the handshake).
     stripe: Stripe,
@@ -400,6 +458,8 @@ impl Conn {
                 got: 0,
             },
             scratch: Vec::new(),
+            landing: VecDeque::new(),
+            staged_out: 0,
             error: None,
             stripe: Stripe::Single,
             join: None,
@@ -565,14 +625,7 @@ impl Conn {
                             h.arg = imm;
                         }
                     }
-                    self.queue(
-                        h,
-                        Payload::Region {
-                            region: local.clone(),
-                            offset: local_offset + sent,
-                            len: n,
-                        },
-                    );
+                    self.queue(h, Payload::chunk(&local, local_offset + sent, n));
                     sent += n;
                     if last {
                         break;
@@ -641,6 +694,9 @@ impl Conn {
 
     fn queue(&mut self, mut h: Header, payload: Payload) {
         h.body_len = payload.len() as u32;
+        if let Payload::Staged(_) = payload {
+            self.staged_out += 1;
+        }
         self.out.push_back(OutFrame {
             header: h.encode(),
             payload,
@@ -673,6 +729,8 @@ impl Conn {
             return;
         }
         tracing::debug!(peer = %self.peer, error = %err, "tcp connection closed");
+        // Dropping a staging copy waits for it, so no buffer is freed under a device.
+        self.landing.clear();
         // Requests not yet sent are dropped; a refusal goes out alone.
         self.out.retain(|f| f.sent > 0);
         for (_, p) in self.pending.drain() {
@@ -810,6 +868,10 @@ impl Conn {
                             let at = *offset + *got;
                             src.read(g.get_mut(at..at + want).unwrap_or(&mut []))
                         }
+                        BodyDest::Staged { buf, .. } => {
+                            let at = *got;
+                            src.read(buf.bytes_mut().get_mut(at..at + want).unwrap_or(&mut []))
+                        }
                         BodyDest::Discard => {
                             self.scratch.resize(want.min(64 * 1024), 0);
                             src.read(&mut self.scratch)
@@ -942,7 +1004,7 @@ impl Conn {
                     len as u64,
                 ) {
                     Ok(region) => match usize::try_from(h.offset) {
-                        Ok(offset) => Some(BodyDest::Region { region, offset }),
+                        Ok(offset) => self.body_dest(region, offset, len),
                         Err(_) => Some(BodyDest::Discard),
                     },
                     Err(e) => {
@@ -1016,10 +1078,7 @@ impl Conn {
                     ));
                     return None;
                 }
-                Some(BodyDest::Region {
-                    region: local,
-                    offset: base + got,
-                })
+                self.body_dest(local, base + got, len)
             }
             k => {
                 let e = DecodeError::Unexpected {
@@ -1065,22 +1124,26 @@ impl Conn {
         let body = match dest {
             BodyDest::Buffer(b) => b,
             BodyDest::Discard => return, // refused write chunk: already answered
-            BodyDest::Region { .. } => {
-                match h.kind {
-                    FrameKind::Write if h.last() => {
-                        if h.notify() {
-                            self.deliver(Event::Notification(h.arg));
-                        }
-                        let mut a = Header::new(FrameKind::Ack);
-                        a.op_id = h.op_id;
-                        self.queue(a, Payload::None);
-                    }
-                    FrameKind::ReadResp => self.on_read_data(&h),
-                    _ => {}
+            BodyDest::Staged {
+                region,
+                offset,
+                buf,
+            } => {
+                if !self.land(&region, offset, buf, h.body_len as usize) {
+                    return;
                 }
+                self.on_region_frame(&h);
+                return;
+            }
+            BodyDest::Region { .. } => {
+                self.on_region_frame(&h);
                 return;
             }
         };
+        // Whatever this frame answers or delivers comes after the data received before it.
+        if !self.settle_landing() {
+            return;
+        }
         match h.kind {
             FrameKind::Hello => self.on_hello(&h, &body),
             FrameKind::HelloAck => self.on_hello_ack(&h, &body),
@@ -1138,6 +1201,83 @@ impl Conn {
         }
     }
 
+    /// A data frame (write chunk, read response) whose payload has been received (for a device
+    /// region: its copy to the device started).
+    fn on_region_frame(&mut self, h: &Header) {
+        // What says the data landed waits for every staged copy before it.
+        if h.last() && !self.settle_landing() {
+            return;
+        }
+        match h.kind {
+            FrameKind::Write if h.last() => {
+                if h.notify() {
+                    self.deliver(Event::Notification(h.arg));
+                }
+                let mut a = Header::new(FrameKind::Ack);
+                a.op_id = h.op_id;
+                self.queue(a, Payload::None);
+            }
+            FrameKind::ReadResp => self.on_read_data(h),
+            _ => {}
+        }
+    }
+
+    /// Where a data frame's `len` payload bytes for `region` at `offset` go: straight into a host
+    /// region, or a staging buffer for a device region. `None` when the connection failed.
+    fn body_dest(&mut self, region: Region, offset: usize, len: usize) -> Option<BodyDest> {
+        let Some(mem) = region.device().filter(|_| len > 0) else {
+            return Some(BodyDest::Region { region, offset });
+        };
+        match mem.staging(len) {
+            Ok(buf) => Some(BodyDest::Staged {
+                region,
+                offset,
+                buf,
+            }),
+            Err(e) => {
+                self.fail(e, None);
+                None
+            }
+        }
+    }
+
+    /// Starts the copy of a received chunk to its device region, keeping at most
+    /// [`STAGE_DEPTH`] in flight. `false` when a copy failed (the connection is closed).
+    fn land(&mut self, region: &Region, offset: usize, buf: Staging, len: usize) -> bool {
+        let Some(mem) = region.device() else {
+            return true;
+        };
+        match device::start_from_host(mem.as_ref(), buf, len, offset) {
+            Ok(c) => self.landing.push_back(c),
+            Err(e) => {
+                self.fail(e, None);
+                return false;
+            }
+        }
+        while self.landing.len() > STAGE_DEPTH {
+            let Some(oldest) = self.landing.pop_front() else {
+                break;
+            };
+            if let Err(e) = oldest.wait() {
+                self.fail(e, None);
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Waits for every received chunk's copy to its device. `false` when one failed (the
+    /// connection is closed).
+    fn settle_landing(&mut self) -> bool {
+        while let Some(c) = self.landing.pop_front() {
+            if let Err(e) = c.wait() {
+                self.fail(e, None);
+                return false;
+            }
+        }
+        true
+    }
+
     fn on_read_data(&mut self, h: &Header) {
         let Some(Pending::Read { got, len, .. }) = self.pending.get_mut(&h.op_id) else {
             return;
@@ -1172,6 +1312,10 @@ impl Conn {
         let (Ok(base), Ok(len)) = (usize::try_from(h.offset), usize::try_from(len)) else {
             return;
         };
+        // Writes received before this read must have landed in the device first.
+        if region.is_device() && !self.settle_landing() {
+            return;
+        }
         let mut sent = 0usize;
         loop {
             let n = (len - sent).min(CHUNK);
@@ -1181,14 +1325,7 @@ impl Conn {
             if sent + n == len {
                 rh.flags = FLAG_LAST;
             }
-            self.queue(
-                rh,
-                Payload::Region {
-                    region: region.clone(),
-                    offset: base + sent,
-                    len: n,
-                },
-            );
+            self.queue(rh, Payload::chunk(&region, base + sent, n));
             sent += n;
             if sent == len {
                 break;
@@ -1362,10 +1499,50 @@ impl Conn {
         });
     }
 
+    /// The send side of staging: starts device→host copies for the first [`STAGE_DEPTH`] staged
+    /// chunks queued (in queue order, so they run while earlier frames are on the wire), then
+    /// waits for the copy of the payload the next write reaches, if it is staged.
+    fn stage_out(&mut self) -> Result<(), TransportError> {
+        let mut busy = 0usize;
+        for f in self.out.iter_mut().take(MAX_IOV) {
+            if busy == STAGE_DEPTH {
+                break;
+            }
+            let Payload::Staged(st) = &mut f.payload else {
+                continue;
+            };
+            busy += 1;
+            if let OutStage::Idle = st.stage {
+                let Some(mem) = st.region.device() else {
+                    continue;
+                };
+                let buf = mem.staging(st.len)?;
+                st.stage =
+                    OutStage::Copying(device::start_to_host(mem.as_ref(), st.offset, buf, st.len)?);
+            }
+        }
+        let next = self
+            .out
+            .iter_mut()
+            .take(MAX_IOV)
+            .map(|f| &mut f.payload)
+            .find(|p| matches!(p, Payload::Region { .. } | Payload::Staged(_)));
+        if let Some(Payload::Staged(st)) = next {
+            if let OutStage::Copying(_) = st.stage {
+                let OutStage::Copying(c) = std::mem::replace(&mut st.stage, OutStage::Idle) else {
+                    return Ok(());
+                };
+                st.stage = OutStage::Ready(c.wait()?);
+            }
+        }
+        Ok(())
+    }
+
     /// Writes queued frames to `dst` (vectored: header and payload in one call).
     pub fn write_to<W: Write>(&mut self, dst: &mut W, now: Instant) -> WriteOutcome {
         loop {
             if self.out.is_empty() {
+                self.staged_out = 0;
                 return match self.phase {
                     Phase::Closing | Phase::Closed => {
                         self.phase = Phase::Closed;
@@ -1373,6 +1550,12 @@ impl Conn {
                     }
                     _ => WriteOutcome::Flushed,
                 };
+            }
+            if self.staged_out > 0 {
+                if let Err(e) = self.stage_out() {
+                    self.fail(e, None);
+                    return WriteOutcome::Closed;
+                }
             }
             let res = {
                 let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(8);
@@ -1412,6 +1595,18 @@ impl Conn {
                             }
                             break;
                         }
+                        Payload::Staged(st) => {
+                            // `stage_out` made the first staged payload ready; like a region
+                            // payload, one per call.
+                            if let OutStage::Ready(b) = &st.stage {
+                                if let Some(p) = b.bytes().get(psent..st.len) {
+                                    if !p.is_empty() {
+                                        slices.push(IoSlice::new(p));
+                                    }
+                                }
+                            }
+                            break;
+                        }
                     }
                 }
                 dst.write_vectored(&slices)
@@ -1432,7 +1627,13 @@ impl Conn {
                         let rem = HEADER_LEN + f.payload.len() - f.sent;
                         if n >= rem {
                             n -= rem;
-                            self.out.pop_front();
+                            if let Some(OutFrame {
+                                payload: Payload::Staged(_),
+                                ..
+                            }) = self.out.pop_front()
+                            {
+                                self.staged_out = self.staged_out.saturating_sub(1);
+                            }
                         } else {
                             f.sent += n;
                             n = 0;
