@@ -594,17 +594,21 @@ fn an_engine_follows_the_membership_through_a_killed_worker_and_a_new_one() {
     }
 
     // Its lease expires; the engine then serves on w0 alone (prefill and decode together).
-    // Until the engine has seen the leave, a request may still fail naming w1.
+    // Until the engine has seen the leave, a request may still fail naming w1 (a reconnection
+    // to the cluster that still lists it runs into the driver's connect timeout first).
     assert_eq!(
         expect_event(&watch, TTL + SLACK, "w1's leave"),
         MemberEvent::Left { name: "w1".into() }
     );
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let deadline = Instant::now() + Duration::from_secs(90);
     let alone = loop {
         match engine.submit(Request::greedy(p.clone(), 6)).unwrap().wait() {
             Ok(done) => break done,
-            Err(EngineError::WorkerFailed { worker, .. }) if worker == "w1" => {
-                assert!(Instant::now() < deadline, "still failing on w1 after 15 s");
+            Err(EngineError::WorkerFailed { worker, reason }) if worker == "w1" => {
+                assert!(
+                    Instant::now() < deadline,
+                    "still failing on w1 after 90 s: {reason}"
+                );
                 std::thread::sleep(Duration::from_millis(200));
             }
             Err(other) => panic!("unexpected failure on w0 alone: {other:?}"),
