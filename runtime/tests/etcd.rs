@@ -165,6 +165,26 @@ fn expect_event(watch: &MemberWatch, limit: Duration, what: &str) -> MemberEvent
         .unwrap_or_else(|| panic!("no event within {limit:?}: expected {what}"))
 }
 
+/// A 2-layer GPT-2 of width 64 and the given context, seeded weights: quick on any worker.
+fn tiny_gpt2(context: usize) -> genie_scheduler::builders::Gpt2Config {
+    genie_scheduler::builders::Gpt2Config {
+        layers: 2,
+        hidden: 64,
+        heads: 2,
+        vocab: 256,
+        context,
+        ..Default::default()
+    }
+}
+
+/// Waits (30 s at most) for `name`'s join as the watch's next event.
+fn expect_join(watch: &MemberWatch, name: &str) {
+    match expect_event(watch, Duration::from_secs(30), name) {
+        MemberEvent::Joined(m) => assert_eq!(m.name, name),
+        other => panic!("expected {name} to join, got {other:?}"),
+    }
+}
+
 /// Polls `f` every 100 ms until it holds, for at most `limit`.
 fn eventually(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
@@ -444,7 +464,6 @@ fn workers_found_in_etcd_serve_a_model_and_a_new_one_is_used_without_a_restart()
     use genie_runtime::models::{generate, prompt};
     use genie_runtime::plan::Placement;
     use genie_runtime::proto::WeightSpec;
-    use genie_scheduler::builders::Gpt2Config;
     use genie_scheduler::graph::Graph;
 
     let Some(etcd) = Etcd::start("serve") else {
@@ -455,19 +474,9 @@ fn workers_found_in_etcd_serve_a_model_and_a_new_one_is_used_without_a_restart()
     let file = secret_file(&etcd, secret);
     let discovery = Discovery::connect(&cfg).unwrap();
     let watch = discovery.watch().unwrap();
-    let model = Gpt2Config {
-        layers: 2,
-        hidden: 64,
-        heads: 2,
-        vocab: 256,
-        context: 64,
-        ..Gpt2Config::default()
-    };
+    let model = tiny_gpt2(64);
     let p = prompt(8, model.vocab);
-    let joined = |name: &str| match expect_event(&watch, Duration::from_secs(30), name) {
-        MemberEvent::Joined(m) => assert_eq!(m.name, name),
-        other => panic!("expected {name} to join, got {other:?}"),
-    };
+    let joined = |name: &str| expect_join(&watch, name);
 
     let _w0 = worker_process(&etcd, "serve", "w0", "prefill", &file);
     joined("w0");
@@ -527,7 +536,6 @@ fn an_engine_follows_the_membership_through_a_killed_worker_and_a_new_one() {
     use genie_runtime::engine::{Engine, EngineConfig, EngineError, Request};
     use genie_runtime::models::prompt;
     use genie_runtime::proto::WeightSpec;
-    use genie_scheduler::builders::Gpt2Config;
 
     let Some(etcd) = Etcd::start("follow") else {
         return;
@@ -537,19 +545,9 @@ fn an_engine_follows_the_membership_through_a_killed_worker_and_a_new_one() {
     let file = secret_file(&etcd, secret);
     let discovery = Discovery::connect(&cfg).unwrap();
     let watch = discovery.watch().unwrap();
-    let model = Gpt2Config {
-        layers: 2,
-        hidden: 64,
-        heads: 2,
-        vocab: 256,
-        context: 512,
-        ..Gpt2Config::default()
-    };
+    let model = tiny_gpt2(512);
     let p = prompt(8, model.vocab);
-    let joined = |name: &str| match expect_event(&watch, Duration::from_secs(30), name) {
-        MemberEvent::Joined(m) => assert_eq!(m.name, name),
-        other => panic!("expected {name} to join, got {other:?}"),
-    };
+    let joined = |name: &str| expect_join(&watch, name);
 
     // Nobody registered yet: a typed error, not an engine without workers.
     let none = Engine::discover(
