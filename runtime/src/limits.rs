@@ -31,6 +31,13 @@ pub struct WorkerOptions {
     /// the KV pool, the landing regions of one link; and so the largest single tensor.
     /// Default [`DEFAULT_MEMORY_BUDGET`] (`genie worker --memory-budget-mb`).
     pub memory_budget: u64,
+    /// Compute threads of its own (`genie worker --threads`). `None` (the default): the
+    /// process's shared pool (one thread per core), which workers of one process share.
+    /// `Some(n)`: a pool of `n` threads for this worker alone, so that workers sharing a
+    /// machine (an [`crate::driver::EmbeddedCluster`], a benchmark) do not queue behind one
+    /// another's kernels: a prefill worker's long matrix products then never delay a decode
+    /// worker's step. At least 1.
+    pub threads: Option<usize>,
 }
 
 impl Default for WorkerOptions {
@@ -38,6 +45,7 @@ impl Default for WorkerOptions {
         Self {
             model_dir: None,
             memory_budget: DEFAULT_MEMORY_BUDGET,
+            threads: None,
         }
     }
 }

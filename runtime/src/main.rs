@@ -136,6 +136,10 @@ enum Cmd {
         /// Memory budget for what a driver may make this worker hold, in MiB.
         #[arg(long, default_value_t = DEFAULT_MEMORY_BUDGET >> 20)]
         memory_budget_mb: u64,
+        /// Compute threads of this worker's own (default: one per core, shared by the
+        /// process). Give workers that share a machine a share of its cores each.
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+        threads: Option<u16>,
     },
     /// Print a fresh random cluster secret (32 bytes, hex):
     /// `genie secret > cluster.secret && chmod 600 cluster.secret`, then
@@ -234,10 +238,12 @@ fn main() -> Result<()> {
             peer_timeout_ms,
             model_dir,
             memory_budget_mb,
+            threads,
         } => {
             let opts = WorkerOptions {
                 model_dir,
                 memory_budget: memory_budget_mb.saturating_mul(1 << 20),
+                threads: threads.map(usize::from),
             };
             let Some(cluster) = cluster else {
                 let (Some(endpoints), Some(cluster_name), Some(listen)) =

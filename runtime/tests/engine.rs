@@ -7,6 +7,7 @@ use genie_runtime::engine::{
     Engine, EngineConfig, EngineError, FinishReason, Request, Sampling, Step,
 };
 use genie_runtime::kernels::CpuKernels;
+use genie_runtime::limits::WorkerOptions;
 use genie_runtime::models::{generate, prompt};
 use genie_runtime::plan::Placement;
 use genie_runtime::proto::WeightSpec;
@@ -27,7 +28,11 @@ fn cfg() -> Gpt2Config {
 }
 
 fn start() -> (EmbeddedCluster, Driver) {
-    let cluster = EmbeddedCluster::start(2, Arc::new(CpuKernels::new())).unwrap();
+    start_with(WorkerOptions::default())
+}
+
+fn start_with(opts: WorkerOptions) -> (EmbeddedCluster, Driver) {
+    let cluster = EmbeddedCluster::start_with(2, Arc::new(CpuKernels::new()), opts).unwrap();
     let driver = Driver::connect(&cluster.cluster, WeightSpec::Seeded(11)).unwrap();
     (cluster, driver)
 }
@@ -44,7 +49,33 @@ const WAIT: Duration = Duration::from_secs(60);
 
 #[test]
 fn concurrent_requests_equal_each_served_alone() {
-    let (cluster, mut driver) = start();
+    concurrent_equal_alone(start());
+}
+
+/// The same with each worker computing on a pool of one thread of its own
+/// (`WorkerOptions::threads`), as serve-bench runs them: the same tokens.
+#[test]
+fn workers_with_compute_threads_of_their_own_serve_the_same_tokens() {
+    let started = start_with(WorkerOptions {
+        threads: Some(1),
+        ..WorkerOptions::default()
+    });
+    // Each worker runs on its own pool's thread (named after it).
+    #[cfg(target_os = "linux")]
+    {
+        let names: Vec<String> = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .map(|n| n.trim().to_string())
+            .collect();
+        for w in ["genie-w0-c0", "genie-w1-c0"] {
+            assert!(names.iter().any(|n| n == w), "no thread {w} in {names:?}");
+        }
+    }
+    concurrent_equal_alone(started);
+}
+
+fn concurrent_equal_alone((cluster, mut driver): (EmbeddedCluster, Driver)) {
     let model = cfg();
     // The reference: each prompt generated alone through the plain generation loop, with the
     // engine's placements (prefill on w0 building the KV caches on w1, decode whole on w1).

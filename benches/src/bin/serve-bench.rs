@@ -32,6 +32,7 @@ use genie_runtime::cluster::Cluster;
 use genie_runtime::driver::{Driver, EmbeddedCluster};
 use genie_runtime::engine::{Completion, Engine, EngineConfig, Request};
 use genie_runtime::kernels::CpuKernels;
+use genie_runtime::limits::WorkerOptions;
 use genie_runtime::models::{Family, Model};
 use genie_runtime::proto::WeightSpec;
 use rand::{Rng, SeedableRng};
@@ -84,6 +85,11 @@ struct Args {
     /// `--cluster`; default: 2 embedded single-worker clusters).
     #[arg(long, value_delimiter = ',', requires = "cluster")]
     colocated: Option<Vec<std::path::PathBuf>>,
+    /// Compute threads of each embedded worker, a pool of its own (default: half the cores,
+    /// at least one: each mode runs two workers, as two machines would). With one shared pool
+    /// a decode step's kernels would queue behind a prefill's on another worker.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    threads: Option<u16>,
 }
 
 fn range(s: &str) -> Result<(usize, usize)> {
@@ -144,7 +150,11 @@ struct Mode {
 }
 
 /// A driver on `file`'s workers, or on `n` embedded ones (kept with it).
-fn driver_on(file: Option<&Path>, n: usize) -> Result<(Driver, Cluster, Option<EmbeddedCluster>)> {
+fn driver_on(
+    file: Option<&Path>,
+    n: usize,
+    threads: usize,
+) -> Result<(Driver, Cluster, Option<EmbeddedCluster>)> {
     let weights = WeightSpec::Seeded(1);
     match file {
         Some(f) => {
@@ -154,7 +164,11 @@ fn driver_on(file: Option<&Path>, n: usize) -> Result<(Driver, Cluster, Option<E
             Ok((d, c, None))
         }
         None => {
-            let e = EmbeddedCluster::start(n, Arc::new(CpuKernels::new()))?;
+            let opts = WorkerOptions {
+                threads: Some(threads),
+                ..WorkerOptions::default()
+            };
+            let e = EmbeddedCluster::start_with(n, Arc::new(CpuKernels::new()), opts)?;
             let d = Driver::connect(&e.cluster, weights)?;
             Ok((d, e.cluster.clone(), Some(e)))
         }
@@ -162,8 +176,8 @@ fn driver_on(file: Option<&Path>, n: usize) -> Result<(Driver, Cluster, Option<E
 }
 
 impl Mode {
-    fn disaggregated(model: &Model, file: Option<&Path>) -> Result<Self> {
-        let (d, cluster, e) = driver_on(file, 2)?;
+    fn disaggregated(model: &Model, file: Option<&Path>, threads: usize) -> Result<Self> {
+        let (d, cluster, e) = driver_on(file, 2, threads)?;
         let mut cfg = EngineConfig::for_cluster(model.clone(), &cluster)?;
         if cfg.prefill_worker == cfg.decode_worker {
             bail!("the disaggregated cluster needs a prefill and a decode worker of their own");
@@ -176,7 +190,7 @@ impl Mode {
         })
     }
 
-    fn colocated(model: &Model, files: Option<&[PathBuf]>) -> Result<Self> {
+    fn colocated(model: &Model, files: Option<&[PathBuf]>, threads: usize) -> Result<Self> {
         let mut engines = Vec::new();
         let mut clusters = Vec::new();
         let files: Vec<Option<&Path>> = match files {
@@ -184,7 +198,7 @@ impl Mode {
             None => vec![None, None],
         };
         for f in files {
-            let (d, cluster, e) = driver_on(f, 1)?;
+            let (d, cluster, e) = driver_on(f, 1, threads)?;
             if cluster.workers.len() != 1 {
                 bail!(
                     "a co-located engine's cluster has one worker, not {}",
@@ -310,39 +324,71 @@ fn figures(
     }
 }
 
-/// Tokens each sequence generates in one decode-scaling round.
+/// Decode steps measured per decode-scaling round: the window in which all of its sequences
+/// are decoding at once is meant to hold at least this many.
 const DECODE_STEPS: usize = 48;
 
-/// Decode tokens/s of one engine with `n` sequences decoding at once (short prompts).
-fn decode_rate(mode: &Mode, n: usize, steps: usize) -> Result<f64> {
-    let work: Vec<Arrival> = (0..n)
-        .map(|i| Arrival {
-            at: Duration::ZERO,
-            req: Request::greedy(vec![(i as i64 * 13) % 97 + 1; 8], steps),
-        })
-        .collect();
+/// One decode-scaling round: the decode tokens/s of one engine with `n` sequences decoding at
+/// once (short prompts), over the window in which all `n` are in the batch, from the last one's
+/// first token to the first one's last: the prefills before it and the drain after it run
+/// smaller batches and are not counted. `steps` tokens per sequence (see [`ramp_steps`]).
+/// Also returns the window's steps and, for `n = 1`, the prefill-to-first-token time.
+fn decode_rate(mode: &Mode, n: usize, steps: usize) -> Result<(f64, usize, Duration)> {
     let engine = &mode.engines[0];
-    let start = Instant::now();
-    let done: Vec<Completion> = std::thread::scope(|s| {
+    let work: Vec<Request> = (0..n)
+        .map(|i| Request::greedy(vec![(i as i64 * 13) % 97 + 1; 8], steps))
+        .collect();
+    let done: Vec<(Instant, Completion)> = std::thread::scope(|s| {
         let t: Vec<_> = work
             .iter()
-            .map(|a| s.spawn(move || engine.submit(a.req.clone()).map(|h| h.wait())))
+            .map(|r| {
+                s.spawn(move || {
+                    let at = Instant::now();
+                    engine.submit(r.clone()).map(|h| (at, h.wait()))
+                })
+            })
             .collect();
         t.into_iter()
             .map(|t| match t.join() {
-                Ok(Ok(Ok(c))) => Ok(c),
+                Ok(Ok((at, Ok(c)))) => Ok((at, c)),
                 _ => Err(anyhow::anyhow!("a decode-rate request failed")),
             })
             .collect::<Result<_>>()
     })?;
-    let tokens: usize = done.iter().map(|c| c.tokens.len() - 1).sum();
-    let last_first = done
+    let times: Vec<Vec<Instant>> = done
         .iter()
-        .map(|c| c.timings.first_token)
+        .map(|(at, c)| c.timings.tokens.iter().map(|t| *at + *t).collect())
+        .collect();
+    let from = times.iter().filter_map(|t| t.first()).max().copied();
+    let to = times.iter().filter_map(|t| t.last()).min().copied();
+    let (Some(from), Some(to)) = (from, to) else {
+        bail!("a decode-rate request produced no token");
+    };
+    let counted: usize = times
+        .iter()
+        .map(|t| t.iter().filter(|&&x| x > from && x <= to).count())
+        .sum();
+    let window = to.saturating_duration_since(from).as_secs_f64();
+    if counted == 0 || window <= 0.0 {
+        bail!("decode rate with {n} sequences: no step had all {n} in the batch (the prefills took longer than {steps} decode steps)");
+    }
+    let first = done
+        .iter()
+        .map(|(_, c)| c.timings.first_token)
         .max()
         .unwrap_or_default();
-    let decode_time = start.elapsed().saturating_sub(last_first).as_secs_f64();
-    Ok(tokens as f64 / decode_time.max(1e-9))
+    Ok((counted as f64 / window, counted / n, first))
+}
+
+/// Tokens per sequence for a round of `n`: [`DECODE_STEPS`] plus the steps its serial prefills
+/// take before the last sequence joins (from one sequence's first-token time and step time,
+/// with half again as margin), within the model's context after the 8-token prompt.
+fn ramp_steps(n: usize, first_token: Duration, step: Duration, context: usize) -> usize {
+    let per = first_token.as_secs_f64() / step.as_secs_f64().max(1e-6);
+    let ramp = (1.5 * n as f64 * per).ceil().min(1e6) as usize;
+    (DECODE_STEPS + ramp)
+        .min(context.saturating_sub(9))
+        .max(DECODE_STEPS)
 }
 
 /// A small SVG line chart of goodput (requests/s meeting both SLOs) against arrival rate:
@@ -419,8 +465,16 @@ fn main() -> Result<()> {
             model.context()
         );
     }
+    let threads = args.threads.map_or_else(
+        || {
+            std::thread::available_parallelism()
+                .map_or(1, |n| n.get() / 2)
+                .max(1)
+        },
+        usize::from,
+    );
     println!(
-        "serve-bench: model {} ({}), {} requests per rate, rates {:?} req/s, prompts short {} / long {} ({}% long), outputs {}",
+        "serve-bench: model {} ({}), {} requests per rate, rates {:?} req/s, prompts short {} / long {} ({}% long), outputs {}, {threads} compute thread(s) per embedded worker",
         args.model,
         model.describe(),
         args.requests,
@@ -441,8 +495,8 @@ fn main() -> Result<()> {
             co.join(" ")
         );
     }
-    let disagg = Mode::disaggregated(&model, args.cluster.as_deref())?;
-    let coloc = Mode::colocated(&model, args.colocated.as_deref())?;
+    let disagg = Mode::disaggregated(&model, args.cluster.as_deref(), threads)?;
+    let coloc = Mode::colocated(&model, args.colocated.as_deref(), threads)?;
 
     // Unloaded latencies: a long prompt alone, on the disaggregated engine.
     let probe = workload(&args, 1.0, model.vocab())?;
@@ -485,14 +539,21 @@ fn main() -> Result<()> {
     // that a slow moment of the machine hits both; the median round's figures.
     let mut rounds = Vec::with_capacity(args.decode_rounds);
     for _ in 0..args.decode_rounds {
-        let r1 = decode_rate(&disagg, 1, DECODE_STEPS)?;
-        let r8 = decode_rate(&disagg, 8, DECODE_STEPS)?;
+        let (r1, _, first) = decode_rate(&disagg, 1, DECODE_STEPS + 1)?;
+        let step = Duration::from_secs_f64(1.0 / r1.max(1e-9));
+        let steps = ramp_steps(8, first, step, model.context());
+        let (r8, window, _) = decode_rate(&disagg, 8, steps)?;
+        if window < DECODE_STEPS / 2 {
+            println!(
+                "  (a round with 8 sequences had only {window} steps with all 8 in the batch)"
+            );
+        }
         rounds.push((r8 / r1, r1, r8));
     }
     rounds.sort_by(|a, b| a.0.total_cmp(&b.0));
     let (batch8, r1, r8) = rounds[rounds.len() / 2];
     println!(
-        "decode: {r1:.1} tokens/s with 1 sequence, {r8:.1} with 8 ({batch8:.2}x; median of {} rounds of {DECODE_STEPS} steps, ratios {})",
+        "decode: {r1:.1} tokens/s with 1 sequence, {r8:.1} with 8 ({batch8:.2}x; median of {} rounds, each over the steps all its sequences decode together, ratios {})",
         args.decode_rounds,
         rounds
             .iter()

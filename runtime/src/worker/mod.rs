@@ -204,7 +204,34 @@ pub(crate) fn serve_until(
     serve_inner(endpoint, cluster, None, name, kernels, opts, stop)
 }
 
+/// Runs the worker on a compute pool of its own when `opts.threads` asks for one (see
+/// [`WorkerOptions::threads`]): the whole serve loop is one job on that pool, so the kernels'
+/// parallel parts use its threads only (and, with one thread, run inline: no hand-off).
 fn serve_inner(
+    endpoint: Arc<dyn Transport>,
+    cluster: Cluster,
+    source: Option<ClusterSource>,
+    name: &str,
+    kernels: Arc<dyn Kernels>,
+    opts: WorkerOptions,
+    stop: Arc<AtomicBool>,
+) -> Result<()> {
+    let Some(threads) = opts.threads else {
+        return serve_loop(endpoint, cluster, source, name, kernels, opts, stop);
+    };
+    let prefix = format!("genie-{name}-c");
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(move |i| format!("{prefix}{i}"))
+        .build()
+        .map_err(|e| RuntimeError::WorkerFailed {
+            worker: name.to_string(),
+            reason: format!("cannot start its {threads} compute threads: {e}"),
+        })?;
+    pool.install(|| serve_loop(endpoint, cluster, source, name, kernels, opts, stop))
+}
+
+fn serve_loop(
     endpoint: Arc<dyn Transport>,
     cluster: Cluster,
     source: Option<ClusterSource>,
