@@ -55,7 +55,8 @@ fn every_tag_and_length_decodes_without_panic_and_round_trips() {
     }
 }
 
-/// A QP info frame body (tag 8, version 3 layout) with these addressing bytes.
+/// A QP info frame body (tag 8, version 4 layout: the first QP, `lanes` further ones, the seal)
+/// with these addressing bytes.
 #[allow(clippy::too_many_arguments)]
 fn qp_info_body(
     qpn: u32,
@@ -67,9 +68,11 @@ fn qp_info_body(
     gid: [u8; 16],
     mtu: u32,
     tail: [u32; 2],
+    lanes: u8,
     tag: Option<[u8; 32]>,
 ) -> Vec<u8> {
     let mut b = vec![8];
+    let start = b.len();
     b.extend_from_slice(&qpn.to_le_bytes());
     b.extend_from_slice(&psn.to_le_bytes());
     b.extend_from_slice(&[link_layer, gid_type, flags]);
@@ -78,6 +81,12 @@ fn qp_info_body(
     b.extend_from_slice(&mtu.to_le_bytes());
     for v in tail {
         b.extend_from_slice(&v.to_le_bytes());
+    }
+    // Further lanes (handshake v4): a count, then each lane's QP info, here the first's again.
+    let info = b[start..].to_vec();
+    b.push(lanes);
+    for _ in 0..lanes {
+        b.extend_from_slice(&info);
     }
     match tag {
         Some(t) => {
@@ -106,10 +115,12 @@ proptest! {
         gid in any::<[u8; 16]>(),
         mtu in any::<u32>(),
         tail in any::<[u32; 2]>(),
+        lanes in 0u8..3,
         tag in any::<Option<[u8; 32]>>(),
         cut in any::<proptest::sample::Index>(),
     ) {
-        let body = qp_info_body(qpn, psn, link_layer, gid_type, flags, lid, gid, mtu, tail, tag);
+        let body =
+            qp_info_body(qpn, psn, link_layer, gid_type, flags, lid, gid, mtu, tail, lanes, tag);
         let defined = matches!(link_layer, 1 | 2) && gid_type <= 2 && flags <= 1;
         prop_assert_eq!(rdma_wire_decodes(&body), defined);
         // Truncated anywhere, or with a trailing byte, never decodes.
