@@ -24,7 +24,12 @@
 //! requests is checked against its tokens when served alone. Last line:
 //! `serve goodput_ratio_vs_colocated=<g> tpot_p99_ratio_vs_colocated=<t> batch8_decode_speedup=<s> requests=<n> failed=<f>`
 //! (`g` and `t` at the highest rate where co-located goodput is above zero; `s` decode tokens/s
-//! with 8 active sequences over 1).
+//! with 8 active sequences over 1, counted over the steps in which all 8 are in the batch).
+//! `--decode-only` runs only that last measurement (`--model gpt2-124m` in about a minute).
+//!
+//! Each embedded worker computes on a thread pool of its own (`--threads`, default half the
+//! cores), as workers on two machines would: with one pool shared by the process, a decode
+//! step's kernels would queue behind a prefill's on the other worker.
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
@@ -90,6 +95,11 @@ struct Args {
     /// a decode step's kernels would queue behind a prefill's on another worker.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
     threads: Option<u16>,
+    /// Only the decode-scaling measurement on the disaggregated engine (no rate sweep, no
+    /// co-located baseline): quick enough for `--model gpt2-124m`. Last line
+    /// `serve-decode model=<m> batch8_decode_speedup=<s>`.
+    #[arg(long)]
+    decode_only: bool,
 }
 
 fn range(s: &str) -> Result<(usize, usize)> {
@@ -391,6 +401,37 @@ fn ramp_steps(n: usize, first_token: Duration, step: Duration, context: usize) -
         .max(DECODE_STEPS)
 }
 
+/// Decode scaling with concurrent sequences: `rounds` rounds of 1 then 8 sequences,
+/// interleaved so that a slow moment of the machine hits both; prints the median round's
+/// figures and returns its ratio.
+fn decode_scaling(disagg: &Mode, rounds_n: usize, context: usize) -> Result<f64> {
+    let mut rounds = Vec::with_capacity(rounds_n);
+    for _ in 0..rounds_n {
+        let (r1, _, first) = decode_rate(disagg, 1, DECODE_STEPS + 1)?;
+        let step = Duration::from_secs_f64(1.0 / r1.max(1e-9));
+        let steps = ramp_steps(8, first, step, context);
+        let (r8, window, _) = decode_rate(disagg, 8, steps)?;
+        if window < DECODE_STEPS / 2 {
+            println!(
+                "  (a round with 8 sequences had only {window} steps with all 8 in the batch)"
+            );
+        }
+        rounds.push((r8 / r1, r1, r8));
+    }
+    rounds.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (batch8, r1, r8) = rounds[rounds.len() / 2];
+    println!(
+        "decode: {r1:.1} tokens/s with 1 sequence, {r8:.1} with 8 ({batch8:.2}x; median of {} rounds, each over the steps all its sequences decode together, ratios {})",
+        rounds_n,
+        rounds
+            .iter()
+            .map(|r| format!("{:.2}", r.0))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    Ok(batch8)
+}
+
 /// A small SVG line chart of goodput (requests/s meeting both SLOs) against arrival rate:
 /// disaggregated and co-located, axes from zero, ticks at each rate.
 fn goodput_svg(curve: &[(f64, f64, f64)]) -> String {
@@ -496,6 +537,17 @@ fn main() -> Result<()> {
         );
     }
     let disagg = Mode::disaggregated(&model, args.cluster.as_deref(), threads)?;
+    if args.decode_only {
+        // Warm up (graphs sent, weights materialised), then only the decode scaling.
+        decode_rate(&disagg, 1, 2)?;
+        let batch8 = decode_scaling(&disagg, args.decode_rounds, model.context())?;
+        disagg.stop()?;
+        println!(
+            "serve-decode model={} batch8_decode_speedup={batch8:.2}",
+            args.model
+        );
+        return Ok(());
+    }
     let coloc = Mode::colocated(&model, args.colocated.as_deref(), threads)?;
 
     // Unloaded latencies: a long prompt alone, on the disaggregated engine.
@@ -535,32 +587,7 @@ fn main() -> Result<()> {
         long.req.prompt.len()
     );
 
-    // Decode scaling with concurrent sequences: rounds of 1 then 8 sequences, interleaved so
-    // that a slow moment of the machine hits both; the median round's figures.
-    let mut rounds = Vec::with_capacity(args.decode_rounds);
-    for _ in 0..args.decode_rounds {
-        let (r1, _, first) = decode_rate(&disagg, 1, DECODE_STEPS + 1)?;
-        let step = Duration::from_secs_f64(1.0 / r1.max(1e-9));
-        let steps = ramp_steps(8, first, step, model.context());
-        let (r8, window, _) = decode_rate(&disagg, 8, steps)?;
-        if window < DECODE_STEPS / 2 {
-            println!(
-                "  (a round with 8 sequences had only {window} steps with all 8 in the batch)"
-            );
-        }
-        rounds.push((r8 / r1, r1, r8));
-    }
-    rounds.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let (batch8, r1, r8) = rounds[rounds.len() / 2];
-    println!(
-        "decode: {r1:.1} tokens/s with 1 sequence, {r8:.1} with 8 ({batch8:.2}x; median of {} rounds, each over the steps all its sequences decode together, ratios {})",
-        args.decode_rounds,
-        rounds
-            .iter()
-            .map(|r| format!("{:.2}", r.0))
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
+    let batch8 = decode_scaling(&disagg, args.decode_rounds, model.context())?;
 
     println!(
         "{:>6} {:>14} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6}",
