@@ -186,7 +186,9 @@ pub fn serve_from(
 ) -> Result<()> {
     let cluster = source()?;
     let stop = Arc::new(AtomicBool::new(false));
-    serve_inner(endpoint, cluster, Some(source), name, kernels, opts, stop)
+    on_own_pool(name, opts.threads, || {
+        serve_inner(endpoint, cluster, Some(source), name, kernels, opts, stop)
+    })
 }
 
 /// [`serve_with`], also ending (between driver sessions) once `stop` is set: how an
@@ -201,23 +203,21 @@ pub(crate) fn serve_until(
     opts: WorkerOptions,
     stop: Arc<AtomicBool>,
 ) -> Result<()> {
-    serve_inner(endpoint, cluster, None, name, kernels, opts, stop)
+    on_own_pool(name, opts.threads, || {
+        serve_inner(endpoint, cluster, None, name, kernels, opts, stop)
+    })
 }
 
-/// Runs the worker on a compute pool of its own when `opts.threads` asks for one (see
-/// [`WorkerOptions::threads`]): the whole serve loop is one job on that pool, so the kernels'
+/// Runs `f` (a worker's serve loop) on a compute pool of its own when `threads` asks for one
+/// (see [`WorkerOptions::threads`]): the whole loop is one job on that pool, so the kernels'
 /// parallel parts use its threads only (and, with one thread, run inline: no hand-off).
-fn serve_inner(
-    endpoint: Arc<dyn Transport>,
-    cluster: Cluster,
-    source: Option<ClusterSource>,
+fn on_own_pool(
     name: &str,
-    kernels: Arc<dyn Kernels>,
-    opts: WorkerOptions,
-    stop: Arc<AtomicBool>,
+    threads: Option<usize>,
+    f: impl FnOnce() -> Result<()> + Send,
 ) -> Result<()> {
-    let Some(threads) = opts.threads else {
-        return serve_loop(endpoint, cluster, source, name, kernels, opts, stop);
+    let Some(threads) = threads else {
+        return f();
     };
     let prefix = format!("genie-{name}-c");
     let pool = rayon::ThreadPoolBuilder::new()
@@ -228,10 +228,10 @@ fn serve_inner(
             worker: name.to_string(),
             reason: format!("cannot start its {threads} compute threads: {e}"),
         })?;
-    pool.install(|| serve_loop(endpoint, cluster, source, name, kernels, opts, stop))
+    pool.install(f)
 }
 
-fn serve_loop(
+fn serve_inner(
     endpoint: Arc<dyn Transport>,
     cluster: Cluster,
     source: Option<ClusterSource>,
