@@ -100,7 +100,7 @@ for t in "$@"; do
     */rdma_conformance-*)
       if [ $status -eq 0 ]; then
         # Known flaky at 2 QPs (soft-RoCE posts a whole 32 MiB part inside ibv_post_send under the
-        # connection's lock, starving the heartbeats): run only on request until that is fixed.
+        # connection state lock, starving the heartbeats): run only on request until that is fixed.
         if [ "${GENIE_RDMA_FLAKY:-0}" = 1 ]; then
           echo "==> $t two_qps::peer_process_killed_mid_transfer (alone)"
           "$t" --test-threads=1 --exact two_qps::peer_process_killed_mid_transfer || status=1
