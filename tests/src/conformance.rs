@@ -810,14 +810,44 @@ pub fn peer_process_killed_mid_transfer(make: MakeConfig<'_>, peer_bin: &str) {
         conn.write(&src, 0, &d, 0, 4096).unwrap(),
         "first write to the peer",
     );
-    let mut ops = Vec::new();
-    for _ in 0..16 {
-        ops.push(conn.write(&src, 0, &d, 0, LEN).unwrap());
-    }
-    ops.push(conn.read(&src, 0, &d, 0, LEN).unwrap());
-    child.kill();
-    let killed = Instant::now();
+    // Post 16 large writes and a read from another thread and kill the peer once the first is
+    // posted, so that the kill lands while work is pending even where a post moves its data
+    // before it returns (soft-RoCE over loopback runs the whole request in the posting thread,
+    // so everything posted before a kill would be done by then). A post the dead connection
+    // refuses counts as failed, as the pending ones do.
+    let (tx, rx) = std::sync::mpsc::channel();
     let mut failed = 0;
+    let (ops, killed) = std::thread::scope(|s| {
+        let (conn, src, d) = (&conn, &src, &d);
+        let poster = s.spawn(move || {
+            let mut refused = 0;
+            for i in 0..17 {
+                let op = if i < 16 {
+                    conn.write(src, 0, d, 0, LEN)
+                } else {
+                    conn.read(src, 0, d, 0, LEN)
+                };
+                match op {
+                    Ok(op) => {
+                        if tx.send(op).is_err() {
+                            break;
+                        }
+                    }
+                    Err(
+                        TransportError::PeerDead { .. } | TransportError::ConnectionClosed { .. },
+                    ) => refused += 1,
+                    Err(e) => panic!("posting to a peer being killed: unexpected {e:?}"),
+                }
+            }
+            refused
+        });
+        let mut ops = vec![rx.recv().expect("the first write was refused")];
+        child.kill();
+        let killed = Instant::now();
+        failed += poster.join().expect("the posting thread panicked");
+        ops.extend(rx.try_iter());
+        (ops, killed)
+    });
     for op in &ops {
         let left = bound.saturating_sub(killed.elapsed());
         match op.wait(left) {
@@ -838,7 +868,7 @@ pub fn peer_process_killed_mid_transfer(make: MakeConfig<'_>, peer_bin: &str) {
     );
     assert!(
         failed > 0,
-        "some of {} ops were pending at the kill",
+        "some of {} ops were pending at the kill (17 posted or refused)",
         ops.len()
     );
     let deadline = Instant::now() + bound;
