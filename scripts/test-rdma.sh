@@ -99,14 +99,8 @@ for t in "$@"; do
   case "$t" in
     */rdma_conformance-*)
       if [ $status -eq 0 ]; then
-        # Known flaky at 2 QPs (soft-RoCE posts a whole 32 MiB part inside ibv_post_send under the
-        # connection state lock, starving the heartbeats): run only on request until that is fixed.
-        if [ "${GENIE_RDMA_FLAKY:-0}" = 1 ]; then
-          echo "==> $t two_qps::peer_process_killed_mid_transfer (alone)"
-          "$t" --test-threads=1 --exact two_qps::peer_process_killed_mid_transfer || status=1
-        else
-          echo "==> skipped two_qps::peer_process_killed_mid_transfer (known flaky; GENIE_RDMA_FLAKY=1 runs it)"
-        fi
+        echo "==> $t two_qps::peer_process_killed_mid_transfer (alone)"
+        "$t" --test-threads=1 --exact two_qps::peer_process_killed_mid_transfer || status=1
         echo "==> $t --ignored (alone)"
         "$t" --ignored --test-threads=1 --nocapture '"${filter:+$(printf %q "$filter")}"' || status=1
       fi ;;
