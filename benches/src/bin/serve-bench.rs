@@ -48,11 +48,12 @@ use std::time::{Duration, Instant};
 #[derive(Parser, Debug)]
 #[command(about = "Disaggregated vs co-located serving on embedded clusters")]
 struct Args {
-    /// Arrival rates to sweep, requests per second.
-    #[arg(long, value_delimiter = ',', default_value = "4,8,16")]
+    /// Arrival rates to sweep, requests per second: up to where the co-located engines saturate
+    /// on two cores (their TPOT and goodput collapse first, as prefills stall their decodes).
+    #[arg(long, value_delimiter = ',', default_value = "16,32,64,128")]
     rates: Vec<f64>,
     /// Requests per rate.
-    #[arg(long, default_value_t = 24)]
+    #[arg(long, default_value_t = 64)]
     requests: usize,
     /// Model: gpt2-small (4 layers × 128) or gpt2-124m.
     #[arg(long, default_value = "gpt2-small")]
