@@ -460,13 +460,29 @@ mod x86 {
     const ROW_GROUP: usize = 4;
 
     impl ManyRowTimes<'_, '_> {
-        /// Columns `c..c + A·8` of rows `r0..r0 + R`: `R·A` accumulators over all of `m`'s rows.
+        /// Columns `c..c + A·8` of rows `r0..r0 + R`: `R·A` accumulators over `m`'s rows
+        /// `k0..k1`, starting from zero when `k0` is 0 and otherwise from the sums stored in `y`
+        /// by the previous range (each output's chain of multiply-adds goes on in order: the
+        /// same operations, so the same bits, as one pass over all rows).
         #[inline(always)]
-        fn block<const R: usize, const A: usize>(&mut self, r0: usize, c: usize) {
+        fn block<const R: usize, const A: usize>(
+            &mut self,
+            r0: usize,
+            c: usize,
+            k0: usize,
+            k1: usize,
+        ) {
             let simd = self.simd;
             let (k, n) = (self.m.rows, self.m.cols);
             let mut acc = [[simd.splat_f32x8(0.0); A]; R];
-            for i in 0..k {
+            if k0 > 0 {
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    for (a, acc) in acc.iter_mut().enumerate() {
+                        *acc = load(self.y, (r0 + r) * n + c + a * LANES);
+                    }
+                }
+            }
+            for i in k0..k1 {
                 let row = &self.m.row(i)[c..c + A * LANES];
                 let mut w = [simd.splat_f32x8(0.0); A];
                 for (a, w) in w.iter_mut().enumerate() {
@@ -487,40 +503,73 @@ mod x86 {
             }
         }
 
-        /// Columns `c..c + W·8` of every row, in groups of [`ROW_GROUP`] rows, each group
-        /// with as many accumulators as fit the registers (`R·A`, `A` lane vectors of columns
-        /// per row: a row alone takes the whole width at once). The blocking changes which
-        /// columns share a pass over `m`'s rows, never an output's sum.
+        /// Columns `c..c + W·8` of every row over `m`'s rows `k0..k1`, in groups of
+        /// [`ROW_GROUP`] rows, each group with as many accumulators as fit the registers (`R·A`,
+        /// `A` lane vectors of columns per row: a row alone takes the whole width at once). The
+        /// blocking changes which columns share a pass over `m`'s rows, never an output's sum.
         #[inline(always)]
-        fn blocks<const W: usize>(&mut self, c: usize) {
+        fn blocks<const W: usize>(&mut self, c: usize, k0: usize, k1: usize) {
             let rows = self.x.len() / self.m.rows;
             let mut r = 0;
             while r + ROW_GROUP <= rows {
-                self.across::<ROW_GROUP, 2, W>(r, c);
+                self.across::<ROW_GROUP, 2, W>(r, c, k0, k1);
                 r += ROW_GROUP;
             }
             match rows - r {
-                3 => self.across::<3, 2, W>(r, c),
-                2 => self.across::<2, 4, W>(r, c),
-                1 => self.across::<1, 8, W>(r, c),
+                3 => self.across::<3, 2, W>(r, c, k0, k1),
+                2 => self.across::<2, 4, W>(r, c, k0, k1),
+                1 => self.across::<1, 8, W>(r, c, k0, k1),
                 _ => {}
             }
         }
 
         /// Columns `c..c + W·8` of rows `r0..r0 + R`, `A` lane vectors at a time.
         #[inline(always)]
-        fn across<const R: usize, const A: usize, const W: usize>(&mut self, r0: usize, c: usize) {
+        fn across<const R: usize, const A: usize, const W: usize>(
+            &mut self,
+            r0: usize,
+            c: usize,
+            k0: usize,
+            k1: usize,
+        ) {
             let mut v = 0;
             while v + A <= W {
-                self.block::<R, A>(r0, c + v * LANES);
+                self.block::<R, A>(r0, c + v * LANES, k0, k1);
                 v += A;
             }
             while v < W {
-                self.block::<R, 1>(r0, c + v * LANES);
+                self.block::<R, 1>(r0, c + v * LANES, k0, k1);
                 v += 1;
             }
         }
+
+        /// Columns `c..c + W·8` of every row: over all of `m`'s rows at once for one row of `x`
+        /// (its accumulators span the whole width), in ranges of [`K_BLOCK`] rows for several
+        /// (each range's tile of `m` stays in the first-level cache while every group of rows
+        /// and every lane vector passes over it, instead of each pass reading a column strip
+        /// of all of `m` again, one cache line per row).
+        #[inline(always)]
+        fn strip<const W: usize>(&mut self, c: usize) {
+            let (k, rows) = (self.m.rows, self.x.len() / self.m.rows);
+            if rows == 1 || k * self.m.cols < K_BLOCK_MIN_ELEMENTS {
+                return self.blocks::<W>(c, 0, k);
+            }
+            let mut k0 = 0;
+            while k0 < k {
+                let k1 = (k0 + K_BLOCK).min(k);
+                self.blocks::<W>(c, k0, k1);
+                k0 = k1;
+            }
+        }
     }
+
+    /// Rows of `m` in one range of a several-row product (see [`ManyRowTimes::strip`]): a tile
+    /// of 64 of them by 64 columns is 16 KiB.
+    const K_BLOCK: usize = 64;
+
+    /// Weights smaller than this (elements; 1 MiB of f32) stay in the caches between passes:
+    /// one pass over all of their rows costs less than storing and reloading partial sums.
+    const K_BLOCK_MIN_ELEMENTS: usize = 1 << 18;
 
     impl NullaryFnOnce for ManyRowTimes<'_, '_> {
         type Output = ();
@@ -531,11 +580,11 @@ mod x86 {
             let rows = self.x.len() / k.max(1);
             let mut c = 0;
             while c + 8 * LANES <= n {
-                self.blocks::<8>(c);
+                self.strip::<8>(c);
                 c += 8 * LANES;
             }
             while c + LANES <= n {
-                self.blocks::<1>(c);
+                self.strip::<1>(c);
                 c += LANES;
             }
             for j in c..n {
@@ -935,7 +984,16 @@ mod tests {
     #[test]
     fn batched_rows_give_the_bits_of_each_row_alone() {
         let Some(simd) = Simd::detect() else { return };
-        for (k, n) in [(1, 1), (7, 13), (16, 24), (33, 100), (128, 384), (40, 9)] {
+        for (k, n) in [
+            (1, 1),
+            (7, 13),
+            (16, 24),
+            (33, 100),
+            (128, 384),
+            (40, 9),
+            (300, 70),
+            (129, 16),
+        ] {
             let data = seq(k * n, 5);
             let m = Rows::new(&data, k, n, n).unwrap();
             for batch in [1usize, 2, 3, 4, 5, 8, 9] {
