@@ -531,7 +531,7 @@ if [ "$SERVE" = 1 ]; then
   sstatus=0
   timeout 600 ip netns exec "$cl" "${cl_env[@]}" "$serve_bench" \
     --cluster "$dir/serve-disagg.toml" --colocated "$dir/serve-coloc0.toml,$dir/serve-coloc1.toml" \
-    --rates 8 --requests 12 --long 96-128 --output 8-16 --decode-rounds 1 \
+    --rates 8 --requests 12 --long 96-128 --output 8-16 --decode-rounds 0 \
     --trace "$dir/serve-trace.json" --plot "$dir/serve-goodput.svg" \
     >"$dir/serve.out" 2>"$dir/serve.err" || sstatus=$?
   serve_secs=$((SECONDS - t0))
