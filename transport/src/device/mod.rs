@@ -553,6 +553,28 @@ impl Drop for StandInCopy {
 }
 
 impl HostStandIn {
+    /// A copy of `len` bytes at device `offset` through `buf`, either way: checked, counted,
+    /// finished when polled or waited for.
+    fn start_copy(
+        &self,
+        buf: Staging,
+        len: usize,
+        offset: usize,
+        dir: Direction,
+    ) -> Result<CopyInFlight> {
+        check_copy(self, offset, len, &buf)?;
+        let buf = self.own_staging(buf)?;
+        self.stats.started();
+        Ok(CopyInFlight::new(StandInCopy {
+            bytes: Arc::clone(&self.bytes),
+            stats: Arc::clone(&self.stats),
+            buf: Some(buf),
+            len,
+            dir,
+            polled: false,
+        }))
+    }
+
     fn own_staging(&self, buf: Staging) -> Result<Staging> {
         match buf.downcast::<StandInStaging>() {
             Ok(b) => Ok(Staging::new(b)),
@@ -589,30 +611,10 @@ impl DeviceMemory for HostStandIn {
         }))
     }
     fn copy_to_host(&self, offset: usize, buf: Staging, len: usize) -> Result<CopyInFlight> {
-        check_copy(self, offset, len, &buf)?;
-        let buf = self.own_staging(buf)?;
-        self.stats.started();
-        Ok(CopyInFlight::new(StandInCopy {
-            bytes: Arc::clone(&self.bytes),
-            stats: Arc::clone(&self.stats),
-            buf: Some(buf),
-            len,
-            dir: Direction::ToHost { offset },
-            polled: false,
-        }))
+        self.start_copy(buf, len, offset, Direction::ToHost { offset })
     }
     fn copy_from_host(&self, buf: Staging, len: usize, offset: usize) -> Result<CopyInFlight> {
-        check_copy(self, offset, len, &buf)?;
-        let buf = self.own_staging(buf)?;
-        self.stats.started();
-        Ok(CopyInFlight::new(StandInCopy {
-            bytes: Arc::clone(&self.bytes),
-            stats: Arc::clone(&self.stats),
-            buf: Some(buf),
-            len,
-            dir: Direction::FromHost { offset },
-            polled: false,
-        }))
+        self.start_copy(buf, len, offset, Direction::FromHost { offset })
     }
     fn as_any(&self) -> &dyn Any {
         self
