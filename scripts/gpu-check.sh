@@ -9,7 +9,13 @@
 #      regions, in the same run;
 #   3. the same over soft-RoCE (rxe) when this kernel can load rdma_rxe (directly, never in a VM:
 #      a VM has no GPU): there device regions need GPUDirect (dma-buf or nvidia_peermem), so the
-#      step reports which one registered, or why none could (rxe usually supports neither).
+#      step reports which one registered, or why none could (rxe usually supports neither);
+#   4. the Python package built with `cuda` (bindings/python/tests/test_cuda.py, GENIE_CUDA_REQUIRE=1):
+#      torch CUDA tensors registered in place and `alloc_device` regions, moved host->device,
+#      device->device and device->host with checksums against torch's own view, and pointers
+#      that are not the GPU's memory refused. Needs python3 with torch, numpy and pytest there,
+#      and the wheel --prepare built (with maturin, found on PATH or in $GENIE_VENV); without
+#      them the step says why and is skipped.
 # Last line:
 #   gpu device_bw_ratio_vs_host=<r> device_write8_us=<l> gpudirect=<dmabuf|peermem|staged>
 # taken from the rxe run when device regions registered there with GPUDirect, else from TCP
@@ -71,6 +77,19 @@ build() {
   mkdir -p target/gpu-check
   cp target/gpu-test/genie-sys-cuda target/gpu-check/genie-sys-cuda
   cp "${CARGO_TARGET_DIR:-target}/release/examples/device_perf" target/gpu-check/device_perf
+  # Symbols are not needed there, and a small copy travels fast to a GPU machine.
+  if command -v strip >/dev/null 2>&1; then strip target/gpu-check/genie-sys-cuda target/gpu-check/device_perf; fi
+  rm -f target/gpu-check/genie-*.whl
+  local maturin
+  maturin="$(command -v maturin || echo "${GENIE_VENV:-/tmp/genie-venv}/bin/maturin")"
+  if [ "$stand_in" = 1 ]; then
+    echo "python: a stand-in run builds no wheel (step 4 needs a GPU)"
+  elif [ -x "$maturin" ]; then
+    echo "==> building the Python package (--features cuda)"
+    (cd bindings/python && "$maturin" build --release --strip --features cuda -o ../../target/gpu-check)
+  else
+    echo "python: no maturin (PATH or \$GENIE_VENV), so no wheel: step 4 will be skipped"
+  fi
   echo "prepared target/gpu-check/ ($(du -sh target/gpu-check | cut -f1))"
 }
 
@@ -134,23 +153,42 @@ else
   echo "rxe: skipped (no rdma tool, or rdma_rxe cannot be loaded here)"
 fi
 
+echo "==> 4. the Python package on the GPU (torch tensors, alloc_device)"
+py_rc=skipped
+wheel="$(ls "$dir"/genie-*.whl 2>/dev/null | tail -n 1 || true)"
+if [ "$stand_in" = 1 ]; then
+  echo "python: skipped (stand-in run)"
+elif [ -z "$wheel" ]; then
+  echo "python: skipped (no genie wheel in $dir: --prepare found no maturin)"
+elif ! python3 -c 'import torch, numpy, pytest' 2>/dev/null; then
+  echo "python: skipped (python3 lacks torch, numpy or pytest)"
+else
+  set +e
+  python3 -m pip install -q --no-index --no-deps --no-compile --target "$tmp/site" "$wheel" &&
+    (cd bindings/python && PYTHONPATH="$tmp/site" GENIE_CUDA_REQUIRE=1 timeout 120 \
+      python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py) 2>&1 | tee "$tmp/py"
+  py_rc=${PIPESTATUS[0]}
+  set -e
+fi
+
 final="$(grep -E '^gpu device_bw_ratio_vs_host=' "$tmp/tcp" | tail -n 1 || true)"
 if [ "$rxe_rc" = 0 ]; then
   rxe_final="$(grep -E '^gpu device_bw_ratio_vs_host=.* gpudirect=(dmabuf|peermem)$' "$tmp/rxe" | tail -n 1 || true)"
   [ -n "$rxe_final" ] && final="$rxe_final"
 fi
-echo "summary: sys=${sys_line#gpu-sys } tcp_rc=$tcp_rc rxe_rc=$rxe_rc"
+echo "summary: sys=${sys_line#gpu-sys } tcp_rc=$tcp_rc rxe_rc=$rxe_rc py_rc=$py_rc"
 failed=0
 [ "$sys_rc" = 0 ] || failed=1
 [ "$tcp_rc" = 0 ] || failed=1
 case "$rxe_rc" in 0 | 4 | skipped) ;; *) failed=1 ;; esac
+case "$py_rc" in 0 | skipped) ;; *) failed=1 ;; esac
 if [ -z "$final" ]; then
   echo "gpu FAILED: no result line from the TCP run"
   exit 1
 fi
 if [ "$failed" = 1 ]; then
   echo "$final"
-  echo "gpu FAILED: sys_rc=$sys_rc tcp_rc=$tcp_rc rxe_rc=$rxe_rc (see above)"
+  echo "gpu FAILED: sys_rc=$sys_rc tcp_rc=$tcp_rc rxe_rc=$rxe_rc py_rc=$py_rc (see above)"
   exit 1
 fi
 echo "$final"
