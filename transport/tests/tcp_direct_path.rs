@@ -1,9 +1,10 @@
 //! The TCP backend's direct path (callers writing their own small requests to the socket) against
 //! its fallback (the connection's inbox, written by the progress thread): several threads submit on
-//! one connection at once, mixing small messages (direct), large ones and one-sided writes (both
-//! through the progress thread), while the receiving side's progress thread writes ACKs on the
-//! socket its own callers write replies to. Each thread's requests must arrive in order and intact,
-//! and a message must never overtake a write submitted before it by the same thread.
+//! one connection at once, mixing small messages and one-sided writes (direct when the connection
+//! is free) with large messages (through the progress thread), while the receiving side's progress
+//! thread writes ACKs on the socket its own callers write replies to. Each thread's requests must
+//! arrive in order and intact, and a message must never overtake a write submitted before it by the
+//! same thread. A write whose region its caller holds locked is handed to the progress thread.
 
 use genie_transport::tcp::endpoint::DIRECT_MAX;
 use genie_transport::{open, PollMode, TransportConfig};
@@ -75,8 +76,8 @@ fn concurrent_submitters_keep_order_and_integrity(poll_mode: PollMode) {
                 ops.into_iter().for_each(|o| o.wait(WAIT).unwrap());
             });
         }
-        // One-sided writes (through the progress thread), each followed by a small message (direct
-        // when possible) that must not overtake it.
+        // One-sided writes, each followed by a small message (both direct when possible) that must
+        // not overtake it.
         let (ab_w, src, d) = (ab.clone(), &src, &d);
         s.spawn(move || {
             let mut ops = Vec::new();
@@ -143,6 +144,47 @@ fn concurrent_submitters_blocking() {
 #[test]
 fn concurrent_submitters_busy_poll() {
     concurrent_submitters_keep_order_and_integrity(PollMode::BusyPoll);
+}
+
+/// A caller that holds its region's write lock while it submits a write of it (the direct path
+/// cannot read the region then) gets its operation at once; the write leaves once the lock is
+/// released, in order with the messages around it, and carries what the region held by then.
+#[test]
+fn a_write_of_a_region_its_caller_holds_locked_is_left_to_the_progress_thread() {
+    let a = open(config(PollMode::Blocking)).unwrap();
+    let b = open(config(PollMode::Blocking)).unwrap();
+    let ab = a.connect(b.local_addr()).unwrap();
+    let ba = b.accept(WAIT).unwrap();
+    const N: u32 = 50;
+    let dst = b.alloc_region(N as usize * SLOT).unwrap();
+    let d = dst.descriptor();
+    let src = a.alloc_region(N as usize * SLOT).unwrap();
+    let mut ops = Vec::new();
+    for i in 0..N {
+        let at = i as usize * SLOT;
+        if i % 2 == 0 {
+            // Locked: submitted under the guard, whose last change must still be sent.
+            let mut g = src.lock_mut();
+            g[at..at + SLOT].fill(0xEE);
+            ops.push(ab.write(&src, at, &d, at as u64, SLOT).unwrap());
+            g[at..at + SLOT].copy_from_slice(&slot_pattern(i));
+        } else {
+            src.write(at, &slot_pattern(i)).unwrap();
+            ops.push(ab.write(&src, at, &d, at as u64, SLOT).unwrap());
+        }
+        ops.push(ab.send(&message(SENDERS, i, 5)).unwrap());
+    }
+    ops.into_iter().for_each(|o| o.wait(WAIT).unwrap());
+    for i in 0..N {
+        let (sender, seq) = parse(&ba.recv(WAIT).unwrap());
+        assert_eq!((sender, seq), (SENDERS, i), "messages in order");
+        let mut got = vec![0u8; SLOT];
+        dst.read(i as usize * SLOT, &mut got).unwrap();
+        assert!(
+            got == slot_pattern(i),
+            "write {i} intact, before its message"
+        );
+    }
 }
 
 /// After the peer goes away, sends fail (typed) instead of hanging, on either path.
