@@ -1853,16 +1853,24 @@ mod tests {
             &mut self,
             bufs: &mut [std::io::IoSliceMut<'_>],
         ) -> std::io::Result<usize> {
-            let mut n = 0;
-            for b in bufs.iter_mut() {
-                match self.read(b) {
-                    Ok(k) => n += k,
-                    Err(e) if n == 0 => return Err(e),
-                    Err(_) => break,
-                }
-            }
-            Ok(n)
+            read_in_order(self, bufs)
         }
+    }
+
+    /// A socket's `readv`: fills `bufs` in order, as far as `r` has bytes.
+    fn read_in_order(
+        r: &mut impl Read,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+    ) -> std::io::Result<usize> {
+        let mut n = 0;
+        for b in bufs.iter_mut() {
+            match r.read(b) {
+                Ok(k) => n += k,
+                Err(e) if n == 0 => return Err(e),
+                Err(_) => break,
+            }
+        }
+        Ok(n)
     }
 
     struct Side {
@@ -2176,15 +2184,7 @@ mod tests {
             &mut self,
             bufs: &mut [std::io::IoSliceMut<'_>],
         ) -> std::io::Result<usize> {
-            let mut n = 0;
-            for b in bufs.iter_mut() {
-                match self.read(b) {
-                    Ok(k) => n += k,
-                    Err(e) if n == 0 => return Err(e),
-                    Err(_) => break,
-                }
-            }
-            Ok(n)
+            read_in_order(self, bufs)
         }
     }
 
@@ -2240,6 +2240,31 @@ mod tests {
                 ops.push(m);
                 at += n;
             }
+            // A read of what the first write carries (READ_REQ: a body of fixed size) and a write
+            // to a region that does not exist (refused: an ERR frame comes back).
+            let back = c.regions.alloc(64).unwrap();
+            let (r, done) = op();
+            let req = Request::Read {
+                local: back.clone(),
+                local_offset: 0,
+                remote: target.descriptor(),
+                remote_offset: 0,
+                len: 64,
+            };
+            c.conn.submit(req, done);
+            let (bad, done) = op();
+            let req = Request::Write {
+                local: src.clone(),
+                local_offset: 0,
+                remote: RemoteRegion {
+                    region: 999,
+                    ..target.descriptor()
+                },
+                remote_offset: 0,
+                len: 10,
+                notify: None,
+            };
+            c.conn.submit(req, done);
             let mut wire = Wire::default();
             let _ = c.conn.write_to(&mut wire.buf, now);
             // Pieces of `piece` bytes, every third one cut short to move the boundaries around.
@@ -2294,6 +2319,15 @@ mod tests {
             // The acknowledgements, back in one piece: every operation completes.
             pump(&mut c, &mut s, now);
             assert!(ops.iter().all(|o| matches!(o.poll(), Some(Ok(())))));
+            assert!(
+                matches!(r.poll(), Some(Ok(()))),
+                "socket={socket} piece={piece}"
+            );
+            assert!(back.with(|b| src.with(|s| b[..] == s[..64])));
+            assert!(
+                matches!(bad.poll(), Some(Err(_))),
+                "socket={socket} piece={piece}"
+            );
         }
     }
 
