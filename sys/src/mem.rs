@@ -293,15 +293,6 @@ impl SharedBuf {
         )
     }
 
-    /// Shared access if no one holds or waits for exclusive access now; never blocks.
-    pub fn try_read(&self) -> Option<SharedRead<'_>> {
-        match self.storage.try_read() {
-            Ok(g) => Some(SharedRead(g)),
-            Err(std::sync::TryLockError::Poisoned(p)) => Some(SharedRead(p.into_inner())),
-            Err(std::sync::TryLockError::WouldBlock) => None,
-        }
-    }
-
     /// Exclusive access.
     pub fn write(&self) -> SharedWrite<'_> {
         SharedWrite(

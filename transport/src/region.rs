@@ -302,11 +302,6 @@ impl Region {
         self.inner.mem.read()
     }
 
-    /// [`Region::lock`] if it is free of writers now; never blocks.
-    pub fn try_lock(&self) -> Option<SharedRead<'_>> {
-        self.inner.mem.try_read()
-    }
-
     /// The write lock (for backends that stream into the region; empty for a device region).
     pub fn lock_mut(&self) -> SharedWrite<'_> {
         self.inner.mem.write()

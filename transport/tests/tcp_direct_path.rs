@@ -1,10 +1,9 @@
 //! The TCP backend's direct path (callers writing their own small requests to the socket) against
 //! its fallback (the connection's inbox, written by the progress thread): several threads submit on
-//! one connection at once, mixing small messages and one-sided writes (direct when the connection
-//! is free) with large messages (through the progress thread), while the receiving side's progress
-//! thread writes ACKs on the socket its own callers write replies to. Each thread's requests must
-//! arrive in order and intact, and a message must never overtake a write submitted before it by the
-//! same thread. A write whose region its caller holds locked is handed to the progress thread.
+//! one connection at once, mixing small messages (direct), large ones and one-sided writes (both
+//! through the progress thread), while the receiving side's progress thread writes ACKs on the
+//! socket its own callers write replies to. Each thread's requests must arrive in order and intact,
+//! and a message must never overtake a write submitted before it by the same thread.
 
 use genie_transport::tcp::endpoint::DIRECT_MAX;
 use genie_transport::{open, PollMode, TransportConfig};
@@ -76,8 +75,8 @@ fn concurrent_submitters_keep_order_and_integrity(poll_mode: PollMode) {
                 ops.into_iter().for_each(|o| o.wait(WAIT).unwrap());
             });
         }
-        // One-sided writes, each followed by a small message (both direct when possible) that must
-        // not overtake it.
+        // One-sided writes (through the progress thread), each followed by a small message (direct
+        // when possible) that must not overtake it.
         let (ab_w, src, d) = (ab.clone(), &src, &d);
         s.spawn(move || {
             let mut ops = Vec::new();
@@ -146,11 +145,11 @@ fn concurrent_submitters_busy_poll() {
     concurrent_submitters_keep_order_and_integrity(PollMode::BusyPoll);
 }
 
-/// A caller that holds its region's write lock while it submits a write of it (the direct path
-/// cannot read the region then) gets its operation at once; the write leaves once the lock is
+/// A caller that holds its region's write lock while it submits a write of it gets its operation
+/// at once (submitting never waits for a region's lock); the write leaves once the lock is
 /// released, in order with the messages around it, and carries what the region held by then.
 #[test]
-fn a_write_of_a_region_its_caller_holds_locked_is_left_to_the_progress_thread() {
+fn a_write_of_a_region_its_caller_holds_locked_leaves_once_released() {
     let a = open(config(PollMode::Blocking)).unwrap();
     let b = open(config(PollMode::Blocking)).unwrap();
     let ab = a.connect(b.local_addr()).unwrap();

@@ -7,23 +7,19 @@
 //! accept queue, each connection's message and notification queues, the operations' completions)
 //! and writes whatever is left queued.
 //!
-//! Submitting. A request that puts at most [`DIRECT_MAX`] bytes on the wire (a message, a read
-//! request, a one-sided write from host memory on a connection of one stream) takes the *direct
-//! path*: the caller tries `wire` (it never waits for it), checks that the connection's outbox is
-//! empty, queues the request in the state machine and, if nothing was queued before it, writes it
-//! to the socket itself. The caller's own progress thread is not woken (no eventfd wake-up before
-//! the write): only the peer's progress thread wakes (on the socket) and hands the data over. A
-//! write's payload is its region, whose lock a caller must not wait for under `wire` (see below):
-//! it only *tries* it (`Conn::write_to_without_waiting`), and when the lock is taken (by this very
-//! caller, maybe) it leaves the rest queued and sends a `Cmd::Service`, so that the progress thread
-//! writes it. Otherwise the request goes to the connection's *outbox* and a `Cmd::Service` wakes
-//! the progress thread (with a [`mio::Waker`] in [`PollMode::Blocking`], only when the thread may
-//! be asleep in `poll`: `Shared::sleeping`; in [`PollMode::BusyPoll`] the thread spins on `poll`
-//! with a zero timeout and needs no wake-up), which moves the outbox into the state machine and
-//! writes. That is the path of large messages and writes (bulk data is copied by the progress
-//! thread, so `submit` stays quick), of device regions (staged by the progress thread), of striped
-//! connections' writes, of submissions that find `wire` busy, and of any request behind one in the
-//! outbox.
+//! Submitting. A request whose frames carry only owned bytes (a message, a read request), at most
+//! [`DIRECT_MAX`] of them, takes the *direct path*: the caller tries `wire` (it never waits for
+//! it), checks that the connection's outbox is empty, queues the request in the state machine and,
+//! if nothing was queued before it, writes it to the socket itself. The caller's own progress
+//! thread is not woken (no eventfd wake-up before the write): only the peer's progress thread
+//! wakes (on the socket) and hands the message over. Otherwise
+//! the request goes to the connection's *outbox* and a `Cmd::Service` wakes the progress thread
+//! (with a [`mio::Waker`] in [`PollMode::Blocking`]; in [`PollMode::BusyPoll`] the thread spins on
+//! `poll` with a zero timeout and needs no wake-up), which moves the outbox into the state machine
+//! and writes. That is the path of one-sided writes (their payload is a region, whose lock a
+//! caller must not take under `wire`, see below), of large messages (the progress thread copies
+//! bulk data, so `submit` stays quick), of submissions that find `wire` busy, and of any request
+//! behind one in the outbox.
 //!
 //! Order. Frames leave in the order requests enter the state machine's queue (`Conn::write_to`
 //! sends it front to back). A request enters it directly only while the outbox is empty, and only
@@ -41,8 +37,7 @@
 //! drops the socket.
 //!
 //! Lock order: `Link::wire`, then `Link::outbox`. Under them a holder may take region locks (the
-//! progress thread waits for them, a caller only tries them) and complete operations; those never
-//! take either. `Shared::cmds`, the
+//! progress thread only) and complete operations; those never take either. `Shared::cmds`, the
 //! accept queue and a connection's user-facing queues are never taken with `wire` held: events are
 //! drained from the state machine under `wire` and routed after releasing it (which also lets a
 //! woken caller find `wire` free). Callers only *try* `wire`: a caller holding a region guard while
@@ -57,9 +52,8 @@
 //! streams (then `Outbox::fenced` keeps callers off the direct path). Lock order: the first
 //! stream's `wire`, then another stream's `wire`, then an `outbox`.
 //!
-//! Sockets are read until `WouldBlock` or a short read (which empties a stream socket: epoll(7);
-//! `Conn::read_from_socket`), or a per-connection budget, after which the thread polls again
-//! without sleeping; and written until the queue is empty or `WouldBlock`.
+//! Sockets are read until `WouldBlock` (or a per-connection budget, after which the thread polls
+//! again without sleeping) and written until the queue is empty or `WouldBlock`.
 
 use super::proto::{Conn, ConnConfig, Event, Joins, ReadOutcome, Request, Stripe, WriteOutcome};
 use super::stripe::{self, Part, STRIPE_MIN};
@@ -116,10 +110,6 @@ struct Shared {
     endpoint: EndpointId,
     regions: Arc<RegionTable>,
     waker: Waker,
-    /// The progress thread may be blocked in `epoll_wait` (or about to be): a command pushed now
-    /// needs a wake-up. While it runs it takes the commands on its next pass anyway, so the
-    /// eventfd write (a system call per one-sided write, otherwise) is skipped.
-    sleeping: AtomicBool,
     /// `None` once the progress thread has stopped: submissions then fail at once.
     cmds: Mutex<Option<Vec<Cmd>>>,
     accepted: AcceptQueue<Arc<TcpConnection>>,
@@ -138,10 +128,7 @@ impl Shared {
             };
             q.extend(cmds);
         }
-        // Pairs with the fence in `Progress::run` between setting `sleeping` and looking at the
-        // commands: either the thread sees this push or this sees it sleeping.
-        std::sync::atomic::fence(Ordering::SeqCst);
-        if self.config.poll_mode == PollMode::Blocking && self.sleeping.load(Ordering::SeqCst) {
+        if self.config.poll_mode == PollMode::Blocking {
             self.waker
                 .wake()
                 .map_err(|e| TransportError::io("eventfd write (mio::Waker::wake)", e))?;
@@ -194,7 +181,6 @@ impl TcpTransport {
             endpoint,
             regions: RegionTable::new(endpoint, Backend::Tcp),
             waker,
-            sleeping: AtomicBool::new(false),
             cmds: Mutex::new(Some(Vec::new())),
             accepted: AcceptQueue::new(ACCEPT_QUEUE),
             shutdown: AtomicBool::new(false),
@@ -389,10 +375,6 @@ fn direct_len(req: &Request, striped: bool) -> Option<usize> {
         Request::Send(m) => Some(m.len()),
         Request::Read { len, .. } if striped && *len >= STRIPE_MIN => None,
         Request::Read { .. } => Some(8),
-        // Host memory on one stream: the caller writes it itself, taking the region's lock only
-        // if it is free (`Conn::write_to_without_waiting`). Device memory is staged by the
-        // progress thread; a striped connection's writes are cut into parts by its `Group`.
-        Request::Write { local, len, .. } if !striped && !local.is_device() => Some(*len),
         Request::Write { .. } => None,
     }
 }
@@ -434,17 +416,15 @@ impl Link {
                     // On a closed connection this fails the requests at once.
                     reqs.into_iter()
                         .for_each(|(req, done)| conn.submit(req, done));
-                    // `None`: a region's lock was taken, and the rest waits for the progress
-                    // thread (which may wait for the lock: it holds no caller's guard).
-                    let out = match stream {
-                        Some(s) if idle => conn.write_to_without_waiting(s, Instant::now()),
-                        _ => Some(WriteOutcome::Flushed),
+                    let failed = match stream {
+                        Some(s) if idle => conn.write_to(s, Instant::now()) == WriteOutcome::Closed,
+                        _ => false,
                     };
                     drop(w);
-                    if matches!(out, None | Some(WriteOutcome::Closed)) {
-                        // Closed: our operations have failed already; the progress thread routes
-                        // the error to the connection's queues and drops the socket. If the
-                        // endpoint is stopping, that closes the connection anyway.
+                    if failed {
+                        // Our operations have failed already; the progress thread routes the error
+                        // to the connection's queues and drops the socket. If the endpoint is
+                        // stopping, that closes the connection anyway.
                         let _ = endpoint.push([Cmd::Service { token: self.token }]);
                     }
                     return Ok(());
@@ -1038,7 +1018,7 @@ impl ProgressThread {
         // Acquire: pairs with the Release store in `TcpTransport::drop`.
         while !self.shared.shutdown.load(Ordering::Acquire) {
             let now = Instant::now();
-            let mut timeout = if busy || self.conns.values().any(|c| c.more) {
+            let timeout = if busy || self.conns.values().any(|c| c.more) {
                 Some(Duration::ZERO)
             } else {
                 self.conns
@@ -1047,23 +1027,7 @@ impl ProgressThread {
                     .min()
                     .map(|t| t.saturating_duration_since(now))
             };
-            if timeout != Some(Duration::ZERO) {
-                // About to block: from here a command needs a wake-up (see `Shared::sleeping`).
-                self.shared.sleeping.store(true, Ordering::SeqCst);
-                std::sync::atomic::fence(Ordering::SeqCst);
-                let queued = self
-                    .shared
-                    .cmds
-                    .lock()
-                    .as_ref()
-                    .is_some_and(|q| !q.is_empty());
-                if queued {
-                    timeout = Some(Duration::ZERO);
-                }
-            }
-            let polled = self.poll.poll(&mut events, timeout);
-            self.shared.sleeping.store(false, Ordering::SeqCst);
-            if let Err(e) = polled {
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() != std::io::ErrorKind::Interrupted {
                     tracing::error!(error = %e, "epoll_wait failed; TCP endpoint stops");
                     break;
@@ -1320,7 +1284,7 @@ impl ProgressThread {
                     }
                     let mut rd = None;
                     if read || c.more {
-                        rd = Some(conn.read_from_socket(s, regions, now));
+                        rd = Some(conn.read_from(s, regions, now));
                     }
                     let out = conn.write_to(s, now);
                     c.more = match rd {

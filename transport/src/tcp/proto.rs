@@ -40,7 +40,7 @@ use crate::error::TransportError;
 use crate::liveness::{heartbeat_interval, Liveness, Timer};
 use crate::region::{Region, RegionTable, RemoteOp, RemoteRegion};
 use std::collections::{HashMap, VecDeque};
-use std::io::{ErrorKind, IoSlice, IoSliceMut, Read, Write};
+use std::io::{ErrorKind, IoSlice, Read, Write};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -58,13 +58,6 @@ pub const MAX_QUEUED_FRAMES: usize = 1 << 16;
 /// Granularity of a message body's buffer growth: memory follows the bytes that actually
 /// arrived, not the length a header claims.
 const BODY_STEP: usize = 64 * 1024;
-/// The read-ahead buffer: a read at a frame boundary takes up to this many bytes at once, so that
-/// a burst of small frames (acknowledgements, notifications) costs one system call, not one per
-/// header. Bytes of a body that it caught are copied out of it (at most this many per frame).
-const AHEAD: usize = 4096;
-/// A read that finishes a body also asks for up to this many bytes after it (`readv`), which
-/// usually hold the next header: streamed frames then cost no separate header read.
-const AHEAD_TAIL: usize = 1024;
 /// The shortest heartbeat interval, however short the peer timeout (a zero interval would ask for
 /// a ping on every timer call).
 const MIN_HEARTBEAT: Duration = Duration::from_millis(1);
@@ -303,20 +296,6 @@ enum Rx {
     },
 }
 
-/// One read into `dst`, and into `tail` what follows once `dst` is full (`readv`); `Ok(0)` for
-/// a `dst` that is missing (out of its buffer: the caller treats it as the end of the stream).
-fn read_into<R: Read>(
-    src: &mut R,
-    dst: Option<&mut [u8]>,
-    tail: &mut [u8],
-) -> std::io::Result<usize> {
-    let Some(dst) = dst else { return Ok(0) };
-    if tail.is_empty() {
-        return src.read(dst);
-    }
-    src.read_vectored(&mut [IoSliceMut::new(dst), IoSliceMut::new(tail)])
-}
-
 /// Result of [`Conn::read_from`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReadOutcome {
@@ -361,8 +340,6 @@ pub struct Conn {
     out: VecDeque<OutFrame>,
     events: VecDeque<Event>,
     rx: Rx,
-    /// Bytes read past the frame being received (see [`AHEAD`]): `ahead.0[ahead.1..ahead.2]`.
-    ahead: (Box<[u8; AHEAD]>, usize, usize),
     scratch: Vec<u8>,
     /// Host→device copies of received chunks still in flight, oldest first.
     landing: VecDeque<CopyInFlight>,
@@ -480,7 +457,6 @@ impl Conn {
                 buf: [0; HEADER_LEN],
                 got: 0,
             },
-            ahead: (Box::new([0; AHEAD]), 0, 0),
             scratch: Vec::new(),
             landing: VecDeque::new(),
             staged_out: 0,
@@ -856,32 +832,7 @@ impl Conn {
         regions: &RegionTable,
         now: Instant,
     ) -> ReadOutcome {
-        self.read_inner(src, regions, now, false)
-    }
-
-    /// [`Conn::read_from`] a non-blocking stream socket: a read (or `readv`, which must fill its
-    /// buffers in order) that returns fewer bytes than it asked for has emptied it (epoll(7)), so
-    /// reading stops there with [`ReadOutcome::Drained`] instead of trying a read that could
-    /// only say `WouldBlock`: one system call less for each time the socket is read.
-    pub fn read_from_socket<R: Read>(
-        &mut self,
-        src: &mut R,
-        regions: &RegionTable,
-        now: Instant,
-    ) -> ReadOutcome {
-        self.read_inner(src, regions, now, true)
-    }
-
-    fn read_inner<R: Read>(
-        &mut self,
-        src: &mut R,
-        regions: &RegionTable,
-        now: Instant,
-        socket: bool,
-    ) -> ReadOutcome {
         let mut budget = READ_BUDGET;
-        // On a socket, the last read returned less than it asked for: it is empty.
-        let mut short = false;
         loop {
             if self.is_closed() {
                 return ReadOutcome::Closed;
@@ -892,26 +843,10 @@ impl Conn {
             if self.held_for_room() || self.out.len() >= MAX_QUEUED_FRAMES {
                 return ReadOutcome::Held;
             }
-            if self.ahead.1 < self.ahead.2 {
-                // Bytes read before: no system call.
-                if !self.take_ahead() {
-                    let what = "a received frame does not fit where it goes".to_string();
-                    self.violation(what);
-                    return ReadOutcome::Closed;
-                }
-                self.advance_rx(regions);
-                continue;
-            }
-            if short {
-                return ReadOutcome::Drained;
-            }
-            let (tail, apos, alen) = (&mut self.ahead.0[..], &mut self.ahead.1, &mut self.ahead.2);
             let res = match &mut self.rx {
-                // At a frame boundary: read ahead, then take the header from there.
-                Rx::Header { .. } => match src.read(tail) {
+                Rx::Header { buf, got } => match src.read(buf.get_mut(*got..).unwrap_or(&mut [])) {
                     Ok(n) => {
-                        (*apos, *alen) = (0, n);
-                        short = socket && n < AHEAD;
+                        *got += n;
                         Ok(n)
                     }
                     Err(e) => Err(e),
@@ -919,54 +854,33 @@ impl Conn {
                 Rx::Body { hdr, dest, got } => {
                     let total = hdr.body_len as usize;
                     let want = (total - *got).min(budget);
-                    // Finishing the body: also read what follows it (the next header, usually).
-                    let tail = if want == total - *got {
-                        &mut tail[..AHEAD_TAIL]
-                    } else {
-                        &mut tail[..0]
-                    };
                     let r = match dest {
                         BodyDest::Buffer(v) => {
                             // Grow with the bytes that arrive (see BODY_STEP).
                             let want = want.min(BODY_STEP);
-                            let tail = if want == total - *got {
-                                tail
-                            } else {
-                                &mut [][..]
-                            };
-                            let asked = want + tail.len();
                             v.resize(*got + want, 0);
-                            let r = read_into(src, v.get_mut(*got..*got + want), tail);
-                            v.truncate(*got + r.as_ref().map_or(0, |n| (*n).min(want)));
-                            r.map(|n| (n, want, asked))
+                            let r = src.read(v.get_mut(*got..*got + want).unwrap_or(&mut []));
+                            v.truncate(*got + *r.as_ref().unwrap_or(&0));
+                            r
                         }
                         BodyDest::Region { region, offset } => {
                             let mut g = region.lock_mut();
                             let at = *offset + *got;
-                            let asked = want + tail.len();
-                            read_into(src, g.get_mut(at..at + want), tail).map(|n| (n, want, asked))
+                            src.read(g.get_mut(at..at + want).unwrap_or(&mut []))
                         }
                         BodyDest::Staged { buf, .. } => {
                             let at = *got;
-                            let asked = want + tail.len();
-                            let dst = buf.bytes_mut().get_mut(at..at + want);
-                            read_into(src, dst, tail).map(|n| (n, want, asked))
+                            src.read(buf.bytes_mut().get_mut(at..at + want).unwrap_or(&mut []))
                         }
                         BodyDest::Discard => {
                             self.scratch.resize(want.min(64 * 1024), 0);
-                            let n = self.scratch.len();
-                            src.read(&mut self.scratch).map(|k| (k, n, n))
+                            src.read(&mut self.scratch)
                         }
                     };
-                    match r {
-                        Ok((n, want, asked)) => {
-                            short = socket && n < asked;
-                            *got += n.min(want);
-                            (*apos, *alen) = (0, n.saturating_sub(want));
-                            Ok(n)
-                        }
-                        Err(e) => Err(e),
+                    if let Ok(n) = r {
+                        *got += n;
                     }
+                    r
                 }
             };
             match res {
@@ -993,54 +907,6 @@ impl Conn {
                 }
             }
         }
-    }
-
-    /// Moves bytes of the read-ahead buffer to where the frame being received goes (its header,
-    /// or its body's destination); `false` when that destination cannot take them (a broken
-    /// invariant: bodies are checked against their destination when their header arrives).
-    fn take_ahead(&mut self) -> bool {
-        let (buf, pos, len) = &mut self.ahead;
-        let avail = &buf[*pos..*len];
-        let n = match &mut self.rx {
-            Rx::Header { buf, got } => {
-                let n = (HEADER_LEN - *got).min(avail.len());
-                buf[*got..*got + n].copy_from_slice(&avail[..n]);
-                *got += n;
-                n
-            }
-            Rx::Body { hdr, dest, got } => {
-                let n = (hdr.body_len as usize - *got).min(avail.len());
-                let from = &avail[..n];
-                let ok = match dest {
-                    BodyDest::Buffer(v) => {
-                        // Some start zeroed at their full length (see `on_header`): `got` counts.
-                        v.truncate(*got);
-                        v.extend_from_slice(from);
-                        true
-                    }
-                    BodyDest::Region { region, offset } => {
-                        let at = *offset + *got;
-                        let mut g = region.lock_mut();
-                        g.get_mut(at..at + n)
-                            .map(|d| d.copy_from_slice(from))
-                            .is_some()
-                    }
-                    BodyDest::Staged { buf, .. } => {
-                        let at = *got;
-                        let d = buf.bytes_mut().get_mut(at..at + n);
-                        d.map(|d| d.copy_from_slice(from)).is_some()
-                    }
-                    BodyDest::Discard => true,
-                };
-                if !ok {
-                    return false;
-                }
-                *got += n;
-                n
-            }
-        };
-        *pos += n;
-        n > 0
     }
 
     /// Moves the receive state forward after bytes arrived.
@@ -1674,43 +1540,21 @@ impl Conn {
 
     /// Writes queued frames to `dst` (vectored: header and payload in one call).
     pub fn write_to<W: Write>(&mut self, dst: &mut W, now: Instant) -> WriteOutcome {
-        // Waiting for region locks, it always ends with an outcome.
-        self.write_frames(dst, now, false)
-            .unwrap_or(WriteOutcome::Blocked)
-    }
-
-    /// [`Conn::write_to`] for a caller that must not wait for a region's lock (it holds the
-    /// connection's, see the endpoint's module docs): `None` when a region payload's lock was
-    /// taken, with the rest still queued for the progress thread.
-    pub fn write_to_without_waiting<W: Write>(
-        &mut self,
-        dst: &mut W,
-        now: Instant,
-    ) -> Option<WriteOutcome> {
-        self.write_frames(dst, now, true)
-    }
-
-    fn write_frames<W: Write>(
-        &mut self,
-        dst: &mut W,
-        now: Instant,
-        try_locks: bool,
-    ) -> Option<WriteOutcome> {
         loop {
             if self.out.is_empty() {
                 self.staged_out = 0;
-                return Some(match self.phase {
+                return match self.phase {
                     Phase::Closing | Phase::Closed => {
                         self.phase = Phase::Closed;
                         WriteOutcome::Closed
                     }
                     _ => WriteOutcome::Flushed,
-                });
+                };
             }
             if self.staged_out > 0 {
                 if let Err(e) = self.stage_out() {
                     self.fail(e, None);
-                    return Some(WriteOutcome::Closed);
+                    return WriteOutcome::Closed;
                 }
             }
             let res = {
@@ -1743,15 +1587,7 @@ impl Conn {
                             // One region payload per call: the guard lives until the write returns,
                             // and never two read guards at once (fair locks would deadlock with a
                             // waiting writer).
-                            let g = if try_locks {
-                                match region.try_lock() {
-                                    Some(g) => guard.insert(g),
-                                    None if slices.is_empty() => return None,
-                                    None => break,
-                                }
-                            } else {
-                                guard.insert(region.lock())
-                            };
+                            let g = guard.insert(region.lock());
                             if let Some(p) = g.get(offset + psent..offset + len) {
                                 if !p.is_empty() {
                                     slices.push(IoSlice::new(p));
@@ -1782,7 +1618,7 @@ impl Conn {
                         reason: "send: wrote 0 bytes".into(),
                     };
                     self.fail(err, None);
-                    return Some(WriteOutcome::Closed);
+                    return WriteOutcome::Closed;
                 }
                 Ok(mut n) => {
                     self.live.sent(now);
@@ -1804,7 +1640,7 @@ impl Conn {
                         }
                     }
                 }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return Some(WriteOutcome::Blocked),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return WriteOutcome::Blocked,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => {
                     let err = TransportError::PeerDead {
@@ -1814,7 +1650,7 @@ impl Conn {
                     self.fail(err, None);
                     self.out.clear();
                     self.phase = Phase::Closed;
-                    return Some(WriteOutcome::Closed);
+                    return WriteOutcome::Closed;
                 }
             }
         }
@@ -1847,30 +1683,6 @@ mod tests {
             self.pos += n;
             Ok(n)
         }
-
-        /// As a socket's `readv`: fills the buffers in order.
-        fn read_vectored(
-            &mut self,
-            bufs: &mut [std::io::IoSliceMut<'_>],
-        ) -> std::io::Result<usize> {
-            read_in_order(self, bufs)
-        }
-    }
-
-    /// A socket's `readv`: fills `bufs` in order, as far as `r` has bytes.
-    fn read_in_order(
-        r: &mut impl Read,
-        bufs: &mut [std::io::IoSliceMut<'_>],
-    ) -> std::io::Result<usize> {
-        let mut n = 0;
-        for b in bufs.iter_mut() {
-            match r.read(b) {
-                Ok(k) => n += k,
-                Err(e) if n == 0 => return Err(e),
-                Err(_) => break,
-            }
-        }
-        Ok(n)
     }
 
     struct Side {
@@ -1927,8 +1739,7 @@ mod tests {
         let _ = x.conn.write_to(&mut w.buf, now);
         let moved = !w.buf.is_empty();
         if moved {
-            // One read of the whole wire, as a socket's: a short read ends it.
-            y.conn.read_from_socket(&mut w, &y.regions, now);
+            y.conn.read_from(&mut w, &y.regions, now);
         }
         x.events.extend(std::iter::from_fn(|| x.conn.poll_event()));
         y.events.extend(std::iter::from_fn(|| y.conn.poll_event()));
@@ -2179,37 +1990,15 @@ mod tests {
             }
             self.wire.read(&mut out[..n])
         }
-
-        fn read_vectored(
-            &mut self,
-            bufs: &mut [std::io::IoSliceMut<'_>],
-        ) -> std::io::Result<usize> {
-            read_in_order(self, bufs)
-        }
     }
 
-    /// Writes, messages and reads of every size around the frame header and the read-ahead
-    /// buffer, arriving in pieces of every size: the same data lands and the same events come,
-    /// read to `WouldBlock` or stopped at a short read (`read_from_socket`).
+    /// Writes, messages and reads of every size around the frame header, arriving in pieces of
+    /// every size: the same data lands and the same events come.
     #[test]
     fn frames_arriving_in_any_pieces_are_received_whole() {
         let now = Instant::now();
-        let sizes = [
-            1,
-            47,
-            48,
-            49,
-            1000,
-            AHEAD - 49,
-            AHEAD,
-            AHEAD + 1,
-            70_000,
-            CHUNK + 3,
-        ];
-        for (socket, piece) in [false, true]
-            .into_iter()
-            .flat_map(|s| [1usize, 7, 48, 1023, 4096, 65_536, 1 << 22].map(|p| (s, p)))
-        {
+        let sizes = [1, 47, 48, 49, 1000, 4047, 4096, 4097, 70_000, CHUNK + 3];
+        for piece in [1usize, 7, 48, 1023, 4096, 65_536, 1 << 22] {
             let (mut c, mut s) = established(now);
             s.events.clear();
             let total: usize = sizes.iter().sum();
@@ -2279,21 +2068,13 @@ mod tests {
                 upto: 0,
             };
             while t.arrive() {
-                let out = if socket {
-                    s.conn.read_from_socket(&mut t, &s.regions, now)
-                } else {
-                    s.conn.read_from(&mut t, &s.regions, now)
-                };
-                assert_eq!(out, ReadOutcome::Drained, "socket={socket} piece={piece}");
+                let out = s.conn.read_from(&mut t, &s.regions, now);
+                assert_eq!(out, ReadOutcome::Drained, "piece={piece}");
                 if t.wire.pos == t.wire.buf.len() {
                     break;
                 }
             }
-            assert_eq!(
-                t.wire.pos,
-                t.wire.buf.len(),
-                "socket={socket} piece={piece}: all read"
-            );
+            assert_eq!(t.wire.pos, t.wire.buf.len(), "piece={piece}: all read");
             s.events.extend(std::iter::from_fn(|| s.conn.poll_event()));
             let want: Vec<String> = sizes
                 .iter()
@@ -2311,23 +2092,14 @@ mod tests {
                     other => format!("{other:?}"),
                 })
                 .collect();
-            assert_eq!(got, want, "socket={socket} piece={piece}");
-            assert!(
-                target.with(|t| src.with(|s| t == s)),
-                "socket={socket} piece={piece}"
-            );
+            assert_eq!(got, want, "piece={piece}");
+            assert!(target.with(|t| src.with(|s| t == s)), "piece={piece}");
             // The acknowledgements, back in one piece: every operation completes.
             pump(&mut c, &mut s, now);
             assert!(ops.iter().all(|o| matches!(o.poll(), Some(Ok(())))));
-            assert!(
-                matches!(r.poll(), Some(Ok(()))),
-                "socket={socket} piece={piece}"
-            );
+            assert!(matches!(r.poll(), Some(Ok(()))), "piece={piece}");
             assert!(back.with(|b| src.with(|s| b[..] == s[..64])));
-            assert!(
-                matches!(bad.poll(), Some(Err(_))),
-                "socket={socket} piece={piece}"
-            );
+            assert!(matches!(bad.poll(), Some(Err(_))), "piece={piece}");
         }
     }
 
