@@ -8,12 +8,14 @@
 //!
 //! # How requests run
 //!
-//! Two lanes run at once, on disjoint workers of one shared [`Driver`]:
-//! - the **prefill lane** (a thread of its own) prefills one request at a time on the prefill
-//!   worker, first come first served, its KV cache built there; then moves the cache to the
-//!   decode worker in a short run of its own ([`kv_move`]: every layer read back and sent, each
-//!   layer travelling while the next is read), drops it from the prefill worker, and hands the
-//!   request over; it starts the next waiting request's prefill at once;
+//! Lanes run at once, on disjoint workers of one shared [`Driver`]:
+//! - a **prefill lane** per prefill worker (a thread of its own; [`EngineConfig::prefill_worker`]
+//!   and the pool [`EngineConfig::prefill_pool`]) prefills one request at a time on its worker,
+//!   its KV cache built there; then moves the cache to the decode worker in a short run of its
+//!   own ([`kv_move`]: every layer read back and sent, each layer travelling while the next is
+//!   read), drops it from the prefill worker, and hands the request over. Waiting requests are
+//!   taken first come first served, each by a free lane (the one given the fewest prompt tokens
+//!   so far), so several prefills run at once on a pool;
 //! - the **decode lane** (the engine thread) runs one batched forward pass per round over every
 //!   active sequence on the decode worker ([`EngineConfig::max_batch`] at most per pass), each
 //!   against its own KV length. A sequence joins the pass after its cache landed and leaves
@@ -172,6 +174,8 @@ pub enum FinishReason {
 pub struct Timings {
     /// Submission to the start of its prefill.
     pub queue: Duration,
+    /// The worker that ran its prefill (one of [`EngineConfig::prefill_workers`]).
+    pub prefill_worker: usize,
     /// The prefill run (driver wall time).
     pub prefill: Duration,
     /// The KV cache's move from the prefill worker to the decode worker (driver wall time of
@@ -211,6 +215,12 @@ pub struct EngineConfig {
     pub model: Model,
     /// Worker index that runs prefills.
     pub prefill_worker: usize,
+    /// Further workers that run prefills beside `prefill_worker` (a prefill pool; empty by
+    /// default), each with a prefill lane of its own. A waiting request goes to a free one of
+    /// them: the one that has prefilled the fewest prompt tokens so far, ties to the first
+    /// listed (`prefill_worker` first); requests wait while all are busy. None may be the decode
+    /// worker.
+    pub prefill_pool: Vec<usize>,
     /// Worker index where KV caches are pinned and decode steps run.
     pub decode_worker: usize,
     /// KV pool size in bytes (see the module docs).
@@ -232,6 +242,7 @@ impl EngineConfig {
         Self {
             model: model.into(),
             prefill_worker: 0,
+            prefill_pool: Vec::new(),
             decode_worker: 1,
             kv_pool_bytes: 256 << 20,
             max_waiting: 1024,
@@ -242,7 +253,8 @@ impl EngineConfig {
 
     /// The configuration for `cluster`'s roles: prefill on the first worker whose role is
     /// `prefill`, else the first `both`; decode on the first `decode`, else the first other
-    /// `both`, else the prefill worker itself (co-located).
+    /// `both`, else the prefill worker itself (co-located). Every further `prefill` worker joins
+    /// the prefill pool.
     pub fn for_cluster(model: impl Into<Model>, cluster: &Cluster) -> Result<Self, RuntimeError> {
         let first = |want: Role, skip: Option<usize>| {
             cluster
@@ -263,11 +275,30 @@ impl EngineConfig {
             .ok_or_else(|| {
                 RuntimeError::Plan("the cluster has no worker that may decode".into())
             })?;
+        let pool = cluster
+            .workers
+            .iter()
+            .enumerate()
+            .filter(|(i, w)| w.role == Role::Prefill && *i != prefill && *i != decode)
+            .map(|(i, _)| i)
+            .collect();
         Ok(Self {
             prefill_worker: prefill,
+            prefill_pool: pool,
             decode_worker: decode,
             ..Self::disaggregated(model)
         })
+    }
+
+    /// The workers that run prefills: `prefill_worker`, then the pool (each once).
+    pub fn prefill_workers(&self) -> Vec<usize> {
+        let mut all = vec![self.prefill_worker];
+        for &w in &self.prefill_pool {
+            if !all.contains(&w) {
+                all.push(w);
+            }
+        }
+        all
     }
 
     /// Bytes of KV cache a sequence of `tokens` positions takes (K and V, every layer, f32).
@@ -430,26 +461,54 @@ struct LaneJob {
     driver: Arc<Driver>,
 }
 
-/// The prefill lane: its job queue and thread.
+/// A prefill lane: its worker, its job queue and thread.
 struct Lane {
+    worker: usize,
+    /// Prompt tokens it was given so far (the pool's balance, see [`EngineConfig::prefill_pool`]).
+    tokens: u64,
     jobs: mpsc::Sender<LaneJob>,
     thread: JoinHandle<()>,
 }
 
+/// No request in any of `lanes` prefill lanes (one slot for inline prefills when there are none).
+fn idle_lanes(lanes: usize) -> Vec<Option<Active>> {
+    (0..lanes.max(1)).map(|_| None).collect()
+}
+
 impl Lane {
-    /// The lane of `cfg`'s workers (none when prefill and decode share one), reporting to
-    /// `done`.
-    fn start(
+    /// A lane per prefill worker of `cfg` (none when prefill and decode share one worker),
+    /// reporting to `done`.
+    fn start_all(
         cfg: &EngineConfig,
         topology: &genie_scheduler::Topology,
         done: &mpsc::Sender<Cmd>,
-    ) -> Result<Option<Self>, RuntimeError> {
+    ) -> Result<Vec<Self>, RuntimeError> {
         if cfg.prefill_worker == cfg.decode_worker {
-            return Ok(None);
+            return Ok(Vec::new());
         }
+        let mut lanes = Vec::new();
+        for pw in cfg.prefill_workers() {
+            match Self::start(pw, cfg, topology, done) {
+                Ok(l) => lanes.push(l),
+                Err(e) => {
+                    lanes.into_iter().for_each(Lane::stop);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(lanes)
+    }
+
+    /// The lane of prefill worker `pw`.
+    fn start(
+        pw: usize,
+        cfg: &EngineConfig,
+        topology: &genie_scheduler::Topology,
+        done: &mpsc::Sender<Cmd>,
+    ) -> Result<Self, RuntimeError> {
         let (jobs, queue) = mpsc::channel();
         let (done, model) = (done.clone(), cfg.model.clone());
-        let workers = (cfg.prefill_worker, cfg.decode_worker);
+        let workers = (pw, cfg.decode_worker);
         let scheduler = genie_scheduler::Scheduler::new(topology.clone());
         let thread = std::thread::Builder::new()
             .name("genie-prefill".into())
@@ -457,7 +516,12 @@ impl Lane {
             .map_err(|e| {
                 RuntimeError::Plan(format!("engine: cannot spawn its prefill lane: {e}"))
             })?;
-        Ok(Some(Self { jobs, thread }))
+        Ok(Self {
+            worker: pw,
+            tokens: 0,
+            jobs,
+            thread,
+        })
     }
 
     /// Ends the lane after the prefill it is running (whose result is not waited for).
@@ -530,10 +594,17 @@ impl Engine {
                 cfg.max_batch
             )));
         }
-        if cfg.prefill_worker >= n || cfg.decode_worker >= n {
+        let prefill = cfg.prefill_workers();
+        if prefill.iter().any(|&w| w >= n) || cfg.decode_worker >= n {
             return Err(RuntimeError::Plan(format!(
-                "engine: prefill worker {} / decode worker {} outside the cluster of {n}",
-                cfg.prefill_worker, cfg.decode_worker
+                "engine: prefill workers {prefill:?} / decode worker {} outside the cluster of {n}",
+                cfg.decode_worker
+            )));
+        }
+        if prefill.len() > 1 && prefill.contains(&cfg.decode_worker) {
+            return Err(RuntimeError::Plan(format!(
+                "engine: the prefill pool {prefill:?} includes the decode worker {}",
+                cfg.decode_worker
             )));
         }
         let topology = crate::plan::cpu_topology(n)?;
@@ -543,12 +614,12 @@ impl Engine {
             free: cfg.kv_pool_bytes,
             waiting: 0,
         }));
-        let lane = Lane::start(&cfg, &topology, &tx)?;
+        let lanes = Lane::start_all(&cfg, &topology, &tx)?;
         driver.set_spans(cfg.record_spans);
         let core = Core {
             driver: Some(Arc::new(driver)),
-            lane,
-            prefilling: None,
+            prefilling: idle_lanes(lanes.len()),
+            lanes,
             cmds: tx.clone(),
             follow,
             pending: None,
@@ -734,6 +805,7 @@ impl Engine {
         let picked = EngineConfig::for_cluster(cfg.model.clone(), &cluster)?;
         let cfg = EngineConfig {
             prefill_worker: picked.prefill_worker,
+            prefill_pool: picked.prefill_pool,
             decode_worker: picked.decode_worker,
             ..cfg
         };
@@ -822,10 +894,11 @@ struct Core {
     /// `None` only between dropping a failed session's driver and connecting again. Shared
     /// with the prefill lane for the length of a job.
     driver: Option<Arc<Driver>>,
-    /// The prefill lane (none when prefill and decode share a worker: prefills run inline).
-    lane: Option<Lane>,
-    /// The request whose prefill the lane is running.
-    prefilling: Option<Active>,
+    /// The prefill lanes, one per prefill worker (none when prefill and decode share a worker:
+    /// prefills run inline).
+    lanes: Vec<Lane>,
+    /// The request whose prefill each lane is running (slot 0 for an inline prefill).
+    prefilling: Vec<Option<Active>>,
     /// Where the lane reports (a lane started after a cluster change needs it).
     cmds: mpsc::Sender<Cmd>,
     /// Whether the cluster follows a membership ([`Engine::discover`]): the prefill and decode
@@ -862,7 +935,7 @@ impl Core {
             // Nothing to decode and no prefill to start: sleep until a command (a prefill the
             // lane finished is one).
             let idle =
-                self.active.is_empty() && (self.waiting.is_empty() || self.prefilling.is_some());
+                self.active.is_empty() && (self.waiting.is_empty() || self.free_lane().is_none());
             let first = if idle {
                 match rx.recv_timeout(IDLE) {
                     Ok(c) => Some(c),
@@ -912,14 +985,20 @@ impl Core {
             if self.lost.is_some() && self.reconnect.is_some() && !self.heal() {
                 continue;
             }
-            if self.pending.is_some() && self.active.is_empty() && self.prefilling.is_none() {
+            if self.pending.is_some() && self.active.is_empty() && !self.prefilling_any() {
                 self.switch_cluster();
             }
             // A changed membership waits for the decode pass to drain: no new prefill starts.
-            if self.prefilling.is_none() && self.pending.is_none() {
-                if let Some(w) = self.waiting.pop_front() {
-                    self.pool.lock().waiting -= 1;
-                    self.prefill(w);
+            // Each free lane takes a waiting request; an inline prefill runs one per round.
+            while self.pending.is_none() {
+                let Some(lane) = self.free_lane() else { break };
+                let Some(w) = self.waiting.pop_front() else {
+                    break;
+                };
+                self.pool.lock().waiting -= 1;
+                self.prefill(w, lane);
+                if self.lanes.is_empty() {
+                    break;
                 }
             }
             let mut active = std::mem::take(&mut self.active);
@@ -929,16 +1008,17 @@ impl Core {
                 active = rest;
             }
         }
-        if let Some(lane) = self.lane.take() {
-            lane.stop();
-        }
+        std::mem::take(&mut self.lanes)
+            .into_iter()
+            .for_each(Lane::stop);
         for w in std::mem::take(&mut self.waiting) {
             self.release(w.reserved, None);
             let _ = w.tx.send(Event::Failed(EngineError::ShutDown));
         }
+        let prefilling = std::mem::take(&mut self.prefilling);
         for a in std::mem::take(&mut self.active)
             .into_iter()
-            .chain(self.prefilling.take())
+            .chain(prefilling.into_iter().flatten())
         {
             self.release(a.reserved, Some(a.seq));
             let _ = a.tx.send(Event::Failed(EngineError::ShutDown));
@@ -970,8 +1050,8 @@ impl Core {
             return;
         }
         let mut cancelled = std::mem::take(&mut self.cancelled);
-        // The request in the prefill lane ends when its prefill comes back.
-        if let Some(a) = &self.prefilling {
+        // A request in a prefill lane ends when its prefill comes back.
+        for a in self.prefilling.iter().flatten() {
             if cancelled.remove(&a.id) {
                 self.cancelled.insert(a.id);
             }
@@ -1007,7 +1087,25 @@ impl Core {
         self.pool.lock().free += reserved;
     }
 
-    fn prefill(&mut self, w: Waiting) {
+    /// Whether a prefill is running (in a lane, or inline).
+    fn prefilling_any(&self) -> bool {
+        self.prefilling.iter().any(Option::is_some)
+    }
+
+    /// The lane a waiting request goes to: a free one, the one given the fewest prompt tokens so
+    /// far, ties to the first; the inline slot when there are no lanes and it is free.
+    fn free_lane(&self) -> Option<usize> {
+        let free = |i: &usize| self.prefilling.get(*i).is_some_and(Option::is_none);
+        if self.lanes.is_empty() {
+            return Some(0).filter(free);
+        }
+        (0..self.lanes.len())
+            .filter(free)
+            .min_by_key(|&i| (self.lanes[i].tokens, i))
+    }
+
+    /// Starts `w`'s prefill in lane `lane` (the inline slot when there are no lanes).
+    fn prefill(&mut self, w: Waiting, lane: usize) {
         let started = Instant::now();
         let seed = match w.req.sampling {
             Sampling::Seeded { seed, .. } => seed,
@@ -1022,6 +1120,10 @@ impl Core {
             tokens: Vec::new(),
             timings: Timings {
                 queue: started.duration_since(w.at),
+                prefill_worker: self
+                    .lanes
+                    .get(lane)
+                    .map_or(self.cfg.prefill_worker, |l| l.worker),
                 ..Timings::default()
             },
             rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed),
@@ -1032,27 +1134,28 @@ impl Core {
             Err(e) => return self.fail(a, e),
         };
         let Some(driver) = driver else { return };
-        match &self.lane {
-            Some(lane) => {
+        match self.lanes.get_mut(lane) {
+            Some(l) => {
                 let job = LaneJob {
                     id: a.id,
                     seq: a.seq,
                     prompt: a.req.prompt.clone(),
                     driver,
                 };
-                if lane.jobs.send(job).is_err() {
-                    let e = RuntimeError::Plan("engine: the prefill lane is gone".into());
+                l.tokens += a.req.prompt.len() as u64;
+                if l.jobs.send(job).is_err() {
+                    let e = RuntimeError::Plan("engine: a prefill lane is gone".into());
                     return self.fail(a, e);
                 }
-                self.prefilling = Some(a);
+                self.prefilling[lane] = Some(a);
             }
             None => {
                 let workers = (self.cfg.prefill_worker, self.cfg.decode_worker);
                 let job = (a.req.prompt.as_slice(), a.seq);
                 let r = prefill_on(&driver, &mut self.scheduler, &self.cfg.model, workers, job);
                 drop(driver);
-                self.prefilling = Some(a);
-                let id = w.id;
+                let id = a.id;
+                self.prefilling[0] = Some(a);
                 self.prefilled(id, r);
             }
         }
@@ -1061,7 +1164,11 @@ impl Core {
     /// Request `id`'s prefill came back: its first token is streamed and it joins the decode
     /// pass (or it ends: cancelled meanwhile, failed, or done after one token).
     fn prefilled(&mut self, id: u64, result: Result<Prefilled, RuntimeError>) {
-        let Some(mut a) = self.prefilling.take_if(|a| a.id == id) else {
+        let slot = self
+            .prefilling
+            .iter_mut()
+            .find(|p| p.as_ref().is_some_and(|a| a.id == id));
+        let Some(mut a) = slot.and_then(Option::take) else {
             tracing::warn!(
                 request = id,
                 "engine: a prefill result for no request in the lane"
@@ -1241,8 +1348,8 @@ impl Core {
                 reason: format!("{reason} (the request's KV cache was lost with it)"),
             }));
         }
-        if self.prefilling.is_some() {
-            // The lane holds the driver until its run comes back (failing, on a lost session).
+        if self.prefilling_any() {
+            // A lane holds the driver until its run comes back (failing, on a lost session).
             return false;
         }
         if self.waiting.is_empty() {
@@ -1285,19 +1392,22 @@ impl Core {
     /// The caller has nothing in flight.
     fn connect_to(&mut self, cluster: Cluster, weights: WeightSpec) -> Result<(), RuntimeError> {
         drop(self.driver.take());
-        if let Some(lane) = self.lane.take() {
-            lane.stop();
-        }
+        std::mem::take(&mut self.lanes)
+            .into_iter()
+            .for_each(Lane::stop);
+        self.prefilling = idle_lanes(0);
         self.reconnect = Some((cluster.clone(), weights.clone()));
         if self.follow {
             let picked = EngineConfig::for_cluster(self.cfg.model.clone(), &cluster)?;
             self.cfg.prefill_worker = picked.prefill_worker;
+            self.cfg.prefill_pool = picked.prefill_pool;
             self.cfg.decode_worker = picked.decode_worker;
         }
         let topology = crate::plan::cpu_topology(cluster.workers.len())?;
         let d = Driver::connect(&cluster, weights)?;
         d.set_spans(self.recording);
-        self.lane = Lane::start(&self.cfg, &topology, &self.cmds)?;
+        self.lanes = Lane::start_all(&self.cfg, &topology, &self.cmds)?;
+        self.prefilling = idle_lanes(self.lanes.len());
         self.scheduler = genie_scheduler::Scheduler::new(topology);
         self.decode_places.clear();
         self.driver = Some(Arc::new(d));
@@ -1316,8 +1426,10 @@ impl Core {
                 .as_ref()
                 .is_ok_and(|c| c.workers.iter().any(|w| w.name == name))
         };
-        let mut used = vec![self.cfg.prefill_worker, self.cfg.decode_worker];
-        used.dedup();
+        let mut used = self.cfg.prefill_workers();
+        if !used.contains(&self.cfg.decode_worker) {
+            used.push(self.cfg.decode_worker);
+        }
         for i in used {
             let Some(name) = current.workers.get(i).map(|w| w.name.clone()) else {
                 continue;
@@ -1476,12 +1588,22 @@ mod tests {
                 c
             );
             EngineConfig::for_cluster(Gpt2Config::default(), &c)
-                .map(|e| (e.prefill_worker, e.decode_worker))
+                .map(|e| (e.prefill_worker, e.decode_worker, e.prefill_pool))
         };
-        assert_eq!(pick(&["decode", "prefill"]).unwrap(), (1, 0));
-        assert_eq!(pick(&["both", "both"]).unwrap(), (0, 1));
-        assert_eq!(pick(&["both"]).unwrap(), (0, 0));
-        assert_eq!(pick(&["prefill", "both", "decode"]).unwrap(), (0, 2));
+        assert_eq!(pick(&["decode", "prefill"]).unwrap(), (1, 0, vec![]));
+        assert_eq!(pick(&["both", "both"]).unwrap(), (0, 1, vec![]));
+        assert_eq!(pick(&["both"]).unwrap(), (0, 0, vec![]));
+        assert_eq!(
+            pick(&["prefill", "both", "decode"]).unwrap(),
+            (0, 2, vec![])
+        );
+        // Every further prefill worker joins the pool.
+        let p = pick(&["prefill", "decode", "prefill", "both", "prefill"]).unwrap();
+        assert_eq!(p, (0, 1, vec![2, 4]));
+        assert_eq!(
+            pick(&["prefill", "prefill", "both"]).unwrap(),
+            (0, 2, vec![1])
+        );
         assert!(pick(&["decode"]).is_err());
         assert!(pick(&["prefill"]).is_err());
         let bad = "[[workers]]\nname = \"w0\"\naddress = \"127.0.0.1:7000\"\nrole = \"chef\"\n";

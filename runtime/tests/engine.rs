@@ -139,6 +139,94 @@ fn concurrent_equal_alone((cluster, mut driver): (EmbeddedCluster, Driver)) {
     cluster.stop(engine.shutdown().unwrap()).unwrap();
 }
 
+/// A prefill pool: prefills on w0 and w1 (a lane each), KV caches pinned and decoded on w2.
+/// Requests submitted at once are prefilled on both workers at the same time, and every one
+/// gives the tokens of serving it alone; a pool that includes the decode worker, or a worker
+/// outside the cluster, is refused.
+#[test]
+fn a_prefill_pool_shares_the_prefills_and_serves_the_same_tokens() {
+    let cluster = EmbeddedCluster::start(3, Arc::new(CpuKernels::new())).unwrap();
+    let connect = || Driver::connect(&cluster.cluster, WeightSpec::Seeded(11)).unwrap();
+    let model = cfg();
+    let pooled = EngineConfig {
+        prefill_worker: 0,
+        prefill_pool: vec![1],
+        decode_worker: 2,
+        ..EngineConfig::disaggregated(model.clone())
+    };
+    assert_eq!(pooled.prefill_workers(), vec![0, 1]);
+    // Refused before anything runs: the decode worker in the pool, a worker outside the cluster.
+    for bad in [vec![2], vec![3]] {
+        let cfg = EngineConfig {
+            prefill_pool: bad.clone(),
+            ..pooled.clone()
+        };
+        let err = Engine::start(connect(), cfg)
+            .err()
+            .unwrap_or_else(|| panic!("pool {bad:?} accepted"));
+        assert!(err.to_string().contains("prefill"), "{err}");
+    }
+    let mut driver = connect();
+    let n = 6;
+    let steps = |i: usize| 4 + i % 3;
+    // The reference: each prompt alone, prefilled on w0 with its cache built on w2.
+    let mut reference = Vec::new();
+    for i in 0..n {
+        let gen = generate(
+            &mut driver,
+            &model,
+            &prompt_of(i),
+            steps(i) - 1,
+            1000 + i as u64,
+            |g| {
+                Ok(Placement::by_rule(g, |n| {
+                    if matches!(n.op, OpKind::KvCacheAppend) {
+                        2
+                    } else {
+                        0
+                    }
+                }))
+            },
+            |g| Ok(Placement::by_rule(g, |_| 2)),
+        )
+        .unwrap();
+        driver.free_sequence(1000 + i as u64).unwrap();
+        reference.push(gen.tokens);
+    }
+    let engine = Engine::start(driver, pooled.clone()).unwrap();
+    let mut used = [0usize; 3];
+    for round in 0..2 {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..2 * n)
+                .map(|k| {
+                    let engine = &engine;
+                    let i = k % n;
+                    s.spawn(move || {
+                        let h = engine
+                            .submit(Request::greedy(prompt_of(i), steps(i)))
+                            .unwrap();
+                        (i, h.wait().unwrap())
+                    })
+                })
+                .collect();
+            for h in handles {
+                let (i, done) = h.join().unwrap();
+                assert_eq!(done.tokens, reference[i], "request {i}, round {round}");
+                assert!(done.timings.kv_bytes > 0, "request {i}: no KV moved to w2");
+                used[done.timings.prefill_worker] += 1;
+            }
+        });
+    }
+    // Both prefill workers took requests (the second of any two takes the other lane), the
+    // decode worker none.
+    assert!(
+        used[0] > 0 && used[1] > 0 && used[2] == 0,
+        "prefills per worker: {used:?}"
+    );
+    assert_eq!(engine.kv_free(), pooled.kv_pool_bytes);
+    cluster.stop(engine.shutdown().unwrap()).unwrap();
+}
+
 #[test]
 fn stop_tokens_and_seeded_sampling() {
     let (cluster, driver) = start();
