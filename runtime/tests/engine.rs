@@ -45,6 +45,41 @@ fn prompt_of(i: usize) -> Vec<i64> {
         .collect()
 }
 
+/// Tokens of request `i` of the workload: `steps(i)` of them.
+fn steps(i: usize) -> usize {
+    4 + i % 3
+}
+
+/// The reference: each of the first `n` prompts generated alone through the plain generation
+/// loop, with the engine's placements (prefill on w0 building the KV caches on worker `decode`,
+/// decode whole there).
+fn alone(driver: &mut Driver, n: usize, decode: usize) -> Vec<Vec<i64>> {
+    (0..n)
+        .map(|i| {
+            let gen = generate(
+                driver,
+                &cfg(),
+                &prompt_of(i),
+                steps(i) - 1,
+                1000 + i as u64,
+                |g| {
+                    Ok(Placement::by_rule(g, |n| {
+                        if matches!(n.op, OpKind::KvCacheAppend) {
+                            decode
+                        } else {
+                            0
+                        }
+                    }))
+                },
+                |g| Ok(Placement::by_rule(g, |_| decode)),
+            )
+            .unwrap();
+            driver.free_sequence(1000 + i as u64).unwrap();
+            gen.tokens
+        })
+        .collect()
+}
+
 const WAIT: Duration = Duration::from_secs(60);
 
 #[test]
@@ -77,29 +112,8 @@ fn workers_with_compute_threads_of_their_own_serve_the_same_tokens() {
 
 fn concurrent_equal_alone((cluster, mut driver): (EmbeddedCluster, Driver)) {
     let model = cfg();
-    // The reference: each prompt generated alone through the plain generation loop, with the
-    // engine's placements (prefill on w0 building the KV caches on w1, decode whole on w1).
     let n = 6;
-    let steps = |i: usize| 4 + i % 3;
-    let mut reference = Vec::new();
-    for i in 0..n {
-        let gen = generate(
-            &mut driver,
-            &model,
-            &prompt_of(i),
-            steps(i) - 1,
-            1000 + i as u64,
-            |g| {
-                Ok(Placement::by_rule(g, |n| {
-                    usize::from(matches!(n.op, OpKind::KvCacheAppend))
-                }))
-            },
-            |g| Ok(Placement::by_rule(g, |_| 1)),
-        )
-        .unwrap();
-        driver.free_sequence(1000 + i as u64).unwrap();
-        reference.push(gen.tokens);
-    }
+    let reference = alone(&mut driver, n, 1);
     let engine = Engine::start(driver, EngineConfig::disaggregated(model)).unwrap();
     // Alone, one after the other.
     for (i, want) in reference.iter().enumerate() {
@@ -168,31 +182,7 @@ fn a_prefill_pool_shares_the_prefills_and_serves_the_same_tokens() {
     }
     let mut driver = connect();
     let n = 6;
-    let steps = |i: usize| 4 + i % 3;
-    // The reference: each prompt alone, prefilled on w0 with its cache built on w2.
-    let mut reference = Vec::new();
-    for i in 0..n {
-        let gen = generate(
-            &mut driver,
-            &model,
-            &prompt_of(i),
-            steps(i) - 1,
-            1000 + i as u64,
-            |g| {
-                Ok(Placement::by_rule(g, |n| {
-                    if matches!(n.op, OpKind::KvCacheAppend) {
-                        2
-                    } else {
-                        0
-                    }
-                }))
-            },
-            |g| Ok(Placement::by_rule(g, |_| 2)),
-        )
-        .unwrap();
-        driver.free_sequence(1000 + i as u64).unwrap();
-        reference.push(gen.tokens);
-    }
+    let reference = alone(&mut driver, n, 2);
     let engine = Engine::start(driver, pooled.clone()).unwrap();
     let mut used = [0usize; 3];
     for round in 0..2 {
