@@ -15,7 +15,8 @@ const POOL_MAX: usize = 2 * super::STAGE_DEPTH;
 type Pool = Mutex<Vec<PinnedBuf>>;
 
 /// Device memory of one CUDA device ([`DeviceBuffer`]: allocated by [`CudaMemory::alloc`], or a
-/// serving stack's tensor wrapped by the unsafe [`DeviceBuffer::from_foreign`] with its owner),
+/// serving stack's tensor checked with the driver by [`DeviceBuffer::from_device_ptr`] and kept
+/// alive by its owner),
 /// with the stream its staging copies run on, in order.
 pub struct CudaMemory {
     buf: Mutex<DeviceBuffer>,
