@@ -553,15 +553,10 @@ impl Drop for StandInCopy {
 }
 
 impl HostStandIn {
-    /// A copy of `len` bytes at device `offset` through `buf`, either way: checked, counted,
-    /// finished when polled or waited for.
-    fn start_copy(
-        &self,
-        buf: Staging,
-        len: usize,
-        offset: usize,
-        dir: Direction,
-    ) -> Result<CopyInFlight> {
+    /// A copy of `len` bytes through `buf`, in direction `dir` (which names the device offset):
+    /// checked, counted, finished when polled or waited for.
+    fn start_copy(&self, buf: Staging, len: usize, dir: Direction) -> Result<CopyInFlight> {
+        let (Direction::ToHost { offset } | Direction::FromHost { offset }) = dir;
         check_copy(self, offset, len, &buf)?;
         let buf = self.own_staging(buf)?;
         self.stats.started();
@@ -611,10 +606,10 @@ impl DeviceMemory for HostStandIn {
         }))
     }
     fn copy_to_host(&self, offset: usize, buf: Staging, len: usize) -> Result<CopyInFlight> {
-        self.start_copy(buf, len, offset, Direction::ToHost { offset })
+        self.start_copy(buf, len, Direction::ToHost { offset })
     }
     fn copy_from_host(&self, buf: Staging, len: usize, offset: usize) -> Result<CopyInFlight> {
-        self.start_copy(buf, len, offset, Direction::FromHost { offset })
+        self.start_copy(buf, len, Direction::FromHost { offset })
     }
     fn as_any(&self) -> &dyn Any {
         self
