@@ -4,7 +4,7 @@
 
 use genie_runtime::driver::{Driver, EmbeddedCluster};
 use genie_runtime::engine::{
-    Engine, EngineConfig, EngineError, FinishReason, Request, Sampling, Step,
+    Engine, EngineConfig, EngineError, FinishReason, Request, RequestHandle, Sampling, Step,
 };
 use genie_runtime::kernels::CpuKernels;
 use genie_runtime::limits::WorkerOptions;
@@ -80,6 +80,30 @@ fn alone(driver: &mut Driver, n: usize, decode: usize) -> Vec<Vec<i64>> {
         .collect()
 }
 
+/// Requests 0..n of the workload, each twice, all submitted at once from threads of their own;
+/// what `read` makes of each handle, with the request's index.
+fn at_once<T: Send>(
+    engine: &Engine,
+    n: usize,
+    read: impl Fn(RequestHandle) -> T + Sync,
+) -> Vec<(usize, T)> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2 * n)
+            .map(|k| {
+                let read = &read;
+                let i = k % n;
+                s.spawn(move || {
+                    let h = engine
+                        .submit(Request::greedy(prompt_of(i), steps(i)))
+                        .unwrap();
+                    (i, read(h))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
 const WAIT: Duration = Duration::from_secs(60);
 
 #[test]
@@ -127,25 +151,13 @@ fn concurrent_equal_alone((cluster, mut driver): (EmbeddedCluster, Driver)) {
         assert_eq!(done.timings.tokens.len(), steps(i));
         assert!(done.timings.kv_bytes > 0, "prefill moved no KV to w1");
     }
-    // All at once, each from its own thread, twice over.
-    std::thread::scope(|s| {
-        let handles: Vec<_> = (0..2 * n)
-            .map(|k| {
-                let engine = &engine;
-                let i = k % n;
-                s.spawn(move || {
-                    let h = engine
-                        .submit(Request::greedy(prompt_of(i), steps(i)))
-                        .unwrap();
-                    (i, h.tokens().collect::<Result<Vec<_>, _>>().unwrap())
-                })
-            })
-            .collect();
-        for h in handles {
-            let (i, tokens) = h.join().unwrap();
-            assert_eq!(tokens, reference[i], "request {i} under concurrency");
-        }
+    // All at once, each from its own thread, twice over, tokens read as they stream.
+    let streamed = at_once(&engine, n, |h| {
+        h.tokens().collect::<Result<Vec<_>, _>>().unwrap()
     });
+    for (i, tokens) in streamed {
+        assert_eq!(tokens, reference[i], "request {i} under concurrency");
+    }
     assert_eq!(
         engine.kv_free(),
         EngineConfig::disaggregated(cfg()).kv_pool_bytes
@@ -186,26 +198,11 @@ fn a_prefill_pool_shares_the_prefills_and_serves_the_same_tokens() {
     let engine = Engine::start(driver, pooled.clone()).unwrap();
     let mut used = [0usize; 3];
     for round in 0..2 {
-        std::thread::scope(|s| {
-            let handles: Vec<_> = (0..2 * n)
-                .map(|k| {
-                    let engine = &engine;
-                    let i = k % n;
-                    s.spawn(move || {
-                        let h = engine
-                            .submit(Request::greedy(prompt_of(i), steps(i)))
-                            .unwrap();
-                        (i, h.wait().unwrap())
-                    })
-                })
-                .collect();
-            for h in handles {
-                let (i, done) = h.join().unwrap();
-                assert_eq!(done.tokens, reference[i], "request {i}, round {round}");
-                assert!(done.timings.kv_bytes > 0, "request {i}: no KV moved to w2");
-                used[done.timings.prefill_worker] += 1;
-            }
-        });
+        for (i, done) in at_once(&engine, n, |h| h.wait().unwrap()) {
+            assert_eq!(done.tokens, reference[i], "request {i}, round {round}");
+            assert!(done.timings.kv_bytes > 0, "request {i}: no KV moved to w2");
+            used[done.timings.prefill_worker] += 1;
+        }
     }
     // Both prefill workers took requests (the second of any two takes the other lane), the
     // decode worker none.

@@ -6,8 +6,9 @@
 //! and a message must never overtake a write submitted before it by the same thread.
 
 use genie_transport::tcp::endpoint::DIRECT_MAX;
-use genie_transport::{open, PollMode, TransportConfig};
+use genie_transport::{open, Connection, PollMode, Transport, TransportConfig};
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -25,6 +26,23 @@ fn config(poll_mode: PollMode) -> TransportConfig {
         max_message_size: 2 * DIRECT_MAX,
         ..TransportConfig::tcp()
     }
+}
+
+/// Two endpoints and a connection between them, from each side.
+type Pair = (
+    Arc<dyn Transport>,
+    Arc<dyn Transport>,
+    Arc<dyn Connection>,
+    Arc<dyn Connection>,
+);
+
+/// Two endpoints of `poll_mode` on loopback and a connection between them, from each side.
+fn connected(poll_mode: PollMode) -> Pair {
+    let a = open(config(poll_mode)).unwrap();
+    let b = open(config(poll_mode)).unwrap();
+    let ab = a.connect(b.local_addr()).unwrap();
+    let ba = b.accept(WAIT).unwrap();
+    (a, b, ab, ba)
 }
 
 /// Byte `i` of the payload of message `seq` from `sender`.
@@ -51,10 +69,7 @@ fn slot_pattern(i: u32) -> Vec<u8> {
 }
 
 fn concurrent_submitters_keep_order_and_integrity(poll_mode: PollMode) {
-    let a = open(config(poll_mode)).unwrap();
-    let b = open(config(poll_mode)).unwrap();
-    let ab = a.connect(b.local_addr()).unwrap();
-    let ba = b.accept(WAIT).unwrap();
+    let (a, b, ab, ba) = connected(poll_mode);
     let dst = b.alloc_region(WRITES as usize * SLOT).unwrap();
     let d = dst.descriptor();
     let src = a.alloc_region(WRITES as usize * SLOT).unwrap();
@@ -150,10 +165,7 @@ fn concurrent_submitters_busy_poll() {
 /// released, in order with the messages around it, and carries what the region held by then.
 #[test]
 fn a_write_of_a_region_its_caller_holds_locked_leaves_once_released() {
-    let a = open(config(PollMode::Blocking)).unwrap();
-    let b = open(config(PollMode::Blocking)).unwrap();
-    let ab = a.connect(b.local_addr()).unwrap();
-    let ba = b.accept(WAIT).unwrap();
+    let (a, b, ab, ba) = connected(PollMode::Blocking);
     const N: u32 = 50;
     let dst = b.alloc_region(N as usize * SLOT).unwrap();
     let d = dst.descriptor();
@@ -189,10 +201,7 @@ fn a_write_of_a_region_its_caller_holds_locked_leaves_once_released() {
 /// After the peer goes away, sends fail (typed) instead of hanging, on either path.
 #[test]
 fn sends_fail_once_the_peer_is_gone() {
-    let a = open(config(PollMode::Blocking)).unwrap();
-    let b = open(config(PollMode::Blocking)).unwrap();
-    let ab = a.connect(b.local_addr()).unwrap();
-    let ba = b.accept(WAIT).unwrap();
+    let (_a, b, ab, ba) = connected(PollMode::Blocking);
     ab.send(b"hello").unwrap().wait(WAIT).unwrap();
     assert_eq!(ba.recv(WAIT).unwrap(), b"hello");
     drop(ba);
