@@ -67,10 +67,20 @@ pub fn tensor_bytes(node: &str, output: usize, meta: &TensorMeta) -> Result<u64>
 
 /// Refuses `bytes` for `what` if it exceeds `budget`.
 pub fn within_budget(worker: &str, what: &str, bytes: u64, budget: u64) -> Result<()> {
+    within_budget_of(worker, || what.to_owned(), bytes, budget)
+}
+
+/// [`within_budget`] naming `what` only when it refuses (no string made per check on hot paths).
+pub fn within_budget_of(
+    worker: &str,
+    what: impl FnOnce() -> String,
+    bytes: u64,
+    budget: u64,
+) -> Result<()> {
     if bytes > budget {
         return Err(RuntimeError::OverBudget {
             worker: worker.into(),
-            what: what.into(),
+            what: what(),
             bytes,
             budget,
         });
@@ -85,7 +95,7 @@ pub fn check_graph_sizes(worker: &str, graph: &Graph, budget: u64) -> Result<()>
     for n in graph.nodes() {
         for (o, meta) in n.outputs.iter().enumerate() {
             let bytes = tensor_bytes(&n.name, o, meta)?;
-            within_budget(worker, &format!("tensor `{}:{o}`", n.name), bytes, budget)?;
+            within_budget_of(worker, || format!("tensor `{}:{o}`", n.name), bytes, budget)?;
         }
         if let OpKind::KvCache { layer, .. } = n.op {
             if layer as usize >= MAX_KV_LAYERS {

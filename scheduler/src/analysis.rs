@@ -86,7 +86,9 @@ fn intrinsic_phase(node: &Node) -> Option<Phase> {
         | OpKind::AvgPool2d { .. }
         | OpKind::GlobalAvgPool2d => Some(Phase::Vision),
         OpKind::Embedding => Some(Phase::Embedding),
-        OpKind::KvCache { .. } | OpKind::KvCacheRead { .. } => Some(Phase::Decode),
+        OpKind::KvCache { .. } | OpKind::KvCacheRead { .. } | OpKind::CachedAttention { .. } => {
+            Some(Phase::Decode)
+        }
         OpKind::KvCacheAppend if node.inputs.len() == 3 => Some(Phase::Decode),
         _ => None,
     }
@@ -124,7 +126,7 @@ pub fn analyze_with(graph: &Graph, consumers: &Consumers) -> Analysis {
     a.workload = scan_patterns(graph, &mut a);
     let cache_of = kv_colocation(nodes, consumers, &mut a);
     for node in nodes {
-        if let OpKind::Attention { .. } = node.op {
+        if let OpKind::Attention { .. } | OpKind::CachedAttention { .. } = node.op {
             a.attention_blocks.push(AttentionBlock {
                 attention: node.id,
                 kv_cache: cache_of[node.id.index()],
@@ -158,7 +160,7 @@ fn scan_patterns(graph: &Graph, a: &mut Analysis) -> WorkloadClass {
                     }),
                 }
             }
-            OpKind::Attention { .. } => attn = true,
+            OpKind::Attention { .. } | OpKind::CachedAttention { .. } => attn = true,
             OpKind::Softmax { .. } => {
                 // An unfused attention: softmax over the output of a matmul.
                 let from_matmul = node
@@ -190,14 +192,26 @@ fn scan_patterns(graph: &Graph, a: &mut Analysis) -> WorkloadClass {
     }
 }
 
-/// KV co-location groups (cache → append → reads → attention), named `kv.<cache id>` where the
-/// frontend gave no group; returns, per node, the KV cache whose group it joined.
+/// KV co-location groups (cache → append → reads → attention, or the caches of one
+/// [`OpKind::CachedAttention`] with it), named `kv.<cache id>` where the frontend gave no group; returns, per node, the KV cache whose group it joined.
 fn kv_colocation(nodes: &[Node], consumers: &Consumers, a: &mut Analysis) -> Vec<Option<NodeId>> {
     let mut cache_of = vec![None::<NodeId>; nodes.len()];
     for &c in &a.kv_caches {
-        let group = format!("kv.{}", c.0);
+        // The caches of one batched attention share a group, named after its first cache.
+        let head = consumers
+            .of(c)
+            .iter()
+            .find(|&&x| matches!(nodes[x.index()].op, OpKind::CachedAttention { .. }))
+            .and_then(|&x| nodes[x.index()].inputs.get(3))
+            .map_or(c, |t| t.node);
+        let group = format!("kv.{}", head.0);
         let mut members = vec![c];
         for &app in consumers.of(c) {
+            // A batched decode step's attention appends to its caches and reads them itself.
+            if matches!(nodes[app.index()].op, OpKind::CachedAttention { .. }) {
+                members.push(app);
+                continue;
+            }
             if !matches!(nodes[app.index()].op, OpKind::KvCacheAppend) {
                 continue;
             }

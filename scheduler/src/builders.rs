@@ -244,6 +244,9 @@ struct Builder {
     phase: Phase,
     module: String,
     layer: Option<u32>,
+    /// Decode steps attend with one [`OpKind::CachedAttention`] per layer (see
+    /// [`Builder::cached_attention`]).
+    batched: bool,
 }
 
 impl Builder {
@@ -253,6 +256,7 @@ impl Builder {
             phase,
             module: String::new(),
             layer: None,
+            batched: false,
         }
     }
 
@@ -367,6 +371,12 @@ impl Builder {
     /// cache (slot `i`, `[2, 1, kv[i], width]`, nodes under `<module>.seq<i>`), and the outputs
     /// are concatenated back in sequence order. Each sequence's nodes are the one-sequence
     /// step's, so its rows see the same operations as when it runs alone.
+    ///
+    /// A batched decode graph ([`gpt2_decode_batch`], [`llama_decode_batch`]) instead gives each
+    /// layer one [`OpKind::CachedAttention`] over `q`, `k`, `v` and every sequence's cache (slot
+    /// `i`, `[2, 1, kv[i], width]`, under `<module>.seq<i>`), whatever the number of sequences:
+    /// it appends each row to its cache in place and attends as the one-sequence step's
+    /// attention does, so no updated cache is returned.
     fn cached_attention(
         &mut self,
         past: &str,
@@ -409,6 +419,51 @@ impl Builder {
             let out = b.op("attention", attn.clone(), vec![q, kr, vr])?;
             Ok::<_, GraphError>((out, p))
         };
+        if self.batched && !kv.is_empty() {
+            let OpKind::Attention {
+                heads,
+                kv_heads,
+                head_dim,
+                scale,
+                ..
+            } = *attn
+            else {
+                return Err(GraphError::InvalidAttribute {
+                    node: crate::graph::NodeId(self.g.len() as u32),
+                    name: past.to_owned(),
+                    reason: "a batched decode step needs an attention op".into(),
+                });
+            };
+            let module = self.module.clone();
+            let mut ins = vec![q, k, v];
+            for (i, &l) in kv.iter().enumerate() {
+                self.module = format!("{module}.seq{i}");
+                let slot = u32::try_from(i).unwrap_or(u32::MAX);
+                let layer = u32::try_from(layer).unwrap_or(u32::MAX);
+                let cache = self.source(
+                    past.to_owned(),
+                    OpKind::KvCache { layer, slot },
+                    &[2, 1, l, width],
+                    DType::F32,
+                    Residency::StatefulKvCache,
+                )?;
+                ins.push(cache);
+            }
+            self.module = module;
+            let op = OpKind::CachedAttention {
+                heads,
+                kv_heads,
+                head_dim,
+                scale,
+            };
+            let out = self
+                .op_r("attention", op, ins, Residency::StatefulKvCache)?
+                .into();
+            return Ok(CachedAttention {
+                out,
+                presents: Vec::new(),
+            });
+        }
         match kv {
             [] => {
                 let p = present(self, vec![k, v])?;
@@ -548,24 +603,24 @@ fn check_gpt2(c: &Gpt2Config, tokens: usize) -> Result<(), Error> {
 /// GPT-2 prefill over a prompt of `seq_len` tokens: logits `[B, S, V]` and each layer's KV cache.
 pub fn gpt2_prefill(c: &Gpt2Config, seq_len: usize) -> Result<Graph, Error> {
     check_gpt2(c, seq_len)?;
-    gpt2(c, seq_len, &[])
+    gpt2(c, seq_len, &[], false)
 }
 
 /// One GPT-2 decode step against KV caches of length `kv_len`: logits `[B, 1, V]` and the
 /// updated caches.
 pub fn gpt2_decode(c: &Gpt2Config, kv_len: usize) -> Result<Graph, Error> {
     check_gpt2(c, 1)?;
-    gpt2(c, 1, &[kv_len])
+    gpt2(c, 1, &[kv_len], false)
 }
 
 /// One GPT-2 decode step of several sequences at once, sequence `i` against KV caches of
 /// length `kv_lens[i]` (see [`Builder::cached_attention`]): logits `[N, 1, V]` (row `i` is
-/// sequence `i`'s) and the updated caches, layer by layer, sequence by sequence. One sequence
-/// gives [`gpt2_decode`]'s graph. `c.batch` must be 1.
+/// sequence `i`'s), its only output; each layer's [`OpKind::CachedAttention`] extends the
+/// sequences' caches in place. `c.batch` must be 1.
 pub fn gpt2_decode_batch(c: &Gpt2Config, kv_lens: &[usize]) -> Result<Graph, Error> {
     check_batch(c.batch, kv_lens)?;
     check_gpt2(c, 1)?;
-    gpt2(c, 1, kv_lens)
+    gpt2(c, 1, kv_lens, true)
 }
 
 /// A batched decode step's sequences: 1 to [`MAX_DECODE_BATCH`], over models of batch 1.
@@ -584,7 +639,7 @@ fn check_batch(batch: usize, kv_lens: &[usize]) -> Result<(), Error> {
 /// takes.
 pub const MAX_DECODE_BATCH: usize = 256;
 
-fn gpt2(c: &Gpt2Config, s: usize, kv: &[usize]) -> Result<Graph, Error> {
+fn gpt2(c: &Gpt2Config, s: usize, kv: &[usize], batched: bool) -> Result<Graph, Error> {
     let decode = !kv.is_empty();
     let phase = if decode {
         Phase::Decode
@@ -598,6 +653,7 @@ fn gpt2(c: &Gpt2Config, s: usize, kv: &[usize]) -> Result<Graph, Error> {
     };
     let (bsz, d, hd) = (c.batch * kv.len().max(1), c.hidden, c.hidden / c.heads);
     let mut b = Builder::new(name, Phase::Embedding);
+    b.batched = batched;
     let ids = b.input("input_ids", &[bsz, s], DType::I64)?;
     let pos = b.input("position_ids", &[bsz, s], DType::I64)?;
     b.at("wte");
@@ -1000,9 +1056,10 @@ mod tests {
         assert!(kv_move(2, 16, 0).is_err());
     }
 
-    /// A batched decode step of one sequence is the one-sequence step; of several, one cache
-    /// per sequence and layer (slot `i`, its own length), logits one row per sequence, and the
-    /// shared layers (embeddings, norms, linear layers) once.
+    /// A batched decode step has one cache per sequence and layer (slot `i`, its own length),
+    /// all read and extended by one `CachedAttention` per layer (co-located with it), logits
+    /// one row per sequence as its only output, and the shared layers (embeddings, norms,
+    /// linear layers) once; of one sequence, the one-sequence step's nodes up to the attention.
     #[test]
     fn batched_decode_steps_have_one_cache_per_sequence() {
         let c = Gpt2Config {
@@ -1013,18 +1070,48 @@ mod tests {
             context: 64,
             ..Gpt2Config::default()
         };
-        assert_eq!(
-            gpt2_decode_batch(&c, &[5]).unwrap(),
-            gpt2_decode(&c, 5).unwrap()
-        );
+        let attentions = |g: &Graph| -> Vec<crate::graph::Node> {
+            g.nodes()
+                .iter()
+                .filter(|n| matches!(n.op, OpKind::CachedAttention { .. }))
+                .cloned()
+                .collect()
+        };
+        let one = gpt2_decode_batch(&c, &[5]).unwrap();
+        one.validate().unwrap();
+        assert_eq!(attentions(&one).len(), 2);
+        assert!(!one
+            .nodes()
+            .iter()
+            .any(|n| matches!(n.op, OpKind::KvCacheAppend | OpKind::KvCacheRead { .. })));
         let lens = [3usize, 9, 1];
         let g = gpt2_decode_batch(&c, &lens).unwrap();
+        g.validate().unwrap();
         let logits = &g.outputs[0];
         assert_eq!(
             g.node(logits.node).unwrap().outputs[0].shape,
             vec![3, 1, 64]
         );
-        assert_eq!(g.outputs.len(), 1 + 2 * lens.len());
+        assert_eq!(g.outputs.len(), 1);
+        let colocation = crate::analysis::analyze(&g).colocation;
+        for a in attentions(&g) {
+            assert_eq!(a.inputs.len(), 3 + lens.len());
+            assert_eq!(a.outputs[0].shape, vec![3, 1, 32]);
+            assert_eq!(a.residency(), Residency::StatefulKvCache);
+            let group = colocation[a.id.index()].clone();
+            assert!(group.is_some());
+            for (i, t) in a.inputs[3..].iter().enumerate() {
+                let cache = g.node(t.node).unwrap();
+                assert_eq!(
+                    cache.op,
+                    OpKind::KvCache {
+                        layer: a.layer().unwrap(),
+                        slot: i as u32
+                    }
+                );
+                assert_eq!(colocation[t.node.index()], group, "{}", cache.name);
+            }
+        }
         let mut caches = Vec::new();
         for n in g.nodes() {
             if let OpKind::KvCache { layer, slot } = n.op {

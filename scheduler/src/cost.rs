@@ -217,6 +217,32 @@ impl CostModel for RooflineCostModel {
                     bytes: traffic,
                 }
             }
+            OpKind::CachedAttention {
+                heads, head_dim, ..
+            } => {
+                // Each row attends over its cache plus the row it appends; the caches are read
+                // (K and V), the new rows written in place.
+                let positions: f64 = node
+                    .inputs
+                    .iter()
+                    .skip(3)
+                    .filter_map(|t| graph.tensor(*t))
+                    .map(|m| *m.shape.get(2).unwrap_or(&0) as f64 + 1.0)
+                    .sum();
+                let caches: f64 = node
+                    .inputs
+                    .iter()
+                    .skip(3)
+                    .filter_map(|t| graph.tensor(*t))
+                    .map(|m| m.bytes() as f64)
+                    .sum();
+                let h = *heads as f64;
+                let d = *head_dim as f64;
+                OpWork {
+                    flops: h * positions * (4.0 * d + 5.0),
+                    bytes: caches + 2.0 * (in_bytes - caches) + out_bytes,
+                }
+            }
             OpKind::Softmax { .. } => OpWork {
                 flops: 5.0 * out_els,
                 bytes: traffic,

@@ -457,6 +457,26 @@ pub enum OpKind {
         /// Score scale, normally `1/√D`.
         scale: Scalar,
     },
+    /// One decode step's attention for a batch of sequences, each over its own KV cache (a
+    /// ragged batch: every cache has its own length). Inputs `[q [N,1,H·D], k [N,1,G·D],
+    /// v [N,1,G·D], cache_0 [2,1,L_0,G·D], …, cache_{N-1} [2,1,L_{N-1},G·D]]` (each cache a
+    /// [`OpKind::KvCache`] of the same layer) → `[N, 1, H·D]`. Row `i`'s key and value are
+    /// appended to cache `i` (the sequence's state, as [`OpKind::KvCacheAppend`] in place), and
+    /// row `i`'s query attends over its `L_i + 1` positions as [`OpKind::Attention`] does (one
+    /// query at the last position: the causal mask hides nothing). Residency
+    /// [`Residency::StatefulKvCache`]: it writes the caches, so it is never recomputed or moved
+    /// away from them. One node per layer instead of a subgraph per sequence.
+    CachedAttention {
+        /// Number of query heads H.
+        heads: usize,
+        /// Number of key/value heads G, dividing H (`None`: H).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        kv_heads: Option<usize>,
+        /// Size of one head D.
+        head_dim: usize,
+        /// Score scale, normally `1/√D`.
+        scale: Scalar,
+    },
     /// Root-mean-square normalisation over the last axis (Llama's `RMSNorm`). Inputs
     /// `[x [..., D], weight [D]]` → shape of `x`; `y = x / sqrt(mean(x²) + eps) · weight`.
     RmsNorm {
@@ -563,6 +583,7 @@ impl OpKind {
             OpKind::LayerNorm { .. } => "layer_norm",
             OpKind::Softmax { .. } => "softmax",
             OpKind::Attention { .. } => "attention",
+            OpKind::CachedAttention { .. } => "cached_attention",
             OpKind::RmsNorm { .. } => "rms_norm",
             OpKind::Rotary { .. } => "rotary",
             OpKind::Add => "add",
@@ -702,7 +723,9 @@ impl Node {
         }
         match self.op {
             OpKind::Parameter { .. } => Residency::PersistentWeight,
-            OpKind::KvCache { .. } | OpKind::KvCacheAppend => Residency::StatefulKvCache,
+            OpKind::KvCache { .. } | OpKind::KvCacheAppend | OpKind::CachedAttention { .. } => {
+                Residency::StatefulKvCache
+            }
             _ => Residency::EphemeralActivation,
         }
     }
@@ -1625,6 +1648,12 @@ fn infer_outputs(
             head_dim,
             ..
         } => cx.attention(*heads, *kv_heads, *head_dim),
+        OpKind::CachedAttention {
+            heads,
+            kv_heads,
+            head_dim,
+            ..
+        } => cx.cached_attention(*heads, *kv_heads, *head_dim),
         OpKind::Rotary { head_dim, .. } => cx.rotary(*head_dim),
         OpKind::Add | OpKind::Mul => cx.broadcast_binary(),
         OpKind::Gelu { .. } | OpKind::Silu | OpKind::Relu | OpKind::Tanh => cx.activation(),
@@ -1920,6 +1949,46 @@ impl Infer<'_> {
         self.same_dtype(1, dt)?;
         self.same_dtype(2, dt)?;
         one(q.to_vec(), dt)
+    }
+
+    fn cached_attention(
+        &self,
+        heads: usize,
+        kv_heads: Option<usize>,
+        head_dim: usize,
+    ) -> Result<Vec<TensorMeta>, GraphError> {
+        self.arity(self.ins.len() >= 4, "4 or more")?;
+        let dt = self.float(0)?;
+        let e = heads
+            .checked_mul(head_dim)
+            .ok_or_else(|| self.overflow("heads · head_dim"))?;
+        if e == 0 {
+            return Err(self.attr_err("heads and head_dim must be positive"));
+        }
+        let g = kv_heads.unwrap_or(heads);
+        if g == 0 || heads % g != 0 {
+            return Err(self.attr_err(format!("kv_heads {g} must divide heads {heads}")));
+        }
+        // g divides heads, so g · head_dim ≤ e does not overflow.
+        let ekv = g * head_dim;
+        let n = self.ins.len() - 3;
+        if self.rank(0, 3)? != [n, 1, e] {
+            return Err(self.shape_err(0, format!("expected [{n}, 1, {e}] (one row per cache)")));
+        }
+        for i in [1, 2] {
+            if self.rank(i, 3)? != [n, 1, ekv] {
+                return Err(self.shape_err(i, format!("expected [{n}, 1, {ekv}]")));
+            }
+            self.same_dtype(i, dt)?;
+        }
+        for c in 3..self.ins.len() {
+            let cache = self.rank(c, 4)?;
+            if cache[0] != 2 || cache[1] != 1 || cache[3] != ekv {
+                return Err(self.shape_err(c, format!("cache must be [2, 1, L, {ekv}]")));
+            }
+            self.same_dtype(c, dt)?;
+        }
+        one(vec![n, 1, e], dt)
     }
 
     fn rotary(&self, head_dim: usize) -> Result<Vec<TensorMeta>, GraphError> {

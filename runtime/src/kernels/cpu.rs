@@ -647,7 +647,38 @@ fn compute(node: &Node, ins: &[Tensor], simd: Option<Simd>) -> candle_core::Resu
                 node.op.name()
             )))
         }
+        // It needs the worker's caches: the executor appends, then calls `cached_attention`.
+        OpKind::CachedAttention { .. } => Err(candle_core::Error::Msg(
+            "cached_attention runs through Kernels::cached_attention, with the KV caches".into(),
+        )),
     }
+}
+
+/// Row `i` of `q` (`[N, 1, H·D]`) attending over `caches[i]` (`[2, 1, L, G·D]`) as
+/// [`OpKind::Attention`] does for a one-sequence decode step (same kernels, same views: the
+/// cache's K and V halves read in place), the rows concatenated back.
+fn cached_attention(
+    q: &Tensor,
+    caches: &[Tensor],
+    heads: (usize, usize),
+    head_dim: usize,
+    scale: f32,
+    simd: Option<Simd>,
+) -> candle_core::Result<Tensor> {
+    let (n, one, _) = q.dims3()?;
+    if n != caches.len() || one != 1 {
+        return Err(candle_core::Error::Msg(format!(
+            "{n} query rows of {one} tokens for {} caches",
+            caches.len()
+        )));
+    }
+    let mut outs = Vec::with_capacity(n);
+    for (i, cache) in caches.iter().enumerate() {
+        let row = q.narrow(0, i, 1)?.contiguous()?;
+        let ins = [row, cache.get(0)?, cache.get(1)?];
+        outs.push(any_attention(&ins, heads, head_dim, scale, true, simd)?);
+    }
+    Tensor::cat(&outs, 0)
 }
 
 /// A lookup of `ids` (i32 or i64, any shape) in the rows of `table`: `[.., d]`.
@@ -845,6 +876,36 @@ impl Kernels for CpuKernels {
             }
         }
         Ok(out)
+    }
+
+    fn cached_attention(&self, node: &Node, q: &Tensor, caches: &[Tensor]) -> Result<Tensor> {
+        let OpKind::CachedAttention {
+            heads,
+            kv_heads,
+            head_dim,
+            scale,
+        } = &node.op
+        else {
+            return Err(bad(node, "not a cached_attention node"));
+        };
+        let heads = (*heads, kv_heads.unwrap_or(*heads));
+        let out = cached_attention(q, caches, heads, *head_dim, scale.0, self.simd).map_err(
+            |source| RuntimeError::Kernel {
+                node: node.name.clone(),
+                source,
+            },
+        )?;
+        match node.outputs.first() {
+            Some(meta) if out.dims() == meta.shape.as_slice() => Ok(out),
+            _ => Err(bad(
+                node,
+                format!(
+                    "output has shape {:?}, graph declares {:?}",
+                    out.dims(),
+                    node.outputs
+                ),
+            )),
+        }
     }
 }
 

@@ -22,6 +22,12 @@ pub trait Kernels: Send + Sync {
     fn name(&self) -> &str;
     /// Computes `node`'s outputs (in the op's documented order) from its inputs.
     fn run(&self, node: &Node, inputs: &[Tensor]) -> Result<Vec<Tensor>>;
+    /// The attention of an [`OpKind::CachedAttention`](genie_scheduler::graph::OpKind) `node`
+    /// once the worker has appended each row's key and value to its sequence's cache: `q` is
+    /// `[N, 1, H·D]`, `caches[i]` sequence `i`'s whole cache `[2, 1, L_i + 1, G·D]` (a view of
+    /// the worker's KV pages); returns `[N, 1, H·D]`, row `i` the bits the one-sequence step's
+    /// `Attention` gives it.
+    fn cached_attention(&self, node: &Node, q: &Tensor, caches: &[Tensor]) -> Result<Tensor>;
 }
 
 /// The candle dtype that stores a graph dtype.

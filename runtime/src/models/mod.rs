@@ -30,8 +30,9 @@
 //!    `scheduler/src/builders/llama.rs`): the config type, deserializable from `config.json`,
 //!    prefill, decode-step and batched decode-step builders naming each weight by its checkpoint
 //!    key, with `Builder::in_layer` around each block and each layer's attention through
-//!    `Builder::cached_attention` (the cache as `KvCache { layer, slot }` → `KvCacheAppend`, one
-//!    per sequence of a batched step); the names in `by_name`/`MODEL_NAMES`; parameter-count
+//!    `Builder::cached_attention` (the cache as `KvCache { layer, slot }` → `KvCacheAppend` for
+//!    prefill and one-sequence steps; a batched step's caches, one per sequence, all read and
+//!    extended by one `CachedAttention` per layer); the names in `by_name`/`MODEL_NAMES`; parameter-count
 //!    tests against `transformers`' formula.
 //! 4. CPU kernels for new ops in `runtime/src/kernels/cpu.rs` (and one-row fast paths in
 //!    `decode.rs` where a decode step spends its time; Llama: grouped-query attention over

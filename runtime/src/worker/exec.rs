@@ -141,6 +141,7 @@ impl Worker {
             stats: RunStats::default(),
             spans,
             t0,
+            kv_layers: None,
         };
         let pending = ctx.run_nodes(tasks, &staging, placement.overlap)?;
         for (dst, op) in pending {
@@ -210,6 +211,8 @@ pub(super) struct RunCtx<'a> {
     /// Whether to record each node's compute span.
     pub(super) spans: bool,
     pub(super) t0: WallClock,
+    /// Layers of the run's KV caches, once counted (see `kv_manager`).
+    pub(super) kv_layers: Option<usize>,
 }
 
 impl<'a> RunCtx<'a> {
@@ -394,9 +397,9 @@ impl<'a> RunCtx<'a> {
         for (o, meta) in node.outputs.iter().enumerate() {
             out_bytes = out_bytes.saturating_add(limits::tensor_bytes(&node.name, o, meta)?);
         }
-        within_budget(
+        limits::within_budget_of(
             &self.w.name,
-            &format!("node `{}` with the run's live tensors", node.name),
+            || format!("node `{}` with the run's live tensors", node.name),
             out_bytes.saturating_add(self.store.bytes() as u64),
             self.w.opts.memory_budget,
         )?;
@@ -409,6 +412,7 @@ impl<'a> RunCtx<'a> {
             OpKind::KvCacheAppend if self.appends_in_place(node) => {
                 vec![self.kv_append_in_place(node, &ins)?]
             }
+            OpKind::CachedAttention { .. } => vec![self.kv_cached_attention(node, &ins)?],
             _ => {
                 let outs = self.w.kernels.run(node, &ins)?;
                 if matches!(node.op, OpKind::KvCacheAppend) {

@@ -11,14 +11,17 @@ use genie_scheduler::graph::{Node, OpKind};
 
 impl<'a> RunCtx<'a> {
     pub(super) fn kv_manager(&mut self, width: usize) -> Result<&mut KvCacheManager> {
-        let layers = self
-            .graph
-            .nodes()
-            .iter()
-            .filter(|n| matches!(n.op, OpKind::KvCache { .. } | OpKind::KvCacheAppend))
-            .filter_map(|n| layer_of(self.graph, n.id))
-            .max()
-            .map_or(1, |m| m.saturating_add(1));
+        // The graph's cache layers, counted once a run.
+        let graph = self.graph;
+        let layers = *self.kv_layers.get_or_insert_with(|| {
+            graph
+                .nodes()
+                .iter()
+                .filter(|n| matches!(n.op, OpKind::KvCache { .. } | OpKind::KvCacheAppend))
+                .filter_map(|n| layer_of(graph, n.id))
+                .max()
+                .map_or(1, |m| m.saturating_add(1))
+        });
         if layers > MAX_KV_LAYERS || width == 0 {
             return Err(RuntimeError::KvCache {
                 reason: format!(
@@ -153,6 +156,53 @@ impl<'a> RunCtx<'a> {
         }
         let new = Tensor::stack(&[k, v], 0).map_err(kerr)?;
         kv.append_rows(seq, layer, &new)
+    }
+
+    /// A batched decode step's attention of one layer ([`OpKind::CachedAttention`]): row `i` of
+    /// the new keys and values goes straight into the pinned cache of the sequence of input
+    /// `3 + i`'s slot, then each query row attends over its whole cache (a view, no copy).
+    pub(super) fn kv_cached_attention(&mut self, node: &Node, ins: &[Tensor]) -> Result<Tensor> {
+        let kerr = |source| RuntimeError::Kernel {
+            node: node.name.clone(),
+            source,
+        };
+        let (q, k, v, caches) = match ins {
+            [q, k, v, caches @ ..] if !caches.is_empty() => (q, k, v, caches),
+            _ => {
+                return Err(RuntimeError::Plan(format!(
+                    "{} needs a query, keys, values and at least one cache",
+                    node.name
+                )))
+            }
+        };
+        let mut views = Vec::with_capacity(caches.len());
+        for (i, (cache, t)) in caches.iter().zip(&node.inputs[3..]).enumerate() {
+            let (layer, slot) = match self.graph.node(t.node).map(|n| &n.op) {
+                Some(&OpKind::KvCache { layer, slot }) => (layer as usize, slot),
+                _ => {
+                    return Err(RuntimeError::KvCache {
+                        reason: format!("{}: input {} is not a KV cache", node.name, 3 + i),
+                    })
+                }
+            };
+            let (_, _, l, e) = cache.dims4().map_err(kerr)?;
+            let seq = self.seq_of(node, slot)?;
+            let kv = self.kv_manager(e)?;
+            let have = kv.len(seq, layer);
+            if have != l {
+                return Err(RuntimeError::KvCache {
+                    reason: format!(
+                        "{}: sequence {seq} layer {layer} holds {have} positions, graph expects {l}",
+                        node.name
+                    ),
+                });
+            }
+            let row = |t: &Tensor| t.narrow(0, i, 1);
+            let new =
+                Tensor::stack(&[row(k).map_err(kerr)?, row(v).map_err(kerr)?], 0).map_err(kerr)?;
+            views.push(kv.append_rows(seq, layer, &new)?);
+        }
+        self.w.kernels.cached_attention(node, q, &views)
     }
 
     fn layer_of_append(&self, node: &Node) -> Result<usize> {

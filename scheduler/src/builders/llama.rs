@@ -289,25 +289,25 @@ impl LlamaConfig {
 /// cache `[2, B, S, G·D]`.
 pub fn llama_prefill(c: &LlamaConfig, seq_len: usize) -> Result<Graph, Error> {
     c.check(seq_len)?;
-    llama(c, seq_len, &[])
+    llama(c, seq_len, &[], false)
 }
 
 /// One Llama-style decode step against KV caches of length `kv_len`: logits `[B, 1, V]` and the
 /// updated caches `[2, B, L+1, G·D]`.
 pub fn llama_decode(c: &LlamaConfig, kv_len: usize) -> Result<Graph, Error> {
     c.check(kv_len.saturating_add(1))?;
-    llama(c, 1, &[kv_len])
+    llama(c, 1, &[kv_len], false)
 }
 
 /// One Llama-style decode step of several sequences at once, sequence `i` against caches of
-/// length `kv_lens[i]`: logits `[N, 1, V]` and the updated caches, layer by layer, sequence by
-/// sequence (see [`gpt2_decode_batch`](super::gpt2_decode_batch)). `c.batch` must be 1.
+/// length `kv_lens[i]`: logits `[N, 1, V]`, the caches extended in place (see
+/// [`gpt2_decode_batch`](super::gpt2_decode_batch)). `c.batch` must be 1.
 pub fn llama_decode_batch(c: &LlamaConfig, kv_lens: &[usize]) -> Result<Graph, Error> {
     super::check_batch(c.batch, kv_lens)?;
     for &l in kv_lens {
         c.check(l.saturating_add(1))?;
     }
-    llama(c, 1, kv_lens)
+    llama(c, 1, kv_lens, true)
 }
 
 impl Builder {
@@ -327,7 +327,7 @@ impl Builder {
     }
 }
 
-fn llama(c: &LlamaConfig, s: usize, kv: &[usize]) -> Result<Graph, Error> {
+fn llama(c: &LlamaConfig, s: usize, kv: &[usize], batched: bool) -> Result<Graph, Error> {
     let decode = !kv.is_empty();
     let (phase, name) = if decode {
         (Phase::Decode, format!("{}-decode", c.kind.model_type()))
@@ -342,6 +342,7 @@ fn llama(c: &LlamaConfig, s: usize, kv: &[usize]) -> Result<Graph, Error> {
     );
     let (eq, ekv) = (c.heads * hd, c.kv_width());
     let mut b = Builder::new(&name, Phase::Embedding);
+    b.batched = batched;
     let ids = b.input("input_ids", &[bsz, s], DType::I64)?;
     let pos = b.input("position_ids", &[bsz, s], DType::I64)?;
     b.at("model.embed_tokens");
