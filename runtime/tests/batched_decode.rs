@@ -1,8 +1,9 @@
 //! A batched decode step (one forward pass over several sequences, each against its own KV
 //! length) gives every sequence bitwise the logits of its step alone, for GPT-2 and a
 //! Llama-style model (grouped-query attention, rotary positions per row), with sequences
-//! joining and leaving between steps; and a run naming a cache slot it has no sequence for is
-//! refused with a typed error.
+//! joining and leaving between steps; and a run naming a cache slot it has no sequence for, or
+//! whose attention reads anything but its own layer's caches, is refused with an error naming
+//! it.
 
 mod common;
 use common::bits;
@@ -154,4 +155,69 @@ fn a_cache_slot_without_a_sequence_is_refused() {
         .to_string();
     assert!(err.contains("twice") || err.contains("reconnect"), "{err}");
     cluster.stop(driver).unwrap();
+}
+
+/// A batched step's attention fed something other than a cache of its own layer (another
+/// layer's cache, a plain input of a cache's shape) is refused with an error naming it.
+#[test]
+fn a_cached_attention_over_a_foreign_tensor_is_refused() {
+    let model = Model::Gpt2(Gpt2Config {
+        layers: 2,
+        hidden: 32,
+        heads: 2,
+        vocab: 50,
+        context: 32,
+        ..Gpt2Config::default()
+    });
+    let g = model.decode_batch(&[3]).unwrap();
+    let attention = |layer| {
+        g.nodes()
+            .iter()
+            .find(|n| matches!(n.op, OpKind::CachedAttention { .. }) && n.layer() == Some(layer))
+            .unwrap()
+            .id
+    };
+    let (a0, a1) = (attention(0), attention(1));
+    // Layer 0's attention reading layer 1's cache.
+    let mut crossed = g.clone();
+    crossed.node_mut(a0).unwrap().inputs[3] = g.node(a1).unwrap().inputs[3];
+    // Layer 0's attention reading a driver input shaped as its cache.
+    let mut forged = g.clone();
+    let meta = g.tensor(g.node(a0).unwrap().inputs[3]).unwrap().clone();
+    let fake = forged
+        .add_with_outputs(
+            "fake_cache",
+            OpKind::Input,
+            vec![],
+            vec![meta.clone()],
+            Default::default(),
+        )
+        .unwrap();
+    forged.node_mut(a0).unwrap().inputs[3] = fake.into();
+    let cpu = candle_core::Device::Cpu;
+    let zeros =
+        candle_core::Tensor::zeros(meta.shape.as_slice(), candle_core::DType::F32, &cpu).unwrap();
+    for (what, bad) in [("crossed", &crossed), ("forged", &forged)] {
+        // A fresh session each time: a refused run leaves the driver to reconnect.
+        let cluster = EmbeddedCluster::start(2, Arc::new(CpuKernels::new())).unwrap();
+        let mut driver = Driver::connect(&cluster.cluster, WeightSpec::Seeded(5)).unwrap();
+        let t0 = prefill(&mut driver, &model, &[1, 2, 3], 0);
+        let one = |v: i64| candle_core::Tensor::from_vec(vec![v], (1, 1), &cpu).unwrap();
+        let mut inputs = vec![("input_ids", one(t0)), ("position_ids", one(3))];
+        if what == "forged" {
+            inputs.push(("fake_cache", zeros.clone()));
+        }
+        let err = driver
+            .run_batch(
+                bad,
+                &Placement::by_rule(bad, |_| 1),
+                &inputs,
+                &bad.outputs[..1],
+                &[0],
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a KV cache of its layer"), "{what}: {err}");
+        cluster.stop(driver).unwrap();
+    }
 }

@@ -654,6 +654,65 @@ fn compute(node: &Node, ins: &[Tensor], simd: Option<Simd>) -> candle_core::Resu
     }
 }
 
+/// [`cached_attention`] with the one-row kernels of [`one_query_attention`] (the same calls on
+/// the same values, so the same bits) straight over each cache's K and V rows, the query read
+/// once and the rows written into one output; `None` where they do not apply (grouped-query
+/// attention, other dtypes or layouts: the caller then goes row by row).
+fn cached_attention_rows(
+    simd: Simd,
+    q: &Tensor,
+    caches: &[Tensor],
+    (heads, kv_heads): (usize, usize),
+    scale: f32,
+) -> candle_core::Result<Option<Tensor>> {
+    let e = q.dims3()?.2;
+    if heads != kv_heads || q.dtype() != CDType::F32 {
+        return Ok(None);
+    }
+    let qv: Vec<f32> = q.flatten_all()?.to_vec1()?;
+    let mut out = vec![0f32; qv.len()];
+    for ((cache, q), o) in caches
+        .iter()
+        .zip(qv.chunks_exact(e))
+        .zip(out.chunks_exact_mut(e))
+    {
+        let done = with_kv_rows(cache, |k, v| {
+            if k.cols() != e {
+                return None;
+            }
+            let p = simd.attention_weights(q, k, heads, scale)?;
+            o.copy_from_slice(&simd.attention_output(&p, v, heads)?);
+            Some(())
+        });
+        if !matches!(done, Some(Some(()))) {
+            return Ok(None);
+        }
+    }
+    Ok(Some(Tensor::from_vec(out, q.dims(), q.device())?))
+}
+
+/// Calls `f` with the K rows and the V rows of a cache `[2, 1, L, E]` stored on the CPU (a view
+/// of a worker's pages: each row contiguous, any row stride), under one read of its storage;
+/// `None` for other layouts.
+fn with_kv_rows<R>(cache: &Tensor, f: impl FnOnce(Rows<'_>, Rows<'_>) -> R) -> Option<R> {
+    let (storage, layout) = cache.storage_and_layout();
+    let Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
+        return None;
+    };
+    let (dims, stride) = (layout.dims(), layout.stride());
+    let &[2, 1, l, e] = dims else {
+        return None;
+    };
+    if e > 1 && stride[3] != 1 {
+        return None;
+    }
+    let rs = if l == 1 { e } else { stride[2] };
+    let part = |at: usize| Rows::new(data.get(at..)?, l, e, rs);
+    let k = part(layout.start_offset())?;
+    let v = part(layout.start_offset().checked_add(stride[0])?)?;
+    Some(f(k, v))
+}
+
 /// Row `i` of `q` (`[N, 1, H·D]`) attending over `caches[i]` (`[2, 1, L, G·D]`) as
 /// [`OpKind::Attention`] does for a one-sequence decode step (same kernels, same views: the
 /// cache's K and V halves read in place), the rows concatenated back.
@@ -671,6 +730,11 @@ fn cached_attention(
             "{n} query rows of {one} tokens for {} caches",
             caches.len()
         )));
+    }
+    if let Some(simd) = simd {
+        if let Some(out) = cached_attention_rows(simd, q, caches, heads, scale)? {
+            return Ok(out);
+        }
     }
     let mut outs = Vec::with_capacity(n);
     for (i, cache) in caches.iter().enumerate() {

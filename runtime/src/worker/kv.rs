@@ -175,13 +175,35 @@ impl<'a> RunCtx<'a> {
                 )))
             }
         };
+        // The new rows, read once: row `i` of K then of V is what cache `i` gains.
+        let rows = |t: &Tensor| -> Result<Vec<f32>> {
+            t.flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .map_err(kerr)
+        };
+        let (kr, vr) = (rows(k)?, rows(v)?);
+        let w = kr.len() / caches.len();
+        if kr.len() != w * caches.len() || vr.len() != kr.len() {
+            return Err(RuntimeError::Plan(format!(
+                "{}: keys and values are not one row per cache",
+                node.name
+            )));
+        }
         let mut views = Vec::with_capacity(caches.len());
         for (i, (cache, t)) in caches.iter().zip(&node.inputs[3..]).enumerate() {
             let (layer, slot) = match self.graph.node(t.node).map(|n| &n.op) {
-                Some(&OpKind::KvCache { layer, slot }) => (layer as usize, slot),
+                Some(&OpKind::KvCache { layer, slot })
+                    if node.layer().map_or(true, |l| l == layer) =>
+                {
+                    (layer as usize, slot)
+                }
                 _ => {
                     return Err(RuntimeError::KvCache {
-                        reason: format!("{}: input {} is not a KV cache", node.name, 3 + i),
+                        reason: format!(
+                            "{}: input {} is not a KV cache of its layer",
+                            node.name,
+                            3 + i
+                        ),
                     })
                 }
             };
@@ -197,9 +219,11 @@ impl<'a> RunCtx<'a> {
                     ),
                 });
             }
-            let row = |t: &Tensor| t.narrow(0, i, 1);
+            let mut new = Vec::with_capacity(2 * w);
+            new.extend_from_slice(&kr[i * w..(i + 1) * w]);
+            new.extend_from_slice(&vr[i * w..(i + 1) * w]);
             let new =
-                Tensor::stack(&[row(k).map_err(kerr)?, row(v).map_err(kerr)?], 0).map_err(kerr)?;
+                Tensor::from_vec(new, (2, 1, 1, w), &candle_core::Device::Cpu).map_err(kerr)?;
             views.push(kv.append_rows(seq, layer, &new)?);
         }
         self.w.kernels.cached_attention(node, q, &views)
