@@ -411,6 +411,79 @@ mod x86 {
         (simd.add_f32x8(ae, ao), simd.add_f32x8(be, bo))
     }
 
+    /// [`partial2`] of rows `a` and `b` against two vectors `x0` and `x1` at once, over columns
+    /// `0..to` (whole lane vectors): `[a·x0, b·x0, a·x1, b·x1]`, each the very chains and sum
+    /// `partial2` gives it (the four dot products share each load of `a` and `b`).
+    #[inline(always)]
+    fn partial2x2(
+        simd: V3,
+        (x0, x1): (&[f32], &[f32]),
+        (a, b): (&[f32], &[f32]),
+        to: usize,
+    ) -> [f32x8; 4] {
+        let zero = simd.splat_f32x8(0.0);
+        let mut e = [zero; 4];
+        let mut o = [zero; 4];
+        let mut c = 0;
+        while c + 2 * LANES <= to {
+            let (a0, a1, b0, b1) = (
+                load(a, c),
+                load(a, c + LANES),
+                load(b, c),
+                load(b, c + LANES),
+            );
+            let (p0, p1, q0, q1) = (
+                load(x0, c),
+                load(x0, c + LANES),
+                load(x1, c),
+                load(x1, c + LANES),
+            );
+            e[0] = simd.mul_add_f32x8(a0, p0, e[0]);
+            o[0] = simd.mul_add_f32x8(a1, p1, o[0]);
+            e[1] = simd.mul_add_f32x8(b0, p0, e[1]);
+            o[1] = simd.mul_add_f32x8(b1, p1, o[1]);
+            e[2] = simd.mul_add_f32x8(a0, q0, e[2]);
+            o[2] = simd.mul_add_f32x8(a1, q1, o[2]);
+            e[3] = simd.mul_add_f32x8(b0, q0, e[3]);
+            o[3] = simd.mul_add_f32x8(b1, q1, o[3]);
+            c += 2 * LANES;
+        }
+        if c < to {
+            let (a0, b0) = (load(a, c), load(b, c));
+            let (p0, q0) = (load(x0, c), load(x1, c));
+            e[0] = simd.mul_add_f32x8(a0, p0, e[0]);
+            e[1] = simd.mul_add_f32x8(b0, p0, e[1]);
+            e[2] = simd.mul_add_f32x8(a0, q0, e[2]);
+            e[3] = simd.mul_add_f32x8(b0, q0, e[3]);
+        }
+        [
+            simd.add_f32x8(e[0], o[0]),
+            simd.add_f32x8(e[1], o[1]),
+            simd.add_f32x8(e[2], o[2]),
+            simd.add_f32x8(e[3], o[3]),
+        ]
+    }
+
+    /// The eight sums of rows `m8` with `xr` from their partial sums `acc`: reduced, then the
+    /// columns past `full` added in order, into `y` (eight outputs).
+    #[inline(always)]
+    fn finish8(
+        simd: V3,
+        m8: &[&[f32]; 8],
+        full: usize,
+        xr: &[f32],
+        y: &mut [f32],
+        acc: [f32x8; 8],
+    ) {
+        for (r, s) in reduce8(simd, acc).into_iter().enumerate() {
+            let mut s = s;
+            for (m, x) in m8[r][full..].iter().zip(&xr[full..]) {
+                s = m.mul_add(*x, s);
+            }
+            y[r] = s;
+        }
+    }
+
     /// Eight rows' partial sums (from [`partial2`]) reduced to one vector of eight results with
     /// three rounds of horizontal adds and one swap of 128-bit halves: lane `r` is
     /// [`pairwise`] of `acc[r]`, bit for bit.
@@ -512,7 +585,7 @@ mod x86 {
             let rows = self.x.len() / self.m.rows;
             let mut r = 0;
             while r + ROW_GROUP <= rows {
-                self.across::<ROW_GROUP, 2, W>(r, c, k0, k1);
+                self.across::<ROW_GROUP, 3, W>(r, c, k0, k1);
                 r += ROW_GROUP;
             }
             match rows - r {
@@ -536,6 +609,10 @@ mod x86 {
             while v + A <= W {
                 self.block::<R, A>(r0, c + v * LANES, k0, k1);
                 v += A;
+            }
+            if A > 2 && v + 2 <= W {
+                self.block::<R, 2>(r0, c + v * LANES, k0, k1);
+                v += 2;
             }
             while v < W {
                 self.block::<R, 1>(r0, c + v * LANES, k0, k1);
@@ -657,18 +734,30 @@ mod x86 {
             for (r, row) in m8.iter_mut().enumerate() {
                 *row = self.m.row(j + r);
             }
-            for (xr, y) in self.x.chunks_exact(k).zip(self.y.chunks_exact_mut(n)) {
-                let zero = simd.splat_f32x8(0.0);
-                let mut acc = [zero; 8];
-                for r in (0..8).step_by(2) {
-                    (acc[r], acc[r + 1]) = partial2(simd, xr, (m8[r], m8[r + 1]), 0, full);
-                }
-                for (r, s) in reduce8(simd, acc).into_iter().enumerate() {
-                    let mut s = s;
-                    for (m, x) in m8[r][full..].iter().zip(&xr[full..]) {
-                        s = m.mul_add(*x, s);
+            let zero = simd.splat_f32x8(0.0);
+            // Two rows of `x` at a time: each load of `m` serves both (the same chains per
+            // output as one row alone gives it).
+            let mut xs = self.x.chunks_exact(k).zip(self.y.chunks_exact_mut(n));
+            loop {
+                match (xs.next(), xs.next()) {
+                    (Some((x0, y0)), Some((x1, y1))) => {
+                        let (mut acc0, mut acc1) = ([zero; 8], [zero; 8]);
+                        for r in (0..8).step_by(2) {
+                            let [a0, b0, a1, b1] =
+                                partial2x2(simd, (x0, x1), (m8[r], m8[r + 1]), full);
+                            (acc0[r], acc0[r + 1], acc1[r], acc1[r + 1]) = (a0, b0, a1, b1);
+                        }
+                        finish8(simd, &m8, full, x0, &mut y0[j..j + 8], acc0);
+                        finish8(simd, &m8, full, x1, &mut y1[j..j + 8], acc1);
                     }
-                    y[j + r] = s;
+                    (Some((xr, y)), None) => {
+                        let mut acc = [zero; 8];
+                        for r in (0..8).step_by(2) {
+                            (acc[r], acc[r + 1]) = partial2(simd, xr, (m8[r], m8[r + 1]), 0, full);
+                        }
+                        finish8(simd, &m8, full, xr, &mut y[j..j + 8], acc);
+                    }
+                    _ => break,
                 }
             }
         }
