@@ -347,6 +347,23 @@ mod x86 {
         fn call(mut self) {
             let n = self.m.cols;
             let mut c = 0;
+            if self.part < n && self.part % LANES == 0 && self.part <= 8 * LANES {
+                // Narrow parts (an attention's heads): one block per part, so that each row of
+                // `m` takes one weight per block instead of one per lane vector.
+                while c + self.part <= n {
+                    match self.part / LANES {
+                        1 => self.block::<1>(c),
+                        2 => self.block::<2>(c),
+                        3 => self.block::<3>(c),
+                        4 => self.block::<4>(c),
+                        5 => self.block::<5>(c),
+                        6 => self.block::<6>(c),
+                        7 => self.block::<7>(c),
+                        _ => self.block::<8>(c),
+                    }
+                    c += self.part;
+                }
+            }
             // Lane vectors may hold several parts only when every part is whole vectors.
             if self.part == n || self.part % LANES == 0 {
                 while c + 8 * LANES <= n {
