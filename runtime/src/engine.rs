@@ -61,7 +61,8 @@ use crate::cluster::{Cluster, Role};
 use crate::driver::{Driver, RunOutput};
 use crate::error::RuntimeError;
 use crate::models::{
-    argmax_last, pick, run_decode_batch, run_prefill, with_last_logits, Family, Model,
+    argmax_last, pick, run_decode_batch, run_prefill, with_last_logits, with_next_tokens, Family,
+    Model,
 };
 use crate::plan::Placement;
 use crate::proto::WeightSpec;
@@ -919,7 +920,7 @@ struct Core {
     recording: bool,
     /// The scheduler's placement of a batched decode step, by batch size: steps of one size
     /// differ in their KV lengths only, which never move a node of a one-worker schedule.
-    decode_places: HashMap<usize, Placement>,
+    decode_places: HashMap<(usize, bool), Placement>,
     /// Where to connect again after a worker failure ([`Engine::connect`]).
     reconnect: Option<(Cluster, WeightSpec)>,
     /// The worker whose failure poisoned the driver, until a reconnection succeeded.
@@ -1241,7 +1242,9 @@ impl Core {
         }
     }
 
-    /// The logits `[N, 1, V]` of one decode step of `batch`, row `i` request `i`'s.
+    /// The logits `[N, 1, V]` of one decode step of `batch`, row `i` request `i`'s; when every
+    /// request of the batch is greedy, their next tokens `[N, 1]` instead (chosen on the decode
+    /// worker: one id per sequence comes back, not `V` logits).
     fn run_decode(&mut self, batch: &[Active]) -> Result<Tensor, RuntimeError> {
         let lens: Vec<usize> = batch
             .iter()
@@ -1252,13 +1255,18 @@ impl Core {
             .map(|a| a.tokens.last().copied().unwrap_or(0))
             .collect();
         let seqs: Vec<u64> = batch.iter().map(|a| a.seq).collect();
-        let g = self.cfg.model.decode_batch(&lens)?;
+        let greedy = batch.iter().all(|a| a.req.sampling == Sampling::Greedy);
+        let mut g = self.cfg.model.decode_batch(&lens)?;
+        if greedy {
+            g = with_next_tokens(g)?;
+        }
         let dw = self.cfg.decode_worker;
-        let place = match self.decode_places.get(&lens.len()) {
+        let key = (lens.len(), greedy);
+        let place = match self.decode_places.get(&key) {
             Some(p) => p.clone(),
             None => {
                 let p = Placement::scheduled(&mut self.scheduler, &g, dw, dw)?;
-                self.decode_places.insert(lens.len(), p.clone());
+                self.decode_places.insert(key, p.clone());
                 p
             }
         };
@@ -1541,12 +1549,23 @@ fn prefill_on(
     })
 }
 
-/// The next token from the last row of `logits` under `sampling`.
+/// The next token from the last row of `logits` under `sampling`, or the token a greedy step
+/// chose on the decode worker (`[1, 1]` I64, see [`with_next_tokens`]).
 fn next_token(
     logits: &Tensor,
     sampling: Sampling,
     rng: &mut rand_chacha::ChaCha8Rng,
 ) -> Result<i64, RuntimeError> {
+    // A greedy step whose token the decode worker chose (`with_next_tokens`).
+    if logits.dtype() == candle_core::DType::I64 {
+        return match logits.flatten_all().and_then(|t| t.to_vec1::<i64>()) {
+            Ok(t) if t.len() == 1 => Ok(t[0]),
+            _ => Err(RuntimeError::Plan(format!(
+                "a decode step chose {:?} tokens for one sequence",
+                logits.dims()
+            ))),
+        };
+    }
     let Sampling::Seeded {
         temperature,
         top_k,

@@ -20,7 +20,9 @@
 //! the shape the decode graph's `h.{i}.attn.past` [`OpKind::KvCache`] node takes with `L = S`.
 //! The decode-step graph appends the new token's k/v (`h.{i}.attn.present`, `[2, B, L+1, 768]`,
 //! a graph output: the cache for the next step), reads keys and values back with
-//! [`OpKind::KvCacheRead`] and attends over all `L+1` positions.
+//! [`OpKind::KvCacheRead`] and attends over all `L+1` positions. A batched decode step
+//! ([`gpt2_decode_batch`]) has one `h.{i}.attn.past` per sequence (slot `i`, its own `L_i`) and
+//! one [`OpKind::CachedAttention`] per layer that extends and reads them all in place.
 //!
 //! Layers: every node of GPT-2's block `h.{i}` and BERT's `encoder.layer.{i}` (its weights, its
 //! ops, its KV cache) carries [`Semantics::layer`] `Some(i)`; embeddings, final norms, heads and

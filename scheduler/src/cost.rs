@@ -284,6 +284,11 @@ impl CostModel for RooflineCostModel {
                 flops: 0.0,
                 bytes: 2.0 * out_bytes,
             },
+            // One comparison per value read.
+            OpKind::ArgMax => OpWork {
+                flops: first().map_or(0.0, els),
+                bytes: traffic,
+            },
             // Unknown ops: one FLOP per element touched, plus the traffic.
             OpKind::Custom(_) => OpWork {
                 flops: out_els + ins().map(els).sum::<f64>(),

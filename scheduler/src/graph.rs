@@ -562,6 +562,11 @@ pub enum OpKind {
         /// One past the last index kept.
         end: usize,
     },
+    /// The index of the largest value along the last axis: input `[..., V]` (float) →
+    /// `[...]` (I64). Each value replaces the best so far only when it is greater: ties go to the
+    /// lowest index, a NaN after the first value is never chosen, a NaN first is never replaced. A decode step's greedy next tokens, so that a
+    /// worker returns one id per sequence instead of its logits.
+    ArgMax,
     /// An operation this crate does not know: any inputs, outputs as declared, costed as generic.
     Custom(String),
 }
@@ -600,6 +605,7 @@ impl OpKind {
             OpKind::Concat { .. } => "concat",
             OpKind::Split { .. } => "split",
             OpKind::Slice { .. } => "slice",
+            OpKind::ArgMax => "arg_max",
             OpKind::Custom(name) => name,
         }
     }
@@ -1662,6 +1668,7 @@ fn infer_outputs(
         OpKind::Concat { axis } => cx.concat(*axis),
         OpKind::Split { axis, sizes } => cx.split(*axis, sizes),
         OpKind::Slice { axis, start, end } => cx.slice(*axis, *start, *end),
+        OpKind::ArgMax => cx.arg_max(),
     };
     outputs.map(Some)
 }
@@ -2098,6 +2105,16 @@ impl Infer<'_> {
                 TensorMeta::new(s, self.ins[0].dtype)
             })
             .collect())
+    }
+
+    fn arg_max(&self) -> Result<Vec<TensorMeta>, GraphError> {
+        self.arity(self.ins.len() == 1, "1")?;
+        self.float(0)?;
+        let x = &self.ins[0].shape;
+        if x.last().map_or(true, |&v| v == 0) {
+            return Err(self.shape_err(0, "needs a last axis of at least one value"));
+        }
+        one(x[..x.len() - 1].to_vec(), DType::I64)
     }
 
     fn slice(&self, axis: usize, start: usize, end: usize) -> Result<Vec<TensorMeta>, GraphError> {

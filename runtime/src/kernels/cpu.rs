@@ -647,11 +647,39 @@ fn compute(node: &Node, ins: &[Tensor], simd: Option<Simd>) -> candle_core::Resu
                 node.op.name()
             )))
         }
+        OpKind::ArgMax => one(arg_max(&ins[0])?),
         // It needs the worker's caches: the executor appends, then calls `cached_attention`.
         OpKind::CachedAttention { .. } => Err(candle_core::Error::Msg(
             "cached_attention runs through Kernels::cached_attention, with the KV caches".into(),
         )),
     }
+}
+
+/// The index of the largest value of each row along the last axis, I64 `[...]`: ties to the
+/// lowest index, and a value replaces the best so far only when greater (a later NaN is never
+/// chosen, a first one never replaced), as [`crate::models::argmax_last`] picks a token.
+fn arg_max(x: &Tensor) -> candle_core::Result<Tensor> {
+    let dims = x.dims();
+    let (Some(&v), Some(lead)) = (dims.last(), dims.get(..dims.len().saturating_sub(1))) else {
+        return Err(candle_core::Error::Msg("arg_max of a scalar".into()));
+    };
+    if v == 0 {
+        return Err(candle_core::Error::Msg("arg_max over an empty axis".into()));
+    }
+    let data: Vec<f32> = x.to_dtype(CDType::F32)?.flatten_all()?.to_vec1()?;
+    let ids: Vec<i64> = data
+        .chunks_exact(v)
+        .map(|row| {
+            let mut best = 0usize;
+            for (i, x) in row.iter().enumerate() {
+                if *x > row[best] {
+                    best = i;
+                }
+            }
+            best as i64
+        })
+        .collect();
+    Tensor::from_vec(ids, lead, x.device())
 }
 
 /// [`cached_attention`] with the one-row kernels of [`one_query_attention`] (the same calls on
@@ -1304,6 +1332,39 @@ mod tests {
         let y2 = k.run(&n2, &[x, w_oi, b]).unwrap();
         assert_eq!(vals(&y2[0]), vals(&y[0]));
         assert!(k.run(&n2, &[t(&[1.0], &[1])]).is_err());
+    }
+
+    /// The worker's greedy pick is the engine's: the first of equal maxima, a later NaN never
+    /// chosen and a first one kept, one id per row.
+    #[test]
+    fn arg_max_picks_as_argmax_last_does() {
+        let nan = f32::NAN;
+        let rows: [[f32; 4]; 5] = [
+            [0.5, 2.0, 2.0, 1.0],
+            [nan, 1.0, 3.0, 3.0],
+            [1.0, nan, 0.5, 1.0],
+            [-1.0, -2.0, f32::NEG_INFINITY, -0.5],
+            [nan, nan, nan, nan],
+        ];
+        let x = Tensor::from_vec(rows.concat(), (5, 1, 4), &Device::Cpu).unwrap();
+        let got: Vec<i64> = arg_max(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let want: Vec<i64> = rows
+            .iter()
+            .map(|r| {
+                let t = Tensor::from_vec(r.to_vec(), (1, 1, 4), &Device::Cpu).unwrap();
+                crate::models::argmax_last(&t).unwrap()
+            })
+            .collect();
+        assert_eq!(got, want);
+        assert_eq!(got, vec![1, 0, 0, 3, 0]);
+        assert_eq!(arg_max(&x).unwrap().dims(), &[5, 1]);
+        let empty = Tensor::zeros((2, 0), CDType::F32, &Device::Cpu).unwrap();
+        assert!(arg_max(&empty).is_err());
     }
 
     #[test]

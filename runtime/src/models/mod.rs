@@ -353,6 +353,26 @@ pub(crate) fn sample(logits: &[f32], temperature: f32, top_k: usize, top_p: f32,
     idx[keep - 1]
 }
 
+/// A decode graph (from [`Family::decode_batch`]) whose only output is each sequence's greedy
+/// next token (`[N, 1]` I64, an [`OpKind::ArgMax`] over its logits), so that the worker returns
+/// one id per sequence instead of `V` logits: the token [`argmax_last`] would pick from them.
+pub fn with_next_tokens(mut g: Graph) -> Result<Graph> {
+    let logits = *g
+        .outputs
+        .first()
+        .ok_or_else(|| RuntimeError::Plan("graph has no outputs".into()))?;
+    let id = g
+        .add(
+            "next_tokens",
+            OpKind::ArgMax,
+            vec![logits],
+            Semantics::default(),
+        )
+        .map_err(|e| RuntimeError::Scheduler(e.into()))?;
+    g.outputs = vec![id.into()];
+    Ok(g)
+}
+
 /// Appends a node taking the last position of the prefill logits `[B, S, V]` (all generation
 /// needs), returning the graph and that tensor.
 pub fn with_last_logits(mut g: Graph, seq_len: usize) -> Result<(Graph, TensorRef)> {
