@@ -666,19 +666,44 @@ fn arg_max(x: &Tensor) -> candle_core::Result<Tensor> {
     if v == 0 {
         return Err(candle_core::Error::Msg("arg_max over an empty axis".into()));
     }
-    let data: Vec<f32> = x.to_dtype(CDType::F32)?.flatten_all()?.to_vec1()?;
-    let ids: Vec<i64> = data
-        .chunks_exact(v)
-        .map(|row| {
-            let mut best = 0usize;
-            for (i, x) in row.iter().enumerate() {
-                if *x > row[best] {
-                    best = i;
+    let pick = |data: &[f32]| -> Vec<i64> {
+        data.chunks_exact(v)
+            .map(|row| {
+                // The sequential pick (replace the best only when greater) is the first value
+                // equal to the largest number, unless the first value is a NaN: the largest
+                // found lane-wise, then its first position.
+                if row[0].is_nan() {
+                    return 0;
                 }
+                let mut lanes = [f32::NEG_INFINITY; 8];
+                let mut chunks = row.chunks_exact(8);
+                for c in &mut chunks {
+                    for (m, &x) in lanes.iter_mut().zip(c) {
+                        *m = m.max(x);
+                    }
+                }
+                let top = chunks.remainder().iter().fold(
+                    lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+                    |m, &x| m.max(x),
+                );
+                row.iter().position(|&x| x == top).unwrap_or(0) as i64
+            })
+            .collect()
+    };
+    let x = x.to_dtype(CDType::F32)?.contiguous()?;
+    let ids = {
+        let (storage, layout) = x.storage_and_layout();
+        match (&*storage, layout.contiguous_offsets()) {
+            (Storage::Cpu(CpuStorage::F32(data)), Some((from, to))) => {
+                data.get(from..to).map(&pick)
             }
-            best as i64
-        })
-        .collect();
+            _ => None,
+        }
+    };
+    let ids = match ids {
+        Some(ids) => ids,
+        None => pick(&x.flatten_all()?.to_vec1::<f32>()?),
+    };
     Tensor::from_vec(ids, lead, x.device())
 }
 
@@ -1365,6 +1390,34 @@ mod tests {
         assert_eq!(arg_max(&x).unwrap().dims(), &[5, 1]);
         let empty = Tensor::zeros((2, 0), CDType::F32, &Device::Cpu).unwrap();
         assert!(arg_max(&empty).is_err());
+        // Rows of 11 (not whole lane vectors) drawn from values that tie, signed zeros,
+        // infinities and NaNs: the same pick as argmax_last, row by row.
+        let values = [
+            nan,
+            f32::NEG_INFINITY,
+            f32::INFINITY,
+            -0.0,
+            0.0,
+            1.0,
+            -1.0,
+            2.0,
+        ];
+        let mut state = 7u64;
+        let mut draw = || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            values[(state >> 61) as usize]
+        };
+        let rows: Vec<Vec<f32>> = (0..300)
+            .map(|_| (0..11).map(|_| draw()).collect())
+            .collect();
+        let x = Tensor::from_vec(rows.concat(), (300, 11), &Device::Cpu).unwrap();
+        let got: Vec<i64> = arg_max(&x).unwrap().to_vec1().unwrap();
+        for (row, got) in rows.iter().zip(got) {
+            let t = Tensor::from_vec(row.clone(), (1, 11), &Device::Cpu).unwrap();
+            assert_eq!(got, crate::models::argmax_last(&t).unwrap(), "{row:?}");
+        }
     }
 
     #[test]
