@@ -61,8 +61,7 @@ use crate::cluster::{Cluster, Role};
 use crate::driver::{Driver, RunOutput};
 use crate::error::RuntimeError;
 use crate::models::{
-    argmax_last, pick, run_decode_batch, run_prefill, with_last_logits, with_next_tokens, Family,
-    Model,
+    argmax_last, pick, prefill_last, run_decode_batch, run_prefill, with_next_tokens, Family, Model,
 };
 use crate::plan::Placement;
 use crate::proto::WeightSpec;
@@ -1516,7 +1515,7 @@ fn prefill_on(
     (prompt, seq): (&[i64], u64),
 ) -> Result<Prefilled, RuntimeError> {
     let s = prompt.len();
-    let (g, last) = with_last_logits(model.prefill(s)?, s)?;
+    let (g, last) = prefill_last(model, s)?;
     let place = Placement::scheduled(scheduler, &g, pw, pw)?;
     let started = Instant::now();
     let out = run_prefill(driver, &g, &place, prompt, last, seq)?;

@@ -10,7 +10,7 @@ use common::bits;
 use genie_runtime::driver::{Driver, EmbeddedCluster};
 use genie_runtime::kernels::CpuKernels;
 use genie_runtime::models::{
-    argmax_last, prompt, run_decode_batch, run_decode_step, run_prefill, with_last_logits, Family,
+    argmax_last, prefill_last, prompt, run_decode_batch, run_decode_step, run_prefill, Family,
     Model,
 };
 use genie_runtime::plan::Placement;
@@ -25,7 +25,7 @@ fn prefill_place(g: &genie_scheduler::graph::Graph) -> Placement {
 }
 
 fn prefill(driver: &mut Driver, model: &Model, p: &[i64], seq: u64) -> i64 {
-    let (g, last) = with_last_logits(model.prefill(p.len()).unwrap(), p.len()).unwrap();
+    let (g, last) = prefill_last(model, p.len()).unwrap();
     let out = run_prefill(driver, &g, &prefill_place(&g), p, last, seq).unwrap();
     argmax_last(&out.outputs[0]).unwrap()
 }

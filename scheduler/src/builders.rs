@@ -42,7 +42,9 @@ use crate::Error;
 use serde::{Deserialize, Serialize};
 
 mod llama;
-pub use llama::{llama_decode, llama_decode_batch, llama_prefill, LlamaConfig, LlamaKind};
+pub use llama::{
+    llama_decode, llama_decode_batch, llama_prefill, llama_prefill_last, LlamaConfig, LlamaKind,
+};
 
 /// GPT-2 hyper-parameters; [`Default`] is the 124M model.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -249,6 +251,8 @@ struct Builder {
     /// Decode steps attend with one [`OpKind::CachedAttention`] per layer (see
     /// [`Builder::cached_attention`]).
     batched: bool,
+    /// The head reads only the last position (a prefill whose caller wants the next token).
+    last_only: bool,
 }
 
 impl Builder {
@@ -259,6 +263,7 @@ impl Builder {
             module: String::new(),
             layer: None,
             batched: false,
+            last_only: false,
         }
     }
 
@@ -362,6 +367,19 @@ impl Builder {
     /// `u32` is kept out of range, so the graph refuses it instead of wrapping.
     fn in_layer(&mut self, i: Option<usize>) {
         self.layer = i.map(|i| u32::try_from(i).unwrap_or(u32::MAX));
+    }
+
+    /// `x` (`[B, S, D]`), or only its last position `[B, 1, D]` when the head reads that alone.
+    fn last_position(&mut self, x: TensorRef, s: usize) -> Result<TensorRef, GraphError> {
+        if !self.last_only {
+            return Ok(x);
+        }
+        let op = OpKind::Slice {
+            axis: 1,
+            start: s.saturating_sub(1),
+            end: s,
+        };
+        self.op("last_position", op, vec![x])
     }
 
     /// One layer's attention against its KV cache, for prefill or a decode step.
@@ -605,14 +623,33 @@ fn check_gpt2(c: &Gpt2Config, tokens: usize) -> Result<(), Error> {
 /// GPT-2 prefill over a prompt of `seq_len` tokens: logits `[B, S, V]` and each layer's KV cache.
 pub fn gpt2_prefill(c: &Gpt2Config, seq_len: usize) -> Result<Graph, Error> {
     check_gpt2(c, seq_len)?;
-    gpt2(c, seq_len, &[], false)
+    gpt2(c, seq_len, &[], Head::All)
+}
+
+/// [`gpt2_prefill`] whose LM head reads only the last position (a `Slice` of the final norm's
+/// output): logits `[B, 1, V]`, the next token's, and each layer's KV cache; the head's work is
+/// one row's, not `S`.
+pub fn gpt2_prefill_last(c: &Gpt2Config, seq_len: usize) -> Result<Graph, Error> {
+    check_gpt2(c, seq_len)?;
+    gpt2(c, seq_len, &[], Head::Last)
+}
+
+/// What a decoder graph's builder adds around its layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Head {
+    /// Logits at every position; a decode step's attention per sequence.
+    All,
+    /// Logits at the last position only.
+    Last,
+    /// A batched decode step: one [`OpKind::CachedAttention`] per layer.
+    Batched,
 }
 
 /// One GPT-2 decode step against KV caches of length `kv_len`: logits `[B, 1, V]` and the
 /// updated caches.
 pub fn gpt2_decode(c: &Gpt2Config, kv_len: usize) -> Result<Graph, Error> {
     check_gpt2(c, 1)?;
-    gpt2(c, 1, &[kv_len], false)
+    gpt2(c, 1, &[kv_len], Head::All)
 }
 
 /// One GPT-2 decode step of several sequences at once, sequence `i` against KV caches of
@@ -622,7 +659,7 @@ pub fn gpt2_decode(c: &Gpt2Config, kv_len: usize) -> Result<Graph, Error> {
 pub fn gpt2_decode_batch(c: &Gpt2Config, kv_lens: &[usize]) -> Result<Graph, Error> {
     check_batch(c.batch, kv_lens)?;
     check_gpt2(c, 1)?;
-    gpt2(c, 1, kv_lens, true)
+    gpt2(c, 1, kv_lens, Head::Batched)
 }
 
 /// A batched decode step's sequences: 1 to [`MAX_DECODE_BATCH`], over models of batch 1.
@@ -641,7 +678,7 @@ fn check_batch(batch: usize, kv_lens: &[usize]) -> Result<(), Error> {
 /// takes.
 pub const MAX_DECODE_BATCH: usize = 256;
 
-fn gpt2(c: &Gpt2Config, s: usize, kv: &[usize], batched: bool) -> Result<Graph, Error> {
+fn gpt2(c: &Gpt2Config, s: usize, kv: &[usize], head: Head) -> Result<Graph, Error> {
     let decode = !kv.is_empty();
     let phase = if decode {
         Phase::Decode
@@ -655,7 +692,8 @@ fn gpt2(c: &Gpt2Config, s: usize, kv: &[usize], batched: bool) -> Result<Graph, 
     };
     let (bsz, d, hd) = (c.batch * kv.len().max(1), c.hidden, c.hidden / c.heads);
     let mut b = Builder::new(name, Phase::Embedding);
-    b.batched = batched;
+    b.batched = head == Head::Batched;
+    b.last_only = head == Head::Last;
     let ids = b.input("input_ids", &[bsz, s], DType::I64)?;
     let pos = b.input("position_ids", &[bsz, s], DType::I64)?;
     b.at("wte");
@@ -729,6 +767,7 @@ fn gpt2(c: &Gpt2Config, s: usize, kv: &[usize], batched: bool) -> Result<Graph, 
     }
     b.in_layer(None);
     let hf = b.layer_norm("ln_f", h, d, c.layer_norm_eps)?;
+    let hf = b.last_position(hf, s)?;
     b.at("lm_head");
     let logits = b.op(
         "logits",

@@ -22,7 +22,7 @@ use genie_runtime::feedback::{calibrate_links, predict_makespan, ComputeCalibrat
 use genie_runtime::kernels::CpuKernels;
 use genie_runtime::limits::WorkerOptions;
 use genie_runtime::models::{
-    argmax_last, prompt, run_decode_step, run_prefill, with_last_logits, Family, Model,
+    argmax_last, prefill_last, prompt, run_decode_step, run_prefill, Family, Model,
 };
 use genie_runtime::plan::{cpu_topology, layer_of, Placement};
 use genie_runtime::proto::WeightSpec;
@@ -190,7 +190,7 @@ impl Demo<'_> {
         label: &'static str,
     ) -> Result<Phase> {
         let s = tokens.len();
-        let (g, last) = with_last_logits(self.model.prefill(s)?, s)?;
+        let (g, last) = prefill_last(&self.model, s)?;
         let p = placer.prefill(&mut self.scheduler, &g)?;
         let prefill = run_prefill(&self.driver, &g, &p, tokens, last, seq)?;
         let first = prefill

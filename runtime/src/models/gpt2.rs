@@ -5,7 +5,9 @@
 
 use super::{sched_err, Family};
 use crate::error::Result;
-use genie_scheduler::builders::{gpt2_decode, gpt2_decode_batch, gpt2_prefill, Gpt2Config};
+use genie_scheduler::builders::{
+    gpt2_decode, gpt2_decode_batch, gpt2_prefill, gpt2_prefill_last, Gpt2Config,
+};
 use genie_scheduler::graph::Graph;
 use serde::Deserialize;
 
@@ -78,6 +80,9 @@ impl Family for Gpt2Config {
     }
     fn prefill(&self, seq_len: usize) -> Result<Graph> {
         gpt2_prefill(self, seq_len).map_err(sched_err)
+    }
+    fn prefill_last(&self, seq_len: usize) -> Result<Graph> {
+        gpt2_prefill_last(self, seq_len).map_err(sched_err)
     }
     fn decode(&self, kv_len: usize) -> Result<Graph> {
         gpt2_decode(self, kv_len).map_err(sched_err)

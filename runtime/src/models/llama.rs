@@ -6,7 +6,9 @@
 
 use super::{sched_err, Family};
 use crate::error::Result;
-use genie_scheduler::builders::{llama_decode, llama_decode_batch, llama_prefill, LlamaConfig};
+use genie_scheduler::builders::{
+    llama_decode, llama_decode_batch, llama_prefill, llama_prefill_last, LlamaConfig,
+};
 use genie_scheduler::graph::Graph;
 use serde::Deserialize;
 
@@ -37,6 +39,9 @@ impl Family for LlamaConfig {
     }
     fn prefill(&self, seq_len: usize) -> Result<Graph> {
         llama_prefill(self, seq_len).map_err(sched_err)
+    }
+    fn prefill_last(&self, seq_len: usize) -> Result<Graph> {
+        llama_prefill_last(self, seq_len).map_err(sched_err)
     }
     fn decode(&self, kv_len: usize) -> Result<Graph> {
         llama_decode(self, kv_len).map_err(sched_err)

@@ -66,6 +66,9 @@ pub trait Family {
     /// The prefill graph over `seq_len` prompt tokens: outputs logits `[B, S, V]`, then each
     /// layer's KV cache.
     fn prefill(&self, seq_len: usize) -> Result<Graph>;
+    /// [`Family::prefill`] whose head reads only the last position: outputs the next token's
+    /// logits `[B, 1, V]`, then each layer's KV cache (see [`prefill_last`]).
+    fn prefill_last(&self, seq_len: usize) -> Result<Graph>;
     /// One decode step against KV caches of length `kv_len`: outputs logits `[B, 1, V]`, then
     /// the updated caches.
     fn decode(&self, kv_len: usize) -> Result<Graph>;
@@ -180,6 +183,9 @@ impl Family for Model {
     }
     fn prefill(&self, seq_len: usize) -> Result<Graph> {
         self.family().prefill(seq_len)
+    }
+    fn prefill_last(&self, seq_len: usize) -> Result<Graph> {
+        self.family().prefill_last(seq_len)
     }
     fn decode(&self, kv_len: usize) -> Result<Graph> {
         self.family().decode(kv_len)
@@ -373,30 +379,18 @@ pub fn with_next_tokens(mut g: Graph) -> Result<Graph> {
     Ok(g)
 }
 
-/// Appends a node taking the last position of the prefill logits `[B, S, V]` (all generation
-/// needs), returning the graph and that tensor.
-pub fn with_last_logits(mut g: Graph, seq_len: usize) -> Result<(Graph, TensorRef)> {
+/// The prefill graph of `seq_len` tokens that computes only the last position's logits (all
+/// generation needs: the head's work is one row's, not `seq_len`), and that tensor `[B, 1, V]`.
+pub fn prefill_last<F: Family + ?Sized>(model: &F, seq_len: usize) -> Result<(Graph, TensorRef)> {
+    let g = model.prefill_last(seq_len)?;
     let logits = *g
         .outputs
         .first()
         .ok_or_else(|| RuntimeError::Plan("graph has no outputs".into()))?;
-    let id = g
-        .add(
-            "last_logits",
-            OpKind::Slice {
-                axis: 1,
-                start: seq_len.saturating_sub(1),
-                end: seq_len,
-            },
-            vec![logits],
-            Semantics::default(),
-        )
-        .map_err(|e| RuntimeError::Scheduler(e.into()))?;
-    Ok((g, id.into()))
+    Ok((g, logits))
 }
 
-/// Runs the prefill graph `g` of `prompt` (from [`Family::prefill`], or [`with_last_logits`] of
-/// it) placed by `place` for sequence `seq`, fetching `logits`: the one way a prefill is fed
+/// Runs the prefill graph `g` of `prompt` (from [`Family::prefill`] or [`prefill_last`]) placed by `place` for sequence `seq`, fetching `logits`: the one way a prefill is fed
 /// (`input_ids` and `position_ids` `0..s`), shared by generation, the engine and the demo.
 pub fn run_prefill(
     driver: &Driver,
@@ -531,7 +525,7 @@ fn run_generation<F: Family + ?Sized>(
         model.decode(s + steps - 1)?;
     }
     let (g, logits_ref) = if last_only {
-        with_last_logits(model.prefill(s)?, s)?
+        prefill_last(model, s)?
     } else {
         let g = model.prefill(s)?;
         let logits: TensorRef = *g

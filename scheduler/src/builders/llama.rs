@@ -13,7 +13,7 @@
 //! KV caches are `[2, B, L, G·D]`: sized by the key/value heads G, not the query heads. Graph
 //! outputs, in order: `logits` then the `present` cache of each layer (as GPT-2's).
 
-use super::{check, Builder};
+use super::{check, Builder, Head};
 use crate::graph::{
     DType, Graph, GraphError, OpKind, Phase, RopeScaling, Scalar, TensorRef, WeightLayout,
 };
@@ -289,14 +289,21 @@ impl LlamaConfig {
 /// cache `[2, B, S, G·D]`.
 pub fn llama_prefill(c: &LlamaConfig, seq_len: usize) -> Result<Graph, Error> {
     c.check(seq_len)?;
-    llama(c, seq_len, &[], false)
+    llama(c, seq_len, &[], Head::All)
+}
+
+/// [`llama_prefill`] whose head reads only the last position: logits `[B, 1, V]` and each
+/// layer's KV cache (see [`gpt2_prefill_last`](super::gpt2_prefill_last)).
+pub fn llama_prefill_last(c: &LlamaConfig, seq_len: usize) -> Result<Graph, Error> {
+    c.check(seq_len)?;
+    llama(c, seq_len, &[], Head::Last)
 }
 
 /// One Llama-style decode step against KV caches of length `kv_len`: logits `[B, 1, V]` and the
 /// updated caches `[2, B, L+1, G·D]`.
 pub fn llama_decode(c: &LlamaConfig, kv_len: usize) -> Result<Graph, Error> {
     c.check(kv_len.saturating_add(1))?;
-    llama(c, 1, &[kv_len], false)
+    llama(c, 1, &[kv_len], Head::All)
 }
 
 /// One Llama-style decode step of several sequences at once, sequence `i` against caches of
@@ -307,7 +314,7 @@ pub fn llama_decode_batch(c: &LlamaConfig, kv_lens: &[usize]) -> Result<Graph, E
     for &l in kv_lens {
         c.check(l.saturating_add(1))?;
     }
-    llama(c, 1, kv_lens, true)
+    llama(c, 1, kv_lens, Head::Batched)
 }
 
 impl Builder {
@@ -327,7 +334,7 @@ impl Builder {
     }
 }
 
-fn llama(c: &LlamaConfig, s: usize, kv: &[usize], batched: bool) -> Result<Graph, Error> {
+fn llama(c: &LlamaConfig, s: usize, kv: &[usize], head: Head) -> Result<Graph, Error> {
     let decode = !kv.is_empty();
     let (phase, name) = if decode {
         (Phase::Decode, format!("{}-decode", c.kind.model_type()))
@@ -342,7 +349,8 @@ fn llama(c: &LlamaConfig, s: usize, kv: &[usize], batched: bool) -> Result<Graph
     );
     let (eq, ekv) = (c.heads * hd, c.kv_width());
     let mut b = Builder::new(&name, Phase::Embedding);
-    b.batched = batched;
+    b.batched = head == Head::Batched;
+    b.last_only = head == Head::Last;
     let ids = b.input("input_ids", &[bsz, s], DType::I64)?;
     let pos = b.input("position_ids", &[bsz, s], DType::I64)?;
     b.at("model.embed_tokens");
@@ -419,6 +427,7 @@ fn llama(c: &LlamaConfig, s: usize, kv: &[usize], batched: bool) -> Result<Graph
     }
     b.in_layer(None);
     let hf = b.rms_norm("model.norm", h, d, c.norm_eps)?;
+    let hf = b.last_position(hf, s)?;
     let logits = if c.tied_embeddings {
         b.at("lm_head");
         b.op(
