@@ -385,6 +385,48 @@ fn one_query_attention(
     Ok(Some(Tensor::from_vec(o, (1, 1, e), q.device())?))
 }
 
+/// Causal attention of a prompt's queries (`q` `[1, Q, H·D]`, `k`, `v` `[1, K, H·D]`, `K ≥ Q`)
+/// with the one-row kernels: query `r` attends over keys `0..=K−Q+r` alone (the positions the
+/// mask would hide are never computed, and no `[H, Q, K]` score matrix is made). `None` where
+/// they do not apply (a batch, other shapes or layouts). K and V are read one at a time (they
+/// may be views of one cache).
+fn causal_rows_attention(
+    simd: Simd,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f32,
+) -> candle_core::Result<Option<Tensor>> {
+    let (b, sq, e) = q.dims3()?;
+    let (kb, sk, ke) = k.dims3()?;
+    if b != 1 || kb != 1 || ke != e || sk < sq || v.dims() != k.dims() || q.dtype() != CDType::F32 {
+        return Ok(None);
+    }
+    let offset = sk - sq;
+    let qv: Vec<f32> = q.flatten_all()?.to_vec1()?;
+    let weights = with_rows(k, |k| {
+        qv.chunks_exact(e)
+            .enumerate()
+            .map(|(r, q)| simd.attention_weights(q, k.row_range(0, offset + r + 1)?, heads, scale))
+            .collect::<Option<Vec<Vec<f32>>>>()
+    });
+    let Some(Some(weights)) = weights else {
+        return Ok(None);
+    };
+    let mut out = vec![0f32; sq * e];
+    let done = with_rows(v, |v| {
+        for (r, (p, o)) in weights.iter().zip(out.chunks_exact_mut(e)).enumerate() {
+            o.copy_from_slice(&simd.attention_output(p, v.row_range(0, offset + r + 1)?, heads)?);
+        }
+        Some(())
+    });
+    if !matches!(done, Some(Some(()))) {
+        return Ok(None);
+    }
+    Ok(Some(Tensor::from_vec(out, (1, sq, e), q.device())?))
+}
+
 /// Layer norm over the last axis with candle ops.
 fn layer_norm_ops(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
     let mean = x.mean_keepdim(D::Minus1)?;
@@ -934,6 +976,11 @@ fn any_attention(
         if let Some(o) = one_query_attention(simd, q, k, v, (heads, g), head_dim, scale)? {
             return Ok(o);
         }
+        if causal && g == heads {
+            if let Some(o) = causal_rows_attention(simd, q, k, v, heads, scale)? {
+                return Ok(o);
+            }
+        }
     }
     let k = repeat_kv(&ins[1], g, heads / g)?;
     let v = repeat_kv(&ins[2], g, heads / g)?;
@@ -1439,6 +1486,37 @@ mod tests {
         let y = vals(&y[0]);
         assert_eq!(&y[..2], &[1.0, 2.0]);
         assert!(y[2] > 1.0 && y[2] < 3.0);
+    }
+
+    /// A prompt's causal attention with the one-row kernels (each query over its own prefix)
+    /// agrees with candle's masked attention, with as many keys as queries and with more (a
+    /// cache before them), heads of 32 and of an odd size.
+    #[test]
+    fn causal_rows_attention_matches_the_masked_one() {
+        let d = Device::Cpu;
+        for (heads, hd, sq, sk) in [(4, 32, 37, 37), (4, 32, 5, 12), (3, 12, 9, 9)] {
+            let e = heads * hd;
+            let n = node(
+                OpKind::Attention {
+                    heads,
+                    kv_heads: None,
+                    head_dim: hd,
+                    causal: true,
+                    scale: Scalar(0.2),
+                },
+                &[1, sq, e],
+            );
+            let q = Tensor::randn(0f32, 1., (1, sq, e), &d).unwrap();
+            let k = Tensor::randn(0f32, 1., (1, sk, e), &d).unwrap();
+            let v = Tensor::randn(0f32, 1., (1, sk, e), &d).unwrap();
+            let ins = [q, k, v];
+            let fast = vals(&CpuKernels::new().run(&n, &ins).unwrap()[0]);
+            let reference = vals(&CpuKernels::candle_only().run(&n, &ins).unwrap()[0]);
+            assert_eq!(fast.len(), sq * e);
+            for (a, b) in fast.iter().zip(&reference) {
+                assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
+            }
+        }
     }
 
     #[test]
