@@ -50,7 +50,7 @@ use std::time::{Duration, Instant};
 struct Args {
     /// Arrival rates to sweep, requests per second: up to where the co-located engines saturate
     /// on two cores (their TPOT and goodput collapse first, as prefills stall their decodes).
-    #[arg(long, value_delimiter = ',', default_value = "16,32,64,128")]
+    #[arg(long, value_delimiter = ',', default_value = "32,64,128,192,256")]
     rates: Vec<f64>,
     /// Requests per rate.
     #[arg(long, default_value_t = 64)]
