@@ -1922,14 +1922,14 @@ impl Infer<'_> {
         one(self.ins[0].shape.clone(), dt)
     }
 
-    fn attention(
+    /// The widths of an attention's queries (`H·D`) and keys/values (`G·D`), checked: positive,
+    /// no overflow, `G` dividing `H`.
+    fn head_widths(
         &self,
         heads: usize,
         kv_heads: Option<usize>,
         head_dim: usize,
-    ) -> Result<Vec<TensorMeta>, GraphError> {
-        self.arity(self.ins.len() == 3, "3")?;
-        let dt = self.float(0)?;
+    ) -> Result<(usize, usize), GraphError> {
         let e = heads
             .checked_mul(head_dim)
             .ok_or_else(|| self.overflow("heads · head_dim"))?;
@@ -1941,7 +1941,18 @@ impl Infer<'_> {
             return Err(self.attr_err(format!("kv_heads {g} must divide heads {heads}")));
         }
         // g divides heads, so g · head_dim ≤ e does not overflow.
-        let ekv = g * head_dim;
+        Ok((e, g * head_dim))
+    }
+
+    fn attention(
+        &self,
+        heads: usize,
+        kv_heads: Option<usize>,
+        head_dim: usize,
+    ) -> Result<Vec<TensorMeta>, GraphError> {
+        self.arity(self.ins.len() == 3, "3")?;
+        let dt = self.float(0)?;
+        let (e, ekv) = self.head_widths(heads, kv_heads, head_dim)?;
         let q = self.rank(0, 3)?;
         let k = self.rank(1, 3)?;
         if q[2] != e {
@@ -1966,18 +1977,7 @@ impl Infer<'_> {
     ) -> Result<Vec<TensorMeta>, GraphError> {
         self.arity(self.ins.len() >= 4, "4 or more")?;
         let dt = self.float(0)?;
-        let e = heads
-            .checked_mul(head_dim)
-            .ok_or_else(|| self.overflow("heads · head_dim"))?;
-        if e == 0 {
-            return Err(self.attr_err("heads and head_dim must be positive"));
-        }
-        let g = kv_heads.unwrap_or(heads);
-        if g == 0 || heads % g != 0 {
-            return Err(self.attr_err(format!("kv_heads {g} must divide heads {heads}")));
-        }
-        // g divides heads, so g · head_dim ≤ e does not overflow.
-        let ekv = g * head_dim;
+        let (e, ekv) = self.head_widths(heads, kv_heads, head_dim)?;
         let n = self.ins.len() - 3;
         if self.rank(0, 3)? != [n, 1, e] {
             return Err(self.shape_err(0, format!("expected [{n}, 1, {e}] (one row per cache)")));

@@ -1225,16 +1225,7 @@ mod tests {
             let view = store.narrow(2, 0, l).unwrap();
             let (k, v) = (view.get(0).unwrap(), view.get(1).unwrap());
             let q = r(&[1, 1, e]);
-            let n = node(
-                OpKind::Attention {
-                    heads,
-                    kv_heads: None,
-                    head_dim: hd,
-                    causal: true,
-                    scale: Scalar(1.0 / (hd as f32).sqrt()),
-                },
-                &[1, 1, e],
-            );
+            let n = causal_mha(heads, hd, 1.0 / (hd as f32).sqrt(), &[1, 1, e]);
             let on_view = fast.run(&n, &[q.clone(), k.clone(), v.clone()]).unwrap();
             let copies = [q.clone(), k.contiguous().unwrap(), v.contiguous().unwrap()];
             let on_copy = fast.run(&n, &copies).unwrap();
@@ -1272,18 +1263,7 @@ mod tests {
                 &[1, q, heads * hd],
             )
         };
-        let mha = |q: usize| {
-            node(
-                OpKind::Attention {
-                    heads,
-                    kv_heads: None,
-                    head_dim: hd,
-                    causal: true,
-                    scale: Scalar(0.25),
-                },
-                &[1, q, heads * hd],
-            )
-        };
+        let mha = |q: usize| causal_mha(heads, hd, 0.25, &[1, q, heads * hd]);
         for (qn, kn) in [(1usize, 40usize), (7, 7)] {
             let store = r(&[2, 1, 64, g * hd]);
             let view = store.narrow(2, 0, kn).unwrap();
@@ -1357,6 +1337,18 @@ mod tests {
         let y = vals(&k.run(&silu, &[t(&[0.0, 2.0], &[2])]).unwrap()[0]);
         assert_eq!(y[0], 0.0);
         assert!((y[1] - 2.0 / (1.0 + (-2f32).exp())).abs() < 1e-6);
+    }
+
+    /// A causal multi-head `Attention` node of `heads` heads of `hd`, its output `out`.
+    fn causal_mha(heads: usize, hd: usize, scale: f32, out: &[usize]) -> Node {
+        let op = OpKind::Attention {
+            heads,
+            kv_heads: None,
+            head_dim: hd,
+            causal: true,
+            scale: Scalar(scale),
+        };
+        node(op, out)
     }
 
     fn node(op: OpKind, out: &[usize]) -> Node {
@@ -1470,16 +1462,7 @@ mod tests {
     #[test]
     fn causal_attention_first_row_sees_only_itself() {
         let k = CpuKernels::new();
-        let n = node(
-            OpKind::Attention {
-                heads: 1,
-                kv_heads: None,
-                head_dim: 2,
-                causal: true,
-                scale: Scalar(1.0),
-            },
-            &[1, 2, 2],
-        );
+        let n = causal_mha(1, 2, 1.0, &[1, 2, 2]);
         let q = t(&[1.0, 0.0, 0.0, 1.0], &[1, 2, 2]);
         let v = t(&[1.0, 2.0, 3.0, 4.0], &[1, 2, 2]);
         let y = k.run(&n, &[q.clone(), q, v]).unwrap();
@@ -1496,16 +1479,7 @@ mod tests {
         let d = Device::Cpu;
         for (heads, hd, sq, sk) in [(4, 32, 37, 37), (4, 32, 5, 12), (3, 12, 9, 9)] {
             let e = heads * hd;
-            let n = node(
-                OpKind::Attention {
-                    heads,
-                    kv_heads: None,
-                    head_dim: hd,
-                    causal: true,
-                    scale: Scalar(0.2),
-                },
-                &[1, sq, e],
-            );
+            let n = causal_mha(heads, hd, 0.2, &[1, sq, e]);
             let q = Tensor::randn(0f32, 1., (1, sq, e), &d).unwrap();
             let k = Tensor::randn(0f32, 1., (1, sk, e), &d).unwrap();
             let v = Tensor::randn(0f32, 1., (1, sk, e), &d).unwrap();

@@ -55,6 +55,28 @@ impl<'a> RunCtx<'a> {
         Ok(kv)
     }
 
+    /// The session's caches (`e` wide), once `seq`'s at `layer` is checked to hold the `l`
+    /// positions `node`'s graph says it does.
+    fn kv_holding(
+        &mut self,
+        node: &Node,
+        (seq, layer): (u64, usize),
+        l: usize,
+        e: usize,
+    ) -> Result<&mut KvCacheManager> {
+        let kv = self.kv_manager(e)?;
+        let have = kv.len(seq, layer);
+        if have != l {
+            return Err(RuntimeError::KvCache {
+                reason: format!(
+                    "{}: sequence {seq} layer {layer} holds {have} positions, graph expects {l}",
+                    node.name
+                ),
+            });
+        }
+        Ok(kv)
+    }
+
     /// The sequence of cache slot `slot` in this run.
     fn seq_of(&self, node: &Node, slot: u32) -> Result<u64> {
         self.seqs
@@ -100,16 +122,9 @@ impl<'a> RunCtx<'a> {
             });
         }
         let seq = self.seq_of(node, slot)?;
-        let kv = self.kv_manager(e)?;
-        let have = kv.len(seq, layer);
-        if have != l {
-            return Err(RuntimeError::KvCache {
-                reason: format!(
-                    "sequence {seq} layer {layer} holds {have} positions, graph expects {l}"
-                ),
-            });
-        }
-        let view = kv.view(seq, layer)?;
+        let view = self
+            .kv_holding(node, (seq, layer), l, e)?
+            .view(seq, layer)?;
         self.stats.cache_hits += 1;
         Ok(view)
     }
@@ -209,16 +224,7 @@ impl<'a> RunCtx<'a> {
             };
             let (_, _, l, e) = cache.dims4().map_err(kerr)?;
             let seq = self.seq_of(node, slot)?;
-            let kv = self.kv_manager(e)?;
-            let have = kv.len(seq, layer);
-            if have != l {
-                return Err(RuntimeError::KvCache {
-                    reason: format!(
-                        "{}: sequence {seq} layer {layer} holds {have} positions, graph expects {l}",
-                        node.name
-                    ),
-                });
-            }
+            let kv = self.kv_holding(node, (seq, layer), l, e)?;
             let mut new = Vec::with_capacity(2 * w);
             new.extend_from_slice(&kr[i * w..(i + 1) * w]);
             new.extend_from_slice(&vr[i * w..(i + 1) * w]);
