@@ -917,8 +917,9 @@ struct Core {
     spans: (Instant, Arc<parking_lot::Mutex<Vec<Span>>>),
     /// Whether runs' spans are kept ([`EngineConfig::record_spans`], [`Engine::record_spans`]).
     recording: bool,
-    /// The scheduler's placement of a batched decode step, by batch size: steps of one size
-    /// differ in their KV lengths only, which never move a node of a one-worker schedule.
+    /// The scheduler's placement of a batched decode step, by batch size and whether its tokens
+    /// are chosen on the worker (all greedy): steps of one such kind differ in their KV lengths
+    /// only, which never move a node of a one-worker schedule.
     decode_places: HashMap<(usize, bool), Placement>,
     /// Where to connect again after a worker failure ([`Engine::connect`]).
     reconnect: Option<(Cluster, WeightSpec)>,

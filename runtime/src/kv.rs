@@ -67,8 +67,9 @@ impl KvCacheManager {
         self.cfg
     }
 
-    /// Appends rows of K and V (row-major, `width` floats a row) to `seq`'s cache at `layer`.
-    pub fn append(&mut self, seq: u64, layer: usize, k: &[f32], v: &[f32]) -> Result<()> {
+    /// Appends rows of K and V (row-major, `width` floats a row) to `seq`'s cache at `layer`;
+    /// returns a view of everything cached there, as [`KvCacheManager::append_rows`].
+    pub fn append(&mut self, seq: u64, layer: usize, k: &[f32], v: &[f32]) -> Result<Tensor> {
         let w = self.cfg.width;
         if k.len() != v.len() || k.len() % w != 0 {
             return Err(RuntimeError::KvCache {
@@ -84,7 +85,7 @@ impl KvCacheManager {
         kv.extend_from_slice(k);
         kv.extend_from_slice(v);
         let t = Tensor::from_vec(kv, (2, 1, rows, w), &Device::Cpu).map_err(kv_err)?;
-        self.append_rows(seq, layer, &t).map(|_| ())
+        self.append_rows(seq, layer, &t)
     }
 
     /// Appends `new` (`[2, 1, n, width]`: K rows, then V rows) to `seq`'s cache at `layer`, in

@@ -371,18 +371,12 @@ fn one_query_attention(
     if q.dims() != [1, 1, e] || v.dims() != [1, l, ekv] || q.dtype() != CDType::F32 {
         return Ok(None);
     }
-    let qv: Vec<f32> = q.flatten_all()?.to_vec1()?;
     if kv_heads != heads {
+        let qv: Vec<f32> = q.flatten_all()?.to_vec1()?;
         return grouped_query_attention(simd, &qv, k, v, (heads, kv_heads), head_dim, scale);
     }
-    // K and V are often views of one cache tensor: hold one storage lock at a time.
-    let Some(Some(p)) = with_rows(k, |k| simd.attention_weights(&qv, k, heads, scale)) else {
-        return Ok(None);
-    };
-    let Some(Some(o)) = with_rows(v, |v| simd.attention_output(&p, v, heads)) else {
-        return Ok(None);
-    };
-    Ok(Some(Tensor::from_vec(o, (1, 1, e), q.device())?))
+    // One query sees every key: a prompt of one row.
+    causal_rows_attention(simd, q, k, v, heads, scale)
 }
 
 /// Causal attention of a prompt's queries (`q` `[1, Q, H·D]`, `k`, `v` `[1, K, H·D]`, `K ≥ Q`)

@@ -32,8 +32,8 @@
 //!    key, with `Builder::in_layer` around each block and each layer's attention through
 //!    `Builder::cached_attention` (the cache as `KvCache { layer, slot }` → `KvCacheAppend` for
 //!    prefill and one-sequence steps; a batched step's caches, one per sequence, all read and
-//!    extended by one `CachedAttention` per layer); the names in `by_name`/`MODEL_NAMES`; parameter-count
-//!    tests against `transformers`' formula.
+//!    extended by one `CachedAttention` per layer); the names in `by_name`/`MODEL_NAMES`;
+//!    parameter-count tests against `transformers`' formula.
 //! 4. CPU kernels for new ops in `runtime/src/kernels/cpu.rs` (and one-row fast paths in
 //!    `decode.rs` where a decode step spends its time; Llama: grouped-query attention over
 //!    column views of the cache).
@@ -390,7 +390,8 @@ pub fn prefill_last<F: Family + ?Sized>(model: &F, seq_len: usize) -> Result<(Gr
     Ok((g, logits))
 }
 
-/// Runs the prefill graph `g` of `prompt` (from [`Family::prefill`] or [`prefill_last`]) placed by `place` for sequence `seq`, fetching `logits`: the one way a prefill is fed
+/// Runs the prefill graph `g` of `prompt` (from [`Family::prefill`] or [`prefill_last`]) placed
+/// by `place` for sequence `seq`, fetching `logits`: the one way a prefill is fed
 /// (`input_ids` and `position_ids` `0..s`), shared by generation, the engine and the demo.
 pub fn run_prefill(
     driver: &Driver,

@@ -224,13 +224,9 @@ impl<'a> RunCtx<'a> {
             };
             let (_, _, l, e) = cache.dims4().map_err(kerr)?;
             let seq = self.seq_of(node, slot)?;
+            let (k, v) = (&kr[i * w..(i + 1) * w], &vr[i * w..(i + 1) * w]);
             let kv = self.kv_holding(node, (seq, layer), l, e)?;
-            let mut new = Vec::with_capacity(2 * w);
-            new.extend_from_slice(&kr[i * w..(i + 1) * w]);
-            new.extend_from_slice(&vr[i * w..(i + 1) * w]);
-            let new =
-                Tensor::from_vec(new, (2, 1, 1, w), &candle_core::Device::Cpu).map_err(kerr)?;
-            views.push(kv.append_rows(seq, layer, &new)?);
+            views.push(kv.append(seq, layer, k, v)?);
         }
         self.w.kernels.cached_attention(node, q, &views)
     }
