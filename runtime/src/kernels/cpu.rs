@@ -379,11 +379,12 @@ fn one_query_attention(
     causal_rows_attention(simd, q, k, v, heads, scale)
 }
 
-/// Causal attention of a prompt's queries (`q` `[1, Q, H·D]`, `k`, `v` `[1, K, H·D]`, `K ≥ Q`)
-/// with the one-row kernels: query `r` attends over keys `0..=K−Q+r` alone (the positions the
-/// mask would hide are never computed, and no `[H, Q, K]` score matrix is made). `None` where
-/// they do not apply (a batch, other shapes or layouts). K and V are read one at a time (they
-/// may be views of one cache).
+/// Causal attention of a prompt's queries (`q` `[1, Q, H·D]`, `k`, `v` `[1, K, H·D]`, `K ≥ Q`):
+/// query `r` attends over keys `0..=K−Q+r` alone (the positions the mask would hide are never
+/// computed, and no `[H, Q, K]` score matrix is made). Several queries (a prompt) take
+/// [`Simd::causal_attention`], four at a time; one query (a decode step), or heads whose width
+/// is not a multiple of 8, the one-row kernels. `None` where neither applies (a batch, other
+/// shapes or layouts). K and V are read in place (they may be views of one cache).
 fn causal_rows_attention(
     simd: Simd,
     q: &Tensor,
@@ -399,6 +400,20 @@ fn causal_rows_attention(
     }
     let offset = sk - sq;
     let qv: Vec<f32> = q.flatten_all()?.to_vec1()?;
+    if sq > 1 {
+        // A prompt: four queries at a time.
+        let mut out = vec![0f32; sq * e];
+        let done = Rows::new(&qv, sq, e, e).and_then(|q| {
+            with_rows(k, |k| {
+                with_rows(v, |v| {
+                    simd.causal_attention((q, k, v), heads, scale, &mut out)
+                })
+            })
+        });
+        if done == Some(Some(true)) {
+            return Ok(Some(Tensor::from_vec(out, (1, sq, e), q.device())?));
+        }
+    }
     let weights = with_rows(k, |k| {
         qv.chunks_exact(e)
             .enumerate()
@@ -1471,7 +1486,14 @@ mod tests {
     #[test]
     fn causal_rows_attention_matches_the_masked_one() {
         let d = Device::Cpu;
-        for (heads, hd, sq, sk) in [(4, 32, 37, 37), (4, 32, 5, 12), (3, 12, 9, 9)] {
+        for (heads, hd, sq, sk) in [
+            (4, 32, 37, 37),
+            (4, 32, 5, 12),
+            (3, 12, 9, 9),
+            (2, 64, 19, 40),
+            (1, 8, 2, 2),
+            (3, 24, 6, 6),
+        ] {
             let e = heads * hd;
             let n = causal_mha(heads, hd, 0.2, &[1, sq, e]);
             let q = Tensor::randn(0f32, 1., (1, sq, e), &d).unwrap();

@@ -213,6 +213,53 @@ impl Simd {
         Some(out)
     }
 
+    /// Causal attention of a prompt's queries `q` (`sq` rows of `heads · d`) over `k`, `v`
+    /// (`sk ≥ sq` rows of `heads · d`, views of a cache included): query `r` attends over keys
+    /// `0..=sk − sq + r` alone, `softmax(q_h · k_j · scale) · v` per head, into `out` (`sq` rows
+    /// of `heads · d`). Four queries at a time share each load of a key or a value, and each
+    /// head's keys are transposed once so that sixteen scores come from fused multiply-adds over
+    /// `d` with no horizontal sum; the softmax is [`Simd::softmax`]. Within f32 rounding of the
+    /// one-row kernels, not bitwise. `false`, nothing written, where it does not apply: `d`
+    /// not a multiple of 8, or mismatched shapes.
+    pub(crate) fn causal_attention(
+        self,
+        (q, k, v): (Rows<'_>, Rows<'_>, Rows<'_>),
+        heads: usize,
+        scale: f32,
+        out: &mut [f32],
+    ) -> bool {
+        let e = q.cols;
+        let fits = heads > 0
+            && e % heads == 0
+            && (e / heads) % 8 == 0
+            && k.cols == e
+            && v.cols == e
+            && v.rows == k.rows
+            && k.rows >= q.rows
+            && out.len() == q.rows * e;
+        if !fits {
+            return false;
+        }
+        #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+        {
+            self.0.vectorize(x86::CausalAttention {
+                simd: self.0,
+                q,
+                k,
+                v,
+                heads,
+                scale,
+                out,
+            });
+            true
+        }
+        #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
+        {
+            let _ = (scale, out);
+            false
+        }
+    }
+
     /// `x ← gelu(x)` with the tanh approximation, `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`
     /// (candle's `gelu`), `tanh(u)` as `sign(u)·(1 − e^(−2|u|))/(1 + e^(−2|u|))` with the
     /// vectorised `exp` of [`Simd::softmax`]: within a few units of f32 rounding of candle's
@@ -1012,6 +1059,163 @@ mod x86 {
                 *v *= inv;
             }
             true
+        }
+    }
+    /// Query rows that share each load of a key or a value in [`CausalAttention`].
+    const QB: usize = 4;
+
+    /// Causal attention of a prompt: see [`super::Simd::causal_attention`].
+    pub(super) struct CausalAttention<'a, 'b> {
+        pub simd: V3,
+        pub q: Rows<'b>,
+        pub k: Rows<'b>,
+        pub v: Rows<'b>,
+        pub heads: usize,
+        pub scale: f32,
+        pub out: &'a mut [f32],
+    }
+
+    /// Scores of the `QB` queries `q` (one head's slices) against keys `0..n` of `kt` (that
+    /// head's keys transposed: row `c` holds column `c` of every key, rows of `w` floats, `w` a
+    /// multiple of 16 at least `n`), into rows of `w` in `s`. Sixteen keys at a time, each score
+    /// one chain of fused multiply-adds over the head's columns in order.
+    #[inline(always)]
+    fn block_scores(simd: V3, (kt, w): (&[f32], usize), q: [&[f32]; QB], n: usize, s: &mut [f32]) {
+        let d = q[0].len();
+        let zero = simd.splat_f32x8(0.0);
+        let mut j = 0;
+        while j < n {
+            let mut acc = [[zero; 2]; QB];
+            for c in 0..d {
+                let row = &kt[c * w + j..c * w + j + 2 * LANES];
+                let (k0, k1) = (load(row, 0), load(row, LANES));
+                for r in 0..QB {
+                    let qr = simd.splat_f32x8(q[r][c]);
+                    acc[r][0] = simd.mul_add_f32x8(k0, qr, acc[r][0]);
+                    acc[r][1] = simd.mul_add_f32x8(k1, qr, acc[r][1]);
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                let at = r * w + j;
+                s[at..at + LANES].copy_from_slice(&cast::<f32x8, [f32; LANES]>(acc[0]));
+                s[at + LANES..at + 2 * LANES].copy_from_slice(&cast::<f32x8, [f32; LANES]>(acc[1]));
+            }
+            j += 2 * LANES;
+        }
+    }
+
+    /// Columns `c..c + A·8` of the outputs of the first `rn` queries: `Σ_j p_r[j] · v_j` over
+    /// `j < lens[r]`, `p_r` row `r` of `s` (rows of `w`), into `out[r]`. The keys every query
+    /// sees (`0..lens[0]`) serve all of them at once; the few after, each query that sees them.
+    #[inline(always)]
+    fn block_output<const A: usize>(
+        simd: V3,
+        v: Rows<'_>,
+        (s, w): (&[f32], usize),
+        (lens, rn): ([usize; QB], usize),
+        c: usize,
+        out: &mut [&mut [f32]; QB],
+    ) {
+        let zero = simd.splat_f32x8(0.0);
+        let mut acc = [[zero; A]; QB];
+        for j in 0..lens[0] {
+            let row = &v.row(j)[c..c + A * LANES];
+            let mut vv = [zero; A];
+            for (a, vv) in vv.iter_mut().enumerate() {
+                *vv = load(row, a * LANES);
+            }
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let p = simd.splat_f32x8(s[r * w + j]);
+                for (acc, vv) in acc.iter_mut().zip(&vv) {
+                    *acc = simd.mul_add_f32x8(*vv, p, *acc);
+                }
+            }
+        }
+        for j in lens[0]..lens[rn - 1] {
+            let row = &v.row(j)[c..c + A * LANES];
+            for (r, acc) in acc.iter_mut().enumerate().take(rn).skip(1) {
+                if j < lens[r] {
+                    let p = simd.splat_f32x8(s[r * w + j]);
+                    for (a, acc) in acc.iter_mut().enumerate() {
+                        *acc = simd.mul_add_f32x8(load(row, a * LANES), p, *acc);
+                    }
+                }
+            }
+        }
+        for (acc, o) in acc.iter().zip(out.iter_mut()).take(rn) {
+            for (a, acc) in acc.iter().enumerate() {
+                let at = c + a * LANES;
+                o[at..at + LANES].copy_from_slice(&cast::<f32x8, [f32; LANES]>(*acc));
+            }
+        }
+    }
+
+    impl NullaryFnOnce for CausalAttention<'_, '_> {
+        type Output = ();
+
+        #[inline(always)]
+        fn call(self) {
+            let simd = self.simd;
+            let (sq, sk, e) = (self.q.rows, self.k.rows, self.q.cols);
+            let d = e / self.heads;
+            let offset = sk - sq;
+            let w = sk.div_ceil(2 * LANES) * 2 * LANES;
+            let mut kt = vec![0f32; d * w];
+            let mut s = vec![0f32; QB * w];
+            for h in 0..self.heads {
+                let hc = h * d;
+                for j in 0..sk {
+                    for (c, &x) in self.k.row(j)[hc..hc + d].iter().enumerate() {
+                        kt[c * w + j] = x;
+                    }
+                }
+                let v = match self.v.columns(hc, d) {
+                    Some(v) => v,
+                    None => return,
+                };
+                let mut r0 = 0;
+                while r0 < sq {
+                    let rn = (sq - r0).min(QB);
+                    // Rows past the prompt repeat its last; their results are dropped.
+                    let mut lens = [0usize; QB];
+                    let mut q: [&[f32]; QB] = [&[]; QB];
+                    for r in 0..QB {
+                        let row = r0 + r.min(rn - 1);
+                        lens[r] = offset + row + 1;
+                        q[r] = &self.q.row(row)[hc..hc + d];
+                    }
+                    block_scores(simd, (&kt, w), q, lens[QB - 1], &mut s);
+                    for (r, &len) in lens.iter().enumerate().take(rn) {
+                        let p = &mut s[r * w..r * w + len];
+                        let x = Softmax {
+                            simd,
+                            x: &mut *p,
+                            scale: self.scale,
+                        };
+                        if !x.call() {
+                            // Scaled already.
+                            super::softmax_scalar(p, 1.0);
+                        }
+                    }
+                    let mut rows = self.out[r0 * e..(r0 + rn) * e].chunks_exact_mut(e);
+                    let mut out: [&mut [f32]; QB] = Default::default();
+                    for o in out.iter_mut().take(rn) {
+                        *o = match rows.next() {
+                            Some(row) => &mut row[hc..hc + d],
+                            None => return,
+                        };
+                    }
+                    let mut c = 0;
+                    while c + 2 * LANES <= d {
+                        block_output::<2>(simd, v, (&s, w), (lens, rn), c, &mut out);
+                        c += 2 * LANES;
+                    }
+                    if c < d {
+                        block_output::<1>(simd, v, (&s, w), (lens, rn), c, &mut out);
+                    }
+                    r0 += QB;
+                }
+            }
         }
     }
 }
