@@ -14,8 +14,9 @@
 //!   its KV cache built there; then moves the cache to the decode worker in a short run of its
 //!   own ([`kv_move`]: every layer read back and sent, each layer travelling while the next is
 //!   read), drops it from the prefill worker, and hands the request over. Waiting requests are
-//!   taken first come first served, each by a free lane (the one given the fewest prompt tokens
-//!   so far), so several prefills run at once on a pool;
+//!   taken first come first served, each by the lane with the fewest prompt tokens queued (a
+//!   lane holds two requests at most: the one it runs and the next, which it starts as soon as
+//!   the first is done), so several prefills run at once on a pool;
 //! - the **decode lane** (the engine thread) runs one batched forward pass per round over every
 //!   active sequence on the decode worker ([`EngineConfig::max_batch`] at most per pass), each
 //!   against its own KV length. A sequence joins the pass after its cache landed and leaves
@@ -216,10 +217,11 @@ pub struct EngineConfig {
     /// Worker index that runs prefills.
     pub prefill_worker: usize,
     /// Further workers that run prefills beside `prefill_worker` (a prefill pool; empty by
-    /// default), each with a prefill lane of its own. A waiting request goes to a free one of
-    /// them: the one that has prefilled the fewest prompt tokens so far, ties to the first
-    /// listed (`prefill_worker` first); requests wait while all are busy. None may be the decode
-    /// worker.
+    /// default), each with a prefill lane of its own. A waiting request goes to one of them that
+    /// holds fewer than two requests (the one it runs and the next): the one with the fewest
+    /// prompt tokens queued, then the one that has prefilled the fewest so far, ties to the
+    /// first listed (`prefill_worker` first); requests wait while all are full. None may be the
+    /// decode worker.
     pub prefill_pool: Vec<usize>,
     /// Worker index where KV caches are pinned and decode steps run.
     pub decode_worker: usize,
@@ -470,9 +472,34 @@ struct Lane {
     thread: JoinHandle<()>,
 }
 
+/// Requests a prefill lane holds at most: the one it runs and one queued behind it, so that the
+/// lane starts its next prefill the moment one ends instead of waiting for the engine thread
+/// (busy with a decode step) to hand it one.
+const LANE_DEPTH: usize = 2;
+
+/// What a prefill lane holds, for [`pick_lane`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct LaneLoad {
+    /// Requests it holds (running or queued).
+    held: usize,
+    /// Their prompt tokens.
+    queued: usize,
+    /// Prompt tokens it was given so far.
+    given: u64,
+}
+
+/// The lane a waiting request goes to: of those holding fewer than [`LANE_DEPTH`] requests, the
+/// one with the fewest prompt tokens queued, then the fewest given so far, ties to the first;
+/// `None` when all are full.
+fn pick_lane(loads: &[LaneLoad]) -> Option<usize> {
+    (0..loads.len())
+        .filter(|&i| loads[i].held < LANE_DEPTH)
+        .min_by_key(|&i| (loads[i].queued, loads[i].given, i))
+}
+
 /// No request in any of `lanes` prefill lanes (one slot for inline prefills when there are none).
-fn idle_lanes(lanes: usize) -> Vec<Option<Active>> {
-    (0..lanes.max(1)).map(|_| None).collect()
+fn idle_lanes(lanes: usize) -> Vec<Vec<Active>> {
+    (0..lanes.max(1)).map(|_| Vec::new()).collect()
 }
 
 impl Lane {
@@ -897,8 +924,9 @@ struct Core {
     /// The prefill lanes, one per prefill worker (none when prefill and decode share a worker:
     /// prefills run inline).
     lanes: Vec<Lane>,
-    /// The request whose prefill each lane is running (slot 0 for an inline prefill).
-    prefilling: Vec<Option<Active>>,
+    /// The requests each lane holds, the running one first ([`LANE_DEPTH`] at most; slot 0
+    /// for an inline prefill, one at most).
+    prefilling: Vec<Vec<Active>>,
     /// Where the lane reports (a lane started after a cluster change needs it).
     cmds: mpsc::Sender<Cmd>,
     /// Whether the cluster follows a membership ([`Engine::discover`]): the prefill and decode
@@ -1090,19 +1118,27 @@ impl Core {
 
     /// Whether a prefill is running (in a lane, or inline).
     fn prefilling_any(&self) -> bool {
-        self.prefilling.iter().any(Option::is_some)
+        self.prefilling.iter().any(|l| !l.is_empty())
     }
 
-    /// The lane a waiting request goes to: a free one, the one given the fewest prompt tokens so
+    /// The lane a waiting request goes to: of those holding fewer than [`LANE_DEPTH`] requests,
+    /// the one with the fewest prompt tokens queued (its load), then the one given the fewest so
     /// far, ties to the first; the inline slot when there are no lanes and it is free.
     fn free_lane(&self) -> Option<usize> {
-        let free = |i: &usize| self.prefilling.get(*i).is_some_and(Option::is_none);
         if self.lanes.is_empty() {
-            return Some(0).filter(free);
+            return Some(0).filter(|_| self.prefilling.first().is_some_and(Vec::is_empty));
         }
-        (0..self.lanes.len())
-            .filter(free)
-            .min_by_key(|&i| (self.lanes[i].tokens, i))
+        let loads: Vec<LaneLoad> = self
+            .lanes
+            .iter()
+            .zip(&self.prefilling)
+            .map(|(l, held)| LaneLoad {
+                held: held.len(),
+                queued: held.iter().map(|a| a.req.prompt.len()).sum(),
+                given: l.tokens,
+            })
+            .collect();
+        pick_lane(&loads)
     }
 
     /// Starts `w`'s prefill in lane `lane` (the inline slot when there are no lanes).
@@ -1148,7 +1184,7 @@ impl Core {
                     let e = RuntimeError::Plan("engine: a prefill lane is gone".into());
                     return self.fail(a, e);
                 }
-                self.prefilling[lane] = Some(a);
+                self.prefilling[lane].push(a);
             }
             None => {
                 let workers = (self.cfg.prefill_worker, self.cfg.decode_worker);
@@ -1156,7 +1192,7 @@ impl Core {
                 let r = prefill_on(&driver, &mut self.scheduler, &self.cfg.model, workers, job);
                 drop(driver);
                 let id = a.id;
-                self.prefilling[0] = Some(a);
+                self.prefilling[0].push(a);
                 self.prefilled(id, r);
             }
         }
@@ -1165,11 +1201,11 @@ impl Core {
     /// Request `id`'s prefill came back: its first token is streamed and it joins the decode
     /// pass (or it ends: cancelled meanwhile, failed, or done after one token).
     fn prefilled(&mut self, id: u64, result: Result<Prefilled, RuntimeError>) {
-        let slot = self
-            .prefilling
-            .iter_mut()
-            .find(|p| p.as_ref().is_some_and(|a| a.id == id));
-        let Some(mut a) = slot.and_then(Option::take) else {
+        let found = self.prefilling.iter_mut().find_map(|lane| {
+            let at = lane.iter().position(|a| a.id == id)?;
+            Some(lane.remove(at))
+        });
+        let Some(mut a) = found else {
             tracing::warn!(
                 request = id,
                 "engine: a prefill result for no request in the lane"
@@ -1181,6 +1217,8 @@ impl Core {
             Err(e) => return self.fail(a, e),
         };
         let (started, out) = &p.prefill;
+        // A request may have waited in its lane's queue behind another prefill.
+        a.timings.queue = started.saturating_duration_since(a.at);
         self.record(*started, out);
         a.timings.prefill = out.wall;
         a.timings.kv_bytes = out.counters.bytes_moved;
@@ -1586,6 +1624,7 @@ fn next_token(
 
 #[cfg(test)]
 mod tests {
+    use super::{pick_lane, LaneLoad};
     use crate::models::sample;
 
     #[test]
@@ -1628,6 +1667,27 @@ mod tests {
         let bad = "[[workers]]\nname = \"w0\"\naddress = \"127.0.0.1:7000\"\nrole = \"chef\"\n";
         let e = Cluster::parse(bad, std::path::Path::new("<test>")).unwrap_err();
         assert!(e.to_string().contains("workers[0].role"), "{e}");
+    }
+
+    #[test]
+    fn a_request_goes_to_the_least_loaded_lane_that_has_room() {
+        let load = |held, queued, given| LaneLoad {
+            held,
+            queued,
+            given,
+        };
+        // Fewest tokens queued first, whatever was given before.
+        assert_eq!(
+            pick_lane(&[load(1, 300, 0), load(1, 20, 5000), load(0, 0, 9000)]),
+            Some(2)
+        );
+        // A lane with the one it runs and one queued takes no more, however short they are.
+        assert_eq!(pick_lane(&[load(2, 10, 0), load(1, 380, 0)]), Some(1));
+        assert_eq!(pick_lane(&[load(2, 10, 0), load(2, 380, 0)]), None);
+        // Equal queues: the one given the fewest tokens so far, then the first.
+        assert_eq!(pick_lane(&[load(0, 0, 70), load(0, 0, 40)]), Some(1));
+        assert_eq!(pick_lane(&[load(1, 8, 0), load(1, 8, 0)]), Some(0));
+        assert_eq!(pick_lane(&[]), None);
     }
 
     #[test]
