@@ -208,7 +208,7 @@ impl Driver {
                 *a = true;
             }
         }
-        let _held = self.hold((0..used).filter(|&i| active[i]));
+        let mut held = self.hold((0..used).filter(|&i| active[i]));
         // A run on other workers may have failed while this one waited for its workers.
         self.check_poisoned()?;
         // What each worker is sent comes from the graph cache, under its lock: the messages a
@@ -293,7 +293,7 @@ impl Driver {
             }
         }
         let order_len = order.len();
-        let replies = match self.gather(order, start + RUN_TIMEOUT) {
+        let replies = match self.gather(order, start + RUN_TIMEOUT, &mut held) {
             Ok(r) => r,
             Err((worker, reason)) => return Err(self.fail(worker, reason)),
         };
@@ -357,23 +357,33 @@ impl Driver {
     }
 
     /// Holds `workers` (ascending, so that two callers never wait on each other in a cycle)
-    /// until the guards drop.
-    fn hold(&self, workers: impl Iterator<Item = usize>) -> Vec<MutexGuard<'_, ()>> {
-        workers
-            .filter_map(|i| self.held.get(i))
-            .map(|m| m.lock())
-            .collect()
+    /// until the guards drop; the guards are by worker index.
+    fn hold(&self, workers: impl Iterator<Item = usize>) -> Vec<Option<MutexGuard<'_, ()>>> {
+        let mut guards: Vec<Option<MutexGuard<'_, ()>>> = Vec::new();
+        for i in workers {
+            let Some(m) = self.held.get(i) else { continue };
+            if guards.len() <= i {
+                guards.resize_with(i + 1, || None);
+            }
+            guards[i] = Some(m.lock());
+        }
+        guards
     }
 
     /// The replies of workers `order` to the run just handed out, as they arrive (on this
     /// thread: each connection is polled, and the wait sleeps on one of them, in that order).
     /// A failure reported by any worker, a dead connection or no reply by `deadline` ends the
     /// wait with the worker to blame and why.
+    ///
+    /// A worker whose part is done is let go at once (its guard in `held` dropped): a run on it
+    /// alone may start while this one's other workers still compute (a prefill on the prefill
+    /// worker while the decode worker appends the cache just moved to it).
     #[allow(clippy::type_complexity)]
     fn gather(
         &self,
         order: Vec<usize>,
         deadline: Instant,
+        held: &mut [Option<MutexGuard<'_, ()>>],
     ) -> std::result::Result<Vec<(usize, Msg, Vec<u8>)>, (String, String)> {
         let mut replies = Vec::with_capacity(order.len());
         let mut waiting = order;
@@ -423,7 +433,13 @@ impl Driver {
                 Ok((Msg::Failed { error, culprit, .. }, _)) => {
                     return Err((culprit.unwrap_or_else(|| name.clone()), error))
                 }
-                Ok((msg, pl)) => replies.push((i, msg, pl)),
+                Ok((msg, pl)) => {
+                    // Its connection carries nothing more of this run.
+                    if let Some(g) = held.get_mut(i) {
+                        g.take();
+                    }
+                    replies.push((i, msg, pl));
+                }
                 Err(e) => return Err((name.clone(), e.to_string())),
             }
         }

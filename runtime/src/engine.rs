@@ -11,9 +11,11 @@
 //! Lanes run at once, on disjoint workers of one shared [`Driver`]:
 //! - a **prefill lane** per prefill worker (a thread of its own; [`EngineConfig::prefill_worker`]
 //!   and the pool [`EngineConfig::prefill_pool`]) prefills one request at a time on its worker,
-//!   its KV cache built there; then moves the cache to the decode worker in a short run of its
-//!   own ([`kv_move`]: every layer read back and sent, each layer travelling while the next is
-//!   read), drops it from the prefill worker, and hands the request over. Waiting requests are
+//!   its KV cache built there; its mover thread then moves the cache to the decode worker in a
+//!   short run of its own ([`kv_move`]: every layer read back and sent, each layer travelling
+//!   while the next is read), hands the request over, and drops the prefill worker's copy.
+//!   The lane meanwhile starts the next prefill: the prefill worker is free again as soon as its
+//!   part of the move is done (the decode worker may still be appending). Waiting requests are
 //!   taken first come first served, each by the lane with the fewest prompt tokens queued (a
 //!   lane holds two requests at most: the one it runs and the next, which it starts as soon as
 //!   the first is done), so several prefills run at once on a pool;
@@ -1187,9 +1189,10 @@ impl Core {
                 self.prefilling[lane].push(a);
             }
             None => {
-                let workers = (self.cfg.prefill_worker, self.cfg.decode_worker);
+                // No lanes: prefill and decode share one worker, the cache is built in place.
                 let job = (a.req.prompt.as_slice(), a.seq);
-                let r = prefill_on(&driver, &mut self.scheduler, &self.cfg.model, workers, job);
+                let pw = self.cfg.decode_worker;
+                let r = prefill_here(&driver, &mut self.scheduler, &self.cfg.model, pw, job);
                 drop(driver);
                 let id = a.id;
                 self.prefilling[0].push(a);
@@ -1511,8 +1514,10 @@ impl Core {
     }
 }
 
-/// The prefill lane: runs each job's prefill and KV move, reports it, and takes the next;
-/// ends when the engine drops its queue.
+/// The prefill lane: runs each job's prefill on its worker and hands it to the lane's mover
+/// thread ([`kv_mover`]), then takes the next job: the next prefill runs while the last one's
+/// cache travels (the driver lets the prefill worker go as soon as its part of a move is done).
+/// Ends when the engine drops its queue, after the moves handed over.
 fn prefill_lane(
     jobs: &mpsc::Receiver<LaneJob>,
     done: &mpsc::Sender<Cmd>,
@@ -1520,41 +1525,111 @@ fn prefill_lane(
     model: &Model,
     workers: (usize, usize),
 ) {
-    while let Ok(job) = jobs.recv() {
-        let _span = tracing::info_span!("prefill", request = job.id).entered();
-        let result = prefill_on(
-            &job.driver,
-            &mut scheduler,
-            model,
-            workers,
-            (&job.prompt, job.seq),
-        );
-        if result.is_err() {
-            // Whatever part of its cache was built goes now, while the lane holds the workers'
-            // turn: the engine then frees nothing on the prefill worker.
-            let _ = job.driver.free_sequence(job.seq);
+    std::thread::scope(|s| {
+        let (to_mover, moves) = mpsc::channel();
+        let mover = std::thread::Builder::new()
+            .name("genie-kv-mover".into())
+            .spawn_scoped(s, move || kv_mover(&moves, done, model, workers));
+        // Without a mover thread, each move runs here, after its prefill.
+        let to_mover = match mover {
+            Ok(_) => Some(to_mover),
+            Err(e) => {
+                tracing::warn!(error = %e, "engine: no KV mover thread; moves run in the lane");
+                None
+            }
+        };
+        while let Ok(job) = jobs.recv() {
+            let _span = tracing::info_span!("prefill", request = job.id).entered();
+            match prefill_here(
+                &job.driver,
+                &mut scheduler,
+                model,
+                workers.0,
+                (&job.prompt, job.seq),
+            ) {
+                Ok(p) => {
+                    let handed = match &to_mover {
+                        Some(m) => m.send((job, p)).map_err(|mpsc::SendError(back)| back),
+                        None => Err((job, p)),
+                    };
+                    if let Err((job, p)) = handed {
+                        if !move_and_report(job, p, done, model, workers) {
+                            break;
+                        }
+                    }
+                }
+                Err(e) => {
+                    // Whatever part of its cache was built goes now: the engine then frees
+                    // nothing on the prefill worker.
+                    let _ = job.driver.free_sequence(job.seq);
+                    let id = job.id;
+                    drop(job);
+                    if done.send(Cmd::Prefilled { id, result: Err(e) }).is_err() {
+                        break;
+                    }
+                }
+            }
         }
-        let id = job.id;
-        drop(job);
-        let result = result.map(Box::new);
-        if done.send(Cmd::Prefilled { id, result }).is_err() {
+    });
+}
+
+/// A prefill lane's mover: moves each prefilled request's KV cache to the decode worker and
+/// reports the request ([`move_and_report`]), in the order the lane prefilled them.
+fn kv_mover(
+    moves: &mpsc::Receiver<(LaneJob, Prefilled)>,
+    done: &mpsc::Sender<Cmd>,
+    model: &Model,
+    workers: (usize, usize),
+) {
+    while let Ok((job, p)) = moves.recv() {
+        let _span = tracing::info_span!("kv_move", request = job.id).entered();
+        if !move_and_report(job, p, done, model, workers) {
             break;
         }
     }
 }
 
-/// The prefill of `prompt` for sequence `seq` on worker `pw`, its KV cache left on worker `dw`: built there directly
-/// when they are one worker; else built on `pw`, moved to `dw` by a [`kv_move`] run, and
-/// dropped from `pw`.
-fn prefill_on(
+/// Moves `job`'s KV cache from the prefill worker `pw` to the decode worker `dw` by a
+/// [`kv_move`] run, reports the request to the engine, then drops the prefill worker's copy
+/// (after the report: the request's first token does not wait for it). A failed move frees
+/// what was built and reports the error. `false` once the engine no longer listens.
+fn move_and_report(
+    job: LaneJob,
+    mut p: Prefilled,
+    done: &mpsc::Sender<Cmd>,
+    model: &Model,
+    (pw, dw): (usize, usize),
+) -> bool {
+    let (id, seq) = (job.id, job.seq);
+    let result = match move_kv(&job.driver, model, (pw, dw), (job.prompt.len(), seq)) {
+        Ok(moved) => {
+            p.moved = Some(moved);
+            Ok(Box::new(p))
+        }
+        Err(e) => {
+            let _ = job.driver.free_sequence(seq);
+            Err(e)
+        }
+    };
+    let moved = result.is_ok();
+    let listening = done.send(Cmd::Prefilled { id, result }).is_ok();
+    if moved {
+        if let Err(e) = job.driver.free_sequence_on(seq, pw) {
+            tracing::warn!(seq, error = %e, "engine: dropping a moved KV cache failed");
+        }
+    }
+    listening
+}
+
+/// The prefill of `prompt` for sequence `seq` on worker `pw`, its KV cache built there.
+fn prefill_here(
     driver: &Driver,
     scheduler: &mut genie_scheduler::Scheduler,
     model: &Model,
-    (pw, dw): (usize, usize),
+    pw: usize,
     (prompt, seq): (&[i64], u64),
 ) -> Result<Prefilled, RuntimeError> {
-    let s = prompt.len();
-    let (g, last) = prefill_last(model, s)?;
+    let (g, last) = prefill_last(model, prompt.len())?;
     let place = Placement::scheduled(scheduler, &g, pw, pw)?;
     let started = Instant::now();
     let out = run_prefill(driver, &g, &place, prompt, last, seq)?;
@@ -1563,28 +1638,33 @@ fn prefill_on(
         .first()
         .cloned()
         .ok_or_else(|| RuntimeError::Plan("prefill returned nothing".into()))?;
-    let moved = if pw == dw {
-        None
-    } else {
-        let g = kv_move(model.layers(), model.kv_width(), s).map_err(RuntimeError::Scheduler)?;
-        // A copy, not a scheduling decision: reads where the cache is, appends where it goes.
-        let place = Placement::by_rule(&g, |n| {
-            if matches!(n.op, OpKind::KvCacheAppend) {
-                dw
-            } else {
-                pw
-            }
-        });
-        let t = Instant::now();
-        let moved = driver.run(&g, &place, &[], &[], seq)?;
-        driver.free_sequence_on(seq, pw)?;
-        Some((t, moved))
-    };
     Ok(Prefilled {
         logits,
         prefill: (started, out),
-        moved,
+        moved: None,
     })
+}
+
+/// The [`kv_move`] run of sequence `seq`'s cache (`len` positions) from worker `pw` to `dw`,
+/// and when it started.
+fn move_kv(
+    driver: &Driver,
+    model: &Model,
+    (pw, dw): (usize, usize),
+    (len, seq): (usize, u64),
+) -> Result<(Instant, RunOutput), RuntimeError> {
+    let g = kv_move(model.layers(), model.kv_width(), len).map_err(RuntimeError::Scheduler)?;
+    // A copy, not a scheduling decision: reads where the cache is, appends where it goes.
+    let place = Placement::by_rule(&g, |n| {
+        if matches!(n.op, OpKind::KvCacheAppend) {
+            dw
+        } else {
+            pw
+        }
+    });
+    let t = Instant::now();
+    let moved = driver.run(&g, &place, &[], &[], seq)?;
+    Ok((t, moved))
 }
 
 /// The next token from the last row of `logits` under `sampling`, or the token a greedy step
