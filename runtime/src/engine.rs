@@ -16,9 +16,10 @@
 //!   while the next is read), hands the request over, and drops the prefill worker's copy.
 //!   The lane meanwhile starts the next prefill: the prefill worker is free again as soon as its
 //!   part of the move is done (the decode worker may still be appending). Waiting requests are
-//!   taken first come first served, each by the lane with the fewest prompt tokens queued (a
-//!   lane holds two requests at most: the one it runs and the next, which it starts as soon as
-//!   the first is done), so several prefills run at once on a pool;
+//!   taken in arrival order (or shortest prompt first: [`EngineConfig::prefill_order`]), each
+//!   by the lane with the fewest prompt tokens queued (a lane holds two requests at most: the
+//!   one it runs and the next, which it starts as soon as the first is done), so several
+//!   prefills run at once on a pool;
 //! - the **decode lane** (the engine thread) runs one batched forward pass per round over every
 //!   active sequence on the decode worker ([`EngineConfig::max_batch`] at most per pass), each
 //!   against its own KV length. A sequence joins the pass after its cache landed and leaves
@@ -238,6 +239,46 @@ pub struct EngineConfig {
     /// Most sequences in one batched decode step (1 to [`MAX_DECODE_BATCH`]; default 32). More
     /// active sequences take several steps per round.
     pub max_batch: usize,
+    /// The order in which waiting requests are prefilled (default: as they arrived).
+    pub prefill_order: PrefillOrder,
+}
+
+/// The order in which waiting requests go to prefill ([`EngineConfig::prefill_order`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PrefillOrder {
+    /// First come, first served.
+    #[default]
+    Arrival,
+    /// The shortest prompt first (ties by arrival), so that short requests do not queue behind
+    /// long prompts when prefill is the bottleneck: more requests meet a time-to-first-token
+    /// bound, long prompts wait longer. None starves: once the oldest waiting request has
+    /// waited `max_wait`, it goes next.
+    ShortestFirst {
+        /// The longest a request waits before it goes next whatever its length.
+        max_wait: Duration,
+    },
+}
+
+impl PrefillOrder {
+    /// Which of `waiting` (prompt lengths and time waited, in arrival order) goes next.
+    fn next(self, waiting: impl ExactSizeIterator<Item = (usize, Duration)>) -> Option<usize> {
+        match self {
+            PrefillOrder::Arrival => (waiting.len() > 0).then_some(0),
+            PrefillOrder::ShortestFirst { max_wait } => {
+                let mut best: Option<(usize, usize)> = None;
+                for (i, (len, waited)) in waiting.enumerate() {
+                    // The oldest is first in line: once it waited long enough, it goes.
+                    if i == 0 && waited >= max_wait {
+                        return Some(0);
+                    }
+                    if best.map_or(true, |(l, _)| len < l) {
+                        best = Some((len, i));
+                    }
+                }
+                best.map(|(_, i)| i)
+            }
+        }
+    }
 }
 
 impl EngineConfig {
@@ -252,6 +293,7 @@ impl EngineConfig {
             max_waiting: 1024,
             record_spans: false,
             max_batch: 32,
+            prefill_order: PrefillOrder::Arrival,
         }
     }
 
@@ -1023,7 +1065,13 @@ impl Core {
             // Each free lane takes a waiting request; an inline prefill runs one per round.
             while self.pending.is_none() {
                 let Some(lane) = self.free_lane() else { break };
-                let Some(w) = self.waiting.pop_front() else {
+                let now = Instant::now();
+                let next = self.cfg.prefill_order.next(
+                    self.waiting
+                        .iter()
+                        .map(|w| (w.req.prompt.len(), now.saturating_duration_since(w.at))),
+                );
+                let Some(w) = next.and_then(|i| self.waiting.remove(i)) else {
                     break;
                 };
                 self.pool.lock().waiting -= 1;
@@ -1704,8 +1752,9 @@ fn next_token(
 
 #[cfg(test)]
 mod tests {
-    use super::{pick_lane, LaneLoad};
+    use super::{pick_lane, LaneLoad, PrefillOrder};
     use crate::models::sample;
+    use std::time::Duration;
 
     #[test]
     fn roles_choose_the_prefill_and_decode_workers() {
@@ -1768,6 +1817,28 @@ mod tests {
         assert_eq!(pick_lane(&[load(0, 0, 70), load(0, 0, 40)]), Some(1));
         assert_eq!(pick_lane(&[load(1, 8, 0), load(1, 8, 0)]), Some(0));
         assert_eq!(pick_lane(&[]), None);
+    }
+
+    #[test]
+    fn shortest_first_passes_long_prompts_until_one_waited_too_long() {
+        let ms = Duration::from_millis;
+        let waiting = [
+            (300, ms(40)),
+            (20, ms(30)),
+            (8, ms(10)),
+            (8, ms(5)),
+            (380, ms(1)),
+        ];
+        assert_eq!(PrefillOrder::Arrival.next(waiting.iter().copied()), Some(0));
+        let sjf = PrefillOrder::ShortestFirst { max_wait: ms(50) };
+        // The shortest, the first of equals.
+        assert_eq!(sjf.next(waiting.iter().copied()), Some(2));
+        // The oldest has waited its time: it goes, however long.
+        let late = PrefillOrder::ShortestFirst { max_wait: ms(40) };
+        assert_eq!(late.next(waiting.iter().copied()), Some(0));
+        for order in [PrefillOrder::Arrival, sjf] {
+            assert_eq!(order.next(std::iter::empty()), None);
+        }
     }
 
     #[test]

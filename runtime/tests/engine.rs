@@ -4,7 +4,8 @@
 
 use genie_runtime::driver::{Driver, EmbeddedCluster};
 use genie_runtime::engine::{
-    Engine, EngineConfig, EngineError, FinishReason, Request, RequestHandle, Sampling, Step,
+    Engine, EngineConfig, EngineError, FinishReason, PrefillOrder, Request, RequestHandle,
+    Sampling, Step,
 };
 use genie_runtime::kernels::CpuKernels;
 use genie_runtime::limits::WorkerOptions;
@@ -212,6 +213,56 @@ fn a_prefill_pool_shares_the_prefills_and_serves_the_same_tokens() {
     );
     assert_eq!(engine.kv_free(), pooled.kv_pool_bytes);
     cluster.stop(engine.shutdown().unwrap()).unwrap();
+}
+
+/// Long prompts then a short one, submitted at once on one prefill lane: in arrival order the
+/// short one's first token comes last; shortest first, it passes the long prompts still waiting
+/// (the lane holds two at most; for none to be waiting, twenty-odd prefills would have to end
+/// while this thread submits). Its tokens are the same either way.
+#[test]
+fn shortest_first_passes_waiting_long_prompts() {
+    let long = 24;
+    let mut short_tokens = Vec::new();
+    for order in [
+        PrefillOrder::Arrival,
+        PrefillOrder::ShortestFirst {
+            max_wait: Duration::from_secs(60),
+        },
+    ] {
+        let (cluster, driver) = start();
+        let cfg = EngineConfig {
+            prefill_order: order,
+            ..EngineConfig::disaggregated(cfg())
+        };
+        let engine = Engine::start(driver, cfg).unwrap();
+        let mut handles = Vec::new();
+        for i in 0..=long {
+            let len = if i < long { 56 } else { 4 };
+            let p: Vec<i64> = prompt(len, 256)
+                .iter()
+                .map(|t| (t + i as i64) % 256)
+                .collect();
+            let at = Instant::now();
+            handles.push((at, engine.submit(Request::greedy(p, 2)).unwrap()));
+        }
+        // When each request's first token came, on one clock.
+        let done: Vec<(Instant, Vec<i64>)> = handles
+            .into_iter()
+            .map(|(at, h)| {
+                let c = h.wait().unwrap();
+                (at + c.timings.first_token, c.tokens)
+            })
+            .collect();
+        let (short_at, tokens) = done[long].clone();
+        let later = done[..long].iter().filter(|(t, _)| *t > short_at).count();
+        match order {
+            PrefillOrder::Arrival => assert_eq!(later, 0, "arrival order: a long prompt after"),
+            _ => assert!(later >= 1, "shortest first: no long prompt passed"),
+        }
+        short_tokens.push(tokens);
+        cluster.stop(engine.shutdown().unwrap()).unwrap();
+    }
+    assert_eq!(short_tokens[0], short_tokens[1]);
 }
 
 #[test]

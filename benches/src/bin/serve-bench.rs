@@ -35,7 +35,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use genie_runtime::cluster::Cluster;
 use genie_runtime::driver::{Driver, EmbeddedCluster};
-use genie_runtime::engine::{Completion, Engine, EngineConfig, Request};
+use genie_runtime::engine::{Completion, Engine, EngineConfig, PrefillOrder, Request};
 use genie_runtime::kernels::CpuKernels;
 use genie_runtime::limits::WorkerOptions;
 use genie_runtime::models::{Family, Model};
@@ -102,6 +102,26 @@ struct Args {
     /// `serve-decode model=<m> batch8_decode_speedup=<s>`.
     #[arg(long)]
     decode_only: bool,
+    /// The order in which every engine (both modes alike) prefills its waiting requests:
+    /// `arrival` (first come, first served) or `shortest` (the shortest prompt first; a request
+    /// that waited `--max-wait-ms` goes next whatever its length).
+    #[arg(long, default_value = "arrival", value_parser = ["arrival", "shortest"])]
+    prefill_order: String,
+    /// With `--prefill-order shortest`: the longest a request waits before it goes next.
+    #[arg(long, default_value_t = 1000)]
+    max_wait_ms: u64,
+}
+
+impl Args {
+    /// The engines' prefill order.
+    fn order(&self) -> PrefillOrder {
+        match self.prefill_order.as_str() {
+            "shortest" => PrefillOrder::ShortestFirst {
+                max_wait: Duration::from_millis(self.max_wait_ms),
+            },
+            _ => PrefillOrder::Arrival,
+        }
+    }
 }
 
 fn range(s: &str) -> Result<(usize, usize)> {
@@ -188,13 +208,19 @@ fn driver_on(
 }
 
 impl Mode {
-    fn disaggregated(model: &Model, file: Option<&Path>, threads: usize) -> Result<Self> {
+    fn disaggregated(
+        model: &Model,
+        file: Option<&Path>,
+        threads: usize,
+        order: PrefillOrder,
+    ) -> Result<Self> {
         let (d, cluster, e) = driver_on(file, 2, threads)?;
         let mut cfg = EngineConfig::for_cluster(model.clone(), &cluster)?;
         if cfg.prefill_worker == cfg.decode_worker {
             bail!("the disaggregated cluster needs a prefill and a decode worker of their own");
         }
         cfg.kv_pool_bytes = 4 << 30;
+        cfg.prefill_order = order;
         Ok(Self {
             name: "disaggregated",
             engines: vec![Engine::start(d, cfg)?],
@@ -202,7 +228,12 @@ impl Mode {
         })
     }
 
-    fn colocated(model: &Model, files: Option<&[PathBuf]>, threads: usize) -> Result<Self> {
+    fn colocated(
+        model: &Model,
+        files: Option<&[PathBuf]>,
+        threads: usize,
+        order: PrefillOrder,
+    ) -> Result<Self> {
         let mut engines = Vec::new();
         let mut clusters = Vec::new();
         let files: Vec<Option<&Path>> = match files {
@@ -220,6 +251,7 @@ impl Mode {
             let mut cfg = EngineConfig::disaggregated(model.clone());
             cfg.decode_worker = 0;
             cfg.kv_pool_bytes = 2 << 30;
+            cfg.prefill_order = order;
             engines.push(Engine::start(d, cfg)?);
             clusters.push(e);
         }
@@ -537,7 +569,7 @@ fn main() -> Result<()> {
         usize::from,
     );
     println!(
-        "serve-bench: model {} ({}), {} requests per rate, rates {:?} req/s, prompts short {} / long {} ({}% long), outputs {}, {threads} compute thread(s) per embedded worker",
+        "serve-bench: model {} ({}), {} requests per rate, rates {:?} req/s, prompts short {} / long {} ({}% long), outputs {}, {threads} compute thread(s) per embedded worker, prefill order {:?}",
         args.model,
         model.describe(),
         args.requests,
@@ -545,7 +577,8 @@ fn main() -> Result<()> {
         args.short,
         args.long,
         (args.long_share * 100.0).round(),
-        args.output
+        args.output,
+        args.order()
     );
     if args.decode_rounds == 0 && args.decode_only {
         bail!("--decode-only needs at least one --decode-rounds");
@@ -558,7 +591,7 @@ fn main() -> Result<()> {
             co.join(" ")
         );
     }
-    let disagg = Mode::disaggregated(&model, args.cluster.as_deref(), threads)?;
+    let disagg = Mode::disaggregated(&model, args.cluster.as_deref(), threads, args.order())?;
     if args.decode_only {
         // Warm up (graphs sent, weights materialised), then only the decode scaling.
         decode_rate(&disagg, 1, 2)?.context("the warm-up request gave no token")?;
@@ -570,7 +603,7 @@ fn main() -> Result<()> {
         );
         return Ok(());
     }
-    let coloc = Mode::colocated(&model, args.colocated.as_deref(), threads)?;
+    let coloc = Mode::colocated(&model, args.colocated.as_deref(), threads, args.order())?;
 
     // Unloaded latencies: a long prompt alone, on the disaggregated engine.
     let probe = workload(&args, 1.0, model.vocab())?;
