@@ -241,6 +241,11 @@ pub struct EngineConfig {
     pub max_batch: usize,
     /// The order in which waiting requests are prefilled (default: as they arrived).
     pub prefill_order: PrefillOrder,
+    /// Requests running at most (prefilling or decoding; at least 1; default 256): more wait
+    /// for a running one to end before their prefill starts. Each decode step's time grows
+    /// with the sequences in it, so this bounds the time per output token, at the cost of the
+    /// time to first token of the requests that wait.
+    pub max_running: usize,
 }
 
 /// The order in which waiting requests go to prefill ([`EngineConfig::prefill_order`]).
@@ -294,6 +299,7 @@ impl EngineConfig {
             record_spans: false,
             max_batch: 32,
             prefill_order: PrefillOrder::Arrival,
+            max_running: 256,
         }
     }
 
@@ -664,6 +670,11 @@ impl Engine {
                 "engine: max_batch {} (1 to {MAX_DECODE_BATCH})",
                 cfg.max_batch
             )));
+        }
+        if cfg.max_running == 0 {
+            return Err(RuntimeError::Plan(
+                "engine: max_running 0 (at least 1)".into(),
+            ));
         }
         let prefill = cfg.prefill_workers();
         if prefill.iter().any(|&w| w >= n) || cfg.decode_worker >= n {
@@ -1063,7 +1074,7 @@ impl Core {
             }
             // A changed membership waits for the decode pass to drain: no new prefill starts.
             // Each free lane takes a waiting request; an inline prefill runs one per round.
-            while self.pending.is_none() {
+            while self.pending.is_none() && self.running() < self.cfg.max_running {
                 let Some(lane) = self.free_lane() else { break };
                 let now = Instant::now();
                 let next = self.cfg.prefill_order.next(
@@ -1164,6 +1175,11 @@ impl Core {
             }
         }
         self.pool.lock().free += reserved;
+    }
+
+    /// Requests running: prefilling (in a lane, or inline) or decoding.
+    fn running(&self) -> usize {
+        self.active.len() + self.prefilling.iter().map(Vec::len).sum::<usize>()
     }
 
     /// Whether a prefill is running (in a lane, or inline).

@@ -265,6 +265,51 @@ fn shortest_first_passes_waiting_long_prompts() {
     assert_eq!(short_tokens[0], short_tokens[1]);
 }
 
+/// With one request running at most, requests submitted together run one after the other:
+/// each one's first token comes after the one before it ended (its prefill waits till then),
+/// and each serves the tokens it serves alone. Zero is refused.
+#[test]
+fn max_running_bounds_the_requests_in_flight() {
+    let (cluster, mut driver) = start();
+    let n = 4;
+    let reference = alone(&mut driver, n, 1);
+    let zero = EngineConfig {
+        max_running: 0,
+        ..EngineConfig::disaggregated(cfg())
+    };
+    let err = Engine::start(driver, zero).expect_err("max_running 0 accepted");
+    assert!(err.to_string().contains("max_running"), "{err}");
+    let driver = Driver::connect(&cluster.cluster, WeightSpec::Seeded(11)).unwrap();
+    let one = EngineConfig {
+        max_running: 1,
+        ..EngineConfig::disaggregated(cfg())
+    };
+    let engine = Engine::start(driver, one).unwrap();
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            let at = Instant::now();
+            let req = Request::greedy(prompt_of(i), steps(i));
+            (at, engine.submit(req).unwrap())
+        })
+        .collect();
+    let done: Vec<_> = handles
+        .into_iter()
+        .map(|(at, h)| (at, h.wait().unwrap()))
+        .collect();
+    for (i, (_, c)) in done.iter().enumerate() {
+        assert_eq!(c.tokens, reference[i], "request {i}");
+    }
+    for pair in done.windows(2) {
+        let ((a_at, a), (b_at, b)) = (&pair[0], &pair[1]);
+        let a_end = *a_at + *a.timings.tokens.last().unwrap();
+        assert!(
+            *b_at + b.timings.first_token > a_end,
+            "a request's first token came before the one running ended"
+        );
+    }
+    cluster.stop(engine.shutdown().unwrap()).unwrap();
+}
+
 #[test]
 fn stop_tokens_and_seeded_sampling() {
     let (cluster, driver) = start();

@@ -110,6 +110,10 @@ struct Args {
     /// With `--prefill-order shortest`: the longest a request waits before it goes next.
     #[arg(long, default_value_t = 1000)]
     max_wait_ms: u64,
+    /// Requests each engine runs at once at most (`EngineConfig::max_running`; both modes
+    /// alike, each co-located engine as many).
+    #[arg(long, default_value_t = 256)]
+    max_running: usize,
 }
 
 impl Args {
@@ -121,6 +125,11 @@ impl Args {
             },
             _ => PrefillOrder::Arrival,
         }
+    }
+
+    /// What every engine of both modes is configured with beyond its workers.
+    fn tuning(&self) -> (PrefillOrder, usize) {
+        (self.order(), self.max_running)
     }
 }
 
@@ -212,7 +221,7 @@ impl Mode {
         model: &Model,
         file: Option<&Path>,
         threads: usize,
-        order: PrefillOrder,
+        (order, max_running): (PrefillOrder, usize),
     ) -> Result<Self> {
         let (d, cluster, e) = driver_on(file, 2, threads)?;
         let mut cfg = EngineConfig::for_cluster(model.clone(), &cluster)?;
@@ -221,6 +230,7 @@ impl Mode {
         }
         cfg.kv_pool_bytes = 4 << 30;
         cfg.prefill_order = order;
+        cfg.max_running = max_running;
         Ok(Self {
             name: "disaggregated",
             engines: vec![Engine::start(d, cfg)?],
@@ -232,7 +242,7 @@ impl Mode {
         model: &Model,
         files: Option<&[PathBuf]>,
         threads: usize,
-        order: PrefillOrder,
+        (order, max_running): (PrefillOrder, usize),
     ) -> Result<Self> {
         let mut engines = Vec::new();
         let mut clusters = Vec::new();
@@ -252,6 +262,7 @@ impl Mode {
             cfg.decode_worker = 0;
             cfg.kv_pool_bytes = 2 << 30;
             cfg.prefill_order = order;
+            cfg.max_running = max_running;
             engines.push(Engine::start(d, cfg)?);
             clusters.push(e);
         }
@@ -569,7 +580,7 @@ fn main() -> Result<()> {
         usize::from,
     );
     println!(
-        "serve-bench: model {} ({}), {} requests per rate, rates {:?} req/s, prompts short {} / long {} ({}% long), outputs {}, {threads} compute thread(s) per embedded worker, prefill order {:?}",
+        "serve-bench: model {} ({}), {} requests per rate, rates {:?} req/s, prompts short {} / long {} ({}% long), outputs {}, {threads} compute thread(s) per embedded worker, prefill order {:?}, at most {} running per engine",
         args.model,
         model.describe(),
         args.requests,
@@ -578,7 +589,8 @@ fn main() -> Result<()> {
         args.long,
         (args.long_share * 100.0).round(),
         args.output,
-        args.order()
+        args.order(),
+        args.max_running
     );
     if args.decode_rounds == 0 && args.decode_only {
         bail!("--decode-only needs at least one --decode-rounds");
@@ -591,7 +603,7 @@ fn main() -> Result<()> {
             co.join(" ")
         );
     }
-    let disagg = Mode::disaggregated(&model, args.cluster.as_deref(), threads, args.order())?;
+    let disagg = Mode::disaggregated(&model, args.cluster.as_deref(), threads, args.tuning())?;
     if args.decode_only {
         // Warm up (graphs sent, weights materialised), then only the decode scaling.
         decode_rate(&disagg, 1, 2)?.context("the warm-up request gave no token")?;
@@ -603,7 +615,7 @@ fn main() -> Result<()> {
         );
         return Ok(());
     }
-    let coloc = Mode::colocated(&model, args.colocated.as_deref(), threads, args.order())?;
+    let coloc = Mode::colocated(&model, args.colocated.as_deref(), threads, args.tuning())?;
 
     // Unloaded latencies: a long prompt alone, on the disaggregated engine.
     let probe = workload(&args, 1.0, model.vocab())?;
