@@ -248,11 +248,11 @@ struct Builder {
     phase: Phase,
     module: String,
     layer: Option<u32>,
-    /// Decode steps attend with one [`OpKind::CachedAttention`] per layer (see
-    /// [`Builder::cached_attention`]).
-    batched: bool,
-    /// The head reads only the last position (a prefill whose caller wants the next token).
-    last_only: bool,
+    /// What the graph adds around its layers: with [`Head::Batched`], decode steps attend with
+    /// one [`OpKind::CachedAttention`] per layer (see [`Builder::cached_attention`]); with
+    /// [`Head::Last`], the head reads only the last position (a prefill whose caller wants the
+    /// next token).
+    head: Head,
 }
 
 impl Builder {
@@ -262,8 +262,7 @@ impl Builder {
             phase,
             module: String::new(),
             layer: None,
-            batched: false,
-            last_only: false,
+            head: Head::All,
         }
     }
 
@@ -371,7 +370,7 @@ impl Builder {
 
     /// `x` (`[B, S, D]`), or only its last position `[B, 1, D]` when the head reads that alone.
     fn last_position(&mut self, x: TensorRef, s: usize) -> Result<TensorRef, GraphError> {
-        if !self.last_only {
+        if self.head != Head::Last {
             return Ok(x);
         }
         let op = OpKind::Slice {
@@ -439,7 +438,7 @@ impl Builder {
             let out = b.op("attention", attn.clone(), vec![q, kr, vr])?;
             Ok::<_, GraphError>((out, p))
         };
-        if self.batched && !kv.is_empty() {
+        if self.head == Head::Batched && !kv.is_empty() {
             let OpKind::Attention {
                 heads,
                 kv_heads,
@@ -692,8 +691,7 @@ fn gpt2(c: &Gpt2Config, s: usize, kv: &[usize], head: Head) -> Result<Graph, Err
     };
     let (bsz, d, hd) = (c.batch * kv.len().max(1), c.hidden, c.hidden / c.heads);
     let mut b = Builder::new(name, Phase::Embedding);
-    b.batched = head == Head::Batched;
-    b.last_only = head == Head::Last;
+    b.head = head;
     let ids = b.input("input_ids", &[bsz, s], DType::I64)?;
     let pos = b.input("position_ids", &[bsz, s], DType::I64)?;
     b.at("wte");

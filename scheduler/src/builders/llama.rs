@@ -349,8 +349,7 @@ fn llama(c: &LlamaConfig, s: usize, kv: &[usize], head: Head) -> Result<Graph, E
     );
     let (eq, ekv) = (c.heads * hd, c.kv_width());
     let mut b = Builder::new(&name, Phase::Embedding);
-    b.batched = head == Head::Batched;
-    b.last_only = head == Head::Last;
+    b.head = head;
     let ids = b.input("input_ids", &[bsz, s], DType::I64)?;
     let pos = b.input("position_ids", &[bsz, s], DType::I64)?;
     b.at("model.embed_tokens");
