@@ -208,28 +208,13 @@ fn grouped_query_attention(
     d: usize,
     scale: f32,
 ) -> candle_core::Result<Option<Tensor>> {
-    let rep = heads / kv_heads.max(1);
-    let mut p = Vec::with_capacity(heads);
-    let weights = with_rows(k, |k| {
-        for h in 0..heads {
-            let kh = k.columns((h / rep) * d, d)?;
-            p.push(simd.attention_weights(&q[h * d..(h + 1) * d], kh, 1, scale)?);
-        }
-        Some(())
-    });
-    if !matches!(weights, Some(Some(()))) {
-        return Ok(None);
-    }
     let mut out = vec![0f32; heads * d];
-    let done = with_rows(v, |v| {
-        for (h, p) in p.iter().enumerate() {
-            let vh = v.columns((h / rep) * d, d)?;
-            let o = simd.attention_output(p, vh, 1)?;
-            out[h * d..(h + 1) * d].copy_from_slice(&o);
-        }
-        Some(())
+    let done = with_rows(k, |k| {
+        with_rows(v, |v| {
+            grouped_query_rows(simd, q, (k, v), (heads, kv_heads), d, scale, &mut out)
+        })
     });
-    if !matches!(done, Some(Some(()))) {
+    if !matches!(done, Some(Some(Some(())))) {
         return Ok(None);
     }
     Ok(Some(Tensor::from_vec(
@@ -237,6 +222,36 @@ fn grouped_query_attention(
         (1, 1, heads * d),
         &candle_core::Device::Cpu,
     )?))
+}
+
+/// One query `q` (`heads · d`) over the rows of `k` and `v` (`kv_heads · d` each, views of a
+/// cache included), query head `h` reading key/value head `h / (heads / kv_heads)`, into `out`
+/// (`heads · d`): the one-row kernels per head. `None` for mismatched shapes.
+fn grouped_query_rows(
+    simd: Simd,
+    q: &[f32],
+    (k, v): (Rows<'_>, Rows<'_>),
+    (heads, kv_heads): (usize, usize),
+    d: usize,
+    scale: f32,
+    out: &mut [f32],
+) -> Option<()> {
+    let rep = heads / kv_heads.max(1);
+    let ekv = kv_heads * d;
+    if q.len() != heads * d || out.len() != heads * d || k.cols() != ekv || v.cols() != ekv {
+        return None;
+    }
+    let mut p = Vec::with_capacity(heads);
+    for h in 0..heads {
+        let kh = k.columns((h / rep) * d, d)?;
+        p.push(simd.attention_weights(&q[h * d..(h + 1) * d], kh, 1, scale)?);
+    }
+    for (h, p) in p.iter().enumerate() {
+        let vh = v.columns((h / rep) * d, d)?;
+        let o = simd.attention_output(p, vh, 1)?;
+        out[h * d..(h + 1) * d].copy_from_slice(&o);
+    }
+    Some(())
 }
 
 /// Most rows [`few_rows_product`] takes: a batched decode step's, one per sequence. More rows
@@ -760,8 +775,9 @@ fn arg_max(x: &Tensor) -> candle_core::Result<Tensor> {
 
 /// [`cached_attention`] with the one-row kernels of [`one_query_attention`] (the same calls on
 /// the same values, so the same bits) straight over each cache's K and V rows, the query read
-/// once and the rows written into one output; `None` where they do not apply (grouped-query
-/// attention, other dtypes or layouts: the caller then goes row by row).
+/// once and the rows written into one output (grouped-query attention as
+/// [`grouped_query_attention`] does it); `None` where they do not apply (other dtypes or
+/// layouts: the caller then goes row by row).
 fn cached_attention_rows(
     simd: Simd,
     q: &Tensor,
@@ -770,9 +786,13 @@ fn cached_attention_rows(
     scale: f32,
 ) -> candle_core::Result<Option<Tensor>> {
     let e = q.dims3()?.2;
-    if heads != kv_heads || q.dtype() != CDType::F32 {
+    if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 || e % heads != 0 {
         return Ok(None);
     }
+    if q.dtype() != CDType::F32 {
+        return Ok(None);
+    }
+    let d = e / heads;
     let qv: Vec<f32> = q.flatten_all()?.to_vec1()?;
     let mut out = vec![0f32; qv.len()];
     for ((cache, q), o) in caches
@@ -781,6 +801,10 @@ fn cached_attention_rows(
         .zip(out.chunks_exact_mut(e))
     {
         let done = with_kv_rows(cache, |k, v| {
+            if heads != kv_heads {
+                // Grouped-query attention: as a one-sequence step's (the same kernels per head).
+                return grouped_query_rows(simd, q, (k, v), (heads, kv_heads), d, scale, o);
+            }
             if k.cols() != e {
                 return None;
             }
