@@ -20,8 +20,8 @@
 //! A seeded workload (Poisson arrivals; 70 % short prompts, 30 % long ones, so prefills
 //! interfere with decodes; uniform output lengths) runs at each rate against both. SLOs come
 //! from unloaded latencies measured first (medians of 5 long prompts served alone): TTFT ≤ 5×
-//! the unloaded TTFT, TPOT ≤ 3× the unloaded TPOT. Goodput = requests meeting both per second of the run. A sample of
-//! requests is checked against its tokens when served alone. Last line:
+//! the unloaded TTFT, TPOT ≤ 3× the unloaded TPOT. Goodput = requests meeting both per second
+//! of the run. A sample of requests is checked against its tokens when served alone. Last line:
 //! `serve goodput_ratio_vs_colocated=<g> tpot_p99_ratio_vs_colocated=<t> batch8_decode_speedup=<s> requests=<n> failed=<f>`
 //! (`g` and `t` at the highest rate where co-located goodput is above zero; `s` decode tokens/s
 //! with 8 active sequences over 1, counted over the steps in which all 8 are in the batch).

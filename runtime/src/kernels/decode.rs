@@ -219,8 +219,8 @@ impl Simd {
     /// of `heads · d`). Four queries at a time share each load of a key or a value, and each
     /// head's keys are transposed once so that sixteen scores come from fused multiply-adds over
     /// `d` with no horizontal sum; the softmax is [`Simd::softmax`]. Within f32 rounding of the
-    /// one-row kernels, not bitwise. `false`, nothing written, where it does not apply: `d`
-    /// not a multiple of 8, or mismatched shapes.
+    /// one-row kernels, not bitwise. `false` where it does not apply (`d` not a multiple of 8,
+    /// mismatched shapes): `out` then holds nothing to use.
     pub(crate) fn causal_attention(
         self,
         (q, k, v): (Rows<'_>, Rows<'_>, Rows<'_>),
@@ -250,8 +250,7 @@ impl Simd {
                 heads,
                 scale,
                 out,
-            });
-            true
+            })
         }
         #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
         {
@@ -1061,6 +1060,7 @@ mod x86 {
             true
         }
     }
+
     /// Query rows that share each load of a key or a value in [`CausalAttention`].
     const QB: usize = 4;
 
@@ -1151,10 +1151,11 @@ mod x86 {
     }
 
     impl NullaryFnOnce for CausalAttention<'_, '_> {
-        type Output = ();
+        /// Whether every output was written (the views did not fit otherwise).
+        type Output = bool;
 
         #[inline(always)]
-        fn call(self) {
+        fn call(self) -> bool {
             let simd = self.simd;
             let (sq, sk, e) = (self.q.rows, self.k.rows, self.q.cols);
             let d = e / self.heads;
@@ -1169,9 +1170,8 @@ mod x86 {
                         kt[c * w + j] = x;
                     }
                 }
-                let v = match self.v.columns(hc, d) {
-                    Some(v) => v,
-                    None => return,
+                let Some(v) = self.v.columns(hc, d) else {
+                    return false;
                 };
                 let mut r0 = 0;
                 while r0 < sq {
@@ -1202,7 +1202,7 @@ mod x86 {
                     for o in out.iter_mut().take(rn) {
                         *o = match rows.next() {
                             Some(row) => &mut row[hc..hc + d],
-                            None => return,
+                            None => return false,
                         };
                     }
                     let mut c = 0;
@@ -1216,6 +1216,7 @@ mod x86 {
                     r0 += QB;
                 }
             }
+            true
         }
     }
 }
