@@ -14,7 +14,21 @@
 //! address = "10.0.0.2:7100"
 //! role = "decode"
 //! rdma = { device = "mlx5_1", port = 1, gid_index = 3 }   # this worker's NIC (see below)
+//!
+//! [[links]]                            # optional: what the network between two workers does
+//! between = ["w0", "w1"]
+//! gbps = 100.0
+//! latency_us = 3.0                     # default 0
 //! ```
+//!
+//! # Links
+//!
+//! Each `[[links]]` entry gives the bandwidth (gigabits per second) and the per-transfer
+//! latency (microseconds) between two workers, for the cost model; links left out are alike
+//! ([`crate::plan::cpu_topology`]'s default). The serving engine reads them when it picks a
+//! prefill worker: a prompt's KV cache crosses the link from its prefill worker to the decode
+//! worker ([`crate::engine::EngineConfig::links`]). They describe the network; they do not
+//! change how bytes move.
 //!
 //! # RDMA device, port and GID
 //!
@@ -108,8 +122,53 @@ pub struct WorkerSpec {
     pub rdma: Option<RdmaConfig>,
 }
 
+/// A link between two workers as a cluster file states it (`[[links]]`, see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct WorkerLink {
+    /// The two workers' indices in the cluster (file order), distinct.
+    pub between: (usize, usize),
+    /// Bandwidth, gigabits per second (finite, above 0).
+    pub gbps: f64,
+    /// Latency per transfer, microseconds (finite, 0 or more).
+    pub latency_us: f64,
+}
+
+impl WorkerLink {
+    /// Largest bandwidth a link may state (Gb/s): beyond any network, a typo.
+    pub const MAX_GBPS: f64 = 1e6;
+    /// Largest latency a link may state (µs; ten seconds).
+    pub const MAX_LATENCY_US: f64 = 1e7;
+
+    /// Whether the figures are in range (see [`WorkerLink::gbps`], [`WorkerLink::latency_us`]).
+    pub fn check(&self) -> std::result::Result<(), String> {
+        let Self {
+            between: (a, b),
+            gbps,
+            latency_us,
+        } = *self;
+        if a == b {
+            return Err(format!("joins worker {a} to itself"));
+        }
+        if !(gbps > 0.0 && gbps <= Self::MAX_GBPS) {
+            return Err(format!("gbps {gbps} (above 0, at most {})", Self::MAX_GBPS));
+        }
+        if !(0.0..=Self::MAX_LATENCY_US).contains(&latency_us) {
+            return Err(format!(
+                "latency_us {latency_us} (0 to {})",
+                Self::MAX_LATENCY_US
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether it links `a` and `b` (either way round).
+    pub fn joins(&self, a: usize, b: usize) -> bool {
+        self.between == (a, b) || self.between == (b, a)
+    }
+}
+
 /// A parsed and checked cluster file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Cluster {
     /// The workers, in file order. The first one coordinates runs.
     pub workers: Vec<WorkerSpec>,
@@ -124,6 +183,8 @@ pub struct Cluster {
     /// Silence after which a peer counts as dead (`peer_timeout_ms`, see the module docs).
     /// Default [`DEFAULT_PEER_TIMEOUT`].
     pub peer_timeout: Duration,
+    /// Links the file states (`[[links]]`); the others are alike. Empty by default.
+    pub links: Vec<WorkerLink>,
 }
 
 /// The transport's default peer timeout (2 s), what a cluster without `peer_timeout_ms` uses.
@@ -166,6 +227,15 @@ struct RawCluster {
     rdma: Option<RdmaConfig>,
     peer_timeout_ms: Option<u64>,
     workers: Vec<RawWorker>,
+    links: Option<Vec<RawLink>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLink {
+    between: Vec<String>,
+    gbps: f64,
+    latency_us: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -322,12 +392,46 @@ impl Cluster {
                 .map_err(|e| field("peer_timeout_ms".into(), e.to_string()))?,
         };
         rdma.validate().map_err(|e| field("rdma".into(), e))?;
+        let mut links: Vec<WorkerLink> = Vec::new();
+        for (i, l) in raw.links.unwrap_or_default().into_iter().enumerate() {
+            let at = |name: &str| {
+                workers.iter().position(|w| w.name == name).ok_or_else(|| {
+                    field(format!("links[{i}].between"), format!("no worker `{name}`"))
+                })
+            };
+            let between = match l.between.as_slice() {
+                [a, b] => (at(a)?, at(b)?),
+                other => {
+                    return Err(field(
+                        format!("links[{i}].between"),
+                        format!("names {} workers; a link joins two", other.len()),
+                    ))
+                }
+            };
+            let link = WorkerLink {
+                between,
+                gbps: l.gbps,
+                latency_us: l.latency_us.unwrap_or(0.0),
+            };
+            link.check().map_err(|e| field(format!("links[{i}]"), e))?;
+            if links.iter().any(|o| o.joins(between.0, between.1)) {
+                return Err(field(
+                    format!("links[{i}].between"),
+                    format!(
+                        "`{}` and `{}` are linked already",
+                        workers[between.0].name, workers[between.1].name
+                    ),
+                ));
+            }
+            links.push(link);
+        }
         let cluster = Self {
             workers,
             secret,
             insecure: raw.insecure.unwrap_or(false),
             rdma,
             peer_timeout,
+            links,
         };
         cluster.check_secure().map_err(|e| match e {
             RuntimeError::InsecureCluster { reason } => RuntimeError::InsecureCluster {
@@ -378,6 +482,7 @@ impl Cluster {
             insecure: false,
             rdma: RdmaConfig::default(),
             peer_timeout: DEFAULT_PEER_TIMEOUT,
+            links: Vec::new(),
         }
     }
 
@@ -431,6 +536,16 @@ impl Cluster {
             if let Some(r) = &w.rdma {
                 s.push_str(&format!("rdma = {}\n", rdma_toml(r)));
             }
+        }
+        for l in &self.links {
+            let name = |i: usize| self.workers.get(i).map_or("", |w| w.name.as_str());
+            s.push_str(&format!(
+                "\n[[links]]\nbetween = [{:?}, {:?}]\ngbps = {:?}\nlatency_us = {:?}\n",
+                name(l.between.0),
+                name(l.between.1),
+                l.gbps,
+                l.latency_us
+            ));
         }
         s
     }
@@ -521,6 +636,87 @@ mod tests {
 
     fn parse(s: &str) -> Result<Cluster> {
         Cluster::parse(s, Path::new("c.toml"))
+    }
+
+    #[test]
+    fn links_between_named_workers_parse_round_trip_and_are_checked() {
+        let workers = "[[workers]]\nname = \"a\"\naddress = \"127.0.0.1:7000\"\n\
+                       [[workers]]\nname = \"b\"\naddress = \"127.0.0.1:7001\"\n\
+                       [[workers]]\nname = \"c\"\naddress = \"127.0.0.1:7002\"\n";
+        let with = |links: &str| parse(&format!("{workers}{links}"));
+        assert!(with("").unwrap().links.is_empty());
+        let c = with(
+            "[[links]]\nbetween = [\"c\", \"a\"]\ngbps = 100.0\nlatency_us = 2.5\n\
+             [[links]]\nbetween = [\"b\", \"c\"]\ngbps = 1\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.links,
+            vec![
+                WorkerLink {
+                    between: (2, 0),
+                    gbps: 100.0,
+                    latency_us: 2.5
+                },
+                WorkerLink {
+                    between: (1, 2),
+                    gbps: 1.0,
+                    latency_us: 0.0
+                },
+            ]
+        );
+        assert_eq!(parse(&c.to_toml()).unwrap(), c);
+        for (bad, field, says) in [
+            (
+                "between = [\"a\", \"d\"]\ngbps = 1",
+                "links[0].between",
+                "no worker `d`",
+            ),
+            (
+                "between = [\"a\"]\ngbps = 1",
+                "links[0].between",
+                "names 1 workers",
+            ),
+            (
+                "between = [\"a\", \"a\"]\ngbps = 1",
+                "links[0]",
+                "to itself",
+            ),
+            ("between = [\"a\", \"b\"]\ngbps = 0", "links[0]", "gbps 0"),
+            (
+                "between = [\"a\", \"b\"]\ngbps = nan",
+                "links[0]",
+                "gbps NaN",
+            ),
+            ("between = [\"a\", \"b\"]\ngbps = 1e9", "links[0]", "gbps"),
+            (
+                "between = [\"a\", \"b\"]\ngbps = 1\nlatency_us = -1",
+                "links[0]",
+                "latency_us -1",
+            ),
+            (
+                "between = [\"a\", \"b\"]\ngbps = 1\nlatency_us = inf",
+                "links[0]",
+                "latency_us inf",
+            ),
+        ] {
+            let e = with(&format!("[[links]]\n{bad}\n")).expect_err(bad);
+            match &e {
+                RuntimeError::ClusterField {
+                    field: f, reason, ..
+                } => assert!(f == field && reason.contains(says), "{bad}: {e}"),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+        // A pair linked twice (either way round) is refused.
+        let e = with(
+            "[[links]]\nbetween = [\"a\", \"b\"]\ngbps = 1\n\
+             [[links]]\nbetween = [\"b\", \"a\"]\ngbps = 2\n",
+        )
+        .expect_err("linked twice");
+        assert!(e.to_string().contains("links[1].between"), "{e}");
+        // Unknown fields are refused like everywhere in the file.
+        assert!(with("[[links]]\nbetween = [\"a\", \"b\"]\ngbps = 1\nmtu = 9000\n").is_err());
     }
 
     #[test]

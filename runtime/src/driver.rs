@@ -647,6 +647,7 @@ impl EmbeddedCluster {
             insecure: false,
             rdma: Default::default(),
             peer_timeout: crate::cluster::DEFAULT_PEER_TIMEOUT,
+            links: Vec::new(),
         };
         let mut selection = None;
         for _ in 0..n {
@@ -675,6 +676,7 @@ impl EmbeddedCluster {
             insecure: false,
             rdma: Default::default(),
             peer_timeout: crate::cluster::DEFAULT_PEER_TIMEOUT,
+            links: Vec::new(),
         };
         let mut workers = Vec::new();
         for (i, ep) in endpoints.into_iter().enumerate() {

@@ -61,7 +61,7 @@
 //! cluster.stop(driver).unwrap();
 //! ```
 
-use crate::cluster::{Cluster, Role};
+use crate::cluster::{Cluster, Role, WorkerLink};
 use crate::driver::{Driver, RunOutput};
 use crate::error::RuntimeError;
 use crate::models::{
@@ -73,6 +73,7 @@ use crate::trace::Span;
 use candle_core::Tensor;
 use genie_scheduler::builders::{kv_move, MAX_DECODE_BATCH};
 use genie_scheduler::graph::OpKind;
+use genie_scheduler::topology::LinkSpec;
 use rand::SeedableRng;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -221,10 +222,13 @@ pub struct EngineConfig {
     pub prefill_worker: usize,
     /// Further workers that run prefills beside `prefill_worker` (a prefill pool; empty by
     /// default), each with a prefill lane of its own. A waiting request goes to one of them that
-    /// holds fewer than two requests (the one it runs and the next): the one with the fewest
-    /// prompt tokens queued, then the one that has prefilled the fewest so far, ties to the
-    /// first listed (`prefill_worker` first); requests wait while all are full. None may be the
-    /// decode worker.
+    /// holds fewer than two requests (the one it runs and the next): the one where the cost
+    /// model has it ready soonest, that is the prompt tokens queued there and its own at the
+    /// measured prefill rate plus its KV cache's transfer to the decode worker over that
+    /// worker's link ([`EngineConfig::links`]); then the one that has prefilled the fewest
+    /// tokens so far, ties to the first listed (`prefill_worker` first). With every link alike
+    /// that is the one with the fewest prompt tokens queued. Requests wait while all are full.
+    /// None may be the decode worker.
     pub prefill_pool: Vec<usize>,
     /// Worker index where KV caches are pinned and decode steps run.
     pub decode_worker: usize,
@@ -246,6 +250,11 @@ pub struct EngineConfig {
     /// with the sequences in it, so this bounds the time per output token, at the cost of the
     /// time to first token of the requests that wait.
     pub max_running: usize,
+    /// Links between workers that differ from the default ([`crate::plan::cpu_topology`]'s),
+    /// as a cluster file's `[[links]]` give them ([`EngineConfig::for_cluster`] copies them):
+    /// the scheduler's topology, and so the choice of prefill worker for each request (see
+    /// [`EngineConfig::prefill_pool`]). Empty by default: every link alike.
+    pub links: Vec<WorkerLink>,
 }
 
 /// The order in which waiting requests go to prefill ([`EngineConfig::prefill_order`]).
@@ -300,13 +309,14 @@ impl EngineConfig {
             max_batch: 32,
             prefill_order: PrefillOrder::Arrival,
             max_running: 256,
+            links: Vec::new(),
         }
     }
 
     /// The configuration for `cluster`'s roles: prefill on the first worker whose role is
     /// `prefill`, else the first `both`; decode on the first `decode`, else the first other
     /// `both`, else the prefill worker itself (co-located). Every further `prefill` worker joins
-    /// the prefill pool.
+    /// the prefill pool. The cluster's links come along ([`EngineConfig::links`]).
     pub fn for_cluster(model: impl Into<Model>, cluster: &Cluster) -> Result<Self, RuntimeError> {
         let first = |want: Role, skip: Option<usize>| {
             cluster
@@ -338,6 +348,7 @@ impl EngineConfig {
             prefill_worker: prefill,
             prefill_pool: pool,
             decode_worker: decode,
+            links: cluster.links.clone(),
             ..Self::disaggregated(model)
         })
     }
@@ -518,6 +529,8 @@ struct Lane {
     worker: usize,
     /// Prompt tokens it was given so far (the pool's balance, see [`EngineConfig::prefill_pool`]).
     tokens: u64,
+    /// The link from its worker to the decode worker (the scheduler's topology).
+    link: LinkSpec,
     jobs: mpsc::Sender<LaneJob>,
     thread: JoinHandle<()>,
 }
@@ -528,7 +541,7 @@ struct Lane {
 const LANE_DEPTH: usize = 2;
 
 /// What a prefill lane holds, for [`pick_lane`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 struct LaneLoad {
     /// Requests it holds (running or queued).
     held: usize,
@@ -536,15 +549,100 @@ struct LaneLoad {
     queued: usize,
     /// Prompt tokens it was given so far.
     given: u64,
+    /// The link from its worker to the decode worker, as the scheduler's topology has it.
+    link: LinkSpec,
 }
 
-/// The lane a waiting request goes to: of those holding fewer than [`LANE_DEPTH`] requests, the
-/// one with the fewest prompt tokens queued, then the fewest given so far, ties to the first;
-/// `None` when all are full.
-fn pick_lane(loads: &[LaneLoad]) -> Option<usize> {
+/// A request for [`pick_lane`]: its prompt tokens and its KV cache's bytes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct LaneAsk {
+    prompt: usize,
+    kv_bytes: u64,
+    /// Predicted seconds of prefill per prompt token ([`PrefillRate`]).
+    per_token: f64,
+}
+
+/// The lane a request goes to: of those holding fewer than [`LANE_DEPTH`] requests, the one
+/// where the cost model has its KV cache on the decode worker soonest (the prompt tokens queued
+/// there and its own, at `per_token` seconds each, then the cache's transfer over the lane's
+/// link), then the one given the fewest tokens so far, ties to the first; `None` when all are
+/// full. With every link alike: the fewest prompt tokens queued.
+fn pick_lane(loads: &[LaneLoad], ask: LaneAsk) -> Option<usize> {
+    let ready =
+        |l: &LaneLoad| (l.queued + ask.prompt) as f64 * ask.per_token + l.link.time(ask.kv_bytes);
     (0..loads.len())
         .filter(|&i| loads[i].held < LANE_DEPTH)
-        .min_by_key(|&i| (loads[i].queued, loads[i].given, i))
+        .min_by(|&i, &j| {
+            let (a, b) = (&loads[i], &loads[j]);
+            ready(a)
+                .total_cmp(&ready(b))
+                .then(a.given.cmp(&b.given))
+                .then(i.cmp(&j))
+        })
+}
+
+/// Prefills [`PrefillRate`] averages over.
+const RATE_SAMPLES: usize = 32;
+
+/// Seconds of prefill per prompt token, for [`pick_lane`]: the scheduler's cost-model estimate
+/// until prefills have run, then the measured rate of the last [`RATE_SAMPLES`] (their wall
+/// times over their prompt tokens, so the workload's mix of lengths weighs in).
+#[derive(Debug, Clone)]
+struct PrefillRate {
+    estimate: f64,
+    recent: VecDeque<(f64, usize)>,
+}
+
+impl PrefillRate {
+    fn new(estimate: f64) -> Self {
+        Self {
+            estimate: if estimate.is_finite() && estimate > 0.0 {
+                estimate
+            } else {
+                0.0
+            },
+            recent: VecDeque::with_capacity(RATE_SAMPLES),
+        }
+    }
+
+    fn add(&mut self, wall: Duration, tokens: usize) {
+        if tokens == 0 {
+            return;
+        }
+        if self.recent.len() == RATE_SAMPLES {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((wall.as_secs_f64(), tokens));
+    }
+
+    fn per_token(&self) -> f64 {
+        let (secs, tokens) = self
+            .recent
+            .iter()
+            .fold((0.0, 0usize), |(s, t), &(w, n)| (s + w, t + n));
+        if tokens == 0 {
+            self.estimate
+        } else {
+            secs / tokens as f64
+        }
+    }
+}
+
+/// Prompt length of the prefill whose cost-model estimate seeds [`PrefillRate`] (shorter where
+/// the model's context is).
+const RATE_PROMPT: usize = 128;
+
+/// The scheduler's estimate of seconds of prefill per prompt token on worker `pw` (its
+/// predicted makespan of a [`RATE_PROMPT`]-token prefill, over the tokens).
+fn estimated_rate(
+    scheduler: &mut genie_scheduler::Scheduler,
+    model: &Model,
+    pw: usize,
+) -> Result<f64, RuntimeError> {
+    let n = RATE_PROMPT.min(model.context()).max(1);
+    let (g, _) = prefill_last(model, n)?;
+    let (_, makespan) = Placement::scheduled_with_makespan(scheduler, &g, pw, pw)?;
+    Ok(makespan / n as f64)
 }
 
 /// No request in any of `lanes` prefill lanes (one slot for inline prefills when there are none).
@@ -586,6 +684,8 @@ impl Lane {
         let (jobs, queue) = mpsc::channel();
         let (done, model) = (done.clone(), cfg.model.clone());
         let workers = (pw, cfg.decode_worker);
+        let id = |i: usize| genie_scheduler::topology::DeviceId(i as u32);
+        let link = topology.link(id(pw), id(cfg.decode_worker));
         let scheduler = genie_scheduler::Scheduler::new(topology.clone());
         let thread = std::thread::Builder::new()
             .name("genie-prefill".into())
@@ -596,6 +696,7 @@ impl Lane {
         Ok(Self {
             worker: pw,
             tokens: 0,
+            link,
             jobs,
             thread,
         })
@@ -689,7 +790,14 @@ impl Engine {
                 cfg.decode_worker
             )));
         }
-        let topology = crate::plan::cpu_topology(n)?;
+        let topology = crate::plan::topology_with_links(n, &cfg.links)?;
+        let mut scheduler = genie_scheduler::Scheduler::new(topology.clone());
+        // The prefill rate only weighs in where there is a choice of prefill worker.
+        let rate = PrefillRate::new(if prefill.len() > 1 {
+            estimated_rate(&mut scheduler, &cfg.model, cfg.prefill_worker)?
+        } else {
+            0.0
+        });
         let spans = Arc::new(parking_lot::Mutex::new(Vec::new()));
         let (tx, rx) = mpsc::channel();
         let pool = Arc::new(parking_lot::Mutex::new(Pool {
@@ -712,7 +820,8 @@ impl Engine {
             cancelled: HashSet::new(),
             reconnect,
             lost: None,
-            scheduler: genie_scheduler::Scheduler::new(topology),
+            scheduler,
+            rate,
             spans: (Instant::now(), spans.clone()),
             recording: cfg.record_spans,
             decode_places: HashMap::new(),
@@ -996,6 +1105,8 @@ struct Core {
     cancelled: HashSet<u64>,
     /// Places every run (prefill and decode) on the cluster's workers as devices `dev0..`.
     scheduler: genie_scheduler::Scheduler,
+    /// Seconds of prefill per prompt token, for the choice of lane.
+    rate: PrefillRate,
     /// The engine's start and where runs' spans go (while `recording`).
     spans: (Instant, Arc<parking_lot::Mutex<Vec<Span>>>),
     /// Whether runs' spans are kept ([`EngineConfig::record_spans`], [`Engine::record_spans`]).
@@ -1018,8 +1129,7 @@ impl Core {
         loop {
             // Nothing to decode and no prefill to start: sleep until a command (a prefill the
             // lane finished is one).
-            let idle =
-                self.active.is_empty() && (self.waiting.is_empty() || self.free_lane().is_none());
+            let idle = self.active.is_empty() && (self.waiting.is_empty() || !self.lane_has_room());
             let first = if idle {
                 match rx.recv_timeout(IDLE) {
                     Ok(c) => Some(c),
@@ -1074,15 +1184,21 @@ impl Core {
             }
             // A changed membership waits for the decode pass to drain: no new prefill starts.
             // Each free lane takes a waiting request; an inline prefill runs one per round.
-            while self.pending.is_none() && self.running() < self.cfg.max_running {
-                let Some(lane) = self.free_lane() else { break };
+            while self.pending.is_none()
+                && self.running() < self.cfg.max_running
+                && self.lane_has_room()
+            {
                 let now = Instant::now();
                 let next = self.cfg.prefill_order.next(
                     self.waiting
                         .iter()
                         .map(|w| (w.req.prompt.len(), now.saturating_duration_since(w.at))),
                 );
-                let Some(w) = next.and_then(|i| self.waiting.remove(i)) else {
+                let Some(i) = next else { break };
+                let Some(lane) = self.waiting.get(i).and_then(|w| self.lane_for(&w.req)) else {
+                    break;
+                };
+                let Some(w) = self.waiting.remove(i) else {
                     break;
                 };
                 self.pool.lock().waiting -= 1;
@@ -1187,12 +1303,19 @@ impl Core {
         self.prefilling.iter().any(|l| !l.is_empty())
     }
 
-    /// The lane a waiting request goes to: of those holding fewer than [`LANE_DEPTH`] requests,
-    /// the one with the fewest prompt tokens queued (its load), then the one given the fewest so
-    /// far, ties to the first; the inline slot when there are no lanes and it is free.
-    fn free_lane(&self) -> Option<usize> {
+    /// Whether a lane (or the inline slot, when there are no lanes) can take a request.
+    fn lane_has_room(&self) -> bool {
         if self.lanes.is_empty() {
-            return Some(0).filter(|_| self.prefilling.first().is_some_and(Vec::is_empty));
+            return self.prefilling.first().is_some_and(Vec::is_empty);
+        }
+        self.prefilling.iter().any(|held| held.len() < LANE_DEPTH)
+    }
+
+    /// The lane `req` goes to ([`pick_lane`]: where the cost model has its KV cache on the
+    /// decode worker soonest); the inline slot when there are no lanes and it is free.
+    fn lane_for(&self, req: &Request) -> Option<usize> {
+        if self.lanes.is_empty() {
+            return Some(0).filter(|_| self.lane_has_room());
         }
         let loads: Vec<LaneLoad> = self
             .lanes
@@ -1202,9 +1325,15 @@ impl Core {
                 held: held.len(),
                 queued: held.iter().map(|a| a.req.prompt.len()).sum(),
                 given: l.tokens,
+                link: l.link,
             })
             .collect();
-        pick_lane(&loads)
+        let ask = LaneAsk {
+            prompt: req.prompt.len(),
+            kv_bytes: self.cfg.kv_bytes(req.prompt.len()),
+            per_token: self.rate.per_token(),
+        };
+        pick_lane(&loads, ask)
     }
 
     /// Starts `w`'s prefill in lane `lane` (the inline slot when there are no lanes).
@@ -1284,6 +1413,7 @@ impl Core {
             Err(e) => return self.fail(a, e),
         };
         let (started, out) = &p.prefill;
+        self.rate.add(out.wall, a.req.prompt.len());
         // A request may have waited in its lane's queue behind another prefill.
         a.timings.queue = started.saturating_duration_since(a.at);
         self.record(*started, out);
@@ -1515,8 +1645,9 @@ impl Core {
             self.cfg.prefill_worker = picked.prefill_worker;
             self.cfg.prefill_pool = picked.prefill_pool;
             self.cfg.decode_worker = picked.decode_worker;
+            self.cfg.links = picked.links;
         }
-        let topology = crate::plan::cpu_topology(cluster.workers.len())?;
+        let topology = crate::plan::topology_with_links(cluster.workers.len(), &self.cfg.links)?;
         let d = Driver::connect(&cluster, weights)?;
         d.set_spans(self.recording);
         self.lanes = Lane::start_all(&self.cfg, &topology, &self.cmds)?;
@@ -1768,7 +1899,7 @@ fn next_token(
 
 #[cfg(test)]
 mod tests {
-    use super::{pick_lane, LaneLoad, PrefillOrder};
+    use super::{pick_lane, LaneAsk, LaneLoad, LinkSpec, PrefillOrder, PrefillRate, RATE_SAMPLES};
     use crate::models::sample;
     use std::time::Duration;
 
@@ -1812,27 +1943,106 @@ mod tests {
         let bad = "[[workers]]\nname = \"w0\"\naddress = \"127.0.0.1:7000\"\nrole = \"chef\"\n";
         let e = Cluster::parse(bad, std::path::Path::new("<test>")).unwrap_err();
         assert!(e.to_string().contains("workers[0].role"), "{e}");
+        // The cluster's links come along.
+        let linked = "[[workers]]\nname = \"p\"\naddress = \"127.0.0.1:7000\"\n\
+                      [[workers]]\nname = \"d\"\naddress = \"127.0.0.1:7001\"\n\
+                      [[links]]\nbetween = [\"p\", \"d\"]\ngbps = 25.0\n";
+        let c = Cluster::parse(linked, std::path::Path::new("<test>")).unwrap();
+        let e = EngineConfig::for_cluster(Gpt2Config::default(), &c).unwrap();
+        assert_eq!(e.links, c.links);
+        assert_eq!(e.links.len(), 1);
     }
 
     #[test]
     fn a_request_goes_to_the_least_loaded_lane_that_has_room() {
+        // Every link alike (the default topology's): the fewest prompt tokens queued.
+        let link = LinkSpec::gbps(20.0, 30.0);
         let load = |held, queued, given| LaneLoad {
             held,
             queued,
             given,
+            link,
         };
+        let ask = LaneAsk {
+            prompt: 100,
+            kv_bytes: 400_000,
+            per_token: 40e-6,
+        };
+        let pick = |loads: &[LaneLoad]| pick_lane(loads, ask);
         // Fewest tokens queued first, whatever was given before.
         assert_eq!(
-            pick_lane(&[load(1, 300, 0), load(1, 20, 5000), load(0, 0, 9000)]),
+            pick(&[load(1, 300, 0), load(1, 20, 5000), load(0, 0, 9000)]),
             Some(2)
         );
         // A lane with the one it runs and one queued takes no more, however short they are.
-        assert_eq!(pick_lane(&[load(2, 10, 0), load(1, 380, 0)]), Some(1));
-        assert_eq!(pick_lane(&[load(2, 10, 0), load(2, 380, 0)]), None);
+        assert_eq!(pick(&[load(2, 10, 0), load(1, 380, 0)]), Some(1));
+        assert_eq!(pick(&[load(2, 10, 0), load(2, 380, 0)]), None);
         // Equal queues: the one given the fewest tokens so far, then the first.
-        assert_eq!(pick_lane(&[load(0, 0, 70), load(0, 0, 40)]), Some(1));
-        assert_eq!(pick_lane(&[load(1, 8, 0), load(1, 8, 0)]), Some(0));
-        assert_eq!(pick_lane(&[]), None);
+        assert_eq!(pick(&[load(0, 0, 70), load(0, 0, 40)]), Some(1));
+        assert_eq!(pick(&[load(1, 8, 0), load(1, 8, 0)]), Some(0));
+        assert_eq!(pick(&[]), None);
+        // Before any prefill was measured the rate may be 0: then the links alone decide.
+        let unrated = LaneAsk {
+            per_token: 0.0,
+            ..ask
+        };
+        assert_eq!(
+            pick_lane(&[load(0, 0, 70), load(1, 300, 40)], unrated),
+            Some(1)
+        );
+    }
+
+    #[test]
+    fn the_link_to_the_decode_worker_weighs_in_the_choice_of_lane() {
+        let (fast, slow) = (LinkSpec::gbps(100.0, 5.0), LinkSpec::gbps(1.0, 50.0));
+        let lane = |queued, link| LaneLoad {
+            held: usize::from(queued > 0),
+            queued,
+            given: 0,
+            link,
+        };
+        // 40 µs a token; a 374-token prompt's cache is 1.5 MB: 0.1 ms on the fast link, 12 ms
+        // on the slow one (300 tokens of prefill).
+        let long = LaneAsk {
+            prompt: 374,
+            kv_bytes: 1_531_904,
+            per_token: 40e-6,
+        };
+        // Both idle: the fast link, though the slow one is listed first.
+        assert_eq!(pick_lane(&[lane(0, slow), lane(0, fast)], long), Some(1));
+        // 200 tokens queued behind the fast link (8 ms) still beat the slow link's 12 ms...
+        assert_eq!(pick_lane(&[lane(0, slow), lane(200, fast)], long), Some(1));
+        // ...400 (16 ms) do not.
+        assert_eq!(pick_lane(&[lane(0, slow), lane(400, fast)], long), Some(0));
+        // A short prompt's cache (8 tokens, 33 KB: 0.3 ms on the slow link) goes where the
+        // queue is shorter.
+        let short = LaneAsk {
+            prompt: 8,
+            kv_bytes: 32_768,
+            ..long
+        };
+        assert_eq!(pick_lane(&[lane(0, slow), lane(20, fast)], short), Some(0));
+    }
+
+    #[test]
+    fn the_prefill_rate_is_the_estimate_until_prefills_are_measured() {
+        let mut r = PrefillRate::new(2e-6);
+        assert_eq!(r.per_token(), 2e-6);
+        r.add(Duration::from_millis(10), 0);
+        assert_eq!(r.per_token(), 2e-6, "a prompt of no tokens says nothing");
+        r.add(Duration::from_millis(4), 100);
+        r.add(Duration::from_millis(16), 400);
+        // Wall over tokens of the recent prefills together: 20 ms / 500.
+        assert!((r.per_token() - 40e-6).abs() < 1e-12);
+        // Only the last RATE_SAMPLES count.
+        for _ in 0..RATE_SAMPLES {
+            r.add(Duration::from_millis(1), 100);
+        }
+        assert!((r.per_token() - 10e-6).abs() < 1e-12);
+        // A meaningless estimate becomes 0 (the links alone decide until a prefill ran).
+        for bad in [f64::NAN, -1.0, f64::INFINITY] {
+            assert_eq!(PrefillRate::new(bad).per_token(), 0.0);
+        }
     }
 
     #[test]

@@ -262,6 +262,8 @@ pub fn cluster_of(members: &[Member], secret: Option<String>, insecure: bool) ->
         rdma: genie_transport::RdmaConfig::default(),
         // The caller's own, like the secret (set the field on the result).
         peer_timeout: crate::cluster::DEFAULT_PEER_TIMEOUT,
+        // Links are a cluster file's; a discovered membership has none (all alike).
+        links: Vec::new(),
     };
     cluster.check_secure()?;
     Ok(cluster)

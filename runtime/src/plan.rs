@@ -10,7 +10,7 @@ use genie_scheduler::graph::{Graph, NodeId, OpKind, Residency, TensorRef};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-/// The scheduler's view of `workers` CPU workers joined by loopback-class links (20 GB/s, 30 µs:
+/// The scheduler's view of `workers` CPU workers joined by loopback-class links (20 Gb/s, 30 µs:
 /// an initial guess, which [`crate::feedback::calibrate_links`] corrects from measured transfers).
 pub fn cpu_topology(workers: usize) -> Result<genie_scheduler::Topology> {
     genie_scheduler::Topology::uniform(
@@ -19,6 +19,34 @@ pub fn cpu_topology(workers: usize) -> Result<genie_scheduler::Topology> {
         genie_scheduler::topology::LinkSpec::gbps(20.0, 30.0),
     )
     .map_err(|e| RuntimeError::Scheduler(e.into()))
+}
+
+/// [`cpu_topology`] with the links a cluster file states ([`crate::cluster::WorkerLink`]) in
+/// place of the default; an error names a link that is out of range or joins a worker beyond
+/// `workers`.
+pub fn topology_with_links(
+    workers: usize,
+    links: &[crate::cluster::WorkerLink],
+) -> Result<genie_scheduler::Topology> {
+    let mut t = cpu_topology(workers)?;
+    for l in links {
+        let (a, b) = l.between;
+        if a >= workers || b >= workers {
+            return Err(RuntimeError::Plan(format!(
+                "a link joins workers {a} and {b}; the cluster has {workers}"
+            )));
+        }
+        l.check()
+            .map_err(|e| RuntimeError::Plan(format!("link between workers {a} and {b}: {e}")))?;
+        let id = |i: usize| genie_scheduler::topology::DeviceId(i as u32);
+        t.set_link(
+            id(a),
+            id(b),
+            genie_scheduler::topology::LinkSpec::gbps(l.gbps, l.latency_us),
+        )
+        .map_err(|e| RuntimeError::Scheduler(e.into()))?;
+    }
+    Ok(t)
 }
 
 /// Which worker runs each node, plus the scheduler's directives.
@@ -93,6 +121,17 @@ impl Placement {
         on: usize,
         kv: usize,
     ) -> Result<Self> {
+        Self::scheduled_with_makespan(scheduler, graph, on, kv).map(|(p, _)| p)
+    }
+
+    /// [`Placement::scheduled`], with the schedule's predicted makespan in seconds (the cost
+    /// model's estimate of the run's time).
+    pub fn scheduled_with_makespan(
+        scheduler: &mut genie_scheduler::Scheduler,
+        graph: &Graph,
+        on: usize,
+        kv: usize,
+    ) -> Result<(Self, f64)> {
         let plan = genie_scheduler::OptimizationPlan {
             devices: Some(vec![format!("dev{on}")]),
             kv_device: Some(format!("dev{kv}")),
@@ -102,7 +141,7 @@ impl Placement {
         let s = scheduler
             .create_schedule(graph, &plan)
             .map_err(RuntimeError::Scheduler)?;
-        Ok(Self::from_schedule(&s))
+        Ok((Self::from_schedule(&s), s.makespan_s))
     }
 
     /// The hand-made co-located prefill, a baseline for [`Placement::scheduled`]: everything on

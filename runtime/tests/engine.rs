@@ -2,6 +2,7 @@
 //! loopback): many concurrent requests equal serving each alone, cancellation and KV-pool
 //! admission, invalid requests, shutdown.
 
+use genie_runtime::cluster::WorkerLink;
 use genie_runtime::driver::{Driver, EmbeddedCluster};
 use genie_runtime::engine::{
     Engine, EngineConfig, EngineError, FinishReason, PrefillOrder, Request, RequestHandle,
@@ -213,6 +214,60 @@ fn a_prefill_pool_shares_the_prefills_and_serves_the_same_tokens() {
     );
     assert_eq!(engine.kv_free(), pooled.kv_pool_bytes);
     cluster.stop(engine.shutdown().unwrap()).unwrap();
+}
+
+/// The network weighs in the choice of prefill worker: with the link from w0 to the decode
+/// worker w2 stated as slow (as a cluster file's `[[links]]` would), requests served one after
+/// another are all prefilled on w1, whose link is the default; with every link alike they
+/// alternate between the two (equal queues: the one given fewer tokens). A link naming a
+/// worker outside the cluster is refused at start.
+#[test]
+fn a_slow_link_to_the_decode_worker_steers_prefills_to_the_other_worker() {
+    let cluster = EmbeddedCluster::start(3, Arc::new(CpuKernels::new())).unwrap();
+    let connect = || Driver::connect(&cluster.cluster, WeightSpec::Seeded(11)).unwrap();
+    let pooled = EngineConfig {
+        prefill_worker: 0,
+        prefill_pool: vec![1],
+        decode_worker: 2,
+        ..EngineConfig::disaggregated(cfg())
+    };
+    let slow = WorkerLink {
+        between: (0, 2),
+        gbps: 0.01,
+        latency_us: 100.0,
+    };
+    let outside = EngineConfig {
+        links: vec![WorkerLink {
+            between: (0, 3),
+            ..slow
+        }],
+        ..pooled.clone()
+    };
+    let err = Engine::start(connect(), outside).expect_err("a link to worker 3 of 3");
+    assert!(err.to_string().contains("link"), "{err}");
+    let reference = alone(&mut connect(), 6, 2);
+    for (links, want) in [(vec![], [3, 3]), (vec![slow], [0, 6])] {
+        let cfg = EngineConfig {
+            links,
+            ..pooled.clone()
+        };
+        let engine = Engine::start(connect(), cfg.clone()).unwrap();
+        let mut used = [0usize; 2];
+        for (i, tokens) in reference.iter().enumerate() {
+            let done = engine
+                .submit(Request::greedy(prompt_of(i), steps(i)))
+                .unwrap()
+                .wait()
+                .unwrap();
+            assert_eq!(&done.tokens, tokens, "request {i}");
+            used[done.timings.prefill_worker] += 1;
+        }
+        assert_eq!(used, want, "prefills on w0, w1 with links {:?}", cfg.links);
+        assert_eq!(engine.kv_free(), cfg.kv_pool_bytes);
+        drop(engine.shutdown().unwrap());
+    }
+    let last = connect();
+    cluster.stop(last).unwrap();
 }
 
 /// Long prompts then a short one, submitted at once on one prefill lane: in arrival order the

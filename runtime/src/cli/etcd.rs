@@ -54,6 +54,7 @@ pub fn run_etcd_worker(w: EtcdWorker) -> Result<()> {
         // The RDMA device from `GENIE_RDMA_DEVICE`, else the defaults.
         rdma: genie_transport::RdmaConfig::default(),
         peer_timeout: w.peer_timeout,
+        links: Vec::new(),
     };
     alone.check_secure()?;
     let mut cfg = MembershipConfig::new(w.endpoints, w.cluster_name);
