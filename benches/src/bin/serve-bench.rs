@@ -24,7 +24,8 @@
 //! of the run. A sample of requests is checked against its tokens when served alone. Last line:
 //! `serve goodput_ratio_vs_colocated=<g> tpot_p99_ratio_vs_colocated=<t> batch8_decode_speedup=<s> requests=<n> failed=<f>`
 //! (`g` and `t` at the highest rate where co-located goodput is above zero; `s` decode tokens/s
-//! with 8 active sequences over 1, counted over the steps in which all 8 are in the batch).
+//! with 8 active sequences over 1, counted over the steps in which all 8 are in the batch, the
+//! one sequence at the same mean KV length as the eight).
 //! `--decode-only` runs only that last measurement (`--model gpt2-124m` in about a minute).
 //!
 //! Each embedded worker computes on a thread pool of its own (`--threads`, default half the
@@ -387,16 +388,32 @@ const UNLOADED_RUNS: usize = 5;
 /// are decoding at once is meant to hold at least this many.
 const DECODE_STEPS: usize = 48;
 
+/// What one decode-scaling round measured ([`decode_rate`]).
+#[derive(Debug, Clone, Copy)]
+struct DecodeRate {
+    /// Decode tokens per second over the window.
+    tokens_per_s: f64,
+    /// Steps in the window (tokens counted per sequence).
+    window: usize,
+    /// The last sequence's first-token time.
+    first: Duration,
+    /// Mean KV length the counted tokens' steps attended over.
+    mean_kv: f64,
+}
+
 /// One decode-scaling round: the decode tokens/s of one engine with `n` sequences decoding at
-/// once (short prompts), over the window in which all `n` are in the batch, from the last one's
-/// first token to the first one's last: the prefills before it and the drain after it run
-/// smaller batches and are not counted. `steps` tokens per sequence (see [`ramp_steps`]).
-/// Also returns the window's steps and the last first-token time; `None` when no step had all
-/// `n` in the batch.
-fn decode_rate(mode: &Mode, n: usize, steps: usize) -> Result<Option<(f64, usize, Duration)>> {
+/// once (prompts of `prompt` tokens), over the window in which all `n` are in the batch, from
+/// the last one's first token to the first one's last: the prefills before it and the drain
+/// after it run smaller batches and are not counted. `steps` tokens per sequence (see
+/// [`ramp_steps`]). `None` when no step had all `n` in the batch.
+fn decode_rate(
+    mode: &Mode,
+    n: usize,
+    (prompt, steps): (usize, usize),
+) -> Result<Option<DecodeRate>> {
     let engine = &mode.engines[0];
     let work: Vec<Request> = (0..n)
-        .map(|i| Request::greedy(vec![(i as i64 * 13) % 97 + 1; 8], steps))
+        .map(|i| Request::greedy(vec![(i as i64 * 13) % 97 + 1; prompt], steps))
         .collect();
     let done: Vec<(Instant, Completion)> = std::thread::scope(|s| {
         let t: Vec<_> = work
@@ -424,10 +441,12 @@ fn decode_rate(mode: &Mode, n: usize, steps: usize) -> Result<Option<(f64, usize
     let (Some(from), Some(to)) = (from, to) else {
         bail!("a decode-rate request produced no token");
     };
-    let counted: usize = times
+    // Token `j` of a sequence comes from the step that attended over `prompt + j` positions.
+    let (counted, kv_sum) = times
         .iter()
-        .map(|t| t.iter().filter(|&&x| x > from && x <= to).count())
-        .sum();
+        .flat_map(|t| t.iter().enumerate())
+        .filter(|(_, &x)| x > from && x <= to)
+        .fold((0usize, 0usize), |(c, s), (j, _)| (c + 1, s + prompt + j));
     let window = to.saturating_duration_since(from).as_secs_f64();
     if counted == 0 || window <= 0.0 {
         // The prefills took longer than the first sequences' decodes: the caller asks for more.
@@ -438,7 +457,12 @@ fn decode_rate(mode: &Mode, n: usize, steps: usize) -> Result<Option<(f64, usize
         .map(|(_, c)| c.timings.first_token)
         .max()
         .unwrap_or_default();
-    Ok(Some((counted as f64 / window, counted / n, first)))
+    Ok(Some(DecodeRate {
+        tokens_per_s: counted as f64 / window,
+        window: counted / n,
+        first,
+        mean_kv: kv_sum as f64 / counted as f64,
+    }))
 }
 
 /// Tokens per sequence for a round of `n`: [`DECODE_STEPS`] plus the steps its serial prefills
@@ -452,20 +476,23 @@ fn ramp_steps(n: usize, first_token: Duration, step: Duration, context: usize) -
         .max(DECODE_STEPS)
 }
 
-/// Decode scaling with concurrent sequences: `rounds` rounds of 1 then 8 sequences,
-/// interleaved so that a slow moment of the machine hits both; prints the median round's
-/// figures and returns its ratio.
+/// Decode scaling with concurrent sequences: `rounds` rounds of 8 sequences then 1, interleaved
+/// so that a slow moment of the machine hits both; prints the median round's figures and
+/// returns its ratio. The one sequence decodes at the same mean KV length as the eight did in
+/// their window (its prompt longer by what the eight had decoded while the later ones joined):
+/// a step's attention grows with the KV length, and the ratio compares batch sizes, not
+/// lengths. A first one-sequence run gives the step time that sizes the eight's ramp.
 fn decode_scaling(disagg: &Mode, rounds_n: usize, context: usize) -> Result<f64> {
     let mut rounds = Vec::with_capacity(rounds_n);
+    let no_window = "one sequence gave no window";
     for _ in 0..rounds_n {
-        let (r1, _, first) =
-            decode_rate(disagg, 1, DECODE_STEPS + 1)?.context("one sequence gave no window")?;
-        let step = Duration::from_secs_f64(1.0 / r1.max(1e-9));
-        let mut steps = ramp_steps(8, first, step, context);
+        let probe = decode_rate(disagg, 1, (8, DECODE_STEPS + 1))?.context(no_window)?;
+        let step = Duration::from_secs_f64(1.0 / probe.tokens_per_s.max(1e-9));
+        let mut steps = ramp_steps(8, probe.first, step, context);
         // Where the prefills took longer than estimated, again with three times the steps.
         let mut tries = 0;
-        let (r8, window, _) = loop {
-            match decode_rate(disagg, 8, steps)? {
+        let eight = loop {
+            match decode_rate(disagg, 8, (8, steps))? {
                 Some(r) => break r,
                 None if tries < 2 && steps < context.saturating_sub(9) => {
                     tries += 1;
@@ -476,17 +503,28 @@ fn decode_scaling(disagg: &Mode, rounds_n: usize, context: usize) -> Result<f64>
                 ),
             }
         };
-        if window < DECODE_STEPS / 2 {
+        if eight.window < DECODE_STEPS / 2 {
             println!(
-                "  (a round with 8 sequences had only {window} steps with all 8 in the batch)"
+                "  (a round with 8 sequences had only {} steps with all 8 in the batch)",
+                eight.window
             );
         }
-        rounds.push((r8 / r1, r1, r8));
+        // Its window's mean KV length is its prompt plus half its steps.
+        let prompt = (eight.mean_kv - (DECODE_STEPS + 1) as f64 / 2.0)
+            .round()
+            .max(1.0) as usize;
+        let prompt = prompt.min(context.saturating_sub(DECODE_STEPS + 2)).max(1);
+        let one = decode_rate(disagg, 1, (prompt, DECODE_STEPS + 1))?.context(no_window)?;
+        rounds.push((eight.tokens_per_s / one.tokens_per_s, one, eight));
     }
     rounds.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let (batch8, r1, r8) = rounds[rounds.len() / 2];
+    let (batch8, one, eight) = rounds[rounds.len() / 2];
     println!(
-        "decode: {r1:.1} tokens/s with 1 sequence, {r8:.1} with 8 ({batch8:.2}x; median of {} rounds, each over the steps all its sequences decode together, ratios {})",
+        "decode: {:.1} tokens/s with 1 sequence, {:.1} with 8, at mean KV lengths {:.0} and {:.0} ({batch8:.2}x; median of {} rounds, each over the steps all its sequences decode together, ratios {})",
+        one.tokens_per_s,
+        eight.tokens_per_s,
+        one.mean_kv,
+        eight.mean_kv,
         rounds_n,
         rounds
             .iter()
@@ -606,7 +644,7 @@ fn main() -> Result<()> {
     let disagg = Mode::disaggregated(&model, args.cluster.as_deref(), threads, args.tuning())?;
     if args.decode_only {
         // Warm up (graphs sent, weights materialised), then only the decode scaling.
-        decode_rate(&disagg, 1, 2)?.context("the warm-up request gave no token")?;
+        decode_rate(&disagg, 1, (8, 2))?.context("the warm-up request gave no token")?;
         let batch8 = decode_scaling(&disagg, args.decode_rounds, model.context())?;
         disagg.stop()?;
         println!(
