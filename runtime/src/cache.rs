@@ -118,6 +118,8 @@ struct Sent {
     defined_on: Vec<bool>,
     plan: KeptPlan,
     last_used: u64,
+    /// A run between its first and last message (see [`SentGraphs::pin`]): not forgotten.
+    pinned: bool,
 }
 
 /// The driver's side: which graphs each worker keeps, under which ids.
@@ -130,10 +132,10 @@ pub struct SentGraphs {
     forget: Vec<Vec<u64>>,
 }
 
-/// A graph looked up for one run: its slot, and what changed since its last run.
+/// A graph looked up for one run: its id, and what changed since its last run.
 #[derive(Debug)]
 pub struct Lookup {
-    slot: usize,
+    id: u64,
     reshape: Vec<Reshape>,
 }
 
@@ -157,7 +159,7 @@ impl SentGraphs {
             .sent
             .iter()
             .position(|s| s.placement == *placement && same_structure(&s.graph, graph));
-        let slot = match hit {
+        let id = match hit {
             Some(i) => {
                 let s = &mut self.sent[i];
                 s.last_used = self.clock;
@@ -169,16 +171,19 @@ impl SentGraphs {
                         Err(_) => s.plan = KeptPlan::default(),
                     }
                 }
-                return Lookup { slot: i, reshape };
+                return Lookup { id: s.id, reshape };
             }
             None => {
-                if self.sent.len() >= DRIVER_GRAPHS {
-                    let oldest = self
-                        .sent
-                        .iter()
-                        .enumerate()
-                        .min_by_key(|(_, s)| s.last_used)
-                        .map_or(0, |(i, _)| i);
+                // The least recently used goes, unless a run still has messages of it to make
+                // (then the cache holds one more for a while).
+                let oldest = self
+                    .sent
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| !s.pinned)
+                    .min_by_key(|(_, s)| s.last_used)
+                    .map(|(i, _)| i);
+                if let Some(oldest) = oldest.filter(|_| self.sent.len() >= DRIVER_GRAPHS) {
                     let gone = self.sent.swap_remove(oldest);
                     for (w, on) in gone.defined_on.iter().enumerate() {
                         if *on {
@@ -195,23 +200,36 @@ impl SentGraphs {
                     defined_on: vec![false; self.forget.len()],
                     plan: KeptPlan::default(),
                     last_used: self.clock,
+                    pinned: false,
                 });
                 self.next_id += 1;
-                self.sent.len() - 1
+                self.next_id - 1
             }
         };
         Lookup {
-            slot,
+            id,
             reshape: Vec::new(),
+        }
+    }
+
+    fn slot(&mut self, l: &Lookup) -> Result<&mut Sent> {
+        self.sent
+            .iter_mut()
+            .find(|s| s.id == l.id)
+            .ok_or_else(|| RuntimeError::Plan("graph cache slot vanished".into()))
+    }
+
+    /// Keeps a looked-up graph from being forgotten (`true`) while a run makes its messages
+    /// in two rounds (see [`crate::driver::Driver::run_batch`]), or lets it go (`false`).
+    pub fn pin(&mut self, l: &Lookup, on: bool) {
+        if let Ok(s) = self.slot(l) {
+            s.pinned = on;
         }
     }
 
     /// The plan of a looked-up graph for `wanted`.
     pub fn plan(&mut self, l: &Lookup, wanted: &[TensorRef]) -> Result<&ExecPlan> {
-        let s = self
-            .sent
-            .get_mut(l.slot)
-            .ok_or_else(|| RuntimeError::Plan("graph cache slot vanished".into()))?;
+        let s = self.slot(l)?;
         s.plan.get(&s.graph, &s.placement, wanted)
     }
 
@@ -219,11 +237,7 @@ impl SentGraphs {
     /// sent nothing: its copy, if any, misses this run's reshapes, and the next run it takes
     /// part in defines the graph there again, whole.
     pub fn skip(&mut self, l: &Lookup, worker: usize) {
-        if let Some(on) = self
-            .sent
-            .get_mut(l.slot)
-            .and_then(|s| s.defined_on.get_mut(worker))
-        {
+        if let Some(on) = self.slot(l).ok().and_then(|s| s.defined_on.get_mut(worker)) {
             *on = false;
         }
     }
@@ -231,10 +245,7 @@ impl SentGraphs {
     /// What to send `worker` for a looked-up graph, and the ids it should forget first; marks
     /// the graph as kept there.
     pub fn message(&mut self, l: &Lookup, worker: usize) -> Result<(GraphRef, Vec<u64>)> {
-        let s = self
-            .sent
-            .get_mut(l.slot)
-            .ok_or_else(|| RuntimeError::Plan("graph cache slot vanished".into()))?;
+        let s = self.slot(l)?;
         let on = s
             .defined_on
             .get_mut(worker)

@@ -82,6 +82,12 @@ pub struct Driver {
     /// One per worker: held by the run (or free) talking to it, so that a worker's replies
     /// always answer the holder's messages.
     held: Vec<Mutex<()>>,
+    /// Held by a run on several workers from its graph's lookup to its last message, so that
+    /// no other run of that graph comes between its rounds (see [`Driver::run_batch`]).
+    several: Mutex<()>,
+    /// Per link (sender, receiver): the size of the landing region the receiver keeps for the
+    /// sender, as far as this driver's runs made it (see [`crate::worker::region_size`]).
+    landing: Mutex<std::collections::HashMap<(usize, usize), u64>>,
     /// Whether runs report compute spans ([`Driver::set_spans`]).
     spans: AtomicBool,
 }
@@ -143,6 +149,8 @@ impl Driver {
             names: cluster.workers.iter().map(|w| w.name.clone()).collect(),
             sent: Mutex::new(SentGraphs::new(conns.len())),
             held: conns.iter().map(|_| Mutex::new(())).collect(),
+            several: Mutex::new(()),
+            landing: Mutex::default(),
             conns,
             // Workers tell runs apart by their numbers (a notification carries the low 16
             // bits), also runs of an earlier driver that failed: start somewhere random.
@@ -184,6 +192,13 @@ impl Driver {
     /// [`Driver::run`] of a graph over several sequences' KV caches: its cache nodes of slot
     /// `i` read and extend sequence `seqs[i]`'s (a batched decode step, from
     /// [`Family::decode_batch`](crate::models::Family::decode_batch)).
+    ///
+    /// A run whose workers either only send or only receive (a KV cache's move from a prefill
+    /// worker to a decode worker) goes in two rounds once every receiver keeps a landing region
+    /// big enough for what it gets (after the first such run): the senders first, holding
+    /// only them, and the receivers once the senders are done, so that a receiver busy with
+    /// another run (a decode step) finishes it while the bytes travel, and then only takes in
+    /// what has landed instead of waiting for it.
     pub fn run_batch(
         &self,
         graph: &Graph,
@@ -191,6 +206,40 @@ impl Driver {
         inputs: &[(&str, Tensor)],
         wanted: &[TensorRef],
         seqs: &[u64],
+    ) -> Result<RunOutput> {
+        self.run_rounds(graph, placement, (inputs, wanted), seqs, &mut || {})
+    }
+
+    /// [`Driver::run`] that calls `senders_done` as soon as the workers of its first round
+    /// have replied (see [`Driver::run_batch`]: for a KV cache's move, the prefill worker has
+    /// sent every byte), before the decode worker's round; for a run in one round, once it is
+    /// over. Not called when the run fails first. A prefill lane waits for it before its next
+    /// prefill, so that the move is not queued behind that prefill on the prefill worker.
+    pub fn run_then(
+        &self,
+        graph: &Graph,
+        placement: &Placement,
+        inputs: &[(&str, Tensor)],
+        wanted: &[TensorRef],
+        seq: u64,
+        senders_done: impl FnOnce(),
+    ) -> Result<RunOutput> {
+        let mut once = Some(senders_done);
+        let mut call = || {
+            if let Some(f) = once.take() {
+                f();
+            }
+        };
+        self.run_rounds(graph, placement, (inputs, wanted), &[seq], &mut call)
+    }
+
+    fn run_rounds(
+        &self,
+        graph: &Graph,
+        placement: &Placement,
+        (inputs, wanted): (&[(&str, Tensor)], &[TensorRef]),
+        seqs: &[u64],
+        first_round_done: &mut dyn FnMut(),
     ) -> Result<RunOutput> {
         self.check_poisoned()?;
         let used = placement.workers();
@@ -208,26 +257,25 @@ impl Driver {
                 *a = true;
             }
         }
-        let mut held = self.hold((0..used).filter(|&i| active[i]));
+        let all: Vec<usize> = (0..used).filter(|&i| active[i]).collect();
+        // One worker: held before its graph is looked up, as every run of that graph needs it.
+        // Several: runs on several workers take turns from the lookup to the last message.
+        let mut first_held = (all.len() == 1).then(|| self.hold(all.iter().copied()));
+        let _several = (all.len() > 1).then(|| self.several.lock());
         // A run on other workers may have failed while this one waited for its workers.
         self.check_poisoned()?;
-        // What each worker is sent comes from the graph cache, under its lock: the messages a
-        // worker gets are made in the order they are sent (its lock is held from here on).
-        let mut sent = self.sent.lock();
-        let look = sent.lookup(graph, placement);
-        let plan = sent.plan(&look, wanted)?.clone();
-        // Wait first on the workers that return nothing (they usually finish first), so that
-        // their replies are read while the others still compute.
-        let order: Vec<usize> = {
-            let returns = |i: usize| {
-                wanted
-                    .iter()
-                    .any(|t| plan.worker_of.get(t.node.index()) == Some(&i))
-            };
-            let (last, first): (Vec<usize>, Vec<usize>) =
-                (0..used).filter(|&i| active[i]).partition(|&i| returns(i));
-            first.into_iter().chain(last).collect()
+        let (look, plan) = {
+            let mut sent = self.sent.lock();
+            let look = sent.lookup(graph, placement);
+            let plan = sent.plan(&look, wanted)?.clone();
+            sent.pin(&look, true);
+            (look, plan)
         };
+        let _unpin = Unpin {
+            sent: &self.sent,
+            look: &look,
+        };
+        let rounds = rounds(&plan, &self.landing.lock(), all);
         let run = self.next_run.fetch_add(1, Ordering::Relaxed);
         let mut payload = Vec::new();
         let mut ins = Vec::new();
@@ -252,27 +300,6 @@ impl Driver {
             });
             payload.extend_from_slice(&bytes);
         }
-        // Each worker gets the graph once, then its id (and the tensors that changed shape).
-        let mut msgs = Vec::with_capacity(used);
-        for (i, &takes_part) in active.iter().enumerate() {
-            if !takes_part {
-                sent.skip(&look, i);
-                msgs.push(None);
-                continue;
-            }
-            let (g, forget) = sent.message(&look, i)?;
-            let msg = Msg::Run {
-                run,
-                forget,
-                graph: g,
-                seqs: seqs.to_vec(),
-                inputs: ins.clone(),
-                wanted: wanted.to_vec(),
-                spans: self.spans.load(Ordering::Relaxed),
-            };
-            msgs.push(Some(proto::encode(&msg, &payload)?));
-        }
-        drop(sent);
         {
             let mut known = self.seqs.lock();
             for &seq in seqs {
@@ -284,19 +311,76 @@ impl Driver {
                 }
             }
         }
-        let start = Instant::now();
-        for (i, bytes) in msgs.iter().enumerate() {
-            let Some(bytes) = bytes else { continue };
-            // The reply says whether it arrived; no need to wait for the send itself.
-            if let Err(e) = self.conns[i].send(bytes) {
-                return Err(self.fail(self.names[i].clone(), e.to_string()));
+        // Wait first on the workers that return nothing (they usually finish first), so that
+        // their replies are read while the others still compute.
+        let returns = |i: usize| {
+            wanted
+                .iter()
+                .any(|t| plan.worker_of.get(t.node.index()) == Some(&i))
+        };
+        let mut start = None;
+        let mut replies = Vec::new();
+        let mut order_len = 0;
+        for (r, workers) in rounds.iter().enumerate() {
+            let mut held = match first_held.take() {
+                Some(h) => h,
+                None => self.hold(workers.iter().copied()),
+            };
+            self.check_poisoned()?;
+            // What each worker is sent comes from the graph cache, under its lock: the messages
+            // a worker gets are made in the order they are sent (its lock is held from here on).
+            // Each worker gets the graph once, then its id (and the tensors that changed shape).
+            let mut msgs = Vec::with_capacity(workers.len());
+            {
+                let mut sent = self.sent.lock();
+                if r == 0 {
+                    for i in (0..used).filter(|&i| !active[i]) {
+                        sent.skip(&look, i);
+                    }
+                }
+                for &i in workers {
+                    let (g, forget) = sent.message(&look, i)?;
+                    let msg = Msg::Run {
+                        run,
+                        forget,
+                        graph: g,
+                        seqs: seqs.to_vec(),
+                        inputs: ins.clone(),
+                        wanted: wanted.to_vec(),
+                        spans: self.spans.load(Ordering::Relaxed),
+                    };
+                    msgs.push((i, proto::encode(&msg, &payload)?));
+                }
+            }
+            let now = Instant::now();
+            start.get_or_insert(now);
+            for (i, bytes) in &msgs {
+                // The reply says whether it arrived; no need to wait for the send itself.
+                if let Err(e) = self.conns[*i].send(bytes) {
+                    return Err(self.fail(self.names[*i].clone(), e.to_string()));
+                }
+            }
+            let (last, first): (Vec<usize>, Vec<usize>) =
+                workers.iter().copied().partition(|&i| returns(i));
+            let order: Vec<usize> = first.into_iter().chain(last).collect();
+            order_len += order.len();
+            match self.gather(order, now + RUN_TIMEOUT, &mut held) {
+                Ok(got) => replies.extend(got),
+                Err((worker, reason)) => return Err(self.fail(worker, reason)),
+            }
+            if r == 0 {
+                first_round_done();
             }
         }
-        let order_len = order.len();
-        let replies = match self.gather(order, start + RUN_TIMEOUT, &mut held) {
-            Ok(r) => r,
-            Err((worker, reason)) => return Err(self.fail(worker, reason)),
-        };
+        {
+            // The receivers keep landing regions at least this big now.
+            let mut landing = self.landing.lock();
+            for (&link, &bytes) in &plan.link_bytes {
+                let have = landing.entry(link).or_insert(0);
+                *have = (*have).max(crate::worker::region_size(bytes));
+            }
+        }
+        let start = start.unwrap_or_else(Instant::now);
         let last = Instant::now();
         let mut driver_bytes = payload.len() as u64 * order_len as u64;
         let mut stats: Vec<Option<RunStats>> = vec![None; used];
@@ -513,6 +597,47 @@ impl Driver {
             let _ = send_msg(&**c, n, &Msg::Shutdown, &[]);
         }
         Ok(())
+    }
+}
+
+/// The rounds in which a run of `plan` on workers `all` hands out its messages: the senders,
+/// then the receivers, when no worker does both and every receiver keeps a landing region big
+/// enough for its senders (`landing`, per link: so that no sender waits for a receiver that
+/// has not got the run yet); else all at once.
+fn rounds(
+    plan: &ExecPlan,
+    landing: &std::collections::HashMap<(usize, usize), u64>,
+    all: Vec<usize>,
+) -> Vec<Vec<usize>> {
+    let to: std::collections::BTreeSet<usize> = plan.transfers.iter().map(|t| t.dst).collect();
+    let from: std::collections::BTreeSet<usize> = plan.transfers.iter().map(|t| t.src).collect();
+    if to.is_empty() || !to.is_disjoint(&from) {
+        return vec![all];
+    }
+    let fits = plan.link_bytes.iter().all(|(link, &bytes)| {
+        landing
+            .get(link)
+            .is_some_and(|&have| have >= crate::worker::region_size(bytes))
+    });
+    if !fits {
+        return vec![all];
+    }
+    let (second, first): (Vec<usize>, Vec<usize>) = all.into_iter().partition(|i| to.contains(i));
+    [first, second]
+        .into_iter()
+        .filter(|r| !r.is_empty())
+        .collect()
+}
+
+/// Lets a graph [`SentGraphs::pin`] kept go when a run ends, on every path.
+struct Unpin<'a> {
+    sent: &'a Mutex<SentGraphs>,
+    look: &'a crate::cache::Lookup,
+}
+
+impl Drop for Unpin<'_> {
+    fn drop(&mut self) {
+        self.sent.lock().pin(self.look, false);
     }
 }
 
@@ -752,6 +877,62 @@ mod tests {
     /// A worker whose driver connection ended before the driver's `Shutdown` reached it is
     /// stopped through its flag: `stop` returns (never hangs) with an error naming it, after the
     /// grace period; the other worker stops on the message as usual.
+    /// A KV cache's move (reads on w0, appends on w1) goes in one round while the driver does
+    /// not know w1's landing region for w0, in two (w0, then w1) once it does; the callback of
+    /// `run_then` comes once either way; the moved cache is the source's bit for bit (a decode
+    /// step over either gives the same logits). A run where a worker both receives and sends
+    /// (a pipeline over three workers) stays in one round.
+    #[test]
+    fn a_kv_move_goes_in_two_rounds_once_the_landing_region_is_known() {
+        use crate::models::{prefill_last, run_decode_step, run_prefill, Family};
+        use genie_scheduler::builders::{gpt2_prefill, kv_move, Gpt2Config};
+        use genie_scheduler::graph::OpKind;
+        let cfg = Gpt2Config {
+            layers: 2,
+            hidden: 32,
+            heads: 2,
+            vocab: 64,
+            context: 32,
+            ..Gpt2Config::default()
+        };
+        let cluster = EmbeddedCluster::start(2, Arc::new(CpuKernels::new())).unwrap();
+        let driver = Driver::connect(&cluster.cluster, WeightSpec::Seeded(3)).unwrap();
+        let prompt: Vec<i64> = (1..=6).collect();
+        for seq in 1..=3u64 {
+            let (g, last) = prefill_last(&cfg, prompt.len()).unwrap();
+            run_prefill(&driver, &g, &Placement::single(&g), &prompt, last, seq).unwrap();
+            let mv = kv_move(cfg.layers, cfg.hidden, prompt.len()).unwrap();
+            let place =
+                Placement::by_rule(&mv, |n| usize::from(matches!(n.op, OpKind::KvCacheAppend)));
+            let plan = ExecPlan::new(&mv, &place, &[]).unwrap();
+            let split = rounds(&plan, &driver.landing.lock(), vec![0, 1]);
+            let want = if seq == 1 {
+                vec![vec![0, 1]]
+            } else {
+                vec![vec![0], vec![1]]
+            };
+            assert_eq!(split, want, "move {seq}");
+            let mut called = 0;
+            driver
+                .run_then(&mv, &place, &[], &[], seq, || called += 1)
+                .unwrap();
+            assert_eq!(called, 1, "move {seq}");
+            let d = cfg.decode(prompt.len()).unwrap();
+            let on = |w: usize| -> Vec<f32> {
+                let place = Placement::by_rule(&d, |_| w);
+                let out = run_decode_step(&driver, &d, &place, 7, prompt.len(), seq).unwrap();
+                out.outputs[0].flatten_all().unwrap().to_vec1().unwrap()
+            };
+            assert_eq!(on(0), on(1), "move {seq}");
+        }
+        // w1 receives from w0 and sends to w2: one round, whatever the driver knows.
+        let g = gpt2_prefill(&cfg, 4).unwrap();
+        let plan = ExecPlan::new(&g, &Placement::contiguous(&g, 3).unwrap(), &[]).unwrap();
+        let all_known = plan.link_bytes.keys().map(|&l| (l, u64::MAX)).collect();
+        assert_eq!(rounds(&plan, &all_known, vec![0, 1, 2]).len(), 1);
+        cluster.stop(driver).unwrap();
+    }
+
     #[test]
     fn stop_never_hangs_on_a_worker_that_missed_the_shutdown() {
         let cluster = EmbeddedCluster::start(2, Arc::new(CpuKernels::new())).unwrap();

@@ -1743,13 +1743,23 @@ fn prefill_lane(
                 (&job.prompt, job.seq),
             ) {
                 Ok(p) => {
+                    // The move's first round (the prefill worker sending the cache) goes before
+                    // the next prefill there: wait for it (or for the mover to give up on it).
+                    let (sent_tx, sent) = mpsc::channel();
                     let handed = match &to_mover {
-                        Some(m) => m.send((job, p)).map_err(|mpsc::SendError(back)| back),
+                        Some(m) => m
+                            .send((job, p, sent_tx))
+                            .map_err(|mpsc::SendError((job, p, _))| (job, p)),
                         None => Err((job, p)),
                     };
-                    if let Err((job, p)) = handed {
-                        if !move_and_report(job, p, done, model, workers) {
-                            break;
+                    match handed {
+                        Ok(()) => {
+                            let _ = sent.recv();
+                        }
+                        Err((job, p)) => {
+                            if !move_and_report(job, p, done, model, workers, || {}) {
+                                break;
+                            }
                         }
                     }
                 }
@@ -1771,32 +1781,38 @@ fn prefill_lane(
 /// A prefill lane's mover: moves each prefilled request's KV cache to the decode worker and
 /// reports the request ([`move_and_report`]), in the order the lane prefilled them.
 fn kv_mover(
-    moves: &mpsc::Receiver<(LaneJob, Prefilled)>,
+    moves: &mpsc::Receiver<(LaneJob, Prefilled, mpsc::Sender<()>)>,
     done: &mpsc::Sender<Cmd>,
     model: &Model,
     workers: (usize, usize),
 ) {
-    while let Ok((job, p)) = moves.recv() {
+    while let Ok((job, p, sent)) = moves.recv() {
         let _span = tracing::info_span!("kv_move", request = job.id).entered();
-        if !move_and_report(job, p, done, model, workers) {
+        // Dropped unsent when the move fails first: the lane goes on either way.
+        let sent = move || {
+            let _ = sent.send(());
+        };
+        if !move_and_report(job, p, done, model, workers, sent) {
             break;
         }
     }
 }
 
 /// Moves `job`'s KV cache from the prefill worker `pw` to the decode worker `dw` by a
-/// [`kv_move`] run, reports the request to the engine, then drops the prefill worker's copy
-/// (after the report: the request's first token does not wait for it). A failed move frees
-/// what was built and reports the error. `false` once the engine no longer listens.
+/// [`kv_move`] run (`sent` called once the prefill worker has sent it all), reports the request
+/// to the engine, then drops the prefill worker's copy (after the report: the request's first
+/// token does not wait for it). A failed move frees what was built and reports the error.
+/// `false` once the engine no longer listens.
 fn move_and_report(
     job: LaneJob,
     mut p: Prefilled,
     done: &mpsc::Sender<Cmd>,
     model: &Model,
     (pw, dw): (usize, usize),
+    sent: impl FnOnce(),
 ) -> bool {
     let (id, seq) = (job.id, job.seq);
-    let result = match move_kv(&job.driver, model, (pw, dw), (job.prompt.len(), seq)) {
+    let result = match move_kv(&job.driver, model, (pw, dw), (job.prompt.len(), seq), sent) {
         Ok(moved) => {
             p.moved = Some(moved);
             Ok(Box::new(p))
@@ -1840,13 +1856,14 @@ fn prefill_here(
     })
 }
 
-/// The [`kv_move`] run of sequence `seq`'s cache (`len` positions) from worker `pw` to `dw`,
-/// and when it started.
+/// The [`kv_move`] run of sequence `seq`'s cache (`len` positions) from worker `pw` to `dw`
+/// (`sent` called once `pw` has sent it all, see [`Driver::run_then`]), and when it started.
 fn move_kv(
     driver: &Driver,
     model: &Model,
     (pw, dw): (usize, usize),
     (len, seq): (usize, u64),
+    sent: impl FnOnce(),
 ) -> Result<(Instant, RunOutput), RuntimeError> {
     let g = kv_move(model.layers(), model.kv_width(), len).map_err(RuntimeError::Scheduler)?;
     // A copy, not a scheduling decision: reads where the cache is, appends where it goes.
@@ -1858,7 +1875,7 @@ fn move_kv(
         }
     });
     let t = Instant::now();
-    let moved = driver.run(&g, &place, &[], &[], seq)?;
+    let moved = driver.run_then(&g, &place, &[], &[], seq, sent)?;
     Ok((t, moved))
 }
 

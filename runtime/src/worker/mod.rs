@@ -56,6 +56,7 @@ mod regions;
 mod tests;
 
 pub use clock::WallClock;
+pub(crate) use regions::region_size;
 
 use self::mesh::{accept_loop, PeerMap};
 use crate::cache::{apply_reshapes, KeptPlan, WORKER_GRAPHS};

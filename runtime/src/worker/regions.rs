@@ -17,7 +17,7 @@ use std::time::Instant;
 /// power of two so that growing transfers (a naive decode's K/V) reuse it for many runs. Both
 /// ends compute it from the same plan, so both know without asking whether the receiver
 /// allocates a new region (and sends its descriptor) or both reuse the last one.
-pub(super) fn region_size(bytes: u64) -> u64 {
+pub(crate) fn region_size(bytes: u64) -> u64 {
     bytes
         .max(64)
         .checked_next_power_of_two()
