@@ -68,8 +68,10 @@ pub struct RunOutput {
 ///
 /// Every method takes `&self`: share a driver between threads (`Arc`) to run on disjoint sets
 /// of workers at once (a prefill on one worker while decode steps run on another). A run holds
-/// the workers it involves, taken in index order, from its first message to its last reply; a
-/// run that needs a worker another run holds waits for it.
+/// each worker it involves, taken in index order, from its message to that worker's reply; a
+/// run that needs a worker another run holds waits for it. Runs on several workers go one at a
+/// time, and where some workers only send and the others only receive, in two rounds (see
+/// [`Driver::run_batch`]).
 pub struct Driver {
     _endpoint: Arc<dyn Transport>,
     names: Vec<String>,
@@ -874,9 +876,6 @@ mod tests {
     use super::*;
     use crate::kernels::CpuKernels;
 
-    /// A worker whose driver connection ended before the driver's `Shutdown` reached it is
-    /// stopped through its flag: `stop` returns (never hangs) with an error naming it, after the
-    /// grace period; the other worker stops on the message as usual.
     /// A KV cache's move (reads on w0, appends on w1) goes in one round while the driver does
     /// not know w1's landing region for w0, in two (w0, then w1) once it does; the callback of
     /// `run_then` comes once either way; the moved cache is the source's bit for bit (a decode
@@ -933,6 +932,9 @@ mod tests {
         cluster.stop(driver).unwrap();
     }
 
+    /// A worker whose driver connection ended before the driver's `Shutdown` reached it is
+    /// stopped through its flag: `stop` returns (never hangs) with an error naming it, after the
+    /// grace period; the other worker stops on the message as usual.
     #[test]
     fn stop_never_hangs_on_a_worker_that_missed_the_shutdown() {
         let cluster = EmbeddedCluster::start(2, Arc::new(CpuKernels::new())).unwrap();
