@@ -70,8 +70,7 @@ pub struct RunOutput {
 /// of workers at once (a prefill on one worker while decode steps run on another). A run holds
 /// each worker it involves, taken in index order, from its message to that worker's reply; a
 /// run that needs a worker another run holds waits for it. Runs on several workers go one at a
-/// time, and where some workers only send and the others only receive, in two rounds (see
-/// [`Driver::run_batch`]).
+/// time ([`Driver::run_senders_first`] in two rounds where it can).
 pub struct Driver {
     _endpoint: Arc<dyn Transport>,
     names: Vec<String>,
@@ -85,7 +84,8 @@ pub struct Driver {
     /// always answer the holder's messages.
     held: Vec<Mutex<()>>,
     /// Held by a run on several workers from its graph's lookup to its last message, so that
-    /// no other run of that graph comes between its rounds (see [`Driver::run_batch`]).
+    /// no other run of that graph comes between its rounds (see
+    /// [`Driver::run_senders_first`]).
     several: Mutex<()>,
     /// Per link (sender, receiver): the size of the landing region the receiver keeps for the
     /// sender, as far as this driver's runs made it (see [`crate::worker::region_size`]).
@@ -194,13 +194,6 @@ impl Driver {
     /// [`Driver::run`] of a graph over several sequences' KV caches: its cache nodes of slot
     /// `i` read and extend sequence `seqs[i]`'s (a batched decode step, from
     /// [`Family::decode_batch`](crate::models::Family::decode_batch)).
-    ///
-    /// A run whose workers either only send or only receive (a KV cache's move from a prefill
-    /// worker to a decode worker) goes in two rounds once every receiver keeps a landing region
-    /// big enough for what it gets (after the first such run): the senders first, holding
-    /// only them, and the receivers once the senders are done, so that a receiver busy with
-    /// another run (a decode step) finishes it while the bytes travel, and then only takes in
-    /// what has landed instead of waiting for it.
     pub fn run_batch(
         &self,
         graph: &Graph,
@@ -209,15 +202,20 @@ impl Driver {
         wanted: &[TensorRef],
         seqs: &[u64],
     ) -> Result<RunOutput> {
-        self.run_rounds(graph, placement, (inputs, wanted), seqs, &mut || {})
+        self.run_rounds(graph, placement, (inputs, wanted), seqs, None)
     }
 
-    /// [`Driver::run`] that calls `senders_done` as soon as the workers of its first round
-    /// have replied (see [`Driver::run_batch`]: for a KV cache's move, the prefill worker has
-    /// sent every byte), before the decode worker's round; for a run in one round, once it is
-    /// over. Not called when the run fails first. A prefill lane waits for it before its next
-    /// prefill, so that the move is not queued behind that prefill on the prefill worker.
-    pub fn run_then(
+    /// [`Driver::run`] for a run whose workers either only send or only receive (a KV cache's
+    /// move from a prefill worker to a decode worker), senders first: once every receiver keeps
+    /// a landing region big enough for what it gets (after the first such run), it goes in two
+    /// rounds, the senders first, holding only them, then the receivers once the senders are
+    /// done, so that a receiver busy with another run (a decode step) finishes it while the
+    /// bytes travel and then only takes in what has landed. `senders_done` is called as soon as
+    /// the first round's workers have replied (for a move, the prefill worker has sent every
+    /// byte); for a run in one round, once it is over; not when the run fails first. (Other
+    /// runs go in one round: a prefill that streams its KV cache to the decode worker wants
+    /// that worker appending while it computes.)
+    pub fn run_senders_first(
         &self,
         graph: &Graph,
         placement: &Placement,
@@ -232,7 +230,7 @@ impl Driver {
                 f();
             }
         };
-        self.run_rounds(graph, placement, (inputs, wanted), &[seq], &mut call)
+        self.run_rounds(graph, placement, (inputs, wanted), &[seq], Some(&mut call))
     }
 
     fn run_rounds(
@@ -241,7 +239,7 @@ impl Driver {
         placement: &Placement,
         (inputs, wanted): (&[(&str, Tensor)], &[TensorRef]),
         seqs: &[u64],
-        first_round_done: &mut dyn FnMut(),
+        mut senders_first: Option<&mut dyn FnMut()>,
     ) -> Result<RunOutput> {
         self.check_poisoned()?;
         let used = placement.workers();
@@ -277,7 +275,10 @@ impl Driver {
             sent: &self.sent,
             look: &look,
         };
-        let rounds = rounds(&plan, &self.landing.lock(), all);
+        let rounds = match senders_first {
+            Some(_) => rounds(&plan, &self.landing.lock(), all),
+            None => vec![all],
+        };
         let run = self.next_run.fetch_add(1, Ordering::Relaxed);
         let mut payload = Vec::new();
         let mut ins = Vec::new();
@@ -370,8 +371,8 @@ impl Driver {
                 Ok(got) => replies.extend(got),
                 Err((worker, reason)) => return Err(self.fail(worker, reason)),
             }
-            if r == 0 {
-                first_round_done();
+            if let (0, Some(done)) = (r, senders_first.as_mut()) {
+                done();
             }
         }
         {
@@ -878,7 +879,7 @@ mod tests {
 
     /// A KV cache's move (reads on w0, appends on w1) goes in one round while the driver does
     /// not know w1's landing region for w0, in two (w0, then w1) once it does; the callback of
-    /// `run_then` comes once either way; the moved cache is the source's bit for bit (a decode
+    /// `run_senders_first` comes once either way; the moved cache is the source's bit for bit (a decode
     /// step over either gives the same logits). A run where a worker both receives and sends
     /// (a pipeline over three workers) stays in one round.
     #[test]
@@ -913,7 +914,7 @@ mod tests {
             assert_eq!(split, want, "move {seq}");
             let mut called = 0;
             driver
-                .run_then(&mv, &place, &[], &[], seq, || called += 1)
+                .run_senders_first(&mv, &place, &[], &[], seq, || called += 1)
                 .unwrap();
             assert_eq!(called, 1, "move {seq}");
             let d = cfg.decode(prompt.len()).unwrap();

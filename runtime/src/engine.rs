@@ -1857,7 +1857,8 @@ fn prefill_here(
 }
 
 /// The [`kv_move`] run of sequence `seq`'s cache (`len` positions) from worker `pw` to `dw`
-/// (`sent` called once `pw` has sent it all, see [`Driver::run_then`]), and when it started.
+/// (`sent` called once `pw` has sent it all, see [`Driver::run_senders_first`]), and when it
+/// started.
 fn move_kv(
     driver: &Driver,
     model: &Model,
@@ -1875,7 +1876,7 @@ fn move_kv(
         }
     });
     let t = Instant::now();
-    let moved = driver.run_then(&g, &place, &[], &[], seq, sent)?;
+    let moved = driver.run_senders_first(&g, &place, &[], &[], seq, sent)?;
     Ok((t, moved))
 }
 
