@@ -184,7 +184,9 @@ pub struct Timings {
     /// The prefill run (driver wall time).
     pub prefill: Duration,
     /// The KV cache's move from the prefill worker to the decode worker (driver wall time of
-    /// that run; zero when they are one worker).
+    /// that run, from the prefill worker's message to the decode worker's reply: it includes
+    /// the decode worker finishing the decode step it was running; zero when they are one
+    /// worker).
     pub kv_transfer: Duration,
     /// Bytes moved between workers for this request's prefill and KV move.
     pub kv_bytes: u64,
