@@ -220,7 +220,8 @@ impl SentGraphs {
     }
 
     /// Keeps a looked-up graph from being forgotten (`true`) while a run makes its messages
-    /// in two rounds (see [`crate::driver::Driver::run_batch`]), or lets it go (`false`).
+    /// in two rounds (see [`crate::driver::Driver::run_senders_first`]), or lets it go
+    /// (`false`).
     pub fn pin(&mut self, l: &Lookup, on: bool) {
         if let Ok(s) = self.slot(l) {
             s.pinned = on;

@@ -879,9 +879,9 @@ mod tests {
 
     /// A KV cache's move (reads on w0, appends on w1) goes in one round while the driver does
     /// not know w1's landing region for w0, in two (w0, then w1) once it does; the callback of
-    /// `run_senders_first` comes once either way; the moved cache is the source's bit for bit (a decode
-    /// step over either gives the same logits). A run where a worker both receives and sends
-    /// (a pipeline over three workers) stays in one round.
+    /// `run_senders_first` comes once either way; the moved cache is the source's bit for bit
+    /// (a decode step over either gives the same logits). A run where a worker both receives
+    /// and sends (a pipeline over three workers) stays in one round.
     #[test]
     fn a_kv_move_goes_in_two_rounds_once_the_landing_region_is_known() {
         use crate::models::{prefill_last, run_decode_step, run_prefill, Family};
