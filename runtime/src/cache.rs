@@ -219,8 +219,9 @@ impl SentGraphs {
             .ok_or_else(|| RuntimeError::Plan("graph cache slot vanished".into()))
     }
 
-    /// Keeps a looked-up graph from being forgotten (`true`) while a run makes its messages
-    /// in two rounds (see [`crate::driver::Driver::run_senders_first`]), or lets it go
+    /// Keeps a looked-up graph from being forgotten (`true`) until a run has made all its
+    /// messages (a run on several workers waits for them after its lookup, and may make its
+    /// messages in two rounds: [`crate::driver::Driver::run_senders_first`]), or lets it go
     /// (`false`).
     pub fn pin(&mut self, l: &Lookup, on: bool) {
         if let Ok(s) = self.slot(l) {

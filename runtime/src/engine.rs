@@ -13,25 +13,27 @@
 //!   and the pool [`EngineConfig::prefill_pool`]) prefills one request at a time on its worker,
 //!   its KV cache built there; its mover thread then moves the cache to the decode worker in a
 //!   short run of its own ([`kv_move`]: every layer read back and sent, each layer travelling
-//!   while the next is read), hands the request over, and drops the prefill worker's copy.
-//!   The lane meanwhile starts the next prefill: the prefill worker is free again as soon as its
-//!   part of the move is done (the decode worker may still be appending). Waiting requests are
-//!   taken in arrival order (or shortest prompt first: [`EngineConfig::prefill_order`]), each
-//!   by the lane with the fewest prompt tokens queued (a lane holds two requests at most: the
-//!   one it runs and the next, which it starts as soon as the first is done), so several
-//!   prefills run at once on a pool;
+//!   while the next is read), hands the request over, and drops the prefill worker's copy. The
+//!   move goes in two rounds ([`Driver::run_senders_first`]): the prefill worker sends, and the
+//!   lane starts its next prefill once it has; the decode worker takes in what landed once its
+//!   decode step in progress is over. Waiting requests are taken in arrival order (or shortest
+//!   prompt first: [`EngineConfig::prefill_order`]), each by the lane where the cost model has
+//!   its cache on the decode worker soonest (prompt tokens queued there, and the link to the
+//!   decode worker: [`EngineConfig::prefill_pool`]; a lane holds two requests at most: the one
+//!   it runs and the next, which it starts as soon as the first is done), so several prefills
+//!   run at once on a pool;
 //! - the **decode lane** (the engine thread) runs one batched forward pass per round over every
 //!   active sequence on the decode worker ([`EngineConfig::max_batch`] at most per pass), each
 //!   against its own KV length. A sequence joins the pass after its cache landed and leaves
 //!   when it ends, without draining the others.
 //!
-//! So a long prefill never stalls decode steps: the decode worker pauses only for the cache's
-//! move. When the prefill and decode workers are one worker (a co-located engine), there is one
-//! lane: a waiting prefill runs (its cache built in place) before that worker's next decode
-//! pass. Every placement comes from the scheduler (`create_schedule` with the run's worker as
-//! its only device and the KV caches' worker as their device, so the co-location constraint
-//! keeps each cache with its layer's group); its schedule cache answers repeated shapes. A
-//! request's KV cache is freed when it finishes, fails or is cancelled.
+//! So a long prefill never stalls decode steps: the decode worker pauses only to take in a moved
+//! cache. When the prefill and decode workers are one worker (a co-located engine), there is one
+//! lane: a waiting prefill runs (its cache built in place) before that worker's next decode pass.
+//! Every placement comes from the scheduler (`create_schedule` with the run's worker as its only
+//! device and the KV caches' worker as their device, so the co-location constraint keeps each cache
+//! with its layer's group); its schedule cache answers repeated shapes. A request's KV cache is
+//! freed when it finishes, fails or is cancelled.
 //!
 //! # Admission
 //!
