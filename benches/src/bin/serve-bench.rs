@@ -510,9 +510,7 @@ fn decode_scaling(disagg: &Mode, rounds_n: usize, context: usize) -> Result<f64>
             );
         }
         // Its window's mean KV length is its prompt plus half its steps.
-        let prompt = (eight.mean_kv - (DECODE_STEPS + 1) as f64 / 2.0)
-            .round()
-            .max(1.0) as usize;
+        let prompt = (eight.mean_kv - (DECODE_STEPS + 1) as f64 / 2.0).round() as usize;
         let prompt = prompt.min(context.saturating_sub(DECODE_STEPS + 2)).max(1);
         let one = decode_rate(disagg, 1, (prompt, DECODE_STEPS + 1))?.context(no_window)?;
         rounds.push((eight.tokens_per_s / one.tokens_per_s, one, eight));
