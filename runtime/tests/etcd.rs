@@ -80,8 +80,22 @@ impl Etcd {
         cfg
     }
 
-    /// Starts the process and waits (bounded) until it answers.
+    /// Starts the process for the first time and waits (bounded) until it answers. Its ports
+    /// were free when picked, but another test's socket may take one before etcd binds it: then
+    /// etcd exits at once saying so, and it starts again on fresh ports (three tries at most).
     fn launch(&mut self) {
+        for _ in 0..2 {
+            if self.launch_once() {
+                return;
+            }
+            self.client_port = free_port();
+            self.peer_port = free_port();
+        }
+        assert!(self.launch_once(), "etcd found its ports taken three times");
+    }
+
+    /// [`Etcd::launch`] on the ports chosen; `false` when etcd exited because one was taken.
+    fn launch_once(&mut self) -> bool {
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let log = std::fs::File::create(self.dir.join("etcd.log")).unwrap();
         let child = Command::new("etcd")
@@ -102,12 +116,21 @@ impl Etcd {
             let mut cfg = self.config("probe");
             cfg.connect_timeout = Duration::from_millis(500);
             if Discovery::connect(&cfg).is_ok() {
-                return;
+                return true;
+            }
+            let exited = self
+                .child
+                .as_mut()
+                .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
+            let log = || std::fs::read_to_string(self.dir.join("etcd.log")).unwrap_or_default();
+            if exited && log().contains("address already in use") {
+                self.child = None;
+                return false;
             }
             assert!(
                 Instant::now() < deadline,
                 "etcd did not answer within 20 s; its log: {}",
-                std::fs::read_to_string(self.dir.join("etcd.log")).unwrap_or_default()
+                log()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -121,13 +144,16 @@ impl Etcd {
     }
 
     /// Kills etcd, optionally wipes what it stored (leases and keys), and starts it again on
-    /// the same ports.
+    /// the same ports (the clients know them).
     fn restart(&mut self, wipe: bool) {
         self.kill();
         if wipe {
             std::fs::remove_dir_all(self.dir.join("data")).unwrap();
         }
-        self.launch();
+        assert!(
+            self.launch_once(),
+            "etcd's ports were taken while it was down"
+        );
     }
 }
 
