@@ -11,9 +11,12 @@
 //! Lanes run at once, on disjoint workers of one shared [`Driver`]:
 //! - a **prefill lane** per prefill worker (a thread of its own; [`EngineConfig::prefill_worker`]
 //!   and the pool [`EngineConfig::prefill_pool`]) prefills one request at a time on its worker,
-//!   its KV cache built there; its mover thread then moves the cache to the decode worker in a
-//!   short run of its own ([`kv_move`]: every layer read back and sent, each layer travelling
-//!   while the next is read), hands the request over, and drops the prefill worker's copy. The
+//!   its KV cache built there. The request's first token, from the prefill's logits, is
+//!   streamed as soon as the prefill is done; meanwhile the lane's mover thread moves the cache
+//!   to the decode worker in a short run of its own ([`kv_move`]: every layer read back and
+//!   sent, each layer travelling while the next is read), hands the request over, and drops
+//!   the prefill worker's copy (a request that ended at its first token ends once the move is
+//!   over, its cache then freed on both workers). The
 //!   move goes in two rounds ([`Driver::run_senders_first`]): the prefill worker sends, and the
 //!   lane starts its next prefill once it has; the decode worker takes in what landed once its
 //!   decode step in progress is over. Waiting requests are taken in arrival order (or shortest
@@ -192,7 +195,9 @@ pub struct Timings {
     pub kv_transfer: Duration,
     /// Bytes moved between workers for this request's prefill and KV move.
     pub kv_bytes: u64,
-    /// Submission to the first token.
+    /// Submission to the first token. It comes from the prefill's logits and is streamed as
+    /// soon as the prefill is done, while the KV cache moves to the decode worker (so it does
+    /// not include [`Timings::kv_transfer`]).
     pub first_token: Duration,
     /// Submission to each token (the first included).
     pub tokens: Vec<Duration>,
@@ -502,21 +507,25 @@ enum Cmd {
     /// The membership changed: the cluster it lists now, or why none can be made of it.
     #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
     Members(Result<Cluster, RuntimeError>),
-    /// The prefill lane finished request `id`'s prefill (and its KV move), or failed it.
+    /// The prefill lane finished request `id`'s prefill (its KV cache is about to move), or
+    /// failed it.
     Prefilled {
         id: u64,
         result: Result<Box<Prefilled>, RuntimeError>,
     },
+    /// Request `id`'s KV cache moved to the decode worker (the run, and when it started), or
+    /// the move failed. Follows its `Prefilled`.
+    Moved {
+        id: u64,
+        result: Result<Box<(Instant, RunOutput)>, RuntimeError>,
+    },
 }
 
-/// A finished prefill: its last position's logits and its runs.
+/// A finished prefill: its last position's logits and its run.
 struct Prefilled {
     logits: Tensor,
     /// The prefill run, and when it started.
     prefill: (Instant, RunOutput),
-    /// The KV cache's move to the decode worker, and when it started (none when prefill and
-    /// decode share a worker).
-    moved: Option<(Instant, RunOutput)>,
 }
 
 /// One prefill for the prefill lane.
@@ -1074,6 +1083,9 @@ struct Active {
     tokens: Vec<i64>,
     timings: Timings,
     rng: rand_chacha::ChaCha8Rng,
+    /// How it ended while its KV cache was still moving (at its first token, cancelled, or
+    /// failed): it is finished once the move is over, its cache then freed on both workers.
+    ended: Option<Result<FinishReason, EngineError>>,
 }
 
 struct Waiting {
@@ -1173,6 +1185,7 @@ impl Core {
                         }
                     }
                     Cmd::Prefilled { id, result } => self.prefilled(id, result.map(|p| *p)),
+                    Cmd::Moved { id, result } => self.moved(id, result.map(Some)),
                     Cmd::Members(m) => self.members(m),
                 }
             }
@@ -1363,6 +1376,7 @@ impl Core {
                 ..Timings::default()
             },
             rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed),
+            ended: None,
             req: w.req,
         };
         let driver = match self.driver() {
@@ -1393,25 +1407,28 @@ impl Core {
                 drop(driver);
                 let id = a.id;
                 self.prefilling[0].push(a);
+                // Built in place: nothing to move.
+                let ok = r.is_ok();
                 self.prefilled(id, r);
+                if ok {
+                    self.moved(id, Ok(None));
+                }
             }
         }
     }
 
-    /// Request `id`'s prefill came back: its first token is streamed and it joins the decode
-    /// pass (or it ends: cancelled meanwhile, failed, or done after one token).
+    /// Request `id`'s prefill came back: its first token is streamed at once (its KV cache
+    /// still moving to the decode worker); it stays in its lane until the move is over
+    /// ([`Core::moved`]). A failed prefill ends it.
     fn prefilled(&mut self, id: u64, result: Result<Prefilled, RuntimeError>) {
-        let found = self.prefilling.iter_mut().find_map(|lane| {
-            let at = lane.iter().position(|a| a.id == id)?;
-            Some(lane.remove(at))
-        });
-        let Some(mut a) = found else {
+        let Some((lane, at)) = self.in_lane(id) else {
             tracing::warn!(
                 request = id,
                 "engine: a prefill result for no request in the lane"
             );
             return;
         };
+        let mut a = self.prefilling[lane].remove(at);
         let p = match result {
             Ok(p) => p,
             Err(e) => return self.fail(a, e),
@@ -1423,19 +1440,58 @@ impl Core {
         self.record(*started, out);
         a.timings.prefill = out.wall;
         a.timings.kv_bytes = out.counters.bytes_moved;
-        if let Some((started, moved)) = &p.moved {
-            self.record(*started, moved);
-            a.timings.kv_transfer = moved.wall;
-            a.timings.kv_bytes += moved.counters.bytes_moved;
-        }
-        if self.cancelled.remove(&a.id) {
-            self.release(a.reserved, Some(a.seq));
-            let _ = a.tx.send(Event::Done(FinishReason::Cancelled, a.timings));
+        a.ended = if self.cancelled.remove(&a.id) {
+            Some(Ok(FinishReason::Cancelled))
+        } else {
+            match self.next(&mut a, &p.logits) {
+                Ok(ended) => ended.map(Ok),
+                Err(e) => Some(Err(self.engine_error(e))),
+            }
+        };
+        self.prefilling[lane].insert(at, a);
+    }
+
+    /// Request `id`'s KV cache moved to the decode worker (`None`: it was built there): it
+    /// joins the decode pass, or ends (how it ended meanwhile, or the move's failure).
+    fn moved(&mut self, id: u64, result: Result<Option<Box<(Instant, RunOutput)>>, RuntimeError>) {
+        let Some((lane, at)) = self.in_lane(id) else {
+            tracing::warn!(request = id, "engine: a KV move for no request in the lane");
             return;
+        };
+        let mut a = self.prefilling[lane].remove(at);
+        match result {
+            Ok(moved) => {
+                if let Some(m) = moved {
+                    let (started, out) = &*m;
+                    self.record(*started, out);
+                    a.timings.kv_transfer = out.wall;
+                    a.timings.kv_bytes += out.counters.bytes_moved;
+                }
+            }
+            Err(e) => {
+                let err = self.engine_error(e);
+                // One that streamed its every token is done whatever became of its cache.
+                if a.ended.is_none() {
+                    a.ended = Some(Err(err));
+                }
+            }
         }
-        if let Some(a) = self.emit(a, &p.logits) {
-            self.active.push(a);
+        if a.ended.is_none() && self.cancelled.remove(&a.id) {
+            a.ended = Some(Ok(FinishReason::Cancelled));
         }
+        match a.ended.take() {
+            None => self.active.push(a),
+            Some(Ok(r)) => self.finish(a, r),
+            Some(Err(err)) => self.fail_with(a, err),
+        }
+    }
+
+    /// Where request `id` is in the prefill lanes (lane, position).
+    fn in_lane(&self, id: u64) -> Option<(usize, usize)> {
+        self.prefilling
+            .iter()
+            .enumerate()
+            .find_map(|(l, lane)| Some((l, lane.iter().position(|a| a.id == id)?)))
     }
 
     /// Keeps a run's spans (when recording), moved from the run's own origin to the engine's.
@@ -1520,13 +1576,27 @@ impl Core {
 
     /// Chooses and streams the next token of `a`; ends it when done.
     fn emit(&mut self, mut a: Active, logits: &Tensor) -> Option<Active> {
-        let tok = match next_token(logits, a.req.sampling, &mut a.rng) {
-            Ok(t) => t,
+        match self.next(&mut a, logits) {
+            Ok(None) => Some(a),
+            Ok(Some(r)) => {
+                self.finish(a, r);
+                None
+            }
             Err(e) => {
                 self.fail(a, e);
-                return None;
+                None
             }
-        };
+        }
+    }
+
+    /// Chooses and streams the next token of `a`; whether that ended it (its last token, a
+    /// stop token, or nobody reading: as cancelled).
+    fn next(
+        &mut self,
+        a: &mut Active,
+        logits: &Tensor,
+    ) -> Result<Option<FinishReason>, RuntimeError> {
+        let tok = next_token(logits, a.req.sampling, &mut a.rng)?;
         let since = a.at.elapsed();
         if a.tokens.is_empty() {
             a.timings.first_token = since;
@@ -1534,26 +1604,22 @@ impl Core {
         a.timings.tokens.push(since);
         a.tokens.push(tok);
         if a.tx.send(Event::Token(tok)).is_err() {
-            // Nobody reads it: as cancelled.
-            self.release(a.reserved, Some(a.seq));
-            return None;
+            return Ok(Some(FinishReason::Cancelled));
         }
-        let reason = if a.req.stop.contains(&tok) {
+        Ok(if a.req.stop.contains(&tok) {
             Some(FinishReason::Stop)
         } else if a.tokens.len() >= a.req.max_new_tokens {
             Some(FinishReason::Length)
         } else {
             None
-        };
-        match reason {
-            Some(r) => {
-                let timings = std::mem::take(&mut a.timings);
-                self.release(a.reserved, Some(a.seq));
-                let _ = a.tx.send(Event::Done(r, timings));
-                None
-            }
-            None => Some(a),
-        }
+        })
+    }
+
+    /// Ends `a` for `reason`: its KV cache freed and its reservation back, then its handle told.
+    fn finish(&mut self, mut a: Active, reason: FinishReason) {
+        let timings = std::mem::take(&mut a.timings);
+        self.release(a.reserved, Some(a.seq));
+        let _ = a.tx.send(Event::Done(reason, timings));
     }
 
     fn fail(&mut self, a: Active, e: RuntimeError) {
@@ -1713,10 +1779,11 @@ impl Core {
     }
 }
 
-/// The prefill lane: runs each job's prefill on its worker and hands it to the lane's mover
-/// thread ([`kv_mover`]), then takes the next job: the next prefill runs while the last one's
-/// cache travels (the driver lets the prefill worker go as soon as its part of a move is done).
-/// Ends when the engine drops its queue, after the moves handed over.
+/// The prefill lane: runs each job's prefill on its worker, reports it to the engine (which
+/// streams the first token), and hands it to the lane's mover thread ([`kv_mover`]), then
+/// takes the next job once the prefill worker has sent the cache: the next prefill runs while
+/// the decode worker takes the last one's cache in. Ends when the engine drops its queue, after
+/// the moves handed over.
 fn prefill_lane(
     jobs: &mpsc::Receiver<LaneJob>,
     done: &mpsc::Sender<Cmd>,
@@ -1747,21 +1814,27 @@ fn prefill_lane(
                 (&job.prompt, job.seq),
             ) {
                 Ok(p) => {
+                    // The first token goes out now, while the cache moves.
+                    let id = job.id;
+                    let result = Ok(Box::new(p));
+                    if done.send(Cmd::Prefilled { id, result }).is_err() {
+                        break;
+                    }
                     // The move's first round (the prefill worker sending the cache) goes before
                     // the next prefill there: wait for it (or for the mover to give up on it).
                     let (sent_tx, sent) = mpsc::channel();
                     let handed = match &to_mover {
                         Some(m) => m
-                            .send((job, p, sent_tx))
-                            .map_err(|mpsc::SendError((job, p, _))| (job, p)),
-                        None => Err((job, p)),
+                            .send((job, sent_tx))
+                            .map_err(|mpsc::SendError((job, _))| job),
+                        None => Err(job),
                     };
                     match handed {
                         Ok(()) => {
                             let _ = sent.recv();
                         }
-                        Err((job, p)) => {
-                            if !move_and_report(job, p, done, model, workers, || {}) {
+                        Err(job) => {
+                            if !move_and_report(job, done, model, workers, || {}) {
                                 break;
                             }
                         }
@@ -1785,31 +1858,30 @@ fn prefill_lane(
 /// A prefill lane's mover: moves each prefilled request's KV cache to the decode worker and
 /// reports the request ([`move_and_report`]), in the order the lane prefilled them.
 fn kv_mover(
-    moves: &mpsc::Receiver<(LaneJob, Prefilled, mpsc::Sender<()>)>,
+    moves: &mpsc::Receiver<(LaneJob, mpsc::Sender<()>)>,
     done: &mpsc::Sender<Cmd>,
     model: &Model,
     workers: (usize, usize),
 ) {
-    while let Ok((job, p, sent)) = moves.recv() {
+    while let Ok((job, sent)) = moves.recv() {
         let _span = tracing::info_span!("kv_move", request = job.id).entered();
         // Dropped unsent when the move fails first: the lane goes on either way.
         let sent = move || {
             let _ = sent.send(());
         };
-        if !move_and_report(job, p, done, model, workers, sent) {
+        if !move_and_report(job, done, model, workers, sent) {
             break;
         }
     }
 }
 
 /// Moves `job`'s KV cache from the prefill worker `pw` to the decode worker `dw` by a
-/// [`kv_move`] run (`sent` called once the prefill worker has sent it all), reports the request
-/// to the engine, then drops the prefill worker's copy (after the report: the request's first
-/// token does not wait for it). A failed move frees what was built and reports the error.
-/// `false` once the engine no longer listens.
+/// [`kv_move`] run (`sent` called once the prefill worker has sent it all), reports the move
+/// to the engine, then drops the prefill worker's copy (after the report: the request's next
+/// decode step does not wait for it). A failed move frees what was built and reports the
+/// error. `false` once the engine no longer listens.
 fn move_and_report(
     job: LaneJob,
-    mut p: Prefilled,
     done: &mpsc::Sender<Cmd>,
     model: &Model,
     (pw, dw): (usize, usize),
@@ -1817,17 +1889,14 @@ fn move_and_report(
 ) -> bool {
     let (id, seq) = (job.id, job.seq);
     let result = match move_kv(&job.driver, model, (pw, dw), (job.prompt.len(), seq), sent) {
-        Ok(moved) => {
-            p.moved = Some(moved);
-            Ok(Box::new(p))
-        }
+        Ok(moved) => Ok(Box::new(moved)),
         Err(e) => {
             let _ = job.driver.free_sequence(seq);
             Err(e)
         }
     };
     let moved = result.is_ok();
-    let listening = done.send(Cmd::Prefilled { id, result }).is_ok();
+    let listening = done.send(Cmd::Moved { id, result }).is_ok();
     if moved {
         if let Err(e) = job.driver.free_sequence_on(seq, pw) {
             tracing::warn!(seq, error = %e, "engine: dropping a moved KV cache failed");
@@ -1856,7 +1925,6 @@ fn prefill_here(
     Ok(Prefilled {
         logits,
         prefill: (started, out),
-        moved: None,
     })
 }
 

@@ -453,6 +453,68 @@ fn a_full_kv_pool_refuses_and_cancel_frees_it() {
     cluster.stop(engine.shutdown().unwrap()).unwrap();
 }
 
+/// Requests that end at their first token (one token asked, a stop token first, cancelled
+/// before their prefill came back) end while their KV cache is still moving to the decode
+/// worker: each is done once the move is over and its cache freed on both workers, so the
+/// pool gets every byte back and the driver knows of no cache left on any worker.
+#[test]
+fn requests_that_end_at_their_first_token_free_their_cache_on_both_workers() {
+    let (cluster, mut driver) = start();
+    let first: Vec<i64> = alone(&mut driver, 4, 1).iter().map(|t| t[0]).collect();
+    let config = EngineConfig::disaggregated(cfg());
+    let pool = config.kv_pool_bytes;
+    let engine = Engine::start(driver, config).unwrap();
+    let mut ids = Vec::new();
+    let mut ended = Vec::new();
+    for round in 0..3 {
+        let handles: Vec<(RequestHandle, FinishReason)> = (0..4)
+            .flat_map(|i| {
+                let one = Request::greedy(prompt_of(i), 1);
+                let stop = Request {
+                    stop: vec![first[i]],
+                    ..Request::greedy(prompt_of(i), 20)
+                };
+                [(one, FinishReason::Length), (stop, FinishReason::Stop)]
+            })
+            .map(|(r, why)| (engine.submit(r).unwrap(), why))
+            .collect();
+        // In the last round, also one cancelled at once (it may end before its prefill or
+        // between its prefill and its move).
+        let cancelled = (round == 2).then(|| {
+            let h = engine.submit(Request::greedy(prompt_of(5), 20)).unwrap();
+            engine.cancel(h.id());
+            h
+        });
+        for (h, why) in handles {
+            ids.push(h.id());
+            let k = ended.len() % 8 / 2;
+            let done = h.wait().unwrap();
+            assert_eq!(done.tokens, vec![first[k]]);
+            assert_eq!(done.reason, why);
+            ended.push(done);
+        }
+        if let Some(h) = cancelled {
+            ids.push(h.id());
+            let done = h.wait().unwrap();
+            assert_eq!(done.reason, FinishReason::Cancelled);
+        }
+    }
+    // Each ended once its cache had moved (its Done carries the move).
+    assert!(ended
+        .iter()
+        .all(|d| d.timings.kv_transfer > Duration::ZERO && d.timings.kv_bytes > 0));
+    assert_eq!(engine.kv_free(), pool);
+    let driver = engine.shutdown().unwrap();
+    for id in ids {
+        assert_eq!(
+            driver.free_sequence(id).unwrap(),
+            0,
+            "request {id} left a KV cache"
+        );
+    }
+    cluster.stop(driver).unwrap();
+}
+
 #[test]
 fn invalid_requests_are_refused_and_shutdown_ends_the_rest() {
     let (cluster, driver) = start();

@@ -1,5 +1,6 @@
 //! `genie worker` processes joined by a cluster file: the same answers as in-process workers,
-//! and a worker killed mid-run fails the run with an error naming it, within a bounded time.
+//! a worker killed mid-run fails the run with an error naming it, within a bounded time, and
+//! an engine streams a request's first token while its decode worker is stopped.
 
 mod common;
 use common::bits;
@@ -48,9 +49,14 @@ fn free_port() -> u16 {
 }
 
 fn start(n: usize, tag: &str) -> (Cluster, Workers, PathBuf) {
+    start_with(n, tag, genie_runtime::cluster::DEFAULT_PEER_TIMEOUT)
+}
+
+fn start_with(n: usize, tag: &str, peer_timeout: Duration) -> (Cluster, Workers, PathBuf) {
     let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
     let mut cluster = Cluster::loopback(&ports);
     cluster.secret = Some(format!("test-secret-{tag}"));
+    cluster.peer_timeout = peer_timeout;
     let dir = std::env::temp_dir().join(format!("genie-proc-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("cluster.toml");
@@ -165,6 +171,63 @@ fn killed_worker_fails_the_run_naming_it() {
     // The driver refuses further runs on the broken cluster.
     let g = genie_scheduler::builders::gpt2_prefill(&small(), 4).unwrap();
     assert!(driver.run(&g, &Placement::single(&g), &[], &[], 9).is_err());
+    drop(workers);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Sends `signal` (`STOP`, `CONT`) to a worker process.
+fn signal(child: &Child, signal: &str) {
+    let ok = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(child.id().to_string())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{signal} failed");
+}
+
+/// A disaggregated engine streams a request's first token from its prefill, before its KV
+/// cache has moved: with the decode worker's process stopped (SIGSTOP), the first token still
+/// arrives and the second does not; once it continues, the request ends with the tokens the
+/// same request got before the stop. (An engine that sent the first token only after the
+/// move would send nothing while the decode worker is stopped.)
+#[test]
+fn the_first_token_streams_while_the_decode_worker_is_stopped() {
+    use genie_runtime::engine::{Engine, EngineConfig, EngineError, Request, Step};
+    // Long enough that the stop below never counts as a death.
+    let (cluster, workers, dir) = start_with(2, "first", Duration::from_secs(60));
+    let driver = Driver::connect(&cluster, WeightSpec::Seeded(3)).unwrap();
+    let engine = Engine::start(driver, EngineConfig::disaggregated(small())).unwrap();
+    let request = || Request::greedy(prompt(24, small().vocab), 6);
+    let reference = engine.submit(request()).unwrap().wait().unwrap().tokens;
+    assert_eq!(reference.len(), 6);
+
+    signal(&workers.0[1], "STOP");
+    let mut handle = engine.submit(request()).unwrap();
+    let first = handle.next(Duration::from_secs(30));
+    // No decode step can run while w1 is stopped.
+    let second = handle.next(Duration::from_millis(300));
+    signal(&workers.0[1], "CONT");
+    assert_eq!(first.unwrap(), Step::Token(reference[0]));
+    assert!(
+        matches!(second, Err(EngineError::Timeout(_))),
+        "a second token came from a stopped decode worker: {second:?}"
+    );
+    let mut tokens = vec![reference[0]];
+    let end = loop {
+        match handle.next(Duration::from_secs(30)).unwrap() {
+            Step::Token(t) => tokens.push(t),
+            Step::Done(reason, timings) => break (reason, timings),
+        }
+    };
+    assert_eq!(tokens, reference);
+    // The first token did not wait for the move (which waited for w1 at least 300 ms).
+    let (_, timings) = end;
+    assert!(
+        timings.first_token < timings.queue + timings.prefill + timings.kv_transfer,
+        "{timings:?}"
+    );
+    engine.shutdown().unwrap().shutdown().unwrap();
     drop(workers);
     let _ = std::fs::remove_dir_all(dir);
 }
