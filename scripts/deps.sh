@@ -21,9 +21,10 @@ ensure_pkgs() {
 
 # What building with --all-features needs: sideway's build (cmake, libclang for bindgen) and the
 # `etcd` feature's (etcd-client compiles etcd's .proto files with protoc, which needs the well-known
-# types from libprotobuf-dev: google/protobuf/descriptor.proto).
+# types from libprotobuf-dev: google/protobuf/descriptor.proto). procps: `kill`, with which
+# runtime/tests/processes.rs stops and continues a worker process.
 ensure_build_deps() {
-  ensure_pkgs build-essential pkg-config cmake libclang-dev clang protobuf-compiler libprotobuf-dev
+  ensure_pkgs build-essential pkg-config cmake libclang-dev clang protobuf-compiler libprotobuf-dev procps
   if ! cargo clippy --version >/dev/null 2>&1 || ! cargo fmt --version >/dev/null 2>&1; then
     rustup component add clippy rustfmt
   fi

@@ -175,13 +175,14 @@ fn killed_worker_fails_the_run_naming_it() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// Sends `signal` (`STOP`, `CONT`) to a worker process.
+/// Sends `signal` (`STOP`, `CONT`) to a worker process, with procps' `kill` (which
+/// `scripts/deps.sh` installs).
 fn signal(child: &Child, signal: &str) {
     let ok = Command::new("kill")
         .arg(format!("-{signal}"))
         .arg(child.id().to_string())
         .status()
-        .unwrap()
+        .expect("no `kill` command: install procps (scripts/deps.sh does)")
         .success();
     assert!(ok, "kill -{signal} failed");
 }
