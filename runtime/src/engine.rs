@@ -526,6 +526,45 @@ struct Prefilled {
     logits: Tensor,
     /// The prefill run, and when it started.
     prefill: (Instant, RunOutput),
+    /// The first token, when the lane chose and streamed it itself.
+    first: Option<Streamed>,
+}
+
+/// A token a prefill lane chose from the prefill's logits and streamed to the request's handle
+/// (so that the first token does not wait for the engine thread's decode step in progress).
+struct Streamed {
+    token: i64,
+    /// Submission to the moment it was streamed.
+    since: Duration,
+    /// Whether the handle was still there to take it.
+    sent: bool,
+    /// The request's sampling state after choosing it.
+    rng: rand_chacha::ChaCha8Rng,
+}
+
+/// What a prefill lane needs to stream a request's first token itself.
+struct FirstToken {
+    tx: mpsc::Sender<Event>,
+    sampling: Sampling,
+    rng: rand_chacha::ChaCha8Rng,
+    /// When the request was submitted.
+    at: Instant,
+}
+
+impl FirstToken {
+    /// Chooses the first token from `logits` and streams it; `None` when it cannot be chosen
+    /// (the engine thread then tries and fails the request).
+    fn stream(mut self, logits: &Tensor) -> Option<Streamed> {
+        let token = next_token(logits, self.sampling, &mut self.rng).ok()?;
+        let since = self.at.elapsed();
+        let sent = self.tx.send(Event::Token(token)).is_ok();
+        Some(Streamed {
+            token,
+            since,
+            sent,
+            rng: self.rng,
+        })
+    }
 }
 
 /// One prefill for the prefill lane.
@@ -533,6 +572,8 @@ struct LaneJob {
     id: u64,
     seq: u64,
     prompt: Vec<i64>,
+    /// Taken when the prefill is done.
+    first: Option<FirstToken>,
     /// Dropped before the result is sent: an idle lane holds no driver.
     driver: Arc<Driver>,
 }
@@ -1390,6 +1431,12 @@ impl Core {
                     id: a.id,
                     seq: a.seq,
                     prompt: a.req.prompt.clone(),
+                    first: Some(FirstToken {
+                        tx: a.tx.clone(),
+                        sampling: a.req.sampling,
+                        rng: a.rng.clone(),
+                        at: a.at,
+                    }),
                     driver,
                 };
                 l.tokens += a.req.prompt.len() as u64;
@@ -1440,13 +1487,22 @@ impl Core {
         self.record(*started, out);
         a.timings.prefill = out.wall;
         a.timings.kv_bytes = out.counters.bytes_moved;
-        a.ended = if self.cancelled.remove(&a.id) {
-            Some(Ok(FinishReason::Cancelled))
-        } else {
-            match self.next(&mut a, &p.logits) {
+        a.ended = match p.first {
+            // The lane streamed it: the handle may see it even if it was cancelled meanwhile.
+            Some(f) => {
+                a.rng = f.rng;
+                let ended = Self::took(&mut a, f.token, f.since, f.sent);
+                if self.cancelled.remove(&a.id) {
+                    Some(Ok(FinishReason::Cancelled))
+                } else {
+                    ended.map(Ok)
+                }
+            }
+            None if self.cancelled.remove(&a.id) => Some(Ok(FinishReason::Cancelled)),
+            None => match self.next(&mut a, &p.logits) {
                 Ok(ended) => ended.map(Ok),
                 Err(e) => Some(Err(self.engine_error(e))),
-            }
+            },
         };
         self.prefilling[lane].insert(at, a);
     }
@@ -1598,21 +1654,27 @@ impl Core {
     ) -> Result<Option<FinishReason>, RuntimeError> {
         let tok = next_token(logits, a.req.sampling, &mut a.rng)?;
         let since = a.at.elapsed();
+        let sent = a.tx.send(Event::Token(tok)).is_ok();
+        Ok(Self::took(a, tok, since, sent))
+    }
+
+    /// Records token `tok`, streamed `since` submission (`sent`: whether the handle took it),
+    /// as `a`'s next; whether that ended it.
+    fn took(a: &mut Active, tok: i64, since: Duration, sent: bool) -> Option<FinishReason> {
         if a.tokens.is_empty() {
             a.timings.first_token = since;
         }
         a.timings.tokens.push(since);
         a.tokens.push(tok);
-        if a.tx.send(Event::Token(tok)).is_err() {
-            return Ok(Some(FinishReason::Cancelled));
-        }
-        Ok(if a.req.stop.contains(&tok) {
+        if !sent {
+            Some(FinishReason::Cancelled)
+        } else if a.req.stop.contains(&tok) {
             Some(FinishReason::Stop)
         } else if a.tokens.len() >= a.req.max_new_tokens {
             Some(FinishReason::Length)
         } else {
             None
-        })
+        }
     }
 
     /// Ends `a` for `reason`: its KV cache freed and its reservation back, then its handle told.
@@ -1804,7 +1866,7 @@ fn prefill_lane(
                 None
             }
         };
-        while let Ok(job) = jobs.recv() {
+        while let Ok(mut job) = jobs.recv() {
             let _span = tracing::info_span!("prefill", request = job.id).entered();
             match prefill_here(
                 &job.driver,
@@ -1813,8 +1875,9 @@ fn prefill_lane(
                 workers.0,
                 (&job.prompt, job.seq),
             ) {
-                Ok(p) => {
+                Ok(mut p) => {
                     // The first token goes out now, while the cache moves.
+                    p.first = job.first.take().and_then(|f| f.stream(&p.logits));
                     let id = job.id;
                     let result = Ok(Box::new(p));
                     if done.send(Cmd::Prefilled { id, result }).is_err() {
@@ -1925,6 +1988,7 @@ fn prefill_here(
     Ok(Prefilled {
         logits,
         prefill: (started, out),
+        first: None,
     })
 }
 
