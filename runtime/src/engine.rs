@@ -11,8 +11,8 @@
 //! Lanes run at once, on disjoint workers of one shared [`Driver`]:
 //! - a **prefill lane** per prefill worker (a thread of its own; [`EngineConfig::prefill_worker`]
 //!   and the pool [`EngineConfig::prefill_pool`]) prefills one request at a time on its worker,
-//!   its KV cache built there. The request's first token, from the prefill's logits, is
-//!   streamed as soon as the prefill is done; meanwhile the lane's mover thread moves the cache
+//!   its KV cache built there. The lane streams the request's first token, from the prefill's
+//!   logits, as soon as the prefill is done; meanwhile the lane's mover thread moves the cache
 //!   to the decode worker in a short run of its own ([`kv_move`]: every layer read back and
 //!   sent, each layer travelling while the next is read), hands the request over, and drops
 //!   the prefill worker's copy (a request that ended at its first token ends once the move is
@@ -195,9 +195,9 @@ pub struct Timings {
     pub kv_transfer: Duration,
     /// Bytes moved between workers for this request's prefill and KV move.
     pub kv_bytes: u64,
-    /// Submission to the first token. It comes from the prefill's logits and is streamed as
-    /// soon as the prefill is done, while the KV cache moves to the decode worker (so it does
-    /// not include [`Timings::kv_transfer`]).
+    /// Submission to the first token. It comes from the prefill's logits and is streamed by the
+    /// prefill lane as soon as the prefill is done, while the KV cache moves to the decode
+    /// worker (so it does not include [`Timings::kv_transfer`]).
     pub first_token: Duration,
     /// Submission to each token (the first included).
     pub tokens: Vec<Duration>,
