@@ -1841,11 +1841,11 @@ impl Core {
     }
 }
 
-/// The prefill lane: runs each job's prefill on its worker, reports it to the engine (which
-/// streams the first token), and hands it to the lane's mover thread ([`kv_mover`]), then
-/// takes the next job once the prefill worker has sent the cache: the next prefill runs while
-/// the decode worker takes the last one's cache in. Ends when the engine drops its queue, after
-/// the moves handed over.
+/// The prefill lane: runs each job's prefill on its worker, streams the request's first token,
+/// reports the prefill to the engine and hands the request to the lane's mover thread
+/// ([`kv_mover`]), then takes the next job once the prefill worker has sent the cache: the next
+/// prefill runs while the decode worker takes the last one's cache in. Ends when the engine
+/// drops its queue, after the moves handed over.
 fn prefill_lane(
     jobs: &mpsc::Receiver<LaneJob>,
     done: &mpsc::Sender<Cmd>,
