@@ -3,15 +3,16 @@
 //! Llama-style model (grouped-query attention, rotary positions per row), with sequences
 //! joining and leaving between steps; and a run naming a cache slot it has no sequence for, or
 //! whose attention reads anything but its own layer's caches, is refused with an error naming
-//! it.
+//! it. A batched prefill (several prompts in one forward pass) gives every prompt bitwise the
+//! logits and cache of its prefill alone.
 
 mod common;
 use common::bits;
 use genie_runtime::driver::{Driver, EmbeddedCluster};
 use genie_runtime::kernels::CpuKernels;
 use genie_runtime::models::{
-    argmax_last, prefill_last, prompt, run_decode_batch, run_decode_step, run_prefill, Family,
-    Model,
+    argmax_last, prefill_last, prompt, run_decode_batch, run_decode_step, run_prefill,
+    run_prefill_batch, Family, Model,
 };
 use genie_runtime::plan::Placement;
 use genie_runtime::proto::WeightSpec;
@@ -109,6 +110,87 @@ fn gpt2_batched_decode_is_bitwise_each_sequence_alone() {
 #[test]
 fn llama_batched_decode_is_bitwise_each_sequence_alone() {
     batched_equals_alone(&Model::Llama(LlamaConfig {
+        layers: 2,
+        hidden: 64,
+        heads: 4,
+        kv_heads: Some(2),
+        intermediate: 96,
+        vocab: 300,
+        context: 64,
+        tied_embeddings: false,
+        ..LlamaConfig::default()
+    }));
+}
+
+/// Prompts of 3, 11, 6, 17 and 1 tokens prefilled in one batched pass on w0 and each alone:
+/// every row of the batch's logits is bitwise the prompt's alone, and so is its cache (a decode
+/// step of the same token against each gives the same logits bits).
+fn batched_prefill_equals_alone(model: &Model) {
+    let cluster = EmbeddedCluster::start(2, Arc::new(CpuKernels::new())).unwrap();
+    let driver = Driver::connect(&cluster.cluster, WeightSpec::Seeded(5)).unwrap();
+    let prompts: Vec<Vec<i64>> = [3usize, 11, 6, 17, 1]
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| {
+            prompt(l, model.vocab())
+                .iter()
+                .map(|t| (t + 5 * i as i64) % model.vocab() as i64)
+                .collect()
+        })
+        .collect();
+    let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+    let on_w0 = |g: &genie_scheduler::graph::Graph| Placement::by_rule(g, |_| 0);
+    let g = model.prefill_batch(&lens).unwrap();
+    let batch: Vec<u64> = (200..205).collect();
+    let refs: Vec<&[i64]> = prompts.iter().map(Vec::as_slice).collect();
+    let out = run_prefill_batch(&driver, &g, &on_w0(&g), &refs, g.outputs[0], &batch).unwrap();
+    let logits = &out.outputs[0];
+    assert_eq!(logits.dims(), &[prompts.len(), 1, model.vocab()]);
+    for (i, p) in prompts.iter().enumerate() {
+        let alone = 300 + i as u64;
+        let (g1, last) = prefill_last(model, p.len()).unwrap();
+        let one = run_prefill(&driver, &g1, &on_w0(&g1), p, last, alone).unwrap();
+        let row = logits.narrow(0, i, 1).unwrap();
+        assert_eq!(
+            bits(&row),
+            bits(&one.outputs[0]),
+            "{}: prompt {i} of the batch differs from its prefill alone",
+            model.model_type()
+        );
+        // The caches: one decode step of the same token against each.
+        let tok = argmax_last(&row).unwrap();
+        let gd = model.decode(p.len()).unwrap();
+        let step = |seq| {
+            run_decode_step(&driver, &gd, &on_w0(&gd), tok, p.len(), seq)
+                .unwrap()
+                .outputs
+                .remove(0)
+        };
+        assert_eq!(
+            bits(&step(batch[i])),
+            bits(&step(alone)),
+            "{}: prompt {i}'s cache from the batch differs from its own",
+            model.model_type()
+        );
+    }
+    cluster.stop(driver).unwrap();
+}
+
+#[test]
+fn gpt2_batched_prefill_is_bitwise_each_prompt_alone() {
+    batched_prefill_equals_alone(&Model::Gpt2(Gpt2Config {
+        layers: 2,
+        hidden: 64,
+        heads: 4,
+        vocab: 300,
+        context: 64,
+        ..Gpt2Config::default()
+    }));
+}
+
+#[test]
+fn llama_batched_prefill_is_bitwise_each_prompt_alone() {
+    batched_prefill_equals_alone(&Model::Llama(LlamaConfig {
         layers: 2,
         hidden: 64,
         heads: 4,

@@ -22,7 +22,10 @@
 //! a graph output: the cache for the next step), reads keys and values back with
 //! [`OpKind::KvCacheRead`] and attends over all `L+1` positions. A batched decode step
 //! ([`gpt2_decode_batch`]) has one `h.{i}.attn.past` per sequence (slot `i`, its own `L_i`) and
-//! one [`OpKind::CachedAttention`] per layer that extends and reads them all in place.
+//! one [`OpKind::CachedAttention`] per layer that extends and reads them all in place. A batched
+//! prefill ([`gpt2_prefill_batch`]) concatenates several prompts' tokens, splits each layer's
+//! queries, keys and values back per prompt (each attends among its own rows) and makes prompt
+//! `i`'s cache by appending to an empty `h.{i}.attn.past` of slot `i` (`[2, 1, 0, E]`).
 //!
 //! Layers: every node of GPT-2's block `h.{i}` and BERT's `encoder.layer.{i}` (its weights, its
 //! ops, its KV cache) carries [`Semantics::layer`] `Some(i)`; embeddings, final norms, heads and
@@ -43,7 +46,8 @@ use serde::{Deserialize, Serialize};
 
 mod llama;
 pub use llama::{
-    llama_decode, llama_decode_batch, llama_prefill, llama_prefill_last, LlamaConfig, LlamaKind,
+    llama_decode, llama_decode_batch, llama_prefill, llama_prefill_batch, llama_prefill_last,
+    LlamaConfig, LlamaKind,
 };
 
 /// GPT-2 hyper-parameters; [`Default`] is the 124M model.
@@ -253,6 +257,9 @@ struct Builder {
     /// [`Head::Last`], the head reads only the last position (a prefill whose caller wants the
     /// next token).
     head: Head,
+    /// A batched prefill's prompt lengths, in the order their tokens are concatenated (empty:
+    /// one sequence). See [`Builder::cached_attention`] and [`Builder::last_position`].
+    pieces: Vec<usize>,
 }
 
 impl Builder {
@@ -263,6 +270,7 @@ impl Builder {
             module: String::new(),
             layer: None,
             head: Head::All,
+            pieces: Vec::new(),
         }
     }
 
@@ -372,6 +380,21 @@ impl Builder {
     fn last_position(&mut self, x: TensorRef, s: usize) -> Result<TensorRef, GraphError> {
         if self.head != Head::Last {
             return Ok(x);
+        }
+        if self.pieces.len() > 1 {
+            // A batched prefill: each prompt's last position, one row per prompt (`[N, 1, D]`).
+            let mut rows = Vec::with_capacity(self.pieces.len());
+            let mut end = 0;
+            for (i, l) in self.pieces.clone().into_iter().enumerate() {
+                end += l;
+                let op = OpKind::Slice {
+                    axis: 1,
+                    start: end - 1,
+                    end,
+                };
+                rows.push(self.op(&format!("last_position.seq{i}"), op, vec![x])?);
+            }
+            return self.op("last_positions", OpKind::Concat { axis: 0 }, rows);
         }
         let op = OpKind::Slice {
             axis: 1,
@@ -484,6 +507,50 @@ impl Builder {
             });
         }
         match kv {
+            [] if self.pieces.len() > 1 => {
+                // A batched prefill: each prompt's rows attend among themselves as they would
+                // alone, and make a fresh cache of their own (slot `i`, from an empty one).
+                let sizes = self.pieces.clone();
+                let split = |b: &mut Self, t: TensorRef, leaf: &str| {
+                    b.op_r(
+                        leaf,
+                        OpKind::Split {
+                            axis: 1,
+                            sizes: sizes.clone(),
+                        },
+                        vec![t],
+                        Residency::EphemeralActivation,
+                    )
+                };
+                let (qs, ks, vs) = (
+                    split(self, q, "split_q")?,
+                    split(self, k, "split_k")?,
+                    split(self, v, "split_v")?,
+                );
+                let module = self.module.clone();
+                let layer32 = u32::try_from(layer).unwrap_or(u32::MAX);
+                let mut outs = Vec::with_capacity(sizes.len());
+                let mut presents = Vec::with_capacity(sizes.len());
+                for i in 0..sizes.len() {
+                    self.module = format!("{module}.seq{i}");
+                    let [q, k, v] = [qs, ks, vs].map(|n| TensorRef::new(n, i as u32));
+                    let empty = self.source(
+                        past.to_owned(),
+                        OpKind::KvCache {
+                            layer: layer32,
+                            slot: u32::try_from(i).unwrap_or(u32::MAX),
+                        },
+                        &[2, batch, 0, width],
+                        DType::F32,
+                        Residency::StatefulKvCache,
+                    )?;
+                    presents.push(present(self, vec![empty, k, v])?);
+                    outs.push(self.op("attention", attn.clone(), vec![q, k, v])?);
+                }
+                self.module = module;
+                let out = self.op("attention_rows", OpKind::Concat { axis: 1 }, outs)?;
+                Ok(CachedAttention { out, presents })
+            }
             [] => {
                 let p = present(self, vec![k, v])?;
                 let out = self.op("attention", attn.clone(), vec![q, k, v])?;
@@ -622,7 +689,7 @@ fn check_gpt2(c: &Gpt2Config, tokens: usize) -> Result<(), Error> {
 /// GPT-2 prefill over a prompt of `seq_len` tokens: logits `[B, S, V]` and each layer's KV cache.
 pub fn gpt2_prefill(c: &Gpt2Config, seq_len: usize) -> Result<Graph, Error> {
     check_gpt2(c, seq_len)?;
-    gpt2(c, seq_len, &[], Head::All)
+    gpt2(c, seq_len, &[], (Head::All, &[]))
 }
 
 /// [`gpt2_prefill`] whose LM head reads only the last position (a `Slice` of the final norm's
@@ -630,7 +697,44 @@ pub fn gpt2_prefill(c: &Gpt2Config, seq_len: usize) -> Result<Graph, Error> {
 /// one row's, not `S`.
 pub fn gpt2_prefill_last(c: &Gpt2Config, seq_len: usize) -> Result<Graph, Error> {
     check_gpt2(c, seq_len)?;
-    gpt2(c, seq_len, &[], Head::Last)
+    gpt2(c, seq_len, &[], (Head::Last, &[]))
+}
+
+/// A prefill of several prompts at once (lengths `lens`, their tokens concatenated in that order:
+/// `input_ids` and `position_ids` `[1, Σ lens]`, each prompt's positions from 0): logits
+/// `[N, 1, V]`, row `i` the next token's of prompt `i`, then each layer's caches. Each prompt's
+/// rows go through the operations [`gpt2_prefill_last`] gives them alone (the products, norms and
+/// activations row by row, the attention among its own rows), and its cache is made in slot `i`
+/// (a `present` appended to an empty [`OpKind::KvCache`] of that slot). `c.batch` must be 1; one
+/// length gives [`gpt2_prefill_last`]'s graph.
+pub fn gpt2_prefill_batch(c: &Gpt2Config, lens: &[usize]) -> Result<Graph, Error> {
+    let total = check_prefill_batch(c.batch, lens)?;
+    if let [l] = lens {
+        return gpt2_prefill_last(c, *l);
+    }
+    check_gpt2(c, total)?;
+    for &l in lens {
+        check(l <= c.context, "gpt2: a prompt longer than the context")?;
+    }
+    gpt2(c, total, &[], (Head::Last, lens))
+}
+
+/// A batched prefill's prompts: 1 to [`MAX_DECODE_BATCH`], none empty, over models of batch 1;
+/// their total length.
+fn check_prefill_batch(batch: usize, lens: &[usize]) -> Result<usize, Error> {
+    check(
+        batch == 1,
+        "a batched prefill takes models of batch 1 (the prompts' tokens in one row)",
+    )?;
+    check(
+        !lens.is_empty() && lens.len() <= MAX_DECODE_BATCH && lens.iter().all(|&l| l > 0),
+        &format!("a batched prefill has 1 to {MAX_DECODE_BATCH} prompts, none empty"),
+    )?;
+    lens.iter()
+        .try_fold(0usize, |t, &l| t.checked_add(l))
+        .ok_or_else(|| Error::InvalidConfig {
+            reason: "a batched prefill's prompts overflow".into(),
+        })
 }
 
 /// What a decoder graph's builder adds around its layers.
@@ -648,7 +752,7 @@ enum Head {
 /// updated caches.
 pub fn gpt2_decode(c: &Gpt2Config, kv_len: usize) -> Result<Graph, Error> {
     check_gpt2(c, 1)?;
-    gpt2(c, 1, &[kv_len], Head::All)
+    gpt2(c, 1, &[kv_len], (Head::All, &[]))
 }
 
 /// One GPT-2 decode step of several sequences at once, sequence `i` against KV caches of
@@ -658,7 +762,7 @@ pub fn gpt2_decode(c: &Gpt2Config, kv_len: usize) -> Result<Graph, Error> {
 pub fn gpt2_decode_batch(c: &Gpt2Config, kv_lens: &[usize]) -> Result<Graph, Error> {
     check_batch(c.batch, kv_lens)?;
     check_gpt2(c, 1)?;
-    gpt2(c, 1, kv_lens, Head::Batched)
+    gpt2(c, 1, kv_lens, (Head::Batched, &[]))
 }
 
 /// A batched decode step's sequences: 1 to [`MAX_DECODE_BATCH`], over models of batch 1.
@@ -677,7 +781,12 @@ fn check_batch(batch: usize, kv_lens: &[usize]) -> Result<(), Error> {
 /// takes.
 pub const MAX_DECODE_BATCH: usize = 256;
 
-fn gpt2(c: &Gpt2Config, s: usize, kv: &[usize], head: Head) -> Result<Graph, Error> {
+fn gpt2(
+    c: &Gpt2Config,
+    s: usize,
+    kv: &[usize],
+    (head, pieces): (Head, &[usize]),
+) -> Result<Graph, Error> {
     let decode = !kv.is_empty();
     let phase = if decode {
         Phase::Decode
@@ -692,6 +801,7 @@ fn gpt2(c: &Gpt2Config, s: usize, kv: &[usize], head: Head) -> Result<Graph, Err
     let (bsz, d, hd) = (c.batch * kv.len().max(1), c.hidden, c.hidden / c.heads);
     let mut b = Builder::new(name, Phase::Embedding);
     b.head = head;
+    b.pieces = pieces.to_vec();
     let ids = b.input("input_ids", &[bsz, s], DType::I64)?;
     let pos = b.input("position_ids", &[bsz, s], DType::I64)?;
     b.at("wte");
@@ -1071,6 +1181,45 @@ fn conv_bn(
 mod tests {
     use super::*;
     use crate::graph::NodeId;
+
+    /// A batched prefill: logits `[N, 1, V]`; per layer one cache per prompt (slot `i`, empty)
+    /// and one `present` of its length; one prompt is `gpt2_prefill_last`'s graph; no prompt,
+    /// an empty one or a model of batch 2 is refused.
+    #[test]
+    fn a_batched_prefill_makes_one_cache_per_prompt() {
+        let c = Gpt2Config {
+            layers: 2,
+            hidden: 32,
+            heads: 2,
+            vocab: 50,
+            context: 32,
+            ..Gpt2Config::default()
+        };
+        let g = gpt2_prefill_batch(&c, &[3, 5, 2]).unwrap();
+        g.validate().unwrap();
+        let logits = g.tensor(g.outputs[0]).unwrap();
+        assert_eq!(logits.shape, vec![3, 1, 50]);
+        assert_eq!(g.outputs.len(), 1 + 2 * 3);
+        for (k, p) in g.outputs[1..].iter().enumerate() {
+            let n = g.node(p.node).unwrap();
+            assert!(matches!(n.op, OpKind::KvCacheAppend));
+            assert_eq!(n.outputs[0].shape, vec![2, 1, [3, 5, 2][k % 3], 32]);
+            let past = g.node(n.inputs[0].node).unwrap();
+            assert!(
+                matches!(past.op, OpKind::KvCache { slot, .. } if slot as usize == k % 3),
+                "{past:?}"
+            );
+            assert_eq!(past.outputs[0].shape, vec![2, 1, 0, 32]);
+        }
+        assert_eq!(
+            gpt2_prefill_batch(&c, &[4]).unwrap(),
+            gpt2_prefill_last(&c, 4).unwrap()
+        );
+        assert!(gpt2_prefill_batch(&c, &[]).is_err());
+        assert!(gpt2_prefill_batch(&c, &[3, 0]).is_err());
+        let two = Gpt2Config { batch: 2, ..c };
+        assert!(gpt2_prefill_batch(&two, &[3, 4]).is_err());
+    }
 
     /// A KV move reads each layer's cache `[2, 1, L, E]` and appends it whole: its `present`s
     /// have the shape of prefill's, one per layer, each in its layer; empty sizes are refused.

@@ -6,7 +6,7 @@
 use super::{sched_err, Family};
 use crate::error::Result;
 use genie_scheduler::builders::{
-    gpt2_decode, gpt2_decode_batch, gpt2_prefill, gpt2_prefill_last, Gpt2Config,
+    gpt2_decode, gpt2_decode_batch, gpt2_prefill, gpt2_prefill_batch, gpt2_prefill_last, Gpt2Config,
 };
 use genie_scheduler::graph::Graph;
 use serde::Deserialize;
@@ -89,6 +89,9 @@ impl Family for Gpt2Config {
     }
     fn decode_batch(&self, kv_lens: &[usize]) -> Result<Graph> {
         gpt2_decode_batch(self, kv_lens).map_err(sched_err)
+    }
+    fn prefill_batch(&self, lens: &[usize]) -> Result<Graph> {
+        gpt2_prefill_batch(self, lens).map_err(sched_err)
     }
     fn vocab(&self) -> usize {
         self.vocab

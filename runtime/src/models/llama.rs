@@ -7,7 +7,8 @@
 use super::{sched_err, Family};
 use crate::error::Result;
 use genie_scheduler::builders::{
-    llama_decode, llama_decode_batch, llama_prefill, llama_prefill_last, LlamaConfig,
+    llama_decode, llama_decode_batch, llama_prefill, llama_prefill_batch, llama_prefill_last,
+    LlamaConfig,
 };
 use genie_scheduler::graph::Graph;
 use serde::Deserialize;
@@ -48,6 +49,9 @@ impl Family for LlamaConfig {
     }
     fn decode_batch(&self, kv_lens: &[usize]) -> Result<Graph> {
         llama_decode_batch(self, kv_lens).map_err(sched_err)
+    }
+    fn prefill_batch(&self, lens: &[usize]) -> Result<Graph> {
+        llama_prefill_batch(self, lens).map_err(sched_err)
     }
     fn vocab(&self) -> usize {
         self.vocab

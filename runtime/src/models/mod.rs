@@ -77,6 +77,11 @@ pub trait Family {
     /// updated caches. Each sequence's rows go through the same operations as in
     /// [`Family::decode`] (and one length gives its graph).
     fn decode_batch(&self, kv_lens: &[usize]) -> Result<Graph>;
+    /// The prefill of several prompts at once (lengths `lens`, their tokens concatenated in
+    /// that order; see [`run_prefill_batch`]): logits `[N, 1, V]`, row `i` the next token's of
+    /// prompt `i`, whose cache is made in slot `i`. Each prompt's rows go through the operations
+    /// [`Family::prefill_last`] gives them alone; one length gives its graph.
+    fn prefill_batch(&self, lens: &[usize]) -> Result<Graph>;
     /// Vocabulary size.
     fn vocab(&self) -> usize;
     /// Decoder layers.
@@ -192,6 +197,9 @@ impl Family for Model {
     }
     fn decode_batch(&self, kv_lens: &[usize]) -> Result<Graph> {
         self.family().decode_batch(kv_lens)
+    }
+    fn prefill_batch(&self, lens: &[usize]) -> Result<Graph> {
+        self.family().prefill_batch(lens)
     }
     fn vocab(&self) -> usize {
         self.family().vocab()
@@ -405,6 +413,30 @@ pub fn run_prefill(
     let pos = row_i64((0..prompt.len() as i64).collect())?;
     let inputs = [("input_ids", ids), ("position_ids", pos)];
     driver.run(g, place, &inputs, &[logits], seq)
+}
+
+/// Runs the batched prefill graph `g` (from [`Family::prefill_batch`]) of `prompts` placed by
+/// `place`, prompt `i` for sequence `seqs[i]`, fetching `logits` (`[N, 1, V]`): `input_ids` the
+/// prompts' tokens in order, `position_ids` each prompt's `0..len`.
+pub fn run_prefill_batch(
+    driver: &Driver,
+    g: &Graph,
+    place: &Placement,
+    prompts: &[&[i64]],
+    logits: TensorRef,
+    seqs: &[u64],
+) -> Result<RunOutput> {
+    if prompts.len() != seqs.len() {
+        return Err(RuntimeError::Plan(format!(
+            "a batched prefill of {} prompts for {} sequences",
+            prompts.len(),
+            seqs.len()
+        )));
+    }
+    let ids = row_i64(prompts.concat())?;
+    let pos = row_i64(prompts.iter().flat_map(|p| 0..p.len() as i64).collect())?;
+    let inputs = [("input_ids", ids), ("position_ids", pos)];
+    driver.run_batch(g, place, &inputs, &[logits], seqs)
 }
 
 /// Runs the decode graph `g` (from [`Family::decode`] at the KV length `position`) of `token` at

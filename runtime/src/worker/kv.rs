@@ -122,6 +122,20 @@ impl<'a> RunCtx<'a> {
             });
         }
         let seq = self.seq_of(node, slot)?;
+        if l == 0 {
+            // An empty cache (a batched prefill's, which its `present` then fills): the sequence
+            // must have none yet.
+            self.kv_holding(node, (seq, layer), 0, e)?;
+            return Tensor::zeros(
+                (2, 1, 0, e),
+                candle_core::DType::F32,
+                &candle_core::Device::Cpu,
+            )
+            .map_err(|source| RuntimeError::Kernel {
+                node: node.name.clone(),
+                source,
+            });
+        }
         let view = self
             .kv_holding(node, (seq, layer), l, e)?
             .view(seq, layer)?;

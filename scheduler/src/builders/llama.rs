@@ -289,21 +289,33 @@ impl LlamaConfig {
 /// cache `[2, B, S, G·D]`.
 pub fn llama_prefill(c: &LlamaConfig, seq_len: usize) -> Result<Graph, Error> {
     c.check(seq_len)?;
-    llama(c, seq_len, &[], Head::All)
+    llama(c, seq_len, &[], (Head::All, &[]))
 }
 
 /// [`llama_prefill`] whose head reads only the last position: logits `[B, 1, V]` and each
 /// layer's KV cache (see [`gpt2_prefill_last`](super::gpt2_prefill_last)).
 pub fn llama_prefill_last(c: &LlamaConfig, seq_len: usize) -> Result<Graph, Error> {
     c.check(seq_len)?;
-    llama(c, seq_len, &[], Head::Last)
+    llama(c, seq_len, &[], (Head::Last, &[]))
+}
+
+/// A prefill of several prompts at once: logits `[N, 1, V]`, row `i` prompt `i`'s next token's,
+/// and each prompt's cache in slot `i` (see [`gpt2_prefill_batch`](super::gpt2_prefill_batch)).
+/// `c.batch` must be 1; one length gives [`llama_prefill_last`]'s graph.
+pub fn llama_prefill_batch(c: &LlamaConfig, lens: &[usize]) -> Result<Graph, Error> {
+    let total = super::check_prefill_batch(c.batch, lens)?;
+    if let [l] = lens {
+        return llama_prefill_last(c, *l);
+    }
+    c.check(total)?;
+    llama(c, total, &[], (Head::Last, lens))
 }
 
 /// One Llama-style decode step against KV caches of length `kv_len`: logits `[B, 1, V]` and the
 /// updated caches `[2, B, L+1, G·D]`.
 pub fn llama_decode(c: &LlamaConfig, kv_len: usize) -> Result<Graph, Error> {
     c.check(kv_len.saturating_add(1))?;
-    llama(c, 1, &[kv_len], Head::All)
+    llama(c, 1, &[kv_len], (Head::All, &[]))
 }
 
 /// One Llama-style decode step of several sequences at once, sequence `i` against caches of
@@ -314,7 +326,7 @@ pub fn llama_decode_batch(c: &LlamaConfig, kv_lens: &[usize]) -> Result<Graph, E
     for &l in kv_lens {
         c.check(l.saturating_add(1))?;
     }
-    llama(c, 1, kv_lens, Head::Batched)
+    llama(c, 1, kv_lens, (Head::Batched, &[]))
 }
 
 impl Builder {
@@ -334,7 +346,12 @@ impl Builder {
     }
 }
 
-fn llama(c: &LlamaConfig, s: usize, kv: &[usize], head: Head) -> Result<Graph, Error> {
+fn llama(
+    c: &LlamaConfig,
+    s: usize,
+    kv: &[usize],
+    (head, pieces): (Head, &[usize]),
+) -> Result<Graph, Error> {
     let decode = !kv.is_empty();
     let (phase, name) = if decode {
         (Phase::Decode, format!("{}-decode", c.kind.model_type()))
@@ -350,6 +367,7 @@ fn llama(c: &LlamaConfig, s: usize, kv: &[usize], head: Head) -> Result<Graph, E
     let (eq, ekv) = (c.heads * hd, c.kv_width());
     let mut b = Builder::new(&name, Phase::Embedding);
     b.head = head;
+    b.pieces = pieces.to_vec();
     let ids = b.input("input_ids", &[bsz, s], DType::I64)?;
     let pos = b.input("position_ids", &[bsz, s], DType::I64)?;
     b.at("model.embed_tokens");
