@@ -24,7 +24,9 @@
 //!   its cache on the decode worker soonest (prompt tokens queued there, and the link to the
 //!   decode worker: [`EngineConfig::prefill_pool`]; a lane holds two requests at most: the one
 //!   it runs and the next, which it starts as soon as the first is done), so several prefills
-//!   run at once on a pool;
+//!   run at once on a pool. Short prompts waiting one after another go to the lane together
+//!   and are prefilled in one forward pass ([`EngineConfig::max_prefill_batch`], up to 64 prompt
+//!   tokens in all, each prompt's result bitwise its prefill alone), then moved one by one;
 //! - the **decode lane** (the engine thread) runs one batched forward pass per round over every
 //!   active sequence on the decode worker ([`EngineConfig::max_batch`] at most per pass), each
 //!   against its own KV length. A sequence joins the pass after its cache landed and leaves
@@ -32,7 +34,8 @@
 //!
 //! So a long prefill never stalls decode steps: the decode worker pauses only to take in a moved
 //! cache. When the prefill and decode workers are one worker (a co-located engine), there is one
-//! lane: a waiting prefill runs (its cache built in place) before that worker's next decode pass.
+//! lane: a waiting prefill (or a batch of short ones) runs, its cache built in place, before that
+//! worker's next decode pass.
 //! Every placement comes from the scheduler (`create_schedule` with the run's worker as its only
 //! device and the KV caches' worker as their device, so the co-location constraint keeps each cache
 //! with its layer's group); its schedule cache answers repeated shapes. A request's KV cache is
@@ -70,7 +73,8 @@ use crate::cluster::{Cluster, Role, WorkerLink};
 use crate::driver::{Driver, RunOutput};
 use crate::error::RuntimeError;
 use crate::models::{
-    argmax_last, pick, prefill_last, run_decode_batch, run_prefill, with_next_tokens, Family, Model,
+    argmax_last, pick, prefill_last, run_decode_batch, run_prefill, run_prefill_batch,
+    with_next_tokens, Family, Model,
 };
 use crate::plan::Placement;
 use crate::proto::WeightSpec;
@@ -188,6 +192,10 @@ pub struct Timings {
     pub prefill_worker: usize,
     /// The prefill run (driver wall time).
     pub prefill: Duration,
+    /// Requests prefilled in one forward pass with this one, itself included: 1 alone, more
+    /// when short prompts waiting together were prefilled as one batch (at most 64 prompt
+    /// tokens in all, each prompt's result bitwise its prefill alone).
+    pub prefill_batch: usize,
     /// The KV cache's move from the prefill worker to the decode worker (driver wall time of
     /// that run, from the prefill worker's message to the decode worker's reply: it includes
     /// the decode worker finishing the decode step it was running; zero when they are one
@@ -259,6 +267,12 @@ pub struct EngineConfig {
     /// with the sequences in it, so this bounds the time per output token, at the cost of the
     /// time to first token of the requests that wait.
     pub max_running: usize,
+    /// Most requests one prefill takes (at least 1; default 8): short prompts waiting one after
+    /// another go to their lane together, up to 64 prompt tokens in all
+    /// ([`crate::kernels::EXACT_BATCH_ROWS`]: each prompt's logits and cache are then bitwise
+    /// those of its prefill alone), and are prefilled in one forward pass
+    /// ([`Family::prefill_batch`]). 1 prefills every request alone.
+    pub max_prefill_batch: usize,
     /// Links between workers that differ from the default ([`crate::plan::cpu_topology`]'s),
     /// as a cluster file's `[[links]]` give them ([`EngineConfig::for_cluster`] copies them):
     /// the scheduler's topology, and so the choice of prefill worker for each request (see
@@ -318,6 +332,7 @@ impl EngineConfig {
             max_batch: 32,
             prefill_order: PrefillOrder::Arrival,
             max_running: 256,
+            max_prefill_batch: 8,
             links: Vec::new(),
         }
     }
@@ -524,8 +539,12 @@ enum Cmd {
 /// A finished prefill: its last position's logits and its run.
 struct Prefilled {
     logits: Tensor,
-    /// The prefill run, and when it started.
-    prefill: (Instant, RunOutput),
+    /// The prefill run, and when it started (shared by the requests prefilled together).
+    prefill: Arc<(Instant, RunOutput)>,
+    /// Requests prefilled together (this one included), and their prompt tokens.
+    batch: (usize, usize),
+    /// Whether this is the first of them: its run's spans and rate are counted once, there.
+    owner: bool,
     /// The first token, when the lane chose and streamed it itself.
     first: Option<Streamed>,
 }
@@ -567,14 +586,27 @@ impl FirstToken {
     }
 }
 
-/// One prefill for the prefill lane.
+/// One prefill for the prefill lane: one request, or several short ones prefilled together.
 struct LaneJob {
+    reqs: Vec<LaneReq>,
+    /// Dropped before the result is sent: an idle lane holds no driver.
+    driver: Arc<Driver>,
+}
+
+/// A request of a [`LaneJob`].
+struct LaneReq {
     id: u64,
     seq: u64,
     prompt: Vec<i64>,
     /// Taken when the prefill is done.
     first: Option<FirstToken>,
-    /// Dropped before the result is sent: an idle lane holds no driver.
+}
+
+/// One KV cache for a lane's mover: request `id`'s (sequence `seq`, `len` positions).
+struct Move {
+    id: u64,
+    seq: u64,
+    len: usize,
     driver: Arc<Driver>,
 }
 
@@ -589,15 +621,30 @@ struct Lane {
     thread: JoinHandle<()>,
 }
 
-/// Requests a prefill lane holds at most: the one it runs and one queued behind it, so that the
-/// lane starts its next prefill the moment one ends instead of waiting for the engine thread
-/// (busy with a decode step) to hand it one.
+/// Jobs a prefill lane holds at most (a job: one request, or several short ones prefilled
+/// together): the one it runs and one queued behind it, so that the lane starts its next prefill
+/// the moment one ends instead of waiting for the engine thread (busy with a decode step) to hand
+/// it one.
 const LANE_DEPTH: usize = 2;
+
+/// Most prompt tokens one batched prefill takes (several short waiting prompts in one forward
+/// pass, [`Family::prefill_batch`]): the rows for which the kernels' products give every row the
+/// bits it has alone ([`crate::kernels::EXACT_BATCH_ROWS`]), so that each request's tokens are
+/// the ones it gets served alone.
+const PREFILL_BATCH_TOKENS: usize = crate::kernels::EXACT_BATCH_ROWS;
+
+/// The jobs among requests `held` by a lane (each request names its job).
+fn jobs(held: &[Active]) -> usize {
+    let mut ids: Vec<u64> = held.iter().map(|a| a.job).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids.len()
+}
 
 /// What a prefill lane holds, for [`pick_lane`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct LaneLoad {
-    /// Requests it holds (running or queued).
+    /// Jobs it holds (running or queued).
     held: usize,
     /// Their prompt tokens.
     queued: usize,
@@ -830,6 +877,12 @@ impl Engine {
             return Err(RuntimeError::Plan(
                 "engine: max_running 0 (at least 1)".into(),
             ));
+        }
+        if cfg.max_prefill_batch == 0 || cfg.max_prefill_batch > MAX_DECODE_BATCH {
+            return Err(RuntimeError::Plan(format!(
+                "engine: max_prefill_batch {} (1 to {MAX_DECODE_BATCH})",
+                cfg.max_prefill_batch
+            )));
         }
         let prefill = cfg.prefill_workers();
         if prefill.iter().any(|&w| w >= n) || cfg.decode_worker >= n {
@@ -1117,6 +1170,8 @@ impl Drop for Engine {
 struct Active {
     id: u64,
     seq: u64,
+    /// The lane job it was prefilled in (its first request's id).
+    job: u64,
     req: Request,
     tx: mpsc::Sender<Event>,
     reserved: u64,
@@ -1260,7 +1315,8 @@ impl Core {
                     break;
                 };
                 self.pool.lock().waiting -= 1;
-                self.prefill(w, lane);
+                let batch = self.batch_with(w);
+                self.prefill(batch, lane);
                 if self.lanes.is_empty() {
                     break;
                 }
@@ -1366,7 +1422,7 @@ impl Core {
         if self.lanes.is_empty() {
             return self.prefilling.first().is_some_and(Vec::is_empty);
         }
-        self.prefilling.iter().any(|held| held.len() < LANE_DEPTH)
+        self.prefilling.iter().any(|held| jobs(held) < LANE_DEPTH)
     }
 
     /// The lane `req` goes to ([`pick_lane`]: where the cost model has its KV cache on the
@@ -1380,7 +1436,7 @@ impl Core {
             .iter()
             .zip(&self.prefilling)
             .map(|(l, held)| LaneLoad {
-                held: held.len(),
+                held: jobs(held),
                 queued: held.iter().map(|a| a.req.prompt.len()).sum(),
                 given: l.tokens,
                 link: l.link,
@@ -1394,74 +1450,142 @@ impl Core {
         pick_lane(&loads, ask)
     }
 
-    /// Starts `w`'s prefill in lane `lane` (the inline slot when there are no lanes).
-    fn prefill(&mut self, w: Waiting, lane: usize) {
+    /// Starts the prefill of `batch` (one request, or several short ones prefilled together) in
+    /// lane `lane` (the inline slot when there are no lanes).
+    fn prefill(&mut self, batch: Vec<Waiting>, lane: usize) {
         let started = Instant::now();
-        let seed = match w.req.sampling {
-            Sampling::Seeded { seed, .. } => seed,
-            Sampling::Greedy => 0,
-        };
-        let a = Active {
-            id: w.id,
-            seq: w.id,
-            tx: w.tx,
-            reserved: w.reserved,
-            at: w.at,
-            tokens: Vec::new(),
-            timings: Timings {
-                queue: started.duration_since(w.at),
-                prefill_worker: self
-                    .lanes
-                    .get(lane)
-                    .map_or(self.cfg.prefill_worker, |l| l.worker),
-                ..Timings::default()
-            },
-            rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed),
-            ended: None,
-            req: w.req,
-        };
+        let job = batch.first().map_or(0, |w| w.id);
+        let prefill_worker = self
+            .lanes
+            .get(lane)
+            .map_or(self.cfg.prefill_worker, |l| l.worker);
+        let mut reqs: Vec<Active> = batch
+            .into_iter()
+            .map(|w| {
+                let seed = match w.req.sampling {
+                    Sampling::Seeded { seed, .. } => seed,
+                    Sampling::Greedy => 0,
+                };
+                Active {
+                    id: w.id,
+                    seq: w.id,
+                    job,
+                    tx: w.tx,
+                    reserved: w.reserved,
+                    at: w.at,
+                    tokens: Vec::new(),
+                    timings: Timings {
+                        queue: started.duration_since(w.at),
+                        prefill_worker,
+                        ..Timings::default()
+                    },
+                    rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed),
+                    ended: None,
+                    req: w.req,
+                }
+            })
+            .collect();
         let driver = match self.driver() {
             Ok(_) => self.driver.clone(),
-            Err(e) => return self.fail(a, e),
+            Err(e) => {
+                let err = self.engine_error(e);
+                return reqs
+                    .into_iter()
+                    .for_each(|a| self.fail_with(a, err.clone()));
+            }
         };
         let Some(driver) = driver else { return };
         match self.lanes.get_mut(lane) {
             Some(l) => {
                 let job = LaneJob {
-                    id: a.id,
-                    seq: a.seq,
-                    prompt: a.req.prompt.clone(),
-                    first: Some(FirstToken {
-                        tx: a.tx.clone(),
-                        sampling: a.req.sampling,
-                        rng: a.rng.clone(),
-                        at: a.at,
-                    }),
+                    reqs: reqs
+                        .iter()
+                        .map(|a| LaneReq {
+                            id: a.id,
+                            seq: a.seq,
+                            prompt: a.req.prompt.clone(),
+                            first: Some(FirstToken {
+                                tx: a.tx.clone(),
+                                sampling: a.req.sampling,
+                                rng: a.rng.clone(),
+                                at: a.at,
+                            }),
+                        })
+                        .collect(),
                     driver,
                 };
-                l.tokens += a.req.prompt.len() as u64;
+                l.tokens += reqs.iter().map(|a| a.req.prompt.len() as u64).sum::<u64>();
                 if l.jobs.send(job).is_err() {
-                    let e = RuntimeError::Plan("engine: a prefill lane is gone".into());
-                    return self.fail(a, e);
+                    let err = EngineError::Failed("engine: a prefill lane is gone".into());
+                    return reqs
+                        .into_iter()
+                        .for_each(|a| self.fail_with(a, err.clone()));
                 }
-                self.prefilling[lane].push(a);
+                self.prefilling[lane].append(&mut reqs);
             }
             None => {
-                // No lanes: prefill and decode share one worker, the cache is built in place.
-                let job = (a.req.prompt.as_slice(), a.seq);
+                // No lanes: prefill and decode share one worker, the caches are built in place.
+                let job: Vec<(&[i64], u64)> = reqs
+                    .iter()
+                    .map(|a| (a.req.prompt.as_slice(), a.seq))
+                    .collect();
                 let pw = self.cfg.decode_worker;
-                let r = prefill_here(&driver, &mut self.scheduler, &self.cfg.model, pw, job);
+                let r = prefill_here(&driver, &mut self.scheduler, &self.cfg.model, pw, &job);
                 drop(driver);
-                let id = a.id;
-                self.prefilling[0].push(a);
-                // Built in place: nothing to move.
-                let ok = r.is_ok();
-                self.prefilled(id, r);
-                if ok {
-                    self.moved(id, Ok(None));
+                let ids: Vec<u64> = reqs.iter().map(|a| a.id).collect();
+                self.prefilling[0].append(&mut reqs);
+                match r {
+                    Ok(prefilled) => {
+                        for (&id, p) in ids.iter().zip(prefilled) {
+                            self.prefilled(id, Ok(p));
+                            // Built in place: nothing to move.
+                            self.moved(id, Ok(None));
+                        }
+                    }
+                    Err(e) => {
+                        let copies: Vec<RuntimeError> =
+                            ids.iter().skip(1).map(|_| copy_error(&e)).collect();
+                        for (&id, e) in ids.iter().zip(std::iter::once(e).chain(copies)) {
+                            self.prefilled(id, Err(e));
+                        }
+                    }
                 }
             }
         }
+    }
+
+    /// `first` and the waiting requests that come next in prefill order while they fit one
+    /// batched prefill with it ([`PREFILL_BATCH_TOKENS`] prompt tokens and
+    /// [`EngineConfig::max_prefill_batch`] requests at most, within
+    /// [`EngineConfig::max_running`]); `first` alone when it is long.
+    fn batch_with(&mut self, first: Waiting) -> Vec<Waiting> {
+        let mut tokens = first.req.prompt.len();
+        let mut batch = vec![first];
+        while batch.len() < self.cfg.max_prefill_batch
+            && self.running() + batch.len() < self.cfg.max_running
+        {
+            let now = Instant::now();
+            let next = self.cfg.prefill_order.next(
+                self.waiting
+                    .iter()
+                    .map(|w| (w.req.prompt.len(), now.saturating_duration_since(w.at))),
+            );
+            let Some(i) = next else { break };
+            let len = self
+                .waiting
+                .get(i)
+                .map_or(usize::MAX, |w| w.req.prompt.len());
+            if tokens.saturating_add(len) > PREFILL_BATCH_TOKENS {
+                break;
+            }
+            let Some(w) = self.waiting.remove(i) else {
+                break;
+            };
+            self.pool.lock().waiting -= 1;
+            tokens += len;
+            batch.push(w);
+        }
+        batch
     }
 
     /// Request `id`'s prefill came back: its first token is streamed at once (its KV cache
@@ -1480,13 +1604,16 @@ impl Core {
             Ok(p) => p,
             Err(e) => return self.fail(a, e),
         };
-        let (started, out) = &p.prefill;
-        self.rate.add(out.wall, a.req.prompt.len());
+        let (started, out) = &*p.prefill;
+        if p.owner {
+            self.rate.add(out.wall, p.batch.1);
+            self.record(*started, out);
+            a.timings.kv_bytes = out.counters.bytes_moved;
+        }
         // A request may have waited in its lane's queue behind another prefill.
         a.timings.queue = started.saturating_duration_since(a.at);
-        self.record(*started, out);
         a.timings.prefill = out.wall;
-        a.timings.kv_bytes = out.counters.bytes_moved;
+        a.timings.prefill_batch = p.batch.0;
         a.ended = match p.first {
             // The lane streamed it: the handle may see it even if it was cancelled meanwhile.
             Some(f) => {
@@ -1867,49 +1994,66 @@ fn prefill_lane(
             }
         };
         while let Ok(mut job) = jobs.recv() {
-            let _span = tracing::info_span!("prefill", request = job.id).entered();
-            match prefill_here(
-                &job.driver,
-                &mut scheduler,
-                model,
-                workers.0,
-                (&job.prompt, job.seq),
-            ) {
-                Ok(mut p) => {
-                    // The first token goes out now, while the cache moves.
-                    p.first = job.first.take().and_then(|f| f.stream(&p.logits));
-                    let id = job.id;
-                    let result = Ok(Box::new(p));
-                    if done.send(Cmd::Prefilled { id, result }).is_err() {
+            let first = job.reqs.first().map_or(0, |r| r.id);
+            let n = job.reqs.len();
+            let _span = tracing::info_span!("prefill", request = first, requests = n).entered();
+            let reqs: Vec<(&[i64], u64)> = job
+                .reqs
+                .iter()
+                .map(|r| (r.prompt.as_slice(), r.seq))
+                .collect();
+            match prefill_here(&job.driver, &mut scheduler, model, workers.0, &reqs) {
+                Ok(prefilled) => {
+                    // The first tokens go out now, while the caches move.
+                    let mut listening = true;
+                    for (r, mut p) in job.reqs.iter_mut().zip(prefilled) {
+                        p.first = r.first.take().and_then(|f| f.stream(&p.logits));
+                        let result = Ok(Box::new(p));
+                        listening &= done.send(Cmd::Prefilled { id: r.id, result }).is_ok();
+                    }
+                    if !listening {
                         break;
                     }
-                    // The move's first round (the prefill worker sending the cache) goes before
-                    // the next prefill there: wait for it (or for the mover to give up on it).
-                    let (sent_tx, sent) = mpsc::channel();
-                    let handed = match &to_mover {
-                        Some(m) => m
-                            .send((job, sent_tx))
-                            .map_err(|mpsc::SendError((job, _))| job),
-                        None => Err(job),
-                    };
-                    match handed {
-                        Ok(()) => {
-                            let _ = sent.recv();
+                    // Each move's first round (the prefill worker sending a cache) goes before
+                    // the next prefill there: wait for them (or for the mover to give up).
+                    let mut rounds = Vec::with_capacity(n);
+                    for r in &job.reqs {
+                        let m = Move {
+                            id: r.id,
+                            seq: r.seq,
+                            len: r.prompt.len(),
+                            driver: job.driver.clone(),
+                        };
+                        let (sent_tx, sent) = mpsc::channel();
+                        let handed = match &to_mover {
+                            Some(t) => t.send((m, sent_tx)).map_err(|mpsc::SendError((m, _))| m),
+                            None => Err(m),
+                        };
+                        match handed {
+                            Ok(()) => rounds.push(sent),
+                            Err(m) => listening &= move_and_report(m, done, model, workers, || {}),
                         }
-                        Err(job) => {
-                            if !move_and_report(job, done, model, workers, || {}) {
-                                break;
-                            }
-                        }
+                    }
+                    for sent in rounds {
+                        let _ = sent.recv();
+                    }
+                    if !listening {
+                        break;
                     }
                 }
                 Err(e) => {
-                    // Whatever part of its cache was built goes now: the engine then frees
-                    // nothing on the prefill worker.
-                    let _ = job.driver.free_sequence(job.seq);
-                    let id = job.id;
+                    // Whatever part of their caches was built goes now: the engine then frees
+                    // nothing on the prefill worker. The first request gets the error, the
+                    // others of its batch a copy.
+                    let copies: Vec<RuntimeError> = (1..n).map(|_| copy_error(&e)).collect();
+                    let mut listening = true;
+                    for (r, err) in job.reqs.iter().zip(std::iter::once(e).chain(copies)) {
+                        let _ = job.driver.free_sequence(r.seq);
+                        let result = Err(err);
+                        listening &= done.send(Cmd::Prefilled { id: r.id, result }).is_ok();
+                    }
                     drop(job);
-                    if done.send(Cmd::Prefilled { id, result: Err(e) }).is_err() {
+                    if !listening {
                         break;
                     }
                 }
@@ -1918,10 +2062,21 @@ fn prefill_lane(
     });
 }
 
+/// Another request's copy of the error that failed the batched prefill it shared.
+fn copy_error(e: &RuntimeError) -> RuntimeError {
+    match e {
+        RuntimeError::WorkerFailed { worker, reason } => RuntimeError::WorkerFailed {
+            worker: worker.clone(),
+            reason: reason.clone(),
+        },
+        other => RuntimeError::Plan(format!("the batched prefill it shared failed: {other}")),
+    }
+}
+
 /// A prefill lane's mover: moves each prefilled request's KV cache to the decode worker and
 /// reports the request ([`move_and_report`]), in the order the lane prefilled them.
 fn kv_mover(
-    moves: &mpsc::Receiver<(LaneJob, mpsc::Sender<()>)>,
+    moves: &mpsc::Receiver<(Move, mpsc::Sender<()>)>,
     done: &mpsc::Sender<Cmd>,
     model: &Model,
     workers: (usize, usize),
@@ -1944,14 +2099,14 @@ fn kv_mover(
 /// decode step does not wait for it). A failed move frees what was built and reports the
 /// error. `false` once the engine no longer listens.
 fn move_and_report(
-    job: LaneJob,
+    job: Move,
     done: &mpsc::Sender<Cmd>,
     model: &Model,
     (pw, dw): (usize, usize),
     sent: impl FnOnce(),
 ) -> bool {
     let (id, seq) = (job.id, job.seq);
-    let result = match move_kv(&job.driver, model, (pw, dw), (job.prompt.len(), seq), sent) {
+    let result = match move_kv(&job.driver, model, (pw, dw), (job.len, seq), sent) {
         Ok(moved) => Ok(Box::new(moved)),
         Err(e) => {
             let _ = job.driver.free_sequence(seq);
@@ -1968,28 +2123,62 @@ fn move_and_report(
     listening
 }
 
-/// The prefill of `prompt` for sequence `seq` on worker `pw`, its KV cache built there.
+/// The prefill of `reqs` (prompt, sequence) on worker `pw`, their KV caches built there: one
+/// prompt's alone, several in one batched pass ([`Family::prefill_batch`]); one result per
+/// request, in order.
 fn prefill_here(
     driver: &Driver,
     scheduler: &mut genie_scheduler::Scheduler,
     model: &Model,
     pw: usize,
-    (prompt, seq): (&[i64], u64),
-) -> Result<Prefilled, RuntimeError> {
-    let (g, last) = prefill_last(model, prompt.len())?;
+    reqs: &[(&[i64], u64)],
+) -> Result<Vec<Prefilled>, RuntimeError> {
+    let (g, last) = match reqs {
+        [(prompt, _)] => prefill_last(model, prompt.len())?,
+        _ => {
+            let lens: Vec<usize> = reqs.iter().map(|(p, _)| p.len()).collect();
+            let g = model.prefill_batch(&lens)?;
+            let last = *g
+                .outputs
+                .first()
+                .ok_or_else(|| RuntimeError::Plan("a batched prefill has no outputs".into()))?;
+            (g, last)
+        }
+    };
     let place = Placement::scheduled(scheduler, &g, pw, pw)?;
     let started = Instant::now();
-    let out = run_prefill(driver, &g, &place, prompt, last, seq)?;
+    let out = match reqs {
+        [(prompt, seq)] => run_prefill(driver, &g, &place, prompt, last, *seq)?,
+        _ => {
+            let prompts: Vec<&[i64]> = reqs.iter().map(|(p, _)| *p).collect();
+            let seqs: Vec<u64> = reqs.iter().map(|(_, s)| *s).collect();
+            run_prefill_batch(driver, &g, &place, &prompts, last, &seqs)?
+        }
+    };
     let logits = out
         .outputs
         .first()
         .cloned()
         .ok_or_else(|| RuntimeError::Plan("prefill returned nothing".into()))?;
-    Ok(Prefilled {
-        logits,
-        prefill: (started, out),
-        first: None,
-    })
+    let tokens = reqs.iter().map(|(p, _)| p.len()).sum();
+    let run = Arc::new((started, out));
+    (0..reqs.len())
+        .map(|i| {
+            let row = logits
+                .narrow(0, i, 1)
+                .map_err(|source| RuntimeError::Kernel {
+                    node: "logits".into(),
+                    source,
+                })?;
+            Ok(Prefilled {
+                logits: row,
+                prefill: run.clone(),
+                batch: (reqs.len(), tokens),
+                owner: i == 0,
+                first: None,
+            })
+        })
+        .collect()
 }
 
 /// The [`kv_move`] run of sequence `seq`'s cache (`len` positions) from worker `pw` to `dw`

@@ -322,7 +322,7 @@ fn shortest_first_passes_waiting_long_prompts() {
 
 /// With one request running at most, requests submitted together run one after the other:
 /// each one's first token comes after the one before it ended (its prefill waits till then),
-/// and each serves the tokens it serves alone. Zero is refused.
+/// and each serves the tokens it serves alone. Zero is refused (and a `max_prefill_batch` of 0).
 #[test]
 fn max_running_bounds_the_requests_in_flight() {
     let (cluster, mut driver) = start();
@@ -334,6 +334,13 @@ fn max_running_bounds_the_requests_in_flight() {
     };
     let err = Engine::start(driver, zero).expect_err("max_running 0 accepted");
     assert!(err.to_string().contains("max_running"), "{err}");
+    let driver = Driver::connect(&cluster.cluster, WeightSpec::Seeded(11)).unwrap();
+    let no_prefill = EngineConfig {
+        max_prefill_batch: 0,
+        ..EngineConfig::disaggregated(cfg())
+    };
+    let err = Engine::start(driver, no_prefill).expect_err("max_prefill_batch 0 accepted");
+    assert!(err.to_string().contains("max_prefill_batch"), "{err}");
     let driver = Driver::connect(&cluster.cluster, WeightSpec::Seeded(11)).unwrap();
     let one = EngineConfig {
         max_running: 1,

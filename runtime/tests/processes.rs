@@ -1,6 +1,7 @@
 //! `genie worker` processes joined by a cluster file: the same answers as in-process workers,
 //! a worker killed mid-run fails the run with an error naming it, within a bounded time, and
-//! an engine streams a request's first token while its decode worker is stopped.
+//! an engine streams a request's first token while its decode worker is stopped and prefills
+//! short prompts that waited together in one batched pass.
 
 mod common;
 use common::bits;
@@ -227,6 +228,70 @@ fn the_first_token_streams_while_the_decode_worker_is_stopped() {
     assert!(
         timings.first_token < timings.queue + timings.prefill + timings.kv_transfer,
         "{timings:?}"
+    );
+    engine.shutdown().unwrap().shutdown().unwrap();
+    drop(workers);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Short prompts that wait together are prefilled in one batched pass, each with the tokens it
+/// gets served alone: six are submitted while the prefill worker's process is stopped, so at
+/// most two passes are handed to its lane before it continues and every request still waiting
+/// then goes in the third (`Timings::prefill_batch` says how many shared each pass).
+#[test]
+fn short_prompts_that_waited_together_are_prefilled_in_one_pass() {
+    use genie_runtime::engine::{Engine, EngineConfig, Request};
+    let (cluster, workers, dir) = start_with(2, "batch", Duration::from_secs(60));
+    let driver = Driver::connect(&cluster, WeightSpec::Seeded(4)).unwrap();
+    let engine = Engine::start(driver, EngineConfig::disaggregated(small())).unwrap();
+    let prompts: Vec<Vec<i64>> = [12usize, 9, 5, 17, 8, 11]
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| {
+            prompt(l, small().vocab)
+                .iter()
+                .map(|t| (t + 13 * i as i64) % small().vocab as i64)
+                .collect()
+        })
+        .collect();
+    let request = |i: usize| Request::greedy(prompts[i].clone(), 5);
+    let alone: Vec<_> = (0..prompts.len())
+        .map(|i| engine.submit(request(i)).unwrap().wait().unwrap())
+        .collect();
+    assert!(alone.iter().all(|c| c.timings.prefill_batch == 1));
+
+    signal(&workers.0[0], "STOP");
+    let handles: Vec<_> = (0..prompts.len())
+        .map(|i| engine.submit(request(i)).unwrap())
+        .collect();
+    // Time for the engine thread to take every submission in.
+    std::thread::sleep(Duration::from_millis(300));
+    signal(&workers.0[0], "CONT");
+    let done: Vec<_> = handles.into_iter().map(|h| h.wait().unwrap()).collect();
+    for (i, (d, a)) in done.iter().zip(&alone).enumerate() {
+        assert_eq!(
+            d.tokens, a.tokens,
+            "request {i} differs from itself served alone"
+        );
+    }
+    // In arrival order, in at most three passes: the one that went first (stuck), the one
+    // queued in the lane behind it, and one of whatever still waited once it continued (how
+    // many went first depends on how many submissions the engine thread took in at once).
+    let batches: Vec<usize> = done.iter().map(|d| d.timings.prefill_batch).collect();
+    let mut passes = 0;
+    let mut i = 0;
+    while i < batches.len() {
+        let n = batches[i];
+        assert!(
+            n >= 1 && batches[i..].len() >= n && batches[i..i + n].iter().all(|&b| b == n),
+            "not passes of consecutive requests: {batches:?}"
+        );
+        passes += 1;
+        i += n;
+    }
+    assert!(
+        passes <= 3,
+        "six short prompts that waited together took {passes} passes: {batches:?}"
     );
     engine.shutdown().unwrap().shutdown().unwrap();
     drop(workers);

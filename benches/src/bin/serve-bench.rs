@@ -115,6 +115,27 @@ struct Args {
     /// alike, each co-located engine as many).
     #[arg(long, default_value_t = 256)]
     max_running: usize,
+    /// Most requests one prefill takes (`EngineConfig::max_prefill_batch`; both modes alike):
+    /// short prompts waiting one after another, up to 64 tokens in all, go in one forward pass.
+    /// 1 prefills every request alone.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
+    max_prefill_batch: u16,
+}
+
+/// What every engine of both modes is configured with beyond its workers.
+#[derive(Debug, Clone, Copy)]
+struct Tuning {
+    order: PrefillOrder,
+    max_running: usize,
+    max_prefill_batch: usize,
+}
+
+impl Tuning {
+    fn apply(self, cfg: &mut EngineConfig) {
+        cfg.prefill_order = self.order;
+        cfg.max_running = self.max_running;
+        cfg.max_prefill_batch = self.max_prefill_batch;
+    }
 }
 
 impl Args {
@@ -129,8 +150,12 @@ impl Args {
     }
 
     /// What every engine of both modes is configured with beyond its workers.
-    fn tuning(&self) -> (PrefillOrder, usize) {
-        (self.order(), self.max_running)
+    fn tuning(&self) -> Tuning {
+        Tuning {
+            order: self.order(),
+            max_running: self.max_running,
+            max_prefill_batch: usize::from(self.max_prefill_batch),
+        }
     }
 }
 
@@ -222,7 +247,7 @@ impl Mode {
         model: &Model,
         file: Option<&Path>,
         threads: usize,
-        (order, max_running): (PrefillOrder, usize),
+        tuning: Tuning,
     ) -> Result<Self> {
         let (d, cluster, e) = driver_on(file, 2, threads)?;
         let mut cfg = EngineConfig::for_cluster(model.clone(), &cluster)?;
@@ -230,8 +255,7 @@ impl Mode {
             bail!("the disaggregated cluster needs a prefill and a decode worker of their own");
         }
         cfg.kv_pool_bytes = 4 << 30;
-        cfg.prefill_order = order;
-        cfg.max_running = max_running;
+        tuning.apply(&mut cfg);
         Ok(Self {
             name: "disaggregated",
             engines: vec![Engine::start(d, cfg)?],
@@ -243,7 +267,7 @@ impl Mode {
         model: &Model,
         files: Option<&[PathBuf]>,
         threads: usize,
-        (order, max_running): (PrefillOrder, usize),
+        tuning: Tuning,
     ) -> Result<Self> {
         let mut engines = Vec::new();
         let mut clusters = Vec::new();
@@ -262,8 +286,7 @@ impl Mode {
             let mut cfg = EngineConfig::disaggregated(model.clone());
             cfg.decode_worker = 0;
             cfg.kv_pool_bytes = 2 << 30;
-            cfg.prefill_order = order;
-            cfg.max_running = max_running;
+            tuning.apply(&mut cfg);
             engines.push(Engine::start(d, cfg)?);
             clusters.push(e);
         }
@@ -616,7 +639,7 @@ fn main() -> Result<()> {
         usize::from,
     );
     println!(
-        "serve-bench: model {} ({}), {} requests per rate, rates {:?} req/s, prompts short {} / long {} ({}% long), outputs {}, {threads} compute thread(s) per embedded worker, prefill order {:?}, at most {} running per engine",
+        "serve-bench: model {} ({}), {} requests per rate, rates {:?} req/s, prompts short {} / long {} ({}% long), outputs {}, {threads} compute thread(s) per embedded worker, prefill order {:?}, at most {} running per engine, prefills of at most {} requests",
         args.model,
         model.describe(),
         args.requests,
@@ -626,7 +649,8 @@ fn main() -> Result<()> {
         (args.long_share * 100.0).round(),
         args.output,
         args.order(),
-        args.max_running
+        args.max_running,
+        args.max_prefill_batch
     );
     if args.decode_rounds == 0 && args.decode_only {
         bail!("--decode-only needs at least one --decode-rounds");

@@ -256,7 +256,7 @@ fn grouped_query_rows(
 
 /// Most rows [`few_rows_product`] takes: a batched decode step's, one per sequence. More rows
 /// (a prefill) go to gemm, which packs them.
-const FEW_ROWS_MAX: usize = 64;
+const FEW_ROWS_MAX: usize = super::EXACT_BATCH_ROWS;
 
 /// Weights of at least this many elements have their outputs split across the cores (each
 /// output's sum is the same wherever it is computed).

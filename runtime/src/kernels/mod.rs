@@ -11,6 +11,12 @@ mod decode;
 
 pub use cpu::CpuKernels;
 
+/// Most rows a product of [`CpuKernels`] computes with each row's result the same bits whether it
+/// comes alone or with others (its few-row products; more rows go to gemm, which packs them and
+/// sums in another order). A batched decode step or prefill within it gives each sequence the
+/// bits it gets alone.
+pub const EXACT_BATCH_ROWS: usize = 64;
+
 use crate::error::{Result, RuntimeError};
 use candle_core::{DType as CDType, Device, Tensor};
 use genie_scheduler::graph::{DType, Node, TensorMeta};
