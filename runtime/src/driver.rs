@@ -205,8 +205,8 @@ impl Driver {
         self.run_rounds(graph, placement, (inputs, wanted), seqs, None)
     }
 
-    /// [`Driver::run`] for a run whose workers either only send or only receive (a KV cache's
-    /// move from a prefill worker to a decode worker), senders first: once every receiver keeps
+    /// [`Driver::run_batch`] for a run whose workers either only send or only receive (KV
+    /// caches' move from a prefill worker to a decode worker), senders first: once every receiver keeps
     /// a landing region big enough for what it gets (after the first such run), it goes in two
     /// rounds, the senders first, holding only them, then the receivers once the senders are
     /// done, so that a receiver busy with another run (a decode step) finishes it while the
@@ -221,7 +221,7 @@ impl Driver {
         placement: &Placement,
         inputs: &[(&str, Tensor)],
         wanted: &[TensorRef],
-        seq: u64,
+        seqs: &[u64],
         senders_done: impl FnOnce(),
     ) -> Result<RunOutput> {
         let mut once = Some(senders_done);
@@ -230,7 +230,7 @@ impl Driver {
                 f();
             }
         };
-        self.run_rounds(graph, placement, (inputs, wanted), &[seq], Some(&mut call))
+        self.run_rounds(graph, placement, (inputs, wanted), seqs, Some(&mut call))
     }
 
     fn run_rounds(
@@ -914,7 +914,7 @@ mod tests {
             assert_eq!(split, want, "move {seq}");
             let mut called = 0;
             driver
-                .run_senders_first(&mv, &place, &[], &[], seq, || called += 1)
+                .run_senders_first(&mv, &place, &[], &[], &[seq], || called += 1)
                 .unwrap();
             assert_eq!(called, 1, "move {seq}");
             let d = cfg.decode(prompt.len()).unwrap();

@@ -13,8 +13,8 @@
 //!   and the pool [`EngineConfig::prefill_pool`]) prefills one request at a time on its worker,
 //!   its KV cache built there. The lane streams the request's first token, from the prefill's
 //!   logits, as soon as the prefill is done; meanwhile the lane's mover thread moves the cache
-//!   to the decode worker in a short run of its own ([`kv_move`]: every layer read back and
-//!   sent, each layer travelling while the next is read), hands the request over, and drops
+//!   to the decode worker in a short run of its own ([`kv_move_batch`]: every layer read back
+//!   and sent, each layer travelling while the next is read), hands the request over, and drops
 //!   the prefill worker's copy (a request that ended at its first token ends once the move is
 //!   over, its cache then freed on both workers). The
 //!   move goes in two rounds ([`Driver::run_senders_first`]): the prefill worker sends, and the
@@ -26,7 +26,8 @@
 //!   it runs and the next, which it starts as soon as the first is done), so several prefills
 //!   run at once on a pool. Short prompts waiting one after another go to the lane together
 //!   and are prefilled in one forward pass ([`EngineConfig::max_prefill_batch`], up to 64 prompt
-//!   tokens in all, each prompt's result bitwise its prefill alone), then moved one by one;
+//!   tokens in all, each prompt's result bitwise its prefill alone), and their caches move in
+//!   one run;
 //! - the **decode lane** (the engine thread) runs one batched forward pass per round over every
 //!   active sequence on the decode worker ([`EngineConfig::max_batch`] at most per pass), each
 //!   against its own KV length. A sequence joins the pass after its cache landed and leaves
@@ -80,7 +81,7 @@ use crate::plan::Placement;
 use crate::proto::WeightSpec;
 use crate::trace::Span;
 use candle_core::Tensor;
-use genie_scheduler::builders::{kv_move, MAX_DECODE_BATCH};
+use genie_scheduler::builders::{kv_move_batch, MAX_DECODE_BATCH};
 use genie_scheduler::graph::OpKind;
 use genie_scheduler::topology::LinkSpec;
 use rand::SeedableRng;
@@ -532,7 +533,7 @@ enum Cmd {
     /// the move failed. Follows its `Prefilled`.
     Moved {
         id: u64,
-        result: Result<Box<(Instant, RunOutput)>, RuntimeError>,
+        result: Result<MovedRun, RuntimeError>,
     },
 }
 
@@ -602,12 +603,21 @@ struct LaneReq {
     first: Option<FirstToken>,
 }
 
-/// One KV cache for a lane's mover: request `id`'s (sequence `seq`, `len` positions).
+/// KV caches for a lane's mover, the ones prefilled together, moved in one run: per request
+/// its id, sequence and cache length.
 struct Move {
-    id: u64,
-    seq: u64,
-    len: usize,
+    reqs: Vec<(u64, u64, usize)>,
     driver: Arc<Driver>,
+}
+
+/// A request's part of a KV move ([`Cmd::Moved`]).
+struct MovedRun {
+    /// The run (shared by the caches moved together), and when it started.
+    run: Arc<(Instant, RunOutput)>,
+    /// Whether this is the first of them: the run's spans are kept once, there.
+    owner: bool,
+    /// This request's cache's share of the bytes moved.
+    bytes: u64,
 }
 
 /// A prefill lane: its worker, its job queue and thread.
@@ -1636,7 +1646,7 @@ impl Core {
 
     /// Request `id`'s KV cache moved to the decode worker (`None`: it was built there): it
     /// joins the decode pass, or ends (how it ended meanwhile, or the move's failure).
-    fn moved(&mut self, id: u64, result: Result<Option<Box<(Instant, RunOutput)>>, RuntimeError>) {
+    fn moved(&mut self, id: u64, result: Result<Option<MovedRun>, RuntimeError>) {
         let Some((lane, at)) = self.in_lane(id) else {
             tracing::warn!(request = id, "engine: a KV move for no request in the lane");
             return;
@@ -1645,10 +1655,12 @@ impl Core {
         match result {
             Ok(moved) => {
                 if let Some(m) = moved {
-                    let (started, out) = &*m;
-                    self.record(*started, out);
+                    let (started, out) = &*m.run;
+                    if m.owner {
+                        self.record(*started, out);
+                    }
                     a.timings.kv_transfer = out.wall;
-                    a.timings.kv_bytes += out.counters.bytes_moved;
+                    a.timings.kv_bytes += m.bytes;
                 }
             }
             Err(e) => {
@@ -2014,28 +2026,26 @@ fn prefill_lane(
                     if !listening {
                         break;
                     }
-                    // Each move's first round (the prefill worker sending a cache) goes before
-                    // the next prefill there: wait for them (or for the mover to give up).
-                    let mut rounds = Vec::with_capacity(n);
-                    for r in &job.reqs {
-                        let m = Move {
-                            id: r.id,
-                            seq: r.seq,
-                            len: r.prompt.len(),
-                            driver: job.driver.clone(),
-                        };
-                        let (sent_tx, sent) = mpsc::channel();
-                        let handed = match &to_mover {
-                            Some(t) => t.send((m, sent_tx)).map_err(|mpsc::SendError((m, _))| m),
-                            None => Err(m),
-                        };
-                        match handed {
-                            Ok(()) => rounds.push(sent),
-                            Err(m) => listening &= move_and_report(m, done, model, workers, || {}),
+                    // The move's first round (the prefill worker sending the caches) goes before
+                    // the next prefill there: wait for it (or for the mover to give up on it).
+                    let m = Move {
+                        reqs: job
+                            .reqs
+                            .iter()
+                            .map(|r| (r.id, r.seq, r.prompt.len()))
+                            .collect(),
+                        driver: job.driver.clone(),
+                    };
+                    let (sent_tx, sent) = mpsc::channel();
+                    let handed = match &to_mover {
+                        Some(t) => t.send((m, sent_tx)).map_err(|mpsc::SendError((m, _))| m),
+                        None => Err(m),
+                    };
+                    match handed {
+                        Ok(()) => {
+                            let _ = sent.recv();
                         }
-                    }
-                    for sent in rounds {
-                        let _ = sent.recv();
+                        Err(m) => listening &= move_and_report(m, done, model, workers, || {}),
                     }
                     if !listening {
                         break;
@@ -2082,7 +2092,9 @@ fn kv_mover(
     workers: (usize, usize),
 ) {
     while let Ok((job, sent)) = moves.recv() {
-        let _span = tracing::info_span!("kv_move", request = job.id).entered();
+        let first = job.reqs.first().map_or(0, |r| r.0);
+        let _span =
+            tracing::info_span!("kv_move", request = first, requests = job.reqs.len()).entered();
         // Dropped unsent when the move fails first: the lane goes on either way.
         let sent = move || {
             let _ = sent.send(());
@@ -2093,11 +2105,12 @@ fn kv_mover(
     }
 }
 
-/// Moves `job`'s KV cache from the prefill worker `pw` to the decode worker `dw` by a
-/// [`kv_move`] run (`sent` called once the prefill worker has sent it all), reports the move
-/// to the engine, then drops the prefill worker's copy (after the report: the request's next
-/// decode step does not wait for it). A failed move frees what was built and reports the
-/// error. `false` once the engine no longer listens.
+/// Moves `job`'s KV caches (those prefilled together) from the prefill worker `pw` to the
+/// decode worker `dw` in one [`kv_move_batch`] run (`sent` called once the prefill worker has
+/// sent them all), reports the move of each to the engine, then drops the prefill worker's
+/// copies (after the report: the requests' next decode step does not wait for it). A failed
+/// move frees what was built and reports the error to each. `false` once the engine no longer
+/// listens.
 fn move_and_report(
     job: Move,
     done: &mpsc::Sender<Cmd>,
@@ -2105,19 +2118,33 @@ fn move_and_report(
     (pw, dw): (usize, usize),
     sent: impl FnOnce(),
 ) -> bool {
-    let (id, seq) = (job.id, job.seq);
-    let result = match move_kv(&job.driver, model, (pw, dw), (job.len, seq), sent) {
-        Ok(moved) => Ok(Box::new(moved)),
-        Err(e) => {
-            let _ = job.driver.free_sequence(seq);
-            Err(e)
+    let caches: Vec<(usize, u64)> = job.reqs.iter().map(|&(_, seq, len)| (len, seq)).collect();
+    let mut listening = true;
+    match move_kv(&job.driver, model, (pw, dw), &caches, sent) {
+        Ok(run) => {
+            let total: u64 = caches.iter().map(|&(len, _)| len as u64).sum();
+            let bytes = run.1.counters.bytes_moved;
+            let run = Arc::new(run);
+            for (i, &(id, _, len)) in job.reqs.iter().enumerate() {
+                let result = Ok(MovedRun {
+                    run: run.clone(),
+                    owner: i == 0,
+                    bytes: bytes * len as u64 / total.max(1),
+                });
+                listening &= done.send(Cmd::Moved { id, result }).is_ok();
+            }
+            for &(_, seq) in &caches {
+                if let Err(e) = job.driver.free_sequence_on(seq, pw) {
+                    tracing::warn!(seq, error = %e, "engine: dropping a moved KV cache failed");
+                }
+            }
         }
-    };
-    let moved = result.is_ok();
-    let listening = done.send(Cmd::Moved { id, result }).is_ok();
-    if moved {
-        if let Err(e) = job.driver.free_sequence_on(seq, pw) {
-            tracing::warn!(seq, error = %e, "engine: dropping a moved KV cache failed");
+        Err(e) => {
+            let copies: Vec<RuntimeError> = caches.iter().skip(1).map(|_| copy_error(&e)).collect();
+            for (&(id, seq, _), e) in job.reqs.iter().zip(std::iter::once(e).chain(copies)) {
+                let _ = job.driver.free_sequence(seq);
+                listening &= done.send(Cmd::Moved { id, result: Err(e) }).is_ok();
+            }
         }
     }
     listening
@@ -2181,27 +2208,32 @@ fn prefill_here(
         .collect()
 }
 
-/// The [`kv_move`] run of sequence `seq`'s cache (`len` positions) from worker `pw` to `dw`
-/// (`sent` called once `pw` has sent it all, see [`Driver::run_senders_first`]), and when it
-/// started.
+/// The [`kv_move_batch`] run of `caches` (length, sequence) from worker `pw` to `dw` (`sent`
+/// called once `pw` has sent them all, see [`Driver::run_senders_first`]), and when it started.
 fn move_kv(
     driver: &Driver,
     model: &Model,
     (pw, dw): (usize, usize),
-    (len, seq): (usize, u64),
+    caches: &[(usize, u64)],
     sent: impl FnOnce(),
 ) -> Result<(Instant, RunOutput), RuntimeError> {
-    let g = kv_move(model.layers(), model.kv_width(), len).map_err(RuntimeError::Scheduler)?;
-    // A copy, not a scheduling decision: reads where the cache is, appends where it goes.
+    let lens: Vec<usize> = caches.iter().map(|&(len, _)| len).collect();
+    let seqs: Vec<u64> = caches.iter().map(|&(_, seq)| seq).collect();
+    let g =
+        kv_move_batch(model.layers(), model.kv_width(), &lens).map_err(RuntimeError::Scheduler)?;
+    // A copy, not a scheduling decision: reads where the caches are, appends (to empty caches)
+    // where they go.
     let place = Placement::by_rule(&g, |n| {
-        if matches!(n.op, OpKind::KvCacheAppend) {
+        let empty = matches!(n.op, OpKind::KvCache { .. })
+            && n.outputs.first().and_then(|m| m.shape.get(2)) == Some(&0);
+        if empty || matches!(n.op, OpKind::KvCacheAppend) {
             dw
         } else {
             pw
         }
     });
     let t = Instant::now();
-    let moved = driver.run_senders_first(&g, &place, &[], &[], seq, sent)?;
+    let moved = driver.run_senders_first(&g, &place, &[], &[], &seqs, sent)?;
     Ok((t, moved))
 }
 

@@ -940,6 +940,66 @@ pub fn kv_move(layers: usize, width: usize, len: usize) -> Result<Graph, Error> 
     Ok(g)
 }
 
+/// Several sequences' KV caches moving together, for a run of its own: [`kv_move`] for each of
+/// `lens` (sequence `j`'s caches are slot `j`, `[2, 1, lens[j], width]`), each appended to an
+/// empty cache of its slot (`[2, 1, 0, width]`: placed with the appends, where the caches go).
+/// Outputs: the `present` of each layer and sequence. One length gives [`kv_move`]'s graph.
+pub fn kv_move_batch(layers: usize, width: usize, lens: &[usize]) -> Result<Graph, Error> {
+    if let [len] = lens {
+        return kv_move(layers, width, *len);
+    }
+    check(
+        layers > 0 && width > 0 && lens.len() <= MAX_DECODE_BATCH && lens.iter().all(|&l| l > 0),
+        &format!(
+            "kv_move_batch: layers and width positive, 1 to {MAX_DECODE_BATCH} lengths, none 0"
+        ),
+    )?;
+    check(!lens.is_empty(), "kv_move_batch: no sequence")?;
+    let mut b = Builder::new("kv-move", Phase::Decode);
+    let mut presents = Vec::with_capacity(layers * lens.len());
+    for i in 0..layers {
+        b.in_layer(Some(i));
+        let layer = u32::try_from(i).unwrap_or(u32::MAX);
+        for (j, &len) in lens.iter().enumerate() {
+            b.at(format!("h.{i}.attn.seq{j}"));
+            let slot = u32::try_from(j).unwrap_or(u32::MAX);
+            let cache = |b: &mut Builder, l: usize| {
+                b.source(
+                    format!("h.{i}.attn.past"),
+                    OpKind::KvCache { layer, slot },
+                    &[2, 1, l, width],
+                    DType::F32,
+                    Residency::StatefulKvCache,
+                )
+            };
+            let past = cache(&mut b, len)?;
+            let k = b.op(
+                "read_k",
+                OpKind::KvCacheRead { part: KvPart::Key },
+                vec![past],
+            )?;
+            let v = b.op(
+                "read_v",
+                OpKind::KvCacheRead {
+                    part: KvPart::Value,
+                },
+                vec![past],
+            )?;
+            let empty = cache(&mut b, 0)?;
+            let p = b.op_r(
+                "present",
+                OpKind::KvCacheAppend,
+                vec![empty, k, v],
+                Residency::StatefulKvCache,
+            )?;
+            presents.push(p.into());
+        }
+    }
+    let mut g = b.g;
+    g.outputs = presents;
+    Ok(g)
+}
+
 /// BERT encoder with pooler (`BertModel`): last hidden state `[B, S, D]` and pooled `[B, D]`.
 pub fn bert(c: &BertConfig) -> Result<Graph, Error> {
     check(
@@ -1219,6 +1279,28 @@ mod tests {
         assert!(gpt2_prefill_batch(&c, &[3, 0]).is_err());
         let two = Gpt2Config { batch: 2, ..c };
         assert!(gpt2_prefill_batch(&two, &[3, 4]).is_err());
+    }
+
+    /// A batched KV move: per layer and sequence `j` a cache of slot `j` read whole and appended
+    /// to an empty cache of slot `j`; one length is `kv_move`'s graph; a zero length is refused.
+    #[test]
+    fn a_batched_kv_move_copies_each_sequence_to_its_slot() {
+        let g = kv_move_batch(2, 8, &[3, 5]).unwrap();
+        g.validate().unwrap();
+        assert_eq!(g.outputs.len(), 4);
+        for (k, p) in g.outputs.iter().enumerate() {
+            let n = g.node(p.node).unwrap();
+            let (layer, j) = (k / 2, k % 2);
+            assert!(matches!(n.op, OpKind::KvCacheAppend));
+            assert_eq!(n.outputs[0].shape, vec![2, 1, [3, 5][j], 8]);
+            assert_eq!(n.layer(), Some(layer as u32));
+            let empty = g.node(n.inputs[0].node).unwrap();
+            assert!(matches!(empty.op, OpKind::KvCache { slot, .. } if slot as usize == j));
+            assert_eq!(empty.outputs[0].shape, vec![2, 1, 0, 8]);
+        }
+        assert_eq!(kv_move_batch(2, 8, &[4]).unwrap(), kv_move(2, 8, 4).unwrap());
+        assert!(kv_move_batch(2, 8, &[4, 0]).is_err());
+        assert!(kv_move_batch(2, 8, &[]).is_err());
     }
 
     /// A KV move reads each layer's cache `[2, 1, L, E]` and appends it whole: its `present`s
