@@ -1298,7 +1298,10 @@ mod tests {
             assert!(matches!(empty.op, OpKind::KvCache { slot, .. } if slot as usize == j));
             assert_eq!(empty.outputs[0].shape, vec![2, 1, 0, 8]);
         }
-        assert_eq!(kv_move_batch(2, 8, &[4]).unwrap(), kv_move(2, 8, 4).unwrap());
+        assert_eq!(
+            kv_move_batch(2, 8, &[4]).unwrap(),
+            kv_move(2, 8, 4).unwrap()
+        );
         assert!(kv_move_batch(2, 8, &[4, 0]).is_err());
         assert!(kv_move_batch(2, 8, &[]).is_err());
     }
