@@ -355,8 +355,9 @@ impl RequestStream {
     }
 
     /// Where the request's time went, in seconds (once it ended): `queue_s`, `prefill_s`,
-    /// `kv_transfer_s`, `kv_bytes`, `first_token_s`, `token_s` (submission to each token), and
-    /// `prefill_worker` (the index of the worker that prefilled it).
+    /// `kv_transfer_s`, `kv_bytes`, `first_token_s`, `token_s` (submission to each token),
+    /// `prefill_worker` (the index of the worker that prefilled it) and `prefill_batch` (the
+    /// requests prefilled in one pass with it, itself included).
     #[getter]
     fn timings<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
         let st = self
@@ -372,6 +373,7 @@ impl RequestStream {
         d.set_item("kv_transfer_s", t.kv_transfer.as_secs_f64())?;
         d.set_item("kv_bytes", t.kv_bytes)?;
         d.set_item("prefill_worker", t.prefill_worker)?;
+        d.set_item("prefill_batch", t.prefill_batch)?;
         d.set_item("first_token_s", t.first_token.as_secs_f64())?;
         let tokens: Vec<f64> = t.tokens.iter().map(Duration::as_secs_f64).collect();
         d.set_item("token_s", tokens)?;

@@ -23,6 +23,7 @@ def test_tokens_stream_with_timings(engine):
     t = stream.timings
     assert t["kv_bytes"] > 0 and len(t["token_s"]) == 6
     assert t["prefill_worker"] == 0  # the embedded engine prefills on worker 0
+    assert t["prefill_batch"] >= 1
     assert 0 < t["first_token_s"] <= t["token_s"][-1]
     # The same prompt again gives the same greedy tokens.
     assert list(engine.submit([1, 2, 3, 4], max_tokens=6)) == tokens
