@@ -1311,13 +1311,7 @@ impl Core {
                 && self.running() < self.cfg.max_running
                 && self.lane_has_room()
             {
-                let now = Instant::now();
-                let next = self.cfg.prefill_order.next(
-                    self.waiting
-                        .iter()
-                        .map(|w| (w.req.prompt.len(), now.saturating_duration_since(w.at))),
-                );
-                let Some(i) = next else { break };
+                let Some(i) = self.next_waiting() else { break };
                 let Some(lane) = self.waiting.get(i).and_then(|w| self.lane_for(&w.req)) else {
                     break;
                 };
@@ -1564,6 +1558,16 @@ impl Core {
         }
     }
 
+    /// The waiting request that goes to prefill next ([`EngineConfig::prefill_order`]).
+    fn next_waiting(&self) -> Option<usize> {
+        let now = Instant::now();
+        self.cfg.prefill_order.next(
+            self.waiting
+                .iter()
+                .map(|w| (w.req.prompt.len(), now.saturating_duration_since(w.at))),
+        )
+    }
+
     /// `first` and the waiting requests that come next in prefill order while they fit one
     /// batched prefill with it ([`PREFILL_BATCH_TOKENS`] prompt tokens and
     /// [`EngineConfig::max_prefill_batch`] requests at most, within
@@ -1574,13 +1578,7 @@ impl Core {
         while batch.len() < self.cfg.max_prefill_batch
             && self.running() + batch.len() < self.cfg.max_running
         {
-            let now = Instant::now();
-            let next = self.cfg.prefill_order.next(
-                self.waiting
-                    .iter()
-                    .map(|w| (w.req.prompt.len(), now.saturating_duration_since(w.at))),
-            );
-            let Some(i) = next else { break };
+            let Some(i) = self.next_waiting() else { break };
             let len = self
                 .waiting
                 .get(i)

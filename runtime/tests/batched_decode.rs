@@ -20,6 +20,33 @@ use genie_scheduler::builders::{Gpt2Config, LlamaConfig};
 use genie_scheduler::graph::OpKind;
 use std::sync::Arc;
 
+/// The GPT-2 of these tests.
+fn gpt2() -> Model {
+    Model::Gpt2(Gpt2Config {
+        layers: 2,
+        hidden: 64,
+        heads: 4,
+        vocab: 300,
+        context: 64,
+        ..Gpt2Config::default()
+    })
+}
+
+/// The Llama-style model of these tests (grouped-query attention, an untied head).
+fn llama() -> Model {
+    Model::Llama(LlamaConfig {
+        layers: 2,
+        hidden: 64,
+        heads: 4,
+        kv_heads: Some(2),
+        intermediate: 96,
+        vocab: 300,
+        context: 64,
+        tied_embeddings: false,
+        ..LlamaConfig::default()
+    })
+}
+
 /// Prefill on w0 with the caches built on w1; every decode step whole on w1.
 fn prefill_place(g: &genie_scheduler::graph::Graph) -> Placement {
     Placement::by_rule(g, |n| usize::from(matches!(n.op, OpKind::KvCacheAppend)))
@@ -97,29 +124,12 @@ fn batched_equals_alone(model: &Model) {
 
 #[test]
 fn gpt2_batched_decode_is_bitwise_each_sequence_alone() {
-    batched_equals_alone(&Model::Gpt2(Gpt2Config {
-        layers: 2,
-        hidden: 64,
-        heads: 4,
-        vocab: 300,
-        context: 64,
-        ..Gpt2Config::default()
-    }));
+    batched_equals_alone(&gpt2());
 }
 
 #[test]
 fn llama_batched_decode_is_bitwise_each_sequence_alone() {
-    batched_equals_alone(&Model::Llama(LlamaConfig {
-        layers: 2,
-        hidden: 64,
-        heads: 4,
-        kv_heads: Some(2),
-        intermediate: 96,
-        vocab: 300,
-        context: 64,
-        tied_embeddings: false,
-        ..LlamaConfig::default()
-    }));
+    batched_equals_alone(&llama());
 }
 
 /// Prompts of 3, 11, 6, 17 and 1 tokens prefilled in one batched pass on w0 and each alone:
@@ -178,29 +188,12 @@ fn batched_prefill_equals_alone(model: &Model) {
 
 #[test]
 fn gpt2_batched_prefill_is_bitwise_each_prompt_alone() {
-    batched_prefill_equals_alone(&Model::Gpt2(Gpt2Config {
-        layers: 2,
-        hidden: 64,
-        heads: 4,
-        vocab: 300,
-        context: 64,
-        ..Gpt2Config::default()
-    }));
+    batched_prefill_equals_alone(&gpt2());
 }
 
 #[test]
 fn llama_batched_prefill_is_bitwise_each_prompt_alone() {
-    batched_prefill_equals_alone(&Model::Llama(LlamaConfig {
-        layers: 2,
-        hidden: 64,
-        heads: 4,
-        kv_heads: Some(2),
-        intermediate: 96,
-        vocab: 300,
-        context: 64,
-        tied_embeddings: false,
-        ..LlamaConfig::default()
-    }));
+    batched_prefill_equals_alone(&llama());
 }
 
 /// A graph whose cache slot has no sequence in the run is refused (typed, nothing changed).

@@ -511,22 +511,7 @@ impl Builder {
                 // A batched prefill: each prompt's rows attend among themselves as they would
                 // alone, and make a fresh cache of their own (slot `i`, from an empty one).
                 let sizes = self.pieces.clone();
-                let split = |b: &mut Self, t: TensorRef, leaf: &str| {
-                    b.op_r(
-                        leaf,
-                        OpKind::Split {
-                            axis: 1,
-                            sizes: sizes.clone(),
-                        },
-                        vec![t],
-                        Residency::EphemeralActivation,
-                    )
-                };
-                let (qs, ks, vs) = (
-                    split(self, q, "split_q")?,
-                    split(self, k, "split_k")?,
-                    split(self, v, "split_v")?,
-                );
+                let (qs, ks, vs) = self.split_qkv([q, k, v], 1, &sizes)?;
                 let module = self.module.clone();
                 let layer32 = u32::try_from(layer).unwrap_or(u32::MAX);
                 let mut outs = Vec::with_capacity(sizes.len());
@@ -567,22 +552,7 @@ impl Builder {
                 })
             }
             lens => {
-                let split = |b: &mut Self, t: TensorRef, leaf: &str| {
-                    b.op_r(
-                        leaf,
-                        OpKind::Split {
-                            axis: 0,
-                            sizes: vec![1; lens.len()],
-                        },
-                        vec![t],
-                        Residency::EphemeralActivation,
-                    )
-                };
-                let (qs, ks, vs) = (
-                    split(self, q, "split_q")?,
-                    split(self, k, "split_k")?,
-                    split(self, v, "split_v")?,
-                );
+                let (qs, ks, vs) = self.split_qkv([q, k, v], 0, &vec![1; lens.len()])?;
                 let module = self.module.clone();
                 let mut outs = Vec::with_capacity(lens.len());
                 let mut presents = Vec::with_capacity(lens.len());
@@ -598,6 +568,56 @@ impl Builder {
                 Ok(CachedAttention { out, presents })
             }
         }
+    }
+
+    /// `q`, `k` and `v` split along `axis` into parts of `sizes` (`split_q`, `split_k`,
+    /// `split_v`), one per sequence.
+    fn split_qkv(
+        &mut self,
+        [q, k, v]: [TensorRef; 3],
+        axis: usize,
+        sizes: &[usize],
+    ) -> Result<
+        (
+            crate::graph::NodeId,
+            crate::graph::NodeId,
+            crate::graph::NodeId,
+        ),
+        GraphError,
+    > {
+        let mut split = |t: TensorRef, leaf: &str| {
+            self.op_r(
+                leaf,
+                OpKind::Split {
+                    axis,
+                    sizes: sizes.to_vec(),
+                },
+                vec![t],
+                Residency::EphemeralActivation,
+            )
+        };
+        Ok((
+            split(q, "split_q")?,
+            split(k, "split_k")?,
+            split(v, "split_v")?,
+        ))
+    }
+
+    /// A cache's keys and values (`read_k`, `read_v`), for a move.
+    fn read_whole(&mut self, past: TensorRef) -> Result<(TensorRef, TensorRef), GraphError> {
+        let k = self.op(
+            "read_k",
+            OpKind::KvCacheRead { part: KvPart::Key },
+            vec![past],
+        )?;
+        let v = self.op(
+            "read_v",
+            OpKind::KvCacheRead {
+                part: KvPart::Value,
+            },
+            vec![past],
+        )?;
+        Ok((k, v))
     }
 
     /// `module.{weight,bias}` then LayerNorm.
@@ -915,18 +935,7 @@ pub fn kv_move(layers: usize, width: usize, len: usize) -> Result<Graph, Error> 
             DType::F32,
             Residency::StatefulKvCache,
         )?;
-        let k = b.op(
-            "read_k",
-            OpKind::KvCacheRead { part: KvPart::Key },
-            vec![past],
-        )?;
-        let v = b.op(
-            "read_v",
-            OpKind::KvCacheRead {
-                part: KvPart::Value,
-            },
-            vec![past],
-        )?;
+        let (k, v) = b.read_whole(past)?;
         let p = b.op_r(
             "present",
             OpKind::KvCacheAppend,
@@ -973,18 +982,7 @@ pub fn kv_move_batch(layers: usize, width: usize, lens: &[usize]) -> Result<Grap
                 )
             };
             let past = cache(&mut b, len)?;
-            let k = b.op(
-                "read_k",
-                OpKind::KvCacheRead { part: KvPart::Key },
-                vec![past],
-            )?;
-            let v = b.op(
-                "read_v",
-                OpKind::KvCacheRead {
-                    part: KvPart::Value,
-                },
-                vec![past],
-            )?;
+            let (k, v) = b.read_whole(past)?;
             let empty = cache(&mut b, 0)?;
             let p = b.op_r(
                 "present",
