@@ -776,7 +776,7 @@ pub fn gpt2_decode(c: &Gpt2Config, kv_len: usize) -> Result<Graph, Error> {
 }
 
 /// One GPT-2 decode step of several sequences at once, sequence `i` against KV caches of
-/// length `kv_lens[i]` (see [`Builder::cached_attention`]): logits `[N, 1, V]` (row `i` is
+/// length `kv_lens[i]` (slot `i`, see the module docs): logits `[N, 1, V]` (row `i` is
 /// sequence `i`'s), its only output; each layer's [`OpKind::CachedAttention`] extends the
 /// sequences' caches in place. `c.batch` must be 1.
 pub fn gpt2_decode_batch(c: &Gpt2Config, kv_lens: &[usize]) -> Result<Graph, Error> {
