@@ -37,6 +37,22 @@ pub struct EtcdWorker {
     pub opts: WorkerOptions,
 }
 
+/// The cluster as etcd lists it (connecting first if `discovery` is not yet), with this
+/// worker's secret, insecure flag and peer timeout.
+fn read_cluster(
+    discovery: &mut Option<Discovery>,
+    cfg: &MembershipConfig,
+    (secret, insecure, peer_timeout): (Option<String>, bool, Duration),
+) -> genie_runtime::error::Result<Cluster> {
+    let d = match discovery {
+        Some(d) => d,
+        None => discovery.insert(Discovery::connect(cfg)?),
+    };
+    let mut c = d.cluster(secret, insecure)?;
+    c.peer_timeout = peer_timeout;
+    Ok(c)
+}
+
 /// Registers, serves until a driver says shut down, deregisters.
 pub fn run_etcd_worker(w: EtcdWorker) -> Result<()> {
     let secret = w.secret_file.as_deref().map(read_secret_file).transpose()?;
@@ -79,13 +95,28 @@ pub fn run_etcd_worker(w: EtcdWorker) -> Result<()> {
         registration.key(),
     );
     // The peers: the cluster as etcd lists it at each driver's Setup (this worker included),
-    // with the secret from this worker's own file.
-    let discovery = Discovery::connect(&cfg)?;
-    let (secret, insecure, peer_timeout) = (alone.secret, alone.insecure, alone.peer_timeout);
+    // with the secret from this worker's own file. etcd may be away for a moment right after the
+    // registration (restarting): the worker then starts with itself alone, and reads the
+    // cluster again at the first driver's Setup, as it does whenever etcd is away.
+    let (secret, insecure, peer_timeout) =
+        (alone.secret.clone(), alone.insecure, alone.peer_timeout);
+    let mut discovery: Option<Discovery> = None;
+    let mut first = Some(alone);
+    let name = w.name.clone();
     let source = Box::new(move || {
-        let mut c = discovery.cluster(secret.clone(), insecure)?;
-        c.peer_timeout = peer_timeout;
-        Ok(c)
+        let read = read_cluster(
+            &mut discovery,
+            &cfg,
+            (secret.clone(), insecure, peer_timeout),
+        );
+        match (read, first.take()) {
+            (Ok(c), _) => Ok(c),
+            (Err(e), Some(alone)) => {
+                tracing::warn!(worker = %name, error = %e, "etcd unreadable at start; serving alone until a driver's Setup");
+                Ok(alone)
+            }
+            (Err(e), None) => Err(e),
+        }
     });
     let served = serve_from(ep, source, &w.name, Arc::new(CpuKernels::new()), w.opts);
     let deregistered = registration.stop();
