@@ -575,9 +575,8 @@ impl FirstToken {
     /// Chooses the first token from `logits` and streams it; `None` when it cannot be chosen
     /// (the engine thread then tries and fails the request).
     fn stream(mut self, logits: &Tensor) -> Option<Streamed> {
-        let token = next_token(logits, self.sampling, &mut self.rng).ok()?;
-        let since = self.at.elapsed();
-        let sent = self.tx.send(Event::Token(token)).is_ok();
+        let (token, since, sent) =
+            stream_token(logits, self.sampling, &mut self.rng, (self.at, &self.tx)).ok()?;
         Some(Streamed {
             token,
             since,
@@ -1547,9 +1546,8 @@ impl Core {
                         }
                     }
                     Err(e) => {
-                        let copies: Vec<RuntimeError> =
-                            ids.iter().skip(1).map(|_| copy_error(&e)).collect();
-                        for (&id, e) in ids.iter().zip(std::iter::once(e).chain(copies)) {
+                        let errors = shared_errors(e, ids.len(), "batched prefill");
+                        for (&id, e) in ids.iter().zip(errors) {
                             self.prefilled(id, Err(e));
                         }
                     }
@@ -1789,9 +1787,7 @@ impl Core {
         a: &mut Active,
         logits: &Tensor,
     ) -> Result<Option<FinishReason>, RuntimeError> {
-        let tok = next_token(logits, a.req.sampling, &mut a.rng)?;
-        let since = a.at.elapsed();
-        let sent = a.tx.send(Event::Token(tok)).is_ok();
+        let (tok, since, sent) = stream_token(logits, a.req.sampling, &mut a.rng, (a.at, &a.tx))?;
         Ok(Self::took(a, tok, since, sent))
     }
 
@@ -2053,9 +2049,9 @@ fn prefill_lane(
                     // Whatever part of their caches was built goes now: the engine then frees
                     // nothing on the prefill worker. The first request gets the error, the
                     // others of its batch a copy.
-                    let copies: Vec<RuntimeError> = (1..n).map(|_| copy_error(&e)).collect();
                     let mut listening = true;
-                    for (r, err) in job.reqs.iter().zip(std::iter::once(e).chain(copies)) {
+                    let errors = shared_errors(e, n, "batched prefill");
+                    for (r, err) in job.reqs.iter().zip(errors) {
                         let _ = job.driver.free_sequence(r.seq);
                         let result = Err(err);
                         listening &= done.send(Cmd::Prefilled { id: r.id, result }).is_ok();
@@ -2070,15 +2066,19 @@ fn prefill_lane(
     });
 }
 
-/// Another request's copy of the error that failed the batched prefill it shared.
-fn copy_error(e: &RuntimeError) -> RuntimeError {
-    match e {
-        RuntimeError::WorkerFailed { worker, reason } => RuntimeError::WorkerFailed {
-            worker: worker.clone(),
-            reason: reason.clone(),
-        },
-        other => RuntimeError::Plan(format!("the batched prefill it shared failed: {other}")),
-    }
+/// The error that failed a run `n` requests shared (`run` names it), once per request: the
+/// first gets `e`, the others a copy (a worker's failure as it is, any other error described).
+fn shared_errors(e: RuntimeError, n: usize, run: &str) -> Vec<RuntimeError> {
+    let copies: Vec<RuntimeError> = (1..n)
+        .map(|_| match &e {
+            RuntimeError::WorkerFailed { worker, reason } => RuntimeError::WorkerFailed {
+                worker: worker.clone(),
+                reason: reason.clone(),
+            },
+            other => RuntimeError::Plan(format!("the {run} it shared failed: {other}")),
+        })
+        .collect();
+    std::iter::once(e).chain(copies).collect()
 }
 
 /// A prefill lane's mover: moves each prefilled request's KV cache to the decode worker and
@@ -2138,8 +2138,8 @@ fn move_and_report(
             }
         }
         Err(e) => {
-            let copies: Vec<RuntimeError> = caches.iter().skip(1).map(|_| copy_error(&e)).collect();
-            for (&(id, seq, _), e) in job.reqs.iter().zip(std::iter::once(e).chain(copies)) {
+            let errors = shared_errors(e, caches.len(), "batched KV move");
+            for (&(id, seq, _), e) in job.reqs.iter().zip(errors) {
                 let _ = job.driver.free_sequence(seq);
                 listening &= done.send(Cmd::Moved { id, result: Err(e) }).is_ok();
             }
@@ -2233,6 +2233,20 @@ fn move_kv(
     let t = Instant::now();
     let moved = driver.run_senders_first(&g, &place, &[], &[], &seqs, sent)?;
     Ok((t, moved))
+}
+
+/// Chooses the next token from `logits` under `sampling` ([`next_token`]) and streams it on
+/// `tx`: the token, the time since the request's submission `at`, and whether the handle took
+/// it.
+fn stream_token(
+    logits: &Tensor,
+    sampling: Sampling,
+    rng: &mut rand_chacha::ChaCha8Rng,
+    (at, tx): (Instant, &mpsc::Sender<Event>),
+) -> Result<(i64, Duration, bool), RuntimeError> {
+    let tok = next_token(logits, sampling, rng)?;
+    let since = at.elapsed();
+    Ok((tok, since, tx.send(Event::Token(tok)).is_ok()))
 }
 
 /// The next token from the last row of `logits` under `sampling`, or the token a greedy step
