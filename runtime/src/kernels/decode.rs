@@ -1304,42 +1304,47 @@ mod tests {
             (40, 9),
             (300, 70),
             (129, 16),
+            // Past `K_BLOCK_MIN_ELEMENTS`: several rows go over `m` in ranges of rows.
+            (600, 520),
         ] {
-            let data = seq(k * n, 5);
-            let m = Rows::new(&data, k, n, n).unwrap();
-            for batch in [1usize, 2, 3, 4, 5, 8, 9] {
-                let x = seq(batch * k, batch as u32);
-                let mut y = vec![0f32; batch * n];
-                simd.rows_times_matrix(&x, m, &mut y);
-                for r in 0..batch {
-                    let mut alone = vec![0f32; n];
-                    simd.row_times(&x[r * k..(r + 1) * k], m, &mut alone);
-                    assert_eq!(
-                        &y[r * n..(r + 1) * n],
-                        &alone[..],
-                        "[{k}x{n}] row {r} of {batch}"
-                    );
-                    let want: Vec<f32> = (0..n)
-                        .map(|j| {
-                            (0..k)
-                                .map(|i| f64::from(x[r * k + i] * m.row(i)[j]))
-                                .sum::<f64>() as f32
-                        })
-                        .collect();
-                    close(&alone, &want, "rows_times_matrix");
-                }
-                // `[out, in]`: m's rows are the outputs, each a dot product with x's row.
-                let x = seq(batch * n, 11 + batch as u32);
-                let mut z = vec![0f32; batch * k];
-                simd.rows_times_cols(&x, m, &mut z);
-                for r in 0..batch {
-                    let mut alone = vec![0f32; k];
-                    simd.times_cols(m, &x[r * n..(r + 1) * n], 1, &mut alone);
-                    assert_eq!(
-                        &z[r * k..(r + 1) * k],
-                        &alone[..],
-                        "[{k}x{n}]ᵀ row {r} of {batch}"
-                    );
+            // Contiguous, and a strided view (a slice of a wider matrix).
+            for stride in [n, n + 3] {
+                let data = seq((k - 1) * stride + n, 5);
+                let m = Rows::new(&data, k, n, stride).unwrap();
+                for batch in [1usize, 2, 3, 4, 5, 8, 9] {
+                    let x = seq(batch * k, batch as u32);
+                    let mut y = vec![0f32; batch * n];
+                    simd.rows_times_matrix(&x, m, &mut y);
+                    for r in 0..batch {
+                        let mut alone = vec![0f32; n];
+                        simd.row_times(&x[r * k..(r + 1) * k], m, &mut alone);
+                        assert_eq!(
+                            &y[r * n..(r + 1) * n],
+                            &alone[..],
+                            "[{k}x{n}] row {r} of {batch}"
+                        );
+                        let want: Vec<f32> = (0..n)
+                            .map(|j| {
+                                (0..k)
+                                    .map(|i| f64::from(x[r * k + i] * m.row(i)[j]))
+                                    .sum::<f64>() as f32
+                            })
+                            .collect();
+                        close(&alone, &want, "rows_times_matrix");
+                    }
+                    // `[out, in]`: m's rows are the outputs, each a dot product with x's row.
+                    let x = seq(batch * n, 11 + batch as u32);
+                    let mut z = vec![0f32; batch * k];
+                    simd.rows_times_cols(&x, m, &mut z);
+                    for r in 0..batch {
+                        let mut alone = vec![0f32; k];
+                        simd.times_cols(m, &x[r * n..(r + 1) * n], 1, &mut alone);
+                        assert_eq!(
+                            &z[r * k..(r + 1) * k],
+                            &alone[..],
+                            "[{k}x{n}]ᵀ row {r} of {batch}"
+                        );
+                    }
                 }
             }
         }
