@@ -301,13 +301,17 @@ pub fn llama_prefill_last(c: &LlamaConfig, seq_len: usize) -> Result<Graph, Erro
 
 /// A prefill of several prompts at once: logits `[N, 1, V]`, row `i` prompt `i`'s next token's,
 /// and each prompt's cache in slot `i` (see [`gpt2_prefill_batch`](super::gpt2_prefill_batch)).
-/// `c.batch` must be 1; one length gives [`llama_prefill_last`]'s graph.
+/// `c.batch` must be 1; one length gives [`llama_prefill_last`]'s graph. Each prompt is checked
+/// as it would be alone (a sliding window bounds each prompt, not their total: each attends
+/// over its own rows only).
 pub fn llama_prefill_batch(c: &LlamaConfig, lens: &[usize]) -> Result<Graph, Error> {
     let total = super::check_prefill_batch(c.batch, lens)?;
     if let [l] = lens {
         return llama_prefill_last(c, *l);
     }
-    c.check(total)?;
+    for &l in lens {
+        c.check(l)?;
+    }
     llama(c, total, &[], (Head::Last, lens))
 }
 
@@ -601,6 +605,11 @@ mod tests {
         assert!(matches!(c.rope_scaling, RopeScaling::Llama3 { .. }));
         assert!(llama_prefill(&c, 8).is_ok());
         let e = llama_prefill(&c, 9).unwrap_err().to_string();
+        assert!(e.contains("sliding window of 8"), "{e}");
+        // A batch of prompts each within the window, though 11 rows in all.
+        let g = llama_prefill_batch(&c, &[5, 6]).unwrap();
+        assert_eq!(g.tensor(g.outputs[0]).unwrap().shape, vec![2, 1, 100]);
+        let e = llama_prefill_batch(&c, &[5, 9]).unwrap_err().to_string();
         assert!(e.contains("sliding window of 8"), "{e}");
         assert!(llama_decode(&c, 8).is_err());
         let yarn = r#"{"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}"#;
