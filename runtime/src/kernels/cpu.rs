@@ -713,7 +713,7 @@ fn compute(node: &Node, ins: &[Tensor], simd: Option<Simd>) -> candle_core::Resu
                 node.op.name()
             )))
         }
-        OpKind::ArgMax => one(arg_max(&ins[0])?),
+        OpKind::ArgMax => one(arg_max(&ins[0], simd)?),
         // It needs the worker's caches: the executor appends, then calls `cached_attention`.
         OpKind::CachedAttention { .. } => Err(candle_core::Error::Msg(
             "cached_attention runs through Kernels::cached_attention, with the KV caches".into(),
@@ -724,7 +724,7 @@ fn compute(node: &Node, ins: &[Tensor], simd: Option<Simd>) -> candle_core::Resu
 /// The index of the largest value of each row along the last axis, I64 `[...]`: ties to the
 /// lowest index, and a value replaces the best so far only when greater (a later NaN is never
 /// chosen, a first one never replaced), as [`crate::models::argmax_last`] picks a token.
-fn arg_max(x: &Tensor) -> candle_core::Result<Tensor> {
+fn arg_max(x: &Tensor, simd: Option<Simd>) -> candle_core::Result<Tensor> {
     let dims = x.dims();
     let (Some(&v), Some(lead)) = (dims.last(), dims.get(..dims.len().saturating_sub(1))) else {
         return Err(candle_core::Error::Msg("arg_max of a scalar".into()));
@@ -735,6 +735,9 @@ fn arg_max(x: &Tensor) -> candle_core::Result<Tensor> {
     let pick = |data: &[f32]| -> Vec<i64> {
         data.chunks_exact(v)
             .map(|row| {
+                if let Some(simd) = simd {
+                    return simd.arg_max(row) as i64;
+                }
                 // The sequential pick (replace the best only when greater) is the first value
                 // equal to the largest number, unless the first value is a NaN: the largest
                 // found lane-wise, then its first position.
@@ -1432,9 +1435,28 @@ mod tests {
     }
 
     /// The worker's greedy pick is the engine's: the first of equal maxima, a later NaN never
-    /// chosen and a first one kept, one id per row.
+    /// chosen and a first one kept, one id per row; the same with the lane-wise pick of the
+    /// decode kernels and without.
     #[test]
     fn arg_max_picks_as_argmax_last_does() {
+        // Both picks, which must agree.
+        let pick = |x: &Tensor| -> Vec<i64> {
+            let plain: Vec<i64> = arg_max(x, None)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            if let Some(simd) = Simd::detect() {
+                let lanes = arg_max(x, Some(simd)).unwrap();
+                assert_eq!(lanes.dims(), arg_max(x, None).unwrap().dims());
+                assert_eq!(
+                    lanes.flatten_all().unwrap().to_vec1::<i64>().unwrap(),
+                    plain
+                );
+            }
+            plain
+        };
         let nan = f32::NAN;
         let rows: [[f32; 4]; 5] = [
             [0.5, 2.0, 2.0, 1.0],
@@ -1444,12 +1466,7 @@ mod tests {
             [nan, nan, nan, nan],
         ];
         let x = Tensor::from_vec(rows.concat(), (5, 1, 4), &Device::Cpu).unwrap();
-        let got: Vec<i64> = arg_max(&x)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let got = pick(&x);
         let want: Vec<i64> = rows
             .iter()
             .map(|r| {
@@ -1459,11 +1476,12 @@ mod tests {
             .collect();
         assert_eq!(got, want);
         assert_eq!(got, vec![1, 0, 0, 3, 0]);
-        assert_eq!(arg_max(&x).unwrap().dims(), &[5, 1]);
+        assert_eq!(arg_max(&x, None).unwrap().dims(), &[5, 1]);
         let empty = Tensor::zeros((2, 0), CDType::F32, &Device::Cpu).unwrap();
-        assert!(arg_max(&empty).is_err());
-        // Rows of 11 (not whole lane vectors) drawn from values that tie, signed zeros,
-        // infinities and NaNs: the same pick as argmax_last, row by row.
+        assert!(arg_max(&empty, None).is_err());
+        assert!(arg_max(&empty, Simd::detect()).is_err());
+        // Rows of 11 and of 37 (lane vectors and a tail) drawn from values that tie, signed
+        // zeros, infinities and NaNs: the same pick as argmax_last, row by row.
         let values = [
             nan,
             f32::NEG_INFINITY,
@@ -1481,14 +1499,15 @@ mod tests {
                 .wrapping_add(1442695040888963407);
             values[(state >> 61) as usize]
         };
-        let rows: Vec<Vec<f32>> = (0..300)
-            .map(|_| (0..11).map(|_| draw()).collect())
-            .collect();
-        let x = Tensor::from_vec(rows.concat(), (300, 11), &Device::Cpu).unwrap();
-        let got: Vec<i64> = arg_max(&x).unwrap().to_vec1().unwrap();
-        for (row, got) in rows.iter().zip(got) {
-            let t = Tensor::from_vec(row.clone(), (1, 11), &Device::Cpu).unwrap();
-            assert_eq!(got, crate::models::argmax_last(&t).unwrap(), "{row:?}");
+        for width in [11, 37] {
+            let rows: Vec<Vec<f32>> = (0..300)
+                .map(|_| (0..width).map(|_| draw()).collect())
+                .collect();
+            let x = Tensor::from_vec(rows.concat(), (300, width), &Device::Cpu).unwrap();
+            for (row, got) in rows.iter().zip(pick(&x)) {
+                let t = Tensor::from_vec(row.clone(), (1, width), &Device::Cpu).unwrap();
+                assert_eq!(got, crate::models::argmax_last(&t).unwrap(), "{row:?}");
+            }
         }
     }
 

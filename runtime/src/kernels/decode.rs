@@ -288,6 +288,28 @@ impl Simd {
         #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
         softmax_scalar(x, scale);
     }
+
+    /// The index a sequential pick over `row` chooses (the first value, replaced by each later
+    /// one that is greater: ties to the lowest index, a later NaN never chosen, a first NaN
+    /// never replaced), eight lanes at a time: each lane keeps the greatest of its values the
+    /// same way (`max(v, lane)` takes `v` only when `v > lane`), then the first position holding
+    /// the greatest of the lanes. 0 for an empty row.
+    pub(crate) fn arg_max(self, row: &[f32]) -> usize {
+        if row.first().map_or(true, |v| v.is_nan()) {
+            return 0;
+        }
+        #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+        {
+            self.0.vectorize(x86::ArgMax { simd: self.0, row })
+        }
+        #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
+        {
+            let top = row
+                .iter()
+                .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+            row.iter().position(|&v| v == top).unwrap_or(0)
+        }
+    }
 }
 
 /// `x ← softmax(x · scale)` with `exp` from the standard library: the path for rows holding
@@ -313,9 +335,9 @@ fn softmax_scalar(x: &mut [f32], scale: f32) {
 mod x86 {
     use super::Rows;
     #[cfg(target_arch = "x86")]
-    use core::arch::x86::{__m256, _CMP_GE_OQ};
+    use core::arch::x86::{__m256, _CMP_EQ_OQ, _CMP_GE_OQ};
     #[cfg(target_arch = "x86_64")]
-    use core::arch::x86_64::{__m256, _CMP_GE_OQ};
+    use core::arch::x86_64::{__m256, _CMP_EQ_OQ, _CMP_GE_OQ};
     use pulp::x86::V3;
     use pulp::{cast, f32x8, NullaryFnOnce};
 
@@ -487,20 +509,20 @@ mod x86 {
         let zero = simd.splat_f32x8(0.0);
         let mut e = [zero; 4];
         let mut o = [zero; 4];
-        let mut c = 0;
-        while c + 2 * LANES <= to {
-            let (a0, a1, b0, b1) = (
-                load(a, c),
-                load(a, c + LANES),
-                load(b, c),
-                load(b, c + LANES),
-            );
-            let (p0, p1, q0, q1) = (
-                load(x0, c),
-                load(x0, c + LANES),
-                load(x1, c),
-                load(x1, c + LANES),
-            );
+        // Pairs of lane vectors, as exact chunks of all four rows (no index to check), then
+        // the last single vector.
+        let pairs = to / (2 * LANES) * (2 * LANES);
+        let (ca, cb) = (
+            a[..pairs].chunks_exact(2 * LANES),
+            b[..pairs].chunks_exact(2 * LANES),
+        );
+        let (cp, cq) = (
+            x0[..pairs].chunks_exact(2 * LANES),
+            x1[..pairs].chunks_exact(2 * LANES),
+        );
+        for (((a, b), p), q) in ca.zip(cb).zip(cp).zip(cq) {
+            let (a0, a1, b0, b1) = (load(a, 0), load(a, LANES), load(b, 0), load(b, LANES));
+            let (p0, p1, q0, q1) = (load(p, 0), load(p, LANES), load(q, 0), load(q, LANES));
             e[0] = simd.mul_add_f32x8(a0, p0, e[0]);
             o[0] = simd.mul_add_f32x8(a1, p1, o[0]);
             e[1] = simd.mul_add_f32x8(b0, p0, e[1]);
@@ -509,8 +531,8 @@ mod x86 {
             o[2] = simd.mul_add_f32x8(a1, q1, o[2]);
             e[3] = simd.mul_add_f32x8(b0, q0, e[3]);
             o[3] = simd.mul_add_f32x8(b1, q1, o[3]);
-            c += 2 * LANES;
         }
+        let c = pairs;
         if c < to {
             let (a0, b0) = (load(a, c), load(b, c));
             let (p0, q0) = (load(x0, c), load(x1, c));
@@ -902,6 +924,44 @@ mod x86 {
                     self.y[p * rows + j] = self.tail(j, p, pairwise(acc));
                 }
             }
+        }
+    }
+
+    /// See [`super::Simd::arg_max`].
+    pub(super) struct ArgMax<'a> {
+        pub simd: V3,
+        pub row: &'a [f32],
+    }
+
+    impl NullaryFnOnce for ArgMax<'_> {
+        type Output = usize;
+
+        #[inline(always)]
+        fn call(self) -> usize {
+            let (avx, row) = (self.simd.avx, self.row);
+            let chunks = row.chunks_exact(LANES);
+            let rest = chunks.remainder();
+            // `vmaxps(v, m)` is `v > m ? v : m`: a NaN `v` leaves `m`.
+            let mut m = avx._mm256_set1_ps(f32::NEG_INFINITY);
+            for c in chunks.clone() {
+                m = avx._mm256_max_ps(ld(c, 0), m);
+            }
+            let mut top = f32::NEG_INFINITY;
+            for &v in cast::<__m256, [f32; LANES]>(m).iter().chain(rest) {
+                if v > top {
+                    top = v;
+                }
+            }
+            // The first lane vector holding `top`, then its first lane that does.
+            let t = avx._mm256_set1_ps(top);
+            for (i, c) in chunks.enumerate() {
+                let hit = avx._mm256_movemask_ps(avx._mm256_cmp_ps::<_CMP_EQ_OQ>(ld(c, 0), t));
+                if hit != 0 {
+                    return i * LANES + hit.trailing_zeros() as usize;
+                }
+            }
+            let at = rest.iter().position(|&v| v == top).unwrap_or(0);
+            row.len() - rest.len() + at
         }
     }
 
