@@ -1,6 +1,6 @@
 //! The reference CPU backend on `candle-core`.
 
-use super::decode::{Rows, Simd};
+use super::decode::{arg_max_scalar, Rows, Simd};
 use super::Kernels;
 use crate::error::{Result, RuntimeError};
 use candle_core::{CpuStorage, DType as CDType, Storage, Tensor, D};
@@ -734,28 +734,9 @@ fn arg_max(x: &Tensor, simd: Option<Simd>) -> candle_core::Result<Tensor> {
     }
     let pick = |data: &[f32]| -> Vec<i64> {
         data.chunks_exact(v)
-            .map(|row| {
-                if let Some(simd) = simd {
-                    return simd.arg_max(row) as i64;
-                }
-                // The sequential pick (replace the best only when greater) is the first value
-                // equal to the largest number, unless the first value is a NaN: the largest
-                // found lane-wise, then its first position.
-                if row[0].is_nan() {
-                    return 0;
-                }
-                let mut lanes = [f32::NEG_INFINITY; 8];
-                let mut chunks = row.chunks_exact(8);
-                for c in &mut chunks {
-                    for (m, &x) in lanes.iter_mut().zip(c) {
-                        *m = m.max(x);
-                    }
-                }
-                let top = chunks.remainder().iter().fold(
-                    lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max),
-                    |m, &x| m.max(x),
-                );
-                row.iter().position(|&x| x == top).unwrap_or(0) as i64
+            .map(|row| match simd {
+                Some(simd) => simd.arg_max(row) as i64,
+                None => arg_max_scalar(row) as i64,
             })
             .collect()
     };

@@ -303,13 +303,29 @@ impl Simd {
             self.0.vectorize(x86::ArgMax { simd: self.0, row })
         }
         #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
-        {
-            let top = row
-                .iter()
-                .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
-            row.iter().position(|&v| v == top).unwrap_or(0)
+        arg_max_scalar(row)
+    }
+}
+
+/// [`Simd::arg_max`]'s pick without the SIMD kernels: the sequential pick (replace the best only
+/// when greater) is the first value equal to the largest number, unless the first value is a
+/// NaN: the largest found lane-wise, then its first position. 0 for an empty row.
+pub(crate) fn arg_max_scalar(row: &[f32]) -> usize {
+    if row.first().map_or(true, |v| v.is_nan()) {
+        return 0;
+    }
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut chunks = row.chunks_exact(8);
+    for c in &mut chunks {
+        for (m, &x) in lanes.iter_mut().zip(c) {
+            *m = m.max(x);
         }
     }
+    let top = chunks.remainder().iter().fold(
+        lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+        |m, &x| m.max(x),
+    );
+    row.iter().position(|&x| x == top).unwrap_or(0)
 }
 
 /// `x ← softmax(x · scale)` with `exp` from the standard library: the path for rows holding
