@@ -7,7 +7,8 @@
 //! 128-wide model: 10-30 µs per linear layer, 130 µs per attention over 1000 positions), and
 //! whose one-row path sums in another order than its many-row path, so a sequence would not get
 //! the same bits in a batch as alone. These kernels read each matrix once for all the rows, with
-//! AVX2 + FMA through `pulp`'s safe runtime dispatch, and keep partial sums in registers; each
+//! AVX2 + FMA through `pulp`'s safe runtime dispatch (the several-row products with AVX-512
+//! where the CPU has it, giving the same bits), and keep partial sums in registers; each
 //! output row's sum is the same whatever rows come with it. At GPT-2 124M's sizes they are
 //! 0.7-1.1x candle on one row and 1.0-1.35x on eight, attention 2x (`cargo run --release -p
 //! genie-runtime --example decode_kernels`). GELU, elementwise, calls libm's `tanh` per element
@@ -75,14 +76,30 @@ impl<'a> Rows<'a> {
     }
 }
 
-/// The SIMD level these kernels need: AVX2 + FMA, detected once (by [`Simd::detect`]).
+/// The SIMD level these kernels need: AVX2 + FMA, detected once (by [`Simd::detect`]), and
+/// AVX-512 where the CPU has it (x86-64): the products of several rows by a weight
+/// ([`Simd::rows_times_matrix`], [`Simd::rows_times_cols`]) then take 16-lane vectors, with the
+/// very operations per output of the 8-lane kernels, so the bits are the same on either.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Simd(#[cfg(any(target_arch = "x86", target_arch = "x86_64"))] pulp::x86::V3);
+pub(crate) struct Simd(
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))] pulp::x86::V3,
+    #[cfg(target_arch = "x86_64")] Option<pulp::x86::V4>,
+);
+
+/// Set to `avx2` (`GENIE_SIMD=avx2`), the decode kernels leave AVX-512 aside: the same bits,
+/// for comparing the two on one machine.
+pub(crate) const SIMD_ENV: &str = "GENIE_SIMD";
 
 impl Simd {
     /// The CPU's, or `None` without AVX2 + FMA.
     pub(crate) fn detect() -> Option<Self> {
-        #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+        #[cfg(target_arch = "x86_64")]
+        {
+            let wide = std::env::var(SIMD_ENV).map_or(true, |v| v != "avx2");
+            let v4 = pulp::x86::V4::try_new().filter(|_| wide);
+            pulp::x86::V3::try_new().map(|v3| Simd(v3, v4))
+        }
+        #[cfg(target_arch = "x86")]
         {
             pulp::x86::V3::try_new().map(Simd)
         }
@@ -90,6 +107,28 @@ impl Simd {
         {
             None
         }
+    }
+
+    /// The same kernels without AVX-512 (for tests that compare the two).
+    #[cfg(test)]
+    pub(crate) fn avx2_only(self) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            Simd(self.0, None)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        self
+    }
+
+    /// Whether the products use AVX-512.
+    #[cfg(test)]
+    pub(crate) fn wide(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            self.1.is_some()
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
     }
 
     /// `y[j] = Σ_i x[i] · m[i][j]` (a row times a matrix: `x.len() == m.rows`,
@@ -147,12 +186,17 @@ impl Simd {
     pub(crate) fn rows_times_matrix(self, x: &[f32], m: Rows<'_>, y: &mut [f32]) {
         debug_assert!(m.rows > 0 && x.len() % m.rows == 0);
         debug_assert!(y.len() == x.len() / m.rows * m.cols);
+        #[cfg(target_arch = "x86_64")]
+        if let Some(v4) = self.1 {
+            return v4.vectorize(x86_v4::ManyRowTimes { simd: v4, x, m, y });
+        }
         #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
         self.0.vectorize(x86::ManyRowTimes {
             simd: self.0,
             x,
             m,
             y,
+            from: 0,
         });
         #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
         let _ = (x, m, y);
@@ -166,12 +210,17 @@ impl Simd {
     pub(crate) fn rows_times_cols(self, x: &[f32], m: Rows<'_>, y: &mut [f32]) {
         debug_assert!(m.cols > 0 && x.len() % m.cols == 0);
         debug_assert!(y.len() == x.len() / m.cols * m.rows);
+        #[cfg(target_arch = "x86_64")]
+        if let Some(v4) = self.1 {
+            return v4.vectorize(x86_v4::ManyTimesCols { simd: v4, x, m, y });
+        }
         #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
         self.0.vectorize(x86::ManyTimesCols {
             simd: self.0,
             x,
             m,
             y,
+            from: 0,
         });
         #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
         let _ = (x, m, y);
@@ -360,7 +409,7 @@ mod x86 {
     const LANES: usize = 8;
 
     #[inline(always)]
-    fn load(x: &[f32], at: usize) -> f32x8 {
+    pub(super) fn load(x: &[f32], at: usize) -> f32x8 {
         let mut a = [0f32; LANES];
         a.copy_from_slice(&x[at..at + LANES]);
         cast(a)
@@ -568,7 +617,7 @@ mod x86 {
     /// The eight sums of rows `m8` with `xr` from their partial sums `acc`: reduced, then the
     /// columns past `full` added in order, into `y` (eight outputs).
     #[inline(always)]
-    fn finish8(
+    pub(super) fn finish8(
         simd: V3,
         m8: &[&[f32]; 8],
         full: usize,
@@ -628,6 +677,8 @@ mod x86 {
         pub x: &'a [f32],
         pub m: Rows<'b>,
         pub y: &'a mut [f32],
+        /// The first column to compute (those before it are another kernel's).
+        pub from: usize,
     }
 
     /// Rows of `x` taken together: at most this many share one pass over a block of `m`.
@@ -743,11 +794,11 @@ mod x86 {
 
     /// Rows of `m` in one range of a several-row product (see [`ManyRowTimes::strip`]): a tile
     /// of 64 of them by 64 columns is 16 KiB.
-    const K_BLOCK: usize = 64;
+    pub(super) const K_BLOCK: usize = 64;
 
     /// Weights smaller than this (elements; 1 MiB of f32) stay in the caches between passes:
     /// one pass over all of their rows costs less than storing and reloading partial sums.
-    const K_BLOCK_MIN_ELEMENTS: usize = 1 << 18;
+    pub(super) const K_BLOCK_MIN_ELEMENTS: usize = 1 << 18;
 
     impl NullaryFnOnce for ManyRowTimes<'_, '_> {
         type Output = ();
@@ -756,7 +807,7 @@ mod x86 {
         fn call(mut self) {
             let (k, n) = (self.m.rows, self.m.cols);
             let rows = self.x.len() / k.max(1);
-            let mut c = 0;
+            let mut c = self.from;
             while c + 8 * LANES <= n {
                 self.strip::<8>(c);
                 c += 8 * LANES;
@@ -783,6 +834,8 @@ mod x86 {
         pub x: &'a [f32],
         pub m: Rows<'b>,
         pub y: &'a mut [f32],
+        /// The first row of `m` to compute (those before it are another kernel's).
+        pub from: usize,
     }
 
     impl ManyTimesCols<'_, '_> {
@@ -870,7 +923,7 @@ mod x86 {
         #[inline(always)]
         fn call(mut self) {
             let rows = self.x.len() / self.m.cols.max(1);
-            let mut j = 0;
+            let mut j = self.from;
             while j + 8 <= self.m.rows {
                 self.eight(j);
                 j += 8;
@@ -1297,6 +1350,297 @@ mod x86 {
     }
 }
 
+/// The 16-lane (AVX-512) forms of [`x86::ManyRowTimes`] and [`x86::ManyTimesCols`]. Each output
+/// gets the very operations the 8-lane kernel gives it (the same chains of fused multiply-adds
+/// in the same order, the same reductions), so the same bits; what changes is how many lanes
+/// one instruction takes and how many accumulators the 32 registers hold. Columns (or rows of
+/// `m`) past the last whole block go to the 8-lane kernel.
+#[cfg(target_arch = "x86_64")]
+mod x86_v4 {
+    use super::x86::{self, finish8, K_BLOCK, K_BLOCK_MIN_ELEMENTS};
+    use super::Rows;
+    use core::arch::x86_64::__m512;
+    use pulp::x86::{V3, V4};
+    use pulp::{cast, f32x16, f32x8, NullaryFnOnce};
+
+    const LANES: usize = 16;
+
+    /// Rows of `x` taken together: at most this many share one pass over a block of `m`.
+    const ROW_GROUP: usize = 4;
+
+    #[inline(always)]
+    fn load(x: &[f32], at: usize) -> f32x16 {
+        let mut a = [0f32; LANES];
+        a.copy_from_slice(&x[at..at + LANES]);
+        cast(a)
+    }
+
+    /// Lanes `0..8` and `8..16` of `v`.
+    #[inline(always)]
+    fn halves(simd: V4, v: f32x16) -> (f32x8, f32x8) {
+        let v: __m512 = cast(v);
+        let lo = simd.avx512f._mm512_castps512_ps256(v);
+        let hi = simd.avx512dq._mm512_extractf32x8_ps::<1>(v);
+        (cast(lo), cast(hi))
+    }
+
+    /// Rows of `x` (each `m.rows` long) times `m`; see [`super::Simd::rows_times_matrix`]. Every
+    /// output is one chain of fused multiply-adds over `m`'s rows in order, from zero, as in
+    /// [`x86::ManyRowTimes`] (whatever the lane width).
+    pub(super) struct ManyRowTimes<'a, 'b> {
+        pub simd: V4,
+        pub x: &'a [f32],
+        pub m: Rows<'b>,
+        pub y: &'a mut [f32],
+    }
+
+    impl ManyRowTimes<'_, '_> {
+        /// Columns `c..c + A·16` of rows `r0..r0 + R` over `m`'s rows `k0..k1`, from the sums
+        /// the previous range stored in `y` when `k0 > 0`.
+        #[inline(always)]
+        fn block<const R: usize, const A: usize>(
+            &mut self,
+            r0: usize,
+            c: usize,
+            k0: usize,
+            k1: usize,
+        ) {
+            let simd = self.simd;
+            let (k, n) = (self.m.rows, self.m.cols);
+            let mut acc = [[simd.splat_f32x16(0.0); A]; R];
+            if k0 > 0 {
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    for (a, acc) in acc.iter_mut().enumerate() {
+                        *acc = load(self.y, (r0 + r) * n + c + a * LANES);
+                    }
+                }
+            }
+            for i in k0..k1 {
+                let row = &self.m.row(i)[c..c + A * LANES];
+                let mut w = [simd.splat_f32x16(0.0); A];
+                for (a, w) in w.iter_mut().enumerate() {
+                    *w = load(row, a * LANES);
+                }
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let xi = simd.splat_f32x16(self.x[(r0 + r) * k + i]);
+                    for (a, acc) in acc.iter_mut().enumerate() {
+                        *acc = simd.mul_add_f32x16(w[a], xi, *acc);
+                    }
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                for (a, acc) in acc.iter().enumerate() {
+                    let at = (r0 + r) * n + c + a * LANES;
+                    self.y[at..at + LANES].copy_from_slice(&cast::<f32x16, [f32; LANES]>(*acc));
+                }
+            }
+        }
+
+        /// Columns `c..c + W·16` of every row over `m`'s rows `k0..k1`, [`ROW_GROUP`] rows at
+        /// a time with `R·A` accumulators.
+        #[inline(always)]
+        fn blocks<const W: usize>(&mut self, c: usize, k0: usize, k1: usize) {
+            let rows = self.x.len() / self.m.rows;
+            let mut r = 0;
+            while r + ROW_GROUP <= rows {
+                self.across::<ROW_GROUP, 4, W>(r, c, k0, k1);
+                r += ROW_GROUP;
+            }
+            match rows - r {
+                3 => self.across::<3, 4, W>(r, c, k0, k1),
+                2 => self.across::<2, 8, W>(r, c, k0, k1),
+                1 => self.across::<1, 8, W>(r, c, k0, k1),
+                _ => {}
+            }
+        }
+
+        /// Columns `c..c + W·16` of rows `r0..r0 + R`, `A` lane vectors at a time.
+        #[inline(always)]
+        fn across<const R: usize, const A: usize, const W: usize>(
+            &mut self,
+            r0: usize,
+            c: usize,
+            k0: usize,
+            k1: usize,
+        ) {
+            let mut v = 0;
+            while v + A <= W {
+                self.block::<R, A>(r0, c + v * LANES, k0, k1);
+                v += A;
+            }
+            while v < W {
+                self.block::<R, 1>(r0, c + v * LANES, k0, k1);
+                v += 1;
+            }
+        }
+
+        /// Columns `c..c + W·16` of every row, in ranges of [`K_BLOCK`] of `m`'s rows where
+        /// [`x86::ManyRowTimes`] takes them.
+        #[inline(always)]
+        fn strip<const W: usize>(&mut self, c: usize) {
+            let (k, rows) = (self.m.rows, self.x.len() / self.m.rows);
+            if rows == 1 || k * self.m.cols < K_BLOCK_MIN_ELEMENTS {
+                return self.blocks::<W>(c, 0, k);
+            }
+            let mut k0 = 0;
+            while k0 < k {
+                let k1 = (k0 + K_BLOCK).min(k);
+                self.blocks::<W>(c, k0, k1);
+                k0 = k1;
+            }
+        }
+    }
+
+    impl NullaryFnOnce for ManyRowTimes<'_, '_> {
+        type Output = ();
+
+        #[inline(always)]
+        fn call(mut self) {
+            let n = self.m.cols;
+            let mut c = 0;
+            while c + 8 * LANES <= n {
+                self.strip::<8>(c);
+                c += 8 * LANES;
+            }
+            while c + LANES <= n {
+                self.strip::<1>(c);
+                c += LANES;
+            }
+            let simd: V3 = *self.simd;
+            x86::ManyRowTimes {
+                simd,
+                x: self.x,
+                m: self.m,
+                y: self.y,
+                from: c,
+            }
+            .call();
+        }
+    }
+
+    /// Rows of `x` (each `m.cols` long) times `mᵀ`; see [`super::Simd::rows_times_cols`]. Each
+    /// output's two chains of 8-lane multiply-adds (even and odd lane vectors, as
+    /// [`x86::ManyTimesCols`] keeps them) are the two halves of one 16-lane accumulator.
+    pub(super) struct ManyTimesCols<'a, 'b> {
+        pub simd: V4,
+        pub x: &'a [f32],
+        pub m: Rows<'b>,
+        pub y: &'a mut [f32],
+    }
+
+    impl ManyTimesCols<'_, '_> {
+        /// Rows `m4` of `m` against rows `r0..r0 + G` of `x` over columns `0..full` (whole
+        /// 8-lane vectors): per output the even chain (the last single vector included) plus
+        /// the odd one, as [`x86::ManyTimesCols`] has them before the lanes are added.
+        #[inline(always)]
+        fn four<const G: usize>(&self, m4: [&[f32]; 4], r0: usize, full: usize) -> [[f32x8; 4]; G] {
+            let simd = self.simd;
+            let k = self.m.cols;
+            let pairs = full / LANES * LANES;
+            let mut xs: [&[f32]; G] = [&[]; G];
+            for (g, xr) in xs.iter_mut().enumerate() {
+                *xr = &self.x[(r0 + g) * k..(r0 + g + 1) * k];
+            }
+            let mut acc = [[simd.splat_f32x16(0.0); 4]; G];
+            let mut c = 0;
+            while c < pairs {
+                let w = [
+                    load(m4[0], c),
+                    load(m4[1], c),
+                    load(m4[2], c),
+                    load(m4[3], c),
+                ];
+                for (acc, xr) in acc.iter_mut().zip(&xs) {
+                    let xv = load(xr, c);
+                    for (acc, w) in acc.iter_mut().zip(&w) {
+                        *acc = simd.mul_add_f32x16(*w, xv, *acc);
+                    }
+                }
+                c += LANES;
+            }
+            let v3: V3 = *simd;
+            let mut out = [[v3.splat_f32x8(0.0); 4]; G];
+            for ((out, acc), xr) in out.iter_mut().zip(&acc).zip(&xs) {
+                for ((out, acc), m) in out.iter_mut().zip(acc).zip(&m4) {
+                    let (mut even, odd) = halves(simd, *acc);
+                    if pairs < full {
+                        even = v3.mul_add_f32x8(x86::load(m, pairs), x86::load(xr, pairs), even);
+                    }
+                    *out = v3.add_f32x8(even, odd);
+                }
+            }
+            out
+        }
+
+        /// Rows `m8` of `m` (starting at `j`) against rows `r0..r0 + G` of `x`.
+        #[inline(always)]
+        fn group<const G: usize>(&mut self, m8: &[&[f32]; 8], j: usize, r0: usize) {
+            let (n, k) = (self.m.rows, self.m.cols);
+            let full = k / 8 * 8;
+            let lo = self.four::<G>([m8[0], m8[1], m8[2], m8[3]], r0, full);
+            let hi = self.four::<G>([m8[4], m8[5], m8[6], m8[7]], r0, full);
+            for (g, (lo, hi)) in lo.iter().zip(&hi).enumerate() {
+                let acc = [lo[0], lo[1], lo[2], lo[3], hi[0], hi[1], hi[2], hi[3]];
+                let r = r0 + g;
+                let xr = &self.x[r * k..(r + 1) * k];
+                finish8(
+                    *self.simd,
+                    m8,
+                    full,
+                    xr,
+                    &mut self.y[r * n + j..r * n + j + 8],
+                    acc,
+                );
+            }
+        }
+
+        /// Rows `j..j + 8` of `m` against every row of `x`, [`ROW_GROUP`] rows at a time.
+        #[inline(always)]
+        fn eight(&mut self, j: usize) {
+            let mut m8: [&[f32]; 8] = [&[]; 8];
+            for (r, row) in m8.iter_mut().enumerate() {
+                *row = self.m.row(j + r);
+            }
+            let rows = self.x.len() / self.m.cols;
+            let mut r = 0;
+            while r + ROW_GROUP <= rows {
+                self.group::<ROW_GROUP>(&m8, j, r);
+                r += ROW_GROUP;
+            }
+            match rows - r {
+                3 => self.group::<3>(&m8, j, r),
+                2 => self.group::<2>(&m8, j, r),
+                1 => self.group::<1>(&m8, j, r),
+                _ => {}
+            }
+        }
+    }
+
+    impl NullaryFnOnce for ManyTimesCols<'_, '_> {
+        type Output = ();
+
+        #[inline(always)]
+        fn call(mut self) {
+            let mut j = 0;
+            if self.m.cols > 0 {
+                while j + 8 <= self.m.rows {
+                    self.eight(j);
+                    j += 8;
+                }
+            }
+            let simd: V3 = *self.simd;
+            x86::ManyTimesCols {
+                simd,
+                x: self.x,
+                m: self.m,
+                y: self.y,
+                from: j,
+            }
+            .call();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1421,6 +1765,48 @@ mod tests {
                             "[{k}x{n}]ᵀ row {r} of {batch}"
                         );
                     }
+                }
+            }
+        }
+    }
+
+    /// With AVX-512 the several-row products give the bits of the AVX2 kernels: every width
+    /// against whole and partial 16-lane blocks (and 8-lane ones), contiguous and strided.
+    #[test]
+    fn avx512_gives_the_bits_of_avx2() {
+        let Some(simd) = Simd::detect() else { return };
+        if !simd.wide() {
+            eprintln!("no AVX-512 here (or GENIE_SIMD=avx2): nothing to compare");
+            return;
+        }
+        let narrow = simd.avx2_only();
+        for (k, n) in [
+            (1, 1),
+            (8, 8),
+            (16, 16),
+            (24, 40),
+            (33, 100),
+            (128, 128),
+            (128, 384),
+            (512, 128),
+            (136, 4104),
+            (300, 70),
+            (600, 520),
+        ] {
+            for stride in [n, n + 5] {
+                let data = seq((k - 1) * stride + n, 3);
+                let m = Rows::new(&data, k, n, stride).unwrap();
+                for batch in 1..=9usize {
+                    let x = seq(batch * k, batch as u32);
+                    let (mut wide, mut base) = (vec![0f32; batch * n], vec![1f32; batch * n]);
+                    simd.rows_times_matrix(&x, m, &mut wide);
+                    narrow.rows_times_matrix(&x, m, &mut base);
+                    assert_eq!(wide, base, "[{k}x{n}] stride {stride}, {batch} rows");
+                    let x = seq(batch * n, 7 + batch as u32);
+                    let (mut wide, mut base) = (vec![0f32; batch * k], vec![1f32; batch * k]);
+                    simd.rows_times_cols(&x, m, &mut wide);
+                    narrow.rows_times_cols(&x, m, &mut base);
+                    assert_eq!(wide, base, "[{k}x{n}]ᵀ stride {stride}, {batch} rows");
                 }
             }
         }
