@@ -895,13 +895,58 @@ fn linear(
         WeightLayout::OutIn => ins[1].t()?,
     };
     let mut y = x2.matmul(&w)?;
-    if bias {
+    // The bias added in place to the product gemm just made (candle's broadcast add indexes
+    // every element and makes a new tensor: most of the time of the product itself at a
+    // 128-wide model's sizes); the same sums, so the same bits.
+    if bias && y.inplace_op2(&ins[2], &AddBiasRows).is_err() {
         y = y.broadcast_add(&ins[2])?;
     }
     if let Some(last) = shape.last_mut() {
         *last = w.dim(1)?;
     }
     y.reshape(shape)
+}
+
+/// `y[r][j] += b[j]` for every row `r` of a contiguous f32 `y` (`[rows, n]`) and an f32 `b` of
+/// `n`, in place; an error (and `y` untouched) for any other dtype, shape or layout.
+struct AddBiasRows;
+
+impl candle_core::InplaceOp2 for AddBiasRows {
+    fn name(&self) -> &'static str {
+        "add-bias-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        y: &mut CpuStorage,
+        yl: &candle_core::Layout,
+        b: &CpuStorage,
+        bl: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        let unfit = || {
+            candle_core::Error::Msg("add-bias-rows: not a contiguous f32 [rows, n] and [n]".into())
+        };
+        let (CpuStorage::F32(y), CpuStorage::F32(b)) = (y, b) else {
+            return Err(unfit());
+        };
+        let (Some((y0, y1)), Some((b0, b1))) = (yl.contiguous_offsets(), bl.contiguous_offsets())
+        else {
+            return Err(unfit());
+        };
+        let n = b1 - b0;
+        let (Some(y), Some(b)) = (y.get_mut(y0..y1), b.get(b0..b1)) else {
+            return Err(unfit());
+        };
+        if n == 0 || yl.dims().last() != Some(&n) || bl.dims() != [n] || y.len() % n != 0 {
+            return Err(unfit());
+        }
+        for row in y.chunks_exact_mut(n) {
+            for (y, b) in row.iter_mut().zip(b) {
+                *y += *b;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `a · b` (or `a · bᵀ`), a 2-D `b` broadcast over `a`'s leading axes.
@@ -1413,6 +1458,44 @@ mod tests {
         let y2 = k.run(&n2, &[x, w_oi, b]).unwrap();
         assert_eq!(vals(&y2[0]), vals(&y[0]));
         assert!(k.run(&n2, &[t(&[1.0], &[1])]).is_err());
+    }
+
+    /// Past the decode kernels' rows (gemm's path) the bias goes in place: the bits of
+    /// candle's broadcast add, in both layouts; a bias that does not fit is refused with the
+    /// product untouched.
+    #[test]
+    fn a_prefill_linear_adds_its_bias_as_candle_does() {
+        let k = CpuKernels::new();
+        let d = candle_core::Device::Cpu;
+        let (rows, kin, n) = (100, 24, 40);
+        let x = Tensor::randn(0f32, 1., (1, rows, kin), &d).unwrap();
+        let w = Tensor::randn(0f32, 1., (kin, n), &d).unwrap();
+        let b = Tensor::randn(0f32, 1., n, &d).unwrap();
+        let want = x
+            .reshape((rows, kin))
+            .unwrap()
+            .matmul(&w)
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap();
+        for layout in [WeightLayout::InOut, WeightLayout::OutIn] {
+            let wl = match layout {
+                WeightLayout::InOut => w.clone(),
+                WeightLayout::OutIn => w.t().unwrap().contiguous().unwrap(),
+            };
+            let op = OpKind::Linear { bias: true, layout };
+            let y = k.run(&node(op, &[1, rows, n]), &[x.clone(), wl, b.clone()]);
+            let y = y.unwrap().remove(0).reshape((rows, n)).unwrap();
+            assert_eq!(vals(&y), vals(&want), "{layout:?}");
+        }
+        let y = Tensor::zeros((3, 4), CDType::F32, &d).unwrap();
+        for bad in [t(&[1.0, 2.0, 3.0], &[3]), t(&[1.0; 4], &[1, 4])] {
+            assert!(y.inplace_op2(&bad, &AddBiasRows).is_err());
+        }
+        assert!(vals(&y).iter().all(|&v| v == 0.0));
+        let fine = t(&[1.0, 2.0, 3.0, 4.0], &[4]);
+        y.inplace_op2(&fine, &AddBiasRows).unwrap();
+        assert_eq!(vals(&y)[4..8], [1.0, 2.0, 3.0, 4.0]);
     }
 
     /// The worker's greedy pick is the engine's: the first of equal maxima, a later NaN never
