@@ -46,6 +46,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// The allocator the `genie` binary runs its workers with (mimalloc keeps freed memory for
+/// reuse; glibc's malloc maps and unmaps each large tensor): the embedded workers here are the
+/// same code, and run as `genie worker` processes would.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(about = "Disaggregated vs co-located serving on embedded clusters")]
 struct Args {
