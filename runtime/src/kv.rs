@@ -122,6 +122,8 @@ impl KvCacheManager {
             })?;
         let need = (l.filled + n).div_ceil(bt.max(1));
         let mut grown = 0;
+        // Whether `new` is in the store already.
+        let mut written = false;
         if need > l.blocks || l.store.is_none() {
             let free = max_blocks.saturating_sub(in_use);
             let want = need.max(2 * l.blocks);
@@ -139,6 +141,15 @@ impl KvCacheManager {
                         .map_err(kv_err)?;
                     Tensor::cat(&[&kept, &rest], 2).map_err(kv_err)?
                 }
+                // An empty cache taking its first rows (a prompt's, or a moved cache): made from
+                // them in one copy, only the rest of its last block zeroed (instead of zeroing it
+                // all, then copying the rows over).
+                _ if n > 0 && new.dtype() == DType::F32 => {
+                    written = true;
+                    let rest = Tensor::zeros((2, 1, cap - n, w), DType::F32, &Device::Cpu)
+                        .map_err(kv_err)?;
+                    Tensor::cat(&[new, &rest], 2).map_err(kv_err)?
+                }
                 _ => Tensor::zeros((2, 1, cap, w), DType::F32, &Device::Cpu).map_err(kv_err)?,
             };
             grown = blocks - l.blocks;
@@ -148,7 +159,7 @@ impl KvCacheManager {
         let store = l.store.as_ref().ok_or_else(|| RuntimeError::KvCache {
             reason: "reservation missing".into(),
         })?;
-        if n > 0 {
+        if n > 0 && !written {
             let new = new.contiguous().map_err(kv_err)?;
             store.slice_set(&new, 2, l.filled).map_err(kv_err)?;
         }
