@@ -188,7 +188,13 @@ impl Simd {
         debug_assert!(y.len() == x.len() / m.rows * m.cols);
         #[cfg(target_arch = "x86_64")]
         if let Some(v4) = self.1 {
-            return v4.vectorize(x86_v4::ManyRowTimes { simd: v4, x, m, y });
+            return v4.vectorize(x86::ManyRowTimes {
+                simd: v4,
+                x,
+                m,
+                y,
+                from: 0,
+            });
         }
         #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
         self.0.vectorize(x86::ManyRowTimes {
@@ -671,9 +677,96 @@ mod x86 {
         }
     }
 
-    /// Rows of `x` (each `m.rows` long) times `m`; see [`super::Simd::rows_times_matrix`].
-    pub(super) struct ManyRowTimes<'a, 'b> {
-        pub simd: V3,
+    /// A lane width the several-row `[in, out]` product runs at: 8 floats (AVX2, [`V3`]) or 16
+    /// (AVX-512, `V4`). An output's sum does not depend on it (one chain of fused multiply-adds
+    /// over the weight's rows in order), so both give the same bits.
+    pub(super) trait Width: Copy {
+        /// A vector of [`Width::LANES`] floats.
+        type V: Copy;
+        /// Floats per vector.
+        const LANES: usize;
+        fn splat(self, x: f32) -> Self::V;
+        /// `a · b + c`, fused, lane by lane.
+        fn mul_add(self, a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+        fn load(self, x: &[f32], at: usize) -> Self::V;
+        fn store(self, y: &mut [f32], at: usize, v: Self::V);
+        /// Columns `c..c + W·LANES` of every row over `m`'s rows `k0..k1`: the rows in groups,
+        /// each with as many accumulators as fit the registers ([`ManyRowTimes::across`]).
+        fn blocks<const W: usize>(
+            t: &mut ManyRowTimes<'_, '_, Self>,
+            c: usize,
+            k0: usize,
+            k1: usize,
+        );
+        /// The columns from `c` on, fewer than [`Width::LANES`].
+        fn rest(t: ManyRowTimes<'_, '_, Self>, c: usize);
+    }
+
+    impl Width for V3 {
+        type V = f32x8;
+        const LANES: usize = LANES;
+
+        #[inline(always)]
+        fn splat(self, x: f32) -> f32x8 {
+            self.splat_f32x8(x)
+        }
+
+        #[inline(always)]
+        fn mul_add(self, a: f32x8, b: f32x8, c: f32x8) -> f32x8 {
+            self.mul_add_f32x8(a, b, c)
+        }
+
+        #[inline(always)]
+        fn load(self, x: &[f32], at: usize) -> f32x8 {
+            load(x, at)
+        }
+
+        #[inline(always)]
+        fn store(self, y: &mut [f32], at: usize, v: f32x8) {
+            y[at..at + LANES].copy_from_slice(&cast::<f32x8, [f32; LANES]>(v));
+        }
+
+        #[inline(always)]
+        fn blocks<const W: usize>(
+            t: &mut ManyRowTimes<'_, '_, V3>,
+            c: usize,
+            k0: usize,
+            k1: usize,
+        ) {
+            let rows = t.x.len() / t.m.rows;
+            let mut r = 0;
+            while r + ROW_GROUP <= rows {
+                t.across::<ROW_GROUP, 3, W>(r, c, k0, k1);
+                r += ROW_GROUP;
+            }
+            match rows - r {
+                3 => t.across::<3, 2, W>(r, c, k0, k1),
+                2 => t.across::<2, 4, W>(r, c, k0, k1),
+                1 => t.across::<1, 8, W>(r, c, k0, k1),
+                _ => {}
+            }
+        }
+
+        #[inline(always)]
+        fn rest(t: ManyRowTimes<'_, '_, V3>, c: usize) {
+            let (k, n) = (t.m.rows, t.m.cols);
+            let rows = t.x.len() / k.max(1);
+            for j in c..n {
+                for r in 0..rows {
+                    let mut s = 0f32;
+                    for i in 0..k {
+                        s = t.m.row(i)[j].mul_add(t.x[r * k + i], s);
+                    }
+                    t.y[r * n + j] = s;
+                }
+            }
+        }
+    }
+
+    /// Rows of `x` (each `m.rows` long) times `m`; see [`super::Simd::rows_times_matrix`], at
+    /// the lane width `S`.
+    pub(super) struct ManyRowTimes<'a, 'b, S> {
+        pub simd: S,
         pub x: &'a [f32],
         pub m: Rows<'b>,
         pub y: &'a mut [f32],
@@ -682,10 +775,10 @@ mod x86 {
     }
 
     /// Rows of `x` taken together: at most this many share one pass over a block of `m`.
-    const ROW_GROUP: usize = 4;
+    pub(super) const ROW_GROUP: usize = 4;
 
-    impl ManyRowTimes<'_, '_> {
-        /// Columns `c..c + A·8` of rows `r0..r0 + R`: `R·A` accumulators over `m`'s rows
+    impl<S: Width> ManyRowTimes<'_, '_, S> {
+        /// Columns `c..c + A·LANES` of rows `r0..r0 + R`: `R·A` accumulators over `m`'s rows
         /// `k0..k1`, starting from zero when `k0` is 0 and otherwise from the sums stored in `y`
         /// by the previous range (each output's chain of multiply-adds goes on in order: the
         /// same operations, so the same bits, as one pass over all rows).
@@ -698,95 +791,77 @@ mod x86 {
             k1: usize,
         ) {
             let simd = self.simd;
+            let lanes = S::LANES;
             let (k, n) = (self.m.rows, self.m.cols);
-            let mut acc = [[simd.splat_f32x8(0.0); A]; R];
+            let mut acc = [[simd.splat(0.0); A]; R];
             if k0 > 0 {
                 for (r, acc) in acc.iter_mut().enumerate() {
                     for (a, acc) in acc.iter_mut().enumerate() {
-                        *acc = load(self.y, (r0 + r) * n + c + a * LANES);
+                        *acc = simd.load(self.y, (r0 + r) * n + c + a * lanes);
                     }
                 }
             }
             for i in k0..k1 {
-                let row = &self.m.row(i)[c..c + A * LANES];
-                let mut w = [simd.splat_f32x8(0.0); A];
+                let row = &self.m.row(i)[c..c + A * lanes];
+                let mut w = [simd.splat(0.0); A];
                 for (a, w) in w.iter_mut().enumerate() {
-                    *w = load(row, a * LANES);
+                    *w = simd.load(row, a * lanes);
                 }
                 for (r, acc) in acc.iter_mut().enumerate() {
-                    let xi = simd.splat_f32x8(self.x[(r0 + r) * k + i]);
+                    let xi = simd.splat(self.x[(r0 + r) * k + i]);
                     for (a, acc) in acc.iter_mut().enumerate() {
-                        *acc = simd.mul_add_f32x8(w[a], xi, *acc);
+                        *acc = simd.mul_add(w[a], xi, *acc);
                     }
                 }
             }
             for (r, acc) in acc.iter().enumerate() {
                 for (a, acc) in acc.iter().enumerate() {
-                    let at = (r0 + r) * n + c + a * LANES;
-                    self.y[at..at + LANES].copy_from_slice(&cast::<f32x8, [f32; LANES]>(*acc));
+                    simd.store(self.y, (r0 + r) * n + c + a * lanes, *acc);
                 }
             }
         }
 
-        /// Columns `c..c + W·8` of every row over `m`'s rows `k0..k1`, in groups of
-        /// [`ROW_GROUP`] rows, each group with as many accumulators as fit the registers (`R·A`,
-        /// `A` lane vectors of columns per row: a row alone takes the whole width at once). The
+        /// Columns `c..c + W·LANES` of rows `r0..r0 + R`, `A` lane vectors at a time. The
         /// blocking changes which columns share a pass over `m`'s rows, never an output's sum.
         #[inline(always)]
-        fn blocks<const W: usize>(&mut self, c: usize, k0: usize, k1: usize) {
-            let rows = self.x.len() / self.m.rows;
-            let mut r = 0;
-            while r + ROW_GROUP <= rows {
-                self.across::<ROW_GROUP, 3, W>(r, c, k0, k1);
-                r += ROW_GROUP;
-            }
-            match rows - r {
-                3 => self.across::<3, 2, W>(r, c, k0, k1),
-                2 => self.across::<2, 4, W>(r, c, k0, k1),
-                1 => self.across::<1, 8, W>(r, c, k0, k1),
-                _ => {}
-            }
-        }
-
-        /// Columns `c..c + W·8` of rows `r0..r0 + R`, `A` lane vectors at a time.
-        #[inline(always)]
-        fn across<const R: usize, const A: usize, const W: usize>(
+        pub(super) fn across<const R: usize, const A: usize, const W: usize>(
             &mut self,
             r0: usize,
             c: usize,
             k0: usize,
             k1: usize,
         ) {
+            let lanes = S::LANES;
             let mut v = 0;
             while v + A <= W {
-                self.block::<R, A>(r0, c + v * LANES, k0, k1);
+                self.block::<R, A>(r0, c + v * lanes, k0, k1);
                 v += A;
             }
             if A > 2 && v + 2 <= W {
-                self.block::<R, 2>(r0, c + v * LANES, k0, k1);
+                self.block::<R, 2>(r0, c + v * lanes, k0, k1);
                 v += 2;
             }
             while v < W {
-                self.block::<R, 1>(r0, c + v * LANES, k0, k1);
+                self.block::<R, 1>(r0, c + v * lanes, k0, k1);
                 v += 1;
             }
         }
 
-        /// Columns `c..c + W·8` of every row: over all of `m`'s rows at once for one row of `x`
-        /// (its accumulators span the whole width), in ranges of [`K_BLOCK`] rows for several
-        /// (each range's tile of `m` stays in the first-level cache while every group of rows
-        /// and every lane vector passes over it, instead of each pass reading a column strip
-        /// of all of `m` again, one cache line per row).
+        /// Columns `c..c + W·LANES` of every row: over all of `m`'s rows at once for one row of
+        /// `x` (its accumulators span the whole width), in ranges of [`K_BLOCK`] rows for
+        /// several (each range's tile of `m` stays in the first-level cache while every group of
+        /// rows and every lane vector passes over it, instead of each pass reading a column
+        /// strip of all of `m` again, one cache line per row).
         #[inline(always)]
         fn strip<const W: usize>(&mut self, c: usize) {
             let (k, rows) = (self.m.rows, self.x.len() / self.m.rows);
             if rows == 1 || k * self.m.cols < K_BLOCK_MIN_ELEMENTS {
-                return self.blocks::<W>(c, 0, k);
+                return S::blocks::<W>(self, c, 0, k);
             }
             let mut k0 = 0;
             while k0 < k {
                 let k1 = (k0 + K_BLOCK).min(k);
-                self.blocks::<W>(c, k0, k1);
+                S::blocks::<W>(self, c, k0, k1);
                 k0 = k1;
             }
         }
@@ -800,31 +875,22 @@ mod x86 {
     /// one pass over all of their rows costs less than storing and reloading partial sums.
     pub(super) const K_BLOCK_MIN_ELEMENTS: usize = 1 << 18;
 
-    impl NullaryFnOnce for ManyRowTimes<'_, '_> {
+    impl<S: Width> NullaryFnOnce for ManyRowTimes<'_, '_, S> {
         type Output = ();
 
         #[inline(always)]
         fn call(mut self) {
-            let (k, n) = (self.m.rows, self.m.cols);
-            let rows = self.x.len() / k.max(1);
+            let (n, lanes) = (self.m.cols, S::LANES);
             let mut c = self.from;
-            while c + 8 * LANES <= n {
+            while c + 8 * lanes <= n {
                 self.strip::<8>(c);
-                c += 8 * LANES;
+                c += 8 * lanes;
             }
-            while c + LANES <= n {
+            while c + lanes <= n {
                 self.strip::<1>(c);
-                c += LANES;
+                c += lanes;
             }
-            for j in c..n {
-                for r in 0..rows {
-                    let mut s = 0f32;
-                    for i in 0..k {
-                        s = self.m.row(i)[j].mul_add(self.x[r * k + i], s);
-                    }
-                    self.y[r * n + j] = s;
-                }
-            }
+            S::rest(self, c);
         }
     }
 
@@ -1350,23 +1416,21 @@ mod x86 {
     }
 }
 
-/// The 16-lane (AVX-512) forms of [`x86::ManyRowTimes`] and [`x86::ManyTimesCols`]. Each output
+/// The 16-lane (AVX-512) forms of the several-row products: [`x86::ManyRowTimes`] at the
+/// [`x86::Width`] of `V4`, and a [`ManyTimesCols`] of its own. Each output
 /// gets the very operations the 8-lane kernel gives it (the same chains of fused multiply-adds
 /// in the same order, the same reductions), so the same bits; what changes is how many lanes
 /// one instruction takes and how many accumulators the 32 registers hold. Columns (or rows of
 /// `m`) past the last whole block go to the 8-lane kernel.
 #[cfg(target_arch = "x86_64")]
 mod x86_v4 {
-    use super::x86::{self, finish8, K_BLOCK, K_BLOCK_MIN_ELEMENTS};
+    use super::x86::{self, finish8, ManyRowTimes, Width, ROW_GROUP};
     use super::Rows;
     use core::arch::x86_64::__m512;
     use pulp::x86::{V3, V4};
     use pulp::{cast, f32x16, f32x8, NullaryFnOnce};
 
     const LANES: usize = 16;
-
-    /// Rows of `x` taken together: at most this many share one pass over a block of `m`.
-    const ROW_GROUP: usize = 4;
 
     #[inline(always)]
     fn load(x: &[f32], at: usize) -> f32x16 {
@@ -1384,134 +1448,62 @@ mod x86_v4 {
         (cast(lo), cast(hi))
     }
 
-    /// Rows of `x` (each `m.rows` long) times `m`; see [`super::Simd::rows_times_matrix`]. Every
-    /// output is one chain of fused multiply-adds over `m`'s rows in order, from zero, as in
-    /// [`x86::ManyRowTimes`] (whatever the lane width).
-    pub(super) struct ManyRowTimes<'a, 'b> {
-        pub simd: V4,
-        pub x: &'a [f32],
-        pub m: Rows<'b>,
-        pub y: &'a mut [f32],
-    }
+    impl Width for V4 {
+        type V = f32x16;
+        const LANES: usize = LANES;
 
-    impl ManyRowTimes<'_, '_> {
-        /// Columns `c..c + A·16` of rows `r0..r0 + R` over `m`'s rows `k0..k1`, from the sums
-        /// the previous range stored in `y` when `k0 > 0`.
         #[inline(always)]
-        fn block<const R: usize, const A: usize>(
-            &mut self,
-            r0: usize,
+        fn splat(self, x: f32) -> f32x16 {
+            self.splat_f32x16(x)
+        }
+
+        #[inline(always)]
+        fn mul_add(self, a: f32x16, b: f32x16, c: f32x16) -> f32x16 {
+            self.mul_add_f32x16(a, b, c)
+        }
+
+        #[inline(always)]
+        fn load(self, x: &[f32], at: usize) -> f32x16 {
+            load(x, at)
+        }
+
+        #[inline(always)]
+        fn store(self, y: &mut [f32], at: usize, v: f32x16) {
+            y[at..at + LANES].copy_from_slice(&cast::<f32x16, [f32; LANES]>(v));
+        }
+
+        /// Twice the registers of AVX2: four rows with four vectors each, or eight vectors for
+        /// two rows or one.
+        #[inline(always)]
+        fn blocks<const W: usize>(
+            t: &mut ManyRowTimes<'_, '_, V4>,
             c: usize,
             k0: usize,
             k1: usize,
         ) {
-            let simd = self.simd;
-            let (k, n) = (self.m.rows, self.m.cols);
-            let mut acc = [[simd.splat_f32x16(0.0); A]; R];
-            if k0 > 0 {
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    for (a, acc) in acc.iter_mut().enumerate() {
-                        *acc = load(self.y, (r0 + r) * n + c + a * LANES);
-                    }
-                }
-            }
-            for i in k0..k1 {
-                let row = &self.m.row(i)[c..c + A * LANES];
-                let mut w = [simd.splat_f32x16(0.0); A];
-                for (a, w) in w.iter_mut().enumerate() {
-                    *w = load(row, a * LANES);
-                }
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let xi = simd.splat_f32x16(self.x[(r0 + r) * k + i]);
-                    for (a, acc) in acc.iter_mut().enumerate() {
-                        *acc = simd.mul_add_f32x16(w[a], xi, *acc);
-                    }
-                }
-            }
-            for (r, acc) in acc.iter().enumerate() {
-                for (a, acc) in acc.iter().enumerate() {
-                    let at = (r0 + r) * n + c + a * LANES;
-                    self.y[at..at + LANES].copy_from_slice(&cast::<f32x16, [f32; LANES]>(*acc));
-                }
-            }
-        }
-
-        /// Columns `c..c + W·16` of every row over `m`'s rows `k0..k1`, [`ROW_GROUP`] rows at
-        /// a time with `R·A` accumulators.
-        #[inline(always)]
-        fn blocks<const W: usize>(&mut self, c: usize, k0: usize, k1: usize) {
-            let rows = self.x.len() / self.m.rows;
+            let rows = t.x.len() / t.m.rows;
             let mut r = 0;
             while r + ROW_GROUP <= rows {
-                self.across::<ROW_GROUP, 4, W>(r, c, k0, k1);
+                t.across::<ROW_GROUP, 4, W>(r, c, k0, k1);
                 r += ROW_GROUP;
             }
             match rows - r {
-                3 => self.across::<3, 4, W>(r, c, k0, k1),
-                2 => self.across::<2, 8, W>(r, c, k0, k1),
-                1 => self.across::<1, 8, W>(r, c, k0, k1),
+                3 => t.across::<3, 4, W>(r, c, k0, k1),
+                2 => t.across::<2, 8, W>(r, c, k0, k1),
+                1 => t.across::<1, 8, W>(r, c, k0, k1),
                 _ => {}
             }
         }
 
-        /// Columns `c..c + W·16` of rows `r0..r0 + R`, `A` lane vectors at a time.
+        /// The 8-lane kernel's blocks, then its single columns.
         #[inline(always)]
-        fn across<const R: usize, const A: usize, const W: usize>(
-            &mut self,
-            r0: usize,
-            c: usize,
-            k0: usize,
-            k1: usize,
-        ) {
-            let mut v = 0;
-            while v + A <= W {
-                self.block::<R, A>(r0, c + v * LANES, k0, k1);
-                v += A;
-            }
-            while v < W {
-                self.block::<R, 1>(r0, c + v * LANES, k0, k1);
-                v += 1;
-            }
-        }
-
-        /// Columns `c..c + W·16` of every row, in ranges of [`K_BLOCK`] of `m`'s rows where
-        /// [`x86::ManyRowTimes`] takes them.
-        #[inline(always)]
-        fn strip<const W: usize>(&mut self, c: usize) {
-            let (k, rows) = (self.m.rows, self.x.len() / self.m.rows);
-            if rows == 1 || k * self.m.cols < K_BLOCK_MIN_ELEMENTS {
-                return self.blocks::<W>(c, 0, k);
-            }
-            let mut k0 = 0;
-            while k0 < k {
-                let k1 = (k0 + K_BLOCK).min(k);
-                self.blocks::<W>(c, k0, k1);
-                k0 = k1;
-            }
-        }
-    }
-
-    impl NullaryFnOnce for ManyRowTimes<'_, '_> {
-        type Output = ();
-
-        #[inline(always)]
-        fn call(mut self) {
-            let n = self.m.cols;
-            let mut c = 0;
-            while c + 8 * LANES <= n {
-                self.strip::<8>(c);
-                c += 8 * LANES;
-            }
-            while c + LANES <= n {
-                self.strip::<1>(c);
-                c += LANES;
-            }
-            let simd: V3 = *self.simd;
-            x86::ManyRowTimes {
+        fn rest(t: ManyRowTimes<'_, '_, V4>, c: usize) {
+            let simd: V3 = *t.simd;
+            ManyRowTimes {
                 simd,
-                x: self.x,
-                m: self.m,
-                y: self.y,
+                x: t.x,
+                m: t.m,
+                y: t.y,
                 from: c,
             }
             .call();
