@@ -1417,7 +1417,7 @@ mod x86 {
 }
 
 /// The 16-lane (AVX-512) forms of the several-row products: [`x86::ManyRowTimes`] at the
-/// [`x86::Width`] of `V4`, and a [`ManyTimesCols`] of its own. Each output
+/// [`x86::Width`] of `V4`, and a `ManyTimesCols` of its own. Each output
 /// gets the very operations the 8-lane kernel gives it (the same chains of fused multiply-adds
 /// in the same order, the same reductions), so the same bits; what changes is how many lanes
 /// one instruction takes and how many accumulators the 32 registers hold. Columns (or rows of
