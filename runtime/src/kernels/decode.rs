@@ -690,8 +690,8 @@ mod x86 {
         fn mul_add(self, a: Self::V, b: Self::V, c: Self::V) -> Self::V;
         fn load(self, x: &[f32], at: usize) -> Self::V;
         fn store(self, y: &mut [f32], at: usize, v: Self::V);
-        /// Columns `c..c + W·LANES` of every row over `m`'s rows `k0..k1`: the rows in groups,
-        /// each with as many accumulators as fit the registers ([`ManyRowTimes::across`]).
+        /// Columns `c..c + W·LANES` of every row over `m`'s rows `k0..k1`: the width's
+        /// [`ManyRowTimes::groups`].
         fn blocks<const W: usize>(
             t: &mut ManyRowTimes<'_, '_, Self>,
             c: usize,
@@ -726,6 +726,8 @@ mod x86 {
             y[at..at + LANES].copy_from_slice(&cast::<f32x8, [f32; LANES]>(v));
         }
 
+        /// Sixteen registers: four rows with three vectors each, then three with two, two with
+        /// four, one with eight.
         #[inline(always)]
         fn blocks<const W: usize>(
             t: &mut ManyRowTimes<'_, '_, V3>,
@@ -733,18 +735,7 @@ mod x86 {
             k0: usize,
             k1: usize,
         ) {
-            let rows = t.x.len() / t.m.rows;
-            let mut r = 0;
-            while r + ROW_GROUP <= rows {
-                t.across::<ROW_GROUP, 3, W>(r, c, k0, k1);
-                r += ROW_GROUP;
-            }
-            match rows - r {
-                3 => t.across::<3, 2, W>(r, c, k0, k1),
-                2 => t.across::<2, 4, W>(r, c, k0, k1),
-                1 => t.across::<1, 8, W>(r, c, k0, k1),
-                _ => {}
-            }
+            t.groups::<W, 3, 2, 4, 8>(c, k0, k1);
         }
 
         #[inline(always)]
@@ -821,10 +812,41 @@ mod x86 {
             }
         }
 
+        /// Columns `c..c + W·LANES` of every row over `m`'s rows `k0..k1`: [`ROW_GROUP`] rows at
+        /// a time with `A4` lane vectors each, then the last three, two or one rows with `A3`,
+        /// `A2` or `A1` (as many accumulators as the width's registers hold: a row alone takes
+        /// the whole width at once).
+        #[inline(always)]
+        pub(super) fn groups<
+            const W: usize,
+            const A4: usize,
+            const A3: usize,
+            const A2: usize,
+            const A1: usize,
+        >(
+            &mut self,
+            c: usize,
+            k0: usize,
+            k1: usize,
+        ) {
+            let rows = self.x.len() / self.m.rows;
+            let mut r = 0;
+            while r + ROW_GROUP <= rows {
+                self.across::<ROW_GROUP, A4, W>(r, c, k0, k1);
+                r += ROW_GROUP;
+            }
+            match rows - r {
+                3 => self.across::<3, A3, W>(r, c, k0, k1),
+                2 => self.across::<2, A2, W>(r, c, k0, k1),
+                1 => self.across::<1, A1, W>(r, c, k0, k1),
+                _ => {}
+            }
+        }
+
         /// Columns `c..c + W·LANES` of rows `r0..r0 + R`, `A` lane vectors at a time. The
         /// blocking changes which columns share a pass over `m`'s rows, never an output's sum.
         #[inline(always)]
-        pub(super) fn across<const R: usize, const A: usize, const W: usize>(
+        fn across<const R: usize, const A: usize, const W: usize>(
             &mut self,
             r0: usize,
             c: usize,
@@ -869,11 +891,11 @@ mod x86 {
 
     /// Rows of `m` in one range of a several-row product (see [`ManyRowTimes::strip`]): a tile
     /// of 64 of them by 64 columns is 16 KiB.
-    pub(super) const K_BLOCK: usize = 64;
+    const K_BLOCK: usize = 64;
 
     /// Weights smaller than this (elements; 1 MiB of f32) stay in the caches between passes:
     /// one pass over all of their rows costs less than storing and reloading partial sums.
-    pub(super) const K_BLOCK_MIN_ELEMENTS: usize = 1 << 18;
+    const K_BLOCK_MIN_ELEMENTS: usize = 1 << 18;
 
     impl<S: Width> NullaryFnOnce for ManyRowTimes<'_, '_, S> {
         type Output = ();
@@ -1472,8 +1494,8 @@ mod x86_v4 {
             y[at..at + LANES].copy_from_slice(&cast::<f32x16, [f32; LANES]>(v));
         }
 
-        /// Twice the registers of AVX2: four rows with four vectors each, or eight vectors for
-        /// two rows or one.
+        /// Thirty-two registers: four or three rows with four vectors each, two rows or one with
+        /// eight.
         #[inline(always)]
         fn blocks<const W: usize>(
             t: &mut ManyRowTimes<'_, '_, V4>,
@@ -1481,18 +1503,7 @@ mod x86_v4 {
             k0: usize,
             k1: usize,
         ) {
-            let rows = t.x.len() / t.m.rows;
-            let mut r = 0;
-            while r + ROW_GROUP <= rows {
-                t.across::<ROW_GROUP, 4, W>(r, c, k0, k1);
-                r += ROW_GROUP;
-            }
-            match rows - r {
-                3 => t.across::<3, 4, W>(r, c, k0, k1),
-                2 => t.across::<2, 8, W>(r, c, k0, k1),
-                1 => t.across::<1, 8, W>(r, c, k0, k1),
-                _ => {}
-            }
+            t.groups::<W, 4, 4, 8, 8>(c, k0, k1);
         }
 
         /// The 8-lane kernel's blocks, then its single columns.
