@@ -122,7 +122,7 @@ impl KvCacheManager {
             })?;
         let need = (l.filled + n).div_ceil(bt.max(1));
         let mut grown = 0;
-        // Whether `new` is in the store already.
+        // Whether `new` went into the store with its (re)allocation.
         let mut written = false;
         if need > l.blocks || l.store.is_none() {
             let free = max_blocks.saturating_sub(in_use);
@@ -133,25 +133,23 @@ impl KvCacheManager {
                     reason: format!("out of blocks ({max_blocks} in use)"),
                 });
             }
+            // The new reservation in one copy: the rows kept, then the new ones (when they are
+            // f32; others go to the copy below, which refuses them), then zeros to its end.
             let cap = blocks * bt;
-            let store = match &l.store {
-                Some(old) if l.filled > 0 => {
-                    let kept = old.narrow(2, 0, l.filled).map_err(kv_err)?;
-                    let rest = Tensor::zeros((2, 1, cap - l.filled, w), DType::F32, &Device::Cpu)
-                        .map_err(kv_err)?;
-                    Tensor::cat(&[&kept, &rest], 2).map_err(kv_err)?
-                }
-                // An empty cache taking its first rows (a prompt's, or a moved cache): made from
-                // them in one copy, only the rest of its last block zeroed (instead of zeroing it
-                // all, then copying the rows over).
-                _ if n > 0 && new.dtype() == DType::F32 => {
-                    written = true;
-                    let rest = Tensor::zeros((2, 1, cap - n, w), DType::F32, &Device::Cpu)
-                        .map_err(kv_err)?;
-                    Tensor::cat(&[new, &rest], 2).map_err(kv_err)?
-                }
-                _ => Tensor::zeros((2, 1, cap, w), DType::F32, &Device::Cpu).map_err(kv_err)?,
+            let kept = match &l.store {
+                Some(old) if l.filled > 0 => Some(old.narrow(2, 0, l.filled).map_err(kv_err)?),
+                _ => None,
             };
+            written = n > 0 && new.dtype() == DType::F32;
+            let used = l.filled + if written { n } else { 0 };
+            let rest =
+                Tensor::zeros((2, 1, cap - used, w), DType::F32, &Device::Cpu).map_err(kv_err)?;
+            let parts: Vec<&Tensor> = kept
+                .iter()
+                .chain(written.then_some(new))
+                .chain([&rest])
+                .collect();
+            let store = Tensor::cat(&parts, 2).map_err(kv_err)?;
             grown = blocks - l.blocks;
             l.blocks = blocks;
             l.store = Some(store);
