@@ -15,9 +15,9 @@ use crate::worker;
 use candle_core::Tensor;
 use genie_scheduler::graph::{Graph, NodeId, TensorMeta, TensorRef};
 use genie_transport::{BackendSelection, Connection, Transport, TransportError};
-use parking_lot::{Mutex, MutexGuard};
+use parking_lot::{ArcMutexGuard, Mutex, MutexGuard, RawMutex};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -81,8 +81,13 @@ pub struct Driver {
     /// Per sequence: the workers that ran a step of it (the ones that may hold its KV cache).
     seqs: Mutex<std::collections::HashMap<u64, Vec<bool>>>,
     /// One per worker: held by the run (or free) talking to it, so that a worker's replies
-    /// always answer the holder's messages.
-    held: Vec<Mutex<()>>,
+    /// always answer the holder's messages (or by a [`StepStream`] for its steps).
+    held: Vec<Arc<Mutex<()>>>,
+    /// Per worker: how many callers wait for its `held` lock (a [`StepStream`] lets it go).
+    waiters: Vec<AtomicUsize>,
+    /// Per worker: sequences to free there, carried by the next run it gets
+    /// ([`Driver::free_sequence_later`]).
+    to_free: Mutex<Vec<Vec<u64>>>,
     /// Held by a run on several workers from its graph's lookup to its last message, so that
     /// no other run of that graph comes between its rounds (see
     /// [`Driver::run_senders_first`]).
@@ -150,7 +155,9 @@ impl Driver {
             _endpoint: endpoint,
             names: cluster.workers.iter().map(|w| w.name.clone()).collect(),
             sent: Mutex::new(SentGraphs::new(conns.len())),
-            held: conns.iter().map(|_| Mutex::new(())).collect(),
+            held: conns.iter().map(|_| Arc::new(Mutex::new(()))).collect(),
+            waiters: conns.iter().map(|_| AtomicUsize::new(0)).collect(),
+            to_free: Mutex::new(vec![Vec::new(); conns.len()]),
             several: Mutex::new(()),
             landing: Mutex::default(),
             conns,
@@ -280,40 +287,8 @@ impl Driver {
             None => vec![all],
         };
         let run = self.next_run.fetch_add(1, Ordering::Relaxed);
-        let mut payload = Vec::new();
-        let mut ins = Vec::new();
-        for (name, t) in inputs {
-            let bytes = tensor_to_bytes(t)?;
-            let node = graph
-                .nodes()
-                .iter()
-                .find(|n| n.name == *name)
-                .ok_or_else(|| RuntimeError::Plan(format!("graph has no input `{name}`")))?;
-            let meta: TensorMeta = node
-                .outputs
-                .first()
-                .cloned()
-                .ok_or_else(|| RuntimeError::Plan(format!("input `{name}` has no output")))?;
-            ins.push(PayloadTensor {
-                name: name.to_string(),
-                tensor: None,
-                meta,
-                offset: payload.len() as u64,
-                len: bytes.len() as u64,
-            });
-            payload.extend_from_slice(&bytes);
-        }
-        {
-            let mut known = self.seqs.lock();
-            for &seq in seqs {
-                let ran = known
-                    .entry(seq)
-                    .or_insert_with(|| vec![false; self.conns.len()]);
-                for (r, &a) in ran.iter_mut().zip(&active) {
-                    *r |= a;
-                }
-            }
-        }
+        let (ins, payload) = encode_inputs(graph, inputs)?;
+        self.note_seqs(seqs, &active);
         // Wait first on the workers that return nothing (they usually finish first), so that
         // their replies are read while the others still compute.
         let returns = |i: usize| {
@@ -342,16 +317,8 @@ impl Driver {
                     }
                 }
                 for &i in workers {
-                    let (g, forget) = sent.message(&look, i)?;
-                    let msg = Msg::Run {
-                        run,
-                        forget,
-                        graph: g,
-                        seqs: seqs.to_vec(),
-                        inputs: ins.clone(),
-                        wanted: wanted.to_vec(),
-                        spans: self.spans.load(Ordering::Relaxed),
-                    };
+                    let msg =
+                        self.run_msg(&mut sent, &look, i, (run, seqs), (&ins, wanted), None)?;
                     msgs.push((i, proto::encode(&msg, &payload)?));
                 }
             }
@@ -384,8 +351,25 @@ impl Driver {
             }
         }
         let start = start.unwrap_or_else(Instant::now);
-        let last = Instant::now();
-        let mut driver_bytes = payload.len() as u64 * order_len as u64;
+        let wall = Instant::now() - start;
+        let in_bytes = payload.len() as u64 * order_len as u64;
+        let (outputs, stats, out_bytes) = self.outputs(replies, run, used, wanted)?;
+        let mut out = assemble(&self.names, graph, &plan, stats, outputs, wall);
+        out.driver_bytes = in_bytes + out_bytes;
+        Ok(out)
+    }
+
+    /// The `wanted` tensors in `replies` to run `run` (on `used` workers), each worker's
+    /// statistics, and the tensor bytes that came back.
+    #[allow(clippy::type_complexity)]
+    fn outputs(
+        &self,
+        replies: Vec<(usize, Msg, Vec<u8>)>,
+        run: u64,
+        used: usize,
+        wanted: &[TensorRef],
+    ) -> Result<(Vec<Tensor>, Vec<Option<RunStats>>, u64)> {
+        let mut bytes = 0;
         let mut stats: Vec<Option<RunStats>> = vec![None; used];
         let mut outputs: Vec<Option<Tensor>> = vec![None; wanted.len()];
         for (i, msg, pl) in replies {
@@ -399,14 +383,16 @@ impl Driver {
                         let Some(t) = o.tensor else { continue };
                         let slice = proto::payload_slice(&pl, &o, &self.names[i])?;
                         let tensor = tensor_from_bytes(&o.meta, slice)?;
-                        driver_bytes += slice.len() as u64;
+                        bytes += slice.len() as u64;
                         for (k, w) in wanted.iter().enumerate() {
                             if *w == t {
                                 outputs[k] = Some(tensor.clone());
                             }
                         }
                     }
-                    stats[i] = Some(s);
+                    if let Some(slot) = stats.get_mut(i) {
+                        *slot = Some(s);
+                    }
                 }
                 other => {
                     let reason = format!("unexpected reply {other:?}");
@@ -414,15 +400,58 @@ impl Driver {
                 }
             }
         }
-        let wall = last - start;
         let outputs = outputs
             .into_iter()
             .zip(wanted)
             .map(|(o, w)| o.ok_or_else(|| RuntimeError::Plan(format!("no worker returned {w:?}"))))
             .collect::<Result<Vec<_>>>()?;
-        let mut out = assemble(&self.names, graph, &plan, stats, outputs, wall);
-        out.driver_bytes = driver_bytes;
-        Ok(out)
+        Ok((outputs, stats, bytes))
+    }
+
+    /// Notes that `seqs` ran on the workers marked in `active` (the ones that may hold their
+    /// KV caches).
+    fn note_seqs(&self, seqs: &[u64], active: &[bool]) {
+        let mut known = self.seqs.lock();
+        for &seq in seqs {
+            let ran = known
+                .entry(seq)
+                .or_insert_with(|| vec![false; self.conns.len()]);
+            for (r, &a) in ran.iter_mut().zip(active) {
+                *r |= a;
+            }
+        }
+    }
+
+    /// The `Run` message of run `run` (of `seqs`, with inputs `ins` and outputs `wanted`) for
+    /// worker `i` of a looked-up graph; it carries the sequences waiting to be freed there
+    /// ([`Driver::free_sequence_later`]). The caller holds worker `i` and `sent`.
+    fn run_msg(
+        &self,
+        sent: &mut SentGraphs,
+        look: &crate::cache::Lookup,
+        i: usize,
+        (run, seqs): (u64, &[u64]),
+        (ins, wanted): (&[PayloadTensor], &[TensorRef]),
+        feed: Option<proto::Feed>,
+    ) -> Result<Msg> {
+        let (g, forget) = sent.message(look, i)?;
+        let free = self
+            .to_free
+            .lock()
+            .get_mut(i)
+            .map(std::mem::take)
+            .unwrap_or_default();
+        Ok(Msg::Run {
+            run,
+            forget,
+            graph: g,
+            seqs: seqs.to_vec(),
+            inputs: ins.to_vec(),
+            wanted: wanted.to_vec(),
+            spans: self.spans.load(Ordering::Relaxed),
+            free,
+            feed,
+        })
     }
 
     /// Marks the driver unusable after a failure on `worker` (later runs refuse to start until
@@ -452,9 +481,20 @@ impl Driver {
             if guards.len() <= i {
                 guards.resize_with(i + 1, || None);
             }
+            // Counted while it waits, so that a step stream holding the worker lets it go.
+            self.waiters[i].fetch_add(1, Ordering::Relaxed);
             guards[i] = Some(m.lock());
+            self.waiters[i].fetch_sub(1, Ordering::Relaxed);
         }
         guards
+    }
+
+    /// Whether a run waits for worker `worker` (held by someone else, such as a
+    /// [`StepStream`], which should then let it go).
+    pub fn contended(&self, worker: usize) -> bool {
+        self.waiters
+            .get(worker)
+            .is_some_and(|w| w.load(Ordering::Relaxed) > 0)
     }
 
     /// The replies of workers `order` to the run just handed out, as they arrive (on this
@@ -561,8 +601,71 @@ impl Driver {
         self.free_on(seq, &[worker])
     }
 
+    /// [`Driver::free_sequence`] without a round trip of its own: the sequence is dropped on
+    /// each worker that ran it before the next run there starts (carried by that run's
+    /// message), or by [`Driver::flush_frees_on`]. For a caller that runs more steps soon (a
+    /// serving engine freeing a finished request between decode steps).
+    pub fn free_sequence_later(&self, seq: u64) {
+        let Some(ran) = self.seqs.lock().remove(&seq) else {
+            return;
+        };
+        let mut to_free = self.to_free.lock();
+        for (list, _) in to_free.iter_mut().zip(ran).filter(|(_, ran)| *ran) {
+            list.push(seq);
+        }
+    }
+
+    /// [`Driver::free_sequence_on`] carried by the next run on `worker` (see
+    /// [`Driver::free_sequence_later`]).
+    pub fn free_sequence_on_later(&self, seq: u64, worker: usize) {
+        let ran_there = {
+            let mut known = self.seqs.lock();
+            match known.get_mut(&seq).and_then(|r| r.get_mut(worker)) {
+                Some(r) => std::mem::replace(r, false),
+                None => false,
+            }
+        };
+        if ran_there {
+            if let Some(list) = self.to_free.lock().get_mut(worker) {
+                list.push(seq);
+            }
+        }
+    }
+
+    /// Frees now on `worker` (a `FreeSequence` round trip each) the sequences
+    /// [`Driver::free_sequence_later`] left for its next run: for a caller with no run coming.
+    pub fn flush_frees_on(&self, worker: usize) -> Result<()> {
+        let _held = self.hold(std::iter::once(worker));
+        // Taken under the worker's lock: no run of another caller carries them meanwhile.
+        let seqs = self
+            .to_free
+            .lock()
+            .get_mut(worker)
+            .map(std::mem::take)
+            .unwrap_or_default();
+        for seq in seqs {
+            self.free_held(seq, &[worker])?;
+        }
+        Ok(())
+    }
+
+    /// [`Driver::flush_frees_on`] every worker.
+    pub fn flush_frees(&self) -> Result<()> {
+        (0..self.conns.len()).try_for_each(|i| self.flush_frees_on(i))
+    }
+
+    /// Sequences waiting for the next run on some worker to free them.
+    pub fn frees_pending(&self) -> usize {
+        self.to_free.lock().iter().map(Vec::len).sum()
+    }
+
     fn free_on(&self, seq: u64, held: &[usize]) -> Result<u64> {
         let _held = self.hold(held.iter().copied());
+        self.free_held(seq, held)
+    }
+
+    /// Frees `seq` on workers `held`, which the caller holds.
+    fn free_held(&self, seq: u64, held: &[usize]) -> Result<u64> {
         for &i in held {
             send_msg(
                 &*self.conns[i],
@@ -600,6 +703,205 @@ impl Driver {
             let _ = send_msg(&**c, n, &Msg::Shutdown, &[]);
         }
         Ok(())
+    }
+}
+
+/// A run's inputs as the message's tensors and payload (each input named after its `graph`
+/// node, which gives its shape and dtype).
+fn encode_inputs(
+    graph: &Graph,
+    inputs: &[(&str, Tensor)],
+) -> Result<(Vec<PayloadTensor>, Vec<u8>)> {
+    let mut payload = Vec::new();
+    let mut ins = Vec::new();
+    for (name, t) in inputs {
+        let bytes = tensor_to_bytes(t)?;
+        let node = graph
+            .nodes()
+            .iter()
+            .find(|n| n.name == *name)
+            .ok_or_else(|| RuntimeError::Plan(format!("graph has no input `{name}`")))?;
+        let meta: TensorMeta = node
+            .outputs
+            .first()
+            .cloned()
+            .ok_or_else(|| RuntimeError::Plan(format!("input `{name}` has no output")))?;
+        ins.push(PayloadTensor {
+            name: name.to_string(),
+            tensor: None,
+            meta,
+            offset: payload.len() as u64,
+            len: bytes.len() as u64,
+        });
+        payload.extend_from_slice(&bytes);
+    }
+    Ok((ins, payload))
+}
+
+/// A step a [`StepStream`] sent whose reply is not read yet.
+struct InFlight {
+    run: u64,
+    plan: ExecPlan,
+    wanted: Vec<TensorRef>,
+    start: Instant,
+    in_bytes: u64,
+}
+
+/// Runs on one worker, each sent before the one ahead of it has answered
+/// ([`Driver::stream`]): the worker starts a step as soon as it is done with the last one,
+/// while the caller reads that one's reply and prepares the next (without a stream, the worker
+/// idles for the caller's whole turn around between two steps). With [`Feed`](proto::Feed), a
+/// step's token ids come from the step before it, on the worker.
+///
+/// The stream holds its worker: other runs on it wait until the stream is dropped (see
+/// [`Driver::contended`]). Replies are read in order, one [`StepStream::wait`] per
+/// [`StepStream::send`]; dropping the stream reads (and discards) those still due.
+pub struct StepStream {
+    driver: Arc<Driver>,
+    worker: usize,
+    hold: Option<ArcMutexGuard<RawMutex, ()>>,
+    flying: std::collections::VecDeque<InFlight>,
+}
+
+impl std::fmt::Debug for StepStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StepStream")
+            .field("worker", &self.worker)
+            .field("in_flight", &self.flying.len())
+            .finish()
+    }
+}
+
+impl Driver {
+    /// A [`StepStream`] on `worker`, once no other run holds it.
+    pub fn stream(self: &Arc<Self>, worker: usize) -> Result<StepStream> {
+        self.check_poisoned()?;
+        let Some(m) = self.held.get(worker) else {
+            return Err(RuntimeError::Plan(format!(
+                "a step stream on worker {worker}; the cluster has {}",
+                self.conns.len()
+            )));
+        };
+        self.waiters[worker].fetch_add(1, Ordering::Relaxed);
+        let hold = m.lock_arc();
+        self.waiters[worker].fetch_sub(1, Ordering::Relaxed);
+        Ok(StepStream {
+            driver: self.clone(),
+            worker,
+            hold: Some(hold),
+            flying: Default::default(),
+        })
+    }
+}
+
+impl StepStream {
+    /// The worker it holds.
+    pub fn worker(&self) -> usize {
+        self.worker
+    }
+
+    /// Steps sent whose replies are not read yet.
+    pub fn in_flight(&self) -> usize {
+        self.flying.len()
+    }
+
+    /// Sends a run of `graph`, placed by `placement` wholly on this stream's worker, as
+    /// [`Driver::run_batch`] would; its reply is read by a later [`StepStream::wait`]. `feed`
+    /// takes rows of its `input_ids` from the token ids of the step sent just before it (whose
+    /// run number `send` returned). Returns its run number.
+    pub fn send(
+        &mut self,
+        graph: &Graph,
+        placement: &Placement,
+        (inputs, wanted): (&[(&str, Tensor)], &[TensorRef]),
+        seqs: &[u64],
+        feed: Option<proto::Feed>,
+    ) -> Result<u64> {
+        let d = &*self.driver;
+        d.check_poisoned()?;
+        if let Some(&w) = placement.worker_of.iter().find(|&&w| w != self.worker) {
+            return Err(RuntimeError::Plan(format!(
+                "a step on a stream to worker {} places a node on worker {w}",
+                self.worker
+            )));
+        }
+        let used = placement.workers().max(self.worker + 1);
+        if used > d.conns.len() {
+            return Err(RuntimeError::Plan(format!(
+                "placement uses {used} workers, the cluster has {}",
+                d.conns.len()
+            )));
+        }
+        let run = d.next_run.fetch_add(1, Ordering::Relaxed);
+        let (ins, payload) = encode_inputs(graph, inputs)?;
+        let (plan, bytes) = {
+            let mut sent = d.sent.lock();
+            let look = sent.lookup(graph, placement);
+            let plan = sent.plan(&look, wanted)?.clone();
+            for i in (0..used).filter(|&i| i != self.worker) {
+                sent.skip(&look, i);
+            }
+            let msg = d.run_msg(
+                &mut sent,
+                &look,
+                self.worker,
+                (run, seqs),
+                (&ins, wanted),
+                feed,
+            )?;
+            (plan, proto::encode(&msg, &payload)?)
+        };
+        let mut active = vec![false; used];
+        active[self.worker] = true;
+        d.note_seqs(seqs, &active);
+        let start = Instant::now();
+        if let Err(e) = d.conns[self.worker].send(&bytes) {
+            return Err(d.fail(d.names[self.worker].clone(), e.to_string()));
+        }
+        self.flying.push_back(InFlight {
+            run,
+            plan,
+            wanted: wanted.to_vec(),
+            start,
+            in_bytes: payload.len() as u64,
+        });
+        Ok(run)
+    }
+
+    /// The reply to the oldest step still due (its `graph` names the spans); its outputs as
+    /// [`Driver::run_batch`] returns them. A worker's failure poisons the driver, as a run's.
+    pub fn wait(&mut self, graph: &Graph) -> Result<RunOutput> {
+        let f = self
+            .flying
+            .pop_front()
+            .ok_or_else(|| RuntimeError::Plan("a step stream waited with no step sent".into()))?;
+        let d = &*self.driver;
+        let replies = d
+            .gather(vec![self.worker], Instant::now() + RUN_TIMEOUT, &mut [])
+            .map_err(|(worker, reason)| d.fail(worker, reason))?;
+        let wall = f.start.elapsed();
+        let (outputs, stats, out_bytes) = d.outputs(replies, f.run, d.conns.len(), &f.wanted)?;
+        let mut out = assemble(&d.names, graph, &f.plan, stats, outputs, wall);
+        out.driver_bytes = f.in_bytes + out_bytes;
+        Ok(out)
+    }
+}
+
+impl Drop for StepStream {
+    fn drop(&mut self) {
+        // The replies still due are read here, so that the worker's next holder reads its own.
+        for _ in 0..self.flying.len() {
+            let deadline = Instant::now() + RUN_TIMEOUT;
+            if let Err((worker, reason)) = self.driver.gather(vec![self.worker], deadline, &mut [])
+            {
+                self.driver.fail(worker, reason);
+                break;
+            }
+        }
+        // Handed straight to a run waiting for the worker, if any.
+        if let Some(h) = self.hold.take() {
+            ArcMutexGuard::unlock_fair(h);
+        }
     }
 }
 

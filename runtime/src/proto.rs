@@ -34,6 +34,18 @@ pub struct PayloadTensor {
     pub len: u64,
 }
 
+/// Rows of a run's `input_ids` (`[N, 1]` I64) that come from the token ids (`[M, 1]` I64, its
+/// first wanted output) of the run this worker executed just before: `input_ids[dst] =
+/// ids[src]` for each `(dst, src)`. The run fails if `run` was not the worker's last run, that
+/// run returned no such ids, or a row is out of range.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Feed {
+    /// The run whose token ids are fed.
+    pub run: u64,
+    /// `(dst, src)` row pairs.
+    pub rows: Vec<(u32, u32)>,
+}
+
 /// A compute span measured by a worker, µs since the UNIX epoch (comparable across the
 /// processes of one host).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -152,6 +164,16 @@ pub enum Msg {
         /// reply carries counts and transfer times only (absent: yes).
         #[serde(default = "yes")]
         spans: bool,
+        /// Sequences whose KV caches the worker drops before this run, as
+        /// [`Msg::FreeSequence`] would (unanswered; one this session did not run here fails
+        /// the run). Lets a driver free finished sequences without a round trip of its own.
+        #[serde(default)]
+        free: Vec<u64>,
+        /// Rows of the `input_ids` input taken from the token ids the worker's previous run
+        /// returned (see [`Feed`]), so that a decode step can be sent before the step it
+        /// follows has answered.
+        #[serde(default)]
+        feed: Option<Feed>,
     },
     /// Worker → worker: the landing region for this run's transfers from the receiver.
     Regions {

@@ -296,3 +296,172 @@ fn a_cached_attention_over_a_foreign_tensor_is_refused() {
         cluster.stop(driver).unwrap();
     }
 }
+
+/// Greedy decode steps sent ahead on a [`StepStream`](genie_runtime::driver::StepStream), each
+/// step's tokens fed to the next on the worker, give every sequence the tokens of steps run one
+/// at a time (sequences joining and leaving between steps), for GPT-2 and a Llama-style model.
+/// A feed naming a run that is not the worker's last, a row out of range, or a free of a
+/// sequence that never ran there fails the step with an error that says so.
+fn steps_sent_ahead_equal_steps_one_at_a_time(model: &Model) {
+    use genie_runtime::models::with_next_tokens;
+    use genie_runtime::proto::Feed;
+    let cluster = EmbeddedCluster::start(2, Arc::new(CpuKernels::new())).unwrap();
+    let mut driver = Driver::connect(&cluster.cluster, WeightSpec::Seeded(9)).unwrap();
+    let prompts: Vec<Vec<i64>> = [4usize, 9, 2, 13]
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| {
+            prompt(l, model.vocab())
+                .iter()
+                .map(|t| (t + 5 * i as i64) % model.vocab() as i64)
+                .collect()
+        })
+        .collect();
+    // Each prompt prefilled twice: sequence i for the stream, 100 + i stepped one at a time.
+    let mut first = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        let t = prefill(&mut driver, model, p, i as u64);
+        assert_eq!(prefill(&mut driver, model, p, 100 + i as u64), t);
+        first.push(t);
+    }
+    // The members of each step, in row order: all, one leaves, one joins back elsewhere.
+    let steps: [&[usize]; 6] = [
+        &[0, 1, 2, 3],
+        &[0, 1, 2, 3],
+        &[0, 2, 3],
+        &[3, 0, 1, 2],
+        &[1, 3],
+        &[2, 1, 3, 0],
+    ];
+    // One at a time: each step's tokens read back before the next is sent.
+    let mut want: Vec<Vec<i64>> = first.iter().map(|&t| vec![t]).collect();
+    let mut lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+    for members in steps {
+        let l: Vec<usize> = members.iter().map(|&i| lens[i]).collect();
+        let toks: Vec<i64> = members.iter().map(|&i| *want[i].last().unwrap()).collect();
+        let seqs: Vec<u64> = members.iter().map(|&i| 100 + i as u64).collect();
+        let g = with_next_tokens(model.decode_batch(&l).unwrap()).unwrap();
+        let place = Placement::by_rule(&g, |_| 1);
+        let out = run_decode_batch(&driver, &g, &place, &toks, &l, &seqs).unwrap();
+        let next = out.outputs[0]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<i64>()
+            .unwrap();
+        for (&i, t) in members.iter().zip(next) {
+            want[i].push(t);
+            lens[i] += 1;
+        }
+    }
+    // Sent ahead: each step goes before the one ahead of it has answered; a sequence in the
+    // step just sent takes its token from that step's reply, on the worker.
+    let driver = Arc::new(driver);
+    let mut stream = driver.stream(1).unwrap();
+    let mut got: Vec<Vec<i64>> = first.iter().map(|&t| vec![t]).collect();
+    let mut lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+    let mut flying: std::collections::VecDeque<(genie_scheduler::graph::Graph, Vec<usize>)> =
+        Default::default();
+    let mut last_run = None;
+    for members in steps {
+        let prev: Vec<usize> = flying.back().map(|f| f.1.clone()).unwrap_or_default();
+        let mut toks = Vec::new();
+        let mut rows = Vec::new();
+        let mut l = Vec::new();
+        for (row, &i) in members.iter().enumerate() {
+            match prev.iter().position(|&p| p == i) {
+                Some(src) => {
+                    rows.push((row as u32, src as u32));
+                    toks.push(-1);
+                    l.push(lens[i] + 1);
+                }
+                None => {
+                    toks.push(*got[i].last().unwrap());
+                    l.push(lens[i]);
+                }
+            }
+        }
+        let seqs: Vec<u64> = members.iter().map(|&i| i as u64).collect();
+        let g = with_next_tokens(model.decode_batch(&l).unwrap()).unwrap();
+        let place = Placement::by_rule(&g, |_| 1);
+        let inputs = genie_runtime::models::decode_inputs(&toks, &l).unwrap();
+        let feed = last_run
+            .filter(|_| !rows.is_empty())
+            .map(|run| Feed { run, rows });
+        last_run = Some(
+            stream
+                .send(&g, &place, (&inputs, &g.outputs[..1]), &seqs, feed)
+                .unwrap(),
+        );
+        flying.push_back((g, members.to_vec()));
+        if flying.len() > 1 {
+            let (g, m) = flying.pop_front().unwrap();
+            let out = stream.wait(&g).unwrap();
+            let next = out.outputs[0]
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<i64>()
+                .unwrap();
+            for (&i, t) in m.iter().zip(next) {
+                got[i].push(t);
+                lens[i] += 1;
+            }
+        }
+    }
+    while let Some((g, m)) = flying.pop_front() {
+        let next = stream.wait(&g).unwrap().outputs[0]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<i64>()
+            .unwrap();
+        for (&i, t) in m.iter().zip(next) {
+            got[i].push(t);
+            lens[i] += 1;
+        }
+    }
+    assert_eq!(got, want, "{}", model.model_type());
+    assert_eq!(stream.in_flight(), 0);
+    drop(stream);
+    // A feed from a run that was not the worker's last fails the step, saying so (and, as
+    // any failed run, leaves the driver to reconnect).
+    let step = |driver: &Arc<Driver>, seq: u64, tok: i64, len: usize, feed: Option<Feed>| {
+        let g = with_next_tokens(model.decode_batch(&[len]).unwrap()).unwrap();
+        let place = Placement::by_rule(&g, |_| 1);
+        let inputs = genie_runtime::models::decode_inputs(&[tok], &[len]).unwrap();
+        let mut stream = driver.stream(1).unwrap();
+        let run = stream
+            .send(&g, &place, (&inputs, &g.outputs[..1]), &[seq], feed)
+            .unwrap();
+        stream.wait(&g).map(|_| run).map_err(|e| e.to_string())
+    };
+    let tok = *got[0].last().unwrap();
+    let feed = Feed {
+        run: last_run.unwrap() ^ 7,
+        rows: vec![(0, 0)],
+    };
+    let e = step(&driver, 0, tok, lens[0], Some(feed)).unwrap_err();
+    assert!(e.contains("feed") && e.contains("last run"), "{e}");
+    cluster.stop(Arc::try_unwrap(driver).unwrap()).unwrap();
+    // A row out of range: refused the same way.
+    let cluster = EmbeddedCluster::start(2, Arc::new(CpuKernels::new())).unwrap();
+    let mut driver = Driver::connect(&cluster.cluster, WeightSpec::Seeded(9)).unwrap();
+    let t = prefill(&mut driver, model, &prompts[0], 0);
+    let driver = Arc::new(driver);
+    let run = step(&driver, 0, t, prompts[0].len(), None).unwrap();
+    let feed = Feed {
+        run,
+        rows: vec![(0, 3)],
+    };
+    let e = step(&driver, 0, t, prompts[0].len() + 1, Some(feed)).unwrap_err();
+    assert!(e.contains("feed") && e.contains("row 0 from row 3"), "{e}");
+    cluster.stop(Arc::try_unwrap(driver).unwrap()).unwrap();
+}
+
+#[test]
+fn gpt2_steps_sent_ahead_equal_steps_one_at_a_time() {
+    steps_sent_ahead_equal_steps_one_at_a_time(&gpt2());
+}
+
+#[test]
+fn llama_steps_sent_ahead_equal_steps_one_at_a_time() {
+    steps_sent_ahead_equal_steps_one_at_a_time(&llama());
+}

@@ -9,7 +9,7 @@
 
 use genie_runtime::plan::Placement;
 use genie_runtime::proto::{
-    self, ComputeRecord, GraphRef, Msg, PayloadTensor, Reshape, RunStats, WeightSpec,
+    self, ComputeRecord, Feed, GraphRef, Msg, PayloadTensor, Reshape, RunStats, WeightSpec,
 };
 use genie_scheduler::builders::{gpt2_decode, Gpt2Config};
 use genie_scheduler::graph::{DType, NodeId, TensorMeta, TensorRef};
@@ -134,6 +134,7 @@ fn message() -> impl Strategy<Value = Msg> {
                 } else {
                     GraphRef::Cached { id: run, reshape }
                 };
+                let free = forget.iter().map(|f| f ^ seq).collect();
                 Msg::Run {
                     run,
                     forget,
@@ -142,6 +143,11 @@ fn message() -> impl Strategy<Value = Msg> {
                     inputs,
                     wanted,
                     spans: run % 2 == 0,
+                    free,
+                    feed: (run % 3 == 0).then(|| Feed {
+                        run: run ^ seq,
+                        rows: vec![(seq as u32, run as u32)],
+                    }),
                 }
             }),
         (

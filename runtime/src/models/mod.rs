@@ -476,15 +476,24 @@ pub fn run_decode_batch(
             seqs.len()
         )));
     }
-    let col = |v: Vec<i64>| Tensor::from_vec(v, (n, 1), &Device::Cpu).map_err(kerr);
-    let inputs = [
+    let inputs = decode_inputs(tokens, positions)?;
+    driver.run_batch(g, place, &inputs, &[logits], seqs)
+}
+
+/// The inputs of a batched decode step: `input_ids` (`tokens`) and `position_ids`
+/// (`positions`), `[N, 1]` each.
+pub fn decode_inputs(tokens: &[i64], positions: &[usize]) -> Result<[(&'static str, Tensor); 2]> {
+    let col = |v: Vec<i64>| {
+        let n = v.len();
+        Tensor::from_vec(v, (n, 1), &Device::Cpu).map_err(kerr)
+    };
+    Ok([
         ("input_ids", col(tokens.to_vec())?),
         (
             "position_ids",
             col(positions.iter().map(|&p| p as i64).collect())?,
         ),
-    ];
-    driver.run_batch(g, place, &inputs, &[logits], seqs)
+    ])
 }
 
 /// Runs a prefill of `prompt` then `steps` greedy decode steps for sequence `seq`.

@@ -67,12 +67,12 @@ use crate::kernels::Kernels;
 use crate::kv::KvCacheManager;
 use crate::limits::{self, WorkerOptions};
 use crate::plan::Placement;
-use crate::proto::{GraphRef, Msg, WeightSpec};
+use crate::proto::{Feed, GraphRef, Msg, PayloadTensor, WeightSpec};
 use crate::weights::WeightSource;
 use candle_core::Tensor;
 use genie_scheduler::builders::MAX_DECODE_BATCH;
 use genie_scheduler::dispatch::TaskGraph;
-use genie_scheduler::graph::Graph;
+use genie_scheduler::graph::{DType, Graph};
 use genie_transport::{Connection, Region, RemoteRegion, Transport, TransportError};
 use parking_lot::RwLock;
 use std::collections::HashMap;
@@ -117,6 +117,9 @@ struct Worker {
     driver: Option<Arc<dyn Connection>>,
     /// The sequences the current session ran: the only ones it may free.
     session_seqs: std::collections::HashSet<u64>,
+    /// The token ids the last run returned (its number and its first output, when that was
+    /// `[M, 1]` I64): what the next run may be fed ([`Feed`]).
+    last_ids: Option<(u64, Vec<i64>)>,
     /// Bytes held by `weight_cache`.
     weight_cache_bytes: u64,
     /// Limits on what a driver may ask.
@@ -275,6 +278,7 @@ fn serve_inner(
         links: HashMap::new(),
         kv: None,
         session_seqs: Default::default(),
+        last_ids: None,
         driver: None,
         landing: HashMap::new(),
         staging: HashMap::new(),
@@ -298,6 +302,24 @@ fn serve_inner(
     result
 }
 
+/// The token ids a run returned: its first output, when that is `[M, 1]` I64 with
+/// `M <= MAX_DECODE_BATCH` (a decode step's greedy next tokens); what a next run may be fed.
+fn token_ids(outputs: &[PayloadTensor], payload: &[u8]) -> Option<Vec<i64>> {
+    let t = outputs.first()?;
+    match (t.meta.dtype, t.meta.shape.as_slice()) {
+        (DType::I64, &[m, 1]) if m <= MAX_DECODE_BATCH && t.len == 8 * m as u64 => {}
+        _ => return None,
+    }
+    let start = usize::try_from(t.offset).ok()?;
+    let bytes = payload.get(start..start.checked_add(8 * t.meta.shape[0])?)?;
+    Some(
+        bytes
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap_or_default()))
+            .collect(),
+    )
+}
+
 impl Worker {
     fn peer_name(&self, i: usize) -> String {
         self.cluster
@@ -312,6 +334,7 @@ impl Worker {
         self.graphs.clear();
         self.kv = None;
         self.session_seqs.clear();
+        self.last_ids = None;
         self.driver = Some(ctrl.clone());
         let r = self.serve_session(&**ctrl);
         self.driver = None;
@@ -323,7 +346,7 @@ impl Worker {
 
     fn serve_session(&mut self, ctrl: &dyn Connection) -> Result<bool> {
         loop {
-            let (msg, payload) = match recv_msg(ctrl, "driver", Duration::from_millis(500)) {
+            let (msg, mut payload) = match recv_msg(ctrl, "driver", Duration::from_millis(500)) {
                 Ok(m) => m,
                 // Nothing from the driver yet: wait on, even if the connection has just died:
                 // the next receive still returns what arrived before it closed (the `Shutdown`
@@ -356,13 +379,23 @@ impl Worker {
                     inputs,
                     wanted,
                     spans,
+                    free,
+                    feed,
                 } => {
                     let _span = tracing::info_span!("run", worker = %self.name, run).entered();
                     for id in &forget {
                         self.graphs.remove(id);
                     }
                     let id = graph.id();
-                    let res = self.note_sequences(&seqs);
+                    // The token ids fed from the last run are that run's only: taken now.
+                    let last = self.last_ids.take();
+                    let res = self
+                        .free_listed(&free)
+                        .and_then(|()| match &feed {
+                            Some(f) => self.apply_feed(f, last, &inputs, &mut payload),
+                            None => Ok(()),
+                        })
+                        .and_then(|()| self.note_sequences(&seqs));
                     let res = res
                         .and_then(|()| self.take_graph(graph))
                         .and_then(|mut kept| {
@@ -380,38 +413,29 @@ impl Worker {
                     // The driver learns from the reply (or its absence) whether it arrived: no
                     // need to wait here until the transport has taken it.
                     match res {
-                        Ok((outputs, out_payload, stats)) => post_msg(
-                            ctrl,
-                            "driver",
-                            &Msg::Done {
-                                run,
-                                outputs,
-                                stats,
-                            },
-                            &out_payload,
-                        )?,
+                        Ok((outputs, out_payload, stats)) => {
+                            self.last_ids = token_ids(&outputs, &out_payload).map(|ids| (run, ids));
+                            post_msg(
+                                ctrl,
+                                "driver",
+                                &Msg::Done {
+                                    run,
+                                    outputs,
+                                    stats,
+                                },
+                                &out_payload,
+                            )?
+                        }
                         Err(e) => post_msg(ctrl, "driver", &failed(run, &e), &[])?,
                     };
                 }
                 Msg::FreeSequence { seq } => {
-                    let reply = if self.session_seqs.remove(&seq) {
-                        let blocks = self.kv.as_mut().map_or(0, |kv| {
-                            let before = kv.blocks_in_use();
-                            kv.free_sequence(seq);
-                            before.saturating_sub(kv.blocks_in_use())
-                        });
-                        Msg::Freed {
+                    let reply = match self.free_one(seq) {
+                        Ok(blocks) => Msg::Freed {
                             seq,
                             blocks: blocks as u64,
-                        }
-                    } else {
-                        let e = RuntimeError::Refused {
-                            worker: self.name.clone(),
-                            reason: format!(
-                                "sequence {seq} is not this driver's (it ran no step of it here)"
-                            ),
-                        };
-                        failed(0, &e)
+                        },
+                        Err(e) => failed(0, &e),
                     };
                     post_msg(ctrl, "driver", &reply, &[])?;
                 }
@@ -422,6 +446,82 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Drops sequence `seq`'s KV cache (a sequence this session ran here; any other is
+    /// refused); the KV blocks it released.
+    fn free_one(&mut self, seq: u64) -> Result<usize> {
+        if !self.session_seqs.remove(&seq) {
+            return Err(RuntimeError::Refused {
+                worker: self.name.clone(),
+                reason: format!("sequence {seq} is not this driver's (it ran no step of it here)"),
+            });
+        }
+        Ok(self.kv.as_mut().map_or(0, |kv| {
+            let before = kv.blocks_in_use();
+            kv.free_sequence(seq);
+            before.saturating_sub(kv.blocks_in_use())
+        }))
+    }
+
+    /// [`Worker::free_one`] for each of a run's `free` list.
+    fn free_listed(&mut self, free: &[u64]) -> Result<()> {
+        free.iter()
+            .try_for_each(|&seq| self.free_one(seq).map(|_| ()))
+    }
+
+    /// Writes the rows `feed` names into the run's `input_ids` (in `payload`), from `last`:
+    /// the token ids of the run before this one, if it returned some.
+    fn apply_feed(
+        &self,
+        feed: &Feed,
+        last: Option<(u64, Vec<i64>)>,
+        inputs: &[PayloadTensor],
+        payload: &mut [u8],
+    ) -> Result<()> {
+        let refuse = |reason: String| bad_from_driver(format!("a run's feed: {reason}"));
+        let ids = match last {
+            Some((run, ids)) if run == feed.run => ids,
+            Some((run, _)) => {
+                return Err(refuse(format!(
+                    "run {} fed, but the last run here was {run}",
+                    feed.run
+                )))
+            }
+            None => {
+                return Err(refuse(format!(
+                    "run {} fed, but the last run here returned no token ids",
+                    feed.run
+                )))
+            }
+        };
+        let t = inputs
+            .iter()
+            .find(|t| t.name == "input_ids")
+            .ok_or_else(|| refuse("the run has no `input_ids`".into()))?;
+        if t.meta.dtype != DType::I64 {
+            return Err(refuse(format!(
+                "`input_ids` is {:?}, not I64",
+                t.meta.dtype
+            )));
+        }
+        let rows = usize::try_from(t.len / 8).unwrap_or(0);
+        let start = usize::try_from(t.offset).unwrap_or(usize::MAX);
+        for &(dst, src) in &feed.rows {
+            let (dst, src) = (dst as usize, src as usize);
+            let (Some(&id), true) = (ids.get(src), dst < rows) else {
+                return Err(refuse(format!(
+                    "row {dst} from row {src}: {rows} rows, {} ids",
+                    ids.len()
+                )));
+            };
+            let at = start + dst * 8;
+            let slot = payload
+                .get_mut(at..at + 8)
+                .ok_or_else(|| refuse("`input_ids` lies outside the payload".into()))?;
+            slot.copy_from_slice(&id.to_le_bytes());
+        }
+        Ok(())
     }
 
     /// Records that the session runs sequences `seqs` (1 to [`MAX_DECODE_BATCH`], distinct;

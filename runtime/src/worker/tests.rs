@@ -58,6 +58,8 @@ fn malformed_graph_refs_are_refused() {
             inputs: vec![],
             wanted: vec![],
             spans: true,
+            free: vec![],
+            feed: None,
         };
         send_msg(&*c, "w0", &msg, &[]).unwrap();
         match recv_msg(&*c, "w0", SETUP_TIMEOUT).unwrap().0 {
@@ -289,6 +291,55 @@ fn sequences_belong_to_their_driver() {
     send_msg(&*c, "w0", &Msg::FreeSequence { seq: 5 }, &[]).unwrap();
     let e = refusal(&*c);
     assert!(e.contains("not this driver's"), "{e}");
+    // The same free carried by a run: the run is refused before anything else.
+    let run = Msg::Run {
+        run: 9,
+        forget: vec![],
+        graph: GraphRef::Cached {
+            id: 1,
+            reshape: vec![],
+        },
+        seqs: vec![6],
+        inputs: vec![],
+        wanted: vec![],
+        spans: false,
+        free: vec![5],
+        feed: None,
+    };
+    send_msg(&*c, "w0", &run, &[]).unwrap();
+    let e = refusal(&*c);
+    assert!(e.contains("not this driver's"), "{e}");
+    // A feed in a session whose last run returned no token ids: refused, saying so.
+    let Msg::Run {
+        run,
+        forget,
+        graph,
+        seqs,
+        inputs,
+        wanted,
+        spans,
+        ..
+    } = run
+    else {
+        unreachable!()
+    };
+    let fed = Msg::Run {
+        run,
+        forget,
+        graph,
+        seqs,
+        inputs,
+        wanted,
+        spans,
+        free: vec![],
+        feed: Some(proto::Feed {
+            run: 8,
+            rows: vec![(0, 0)],
+        }),
+    };
+    send_msg(&*c, "w0", &fed, &[]).unwrap();
+    let e = refusal(&*c);
+    assert!(e.contains("returned no token ids"), "{e}");
     send_msg(&*c, "w0", &Msg::Shutdown, &[]).unwrap();
 }
 

@@ -262,6 +262,8 @@ impl RawDriver {
             }],
             wanted: vec![y],
             spans: true,
+            free: vec![],
+            feed: None,
         };
         match self.ask(&proto::encode(&msg, &[0u8; 16]).map_err(|e| e.to_string())?) {
             Ok(k) if k == "Done" => Ok(()),
