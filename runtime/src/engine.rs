@@ -31,7 +31,13 @@
 //! - the **decode lane** (the engine thread) runs one batched forward pass per round over every
 //!   active sequence on the decode worker ([`EngineConfig::max_batch`] at most per pass), each
 //!   against its own KV length. A sequence joins the pass after its cache landed and leaves
-//!   when it ends, without draining the others.
+//!   when it ends, without draining the others. While every active request is greedy, each
+//!   step is sent before the one ahead of it has answered ([`EngineConfig::step_ahead`], a
+//!   [`StepStream`]): a sequence in the step in flight takes its next token from that step's
+//!   reply on the worker, so the decode worker goes from step to step while the engine streams
+//!   the last step's tokens and prepares the next. A finished request's KV cache is dropped by
+//!   the worker's next run (it rides on that run's message) or, when none comes, before the
+//!   engine sleeps.
 //!
 //! So a long prefill never stalls decode steps: the decode worker pauses only to take in a moved
 //! cache. When the prefill and decode workers are one worker (a co-located engine), there is one
@@ -71,18 +77,18 @@
 //! ```
 
 use crate::cluster::{Cluster, Role, WorkerLink};
-use crate::driver::{Driver, RunOutput};
+use crate::driver::{Driver, RunOutput, StepStream};
 use crate::error::RuntimeError;
 use crate::models::{
-    argmax_last, pick, prefill_last, run_decode_batch, run_prefill, run_prefill_batch,
-    with_next_tokens, Family, Model,
+    argmax_last, decode_inputs, pick, prefill_last, run_decode_batch, run_prefill,
+    run_prefill_batch, with_next_tokens, Family, Model,
 };
 use crate::plan::Placement;
-use crate::proto::WeightSpec;
+use crate::proto::{Feed, WeightSpec};
 use crate::trace::Span;
 use candle_core::Tensor;
 use genie_scheduler::builders::{kv_move_batch, MAX_DECODE_BATCH};
-use genie_scheduler::graph::OpKind;
+use genie_scheduler::graph::{Graph, OpKind};
 use genie_scheduler::topology::LinkSpec;
 use rand::SeedableRng;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -279,6 +285,12 @@ pub struct EngineConfig {
     /// the scheduler's topology, and so the choice of prefill worker for each request (see
     /// [`EngineConfig::prefill_pool`]). Empty by default: every link alike.
     pub links: Vec<WorkerLink>,
+    /// Send each decode step before the one ahead of it has answered (on by default), so that
+    /// the decode worker goes from step to step without waiting for the engine to read a
+    /// step's reply and send the next ([`crate::driver::StepStream`]; a step's greedy tokens
+    /// reach the next on the worker). Applies while every active request is greedy and fits one
+    /// pass; the tokens are the same either way.
+    pub step_ahead: bool,
 }
 
 /// The order in which waiting requests go to prefill ([`EngineConfig::prefill_order`]).
@@ -335,6 +347,7 @@ impl EngineConfig {
             max_running: 256,
             max_prefill_batch: 8,
             links: Vec::new(),
+            step_ahead: true,
         }
     }
 
@@ -941,6 +954,7 @@ impl Engine {
             spans: (Instant::now(), spans.clone()),
             recording: cfg.record_spans,
             decode_places: HashMap::new(),
+            flight: None,
         };
         let thread = std::thread::Builder::new()
             .name("genie-engine".into())
@@ -1236,10 +1250,24 @@ struct Core {
     /// are chosen on the worker (all greedy): steps of one such kind differ in their KV lengths
     /// only, which never move a node of a one-worker schedule.
     decode_places: HashMap<(usize, bool), Placement>,
+    /// Decode steps sent ahead on the decode worker (see [`Core::step_ahead`]).
+    flight: Option<Flight>,
     /// Where to connect again after a worker failure ([`Engine::connect`]).
     reconnect: Option<(Cluster, WeightSpec)>,
     /// The worker whose failure poisoned the driver, until a reconnection succeeded.
     lost: Option<(String, String)>,
+}
+
+/// The decode steps in flight on the decode worker's [`StepStream`] (one or two): each sent
+/// before the one ahead of it answered, so that the worker goes from step to step while the
+/// engine streams the last step's tokens and prepares the next.
+struct Flight {
+    stream: StepStream,
+    /// Oldest first: each step's graph (which names its spans), its rows' request ids, its run
+    /// number, and when it was sent.
+    steps: VecDeque<(Graph, Vec<u64>, u64, Instant)>,
+    /// When the last reply was read (the step after it was under way by then).
+    landed: Option<Instant>,
 }
 
 /// How long the engine thread sleeps when it has nothing to do (it wakes on any command).
@@ -1252,6 +1280,8 @@ impl Core {
             // lane finished is one).
             let idle = self.active.is_empty() && (self.waiting.is_empty() || !self.lane_has_room());
             let first = if idle {
+                self.land();
+                self.flush_frees();
                 match rx.recv_timeout(IDLE) {
                     Ok(c) => Some(c),
                     Err(mpsc::RecvTimeoutError::Timeout) => None,
@@ -1324,6 +1354,11 @@ impl Core {
                     break;
                 }
             }
+            if self.pipelines() {
+                self.step_ahead();
+                continue;
+            }
+            self.land();
             let mut active = std::mem::take(&mut self.active);
             while !active.is_empty() {
                 let rest = active.split_off(active.len().min(self.cfg.max_batch));
@@ -1331,6 +1366,7 @@ impl Core {
                 active = rest;
             }
         }
+        self.land();
         std::mem::take(&mut self.lanes)
             .into_iter()
             .for_each(Lane::stop);
@@ -1345,6 +1381,12 @@ impl Core {
         {
             self.release(a.reserved, Some(a.seq));
             let _ = a.tx.send(Event::Failed(EngineError::ShutDown));
+        }
+        // What ended sequences left on the workers goes now: the driver outlives the engine.
+        if let Some(d) = self.driver.as_ref().filter(|_| self.lost.is_none()) {
+            if let Err(e) = d.flush_frees() {
+                tracing::warn!(error = %e, "engine: freeing finished KV caches failed");
+            }
         }
         let driver = self.driver.take().ok_or_else(|| {
             let (worker, reason) = self.lost.clone().unwrap_or_default();
@@ -1399,13 +1441,13 @@ impl Core {
         }
     }
 
-    /// Frees a sequence's KV cache (if it had one) and gives its reservation back: called before
-    /// the handle hears of the end, so a caller that saw a request end can count on its bytes.
+    /// Frees a sequence's KV cache (if it had one: the workers drop it before their next run,
+    /// see [`Driver::free_sequence_later`]) and gives its reservation back: called before the
+    /// handle hears of the end, so a caller that saw a request end can count on its bytes.
     fn release(&mut self, reserved: u64, seq: Option<u64>) {
-        if let Some(seq) = seq {
-            if let Err(e) = self.driver().and_then(|d| d.free_sequence(seq)) {
-                tracing::warn!(seq, error = %e, "engine: freeing a KV cache failed");
-            }
+        if let (Some(seq), Some(d)) = (seq, &self.driver) {
+            // Dropped before the worker's next run (a decode step on its way may still read it).
+            d.free_sequence_later(seq);
         }
         self.pool.lock().free += reserved;
     }
@@ -1527,7 +1569,9 @@ impl Core {
                 self.prefilling[lane].append(&mut reqs);
             }
             None => {
-                // No lanes: prefill and decode share one worker, the caches are built in place.
+                // No lanes: prefill and decode share one worker, the caches are built in place
+                // (after the decode steps in flight there).
+                self.land();
                 let job: Vec<(&[i64], u64)> = reqs
                     .iter()
                     .map(|a| (a.req.prompt.as_slice(), a.seq))
@@ -1742,7 +1786,24 @@ impl Core {
             .collect();
         let seqs: Vec<u64> = batch.iter().map(|a| a.seq).collect();
         let greedy = batch.iter().all(|a| a.req.sampling == Sampling::Greedy);
-        let mut g = self.cfg.model.decode_batch(&lens)?;
+        let (g, place) = self.decode_graph(&lens, greedy)?;
+        let started = Instant::now();
+        let out = run_decode_batch(self.driver()?, &g, &place, &toks, &lens, &seqs)?;
+        self.record(started, &out);
+        out.outputs
+            .into_iter()
+            .next()
+            .ok_or_else(|| RuntimeError::Plan("decode returned nothing".into()))
+    }
+
+    /// The graph of a batched decode step at KV lengths `lens` (its tokens chosen on the
+    /// worker when `greedy`) and the scheduler's placement of it on the decode worker.
+    fn decode_graph(
+        &mut self,
+        lens: &[usize],
+        greedy: bool,
+    ) -> Result<(Graph, Placement), RuntimeError> {
+        let mut g = self.cfg.model.decode_batch(lens)?;
         if greedy {
             g = with_next_tokens(g)?;
         }
@@ -1756,13 +1817,211 @@ impl Core {
                 p
             }
         };
-        let started = Instant::now();
-        let out = run_decode_batch(self.driver()?, &g, &place, &toks, &lens, &seqs)?;
-        self.record(started, &out);
-        out.outputs
-            .into_iter()
-            .next()
-            .ok_or_else(|| RuntimeError::Plan("decode returned nothing".into()))
+        Ok((g, place))
+    }
+
+    /// Whether the next decode step goes ahead on the stream ([`Core::step_ahead`]): every
+    /// active request greedy (its token chosen on the worker, where the next step reads it),
+    /// all in one pass, and the session sound.
+    fn pipelines(&self) -> bool {
+        self.cfg.step_ahead
+            && !self.active.is_empty()
+            && self.active.len() <= self.cfg.max_batch
+            && self.lost.is_none()
+            && self.pending.is_none()
+            && self.driver.is_some()
+            && self
+                .active
+                .iter()
+                .all(|a| a.req.sampling == Sampling::Greedy)
+    }
+
+    /// Sends the next decode step before the one in flight has answered, then reads that
+    /// one's reply and streams its tokens while the worker computes the next. A request in
+    /// the step in flight takes its next token from that step's reply on the worker
+    /// ([`Feed`]); one whose next token there is its last is left out (its row of a step it
+    /// ended in by a stop token is dropped). A request whose cache landed joins at once, with
+    /// its first token from the engine. When a run waits for the decode worker (a cache
+    /// landing), the steps in flight land first and the stream lets the worker go.
+    fn step_ahead(&mut self) {
+        let dw = self.cfg.decode_worker;
+        if self.flight.as_ref().is_some_and(|f| {
+            f.steps.len() > 1 || self.driver.as_ref().is_some_and(|d| d.contended(dw))
+        }) {
+            self.land();
+        }
+        let last = self
+            .flight
+            .as_ref()
+            .and_then(|f| f.steps.back())
+            .map(|(_, ids, run, _)| (ids, *run));
+        let mut rows: Vec<(u64, u64)> = Vec::new();
+        let (mut lens, mut toks, mut fed) = (Vec::new(), Vec::new(), Vec::new());
+        for a in &self.active {
+            if self.cancelled.contains(&a.id) {
+                continue;
+            }
+            let in_flight = last.and_then(|(ids, _)| ids.iter().position(|&id| id == a.id));
+            match in_flight {
+                // Its token of the step in flight is its last: no step after it.
+                Some(_) if a.tokens.len() + 1 >= a.req.max_new_tokens => continue,
+                Some(r) => {
+                    fed.push((rows.len() as u32, r as u32));
+                    lens.push(a.req.prompt.len() + a.tokens.len());
+                    toks.push(0);
+                }
+                None => {
+                    lens.push(a.req.prompt.len() + a.tokens.len() - 1);
+                    toks.push(a.tokens.last().copied().unwrap_or(0));
+                }
+            }
+            rows.push((a.id, a.seq));
+        }
+        if rows.is_empty() {
+            return self.land();
+        }
+        let feed = last
+            .filter(|_| !fed.is_empty())
+            .map(|(_, run)| Feed { run, rows: fed });
+        let ids: Vec<u64> = rows.iter().map(|r| r.0).collect();
+        let seqs: Vec<u64> = rows.iter().map(|r| r.1).collect();
+        match self.send_step(&lens, &toks, &seqs, feed) {
+            Ok((g, run)) => {
+                if let Some(f) = self.flight.as_mut() {
+                    f.steps.push_back((g, ids, run, Instant::now()));
+                }
+            }
+            Err(e) => {
+                let err = self.engine_error(e);
+                self.land();
+                let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.active)
+                    .into_iter()
+                    .partition(|a| ids.contains(&a.id));
+                self.active = kept;
+                for a in gone {
+                    self.fail_with(a, err.clone());
+                }
+                return;
+            }
+        }
+        if self.flight.as_ref().is_some_and(|f| f.steps.len() > 1) {
+            self.land_one();
+        }
+    }
+
+    /// Sends a greedy decode step of sequences `seqs` (tokens `toks` at KV lengths `lens`,
+    /// rows `feed` taken from the step in flight) on the stream, opened if need be; the step's
+    /// graph and run number.
+    fn send_step(
+        &mut self,
+        lens: &[usize],
+        toks: &[i64],
+        seqs: &[u64],
+        feed: Option<Feed>,
+    ) -> Result<(Graph, u64), RuntimeError> {
+        let (g, place) = self.decode_graph(lens, true)?;
+        if self.flight.is_none() {
+            self.driver()?;
+            let Some(d) = self.driver.clone() else {
+                return Err(RuntimeError::Plan("engine: no driver".into()));
+            };
+            let stream = d.stream(self.cfg.decode_worker)?;
+            self.flight = Some(Flight {
+                stream,
+                steps: VecDeque::new(),
+                landed: None,
+            });
+        }
+        let Some(f) = self.flight.as_mut() else {
+            return Err(RuntimeError::Plan("engine: no step stream".into()));
+        };
+        let inputs = decode_inputs(toks, lens)?;
+        let next = *g
+            .outputs
+            .first()
+            .ok_or_else(|| RuntimeError::Plan("decode graph has no outputs".into()))?;
+        let run = f.stream.send(&g, &place, (&inputs, &[next]), seqs, feed)?;
+        Ok((g, run))
+    }
+
+    /// Reads the reply of the oldest step in flight and streams its tokens (rows of requests
+    /// that ended meanwhile are dropped); a failed step fails its requests and the steps
+    /// after it.
+    fn land_one(&mut self) {
+        let Some(f) = self.flight.as_mut() else {
+            return;
+        };
+        let Some((g, ids, _, sent)) = f.steps.pop_front() else {
+            return;
+        };
+        let out = f.stream.wait(&g);
+        // The worker started this step once it was done with the one before (as its reply
+        // came in) or once it was sent, whichever came last.
+        let started = f.landed.map_or(sent, |l| l.max(sent));
+        f.landed = Some(Instant::now());
+        let next = out.and_then(|out| {
+            self.record(started, &out);
+            out.outputs
+                .into_iter()
+                .next()
+                .ok_or_else(|| RuntimeError::Plan("decode returned nothing".into()))
+        });
+        let next = match next {
+            Ok(t) => t,
+            Err(e) => {
+                let err = self.engine_error(e);
+                let steps = self.flight.take().map(|f| f.steps).unwrap_or_default();
+                let failed: HashSet<u64> = steps.into_iter().flat_map(|s| s.1).chain(ids).collect();
+                let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.active)
+                    .into_iter()
+                    .partition(|a| failed.contains(&a.id));
+                self.active = kept;
+                for a in gone {
+                    self.fail_with(a, err.clone());
+                }
+                return;
+            }
+        };
+        for (i, id) in ids.into_iter().enumerate() {
+            let Some(at) = self.active.iter().position(|a| a.id == id) else {
+                continue;
+            };
+            let a = self.active.remove(at);
+            let row = next.narrow(0, i, 1).map_err(|source| RuntimeError::Kernel {
+                node: "next_tokens".into(),
+                source,
+            });
+            let kept = match row {
+                Ok(row) => self.emit(a, &row),
+                Err(e) => {
+                    self.fail(a, e);
+                    None
+                }
+            };
+            if let Some(a) = kept {
+                self.active.insert(at, a);
+            }
+        }
+    }
+
+    /// Lands every step in flight and lets the decode worker go.
+    fn land(&mut self) {
+        while self.flight.as_ref().is_some_and(|f| !f.steps.is_empty()) {
+            self.land_one();
+        }
+        self.flight = None;
+    }
+
+    /// Frees on the decode worker the finished sequences waiting for its next run (the engine
+    /// is about to sleep: no run may come soon).
+    fn flush_frees(&mut self) {
+        let Some(d) = self.driver.clone() else { return };
+        if d.frees_pending() == 0 {
+            return;
+        }
+        if let Err(e) = d.flush_frees_on(self.cfg.decode_worker) {
+            tracing::warn!(error = %e, "engine: freeing finished KV caches failed");
+        }
     }
 
     /// Chooses and streams the next token of `a`; ends it when done.
@@ -1849,6 +2108,7 @@ impl Core {
         let Some((worker, reason)) = self.lost.clone() else {
             return true;
         };
+        self.land();
         for a in std::mem::take(&mut self.active) {
             self.pool.lock().free += a.reserved;
             let _ = a.tx.send(Event::Failed(EngineError::WorkerFailed {
@@ -1899,6 +2159,7 @@ impl Core {
     /// are chosen by role again ([`EngineConfig::for_cluster`]) and the lane restarted on them.
     /// The caller has nothing in flight.
     fn connect_to(&mut self, cluster: Cluster, weights: WeightSpec) -> Result<(), RuntimeError> {
+        self.land();
         drop(self.driver.take());
         std::mem::take(&mut self.lanes)
             .into_iter()
@@ -2105,8 +2366,9 @@ fn kv_mover(
 
 /// Moves `job`'s KV caches (those prefilled together) from the prefill worker `pw` to the
 /// decode worker `dw` in one [`kv_move_batch`] run (`sent` called once the prefill worker has
-/// sent them all), reports the move of each to the engine, then drops the prefill worker's
-/// copies (after the report: the requests' next decode step does not wait for it). A failed
+/// sent them all), reports the move of each to the engine, then leaves the prefill worker's
+/// copies to its next run to drop ([`Driver::free_sequence_on_later`]: the requests' next
+/// decode step does not wait for it, nor the next prefill for a round trip). A failed
 /// move frees what was built and reports the error to each. `false` once the engine no longer
 /// listens.
 fn move_and_report(
@@ -2131,10 +2393,9 @@ fn move_and_report(
                 });
                 listening &= done.send(Cmd::Moved { id, result }).is_ok();
             }
+            // Dropped there before its next run (a prefill), without a round trip of its own.
             for &(_, seq) in &caches {
-                if let Err(e) = job.driver.free_sequence_on(seq, pw) {
-                    tracing::warn!(seq, error = %e, "engine: dropping a moved KV cache failed");
-                }
+                job.driver.free_sequence_on_later(seq, pw);
             }
         }
         Err(e) => {

@@ -411,6 +411,107 @@ fn stop_tokens_and_seeded_sampling() {
     cluster.stop(engine.shutdown().unwrap()).unwrap();
 }
 
+/// Requests decoding together, some ending early at a stop token (while the step after it is
+/// already on its way) and one cancelled midway, with decode steps sent ahead and without:
+/// every request streams the tokens it streams alone, up to its stop token; the pool gets its
+/// bytes back and no KV cache is left to free on the workers once the engine shut down.
+#[test]
+fn steps_sent_ahead_or_not_stream_the_same_tokens_with_stops_and_cancels() {
+    let (cluster, mut driver) = start();
+    let n = 6;
+    let longer = |i: usize| 10 + 3 * i;
+    let reference: Vec<Vec<i64>> = (0..n)
+        .map(|i| {
+            let seq = 2000 + i as u64;
+            let gen = generate(
+                &mut driver,
+                &cfg(),
+                &prompt_of(i),
+                longer(i) - 1,
+                seq,
+                |g| {
+                    Ok(Placement::by_rule(g, |n| {
+                        usize::from(matches!(n.op, OpKind::KvCacheAppend))
+                    }))
+                },
+                |g| Ok(Placement::by_rule(g, |_| 1)),
+            )
+            .unwrap();
+            driver.free_sequence(seq).unwrap();
+            gen.tokens
+        })
+        .collect();
+    // Odd requests stop at their reference's token 3 (its first occurrence ends them).
+    let request = |i: usize| Request {
+        stop: if i % 2 == 1 {
+            vec![reference[i][3]]
+        } else {
+            vec![]
+        },
+        ..Request::greedy(prompt_of(i), longer(i))
+    };
+    let expected = |i: usize| -> Vec<i64> {
+        let r = &reference[i];
+        match request(i).stop.first() {
+            Some(s) => r[..=r.iter().position(|t| t == s).unwrap()].to_vec(),
+            None => r.clone(),
+        }
+    };
+    for step_ahead in [true, false] {
+        let config = EngineConfig {
+            step_ahead,
+            ..EngineConfig::disaggregated(cfg())
+        };
+        let pool = config.kv_pool_bytes;
+        let engine = Engine::start(driver, config).unwrap();
+        let cancelled = engine.submit(Request::greedy(prompt_of(2), 40)).unwrap();
+        let handles: Vec<RequestHandle> =
+            (0..n).map(|i| engine.submit(request(i)).unwrap()).collect();
+        // Cancelled after its third token, while the others decode with it.
+        let id = cancelled.id();
+        let mut cancelled = cancelled;
+        for _ in 0..3 {
+            assert!(matches!(cancelled.next(WAIT).unwrap(), Step::Token(_)));
+        }
+        engine.cancel(id);
+        for (i, h) in handles.into_iter().enumerate() {
+            let done = h.wait().unwrap();
+            assert_eq!(
+                done.tokens,
+                expected(i),
+                "request {i}, step_ahead {step_ahead}"
+            );
+            let why = if i % 2 == 1 {
+                FinishReason::Stop
+            } else {
+                FinishReason::Length
+            };
+            assert_eq!(done.reason, why, "request {i}");
+        }
+        let end = loop {
+            match cancelled.next(WAIT).unwrap() {
+                Step::Token(_) => continue,
+                Step::Done(reason, _) => break reason,
+            }
+        };
+        assert!(
+            matches!(end, FinishReason::Cancelled | FinishReason::Length),
+            "{end:?}"
+        );
+        let deadline = Instant::now() + WAIT;
+        while engine.kv_free() != pool {
+            assert!(
+                Instant::now() < deadline,
+                "the pool did not get its bytes back"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        driver = engine.shutdown().unwrap();
+        assert_eq!(driver.frees_pending(), 0, "step_ahead {step_ahead}");
+    }
+    cluster.stop(driver).unwrap();
+}
+
 #[test]
 fn a_full_kv_pool_refuses_and_cancel_frees_it() {
     let (cluster, driver) = start();

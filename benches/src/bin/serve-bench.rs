@@ -126,6 +126,10 @@ struct Args {
     /// 1 prefills every request alone.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
     max_prefill_batch: u16,
+    /// Every engine (both modes alike) waits for each decode step's reply before it sends the
+    /// next (`EngineConfig::step_ahead` off): for an A/B of sending steps ahead.
+    #[arg(long)]
+    no_step_ahead: bool,
 }
 
 /// What every engine of both modes is configured with beyond its workers.
@@ -134,6 +138,7 @@ struct Tuning {
     order: PrefillOrder,
     max_running: usize,
     max_prefill_batch: usize,
+    step_ahead: bool,
 }
 
 impl Tuning {
@@ -141,6 +146,7 @@ impl Tuning {
         cfg.prefill_order = self.order;
         cfg.max_running = self.max_running;
         cfg.max_prefill_batch = self.max_prefill_batch;
+        cfg.step_ahead = self.step_ahead;
     }
 }
 
@@ -161,6 +167,7 @@ impl Args {
             order: self.order(),
             max_running: self.max_running,
             max_prefill_batch: usize::from(self.max_prefill_batch),
+            step_ahead: !self.no_step_ahead,
         }
     }
 }
@@ -645,7 +652,7 @@ fn main() -> Result<()> {
         usize::from,
     );
     println!(
-        "serve-bench: model {} ({}), {} requests per rate, rates {:?} req/s, prompts short {} / long {} ({}% long), outputs {}, {threads} compute thread(s) per embedded worker, prefill order {:?}, at most {} running per engine, prefills of at most {} requests",
+        "serve-bench: model {} ({}), {} requests per rate, rates {:?} req/s, prompts short {} / long {} ({}% long), outputs {}, {threads} compute thread(s) per embedded worker, prefill order {:?}, at most {} running per engine, prefills of at most {} requests, decode steps sent ahead: {}",
         args.model,
         model.describe(),
         args.requests,
@@ -656,7 +663,8 @@ fn main() -> Result<()> {
         args.output,
         args.order(),
         args.max_running,
-        args.max_prefill_batch
+        args.max_prefill_batch,
+        if args.no_step_ahead { "no" } else { "yes" }
     );
     if args.decode_rounds == 0 && args.decode_only {
         bail!("--decode-only needs at least one --decode-rounds");
