@@ -5,8 +5,11 @@
 //! worker can stream layer `l`'s rows in while layer `l+1` is still being computed there. Each
 //! reservation is one `[2, 1, capacity, width]` tensor (K rows then V rows) whose capacity is a
 //! whole number of blocks: a decode step appends its new row in place and hands attention a view
-//! of the filled rows, so no step copies the cache. Growth doubles the reservation (one copy,
-//! amortised over the rows it makes room for) and is charged to the pool block by block.
+//! of the filled rows, so no step copies the cache. A new reservation has a quarter more blocks
+//! than its first rows need (at least one more), so the decode steps after a prompt's rows landed
+//! append in place; growth doubles it (one copy, amortised over the rows it makes room for). Both
+//! are charged to the pool block by block, and fall back to the blocks needed when the pool has
+//! no room for more.
 
 use crate::error::{Result, RuntimeError};
 use candle_core::{DType, Device, Tensor};
@@ -126,7 +129,11 @@ impl KvCacheManager {
         let mut written = false;
         if need > l.blocks || l.store.is_none() {
             let free = max_blocks.saturating_sub(in_use);
-            let want = need.max(2 * l.blocks);
+            let want = if l.store.is_none() {
+                need + (need / 4).max(1)
+            } else {
+                need.max(2 * l.blocks)
+            };
             let blocks = if want - l.blocks <= free { want } else { need };
             if blocks.saturating_sub(l.blocks) > free {
                 return Err(RuntimeError::KvCache {
@@ -223,18 +230,22 @@ mod tests {
             layers: 2,
             width: 3,
             block_tokens: 2,
-            max_blocks: 4,
+            max_blocks: 5,
         });
         let rows = |n: usize, base: f32| (0..n * 3).map(|i| base + i as f32).collect::<Vec<_>>();
+        // 3 rows need 2 blocks; a new reservation takes one more, where the next row goes.
         m.append(7, 0, &rows(3, 0.0), &rows(3, 100.0)).unwrap();
+        assert_eq!(m.blocks_in_use(), 3);
         m.append(7, 0, &rows(1, 9.0), &rows(1, 109.0)).unwrap();
         assert_eq!(m.len(7, 0), 4);
         assert_eq!(m.len(7, 1), 0);
-        assert_eq!(m.blocks_in_use(), 2);
+        assert_eq!(m.blocks_in_use(), 3);
         let (k, v) = m.gather(7, 0).unwrap();
         assert_eq!(k, (0..12).map(|i| i as f32).collect::<Vec<_>>());
         assert_eq!(v, (0..12).map(|i| 100.0 + i as f32).collect::<Vec<_>>());
+        // 2 blocks left: 4 rows get the 2 they need, without the one more.
         m.append(7, 1, &rows(4, 0.0), &rows(4, 0.0)).unwrap();
+        assert_eq!(m.blocks_in_use(), 5);
         let e = m.append(8, 0, &rows(1, 0.0), &rows(1, 0.0)).unwrap_err();
         assert!(e.to_string().contains("out of blocks"), "{e}");
         m.free_sequence(7);
