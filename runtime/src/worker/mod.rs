@@ -515,9 +515,9 @@ impl Worker {
                     ids.len()
                 )));
             };
-            let at = start + dst * 8;
-            let slot = payload
-                .get_mut(at..at + 8)
+            let slot = start
+                .checked_add(dst * 8)
+                .and_then(|at| payload.get_mut(at..at.checked_add(8)?))
                 .ok_or_else(|| refuse("`input_ids` lies outside the payload".into()))?;
             slot.copy_from_slice(&id.to_le_bytes());
         }
