@@ -58,21 +58,35 @@ fn prefill(driver: &mut Driver, model: &Model, p: &[i64], seq: u64) -> i64 {
     argmax_last(&out.outputs[0]).unwrap()
 }
 
+/// Prompts of lengths `lens` for `model`, prompt `i` shifted by `shift · i` (distinct contents).
+fn prompts_of(model: &Model, lens: &[usize], shift: i64) -> Vec<Vec<i64>> {
+    let v = model.vocab() as i64;
+    lens.iter()
+        .enumerate()
+        .map(|(i, &l)| {
+            prompt(l, model.vocab())
+                .iter()
+                .map(|t| (t + shift * i as i64) % v)
+                .collect()
+        })
+        .collect()
+}
+
+/// The token ids (`[N, 1]` I64) a greedy step returned, by row.
+fn ids(out: &genie_runtime::driver::RunOutput) -> Vec<i64> {
+    out.outputs[0]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<i64>()
+        .unwrap()
+}
+
 /// Sequences `0..n` decoded in batches (with two copies of each prefilled: one for the batch,
 /// one stepped alone), every row compared bitwise with its step alone.
 fn batched_equals_alone(model: &Model) {
     let cluster = EmbeddedCluster::start(2, Arc::new(CpuKernels::new())).unwrap();
     let mut driver = Driver::connect(&cluster.cluster, WeightSpec::Seeded(5)).unwrap();
-    let prompts: Vec<Vec<i64>> = [3usize, 11, 6, 17, 1]
-        .iter()
-        .enumerate()
-        .map(|(i, &l)| {
-            prompt(l, model.vocab())
-                .iter()
-                .map(|t| (t + 7 * i as i64) % model.vocab() as i64)
-                .collect()
-        })
-        .collect();
+    let prompts = prompts_of(model, &[3, 11, 6, 17, 1], 7);
     // (batch sequence, alone sequence, next token, KV length)
     let mut seqs: Vec<(u64, u64, i64, usize)> = Vec::new();
     for (i, p) in prompts.iter().enumerate() {
@@ -300,23 +314,14 @@ fn a_cached_attention_over_a_foreign_tensor_is_refused() {
 /// Greedy decode steps sent ahead on a [`StepStream`](genie_runtime::driver::StepStream), each
 /// step's tokens fed to the next on the worker, give every sequence the tokens of steps run one
 /// at a time (sequences joining and leaving between steps), for GPT-2 and a Llama-style model.
-/// A feed naming a run that is not the worker's last, a row out of range, or a free of a
-/// sequence that never ran there fails the step with an error that says so.
+/// A feed naming a run that is not the worker's last, or a row out of range, fails the step with
+/// an error that says so.
 fn steps_sent_ahead_equal_steps_one_at_a_time(model: &Model) {
     use genie_runtime::models::with_next_tokens;
     use genie_runtime::proto::Feed;
     let cluster = EmbeddedCluster::start(2, Arc::new(CpuKernels::new())).unwrap();
     let mut driver = Driver::connect(&cluster.cluster, WeightSpec::Seeded(9)).unwrap();
-    let prompts: Vec<Vec<i64>> = [4usize, 9, 2, 13]
-        .iter()
-        .enumerate()
-        .map(|(i, &l)| {
-            prompt(l, model.vocab())
-                .iter()
-                .map(|t| (t + 5 * i as i64) % model.vocab() as i64)
-                .collect()
-        })
-        .collect();
+    let prompts = prompts_of(model, &[4, 9, 2, 13], 5);
     // Each prompt prefilled twice: sequence i for the stream, 100 + i stepped one at a time.
     let mut first = Vec::new();
     for (i, p) in prompts.iter().enumerate() {
@@ -343,12 +348,7 @@ fn steps_sent_ahead_equal_steps_one_at_a_time(model: &Model) {
         let g = with_next_tokens(model.decode_batch(&l).unwrap()).unwrap();
         let place = Placement::by_rule(&g, |_| 1);
         let out = run_decode_batch(&driver, &g, &place, &toks, &l, &seqs).unwrap();
-        let next = out.outputs[0]
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<i64>()
-            .unwrap();
-        for (&i, t) in members.iter().zip(next) {
+        for (&i, t) in members.iter().zip(ids(&out)) {
             want[i].push(t);
             lens[i] += 1;
         }
@@ -362,7 +362,7 @@ fn steps_sent_ahead_equal_steps_one_at_a_time(model: &Model) {
     let mut flying: std::collections::VecDeque<(genie_scheduler::graph::Graph, Vec<usize>)> =
         Default::default();
     let mut last_run = None;
-    for members in steps {
+    for (k, &members) in steps.iter().enumerate() {
         let prev: Vec<usize> = flying.back().map(|f| f.1.clone()).unwrap_or_default();
         let mut toks = Vec::new();
         let mut rows = Vec::new();
@@ -393,29 +393,14 @@ fn steps_sent_ahead_equal_steps_one_at_a_time(model: &Model) {
                 .unwrap(),
         );
         flying.push_back((g, members.to_vec()));
-        if flying.len() > 1 {
+        // Each reply is read once the step after it has gone (the last one at the end).
+        let end = k + 1 == steps.len();
+        while flying.len() > 1 || (end && !flying.is_empty()) {
             let (g, m) = flying.pop_front().unwrap();
-            let out = stream.wait(&g).unwrap();
-            let next = out.outputs[0]
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<i64>()
-                .unwrap();
-            for (&i, t) in m.iter().zip(next) {
+            for (&i, t) in m.iter().zip(ids(&stream.wait(&g).unwrap())) {
                 got[i].push(t);
                 lens[i] += 1;
             }
-        }
-    }
-    while let Some((g, m)) = flying.pop_front() {
-        let next = stream.wait(&g).unwrap().outputs[0]
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<i64>()
-            .unwrap();
-        for (&i, t) in m.iter().zip(next) {
-            got[i].push(t);
-            lens[i] += 1;
         }
     }
     assert_eq!(got, want, "{}", model.model_type());

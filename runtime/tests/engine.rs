@@ -108,6 +108,25 @@ fn at_once<T: Send>(
 
 const WAIT: Duration = Duration::from_secs(60);
 
+/// Reads `h` to its end: why it ended.
+fn until_done(h: &mut RequestHandle) -> FinishReason {
+    loop {
+        match h.next(WAIT).unwrap() {
+            Step::Token(_) => continue,
+            Step::Done(reason, _) => break reason,
+        }
+    }
+}
+
+/// Waits (within [`WAIT`]) until the engine's KV pool has all its `pool` bytes free again.
+fn refilled(engine: &Engine, pool: u64, why: &str) {
+    let deadline = Instant::now() + WAIT;
+    while engine.kv_free() != pool {
+        assert!(Instant::now() < deadline, "{why}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 #[test]
 fn concurrent_requests_equal_each_served_alone() {
     concurrent_equal_alone(start());
@@ -488,24 +507,12 @@ fn steps_sent_ahead_or_not_stream_the_same_tokens_with_stops_and_cancels() {
             };
             assert_eq!(done.reason, why, "request {i}");
         }
-        let end = loop {
-            match cancelled.next(WAIT).unwrap() {
-                Step::Token(_) => continue,
-                Step::Done(reason, _) => break reason,
-            }
-        };
+        let end = until_done(&mut cancelled);
         assert!(
             matches!(end, FinishReason::Cancelled | FinishReason::Length),
             "{end:?}"
         );
-        let deadline = Instant::now() + WAIT;
-        while engine.kv_free() != pool {
-            assert!(
-                Instant::now() < deadline,
-                "the pool did not get its bytes back"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        refilled(&engine, pool, "the pool did not get its bytes back");
         driver = engine.shutdown().unwrap();
         assert_eq!(driver.frees_pending(), 0, "step_ahead {step_ahead}");
     }
@@ -530,28 +537,11 @@ fn a_full_kv_pool_refuses_and_cancel_frees_it() {
         "{refused:?}"
     );
     engine.cancel(long.id());
-    let end = loop {
-        match long.next(WAIT).unwrap() {
-            Step::Token(_) => continue,
-            Step::Done(reason, _) => break reason,
-        }
-    };
-    assert_eq!(end, FinishReason::Cancelled);
-    let deadline = Instant::now() + WAIT;
-    while engine.kv_free() != pool {
-        assert!(
-            Instant::now() < deadline,
-            "the pool did not get its bytes back"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    assert_eq!(until_done(&mut long), FinishReason::Cancelled);
+    refilled(&engine, pool, "the pool did not get its bytes back");
     // A dropped handle cancels too.
     drop(engine.submit(Request::greedy(prompt_of(0), 40)).unwrap());
-    let deadline = Instant::now() + WAIT;
-    while engine.kv_free() != pool {
-        assert!(Instant::now() < deadline, "a dropped request kept its KV");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    refilled(&engine, pool, "a dropped request kept its KV");
     let done = engine
         .submit(Request::greedy(prompt_of(1), 20))
         .unwrap()

@@ -291,8 +291,9 @@ fn sequences_belong_to_their_driver() {
     send_msg(&*c, "w0", &Msg::FreeSequence { seq: 5 }, &[]).unwrap();
     let e = refusal(&*c);
     assert!(e.contains("not this driver's"), "{e}");
-    // The same free carried by a run: the run is refused before anything else.
-    let run = Msg::Run {
+    // The same free carried by a run: the run is refused before anything else; and a feed in a
+    // session whose last run returned no token ids, saying so.
+    let run = |free: Vec<u64>, feed: Option<proto::Feed>| Msg::Run {
         run: 9,
         forget: vec![],
         graph: GraphRef::Cached {
@@ -303,43 +304,21 @@ fn sequences_belong_to_their_driver() {
         inputs: vec![],
         wanted: vec![],
         spans: false,
-        free: vec![5],
-        feed: None,
+        free,
+        feed,
     };
-    send_msg(&*c, "w0", &run, &[]).unwrap();
-    let e = refusal(&*c);
-    assert!(e.contains("not this driver's"), "{e}");
-    // A feed in a session whose last run returned no token ids: refused, saying so.
-    let Msg::Run {
-        run,
-        forget,
-        graph,
-        seqs,
-        inputs,
-        wanted,
-        spans,
-        ..
-    } = run
-    else {
-        unreachable!()
+    let feed = proto::Feed {
+        run: 8,
+        rows: vec![(0, 0)],
     };
-    let fed = Msg::Run {
-        run,
-        forget,
-        graph,
-        seqs,
-        inputs,
-        wanted,
-        spans,
-        free: vec![],
-        feed: Some(proto::Feed {
-            run: 8,
-            rows: vec![(0, 0)],
-        }),
-    };
-    send_msg(&*c, "w0", &fed, &[]).unwrap();
-    let e = refusal(&*c);
-    assert!(e.contains("returned no token ids"), "{e}");
+    for (msg, why) in [
+        (run(vec![5], None), "not this driver's"),
+        (run(vec![], Some(feed)), "returned no token ids"),
+    ] {
+        send_msg(&*c, "w0", &msg, &[]).unwrap();
+        let e = refusal(&*c);
+        assert!(e.contains(why), "{e}");
+    }
     send_msg(&*c, "w0", &Msg::Shutdown, &[]).unwrap();
 }
 
