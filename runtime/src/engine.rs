@@ -1894,14 +1894,7 @@ impl Core {
             Err(e) => {
                 let err = self.engine_error(e);
                 self.land();
-                let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.active)
-                    .into_iter()
-                    .partition(|a| ids.contains(&a.id));
-                self.active = kept;
-                for a in gone {
-                    self.fail_with(a, err.clone());
-                }
-                return;
+                return self.fail_active(&ids.into_iter().collect(), &err);
             }
         }
         if self.flight.as_ref().is_some_and(|f| f.steps.len() > 1) {
@@ -1971,15 +1964,8 @@ impl Core {
             Err(e) => {
                 let err = self.engine_error(e);
                 let steps = self.flight.take().map(|f| f.steps).unwrap_or_default();
-                let failed: HashSet<u64> = steps.into_iter().flat_map(|s| s.1).chain(ids).collect();
-                let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.active)
-                    .into_iter()
-                    .partition(|a| failed.contains(&a.id));
-                self.active = kept;
-                for a in gone {
-                    self.fail_with(a, err.clone());
-                }
-                return;
+                let failed = steps.into_iter().flat_map(|s| s.1).chain(ids).collect();
+                return self.fail_active(&failed, &err);
             }
         };
         for (i, id) in ids.into_iter().enumerate() {
@@ -2001,6 +1987,17 @@ impl Core {
             if let Some(a) = kept {
                 self.active.insert(at, a);
             }
+        }
+    }
+
+    /// Fails the active requests `ids` with `err`.
+    fn fail_active(&mut self, ids: &HashSet<u64>, err: &EngineError) {
+        let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.active)
+            .into_iter()
+            .partition(|a| ids.contains(&a.id));
+        self.active = kept;
+        for a in gone {
+            self.fail_with(a, err.clone());
         }
     }
 
