@@ -36,8 +36,8 @@
 //!   [`StepStream`]): a sequence in the step in flight takes its next token from that step's
 //!   reply on the worker, so the decode worker goes from step to step while the engine streams
 //!   the last step's tokens and prepares the next. A finished request's KV cache is dropped by
-//!   the worker's next run (it rides on that run's message) or, when none comes, before the
-//!   engine sleeps.
+//!   the worker before its next run (it rides on that run's message; never a round trip that
+//!   would hold the engine thread), and at shutdown.
 //!
 //! So a long prefill never stalls decode steps: the decode worker pauses only to take in a moved
 //! cache. When the prefill and decode workers are one worker (a co-located engine), there is one
@@ -1281,7 +1281,6 @@ impl Core {
             let idle = self.active.is_empty() && (self.waiting.is_empty() || !self.lane_has_room());
             let first = if idle {
                 self.land();
-                self.flush_frees();
                 match rx.recv_timeout(IDLE) {
                     Ok(c) => Some(c),
                     Err(mpsc::RecvTimeoutError::Timeout) => None,
@@ -2007,18 +2006,6 @@ impl Core {
             self.land_one();
         }
         self.flight = None;
-    }
-
-    /// Frees on the decode worker the finished sequences waiting for its next run (the engine
-    /// is about to sleep: no run may come soon).
-    fn flush_frees(&mut self) {
-        let Some(d) = self.driver.clone() else { return };
-        if d.frees_pending() == 0 {
-            return;
-        }
-        if let Err(e) = d.flush_frees_on(self.cfg.decode_worker) {
-            tracing::warn!(error = %e, "engine: freeing finished KV caches failed");
-        }
     }
 
     /// Chooses and streams the next token of `a`; ends it when done.
