@@ -435,12 +435,7 @@ impl Driver {
         feed: Option<proto::Feed>,
     ) -> Result<Msg> {
         let (g, forget) = sent.message(look, i)?;
-        let free = self
-            .to_free
-            .lock()
-            .get_mut(i)
-            .map(std::mem::take)
-            .unwrap_or_default();
+        let free = self.take_frees(i);
         Ok(Msg::Run {
             run,
             forget,
@@ -637,16 +632,20 @@ impl Driver {
     pub fn flush_frees_on(&self, worker: usize) -> Result<()> {
         let _held = self.hold(std::iter::once(worker));
         // Taken under the worker's lock: no run of another caller carries them meanwhile.
-        let seqs = self
-            .to_free
-            .lock()
-            .get_mut(worker)
-            .map(std::mem::take)
-            .unwrap_or_default();
-        for seq in seqs {
+        for seq in self.take_frees(worker) {
             self.free_held(seq, &[worker])?;
         }
         Ok(())
+    }
+
+    /// The sequences waiting to be freed on `worker`, taken (the caller holds the worker and
+    /// sends them).
+    fn take_frees(&self, worker: usize) -> Vec<u64> {
+        self.to_free
+            .lock()
+            .get_mut(worker)
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     /// [`Driver::flush_frees_on`] every worker.

@@ -1746,19 +1746,7 @@ impl Core {
         match self.run_decode(&batch) {
             Ok(logits) => {
                 for (i, a) in batch.into_iter().enumerate() {
-                    let row = logits
-                        .narrow(0, i, 1)
-                        .map_err(|source| RuntimeError::Kernel {
-                            node: "logits".into(),
-                            source,
-                        });
-                    let next = match row {
-                        Ok(row) => self.emit(a, &row),
-                        Err(e) => {
-                            self.fail(a, e);
-                            None
-                        }
-                    };
+                    let next = self.emit_row(a, &logits, i);
                     self.active.extend(next);
                 }
             }
@@ -1972,18 +1960,7 @@ impl Core {
                 continue;
             };
             let a = self.active.remove(at);
-            let row = next.narrow(0, i, 1).map_err(|source| RuntimeError::Kernel {
-                node: "next_tokens".into(),
-                source,
-            });
-            let kept = match row {
-                Ok(row) => self.emit(a, &row),
-                Err(e) => {
-                    self.fail(a, e);
-                    None
-                }
-            };
-            if let Some(a) = kept {
+            if let Some(a) = self.emit_row(a, &next, i) {
                 self.active.insert(at, a);
             }
         }
@@ -2006,6 +1983,27 @@ impl Core {
             self.land_one();
         }
         self.flight = None;
+    }
+
+    /// [`Core::emit`] of row `i` of a decode step's output `out` (its logits, or the tokens
+    /// chosen on the worker) for `a`; a row that cannot be read fails `a`.
+    fn emit_row(&mut self, a: Active, out: &Tensor, i: usize) -> Option<Active> {
+        match out.narrow(0, i, 1) {
+            Ok(row) => self.emit(a, &row),
+            Err(source) => {
+                let node = if out.dtype() == candle_core::DType::I64 {
+                    "next_tokens"
+                } else {
+                    "logits"
+                };
+                let e = RuntimeError::Kernel {
+                    node: node.into(),
+                    source,
+                };
+                self.fail(a, e);
+                None
+            }
+        }
     }
 
     /// Chooses and streams the next token of `a`; ends it when done.
