@@ -84,6 +84,22 @@ impl KvCacheManager {
             });
         }
         let rows = k.len() / w;
+        // Rows that fit the reservation are written straight into it (a decode step's one row:
+        // no tensor made for them, nothing else copied).
+        let bt = self.cfg.block_tokens;
+        if let Some(l) = self
+            .seqs
+            .get_mut(&seq)
+            .and_then(|s| s.layers.get_mut(layer))
+        {
+            let fits = rows > 0 && l.filled + rows <= l.blocks * bt;
+            if let Some(store) = l.store.as_ref().filter(|t| fits && t.dtype() == DType::F32) {
+                let at = l.filled * w;
+                store.inplace_op1(&WriteRows { k, v, at }).map_err(kv_err)?;
+                l.filled += rows;
+                return store.narrow(2, 0, l.filled).map_err(kv_err);
+            }
+        }
         let mut kv = Vec::with_capacity(2 * k.len());
         kv.extend_from_slice(k);
         kv.extend_from_slice(v);
@@ -140,23 +156,39 @@ impl KvCacheManager {
                     reason: format!("out of blocks ({max_blocks} in use)"),
                 });
             }
-            // The new reservation in one copy: the rows kept, then the new ones (when they are
-            // f32; others go to the copy below, which refuses them), then zeros to its end.
+            // The new reservation in one allocation, each half (K, V) in one pass: the rows
+            // kept, then the new ones (when they are f32; others go to the copy below, which
+            // refuses them), then zeros to its end.
             let cap = blocks * bt;
-            let kept = match &l.store {
-                Some(old) if l.filled > 0 => Some(old.narrow(2, 0, l.filled).map_err(kv_err)?),
-                _ => None,
-            };
             written = n > 0 && new.dtype() == DType::F32;
-            let used = l.filled + if written { n } else { 0 };
-            let rest =
-                Tensor::zeros((2, 1, cap - used, w), DType::F32, &Device::Cpu).map_err(kv_err)?;
-            let parts: Vec<&Tensor> = kept
-                .iter()
-                .chain(written.then_some(new))
-                .chain([&rest])
-                .collect();
-            let store = Tensor::cat(&parts, 2).map_err(kv_err)?;
+            let new_rows = if written {
+                Some(new.contiguous().map_err(kv_err)?)
+            } else {
+                None
+            };
+            let filled = l.filled;
+            let mut buf: Vec<f32> = Vec::with_capacity(2 * cap * w);
+            // Half `half` (K or V) of a contiguous `[2, 1, _, w]` tensor, its first `len` rows.
+            let rows_of = |t: &Tensor, half: usize, len: usize, buf: &mut Vec<f32>| {
+                with_f32(t, |d| {
+                    let at = half * (d.len() / 2);
+                    buf.extend_from_slice(d.get(at..at.checked_add(len * w)?)?);
+                    Some(())
+                })
+                .flatten()
+            };
+            for half in 0..2 {
+                if let (Some(old), true) = (&l.store, filled > 0) {
+                    rows_of(old, half, filled, &mut buf)
+                        .ok_or_else(|| reservation_unfit("the kept rows"))?;
+                }
+                if let Some(t) = &new_rows {
+                    rows_of(t, half, n, &mut buf)
+                        .ok_or_else(|| reservation_unfit("the new rows"))?;
+                }
+                buf.resize((half + 1) * cap * w, 0.0);
+            }
+            let store = Tensor::from_vec(buf, (2, 1, cap, w), &Device::Cpu).map_err(kv_err)?;
             grown = blocks - l.blocks;
             l.blocks = blocks;
             l.store = Some(store);
@@ -220,6 +252,68 @@ impl KvCacheManager {
     }
 }
 
+/// Calls `f` with the floats of a contiguous f32 tensor on the CPU, under one read of its
+/// storage; `None` for other dtypes or layouts.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)) = &*storage else {
+        return None;
+    };
+    let (from, to) = layout.contiguous_offsets()?;
+    Some(f(data.get(from..to)?))
+}
+
+fn reservation_unfit(what: &str) -> RuntimeError {
+    RuntimeError::KvCache {
+        reason: format!("{what} of a reservation are not contiguous f32 rows on the CPU"),
+    }
+}
+
+/// K rows `k` and V rows `v` written at float `at` of each half of a contiguous f32 store
+/// `[2, 1, capacity, width]` (K then V), in place; an error (and the store untouched) for any
+/// other dtype or layout, or rows past its end.
+struct WriteRows<'a> {
+    k: &'a [f32],
+    v: &'a [f32],
+    at: usize,
+}
+
+impl candle_core::InplaceOp1 for WriteRows<'_> {
+    fn name(&self) -> &'static str {
+        "kv-write-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &mut candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        let unfit = |why: &str| candle_core::Error::Msg(format!("kv-write-rows: {why}"));
+        let candle_core::CpuStorage::F32(data) = storage else {
+            return Err(unfit("not an f32 store"));
+        };
+        let (from, to) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| unfit("not a contiguous store"))?;
+        let data = data
+            .get_mut(from..to)
+            .ok_or_else(|| unfit("a layout past its storage"))?;
+        let half = data.len() / 2;
+        let end = self.at.checked_add(self.k.len());
+        let Some(end) = end.filter(|&e| e <= half && self.k.len() == self.v.len()) else {
+            return Err(unfit("rows past the store's end"));
+        };
+        if layout.dims().first() != Some(&2) {
+            return Err(unfit("not a store of K and V"));
+        }
+        let (ks, vs) = data.split_at_mut(half);
+        let span = self.at..end;
+        ks[span.clone()].copy_from_slice(self.k);
+        vs[span].copy_from_slice(self.v);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -243,6 +337,22 @@ mod tests {
         let (k, v) = m.gather(7, 0).unwrap();
         assert_eq!(k, (0..12).map(|i| i as f32).collect::<Vec<_>>());
         assert_eq!(v, (0..12).map(|i| 100.0 + i as f32).collect::<Vec<_>>());
+        // Past the reservation: 8 more rows need 6 blocks, 3 more than the 2 free: refused,
+        // and the rows kept as they were.
+        let e = m.append(7, 0, &rows(8, 12.0), &rows(8, 112.0)).unwrap_err();
+        assert!(e.to_string().contains("out of blocks"), "{e}");
+        assert_eq!(m.gather(7, 0).unwrap().0.len(), 12);
+        // 2 rows fill the reservation in place; 1 more grows it (to the 4 blocks needed, as
+        // doubling to 6 exceeds the pool), the rows kept.
+        m.append(7, 0, &rows(2, 12.0), &rows(2, 112.0)).unwrap();
+        assert_eq!(m.blocks_in_use(), 3);
+        m.append(7, 0, &rows(1, 18.0), &rows(1, 118.0)).unwrap();
+        assert_eq!(m.blocks_in_use(), 4);
+        let (k, v) = m.gather(7, 0).unwrap();
+        assert_eq!(k, (0..21).map(|i| i as f32).collect::<Vec<_>>());
+        assert_eq!(v, (0..21).map(|i| 100.0 + i as f32).collect::<Vec<_>>());
+        m.free_sequence(7);
+        m.append(7, 0, &rows(4, 0.0), &rows(4, 100.0)).unwrap();
         // 2 blocks left: 4 rows get the 2 they need, without the one more.
         m.append(7, 1, &rows(4, 0.0), &rows(4, 0.0)).unwrap();
         assert_eq!(m.blocks_in_use(), 5);
