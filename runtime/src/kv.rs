@@ -74,7 +74,7 @@ impl KvCacheManager {
     /// returns a view of everything cached there, as [`KvCacheManager::append_rows`].
     pub fn append(&mut self, seq: u64, layer: usize, k: &[f32], v: &[f32]) -> Result<Tensor> {
         let w = self.cfg.width;
-        if k.len() != v.len() || k.len() % w != 0 {
+        if w == 0 || k.len() != v.len() || k.len() % w != 0 {
             return Err(RuntimeError::KvCache {
                 reason: format!(
                     "K has {} and V {} floats; both must be equal multiples of width {w}",
@@ -83,33 +83,32 @@ impl KvCacheManager {
                 ),
             });
         }
-        let rows = k.len() / w;
-        // Rows that fit the reservation are written straight into it (a decode step's one row:
-        // no tensor made for them, nothing else copied).
-        let bt = self.cfg.block_tokens;
-        if let Some(l) = self
-            .seqs
-            .get_mut(&seq)
-            .and_then(|s| s.layers.get_mut(layer))
-        {
-            let fits = rows > 0 && l.filled + rows <= l.blocks * bt;
-            if let Some(store) = l.store.as_ref().filter(|t| fits && t.dtype() == DType::F32) {
-                let at = l.filled * w;
-                store.inplace_op1(&WriteRows { k, v, at }).map_err(kv_err)?;
-                l.filled += rows;
-                return store.narrow(2, 0, l.filled).map_err(kv_err);
-            }
-        }
-        let mut kv = Vec::with_capacity(2 * k.len());
-        kv.extend_from_slice(k);
-        kv.extend_from_slice(v);
-        let t = Tensor::from_vec(kv, (2, 1, rows, w), &Device::Cpu).map_err(kv_err)?;
-        self.append_rows(seq, layer, &t)
+        self.put(seq, layer, k, v)
     }
 
-    /// Appends `new` (`[2, 1, n, width]`: K rows, then V rows) to `seq`'s cache at `layer`, in
-    /// place, and returns a view `[2, 1, len, width]` of everything cached there (no copy).
+    /// Appends `new` (`[2, 1, n, width]`: K rows, then V rows, f32) to `seq`'s cache at
+    /// `layer`, in place, and returns a view `[2, 1, len, width]` of everything cached there
+    /// (no copy).
     pub fn append_rows(&mut self, seq: u64, layer: usize, new: &Tensor) -> Result<Tensor> {
+        let w = self.cfg.width;
+        if !matches!(new.dims(), [2, 1, _, e] if *e == w) {
+            return Err(RuntimeError::KvCache {
+                reason: format!("new rows of shape {:?}, need [2, 1, n, {w}]", new.dims()),
+            });
+        }
+        let rows: Vec<f32> = new
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(kv_err)?;
+        let (k, v) = rows.split_at(rows.len() / 2);
+        self.put(seq, layer, k, v)
+    }
+
+    /// Appends K rows `k` and V rows `v` (as many of each, `width` floats a row) to `seq`'s
+    /// cache at `layer`: written straight into its reservation when they fit (a decode step's
+    /// row: nothing else copied), else into a new one made in one allocation (the rows kept,
+    /// the new ones, then zeros to its end). A view of everything cached there.
+    fn put(&mut self, seq: u64, layer: usize, k: &[f32], v: &[f32]) -> Result<Tensor> {
         let KvConfig {
             layers,
             width: w,
@@ -121,15 +120,8 @@ impl KvCacheManager {
                 reason: format!("layer {layer} out of range ({layers} layers)"),
             });
         }
-        let n = match new.dims() {
-            [2, 1, n, e] if *e == w => *n,
-            d => {
-                return Err(RuntimeError::KvCache {
-                    reason: format!("new rows of shape {d:?}, need [2, 1, n, {w}]"),
-                })
-            }
-        };
-        let in_use = self.in_use;
+        let n = k.len() / w.max(1);
+        let free = max_blocks.saturating_sub(self.in_use);
         let s = self.seqs.entry(seq).or_insert_with(|| Sequence {
             layers: vec![Layer::default(); layers],
         });
@@ -140,70 +132,52 @@ impl KvCacheManager {
                 reason: format!("layer {layer} out of range"),
             })?;
         let need = (l.filled + n).div_ceil(bt.max(1));
-        let mut grown = 0;
-        // Whether `new` went into the store with its (re)allocation.
-        let mut written = false;
-        if need > l.blocks || l.store.is_none() {
-            let free = max_blocks.saturating_sub(in_use);
-            let want = if l.store.is_none() {
-                need + (need / 4).max(1)
-            } else {
-                need.max(2 * l.blocks)
-            };
-            let blocks = if want - l.blocks <= free { want } else { need };
-            if blocks.saturating_sub(l.blocks) > free {
-                return Err(RuntimeError::KvCache {
-                    reason: format!("out of blocks ({max_blocks} in use)"),
-                });
-            }
-            // The new reservation in one allocation, each half (K, V) in one pass: the rows
-            // kept, then the new ones (when they are f32; others go to the copy below, which
-            // refuses them), then zeros to its end.
-            let cap = blocks * bt;
-            written = n > 0 && new.dtype() == DType::F32;
-            let new_rows = if written {
-                Some(new.contiguous().map_err(kv_err)?)
-            } else {
-                None
-            };
-            let filled = l.filled;
-            let mut buf: Vec<f32> = Vec::with_capacity(2 * cap * w);
-            // Half `half` (K or V) of a contiguous `[2, 1, _, w]` tensor, its first `len` rows.
-            let rows_of = |t: &Tensor, half: usize, len: usize, buf: &mut Vec<f32>| {
-                with_f32(t, |d| {
-                    let at = half * (d.len() / 2);
-                    buf.extend_from_slice(d.get(at..at.checked_add(len * w)?)?);
-                    Some(())
-                })
-                .flatten()
-            };
-            for half in 0..2 {
-                if let (Some(old), true) = (&l.store, filled > 0) {
-                    rows_of(old, half, filled, &mut buf)
-                        .ok_or_else(|| reservation_unfit("the kept rows"))?;
+        let store = match &l.store {
+            Some(store) if need <= l.blocks => {
+                if n > 0 {
+                    let at = l.filled * w;
+                    store.inplace_op1(&WriteRows { k, v, at }).map_err(kv_err)?;
                 }
-                if let Some(t) = &new_rows {
-                    rows_of(t, half, n, &mut buf)
-                        .ok_or_else(|| reservation_unfit("the new rows"))?;
-                }
-                buf.resize((half + 1) * cap * w, 0.0);
+                store
             }
-            let store = Tensor::from_vec(buf, (2, 1, cap, w), &Device::Cpu).map_err(kv_err)?;
-            grown = blocks - l.blocks;
-            l.blocks = blocks;
-            l.store = Some(store);
-        }
-        let store = l.store.as_ref().ok_or_else(|| RuntimeError::KvCache {
-            reason: "reservation missing".into(),
-        })?;
-        if n > 0 && !written {
-            let new = new.contiguous().map_err(kv_err)?;
-            store.slice_set(&new, 2, l.filled).map_err(kv_err)?;
-        }
+            old => {
+                let want = if old.is_none() {
+                    need + (need / 4).max(1)
+                } else {
+                    need.max(2 * l.blocks)
+                };
+                let blocks = if want - l.blocks <= free { want } else { need };
+                if blocks.saturating_sub(l.blocks) > free {
+                    return Err(RuntimeError::KvCache {
+                        reason: format!("out of blocks ({max_blocks} in use)"),
+                    });
+                }
+                let cap = blocks * bt;
+                let mut buf: Vec<f32> = Vec::with_capacity(2 * cap * w);
+                for (half, rows) in [k, v].into_iter().enumerate() {
+                    if let (Some(old), true) = (old, l.filled > 0) {
+                        // Half `half` (K or V) of the old `[2, 1, _, w]` store, its rows kept.
+                        with_f32(old, |d| {
+                            let at = half * (d.len() / 2);
+                            buf.extend_from_slice(d.get(at..at.checked_add(l.filled * w)?)?);
+                            Some(())
+                        })
+                        .flatten()
+                        .ok_or_else(|| RuntimeError::KvCache {
+                            reason: "a reservation is not contiguous f32 rows on the CPU".into(),
+                        })?;
+                    }
+                    buf.extend_from_slice(rows);
+                    buf.resize((half + 1) * cap * w, 0.0);
+                }
+                let store = Tensor::from_vec(buf, (2, 1, cap, w), &Device::Cpu).map_err(kv_err)?;
+                self.in_use += blocks - l.blocks;
+                l.blocks = blocks;
+                l.store.insert(store)
+            }
+        };
         l.filled += n;
-        let view = store.narrow(2, 0, l.filled).map_err(kv_err)?;
-        self.in_use += grown;
-        Ok(view)
+        store.narrow(2, 0, l.filled).map_err(kv_err)
     }
 
     /// Rows cached for `seq` at `layer` (0 for an unknown sequence).
@@ -261,12 +235,6 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
     };
     let (from, to) = layout.contiguous_offsets()?;
     Some(f(data.get(from..to)?))
-}
-
-fn reservation_unfit(what: &str) -> RuntimeError {
-    RuntimeError::KvCache {
-        reason: format!("{what} of a reservation are not contiguous f32 rows on the CPU"),
-    }
 }
 
 /// K rows `k` and V rows `v` written at float `at` of each half of a contiguous f32 store
