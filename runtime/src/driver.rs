@@ -217,9 +217,14 @@ impl Driver {
     /// a landing region big enough for what it gets (after the first such run), it goes in two
     /// rounds, the senders first, holding only them, then the receivers once the senders are
     /// done, so that a receiver busy with another run (a decode step) finishes it while the
-    /// bytes travel and then only takes in what has landed. `senders_done` is called as soon as
-    /// the first round's workers have replied (for a move, the prefill worker has sent every
-    /// byte); for a run in one round, once it is over; not when the run fails first. (Other
+    /// bytes travel and then only takes in what has landed. A sender answers its round once
+    /// its transfers are posted, before the receiver acknowledged them (the message's
+    /// `acks_later`): its next run (the next prefill) computes while they travel, and settles
+    /// them before it rewrites the same staging region; the receivers' round waits for every
+    /// byte to land, and fails as soon as a sender's connection is gone. `senders_done` is
+    /// called as soon as the first round's workers have replied (for a move, the prefill
+    /// worker has posted every byte); for a run in one round, once it is over; not when the
+    /// run fails first. (Other
     /// runs go in one round: a prefill that streams its KV cache to the decode worker wants
     /// that worker appending while it computes.)
     pub fn run_senders_first(
@@ -317,8 +322,14 @@ impl Driver {
                     }
                 }
                 for &i in workers {
-                    let msg =
+                    let mut msg =
                         self.run_msg(&mut sent, &look, i, (run, seqs), (&ins, wanted), None)?;
+                    // The senders' round: each answers once its transfers are posted, and
+                    // computes its next run while they travel (the receivers' round waits for
+                    // them to land).
+                    if let (Msg::Run { acks_later, .. }, true) = (&mut msg, r + 1 < rounds.len()) {
+                        *acks_later = true;
+                    }
                     msgs.push((i, proto::encode(&msg, &payload)?));
                 }
             }
@@ -446,6 +457,7 @@ impl Driver {
             spans: self.spans.load(Ordering::Relaxed),
             free,
             feed,
+            acks_later: false,
         })
     }
 

@@ -17,9 +17,10 @@
 //!   and sent, each layer travelling while the next is read), hands the request over, and drops
 //!   the prefill worker's copy (a request that ended at its first token ends once the move is
 //!   over, its cache then freed on both workers). The
-//!   move goes in two rounds ([`Driver::run_senders_first`]): the prefill worker sends, and the
-//!   lane starts its next prefill once it has; the decode worker takes in what landed once its
-//!   decode step in progress is over. Waiting requests are taken in arrival order (or shortest
+//!   move goes in two rounds ([`Driver::run_senders_first`]): the prefill worker posts its
+//!   sends, and the lane starts its next prefill once it has, so that the prefill worker
+//!   computes the next request while this one's cache travels; the decode worker takes in what
+//!   landed once its decode step in progress is over. Waiting requests are taken in arrival order (or shortest
 //!   prompt first: [`EngineConfig::prefill_order`]), each by the lane where the cost model has
 //!   its cache on the decode worker soonest (prompt tokens queued there, and the link to the
 //!   decode worker: [`EngineConfig::prefill_pool`]; a lane holds two requests at most: the one
@@ -2263,8 +2264,9 @@ fn prefill_lane(
                     if !listening {
                         break;
                     }
-                    // The move's first round (the prefill worker sending the caches) goes before
-                    // the next prefill there: wait for it (or for the mover to give up on it).
+                    // The move's first round (the prefill worker posting the caches' sends)
+                    // goes before the next prefill there: wait for it (or for the mover to give
+                    // up on it). The bytes travel while the next prefill computes.
                     let m = Move {
                         reqs: job
                             .reqs
@@ -2450,7 +2452,7 @@ fn prefill_here(
 }
 
 /// The [`kv_move_batch`] run of `caches` (length, sequence) from worker `pw` to `dw` (`sent`
-/// called once `pw` has sent them all, see [`Driver::run_senders_first`]), and when it started.
+/// called once `pw` has posted them all, see [`Driver::run_senders_first`]), and when it started.
 fn move_kv(
     driver: &Driver,
     model: &Model,

@@ -174,6 +174,14 @@ pub enum Msg {
         /// follows has answered.
         #[serde(default)]
         feed: Option<Feed>,
+        /// Whether the worker answers once its transfers to peers are posted, before the peers
+        /// acknowledge them (the sending round of a run in two rounds, see
+        /// [`Driver::run_senders_first`](crate::driver::Driver::run_senders_first)), so that
+        /// its next run computes while they travel. It settles them before its next run that
+        /// sends to the same peer (whose staging region that run rewrites) and checks the
+        /// others at the start of every run: one that failed fails that run (absent: no).
+        #[serde(default)]
+        acks_later: bool,
     },
     /// Worker → worker: the landing region for this run's transfers from the receiver.
     Regions {

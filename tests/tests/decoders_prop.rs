@@ -148,6 +148,7 @@ fn message() -> impl Strategy<Value = Msg> {
                         run: run ^ seq,
                         rows: vec![(seq as u32, run as u32)],
                     }),
+                    acks_later: run % 5 == 0,
                 }
             }),
         (

@@ -15,16 +15,17 @@ use crate::store::{Residency as StoreResidency, TensorStore};
 use candle_core::Tensor;
 use genie_scheduler::dispatch::{DependencyCounters, TaskGraph};
 use genie_scheduler::graph::{Graph, Node, NodeId, OpKind, TensorMeta, TensorRef};
-use genie_transport::Op;
+use genie_transport::{Op, TransportError};
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap};
+use std::time::Duration;
 
 impl Worker {
     pub(super) fn execute(
         &mut self,
         run: u64,
         kept: &mut Kept,
-        (seqs, spans): (&[u64], bool),
+        (seqs, spans, acks_later): (&[u64], bool, bool),
         inputs: &[PayloadTensor],
         payload: &[u8],
         wanted: &[TensorRef],
@@ -100,6 +101,8 @@ impl Worker {
             .filter(|t| t.src == me)
             .map(|t| t.dst)
             .collect();
+        // This run rewrites its staging regions: earlier transfers from them must be over.
+        self.settle_sends(&receivers)?;
         let landing = self.landing_regions(run, plan, &senders)?;
         let staging = self.staging_regions(plan, &receivers)?;
         // What each sending peer will deliver, and where it lands.
@@ -144,9 +147,19 @@ impl Worker {
             kv_layers: None,
         };
         let pending = ctx.run_nodes(tasks, &staging, placement.overlap)?;
-        for (dst, op) in pending {
-            op.wait(INPUT_TIMEOUT)
-                .map_err(|e| terr(&ctx.w.peer_name(dst), e))?;
+        if acks_later {
+            let unacked = pending.into_iter().map(|(peer, op)| Unacked {
+                run,
+                peer,
+                op,
+                report: true,
+            });
+            ctx.w.unacked.extend(unacked);
+        } else {
+            for (dst, op) in pending {
+                op.wait(INPUT_TIMEOUT)
+                    .map_err(|e| terr(&ctx.w.peer_name(dst), e))?;
+            }
         }
         // Wanted outputs produced here.
         let mut outputs = Vec::new();
@@ -174,6 +187,80 @@ impl Worker {
         ctx.stats.arrived = ctx.arrived.into_iter().collect();
         Ok((outputs, out_payload, ctx.stats))
     }
+}
+
+/// A transfer a run answered before its peer acknowledged it ([`Msg::Run`]'s `acks_later`).
+///
+/// [`Msg::Run`]: crate::proto::Msg::Run
+pub(super) struct Unacked {
+    /// The run that posted it.
+    run: u64,
+    /// The receiving peer.
+    peer: usize,
+    op: Op,
+    /// Whether its failure fails a later run (false once the driver session that ran it ended:
+    /// then it is only logged).
+    pub(super) report: bool,
+}
+
+impl Worker {
+    /// Settles the transfers earlier runs left unacknowledged ([`settle`]): waits for those to
+    /// `peers` (a run about to rewrite its staging regions for them), drops the others that
+    /// completed, and fails with the first that failed (a transport error, or the peer named
+    /// when its connection is gone, see [`terr`]).
+    pub(super) fn settle_sends(&mut self, peers: &BTreeSet<usize>) -> Result<()> {
+        let unacked = std::mem::take(&mut self.unacked);
+        let (left, failed) = settle(unacked, peers, INPUT_TIMEOUT, &self.name);
+        self.unacked = left;
+        match failed {
+            None => Ok(()),
+            Some((run, peer, e)) => Err(match terr(&self.peer_name(peer), e) {
+                RuntimeError::WorkerFailed { worker, reason } => RuntimeError::WorkerFailed {
+                    worker,
+                    reason: format!("a transfer of run {run} to it failed: {reason}"),
+                },
+                other => other,
+            }),
+        }
+    }
+}
+
+/// Settles `unacked` transfers: waits up to `wait` for those to `peers`, polls the others.
+/// Returns the ones still in flight (a wait that timed out keeps its transfer, and is the
+/// failure) and the first failure to report (run, peer, error); a failure of an earlier
+/// session's transfer is only logged (for worker `name`).
+fn settle(
+    unacked: Vec<Unacked>,
+    peers: &BTreeSet<usize>,
+    wait: Duration,
+    name: &str,
+) -> (Vec<Unacked>, Option<(u64, usize, TransportError)>) {
+    let mut failed = None;
+    let mut left = Vec::new();
+    for u in unacked {
+        let done = if peers.contains(&u.peer) {
+            Some(u.op.wait(wait))
+        } else {
+            u.op.poll()
+        };
+        match done {
+            None => left.push(u),
+            Some(Ok(())) => {}
+            Some(Err(e)) => {
+                let (run, peer, report) = (u.run, u.peer, u.report);
+                if matches!(e, TransportError::Timeout { .. }) {
+                    left.push(u);
+                }
+                if report && failed.is_none() {
+                    failed = Some((run, peer, e));
+                } else {
+                    tracing::warn!(worker = %name, run, peer, error = %e, report,
+                        "a transfer answered before it was acknowledged failed");
+                }
+            }
+        }
+    }
+    (left, failed)
 }
 
 /// A tensor's key in a run's store (no string formatting per node).
@@ -495,5 +582,71 @@ impl<'a> RunCtx<'a> {
             )));
         }
         self.store.consume(&k)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use genie_transport::PollMode;
+
+    fn unacked(run: u64, peer: usize, op: Op, report: bool) -> Unacked {
+        Unacked {
+            run,
+            peer,
+            op,
+            report,
+        }
+    }
+
+    fn closed() -> TransportError {
+        TransportError::ConnectionClosed {
+            peer: std::net::SocketAddr::from(([127, 0, 0, 1], 9)),
+        }
+    }
+
+    /// Transfers answered before they were acknowledged: settling keeps those in flight to
+    /// other peers, waits for those to the peers a run sends to (and keeps one whose wait ran
+    /// out, as the failure), drops the completed, and reports the first failure of this
+    /// session's (an earlier session's is dropped, not reported).
+    #[test]
+    fn unacknowledged_transfers_are_settled_before_staging_is_reused() {
+        let mode = PollMode::Blocking;
+        let (in_flight, _keep) = Op::new(mode, Vec::new());
+        let (landing, completer) = Op::new(mode, Vec::new());
+        let list = vec![
+            unacked(1, 1, Op::done(), true),
+            unacked(2, 1, in_flight, true),
+            unacked(3, 2, landing, true),
+            unacked(4, 3, Op::failed(mode, closed()), false),
+        ];
+        // The transfer to peer 2 lands while the run that sends there waits for it.
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            completer.complete(Ok(()));
+        });
+        let peers = BTreeSet::from([2]);
+        let (left, failed) = settle(list, &peers, Duration::from_secs(10), "w0");
+        t.join().unwrap();
+        assert!(failed.is_none(), "{failed:?}");
+        assert_eq!(left.iter().map(|u| u.run).collect::<Vec<_>>(), [2]);
+
+        // A failed transfer of this session is reported, whatever the peers.
+        let mut left = left;
+        left.push(unacked(5, 4, Op::failed(mode, closed()), true));
+        let (left, failed) = settle(left, &BTreeSet::new(), Duration::ZERO, "w0");
+        assert!(matches!(
+            failed,
+            Some((5, 4, TransportError::ConnectionClosed { .. }))
+        ));
+        assert_eq!(left.iter().map(|u| u.run).collect::<Vec<_>>(), [2]);
+        // Run 2's transfer is still in flight when a run sends to peer 1: the wait runs out,
+        // the run fails, and the transfer stays to be settled.
+        let (left, failed) = settle(left, &BTreeSet::from([1]), Duration::from_millis(10), "w0");
+        assert!(matches!(
+            failed,
+            Some((2, 1, TransportError::Timeout { .. }))
+        ));
+        assert_eq!(left.iter().map(|u| u.run).collect::<Vec<_>>(), [2]);
     }
 }

@@ -139,6 +139,9 @@ struct Worker {
     remote_landing: HashMap<usize, RemoteRegion>,
     /// Graphs the current driver defined, by id.
     graphs: HashMap<u64, Kept>,
+    /// Transfers of earlier runs answered before their peers acknowledged them
+    /// ([`Msg::Run`]'s `acks_later`), settled by later runs ([`Worker::settle_sends`]).
+    unacked: Vec<exec::Unacked>,
 }
 
 /// A graph kept across runs, with what is derived from it.
@@ -279,6 +282,7 @@ fn serve_inner(
         kv: None,
         session_seqs: Default::default(),
         last_ids: None,
+        unacked: Vec::new(),
         driver: None,
         landing: HashMap::new(),
         staging: HashMap::new(),
@@ -335,6 +339,11 @@ impl Worker {
         self.kv = None;
         self.session_seqs.clear();
         self.last_ids = None;
+        // An earlier session's transfers still in flight are settled as ever (their staging
+        // regions stay), but a failure among them is that session's, not this one's.
+        for u in &mut self.unacked {
+            u.report = false;
+        }
         self.driver = Some(ctrl.clone());
         let r = self.serve_session(&**ctrl);
         self.driver = None;
@@ -381,6 +390,7 @@ impl Worker {
                     spans,
                     free,
                     feed,
+                    acks_later,
                 } => {
                     let _span = tracing::info_span!("run", worker = %self.name, run).entered();
                     for id in &forget {
@@ -402,7 +412,7 @@ impl Worker {
                             let r = self.execute(
                                 run,
                                 &mut kept,
-                                (&seqs, spans),
+                                (&seqs, spans, acks_later),
                                 &inputs,
                                 &payload,
                                 &wanted,

@@ -60,6 +60,7 @@ fn malformed_graph_refs_are_refused() {
             spans: true,
             free: vec![],
             feed: None,
+            acks_later: false,
         };
         send_msg(&*c, "w0", &msg, &[]).unwrap();
         match recv_msg(&*c, "w0", SETUP_TIMEOUT).unwrap().0 {
@@ -306,6 +307,7 @@ fn sequences_belong_to_their_driver() {
         spans: false,
         free,
         feed,
+        acks_later: false,
     };
     let feed = proto::Feed {
         run: 8,
