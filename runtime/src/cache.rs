@@ -133,7 +133,7 @@ pub struct SentGraphs {
 }
 
 /// A graph looked up for one run: its id, and what changed since its last run.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Lookup {
     id: u64,
     reshape: Vec<Reshape>,

@@ -209,7 +209,12 @@ impl Driver {
         wanted: &[TensorRef],
         seqs: &[u64],
     ) -> Result<RunOutput> {
-        self.run_rounds(graph, placement, (inputs, wanted), seqs, None)
+        match self.run_rounds(graph, placement, (inputs, wanted), seqs, Rounds::One)? {
+            Ran::Done(out) => Ok(out),
+            Ran::Senders(_) => Err(RuntimeError::Plan(
+                "a run in one round stopped after its senders".into(),
+            )),
+        }
     }
 
     /// [`Driver::run_batch`] for a run whose workers either only send or only receive (KV
@@ -242,7 +247,76 @@ impl Driver {
                 f();
             }
         };
-        self.run_rounds(graph, placement, (inputs, wanted), seqs, Some(&mut call))
+        match self.run_rounds(
+            graph,
+            placement,
+            (inputs, wanted),
+            seqs,
+            Rounds::SendersFirst(&mut call),
+        )? {
+            Ran::Done(out) => Ok(out),
+            Ran::Senders(_) => Err(RuntimeError::Plan(
+                "a run in two rounds stopped after its first".into(),
+            )),
+        }
+    }
+
+    /// The first round of [`Driver::run_senders_first`] (the senders, the prefill worker of a
+    /// KV move): once it is over, the receivers' round waits in the returned [`SendersDone`]
+    /// for whoever runs the receiver next ([`Driver::take_in`]), so that the caller need not
+    /// wait for the receiver (a decode worker busy with its decode steps) to be free. Its
+    /// messages are made now, with the senders' (no other run of the graph comes between
+    /// them). A run that goes in one round (the first move to a receiver, before
+    /// its landing region is known) runs whole: [`Sending::Done`].
+    ///
+    /// The senders write into the receivers' landing regions: the caller sends no other run
+    /// to the same links before this one's receivers have taken it in (or it was dropped).
+    pub fn send_senders(
+        self: &Arc<Self>,
+        graph: &Graph,
+        placement: &Placement,
+        seqs: &[u64],
+    ) -> Result<Sending> {
+        Ok(
+            match self.run_rounds(graph, placement, (&[], &[]), seqs, Rounds::SendersOnly)? {
+                Ran::Done(out) => Sending::Done(out),
+                Ran::Senders(mut p) => {
+                    p.driver = Some(self.clone());
+                    Sending::Senders(p)
+                }
+            },
+        )
+    }
+
+    /// The receivers' round of a run whose senders are done ([`Driver::send_senders`]), held
+    /// like any run (after a [`StepStream`] on a receiver lets it go); the whole run's output
+    /// (its wall time from the senders' round on). `graph` is the run's graph (for the
+    /// spans' names).
+    pub fn take_in(&self, mut senders: Box<SendersDone>, graph: &Graph) -> Result<RunOutput> {
+        self.check_poisoned()?;
+        let msgs = std::mem::take(&mut senders.msgs);
+        let workers: Vec<usize> = msgs.iter().map(|(i, _)| *i).collect();
+        let mut held = self.hold(workers.iter().copied());
+        self.check_poisoned()?;
+        let now = Instant::now();
+        for (i, bytes) in &msgs {
+            if let Err(e) = self.conns[*i].send(bytes) {
+                return Err(self.fail(self.names[*i].clone(), e.to_string()));
+            }
+        }
+        senders.sent_all = true;
+        match self.gather(workers, now + RUN_TIMEOUT, &mut held) {
+            Ok(got) => senders.replies.extend(got),
+            Err((worker, reason)) => return Err(self.fail(worker, reason)),
+        }
+        drop(held);
+        let wall = senders.start.elapsed();
+        let replies = std::mem::take(&mut senders.replies);
+        let (outputs, stats, out_bytes) =
+            self.outputs(replies, senders.run, senders.used, &senders.wanted)?;
+        let mut out = assemble(&self.names, graph, &senders.plan, stats, outputs, wall);
+        out.driver_bytes = senders.in_bytes + out_bytes;
+        Ok(out)
     }
 
     fn run_rounds(
@@ -251,8 +325,8 @@ impl Driver {
         placement: &Placement,
         (inputs, wanted): (&[(&str, Tensor)], &[TensorRef]),
         seqs: &[u64],
-        mut senders_first: Option<&mut dyn FnMut()>,
-    ) -> Result<RunOutput> {
+        mut mode: Rounds<'_>,
+    ) -> Result<Ran> {
         self.check_poisoned()?;
         let used = placement.workers();
         if used > self.conns.len() {
@@ -283,13 +357,16 @@ impl Driver {
             sent.pin(&look, true);
             (look, plan)
         };
-        let _unpin = Unpin {
+        let mut unpin = Unpin {
             sent: &self.sent,
             look: &look,
+            armed: true,
         };
-        let rounds = match senders_first {
-            Some(_) => rounds(&plan, &self.landing.lock(), all),
-            None => vec![all],
+        let rounds = match mode {
+            Rounds::SendersFirst(_) | Rounds::SendersOnly => {
+                rounds(&plan, &self.landing.lock(), all)
+            }
+            Rounds::One => vec![all],
         };
         let run = self.next_run.fetch_add(1, Ordering::Relaxed);
         let (ins, payload) = encode_inputs(graph, inputs)?;
@@ -305,6 +382,33 @@ impl Driver {
         let mut replies = Vec::new();
         let mut order_len = 0;
         for (r, workers) in rounds.iter().enumerate() {
+            if r > 0 && matches!(mode, Rounds::SendersOnly) {
+                // The receivers' messages, made now (the graph's lookup is this run's), wait
+                // for the receivers to be free (Driver::take_in).
+                let mut msgs = Vec::with_capacity(workers.len());
+                let mut sent = self.sent.lock();
+                for &i in workers {
+                    let msg =
+                        self.run_msg(&mut sent, &look, i, (run, seqs), (&ins, wanted), None)?;
+                    msgs.push((i, proto::encode(&msg, &payload)?));
+                }
+                drop(sent);
+                // The pin goes with them (until they are sent, or dropped unsent).
+                unpin.armed = false;
+                return Ok(Ran::Senders(Box::new(SendersDone {
+                    driver: None,
+                    look: look.clone(),
+                    run,
+                    plan: plan.clone(),
+                    msgs,
+                    sent_all: false,
+                    replies,
+                    start: start.unwrap_or_else(Instant::now),
+                    in_bytes: payload.len() as u64 * (order_len + workers.len()) as u64,
+                    wanted: wanted.to_vec(),
+                    used,
+                })));
+            }
             let mut held = match first_held.take() {
                 Some(h) => h,
                 None => self.hold(workers.iter().copied()),
@@ -349,7 +453,7 @@ impl Driver {
                 Ok(got) => replies.extend(got),
                 Err((worker, reason)) => return Err(self.fail(worker, reason)),
             }
-            if let (0, Some(done)) = (r, senders_first.as_mut()) {
+            if let (0, Rounds::SendersFirst(done)) = (r, &mut mode) {
                 done();
             }
         }
@@ -367,7 +471,7 @@ impl Driver {
         let (outputs, stats, out_bytes) = self.outputs(replies, run, used, wanted)?;
         let mut out = assemble(&self.names, graph, &plan, stats, outputs, wall);
         out.driver_bytes = in_bytes + out_bytes;
-        Ok(out)
+        Ok(Ran::Done(out))
     }
 
     /// The `wanted` tensors in `replies` to run `run` (on `used` workers), each worker's
@@ -945,15 +1049,103 @@ fn rounds(
         .collect()
 }
 
-/// Lets a graph [`SentGraphs::pin`] kept go when a run ends, on every path.
+/// Lets a graph [`SentGraphs::pin`] kept go when a run ends, on every path (unless `armed`
+/// was turned off: a [`SendersDone`] took the pin over).
 struct Unpin<'a> {
     sent: &'a Mutex<SentGraphs>,
     look: &'a crate::cache::Lookup,
+    armed: bool,
 }
 
 impl Drop for Unpin<'_> {
     fn drop(&mut self) {
-        self.sent.lock().pin(self.look, false);
+        if self.armed {
+            self.sent.lock().pin(self.look, false);
+        }
+    }
+}
+
+/// How [`Driver::run_rounds`] hands a run out.
+enum Rounds<'a> {
+    /// To every worker at once.
+    One,
+    /// Senders first when it can ([`rounds`]), then the receivers; the callback once the
+    /// senders are done.
+    SendersFirst(&'a mut dyn FnMut()),
+    /// Senders first when it can, and the receivers' round left to the caller
+    /// ([`Driver::send_senders`]).
+    SendersOnly,
+}
+
+/// What [`Driver::run_rounds`] did.
+enum Ran {
+    Done(RunOutput),
+    Senders(Box<SendersDone>),
+}
+
+/// What [`Driver::send_senders`] did: the whole run (it went in one round), or its senders'
+/// round.
+#[derive(Debug)]
+pub enum Sending {
+    /// The run is over.
+    Done(RunOutput),
+    /// The senders are done; the receivers' round waits.
+    Senders(Box<SendersDone>),
+}
+
+/// A run whose senders are done and whose receivers' round waits ([`Driver::send_senders`]):
+/// give it to [`Driver::take_in`]. Dropped unsent, its receivers are told the graph again with
+/// their next run (what landed for it is never read), and the landing regions are free again.
+pub struct SendersDone {
+    /// Set once it is handed out (the pin and the unsent messages are its to settle).
+    driver: Option<Arc<Driver>>,
+    look: crate::cache::Lookup,
+    run: u64,
+    plan: ExecPlan,
+    /// The receivers' messages, by worker.
+    msgs: Vec<(usize, Vec<u8>)>,
+    sent_all: bool,
+    /// The senders' replies.
+    replies: Vec<(usize, Msg, Vec<u8>)>,
+    start: Instant,
+    in_bytes: u64,
+    wanted: Vec<TensorRef>,
+    used: usize,
+}
+
+impl SendersDone {
+    /// When the senders' round started.
+    pub fn started(&self) -> Instant {
+        self.start
+    }
+
+    /// The workers of the receivers' round.
+    pub fn receivers(&self) -> Vec<usize> {
+        self.msgs.iter().map(|(i, _)| *i).collect()
+    }
+}
+
+impl std::fmt::Debug for SendersDone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SendersDone")
+            .field("run", &self.run)
+            .field("receivers", &self.receivers())
+            .finish()
+    }
+}
+
+impl Drop for SendersDone {
+    fn drop(&mut self) {
+        let Some(d) = &self.driver else { return };
+        let mut sent = d.sent.lock();
+        if !self.sent_all {
+            // Their messages defined or reshaped the graph for them: not delivered, so told
+            // again next time.
+            for (i, _) in &self.msgs {
+                sent.skip(&self.look, *i);
+            }
+        }
+        sent.pin(&self.look, false);
     }
 }
 
@@ -1244,6 +1436,60 @@ mod tests {
         let all_known = plan.link_bytes.keys().map(|&l| (l, u64::MAX)).collect();
         assert_eq!(rounds(&plan, &all_known, vec![0, 1, 2]).len(), 1);
         cluster.stop(driver).unwrap();
+    }
+
+    /// A move's senders' round alone (`send_senders`) and its receivers' round later
+    /// (`take_in`), with a decode step on the receiver between them: the cache lands bit for bit
+    /// (a decode step over either copy gives the same logits). A senders' round dropped before
+    /// its take-in breaks nothing: the receiver is told the graph again, skips what landed for
+    /// it, and the next move of that cache lands as well.
+    #[test]
+    fn a_kv_move_is_taken_in_later_or_never() {
+        use crate::models::{prefill_last, run_decode_step, run_prefill, Family};
+        use genie_scheduler::builders::{kv_move, Gpt2Config};
+        use genie_scheduler::graph::OpKind;
+        let cfg = Gpt2Config {
+            layers: 2,
+            hidden: 32,
+            heads: 2,
+            vocab: 64,
+            context: 32,
+            ..Gpt2Config::default()
+        };
+        let cluster = EmbeddedCluster::start(2, Arc::new(CpuKernels::new())).unwrap();
+        let driver = Arc::new(Driver::connect(&cluster.cluster, WeightSpec::Seeded(5)).unwrap());
+        let prompt: Vec<i64> = (1..=6).collect();
+        let mv = kv_move(cfg.layers, cfg.hidden, prompt.len()).unwrap();
+        let place = Placement::by_rule(&mv, |n| usize::from(matches!(n.op, OpKind::KvCacheAppend)));
+        let d = cfg.decode(prompt.len()).unwrap();
+        let step = |w: usize, seq: u64| -> Vec<f32> {
+            let place = Placement::by_rule(&d, |_| w);
+            let out = run_decode_step(&driver, &d, &place, 7, prompt.len(), seq).unwrap();
+            out.outputs[0].flatten_all().unwrap().to_vec1().unwrap()
+        };
+        let senders = |seq: u64| match driver.send_senders(&mv, &place, &[seq]).unwrap() {
+            Sending::Senders(s) => s,
+            Sending::Done(_) => panic!("move of {seq} in one round"),
+        };
+        for seq in 1..=3u64 {
+            let (g, last) = prefill_last(&cfg, prompt.len()).unwrap();
+            run_prefill(&driver, &g, &Placement::single(&g), &prompt, last, seq).unwrap();
+        }
+        // The first move goes in one round (w1's landing region is not known yet).
+        assert!(matches!(
+            driver.send_senders(&mv, &place, &[1]).unwrap(),
+            Sending::Done(_)
+        ));
+        let s = senders(2);
+        assert_eq!(s.receivers(), [1]);
+        let between = step(1, 1);
+        driver.take_in(s, &mv).unwrap();
+        assert_eq!(step(0, 2), step(1, 2));
+        assert_eq!(between, step(0, 1), "the step run between the rounds");
+        drop(senders(3));
+        driver.take_in(senders(3), &mv).unwrap();
+        assert_eq!(step(0, 3), step(1, 3));
+        cluster.stop(Arc::try_unwrap(driver).unwrap()).unwrap();
     }
 
     /// A worker whose driver connection ended before the driver's `Shutdown` reached it is

@@ -19,8 +19,10 @@
 //!   over, its cache then freed on both workers). The
 //!   move goes in two rounds ([`Driver::run_senders_first`]): the prefill worker posts its
 //!   sends, and the lane starts its next prefill once it has, so that the prefill worker
-//!   computes the next request while this one's cache travels; the decode worker takes in what
-//!   landed once its decode step in progress is over. Waiting requests are taken in arrival order (or shortest
+//!   computes the next request while this one's cache travels; the engine thread then has the
+//!   decode worker take in what landed (the second round, [`Driver::take_in`]) between two of
+//!   its decode steps, and the mover sends its next move into that landing region once it has.
+//!   Waiting requests are taken in arrival order (or shortest
 //!   prompt first: [`EngineConfig::prefill_order`]), each by the lane where the cost model has
 //!   its cache on the decode worker soonest (prompt tokens queued there, and the link to the
 //!   decode worker: [`EngineConfig::prefill_pool`]; a lane holds two requests at most: the one
@@ -78,7 +80,7 @@
 //! ```
 
 use crate::cluster::{Cluster, Role, WorkerLink};
-use crate::driver::{Driver, RunOutput, StepStream};
+use crate::driver::{Driver, RunOutput, SendersDone, Sending, StepStream};
 use crate::error::RuntimeError;
 use crate::models::{
     argmax_last, decode_inputs, pick, prefill_last, run_decode_batch, run_prefill,
@@ -549,6 +551,25 @@ enum Cmd {
         id: u64,
         result: Result<MovedRun, RuntimeError>,
     },
+    /// The prefill worker sent these requests' KV caches (a move's first round): the engine
+    /// thread has the decode worker take them in ([`Core::take_in_all`]). Follows their
+    /// `Prefilled`.
+    Sent(Box<TakeIn>),
+}
+
+/// A KV move whose senders are done, for the decode worker to take in.
+struct TakeIn {
+    /// Per request: its id, sequence and cache length.
+    reqs: Vec<(u64, u64, usize)>,
+    senders: Box<SendersDone>,
+    /// The move's graph (its spans' names).
+    graph: Graph,
+    /// The prefill worker (its copies go once the move is over).
+    pw: usize,
+    driver: Arc<Driver>,
+    /// Dropped once the caches are taken in (or never will be): the lane's mover then sends
+    /// its next move into the same landing region.
+    _landing: mpsc::Sender<()>,
 }
 
 /// A finished prefill: its last position's logits and its run.
@@ -642,6 +663,8 @@ struct Lane {
     link: LinkSpec,
     jobs: mpsc::Sender<LaneJob>,
     thread: JoinHandle<()>,
+    /// Set when the lane stops: its mover gives up waiting for a take-in the engine will not do.
+    stop: Arc<AtomicBool>,
 }
 
 /// Jobs a prefill lane holds at most (a job: one request, or several short ones prefilled
@@ -811,9 +834,11 @@ impl Lane {
         let id = |i: usize| genie_scheduler::topology::DeviceId(i as u32);
         let link = topology.link(id(pw), id(cfg.decode_worker));
         let scheduler = genie_scheduler::Scheduler::new(topology.clone());
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
         let thread = std::thread::Builder::new()
             .name("genie-prefill".into())
-            .spawn(move || prefill_lane(&queue, &done, scheduler, &model, workers))
+            .spawn(move || prefill_lane(&queue, &done, scheduler, &model, (workers, &stopping)))
             .map_err(|e| {
                 RuntimeError::Plan(format!("engine: cannot spawn its prefill lane: {e}"))
             })?;
@@ -823,11 +848,13 @@ impl Lane {
             link,
             jobs,
             thread,
+            stop,
         })
     }
 
     /// Ends the lane after the prefill it is running (whose result is not waited for).
     fn stop(self) {
+        self.stop.store(true, Ordering::Release);
         drop(self.jobs);
         if self.thread.join().is_err() {
             tracing::warn!("engine: the prefill lane panicked");
@@ -956,6 +983,7 @@ impl Engine {
             recording: cfg.record_spans,
             decode_places: HashMap::new(),
             flight: None,
+            take_ins: Vec::new(),
         };
         let thread = std::thread::Builder::new()
             .name("genie-engine".into())
@@ -1253,6 +1281,9 @@ struct Core {
     decode_places: HashMap<(usize, bool), Placement>,
     /// Decode steps sent ahead on the decode worker (see [`Core::step_ahead`]).
     flight: Option<Flight>,
+    /// KV moves whose senders are done, for the decode worker to take in
+    /// ([`Core::take_in_all`]).
+    take_ins: Vec<TakeIn>,
     /// Where to connect again after a worker failure ([`Engine::connect`]).
     reconnect: Option<(Cluster, WeightSpec)>,
     /// The worker whose failure poisoned the driver, until a reconnection succeeded.
@@ -1321,6 +1352,7 @@ impl Core {
                     }
                     Cmd::Prefilled { id, result } => self.prefilled(id, result.map(|p| *p)),
                     Cmd::Moved { id, result } => self.moved(id, result.map(Some)),
+                    Cmd::Sent(t) => self.take_ins.push(*t),
                     Cmd::Members(m) => self.members(m),
                 }
             }
@@ -1328,6 +1360,7 @@ impl Core {
                 break;
             }
             self.apply_cancels();
+            self.take_in_all();
             if self.lost.is_some() && self.reconnect.is_some() && !self.heal() {
                 continue;
             }
@@ -1367,6 +1400,8 @@ impl Core {
             }
         }
         self.land();
+        // Moves not taken in: their requests fail below with the others in the lanes.
+        self.take_ins.clear();
         std::mem::take(&mut self.lanes)
             .into_iter()
             .for_each(Lane::stop);
@@ -1718,6 +1753,54 @@ impl Core {
             None => self.active.push(a),
             Some(Ok(r)) => self.finish(a, r),
             Some(Err(err)) => self.fail_with(a, err),
+        }
+    }
+
+    /// Has the decode worker take in the KV caches the lanes' movers sent (each move's
+    /// receivers' round, [`Driver::take_in`], on this thread: the step stream lets the worker
+    /// go first), reports each request moved (it joins the decode pass) or failed, and leaves
+    /// the prefill worker's copies to its next run to drop. A failed take-in frees what was
+    /// built and fails its requests.
+    fn take_in_all(&mut self) {
+        if self.take_ins.is_empty() {
+            return;
+        }
+        self.land();
+        for t in std::mem::take(&mut self.take_ins) {
+            let TakeIn {
+                reqs,
+                senders,
+                graph,
+                pw,
+                driver,
+                _landing,
+            } = t;
+            let started = senders.started();
+            match driver.take_in(senders, &graph) {
+                Ok(out) => {
+                    let total: u64 = reqs.iter().map(|&(_, _, len)| len as u64).sum();
+                    let bytes = out.counters.bytes_moved;
+                    let run = Arc::new((started, out));
+                    for (i, &(id, _, len)) in reqs.iter().enumerate() {
+                        let moved = MovedRun {
+                            run: run.clone(),
+                            owner: i == 0,
+                            bytes: bytes * len as u64 / total.max(1),
+                        };
+                        self.moved(id, Ok(Some(moved)));
+                    }
+                    for &(_, seq, _) in &reqs {
+                        driver.free_sequence_on_later(seq, pw);
+                    }
+                }
+                Err(e) => {
+                    let errors = shared_errors(e, reqs.len(), "batched KV move");
+                    for (&(id, seq, _), e) in reqs.iter().zip(errors) {
+                        let _ = driver.free_sequence(seq);
+                        self.moved(id, Err(e));
+                    }
+                }
+            }
         }
     }
 
@@ -2228,13 +2311,13 @@ fn prefill_lane(
     done: &mpsc::Sender<Cmd>,
     mut scheduler: genie_scheduler::Scheduler,
     model: &Model,
-    workers: (usize, usize),
+    (workers, stop): ((usize, usize), &AtomicBool),
 ) {
     std::thread::scope(|s| {
         let (to_mover, moves) = mpsc::channel();
         let mover = std::thread::Builder::new()
             .name("genie-kv-mover".into())
-            .spawn_scoped(s, move || kv_mover(&moves, done, model, workers));
+            .spawn_scoped(s, move || kv_mover(&moves, done, model, (workers, stop)));
         // Without a mover thread, each move runs here, after its prefill.
         let to_mover = match mover {
             Ok(_) => Some(to_mover),
@@ -2284,7 +2367,11 @@ fn prefill_lane(
                         Ok(()) => {
                             let _ = sent.recv();
                         }
-                        Err(m) => listening &= move_and_report(m, done, model, workers, || {}),
+                        Err(m) => match move_and_report(m, done, model, workers, || {}) {
+                            MoveEnd::Reported(l) => listening &= l,
+                            // No mover to wait for the take-in before the next move: here.
+                            MoveEnd::Sent(landing) => listening &= taken_in(&landing, stop),
+                        },
                     }
                     if !listening {
                         break;
@@ -2332,9 +2419,16 @@ fn kv_mover(
     moves: &mpsc::Receiver<(Move, mpsc::Sender<()>)>,
     done: &mpsc::Sender<Cmd>,
     model: &Model,
-    workers: (usize, usize),
+    (workers, stop): ((usize, usize), &AtomicBool),
 ) {
+    // The last move's take-in, while the decode worker has not done it: the next move sends
+    // into the same landing region, so it waits for it.
+    let mut landing: Option<mpsc::Receiver<()>> = None;
     while let Ok((job, sent)) = moves.recv() {
+        if landing.take().is_some_and(|l| !taken_in(&l, stop)) {
+            // The lane stops: its requests end with the engine's.
+            break;
+        }
         let first = job.reqs.first().map_or(0, |r| r.0);
         let _span =
             tracing::info_span!("kv_move", request = first, requests = job.reqs.len()).entered();
@@ -2342,33 +2436,76 @@ fn kv_mover(
         let sent = move || {
             let _ = sent.send(());
         };
-        if !move_and_report(job, done, model, workers, sent) {
-            break;
+        match move_and_report(job, done, model, workers, sent) {
+            MoveEnd::Reported(true) => {}
+            MoveEnd::Reported(false) => break,
+            MoveEnd::Sent(l) => landing = Some(l),
         }
     }
 }
 
+/// Waits until the engine took in (or dropped) a move whose senders are done: `landing`
+/// disconnects. `false` if the lane stops first (`stop`), after which the engine takes in
+/// nothing more.
+fn taken_in(landing: &mpsc::Receiver<()>, stop: &AtomicBool) -> bool {
+    loop {
+        match landing.recv_timeout(Duration::from_millis(10)) {
+            Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => return true,
+            Err(mpsc::RecvTimeoutError::Timeout) if stop.load(Ordering::Acquire) => return false,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+    }
+}
+
+/// What became of a move ([`move_and_report`]).
+enum MoveEnd {
+    /// Reported to the engine (moved, or failed); `false` once the engine no longer listens.
+    Reported(bool),
+    /// Its senders are done and the engine has the decode worker take the caches in; the
+    /// landing region is busy until this disconnects.
+    Sent(mpsc::Receiver<()>),
+}
+
 /// Moves `job`'s KV caches (those prefilled together) from the prefill worker `pw` to the
 /// decode worker `dw` in one [`kv_move_batch`] run (`sent` called once the prefill worker has
-/// sent them all), reports the move of each to the engine, then leaves the prefill worker's
-/// copies to its next run to drop ([`Driver::free_sequence_on_later`]: the requests' next
-/// decode step does not wait for it, nor the next prefill for a round trip). A failed
-/// move frees what was built and reports the error to each. `false` once the engine no longer
-/// listens.
+/// posted them all). Once the decode worker keeps a landing region big enough (after the
+/// first move), the run stops after its senders: the engine thread has the decode worker take
+/// the caches in between its decode steps ([`Cmd::Sent`], [`MoveEnd::Sent`]). A run in one
+/// round is reported here, and the prefill worker's copies left to its next run to drop
+/// ([`Driver::free_sequence_on_later`]: the requests' next decode step does not wait for it,
+/// nor the next prefill for a round trip). A failed move frees what was built and reports the
+/// error to each.
 fn move_and_report(
     job: Move,
     done: &mpsc::Sender<Cmd>,
     model: &Model,
     (pw, dw): (usize, usize),
     sent: impl FnOnce(),
-) -> bool {
+) -> MoveEnd {
     let caches: Vec<(usize, u64)> = job.reqs.iter().map(|&(_, seq, len)| (len, seq)).collect();
     let mut listening = true;
-    match move_kv(&job.driver, model, (pw, dw), &caches, sent) {
-        Ok(run) => {
+    match move_kv(&job.driver, model, (pw, dw), &caches) {
+        Ok((_, Sending::Senders(senders), graph)) => {
+            sent();
+            let (landing, taken) = mpsc::channel();
+            let take = TakeIn {
+                reqs: job.reqs,
+                senders,
+                graph,
+                pw,
+                driver: job.driver,
+                _landing: landing,
+            };
+            if done.send(Cmd::Sent(Box::new(take))).is_err() {
+                return MoveEnd::Reported(false);
+            }
+            return MoveEnd::Sent(taken);
+        }
+        Ok((started, Sending::Done(out), _)) => {
+            sent();
             let total: u64 = caches.iter().map(|&(len, _)| len as u64).sum();
-            let bytes = run.1.counters.bytes_moved;
-            let run = Arc::new(run);
+            let bytes = out.counters.bytes_moved;
+            let run = Arc::new((started, out));
             for (i, &(id, _, len)) in job.reqs.iter().enumerate() {
                 let result = Ok(MovedRun {
                     run: run.clone(),
@@ -2390,7 +2527,7 @@ fn move_and_report(
             }
         }
     }
-    listening
+    MoveEnd::Reported(listening)
 }
 
 /// The prefill of `reqs` (prompt, sequence) on worker `pw`, their KV caches built there: one
@@ -2451,15 +2588,14 @@ fn prefill_here(
         .collect()
 }
 
-/// The [`kv_move_batch`] run of `caches` (length, sequence) from worker `pw` to `dw` (`sent`
-/// called once `pw` has posted them all, see [`Driver::run_senders_first`]), and when it started.
+/// The [`kv_move_batch`] run of `caches` (length, sequence) from worker `pw` to `dw`, its
+/// senders' round at least ([`Driver::send_senders`]); when it started, and its graph.
 fn move_kv(
-    driver: &Driver,
+    driver: &Arc<Driver>,
     model: &Model,
     (pw, dw): (usize, usize),
     caches: &[(usize, u64)],
-    sent: impl FnOnce(),
-) -> Result<(Instant, RunOutput), RuntimeError> {
+) -> Result<(Instant, Sending, Graph), RuntimeError> {
     let lens: Vec<usize> = caches.iter().map(|&(len, _)| len).collect();
     let seqs: Vec<u64> = caches.iter().map(|&(_, seq)| seq).collect();
     let g =
@@ -2476,8 +2612,8 @@ fn move_kv(
         }
     });
     let t = Instant::now();
-    let moved = driver.run_senders_first(&g, &place, &[], &[], &seqs, sent)?;
-    Ok((t, moved))
+    let moved = driver.send_senders(&g, &place, &seqs)?;
+    Ok((t, moved, g))
 }
 
 /// Chooses the next token from `logits` under `sampling` ([`next_token`]) and streams it on
