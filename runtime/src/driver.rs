@@ -860,6 +860,10 @@ struct InFlight {
     wanted: Vec<TensorRef>,
     start: Instant,
     in_bytes: u64,
+    /// A take-in's: the replies of its senders' round ([`StepStream::take_in`]).
+    senders: Vec<(usize, Msg, Vec<u8>)>,
+    /// The workers of the run (a take-in's include its senders).
+    used: usize,
 }
 
 /// Runs on one worker, each sent before the one ahead of it has answered
@@ -979,8 +983,45 @@ impl StepStream {
             wanted: wanted.to_vec(),
             start,
             in_bytes: payload.len() as u64,
+            senders: Vec::new(),
+            used: d.conns.len(),
         });
         Ok(run)
+    }
+
+    /// Sends the receivers' round of a run whose senders are done ([`Driver::send_senders`])
+    /// when this stream's worker is its only receiver (a KV take-in between two decode steps:
+    /// the worker goes from one to the other without being let go); its reply is read by a
+    /// later [`StepStream::wait`] (with the run's graph), which returns the whole run's output
+    /// as [`Driver::take_in`] would. Token ids a step returned still feed the step after the
+    /// take-in ([`Feed`](proto::Feed)).
+    pub fn take_in(&mut self, mut senders: Box<SendersDone>) -> Result<u64> {
+        let d = &*self.driver;
+        d.check_poisoned()?;
+        if senders.receivers() != [self.worker] {
+            return Err(RuntimeError::Plan(format!(
+                "a take-in on a stream to worker {} has receivers {:?}",
+                self.worker,
+                senders.receivers()
+            )));
+        }
+        let msgs = std::mem::take(&mut senders.msgs);
+        for (i, bytes) in &msgs {
+            if let Err(e) = d.conns[*i].send(bytes) {
+                return Err(d.fail(d.names[*i].clone(), e.to_string()));
+            }
+        }
+        senders.sent_all = true;
+        self.flying.push_back(InFlight {
+            run: senders.run,
+            plan: senders.plan.clone(),
+            wanted: std::mem::take(&mut senders.wanted),
+            start: senders.start,
+            in_bytes: senders.in_bytes,
+            senders: std::mem::take(&mut senders.replies),
+            used: senders.used,
+        });
+        Ok(senders.run)
     }
 
     /// The reply to the oldest step still due (its `graph` names the spans); its outputs as
@@ -995,7 +1036,8 @@ impl StepStream {
             .gather(vec![self.worker], Instant::now() + RUN_TIMEOUT, &mut [])
             .map_err(|(worker, reason)| d.fail(worker, reason))?;
         let wall = f.start.elapsed();
-        let (outputs, stats, out_bytes) = d.outputs(replies, f.run, d.conns.len(), &f.wanted)?;
+        let replies = f.senders.into_iter().chain(replies).collect();
+        let (outputs, stats, out_bytes) = d.outputs(replies, f.run, f.used, &f.wanted)?;
         let mut out = assemble(&d.names, graph, &f.plan, stats, outputs, wall);
         out.driver_bytes = f.in_bytes + out_bytes;
         Ok(out)

@@ -20,8 +20,9 @@
 //!   move goes in two rounds ([`Driver::run_senders_first`]): the prefill worker posts its
 //!   sends, and the lane starts its next prefill once it has, so that the prefill worker
 //!   computes the next request while this one's cache travels; the engine thread then has the
-//!   decode worker take in what landed (the second round, [`Driver::take_in`]) between two of
-//!   its decode steps, and the mover sends its next move into that landing region once it has.
+//!   decode worker take in what landed (the second round) between two of its decode steps, on
+//!   its step stream ([`StepStream::take_in`], or [`Driver::take_in`] when it has none), and
+//!   the mover sends its next move into that landing region once it has.
 //!   Waiting requests are taken in arrival order (or shortest
 //!   prompt first: [`EngineConfig::prefill_order`]), each by the lane where the cost model has
 //!   its cache on the decode worker soonest (prompt tokens queued there, and the link to the
@@ -1295,11 +1296,37 @@ struct Core {
 /// engine streams the last step's tokens and prepares the next.
 struct Flight {
     stream: StepStream,
-    /// Oldest first: each step's graph (which names its spans), its rows' request ids, its run
-    /// number, and when it was sent.
-    steps: VecDeque<(Graph, Vec<u64>, u64, Instant)>,
+    /// Oldest first: the steps, and the KV take-ins sent between them.
+    steps: VecDeque<Flying>,
     /// When the last reply was read (the step after it was under way by then).
     landed: Option<Instant>,
+}
+
+/// What a [`Flight`] carries.
+enum Flying {
+    /// A decode step: its graph (which names its spans), its rows' request ids, its run number,
+    /// and when it was sent.
+    Step(Graph, Vec<u64>, u64, Instant),
+    /// A KV take-in sent between two steps ([`StepStream::take_in`]): the move's graph, and
+    /// what its landing needs.
+    TakeIn(Graph, Taking),
+}
+
+impl Flying {
+    fn is_step(&self) -> bool {
+        matches!(self, Flying::Step(..))
+    }
+}
+
+/// A KV take-in under way: per request its id, sequence and cache length; the prefill
+/// worker; the driver; the mover's landing region (free again once this drops); when the
+/// move started.
+struct Taking {
+    reqs: Vec<(u64, u64, usize)>,
+    pw: usize,
+    driver: Arc<Driver>,
+    _landing: mpsc::Sender<()>,
+    started: Instant,
 }
 
 /// How long the engine thread sleeps when it has nothing to do (it wakes on any command).
@@ -1757,15 +1784,10 @@ impl Core {
     }
 
     /// Has the decode worker take in the KV caches the lanes' movers sent (each move's
-    /// receivers' round, [`Driver::take_in`], on this thread: the step stream lets the worker
-    /// go first), reports each request moved (it joins the decode pass) or failed, and leaves
-    /// the prefill worker's copies to its next run to drop. A failed take-in frees what was
-    /// built and fails its requests.
+    /// receivers' round): on the step stream when there is one, between the step in flight and
+    /// the next ([`StepStream::take_in`], landed with the steps), else on this thread
+    /// ([`Driver::take_in`]). See [`Core::took_in`].
     fn take_in_all(&mut self) {
-        if self.take_ins.is_empty() {
-            return;
-        }
-        self.land();
         for t in std::mem::take(&mut self.take_ins) {
             let TakeIn {
                 reqs,
@@ -1775,30 +1797,53 @@ impl Core {
                 driver,
                 _landing,
             } = t;
-            let started = senders.started();
-            match driver.take_in(senders, &graph) {
-                Ok(out) => {
-                    let total: u64 = reqs.iter().map(|&(_, _, len)| len as u64).sum();
-                    let bytes = out.counters.bytes_moved;
-                    let run = Arc::new((started, out));
-                    for (i, &(id, _, len)) in reqs.iter().enumerate() {
-                        let moved = MovedRun {
-                            run: run.clone(),
-                            owner: i == 0,
-                            bytes: bytes * len as u64 / total.max(1),
-                        };
-                        self.moved(id, Ok(Some(moved)));
+            let taking = Taking {
+                reqs,
+                pw,
+                started: senders.started(),
+                driver,
+                _landing,
+            };
+            let result = match self.flight.as_mut() {
+                Some(f) => match f.stream.take_in(senders) {
+                    Ok(_) => {
+                        f.steps.push_back(Flying::TakeIn(graph, taking));
+                        continue;
                     }
-                    for &(_, seq, _) in &reqs {
-                        driver.free_sequence_on_later(seq, pw);
-                    }
+                    Err(e) => Err(e),
+                },
+                None => taking.driver.take_in(senders, &graph),
+            };
+            self.took_in(taking, result);
+        }
+    }
+
+    /// Reports the requests of a take-in moved (they join the decode pass) or failed, and
+    /// leaves the prefill worker's copies to its next run to drop. A failed take-in frees what
+    /// was built.
+    fn took_in(&mut self, t: Taking, result: Result<RunOutput, RuntimeError>) {
+        match result {
+            Ok(out) => {
+                let total: u64 = t.reqs.iter().map(|&(_, _, len)| len as u64).sum();
+                let bytes = out.counters.bytes_moved;
+                let run = Arc::new((t.started, out));
+                for (i, &(id, _, len)) in t.reqs.iter().enumerate() {
+                    let moved = MovedRun {
+                        run: run.clone(),
+                        owner: i == 0,
+                        bytes: bytes * len as u64 / total.max(1),
+                    };
+                    self.moved(id, Ok(Some(moved)));
                 }
-                Err(e) => {
-                    let errors = shared_errors(e, reqs.len(), "batched KV move");
-                    for (&(id, seq, _), e) in reqs.iter().zip(errors) {
-                        let _ = driver.free_sequence(seq);
-                        self.moved(id, Err(e));
-                    }
+                for &(_, seq, _) in &t.reqs {
+                    t.driver.free_sequence_on_later(seq, t.pw);
+                }
+            }
+            Err(e) => {
+                let errors = shared_errors(e, t.reqs.len(), "batched KV move");
+                for (&(id, seq, _), e) in t.reqs.iter().zip(errors) {
+                    let _ = t.driver.free_sequence(seq);
+                    self.moved(id, Err(e));
                 }
             }
         }
@@ -1912,20 +1957,24 @@ impl Core {
     /// the step in flight takes its next token from that step's reply on the worker
     /// ([`Feed`]); one whose next token there is its last is left out (its row of a step it
     /// ended in by a stop token is dropped). A request whose cache landed joins at once, with
-    /// its first token from the engine. When a run waits for the decode worker (a cache
-    /// landing), the steps in flight land first and the stream lets the worker go.
+    /// its first token from the engine. A moved KV cache is taken in on the stream between two
+    /// steps ([`Core::take_in_all`]). When another run waits for the decode worker, the steps
+    /// in flight land first and the stream lets the worker go.
     fn step_ahead(&mut self) {
         let dw = self.cfg.decode_worker;
         if self.flight.as_ref().is_some_and(|f| {
-            f.steps.len() > 1 || self.driver.as_ref().is_some_and(|d| d.contended(dw))
+            f.steps.iter().filter(|s| s.is_step()).count() > 1
+                || self.driver.as_ref().is_some_and(|d| d.contended(dw))
         }) {
             self.land();
         }
-        let last = self
-            .flight
-            .as_ref()
-            .and_then(|f| f.steps.back())
-            .map(|(_, ids, run, _)| (ids, *run));
+        // The newest step in flight (take-ins sent after it leave its token ids to the next).
+        let last = self.flight.as_ref().and_then(|f| {
+            f.steps.iter().rev().find_map(|s| match s {
+                Flying::Step(_, ids, run, _) => Some((ids, *run)),
+                Flying::TakeIn(..) => None,
+            })
+        });
         let mut rows: Vec<(u64, u64)> = Vec::new();
         let (mut lens, mut toks, mut fed) = (Vec::new(), Vec::new(), Vec::new());
         for a in &self.active {
@@ -1959,7 +2008,7 @@ impl Core {
         match self.send_step(&lens, &toks, &seqs, feed) {
             Ok((g, run)) => {
                 if let Some(f) = self.flight.as_mut() {
-                    f.steps.push_back((g, ids, run, Instant::now()));
+                    f.steps.push_back(Flying::Step(g, ids, run, Instant::now()));
                 }
             }
             Err(e) => {
@@ -1968,7 +2017,8 @@ impl Core {
                 return self.fail_active(&ids.into_iter().collect(), &err);
             }
         }
-        if self.flight.as_ref().is_some_and(|f| f.steps.len() > 1) {
+        // What was sent before this step lands now (a step, and the take-ins after it).
+        while self.flight.as_ref().is_some_and(|f| f.steps.len() > 1) {
             self.land_one();
         }
     }
@@ -2008,21 +2058,31 @@ impl Core {
         Ok((g, run))
     }
 
-    /// Reads the reply of the oldest step in flight and streams its tokens (rows of requests
-    /// that ended meanwhile are dropped); a failed step fails its requests and the steps
-    /// after it.
+    /// Reads the reply of the oldest step or take-in in flight: a step's tokens are streamed
+    /// (rows of requests that ended meanwhile are dropped), a take-in's requests join the
+    /// decode pass ([`Core::took_in`]). A failure fails the requests of everything in flight.
     fn land_one(&mut self) {
         let Some(f) = self.flight.as_mut() else {
             return;
         };
-        let Some((g, ids, _, sent)) = f.steps.pop_front() else {
+        let Some(entry) = f.steps.pop_front() else {
             return;
         };
-        let out = f.stream.wait(&g);
+        let (Flying::Step(g, ..) | Flying::TakeIn(g, _)) = &entry;
+        let out = f.stream.wait(g);
+        let before = f.landed.replace(Instant::now());
+        let (ids, sent) = match entry {
+            Flying::TakeIn(_, taking) => {
+                return match out {
+                    Ok(out) => self.took_in(taking, Ok(out)),
+                    Err(e) => self.fail_flight(e, Some(taking), Vec::new()),
+                };
+            }
+            Flying::Step(_, ids, _, sent) => (ids, sent),
+        };
         // The worker started this step once it was done with the one before (as its reply
         // came in) or once it was sent, whichever came last.
-        let started = f.landed.map_or(sent, |l| l.max(sent));
-        f.landed = Some(Instant::now());
+        let started = before.map_or(sent, |l| l.max(sent));
         let next = out.and_then(|out| {
             self.record(started, &out);
             out.outputs
@@ -2032,12 +2092,7 @@ impl Core {
         });
         let next = match next {
             Ok(t) => t,
-            Err(e) => {
-                let err = self.engine_error(e);
-                let steps = self.flight.take().map(|f| f.steps).unwrap_or_default();
-                let failed = steps.into_iter().flat_map(|s| s.1).chain(ids).collect();
-                return self.fail_active(&failed, &err);
-            }
+            Err(e) => return self.fail_flight(e, None, ids),
         };
         for (i, id) in ids.into_iter().enumerate() {
             let Some(at) = self.active.iter().position(|a| a.id == id) else {
@@ -2048,6 +2103,27 @@ impl Core {
                 self.active.insert(at, a);
             }
         }
+    }
+
+    /// A step or take-in in flight failed with `e` (`taking` and the step's rows `ids`, the
+    /// one that failed): it fails the requests of everything in flight, and the stream goes.
+    fn fail_flight(&mut self, e: RuntimeError, taking: Option<Taking>, ids: Vec<u64>) {
+        let rest = self.flight.take().map(|f| f.steps).unwrap_or_default();
+        let (mut failed, mut takings): (HashSet<u64>, Vec<Taking>) =
+            (ids.into_iter().collect(), taking.into_iter().collect());
+        for entry in rest {
+            match entry {
+                Flying::Step(_, ids, ..) => failed.extend(ids),
+                Flying::TakeIn(_, t) => takings.push(t),
+            }
+        }
+        let mut errors = shared_errors(e, 1 + takings.len(), "decode step stream");
+        let first = errors.remove(0);
+        for (t, e) in takings.into_iter().zip(errors) {
+            self.took_in(t, Err(e));
+        }
+        let err = self.engine_error(first);
+        self.fail_active(&failed, &err);
     }
 
     /// Fails the active requests `ids` with `err`.

@@ -35,9 +35,10 @@ pub struct PayloadTensor {
 }
 
 /// Rows of a run's `input_ids` (`[N, 1]` I64) that come from the token ids (`[M, 1]` I64, its
-/// first wanted output) of the run this worker executed just before: `input_ids[dst] =
-/// ids[src]` for each `(dst, src)`. The run fails if `run` was not the worker's last run, that
-/// run returned no such ids, or a row is out of range.
+/// first wanted output) of the last run on this worker that returned such ids (runs that return
+/// none, such as a KV take-in between two decode steps, come between freely): `input_ids[dst]
+/// = ids[src]` for each `(dst, src)`. Ids feed one run. The run fails if `run` was not that
+/// last run, its ids fed a run already, or a row is out of range.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Feed {
     /// The run whose token ids are fed.

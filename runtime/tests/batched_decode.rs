@@ -8,6 +8,7 @@
 
 mod common;
 use common::bits;
+use genie_runtime::driver::Sending;
 use genie_runtime::driver::{Driver, EmbeddedCluster};
 use genie_runtime::kernels::CpuKernels;
 use genie_runtime::models::{
@@ -16,7 +17,7 @@ use genie_runtime::models::{
 };
 use genie_runtime::plan::Placement;
 use genie_runtime::proto::WeightSpec;
-use genie_scheduler::builders::{Gpt2Config, LlamaConfig};
+use genie_scheduler::builders::{kv_move, Gpt2Config, LlamaConfig};
 use genie_scheduler::graph::OpKind;
 use std::sync::Arc;
 
@@ -353,9 +354,22 @@ fn steps_sent_ahead_equal_steps_one_at_a_time(model: &Model) {
             lens[i] += 1;
         }
     }
+    // Two caches built on w0 to move to w1: 51 first (so that w1's landing region for w0 is
+    // known), 50 in two rounds later, its take-in on the stream between two steps.
+    let moved = &prompts[1];
+    for seq in [50, 51] {
+        let (g, last) = prefill_last(model, moved.len()).unwrap();
+        run_prefill(&driver, &g, &Placement::single(&g), moved, last, seq).unwrap();
+    }
+    let mv = kv_move(model.layers(), model.kv_width(), moved.len()).unwrap();
+    let mv_place = prefill_place(&mv);
     // Sent ahead: each step goes before the one ahead of it has answered; a sequence in the
     // step just sent takes its token from that step's reply, on the worker.
     let driver = Arc::new(driver);
+    match driver.send_senders(&mv, &mv_place, &[51]).unwrap() {
+        Sending::Done(_) => {}
+        Sending::Senders(s) => drop(driver.take_in(s, &mv).unwrap()),
+    }
     let mut stream = driver.stream(1).unwrap();
     let mut got: Vec<Vec<i64>> = first.iter().map(|&t| vec![t]).collect();
     let mut lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
@@ -393,11 +407,25 @@ fn steps_sent_ahead_equal_steps_one_at_a_time(model: &Model) {
                 .unwrap(),
         );
         flying.push_back((g, members.to_vec()));
+        if k == 2 {
+            // The take-in goes between this step and the next, which its token ids feed.
+            let Sending::Senders(s) = driver.send_senders(&mv, &mv_place, &[50]).unwrap() else {
+                panic!("the move went in one round");
+            };
+            stream.take_in(s).unwrap();
+            flying.push_back((mv.clone(), Vec::new()));
+        }
         // Each reply is read once the step after it has gone (the last one at the end).
         let end = k + 1 == steps.len();
         while flying.len() > 1 || (end && !flying.is_empty()) {
             let (g, m) = flying.pop_front().unwrap();
-            for (&i, t) in m.iter().zip(ids(&stream.wait(&g).unwrap())) {
+            let out = stream.wait(&g).unwrap();
+            if m.is_empty() {
+                // The take-in: its whole run, both rounds.
+                assert!(out.counters.bytes_moved > 0);
+                continue;
+            }
+            for (&i, t) in m.iter().zip(ids(&out)) {
                 got[i].push(t);
                 lens[i] += 1;
             }
@@ -406,6 +434,15 @@ fn steps_sent_ahead_equal_steps_one_at_a_time(model: &Model) {
     assert_eq!(got, want, "{}", model.model_type());
     assert_eq!(stream.in_flight(), 0);
     drop(stream);
+    // The cache taken in on the stream is w0's bit for bit: a decode step over either gives
+    // the same logits.
+    let on = |w: usize| {
+        let g = model.decode_batch(&[moved.len()]).unwrap();
+        let place = Placement::by_rule(&g, |_| w);
+        let out = run_decode_batch(&driver, &g, &place, &[3], &[moved.len()], &[50]).unwrap();
+        bits(&out.outputs[0])
+    };
+    assert_eq!(on(0), on(1), "{}", model.model_type());
     // A feed from a run that was not the worker's last fails the step, saying so (and, as
     // any failed run, leaves the driver to reconnect).
     let step = |driver: &Arc<Driver>, seq: u64, tok: i64, len: usize, feed: Option<Feed>| {

@@ -397,8 +397,13 @@ impl Worker {
                         self.graphs.remove(id);
                     }
                     let id = graph.id();
-                    // The token ids fed from the last run are that run's only: taken now.
-                    let last = self.last_ids.take();
+                    // The token ids of the last run that returned some: taken by a run fed
+                    // from them (used once); a run with no feed leaves them (a KV take-in
+                    // between two decode steps, the second fed from the first).
+                    let last = match feed {
+                        Some(_) => self.last_ids.take(),
+                        None => None,
+                    };
                     let res = self
                         .free_listed(&free)
                         .and_then(|()| match &feed {
@@ -424,7 +429,9 @@ impl Worker {
                     // need to wait here until the transport has taken it.
                     match res {
                         Ok((outputs, out_payload, stats)) => {
-                            self.last_ids = token_ids(&outputs, &out_payload).map(|ids| (run, ids));
+                            if let Some(ids) = token_ids(&outputs, &out_payload) {
+                                self.last_ids = Some((run, ids));
+                            }
                             post_msg(
                                 ctrl,
                                 "driver",
@@ -494,13 +501,13 @@ impl Worker {
             Some((run, ids)) if run == feed.run => ids,
             Some((run, _)) => {
                 return Err(refuse(format!(
-                    "run {} fed, but the last run here was {run}",
+                    "run {} fed, but the last run here to return token ids was {run}",
                     feed.run
                 )))
             }
             None => {
                 return Err(refuse(format!(
-                    "run {} fed, but the last run here returned no token ids",
+                    "run {} fed, but no run here returned token ids since the last feed",
                     feed.run
                 )))
             }

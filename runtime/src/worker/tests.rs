@@ -315,7 +315,7 @@ fn sequences_belong_to_their_driver() {
     };
     for (msg, why) in [
         (run(vec![5], None), "not this driver's"),
-        (run(vec![], Some(feed)), "returned no token ids"),
+        (run(vec![], Some(feed)), "no run here returned token ids"),
     ] {
         send_msg(&*c, "w0", &msg, &[]).unwrap();
         let e = refusal(&*c);
