@@ -1424,6 +1424,18 @@ mod tests {
     use super::*;
     use crate::kernels::CpuKernels;
 
+    /// A GPT-2 small enough for a test's moves.
+    fn tiny() -> genie_scheduler::builders::Gpt2Config {
+        genie_scheduler::builders::Gpt2Config {
+            layers: 2,
+            hidden: 32,
+            heads: 2,
+            vocab: 64,
+            context: 32,
+            ..Default::default()
+        }
+    }
+
     /// A KV cache's move (reads on w0, appends on w1) goes in one round while the driver does
     /// not know w1's landing region for w0, in two (w0, then w1) once it does; the callback of
     /// `run_senders_first` comes once either way; the moved cache is the source's bit for bit
@@ -1432,16 +1444,9 @@ mod tests {
     #[test]
     fn a_kv_move_goes_in_two_rounds_once_the_landing_region_is_known() {
         use crate::models::{prefill_last, run_decode_step, run_prefill, Family};
-        use genie_scheduler::builders::{gpt2_prefill, kv_move, Gpt2Config};
+        use genie_scheduler::builders::{gpt2_prefill, kv_move};
         use genie_scheduler::graph::OpKind;
-        let cfg = Gpt2Config {
-            layers: 2,
-            hidden: 32,
-            heads: 2,
-            vocab: 64,
-            context: 32,
-            ..Gpt2Config::default()
-        };
+        let cfg = tiny();
         let cluster = EmbeddedCluster::start(2, Arc::new(CpuKernels::new())).unwrap();
         let driver = Driver::connect(&cluster.cluster, WeightSpec::Seeded(3)).unwrap();
         let prompt: Vec<i64> = (1..=6).collect();
@@ -1488,16 +1493,9 @@ mod tests {
     #[test]
     fn a_kv_move_is_taken_in_later_or_never() {
         use crate::models::{prefill_last, run_decode_step, run_prefill, Family};
-        use genie_scheduler::builders::{kv_move, Gpt2Config};
+        use genie_scheduler::builders::kv_move;
         use genie_scheduler::graph::OpKind;
-        let cfg = Gpt2Config {
-            layers: 2,
-            hidden: 32,
-            heads: 2,
-            vocab: 64,
-            context: 32,
-            ..Gpt2Config::default()
-        };
+        let cfg = tiny();
         let cluster = EmbeddedCluster::start(2, Arc::new(CpuKernels::new())).unwrap();
         let driver = Arc::new(Driver::connect(&cluster.cluster, WeightSpec::Seeded(5)).unwrap());
         let prompt: Vec<i64> = (1..=6).collect();

@@ -1822,30 +1822,9 @@ impl Core {
     /// leaves the prefill worker's copies to its next run to drop. A failed take-in frees what
     /// was built.
     fn took_in(&mut self, t: Taking, result: Result<RunOutput, RuntimeError>) {
-        match result {
-            Ok(out) => {
-                let total: u64 = t.reqs.iter().map(|&(_, _, len)| len as u64).sum();
-                let bytes = out.counters.bytes_moved;
-                let run = Arc::new((t.started, out));
-                for (i, &(id, _, len)) in t.reqs.iter().enumerate() {
-                    let moved = MovedRun {
-                        run: run.clone(),
-                        owner: i == 0,
-                        bytes: bytes * len as u64 / total.max(1),
-                    };
-                    self.moved(id, Ok(Some(moved)));
-                }
-                for &(_, seq, _) in &t.reqs {
-                    t.driver.free_sequence_on_later(seq, t.pw);
-                }
-            }
-            Err(e) => {
-                let errors = shared_errors(e, t.reqs.len(), "batched KV move");
-                for (&(id, seq, _), e) in t.reqs.iter().zip(errors) {
-                    let _ = t.driver.free_sequence(seq);
-                    self.moved(id, Err(e));
-                }
-            }
+        let result = result.map(|out| (t.started, out));
+        for (id, r) in move_over(&t.driver, t.pw, &t.reqs, result) {
+            self.moved(id, r.map(Some));
         }
     }
 
@@ -2579,31 +2558,61 @@ fn move_and_report(
         }
         Ok((started, Sending::Done(out), _)) => {
             sent();
-            let total: u64 = caches.iter().map(|&(len, _)| len as u64).sum();
-            let bytes = out.counters.bytes_moved;
-            let run = Arc::new((started, out));
-            for (i, &(id, _, len)) in job.reqs.iter().enumerate() {
-                let result = Ok(MovedRun {
-                    run: run.clone(),
-                    owner: i == 0,
-                    bytes: bytes * len as u64 / total.max(1),
-                });
+            for (id, result) in move_over(&job.driver, pw, &job.reqs, Ok((started, out))) {
                 listening &= done.send(Cmd::Moved { id, result }).is_ok();
-            }
-            // Dropped there before its next run (a prefill), without a round trip of its own.
-            for &(_, seq) in &caches {
-                job.driver.free_sequence_on_later(seq, pw);
             }
         }
         Err(e) => {
-            let errors = shared_errors(e, caches.len(), "batched KV move");
-            for (&(id, seq, _), e) in job.reqs.iter().zip(errors) {
-                let _ = job.driver.free_sequence(seq);
-                listening &= done.send(Cmd::Moved { id, result: Err(e) }).is_ok();
+            for (id, result) in move_over(&job.driver, pw, &job.reqs, Err(e)) {
+                listening &= done.send(Cmd::Moved { id, result }).is_ok();
             }
         }
     }
     MoveEnd::Reported(listening)
+}
+
+/// The end of a KV move of `reqs` (id, sequence, cache length) from prefill worker `pw`, per
+/// request: its part of the run (started when given; the run shared, its bytes split by cache
+/// length), the prefill worker's copies left to its next run to drop (without a round trip of
+/// their own); or, the move failed, the error (a copy for all but the first), what was built
+/// freed.
+fn move_over(
+    driver: &Driver,
+    pw: usize,
+    reqs: &[(u64, u64, usize)],
+    result: Result<(Instant, RunOutput), RuntimeError>,
+) -> Vec<(u64, Result<MovedRun, RuntimeError>)> {
+    match result {
+        Ok((started, out)) => {
+            let total: u64 = reqs.iter().map(|&(_, _, len)| len as u64).sum();
+            let bytes = out.counters.bytes_moved;
+            let run = Arc::new((started, out));
+            for &(_, seq, _) in reqs {
+                driver.free_sequence_on_later(seq, pw);
+            }
+            reqs.iter()
+                .enumerate()
+                .map(|(i, &(id, _, len))| {
+                    let part = MovedRun {
+                        run: run.clone(),
+                        owner: i == 0,
+                        bytes: bytes * len as u64 / total.max(1),
+                    };
+                    (id, Ok(part))
+                })
+                .collect()
+        }
+        Err(e) => {
+            let errors = shared_errors(e, reqs.len(), "batched KV move");
+            reqs.iter()
+                .zip(errors)
+                .map(|(&(id, seq, _), e)| {
+                    let _ = driver.free_sequence(seq);
+                    (id, Err(e))
+                })
+                .collect()
+        }
+    }
 }
 
 /// The prefill of `reqs` (prompt, sequence) on worker `pw`, their KV caches built there: one
