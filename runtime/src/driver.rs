@@ -294,12 +294,11 @@ impl Driver {
     /// spans' names).
     pub fn take_in(&self, mut senders: Box<SendersDone>, graph: &Graph) -> Result<RunOutput> {
         self.check_poisoned()?;
-        let msgs = std::mem::take(&mut senders.msgs);
-        let workers: Vec<usize> = msgs.iter().map(|(i, _)| *i).collect();
+        let workers = senders.receivers();
         let mut held = self.hold(workers.iter().copied());
         self.check_poisoned()?;
         let now = Instant::now();
-        for (i, bytes) in &msgs {
+        for (i, bytes) in &senders.msgs {
             if let Err(e) = self.conns[*i].send(bytes) {
                 return Err(self.fail(self.names[*i].clone(), e.to_string()));
             }
@@ -1005,8 +1004,7 @@ impl StepStream {
                 senders.receivers()
             )));
         }
-        let msgs = std::mem::take(&mut senders.msgs);
-        for (i, bytes) in &msgs {
+        for (i, bytes) in &senders.msgs {
             if let Err(e) = d.conns[*i].send(bytes) {
                 return Err(d.fail(d.names[*i].clone(), e.to_string()));
             }
