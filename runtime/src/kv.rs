@@ -96,12 +96,19 @@ impl KvCacheManager {
                 reason: format!("new rows of shape {:?}, need [2, 1, n, {w}]", new.dims()),
             });
         }
-        let rows: Vec<f32> = new
-            .flatten_all()
-            .and_then(|t| t.to_vec1::<f32>())
-            .map_err(kv_err)?;
-        let (k, v) = rows.split_at(rows.len() / 2);
-        self.put(seq, layer, k, v)
+        // Read in place (no copy of a contiguous tensor: a moved cache's rows go once, into
+        // the reservation). `new` is never the reservation's own storage: an append of the
+        // cached rows to themselves adds no row (see the worker's append).
+        let new = new.contiguous().map_err(kv_err)?;
+        with_f32(&new, |rows| {
+            let (k, v) = rows.split_at(rows.len() / 2);
+            self.put(seq, layer, k, v)
+        })
+        .unwrap_or_else(|| {
+            Err(RuntimeError::KvCache {
+                reason: format!("new rows of dtype {:?}, need f32 on the CPU", new.dtype()),
+            })
+        })
     }
 
     /// Appends K rows `k` and V rows `v` (as many of each, `width` floats a row) to `seq`'s
