@@ -209,12 +209,8 @@ impl Driver {
         wanted: &[TensorRef],
         seqs: &[u64],
     ) -> Result<RunOutput> {
-        match self.run_rounds(graph, placement, (inputs, wanted), seqs, Rounds::One)? {
-            Ran::Done(out) => Ok(out),
-            Ran::Senders(_) => Err(RuntimeError::Plan(
-                "a run in one round stopped after its senders".into(),
-            )),
-        }
+        self.run_rounds(graph, placement, (inputs, wanted), seqs, Rounds::One)?
+            .done()
     }
 
     /// [`Driver::run_batch`] for a run whose workers either only send or only receive (KV
@@ -247,18 +243,14 @@ impl Driver {
                 f();
             }
         };
-        match self.run_rounds(
+        self.run_rounds(
             graph,
             placement,
             (inputs, wanted),
             seqs,
             Rounds::SendersFirst(&mut call),
-        )? {
-            Ran::Done(out) => Ok(out),
-            Ran::Senders(_) => Err(RuntimeError::Plan(
-                "a run in two rounds stopped after its first".into(),
-            )),
-        }
+        )?
+        .done()
     }
 
     /// The first round of [`Driver::run_senders_first`] (the senders, the prefill worker of a
@@ -292,29 +284,33 @@ impl Driver {
     /// like any run (after a [`StepStream`] on a receiver lets it go); the whole run's output
     /// (its wall time from the senders' round on). `graph` is the run's graph (for the
     /// spans' names).
-    pub fn take_in(&self, mut senders: Box<SendersDone>, graph: &Graph) -> Result<RunOutput> {
+    pub fn take_in(&self, senders: Box<SendersDone>, graph: &Graph) -> Result<RunOutput> {
         self.check_poisoned()?;
         let workers = senders.receivers();
         let mut held = self.hold(workers.iter().copied());
         self.check_poisoned()?;
         let now = Instant::now();
-        for (i, bytes) in &senders.msgs {
-            if let Err(e) = self.conns[*i].send(bytes) {
-                return Err(self.fail(self.names[*i].clone(), e.to_string()));
-            }
-        }
-        senders.sent_all = true;
-        match self.gather(workers, now + RUN_TIMEOUT, &mut held) {
-            Ok(got) => senders.replies.extend(got),
-            Err((worker, reason)) => return Err(self.fail(worker, reason)),
-        }
+        let f = senders.send(self)?;
+        let replies = self
+            .gather(workers, now + RUN_TIMEOUT, &mut held)
+            .map_err(|(worker, reason)| self.fail(worker, reason))?;
         drop(held);
-        let wall = senders.start.elapsed();
-        let replies = std::mem::take(&mut senders.replies);
-        let (outputs, stats, out_bytes) =
-            self.outputs(replies, senders.run, senders.used, &senders.wanted)?;
-        let mut out = assemble(&self.names, graph, &senders.plan, stats, outputs, wall);
-        out.driver_bytes = senders.in_bytes + out_bytes;
+        self.landed(f, replies, graph)
+    }
+
+    /// The output of run `f`, its messages out, from `replies` (the last workers'; a
+    /// take-in's senders replied before); `graph` names its spans.
+    fn landed(
+        &self,
+        f: InFlight,
+        replies: Vec<(usize, Msg, Vec<u8>)>,
+        graph: &Graph,
+    ) -> Result<RunOutput> {
+        let wall = f.start.elapsed();
+        let replies = f.senders.into_iter().chain(replies).collect();
+        let (outputs, stats, out_bytes) = self.outputs(replies, f.run, f.used, &f.wanted)?;
+        let mut out = assemble(&self.names, graph, &f.plan, stats, outputs, wall);
+        out.driver_bytes = f.in_bytes + out_bytes;
         Ok(out)
     }
 
@@ -994,7 +990,7 @@ impl StepStream {
     /// later [`StepStream::wait`] (with the run's graph), which returns the whole run's output
     /// as [`Driver::take_in`] would. Token ids a step returned still feed the step after the
     /// take-in ([`Feed`](proto::Feed)).
-    pub fn take_in(&mut self, mut senders: Box<SendersDone>) -> Result<u64> {
+    pub fn take_in(&mut self, senders: Box<SendersDone>) -> Result<u64> {
         let d = &*self.driver;
         d.check_poisoned()?;
         if senders.receivers() != [self.worker] {
@@ -1004,22 +1000,10 @@ impl StepStream {
                 senders.receivers()
             )));
         }
-        for (i, bytes) in &senders.msgs {
-            if let Err(e) = d.conns[*i].send(bytes) {
-                return Err(d.fail(d.names[*i].clone(), e.to_string()));
-            }
-        }
-        senders.sent_all = true;
-        self.flying.push_back(InFlight {
-            run: senders.run,
-            plan: senders.plan.clone(),
-            wanted: std::mem::take(&mut senders.wanted),
-            start: senders.start,
-            in_bytes: senders.in_bytes,
-            senders: std::mem::take(&mut senders.replies),
-            used: senders.used,
-        });
-        Ok(senders.run)
+        let f = senders.send(d)?;
+        let run = f.run;
+        self.flying.push_back(f);
+        Ok(run)
     }
 
     /// The reply to the oldest step still due (its `graph` names the spans); its outputs as
@@ -1033,12 +1017,7 @@ impl StepStream {
         let replies = d
             .gather(vec![self.worker], Instant::now() + RUN_TIMEOUT, &mut [])
             .map_err(|(worker, reason)| d.fail(worker, reason))?;
-        let wall = f.start.elapsed();
-        let replies = f.senders.into_iter().chain(replies).collect();
-        let (outputs, stats, out_bytes) = d.outputs(replies, f.run, f.used, &f.wanted)?;
-        let mut out = assemble(&d.names, graph, &f.plan, stats, outputs, wall);
-        out.driver_bytes = f.in_bytes + out_bytes;
-        Ok(out)
+        d.landed(f, replies, graph)
     }
 }
 
@@ -1123,6 +1102,19 @@ enum Ran {
     Senders(Box<SendersDone>),
 }
 
+impl Ran {
+    /// The output of a run whose mode runs it whole ([`Rounds::One`],
+    /// [`Rounds::SendersFirst`]).
+    fn done(self) -> Result<RunOutput> {
+        match self {
+            Ran::Done(out) => Ok(out),
+            Ran::Senders(_) => Err(RuntimeError::Plan(
+                "a run handed out whole stopped after its senders".into(),
+            )),
+        }
+    }
+}
+
 /// What [`Driver::send_senders`] did: the whole run (it went in one round), or its senders'
 /// round.
 #[derive(Debug)]
@@ -1162,6 +1154,26 @@ impl SendersDone {
     /// The workers of the receivers' round.
     pub fn receivers(&self) -> Vec<usize> {
         self.msgs.iter().map(|(i, _)| *i).collect()
+    }
+
+    /// Sends the receivers' messages (the caller holds them, or a stream on the one); the
+    /// run in flight, its senders' replies with it.
+    fn send(mut self: Box<Self>, d: &Driver) -> Result<InFlight> {
+        for (i, bytes) in &self.msgs {
+            if let Err(e) = d.conns[*i].send(bytes) {
+                return Err(d.fail(d.names[*i].clone(), e.to_string()));
+            }
+        }
+        self.sent_all = true;
+        Ok(InFlight {
+            run: self.run,
+            plan: self.plan.clone(),
+            wanted: std::mem::take(&mut self.wanted),
+            start: self.start,
+            in_bytes: self.in_bytes,
+            senders: std::mem::take(&mut self.replies),
+            used: self.used,
+        })
     }
 }
 
