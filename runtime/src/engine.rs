@@ -558,19 +558,12 @@ enum Cmd {
     Sent(Box<TakeIn>),
 }
 
-/// A KV move whose senders are done, for the decode worker to take in.
+/// A KV move whose senders are done, for the decode worker to take in: its receivers' round,
+/// its graph (its spans' names), and what its landing needs.
 struct TakeIn {
-    /// Per request: its id, sequence and cache length.
-    reqs: Vec<(u64, u64, usize)>,
     senders: Box<SendersDone>,
-    /// The move's graph (its spans' names).
     graph: Graph,
-    /// The prefill worker (its copies go once the move is over).
-    pw: usize,
-    driver: Arc<Driver>,
-    /// Dropped once the caches are taken in (or never will be): the lane's mover then sends
-    /// its next move into the same landing region.
-    _landing: mpsc::Sender<()>,
+    taking: Taking,
 }
 
 /// A finished prefill: its last position's logits and its run.
@@ -1318,14 +1311,17 @@ impl Flying {
     }
 }
 
-/// A KV take-in under way: per request its id, sequence and cache length; the prefill
-/// worker; the driver; the mover's landing region (free again once this drops); when the
-/// move started.
+/// A KV take-in under way.
 struct Taking {
+    /// Per request: its id, sequence and cache length.
     reqs: Vec<(u64, u64, usize)>,
+    /// The prefill worker (its copies go once the move is over).
     pw: usize,
     driver: Arc<Driver>,
+    /// Dropped once the caches are taken in (or never will be): the lane's mover then sends
+    /// its next move into the same landing region.
     _landing: mpsc::Sender<()>,
+    /// When the move started.
     started: Instant,
 }
 
@@ -1790,20 +1786,10 @@ impl Core {
     fn take_in_all(&mut self) {
         for t in std::mem::take(&mut self.take_ins) {
             let TakeIn {
-                reqs,
                 senders,
                 graph,
-                pw,
-                driver,
-                _landing,
+                taking,
             } = t;
-            let taking = Taking {
-                reqs,
-                pw,
-                started: senders.started(),
-                driver,
-                _landing,
-            };
             let result = match self.flight.as_mut() {
                 Some(f) => match f.stream.take_in(senders) {
                     Ok(_) => {
@@ -2543,13 +2529,17 @@ fn move_and_report(
         Ok((_, Sending::Senders(senders), graph)) => {
             sent();
             let (landing, taken) = mpsc::channel();
-            let take = TakeIn {
+            let taking = Taking {
                 reqs: job.reqs,
-                senders,
-                graph,
                 pw,
                 driver: job.driver,
                 _landing: landing,
+                started: senders.started(),
+            };
+            let take = TakeIn {
+                senders,
+                graph,
+                taking,
             };
             if done.send(Cmd::Sent(Box::new(take))).is_err() {
                 return MoveEnd::Reported(false);
