@@ -3,13 +3,14 @@
 //! (`CpuKernels::new()` vs `CpuKernels::candle_only()`), interleaved in one process, and prints
 //! the median time of each and their ratio, then one line with every ratio.
 //!
-//! `cargo run --release -p genie-runtime --example decode_kernels [-- <iterations> [cold]]`
-//! (`cold`: the caches are evicted before every call, as between the steps of a large model).
+//! `cargo run --release -p genie-runtime --example decode_kernels [-- <iterations> [cold] [<name>]]`
+//! (`cold`: the caches are evicted before every call, as between the steps of a large model;
+//! a `<name>`: only the cases whose name contains it).
 
 use candle_core::{Device, Tensor};
 use genie_runtime::kernels::{CpuKernels, Kernels};
 use genie_scheduler::graph::{
-    DType, Node, NodeId, OpKind, Scalar, Semantics, TensorMeta, WeightLayout,
+    DType, GeluApprox, Node, NodeId, OpKind, Scalar, Semantics, TensorMeta, WeightLayout,
 };
 use std::time::Instant;
 
@@ -31,7 +32,9 @@ fn main() -> anyhow::Result<()> {
         .max(1);
     // `cold`: evict the caches before each call (a decode step's working set does not stay
     // cached between steps of a real model).
-    let cold = std::env::args().nth(2).is_some_and(|s| s == "cold");
+    let cold = std::env::args().skip(2).any(|s| s == "cold");
+    // Any other word: only the cases whose name contains it.
+    let only = std::env::args().skip(2).find(|s| s != "cold");
     let mut evict = vec![0u8; if cold { 64 << 20 } else { 0 }];
     let mut flush = |round: u8| {
         for b in evict.iter_mut().step_by(64) {
@@ -106,6 +109,30 @@ fn main() -> anyhow::Result<()> {
             ),
             vec![r(&[1, 1, e])?, view.get(0)?, view.get(1)?],
         ),
+        (
+            "prefill attention 4x32 320".into(),
+            node(
+                OpKind::Attention {
+                    heads: 4,
+                    kv_heads: None,
+                    head_dim: 32,
+                    causal: true,
+                    scale: Scalar(0.17),
+                },
+                &[1, 320, e],
+            ),
+            vec![r(&[1, 320, e])?, r(&[1, 320, e])?, r(&[1, 320, e])?],
+        ),
+        (
+            "prefill gelu 320x512".into(),
+            node(
+                OpKind::Gelu {
+                    approximate: GeluApprox::Tanh,
+                },
+                &[1, 320, 512],
+            ),
+            vec![r(&[1, 320, 512])?],
+        ),
     ];
     let (fast, reference) = (CpuKernels::new(), CpuKernels::candle_only());
     println!(
@@ -114,6 +141,9 @@ fn main() -> anyhow::Result<()> {
     );
     let mut last = String::from("decode_kernels");
     for (name, n, ins) in &cases {
+        if only.as_ref().is_some_and(|o| !name.contains(o.as_str())) {
+            continue;
+        }
         let (mut a, mut b) = (Vec::with_capacity(iters), Vec::with_capacity(iters));
         for i in 0..iters {
             flush(i as u8);

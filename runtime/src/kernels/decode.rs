@@ -78,8 +78,9 @@ impl<'a> Rows<'a> {
 
 /// The SIMD level these kernels need: AVX2 + FMA, detected once (by [`Simd::detect`]), and
 /// AVX-512 where the CPU has it (x86-64): the products of several rows by a weight
-/// ([`Simd::rows_times_matrix`], [`Simd::rows_times_cols`]) then take 16-lane vectors, with the
-/// very operations per output of the 8-lane kernels, so the bits are the same on either.
+/// ([`Simd::rows_times_matrix`], [`Simd::rows_times_cols`]), a prompt's causal attention (heads
+/// a multiple of 16 wide) and GELU then take 16-lane vectors, with the very operations per
+/// output of the 8-lane kernels, so the bits are the same on either.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Simd(
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))] pulp::x86::V3,
@@ -271,9 +272,10 @@ impl Simd {
     /// Causal attention of a prompt's queries `q` (`sq` rows of `heads · d`) over `k`, `v`
     /// (`sk ≥ sq` rows of `heads · d`, views of a cache included): query `r` attends over keys
     /// `0..=sk − sq + r` alone, `softmax(q_h · k_j · scale) · v` per head, into `out` (`sq` rows
-    /// of `heads · d`). Four queries at a time share each load of a key or a value, and each
-    /// head's keys are transposed once so that sixteen scores come from fused multiply-adds over
-    /// `d` with no horizontal sum; the softmax is [`Simd::softmax`]. Within f32 rounding of the
+    /// of `heads · d`). Four queries at a time (eight with AVX-512 and `d` a multiple of 16:
+    /// the same bits) share each load of a key or a value, and each head's keys are transposed
+    /// once so that sixteen scores come from fused multiply-adds over `d` with no horizontal
+    /// sum; the softmax is [`Simd::softmax`]. Within f32 rounding of the
     /// one-row kernels, not bitwise. `false` where it does not apply (`d` not a multiple of 8,
     /// mismatched shapes): `out` then holds nothing to use.
     pub(crate) fn causal_attention(
@@ -294,6 +296,18 @@ impl Simd {
             && out.len() == q.rows * e;
         if !fits {
             return false;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let Some(v4) = self.1.filter(|_| (e / heads) % 16 == 0) {
+            return v4.vectorize(x86_v4::CausalAttention {
+                simd: v4,
+                q,
+                k,
+                v,
+                heads,
+                scale,
+                out,
+            });
         }
         #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
         {
@@ -320,6 +334,10 @@ impl Simd {
     /// (the absolute error of `tanh` near zero is about 1e-7, scaled by `x/2`); NaN and
     /// infinities as candle.
     pub(crate) fn gelu_tanh(self, x: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(v4) = self.1 {
+            return v4.vectorize(x86_v4::GeluTanh { simd: v4, x });
+        }
         #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
         self.0.vectorize(x86::GeluTanh { simd: self.0, x });
         #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
@@ -1035,7 +1053,7 @@ mod x86 {
     /// `((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))`: the order the eight-row reduction
     /// of [`TimesCol`] adds one row's lanes in.
     #[inline(always)]
-    fn pairwise(a: f32x8) -> f32 {
+    pub(super) fn pairwise(a: f32x8) -> f32 {
         let a: [f32; LANES] = cast(a);
         ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
     }
@@ -1169,6 +1187,7 @@ mod x86 {
         avx._mm256_and_ps(e, live)
     }
 
+    /// See [`super::Simd::gelu_tanh`].
     pub(super) struct GeluTanh<'a> {
         pub simd: V3,
         pub x: &'a mut [f32],
@@ -1225,14 +1244,17 @@ mod x86 {
             let avx = simd.avx;
             let n = x.len();
             let full = n / LANES * LANES;
-            // Scale, and the max (any NaN or infinity shows in the check below).
+            // Scale, and the max; `v · 0` summed is NaN once any value is a NaN or an infinity.
             let scale = avx._mm256_set1_ps(self.scale);
+            let zero = avx._mm256_setzero_ps();
             let mut m = avx._mm256_set1_ps(f32::NEG_INFINITY);
+            let mut bad = zero;
             let mut c = 0;
             while c < full {
                 let v = avx._mm256_mul_ps(ld(x, c), scale);
                 st(x, c, v);
                 m = avx._mm256_max_ps(m, v);
+                bad = simd.fma._mm256_fmadd_ps(v, zero, bad);
                 c += LANES;
             }
             let mut max = f32::NEG_INFINITY;
@@ -1243,38 +1265,69 @@ mod x86 {
                 *v *= self.scale;
                 max = max.max(*v);
             }
-            if !max.is_finite() || x.iter().any(|v| !v.is_finite()) {
+            if !finite(bad) || !max.is_finite() || x[full..].iter().any(|v| !v.is_finite()) {
                 return false;
             }
-            // e^(v - max), summed.
-            let m = avx._mm256_set1_ps(max);
-            let mut sum = avx._mm256_setzero_ps();
-            let mut c = 0;
-            while c < full {
-                let e = exp_minus(simd, ld(x, c), m);
-                st(x, c, e);
-                sum = avx._mm256_add_ps(sum, e);
-                c += LANES;
-            }
-            if full < n {
-                // The tail in one vector, padded with -inf (e^-inf = 0).
-                let mut pad = [f32::NEG_INFINITY; LANES];
-                pad[..n - full].copy_from_slice(&x[full..]);
-                let e = exp_minus(simd, cast(pad), m);
-                x[full..].copy_from_slice(&cast::<__m256, [f32; LANES]>(e)[..n - full]);
-                sum = avx._mm256_add_ps(sum, e);
-            }
-            let inv = 1.0 / pairwise(cast(sum));
-            let invv = avx._mm256_set1_ps(inv);
-            let mut c = 0;
-            while c < full {
-                st(x, c, avx._mm256_mul_ps(ld(x, c), invv));
-                c += LANES;
-            }
-            for v in &mut x[full..] {
-                *v *= inv;
-            }
+            let sum = exp_sum_from(simd, x, 0, max, zero);
+            scale_from(simd, x, 0, 1.0 / pairwise(cast(sum)));
             true
+        }
+    }
+
+    /// Whether no lane of `bad` (a sum of values times zero) is a NaN.
+    #[inline(always)]
+    pub(super) fn finite(bad: __m256) -> bool {
+        cast::<__m256, [f32; LANES]>(bad)
+            .iter()
+            .all(|v| !v.is_nan())
+    }
+
+    /// The rest of [`Softmax`] from `x[from..]` (`from` a multiple of [`LANES`]): `e^(v - max)`
+    /// in place, added lane by lane to `sum` (what the 8-lane vectors before `from` gave), the
+    /// values past the last whole vector padded with `-inf` in one more; the new `sum`.
+    #[inline(always)]
+    pub(super) fn exp_sum_from(
+        simd: V3,
+        x: &mut [f32],
+        from: usize,
+        max: f32,
+        mut sum: __m256,
+    ) -> __m256 {
+        let avx = simd.avx;
+        let n = x.len();
+        let full = n / LANES * LANES;
+        let m = avx._mm256_set1_ps(max);
+        let mut c = from;
+        while c < full {
+            let e = exp_minus(simd, ld(x, c), m);
+            st(x, c, e);
+            sum = avx._mm256_add_ps(sum, e);
+            c += LANES;
+        }
+        if full < n {
+            // The tail in one vector, padded with -inf (e^-inf = 0).
+            let mut pad = [f32::NEG_INFINITY; LANES];
+            pad[..n - full].copy_from_slice(&x[full..]);
+            let e = exp_minus(simd, cast(pad), m);
+            x[full..].copy_from_slice(&cast::<__m256, [f32; LANES]>(e)[..n - full]);
+            sum = avx._mm256_add_ps(sum, e);
+        }
+        sum
+    }
+
+    /// `x[from..] ← x[from..] · inv` (`from` a multiple of [`LANES`]).
+    #[inline(always)]
+    pub(super) fn scale_from(simd: V3, x: &mut [f32], from: usize, inv: f32) {
+        let avx = simd.avx;
+        let full = x.len() / LANES * LANES;
+        let invv = avx._mm256_set1_ps(inv);
+        let mut c = from;
+        while c < full {
+            st(x, c, avx._mm256_mul_ps(ld(x, c), invv));
+            c += LANES;
+        }
+        for v in &mut x[full.max(from)..] {
+            *v *= inv;
         }
     }
 
@@ -1448,7 +1501,7 @@ mod x86 {
 mod x86_v4 {
     use super::x86::{self, finish8, ManyRowTimes, Width, ROW_GROUP};
     use super::Rows;
-    use core::arch::x86_64::__m512;
+    use core::arch::x86_64::{__m256, __m512, _CMP_GE_OQ};
     use pulp::x86::{V3, V4};
     use pulp::{cast, f32x16, f32x8, NullaryFnOnce};
 
@@ -1642,6 +1695,313 @@ mod x86_v4 {
             .call();
         }
     }
+
+    /// [`x86::GeluTanh`] sixteen values at a time, operation for operation (so the same bits);
+    /// the values past the last whole vector go to it.
+    pub(super) struct GeluTanh<'a> {
+        pub simd: V4,
+        pub x: &'a mut [f32],
+    }
+
+    impl NullaryFnOnce for GeluTanh<'_> {
+        type Output = ();
+
+        #[inline(always)]
+        fn call(self) {
+            let (simd, x) = (self.simd, self.x);
+            let (f, dq) = (simd.avx512f, simd.avx512dq);
+            let full = x.len() / LANES * LANES;
+            let one = f._mm512_set1_ps(1.0);
+            let sign = f._mm512_set1_ps(-0.0);
+            let mut c = 0;
+            while c < full {
+                let v: __m512 = cast(load(x, c));
+                let v2 = f._mm512_mul_ps(v, v);
+                let inner = f._mm512_fmadd_ps(f._mm512_set1_ps(0.044715), v2, one);
+                let u = f._mm512_mul_ps(f._mm512_mul_ps(f._mm512_set1_ps(0.797_884_6), v), inner);
+                let neg_abs2 = f._mm512_mul_ps(dq._mm512_or_ps(u, sign), f._mm512_set1_ps(2.0));
+                let e = exp_minus(simd, neg_abs2, f._mm512_setzero_ps());
+                let t = f._mm512_div_ps(f._mm512_sub_ps(one, e), f._mm512_add_ps(one, e));
+                let tanh = dq._mm512_or_ps(t, dq._mm512_and_ps(u, sign));
+                let y = f._mm512_mul_ps(
+                    f._mm512_mul_ps(f._mm512_set1_ps(0.5), v),
+                    f._mm512_add_ps(one, tanh),
+                );
+                x[c..c + LANES].copy_from_slice(&cast::<__m512, [f32; LANES]>(y));
+                c += LANES;
+            }
+            x86::GeluTanh {
+                simd: *simd,
+                x: &mut x[full..],
+            }
+            .call();
+        }
+    }
+
+    /// Query rows that share each load of a key or a value in [`CausalAttention`]: twice the
+    /// 8-lane kernel's, as thirty-two registers hold their sums.
+    const QB: usize = 8;
+
+    /// [`x86::CausalAttention`] with 16-lane vectors, for heads whose width is a multiple of
+    /// 16. Every score, weight and output goes through the very operations the 8-lane kernel
+    /// gives it (a score is one chain of fused multiply-adds over the head's columns in order,
+    /// the softmax is [`x86::Softmax`]'s, an output one chain over the keys in order), so the
+    /// bits are the same; eight queries share each load.
+    pub(super) struct CausalAttention<'a, 'b> {
+        pub simd: V4,
+        pub q: Rows<'b>,
+        pub k: Rows<'b>,
+        pub v: Rows<'b>,
+        pub heads: usize,
+        pub scale: f32,
+        pub out: &'a mut [f32],
+    }
+
+    /// Scores of `B` vectors of 16 keys from key `j` of `kt` (one head's keys transposed, rows
+    /// of `w`) against the [`QB`] queries whose columns `qc` holds (`qc[c][r]`: column `c` of
+    /// query `r`), into rows of `w` in `s`.
+    #[inline(always)]
+    fn scores<const B: usize>(
+        simd: V4,
+        (kt, w): (&[f32], usize),
+        qc: &[[f32; QB]],
+        j: usize,
+        s: &mut [f32],
+    ) {
+        let zero = simd.splat_f32x16(0.0);
+        let mut acc = [[zero; B]; QB];
+        for (c, qc) in qc.iter().enumerate() {
+            let row = &kt[c * w + j..c * w + j + B * LANES];
+            let mut kv = [zero; B];
+            for (b, kv) in kv.iter_mut().enumerate() {
+                *kv = load(row, b * LANES);
+            }
+            for (acc, &q) in acc.iter_mut().zip(qc) {
+                let q = simd.splat_f32x16(q);
+                for (acc, kv) in acc.iter_mut().zip(&kv) {
+                    *acc = simd.mul_add_f32x16(*kv, q, *acc);
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            for (b, acc) in acc.iter().enumerate() {
+                let at = r * w + j + b * LANES;
+                s[at..at + LANES].copy_from_slice(&cast::<f32x16, [f32; LANES]>(*acc));
+            }
+        }
+    }
+
+    /// `e^(v - m)` lane-wise: [`x86`]'s `exp_minus`, operation for operation.
+    #[inline(always)]
+    fn exp_minus(simd: V4, v: __m512, m: __m512) -> __m512 {
+        let f = simd.avx512f;
+        let t = f._mm512_sub_ps(v, m);
+        let floor = f._mm512_set1_ps(-87.3);
+        let live = f._mm512_cmp_ps_mask::<_CMP_GE_OQ>(t, floor);
+        let t = f._mm512_max_ps(t, floor);
+        let k = f._mm512_roundscale_ps::<0x08>(
+            f._mm512_mul_ps(t, f._mm512_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = f._mm512_fnmadd_ps(k, f._mm512_set1_ps(0.693_359_4), t);
+        let r = f._mm512_fnmadd_ps(k, f._mm512_set1_ps(-2.121_944_4e-4), r);
+        let mut p = f._mm512_set1_ps(1.987_569_1e-4);
+        p = f._mm512_fmadd_ps(p, r, f._mm512_set1_ps(1.398_199_9e-3));
+        p = f._mm512_fmadd_ps(p, r, f._mm512_set1_ps(8.333_452e-3));
+        p = f._mm512_fmadd_ps(p, r, f._mm512_set1_ps(4.166_579_6e-2));
+        p = f._mm512_fmadd_ps(p, r, f._mm512_set1_ps(0.166_666_65));
+        p = f._mm512_fmadd_ps(p, r, f._mm512_set1_ps(0.5));
+        let r2 = f._mm512_mul_ps(r, r);
+        let p = f._mm512_fmadd_ps(p, r2, f._mm512_add_ps(r, f._mm512_set1_ps(1.0)));
+        let two_k = f._mm512_slli_epi32::<23>(
+            f._mm512_add_epi32(f._mm512_cvtps_epi32(k), f._mm512_set1_epi32(127)),
+        );
+        let e = f._mm512_mul_ps(p, f._mm512_castsi512_ps(two_k));
+        f._mm512_maskz_mov_ps(live, e)
+    }
+
+    /// [`x86::Softmax`] of one row with 16-lane vectors, to the same bits: the same scaled
+    /// values and max, the same `e^(v - max)`, added to the 8-lane sums in the 8-lane kernel's
+    /// order (the lower half of each vector, then the upper), the same division. `false` (and
+    /// `x` scaled) when the row holds a NaN or an infinity.
+    #[inline(always)]
+    fn softmax(simd: V4, x: &mut [f32], scale: f32) -> bool {
+        let f = simd.avx512f;
+        let v3: V3 = *simd;
+        let n = x.len();
+        let full = n / LANES * LANES;
+        let sc = f._mm512_set1_ps(scale);
+        let zero = f._mm512_setzero_ps();
+        let mut m = f._mm512_set1_ps(f32::NEG_INFINITY);
+        // `v · 0` summed is NaN once any value is a NaN or an infinity.
+        let mut bad = zero;
+        let mut c = 0;
+        while c < full {
+            let v = f._mm512_mul_ps(cast(load(x, c)), sc);
+            x[c..c + LANES].copy_from_slice(&cast::<__m512, [f32; LANES]>(v));
+            m = f._mm512_max_ps(m, v);
+            bad = f._mm512_fmadd_ps(v, zero, bad);
+            c += LANES;
+        }
+        // The max of finite values, whatever the order.
+        let mut max = cast::<__m512, [f32; LANES]>(m)
+            .into_iter()
+            .fold(f32::NEG_INFINITY, f32::max);
+        for v in &mut x[full..] {
+            *v *= scale;
+            max = max.max(*v);
+        }
+        let bad: [f32; LANES] = cast(bad);
+        if bad.iter().any(|v| v.is_nan())
+            || !max.is_finite()
+            || x[full..].iter().any(|v| !v.is_finite())
+        {
+            return false;
+        }
+        let mv = f._mm512_set1_ps(max);
+        let mut sum = v3.avx._mm256_setzero_ps();
+        let mut c = 0;
+        while c < full {
+            let e = exp_minus(simd, cast(load(x, c)), mv);
+            x[c..c + LANES].copy_from_slice(&cast::<__m512, [f32; LANES]>(e));
+            let (lo, hi) = halves(simd, cast(e));
+            sum = v3.avx._mm256_add_ps(sum, cast::<f32x8, __m256>(lo));
+            sum = v3.avx._mm256_add_ps(sum, cast::<f32x8, __m256>(hi));
+            c += LANES;
+        }
+        let sum = x86::exp_sum_from(v3, x, full, max, sum);
+        let inv = 1.0 / x86::pairwise(cast(sum));
+        let iv = f._mm512_set1_ps(inv);
+        let mut c = 0;
+        while c < full {
+            let y = f._mm512_mul_ps(cast(load(x, c)), iv);
+            x[c..c + LANES].copy_from_slice(&cast::<__m512, [f32; LANES]>(y));
+            c += LANES;
+        }
+        x86::scale_from(v3, x, full, inv);
+        true
+    }
+
+    /// Columns `c..c + A·16` of the outputs of the first `rn` queries: `Σ_j p_r[j] · v_j` over
+    /// `j < lens[r]`, `p_r` row `r` of `s` (rows of `w`), into `out[r]`; the keys every query
+    /// sees serve all of them at once, the few after each query that sees them (as
+    /// [`x86`]'s `block_output`).
+    #[inline(always)]
+    fn block_output<const A: usize>(
+        simd: V4,
+        v: Rows<'_>,
+        (s, w): (&[f32], usize),
+        (lens, rn): ([usize; QB], usize),
+        c: usize,
+        out: &mut [&mut [f32]; QB],
+    ) {
+        let zero = simd.splat_f32x16(0.0);
+        let mut acc = [[zero; A]; QB];
+        for j in 0..lens[0] {
+            let row = &v.row(j)[c..c + A * LANES];
+            let mut vv = [zero; A];
+            for (a, vv) in vv.iter_mut().enumerate() {
+                *vv = load(row, a * LANES);
+            }
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let p = simd.splat_f32x16(s[r * w + j]);
+                for (acc, vv) in acc.iter_mut().zip(&vv) {
+                    *acc = simd.mul_add_f32x16(*vv, p, *acc);
+                }
+            }
+        }
+        for j in lens[0]..lens[rn - 1] {
+            let row = &v.row(j)[c..c + A * LANES];
+            for (r, acc) in acc.iter_mut().enumerate().take(rn).skip(1) {
+                if j < lens[r] {
+                    let p = simd.splat_f32x16(s[r * w + j]);
+                    for (a, acc) in acc.iter_mut().enumerate() {
+                        *acc = simd.mul_add_f32x16(load(row, a * LANES), p, *acc);
+                    }
+                }
+            }
+        }
+        for (acc, o) in acc.iter().zip(out.iter_mut()).take(rn) {
+            for (a, acc) in acc.iter().enumerate() {
+                let at = c + a * LANES;
+                o[at..at + LANES].copy_from_slice(&cast::<f32x16, [f32; LANES]>(*acc));
+            }
+        }
+    }
+
+    impl NullaryFnOnce for CausalAttention<'_, '_> {
+        /// Whether every output was written (the views did not fit otherwise).
+        type Output = bool;
+
+        #[inline(always)]
+        fn call(self) -> bool {
+            let simd = self.simd;
+            let (sq, sk, e) = (self.q.rows, self.k.rows, self.q.cols);
+            let d = e / self.heads;
+            let offset = sk - sq;
+            let w = sk.div_ceil(LANES) * LANES;
+            let mut kt = vec![0f32; d * w];
+            let mut s = vec![0f32; QB * w];
+            let mut qc = vec![[0f32; QB]; d];
+            for h in 0..self.heads {
+                let hc = h * d;
+                for j in 0..sk {
+                    for (c, &x) in self.k.row(j)[hc..hc + d].iter().enumerate() {
+                        kt[c * w + j] = x;
+                    }
+                }
+                let Some(v) = self.v.columns(hc, d) else {
+                    return false;
+                };
+                let mut r0 = 0;
+                while r0 < sq {
+                    let rn = (sq - r0).min(QB);
+                    // Rows past the prompt repeat its last; their results are dropped.
+                    let mut lens = [0usize; QB];
+                    for (r, len) in lens.iter_mut().enumerate() {
+                        let row = r0 + r.min(rn - 1);
+                        *len = offset + row + 1;
+                        for (qc, &x) in qc.iter_mut().zip(&self.q.row(row)[hc..hc + d]) {
+                            qc[r] = x;
+                        }
+                    }
+                    let n = lens[QB - 1].div_ceil(LANES) * LANES;
+                    let mut j = 0;
+                    while j + 2 * LANES <= n {
+                        scores::<2>(simd, (&kt, w), &qc, j, &mut s);
+                        j += 2 * LANES;
+                    }
+                    if j < n {
+                        scores::<1>(simd, (&kt, w), &qc, j, &mut s);
+                    }
+                    for (r, &len) in lens.iter().enumerate().take(rn) {
+                        let p = &mut s[r * w..r * w + len];
+                        if !softmax(simd, p, self.scale) {
+                            // Scaled already.
+                            super::softmax_scalar(p, 1.0);
+                        }
+                    }
+                    let mut rows = self.out[r0 * e..(r0 + rn) * e].chunks_exact_mut(e);
+                    let mut out: [&mut [f32]; QB] = Default::default();
+                    for o in out.iter_mut().take(rn) {
+                        *o = match rows.next() {
+                            Some(row) => &mut row[hc..hc + d],
+                            None => return false,
+                        };
+                    }
+                    let mut c = 0;
+                    while c + 2 * LANES <= d {
+                        block_output::<2>(simd, v, (&s, w), (lens, rn), c, &mut out);
+                        c += 2 * LANES;
+                    }
+                    if c < d {
+                        block_output::<1>(simd, v, (&s, w), (lens, rn), c, &mut out);
+                    }
+                    r0 += QB;
+                }
+            }
+            true
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1812,6 +2172,74 @@ mod tests {
                     assert_eq!(wide, base, "[{k}x{n}]ᵀ stride {stride}, {batch} rows");
                 }
             }
+        }
+    }
+
+    /// With AVX-512 a prompt's causal attention gives the bits of the AVX2 kernel: heads of 16,
+    /// 32, 48 and 64, prompts shorter and longer than a block of queries, a cache before them
+    /// (more keys than queries) read through a strided view, and a row holding an infinity
+    /// (the softmax's fallback).
+    #[test]
+    fn avx512_causal_attention_gives_the_bits_of_avx2() {
+        let Some(simd) = Simd::detect() else { return };
+        if !simd.wide() {
+            eprintln!("no AVX-512 here (or GENIE_SIMD=avx2): nothing to compare");
+            return;
+        }
+        let narrow = simd.avx2_only();
+        let same = |a: &[f32], b: &[f32]| {
+            a.len() == b.len()
+                && a.iter()
+                    .zip(b)
+                    .all(|(x, y)| x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()))
+        };
+        for (heads, d, sq, sk) in [
+            (4, 32, 37, 37),
+            (4, 32, 3, 3),
+            (1, 16, 70, 75),
+            (3, 48, 9, 9),
+            (2, 64, 19, 40),
+            (12, 64, 33, 33),
+        ] {
+            let e = heads * d;
+            let stride = e + 8;
+            let mut q = seq(sq * e, 11);
+            if sq > 5 {
+                q[5 * e + 1] = f32::INFINITY;
+            }
+            let (kd, vd) = (seq(sk * stride, 12), seq(sk * stride, 13));
+            let qr = Rows::new(&q, sq, e, e).unwrap();
+            let k = Rows::new(&kd, sk, e, stride).unwrap();
+            let v = Rows::new(&vd, sk, e, stride).unwrap();
+            let (mut wide, mut base) = (vec![0f32; sq * e], vec![1f32; sq * e]);
+            assert!(simd.causal_attention((qr, k, v), heads, 1.3, &mut wide));
+            assert!(narrow.causal_attention((qr, k, v), heads, 1.3, &mut base));
+            assert!(
+                same(&wide, &base),
+                "{heads} heads of {d}, {sq} queries over {sk} keys"
+            );
+        }
+    }
+
+    /// With AVX-512 GELU gives the bits of the AVX2 kernel, NaNs, infinities, zeros of both
+    /// signs and the values past the last whole vector included.
+    #[test]
+    fn avx512_gelu_gives_the_bits_of_avx2() {
+        let Some(simd) = Simd::detect() else { return };
+        if !simd.wide() {
+            eprintln!("no AVX-512 here (or GENIE_SIMD=avx2): nothing to compare");
+            return;
+        }
+        let mut x: Vec<f32> = vec![f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, 1e-30];
+        x.extend(seq(1001, 21).iter().map(|v| v * 12.0));
+        let (mut wide, mut base) = (x.clone(), x);
+        simd.gelu_tanh(&mut wide);
+        simd.avx2_only().gelu_tanh(&mut base);
+        for (a, b) in wide.iter().zip(&base) {
+            assert!(
+                a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),
+                "{a} vs {b}"
+            );
         }
     }
 
