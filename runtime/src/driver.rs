@@ -378,31 +378,19 @@ impl Driver {
         let mut order_len = 0;
         for (r, workers) in rounds.iter().enumerate() {
             if r > 0 && matches!(mode, Rounds::SendersOnly) {
-                // The receivers' messages, made now (the graph's lookup is this run's), wait
-                // for the receivers to be free (Driver::take_in).
-                let mut msgs = Vec::with_capacity(workers.len());
-                let mut sent = self.sent.lock();
-                for &i in workers {
-                    let msg =
-                        self.run_msg(&mut sent, &look, i, (run, seqs), (&ins, wanted), None)?;
-                    msgs.push((i, proto::encode(&msg, &payload)?));
-                }
-                drop(sent);
+                let mut done = self.receivers_round(
+                    (&look, &plan),
+                    (run, seqs),
+                    (&ins, &payload, wanted),
+                    workers,
+                    used,
+                )?;
                 // The pin goes with them (until they are sent, or dropped unsent).
                 unpin.armed = false;
-                return Ok(Ran::Senders(Box::new(SendersDone {
-                    driver: None,
-                    look: look.clone(),
-                    run,
-                    plan: plan.clone(),
-                    msgs,
-                    sent_all: false,
-                    replies,
-                    start: start.unwrap_or_else(Instant::now),
-                    in_bytes: payload.len() as u64 * (order_len + workers.len()) as u64,
-                    wanted: wanted.to_vec(),
-                    used,
-                })));
+                done.replies = replies;
+                done.start = start.unwrap_or_else(Instant::now);
+                done.in_bytes = payload.len() as u64 * (order_len + workers.len()) as u64;
+                return Ok(Ran::Senders(done));
             }
             let mut held = match first_held.take() {
                 Some(h) => h,
@@ -467,6 +455,39 @@ impl Driver {
         let mut out = assemble(&self.names, graph, &plan, stats, outputs, wall);
         out.driver_bytes = in_bytes + out_bytes;
         Ok(Ran::Done(out))
+    }
+
+    /// The receivers' round of run `run` (graph lookup `look`, plan `plan`) on `workers`: their
+    /// messages made now, under the graph cache's lock, to be sent when the receivers are free
+    /// ([`Driver::take_in`], [`StepStream::take_in`]); the caller hands it the graph's pin and
+    /// fills in the senders' replies, start and input bytes.
+    fn receivers_round(
+        &self,
+        (look, plan): (&crate::cache::Lookup, &ExecPlan),
+        (run, seqs): (u64, &[u64]),
+        (ins, payload, wanted): (&[PayloadTensor], &[u8], &[TensorRef]),
+        workers: &[usize],
+        used: usize,
+    ) -> Result<Box<SendersDone>> {
+        let mut msgs = Vec::with_capacity(workers.len());
+        let mut sent = self.sent.lock();
+        for &i in workers {
+            let msg = self.run_msg(&mut sent, look, i, (run, seqs), (ins, wanted), None)?;
+            msgs.push((i, proto::encode(&msg, payload)?));
+        }
+        Ok(Box::new(SendersDone {
+            driver: None,
+            look: look.clone(),
+            run,
+            plan: plan.clone(),
+            msgs,
+            sent_all: false,
+            replies: Vec::new(),
+            start: Instant::now(),
+            in_bytes: 0,
+            wanted: wanted.to_vec(),
+            used,
+        }))
     }
 
     /// The `wanted` tensors in `replies` to run `run` (on `used` workers), each worker's
@@ -848,6 +869,15 @@ fn encode_inputs(
     Ok((ins, payload))
 }
 
+/// What a [`StepStream`] sent whose reply is not read yet (a few at a time: not worth a box).
+#[allow(clippy::large_enum_variant)]
+enum Flown {
+    /// A run ([`StepStream::send`], [`StepStream::take_in`]).
+    Run(InFlight),
+    /// The senders' round of a run in two rounds ([`StepStream::send_senders`]).
+    Senders(Box<SendersDone>),
+}
+
 /// A step a [`StepStream`] sent whose reply is not read yet.
 struct InFlight {
     run: u64,
@@ -874,7 +904,9 @@ pub struct StepStream {
     driver: Arc<Driver>,
     worker: usize,
     hold: Option<ArcMutexGuard<RawMutex, ()>>,
-    flying: std::collections::VecDeque<InFlight>,
+    flying: std::collections::VecDeque<Flown>,
+    /// When the last reply was read.
+    last_reply: Instant,
 }
 
 impl std::fmt::Debug for StepStream {
@@ -904,6 +936,7 @@ impl Driver {
             worker,
             hold: Some(hold),
             flying: Default::default(),
+            last_reply: Instant::now(),
         })
     }
 }
@@ -972,7 +1005,7 @@ impl StepStream {
         if let Err(e) = d.conns[self.worker].send(&bytes) {
             return Err(d.fail(d.names[self.worker].clone(), e.to_string()));
         }
-        self.flying.push_back(InFlight {
+        self.flying.push_back(Flown::Run(InFlight {
             run,
             plan,
             wanted: wanted.to_vec(),
@@ -980,8 +1013,140 @@ impl StepStream {
             in_bytes: payload.len() as u64,
             senders: Vec::new(),
             used: d.conns.len(),
-        });
+        }));
         Ok(run)
+    }
+
+    /// Sends the senders' round of a run in two rounds whose only sender is this stream's
+    /// worker (a KV move from a prefill worker, sent right behind the prefill that builds the
+    /// caches, so that the worker goes from one to the other), as [`Driver::send_senders`]
+    /// does: the worker answers once its transfers are posted, and the receivers' messages are
+    /// made now. [`StepStream::wait_senders`] reads its reply. `None`, nothing sent, when the run
+    /// would go in one round (a receiver's landing region is not known to be big enough: the
+    /// first move on a link; [`Driver::send_senders`] runs it whole) or has other senders.
+    ///
+    /// As with [`Driver::send_senders`], the caller sends no other run to the same links before
+    /// this one's receivers have taken it in (or it was dropped).
+    pub fn send_senders(
+        &mut self,
+        graph: &Graph,
+        placement: &Placement,
+        seqs: &[u64],
+    ) -> Result<Option<u64>> {
+        let d = &*self.driver;
+        d.check_poisoned()?;
+        let used = placement.workers();
+        if used > d.conns.len() {
+            return Err(RuntimeError::Plan(format!(
+                "placement uses {used} workers, the cluster has {}",
+                d.conns.len()
+            )));
+        }
+        let mut active = vec![false; used];
+        for &w in &placement.worker_of {
+            if let Some(a) = active.get_mut(w) {
+                *a = true;
+            }
+        }
+        let all: Vec<usize> = (0..used).filter(|&i| active[i]).collect();
+        // As any run on several workers: no other run of the graph between its rounds.
+        let _several = d.several.lock();
+        d.check_poisoned()?;
+        let (look, plan) = {
+            let mut sent = d.sent.lock();
+            let look = sent.lookup(graph, placement);
+            let plan = sent.plan(&look, &[])?.clone();
+            sent.pin(&look, true);
+            (look, plan)
+        };
+        let mut unpin = Unpin {
+            sent: &d.sent,
+            look: &look,
+            armed: true,
+        };
+        let rounds = rounds(&plan, &d.landing.lock(), all.clone());
+        let receivers = match rounds.as_slice() {
+            [senders, receivers] if senders == &[self.worker] => receivers,
+            _ => {
+                // The lookup brought the driver's copy to this run's shapes, which no worker
+                // gets now: each gets the graph whole next time.
+                let mut sent = d.sent.lock();
+                for i in all {
+                    sent.skip(&look, i);
+                }
+                return Ok(None);
+            }
+        };
+        let run = d.next_run.fetch_add(1, Ordering::Relaxed);
+        let (ins, payload) = encode_inputs(graph, &[])?;
+        d.note_seqs(seqs, &active);
+        let bytes = {
+            let mut sent = d.sent.lock();
+            for i in (0..used).filter(|&i| !active[i]) {
+                sent.skip(&look, i);
+            }
+            let mut msg = d.run_msg(
+                &mut sent,
+                &look,
+                self.worker,
+                (run, seqs),
+                (&ins, &[]),
+                None,
+            )?;
+            if let Msg::Run { acks_later, .. } = &mut msg {
+                *acks_later = true;
+            }
+            proto::encode(&msg, &payload)?
+        };
+        let mut done = d.receivers_round(
+            (&look, &plan),
+            (run, seqs),
+            (&ins, &payload, &[]),
+            receivers,
+            used,
+        )?;
+        unpin.armed = false;
+        done.driver = Some(self.driver.clone());
+        done.in_bytes = payload.len() as u64 * (1 + receivers.len()) as u64;
+        if let Err(e) = d.conns[self.worker].send(&bytes) {
+            return Err(d.fail(d.names[self.worker].clone(), e.to_string()));
+        }
+        self.flying.push_back(Flown::Senders(done));
+        Ok(Some(run))
+    }
+
+    /// The reply to the senders' round that is the oldest thing still due
+    /// ([`StepStream::send_senders`]): the run, its senders done, for [`Driver::take_in`] or a
+    /// decode worker's [`StepStream::take_in`]. Its start is when the worker started it: the
+    /// later of its sending and the reply before it.
+    pub fn wait_senders(&mut self) -> Result<Box<SendersDone>> {
+        let mut done = match self.flying.pop_front() {
+            Some(Flown::Senders(done)) => done,
+            Some(run) => {
+                self.flying.push_front(run);
+                return Err(RuntimeError::Plan(
+                    "a step stream waited for a senders' round with a run's reply due first".into(),
+                ));
+            }
+            None => {
+                return Err(RuntimeError::Plan(
+                    "a step stream waited for a senders' round with none sent".into(),
+                ))
+            }
+        };
+        done.start = done.start.max(self.last_reply);
+        done.replies = self.gather()?;
+        Ok(done)
+    }
+
+    /// The stream worker's next reply.
+    fn gather(&mut self) -> Result<Vec<(usize, Msg, Vec<u8>)>> {
+        let d = &*self.driver;
+        let replies = d
+            .gather(vec![self.worker], Instant::now() + RUN_TIMEOUT, &mut [])
+            .map_err(|(worker, reason)| d.fail(worker, reason))?;
+        self.last_reply = Instant::now();
+        Ok(replies)
     }
 
     /// Sends the receivers' round of a run whose senders are done ([`Driver::send_senders`])
@@ -1002,22 +1167,44 @@ impl StepStream {
         }
         let f = senders.send(d)?;
         let run = f.run;
-        self.flying.push_back(f);
+        self.flying.push_back(Flown::Run(f));
         Ok(run)
     }
 
     /// The reply to the oldest step still due (its `graph` names the spans); its outputs as
     /// [`Driver::run_batch`] returns them. A worker's failure poisons the driver, as a run's.
     pub fn wait(&mut self, graph: &Graph) -> Result<RunOutput> {
-        let f = self
-            .flying
-            .pop_front()
-            .ok_or_else(|| RuntimeError::Plan("a step stream waited with no step sent".into()))?;
-        let d = &*self.driver;
-        let replies = d
-            .gather(vec![self.worker], Instant::now() + RUN_TIMEOUT, &mut [])
-            .map_err(|(worker, reason)| d.fail(worker, reason))?;
-        d.landed(f, replies, graph)
+        self.wait_run(graph, false).map(|(_, out)| out)
+    }
+
+    /// [`StepStream::wait`] for a run sent behind others: its wall time counts from when the
+    /// worker started it (the later of its sending and the reading of the reply before it),
+    /// which is returned with it.
+    pub fn wait_started(&mut self, graph: &Graph) -> Result<(Instant, RunOutput)> {
+        self.wait_run(graph, true)
+    }
+
+    fn wait_run(&mut self, graph: &Graph, from_start: bool) -> Result<(Instant, RunOutput)> {
+        let mut f = match self.flying.pop_front() {
+            Some(Flown::Run(f)) => f,
+            Some(senders) => {
+                self.flying.push_front(senders);
+                return Err(RuntimeError::Plan(
+                    "a step stream waited for a run with a senders' round due first".into(),
+                ));
+            }
+            None => {
+                return Err(RuntimeError::Plan(
+                    "a step stream waited with no step sent".into(),
+                ))
+            }
+        };
+        if from_start {
+            f.start = f.start.max(self.last_reply);
+        }
+        let start = f.start;
+        let replies = self.gather()?;
+        Ok((start, self.driver.landed(f, replies, graph)?))
     }
 }
 
@@ -1539,6 +1726,88 @@ mod tests {
         drop(senders(3));
         driver.take_in(senders(3), &mv).unwrap();
         assert_eq!(step(0, 3), step(1, 3));
+        cluster.stop(Arc::try_unwrap(driver).unwrap()).unwrap();
+    }
+
+    /// A prefill lane's runs on one stream: a prefill, its move's senders' round right behind
+    /// it, the next prefill behind that, the replies read in order; the moved cache lands bit
+    /// for bit once taken in, and a prefill on the stream gives the logits a plain run gives.
+    /// A senders' round that cannot go on the stream (the first move on the link; a cache
+    /// bigger than the landing region) sends nothing, and the move then runs whole, with the
+    /// shapes of its graph right on both workers.
+    #[test]
+    fn a_stream_carries_prefills_and_moves_back_to_back() {
+        use crate::models::{prefill_inputs, prefill_last, run_decode_step, run_prefill, Family};
+        use genie_scheduler::builders::kv_move;
+        use genie_scheduler::graph::OpKind;
+        let cfg = tiny();
+        let cluster = EmbeddedCluster::start(2, Arc::new(CpuKernels::new())).unwrap();
+        let driver = Arc::new(Driver::connect(&cluster.cluster, WeightSpec::Seeded(9)).unwrap());
+        let prompts: Vec<Vec<i64>> = [6, 4, 9].iter().map(|&n| (1..=n).collect()).collect();
+        let moves: Vec<(Graph, Placement)> = prompts
+            .iter()
+            .map(|p| {
+                let mv = kv_move(cfg.layers, cfg.hidden, p.len()).unwrap();
+                let place =
+                    Placement::by_rule(&mv, |n| usize::from(matches!(n.op, OpKind::KvCacheAppend)));
+                (mv, place)
+            })
+            .collect();
+        let step = |w: usize, seq: u64| -> Vec<f32> {
+            let len = prompts[seq as usize - 1].len();
+            let d = cfg.decode(len).unwrap();
+            let place = Placement::by_rule(&d, |_| w);
+            let out = run_decode_step(&driver, &d, &place, 7, len, seq).unwrap();
+            out.outputs[0].flatten_all().unwrap().to_vec1().unwrap()
+        };
+        let send_prefill = |s: &mut StepStream, seq: u64| {
+            let prompt = &prompts[seq as usize - 1];
+            let (g, last) = prefill_last(&cfg, prompt.len()).unwrap();
+            let inputs = prefill_inputs(&[prompt]).unwrap();
+            s.send(&g, &Placement::single(&g), (&inputs, &[last]), &[seq], None)
+                .unwrap();
+            g
+        };
+        let mut s = driver.stream(0).unwrap();
+        // Sequence 1: its move cannot go on the stream (w1's landing region is not known).
+        let g1 = send_prefill(&mut s, 1);
+        let (mv, place) = &moves[0];
+        assert_eq!(s.send_senders(mv, place, &[1]).unwrap(), None);
+        s.wait_started(&g1).unwrap();
+        drop(s);
+        assert!(matches!(
+            driver.send_senders(mv, place, &[1]).unwrap(),
+            Sending::Done(_)
+        ));
+        // Sequence 2: prefill, move, and the prefill of 3 behind them.
+        let mut s = driver.stream(0).unwrap();
+        let g2 = send_prefill(&mut s, 2);
+        let (mv, place) = &moves[1];
+        assert!(s.send_senders(mv, place, &[2]).unwrap().is_some());
+        let g3 = send_prefill(&mut s, 3);
+        assert!(s.wait_senders().is_err(), "a prefill's reply is due first");
+        let (_, p2) = s.wait_started(&g2).unwrap();
+        let senders = s.wait_senders().unwrap();
+        assert_eq!(senders.receivers(), [1]);
+        s.wait_started(&g3).unwrap();
+        // Sequence 3's cache is bigger than the landing region: one round, off the stream.
+        let (mv3, place3) = &moves[2];
+        assert_eq!(s.send_senders(mv3, place3, &[3]).unwrap(), None);
+        drop(s);
+        driver.take_in(senders, mv).unwrap();
+        assert!(matches!(
+            driver.send_senders(mv3, place3, &[3]).unwrap(),
+            Sending::Done(_)
+        ));
+        for seq in 1..=3 {
+            assert_eq!(step(0, seq), step(1, seq), "sequence {seq}");
+        }
+        // The stream's prefill gave what a plain run gives.
+        let (g, last) = prefill_last(&cfg, prompts[1].len()).unwrap();
+        let plain = run_prefill(&driver, &g, &Placement::single(&g), &prompts[1], last, 4).unwrap();
+        let bits =
+            |o: &RunOutput| -> Vec<f32> { o.outputs[0].flatten_all().unwrap().to_vec1().unwrap() };
+        assert_eq!(bits(&p2), bits(&plain));
         cluster.stop(Arc::try_unwrap(driver).unwrap()).unwrap();
     }
 

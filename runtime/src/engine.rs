@@ -12,22 +12,24 @@
 //! - a **prefill lane** per prefill worker (a thread of its own; [`EngineConfig::prefill_worker`]
 //!   and the pool [`EngineConfig::prefill_pool`]) prefills one request at a time on its worker,
 //!   its KV cache built there. The lane streams the request's first token, from the prefill's
-//!   logits, as soon as the prefill is done; meanwhile the lane's mover thread moves the cache
-//!   to the decode worker in a short run of its own ([`kv_move_batch`]: every layer read back
-//!   and sent, each layer travelling while the next is read), hands the request over, and drops
-//!   the prefill worker's copy (a request that ended at its first token ends once the move is
-//!   over, its cache then freed on both workers). The
-//!   move goes in two rounds ([`Driver::run_senders_first`]): the prefill worker posts its
-//!   sends, and the lane starts its next prefill once it has, so that the prefill worker
-//!   computes the next request while this one's cache travels; the engine thread then has the
-//!   decode worker take in what landed (the second round) between two of its decode steps, on
-//!   its step stream ([`StepStream::take_in`], or [`Driver::take_in`] when it has none), and
-//!   the mover sends its next move into that landing region once it has.
+//!   logits, as soon as the prefill is done, and moves the cache to the decode worker in a short
+//!   run of its own ([`kv_move_batch`]: every layer read back and sent, each layer travelling
+//!   while the next is read), hands the request over, and drops the prefill worker's copy (a
+//!   request that ended at its first token ends once the move is over, its cache then freed on
+//!   both workers). The move goes in two rounds: the prefill worker posts its sends
+//!   ([`StepStream::send_senders`]), then the engine thread has the decode worker take in what
+//!   landed between two of its decode steps, on its step stream ([`StepStream::take_in`], or
+//!   [`Driver::take_in`] when it has none). The lane sends the prefill worker's runs on a step
+//!   stream of its own, each behind the one before: a prefill, its move's first round, the next
+//!   waiting prefill, so that the prefill worker goes from one to the next with no round trip
+//!   between, and computes the next request while this one's cache travels. A move's first
+//!   round is sent once the decode worker took in the last one (the same landing region); the
+//!   first move on a link, before its landing region is known, runs whole.
 //!   Waiting requests are taken in arrival order (or shortest
 //!   prompt first: [`EngineConfig::prefill_order`]), each by the lane where the cost model has
 //!   its cache on the decode worker soonest (prompt tokens queued there, and the link to the
 //!   decode worker: [`EngineConfig::prefill_pool`]; a lane holds two requests at most: the one
-//!   it runs and the next, which it starts as soon as the first is done), so several prefills
+//!   it runs and the next, which it sends behind the first), so several prefills
 //!   run at once on a pool. Short prompts waiting one after another go to the lane together
 //!   and are prefilled in one forward pass ([`EngineConfig::max_prefill_batch`], up to 64 prompt
 //!   tokens in all, each prompt's result bitwise its prefill alone), and their caches move in
@@ -84,7 +86,7 @@ use crate::cluster::{Cluster, Role, WorkerLink};
 use crate::driver::{Driver, RunOutput, SendersDone, Sending, StepStream};
 use crate::error::RuntimeError;
 use crate::models::{
-    argmax_last, decode_inputs, pick, prefill_last, run_decode_batch, run_prefill,
+    argmax_last, decode_inputs, pick, prefill_inputs, prefill_last, run_decode_batch, run_prefill,
     run_prefill_batch, with_next_tokens, Family, Model,
 };
 use crate::plan::Placement;
@@ -92,7 +94,7 @@ use crate::proto::{Feed, WeightSpec};
 use crate::trace::Span;
 use candle_core::Tensor;
 use genie_scheduler::builders::{kv_move_batch, MAX_DECODE_BATCH};
-use genie_scheduler::graph::{Graph, OpKind};
+use genie_scheduler::graph::{Graph, OpKind, TensorRef};
 use genie_scheduler::topology::LinkSpec;
 use rand::SeedableRng;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -631,8 +633,8 @@ struct LaneReq {
     first: Option<FirstToken>,
 }
 
-/// KV caches for a lane's mover, the ones prefilled together, moved in one run: per request
-/// its id, sequence and cache length.
+/// KV caches a lane moves, the ones prefilled together, in one run: per request its id,
+/// sequence and cache length.
 struct Move {
     reqs: Vec<(u64, u64, usize)>,
     driver: Arc<Driver>,
@@ -657,7 +659,7 @@ struct Lane {
     link: LinkSpec,
     jobs: mpsc::Sender<LaneJob>,
     thread: JoinHandle<()>,
-    /// Set when the lane stops: its mover gives up waiting for a take-in the engine will not do.
+    /// Set when the lane stops: it gives up waiting for a take-in the engine will not do.
     stop: Arc<AtomicBool>,
 }
 
@@ -1318,8 +1320,8 @@ struct Taking {
     /// The prefill worker (its copies go once the move is over).
     pw: usize,
     driver: Arc<Driver>,
-    /// Dropped once the caches are taken in (or never will be): the lane's mover then sends
-    /// its next move into the same landing region.
+    /// Dropped once the caches are taken in (or never will be): the lane then sends its next
+    /// move into the same landing region.
     _landing: mpsc::Sender<()>,
     /// When the move started.
     started: Instant,
@@ -1779,7 +1781,7 @@ impl Core {
         }
     }
 
-    /// Has the decode worker take in the KV caches the lanes' movers sent (each move's
+    /// Has the decode worker take in the KV caches the lanes sent (each move's
     /// receivers' round): on the step stream when there is one, between the step in flight and
     /// the next ([`StepStream::take_in`], landed with the steps), else on this thread
     /// ([`Driver::take_in`]). See [`Core::took_in`].
@@ -2342,11 +2344,19 @@ impl Core {
     }
 }
 
-/// The prefill lane: runs each job's prefill on its worker, streams the request's first token,
-/// reports the prefill to the engine and hands the request to the lane's mover thread
-/// ([`kv_mover`]), then takes the next job once the prefill worker has sent the cache: the next
-/// prefill runs while the decode worker takes the last one's cache in. Ends when the engine
-/// drops its queue, after the moves handed over.
+/// The prefill lane: runs each job's prefill on its worker, streams the requests' first tokens,
+/// reports the prefill to the engine and moves the KV caches to the decode worker. The prefill
+/// worker's runs go on a [`StepStream`], each sent behind the one before it, so that the worker
+/// goes from one to the next without waiting for the lane's turn around: a prefill; right behind
+/// it the senders' round of its move ([`StepStream::send_senders`]: the prefill worker posts the
+/// caches' sends, then the engine thread has the decode worker take them in between two decode
+/// steps, [`Cmd::Sent`]); right behind that, the next job's prefill when one waits, which
+/// computes while the caches travel. Their replies are read in that order. A move's senders'
+/// round is sent once the decode worker took in the last move (the same landing region). The
+/// first move on the link (its landing region not known yet) runs whole, the stream let go
+/// first. The lane lets the worker go whenever nothing is in flight (an idle lane holds no
+/// driver), and sends nothing ahead while another run waits for the worker. Ends when the engine
+/// drops its queue.
 fn prefill_lane(
     jobs: &mpsc::Receiver<LaneJob>,
     done: &mpsc::Sender<Cmd>,
@@ -2354,134 +2364,260 @@ fn prefill_lane(
     model: &Model,
     (workers, stop): ((usize, usize), &AtomicBool),
 ) {
-    std::thread::scope(|s| {
-        let (to_mover, moves) = mpsc::channel();
-        let mover = std::thread::Builder::new()
-            .name("genie-kv-mover".into())
-            .spawn_scoped(s, move || kv_mover(&moves, done, model, (workers, stop)));
-        // Without a mover thread, each move runs here, after its prefill.
-        let to_mover = match mover {
-            Ok(_) => Some(to_mover),
-            Err(e) => {
-                tracing::warn!(error = %e, "engine: no KV mover thread; moves run in the lane");
-                None
-            }
-        };
-        while let Ok(mut job) = jobs.recv() {
-            let first = job.reqs.first().map_or(0, |r| r.id);
-            let n = job.reqs.len();
-            let _span = tracing::info_span!("prefill", request = first, requests = n).entered();
-            let reqs: Vec<(&[i64], u64)> = job
-                .reqs
-                .iter()
-                .map(|r| (r.prompt.as_slice(), r.seq))
-                .collect();
-            match prefill_here(&job.driver, &mut scheduler, model, workers.0, &reqs) {
-                Ok(prefilled) => {
-                    // The first tokens go out now, while the caches move.
-                    let mut listening = true;
-                    for (r, mut p) in job.reqs.iter_mut().zip(prefilled) {
-                        p.first = r.first.take().and_then(|f| f.stream(&p.logits));
-                        let result = Ok(Box::new(p));
-                        listening &= done.send(Cmd::Prefilled { id: r.id, result }).is_ok();
-                    }
-                    if !listening {
-                        break;
-                    }
-                    // The move's first round (the prefill worker posting the caches' sends)
-                    // goes before the next prefill there: wait for it (or for the mover to give
-                    // up on it). The bytes travel while the next prefill computes.
-                    let m = Move {
-                        reqs: job
-                            .reqs
-                            .iter()
-                            .map(|r| (r.id, r.seq, r.prompt.len()))
-                            .collect(),
-                        driver: job.driver.clone(),
-                    };
-                    let (sent_tx, sent) = mpsc::channel();
-                    let handed = match &to_mover {
-                        Some(t) => t.send((m, sent_tx)).map_err(|mpsc::SendError((m, _))| m),
-                        None => Err(m),
-                    };
-                    match handed {
-                        Ok(()) => {
-                            let _ = sent.recv();
+    let pw = workers.0;
+    let mut stream: Option<StepStream> = None;
+    // The last move's take-in, while the decode worker has not done it.
+    let mut landing: Option<mpsc::Receiver<()>> = None;
+    // A job taken from the queue and not sent yet; a job whose prefill is in flight.
+    let mut queued: Option<LaneJob> = None;
+    let mut next: Option<SentPrefill> = None;
+    loop {
+        let cur = match next.take() {
+            Some(p) => p,
+            None => {
+                // Nothing in flight: the worker goes free while the lane waits.
+                stream = None;
+                let job = match queued.take().map_or_else(|| jobs.recv(), Ok) {
+                    Ok(job) => job,
+                    Err(_) => break,
+                };
+                match send_prefill(&mut stream, &job, &mut scheduler, model, pw) {
+                    Ok(graph) => SentPrefill { job, graph },
+                    Err(e) => {
+                        stream = None;
+                        if !prefill_failed(job, e, done) {
+                            break;
                         }
-                        Err(m) => match move_and_report(m, done, model, workers, || {}) {
-                            MoveEnd::Reported(l) => listening &= l,
-                            // No mover to wait for the take-in before the next move: here.
-                            MoveEnd::Sent(landing) => listening &= taken_in(&landing, stop),
-                        },
-                    }
-                    if !listening {
-                        break;
+                        continue;
                     }
                 }
-                Err(e) => {
-                    // Whatever part of their caches was built goes now: the engine then frees
-                    // nothing on the prefill worker. The first request gets the error, the
-                    // others of its batch a copy.
-                    let mut listening = true;
-                    let errors = shared_errors(e, n, "batched prefill");
-                    for (r, err) in job.reqs.iter().zip(errors) {
-                        let _ = job.driver.free_sequence(r.seq);
-                        let result = Err(err);
-                        listening &= done.send(Cmd::Prefilled { id: r.id, result }).is_ok();
-                    }
-                    drop(job);
-                    if !listening {
-                        break;
+            }
+        };
+        // The move's senders' round right behind its prefill, once the last move is taken in.
+        if landing.take().is_some_and(|l| !taken_in(&l, stop)) {
+            // The lane stops: its requests end with the engine's.
+            break;
+        }
+        let m = Move {
+            reqs: cur
+                .job
+                .reqs
+                .iter()
+                .map(|r| (r.id, r.seq, r.prompt.len()))
+                .collect(),
+            driver: cur.job.driver.clone(),
+        };
+        let senders = match stream.as_mut() {
+            Some(s) => send_move(s, model, workers, &m),
+            None => Ok(None),
+        };
+        // The next prefill right behind it, when a job waits and no other run waits for the
+        // worker.
+        if matches!(senders, Ok(Some(_))) && !cur.job.driver.contended(pw) {
+            queued = queued.or_else(|| jobs.try_recv().ok());
+            if let Some(job) = queued.take_if(|j| Arc::ptr_eq(&j.driver, &cur.job.driver)) {
+                match send_prefill(&mut stream, &job, &mut scheduler, model, pw) {
+                    Ok(graph) => next = Some(SentPrefill { job, graph }),
+                    Err(e) => {
+                        if !prefill_failed(job, e, done) {
+                            break;
+                        }
                     }
                 }
             }
         }
-    });
+        // The prefill's reply: the first tokens go out now.
+        let reply = match stream.as_mut() {
+            Some(s) => s.wait_started(&cur.graph),
+            None => Err(RuntimeError::Plan("a prefill lane lost its stream".into())),
+        };
+        let prefilled = reply.and_then(|(started, out)| {
+            let n = cur.job.reqs.len();
+            prefilled_parts(
+                out,
+                started,
+                n,
+                cur.job.reqs.iter().map(|r| r.prompt.len()).sum(),
+            )
+        });
+        let mut job = cur.job;
+        let prefilled = match prefilled {
+            Ok(p) => p,
+            Err(e) => {
+                // What is in flight behind it fails with it.
+                stream = None;
+                let listening = next_failed(&mut next, &e, done);
+                if !(prefill_failed(job, e, done) && listening) {
+                    break;
+                }
+                continue;
+            }
+        };
+        let mut listening = true;
+        for (r, mut p) in job.reqs.iter_mut().zip(prefilled) {
+            p.first = r.first.take().and_then(|f| f.stream(&p.logits));
+            let result = Ok(Box::new(p));
+            listening &= done.send(Cmd::Prefilled { id: r.id, result }).is_ok();
+        }
+        drop(job);
+        if !listening {
+            break;
+        }
+        // The move: its senders' reply, for the engine to have the caches taken in; or, where
+        // it could not go on the stream, the whole move here.
+        let end = match (senders, stream.as_mut()) {
+            (Ok(Some(graph)), Some(s)) => match s.wait_senders() {
+                Ok(senders) => take_in_later(m, senders, graph, done, pw),
+                Err(e) => {
+                    stream = None;
+                    if !next_failed(&mut next, &e, done) {
+                        break;
+                    }
+                    report_move(m, Err(e), done, pw)
+                }
+            },
+            (Ok(_), _) => {
+                stream = None;
+                move_and_report(m, done, model, workers)
+            }
+            (Err(e), _) => {
+                stream = None;
+                report_move(m, Err(e), done, pw)
+            }
+        };
+        match end {
+            MoveEnd::Reported(true) => {}
+            MoveEnd::Reported(false) => break,
+            MoveEnd::Sent(l) => landing = Some(l),
+        }
+    }
+}
+
+/// A job whose prefill is on its lane's stream.
+struct SentPrefill {
+    job: LaneJob,
+    graph: Graph,
+}
+
+/// Sends `job`'s prefill on worker `pw` on `stream` (opened on the job's driver when there is
+/// none): one prompt's alone, several in one batched pass ([`Family::prefill_batch`]); its
+/// graph.
+fn send_prefill(
+    stream: &mut Option<StepStream>,
+    job: &LaneJob,
+    scheduler: &mut genie_scheduler::Scheduler,
+    model: &Model,
+    pw: usize,
+) -> Result<Graph, RuntimeError> {
+    let prompts: Vec<&[i64]> = job.reqs.iter().map(|r| r.prompt.as_slice()).collect();
+    let (g, last) = prefill_graph(model, &prompts)?;
+    let place = Placement::scheduled(scheduler, &g, pw, pw)?;
+    let s = match stream {
+        Some(s) => s,
+        None => stream.insert(job.driver.stream(pw)?),
+    };
+    let seqs: Vec<u64> = job.reqs.iter().map(|r| r.seq).collect();
+    let inputs = prefill_inputs(&prompts)?;
+    s.send(&g, &place, (&inputs, &[last]), &seqs, None)?;
+    Ok(g)
+}
+
+/// Fails `job`'s requests with `e` (the first gets it, the others a copy); whatever part of
+/// their caches was built goes with the worker's next run ([`Driver::free_sequence_later`]:
+/// the lane may hold the worker). `false` once the engine no longer listens.
+fn prefill_failed(job: LaneJob, e: RuntimeError, done: &mpsc::Sender<Cmd>) -> bool {
+    let mut listening = true;
+    let errors = shared_errors(e, job.reqs.len(), "batched prefill");
+    for (r, err) in job.reqs.iter().zip(errors) {
+        job.driver.free_sequence_later(r.seq);
+        let result = Err(err);
+        listening &= done.send(Cmd::Prefilled { id: r.id, result }).is_ok();
+    }
+    listening
+}
+
+/// Fails the prefill in flight behind one that failed with `e` (its stream was let go), if any,
+/// with a copy of `e`; `false` once the engine no longer listens.
+fn next_failed(next: &mut Option<SentPrefill>, e: &RuntimeError, done: &mpsc::Sender<Cmd>) -> bool {
+    next.take().map_or(true, |n| {
+        let e = copy_error(e, "the prefill before it on its worker failed");
+        prefill_failed(n.job, e, done)
+    })
+}
+
+/// Sends the senders' round of `job`'s KV move from its lane's worker `pw` to the decode worker
+/// `dw` on the lane's stream ([`StepStream::send_senders`]); its graph, or `None` (nothing
+/// sent) when the move goes in one round.
+fn send_move(
+    stream: &mut StepStream,
+    model: &Model,
+    (pw, dw): (usize, usize),
+    job: &Move,
+) -> Result<Option<Graph>, RuntimeError> {
+    let (g, place, seqs) = move_graph(model, (pw, dw), &job.reqs)?;
+    Ok(stream.send_senders(&g, &place, &seqs)?.map(|_| g))
+}
+
+/// A move whose senders are done, handed to the engine thread to have the decode worker take
+/// its caches in ([`Cmd::Sent`]); the lane sends its next move once that is over.
+fn take_in_later(
+    job: Move,
+    senders: Box<SendersDone>,
+    graph: Graph,
+    done: &mpsc::Sender<Cmd>,
+    pw: usize,
+) -> MoveEnd {
+    let (landing, taken) = mpsc::channel();
+    let taking = Taking {
+        reqs: job.reqs,
+        pw,
+        driver: job.driver,
+        _landing: landing,
+        started: senders.started(),
+    };
+    let take = TakeIn {
+        senders,
+        graph,
+        taking,
+    };
+    if done.send(Cmd::Sent(Box::new(take))).is_err() {
+        return MoveEnd::Reported(false);
+    }
+    MoveEnd::Sent(taken)
+}
+
+/// Reports a move's end to the engine, request by request ([`move_over`]).
+fn report_move(
+    job: Move,
+    result: Result<(Instant, RunOutput), RuntimeError>,
+    done: &mpsc::Sender<Cmd>,
+    pw: usize,
+) -> MoveEnd {
+    let mut listening = true;
+    for (id, result) in move_over(&job.driver, pw, &job.reqs, result) {
+        listening &= done.send(Cmd::Moved { id, result }).is_ok();
+    }
+    MoveEnd::Reported(listening)
 }
 
 /// The error that failed a run `n` requests shared (`run` names it), once per request: the
 /// first gets `e`, the others a copy (a worker's failure as it is, any other error described).
 fn shared_errors(e: RuntimeError, n: usize, run: &str) -> Vec<RuntimeError> {
     let copies: Vec<RuntimeError> = (1..n)
-        .map(|_| match &e {
-            RuntimeError::WorkerFailed { worker, reason } => RuntimeError::WorkerFailed {
-                worker: worker.clone(),
-                reason: reason.clone(),
-            },
-            other => RuntimeError::Plan(format!("the {run} it shared failed: {other}")),
-        })
+        .map(|_| copy_error(&e, &format!("the {run} it shared failed")))
         .collect();
     std::iter::once(e).chain(copies).collect()
 }
 
-/// A prefill lane's mover: moves each prefilled request's KV cache to the decode worker and
-/// reports the request ([`move_and_report`]), in the order the lane prefilled them.
-fn kv_mover(
-    moves: &mpsc::Receiver<(Move, mpsc::Sender<()>)>,
-    done: &mpsc::Sender<Cmd>,
-    model: &Model,
-    (workers, stop): ((usize, usize), &AtomicBool),
-) {
-    // The last move's take-in, while the decode worker has not done it: the next move sends
-    // into the same landing region, so it waits for it.
-    let mut landing: Option<mpsc::Receiver<()>> = None;
-    while let Ok((job, sent)) = moves.recv() {
-        if landing.take().is_some_and(|l| !taken_in(&l, stop)) {
-            // The lane stops: its requests end with the engine's.
-            break;
-        }
-        let first = job.reqs.first().map_or(0, |r| r.0);
-        let _span =
-            tracing::info_span!("kv_move", request = first, requests = job.reqs.len()).entered();
-        // Dropped unsent when the move fails first: the lane goes on either way.
-        let sent = move || {
-            let _ = sent.send(());
-        };
-        match move_and_report(job, done, model, workers, sent) {
-            MoveEnd::Reported(true) => {}
-            MoveEnd::Reported(false) => break,
-            MoveEnd::Sent(l) => landing = Some(l),
-        }
+/// A copy of `e` for another request: a worker's failure as it is, any other error described
+/// after `what`.
+fn copy_error(e: &RuntimeError, what: &str) -> RuntimeError {
+    match e {
+        RuntimeError::WorkerFailed { worker, reason } => RuntimeError::WorkerFailed {
+            worker: worker.clone(),
+            reason: reason.clone(),
+        },
+        other => RuntimeError::Plan(format!("{what}: {other}")),
     }
 }
 
@@ -2508,57 +2644,28 @@ enum MoveEnd {
 }
 
 /// Moves `job`'s KV caches (those prefilled together) from the prefill worker `pw` to the
-/// decode worker `dw` in one [`kv_move_batch`] run (`sent` called once the prefill worker has
-/// posted them all). Once the decode worker keeps a landing region big enough (after the
-/// first move), the run stops after its senders: the engine thread has the decode worker take
-/// the caches in between its decode steps ([`Cmd::Sent`], [`MoveEnd::Sent`]). A run in one
-/// round is reported here, and the prefill worker's copies left to its next run to drop
-/// ([`Driver::free_sequence_on_later`]: the requests' next decode step does not wait for it,
-/// nor the next prefill for a round trip). A failed move frees what was built and reports the
-/// error to each.
+/// decode worker `dw` in one [`kv_move_batch`] run. Once the decode worker keeps a landing
+/// region big enough (after the first move), the run stops after its senders: the engine
+/// thread has the decode worker take the caches in between its decode steps ([`Cmd::Sent`],
+/// [`MoveEnd::Sent`]). A run in one round is reported here, and the prefill worker's copies left
+/// to its next run to drop ([`Driver::free_sequence_on_later`]: the requests' next decode step
+/// does not wait for it, nor the next prefill for a round trip). A failed move frees what was
+/// built and reports the error to each.
 fn move_and_report(
     job: Move,
     done: &mpsc::Sender<Cmd>,
     model: &Model,
     (pw, dw): (usize, usize),
-    sent: impl FnOnce(),
 ) -> MoveEnd {
-    let caches: Vec<(usize, u64)> = job.reqs.iter().map(|&(_, seq, len)| (len, seq)).collect();
-    let mut listening = true;
-    match move_kv(&job.driver, model, (pw, dw), &caches) {
-        Ok((_, Sending::Senders(senders), graph)) => {
-            sent();
-            let (landing, taken) = mpsc::channel();
-            let taking = Taking {
-                reqs: job.reqs,
-                pw,
-                driver: job.driver,
-                _landing: landing,
-                started: senders.started(),
-            };
-            let take = TakeIn {
-                senders,
-                graph,
-                taking,
-            };
-            if done.send(Cmd::Sent(Box::new(take))).is_err() {
-                return MoveEnd::Reported(false);
-            }
-            return MoveEnd::Sent(taken);
-        }
-        Ok((started, Sending::Done(out), _)) => {
-            sent();
-            for (id, result) in move_over(&job.driver, pw, &job.reqs, Ok((started, out))) {
-                listening &= done.send(Cmd::Moved { id, result }).is_ok();
-            }
-        }
-        Err(e) => {
-            for (id, result) in move_over(&job.driver, pw, &job.reqs, Err(e)) {
-                listening &= done.send(Cmd::Moved { id, result }).is_ok();
-            }
-        }
+    let moved = move_graph(model, (pw, dw), &job.reqs).and_then(|(g, place, seqs)| {
+        let t = Instant::now();
+        Ok((t, job.driver.send_senders(&g, &place, &seqs)?, g))
+    });
+    match moved {
+        Ok((_, Sending::Senders(senders), graph)) => take_in_later(job, senders, graph, done, pw),
+        Ok((started, Sending::Done(out), _)) => report_move(job, Ok((started, out)), done, pw),
+        Err(e) => report_move(job, Err(e), done, pw),
     }
-    MoveEnd::Reported(listening)
 }
 
 /// The end of a KV move of `reqs` (id, sequence, cache length) from prefill worker `pw`, per
@@ -2615,36 +2722,53 @@ fn prefill_here(
     pw: usize,
     reqs: &[(&[i64], u64)],
 ) -> Result<Vec<Prefilled>, RuntimeError> {
-    let (g, last) = match reqs {
-        [(prompt, _)] => prefill_last(model, prompt.len())?,
-        _ => {
-            let lens: Vec<usize> = reqs.iter().map(|(p, _)| p.len()).collect();
-            let g = model.prefill_batch(&lens)?;
-            let last = *g
-                .outputs
-                .first()
-                .ok_or_else(|| RuntimeError::Plan("a batched prefill has no outputs".into()))?;
-            (g, last)
-        }
-    };
+    let prompts: Vec<&[i64]> = reqs.iter().map(|(p, _)| *p).collect();
+    let (g, last) = prefill_graph(model, &prompts)?;
     let place = Placement::scheduled(scheduler, &g, pw, pw)?;
     let started = Instant::now();
     let out = match reqs {
         [(prompt, seq)] => run_prefill(driver, &g, &place, prompt, last, *seq)?,
         _ => {
-            let prompts: Vec<&[i64]> = reqs.iter().map(|(p, _)| *p).collect();
             let seqs: Vec<u64> = reqs.iter().map(|(_, s)| *s).collect();
             run_prefill_batch(driver, &g, &place, &prompts, last, &seqs)?
         }
     };
+    let tokens = prompts.iter().map(|p| p.len()).sum();
+    prefilled_parts(out, started, reqs.len(), tokens)
+}
+
+/// The prefill graph of `prompts` (one alone: [`prefill_last`]; several in one pass:
+/// [`Family::prefill_batch`]) and its logits `[N, 1, V]`.
+fn prefill_graph(model: &Model, prompts: &[&[i64]]) -> Result<(Graph, TensorRef), RuntimeError> {
+    match prompts {
+        [prompt] => prefill_last(model, prompt.len()),
+        _ => {
+            let lens: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
+            let g = model.prefill_batch(&lens)?;
+            let last = *g
+                .outputs
+                .first()
+                .ok_or_else(|| RuntimeError::Plan("a batched prefill has no outputs".into()))?;
+            Ok((g, last))
+        }
+    }
+}
+
+/// The results of a prefill run `out` (started at `started`) of `n` requests of `tokens`
+/// prompt tokens in all: one per request, in order, each with its row of the logits.
+fn prefilled_parts(
+    out: RunOutput,
+    started: Instant,
+    n: usize,
+    tokens: usize,
+) -> Result<Vec<Prefilled>, RuntimeError> {
     let logits = out
         .outputs
         .first()
         .cloned()
         .ok_or_else(|| RuntimeError::Plan("prefill returned nothing".into()))?;
-    let tokens = reqs.iter().map(|(p, _)| p.len()).sum();
     let run = Arc::new((started, out));
-    (0..reqs.len())
+    (0..n)
         .map(|i| {
             let row = logits
                 .narrow(0, i, 1)
@@ -2655,7 +2779,7 @@ fn prefill_here(
             Ok(Prefilled {
                 logits: row,
                 prefill: run.clone(),
-                batch: (reqs.len(), tokens),
+                batch: (n, tokens),
                 owner: i == 0,
                 first: None,
             })
@@ -2663,16 +2787,15 @@ fn prefill_here(
         .collect()
 }
 
-/// The [`kv_move_batch`] run of `caches` (length, sequence) from worker `pw` to `dw`, its
-/// senders' round at least ([`Driver::send_senders`]); when it started, and its graph.
-fn move_kv(
-    driver: &Arc<Driver>,
+/// The run that moves KV caches `reqs` (id, sequence, cache length) from the prefill worker
+/// `pw` to the decode worker `dw` ([`kv_move_batch`]), its placement and its sequences.
+fn move_graph(
     model: &Model,
     (pw, dw): (usize, usize),
-    caches: &[(usize, u64)],
-) -> Result<(Instant, Sending, Graph), RuntimeError> {
-    let lens: Vec<usize> = caches.iter().map(|&(len, _)| len).collect();
-    let seqs: Vec<u64> = caches.iter().map(|&(_, seq)| seq).collect();
+    reqs: &[(u64, u64, usize)],
+) -> Result<(Graph, Placement, Vec<u64>), RuntimeError> {
+    let lens: Vec<usize> = reqs.iter().map(|&(_, _, len)| len).collect();
+    let seqs: Vec<u64> = reqs.iter().map(|&(_, seq, _)| seq).collect();
     let g =
         kv_move_batch(model.layers(), model.kv_width(), &lens).map_err(RuntimeError::Scheduler)?;
     // A copy, not a scheduling decision: reads where the caches are, appends (to empty caches)
@@ -2686,9 +2809,7 @@ fn move_kv(
             pw
         }
     });
-    let t = Instant::now();
-    let moved = driver.send_senders(&g, &place, &seqs)?;
-    Ok((t, moved, g))
+    Ok((g, place, seqs))
 }
 
 /// Chooses the next token from `logits` under `sampling` ([`next_token`]) and streams it on

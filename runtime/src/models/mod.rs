@@ -409,10 +409,15 @@ pub fn run_prefill(
     logits: TensorRef,
     seq: u64,
 ) -> Result<RunOutput> {
-    let ids = row_i64(prompt.to_vec())?;
-    let pos = row_i64((0..prompt.len() as i64).collect())?;
-    let inputs = [("input_ids", ids), ("position_ids", pos)];
-    driver.run(g, place, &inputs, &[logits], seq)
+    driver.run(g, place, &prefill_inputs(&[prompt])?, &[logits], seq)
+}
+
+/// The inputs of a prefill of `prompts` (one, or several batched: [`Family::prefill_batch`]):
+/// `input_ids` the prompts' tokens in order, `position_ids` each prompt's `0..len`.
+pub fn prefill_inputs(prompts: &[&[i64]]) -> Result<[(&'static str, Tensor); 2]> {
+    let ids = row_i64(prompts.concat())?;
+    let pos = row_i64(prompts.iter().flat_map(|p| 0..p.len() as i64).collect())?;
+    Ok([("input_ids", ids), ("position_ids", pos)])
 }
 
 /// Runs the batched prefill graph `g` (from [`Family::prefill_batch`]) of `prompts` placed by
@@ -433,10 +438,7 @@ pub fn run_prefill_batch(
             seqs.len()
         )));
     }
-    let ids = row_i64(prompts.concat())?;
-    let pos = row_i64(prompts.iter().flat_map(|p| 0..p.len() as i64).collect())?;
-    let inputs = [("input_ids", ids), ("position_ids", pos)];
-    driver.run_batch(g, place, &inputs, &[logits], seqs)
+    driver.run_batch(g, place, &prefill_inputs(prompts)?, &[logits], seqs)
 }
 
 /// Runs the decode graph `g` (from [`Family::decode`] at the KV length `position`) of `token` at
