@@ -25,6 +25,18 @@ fn node(op: OpKind, out: &[usize]) -> Node {
     }
 }
 
+/// A causal attention node of `heads` heads of `head_dim`, output shape `out`.
+fn attention(heads: usize, head_dim: usize, scale: f32, out: &[usize]) -> Node {
+    let op = OpKind::Attention {
+        heads,
+        kv_heads: None,
+        head_dim,
+        causal: true,
+        scale: Scalar(scale),
+    };
+    node(op, out)
+}
+
 fn main() -> anyhow::Result<()> {
     let iters: usize = std::env::args()
         .nth(1)
@@ -83,44 +95,17 @@ fn main() -> anyhow::Result<()> {
         linear(768, 8192, 8, oi)?,
         (
             "attention 12x64 over 512".into(),
-            node(
-                OpKind::Attention {
-                    heads: 12,
-                    kv_heads: None,
-                    head_dim: 64,
-                    causal: true,
-                    scale: Scalar(0.125),
-                },
-                &[1, 1, 768],
-            ),
+            attention(12, 64, 0.125, &[1, 1, 768]),
             vec![r(&[1, 1, 768])?, big.get(0)?, big.get(1)?],
         ),
         (
             "attention 4x32 over 1000".into(),
-            node(
-                OpKind::Attention {
-                    heads: 4,
-                    kv_heads: None,
-                    head_dim: 32,
-                    causal: true,
-                    scale: Scalar(0.17),
-                },
-                &[1, 1, e],
-            ),
+            attention(4, 32, 0.17, &[1, 1, e]),
             vec![r(&[1, 1, e])?, view.get(0)?, view.get(1)?],
         ),
         (
             "prefill attention 4x32 320".into(),
-            node(
-                OpKind::Attention {
-                    heads: 4,
-                    kv_heads: None,
-                    head_dim: 32,
-                    causal: true,
-                    scale: Scalar(0.17),
-                },
-                &[1, 320, e],
-            ),
+            attention(4, 32, 0.17, &[1, 320, e]),
             vec![r(&[1, 320, e])?, r(&[1, 320, e])?, r(&[1, 320, e])?],
         ),
         (

@@ -323,22 +323,7 @@ impl Driver {
         mut mode: Rounds<'_>,
     ) -> Result<Ran> {
         self.check_poisoned()?;
-        let used = placement.workers();
-        if used > self.conns.len() {
-            return Err(RuntimeError::Plan(format!(
-                "placement uses {used} workers, the cluster has {}",
-                self.conns.len()
-            )));
-        }
-        // Workers with no node of this run (a decode step placed whole on the decode worker)
-        // are not involved at all: no message, no reply to wait for.
-        let mut active = vec![false; used];
-        for &w in &placement.worker_of {
-            if let Some(a) = active.get_mut(w) {
-                *a = true;
-            }
-        }
-        let all: Vec<usize> = (0..used).filter(|&i| active[i]).collect();
+        let (used, active, all) = self.involved(placement)?;
         // One worker: held before its graph is looked up, as every run of that graph needs it.
         // Several: runs on several workers take turns from the lookup to the last message.
         let mut first_held = (all.len() == 1).then(|| self.hold(all.iter().copied()));
@@ -455,6 +440,28 @@ impl Driver {
         let mut out = assemble(&self.names, graph, &plan, stats, outputs, wall);
         out.driver_bytes = in_bytes + out_bytes;
         Ok(Ran::Done(out))
+    }
+
+    /// The workers a run placed by `placement` involves: how many the placement spans, which of
+    /// them hold a node of it (the others, a decode step placed whole on the decode worker, get
+    /// no message and send no reply), and those in order. An error where it spans more
+    /// workers than the cluster has.
+    fn involved(&self, placement: &Placement) -> Result<(usize, Vec<bool>, Vec<usize>)> {
+        let used = placement.workers();
+        if used > self.conns.len() {
+            return Err(RuntimeError::Plan(format!(
+                "placement uses {used} workers, the cluster has {}",
+                self.conns.len()
+            )));
+        }
+        let mut active = vec![false; used];
+        for &w in &placement.worker_of {
+            if let Some(a) = active.get_mut(w) {
+                *a = true;
+            }
+        }
+        let all = (0..used).filter(|&i| active[i]).collect();
+        Ok((used, active, all))
     }
 
     /// The receivers' round of run `run` (graph lookup `look`, plan `plan`) on `workers`: their
@@ -1035,20 +1042,7 @@ impl StepStream {
     ) -> Result<Option<u64>> {
         let d = &*self.driver;
         d.check_poisoned()?;
-        let used = placement.workers();
-        if used > d.conns.len() {
-            return Err(RuntimeError::Plan(format!(
-                "placement uses {used} workers, the cluster has {}",
-                d.conns.len()
-            )));
-        }
-        let mut active = vec![false; used];
-        for &w in &placement.worker_of {
-            if let Some(a) = active.get_mut(w) {
-                *a = true;
-            }
-        }
-        let all: Vec<usize> = (0..used).filter(|&i| active[i]).collect();
+        let (used, active, all) = d.involved(placement)?;
         // As any run on several workers: no other run of the graph between its rounds.
         let _several = d.several.lock();
         d.check_poisoned()?;
