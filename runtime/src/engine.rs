@@ -2393,6 +2393,9 @@ fn prefill_lane(
                 }
             }
         };
+        let first = cur.job.reqs.first().map_or(0, |r| r.id);
+        let n = cur.job.reqs.len();
+        let _span = tracing::info_span!("prefill", request = first, requests = n).entered();
         // The move's senders' round right behind its prefill, once the last move is taken in.
         if landing.take().is_some_and(|l| !taken_in(&l, stop)) {
             // The lane stops: its requests end with the engine's.
@@ -2432,7 +2435,6 @@ fn prefill_lane(
             None => Err(RuntimeError::Plan("a prefill lane lost its stream".into())),
         };
         let prefilled = reply.and_then(|(started, out)| {
-            let n = cur.job.reqs.len();
             prefilled_parts(
                 out,
                 started,
@@ -2465,6 +2467,7 @@ fn prefill_lane(
         }
         // The move: its senders' reply, for the engine to have the caches taken in; or, where
         // it could not go on the stream, the whole move here.
+        let _move = tracing::info_span!("kv_move", request = first, requests = n).entered();
         let end = match (senders, stream.as_mut()) {
             (Ok(Some(graph)), Some(s)) => match s.wait_senders() {
                 Ok(senders) => take_in_later(m, senders, graph, done, pw),
