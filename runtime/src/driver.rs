@@ -330,18 +330,7 @@ impl Driver {
         let _several = (all.len() > 1).then(|| self.several.lock());
         // A run on other workers may have failed while this one waited for its workers.
         self.check_poisoned()?;
-        let (look, plan) = {
-            let mut sent = self.sent.lock();
-            let look = sent.lookup(graph, placement);
-            let plan = sent.plan(&look, wanted)?.clone();
-            sent.pin(&look, true);
-            (look, plan)
-        };
-        let mut unpin = Unpin {
-            sent: &self.sent,
-            look: &look,
-            armed: true,
-        };
+        let (mut looked, plan) = Looked::new(self, graph, placement, wanted)?;
         let rounds = match mode {
             Rounds::SendersFirst(_) | Rounds::SendersOnly => {
                 rounds(&plan, &self.landing.lock(), all)
@@ -364,14 +353,14 @@ impl Driver {
         for (r, workers) in rounds.iter().enumerate() {
             if r > 0 && matches!(mode, Rounds::SendersOnly) {
                 let mut done = self.receivers_round(
-                    (&look, &plan),
+                    (&looked.look, &plan),
                     (run, seqs),
                     (&ins, &payload, wanted),
                     workers,
                     used,
                 )?;
                 // The pin goes with them (until they are sent, or dropped unsent).
-                unpin.armed = false;
+                looked.hand_over(&done);
                 done.replies = replies;
                 done.start = start.unwrap_or_else(Instant::now);
                 done.in_bytes = payload.len() as u64 * (order_len + workers.len()) as u64;
@@ -388,20 +377,19 @@ impl Driver {
             let mut msgs = Vec::with_capacity(workers.len());
             {
                 let mut sent = self.sent.lock();
-                if r == 0 {
-                    for i in (0..used).filter(|&i| !active[i]) {
-                        sent.skip(&look, i);
-                    }
-                }
                 for &i in workers {
-                    let mut msg =
-                        self.run_msg(&mut sent, &look, i, (run, seqs), (&ins, wanted), None)?;
                     // The senders' round: each answers once its transfers are posted, and
                     // computes its next run while they travel (the receivers' round waits for
                     // them to land).
-                    if let (Msg::Run { acks_later, .. }, true) = (&mut msg, r + 1 < rounds.len()) {
-                        *acks_later = true;
-                    }
+                    let later = r + 1 < rounds.len();
+                    let msg = self.run_msg(
+                        &mut sent,
+                        &looked.look,
+                        i,
+                        (run, seqs),
+                        (&ins, wanted),
+                        (None, later),
+                    )?;
                     msgs.push((i, proto::encode(&msg, &payload)?));
                 }
             }
@@ -412,6 +400,7 @@ impl Driver {
                 if let Err(e) = self.conns[*i].send(bytes) {
                     return Err(self.fail(self.names[*i].clone(), e.to_string()));
                 }
+                looked.told(*i);
             }
             let (last, first): (Vec<usize>, Vec<usize>) =
                 workers.iter().copied().partition(|&i| returns(i));
@@ -479,7 +468,14 @@ impl Driver {
         let mut msgs = Vec::with_capacity(workers.len());
         let mut sent = self.sent.lock();
         for &i in workers {
-            let msg = self.run_msg(&mut sent, look, i, (run, seqs), (ins, wanted), None)?;
+            let msg = self.run_msg(
+                &mut sent,
+                look,
+                i,
+                (run, seqs),
+                (ins, wanted),
+                (None, false),
+            )?;
             msgs.push((i, proto::encode(&msg, payload)?));
         }
         Ok(Box::new(SendersDone {
@@ -562,7 +558,8 @@ impl Driver {
 
     /// The `Run` message of run `run` (of `seqs`, with inputs `ins` and outputs `wanted`) for
     /// worker `i` of a looked-up graph; it carries the sequences waiting to be freed there
-    /// ([`Driver::free_sequence_later`]). The caller holds worker `i` and `sent`.
+    /// ([`Driver::free_sequence_later`]), and `feed` and `acks_later` (a senders' round: the
+    /// worker answers once its transfers are posted). The caller holds worker `i` and `sent`.
     fn run_msg(
         &self,
         sent: &mut SentGraphs,
@@ -570,7 +567,7 @@ impl Driver {
         i: usize,
         (run, seqs): (u64, &[u64]),
         (ins, wanted): (&[PayloadTensor], &[TensorRef]),
-        feed: Option<proto::Feed>,
+        (feed, acks_later): (Option<proto::Feed>, bool),
     ) -> Result<Msg> {
         let (g, forget) = sent.message(look, i)?;
         let free = self.take_frees(i);
@@ -584,7 +581,7 @@ impl Driver {
             spans: self.spans.load(Ordering::Relaxed),
             free,
             feed,
-            acks_later: false,
+            acks_later,
         })
     }
 
@@ -876,11 +873,10 @@ fn encode_inputs(
     Ok((ins, payload))
 }
 
-/// What a [`StepStream`] sent whose reply is not read yet (a few at a time: not worth a box).
-#[allow(clippy::large_enum_variant)]
+/// What a [`StepStream`] sent whose reply is not read yet.
 enum Flown {
     /// A run ([`StepStream::send`], [`StepStream::take_in`]).
-    Run(InFlight),
+    Run(Box<InFlight>),
     /// The senders' round of a run in two rounds ([`StepStream::send_senders`]).
     Senders(Box<SendersDone>),
 }
@@ -987,23 +983,19 @@ impl StepStream {
             )));
         }
         let run = d.next_run.fetch_add(1, Ordering::Relaxed);
+        let (mut looked, plan) = Looked::new(d, graph, placement, wanted)?;
         let (ins, payload) = encode_inputs(graph, inputs)?;
-        let (plan, bytes) = {
+        let bytes = {
             let mut sent = d.sent.lock();
-            let look = sent.lookup(graph, placement);
-            let plan = sent.plan(&look, wanted)?.clone();
-            for i in (0..used).filter(|&i| i != self.worker) {
-                sent.skip(&look, i);
-            }
             let msg = d.run_msg(
                 &mut sent,
-                &look,
+                &looked.look,
                 self.worker,
                 (run, seqs),
                 (&ins, wanted),
-                feed,
+                (feed, false),
             )?;
-            (plan, proto::encode(&msg, &payload)?)
+            proto::encode(&msg, &payload)?
         };
         let mut active = vec![false; used];
         active[self.worker] = true;
@@ -1012,7 +1004,9 @@ impl StepStream {
         if let Err(e) = d.conns[self.worker].send(&bytes) {
             return Err(d.fail(d.names[self.worker].clone(), e.to_string()));
         }
-        self.flying.push_back(Flown::Run(InFlight {
+        looked.told(self.worker);
+        drop(looked);
+        self.flying.push_back(Flown::Run(Box::new(InFlight {
             run,
             plan,
             wanted: wanted.to_vec(),
@@ -1020,7 +1014,7 @@ impl StepStream {
             in_bytes: payload.len() as u64,
             senders: Vec::new(),
             used: d.conns.len(),
-        }));
+        })));
         Ok(run)
     }
 
@@ -1046,65 +1040,45 @@ impl StepStream {
         // As any run on several workers: no other run of the graph between its rounds.
         let _several = d.several.lock();
         d.check_poisoned()?;
-        let (look, plan) = {
-            let mut sent = d.sent.lock();
-            let look = sent.lookup(graph, placement);
-            let plan = sent.plan(&look, &[])?.clone();
-            sent.pin(&look, true);
-            (look, plan)
+        let (mut looked, plan) = Looked::new(d, graph, placement, &[])?;
+        let rounds = rounds(&plan, &d.landing.lock(), all);
+        let [senders, receivers] = rounds.as_slice() else {
+            // Not told: each worker gets the graph whole next time (the lookup brought the
+            // driver's copy to this run's shapes).
+            return Ok(None);
         };
-        let mut unpin = Unpin {
-            sent: &d.sent,
-            look: &look,
-            armed: true,
-        };
-        let rounds = rounds(&plan, &d.landing.lock(), all.clone());
-        let receivers = match rounds.as_slice() {
-            [senders, receivers] if senders == &[self.worker] => receivers,
-            _ => {
-                // The lookup brought the driver's copy to this run's shapes, which no worker
-                // gets now: each gets the graph whole next time.
-                let mut sent = d.sent.lock();
-                for i in all {
-                    sent.skip(&look, i);
-                }
-                return Ok(None);
-            }
-        };
+        if senders != &[self.worker] {
+            return Ok(None);
+        }
         let run = d.next_run.fetch_add(1, Ordering::Relaxed);
         let (ins, payload) = encode_inputs(graph, &[])?;
         d.note_seqs(seqs, &active);
         let bytes = {
             let mut sent = d.sent.lock();
-            for i in (0..used).filter(|&i| !active[i]) {
-                sent.skip(&look, i);
-            }
-            let mut msg = d.run_msg(
+            let msg = d.run_msg(
                 &mut sent,
-                &look,
+                &looked.look,
                 self.worker,
                 (run, seqs),
                 (&ins, &[]),
-                None,
+                (None, true),
             )?;
-            if let Msg::Run { acks_later, .. } = &mut msg {
-                *acks_later = true;
-            }
             proto::encode(&msg, &payload)?
         };
         let mut done = d.receivers_round(
-            (&look, &plan),
+            (&looked.look, &plan),
             (run, seqs),
             (&ins, &payload, &[]),
             receivers,
             used,
         )?;
-        unpin.armed = false;
         done.driver = Some(self.driver.clone());
         done.in_bytes = payload.len() as u64 * (1 + receivers.len()) as u64;
         if let Err(e) = d.conns[self.worker].send(&bytes) {
             return Err(d.fail(d.names[self.worker].clone(), e.to_string()));
         }
+        looked.told(self.worker);
+        looked.hand_over(&done);
         self.flying.push_back(Flown::Senders(done));
         Ok(Some(run))
     }
@@ -1114,23 +1088,33 @@ impl StepStream {
     /// decode worker's [`StepStream::take_in`]. Its start is when the worker started it: the
     /// later of its sending and the reply before it.
     pub fn wait_senders(&mut self) -> Result<Box<SendersDone>> {
-        let mut done = match self.flying.pop_front() {
-            Some(Flown::Senders(done)) => done,
-            Some(run) => {
-                self.flying.push_front(run);
-                return Err(RuntimeError::Plan(
-                    "a step stream waited for a senders' round with a run's reply due first".into(),
-                ));
-            }
-            None => {
-                return Err(RuntimeError::Plan(
-                    "a step stream waited for a senders' round with none sent".into(),
-                ))
-            }
-        };
+        let mut done = self.pop("a senders' round", |f| match f {
+            Flown::Senders(done) => Ok(done),
+            f => Err(f),
+        })?;
         done.start = done.start.max(self.last_reply);
         done.replies = self.gather()?;
         Ok(done)
+    }
+
+    /// The oldest thing still due, which `take` (a senders' round or a run, `what`) takes out;
+    /// an error, and it stays due, where it is the other kind.
+    fn pop<T>(
+        &mut self,
+        what: &str,
+        take: fn(Flown) -> std::result::Result<T, Flown>,
+    ) -> Result<T> {
+        let Some(f) = self.flying.pop_front() else {
+            return Err(RuntimeError::Plan(format!(
+                "a step stream waited for {what} with none sent"
+            )));
+        };
+        take(f).map_err(|f| {
+            self.flying.push_front(f);
+            RuntimeError::Plan(format!(
+                "a step stream waited for {what} with another kind of reply due first"
+            ))
+        })
     }
 
     /// The stream worker's next reply.
@@ -1161,7 +1145,7 @@ impl StepStream {
         }
         let f = senders.send(d)?;
         let run = f.run;
-        self.flying.push_back(Flown::Run(f));
+        self.flying.push_back(Flown::Run(Box::new(f)));
         Ok(run)
     }
 
@@ -1179,26 +1163,16 @@ impl StepStream {
     }
 
     fn wait_run(&mut self, graph: &Graph, from_start: bool) -> Result<(Instant, RunOutput)> {
-        let mut f = match self.flying.pop_front() {
-            Some(Flown::Run(f)) => f,
-            Some(senders) => {
-                self.flying.push_front(senders);
-                return Err(RuntimeError::Plan(
-                    "a step stream waited for a run with a senders' round due first".into(),
-                ));
-            }
-            None => {
-                return Err(RuntimeError::Plan(
-                    "a step stream waited with no step sent".into(),
-                ))
-            }
-        };
+        let mut f = self.pop("a run", |f| match f {
+            Flown::Run(f) => Ok(f),
+            f => Err(f),
+        })?;
         if from_start {
             f.start = f.start.max(self.last_reply);
         }
         let start = f.start;
         let replies = self.gather()?;
-        Ok((start, self.driver.landed(f, replies, graph)?))
+        Ok((start, self.driver.landed(*f, replies, graph)?))
     }
 }
 
@@ -1249,18 +1223,68 @@ fn rounds(
         .collect()
 }
 
-/// Lets a graph [`SentGraphs::pin`] kept go when a run ends, on every path (unless `armed`
-/// was turned off: a [`SendersDone`] took the pin over).
-struct Unpin<'a> {
+/// A graph looked up in the driver's graph cache for one run ([`SentGraphs::lookup`], which
+/// brings the driver's copy to the run's shapes at once), pinned, until the run's messages are
+/// out. On every path, each worker of the cluster that no message of the run reached (an
+/// error came first, or it takes no part) is marked as missing the lookup's reshapes
+/// ([`SentGraphs::skip`]: its next run defines the graph there whole), and the pin goes;
+/// [`Looked::hand_over`] leaves the receivers' and the pin to a [`SendersDone`].
+struct Looked<'a> {
     sent: &'a Mutex<SentGraphs>,
-    look: &'a crate::cache::Lookup,
-    armed: bool,
+    look: crate::cache::Lookup,
+    /// Per worker: the run's message to it is out (or a [`SendersDone`] holds it).
+    told: Vec<bool>,
+    /// Whether the pin is still this guard's to let go.
+    pinned: bool,
 }
 
-impl Drop for Unpin<'_> {
+impl<'a> Looked<'a> {
+    /// Looks `graph` placed by `placement` up and pins it; its plan for `wanted`.
+    fn new(
+        d: &'a Driver,
+        graph: &Graph,
+        placement: &Placement,
+        wanted: &[TensorRef],
+    ) -> Result<(Self, ExecPlan)> {
+        let mut sent = d.sent.lock();
+        let look = sent.lookup(graph, placement);
+        sent.pin(&look, true);
+        let plan = sent.plan(&look, wanted).cloned();
+        drop(sent);
+        let guard = Looked {
+            sent: &d.sent,
+            look,
+            told: vec![false; d.conns.len()],
+            pinned: true,
+        };
+        Ok((guard, plan?))
+    }
+
+    /// The run's message to `worker` is out.
+    fn told(&mut self, worker: usize) {
+        if let Some(t) = self.told.get_mut(worker) {
+            *t = true;
+        }
+    }
+
+    /// `done` holds the receivers' messages and takes the pin over (its drop settles them,
+    /// once its `driver` is set); the other workers not told are settled now.
+    fn hand_over(mut self, done: &SendersDone) {
+        for (i, _) in &done.msgs {
+            self.told(*i);
+        }
+        self.pinned = false;
+    }
+}
+
+impl Drop for Looked<'_> {
     fn drop(&mut self) {
-        if self.armed {
-            self.sent.lock().pin(self.look, false);
+        let mut sent = self.sent.lock();
+        for (i, _) in self.told.iter().enumerate().filter(|(_, t)| !**t) {
+            sent.skip(&self.look, i);
+        }
+        if self.pinned {
+            sent.pin(&self.look, false);
         }
     }
 }

@@ -222,3 +222,65 @@ fn decode_on_the_decode_worker_alone_matches_single_worker() {
     assert!(gen.steps[1].counters.bytes_moved > 0);
     cluster.stop(driver).unwrap();
 }
+
+/// A run refused after the driver looked its graph up in its graph cache (which brings the
+/// driver's copy to the run's shapes at once) leaves no worker behind that copy: an input the
+/// graph does not have, a wanted tensor it does not have, on a run and on a step stream; the
+/// next run of those shapes then gives, bit for bit, what a fresh driver gives.
+#[test]
+fn a_run_refused_after_its_lookup_leaves_the_graph_cache_in_step() {
+    use genie_runtime::models::prefill_inputs;
+    use genie_runtime::RuntimeError;
+    use genie_scheduler::builders::gpt2_prefill;
+    use genie_scheduler::graph::{NodeId, TensorRef};
+    let cfg = small();
+    let p = prompt(9, cfg.vocab);
+    let (g8, g9) = (
+        gpt2_prefill(&cfg, 8).unwrap(),
+        gpt2_prefill(&cfg, 9).unwrap(),
+    );
+    let place = Placement::single(&g9);
+    let logits = g9.outputs[0];
+    let nowhere = TensorRef {
+        node: NodeId(1 << 20),
+        output: 0,
+    };
+    let fresh = EmbeddedCluster::start(1, Arc::new(CpuKernels::new())).unwrap();
+    let reference = Driver::connect(&fresh.cluster, WeightSpec::Seeded(3)).unwrap();
+    let ins = prefill_inputs(&[&p]).unwrap();
+    let want = bits(
+        &reference
+            .run(&g9, &place, &ins, &[logits], 0)
+            .unwrap()
+            .outputs[0],
+    );
+    fresh.stop(reference).unwrap();
+
+    let cluster = EmbeddedCluster::start(1, Arc::new(CpuKernels::new())).unwrap();
+    let driver = Arc::new(Driver::connect(&cluster.cluster, WeightSpec::Seeded(3)).unwrap());
+    // The worker keeps the graph at 8 tokens.
+    let ins8 = prefill_inputs(&[&p[..8]]).unwrap();
+    driver.run(&g8, &place, &ins8, &[g8.outputs[0]], 1).unwrap();
+    let mut extra = ins.to_vec();
+    extra.push(("no_such_input", ins[0].1.clone()));
+    let refused = |r: genie_runtime::Result<_>| matches!(r, Err(RuntimeError::Plan(_)));
+    assert!(refused(driver.run(&g9, &place, &extra, &[logits], 2)));
+    assert!(refused(driver.run(&g9, &place, &ins, &[nowhere], 3)));
+    let got = driver.run(&g9, &place, &ins, &[logits], 4).unwrap();
+    assert_eq!(bits(&got.outputs[0]), want, "a run after refused ones");
+    // The same on a step stream, from 8 tokens again.
+    driver.run(&g8, &place, &ins8, &[g8.outputs[0]], 5).unwrap();
+    let mut stream = driver.stream(0).unwrap();
+    assert!(matches!(
+        stream.send(&g9, &place, (&ins, &[nowhere]), &[6], None),
+        Err(RuntimeError::Plan(_))
+    ));
+    stream
+        .send(&g9, &place, (&ins, &[logits]), &[7], None)
+        .unwrap();
+    let got = stream.wait(&g9).unwrap();
+    assert_eq!(bits(&got.outputs[0]), want, "a step after a refused one");
+    drop(stream);
+    let driver = Arc::try_unwrap(driver).ok().unwrap();
+    cluster.stop(driver).unwrap();
+}
