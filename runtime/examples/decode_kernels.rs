@@ -118,6 +118,16 @@ fn main() -> anyhow::Result<()> {
             ),
             vec![r(&[1, 320, 512])?],
         ),
+        (
+            "layer_norm 128 x8".into(),
+            node(OpKind::LayerNorm { eps: Scalar(1e-5) }, &[8, 1, e]),
+            vec![r(&[8, 1, e])?, r(&[e])?, r(&[e])?],
+        ),
+        (
+            "prefill layer_norm 320x128".into(),
+            node(OpKind::LayerNorm { eps: Scalar(1e-5) }, &[1, 320, e]),
+            vec![r(&[1, 320, e])?, r(&[e])?, r(&[e])?],
+        ),
     ];
     let (fast, reference) = (CpuKernels::new(), CpuKernels::candle_only());
     println!(

@@ -464,38 +464,71 @@ fn layer_norm_ops(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> candle_core::
 /// Layer norm over the last axis in one pass per row instead of nine intermediate tensors,
 /// bitwise what [`layer_norm_ops`] gives: the same f32 operations in the same order per element
 /// (`mean_keepdim` is a sum times `1/n`, `+ eps` is `v * 1 + eps`), and the row sums are
-/// candle's own. A contiguous f32 input with `[n]` weight and bias; otherwise the ops.
+/// candle's (one chain of adds over the row in order, from zero: [`row_sums`]). A contiguous
+/// f32 input with `[n]` weight and bias; otherwise the ops.
 fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
     let n = x.dims().last().copied().unwrap_or(0);
     let f32s = [x, w, b].iter().all(|t| t.dtype() == CDType::F32);
     if !f32s || n == 0 || !x.is_contiguous() || w.dims() != [n] || b.dims() != [n] {
         return layer_norm_ops(x, w, b, eps);
     }
-    let last = x.rank() - 1;
     let scale = (1f64 / n as f64) as f32;
-    let sums: Vec<f32> = x.sum_keepdim(last)?.flatten_all()?.to_vec1()?;
     let mut xc: Vec<f32> = x.flatten_all()?.to_vec1()?;
-    for (row, s) in xc.chunks_mut(n).zip(&sums) {
-        let mean = *s * scale + 0.0;
-        for v in row.iter_mut() {
-            *v -= mean;
-        }
-    }
-    let rows = xc.len() / n;
-    let squares: Vec<f32> = xc.iter().map(|v| v * v).collect();
-    let var_sums: Vec<f32> = Tensor::from_vec(squares, (rows, n), x.device())?
-        .sum_keepdim(1)?
-        .flatten_all()?
-        .to_vec1()?;
     let (w, b): (Vec<f32>, Vec<f32>) = (w.to_vec1()?, b.to_vec1()?);
-    for (row, s) in xc.chunks_mut(n).zip(&var_sums) {
-        let var = *s * scale + 0.0;
-        let d = (var * 1.0 + eps).sqrt();
-        for ((v, w), b) in row.iter_mut().zip(&w).zip(&b) {
-            *v = *v / d * *w + *b;
+    for block in xc.chunks_mut(SUM_ROWS * n) {
+        let sums = row_sums(block, n, |v| v);
+        for (row, s) in block.chunks_exact_mut(n).zip(sums) {
+            let mean = s * scale + 0.0;
+            for v in row.iter_mut() {
+                *v -= mean;
+            }
+        }
+        let var_sums = row_sums(block, n, |v| v * v);
+        for (row, s) in block.chunks_exact_mut(n).zip(var_sums) {
+            let var = s * scale + 0.0;
+            let d = (var * 1.0 + eps).sqrt();
+            for ((v, w), b) in row.iter_mut().zip(&w).zip(&b) {
+                *v = *v / d * *w + *b;
+            }
         }
     }
     Tensor::from_vec(xc, x.dims(), x.device())
+}
+
+/// Rows [`row_sums`] sums at once.
+const SUM_ROWS: usize = 8;
+
+/// The sums of `f` over each of the rows of `n` in `block` (at most [`SUM_ROWS`] of them;
+/// the rest of the result zero), each one chain of adds over its row in order from zero, as
+/// candle sums a row; the rows' chains interleaved, so that each add waits for its own row's
+/// last one only.
+fn row_sums(block: &[f32], n: usize, f: impl Fn(f32) -> f32) -> [f32; SUM_ROWS] {
+    let mut acc = [0f32; SUM_ROWS];
+    let rows: Vec<&[f32]> = block.chunks_exact(n).take(SUM_ROWS).collect();
+    if let Ok([r0, r1, r2, r3, r4, r5, r6, r7]) = <[&[f32]; SUM_ROWS]>::try_from(rows.as_slice()) {
+        // Zipped, so that no index is checked.
+        let columns = r0
+            .iter()
+            .zip(r1)
+            .zip(r2)
+            .zip(r3)
+            .zip(r4)
+            .zip(r5)
+            .zip(r6)
+            .zip(r7);
+        for (((((((v0, v1), v2), v3), v4), v5), v6), v7) in columns {
+            for (a, v) in acc.iter_mut().zip([v0, v1, v2, v3, v4, v5, v6, v7]) {
+                *a += f(*v);
+            }
+        }
+    } else {
+        for (a, row) in acc.iter_mut().zip(rows) {
+            for v in row {
+                *a += f(*v);
+            }
+        }
+    }
+    acc
 }
 
 /// RMS norm over the last axis, as `transformers`' `LlamaRMSNorm` in f32:
@@ -1199,7 +1232,13 @@ mod tests {
     fn layer_norm_equals_the_op_composition() {
         let d = Device::Cpu;
         let bits = |t: &Tensor| vals(t).iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-        for shape in [vec![1, 1, 128], vec![2, 7, 37], vec![5, 768]] {
+        for shape in [
+            vec![1, 1, 128],
+            vec![2, 7, 37],
+            vec![5, 768],
+            vec![1, 320, 128],
+            vec![3, 9],
+        ] {
             let n = *shape.last().unwrap();
             let x = (Tensor::randn(0f32, 3., shape.as_slice(), &d).unwrap() + 0.7).unwrap();
             let w = Tensor::randn(1f32, 0.5, n, &d).unwrap();
