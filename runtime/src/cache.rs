@@ -244,6 +244,14 @@ impl SentGraphs {
         }
     }
 
+    /// Graph ids `worker` is told to forget with its next message again (a message that
+    /// carried them was never sent).
+    pub fn forget_later(&mut self, worker: usize, ids: Vec<u64>) {
+        if let Some(f) = self.forget.get_mut(worker) {
+            f.extend(ids);
+        }
+    }
+
     /// What to send `worker` for a looked-up graph, and the ids it should forget first; marks
     /// the graph as kept there.
     pub fn message(&mut self, l: &Lookup, worker: usize) -> Result<(GraphRef, Vec<u64>)> {

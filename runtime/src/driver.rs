@@ -353,14 +353,14 @@ impl Driver {
         for (r, workers) in rounds.iter().enumerate() {
             if r > 0 && matches!(mode, Rounds::SendersOnly) {
                 let mut done = self.receivers_round(
-                    (&looked.look, &plan),
+                    (&mut looked, &plan),
                     (run, seqs),
                     (&ins, &payload, wanted),
                     workers,
                     used,
                 )?;
                 // The pin goes with them (until they are sent, or dropped unsent).
-                looked.hand_over(&done);
+                looked.hand_over(&mut done);
                 done.replies = replies;
                 done.start = start.unwrap_or_else(Instant::now);
                 done.in_bytes = payload.len() as u64 * (order_len + workers.len()) as u64;
@@ -384,7 +384,7 @@ impl Driver {
                     let later = r + 1 < rounds.len();
                     let msg = self.run_msg(
                         &mut sent,
-                        &looked.look,
+                        &mut looked,
                         i,
                         (run, seqs),
                         (&ins, wanted),
@@ -459,7 +459,7 @@ impl Driver {
     /// fills in the senders' replies, start and input bytes.
     fn receivers_round(
         &self,
-        (look, plan): (&crate::cache::Lookup, &ExecPlan),
+        (looked, plan): (&mut Looked<'_>, &ExecPlan),
         (run, seqs): (u64, &[u64]),
         (ins, payload, wanted): (&[PayloadTensor], &[u8], &[TensorRef]),
         workers: &[usize],
@@ -470,7 +470,7 @@ impl Driver {
         for &i in workers {
             let msg = self.run_msg(
                 &mut sent,
-                look,
+                looked,
                 i,
                 (run, seqs),
                 (ins, wanted),
@@ -480,7 +480,8 @@ impl Driver {
         }
         Ok(Box::new(SendersDone {
             driver: None,
-            look: look.clone(),
+            look: looked.look.clone(),
+            carried: Vec::new(),
             run,
             plan: plan.clone(),
             msgs,
@@ -563,14 +564,18 @@ impl Driver {
     fn run_msg(
         &self,
         sent: &mut SentGraphs,
-        look: &crate::cache::Lookup,
+        looked: &mut Looked<'_>,
         i: usize,
         (run, seqs): (u64, &[u64]),
         (ins, wanted): (&[PayloadTensor], &[TensorRef]),
         (feed, acks_later): (Option<proto::Feed>, bool),
     ) -> Result<Msg> {
-        let (g, forget) = sent.message(look, i)?;
+        let (g, forget) = sent.message(&looked.look, i)?;
         let free = self.take_frees(i);
+        if let Some(c) = looked.carried.get_mut(i) {
+            c.free.extend_from_slice(&free);
+            c.forget.extend_from_slice(&forget);
+        }
         Ok(Msg::Run {
             run,
             forget,
@@ -989,7 +994,7 @@ impl StepStream {
             let mut sent = d.sent.lock();
             let msg = d.run_msg(
                 &mut sent,
-                &looked.look,
+                &mut looked,
                 self.worker,
                 (run, seqs),
                 (&ins, wanted),
@@ -1057,7 +1062,7 @@ impl StepStream {
             let mut sent = d.sent.lock();
             let msg = d.run_msg(
                 &mut sent,
-                &looked.look,
+                &mut looked,
                 self.worker,
                 (run, seqs),
                 (&ins, &[]),
@@ -1066,7 +1071,7 @@ impl StepStream {
             proto::encode(&msg, &payload)?
         };
         let mut done = d.receivers_round(
-            (&looked.look, &plan),
+            (&mut looked, &plan),
             (run, seqs),
             (&ins, &payload, &[]),
             receivers,
@@ -1078,7 +1083,7 @@ impl StepStream {
             return Err(d.fail(d.names[self.worker].clone(), e.to_string()));
         }
         looked.told(self.worker);
-        looked.hand_over(&done);
+        looked.hand_over(&mut done);
         self.flying.push_back(Flown::Senders(done));
         Ok(Some(run))
     }
@@ -1227,15 +1232,39 @@ fn rounds(
 /// brings the driver's copy to the run's shapes at once), pinned, until the run's messages are
 /// out. On every path, each worker of the cluster that no message of the run reached (an
 /// error came first, or it takes no part) is marked as missing the lookup's reshapes
-/// ([`SentGraphs::skip`]: its next run defines the graph there whole), and the pin goes;
-/// [`Looked::hand_over`] leaves the receivers' and the pin to a [`SendersDone`].
+/// ([`SentGraphs::skip`]: its next run defines the graph there whole), what a message made for
+/// it but not sent carried (sequences to free, graphs to forget) waits for its next message
+/// again, and the pin goes; [`Looked::hand_over`] leaves the receivers' part and the pin to a
+/// [`SendersDone`].
 struct Looked<'a> {
-    sent: &'a Mutex<SentGraphs>,
+    d: &'a Driver,
     look: crate::cache::Lookup,
     /// Per worker: the run's message to it is out (or a [`SendersDone`] holds it).
     told: Vec<bool>,
+    /// Per worker: what a message made for it carries, until it is out.
+    carried: Vec<Carried>,
     /// Whether the pin is still this guard's to let go.
     pinned: bool,
+}
+
+/// What a `Run` message carries beside the run: the sequences the worker frees and the graphs
+/// it forgets first; given back to the driver when the message is never sent.
+#[derive(Debug, Default)]
+struct Carried {
+    free: Vec<u64>,
+    forget: Vec<u64>,
+}
+
+impl Carried {
+    /// Back to `d`'s lists for `worker`'s next message (`sent` is `d`'s graph cache, held).
+    fn give_back(self, d: &Driver, sent: &mut SentGraphs, worker: usize) {
+        sent.forget_later(worker, self.forget);
+        if !self.free.is_empty() {
+            if let Some(list) = d.to_free.lock().get_mut(worker) {
+                list.extend(self.free);
+            }
+        }
+    }
 }
 
 impl<'a> Looked<'a> {
@@ -1252,9 +1281,10 @@ impl<'a> Looked<'a> {
         let plan = sent.plan(&look, wanted).cloned();
         drop(sent);
         let guard = Looked {
-            sent: &d.sent,
+            d,
             look,
             told: vec![false; d.conns.len()],
+            carried: (0..d.conns.len()).map(|_| Carried::default()).collect(),
             pinned: true,
         };
         Ok((guard, plan?))
@@ -1265,12 +1295,19 @@ impl<'a> Looked<'a> {
         if let Some(t) = self.told.get_mut(worker) {
             *t = true;
         }
+        if let Some(c) = self.carried.get_mut(worker) {
+            *c = Carried::default();
+        }
     }
 
-    /// `done` holds the receivers' messages and takes the pin over (its drop settles them,
-    /// once its `driver` is set); the other workers not told are settled now.
-    fn hand_over(mut self, done: &SendersDone) {
+    /// `done` holds the receivers' messages (and what they carry) and takes the pin over (its
+    /// drop settles them, once its `driver` is set); the other workers not told are settled
+    /// now.
+    fn hand_over(mut self, done: &mut SendersDone) {
         for (i, _) in &done.msgs {
+            if let Some(c) = self.carried.get_mut(*i) {
+                done.carried.push((*i, std::mem::take(c)));
+            }
             self.told(*i);
         }
         self.pinned = false;
@@ -1279,9 +1316,12 @@ impl<'a> Looked<'a> {
 
 impl Drop for Looked<'_> {
     fn drop(&mut self) {
-        let mut sent = self.sent.lock();
-        for (i, _) in self.told.iter().enumerate().filter(|(_, t)| !**t) {
-            sent.skip(&self.look, i);
+        let mut sent = self.d.sent.lock();
+        for (i, told) in self.told.iter().enumerate() {
+            if !*told {
+                sent.skip(&self.look, i);
+                std::mem::take(&mut self.carried[i]).give_back(self.d, &mut sent, i);
+            }
         }
         if self.pinned {
             sent.pin(&self.look, false);
@@ -1341,6 +1381,8 @@ pub struct SendersDone {
     plan: ExecPlan,
     /// The receivers' messages, by worker.
     msgs: Vec<(usize, Vec<u8>)>,
+    /// What they carry, by worker (given back where they are never sent).
+    carried: Vec<(usize, Carried)>,
     sent_all: bool,
     /// The senders' replies.
     replies: Vec<(usize, Msg, Vec<u8>)>,
@@ -1397,9 +1439,12 @@ impl Drop for SendersDone {
         let mut sent = d.sent.lock();
         if !self.sent_all {
             // Their messages defined or reshaped the graph for them: not delivered, so told
-            // again next time.
+            // again next time, with the sequences to free and graphs to forget they carried.
             for (i, _) in &self.msgs {
                 sent.skip(&self.look, *i);
+            }
+            for (i, c) in std::mem::take(&mut self.carried) {
+                c.give_back(d, &mut sent, i);
             }
         }
         sent.pin(&self.look, false);
@@ -1826,6 +1871,47 @@ mod tests {
         let bits =
             |o: &RunOutput| -> Vec<f32> { o.outputs[0].flatten_all().unwrap().to_vec1().unwrap() };
         assert_eq!(bits(&p2), bits(&plain));
+        cluster.stop(Arc::try_unwrap(driver).unwrap()).unwrap();
+    }
+
+    /// A move's receivers' round dropped unsent gives back what its message carried: the
+    /// sequence the decode worker was to free with it waits for its next message again.
+    #[test]
+    fn a_receivers_round_dropped_unsent_gives_its_frees_back() {
+        use crate::models::{prefill_last, run_prefill};
+        use genie_scheduler::builders::kv_move;
+        use genie_scheduler::graph::OpKind;
+        let cfg = tiny();
+        let cluster = EmbeddedCluster::start(2, Arc::new(CpuKernels::new())).unwrap();
+        let driver = Arc::new(Driver::connect(&cluster.cluster, WeightSpec::Seeded(9)).unwrap());
+        let prompt: Vec<i64> = (1..=5).collect();
+        let (g, last) = prefill_last(&cfg, prompt.len()).unwrap();
+        let mv = kv_move(cfg.layers, cfg.hidden, prompt.len()).unwrap();
+        let place = Placement::by_rule(&mv, |n| usize::from(matches!(n.op, OpKind::KvCacheAppend)));
+        for seq in [1, 2] {
+            run_prefill(&driver, &g, &Placement::single(&g), &prompt, last, seq).unwrap();
+        }
+        // The first move runs whole (w1's landing region is known after it).
+        assert!(matches!(
+            driver.send_senders(&mv, &place, &[1]).unwrap(),
+            Sending::Done(_)
+        ));
+        // Sequence 1 ends: both workers drop it with their next message.
+        driver.free_sequence_later(1);
+        assert_eq!(driver.frees_pending(), 2);
+        let Sending::Senders(done) = driver.send_senders(&mv, &place, &[2]).unwrap() else {
+            panic!("the second move goes in two rounds");
+        };
+        // The senders' message (w0) went with its free, the receivers' (w1) holds the other.
+        assert_eq!(driver.frees_pending(), 0);
+        drop(done);
+        assert_eq!(
+            driver.frees_pending(),
+            1,
+            "the unsent message's free is back"
+        );
+        driver.flush_frees().unwrap();
+        assert_eq!(driver.frees_pending(), 0);
         cluster.stop(Arc::try_unwrap(driver).unwrap()).unwrap();
     }
 
