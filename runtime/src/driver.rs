@@ -1696,6 +1696,21 @@ mod tests {
         }
     }
 
+    /// Two embedded workers and a driver on them (shared, as an engine's lanes share it).
+    fn two_workers(seed: u64) -> (EmbeddedCluster, Arc<Driver>) {
+        let cluster = EmbeddedCluster::start(2, Arc::new(CpuKernels::new())).unwrap();
+        let driver = Driver::connect(&cluster.cluster, WeightSpec::Seeded(seed)).unwrap();
+        (cluster, Arc::new(driver))
+    }
+
+    /// The move of a `len`-token prompt's KV cache of `cfg` from w0 to w1, placed.
+    fn move_of(cfg: &genie_scheduler::builders::Gpt2Config, len: usize) -> (Graph, Placement) {
+        use genie_scheduler::graph::OpKind;
+        let mv = genie_scheduler::builders::kv_move(cfg.layers, cfg.hidden, len).unwrap();
+        let place = Placement::by_rule(&mv, |n| usize::from(matches!(n.op, OpKind::KvCacheAppend)));
+        (mv, place)
+    }
+
     /// A KV cache's move (reads on w0, appends on w1) goes in one round while the driver does
     /// not know w1's landing region for w0, in two (w0, then w1) once it does; the callback of
     /// `run_senders_first` comes once either way; the moved cache is the source's bit for bit
@@ -1704,8 +1719,7 @@ mod tests {
     #[test]
     fn a_kv_move_goes_in_two_rounds_once_the_landing_region_is_known() {
         use crate::models::{prefill_last, run_decode_step, run_prefill, Family};
-        use genie_scheduler::builders::{gpt2_prefill, kv_move};
-        use genie_scheduler::graph::OpKind;
+        use genie_scheduler::builders::gpt2_prefill;
         let cfg = tiny();
         let cluster = EmbeddedCluster::start(2, Arc::new(CpuKernels::new())).unwrap();
         let driver = Driver::connect(&cluster.cluster, WeightSpec::Seeded(3)).unwrap();
@@ -1713,9 +1727,7 @@ mod tests {
         for seq in 1..=3u64 {
             let (g, last) = prefill_last(&cfg, prompt.len()).unwrap();
             run_prefill(&driver, &g, &Placement::single(&g), &prompt, last, seq).unwrap();
-            let mv = kv_move(cfg.layers, cfg.hidden, prompt.len()).unwrap();
-            let place =
-                Placement::by_rule(&mv, |n| usize::from(matches!(n.op, OpKind::KvCacheAppend)));
+            let (mv, place) = move_of(&cfg, prompt.len());
             let plan = ExecPlan::new(&mv, &place, &[]).unwrap();
             let split = rounds(&plan, &driver.landing.lock(), vec![0, 1]);
             let want = if seq == 1 {
@@ -1753,14 +1765,10 @@ mod tests {
     #[test]
     fn a_kv_move_is_taken_in_later_or_never() {
         use crate::models::{prefill_last, run_decode_step, run_prefill, Family};
-        use genie_scheduler::builders::kv_move;
-        use genie_scheduler::graph::OpKind;
         let cfg = tiny();
-        let cluster = EmbeddedCluster::start(2, Arc::new(CpuKernels::new())).unwrap();
-        let driver = Arc::new(Driver::connect(&cluster.cluster, WeightSpec::Seeded(5)).unwrap());
+        let (cluster, driver) = two_workers(5);
         let prompt: Vec<i64> = (1..=6).collect();
-        let mv = kv_move(cfg.layers, cfg.hidden, prompt.len()).unwrap();
-        let place = Placement::by_rule(&mv, |n| usize::from(matches!(n.op, OpKind::KvCacheAppend)));
+        let (mv, place) = move_of(&cfg, prompt.len());
         let d = cfg.decode(prompt.len()).unwrap();
         let step = |w: usize, seq: u64| -> Vec<f32> {
             let place = Placement::by_rule(&d, |_| w);
@@ -1801,21 +1809,11 @@ mod tests {
     #[test]
     fn a_stream_carries_prefills_and_moves_back_to_back() {
         use crate::models::{prefill_inputs, prefill_last, run_decode_step, run_prefill, Family};
-        use genie_scheduler::builders::kv_move;
-        use genie_scheduler::graph::OpKind;
         let cfg = tiny();
-        let cluster = EmbeddedCluster::start(2, Arc::new(CpuKernels::new())).unwrap();
-        let driver = Arc::new(Driver::connect(&cluster.cluster, WeightSpec::Seeded(9)).unwrap());
+        let (cluster, driver) = two_workers(9);
         let prompts: Vec<Vec<i64>> = [6, 4, 9].iter().map(|&n| (1..=n).collect()).collect();
-        let moves: Vec<(Graph, Placement)> = prompts
-            .iter()
-            .map(|p| {
-                let mv = kv_move(cfg.layers, cfg.hidden, p.len()).unwrap();
-                let place =
-                    Placement::by_rule(&mv, |n| usize::from(matches!(n.op, OpKind::KvCacheAppend)));
-                (mv, place)
-            })
-            .collect();
+        let moves: Vec<(Graph, Placement)> =
+            prompts.iter().map(|p| move_of(&cfg, p.len())).collect();
         let step = |w: usize, seq: u64| -> Vec<f32> {
             let len = prompts[seq as usize - 1].len();
             let d = cfg.decode(len).unwrap();
@@ -1879,15 +1877,11 @@ mod tests {
     #[test]
     fn a_receivers_round_dropped_unsent_gives_its_frees_back() {
         use crate::models::{prefill_last, run_prefill};
-        use genie_scheduler::builders::kv_move;
-        use genie_scheduler::graph::OpKind;
         let cfg = tiny();
-        let cluster = EmbeddedCluster::start(2, Arc::new(CpuKernels::new())).unwrap();
-        let driver = Arc::new(Driver::connect(&cluster.cluster, WeightSpec::Seeded(9)).unwrap());
+        let (cluster, driver) = two_workers(9);
         let prompt: Vec<i64> = (1..=5).collect();
         let (g, last) = prefill_last(&cfg, prompt.len()).unwrap();
-        let mv = kv_move(cfg.layers, cfg.hidden, prompt.len()).unwrap();
-        let place = Placement::by_rule(&mv, |n| usize::from(matches!(n.op, OpKind::KvCacheAppend)));
+        let (mv, place) = move_of(&cfg, prompt.len());
         for seq in [1, 2] {
             run_prefill(&driver, &g, &Placement::single(&g), &prompt, last, seq).unwrap();
         }
