@@ -6,6 +6,15 @@
 //! changed tensor metadata. Both ends keep the derived [`ExecPlan`] too, and derive it again only
 //! when the wanted tensors change or a reshaped tensor crosses a link (its bytes and region
 //! offsets change).
+//!
+//! The driver's side ([`SentGraphs`]) keeps one invariant for its caller: a worker marked as
+//! keeping a graph holds exactly the driver's copy of it. [`SentGraphs::lookup`] brings the
+//! driver's copy to a run's shapes at once, so every worker that the run's message does not
+//! reach (it takes no part, or the run fails before its message is sent) must be marked with
+//! [`SentGraphs::skip`], and its next run defines the graph whole. A message made and never sent
+//! also hands back the graph ids it told the worker to forget ([`SentGraphs::forget_later`]).
+//! The driver does both on every path with one guard per run (`Looked` in `driver.rs`, which a
+//! KV move's receivers' round hands over to its `SendersDone`).
 
 use crate::error::{Result, RuntimeError};
 use crate::plan::{ExecPlan, Placement};
